@@ -1,0 +1,32 @@
+# Two commands for a new user:  `make demo`  and  `make test`  (see README).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/leukemia-aria
+
+.PHONY: demo test install install-test lint clean
+
+demo: $(VENV)/.installed  ## install into .venv, then run the demo on the bundled model and sample images
+	$(BIN)/bloodcell demo
+
+test: $(VENV)/.installed-test  ## install into .venv with test extras, then run the whole test suite
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,227 @@
+"""Typed configuration for a training run: YAML in, YAML out, unknown keys rejected.
+
+A config is built from a named file in ``bloodcell/configs`` (or any YAML path) and then ``--set
+key.sub=value`` overrides. Every field is validated by pydantic, so a typo or a bad value stops the run
+with a message naming the field before any work starts.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bloodcell.io import atomic_write_text
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are an error, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where the images come from and how they are split."""
+
+    root: str | None = None  # dataset folder; the CLI's --data overrides it
+    variant: Literal["Original", "Segmented"] = "Original"
+    class_names: list[str] | None = None  # for plain class-per-folder layouts; None takes folder names
+    image_size: int = Field(128, ge=32, le=512)
+    protocol: Literal["session", "random", "kfold"] = "session"
+    split_seed: int = 0
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    block_size: int = Field(40, ge=1)  # images per capture-order block (session protocol)
+    embargo: int = Field(12, ge=0)  # images left out of training next to each held-out block
+    folds: int = Field(5, ge=2)  # kfold protocol
+    fold: int = Field(0, ge=0)  # which kfold fold is validation
+    mix_segmented: float = Field(0.0, ge=0, le=1)  # share of training batches drawn from the Segmented variant
+
+
+class ModelConfig(Strict):
+    """Which architecture, and how it is initialised."""
+
+    name: str = "bloodnet"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # architecture arguments (width, depth, dropout ...)
+    pretrained: bool = False
+    weights: str | None = None  # a safetensors file to initialise from
+
+
+class NormalizeConfig(Strict):
+    """Input normalisation, baked into the model so every predictor applies it identically."""
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    per_image: bool = False  # standardise each image's channels by its own statistics (stain invariance)
+    grayscale: bool = False  # collapse colour to luminance before the network
+
+
+class AugmentConfig(Strict):
+    """Batch augmentation applied to training only. A strength of 0 switches a transform off."""
+
+    flip: bool = True
+    rot90: bool = True
+    affine_degrees: float = Field(10.0, ge=0, le=180)
+    affine_scale: float = Field(0.1, ge=0, lt=1)  # zoom range +/-
+    affine_translate: float = Field(0.05, ge=0, lt=0.5)  # fraction of the image size
+    brightness: float = Field(0.1, ge=0, le=1)
+    contrast: float = Field(0.1, ge=0, le=1)
+    saturation: float = Field(0.1, ge=0, le=1)
+    hue: float = Field(0.0, ge=0, le=0.5)  # fraction of a full turn
+    gamma: float = Field(0.0, ge=0, le=1)  # per-channel gamma in [1-g, 1+g] (stain intensity)
+    stain: float = Field(0.0, ge=0, le=1)  # HED stain-space jitter strength
+    blur: float = Field(0.0, ge=0, le=1)  # probability of a small Gaussian blur
+    noise: float = Field(0.0, ge=0, le=0.2)  # Gaussian noise std (in [0,1] pixel units)
+    consistency: float = Field(0.0, ge=0)  # weight of the two-colour-view consistency loss
+
+
+class OptimizerConfig(Strict):
+    """AdamW (or Adam for the seed replica)."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float | Literal["auto"] = 3e-3
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+
+
+class ScheduleConfig(Strict):
+    """Learning-rate schedule over the whole run."""
+
+    name: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: float = Field(0.2, ge=0, lt=1)
+
+
+class TrainConfig(Strict):
+    """The loop itself."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    class_weights: bool = True  # weight the loss by inverse class frequency
+    early_stopping_patience: int = Field(0, ge=0)  # 0: off; else epochs without val improvement
+    grad_clip: float = Field(2.0, ge=0)  # 0: off
+    seed: int = 0
+    devices: int | Literal["auto"] = 1
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = "auto"
+    num_threads: int = Field(0, ge=0)  # 0: all cores, but never more than the machine has
+    channels_last: bool = True
+    eval_every: int = Field(1, ge=1)
+
+
+class RunConfig(Strict):
+    """A whole training run."""
+
+    name: str = "default"
+    description: str = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(ch in value for ch in "/\\\0") or value.startswith("."):
+            raise ValueError("run name must be a plain folder name")
+        return value
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the problem."""
+
+
+def named_configs() -> list[str]:
+    """Names of the configs shipped with the package (``default``, ``seed-replica`` ...)."""
+    folder = resources.files("bloodcell") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+    else:
+        resource = resources.files("bloodcell") / "configs" / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ConfigError(f"unknown config {name_or_path!r}; named configs: {', '.join(named_configs())}")
+        text = resource.read_text(encoding="utf-8")
+    loaded = yaml.safe_load(text) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {name_or_path!r} must be a mapping of sections")
+    return loaded
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML so ``1e-3``, ``true``, ``[1,2]`` and ``auto`` all work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config mapping (a new mapping is returned)."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = _parse_value(value)
+    return result
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    parts = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            parts.append(f"unknown config key {where!r}")
+        else:
+            parts.append(f"config key {where!r}: {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(parts)
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig`, raising :class:`ConfigError` naming bad keys."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def load_config(name_or_path: str = "default", overrides: list[str] | None = None) -> RunConfig:
+    """Load a named config or a YAML file, apply ``key=value`` overrides and validate.
+
+    Parameters
+    ----------
+    name_or_path: a shipped config name (see :func:`named_configs`) or a path to a YAML file.
+    overrides: ``section.key=value`` strings, applied in order.
+
+    Returns the validated config; raises :class:`ConfigError` with a message naming the bad key.
+    """
+    return config_from_dict(apply_overrides(_read_yaml(name_or_path), overrides or []))
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    """Serialise a config to YAML text that :func:`load_config` reads back to an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(config: RunConfig, path: str | Path) -> Path:
+    """Write a config as YAML, atomically."""
+    return atomic_write_text(path, config_to_yaml(config))

@@ -1,0 +1,1 @@
+"""Data stages: dataset layouts, the index (manifest), splits, the decoded cache and augmentation."""

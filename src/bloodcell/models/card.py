@@ -1,0 +1,151 @@
+"""Model cards and weights on disk: ``model.safetensors`` + ``card.json`` in one directory.
+
+Loading never unpickles anything: weights are safetensors, the card is JSON, and the architecture is
+rebuilt from the registry by name. A model can be named by a run directory (its best checkpoint), a model
+directory, a ``card.json`` path, or nothing at all (the default model bundled with the package).
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bloodcell import CLASSES, __version__
+from bloodcell.config import NormalizeConfig
+from bloodcell.io import atomic_path, atomic_write_text
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FORMAT = "bloodcell-model/1"
+
+
+class ModelCard(BaseModel):
+    """Everything needed to rebuild, run and judge a model, stored beside its weights."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str = CARD_FORMAT
+    name: str = "bloodcell-model"
+    version: str = "0"
+    architecture: str
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
+    input_size: int
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    temperature: float = 1.0  # divide logits by this before softmax (fitted on validation data)
+    config: dict[str, Any] = Field(default_factory=dict)  # the resolved training config
+    command: str | None = None  # the command line that produced the model
+    manifest_sha256: str | None = None  # hash of the data manifest it was trained on
+    split: dict[str, Any] = Field(default_factory=dict)  # protocol, seed and counts
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    epoch: int | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    intended_use: str = "Research only. Not a medical device; not for diagnosis or treatment decisions."
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a model's numbers, for the card."""
+    versions = {"bloodcell": __version__, "python": platform.python_version()}
+    for package in ("torch", "timm", "numpy", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def save_card(card: ModelCard, directory: str | Path) -> Path:
+    """Write ``card.json`` atomically into ``directory``."""
+    return atomic_write_text(Path(directory) / CARD_FILE, card.model_dump_json(indent=2) + "\n")
+
+
+def load_card(path: str | Path | None = None) -> tuple[ModelCard, Path]:
+    """Read a card; returns it and the model directory that holds it (see :func:`resolve_model_dir`)."""
+    directory = resolve_model_dir(path)
+    card_path = directory / CARD_FILE
+    try:
+        return ModelCard.model_validate_json(card_path.read_text(encoding="utf-8")), directory
+    except ValueError as error:
+        raise ValueError(f"{card_path}: not a valid model card ({error})") from None
+
+
+def bundled_model_dir() -> Path:
+    """Directory of the default model shipped inside the package."""
+    return Path(str(resources.files("bloodcell") / "assets" / "default_model"))
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """Turn what a user names into the directory holding ``card.json`` and ``model.safetensors``.
+
+    Accepts a run directory (uses ``checkpoints/best``), a model directory, a ``card.json`` or
+    ``model.safetensors`` path, or None for the bundled default model.
+    """
+    if path is None:
+        directory = bundled_model_dir()
+        if not (directory / CARD_FILE).is_file():
+            raise FileNotFoundError("no model named and no bundled default model is installed")
+        return directory
+    candidate = Path(path)
+    if candidate.is_file() and candidate.name in {CARD_FILE, WEIGHTS_FILE}:
+        candidate = candidate.parent
+    for directory in (candidate, candidate / "checkpoints" / "best", candidate / "model"):
+        if (directory / CARD_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
+            return directory
+    if not candidate.exists():
+        raise FileNotFoundError(f"{candidate}: no such model, run or directory")
+    raise FileNotFoundError(
+        f"{candidate}: no model found (expected {CARD_FILE} and {WEIGHTS_FILE} here, in checkpoints/best/ or in model/)"
+    )
+
+
+def save_model(model: "torch.nn.Module", card: ModelCard, directory: str | Path) -> Path:  # noqa: F821
+    """Save a :class:`~bloodcell.models.classifier.Classifier`'s weights and card into ``directory``.
+
+    Weights are written first and the card last, each atomically, so a directory with a card always has
+    matching weights.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": CARD_FORMAT, "architecture": card.architecture})
+    if not card.versions:
+        card = card.model_copy(update={"versions": library_versions()})
+    save_card(card, directory)
+    return directory
+
+
+def build_model(card: ModelCard) -> "torch.nn.Module":  # noqa: F821
+    """Rebuild the (untrained) :class:`Classifier` that a card describes."""
+    from bloodcell.models.classifier import Classifier
+    from bloodcell.models.registry import create_model
+
+    net = create_model(card.architecture, num_classes=len(card.classes), **card.arch_kwargs)
+    return Classifier(net, card.normalize)
+
+
+def load_model(path: str | Path | None = None, device: str = "cpu") -> tuple["torch.nn.Module", ModelCard]:  # noqa: F821
+    """Load a model for inference: rebuild it from its card and load its safetensors weights.
+
+    Returns ``(model in eval mode, card)``. Never unpickles.
+    """
+    from safetensors.torch import load_file
+
+    card, directory = load_card(path)
+    model = build_model(card)
+    state = load_file(str(directory / WEIGHTS_FILE), device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE}: weights do not match architecture {card.architecture!r} "
+            f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
+        )
+    return model.to(device).eval(), card

@@ -1,0 +1,53 @@
+"""The module every stage trains, evaluates, explains and exports: preprocessing + network.
+
+Normalisation lives inside the model (not in a data pipeline) so that training, evaluation, the torch
+predictor and the exported ONNX graph apply exactly the same arithmetic. Input: float or uint8 tensor,
+NCHW, RGB, pixel values in [0, 255]. Output: logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bloodcell.config import NormalizeConfig
+
+# ITU-R BT.601 luma weights: the standard grey conversion.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class Preprocess(nn.Module):
+    """Scale to [0, 1], optionally grey or per-image standardise, then normalise by mean and std."""
+
+    def __init__(self, normalize: NormalizeConfig | None = None) -> None:
+        super().__init__()
+        normalize = normalize or NormalizeConfig()
+        self.per_image = normalize.per_image
+        self.grayscale = normalize.grayscale
+        self.register_buffer("mean", torch.tensor(normalize.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(normalize.std).view(1, 3, 1, 1))
+        self.register_buffer("luma", torch.tensor(_LUMA).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        if self.grayscale:
+            x = (x * self.luma).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        if self.per_image:
+            # Each image's channels to zero mean, unit variance: removes per-image colour cast and
+            # stain intensity, the main acquisition shortcut in this data.
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)
+            return (x - mean) / std
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``Preprocess`` followed by a network from the registry; ``net`` is what Grad-CAM looks into."""
+
+    def __init__(self, net: nn.Module, normalize: NormalizeConfig | None = None) -> None:
+        super().__init__()
+        self.preprocess = Preprocess(normalize)
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(images))

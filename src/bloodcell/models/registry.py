@@ -1,0 +1,73 @@
+"""A registry of architectures: ``create_model(name, num_classes, **kwargs)``, in the manner of timm.
+
+Our own networks register themselves with :func:`register_model`; any name starting with ``timm/`` is
+passed to ``timm.create_model`` (random initialisation unless ``pretrained=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about an architecture before building it."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    default_input_size: int
+    description: str
+    default_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, default_input_size: int, description: str, **default_kwargs: Any):
+    """Decorator: register ``builder(num_classes, **kwargs) -> nn.Module`` under ``name``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = ModelSpec(name, builder, default_input_size, description, dict(default_kwargs))
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[ModelSpec]:
+    """The registered architectures (timm models are available by ``timm/<name>`` in addition)."""
+    _ensure_builtin_models()
+    return [ _REGISTRY[name] for name in sorted(_REGISTRY) ]
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Look up a registered architecture, with a clear error listing the known names."""
+    _ensure_builtin_models()
+    if name.startswith("timm/"):
+        return ModelSpec(name, _build_timm, 224, f"timm architecture {name[5:]}")
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown model {name!r}; registered models: {known}, or any timm model as timm/<name>")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build architecture ``name`` with ``num_classes`` outputs; ``kwargs`` override its defaults."""
+    spec = get_spec(name)
+    if name.startswith("timm/"):
+        return _build_timm(num_classes, timm_name=name[5:], **kwargs)
+    return spec.builder(num_classes, **{**spec.default_kwargs, **kwargs})
+
+
+def _build_timm(num_classes: int, timm_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    import timm  # imported lazily: it is slow to import and most runs use our own networks
+
+    return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+
+def _ensure_builtin_models() -> None:
+    # Importing the module registers our architectures; done lazily to avoid an import cycle.
+    from bloodcell.models import architectures  # noqa: F401
