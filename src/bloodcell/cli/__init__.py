@@ -40,7 +40,7 @@ def _register_commands() -> None:
     # Each module adds its commands to ``app``; import order is the order in --help.
     import importlib
 
-    for module in ("data", "train", "evaluate", "serve", "tune", "demo"):
+    for module in ("data", "train", "evaluate", "serve", "tune", "download", "demo"):
         try:
             importlib.import_module(f"bloodcell.cli.{module}")
         except ModuleNotFoundError as error:
