@@ -50,6 +50,12 @@ def draw_cell(rng: np.random.Generator, class_index: int, size: int) -> Image.Im
     background = tuple(int(v) for v in rng.integers(170, 240, size=3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
+    # Red-cell-like discs at random places make every image distinct to a perceptual hash: without them the
+    # toy images are near duplicates of each other (phash distance <= 10) and the index merges whole classes.
+    for _ in range(int(rng.integers(10, 18))):
+        x, y = rng.uniform(0, size, size=2)
+        radius = size * rng.uniform(0.07, 0.12)
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=tuple(v - 60 for v in background))
     stain = tuple(int(v) for v in rng.integers(40, 140, size=3))
     c = size / 2 + rng.uniform(-size / 10, size / 10, size=2)
     r = size * (0.18 + 0.04 * rng.random())

@@ -55,11 +55,12 @@ def main() -> None:
     """Entry point: run the app, printing user errors as one line without a traceback."""
     from bloodcell.config import ConfigError
     from bloodcell.data.decode import ImageError
+    from bloodcell.data.splits import LeakageError
     from bloodcell.errors import UserError
 
     try:
         app()
-    except (UserError, ConfigError, ImageError, FileNotFoundError, NotADirectoryError) as error:
+    except (UserError, ConfigError, ImageError, LeakageError, FileNotFoundError, NotADirectoryError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,0 +1,241 @@
+"""``bloodcell index``, ``bloodcell split`` and ``bloodcell audit``: the data stages on the command line.
+
+Each command calls the Python API in :mod:`bloodcell.data`, then prints a short human summary, or with
+``--json`` exactly one JSON object on stdout (progress bars go to stderr). The JSON keys are documented in
+docs/ARCHITECTURE.md and in each API function's docstring.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bloodcell.cli import app
+from bloodcell.config import DataConfig
+
+_DEFAULTS = DataConfig()
+_console = Console()
+
+DATA_ARGUMENT = typer.Argument(
+    ...,
+    help="Dataset folder: the Aria layout (Original/ and Segmented/), the Kaggle 4-class folders, or "
+    "one sub-folder per class.",
+    show_default=False,
+)
+Variant = Literal["Original", "Segmented"]
+VARIANT_OPTION = typer.Option(
+    "Original", "--variant", help="Aria layout only: index Original or Segmented images."
+)
+CLASSES_OPTION = typer.Option(
+    None,
+    "--classes",
+    help="Comma-separated class names in model order, matched loosely to folder names "
+    "(plain class-per-folder layouts; default: the canonical classes, else the folder names).",
+    show_default=False,
+)
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a summary.")
+PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr.")
+MANIFEST_OUT_OPTION = typer.Option(
+    None, "--out", help="Write the manifest CSV here (default: the dataset's work folder)."
+)
+SPLIT_OUT_OPTION = typer.Option(
+    None, "--out", help="Write the split CSV here (default: the dataset's work folder)."
+)
+AUDIT_OUT_OPTION = typer.Option(
+    None, "--out", help="Folder for audit.md and audit.json (default: the dataset's work folder)."
+)
+
+
+def _class_list(classes: str | None) -> list[str] | None:
+    """Split the --classes option; empty means 'not given'."""
+    names = [name.strip() for name in (classes or "").split(",") if name.strip()]
+    return names or None
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _counts_table(title: str, header: list[str], rows: list[list[Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in header:
+        table.add_column(name, justify="right" if name != header[0] else "left")
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    return table
+
+
+@app.command("index")
+def index_command(
+    data: Path = DATA_ARGUMENT,
+    variant: Variant = VARIANT_OPTION,
+    classes: str | None = CLASSES_OPTION,
+    out: Path | None = MANIFEST_OUT_OPTION,
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=2, help="Processes for hashing (2 helps only on an idle machine)."
+    ),
+    as_json: bool = JSON_OPTION,
+    progress: bool = PROGRESS_OPTION,
+) -> None:
+    """Index a dataset: one manifest row per file with hashes, size, capture number, rejects and duplicates.
+
+    --json keys: images, accepted, rejected [{path, reason}], classes {name: count}, exact_duplicate_groups, near_duplicate_groups, manifest.
+    """
+    from bloodcell.data.index import build_index
+
+    result = build_index(
+        data, variant, _class_list(classes), out=out, progress=progress and not as_json, workers=workers
+    )
+    summary = result.summary
+    if as_json:
+        _print_json(summary)
+        return
+    dataset = result.dataset
+    _console.print(
+        f"Indexed {summary['images']} files under {dataset.root} (layout {dataset.layout}): "
+        f"{summary['accepted']} accepted, {len(summary['rejected'])} rejected."
+    )
+    _console.print(
+        _counts_table(
+            "Images per class", ["class", "images"], [[k, v] for k, v in summary["classes"].items()]
+        )
+    )
+    for item in summary["rejected"]:
+        _console.print(f"  rejected {item['path']}: {item['reason']}", markup=False)
+    _console.print(
+        f"Duplicates: {summary['exact_duplicate_groups']} groups of identical files, "
+        f"{summary['near_duplicate_groups']} groups with near duplicates."
+    )
+    typer.echo(f"Manifest: {summary['manifest']}")
+
+
+@app.command("split")
+def split_command(
+    data: Path = DATA_ARGUMENT,
+    protocol: Literal["session", "random", "kfold"] = typer.Option(
+        _DEFAULTS.protocol,
+        "--protocol",
+        help="session (capture-order blocks, leakage-safe), "
+        "random (stratified, leaks sessions; for comparison) or kfold.",
+    ),
+    seed: int = typer.Option(
+        _DEFAULTS.split_seed, "--seed", help="Split seed; the same seed gives the same split."
+    ),
+    val_fraction: float = typer.Option(
+        _DEFAULTS.val_fraction, "--val-fraction", help="Share of each class held out for validation."
+    ),
+    test_fraction: float = typer.Option(
+        _DEFAULTS.test_fraction, "--test-fraction", help="Share of each class held out for test."
+    ),
+    block_size: int = typer.Option(
+        _DEFAULTS.block_size, "--block-size", min=1, help="Images per capture-order session block."
+    ),
+    embargo: int = typer.Option(
+        _DEFAULTS.embargo,
+        "--embargo",
+        min=0,
+        help="Images left out of training on each side of a held-out block.",
+    ),
+    folds: int = typer.Option(_DEFAULTS.folds, "--folds", min=2, help="kfold: number of folds."),
+    fold: int = typer.Option(_DEFAULTS.fold, "--fold", min=0, help="kfold: which fold is validation."),
+    variant: Variant = VARIANT_OPTION,
+    classes: str | None = CLASSES_OPTION,
+    out: Path | None = SPLIT_OUT_OPTION,
+    as_json: bool = JSON_OPTION,
+    progress: bool = PROGRESS_OPTION,
+) -> None:
+    """Split the indexed images into train / val / test (and embargo), keeping duplicate groups together.
+
+    The leakage check runs on every split; if it fails the command exits with status 1.
+
+    --json keys: protocol, seed, counts {part: {class: n, total}}, blocks {part: n}, leakage_check ("passed" or "failed"), leakage_message, split.
+    """
+    from bloodcell.data.index import build_index, dataset_workdir
+    from bloodcell.data.splits import make_split, save_split, split_file_name, split_summary
+
+    result = build_index(data, variant, _class_list(classes), progress=progress and not as_json)
+    split = make_split(
+        result.manifest,
+        protocol,
+        seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        block_size=block_size,
+        embargo=embargo,
+        folds=folds,
+        fold=fold,
+        check=False,
+    )
+    name = split_file_name(protocol, seed, fold if protocol == "kfold" else None)
+    path = save_split(
+        split, out or dataset_workdir(result.dataset.top, result.dataset.variant) / "splits" / name
+    )
+    summary = split_summary(split, protocol, seed, result.dataset.classes, path)
+    if as_json:
+        _print_json(summary)
+    else:
+        classes_in_order = list(result.dataset.classes)
+        rows = [
+            [part, *[c[k] for k in classes_in_order], c["total"], summary["blocks"][part]]
+            for part, c in summary["counts"].items()
+        ]
+        _console.print(
+            _counts_table(
+                f"Split {protocol}, seed {seed}", ["part", *classes_in_order, "total", "blocks"], rows
+            )
+        )
+        typer.echo(f"Leakage check: {summary['leakage_check']}. Split: {path}")
+    if summary["leakage_check"] != "passed":
+        typer.secho(f"error: {summary['leakage_message']}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+@app.command("audit")
+def audit_command(
+    data: Path = DATA_ARGUMENT,
+    variant: Variant = VARIANT_OPTION,
+    classes: str | None = CLASSES_OPTION,
+    out: Path | None = AUDIT_OUT_OPTION,
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the session split the shortcut baselines are scored on."
+    ),
+    size: int = typer.Option(128, "--size", min=32, max=512, help="Image size the baselines decode at."),
+    ring: int = typer.Option(
+        8, "--ring", min=1, help="Border width in pixels for the border-colour baseline."
+    ),
+    as_json: bool = JSON_OPTION,
+    progress: bool = PROGRESS_OPTION,
+) -> None:
+    """Audit a dataset: counts, sizes, rejects, duplicate groups and shortcut baselines (Markdown + JSON).
+
+    The shortcut baseline is a logistic regression on the mean colour of the image border, scored by balanced accuracy on the session split's test blocks: far above chance means the classes differ in acquisition and a model can score well for the wrong reasons.
+
+    --json prints the report (audit.json); its keys are listed in docs/ARCHITECTURE.md.
+    """
+    from bloodcell.data.audit import run_audit
+
+    report = run_audit(
+        data, variant, _class_list(classes), out, seed, size, ring, progress=progress and not as_json
+    )
+    if as_json:
+        _print_json(report)
+        return
+    _console.print(
+        f"Audited {report['images']} files ({report['accepted']} usable, {len(report['rejected'])} rejected) "
+        f"in {report['dataset']}.",
+        markup=False,
+    )
+    _console.print(
+        _counts_table("Images per class", ["class", "images"], [[k, v] for k, v in report["classes"].items()])
+    )
+    _console.print(
+        f"Duplicates: {report['exact_duplicate_groups']} identical-file groups, {report['near_duplicate_groups']} "
+        f"near-duplicate groups, {report['images_in_duplicate_groups']} images involved."
+    )
+    _console.print(report["shortcut_baseline"]["statement"], markup=False)
+    typer.echo(f"Report: {report['report_markdown']} and {report['report_json']}")

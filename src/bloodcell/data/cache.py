@@ -1,0 +1,82 @@
+"""The decoded cache: every image of a manifest decoded once, at one size, into a memory-mapped array.
+
+The cache is a ``.npy`` file of shape ``(N, size, size, 3)`` uint8, aligned with the manifest rows it was
+made from. Its name holds a hash of those rows (path and SHA-256 of each, in order), the size and the
+variant, so any change to the data or the order makes a new file, and an unchanged dataset is decoded
+only once. It is written under a temporary name and renamed when complete, so a killed run never leaves
+a half-filled cache that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.lib.format import open_memmap
+
+from bloodcell.data.decode import decode_image
+from bloodcell.data.progress import track
+from bloodcell.io import atomic_path
+
+
+def rows_key(manifest: pd.DataFrame) -> str:
+    """A 16-hex-digit hash of the rows' paths and SHA-256s, in order: what a cache file is valid for."""
+    digest = hashlib.sha256()
+    for path, sha in zip(manifest["path"], manifest["sha256"]):
+        digest.update(f"{path}\0{sha}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_path(manifest: pd.DataFrame, cache_dir: str | Path, size: int, variant: str) -> Path:
+    """Where the cache for these rows, size and variant lives: ``<cache_dir>/<variant>-<size>px-<key>.npy``."""
+    return Path(cache_dir) / f"{variant}-{size}px-{rows_key(manifest)}.npy"
+
+
+def _decode_into(target: Path, paths: list[Path], size: int, progress: bool) -> None:
+    with atomic_path(target, suffix=".npy") as tmp:
+        array = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+        for k, path in enumerate(track(paths, len(paths), f"Decoding images at {size}px", progress)):
+            array[k] = decode_image(path, size)
+        array.flush()
+        del array  # close the map before the file is renamed
+
+
+def load_images(
+    manifest: pd.DataFrame,
+    root: str | Path,
+    size: int,
+    variant: str = "Original",
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Decoded images for the manifest's rows, from the cache (made on first use).
+
+    Parameters
+    ----------
+    manifest: rows with ``path`` (relative to ``root``) and ``sha256``; every row must decode (pass
+        accepted rows only).
+    root: the folder the paths are relative to (``Dataset.root``).
+    size: square side in pixels.
+    variant: ``Original`` or ``Segmented``; part of the cache key.
+    cache_dir: where cache files live; default ``dataset_workdir(root's dataset, variant)/cache``.
+    progress: draw a progress bar while decoding.
+
+    Returns a read-only memory-mapped ``(N, size, size, 3)`` uint8 array aligned with the rows. Raises
+    :class:`~bloodcell.data.decode.ImageError` if a row does not decode.
+    """
+    if cache_dir is None:
+        from bloodcell.data.index import dataset_workdir
+        from bloodcell.data.layouts import find_dataset
+
+        cache_dir = dataset_workdir(find_dataset(root, variant).top, variant) / "cache"
+    target = cache_path(manifest, cache_dir, size, variant)
+    if not target.is_file():
+        _decode_into(target, [Path(root) / p for p in manifest["path"]], size, progress)
+    images = np.load(target, mmap_mode="r")
+    if images.shape != (len(manifest), size, size, 3):  # a foreign file under our name: rebuild it
+        target.unlink()
+        return load_images(manifest, root, size, variant, cache_dir=cache_dir, progress=progress)
+    return images

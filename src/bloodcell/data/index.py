@@ -1,0 +1,407 @@
+"""The index: one manifest row per file, with hashes, sizes, capture numbers and duplicate groups.
+
+``build_index`` walks a dataset (see :mod:`bloodcell.data.layouts`), opens every file once to hash it and
+check it decodes, and writes ``manifest.csv`` into the dataset's work folder. Files that cannot be used
+(empty, not an image, truncated, unreadable, decompression bombs) get a row with ``rejected=True`` and a
+reason, and never stop the run. A hash cache keyed by (path, size, modification time) makes a second run
+read only files that changed.
+
+Duplicates: rows with the same SHA-256 form an ``exact_group``. Rows whose perceptual hashes (64-bit DCT
+``phash``) differ in at most :data:`NEAR_DUPLICATE_MAX_DISTANCE` bits are near duplicates; exact and near
+links are joined transitively (connected components, i.e. union-find) into ``dup_group``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from bloodcell.data.decode import ImageError, open_rgb
+from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
+from bloodcell.data.progress import track
+from bloodcell.io import atomic_path, sha256_file
+
+#: Largest Hamming distance between two 64-bit perceptual hashes that still counts as "the same picture".
+#: Chosen on the real data (Aria Original, 2,576 images; see docs/ARCHITECTURE.md, "Duplicate threshold"):
+#: all 58 non-identical pairs at distance <= 10 lie within one class, and the 18 we viewed (every pair at
+#: 8-10 among them) are the same field of view re-captured (one pair 369 capture numbers apart); at 12 most
+#: pairs are merely similar smears and half of them cross classes, so they must not be merged.
+NEAR_DUPLICATE_MAX_DISTANCE = 10
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "path",
+    "class",
+    "label",
+    "sha256",
+    "phash",
+    "width",
+    "height",
+    "bytes",
+    "capture",
+    "copy",
+    "rejected",
+    "reason",
+    "exact_group",
+    "dup_group",
+)
+
+#: Per-file facts that depend only on the file's bytes; these are what the hash cache stores.
+_FILE_FACTS: tuple[str, ...] = ("sha256", "phash", "width", "height", "rejected", "reason")
+_CACHE_NAME = "hash-cache.csv"
+_COPY_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\((?P<copy>\d+)\)$")
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    """What :func:`build_index` produced.
+
+    Attributes
+    ----------
+    manifest: the manifest, one row per file (columns :data:`MANIFEST_COLUMNS`).
+    manifest_path: where it was written.
+    summary: the dict ``bloodcell index --json`` prints (see :func:`index_summary`).
+    dataset: the dataset that was indexed.
+    """
+
+    manifest: pd.DataFrame
+    manifest_path: Path
+    summary: dict[str, Any]
+    dataset: Dataset
+
+
+def bloodcell_home() -> Path:
+    """The folder for work files: ``$BLOODCELL_HOME``, default ``~/.cache/bloodcell``."""
+    return Path(os.environ.get("BLOODCELL_HOME") or Path.home() / ".cache" / "bloodcell").expanduser()
+
+
+def dataset_workdir(root: str | Path, variant: str) -> Path:
+    """The work folder of a dataset: ``$BLOODCELL_HOME/datasets/<folder>-<8 hex of its path>/<variant>/``.
+
+    Parameters
+    ----------
+    root: the dataset's top folder (``Dataset.top``).
+    variant: ``Original`` or ``Segmented``.
+
+    Returns the folder path (not created).
+    """
+    absolute = Path(root).expanduser().resolve()
+    digest = hashlib.sha256(str(absolute).encode("utf-8")).hexdigest()[:8]
+    return bloodcell_home() / "datasets" / f"{absolute.name}-{digest}" / variant
+
+
+def parse_capture(file_name: str) -> tuple[int, int]:
+    """Parse the capture number and copy number from a file name.
+
+    ``WBC-Malignant-Pro-011.jpg`` -> ``(11, 0)``; ``Snap_001.jpg`` -> ``(1, 0)``; ``Sap_013 (1).jpg`` ->
+    ``(13, 1)``. The capture number is the last run of digits in the stem after a ``(n)`` copy suffix is
+    taken off; the copy number breaks ties between copies of one capture.
+
+    Parameters
+    ----------
+    file_name: a file name or path (only the name is used).
+
+    Returns ``(capture, copy)``; capture is -1 when the name holds no number.
+    """
+    stem = Path(file_name).stem.strip()
+    copy = 0
+    suffix = _COPY_SUFFIX.match(stem)
+    if suffix:
+        stem, copy = suffix.group("stem"), int(suffix.group("copy"))
+    number = _LAST_NUMBER.search(stem)
+    return (int(number.group(1)) if number else -1), copy
+
+
+def inspect_file(path: str | Path) -> dict[str, Any]:
+    """Hash and validate one file: the facts the manifest keeps about its bytes.
+
+    Parameters
+    ----------
+    path: the file.
+
+    Returns a dict with ``sha256``, ``phash`` (16 hex digits, empty if rejected), ``width``, ``height``
+    (of the stored image, 0 if rejected), ``rejected`` and ``reason``. Never raises for a bad file.
+    """
+    facts: dict[str, Any] = {
+        "sha256": "",
+        "phash": "",
+        "width": 0,
+        "height": 0,
+        "rejected": True,
+        "reason": "",
+    }
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        facts["reason"] = f"cannot read file ({error.strerror or error})"
+        return facts
+    facts["sha256"] = hashlib.sha256(data).hexdigest()
+    if not is_image_name(path):
+        facts["reason"] = (
+            f"unsupported file type {Path(path).suffix or '(no suffix)'!r} (use JPEG, PNG, BMP or TIFF)"
+        )
+        return facts
+    try:
+        # open_rgb already converts grayscale, palette, RGBA, CMYK and 16-bit images to 8-bit RGB.
+        image = open_rgb(data)
+    except ImageError as error:
+        facts["reason"] = error.reason
+        return facts
+    facts.update(
+        phash=str(imagehash.phash(image)), width=image.width, height=image.height, rejected=False, reason=""
+    )
+    return facts
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _load_hash_cache(workdir: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """(path, size, mtime_ns) -> file facts, from an earlier run; empty if there is none or it is unreadable."""
+    cache_path = workdir / _CACHE_NAME
+    if not cache_path.is_file():
+        return {}
+    try:
+        table = pd.read_csv(
+            cache_path, dtype={"phash": str, "sha256": str, "reason": str}, keep_default_na=False
+        )
+    except (OSError, ValueError, pd.errors.ParserError):
+        return {}  # a damaged cache only costs time, never correctness
+    facts = table[list(_FILE_FACTS)].to_dict("records")
+    keys = zip(table["path"], table["bytes"].astype(int), table["mtime_ns"].astype(int))
+    return {key: fact for key, fact in zip(keys, facts)}
+
+
+def _save_hash_cache(workdir: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_path(workdir / _CACHE_NAME) as tmp:
+        pd.DataFrame(rows, columns=["path", "bytes", "mtime_ns", *_FILE_FACTS]).to_csv(tmp, index=False)
+
+
+def _inspect_all(paths: list[Path], workers: int, progress: bool) -> list[dict[str, Any]]:
+    """Run :func:`inspect_file` over ``paths`` in order, in ``workers`` processes when that is more than 1."""
+    if not paths:
+        return []
+    if workers <= 1 or len(paths) < 200:
+        return list(track(map(inspect_file, paths), len(paths), "Hashing images", progress))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(inspect_file, paths, chunksize=64)
+        return list(track(results, len(paths), "Hashing images", progress))
+
+
+def phash_distances_below(
+    phashes: list[str], max_distance: int, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``i < j`` of 64-bit hex perceptual hashes within ``max_distance`` bits of each other.
+
+    Parameters
+    ----------
+    phashes: 16-hex-digit hashes.
+    max_distance: the largest Hamming distance that counts.
+    chunk: rows compared at once (bounds memory at ``chunk * len(phashes) * 8`` bytes).
+
+    Returns two index arrays ``(i, j)``.
+    """
+    values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+    rows, cols = [], []
+    for start in range(0, len(values), chunk):
+        block = values[start : start + chunk, None] ^ values[None, :]
+        i, j = np.nonzero(np.bitwise_count(block) <= max_distance)
+        i = i + start
+        keep = i < j
+        rows.append(i[keep])
+        cols.append(j[keep])
+    if not rows:
+        return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def duplicate_groups(
+    manifest: pd.DataFrame,
+    max_distance: int = NEAR_DUPLICATE_MAX_DISTANCE,
+    near_hashes: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """Assign ``exact_group`` (same SHA-256) and ``dup_group`` (exact or near duplicates, transitively).
+
+    Parameters
+    ----------
+    manifest: rows with ``path``, ``sha256``, ``phash`` and ``rejected``.
+    max_distance: near-duplicate threshold in bits of perceptual-hash distance.
+    near_hashes: path -> perceptual hash to compare instead of the row's own (the Segmented variant
+        compares its Original counterparts: black masked backgrounds make unrelated images look alike).
+
+    Returns a copy with the two int columns; ids number groups in row order, singletons get their own
+    id, rejected rows get -1.
+    """
+    result = manifest.copy()
+    accepted = np.flatnonzero(~result["rejected"].to_numpy(bool))
+    result["exact_group"] = -1
+    result["dup_group"] = -1
+    if len(accepted) == 0:
+        return result
+    sha = result["sha256"].to_numpy()[accepted]
+    result.loc[result.index[accepted], "exact_group"] = pd.factorize(sha)[0]
+    hashes = result["phash"].to_numpy()[accepted].tolist()
+    if near_hashes:
+        paths = result["path"].to_numpy()[accepted]
+        hashes = [near_hashes.get(path) or own for path, own in zip(paths, hashes)]
+    i, j = phash_distances_below(hashes, max_distance)
+    # Exact copies are linked explicitly (their own hashes are equal, but near_hashes may differ).
+    exact_codes = result.loc[result.index[accepted], "exact_group"].to_numpy()
+    first_of_group = pd.Series(np.arange(len(accepted))).groupby(exact_codes).transform("first").to_numpy()
+    i, j = np.concatenate([i, np.arange(len(accepted))]), np.concatenate([j, first_of_group])
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(len(accepted), len(accepted)))
+    _, components = connected_components(graph, directed=False)
+    result.loc[result.index[accepted], "dup_group"] = pd.factorize(components)[0]
+    return result
+
+
+def count_duplicate_groups(manifest: pd.DataFrame) -> tuple[int, int]:
+    """Count duplicate groups with more than one member.
+
+    Returns ``(exact, near)``: exact groups are files with identical bytes; near groups are ``dup_group``
+    groups that hold at least two different files (so they exist because of the perceptual hash).
+    """
+    accepted = manifest[~manifest["rejected"]]
+    exact = int((accepted.groupby("exact_group").size() > 1).sum())
+    near = int((accepted.groupby("dup_group")["sha256"].nunique() > 1).sum())
+    return exact, near
+
+
+def index_summary(manifest: pd.DataFrame, manifest_path: Path, classes: tuple[str, ...]) -> dict[str, Any]:
+    """The ``bloodcell index --json`` object.
+
+    Keys: ``images`` (files indexed), ``accepted``, ``rejected`` (list of ``{"path", "reason"}``),
+    ``classes`` (class -> accepted images), ``exact_duplicate_groups``, ``near_duplicate_groups`` (see
+    :func:`count_duplicate_groups`), ``manifest`` (path of the manifest CSV).
+    """
+    accepted = manifest[~manifest["rejected"]]
+    exact, near = count_duplicate_groups(manifest)
+    counts = accepted["class"].value_counts()
+    return {
+        "images": len(manifest),
+        "accepted": len(accepted),
+        "rejected": [
+            {"path": row.path, "reason": row.reason} for row in manifest[manifest["rejected"]].itertuples()
+        ],
+        "classes": {name: int(counts.get(name, 0)) for name in classes},
+        "exact_duplicate_groups": exact,
+        "near_duplicate_groups": near,
+        "manifest": str(manifest_path),
+    }
+
+
+def _manifest_rows(dataset: Dataset, facts: list[dict[str, Any]], sizes: list[int]) -> pd.DataFrame:
+    labels = {name: i for i, name in enumerate(dataset.classes)}
+    rows = []
+    for (path, name), fact, size in zip(dataset.files, facts, sizes):
+        capture, copy = parse_capture(path)
+        rows.append(
+            {
+                "path": path,
+                "class": name,
+                "label": labels[name],
+                "bytes": size,
+                "capture": capture,
+                "copy": copy,
+                **fact,
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["rejected"] = table["rejected"].astype(bool)
+    # Capture order within each class is what the session split cuts into blocks.
+    return table.sort_values(["label", "capture", "copy", "path"], kind="stable").reset_index(drop=True)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV back with the right column types (hashes stay strings)."""
+    table = pd.read_csv(
+        path, dtype={"sha256": str, "phash": str, "reason": str, "class": str}, keep_default_na=False
+    )
+    table["rejected"] = table["rejected"].astype(str).str.lower().eq("true") | table["rejected"].eq(True)
+    return table
+
+
+def manifest_sha256(path: str | Path) -> str:
+    """The SHA-256 of a manifest file: the identity of the data a model was trained on."""
+    return sha256_file(path)
+
+
+def _original_hashes(
+    dataset: Dataset, class_names: list[str] | None, progress: bool
+) -> dict[str, str] | None:
+    """For an Aria Segmented index, path -> perceptual hash of the Original counterpart; else None.
+
+    On the real Segmented images the masked black background makes unrelated smears hash alike (23
+    cross-class groups, one of 43 images, at the Original threshold); the Original field of view does not.
+    """
+    if dataset.layout != "aria" or dataset.variant != "Segmented" or not (dataset.top / "Original").is_dir():
+        return None
+    original = build_index(dataset.top, "Original", class_names, progress=progress)
+    accepted = original.manifest[~original.manifest["rejected"]]
+    return dict(zip(accepted["path"], accepted["phash"]))
+
+
+def build_index(
+    root: str | Path,
+    variant: str = "Original",
+    class_names: list[str] | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    workers: int = 1,
+    near_distance: int = NEAR_DUPLICATE_MAX_DISTANCE,
+) -> IndexResult:
+    """Index a dataset: hash and check every file, find duplicates, write the manifest.
+
+    Parameters
+    ----------
+    root: the dataset folder (any layout :func:`~bloodcell.data.layouts.find_dataset` knows).
+    variant: ``Original`` or ``Segmented`` (Aria layout).
+    class_names: class names for a plain class-per-folder layout (see ``find_dataset``).
+    out: where to write the manifest CSV; default ``dataset_workdir(...)/manifest.csv``.
+    progress: draw a progress bar on stderr.
+    workers: processes for hashing. Measured on the 2-core machine (2,576 files): 2.3 s with 1, 1.3-2.2 s with
+        2 depending on load; the default stays 1 so indexing does not starve other work.
+    near_distance: near-duplicate threshold (bits of perceptual-hash distance).
+
+    Returns an :class:`IndexResult`. Raises :class:`~bloodcell.errors.UserError` for a missing, empty or
+    unrecognisable folder.
+    """
+    dataset = find_dataset(root, variant, class_names)
+    workdir = dataset_workdir(dataset.top, dataset.variant)
+    cache = _load_hash_cache(workdir)
+    paths = [dataset.root / path for path, _ in dataset.files]
+    keys = [(path, *_stat_key(full)) for (path, _), full in zip(dataset.files, paths)]
+    missing = [k for k, key in enumerate(keys) if key not in cache]
+    fresh = _inspect_all([paths[k] for k in missing], workers, progress)
+    facts = [cache.get(key) for key in keys]
+    for k, fact in zip(missing, fresh):
+        facts[k] = fact
+    if missing or len(cache) != len(keys):
+        _save_hash_cache(
+            workdir, [{"path": k[0], "bytes": k[1], "mtime_ns": k[2], **f} for k, f in zip(keys, facts)]
+        )
+    manifest = duplicate_groups(
+        _manifest_rows(dataset, facts, [k[1] for k in keys]),
+        near_distance,
+        _original_hashes(dataset, class_names, progress),
+    )
+    manifest = manifest[list(MANIFEST_COLUMNS)]
+    manifest_path = Path(out) if out is not None else workdir / "manifest.csv"
+    with atomic_path(manifest_path, suffix=".csv") as tmp:
+        manifest.to_csv(tmp, index=False)
+    return IndexResult(
+        manifest, manifest_path, index_summary(manifest, manifest_path, dataset.classes), dataset
+    )

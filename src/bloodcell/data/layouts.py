@@ -1,0 +1,266 @@
+"""Known dataset layouts: find the class folders and image files under a root path.
+
+Three layouts are recognised, tried in this order:
+
+``aria``
+    ``ROOT/Original/{Benign,Early,Pre,Pro}`` and optionally ``ROOT/Segmented/...`` (the Kaggle "Leukemia"
+    dataset of Aria et al.). ``variant`` picks Original or Segmented. ``ROOT`` may also be the variant
+    folder itself.
+``kaggle``
+    The "Blood Cell Cancer [ALL] 4 class" copy: ``Benign``, ``[Malignant] early Pre-B``, ``[Malignant]
+    Pre-B``, ``[Malignant] Pro-B``, directly under ``ROOT`` or under one wrapping folder such as ``Blood
+    cell Cancer [ALL]``.
+``folders``
+    Any class-per-folder layout. With ``class_names`` the folders are matched to those names (loosely)
+    and the classes keep the given order; without, folder names that are aliases of the canonical
+    classes map onto them, and otherwise every sub-folder is a class (sorted by name).
+
+Folder names are matched case- and punctuation-insensitively, so ``[Malignant] early Pre-B``,
+``early pre b`` and ``Early`` all mean the canonical class ``Early Pre-B``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bloodcell import CLASSES
+from bloodcell.data.decode import IMAGE_SUFFIXES
+from bloodcell.errors import UserError
+
+VARIANTS: tuple[str, ...] = ("Original", "Segmented")
+
+#: Normalised folder name -> canonical class. Covers Aria, the Kaggle 4-class copy and common spellings.
+CLASS_ALIASES: dict[str, str] = {
+    "benign": "Benign",
+    "hematogone": "Benign",
+    "hematogones": "Benign",
+    "early": "Early Pre-B",
+    "earlypreb": "Early Pre-B",
+    "malignantearly": "Early Pre-B",
+    "malignantearlypreb": "Early Pre-B",
+    "pre": "Pre-B",
+    "preb": "Pre-B",
+    "malignantpre": "Pre-B",
+    "malignantpreb": "Pre-B",
+    "pro": "Pro-B",
+    "prob": "Pro-B",
+    "malignantpro": "Pro-B",
+    "malignantprob": "Pro-B",
+}
+
+#: File names that operating systems drop into folders; never indexed.
+_JUNK_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset found on disk.
+
+    Attributes
+    ----------
+    root: the folder holding the class folders (for Aria, ``TOP/Original`` or ``TOP/Segmented``).
+    top: the folder the user named, normalised (for Aria, the folder holding ``Original``/``Segmented``).
+    layout: ``aria``, ``kaggle`` or ``folders``.
+    variant: ``Original`` or ``Segmented`` (always ``Original`` outside the Aria layout).
+    classes: class names in model order (canonical order when the classes are the canonical ones).
+    class_folders: class name -> folder name under ``root``.
+    files: ``(relative POSIX path under root, class name)`` pairs, sorted by class order then path.
+    """
+
+    root: Path
+    top: Path
+    layout: str
+    variant: str
+    classes: tuple[str, ...]
+    class_folders: dict[str, str]
+    files: tuple[tuple[str, str], ...]
+
+
+def normalise_name(name: str) -> str:
+    """Lower-case a folder name and drop everything but letters and digits (``[Malignant] Pre-B`` -> ``malignantpreb``)."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def canonical_class(folder_name: str) -> str | None:
+    """The canonical class a folder name stands for, or ``None`` if it is not a known alias."""
+    return CLASS_ALIASES.get(normalise_name(folder_name))
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _canonical_folders(path: Path) -> dict[str, str]:
+    """Canonical class -> folder name for the sub-folders of ``path`` that are known class aliases."""
+    found: dict[str, str] = {}
+    for folder in _subfolders(path):
+        name = canonical_class(folder.name)
+        if name is not None:
+            if name in found:
+                raise UserError(
+                    f"{path}: folders {found[name]!r} and {folder.name!r} both mean class {name!r}"
+                )
+            found[name] = folder.name
+    return found
+
+
+def _class_files(root: Path, folder: str) -> list[str]:
+    """Relative POSIX paths of every candidate file under a class folder (recursively, hidden files skipped)."""
+    base = root / folder
+    paths = []
+    for path in base.rglob("*"):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or path.name.lower() in _JUNK_FILES:
+            continue
+        if path.is_file():
+            paths.append(relative.as_posix())
+    return sorted(paths)
+
+
+def is_image_name(path: str | Path) -> bool:
+    """Whether a file name has one of the accepted image suffixes (JPEG, PNG, BMP, TIFF)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _aria_top(root: Path) -> Path | None:
+    """The Aria top folder for ``root``: ``root`` itself, or its parent when ``root`` is a variant folder."""
+    if root.name in VARIANTS and len(_canonical_folders(root)) >= 2:
+        return root.parent
+    if any((root / v).is_dir() and len(_canonical_folders(root / v)) >= 2 for v in VARIANTS):
+        return root
+    return None
+
+
+def _kaggle_root(root: Path) -> Path | None:
+    """The folder holding the Kaggle class folders (``[Malignant] ...``), if ``root`` has that layout."""
+    candidates = [root] + [p for p in _subfolders(root) if len(_subfolders(root)) == 1]
+    for candidate in candidates:
+        folders = [p.name for p in _subfolders(candidate)]
+        if any(normalise_name(name).startswith("malignant") for name in folders) and _canonical_folders(
+            candidate
+        ):
+            return candidate
+    return None
+
+
+def _match_user_classes(root: Path, class_names: list[str]) -> dict[str, str]:
+    """Match user class names to sub-folders of ``root`` loosely; every name must find exactly one folder."""
+    by_key: dict[str, list[str]] = {}
+    for folder in _subfolders(root):
+        by_key.setdefault(normalise_name(folder.name), []).append(folder.name)
+        alias = canonical_class(folder.name)
+        if alias is not None and normalise_name(alias) != normalise_name(folder.name):
+            by_key.setdefault(normalise_name(alias), []).append(folder.name)
+    mapping: dict[str, str] = {}
+    for name in class_names:
+        matches = by_key.get(normalise_name(name), [])
+        if len(matches) != 1:
+            available = ", ".join(p.name for p in _subfolders(root)) or "none"
+            what = "no folder" if not matches else f"several folders ({', '.join(matches)})"
+            raise UserError(f"class {name!r}: {what} under {root} matches it; folders there: {available}")
+        mapping[name] = matches[0]
+    return mapping
+
+
+def _build(root: Path, top: Path, layout: str, variant: str, class_folders: dict[str, str]) -> Dataset:
+    files = tuple(
+        (path, name) for name, folder in class_folders.items() for path in _class_files(root, folder)
+    )
+    if not files:
+        raise UserError(
+            f"no files found in the class folders under {root} ({', '.join(class_folders.values())})"
+        )
+    return Dataset(root, top, layout, variant, tuple(class_folders), dict(class_folders), files)
+
+
+def _in_canonical_order(found: dict[str, str]) -> dict[str, str]:
+    return {name: found[name] for name in CLASSES if name in found}
+
+
+def find_dataset(
+    root: str | Path, variant: str = "Original", class_names: list[str] | None = None
+) -> Dataset:
+    """Find the images under ``root`` in any known layout.
+
+    Parameters
+    ----------
+    root: the dataset folder (for Aria, the folder holding ``Original``/``Segmented``, or one of them).
+    variant: ``Original`` or ``Segmented`` (Aria layout only; other layouts accept only ``Original``).
+    class_names: for a plain class-per-folder layout, the classes in model order, matched to folder names
+        loosely; ``None`` maps known aliases to the canonical classes, else takes every folder as a class.
+
+    Returns the :class:`Dataset`. Raises :class:`UserError` for a missing path, an empty folder, or a
+    folder with no recognisable classes.
+    """
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise UserError(f"dataset folder not found: {path}")
+    if not path.is_dir():
+        raise UserError(f"dataset path is not a folder: {path}")
+    path = path.resolve()
+    if not any(p for p in path.iterdir() if not p.name.startswith(".")):
+        raise UserError(f"dataset folder is empty: {path}")
+
+    aria_top = _aria_top(path)
+    if aria_top is not None:
+        variant_root = aria_top / variant
+        if not variant_root.is_dir():
+            present = [v for v in VARIANTS if (aria_top / v).is_dir()]
+            raise UserError(f"{aria_top} has no {variant!r} folder; use --variant {' or '.join(present)}")
+        found = (
+            _match_user_classes(variant_root, class_names)
+            if class_names
+            else _canonical_folders(variant_root)
+        )
+        order = found if class_names else _in_canonical_order(found)
+        return _build(variant_root, aria_top, "aria", variant, order)
+
+    if variant != "Original":
+        raise UserError(
+            f"--variant {variant} needs the Aria layout (Original/ and Segmented/ folders) under {path}"
+        )
+
+    kaggle_root = _kaggle_root(path)
+    if kaggle_root is not None and not class_names:
+        return _build(
+            kaggle_root, path, "kaggle", variant, _in_canonical_order(_canonical_folders(kaggle_root))
+        )
+
+    folders = _subfolders(path)
+    if not folders:
+        raise UserError(f"no class folders under {path}: expected one sub-folder per class holding images")
+    if class_names:
+        return _build(path, path, "folders", variant, _match_user_classes(path, class_names))
+    known = _canonical_folders(path)
+    if known and len(known) == len(folders):
+        return _build(path, path, "folders", variant, _in_canonical_order(known))
+    with_images = [f for f in folders if any(is_image_name(p) for p in f.rglob("*"))]
+    if len(with_images) < 2:
+        raise UserError(
+            f"no recognisable classes under {path}: expected the Aria layout (Original/{{Benign,Early,Pre,Pro}}), "
+            "the Kaggle 4-class folders, or at least two class folders holding JPEG/PNG/BMP/TIFF images"
+        )
+    return _build(path, path, "folders", variant, {f.name: f.name for f in with_images})
+
+
+def counterpart(dataset: Dataset, rel_path: str, variant: str) -> Path | None:
+    """The same image in another Aria variant (``Segmented`` for an ``Original`` path), or ``None``.
+
+    Parameters
+    ----------
+    dataset: a dataset found by :func:`find_dataset`.
+    rel_path: a manifest path, relative to ``dataset.root``.
+    variant: the variant wanted.
+
+    Returns the counterpart's absolute path if the dataset is in the Aria layout and the file exists.
+    """
+    if dataset.layout != "aria" or variant not in VARIANTS:
+        return None
+    if variant == dataset.variant:
+        return dataset.root / rel_path
+    candidate = dataset.top / variant / rel_path
+    return candidate if candidate.is_file() else None

@@ -1,0 +1,337 @@
+"""Leakage-aware train / val / test splits of a manifest.
+
+The files carry no patient ids, but their numbers follow capture order, so neighbouring numbers tend to
+come from one patient and one session. Protocols:
+
+``session`` (default)
+    Each class, in capture order, is cut into contiguous blocks of about ``block_size`` images. Whole
+    blocks, chosen by the seed, go to test and to validation. Training loses the ``embargo`` images on each
+    side of every held-out image run (they get ``split="embargo"`` and are used by nothing).
+``random``
+    Stratified by class at image level, for comparison with published numbers; such splits leak sessions.
+``kfold``
+    ``folds`` stratified folds whose groups are session blocks; fold ``fold`` is validation, the rest
+    training (with the same embargo); there is no test part.
+
+Under every protocol, duplicate groups (``dup_group``, exact and near duplicates) stay in one part: a
+group found in two parts moves whole to the most protected of them (test, then val, then train).
+:func:`check_leakage` re-checks the result and raises :class:`LeakageError`.
+
+Every row keeps its ``block`` (``"<class>:<nn>"``), the session block used to resample for bootstrap
+confidence intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from bloodcell.errors import UserError
+from bloodcell.io import atomic_path
+
+PROTOCOLS: tuple[str, ...] = ("session", "random", "kfold")
+PARTS: tuple[str, ...] = ("train", "val", "test", "embargo")
+#: Parts a model is trained or evaluated on; a duplicate group must not touch two of them.
+USED_PARTS: tuple[str, ...] = ("train", "val", "test")
+#: When a duplicate group straddles parts it moves whole to the first of these that it touches.
+_PROTECTION_ORDER: tuple[str, ...] = ("test", "val", "train")
+
+
+class LeakageError(RuntimeError):
+    """A split in which the same (or nearly the same) image is in two parts; the message lists examples."""
+
+
+def _capture_order(split: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by class, then capture number, copy number and path (the order blocks are cut in)."""
+    return split.sort_values(["label", "capture", "copy", "path"], kind="stable")
+
+
+def _blocks_per_class(n_images: int, block_size: int, min_blocks: int) -> int:
+    """How many contiguous blocks a class of ``n_images`` is cut into (at least ``min_blocks`` if it can)."""
+    return max(1, math.floor(n_images / block_size + 0.5), min(n_images, min_blocks))  # half rounds up
+
+
+def session_blocks(split: pd.DataFrame, block_size: int = 40, min_blocks: int = 1) -> pd.DataFrame:
+    """Cut each class, in capture order, into contiguous blocks of about ``block_size`` images.
+
+    Parameters
+    ----------
+    split: accepted manifest rows (``path``, ``class``, ``label``, ``capture``, ``copy``).
+    block_size: images per block.
+    min_blocks: cut small classes into at least this many blocks (so val and test can each take one).
+
+    Returns a copy with ``block`` (``"<class>:<nn>"``), ``block_index`` (int within the class) and
+    ``position`` (capture-order position within the class).
+    """
+    result = split.copy()
+    result["block"] = ""
+    result["block_index"] = -1
+    result["position"] = -1
+    for _, rows in _capture_order(split).groupby("label", sort=True):
+        n_blocks = _blocks_per_class(len(rows), block_size, min_blocks)
+        index = np.concatenate(
+            [np.full(len(part), k) for k, part in enumerate(np.array_split(np.arange(len(rows)), n_blocks))]
+        )
+        name = rows["class"].iloc[0]
+        result.loc[rows.index, "block_index"] = index
+        result.loc[rows.index, "block"] = [f"{name}:{k:02d}" for k in index]
+        result.loc[rows.index, "position"] = np.arange(len(rows))
+    return result
+
+
+def _held_out_counts(n_blocks: int, val_fraction: float, test_fraction: float, name: str) -> tuple[int, int]:
+    n_test = max(1, math.floor(test_fraction * n_blocks + 0.5))
+    n_val = max(1, math.floor(val_fraction * n_blocks + 0.5))
+    if n_test + n_val >= n_blocks:
+        raise UserError(
+            f"class {name!r} has only {n_blocks} session block(s), too few for val, test and training; "
+            "lower --block-size or add images"
+        )
+    return n_val, n_test
+
+
+def _assign_session(blocked: pd.DataFrame, seed: int, val_fraction: float, test_fraction: float) -> pd.Series:
+    """Per class, pick whole blocks for test and val with a seeded generator; the rest is train."""
+    split = pd.Series("train", index=blocked.index, dtype=object)
+    for label, rows in blocked.groupby("label", sort=True):
+        n_blocks = int(rows["block_index"].max()) + 1
+        n_val, n_test = _held_out_counts(n_blocks, val_fraction, test_fraction, rows["class"].iloc[0])
+        # One generator per (seed, class): adding a class never reshuffles the others.
+        chosen = np.random.default_rng([seed, int(label)]).permutation(n_blocks)
+        test_blocks, val_blocks = set(chosen[:n_test]), set(chosen[n_test : n_test + n_val])
+        split[rows.index[rows["block_index"].isin(test_blocks)]] = "test"
+        split[rows.index[rows["block_index"].isin(val_blocks)]] = "val"
+    return split
+
+
+def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """Fold number of each row from sklearn's StratifiedGroupKFold (shuffled with ``seed``)."""
+    folds = np.full(len(labels), -1)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        folds[held] = k
+    return folds
+
+
+def _assign_random(blocked: pd.DataFrame, seed: int, val_fraction: float, test_fraction: float) -> pd.Series:
+    """Stratified image-level split that keeps duplicate groups whole (group = ``dup_group``)."""
+    labels, groups = blocked["label"].to_numpy(), blocked["dup_group"].to_numpy()
+    test = _stratified_group_fold(labels, groups, max(2, round(1 / test_fraction)), seed) == 0
+    rest = np.flatnonzero(~test)
+    val_splits = max(2, round((1 - test_fraction) / val_fraction))
+    val = np.zeros(len(labels), dtype=bool)
+    val[rest[_stratified_group_fold(labels[rest], groups[rest], val_splits, seed + 1) == 0]] = True
+    return pd.Series(np.where(test, "test", np.where(val, "val", "train")), index=blocked.index, dtype=object)
+
+
+def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
+    """Group ids joining rows that share a session block or a duplicate group (so neither is cut)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(blocked)
+    block_codes = pd.factorize(blocked["block"])[0]
+    dup_codes = pd.factorize(blocked["dup_group"])[0]
+    # Bipartite graph: row nodes 0..n-1, block nodes n.., duplicate-group nodes after them.
+    n_blocks = block_codes.max() + 1
+    rows = np.concatenate([np.arange(n), np.arange(n)])
+    cols = np.concatenate([n + block_codes, n + n_blocks + dup_codes])
+    size = n + n_blocks + dup_codes.max() + 1
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(size, size))
+    return connected_components(graph, directed=False)[1][:n]
+
+
+def keep_duplicate_groups_together(split: pd.DataFrame) -> pd.DataFrame:
+    """Move every duplicate group that touches two used parts whole into the most protected one.
+
+    Parameters
+    ----------
+    split: rows with ``dup_group`` and ``split``.
+
+    Returns a copy; embargo rows stay embargo (they are used by nothing).
+    """
+    result = split.copy()
+    used = result[result["split"].isin(USED_PARTS)]
+    parts_per_group = used.groupby("dup_group")["split"].agg(set)
+    for group, parts in parts_per_group[parts_per_group.map(len) > 1].items():
+        target = next(part for part in _PROTECTION_ORDER if part in parts)
+        members = used.index[used["dup_group"] == group]
+        result.loc[members, "split"] = target
+    return result
+
+
+def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
+    """Mark training rows within ``embargo`` capture-order positions of a held-out row as ``embargo``.
+
+    Parameters
+    ----------
+    split: rows with ``label``, ``position`` (capture order within the class) and ``split``.
+    embargo: images to leave out on each side of every held-out (val or test) image run.
+
+    Returns a copy with those rows' ``split`` set to ``"embargo"``.
+    """
+    result = split.copy()
+    if embargo <= 0:
+        return result
+    for _, rows in result.groupby("label", sort=True):
+        held = np.sort(rows.loc[rows["split"].isin(("val", "test")), "position"].to_numpy())
+        train = rows[rows["split"] == "train"]
+        if len(held) == 0 or len(train) == 0:
+            continue
+        positions = train["position"].to_numpy()
+        after = np.clip(np.searchsorted(held, positions), 0, len(held) - 1)
+        before = np.clip(after - 1, 0, len(held) - 1)
+        distance = np.minimum(np.abs(held[after] - positions), np.abs(held[before] - positions))
+        result.loc[train.index[distance <= embargo], "split"] = "embargo"
+    return result
+
+
+def effective_embargo(embargo: int, blocked: pd.DataFrame) -> int:
+    """The embargo actually applied: at most half the smallest block, so tiny datasets keep training rows."""
+    smallest_block = int(blocked.groupby("block").size().min())
+    return min(embargo, smallest_block // 2)
+
+
+def make_split(
+    manifest: pd.DataFrame,
+    protocol: str = "session",
+    seed: int = 0,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    block_size: int = 40,
+    embargo: int = 12,
+    folds: int = 5,
+    fold: int = 0,
+    check: bool = True,
+) -> pd.DataFrame:
+    """Split a manifest's accepted rows into train / val / test (and embargo) by a named protocol.
+
+    Parameters
+    ----------
+    manifest: a manifest (see :mod:`bloodcell.data.index`); rejected rows are dropped.
+    protocol: ``session``, ``random`` or ``kfold`` (see the module docstring).
+    seed: the split is a pure function of the manifest and these arguments.
+    val_fraction, test_fraction: share of each class's blocks (session) or images (random) held out.
+    block_size: images per session block.
+    embargo: images left out of training on each side of every held-out run (session and kfold); capped
+        at half the smallest block (see :func:`effective_embargo`).
+    folds, fold: number of folds and which one is validation (kfold).
+    check: run :func:`check_leakage` on the result (the CLI turns it off to report the verdict itself).
+
+    Returns the accepted rows in manifest order with ``block``, ``split`` (``train|val|test|embargo``)
+    and, for kfold, ``fold``. Raises :class:`UserError` for an unknown protocol or too few images, and
+    :class:`LeakageError` if the result fails :func:`check_leakage`.
+    """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown split protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "kfold" and not 0 <= fold < folds:
+        raise UserError(f"--fold {fold} is out of range for {folds} folds (0..{folds - 1})")
+    accepted = manifest[~manifest["rejected"].astype(bool)].reset_index(drop=True)
+    if accepted.empty:
+        raise UserError("the manifest has no accepted images to split")
+    min_blocks = math.ceil(1 / min(val_fraction, test_fraction))
+    blocked = session_blocks(accepted, block_size, min_blocks if protocol == "session" else folds)
+    if protocol == "session":
+        blocked["split"] = _assign_session(blocked, seed, val_fraction, test_fraction)
+    elif protocol == "random":
+        blocked["split"] = _assign_random(blocked, seed, val_fraction, test_fraction)
+    else:
+        groups = _block_and_duplicate_groups(blocked)
+        if len(np.unique(groups)) < folds:
+            raise UserError(f"only {len(np.unique(groups))} session blocks: too few for {folds} folds")
+        blocked["fold"] = _stratified_group_fold(blocked["label"].to_numpy(), groups, folds, seed)
+        blocked["split"] = np.where(blocked["fold"] == fold, "val", "train")
+    blocked = keep_duplicate_groups_together(blocked)
+    if protocol != "random":  # an image-level random split is leaky by design; no embargo pretends otherwise
+        blocked = apply_embargo(blocked, effective_embargo(embargo, blocked))
+    result = blocked.drop(columns=["block_index", "position"])
+    if check:
+        check_leakage(result)
+    return result
+
+
+def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
+    """Fail loudly if any file, exact duplicate or near duplicate is in two used parts.
+
+    Parameters
+    ----------
+    split: a split table (``path``, ``sha256``, ``dup_group``, ``split``).
+    max_examples: how many offending groups to name in the message.
+
+    Returns nothing; raises :class:`LeakageError` naming the offending files.
+    """
+    used = split[split["split"].isin(USED_PARTS)]
+    problems: list[str] = []
+    repeated = used["path"][used["path"].duplicated()]
+    problems += [f"{path} appears twice" for path in repeated[:max_examples]]
+    for column, what in (
+        ("sha256", "identical files"),
+        ("exact_group", "identical files"),
+        ("dup_group", "near duplicates"),
+    ):
+        if column not in used:
+            continue
+        parts = used.groupby(column)["split"].nunique()
+        for key in parts[parts > 1].index[:max_examples]:
+            rows = used[used[column] == key]
+            where = ", ".join(f"{r.path} ({r.split})" for r in rows.itertuples())
+            problems.append(f"{what} in two parts: {where}")
+    if problems:
+        raise LeakageError(f"split leaks: {len(problems)} problem(s): " + "; ".join(problems[:max_examples]))
+
+
+def split_file_name(protocol: str, seed: int, fold: int | None = None) -> str:
+    """File name of a saved split, e.g. ``session-seed0.csv`` or ``kfold-seed0-fold2.csv``."""
+    return f"{protocol}-seed{seed}" + (f"-fold{fold}" if fold is not None else "") + ".csv"
+
+
+def save_split(split: pd.DataFrame, path: str | Path) -> Path:
+    """Write a split table as CSV, atomically; returns the path."""
+    with atomic_path(path, suffix=".csv") as tmp:
+        split.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def split_counts(split: pd.DataFrame, classes: list[str] | tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Images per part and class: ``{part: {class: n, ..., "total": n}}`` for every part in :data:`PARTS`."""
+    table = pd.crosstab(split["split"], split["class"])
+    counts = {}
+    for part in PARTS:
+        row = {
+            name: int(table.at[part, name]) if part in table.index and name in table.columns else 0
+            for name in classes
+        }
+        counts[part] = {**row, "total": sum(row.values())}
+    return counts
+
+
+def split_summary(
+    split: pd.DataFrame, protocol: str, seed: int, classes: list[str] | tuple[str, ...], path: Path | None
+) -> dict[str, Any]:
+    """The ``bloodcell split --json`` object.
+
+    Keys: ``protocol``, ``seed``, ``counts`` (``{part: {class: n, "total": n}}`` for train, val, test,
+    embargo), ``blocks`` (session blocks per part), ``leakage_check`` (``"passed"`` or ``"failed"``),
+    ``leakage_message`` (empty when passed), ``split`` (path of the CSV, or null).
+    """
+    try:
+        check_leakage(split)
+        verdict, message = "passed", ""
+    except LeakageError as error:
+        verdict, message = "failed", str(error)
+    blocks = {part: int(split.loc[split["split"] == part, "block"].nunique()) for part in PARTS}
+    return {
+        "protocol": protocol,
+        "seed": seed,
+        "counts": split_counts(split, classes),
+        "blocks": blocks,
+        "leakage_check": verdict,
+        "leakage_message": message,
+        "split": str(path) if path is not None else None,
+    }

@@ -1,0 +1,123 @@
+"""The decoded cache and prepare_data: correct pixels, reuse, keys, alignment with the split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bloodcell import CLASSES
+from bloodcell.config import DataConfig
+from bloodcell.data import cache as cache_module
+from bloodcell.data.cache import cache_path, load_images
+from bloodcell.data.decode import decode_image
+from bloodcell.data.index import build_index, dataset_workdir
+from bloodcell.data.prepare import prepare_data
+from bloodcell.errors import UserError
+from bloodcell.io import sha256_file
+
+
+def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache should have been reused, not rebuilt")
+
+    monkeypatch.setattr(cache_module, "decode_image", fail)
+
+
+def test_cache_matches_decoder_and_is_reused(
+    aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    indexed = build_index(aria_dataset, progress=False)
+    rows, root = indexed.manifest, indexed.dataset.root
+    images = load_images(rows, root, 32, cache_dir=tmp_path / "c", progress=False)
+    assert images.shape == (96, 32, 32, 3) and images.dtype == np.uint8
+    assert isinstance(images, np.memmap)
+    for k in (0, 50, 95):
+        np.testing.assert_array_equal(images[k], decode_image(root / rows["path"][k], 32))
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [
+        cache_path(rows, tmp_path / "c", 32, "Original").name
+    ]
+
+    forbid_decoding(monkeypatch)
+    again = load_images(rows, root, 32, cache_dir=tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(again, images)
+
+
+def test_cache_key_depends_on_rows_size_and_variant(aria_dataset: Path, tmp_path: Path) -> None:
+    rows = build_index(aria_dataset, progress=False).manifest
+    base = cache_path(rows, tmp_path, 32, "Original")
+    assert cache_path(rows, tmp_path, 64, "Original") != base
+    assert cache_path(rows, tmp_path, 32, "Segmented") != base
+    assert cache_path(rows.iloc[::-1], tmp_path, 32, "Original") != base
+    changed = rows.copy()
+    changed.loc[0, "sha256"] = "0" * 64
+    assert cache_path(changed, tmp_path, 32, "Original") != base
+    assert cache_path(rows.copy(), tmp_path, 32, "Original") == base
+
+
+def test_subset_is_aligned_with_its_rows(aria_dataset: Path, tmp_path: Path) -> None:
+    indexed = build_index(aria_dataset, progress=False)
+    subset = indexed.manifest.iloc[[90, 3, 40]].reset_index(drop=True)
+    images = load_images(subset, indexed.dataset.root, 24, cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(images[0], decode_image(indexed.dataset.root / subset["path"][0], 24))
+
+
+def test_default_cache_dir_is_the_dataset_workdir(aria_dataset: Path) -> None:
+    indexed = build_index(aria_dataset, progress=False)
+    load_images(indexed.manifest, indexed.dataset.root, 16, progress=False)
+    assert cache_path(
+        indexed.manifest, dataset_workdir(aria_dataset, "Original") / "cache", 16, "Original"
+    ).is_file()
+
+
+def test_a_damaged_cache_file_is_rebuilt(aria_dataset: Path, tmp_path: Path) -> None:
+    indexed = build_index(aria_dataset, progress=False)
+    target = cache_path(indexed.manifest, tmp_path, 16, "Original")
+    np.save(target, np.zeros((3, 16, 16, 3), dtype=np.uint8))
+    images = load_images(indexed.manifest, indexed.dataset.root, 16, cache_dir=tmp_path, progress=False)
+    assert images.shape == (96, 16, 16, 3) and images.any()
+
+
+def test_prepare_data(aria_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = DataConfig(image_size=40)
+    prepared = prepare_data(config, aria_dataset, progress=False)
+    assert prepared.classes == CLASSES
+    assert prepared.images.shape == (len(prepared.split), 40, 40, 3)
+    assert prepared.labels.dtype == np.int64
+    np.testing.assert_array_equal(prepared.labels, prepared.split["label"].to_numpy())
+    k = int(prepared.indices("test")[0])
+    np.testing.assert_array_equal(
+        prepared.images[k], decode_image(prepared.root / prepared.split["path"].iloc[k], 40)
+    )
+    parts = [prepared.indices(p) for p in ("train", "val", "test", "embargo")]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(prepared.split)))
+    assert all(len(prepared.indices(p)) > 0 for p in ("train", "val", "test"))
+    assert prepared.manifest_sha256 == sha256_file(prepared.manifest_path)
+    assert prepared.split_path.is_file() and prepared.split_path.name == "session-seed0.csv"
+    assert prepared.segmented_images is not None and prepared.segmented_images.shape == prepared.images.shape
+    segmented_row = decode_image(aria_dataset / "Segmented" / prepared.split["path"].iloc[k], 40)
+    np.testing.assert_array_equal(prepared.segmented_images[k], segmented_row)
+
+    forbid_decoding(monkeypatch)  # a second call with the same config reuses both caches
+    again = prepare_data(config, aria_dataset, progress=False)
+    np.testing.assert_array_equal(again.images, prepared.images)
+    assert again.split.equals(prepared.split)
+
+
+def test_prepare_data_without_segmented_or_with_kfold(tmp_path: Path) -> None:
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "plain", per_class=24, segmented=False)
+    prepared = prepare_data(
+        DataConfig(image_size=32, protocol="kfold", folds=3, fold=1), root, progress=False
+    )
+    assert prepared.segmented_images is None
+    assert len(prepared.indices("test")) == 0 and len(prepared.indices("val")) > 0
+    assert set(prepared.split.loc[prepared.indices("val"), "fold"]) == {1}
+    assert prepared.split_path.name == "kfold-seed0-fold1.csv"
+
+
+def test_prepare_data_needs_a_dataset() -> None:
+    with pytest.raises(UserError, match="no dataset given"):
+        prepare_data(DataConfig(), None, progress=False)

@@ -1,0 +1,155 @@
+"""``bloodcell index | split | audit``: --json keys, summaries, help, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+
+runner = CliRunner()
+
+INDEX_KEYS = {
+    "images",
+    "accepted",
+    "rejected",
+    "classes",
+    "exact_duplicate_groups",
+    "near_duplicate_groups",
+    "manifest",
+}
+SPLIT_KEYS = {"protocol", "seed", "counts", "blocks", "leakage_check", "leakage_message", "split"}
+
+
+def invoke(*args: str) -> dict | str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout) if "--json" in args else result.stdout
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed entry point in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "bloodcell", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
+
+
+def test_index_json(aria_dataset: Path) -> None:
+    summary = invoke("index", str(aria_dataset), "--json")
+    assert set(summary) == INDEX_KEYS
+    assert summary["images"] == 96 and summary["accepted"] == 96 and summary["rejected"] == []
+    assert summary["classes"] == {"Benign": 24, "Early Pre-B": 24, "Pre-B": 24, "Pro-B": 24}
+    assert Path(summary["manifest"]).is_file()
+
+
+def test_index_human_summary_and_options(aria_dataset: Path, tmp_path: Path) -> None:
+    (aria_dataset / "Original" / "Pro" / "WBC-Malignant-Pro-999.jpg").write_bytes(b"")
+    output = invoke(
+        "index",
+        str(aria_dataset),
+        "--variant",
+        "Segmented",
+        "--out",
+        str(tmp_path / "m.csv"),
+        "--no-progress",
+    )
+    assert "Indexed 96 files" in output and "Duplicates:" in output
+    assert (tmp_path / "m.csv").is_file()
+    output = invoke("index", str(aria_dataset), "--no-progress")
+    assert "rejected Pro/WBC-Malignant-Pro-999.jpg: empty file (0 bytes)" in output
+
+
+def test_index_with_class_names(aria_dataset: Path) -> None:
+    summary = invoke("index", str(aria_dataset / "Original"), "--classes", "Pro, Benign", "--json")
+    assert summary["classes"] == {"Pro": 24, "Benign": 24}
+
+
+@pytest.mark.parametrize("protocol", ["session", "random", "kfold"])
+def test_split_json(aria_dataset: Path, protocol: str) -> None:
+    summary = invoke("split", str(aria_dataset), "--protocol", protocol, "--seed", "3", "--json")
+    assert set(summary) == SPLIT_KEYS
+    assert summary["protocol"] == protocol and summary["seed"] == 3
+    assert summary["leakage_check"] == "passed"
+    assert sum(part["total"] for part in summary["counts"].values()) == 96
+    table = pd.read_csv(summary["split"])
+    assert set(table["split"]) <= {"train", "val", "test", "embargo"} and len(table) == 96
+
+
+def test_split_human_summary(aria_dataset: Path, tmp_path: Path) -> None:
+    output = invoke("split", str(aria_dataset), "--out", str(tmp_path / "s.csv"), "--no-progress")
+    assert "Leakage check: passed" in output and (tmp_path / "s.csv").is_file()
+
+
+def test_split_exits_1_when_the_leakage_check_fails(
+    aria_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bloodcell.data import splits
+
+    real = splits.make_split
+
+    def leaky(*args, **kwargs):
+        table = real(*args, **kwargs)
+        test_row = table.index[table["split"] == "test"][0]
+        table.loc[test_row, "sha256"] = table.loc[table.index[table["split"] == "train"][0], "sha256"]
+        return table
+
+    monkeypatch.setattr(splits, "make_split", leaky)
+    result = runner.invoke(app, ["split", str(aria_dataset), "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["leakage_check"] == "failed"
+
+
+def test_audit_json(aria_dataset: Path, tmp_path: Path) -> None:
+    report = invoke(
+        "audit", str(aria_dataset), "--out", str(tmp_path), "--size", "32", "--ring", "4", "--json"
+    )
+    assert report["images"] == 96
+    assert {"balanced_accuracy", "chance", "statement", "verdict"} <= set(report["shortcut_baseline"])
+    assert (tmp_path / "audit.md").is_file() and (tmp_path / "audit.json").is_file()
+
+
+@pytest.mark.parametrize("command", [[], ["index"], ["split"], ["audit"]])
+def test_help(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.stdout
+    if not command:
+        for name in ("index", "split", "audit"):
+            assert name in result.stdout
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noclasses" / "x").mkdir(parents=True)
+    (tmp_path / "noclasses" / "x" / "notes.txt").write_text("no images here")
+    cases = {
+        ("index", str(tmp_path / "missing")): "dataset folder not found",
+        ("split", str(tmp_path / "empty")): "dataset folder is empty",
+        ("audit", str(tmp_path / "noclasses"), "--json"): "no recognisable classes",
+    }
+    for args, message in cases.items():
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_index_real_data_json(real_data: Path) -> None:
+    summary = invoke("index", str(real_data), "--json")
+    assert summary["images"] == 2576
+    assert summary["classes"] == {"Benign": 380, "Early Pre-B": 789, "Pre-B": 771, "Pro-B": 636}
+    assert summary["exact_duplicate_groups"] >= 1

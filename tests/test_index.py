@@ -1,0 +1,282 @@
+"""The index: manifest columns, capture numbers, bad files, mode conversion, duplicates, the hash cache."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bloodcell import CLASSES
+from bloodcell.data import index as index_module
+from bloodcell.data.index import (
+    MANIFEST_COLUMNS,
+    NEAR_DUPLICATE_MAX_DISTANCE,
+    build_index,
+    dataset_workdir,
+    parse_capture,
+    phash_distances_below,
+    read_manifest,
+)
+from bloodcell.io import sha256_file
+
+SUMMARY_KEYS = {
+    "images",
+    "accepted",
+    "rejected",
+    "classes",
+    "exact_duplicate_groups",
+    "near_duplicate_groups",
+    "manifest",
+}
+
+
+def smear(seed: int, size: int = 64) -> np.ndarray:
+    """A random, smooth-ish RGB image (distinct per seed under a perceptual hash)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def save(path: Path, image: Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def two_class_dataset(root: Path, per_class: int = 3) -> Path:
+    for k, folder in enumerate(("a", "b")):
+        for number in range(1, per_class + 1):
+            save(root / folder / f"img_{number:03d}.png", Image.fromarray(smear(100 * k + number)))
+    return root
+
+
+def bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("WBC-Malignant-Pro-011.jpg", (11, 0)),
+        ("Snap_001.jpg", (1, 0)),
+        ("Sap_013 (1).jpg", (13, 1)),
+        ("Sap_013(2).jpg", (13, 2)),
+        ("Pro/WBC-Malignant-Pro-636.jpg", (636, 0)),
+        ("scan2_0042.tif", (42, 0)),
+        ("no-number.png", (-1, 0)),
+        ("photo (3).jpg", (-1, 3)),
+    ],
+)
+def test_parse_capture(name: str, expected: tuple[int, int]) -> None:
+    assert parse_capture(name) == expected
+
+
+def test_manifest_of_aria_dataset(aria_dataset: Path) -> None:
+    result = build_index(aria_dataset, progress=False)
+    manifest = result.manifest
+    assert tuple(manifest.columns) == MANIFEST_COLUMNS
+    assert len(manifest) == 96 and not manifest["rejected"].any()
+    assert manifest["class"].tolist() == sorted(manifest["class"], key=CLASSES.index)
+    assert (manifest["label"] == manifest["class"].map(CLASSES.index)).all()
+    assert manifest["phash"].str.fullmatch(r"[0-9a-f]{16}").all()
+    assert manifest["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert (manifest[["width", "height"]] == 48).all().all()
+    first = manifest.iloc[0]
+    assert first["path"] == "Benign/WBC-Benign-001.jpg" and first["capture"] == 1 and first["copy"] == 0
+    assert first["sha256"] == sha256_file(aria_dataset / "Original" / first["path"])
+    assert first["bytes"] == (aria_dataset / "Original" / first["path"]).stat().st_size
+    assert result.manifest_path == dataset_workdir(aria_dataset, "Original") / "manifest.csv"
+    assert set(result.summary) == SUMMARY_KEYS
+    assert result.summary["classes"] == {name: 24 for name in CLASSES}
+    back = read_manifest(result.manifest_path)
+    pd.testing.assert_frame_equal(back, manifest, check_dtype=False)
+
+
+def test_workdir_follows_bloodcell_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLOODCELL_HOME", str(tmp_path / "home"))
+    workdir = dataset_workdir(tmp_path / "my-data", "Segmented")
+    assert workdir.parent.parent == tmp_path / "home" / "datasets"
+    assert workdir.parent.name.startswith("my-data-") and len(workdir.parent.name) == len("my-data-") + 8
+    assert workdir.name == "Segmented"
+
+
+def test_out_option_writes_manifest_there(aria_dataset: Path, tmp_path: Path) -> None:
+    result = build_index(aria_dataset, out=tmp_path / "m.csv", progress=False)
+    assert result.manifest_path == tmp_path / "m.csv" and (tmp_path / "m.csv").is_file()
+
+
+def test_bad_files_are_rejected_with_reasons(tmp_path: Path) -> None:
+    root = two_class_dataset(tmp_path / "d")
+    (root / "a" / "zero_004.png").write_bytes(b"")
+    (root / "a" / "text_005.jpg").write_text("this is not an image")
+    good = (root / "b" / "img_001.png").read_bytes()
+    (root / "b" / "cut_004.png").write_bytes(good[: len(good) // 2])
+    jpeg = save(tmp_path / "x.jpg", Image.fromarray(smear(7)), quality=95).read_bytes()
+    (root / "b" / "cut_005.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    bomb_png(root / "a" / "bomb_006.png")
+    save(root / "a" / "anim_007.jpg", Image.fromarray(smear(8)), format="GIF")
+    save(root / "b" / "anim_008.gif", Image.fromarray(smear(9)), format="GIF")
+    result = build_index(root, progress=False)
+    reasons = dict(zip(result.manifest["path"], result.manifest["reason"]))
+    rejected = result.manifest[result.manifest["rejected"]]
+    assert set(rejected["path"]) == {
+        "a/zero_004.png",
+        "a/text_005.jpg",
+        "b/cut_004.png",
+        "b/cut_005.jpg",
+        "a/bomb_006.png",
+        "a/anim_007.jpg",
+        "b/anim_008.gif",
+    }
+    assert "empty file" in reasons["a/zero_004.png"]
+    assert "not an image" in reasons["a/text_005.jpg"]
+    assert "truncated" in reasons["b/cut_004.png"] and "truncated" in reasons["b/cut_005.jpg"]
+    assert "too large" in reasons["a/bomb_006.png"]
+    assert "GIF" in reasons["a/anim_007.jpg"]
+    assert "unsupported file type" in reasons["b/anim_008.gif"]
+    assert (rejected["dup_group"] == -1).all() and (rejected["exact_group"] == -1).all()
+    assert (rejected["phash"] == "").all()
+    assert result.summary["accepted"] == 6 and result.summary["images"] == 13
+    assert {item["path"] for item in result.summary["rejected"]} == set(rejected["path"])
+
+
+def test_unreadable_file_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = two_class_dataset(tmp_path / "d")
+    locked = (root / "a" / "img_002.png").resolve()
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        # chmod 000 does not stop root (CI containers), so simulate the permission error instead.
+        if self.resolve() == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    row = build_index(root, progress=False).manifest.set_index("path").loc["a/img_002.png"]
+    assert row["rejected"] and row["reason"] == "cannot read file (Permission denied)"
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_modes_are_converted_to_rgb(tmp_path: Path, mode: str) -> None:
+    root = two_class_dataset(tmp_path / "d", per_class=2)
+    image = Image.fromarray(smear(42, size=40))
+    converted = (
+        image.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+    )
+    name = "odd_009.jpg" if mode == "CMYK" else "odd_009.png"
+    save(root / "a" / name, converted)
+    row = build_index(root, progress=False).manifest.set_index("path").loc[f"a/{name}"]
+    assert not row["rejected"], row["reason"]
+    assert (row["width"], row["height"]) == (40, 40)
+    from bloodcell.data.decode import decode_image
+
+    assert decode_image(root / "a" / name, 16).shape == (16, 16, 3)
+
+
+def test_exact_and_near_duplicates_form_groups(tmp_path: Path) -> None:
+    root = two_class_dataset(tmp_path / "d", per_class=4)
+    shutil.copy(root / "a" / "img_001.png", root / "a" / "img_010.png")  # exact copy
+    Image.open(root / "b" / "img_002.png").save(root / "b" / "img_011.jpg", quality=70)  # re-encoded: near
+    manifest = build_index(root, progress=False).manifest.set_index("path")
+    assert manifest.at["a/img_001.png", "exact_group"] == manifest.at["a/img_010.png", "exact_group"]
+    assert manifest.at["a/img_001.png", "dup_group"] == manifest.at["a/img_010.png", "dup_group"]
+    assert manifest.at["b/img_002.png", "exact_group"] != manifest.at["b/img_011.jpg", "exact_group"]
+    assert manifest.at["b/img_002.png", "dup_group"] == manifest.at["b/img_011.jpg", "dup_group"]
+    others = manifest.drop(index=["a/img_001.png", "a/img_010.png", "b/img_002.png", "b/img_011.jpg"])
+    assert others["dup_group"].is_unique  # unrelated images stay singletons
+    summary = build_index(root, progress=False).summary
+    assert (summary["exact_duplicate_groups"], summary["near_duplicate_groups"]) == (1, 1)
+
+
+def test_phash_distances_below() -> None:
+    hashes = ["0000000000000000", "0000000000000003", "ffffffffffffffff", "00000000000003ff"]
+    i, j = phash_distances_below(hashes, 2, chunk=2)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1)]
+    i, j = phash_distances_below(hashes, NEAR_DUPLICATE_MAX_DISTANCE)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 3), (1, 3)]
+
+
+def test_second_run_reuses_the_hash_cache(aria_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = build_index(aria_dataset, progress=False)
+    calls: list[Path] = []
+    real_inspect = index_module.inspect_file
+
+    def counting(path: Path) -> dict:
+        calls.append(Path(path))
+        return real_inspect(path)
+
+    monkeypatch.setattr(index_module, "inspect_file", counting)
+    second = build_index(aria_dataset, progress=False)
+    assert calls == []
+    pd.testing.assert_frame_equal(first.manifest, second.manifest)
+    assert sha256_file(first.manifest_path) == sha256_file(second.manifest_path)
+
+    changed = aria_dataset / "Original" / "Pro" / "WBC-Malignant-Pro-003.jpg"
+    Image.fromarray(smear(5, size=48)).save(changed, quality=90)
+    third = build_index(aria_dataset, progress=False)
+    assert calls == [changed.resolve()]
+    assert third.manifest.set_index("path").at["Pro/WBC-Malignant-Pro-003.jpg", "sha256"] == sha256_file(
+        changed
+    )
+
+
+@pytest.mark.slow
+def test_real_data_index(real_data: Path) -> None:
+    result = build_index(real_data, progress=False)
+    manifest = result.manifest
+    assert result.summary["images"] == 2576 and result.summary["accepted"] == 2576
+    assert result.summary["classes"] == {"Benign": 380, "Early Pre-B": 789, "Pre-B": 771, "Pro-B": 636}
+    folders = (
+        manifest["path"]
+        .str.split("/")
+        .str[0]
+        .map({"Benign": "Benign", "Early": "Early Pre-B", "Pre": "Pre-B", "Pro": "Pro-B"})
+    )
+    assert (folders == manifest["class"]).all()
+    exact = manifest[manifest.groupby("exact_group")["path"].transform("size") > 1]
+    assert result.summary["exact_duplicate_groups"] >= 1
+    assert set(exact["class"]) == {"Pro-B"}
+    groups = manifest.set_index("path")
+    assert (
+        groups.at["Pro/WBC-Malignant-Pro-011.jpg", "exact_group"]
+        == groups.at["Pro/WBC-Malignant-Pro-012.jpg", "exact_group"]
+    )
+    # The identical files come as consecutive pairs.
+    assert (exact.groupby("exact_group")["capture"].agg(lambda c: c.max() - c.min()) == 1).all()
+    assert result.summary["near_duplicate_groups"] >= 1
+
+
+def test_segmented_variant_groups_duplicates_by_the_original_pictures(aria_dataset: Path) -> None:
+    # Black masked backgrounds make unrelated segmented images hash alike; the Original decides.
+    for k, (folder, stem) in enumerate((("Benign", "WBC-Benign-005"), ("Pro", "WBC-Malignant-Pro-007"))):
+        black = np.zeros((48, 48, 3), dtype=np.uint8)
+        black[k, k] = 255  # different bytes, same perceptual hash
+        Image.fromarray(black).save(aria_dataset / "Segmented" / folder / f"{stem}.jpg", quality=95)
+    original = build_index(aria_dataset, progress=False).manifest.set_index("path")
+    segmented = build_index(aria_dataset, "Segmented", progress=False).manifest.set_index("path")
+    pairs = ["Benign/WBC-Benign-005.jpg", "Pro/WBC-Malignant-Pro-007.jpg"]
+    assert segmented.at[pairs[0], "phash"] == segmented.at[pairs[1], "phash"]
+    assert segmented.at[pairs[0], "sha256"] != segmented.at[pairs[1], "sha256"]
+    assert segmented.at[pairs[0], "dup_group"] != segmented.at[pairs[1], "dup_group"]
+    same_partition = pd.factorize(segmented.loc[original.index, "dup_group"])[0]
+    np.testing.assert_array_equal(same_partition, pd.factorize(original["dup_group"])[0])

@@ -1,0 +1,186 @@
+"""Dataset layouts: Aria (both variants), the Kaggle 4-class copy, plain class folders, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bloodcell import CLASSES
+from bloodcell.data.layouts import canonical_class, counterpart, find_dataset, normalise_name
+from bloodcell.errors import UserError
+
+KAGGLE_FOLDERS = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]
+
+
+def write_image(path: Path, fmt: str = "JPEG", size: int = 32, seed: int = 0) -> Path:
+    """A small random RGB image in ``fmt`` at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def make_folders(root: Path, folders: list[str], per_folder: int = 3, stem: str = "Snap") -> Path:
+    for k, folder in enumerate(folders):
+        for number in range(1, per_folder + 1):
+            write_image(root / folder / f"{stem}_{number:03d}.jpg", seed=k * 100 + number)
+    return root
+
+
+def test_normalise_and_aliases() -> None:
+    assert normalise_name("[Malignant] early Pre-B") == "malignantearlypreb"
+    assert canonical_class("[MALIGNANT] Early pre b") == "Early Pre-B"
+    assert canonical_class("Pro") == "Pro-B"
+    assert canonical_class("benign") == "Benign"
+    assert canonical_class("cats") is None
+
+
+def test_aria_original_and_segmented(aria_dataset: Path) -> None:
+    original = find_dataset(aria_dataset)
+    assert original.layout == "aria"
+    assert original.classes == CLASSES
+    assert original.root == (aria_dataset / "Original").resolve()
+    assert original.top == aria_dataset.resolve()
+    assert len(original.files) == 96
+    assert original.files[0] == ("Benign/WBC-Benign-001.jpg", "Benign")
+    assert {name for _, name in original.files} == set(CLASSES)
+    assert all(path.split("/")[0] == original.class_folders[name] for path, name in original.files)
+
+    segmented = find_dataset(aria_dataset, variant="Segmented")
+    assert segmented.root == (aria_dataset / "Segmented").resolve()
+    assert segmented.files == original.files
+
+
+def test_aria_variant_folder_given_directly(aria_dataset: Path) -> None:
+    dataset = find_dataset(aria_dataset / "Original")
+    assert dataset.layout == "aria"
+    assert dataset.top == aria_dataset.resolve()
+    assert (
+        find_dataset(aria_dataset / "Original", variant="Segmented").root
+        == (aria_dataset / "Segmented").resolve()
+    )
+
+
+def test_aria_missing_variant_is_a_clear_error(tmp_path: Path) -> None:
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=2, segmented=False)
+    with pytest.raises(UserError, match="no 'Segmented' folder"):
+        find_dataset(root, variant="Segmented")
+    with pytest.raises(UserError, match="unknown variant"):
+        find_dataset(root, variant="Colour")
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_kaggle_layout_loose_names(tmp_path: Path, wrapped: bool) -> None:
+    base = tmp_path / "kaggle"
+    folders = ["benign", "[MALIGNANT] Early pre-B", "[Malignant] Pre-B", "[malignant]  pro b"]
+    holder = base / "Blood cell Cancer [ALL]" if wrapped else base
+    make_folders(holder, folders[::-1])
+    dataset = find_dataset(base)
+    assert dataset.layout == "kaggle"
+    assert dataset.classes == CLASSES
+    assert dataset.class_folders == dict(zip(CLASSES, folders))
+    assert dataset.root == holder.resolve()
+    by_class = {name: [p for p, c in dataset.files if c == name] for name in CLASSES}
+    assert by_class["Early Pre-B"][0].startswith("[MALIGNANT] Early pre-B/")
+    assert all(len(paths) == 3 for paths in by_class.values())
+
+
+def test_kaggle_exact_names(tmp_path: Path) -> None:
+    make_folders(tmp_path / "Blood cell Cancer [ALL]", KAGGLE_FOLDERS)
+    assert find_dataset(tmp_path).class_folders == dict(zip(CLASSES, KAGGLE_FOLDERS))
+
+
+def test_plain_folders_take_folder_names(tmp_path: Path) -> None:
+    make_folders(tmp_path / "d", ["zebra", "apple", "mango"])
+    dataset = find_dataset(tmp_path / "d")
+    assert dataset.layout == "folders"
+    assert dataset.classes == ("apple", "mango", "zebra")
+    assert len(dataset.files) == 9
+
+
+def test_plain_folders_with_user_class_names_keep_their_order(tmp_path: Path) -> None:
+    make_folders(tmp_path / "d", ["Zebra", "apple", "notes"])
+    dataset = find_dataset(tmp_path / "d", class_names=["zebra", "Apple"])
+    assert dataset.classes == ("zebra", "Apple")
+    assert dataset.class_folders == {"zebra": "Zebra", "Apple": "apple"}
+    assert {c for _, c in dataset.files} == {"zebra", "Apple"}
+
+
+def test_plain_folders_with_canonical_aliases(tmp_path: Path) -> None:
+    make_folders(tmp_path / "d", ["pro-b", "BENIGN", "pre"])
+    dataset = find_dataset(tmp_path / "d")
+    assert dataset.layout == "folders"
+    assert dataset.classes == ("Benign", "Pre-B", "Pro-B")
+
+
+def test_user_class_name_not_found(tmp_path: Path) -> None:
+    make_folders(tmp_path / "d", ["a", "b"])
+    with pytest.raises(UserError, match="class 'c': no folder"):
+        find_dataset(tmp_path / "d", class_names=["a", "c"])
+
+
+@pytest.mark.parametrize(
+    "fmt,suffix", [("JPEG", ".jpeg"), ("PNG", ".png"), ("BMP", ".bmp"), ("TIFF", ".tif"), ("TIFF", ".TIFF")]
+)
+def test_every_accepted_format_is_found(tmp_path: Path, fmt: str, suffix: str) -> None:
+    for folder in ("a", "b"):
+        write_image(tmp_path / "d" / folder / f"img_001{suffix}", fmt)
+    dataset = find_dataset(tmp_path / "d")
+    assert sorted(p for p, _ in dataset.files) == [f"a/img_001{suffix}", f"b/img_001{suffix}"]
+
+
+def test_hidden_and_system_files_are_skipped(tmp_path: Path) -> None:
+    make_folders(tmp_path / "d", ["a", "b"], per_folder=1)
+    (tmp_path / "d" / "a" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "d" / "a" / "Thumbs.db").write_bytes(b"junk")
+    assert [p for p, _ in find_dataset(tmp_path / "d").files] == ["a/Snap_001.jpg", "b/Snap_001.jpg"]
+
+
+def test_counterpart(aria_dataset: Path) -> None:
+    dataset = find_dataset(aria_dataset)
+    rel = dataset.files[5][0]
+    assert counterpart(dataset, rel, "Segmented") == (aria_dataset / "Segmented" / rel).resolve()
+    assert counterpart(dataset, rel, "Original") == dataset.root / rel
+    (aria_dataset / "Segmented" / rel).unlink()
+    assert counterpart(dataset, rel, "Segmented") is None
+
+
+def test_counterpart_is_none_outside_aria(tmp_path: Path) -> None:
+    make_folders(tmp_path / "d", ["a", "b"], per_folder=1)
+    dataset = find_dataset(tmp_path / "d")
+    assert counterpart(dataset, dataset.files[0][0], "Segmented") is None
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        find_dataset(tmp_path / "nope")
+
+
+def test_file_instead_of_folder(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a folder"):
+        find_dataset(write_image(tmp_path / "x.jpg"))
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty"):
+        find_dataset(tmp_path / "empty")
+
+
+def test_loose_images_without_class_folders(tmp_path: Path) -> None:
+    write_image(tmp_path / "d" / "a.jpg")
+    with pytest.raises(UserError, match="no class folders"):
+        find_dataset(tmp_path / "d")
+
+
+def test_folders_without_images(tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / "d" / folder).mkdir(parents=True)
+        (tmp_path / "d" / folder / "readme.txt").write_text("hi")
+    with pytest.raises(UserError, match="no recognisable classes"):
+        find_dataset(tmp_path / "d")

@@ -1,0 +1,233 @@
+"""Split protocols: no overlap, embargo, duplicate groups on one side, classes present, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bloodcell import CLASSES
+from bloodcell.data.splits import (
+    LeakageError,
+    check_leakage,
+    effective_embargo,
+    make_split,
+    session_blocks,
+    split_counts,
+    split_summary,
+)
+from bloodcell.errors import UserError
+
+PROTOCOLS = ["session", "random", "kfold"]
+
+
+def synthetic_manifest(
+    per_class: tuple[int, ...] = (120, 200, 180, 150), duplicates: list[tuple[int, int]] = ()
+) -> pd.DataFrame:
+    """A manifest without images: capture numbers 1..n per class; ``duplicates`` joins row pairs into groups."""
+    rows = []
+    for label, n in enumerate(per_class):
+        for capture in range(1, n + 1):
+            rows.append(
+                {
+                    "path": f"{CLASSES[label]}/img-{capture:04d}.jpg",
+                    "class": CLASSES[label],
+                    "label": label,
+                    "sha256": f"{label:02d}{capture:062d}",
+                    "phash": f"{len(rows):016x}",
+                    "capture": capture,
+                    "copy": 0,
+                    "rejected": False,
+                    "reason": "",
+                }
+            )
+    manifest = pd.DataFrame(rows)
+    manifest["exact_group"] = np.arange(len(manifest))
+    manifest["dup_group"] = np.arange(len(manifest))
+    for a, b in duplicates:
+        manifest.loc[manifest["dup_group"] == manifest.at[b, "dup_group"], "dup_group"] = manifest.at[
+            a, "dup_group"
+        ]
+    return manifest
+
+
+def capture_distance_to_held_out(split: pd.DataFrame) -> pd.Series:
+    """For each row, the capture-order distance to the nearest val/test row of its class (inf if none)."""
+    distances = pd.Series(np.inf, index=split.index)
+    for _, rows in split.groupby("label"):
+        order = rows.sort_values(["capture", "copy", "path"])
+        position = pd.Series(np.arange(len(order)), index=order.index)
+        held = position[order["split"].isin(["val", "test"])].to_numpy()
+        if len(held):
+            distances[order.index] = [np.abs(held - p).min() for p in position]
+    return distances
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_every_accepted_row_once_and_parts_disjoint(protocol: str) -> None:
+    manifest = synthetic_manifest()
+    manifest.loc[3, ["rejected", "reason"]] = (True, "empty file (0 bytes)")
+    split = make_split(manifest, protocol, seed=1)
+    assert split["path"].is_unique
+    assert list(split["path"]) == list(manifest.loc[~manifest["rejected"], "path"])  # manifest order kept
+    assert set(split["split"]) <= {"train", "val", "test", "embargo"}
+    check_leakage(split)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_all_classes_present_in_every_used_part(protocol: str) -> None:
+    split = make_split(synthetic_manifest(), protocol, seed=3)
+    parts = ["train", "val"] + (["test"] if protocol != "kfold" else [])
+    for part in parts:
+        assert set(split.loc[split["split"] == part, "class"]) == set(CLASSES), part
+    if protocol == "kfold":
+        assert not (split["split"] == "test").any()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_deterministic_per_seed(protocol: str) -> None:
+    manifest = synthetic_manifest()
+    first = make_split(manifest, protocol, seed=7)
+    pd.testing.assert_frame_equal(first, make_split(manifest, protocol, seed=7))
+    assert not first["split"].equals(make_split(manifest, protocol, seed=8)["split"])
+
+
+def test_session_blocks_are_contiguous_and_named() -> None:
+    blocked = session_blocks(synthetic_manifest(), block_size=40)
+    assert blocked.loc[0, "block"] == "Benign:00"
+    for _, rows in blocked.groupby("label"):
+        ordered = rows.sort_values("capture")
+        assert ordered["block_index"].is_monotonic_increasing
+        assert ordered.groupby("block_index").size().between(35, 45).all()
+    assert blocked.groupby("label")["block_index"].max().tolist() == [2, 4, 4, 3]  # round(n / 40) blocks - 1
+
+
+def test_session_holds_out_whole_blocks_with_embargo() -> None:
+    embargo = 5
+    split = make_split(synthetic_manifest(), "session", seed=2, embargo=embargo)
+    # Whole blocks: every block is held out entirely or not at all (no duplicates here to move rows).
+    parts_per_block = split.groupby("block")["split"].agg(lambda s: set(s) & {"val", "test"})
+    for block, held in parts_per_block.items():
+        members = split[split["block"] == block]
+        if held:
+            assert len(held) == 1 and set(members["split"]) == held, block
+    distance = capture_distance_to_held_out(split)
+    assert (distance[split["split"] == "train"] > embargo).all()
+    # The embargo is exactly the training candidates within reach: nothing more is thrown away.
+    assert (distance[split["split"] == "embargo"] <= embargo).all()
+    assert (split["split"] == "embargo").sum() > 0
+
+
+def test_session_fractions_roughly_respected() -> None:
+    counts = split_counts(make_split(synthetic_manifest(), "session", seed=0), CLASSES)
+    total = 650
+    assert 0.08 < counts["test"]["total"] / total < 0.25
+    assert 0.08 < counts["val"]["total"] / total < 0.25
+
+
+def test_embargo_zero_keeps_everything_else_in_training() -> None:
+    split = make_split(synthetic_manifest(), "session", seed=0, embargo=0)
+    assert not (split["split"] == "embargo").any()
+
+
+def test_embargo_is_capped_at_half_a_block_for_small_datasets() -> None:
+    manifest = synthetic_manifest(per_class=(24, 24, 24, 24))
+    split = make_split(manifest, "session", seed=0)
+    blocked = session_blocks(manifest[~manifest["rejected"]], 40, min_blocks=7)
+    assert effective_embargo(12, blocked) == 1
+    counts = split_counts(split, CLASSES)
+    assert all(counts["train"][name] >= 10 for name in CLASSES)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_duplicate_groups_never_straddle(protocol: str, seed: int) -> None:
+    # Far-apart re-captures (as found in the real data) and a consecutive pair, in several classes.
+    pairs = [(5, 100), (10, 11), (130, 300), (200, 201), (330, 480), (500, 640), (520, 521)]
+    manifest = synthetic_manifest(duplicates=pairs)
+    split = make_split(manifest, protocol, seed=seed)
+    used = split[split["split"].isin(["train", "val", "test"])]
+    assert (used.groupby("dup_group")["split"].nunique() == 1).all()
+    check_leakage(split)
+
+
+def test_kfold_folds_partition_blocks() -> None:
+    manifest = synthetic_manifest()
+    folds = 4
+    vals = []
+    for fold in range(folds):
+        split = make_split(manifest, "kfold", seed=0, folds=folds, fold=fold)
+        assert split["fold"].between(0, folds - 1).all()
+        assert (split.groupby("block")["fold"].nunique() == 1).all()  # a session block is never cut
+        assert set(split.loc[split["split"] == "val", "fold"]) == {fold}
+        vals.append(set(split.loc[split["split"] == "val", "path"]))
+        distance = capture_distance_to_held_out(split)
+        assert (distance[split["split"] == "train"] > effective_embargo(12, split)).all()
+    assert set().union(*vals) == set(manifest["path"])
+    assert sum(len(v) for v in vals) == len(manifest)
+
+
+def test_random_split_is_stratified() -> None:
+    split = make_split(synthetic_manifest(), "random", seed=0)
+    share = split.groupby("class")["split"].apply(lambda s: (s == "test").mean())
+    assert share.between(0.10, 0.20).all()
+    assert not (split["split"] == "embargo").any()
+
+
+def test_check_leakage_catches_identical_files() -> None:
+    split = make_split(synthetic_manifest(), "session", seed=0)
+    train_row = split.index[split["split"] == "train"][0]
+    test_row = split.index[split["split"] == "test"][0]
+    split.loc[test_row, "sha256"] = split.loc[train_row, "sha256"]
+    with pytest.raises(LeakageError, match="identical files in two parts"):
+        check_leakage(split)
+
+
+def test_check_leakage_catches_near_duplicates_and_repeated_paths() -> None:
+    split = make_split(synthetic_manifest(), "session", seed=0)
+    train_row = split.index[split["split"] == "train"][0]
+    val_row = split.index[split["split"] == "val"][0]
+    leaky = split.copy()
+    leaky.loc[val_row, "dup_group"] = leaky.loc[train_row, "dup_group"]
+    with pytest.raises(LeakageError, match="near duplicates"):
+        check_leakage(leaky)
+    repeated = pd.concat([split, split.loc[[train_row]].assign(split="test")])
+    with pytest.raises(LeakageError, match="appears twice"):
+        check_leakage(repeated)
+    # An embargoed copy is used by nothing, so it is not a leak.
+    harmless = split.copy()
+    embargo_row = split.index[split["split"] == "embargo"][0]
+    harmless.loc[embargo_row, "dup_group"] = harmless.loc[train_row, "dup_group"]
+    check_leakage(harmless)
+
+
+def test_split_summary_keys_and_verdict() -> None:
+    split = make_split(synthetic_manifest(), "session", seed=0)
+    summary = split_summary(split, "session", 0, CLASSES, None)
+    assert set(summary) == {
+        "protocol",
+        "seed",
+        "counts",
+        "blocks",
+        "leakage_check",
+        "leakage_message",
+        "split",
+    }
+    assert summary["leakage_check"] == "passed"
+    assert set(summary["counts"]) == {"train", "val", "test", "embargo"}
+    assert sum(part["total"] for part in summary["counts"].values()) == 650
+    split.loc[split.index[split["split"] == "test"][0], "sha256"] = split.loc[split.index[0], "sha256"]
+    split.loc[split.index[0], "split"] = "train"
+    assert split_summary(split, "session", 0, CLASSES, None)["leakage_check"] == "failed"
+
+
+def test_user_errors() -> None:
+    with pytest.raises(UserError, match="unknown split protocol"):
+        make_split(synthetic_manifest(), "bogus")
+    with pytest.raises(UserError, match="too few"):
+        make_split(synthetic_manifest(per_class=(2, 50, 50, 50)), "session")
+    with pytest.raises(UserError, match="out of range"):
+        make_split(synthetic_manifest(), "kfold", folds=3, fold=3)
+    rejected = synthetic_manifest().assign(rejected=True)
+    with pytest.raises(UserError, match="no accepted images"):
+        make_split(rejected, "session")
