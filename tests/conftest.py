@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+#: Shared fixtures of the serving tests (a tiny saved model and its ONNX export), available to every test.
+pytest_plugins = ["serve_support"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "leukemia-aria"
 

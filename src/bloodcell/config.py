@@ -46,8 +46,23 @@ class ModelConfig(Strict):
 
     name: str = "bloodnet"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # architecture arguments (width, depth, dropout ...)
-    pretrained: bool = False
-    weights: str | None = None  # a safetensors file to initialise from
+    pretrained: bool = False  # timm/<name> models: start from timm's published weights
+    weights: str | None = None  # a safetensors (or weights-only .pth) file to initialise from
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        # Imported here, not at the top: loading a config (or a model card) must not import torch.
+        from bloodcell.models.registry import get_spec
+
+        if value.startswith("timm/"):
+            import timm
+
+            if not timm.is_model(value[5:]):
+                raise ValueError(f"timm has no model {value[5:]!r} (see timm.list_models())")
+            return value
+        get_spec(value)  # raises ValueError listing the registered names
+        return value
 
 
 class NormalizeConfig(Strict):
@@ -107,7 +122,7 @@ class TrainConfig(Strict):
     devices: int | Literal["auto"] = 1
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = "auto"
-    num_threads: int = Field(0, ge=0)  # 0: all cores, but never more than the machine has
+    num_threads: int = Field(0, ge=0)  # 0: automatic (idle cores, shared among processes); else this many
     channels_last: bool = True
     eval_every: int = Field(1, ge=1)
 

@@ -1,0 +1,302 @@
+"""Training speed and time-to-accuracy on this machine.
+
+Two measurements, printed as tables and saved as JSON (``benchmarks/results/train_speed.json``):
+
+1. **Throughput**, training images per second for every registered model at 96, 128, 150 and 224 px:
+   - ``bare``: forward + backward + optimiser step on random float tensors already in channels_last
+     layout: the model's ceiling;
+   - ``loop``: the real training loop (:func:`bloodcell.train.fit`, one warm-up epoch then one measured
+     epoch on random uint8 images) with the default config's augmentation, gathering, checks and
+     checkpointing; ``loop / bare`` shows what the loop costs (target: at least 0.8).
+   Bare and loop alternate (bare, loop, bare) and the two bare runs are averaged, because these machines
+   are shared and their speed drifts.
+2. **Time to accuracy** for the default config on the ``session`` split of the real dataset: wall time
+   from the start (data preparation included, cache warm) to the first epoch with validation balanced
+   accuracy >= 0.99, the whole run's wall time, and the best checkpoint's balanced accuracy on the test
+   part, for one or more seeds.
+
+Usage::
+
+    python benchmarks/train_speed.py                       # both parts
+    python benchmarks/train_speed.py --skip-accuracy       # throughput only
+    python benchmarks/train_speed.py --skip-speed --seeds 0 1 2
+    python benchmarks/train_speed.py --models bloodnet --sizes 128 --timm resnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bloodcell.config import RunConfig, config_from_dict, load_config  # noqa: E402
+from bloodcell.io import atomic_write_json  # noqa: E402
+from bloodcell.models import Classifier, create_model, list_models  # noqa: E402
+from bloodcell.train import fit  # noqa: E402
+from bloodcell.train.setup import keep_freed_memory, set_threads  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "leukemia-aria"
+console = Console()
+
+
+# ---------------------------------------------------------------------- throughput
+@dataclass
+class RandomData:
+    """Random uint8 images in the shape of :class:`bloodcell.data.prepare.PreparedData` (all 'train' but a few)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    split: pd.DataFrame
+    classes: tuple[str, ...] = ("a", "b", "c", "d")
+    manifest_sha256: str | None = None
+    segmented_images: np.ndarray | None = None
+
+    def indices(self, part: str) -> np.ndarray:
+        return np.flatnonzero(self.split["split"].to_numpy() == part)
+
+
+def random_data(n_train: int, size: int, n_val: int = 8) -> RandomData:
+    rng = np.random.default_rng(0)
+    n = n_train + n_val
+    return RandomData(
+        images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        labels=rng.integers(0, 4, n).astype(np.int64),
+        split=pd.DataFrame({"split": ["train"] * n_train + ["val"] * n_val}),
+    )
+
+
+def bare_speed(name: str, size: int, batch: int, steps: int, kwargs: dict) -> float:
+    """Images/s of forward + backward + AdamW step on random channels_last tensors (2 warm-up steps)."""
+    torch.manual_seed(0)
+    model = Classifier(create_model(name, 4, **kwargs)).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = (torch.rand(batch, 3, size, size) * 255).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (batch,))
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def loop_speed(name: str, size: int, batch: int, steps: int, kwargs: dict, base: RunConfig, threads: int) -> float:
+    """Images/s of the real loop's second epoch (``fit`` on random images, default augmentation)."""
+    raw = base.model_dump(mode="json")
+    raw["model"] = {"name": name, "kwargs": kwargs}
+    raw["data"]["image_size"] = size
+    raw["train"].update(epochs=2, batch_size=batch, num_threads=threads, early_stopping_patience=0)
+    config = config_from_dict(raw)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fit(config, Path(tmp) / "run", prepared=random_data(steps * batch, size), progress=False)
+    return result.history[-1]["images_per_second"]
+
+
+def throughput(models: list[str], sizes: list[int], batch: int, steps: int, threads: int) -> list[dict]:
+    base = load_config("default")
+    rows = []
+    table = Table(title=f"Training images/s (batch {batch}, {threads} thread(s), channels_last)")
+    for column in ("model", "size", "bare fwd+bwd", "real loop", "loop / bare"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name in models:
+        kwargs = dict(base.model.kwargs) if name == base.model.name else {}
+        for size in sizes:
+            n_steps = steps if size <= 150 else max(3, steps // 2)
+            bare_a = bare_speed(name, size, batch, n_steps, kwargs)
+            loop = loop_speed(name, size, batch, n_steps, kwargs, base, threads)
+            bare_b = bare_speed(name, size, batch, n_steps, kwargs)
+            bare = (bare_a + bare_b) / 2
+            rows.append({"model": name, "size": size, "bare": bare, "loop": loop, "ratio": loop / bare,
+                         "bare_runs": [bare_a, bare_b]})  # fmt: skip
+            table.add_row(name, str(size), f"{bare:.0f}", f"{loop:.0f}", f"{loop / bare:.2f}")
+            console.print(f"  {name} {size}px: bare {bare:.0f} (runs {bare_a:.0f}, {bare_b:.0f}), loop {loop:.0f} img/s")
+    console.print(table)
+    return rows
+
+
+# ---------------------------------------------------------------------- augmentation libraries
+def augmentation_speed(size: int, batch: int, rounds: int) -> list[dict]:
+    """Images/s of comparable augmentation pipelines on a uint8 batch: why ours is plain tensor code.
+
+    Each pipeline does flips, a small random affine (10 degrees, 10 % zoom, 5 % shift) and brightness /
+    contrast / saturation jitter, returning float images: ours (per-image parameters), kornia (per-image
+    parameters) and torchvision v2 (one set of parameters for the whole batch, as it works on a batch).
+    """
+    from bloodcell.config import AugmentConfig
+    from bloodcell.data.augment import BatchAugment
+
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    generator = torch.Generator().manual_seed(0)
+    ours = BatchAugment(AugmentConfig(rot90=False))
+    pipelines = {"bloodcell BatchAugment": lambda x: ours(x, generator)}
+    try:
+        import kornia.augmentation as K
+
+        kornia_pipeline = torch.nn.Sequential(
+            K.RandomHorizontalFlip(), K.RandomVerticalFlip(),
+            K.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), p=1.0, padding_mode="reflection"),
+            K.ColorJitter(0.1, 0.1, 0.1, p=1.0),
+        )  # fmt: skip
+        pipelines["kornia (per image)"] = lambda x: kornia_pipeline(x.float() / 255) * 255
+    except ImportError:
+        pass
+    try:
+        from torchvision.transforms import v2
+
+        tv_pipeline = v2.Compose([
+            v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+            v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+            v2.ColorJitter(0.1, 0.1, 0.1), v2.ToDtype(torch.float32, scale=False),
+        ])  # fmt: skip
+        pipelines["torchvision v2 (per batch)"] = lambda x: tv_pipeline(x.contiguous())
+    except ImportError:
+        pass
+    rows = []
+    for name, pipeline in pipelines.items():
+        pipeline(images)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            pipeline(images)
+        rate = rounds * batch / (time.perf_counter() - started)
+        rows.append({"pipeline": name, "size": size, "images_per_second": rate})
+    table = Table(title=f"Augmentation images/s ({size} px, batch {batch})")
+    table.add_column("pipeline")
+    table.add_column("images/s", justify="right")
+    for row in rows:
+        table.add_row(row["pipeline"], f"{row['images_per_second']:.0f}")
+    console.print(table)
+    return rows
+
+
+# ---------------------------------------------------------------------- time to accuracy
+def test_balanced_accuracy(run_dir: Path, prepared) -> dict:
+    """Balanced accuracy and accuracy of the run's best checkpoint on the split's test part."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from bloodcell.models import load_model
+
+    model, card = load_model(run_dir)
+    rows = prepared.indices("test")
+    images = torch.from_numpy(np.ascontiguousarray(prepared.images[rows])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        predictions = torch.cat([model(images[i : i + 256]) for i in range(0, len(images), 256)]).argmax(1).numpy()
+    labels = prepared.labels[rows]
+    return {
+        "test_balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "test_accuracy": float((predictions == labels).mean()),
+        "test_images": int(len(rows)),
+        "best_epoch": card.epoch,
+    }
+
+
+def time_to_accuracy(data_root: Path, seeds: list[int], config_name: str, overrides: list[str], target: float) -> list[dict]:
+    from bloodcell.data.prepare import prepare_data
+
+    results = []
+    for seed in seeds:
+        config = load_config(config_name, [f"data.root={data_root}", f"train.seed={seed}", *overrides])
+        prepare_data(config.data, progress=False)  # warm the cache outside the timing (a user's second run)
+        reached: dict[str, float] = {}
+        started = time.perf_counter()
+
+        def note(epoch: int, row: dict) -> None:
+            if "at" not in reached and row["val_balanced_accuracy"] >= target:
+                reached.update(at=time.perf_counter() - started, epoch=epoch)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = prepare_data(config.data, progress=False)
+            prepare_seconds = time.perf_counter() - started
+            result = fit(config, Path(tmp) / "run", prepared=prepared, epoch_callback=note, progress=False)
+            wall = time.perf_counter() - started
+            scores = test_balanced_accuracy(result.run_dir, prepared)
+        row = {
+            "config": config_name, "overrides": overrides, "seed": seed,
+            "prepare_seconds": prepare_seconds, "wall_seconds": wall,
+            "seconds_to_target": reached.get("at"), "epoch_reaching_target": reached.get("epoch"),
+            "best_val_balanced_accuracy": result.best_val_balanced_accuracy, "epochs": len(result.history),
+            "median_images_per_second": statistics.median(r["images_per_second"] for r in result.history),
+            **scores,
+        }  # fmt: skip
+        results.append(row)
+        console.print(row)
+
+    table = Table(title=f"Time to val balanced accuracy >= {target} ({config_name}, session split)")
+    for column in ("seed", "to target (s)", "at epoch", "total wall (s)", "img/s", "best val", "test bal-acc", "test acc"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            str(r["seed"]), f"{r['seconds_to_target']:.0f}" if r["seconds_to_target"] else "not reached",
+            str(r["epoch_reaching_target"] or "-"), f"{r['wall_seconds']:.0f}", f"{r['median_images_per_second']:.0f}",
+            f"{r['best_val_balanced_accuracy']:.4f}", f"{r['test_balanced_accuracy']:.4f}", f"{r['test_accuracy']:.4f}",
+        )  # fmt: skip
+    console.print(table)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=None, help="registered models (default: all)")
+    parser.add_argument("--timm", nargs="*", default=[], help="timm models to add, e.g. resnet18 mobilenetv3_small_100")
+    parser.add_argument("--sizes", nargs="*", type=int, default=[96, 128, 150, 224])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement (halved above 150 px)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: automatic, as training chooses)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--config", default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for part 2")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--target", type=float, default=0.99)
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_speed.json")
+    args = parser.parse_args()
+
+    threads = set_threads(args.threads, 1)
+    keep_freed_memory()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    console.print(f"torch {torch.__version__}, {os.cpu_count()} cores, {threads} thread(s), load average {load}")
+    report: dict = {
+        "machine": {"cores": os.cpu_count(), "threads": threads, "load_average_at_start": load,
+                    "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__},
+    }  # fmt: skip
+    if not args.skip_speed:
+        models = args.models or [spec.name for spec in list_models()]
+        models += [f"timm/{name}" for name in args.timm]
+        report["augmentation"] = augmentation_speed(128, args.batch, rounds=5)
+        report["throughput"] = throughput(models, args.sizes, args.batch, args.steps, threads)
+    if not args.skip_accuracy:
+        if not (args.data / "Original").is_dir():
+            console.print(f"[red]dataset not found at {args.data}; pass --data[/red]")
+            sys.exit(2)
+        report["time_to_accuracy"] = time_to_accuracy(args.data, args.seeds, args.config, args.overrides, args.target)
+    if load is not None:
+        report["machine"]["load_average_at_end"] = os.getloadavg()[0]
+    atomic_write_json(args.out, report)
+    console.print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``bloodcell demo``: the bundled model on the bundled sample images; parse options, call the API, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from bloodcell.cli import app
+
+if TYPE_CHECKING:
+    from bloodcell.demo import DemoResult
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("demo-output"), "--out", "-o", help="Folder for predictions, Grad-CAM overlays and report.html."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="A run directory, model directory or card.json. Default: the model bundled with the package.",
+        show_default=False,
+    ),
+    samples: Path | None = typer.Option(
+        None, "--samples", help="A folder with one sub-folder per class (Benign, Early, Pre, Pro ...). Default: the bundled samples.",
+        show_default=False,
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the files written and every prediction) instead of the table."),
+) -> None:
+    """Classify the sample images shipped with bloodcell, with Grad-CAM overlays and an HTML report.
+
+    \b
+    Writes into --out: predictions.csv, predictions.json, overlays/*.gradcam.png and report.html
+    (self-contained: open it in any browser). Research use only: not a medical device.
+    """
+    from bloodcell.demo import run_demo
+
+    demo = run_demo(out, model=model, samples=samples)
+    if as_json:
+        payload = json.loads(demo.predictions_json.read_text(encoding="utf-8"))
+        payload.update({"out": str(demo.out_dir), "report": str(demo.report), "seconds": round(demo.seconds, 3)})
+        typer.echo(json.dumps(payload))
+        return
+    _print_summary(demo)
+
+
+def _print_summary(demo: DemoResult) -> None:
+    """The predictions as a rich table, then where the files are and how to go on."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bloodcell.demo import OVERLAY_DIR
+
+    console = Console()
+    # Every class's probability when the terminal has room (they are all in predictions.csv and the report).
+    classes = demo.classes if console.width >= 100 else []
+    table = Table(
+        title=f"{demo.model_info['name']} {demo.model_info['version']} ({demo.model_info['architecture']}) on "
+        f"{len(demo.images)} sample images",
+        title_justify="left", header_style="bold",
+    )  # fmt: skip
+    for column in ("image", "true class", "predicted", "p", *classes, ""):
+        table.add_column(column, justify="right" if column == "p" or column in classes else "left", overflow="fold")
+    for image in demo.images:
+        result = image.result
+        if not result.ok:
+            table.add_row(image.path.name, image.true_class, f"[red]error: {result.error}[/red]", *[""] * (len(classes) + 2))
+            continue
+        verdict = "[green]right[/green]" if image.correct else "[red]wrong[/red]"
+        cells = [f"{result.probabilities[name]:.3f}" for name in classes]
+        table.add_row(image.path.name, image.true_class, f"[bold]{result.label}[/bold]", f"{result.confidence:.3f}", *cells, verdict)
+    console.print(table)
+    console.print(
+        f"{demo.n_correct} of {len(demo.images)} predicted as their folder's class in {demo.seconds:.1f} s "
+        "(12 images say little; see the model's evaluation report). Research use only: not a medical device."
+    )
+    console.print(f"report:      {demo.report}  (open it in a browser)", highlight=False, soft_wrap=True)
+    console.print(f"predictions: {demo.predictions_csv}, {demo.predictions_json.name}", highlight=False, soft_wrap=True)
+    console.print(f"Grad-CAM:    {demo.out_dir / OVERLAY_DIR}/", highlight=False, soft_wrap=True)
+    serve = "bloodcell serve" if demo.bundled_model else f"bloodcell serve {demo.model_dir}"
+    console.print(f"web page:    {serve}   then open http://127.0.0.1:8000/", highlight=False, soft_wrap=True)

@@ -1,0 +1,184 @@
+"""``bloodcell evaluate``, ``bloodcell explain`` and ``bloodcell report``: parse options, call the API, print.
+
+A model is named as everywhere else: a run directory (its ``checkpoints/best``), a model directory, a
+``card.json``, or nothing for the default model bundled with the package. ``--json`` prints exactly one
+JSON object on stdout (the ``metrics.json`` of ``evaluate``); progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bloodcell.cli import app
+from bloodcell.errors import UserError
+
+_console = Console()
+
+MODEL_HELP = "A run directory, a model directory or a card.json. Default: the model bundled with the package."
+EXPLAIN_PATHS_HELP = "An optional model first (as for evaluate), then image files or folders of images."
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(interval: Any) -> str:
+    return "" if not interval or interval[0] is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def summary_tables(metrics: dict[str, Any]) -> list[Table]:
+    """The rich tables ``bloodcell evaluate`` prints: headline (with TTA), per class, robustness."""
+    tta = metrics.get("tta")
+    split = metrics["evaluation"]["split"]
+    where = "every image" if split == "all" else f"the {split} part"
+    head = Table(title=f"{metrics['model']['architecture']} on {where} of {Path(metrics['data']['root']).name} "
+                       f"({metrics['n_images']} images, {metrics['data']['n_blocks']} blocks)", title_justify="left")  # fmt: skip
+    head.add_column("metric")
+    head.add_column("value", justify="right")
+    head.add_column("95% CI", justify="right")
+    if tta:
+        head.add_column(f"TTA ({tta['views']} views)", justify="right")
+    rows = [
+        ("balanced accuracy", metrics["balanced_accuracy"], _ci(metrics["balanced_accuracy_ci"]),
+         f"{_f(tta['balanced_accuracy'])} {_ci(tta['balanced_accuracy_ci'])}" if tta else None),
+        ("accuracy", metrics["accuracy"], "", _f(tta["accuracy"]) if tta else None),
+        ("macro-F1", metrics["macro_f1"], "", _f(tta["macro_f1"]) if tta else None),
+        ("ROC AUC (macro)", metrics["roc_auc_macro"], "", "" if tta else None),
+        ("ECE, raw", metrics["ece"], "", "" if tta else None),
+        ("ECE, temperature-scaled", metrics["ece_after_temperature"], "", _f(tta["ece"]) if tta else None),
+        ("temperature", metrics["temperature"],
+         "model card" if metrics["temperature_source"] == "model card" else "fitted on val", "" if tta else None),
+    ]  # fmt: skip
+    shortcut = metrics.get("shortcut_baseline")
+    if shortcut and shortcut.get("balanced_accuracy") is not None:
+        rows.append(("border-colour shortcut", shortcut["balanced_accuracy"], shortcut["verdict"], "" if tta else None))
+    for name, value, extra, tta_value in rows:
+        head.add_row(name, _f(value), extra, *([tta_value] if tta else []))
+
+    per_class = Table(title="Classification report", title_justify="left")
+    for column in ("class", "precision", "recall", "F1", "support", "ROC AUC"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in metrics["per_class"].items():
+        per_class.add_row(name, _f(row["precision"]), _f(row["recall"]), _f(row["f1"]), str(row["support"]),
+                          _f(metrics["roc_auc"].get(name)))  # fmt: skip
+    tables = [head, per_class]
+
+    robustness = metrics.get("robustness")
+    if robustness:
+        shifts = Table(title=f"Balanced accuracy under acquisition shifts (clean {_f(robustness['clean']['balanced_accuracy'])})",
+                       title_justify="left")  # fmt: skip
+        for column in ("shift", "low", "medium", "high"):
+            shifts.add_column(column, justify="left" if column == "shift" else "right")
+        for name, values in robustness["shifts"].items():
+            shifts.add_row(name, *(_f(values[s]["balanced_accuracy"]) for s in (1, 2, 3)))
+        worst = robustness["worst"]
+        shifts.add_row("[bold]worst[/bold]", *(f"[bold]{_f(worst[s]['balanced_accuracy'])}[/bold] {worst[s]['shift']}" for s in ("1", "2", "3")))
+        tables.append(shifts)
+    return tables
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Path | None = typer.Argument(None, help=MODEL_HELP, show_default=False, metavar="[RUN_OR_MODEL]"),
+    data: Path | None = typer.Option(
+        None, "--data", help="Dataset folder (default: the one the model was trained on). Another copy of the "
+        "dataset, or any folder in a known layout, works the same way.", show_default=False
+    ),
+    split: Literal["test", "val", "all"] = typer.Option("test", "--split", help="test or val (that part of the model's split protocol), or all (every image)."),
+    tta: bool = typer.Option(False, "--tta", help="Also evaluate with test-time augmentation (8 flips / rotations)."),
+    robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Evaluate under the acquisition-shift suite (7 shifts x 3 severities)."),
+    explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM grid and sanity check."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: the run directory for its own test part, else RUN/evaluations/<data>-<split>).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics.json on stdout instead of the summary."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
+) -> None:
+    """Evaluate a model: metrics with block-bootstrap intervals, calibration, robustness, Grad-CAM, plots.
+
+    Writes metrics.json (keys in docs/EVALUATION.md), predictions.csv and plots/; the temperature fitted on
+    the validation part is stored in the model card.
+    """
+    from bloodcell.evaluate.runner import evaluate_model
+
+    metrics = evaluate_model(model, data, split=split, tta=tta, robustness=robustness, out_dir=out, explain=explain,
+                             progress=progress and not as_json)  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2))
+        return
+    for table in summary_tables(metrics):
+        _console.print(table)
+    _console.print(f"written: {Path(metrics['out_dir']) / 'metrics.json'}, predictions.csv, plots/")
+
+
+def _split_model_and_images(paths: list[Path]) -> tuple[Path | None, list[Path]]:
+    """The first path is the model when it names one (a run, model directory or card); else all are images."""
+    from bloodcell.models.card import resolve_model_dir
+
+    try:
+        resolve_model_dir(paths[0])
+    except FileNotFoundError:
+        return None, paths
+    if len(paths) == 1:
+        raise UserError(f"{paths[0]} is a model, but no images were given: bloodcell explain {paths[0]} IMAGES...")
+    return paths[0], paths[1:]
+
+
+def _expand_images(paths: list[Path]) -> list[Path]:
+    """Image files, with folders replaced by the images inside them (sorted)."""
+    from bloodcell.data.layouts import is_image_name
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such image or folder")
+    if not files:
+        raise UserError("no images found to explain")
+    return files
+
+
+@app.command("explain")
+def explain_command(
+    paths: list[Path] = typer.Argument(..., help=EXPLAIN_PATHS_HELP, show_default=False, metavar="[RUN_OR_MODEL] IMAGES..."),
+    method: str = typer.Option("gradcam", "--method", help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, eigengradcam or scorecam."),
+    target_layer: str | None = typer.Option(None, "--target-layer", help="Dotted module name inside the network (default: its last convolutional stage).", show_default=False),
+    out: Path = typer.Option(Path("explanations"), "--out", help="Folder for the overlay PNGs."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Write Grad-CAM overlays (image | heat map) for images, with the model's prediction."""
+    from bloodcell.explain.gradcam import explain_files
+
+    model, images = _split_model_and_images(paths)
+    rows = explain_files(model, _expand_images(images), out, method=method, target_layer=target_layer)
+    if as_json:
+        typer.echo(json.dumps({"method": method, "out": str(out), "images": rows}, indent=2))
+        return
+    table = Table(title=f"{method} on layer '{rows[0]['target_layer']}'", title_justify="left")
+    for column in ("image", "predicted", "p", "overlay"):
+        table.add_column(column, justify="right" if column == "p" else "left")
+    for row in rows:
+        table.add_row(row["image"], row["predicted"], f"{row['probability']:.3f}", row["overlay"])
+    _console.print(table)
+
+
+@app.command("report")
+def report_command(
+    run: Path = typer.Argument(..., help="A run directory (or a folder holding an evaluation's metrics.json).", show_default=False),
+    baseline: Path | None = typer.Option(None, "--baseline", help="A run to compare against (default: a sibling run trained with the seed-replica config).", show_default=False),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate the run first if it has no metrics.json."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
+) -> None:
+    """Build the run's self-contained report.html (images embedded, opens offline) and report.md."""
+    from bloodcell.report import build_report
+
+    path = build_report(run, baseline=baseline, evaluate=evaluate, progress=progress)
+    typer.echo(f"report: {path}")
+    typer.echo(f"summary: {path.with_name('report.md')}")

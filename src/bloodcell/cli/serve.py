@@ -1,0 +1,311 @@
+"""``bloodcell predict``, ``bloodcell export`` and ``bloodcell serve``: parse options, call the serving API, print.
+
+Model naming is the same everywhere: a run directory (its ``checkpoints/best``), a model directory, a
+``card.json``, an exported ``.onnx`` file (ONNX backend), or nothing for the default model bundled with
+the package.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bloodcell.cli import app
+from bloodcell.errors import UserError
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+MODEL_HELP = (
+    "Model: a run directory, a model directory, a card.json, or an exported .onnx file (ONNX backend). "
+    "Default: the model bundled with the package."
+)
+
+
+def looks_like_model(text: str) -> bool:
+    """True when ``text`` names a model rather than images (checked on disk, without importing torch)."""
+    path = Path(text)
+    if path.is_file():
+        return path.suffix.lower() == ".onnx" or path.name in {"card.json", "model.safetensors"}
+    if not path.is_dir():
+        return False
+    return any((folder / "card.json").is_file() for folder in (path, path / "checkpoints" / "best", path / "model"))
+
+
+def split_model_and_inputs(model: str | None, inputs: list[str]) -> tuple[str | None, list[str]]:
+    """Apply the documented rule: with no ``--model``, a first INPUT that is a model is the model."""
+    if model is None and len(inputs) > 1 and looks_like_model(inputs[0]):
+        return inputs[0], inputs[1:]
+    if model is None and len(inputs) == 1 and looks_like_model(inputs[0]):
+        raise UserError(f"{inputs[0]} is a model, but no images were given: bloodcell predict {inputs[0]} IMAGES...")
+    return model, inputs
+
+
+def make_predictor(model: str | None, backend: Backend, tta: bool) -> Any:
+    """Build the predictor for ``backend``; the ONNX backend exports (once, cached) when given a model dir."""
+    try:
+        if backend is Backend.onnx:
+            from bloodcell.serve.onnx_predictor import OnnxPredictor
+
+            if model is not None and model.lower().endswith(".onnx"):
+                return OnnxPredictor(model, tta=tta)
+            from bloodcell.serve.export import ensure_onnx
+
+            return OnnxPredictor(ensure_onnx(model), tta=tta)
+        if model is not None and model.lower().endswith(".onnx"):
+            raise UserError(f"{model} is an ONNX file: add --backend onnx, or name the model directory instead")
+        from bloodcell.serve.predictor import TorchPredictor
+
+        return TorchPredictor(model, tta=tta)
+    except FileNotFoundError as error:
+        if model is None:
+            raise UserError("no model given and no bundled default model is installed: pass --model RUN_OR_MODEL_DIR") from None
+        raise UserError(str(error)) from None
+
+
+def results_table_rows(results: list[Any], classes: list[str]) -> list[dict[str, Any]]:
+    """Flat rows for CSV: file, class, confidence, one probability column per class, error."""
+    rows = []
+    for result in results:
+        row: dict[str, Any] = {"file": result.source, "class": result.label or "", "confidence": result.confidence}
+        row.update({name: result.probabilities.get(name) for name in classes})
+        row["error"] = result.error or ""
+        rows.append(row)
+    return rows
+
+
+def write_results(path: Path, payload: dict[str, Any], results: list[Any], classes: list[str]) -> None:
+    """Write the results as CSV or JSON (by the file's suffix), atomically."""
+    from bloodcell.io import atomic_write_json, atomic_write_text
+
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        atomic_write_json(path, payload)
+    elif suffix == ".csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["file", "class", "confidence", *classes, "error"], lineterminator="\n")
+        writer.writeheader()
+        for row in results_table_rows(results, classes):
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else ("" if v is None else v)) for k, v in row.items()})
+        atomic_write_text(path, buffer.getvalue())
+    else:
+        raise UserError(f"--out {path}: use a .csv or .json file name")
+
+
+def print_table(results: list[Any], classes: list[str], limit: int) -> None:
+    """A rich table of the first ``limit`` results (failed files are always shown)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False, header_style="bold")
+    table.add_column("file", overflow="fold")
+    table.add_column("predicted class")
+    for name in classes:
+        table.add_column(name, justify="right")
+    shown = [r for i, r in enumerate(results) if i < limit or not r.ok]
+    for result in shown:
+        if not result.ok:
+            table.add_row(result.source, f"[red]error: {result.error}[/red]", *[""] * len(classes))
+            continue
+        cells = [
+            f"[bold]{result.probabilities[name]:.3f}[/bold]" if name == result.label else f"{result.probabilities[name]:.3f}"
+            for name in classes
+        ]
+        table.add_row(result.source, f"[bold]{result.label}[/bold]", *cells)
+    console = Console()
+    console.print(table)
+    if len(shown) < len(results):
+        console.print(f"... {len(results) - len(shown)} more rows (write them all with --out FILE.csv)")
+
+
+@app.command("predict")
+def predict_command(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders (searched recursively) and glob patterns such as 'slides/**/*.jpg'. Without "
+            "--model, a first INPUT that is a model (run or model directory, card.json, .onnx) is the model.",
+            show_default=False,
+            metavar="INPUTS",
+        ),
+    ],
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write every result to FILE.csv or FILE.json.", show_default=False)
+    ] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average over the 8 flips and quarter turns.")] = False,
+    backend: Annotated[
+        Backend,
+        typer.Option("--backend", help="torch (PyTorch eager) or onnx (ONNX Runtime; exports once if given a model directory)."),
+    ] = Backend.torch,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per network call.")] = 64,
+    show: Annotated[int, typer.Option("--show", min=0, help="Rows of the table to print (failed files are always shown).")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with every result instead of the table.")] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Draw a progress bar on stderr for large inputs.")
+    ] = True,
+) -> None:
+    """Classify images with a saved model: prints a table (file, predicted class, probability of each class).
+
+    \b
+    Examples:
+      bloodcell predict cell.jpg                       (the bundled default model)
+      bloodcell predict -m runs/default slides/ '*.png' --out results.csv
+      bloodcell predict runs/default slides/           (a first INPUT that is a model is the model)
+      bloodcell predict -m model.onnx --backend onnx slides/ --json
+
+    A file that cannot be read is reported with its reason and the others still run.
+    Exit code: 0 when every file was classified, 1 when any failed, 2 on a usage error.
+    """
+    from bloodcell.serve.common import PredictionResult, expand_inputs
+
+    model, inputs = split_model_and_inputs(model, inputs)
+    if out is not None and out.suffix.lower() not in {".csv", ".json"}:
+        raise UserError(f"--out {out}: use a .csv or .json file name")
+    files, missing = expand_inputs(inputs)
+    predictor = make_predictor(model, backend, tta)
+    start = time.perf_counter()
+    results = _run_with_progress(predictor, files, batch, progress and len(files) > batch and not as_json)
+    seconds = time.perf_counter() - start
+    results += [PredictionResult(source=m, error="no such file or folder, or no image files in it or matching it") for m in missing]
+    failed = sum(1 for r in results if not r.ok)
+    payload = {
+        "model": {**predictor.model_info, "backend": predictor.backend},
+        "classes": predictor.classes,
+        "temperature": predictor.temperature,
+        "tta": predictor.tta,
+        "n_files": len(results),
+        "n_failed": failed,
+        "seconds": round(seconds, 3),
+        "results": [r.to_dict() for r in results],
+    }
+    if out is not None:
+        write_results(out, payload, results, predictor.classes)
+    if as_json:
+        typer.echo(json.dumps(payload))
+    else:
+        print_table(results, predictor.classes, show)
+        rate = f" ({len(files) / seconds:.0f} images/s)" if seconds > 0 and files else ""
+        typer.echo(
+            f"{len(results) - failed} of {len(results)} classified in {seconds:.2f} s{rate}"
+            + (f"; {failed} failed" if failed else "")
+            + (f"; written to {out}" if out else ""),
+            err=True,
+        )
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _run_with_progress(predictor: Any, files: list[Path], batch: int, show_progress: bool) -> list[Any]:
+    if not show_progress:
+        return predictor.predict_files(files, batch=batch)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task("predict", total=len(files))
+        return predictor.predict_files(files, batch=batch, on_batch=lambda done: bar.update(task, completed=done))
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
+    format: Annotated[ExportFormat, typer.Option("--format", help="Export format (ONNX).")] = ExportFormat.onnx,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="The .onnx file (or a folder for model.onnx) to write; card.json goes beside it. "
+            "Default: <model dir>/onnx/model.onnx.", show_default=False,
+        ),
+    ] = None,
+    images: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--images", help="Real images (files, folders, globs) for the parity check; default: the bundled samples. "
+            "Repeatable.", show_default=False,
+        ),
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Largest allowed difference of probabilities, PyTorch vs ONNX Runtime.")
+    ] = 1e-4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """Export a model to one self-contained ONNX file (dynamic batch) and check it against PyTorch.
+
+    The export fails, and writes nothing, if ONNX Runtime's probabilities differ from PyTorch's by more
+    than --tolerance on the parity images.
+    """
+    from bloodcell.serve.common import read_card_json
+    from bloodcell.serve.export import export_onnx
+
+    del format  # ONNX is the only format; the option keeps the command line explicit and extensible
+    try:
+        path = export_onnx(model, out, images=images or None, tolerance=tolerance)
+    except FileNotFoundError as error:
+        raise UserError(str(error) if model else "no model given and no bundled default model is installed") from None
+    except PermissionError as error:
+        raise UserError(f"cannot write the export ({error}); choose another place with --out") from None
+    info = read_card_json(path.parent)["onnx"]
+    summary = {"onnx": str(path), "card": str(path.parent / "card.json"), "bytes": path.stat().st_size, **info["parity"]}
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(
+            f"wrote {path} ({summary['bytes'] / 1e6:.1f} MB) and its card; parity vs PyTorch on "
+            f"{info['parity']['images']}: max |dp| = {info['parity']['max_abs_diff_probabilities']:.1e}"
+        )
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
+    backend: Annotated[
+        Backend, typer.Option("--backend", help="torch or onnx (ONNX Runtime; Grad-CAM still uses PyTorch).")
+    ] = Backend.torch,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest accepted upload, in MB.")] = 10.0,
+    max_side: Annotated[int, typer.Option("--max-side", min=8, help="Largest accepted image width or height, in pixels.")] = 4096,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation by default (requests may override).")] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads", min=0, help="Threads per inference; with 1, one inference per core runs at once (best for many "
+            "single-image requests). 0: the backend's default (all cores), one inference at a time.",
+        ),
+    ] = 1,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, debug.")
+    ] = "info",
+) -> None:
+    """Serve the model over HTTP: a web page at /, the JSON API under /v1, docs at /docs.
+
+    Research use only: not a medical device.
+    """
+    import uvicorn
+
+    from bloodcell.serve.app import create_app
+
+    try:
+        web_app = create_app(
+            model, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_side=max_side,
+            backend=backend.value, tta=tta, warm_up=True, inference_threads=threads or None,
+        )
+    except FileNotFoundError as error:
+        raise UserError(str(error) if model else "no model given and no bundled default model is installed") from None
+    typer.echo(f"bloodcell serving on http://{host}:{port}/  (research use only; Ctrl-C stops)", err=True)
+    uvicorn.run(web_app, host=host, port=port, log_level=log_level.lower(), workers=1)

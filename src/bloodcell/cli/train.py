@@ -1,0 +1,106 @@
+"""``bloodcell train``: parse options, call :func:`bloodcell.train.fit`, build the report, print a summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from bloodcell.cli import app
+
+
+@app.command("train")
+def train_command(
+    data: Path | None = typer.Option(
+        None, "--data", help="Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class). "
+        "Needed for a new run; --resume takes it from the run's config.", show_default=False
+    ),
+    config: str = typer.Option("default", "--config", "-c", help="A shipped config name (default, seed-replica) or a YAML file."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable)."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<config name>).", show_default=False),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last checkpoint (after Ctrl-C or a kill).",
+        show_default=False,
+    ),
+    devices: str | None = typer.Option(
+        None, "--devices", help="Devices (GPUs, or CPU processes) for data-parallel training: a number or 'auto'. "
+        "Under torchrun or SLURM the launcher's process count is used.", show_default=False
+    ),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start a timm/<name> model from timm's published weights."),
+    weights: Path | None = typer.Option(None, "--weights", help="Initialise the network from a safetensors (or .pth) file.", show_default=False),
+    report: bool = typer.Option(True, "--report/--no-report", help="Build the run's HTML report at the end."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw the progress bar on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the TrainResult) instead of a summary."),
+) -> None:
+    """Train a model: writes config.yaml, history.csv, checkpoints/best and last, train.log (and the report)."""
+    from bloodcell.config import load_config
+    from bloodcell.errors import UserError
+    from bloodcell.train import fit
+
+    extra = list(overrides)
+    if data is not None:
+        extra.append(f"data.root={data.resolve()}")
+    if devices is not None:
+        extra.append(f"train.devices={devices}")
+    if pretrained:
+        extra.append("model.pretrained=true")
+    if weights is not None:
+        extra.append(f"model.weights={weights.resolve()}")
+
+    if resume is not None:
+        if not (resume / "config.yaml").is_file():
+            raise UserError(f"{resume}: not a run directory (no config.yaml); give the folder train wrote")
+        run_config = load_config(str(resume / "config.yaml"), extra)
+        run_dir = resume
+    else:
+        if data is None:
+            raise UserError("pass --data DATA (the dataset folder) or --resume RUN")
+        run_config = load_config(config, extra)
+        run_dir = out if out is not None else Path("runs") / run_config.name
+
+    try:
+        result = fit(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted; continue with: bloodcell train --resume {run_dir}", fg=typer.colors.YELLOW, err=True)
+        raise
+    if not result.is_main_process:
+        return
+    report_path = _build_report(result.run_dir) if report else None
+    summary = {
+        "run_dir": str(result.run_dir),
+        "best_val_balanced_accuracy": result.best_val_balanced_accuracy,
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "stopped": result.stopped,
+        "seconds": round(result.seconds, 1),
+        "report": str(report_path) if report_path else None,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(
+        f"best val balanced accuracy {result.best_val_balanced_accuracy:.4f} at epoch {result.best_epoch} "
+        f"({len(result.history)} epochs, {result.stopped}, {result.seconds:.0f} s)"
+    )
+    typer.echo(f"run: {result.run_dir}  (best model: {result.run_dir / 'checkpoints' / 'best'})")
+    if report_path:
+        typer.echo(f"report: {report_path}")
+
+
+def _build_report(run_dir: Path) -> Path | None:
+    """Build the HTML report if the report stage is installed; training never fails because of it."""
+    try:
+        from bloodcell.report import build_report
+    except ImportError:
+        typer.secho("report skipped: bloodcell.report is not available", fg=typer.colors.YELLOW, err=True)
+        return None
+    try:
+        return build_report(run_dir)
+    except Exception as error:  # noqa: BLE001 - the trained model is safe on disk; say what failed
+        typer.secho(
+            f"report failed ({type(error).__name__}: {error}); the run is complete. Retry with: bloodcell report {run_dir}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        return None

@@ -1,0 +1,138 @@
+"""``bloodcell lr-find`` and ``bloodcell tune``: parse options, call :mod:`bloodcell.tune`, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from bloodcell.cli import app
+
+_DATA_HELP = "Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class)."
+_CONFIG_HELP = "Base config: a shipped name (default, ...) or a YAML file."
+_SET_HELP = "Override a config key, e.g. --set train.epochs=5 (repeatable)."
+
+
+@app.command("lr-find")
+def lr_find_command(
+    data: Path = typer.Option(..., "--data", help=_DATA_HELP),
+    config: str = typer.Option("default", "--config", "-c", help=_CONFIG_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    steps: int = typer.Option(200, "--steps", min=10, help="Optimizer steps in the sweep."),
+    start_lr: float = typer.Option(1e-6, "--start-lr", help="First learning rate of the sweep."),
+    end_lr: float = typer.Option(1.0, "--end-lr", help="Last learning rate of the sweep."),
+    method: str = typer.Option(
+        "min-loss", "--method", help="Suggestion rule: min-loss (minimum / 10) or steepest."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder for the plot and table (default runs/lr-find-<config name>)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Learning-rate range test: sweep the learning rate exponentially, plot the loss, suggest a value.
+
+    The suggestion is what `bloodcell train --set optimizer.lr=auto` would use.
+    """
+    from bloodcell.config import load_config
+    from bloodcell.tune.lr_find import run_lr_find
+
+    run_config = load_config(config, list(overrides))
+    result = run_lr_find(
+        run_config,
+        data,
+        out,
+        start_lr=start_lr,
+        end_lr=end_lr,
+        num_steps=steps,
+        method=method.replace("-", "_"),
+    )
+    if as_json:
+        typer.echo(json.dumps(result.summary()))
+        return
+    typer.echo(
+        f"suggested learning rate: {result.suggested_lr:.3g} ({result.method.replace('_', '-')} rule; "
+        f"minimum-loss lr {result.min_loss_lr:.3g}, steepest-descent lr {result.steepest_lr:.3g})"
+    )
+    typer.echo(
+        f"swept {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g} in {len(result.lrs)} steps"
+        + (" (stopped early: the loss diverged)" if result.diverged else "")
+    )
+    if result.plot_path:
+        typer.echo(f"plot: {result.plot_path}")
+    typer.echo(f"use it: bloodcell train --data {data} --set optimizer.lr={result.suggested_lr:.3g}")
+
+
+@app.command("tune")
+def tune_command(
+    data: Path = typer.Option(..., "--data", help=_DATA_HELP),
+    trials: int = typer.Option(
+        ..., "--trials", min=1, help="Size of the whole study (complete + pruned trials, all workers)."
+    ),
+    config: str = typer.Option("default", "--config", "-c", help=_CONFIG_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    storage: str | None = typer.Option(
+        None,
+        "--storage",
+        help="Optuna storage URL (default: SQLite file study.db in --out); e.g. postgresql://user:pw@host/db.",
+    ),
+    study: str | None = typer.Option(None, "--study", help="Study name (default: the config's name)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds after which no new trial starts."),
+    cv: int | None = typer.Option(None, "--cv", help="Objective = mean over K folds of the kfold protocol."),
+    pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none."),
+    space: Path | None = typer.Option(
+        None, "--space", help="YAML file narrowing the search space (see docs/TUNING.md)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the TPE sampler (one worker only)."),
+    out: Path | None = typer.Option(None, "--out", help="Tuning folder (default runs/tune-<study>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Search hyperparameters with Optuna; rerun with the same storage to continue an interrupted study."""
+    from bloodcell.config import load_config
+    from bloodcell.tune.search import load_space, tune
+
+    run_config = load_config(config, list(overrides))
+    result = tune(
+        run_config,
+        data,
+        trials,
+        out_dir=out,
+        storage=storage,
+        study_name=study,
+        timeout=timeout,
+        cv=cv,
+        space=load_space(space),
+        pruner=pruner,  # type: ignore[arg-type] - validated by make_pruner
+        seed=seed,
+    )
+    summary = {
+        "study": result.study_name,
+        "storage": result.storage,
+        "out": str(result.out_dir),
+        "complete": result.n_complete,
+        "pruned": result.n_pruned,
+        "failed": result.n_failed,
+        "best_trial": result.best_trial,
+        "best_val_balanced_accuracy": result.best_value,
+        "best_params": result.best_params,
+        "best_config": str(result.best_config_path) if result.best_config_path else None,
+        "trials_table": str(result.trials_path),
+        "report": str(result.report_path) if result.report_path else None,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(
+        f"study {result.study_name!r}: {result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed"
+    )
+    if result.best_value is None:
+        typer.echo("no trial has completed yet; rerun with the same --storage/--study to continue")
+        return
+    params = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items()
+    )
+    typer.echo(f"best: trial {result.best_trial}, val balanced accuracy {result.best_value:.4f} ({params})")
+    typer.echo(
+        f"best config: {result.best_config_path}  ->  bloodcell train --data {data} --config {result.best_config_path}"
+    )
+    typer.echo(f"trials: {result.trials_path}   report: {result.report_path}")

@@ -1,0 +1,132 @@
+"""Download the public dataset from Kaggle with ``kagglehub`` and find the folder to pass as ``--data``.
+
+The download itself is kagglehub's: it asks Kaggle for the dataset's current version, downloads the
+archive (resuming a broken download), unpacks it and marks it complete, so a second call costs one small
+request and returns the cached copy. We only choose the cache folder, translate kagglehub's failures into
+one-line errors that say what to do, and locate the dataset root inside the unpacked archive.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bloodcell.errors import UserError
+
+#: The Kaggle dataset of Aria et al. (Original/ and Segmented/ images of the four classes).
+DEFAULT_DATASET = "mehradaria/leukemia"
+
+#: kagglehub reads its cache folder from this variable on every call.
+_KAGGLEHUB_CACHE_ENV = "KAGGLEHUB_CACHE"
+
+_CREDENTIALS_HELP = (
+    "create an API token at https://www.kaggle.com/settings and either save it as ~/.kaggle/kaggle.json, "
+    "or set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN)"
+)
+
+
+def default_cache_dir() -> Path:
+    """Where datasets go when no ``--cache`` is given: ``$KAGGLEHUB_CACHE`` if set, else ``$BLOODCELL_HOME/kaggle``."""
+    if os.environ.get(_KAGGLEHUB_CACHE_ENV):
+        return Path(os.environ[_KAGGLEHUB_CACHE_ENV]).expanduser()
+    from bloodcell.data.index import bloodcell_home
+
+    return bloodcell_home() / "kaggle"
+
+
+@contextmanager
+def _kagglehub_cache(cache: Path) -> Iterator[None]:
+    """Point kagglehub's cache at ``cache`` for the duration of one call, then restore the environment."""
+    previous = os.environ.get(_KAGGLEHUB_CACHE_ENV)
+    os.environ[_KAGGLEHUB_CACHE_ENV] = str(cache)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_KAGGLEHUB_CACHE_ENV, None)
+        else:
+            os.environ[_KAGGLEHUB_CACHE_ENV] = previous
+
+
+def _explain_failure(error: Exception, dataset: str) -> UserError:
+    """Turn a kagglehub / requests failure into an error that says what to do."""
+    import requests
+
+    manual = (
+        f"download it by hand from https://www.kaggle.com/datasets/{dataset} and pass its folder as --data"
+    )
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return UserError(
+            f"Kaggle refused the download of {dataset!r} (HTTP {status}): {_CREDENTIALS_HELP}; or {manual}"
+        )
+    if status == 404:
+        return UserError(f"Kaggle has no dataset {dataset!r} (HTTP 404); check the owner/name spelling")
+    if isinstance(error, (requests.ConnectionError, requests.Timeout)):
+        return UserError(
+            f"could not reach Kaggle to download {dataset!r} (no internet connection?): retry when online, or {manual}"
+        )
+    if (
+        type(error).__name__ in {"CredentialError", "UnauthenticatedError"}
+        or "credentials" in str(error).lower()
+    ):
+        return UserError(f"no usable Kaggle credentials ({error}): {_CREDENTIALS_HELP}")
+    return UserError(f"downloading {dataset!r} from Kaggle failed: {error}; retry, or {manual}")
+
+
+def find_data_root(folder: Path, max_depth: int = 3) -> Path:
+    """The folder inside an unpacked download that ``find_dataset`` recognises (Aria or Kaggle layout).
+
+    Archives sometimes wrap the dataset in one or two extra folders; we search breadth-first so the
+    shallowest match wins. Falls back to ``folder`` itself when nothing is recognised.
+    """
+    from bloodcell.data.layouts import find_dataset
+
+    level = [folder]
+    for _ in range(max_depth + 1):
+        for candidate in level:
+            try:
+                if find_dataset(candidate).layout in {"aria", "kaggle"}:
+                    return candidate
+            except UserError:
+                pass
+        level = [child for parent in level for child in sorted(parent.iterdir()) if child.is_dir()]
+    return folder
+
+
+def download_dataset(
+    dataset: str = DEFAULT_DATASET, cache: str | Path | None = None, force: bool = False
+) -> Path:
+    """Download a Kaggle dataset (cached) and return the folder to pass as ``--data``.
+
+    Parameters
+    ----------
+    dataset: Kaggle handle ``owner/name`` (optionally ``owner/name/versions/N``).
+    cache: folder for downloads; default :func:`default_cache_dir`. kagglehub keeps each version under
+        ``<cache>/datasets/<owner>/<name>/versions/<N>/``.
+    force: download again even when a complete copy is cached.
+
+    Returns the dataset root inside the cache. Raises :class:`UserError` when Kaggle cannot be reached,
+    refuses the credentials, or does not know the dataset.
+    """
+    try:
+        import kagglehub
+    except ImportError as error:  # pragma: no cover - a dependency of the package
+        raise UserError("the dataset download needs kagglehub: pip install kagglehub") from error
+
+    from kagglehub.handle import parse_dataset_handle
+
+    try:
+        parse_dataset_handle(dataset)
+    except ValueError as error:
+        raise UserError(f"bad Kaggle dataset handle {dataset!r}: {error} (expected owner/name)") from None
+    cache_dir = Path(cache).expanduser() if cache is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _kagglehub_cache(cache_dir.resolve()):
+        try:
+            path = kagglehub.dataset_download(dataset, force_download=force)
+        except Exception as error:  # every transport failure gets the same treatment
+            raise _explain_failure(error, dataset) from error
+    return find_data_root(Path(path))

@@ -1,0 +1,389 @@
+"""The demo: the default model on the sample images shipped with the package, in one call.
+
+``run_demo(out_dir)`` predicts every sample image, writes ``predictions.csv`` / ``predictions.json``, one
+Grad-CAM overlay PNG per image under ``overlays/`` and a self-contained ``report.html`` (images embedded,
+no scripts, opens offline). It only strings together the serving and explanation stages
+(:class:`~bloodcell.serve.predictor.TorchPredictor`, :func:`~bloodcell.explain.gradcam.explain_images`,
+:func:`~bloodcell.serve.predictor.overlay_png`), so the demo shows exactly what ``bloodcell predict`` and
+the web page do.
+
+The sample images (``bloodcell/assets/samples/<class folder>/``, see ``CITATION.md`` there) were chosen by
+:func:`select_sample_images` from the *test* part of the default config's session split (seed 0), so the
+bundled default model, trained on train + val, never saw them.
+
+Heavy modules (torch, pytorch-grad-cam, pandas) are imported inside the functions that need them: the demo
+is a new user's first command and ``bloodcell --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bloodcell.errors import UserError
+from bloodcell.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from bloodcell.serve.common import PredictionResult
+    from bloodcell.serve.predictor import TorchPredictor
+
+#: At most this many images may be shipped (the dataset's terms for the team: a handful, with the citation).
+MAX_SAMPLES = 12
+#: Sample images per class chosen by :func:`select_sample_images`.
+SAMPLES_PER_CLASS = 3
+PREDICTIONS_CSV = "predictions.csv"
+PREDICTIONS_JSON = "predictions.json"
+REPORT_HTML = "report.html"
+OVERLAY_DIR = "overlays"
+
+#: The paper that published the dataset (the dataset itself is cited by ``bloodcell.report.html.CITATION``).
+PAPER_CITATION = (
+    "Ghaderzadeh M, Aria M, Hosseini A, Asadi F, Bashash D, Abolghasemi H. A fast and efficient CNN model for "
+    "B-ALL diagnosis and its subtypes classification using peripheral blood smear images. Int J Intell Syst. "
+    "2022;37:5113-5133. doi:10.1002/int.22753"
+)
+
+
+@dataclass
+class DemoImage:
+    """One sample image: its file, the class its folder names, the prediction and its Grad-CAM overlay."""
+
+    path: Path
+    true_class: str
+    result: PredictionResult
+    overlay: Path | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.result.ok and self.result.label == self.true_class
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the predictor's fields (``file``, ``class``, ...) plus ``true_class``, ``correct``, ``overlay``."""
+        return {
+            **self.result.to_dict(),
+            "true_class": self.true_class,
+            "correct": self.correct,
+            "overlay": None if self.overlay is None else str(self.overlay),
+        }
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` wrote and found."""
+
+    out_dir: Path
+    model_dir: Path
+    bundled_model: bool
+    model_info: dict[str, str]
+    classes: list[str]
+    temperature: float
+    images: list[DemoImage]
+    predictions_csv: Path
+    predictions_json: Path
+    report: Path
+    seconds: float
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_correct(self) -> int:
+        return sum(image.correct for image in self.images)
+
+
+def samples_dir() -> Path:
+    """The folder of sample images shipped inside the package (``bloodcell/assets/samples``)."""
+    return Path(str(resources.files("bloodcell") / "assets" / "samples"))
+
+
+def sample_images(folder: str | Path | None = None) -> list[tuple[Path, str]]:
+    """The sample images and their true classes: ``(file, canonical class)`` pairs in class order.
+
+    Parameters
+    ----------
+    folder: a folder with one sub-folder per class (any alias :mod:`bloodcell.data.layouts` knows, e.g.
+        Aria's ``Benign/Early/Pre/Pro``); None uses the samples shipped with the package.
+
+    Raises :class:`UserError` when the folder is missing or holds no class folders with images.
+    """
+    from bloodcell.data.layouts import find_dataset, is_image_name
+
+    dataset = find_dataset(samples_dir() if folder is None else folder)
+    files = [(dataset.root / path, name) for path, name in dataset.files if is_image_name(path)]
+    if not files:
+        raise UserError(f"{dataset.root}: no sample images found")
+    return files
+
+
+def select_sample_images(
+    data_root: str | Path, per_class: int = SAMPLES_PER_CLASS, config: str = "default", min_capture_gap: int = 10,
+    max_typicality: float = 2.0,
+) -> pd.DataFrame:
+    """Choose sample images from the test part of ``config``'s split: typical, distinct, spread over sessions.
+
+    This is how the shipped samples were chosen (run once by hand; the result is recorded in the samples'
+    ``CITATION.md``). No model is involved, so the choice cannot favour images the model gets right.
+
+    Rules, per class: only rows of the ``test`` part of the config's split (protocol, seed and fractions of
+    its ``data`` section); no member of a duplicate group and no ``(1)``-style copy; in focus (the sharper
+    half of the class's test images by :func:`sharpness`); "typical" = closest
+    to the class's median colour statistics (per-channel mean and standard deviation, in units of their
+    spread over the class's test images), so an odd exposure or an off-centre crop is not picked; and
+    spread over the test part's session blocks among the typical ones (typicality at most
+    ``max_typicality``: the best image of each block first, then the second-best ...) and at least
+    ``min_capture_gap`` capture numbers apart.
+
+    Parameters
+    ----------
+    data_root: the dataset folder (Aria layout: the folder holding ``Original``).
+    per_class: images chosen per class.
+    config: a config name or YAML path whose ``data`` section defines the split.
+    min_capture_gap: smallest distance in capture numbers between two images of a class.
+    max_typicality: largest distance to the class median that still counts as typical (less typical images
+        are taken only when too few typical ones remain).
+
+    Returns the chosen split rows (``path`` relative to the variant root, ``class``, ``block``,
+    ``capture``, ``typicality`` = distance to the median, lower is more typical), in class order.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from bloodcell.config import load_config
+    from bloodcell.data.audit import colour_statistics_features
+    from bloodcell.data.decode import decode_image
+    from bloodcell.data.index import build_index
+    from bloodcell.data.splits import make_split
+
+    data = load_config(config).data
+    indexed = build_index(data_root, data.variant, data.class_names, progress=False)
+    split = make_split(
+        indexed.manifest, data.protocol, data.split_seed, val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction, block_size=data.block_size, embargo=data.embargo,
+        folds=data.folds, fold=data.fold,
+    )  # fmt: skip
+    group_sizes = split["dup_group"].map(split["dup_group"].value_counts())
+    test = split[(split["split"] == "test") & (group_sizes == 1) & (split["copy"] == 0)].copy()
+    if test.empty:
+        raise UserError(f"{data_root}: the {data.protocol} split (seed {data.split_seed}) has no test images to choose from")
+    images = np.stack([decode_image(indexed.dataset.root / path, data.image_size) for path in test["path"]])
+    features = colour_statistics_features(images)
+    chosen = []
+    focus = sharpness(images)
+    for _, rows in test.groupby("label", sort=True):
+        position = test.index.get_indexer(rows.index)
+        # Out-of-focus captures exist in every class: only the sharper half of the class is a candidate.
+        sharp = focus[position] >= np.median(focus[position])
+        rows, own = rows[sharp], features[position][sharp]
+        spread = np.percentile(own, 75, axis=0) - np.percentile(own, 25, axis=0)
+        distance = np.sqrt((((own - np.median(own, axis=0)) / np.where(spread > 0, spread, 1.0)) ** 2).sum(axis=1))
+        rows = rows.assign(typicality=distance)
+        # Spread over sessions only among typical images: a block whose colours are far from the class
+        # median would otherwise contribute its least-odd image anyway.
+        rows["atypical"] = rows["typicality"] > max_typicality
+        rows["rank_in_block"] = rows.groupby(["atypical", "block"])["typicality"].rank(method="first")
+        picked: list[int] = []
+        for index, row in rows.sort_values(["atypical", "rank_in_block", "typicality"]).iterrows():
+            # Neighbouring captures are often the same smear: keep the picks apart in capture order.
+            if all(abs(row["capture"] - rows.at[other, "capture"]) >= min_capture_gap for other in picked):
+                picked.append(index)
+            if len(picked) == per_class:
+                break
+        chosen.append(rows.loc[picked])
+    columns = ["path", "class", "block", "capture", "typicality"]
+    return pd.concat(chosen)[columns].reset_index(drop=True)
+
+
+def sharpness(images: np.ndarray) -> np.ndarray:
+    """Focus measure per image: variance of the Laplacian of the grey image (higher is sharper), ``(N,)``.
+
+    Parameters
+    ----------
+    images: uint8 ``(N, H, W, 3)`` RGB images of one size.
+    """
+    import numpy as np
+
+    grey = images.astype(np.float32).mean(axis=3)
+    laplacian = (
+        4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
+    )
+    return laplacian.reshape(len(images), -1).var(axis=1)
+
+
+def demo_model_dir(model: str | Path | None) -> tuple[Path, bool]:
+    """The model directory the demo runs, and whether it is the bundled default.
+
+    Raises :class:`UserError` with one line saying what to do when no model is named and none is bundled,
+    or when the named one does not exist.
+    """
+    from bloodcell.models.card import bundled_model_dir, resolve_model_dir
+
+    if model is None:
+        try:
+            return resolve_model_dir(None), True
+        except FileNotFoundError:
+            raise UserError(
+                f"no bundled default model is installed yet ({bundled_model_dir()} has no card.json): "
+                "run the demo with --model RUN_OR_MODEL_DIR, e.g. a run from `bloodcell train`"
+            ) from None
+    try:
+        return resolve_model_dir(model), False
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+
+
+def run_demo(
+    out_dir: str | Path = "demo-output",
+    model: str | Path | None = None,
+    samples: str | Path | None = None,
+) -> DemoResult:
+    """Predict the sample images, explain each prediction with Grad-CAM and write the files and the report.
+
+    Parameters
+    ----------
+    out_dir: folder for ``predictions.csv``, ``predictions.json``, ``overlays/*.png`` and ``report.html``
+        (created; files of the same name from an earlier run are replaced).
+    model: a run directory, model directory or ``card.json``; None uses the bundled default model.
+    samples: a folder of images in class folders (see :func:`sample_images`); None uses the shipped samples.
+
+    Returns a :class:`DemoResult`. Raises :class:`UserError` when there is no model or no sample image.
+    """
+    start = time.perf_counter()
+    model_dir, bundled = demo_model_dir(model)
+    files = sample_images(samples)
+    from bloodcell.serve.predictor import TorchPredictor  # torch: only once we know there is work to do
+
+    predictor = TorchPredictor(model_dir)
+    results = predictor.predict_files([path for path, _ in files])
+    out = Path(out_dir)
+    overlays = write_overlays(predictor, [path for path, _ in files], results, out / OVERLAY_DIR)
+    images = [
+        DemoImage(path, true_class, result, overlay)
+        for (path, true_class), result, overlay in zip(files, results, overlays)
+    ]
+    demo = DemoResult(
+        out_dir=out, model_dir=model_dir, bundled_model=bundled, model_info=predictor.model_info,
+        classes=list(predictor.classes), temperature=predictor.temperature, images=images,
+        predictions_csv=out / PREDICTIONS_CSV, predictions_json=out / PREDICTIONS_JSON, report=out / REPORT_HTML,
+        seconds=0.0, card=predictor.card,
+    )  # fmt: skip
+    write_predictions(demo)
+    demo.seconds = time.perf_counter() - start
+    write_report(demo)
+    return demo
+
+
+def write_overlays(
+    predictor: TorchPredictor, paths: list[Path], results: list[PredictionResult], folder: Path
+) -> list[Path | None]:
+    """Grad-CAM of each predicted class over the full-resolution image, as ``<folder>/<stem>.gradcam.png``.
+
+    Returns the overlay of every path (None where the prediction failed), in order.
+    """
+    import numpy as np
+
+    from bloodcell.data.decode import open_rgb, resize_rgb
+    from bloodcell.explain.gradcam import explain_images
+    from bloodcell.serve.predictor import overlay_png
+
+    done = [i for i, result in enumerate(results) if result.ok]
+    if not done:
+        return [None] * len(paths)
+    pictures = {i: open_rgb(paths[i]) for i in done}
+    # resize_rgb(open_rgb(...)) is decode_image: the CAM sees exactly the input the prediction saw.
+    batch = np.stack([resize_rgb(pictures[i], predictor.input_size) for i in done])
+    targets = np.asarray([predictor.classes.index(results[i].label) for i in done])
+    # One batched pass instead of TorchPredictor.explain per image (a private model copy and a probe pass
+    # each time): on a busy 2-core CPU that is the difference between one second and ten. The demo runs
+    # nothing else on the predictor's model meanwhile, so the CAM hooks cannot disturb a prediction.
+    cams = explain_images(predictor.model, batch, targets=targets).cams
+    overlays: list[Path | None] = [None] * len(paths)
+    for cam, i in zip(cams, done):
+        png = overlay_png(np.asarray(pictures[i], dtype=np.uint8), cam)
+        overlays[i] = atomic_write_bytes(folder / f"{paths[i].stem}.gradcam.png", png)
+    return overlays
+
+
+def write_predictions(demo: DemoResult) -> None:
+    """Write ``predictions.json`` (model, classes, one object per image) and ``predictions.csv`` atomically."""
+    atomic_write_json(
+        demo.predictions_json,
+        {
+            "model": {**demo.model_info, "directory": str(demo.model_dir), "bundled": demo.bundled_model},
+            "classes": demo.classes,
+            "temperature": demo.temperature,
+            "n_images": len(demo.images),
+            "n_correct": demo.n_correct,
+            "results": [image.to_dict() for image in demo.images],
+        },
+    )
+    buffer = io.StringIO()
+    fields = ["file", "true_class", "predicted_class", "correct", "confidence", *demo.classes, "overlay", "error"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for image in demo.images:
+        result = image.result
+        writer.writerow(
+            {
+                "file": str(image.path), "true_class": image.true_class, "predicted_class": result.label or "",
+                "correct": image.correct, "confidence": _decimal(result.confidence),
+                **{name: _decimal(result.probabilities.get(name)) for name in demo.classes},
+                "overlay": "" if image.overlay is None else str(image.overlay), "error": result.error or "",
+            }
+        )  # fmt: skip
+    atomic_write_text(demo.predictions_csv, buffer.getvalue())
+
+
+def _decimal(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def _data_uri(path: Path) -> str:
+    """A JPEG or PNG file as a base64 data URI, so the report is one self-contained file."""
+    mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def headline_metric(card: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"value", "ci"}`` of the balanced accuracy a model card records (test part), or None if it has none.
+
+    Training-time cards record only validation numbers (``val_balanced_accuracy``); those are not shown, as
+    the demo's page would present them as the model's performance.
+    """
+    metrics = card.get("metrics") or {}
+    value = metrics.get("balanced_accuracy")
+    if not isinstance(value, (int, float)):
+        return None
+    interval = metrics.get("balanced_accuracy_ci")
+    valid = isinstance(interval, (list, tuple)) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval)
+    return {"value": float(value), "ci": [float(v) for v in interval] if valid else None}
+
+
+def write_report(demo: DemoResult) -> Path:
+    """Render ``report.html`` (the report stage's template ``demo.html.j2``; images embedded) atomically."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    from bloodcell import __version__
+    from bloodcell.report.html import CITATION, LIMITATIONS
+
+    env = Environment(loader=PackageLoader("bloodcell", "report/templates"), autoescape=True, undefined=StrictUndefined)
+    rows = [
+        {
+            "name": image.path.name, "true_class": image.true_class, "predicted": image.result.label,
+            "correct": image.correct, "error": image.result.error, "confidence": image.result.confidence,
+            "probabilities": [(name, image.result.probabilities.get(name, 0.0)) for name in demo.classes],
+            "image": _data_uri(image.path), "overlay": None if image.overlay is None else _data_uri(image.overlay),
+        }
+        for image in demo.images
+    ]  # fmt: skip
+    html = env.get_template("demo.html.j2").render(
+        demo=demo, rows=rows, headline=headline_metric(demo.card), version=__version__, citation=CITATION,
+        paper_citation=PAPER_CITATION, limitations=LIMITATIONS, seconds=f"{demo.seconds:.1f}",
+    )  # fmt: skip
+    return atomic_write_text(demo.report, html)

@@ -1,0 +1,515 @@
+"""``evaluate_model``: one call from a saved model to ``metrics.json``, ``predictions.csv`` and the plots.
+
+The model is evaluated on the part of a dataset that its own training config defines (same protocol,
+seed, block size and image size), so a run's test part is exactly the images training never saw. Any
+other folder of images in a known layout works the same way; ``split="all"`` then evaluates every image.
+
+Order of work: logits on the evaluated images -> temperature fitted on the validation part (when the
+data is the model's own) -> metrics with block-bootstrap intervals -> optional TTA -> optional
+acquisition-shift suite -> shortcut baseline -> Grad-CAM examples and sanity check -> plots -> files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bloodcell.config import DataConfig, RunConfig, config_from_dict, load_config
+from bloodcell.errors import UserError
+from bloodcell.evaluate.calibration import fit_temperature, save_temperature, softmax_with_temperature
+from bloodcell.evaluate.metrics import (
+    block_bootstrap_ci,
+    classification_metrics,
+    expected_calibration_error,
+    headline_metrics,
+    reliability_bins,
+    roc_curves,
+)
+from bloodcell.evaluate.shifts import SEVERITIES, SHIFTS, apply_shift, describe_parameters
+from bloodcell.evaluate.tta import VIEW_SETS, tta_logits
+from bloodcell.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+METRICS_FORMAT = "bloodcell-metrics/1"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+SPLITS: tuple[str, ...] = ("test", "val", "all")
+#: Images in the Grad-CAM sanity check, and correct / wrong examples per class in the grid.
+SANITY_IMAGES = 32
+GRID_CORRECT = 2
+GRID_WRONG = 2
+
+
+def json_ready(value: Any) -> Any:
+    """Convert numpy scalars and arrays, tuples and paths to JSON types, and NaN / inf to None."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def run_dir_of(model_dir: Path) -> Path | None:
+    """The run directory a model directory belongs to (``<run>/checkpoints/best``), or None."""
+    if model_dir.parent.name == "checkpoints" and (model_dir.parent.parent / "config.yaml").is_file():
+        return model_dir.parent.parent
+    return None
+
+
+def training_config(card: Any, run_dir: Path | None) -> RunConfig:
+    """The config a model was trained with: from its card, else its run's ``config.yaml``, else defaults."""
+    if card.config:
+        try:
+            return config_from_dict(card.config)
+        except ValueError as error:
+            log.warning("model card config not readable (%s); using the run's config.yaml or defaults", error)
+    if run_dir is not None:
+        return load_config(str(run_dir / "config.yaml"))
+    return RunConfig()
+
+
+def predict_logits(model: Any, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Logits ``(N, K)`` float64 of a Classifier for a uint8 NHWC batch (no temperature)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            outputs.append(model(batch.to(device).permute(0, 3, 1, 2).float()).float().cpu().numpy())
+    if not outputs:
+        return np.zeros((0, 0))
+    return np.concatenate(outputs).astype(np.float64)
+
+
+def _conditions_metrics(
+    y_true: np.ndarray, probs: np.ndarray, blocks: np.ndarray | None, n_classes: int, n_bootstrap: int
+) -> dict[str, Any]:
+    """Headline metrics plus the block-bootstrap interval, for TTA and every shifted condition."""
+    row = headline_metrics(y_true, probs, n_classes)
+    low, high = block_bootstrap_ci(y_true, probs.argmax(axis=1), blocks, n_classes, n_resamples=n_bootstrap)
+    return {**row, "balanced_accuracy_ci": [low, high]}
+
+
+def robustness_suite(
+    logits_fn: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    y_true: np.ndarray,
+    blocks: np.ndarray | None,
+    n_classes: int,
+    temperature: float,
+    n_bootstrap: int = 1000,
+    shifts: list[str] | None = None,
+    progress: bool = False,
+    clean_logits: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Metrics under every shift of the suite at severities 0 (clean) to 3.
+
+    Parameters
+    ----------
+    logits_fn: uint8 NHWC batch -> logits (any backend).
+    images, y_true, blocks: the evaluated images, labels and session blocks.
+    n_classes: K; temperature: applied before the softmax (ECE).
+    n_bootstrap: resamples for each interval; shifts: subset of :data:`SHIFTS` (default all).
+    progress: draw a progress bar on stderr.
+    clean_logits: logits of the unshifted images when already computed (saves a pass).
+
+    Returns ``{"clean": {...}, "shifts": {name: [per-severity dicts]}, "worst": {severity: {...}},
+    "chance": 1/K}``; each per-severity dict holds ``severity``, ``parameters``, ``balanced_accuracy``,
+    ``balanced_accuracy_ci``, ``accuracy``, ``macro_f1`` and ``ece``.
+    """
+    from bloodcell.data.progress import track
+
+    names = shifts or list(SHIFTS)
+    clean_probs = softmax_with_temperature(logits_fn(images) if clean_logits is None else clean_logits, temperature)
+    clean = _conditions_metrics(y_true, clean_probs, blocks, n_classes, n_bootstrap)
+    table: dict[str, list[dict[str, Any]]] = {name: [{"severity": 0, "parameters": "identity", **clean}] for name in names}
+    jobs = [(name, severity) for name in names for severity in SEVERITIES]
+    for name, severity in track(jobs, len(jobs), "robustness", enabled=progress):
+        probs = softmax_with_temperature(logits_fn(apply_shift(images, name, severity)), temperature)
+        row = _conditions_metrics(y_true, probs, blocks, n_classes, n_bootstrap)
+        table[name].append({"severity": severity, "parameters": describe_parameters(name, severity), **row})
+    worst = {}
+    for severity in SEVERITIES:
+        name = min(names, key=lambda n: table[n][severity]["balanced_accuracy"])
+        worst[str(severity)] = {"shift": name, **{k: table[name][severity][k] for k in ("balanced_accuracy", "accuracy")}}
+    return {"clean": clean, "shifts": table, "worst": worst, "chance": 1.0 / n_classes}
+
+
+def shortcut_baseline(prepared: Any, indices: np.ndarray, split: str) -> dict[str, Any] | None:
+    """The data audit's border-colour-only classifier, fitted on the training part and scored on the
+    evaluated images (for ``split="all"``: on the test part), side by side with the model.
+
+    Returns the baseline dict (``balanced_accuracy``, ``chance``, ``verdict``, ``statement`` ...) plus
+    ``scored_on``, or None when the data has no training part.
+    """
+    from bloodcell.data.audit import border_colour_baseline
+
+    train_idx = prepared.indices("train")
+    test_idx = prepared.indices("test") if split == "all" else indices
+    if len(train_idx) == 0 or len(test_idx) == 0 or len(np.unique(prepared.labels[train_idx])) < 2:
+        return None
+    result = border_colour_baseline(prepared.images, prepared.labels, train_idx, test_idx)
+    return {**result, "scored_on": "test" if split == "all" else split}
+
+
+def data_audit_summary(prepared: Any, class_names: list[str] | None = None, progress: bool = False) -> dict[str, Any] | None:
+    """The dataset audit (``bloodcell audit``) in brief, read from its ``audit.json`` or run now.
+
+    Returns counts, rejected files, duplicate groups and both shortcut baselines (the full duplicate list
+    stays in the audit's own files), or None when the audit cannot run on this data.
+    """
+    import json
+
+    from bloodcell.data.audit import run_audit
+    from bloodcell.data.index import dataset_workdir
+
+    dataset = prepared.dataset
+    path = dataset_workdir(dataset.top, dataset.variant) / "audit" / "audit.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if report is None:
+            report = run_audit(dataset.top, dataset.variant, class_names, progress=progress)
+    except (UserError, ValueError, OSError) as error:
+        log.warning("data audit not available: %s", error)
+        return None
+    keys = ("dataset", "layout", "variant", "images", "accepted", "classes", "image_sizes", "exact_duplicate_groups",
+            "near_duplicate_groups", "images_in_duplicate_groups", "cross_class_duplicate_groups",
+            "shortcut_baseline", "colour_statistics_baseline", "report_markdown")
+    summary = {key: report.get(key) for key in keys}
+    summary["rejected"] = len(report.get("rejected", []))
+    return summary
+
+
+def _grid_examples(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> list[list[int | None]]:
+    """Per class: the most confident correct predictions, then the most confident mistakes (indices; None
+    where a class has too few of either)."""
+    predicted = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    rows = []
+    for k in range(n_classes):
+        members = np.flatnonzero(y_true == k)
+        order = members[np.argsort(-confidence[members], kind="stable")]
+        correct: list[int | None] = [int(i) for i in order if predicted[i] == k][:GRID_CORRECT]
+        wrong: list[int | None] = [int(i) for i in order if predicted[i] != k][:GRID_WRONG]
+        rows.append(correct + [None] * (GRID_CORRECT - len(correct)) + wrong + [None] * (GRID_WRONG - len(wrong)))
+    return rows
+
+
+def explain_examples(
+    model: Any,
+    images: np.ndarray,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    segmented: np.ndarray | None,
+    plots_dir: Path,
+    method: str = "gradcam",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Grad-CAM grid of correct and wrong examples per class, and the sanity check on a random sample.
+
+    Returns the ``explain`` entry of ``metrics.json`` (the sanity-check dict plus ``grid`` counts).
+    """
+    from bloodcell.explain.gradcam import explain_images, overlay, sanity_check
+    from bloodcell.report.plots import plot_gradcam_grid
+
+    rows = _grid_examples(y_true, probs, len(classes))
+    chosen = sorted({i for row in rows for i in row if i is not None})
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(images), size=min(SANITY_IMAGES, len(images)), replace=False))
+    sanity = sanity_check(
+        model, np.ascontiguousarray(images[sample]), None if segmented is None else np.asarray(segmented[sample]), method
+    )
+    cams = explain_images(model, np.ascontiguousarray(images[chosen]), method) if chosen else None
+    position = {index: p for p, index in enumerate(chosen)}
+    grid = []
+    predicted = probs.argmax(axis=1)
+    for k, row in enumerate(rows):
+        examples: list[dict[str, Any]] = []
+        for slot, i in enumerate(row):
+            if i is None:
+                examples.append({"overlay": None, "caption": "no correct prediction" if slot < GRID_CORRECT else "no mistake"})
+                continue
+            ok = predicted[i] == k
+            caption = f"correct, p={probs[i, k]:.2f}" if ok else f"predicted {classes[predicted[i]]}, p={probs[i, predicted[i]]:.2f}"
+            examples.append({"overlay": overlay(images[i], cams.cams[position[i]]), "correct": bool(ok), "caption": caption})
+        grid.append((classes[k], examples))
+    title = f"{method} on layer '{sanity['target_layer']}': similarity to random-weights CAMs {sanity['randomized_similarity']:.2f}"
+    if sanity.get("cam_energy_on_cell") is not None:
+        title += f"; CAM energy on cell {sanity['cam_energy_on_cell']:.0%} (cell area {sanity['cell_area_fraction']:.0%})"
+    plot_gradcam_grid(grid, plots_dir / "gradcam_grid.png", title)
+    return {**sanity, "grid": {name: sum(e["overlay"] is not None for e in examples) for name, examples in grid}}
+
+
+def default_out_dir(model_dir: Path, card: Any, split: str, own_data: bool, data_root: Path) -> Path:
+    """Where results go unless told: the run directory for its own test part, else a sub-folder."""
+    base = run_dir_of(model_dir) or Path("evaluations") / card.name
+    if split == "test" and own_data:
+        return base
+    return base / "evaluations" / f"{data_root.name}-{split}"
+
+
+def _write_predictions(path: Path, prepared: Any, indices: np.ndarray, label_map: np.ndarray, probs: np.ndarray,
+                       classes: list[str]) -> Path:
+    rows = prepared.split.iloc[indices]
+    table = pd.DataFrame(
+        {
+            "path": rows["path"].to_numpy(),
+            "block": rows["block"].to_numpy() if "block" in rows else "",
+            "true": [classes[label_map[v]] for v in rows["label"].to_numpy()],
+            "predicted": [classes[k] for k in probs.argmax(axis=1)],
+            "confidence": probs.max(axis=1).round(6),
+        }
+    )
+    for k, name in enumerate(classes):
+        table[f"p_{name}"] = probs[:, k].round(6)
+    with atomic_path(path, suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return path
+
+
+def _plots(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, classes: list[str], plots_dir: Path,
+           history: Path | None, example: np.ndarray) -> dict[str, str]:
+    from bloodcell.report import plots
+
+    made = {}
+    low, high = metrics["balanced_accuracy_ci"]
+    title = (
+        f"Confusion matrix, {metrics['evaluation']['split']} (n={metrics['n_images']})\nbalanced accuracy "
+        f"{metrics['balanced_accuracy']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+    )
+    made["confusion_matrix"] = plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, plots_dir / "confusion_matrix.png", title)
+    made["roc"] = plots.plot_roc_curves(roc_curves(y_true, probs, classes), metrics["roc_auc"], plots_dir / "roc.png")
+    made["reliability"] = plots.plot_reliability(
+        metrics["reliability_before_temperature"], metrics["reliability"], metrics["ece"],
+        metrics["ece_after_temperature"], metrics["temperature"], plots_dir / "reliability.png",
+    )
+    if metrics.get("robustness"):
+        made["robustness"] = plots.plot_robustness(metrics["robustness"], plots_dir / "robustness.png")
+        made["shift_examples"] = plots.plot_shift_examples(example, plots_dir / "shift_examples.png")
+    if history is not None and history.is_file():
+        frame = pd.read_csv(history)
+        if len(frame):
+            made["training_curves"] = plots.plot_training_curves(frame, plots_dir / "training_curves.png")
+    return {name: str(Path(path).relative_to(plots_dir.parent)) for name, path in made.items()}
+
+
+@dataclass
+class EvalSet:
+    """The images an evaluation runs on, with everything needed to score and describe them."""
+
+    prepared: Any  # PreparedData
+    data_config: DataConfig
+    split: str
+    indices: np.ndarray  # rows of prepared.split
+    images: np.ndarray  # uint8 NHWC
+    y_true: np.ndarray  # labels in the model's class order
+    blocks: np.ndarray | None  # session block of every image
+    label_map: np.ndarray  # data label -> model label
+    own_data: bool  # the data the model was trained on (manifest hash matches, or the card has none)
+
+
+def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, split: str, prepared: Any = None,
+                  progress: bool = False) -> EvalSet:  # fmt: skip
+    """Rebuild the model's split on ``data_root`` (default: its training data) and pick the ``split`` images.
+
+    Raises :class:`UserError` when the data has classes the model does not know or lacks that part.
+    """
+    from bloodcell.data.prepare import prepare_data
+
+    data_config = config.data.model_copy(update={"image_size": card.input_size})
+    if prepared is None:
+        prepared = prepare_data(data_config, data_root, progress=progress)
+    classes = list(card.classes)
+    unknown = [name for name in prepared.classes if name not in classes]
+    if unknown:
+        raise UserError(f"the data has classes the model does not know: {', '.join(unknown)} (model: {', '.join(classes)})")
+    label_map = np.array([classes.index(name) for name in prepared.classes])
+    indices = np.arange(len(prepared.split)) if split == "all" else prepared.indices(split)
+    if len(indices) == 0:
+        raise UserError(f"the {data_config.protocol!r} split of {prepared.dataset.top} has no {split!r} part; use --split all")
+    return EvalSet(
+        prepared=prepared,
+        data_config=data_config,
+        split=split,
+        indices=indices,
+        images=np.ascontiguousarray(prepared.images[indices]),
+        y_true=label_map[prepared.labels[indices]],
+        blocks=prepared.split["block"].to_numpy()[indices] if "block" in prepared.split else None,
+        label_map=label_map,
+        own_data=card.manifest_sha256 in (None, prepared.manifest_sha256),
+    )
+
+
+def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: Any) -> tuple[float, str]:
+    """The temperature and where it comes from: fitted on the validation part of the model's own data,
+    else (other data, or ``split="all"``) the card's value, never refitted on the data being judged."""
+    val = data.prepared.indices("val")
+    if data.own_data and data.split != "all" and len(val):
+        val_logits = logits_fn(np.ascontiguousarray(data.prepared.images[val]))
+        return fit_temperature(val_logits, data.label_map[data.prepared.labels[val]]), (
+            f"fitted on the validation part ({len(val)} images)"
+        )
+    return float(card.temperature), "model card"
+
+
+def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: EvalSet, n_bootstrap: int) -> dict[str, Any]:
+    """The ``model``, ``data`` and ``evaluation`` sections of ``metrics.json``."""
+    from bloodcell.data.splits import split_summary
+
+    prepared, data_config = data.prepared, data.data_config
+    summary = split_summary(prepared.split, data_config.protocol, data_config.split_seed, list(prepared.classes),
+                            prepared.split_path)  # fmt: skip
+    return {
+        "model": {
+            "path": str(model_dir),
+            "name": card.name,
+            "architecture": card.architecture,
+            "input_size": card.input_size,
+            "epoch": card.epoch,
+            "config_name": config.name,
+        },
+        "data": {
+            "root": str(prepared.dataset.top),
+            "variant": prepared.dataset.variant,
+            "manifest_sha256": prepared.manifest_sha256,
+            "same_as_training": bool(data.own_data and card.manifest_sha256 is not None),
+            "protocol": data_config.protocol,
+            "split_seed": data_config.split_seed,
+            "block_size": data_config.block_size,
+            "embargo": data_config.embargo,
+            "n_blocks": len(np.unique(data.blocks)) if data.blocks is not None else None,
+            "split_summary": summary,
+        },
+        "evaluation": {
+            "split": data.split,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "n_bootstrap": n_bootstrap,
+        },
+    }
+
+
+def evaluate_model(
+    model_path: str | Path | None = None,
+    data_root: str | Path | None = None,
+    split: str = "test",
+    tta: bool = False,
+    robustness: bool = True,
+    out_dir: str | Path | None = None,
+    *,
+    explain: bool = True,
+    cam_method: str = "gradcam",
+    update_card: bool = True,
+    n_bootstrap: int = 1000,
+    batch_size: int = 128,
+    progress: bool = True,
+    prepared: Any = None,
+) -> dict[str, Any]:
+    """Evaluate a saved model and write ``metrics.json``, ``predictions.csv`` and ``plots/``.
+
+    Parameters
+    ----------
+    model_path: a run directory, model directory or ``card.json`` (None: the bundled default model).
+    data_root: the dataset folder (None: the one in the model's training config).
+    split: ``test`` or ``val`` (that part of the model's split protocol) or ``all`` (every image).
+    tta: also evaluate with test-time augmentation (8 flips / rotations, logits averaged).
+    robustness: also evaluate under the acquisition-shift suite (7 shifts x 3 severities).
+    out_dir: where to write (None: the run directory for its own test part, else a sub-folder of it).
+    explain: compute the Grad-CAM grid and sanity check.
+    cam_method: CAM method for ``explain``.
+    update_card: store the temperature fitted on validation data (and the test metrics) in the card.
+    n_bootstrap: bootstrap resamples per interval.
+    batch_size: inference batch size.
+    progress: progress bars on stderr.
+    prepared: a ready :class:`~bloodcell.data.prepare.PreparedData` (skips indexing; tests, training).
+
+    Returns the ``metrics.json`` dict (keys documented in docs/EVALUATION.md) plus ``out_dir``.
+    """
+    from bloodcell.models.card import bundled_model_dir, load_model, resolve_model_dir
+
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    started = time.perf_counter()
+    model_dir = resolve_model_dir(model_path)
+    model, card = load_model(model_dir)
+    run_dir = run_dir_of(model_dir)
+    config = training_config(card, run_dir)
+    data = load_eval_set(card, config, data_root, split, prepared, progress)
+    classes, y_true, blocks = list(card.classes), data.y_true, data.blocks
+
+    def logits_fn(batch: np.ndarray) -> np.ndarray:
+        return predict_logits(model, batch, batch_size)
+
+    logits = logits_fn(data.images)
+    temperature, temperature_source = calibrate(logits_fn, data, card)
+    raw_probs = softmax_with_temperature(logits, 1.0)
+    probs = softmax_with_temperature(logits, temperature)
+
+    metrics: dict[str, Any] = {"format": METRICS_FORMAT}
+    metrics.update(classification_metrics(y_true, probs, classes, blocks, n_bootstrap=n_bootstrap))
+    metrics.update(
+        ece=expected_calibration_error(y_true, raw_probs),
+        ece_after_temperature=expected_calibration_error(y_true, probs),
+        temperature=temperature,
+        temperature_source=temperature_source,
+        reliability_before_temperature=reliability_bins(y_true, raw_probs),
+        classes=classes,
+    )
+    metrics.update(describe_evaluation(card, config, model_dir, data, n_bootstrap))
+    metrics["tta"] = None
+    if tta:
+        tta_probs = softmax_with_temperature(tta_logits(logits_fn, data.images, "d4"), temperature)
+        metrics["tta"] = {"views": len(VIEW_SETS["d4"]), **_conditions_metrics(y_true, tta_probs, blocks, len(classes), n_bootstrap)}
+    metrics["robustness"] = (
+        robustness_suite(logits_fn, data.images, y_true, blocks, len(classes), temperature, n_bootstrap,
+                         progress=progress, clean_logits=logits)
+        if robustness else None
+    )  # fmt: skip
+    metrics["shortcut_baseline"] = shortcut_baseline(data.prepared, data.indices, split)
+    metrics["data_audit"] = data_audit_summary(data.prepared, data.data_config.class_names, progress)
+
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model_dir, card, split, data.own_data,
+                                                                     Path(data.prepared.dataset.top))  # fmt: skip
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    segmented = data.prepared.segmented_images
+    metrics["explain"] = (
+        explain_examples(model, data.images, y_true, probs, classes,
+                         None if segmented is None else segmented[data.indices], plots_dir, cam_method)
+        if explain else None
+    )  # fmt: skip
+    history = run_dir / "history.csv" if run_dir is not None else None
+    metrics["plots"] = _plots(metrics, y_true, probs, classes, plots_dir, history, data.images[0])
+    _write_predictions(out / PREDICTIONS_FILE, data.prepared, data.indices, data.label_map, probs, classes)
+    metrics["evaluation"]["seconds"] = round(time.perf_counter() - started, 2)
+    metrics = json_ready(metrics)
+    atomic_write_json(out / METRICS_FILE, metrics)
+
+    if update_card and temperature_source != "model card" and model_dir.resolve() != bundled_model_dir().resolve():
+        headline = {k: metrics[k] for k in ("balanced_accuracy", "balanced_accuracy_ci", "accuracy", "macro_f1",
+                                            "ece_after_temperature", "n_images")}  # fmt: skip
+        save_temperature(model_dir, temperature, {split: headline} if split == "test" else None)
+    return {**metrics, "out_dir": str(out)}

@@ -1,0 +1,1 @@
+"""Explanations: Grad-CAM and related class activation maps (``bloodcell.explain.gradcam``)."""

@@ -1,0 +1,340 @@
+"""Grad-CAM and friends (pytorch-grad-cam) for any model of the registry or of timm.
+
+The target layer is found automatically: a probe forward pass records every module of ``model.net`` that
+returns a spatial feature map, and the last one to finish (that is not a pooling layer) is the last
+convolutional stage, whatever the architecture calls it (``stages`` in bloodnet, ``features`` in the seed
+CNN, ``layer4`` in a ResNet, ``bn2`` in an EfficientNet). Any module can be named instead by its dotted
+path (``--target-layer stages.3``).
+
+A sanity check guards against explanations that do not depend on what the model learned (Adebayo et al.
+2018, "Sanity checks for saliency maps"): the CAMs of the trained model are compared with those of the same
+architecture with randomised weights (Spearman rank correlation; they must differ clearly), and, when a
+background-free (Segmented) copy of the image exists, the share of CAM energy falling on the cell is
+compared with the cell's share of the image.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_grad_cam import (
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from scipy.stats import spearmanr
+from torch import nn
+
+from bloodcell.errors import UserError
+
+#: CAM methods by CLI name.
+METHODS: dict[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "eigengradcam": EigenGradCAM,
+    "scorecam": ScoreCAM,
+}
+
+#: Randomised-weights CAMs more similar than this (mean Spearman) fail the sanity check.
+SANITY_MAX_SIMILARITY = 0.5
+#: A Segmented-variant pixel belongs to the cell when any channel exceeds this (the background is black,
+#: JPEG leaves a little noise in it).
+CELL_MASK_THRESHOLD = 20
+
+
+@dataclass
+class CamResult:
+    """CAMs of a batch: ``cams`` ``(N, H, W)`` float32 in [0, 1], the explained class of every image
+    (``targets``), the model's ``logits`` and ``probabilities`` ``(N, K)`` (softmax without temperature) and
+    the name of the target layer."""
+
+    cams: np.ndarray
+    targets: np.ndarray
+    logits: np.ndarray
+    probabilities: np.ndarray
+    layer_name: str
+
+
+def _is_pooling(module: nn.Module) -> bool:
+    return "pool" in type(module).__name__.lower()
+
+
+def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn.Module]:
+    """Find the last convolutional stage of ``net`` by a probe forward pass.
+
+    Parameters
+    ----------
+    net: the network (``Classifier.net``), any architecture taking ``(N, 3, H, W)``.
+    input_size: side of the probe image (use the model's input size: some networks need a minimum).
+
+    Returns ``(dotted name, module)`` of the last module to finish whose output is a feature map with more
+    than one spatial position, pooling layers excluded. Raises ValueError if there is none.
+    """
+    names = {id(module): name for name, module in net.named_modules() if name}
+    finished: list[nn.Module] = []
+
+    def record(module: nn.Module, _inputs: Any, output: Any) -> None:
+        spatial = isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1
+        if spatial and not _is_pooling(module) and id(module) in names:
+            finished.append(module)
+
+    handles = [module.register_forward_hook(record) for module in net.modules() if module is not net]
+    was_training = net.training
+    try:
+        net.eval()  # BatchNorm in train mode refuses a batch of one
+        with torch.no_grad():
+            net(torch.zeros(1, 3, input_size, input_size, device=next(net.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        net.train(was_training)
+    if not finished:
+        raise ValueError(f"{type(net).__name__}: no convolutional feature map found for Grad-CAM")
+    layer = finished[-1]
+    return names[id(layer)], layer
+
+
+def resolve_target_layer(net: nn.Module, name: str | None, input_size: int = 128) -> tuple[str, nn.Module]:
+    """The module named ``name`` (dotted path inside ``net``), or the automatic choice when None."""
+    if name is None:
+        return default_target_layer(net, input_size)
+    try:
+        return name, net.get_submodule(name)
+    except AttributeError:
+        candidates = [n for n, m in net.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Sequential))]
+        raise UserError(
+            f"no layer {name!r} in {type(net).__name__}; examples of layer names: {', '.join(candidates[-6:])}"
+        ) from None
+
+
+def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().to(device)
+
+
+def explain_images(
+    model: nn.Module,
+    images: np.ndarray,
+    method: str = "gradcam",
+    target_layer: str | None = None,
+    targets: np.ndarray | None = None,
+    batch_size: int = 16,
+) -> CamResult:
+    """Class activation maps of a :class:`~bloodcell.models.Classifier` for a uint8 NHWC batch.
+
+    Parameters
+    ----------
+    model: a Classifier (input NCHW RGB 0..255); its ``net`` is searched for the target layer.
+    images: uint8 ``(N, H, W, 3)`` RGB images at the model's input size.
+    method: one of :data:`METHODS` (``gradcam``, ``gradcam++``, ...).
+    target_layer: dotted module name inside ``model.net``; None chooses the last convolutional stage.
+    targets: class index to explain per image; None explains the predicted class.
+    batch_size: images per CAM pass.
+
+    Returns a :class:`CamResult`.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError("explain_images expects uint8 images of shape (N, H, W, 3)")
+    device = next(model.parameters()).device
+    layer_name, layer = resolve_target_layer(model.net, target_layer, images.shape[1])
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(_to_tensor(images[i : i + 64], device)) for i in range(0, len(images), 64)])
+    logits = logits.float().cpu()
+    probabilities = torch.softmax(logits, dim=1).numpy()
+    explained = probabilities.argmax(axis=1) if targets is None else np.asarray(targets, dtype=np.int64)
+    cam = METHODS[method](model=model, target_layers=[layer])
+    try:
+        maps = []
+        with torch.enable_grad():
+            for start in range(0, len(images), batch_size):
+                batch = _to_tensor(images[start : start + batch_size], device)
+                batch_targets = [ClassifierOutputTarget(int(t)) for t in explained[start : start + batch_size]]
+                maps.append(cam(input_tensor=batch, targets=batch_targets))
+    finally:
+        cam.activations_and_grads.release()  # remove the hooks; the CAM context manager would swallow errors
+        model.zero_grad(set_to_none=True)  # leave no gradients behind in a model that may be trained further
+    cams = np.nan_to_num(np.concatenate(maps).astype(np.float32), nan=0.0)
+    return CamResult(cams=cams, targets=explained, logits=logits.numpy(), probabilities=probabilities, layer_name=layer_name)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
+    """Blend a CAM (``(H, W)`` in [0, 1]) as a jet heat map over a uint8 RGB image; returns uint8 RGB."""
+    return show_cam_on_image(image.astype(np.float32) / 255.0, cam, use_rgb=True, image_weight=image_weight)
+
+
+def randomized_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A deep copy of ``model`` whose network weights are re-initialised at random (the sanity baseline).
+
+    The global torch RNG is left untouched.
+    """
+    clone = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in clone.net.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return clone.eval()
+
+
+def cam_similarity(cams_a: np.ndarray, cams_b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation between paired CAMs, per image ``(N,)``.
+
+    A constant map carries no ranking; its similarity is reported as 0 (no shared structure).
+    """
+    values = []
+    for a, b in zip(cams_a, cams_b):
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            values.append(0.0)
+        else:
+            values.append(float(spearmanr(a.ravel(), b.ravel()).statistic))
+    return np.asarray(values)
+
+
+def cell_masks(segmented: np.ndarray, threshold: int = CELL_MASK_THRESHOLD) -> np.ndarray:
+    """Boolean cell masks ``(N, H, W)`` from Segmented-variant images (background masked black)."""
+    return segmented.max(axis=-1) > threshold
+
+
+def cam_energy_on_cell(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Share of every CAM's total energy that falls inside its cell mask, ``(N,)`` (NaN for an all-zero CAM)."""
+    total = cams.reshape(len(cams), -1).sum(axis=1)
+    inside = (cams * masks).reshape(len(cams), -1).sum(axis=1)
+    return np.divide(inside, total, out=np.full_like(total, np.nan, dtype=np.float64), where=total > 0)
+
+
+def sanity_check(
+    model: nn.Module,
+    images: np.ndarray,
+    segmented: np.ndarray | None = None,
+    method: str = "gradcam",
+    target_layer: str | None = None,
+    trained: CamResult | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compare CAMs of the trained model with those of a randomised copy, and measure energy on the cell.
+
+    Parameters
+    ----------
+    model: the trained Classifier.
+    images: uint8 NHWC images to explain.
+    segmented: the same images from the Segmented variant (aligned), or None.
+    method, target_layer: as in :func:`explain_images`.
+    trained: CAMs of ``model`` on ``images`` already computed (saves a pass), or None.
+    seed: seed of the randomised weights.
+
+    Returns a JSON-ready dict: ``method``, ``target_layer``, ``n_images``, ``randomized_similarity``
+    (mean Spearman), ``informative_fraction`` (share of non-constant trained CAMs), ``passed`` (similarity
+    below :data:`SANITY_MAX_SIMILARITY` and most CAMs informative), and with masks
+    ``cam_energy_on_cell`` (mean share), ``cell_area_fraction`` (mean share of pixels that are cell) and
+    ``energy_to_area_ratio`` (above 1: the CAMs concentrate on cells).
+    """
+    trained = trained or explain_images(model, images, method, target_layer)
+    # Explain the same classes with the random model, so only the weights differ.
+    random_cams = explain_images(randomized_copy(model, seed), images, method, target_layer, targets=trained.targets)
+    similarity = cam_similarity(trained.cams, random_cams.cams)
+    # A flat CAM explains nothing, and would also look "unlike" the random one: it must not pass.
+    informative = float(np.mean([np.ptp(c) > 0 for c in trained.cams])) if len(images) else 0.0
+    mean_similarity = float(np.mean(similarity)) if len(similarity) else None
+    result: dict[str, Any] = {
+        "method": method,
+        "target_layer": trained.layer_name,
+        "n_images": len(images),
+        "randomized_similarity": mean_similarity,
+        "max_similarity": SANITY_MAX_SIMILARITY,
+        "informative_fraction": informative,
+        "passed": bool(mean_similarity is not None and mean_similarity < SANITY_MAX_SIMILARITY and informative >= 0.5),
+    }
+    if segmented is not None:
+        masks = cell_masks(segmented)
+        energy = cam_energy_on_cell(trained.cams, masks)
+        area = float(masks.mean())
+        share = float(np.nanmean(energy)) if np.isfinite(energy).any() else None
+        result.update(
+            {
+                "cam_energy_on_cell": share,
+                "cell_area_fraction": area,
+                "energy_to_area_ratio": (share / area) if share is not None and area > 0 else None,
+            }
+        )
+    return result
+
+
+def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray) -> Path:
+    """Write the image and its CAM overlay side by side as a PNG (atomically); returns the path."""
+    from PIL import Image
+
+    from bloodcell.io import atomic_path
+
+    panel = np.concatenate([image, overlay(image, cam)], axis=1)
+    with atomic_path(path) as tmp:
+        Image.fromarray(panel).save(tmp, format="PNG")
+    return Path(path)
+
+
+def explain_files(
+    model_path: str | Path | None,
+    image_paths: list[str | Path],
+    out_dir: str | Path,
+    method: str = "gradcam",
+    target_layer: str | None = None,
+) -> list[dict[str, Any]]:
+    """Explain image files with a saved model and write one overlay PNG per image.
+
+    Parameters
+    ----------
+    model_path: a run, model directory or card (None: the bundled default model).
+    image_paths: image files (any size; decoded and resized like every other stage).
+    out_dir: folder for ``<stem>.<method>.png`` overlays (original | overlay).
+    method, target_layer: as in :func:`explain_images`.
+
+    Returns one dict per image: ``image``, ``overlay``, ``predicted``, ``probability`` (with the card's
+    temperature) and ``target_layer``.
+    """
+    from scipy.special import softmax
+
+    from bloodcell.data.decode import decode_image
+    from bloodcell.models.card import load_model
+
+    model, card = load_model(model_path)
+    if not image_paths:
+        raise UserError("no images given to explain")
+    images = np.stack([decode_image(path, card.input_size) for path in image_paths])
+    result = explain_images(model, images, method, target_layer)
+    probs = softmax(result.logits / card.temperature, axis=1)
+    stems = [Path(path).stem for path in image_paths]
+    rows = []
+    for i, path in enumerate(image_paths):
+        # Same-named images from different folders must not overwrite each other's overlay.
+        stem = stems[i] if stems.count(stems[i]) == 1 else f"{i:03d}-{stems[i]}"
+        target = Path(out_dir) / f"{stem}.{method.replace('+', 'p')}.png"
+        save_overlay(target, images[i], result.cams[i])
+        predicted = int(result.targets[i])
+        rows.append(
+            {
+                "image": str(path),
+                "overlay": str(target),
+                "predicted": card.classes[predicted],
+                "probability": float(probs[i, predicted]),
+                "target_layer": result.layer_name,
+            }
+        )
+    return rows

@@ -1,0 +1,250 @@
+"""``build_report(run_dir)``: one self-contained ``report.html`` (and ``report.md``) for a training run.
+
+The report only presents what the pipeline already wrote: ``config.yaml``, ``history.csv``, the model card
+and ``metrics.json`` (evaluated now if missing). Images are embedded as base64 data URIs and the page has
+no scripts or external resources, so it opens offline in any browser and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from bloodcell import __version__
+from bloodcell.errors import UserError
+from bloodcell.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+#: Config name of the baseline run the report compares against when one sits beside the run.
+BASELINE_CONFIG = "seed-replica"
+
+LIMITATIONS = (
+    (
+        "Trained and evaluated on images from one hospital laboratory (Taleqani Hospital, Tehran), one camera "
+        "and one staining protocol; performance on other microscopes, stains or populations is unknown."
+    ),
+    (
+        "The images carry no patient ids: session blocks from capture order are a proxy for patients, so some "
+        "patient overlap between training and test parts cannot be ruled out."
+    ),
+    (
+        "Classes were imaged in their own sessions: colour, background and cell density differ between classes "
+        "(see the shortcut baseline), so accuracy alone does not prove the model looks at cell morphology."
+    ),
+    (
+        "Input is one microscope field centred on a white blood cell: the model does not find cells in a whole "
+        "slide and says nothing about cell types outside the four classes (it will still name one of them)."
+    ),
+    (
+        "Probabilities are calibrated by temperature on the validation part; under acquisition shift they are "
+        "less reliable."
+    ),
+)
+
+CITATION = (
+    "Aria M, Ghaderzadeh M, Bashash D, Abolghasemi H, Asadi F, Hosseini A. Acute Lymphoblastic Leukemia (ALL) "
+    "image dataset. Kaggle (2021). DOI 10.34740/KAGGLE/DSV/2175623"
+)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _pct(value: Any, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.{digits}f} %"
+
+
+def _ci(interval: Any, digits: int = 3) -> str:
+    if not interval or interval[0] is None:
+        return "n/a"
+    return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("bloodcell", "report/templates"),
+        # HTML templates escape every value; the Markdown one must not (it would print &amp; and &lt;).
+        autoescape=lambda name: name is None or name.endswith(".html.j2"),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update({"fmt": _fmt, "pct": _pct, "ci": _ci})
+    return env
+
+
+def image_data_uri(path: str | Path) -> str:
+    """A PNG file as a ``data:image/png;base64,...`` URI, for a page without external files."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _is_evaluation(metrics: dict[str, Any] | None) -> bool:
+    from bloodcell.evaluate.runner import METRICS_FORMAT
+
+    return bool(metrics) and metrics.get("format") == METRICS_FORMAT
+
+
+def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False) -> dict[str, Any]:
+    """The run's evaluation (``metrics.json``), running :func:`~bloodcell.evaluate.runner.evaluate_model`
+    on its test part first when there is none (or only training-time numbers)."""
+    metrics = _read_json(run_dir / "metrics.json")
+    if _is_evaluation(metrics):
+        return metrics  # type: ignore[return-value]
+    if not evaluate:
+        raise UserError(f"{run_dir}: no evaluation yet; run `bloodcell evaluate {run_dir}` first")
+    from bloodcell.evaluate.runner import evaluate_model
+
+    return evaluate_model(run_dir, out_dir=run_dir, progress=progress)
+
+
+def find_baseline_run(run_dir: Path) -> Path | None:
+    """The newest sibling run whose config is named ``seed-replica`` and that has an evaluation, or None."""
+    if not run_dir.parent.is_dir():
+        return None
+    candidates = []
+    for sibling in run_dir.parent.iterdir():
+        if sibling.resolve() == run_dir.resolve() or not (sibling / "config.yaml").is_file():
+            continue
+        if _read_yaml(sibling / "config.yaml").get("name") == BASELINE_CONFIG and (sibling / "metrics.json").is_file():
+            candidates.append(sibling)
+    return max(candidates, key=lambda p: (p / "metrics.json").stat().st_mtime) if candidates else None
+
+
+def _training_plot(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
+    """The training-curves PNG, drawn now from ``history.csv`` if the evaluation did not draw it."""
+    import pandas as pd
+
+    from bloodcell.report.plots import plot_training_curves
+
+    target = run_dir / "plots" / "training_curves.png"
+    history = run_dir / "history.csv"
+    if history.is_file():
+        frame = pd.read_csv(history)
+        if len(frame) and (not target.is_file() or target.stat().st_mtime < history.stat().st_mtime):
+            plot_training_curves(frame, target)
+    return target if target.is_file() else None
+
+
+def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | None) -> dict[str, Any] | None:
+    """Side-by-side numbers of this run, the seed-replica baseline and the border-colour shortcut."""
+    from bloodcell.report.plots import plot_model_comparison
+
+    baseline = _read_json(baseline_dir / "metrics.json") if baseline_dir is not None else None
+    if baseline_dir is not None and not _is_evaluation(baseline):
+        log.warning("baseline %s has no evaluation; comparison left out", baseline_dir)
+        baseline = None
+    columns = [{"name": f"this model ({metrics['model']['architecture']})", "metrics": metrics}]
+    if baseline is not None:
+        columns.append({"name": f"seed replica ({baseline['model']['architecture']}, {baseline_dir.name})", "metrics": baseline})
+    rows = [
+        {"name": c["name"], "balanced_accuracy": c["metrics"]["balanced_accuracy"],
+         "balanced_accuracy_ci": c["metrics"]["balanced_accuracy_ci"]} for c in columns
+    ]  # fmt: skip
+    shortcut = metrics.get("shortcut_baseline")
+    if shortcut and shortcut.get("balanced_accuracy") is not None:
+        rows.append({"name": "border colour only (shortcut)", "balanced_accuracy": shortcut["balanced_accuracy"]})
+    plot = plot_model_comparison(rows, run_dir / "plots" / "comparison.png")
+    return {"columns": columns, "baseline_dir": str(baseline_dir) if baseline is not None else None, "plot": plot}
+
+
+def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | None) -> dict[str, Any]:
+    """Everything the templates show, gathered from the run's files (plots as paths)."""
+    from bloodcell.evaluate.shifts import SEVERITY_NAMES, shift_table
+
+    card = _read_json(Path(metrics["model"]["path"]) / "card.json") or {}
+    config = _read_yaml(run_dir / "config.yaml") or card.get("config", {})
+    plots = {name: run_dir / rel for name, rel in metrics.get("plots", {}).items() if (run_dir / rel).is_file()}
+    training = _training_plot(run_dir, metrics)
+    if training is not None:
+        plots["training_curves"] = training
+    comparison = _comparison(run_dir, metrics, baseline_dir)
+    plots["comparison"] = comparison["plot"]
+    grid = run_dir / "plots" / "gradcam_grid.png"
+    if grid.is_file():
+        plots["gradcam_grid"] = grid
+    history_rows = []
+    if (run_dir / "history.csv").is_file():
+        import pandas as pd
+
+        history_rows = pd.read_csv(run_dir / "history.csv").to_dict("records")
+    return {
+        "run_name": run_dir.name,
+        "run_dir": str(run_dir),
+        "version": __version__,
+        "metrics": metrics,
+        "card": card,
+        "config": config,
+        "config_yaml": yaml.safe_dump(config, sort_keys=False) if config else "",
+        "history": history_rows,
+        "plots": plots,
+        "comparison": comparison,
+        "shift_table": shift_table(),
+        "severity_names": SEVERITY_NAMES,
+        "limitations": LIMITATIONS,
+        "citation": CITATION,
+    }
+
+
+def build_report(
+    run_dir: str | Path, baseline: str | Path | None = None, evaluate: bool = True, progress: bool = False
+) -> Path:
+    """Write ``report.html`` (self-contained) and ``report.md`` into a run directory.
+
+    Parameters
+    ----------
+    run_dir: a training run (``config.yaml``, ``history.csv``, ``checkpoints/best``) or any folder holding
+        a ``metrics.json`` written by ``bloodcell evaluate``.
+    baseline: a run to compare against; None looks for a sibling run whose config is ``seed-replica``.
+    evaluate: evaluate the run's test part first when it has no ``metrics.json``.
+    progress: progress bars on stderr while evaluating.
+
+    Returns the path of ``report.html``.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    metrics = ensure_metrics(run_dir, evaluate, progress)
+    baseline_dir = Path(baseline) if baseline is not None else find_baseline_run(run_dir)
+    if baseline_dir is not None and not (baseline_dir / "metrics.json").is_file():
+        if baseline is None:
+            baseline_dir = None
+        else:
+            ensure_metrics(baseline_dir, evaluate, progress)
+    context = report_context(run_dir, metrics, baseline_dir)
+    env = _environment()
+    html_images = {name: image_data_uri(path) for name, path in context["plots"].items()}
+    md_images = {name: Path(path).relative_to(run_dir).as_posix() if Path(path).is_relative_to(run_dir) else str(path)
+                 for name, path in context["plots"].items()}  # fmt: skip
+    html = env.get_template("report.html.j2").render(**context, images=html_images)
+    markdown = env.get_template("report.md.j2").render(**context, images=md_images)
+    atomic_write_text(run_dir / REPORT_MD, markdown)
+    return atomic_write_text(run_dir / REPORT_HTML, html)

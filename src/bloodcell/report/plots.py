@@ -1,0 +1,258 @@
+"""The report's figures (matplotlib, Agg backend): readable at a glance, class names on the axes, the
+headline number in every title.
+
+Every function takes plain data (arrays, dicts from ``metrics.json``, a history DataFrame) and a target
+path, writes a PNG atomically and returns the path. Nothing here computes a metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: plots are files
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bloodcell.io import atomic_path
+
+DPI = 110
+#: Colour-blind-safe palette (Okabe-Ito) for lines of different shifts / classes.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically, close it, and return the path."""
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
+    """Loss and accuracy per epoch (train and validation) from a run's ``history.csv``.
+
+    Parameters
+    ----------
+    history: one row per epoch with ``epoch``, ``train_loss``, ``val_loss``, ``train_accuracy``,
+        ``val_accuracy``, ``val_balanced_accuracy`` (missing columns are skipped).
+    path: PNG to write.
+    """
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    epoch = history["epoch"].to_numpy() if "epoch" in history else np.arange(1, len(history) + 1)
+    for column, label, colour in (("train_loss", "train", PALETTE[0]), ("val_loss", "validation", PALETTE[1])):
+        if column in history:
+            ax_loss.plot(epoch, history[column], marker="o", ms=3, label=label, color=colour)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
+    for column, label, colour in (
+        ("train_accuracy", "train accuracy", PALETTE[0]),
+        ("val_accuracy", "validation accuracy", PALETTE[1]),
+        ("val_balanced_accuracy", "validation balanced accuracy", PALETTE[2]),
+    ):
+        if column in history:
+            ax_acc.plot(epoch, history[column], marker="o", ms=3, label=label, color=colour)
+    title = "Accuracy per epoch"
+    if "val_balanced_accuracy" in history and len(history):
+        best = int(np.nanargmax(history["val_balanced_accuracy"].to_numpy()))
+        title += f"\nbest validation balanced accuracy {history['val_balanced_accuracy'].iloc[best]:.3f} (epoch {epoch[best]})"
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_confusion_matrix(
+    counts: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path, title: str = "Confusion matrix"
+) -> Path:
+    """Row-normalised confusion matrix (colour = share of the true class), each cell labelled with its
+    count and percentage; true classes on rows, predicted on columns."""
+    counts = np.asarray(counts, dtype=np.int64)
+    support = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
+    fig, ax = plt.subplots(figsize=(0.9 * len(classes) + 2.6, 0.9 * len(classes) + 1.4))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            colour = "white" if shares[i, j] > 0.6 else "black"
+            ax.text(j, i, f"{counts[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", color=colour, fontsize=11)
+    ax.set_xticks(range(len(classes)), labels=classes, rotation=30, ha="right", fontsize=10)
+    ax.set_yticks(range(len(classes)), labels=classes, fontsize=10)
+    ax.set_xlabel("predicted class", fontsize=11)
+    ax.set_ylabel("true class", fontsize=11)
+    ax.set_title(title, fontsize=11)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_roc_curves(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], aucs: Mapping[str, float | None], path: str | Path
+) -> Path:
+    """One-vs-rest ROC curve of every class, its AUC in the legend."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for k, (name, (fpr, tpr)) in enumerate(curves.items()):
+        ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], lw=1.8, label=f"{name} (AUC {_fmt(aucs.get(name))})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    defined = [v for v in aucs.values() if v is not None]
+    macro = f"macro AUC {np.mean(defined):.3f}" if defined else "AUC undefined"
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, one vs rest ({macro})",
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _reliability_panel(ax: Any, bins: Sequence[Mapping[str, Any]], title: str) -> None:
+    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
+    accuracy = [b["accuracy"] if b["count"] else 0.0 for b in bins]
+    confidence = [b["confidence"] if b["count"] else c for b, c in zip(bins, centres)]
+    ax.bar(centres, accuracy, width=width * 0.95, color=PALETTE[0], alpha=0.85, label="accuracy")
+    # The gap runs from accuracy to mean confidence (Guo et al. 2017): hatched, so it reads both ways.
+    gaps = [c - a if b["count"] else 0.0 for a, c, b in zip(accuracy, confidence, bins)]
+    ax.bar(centres, gaps, bottom=accuracy, width=width * 0.95, fill=False, hatch="///", edgecolor=PALETTE[1],
+           lw=1.0, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    ax.set(xlabel="confidence (top class probability)", ylabel="accuracy", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+
+
+def plot_reliability(
+    bins_before: Sequence[Mapping[str, Any]],
+    bins_after: Sequence[Mapping[str, Any]] | None,
+    ece_before: float,
+    ece_after: float | None,
+    temperature: float,
+    path: str | Path,
+) -> Path:
+    """Reliability diagrams before and after temperature scaling, ECE and T in the titles."""
+    panels = 2 if bins_after is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.4), squeeze=False)
+    _reliability_panel(axes[0, 0], bins_before, f"Before temperature scaling (ECE {_fmt(ece_before)})")
+    if bins_after is not None:
+        _reliability_panel(axes[0, 1], bins_after, f"After, T = {temperature:.2f} (ECE {_fmt(ece_after)})")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_robustness(robustness: Mapping[str, Any], path: str | Path, metric: str = "balanced_accuracy") -> Path:
+    """Metric against severity (0 = clean) for every shift of the suite; the worst medium shift in the title.
+
+    ``robustness`` is the ``robustness`` entry of ``metrics.json``: ``shifts`` maps a shift name to a list of
+    per-severity dicts with ``severity`` and the metric.
+    """
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    markers = "osD^v<>p"
+    for k, (name, rows) in enumerate(robustness["shifts"].items()):
+        severities = [r["severity"] for r in rows]
+        values = [r[metric] for r in rows]
+        ax.plot(severities, values, marker=markers[k % len(markers)], color=PALETTE[k % len(PALETTE)], lw=1.8, label=name)
+    chance = robustness.get("chance")
+    if chance is not None:
+        ax.axhline(chance, ls=":", color="grey", lw=1, label="chance")
+    worst = robustness.get("worst", {}).get("2")
+    title = f"Robustness to acquisition shifts ({metric.replace('_', ' ')})"
+    if worst:
+        title += f"\nclean {_fmt(robustness['clean'][metric])}, worst at medium: {worst['shift']} {_fmt(worst[metric])}"
+    ax.set(xlabel="severity", ylabel=metric.replace("_", " "), title=title, ylim=(0, 1.02))
+    ax.set_xticks([0, 1, 2, 3], labels=["0 clean", "1 low", "2 medium", "3 high"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left", ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_shift_examples(image: np.ndarray, path: str | Path) -> Path:
+    """One image under every shift of the suite (columns) at severities 0 to 3 (rows), parameters as titles."""
+    from bloodcell.evaluate.shifts import SEVERITIES, SEVERITY_NAMES, SHIFTS, apply_shift, describe_parameters
+
+    names = list(SHIFTS)
+    fig, axes = plt.subplots(1 + len(SEVERITIES), len(names), figsize=(1.55 * len(names), 1.75 * (1 + len(SEVERITIES)) + 0.3),
+                             squeeze=False)  # fmt: skip
+    for c, name in enumerate(names):
+        for r, severity in enumerate((0, *SEVERITIES)):
+            ax = axes[r, c]
+            ax.imshow(apply_shift(image[None], name, severity)[0])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            label = name if r == 0 else describe_parameters(name, severity).replace(", ", "\n")
+            ax.set_title(label, fontsize=7 if r else 8, fontweight="bold" if r == 0 else "normal")
+            if c == 0:
+                ax.set_ylabel(f"{severity} {SEVERITY_NAMES[severity]}", fontsize=8)
+    fig.suptitle("The acquisition-shift suite on one test image (rows: severity)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_gradcam_grid(
+    rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: str | Path, title: str, columns: int = 4
+) -> Path:
+    """A grid of CAM overlays: one row per class, its correct examples then its misclassified ones.
+
+    Parameters
+    ----------
+    rows: ``(class name, examples)`` pairs; each example has ``overlay`` (uint8 RGB, or None for an empty
+        slot), ``correct`` (bool) and ``caption`` (short text).
+    path: PNG to write; title: the figure title (e.g. with the sanity-check numbers).
+    columns: panels per row; missing examples leave a labelled blank.
+    """
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.3 * columns, 2.45 * len(rows) + 0.6), squeeze=False)
+    for r, (name, examples) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            example = examples[c] if c < len(examples) else {"overlay": None, "caption": "no example"}
+            if example["overlay"] is not None:
+                ax.imshow(example["overlay"])
+                colour = PALETTE[2] if example["correct"] else PALETTE[1]
+                ax.set_title(example["caption"], fontsize=8, color=colour)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(2.5)
+            else:
+                ax.text(0.5, 0.5, example["caption"], ha="center", va="center", fontsize=8, color="grey")
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+            if c == 0:
+                ax.set_ylabel(f"true: {name}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_model_comparison(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Horizontal bars of balanced accuracy with 95 % intervals for models side by side.
+
+    ``rows``: dicts with ``name``, ``balanced_accuracy`` and optionally ``balanced_accuracy_ci``.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(rows) + 1.4))
+    names = [r["name"] for r in rows]
+    values = np.array([r["balanced_accuracy"] for r in rows], dtype=float)
+    ax.barh(names, values, color=[PALETTE[k % len(PALETTE)] for k in range(len(rows))], alpha=0.85)
+    for k, row in enumerate(rows):
+        interval = row.get("balanced_accuracy_ci")
+        if interval and interval[0] is not None:  # only models have intervals, the shortcut has none
+            error = [[max(values[k] - interval[0], 0)], [max(interval[1] - values[k], 0)]]
+            ax.errorbar(values[k], k, xerr=error, color="black", capsize=4, lw=1.2)
+    for k, v in enumerate(values):
+        ax.text(0.02, k, f"{v:.3f}", va="center", fontsize=10, color="white", fontweight="bold")
+    ax.set(xlabel="balanced accuracy (95% CI)", xlim=(0, 1.05), title="Balanced accuracy side by side")
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,496 @@
+"""The web service: a FastAPI app over a predictor, with a single-page UI at ``/``.
+
+Endpoints: ``POST /v1/predict`` (one image, ``?explain=true`` adds a Grad-CAM overlay), ``POST
+/v1/predict/batch`` (several images, one result or error per image), ``GET /v1/model`` (the model card),
+``GET /healthz``, the OpenAPI schema at ``/openapi.json`` with docs at ``/docs``, and ``GET /``.
+
+Inputs are untrusted. The request body is capped before it is parsed (413), uploads are decoded with the
+same validating decoder as every other stage (not an image, truncated, too many pixels or too large a
+side: 422), and every error is a JSON object ``{"detail": "what is wrong"}`` with a 4xx status. Decoding
+and inference run in worker threads, never on the event loop; a semaphore bounds how many inferences run
+at once (one when the network uses every core itself, one per core with ``inference_threads=1``), so the
+CPU is never oversubscribed, which on a small machine makes every call slower.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bloodcell import __version__
+from bloodcell.data.decode import ImageError, open_rgb, resize_rgb
+from bloodcell.serve.common import BasePredictor, available_cores
+
+log = logging.getLogger("bloodcell.serve")
+
+MB = 1024 * 1024
+DEFAULT_MAX_UPLOAD_BYTES = 10 * MB
+DEFAULT_MAX_SIDE = 4096
+DEFAULT_MAX_BATCH_FILES = 16
+#: Room for multipart boundaries and part headers on top of the file bytes themselves.
+MULTIPART_OVERHEAD = 64 * 1024
+#: Bodies of any other route (none of them takes one) are capped at this.
+OTHER_BODY_LIMIT = 64 * 1024
+#: Concurrent image decodes: each may hold a 4096x4096 RGB image (48 MB) in memory.
+MAX_CONCURRENT_DECODES = 4
+DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
+
+
+# -- response schemas (the OpenAPI document falls out of these) ---------------------------------------
+class ModelInfo(BaseModel):
+    name: str = Field(description="model name from its card")
+    version: str = Field(description="model version from its card")
+    architecture: str = Field("", description="network architecture")
+    backend: str = Field(description="inference backend: torch or onnx")
+
+
+class Explanation(BaseModel):
+    method: str = Field(description="CAM method (gradcam)")
+    target_class: str = Field(description="the class the map explains (the predicted class)")
+    overlay_png_base64: str = Field(description="PNG of the heat map over the uploaded image, base64")
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    filename: str | None = Field(None, description="name of the uploaded file")
+    class_: str = Field(alias="class", description="predicted class")
+    confidence: float = Field(description="probability of the predicted class")
+    probabilities: dict[str, float] = Field(description="probability of every class (temperature-scaled)")
+    model: ModelInfo
+    timing_ms: float = Field(description="server time for this request: decode, inference and explanation")
+    explanation: Explanation | None = Field(None, description="present when explain=true")
+    disclaimer: str = DISCLAIMER
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    filename: str | None = None
+    class_: str | None = Field(None, alias="class", description="predicted class; null when the file failed")
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
+    error: str | None = Field(None, description="why this file could not be classified")
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem] = Field(description="one entry per uploaded file, in order")
+    n_failed: int = Field(description="how many files could not be classified")
+    model: ModelInfo
+    timing_ms: float
+    disclaimer: str = DISCLAIMER
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: ModelInfo
+    version: str = Field(description="bloodcell version")
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong with the request, in words")
+    errors: list[dict[str, Any]] | None = Field(None, description="field-level problems (validation errors)")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "malformed request body"),
+        (413, "upload larger than the limit"),
+        (422, "missing field, not an image, truncated image, unsupported format or image too large"),
+    )
+}
+
+
+# -- limits on the request body, enforced before the multipart parser spools anything ---------------
+class UploadTooLarge(HTTPException):
+    """An upload (or the whole request body) exceeded its limit."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse bodies over a per-path limit, by Content-Length before reading anything,
+    or while streaming when the client sends no length.
+
+    ``limits`` maps a path to ``(largest body in bytes, the message a client gets)``.
+    """
+
+    def __init__(self, app: ASGIApp, limits: dict[str, tuple[int, str]], default: tuple[int, str]) -> None:
+        self.app = app
+        self.limits = limits
+        self.default = default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, message = self.limits.get(scope["path"].rstrip("/") or "/", self.default)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > limit:
+                    raise UploadTooLarge(message)  # FastAPI re-raises HTTPExceptions from body parsing
+            return event
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _human_bytes(count: int) -> str:
+    return f"{count / MB:.1f} MB" if count >= MB else f"{count / 1024:.0f} kB"
+
+
+# -- the service: predictor, explainer, limits ---------------------------------------------------------
+class Service:
+    """What the routes share: the predictor, the limits, and the locks that make inference thread-safe."""
+
+    def __init__(
+        self,
+        predictor: BasePredictor,
+        max_upload_bytes: int,
+        max_side: int,
+        explain_source: str | Path | None | Literal[False],
+        inference_slots: int = 1,
+    ) -> None:
+        self.predictor = predictor
+        self.max_upload_bytes = max_upload_bytes
+        self.max_side = max_side
+        self.model_info = ModelInfo(**predictor.model_info, backend=predictor.backend)
+        # Inference runs at most ``inference_slots`` at a time: one when the network uses every core
+        # itself, one per core when each call is single-threaded.
+        self._inference_slots = threading.BoundedSemaphore(inference_slots)
+        self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
+        self._explain_source = explain_source
+        self._explainer: Any = predictor if predictor.backend == "torch" else None
+        self._explainer_lock = threading.Lock()
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Validate and decode an upload: ``(the image for display, the model input)``; raises ImageError."""
+        with self._decode_slots:
+            try:
+                image = open_rgb(data, max_side=self.max_side)
+                return np.asarray(image), resize_rgb(image, self.predictor.input_size)
+            except ImageError:
+                raise
+            except Exception as error:  # a crafted file may trip any decoder plugin in any way
+                raise ImageError("<upload>", f"cannot decode image ({type(error).__name__})") from error
+
+    def probabilities(self, batch: np.ndarray, tta: bool | None) -> np.ndarray:
+        with self._inference_slots:
+            return self.predictor.predict(batch, tta=tta)
+
+    def explainer(self) -> Any:
+        """The torch predictor used for Grad-CAM (loaded on first use for the ONNX backend)."""
+        with self._explainer_lock:
+            if self._explainer is None:
+                if self._explain_source is False:
+                    raise HTTPException(
+                        400,
+                        "explain=true needs the model's PyTorch weights, which are not beside this ONNX file; "
+                        "serve the model directory instead of the .onnx file",
+                    )
+                from bloodcell.serve.predictor import TorchPredictor
+
+                self._explainer = TorchPredictor(self._explain_source)
+            return self._explainer
+
+    def warm_up(self) -> None:
+        """Run one prediction, and one explanation when possible, so the first request is not slow
+        (the first Grad-CAM imports its libraries and probes the network: seconds on a small CPU)."""
+        size = self.predictor.input_size
+        image = np.full((size, size, 3), 200, np.uint8)
+        self.probabilities(image[None], None)
+        if self._explain_source is not False:
+            self.explainer().explain(image)
+
+    def predict_one(self, data: bytes, filename: str | None, explain: bool, tta: bool | None) -> dict[str, Any]:
+        """Decode, classify and optionally explain one upload; returns the response as a dict."""
+        start = time.perf_counter()
+        picture, model_input = self.decode(data)
+        probs = self.probabilities(model_input[None], tta)[0]
+        result = self.predictor.result(filename or "", probs)
+        response: dict[str, Any] = {
+            "filename": filename,
+            "class": result.label,
+            "confidence": result.confidence,
+            "probabilities": result.probabilities,
+            "model": self.model_info,
+        }
+        if explain:
+            from bloodcell.serve.predictor import overlay_png
+
+            target = self.predictor.classes.index(result.label)
+            cam = self.explainer().explain(model_input, target=target)
+            response["explanation"] = {
+                "method": "gradcam",
+                "target_class": result.label,
+                "overlay_png_base64": base64.b64encode(overlay_png(picture, cam)).decode("ascii"),
+            }
+        response["timing_ms"] = round((time.perf_counter() - start) * 1000.0, 3)
+        return response
+
+    def predict_many(self, uploads: list[tuple[str | None, bytes | None]], tta: bool | None) -> dict[str, Any]:
+        """Classify several uploads in one batch; a bad file gets an ``error`` and the rest still run."""
+        start = time.perf_counter()
+        items: list[dict[str, Any]] = []
+        inputs: list[np.ndarray] = []
+        for filename, data in uploads:
+            if data is None:
+                items.append({"filename": filename, "error": f"file larger than the limit of {_human_bytes(self.max_upload_bytes)}"})
+                continue
+            try:
+                inputs.append(self.decode(data)[1])
+                items.append({"filename": filename})
+            except ImageError as error:
+                items.append({"filename": filename, "error": error.reason})
+        probs = iter(self.probabilities(np.stack(inputs), tta) if inputs else [])
+        for item in items:
+            if item.get("error") is None:
+                result = self.predictor.result(item["filename"] or "", next(probs))
+                item.update({"class": result.label, "confidence": result.confidence, "probabilities": result.probabilities})
+        return {
+            "results": items,
+            "n_failed": sum(1 for item in items if item.get("error")),
+            "model": self.model_info,
+            "timing_ms": round((time.perf_counter() - start) * 1000.0, 3),
+        }
+
+
+def load_predictor(
+    model_path: str | Path | None,
+    backend: Literal["torch", "onnx"] = "torch",
+    tta: bool = False,
+    threads: int | None = None,
+) -> tuple[BasePredictor, str | Path | None | Literal[False]]:
+    """Build the predictor for ``backend``; also returns where Grad-CAM's PyTorch weights come from
+    (``False`` when there are none: a bare ``.onnx`` file)."""
+    if backend == "torch":
+        from bloodcell.serve.predictor import TorchPredictor
+
+        return TorchPredictor(model_path, tta=tta, threads=threads), model_path
+    if backend != "onnx":
+        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    from bloodcell.serve.onnx_predictor import OnnxPredictor
+
+    if model_path is not None and str(model_path).lower().endswith(".onnx"):
+        return OnnxPredictor(model_path, threads=threads, tta=tta), torch_weights_beside(Path(model_path))
+    from bloodcell.serve.export import ensure_onnx
+
+    return OnnxPredictor(ensure_onnx(model_path), threads=threads, tta=tta), model_path
+
+
+def _explain_source(model_path: str | Path | None, predictor: BasePredictor) -> str | Path | None | Literal[False]:
+    """Where Grad-CAM's PyTorch weights come from for an already built predictor."""
+    if predictor.backend == "torch" or (model_path is not None and not str(model_path).lower().endswith(".onnx")):
+        return model_path
+    onnx_path = getattr(predictor, "onnx_path", None)
+    return torch_weights_beside(Path(onnx_path)) if onnx_path is not None else False
+
+
+def torch_weights_beside(onnx_path: Path) -> Path | Literal[False]:
+    """The model directory an ONNX file was exported from, when it sits in ``<model dir>/onnx/`` and the
+    weights there are the ones it was exported from (the hash in its card matches)."""
+    from bloodcell.io import sha256_file
+    from bloodcell.serve.common import read_card_json
+
+    candidate = onnx_path.resolve().parent.parent
+    weights = candidate / "model.safetensors"
+    if not ((candidate / "card.json").is_file() and weights.is_file()):
+        return False
+    try:
+        recorded = read_card_json(onnx_path.parent).get("onnx", {}).get("weights_sha256")
+    except (OSError, ValueError):
+        return False
+    return candidate if recorded == sha256_file(weights) else False
+
+
+# -- the app ------------------------------------------------------------------------------------------
+def create_app(
+    model_path: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_side: int = DEFAULT_MAX_SIDE,
+    backend: Literal["torch", "onnx"] = "torch",
+    *,
+    max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
+    tta: bool = False,
+    predictor: BasePredictor | None = None,
+    warm_up: bool = False,
+    inference_threads: int | None = None,
+) -> FastAPI:
+    """Build the web app for a saved model.
+
+    Parameters
+    ----------
+    model_path: a run, model directory, card, ``.onnx`` file (ONNX backend), or None for the bundled default.
+    max_upload_bytes: largest accepted image file (413 above it).
+    max_side: largest accepted image width or height in pixels (422 above it).
+    backend: ``torch`` (PyTorch eager) or ``onnx`` (ONNX Runtime; exported on first use if needed).
+    max_batch_files: most files one ``/v1/predict/batch`` request may carry.
+    tta: test-time augmentation by default (a request's ``tta`` parameter overrides it).
+    predictor: an already built predictor (then ``model_path`` is only used for Grad-CAM weights).
+    warm_up: run one prediction and one explanation before returning, so the first request is fast.
+    inference_threads: threads per inference call (None: the backend's default, all cores, and one
+        call at a time). With 1, up to one call per core runs at once: the better choice for many
+        small requests on a small CPU. For the torch backend this sets torch's process-wide thread count.
+
+    Returns the FastAPI application (run it with uvicorn, see ``bloodcell serve``).
+    """
+    if predictor is None:
+        predictor, explain_source = load_predictor(model_path, backend, tta, inference_threads)
+    else:
+        explain_source = _explain_source(model_path, predictor)
+    slots = max(1, available_cores() // inference_threads) if inference_threads else 1
+    service = Service(predictor, max_upload_bytes, max_side, explain_source, inference_slots=slots)
+    if warm_up:
+        service.warm_up()
+    app = FastAPI(
+        title="bloodcell",
+        version=__version__,
+        summary="B-ALL subtype classification of blood-smear images. " + DISCLAIMER,
+        description="Upload a blood-smear image, get the predicted B-ALL subtype, class probabilities and, "
+        "on request, a Grad-CAM overlay. " + DISCLAIMER,
+    )
+    app.state.service = service
+    too_large = f"upload too large: images up to {_human_bytes(max_upload_bytes)} are accepted"
+    app.add_middleware(
+        BodySizeLimit,
+        limits={
+            "/v1/predict": (max_upload_bytes + MULTIPART_OVERHEAD, too_large),
+            "/v1/predict/batch": (
+                max_batch_files * (max_upload_bytes + MULTIPART_OVERHEAD),
+                f"request too large: up to {max_batch_files} images of up to {_human_bytes(max_upload_bytes)} each",
+            ),
+        },
+        default=(OTHER_BODY_LIMIT, f"request body too large (limit {_human_bytes(OTHER_BODY_LIMIT)})"),
+    )
+    _add_error_handlers(app)
+    page = _index_page()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        # The page loads nothing from elsewhere; the policy makes sure of it.
+        return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def healthz() -> Health:
+        """Liveness and readiness: the model is loaded and answering."""
+        return Health(model=service.model_info, version=__version__)
+
+    @app.get("/v1/model", tags=["model"])
+    def model_card() -> dict[str, Any]:
+        """The model card: architecture, classes in order, input size, temperature, metrics, versions."""
+        return service.predictor.card
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+        tags=["predict"],
+    )
+    async def predict(
+        file: Annotated[UploadFile, File(description="a JPEG, PNG, BMP or TIFF image")],
+        explain: Annotated[bool, Query(description="add a Grad-CAM overlay of the predicted class")] = False,
+        tta: Annotated[bool | None, Query(description="test-time augmentation (8 flips and rotations)")] = None,
+    ) -> dict[str, Any]:
+        """Classify one blood-smear image."""
+        data = await _read_limited(file, service.max_upload_bytes)
+        if data is None:
+            raise UploadTooLarge(too_large)
+        try:
+            return await run_in_threadpool(service.predict_one, data, file.filename, explain, tta)
+        except ImageError as error:
+            raise HTTPException(422, f"{file.filename or 'upload'}: {error.reason}") from None
+
+    @app.post(
+        "/v1/predict/batch",
+        response_model=BatchResponse,
+        responses=ERRORS,
+        tags=["predict"],
+    )
+    async def predict_batch(
+        files: Annotated[list[UploadFile], File(min_length=1, description="JPEG, PNG, BMP or TIFF images (see the limits)")],
+        tta: Annotated[bool | None, Query(description="test-time augmentation (8 flips and rotations)")] = None,
+    ) -> dict[str, Any]:
+        """Classify several images; each result carries its class or the reason that file failed."""
+        if len(files) > max_batch_files:
+            raise HTTPException(422, f"too many files: {len(files)} sent, the limit is {max_batch_files} a request")
+        uploads = [(upload.filename, await _read_limited(upload, service.max_upload_bytes)) for upload in files]
+        return await run_in_threadpool(service.predict_many, uploads, tta)
+
+    return app
+
+
+async def _read_limited(upload: UploadFile, limit: int) -> bytes | None:
+    """The upload's bytes, or None when it is larger than ``limit``."""
+    data = await upload.read(limit + 1)
+    return None if len(data) > limit else data
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is ``{"detail": "..."}`` JSON; nothing a client sends produces a bare 500 page."""
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in error.errors()
+        ]
+        summary = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
+        hint = ""
+        if any(p["loc"][-1:] in (["file"], ["files"]) for p in problems):
+            hint = " (send the image as multipart/form-data: field 'file' for /v1/predict, 'files' for /v1/predict/batch)"
+        return JSONResponse({"detail": f"invalid request: {summary}{hint}", "errors": problems}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(error).__name__}); the server keeps running"}, status_code=500)
+
+
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def _index_page() -> str:
+    """The single-page UI, read once from the package."""
+    return (resources.files("bloodcell") / "serve" / "static" / "index.html").read_text(encoding="utf-8")

@@ -1,0 +1,286 @@
+"""What the torch and the ONNX Runtime predictors share: results, softmax with temperature, file batching.
+
+This module must not import torch (the ONNX Runtime predictor builds on it). A predictor only has to
+provide :meth:`BasePredictor.logits` on a uint8 NHWC batch; everything else (temperature, test-time
+augmentation, decoding files in a thread pool ahead of the network, per-file errors) is implemented once,
+here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bloodcell.data.decode import IMAGE_SUFFIXES, ImageError, decode_image
+
+CARD_FILE = "card.json"
+#: Default number of images a predictor runs through the network at once.
+DEFAULT_BATCH = 64
+#: Batches decoded ahead of the network in ``predict_files`` (bounds memory: 2 x 64 images).
+PREFETCH_BATCHES = 2
+
+
+@dataclass
+class PredictionResult:
+    """The prediction for one input: class name and per-class probabilities, or the reason it failed."""
+
+    source: str
+    label: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def confidence(self) -> float | None:
+        """Probability of the predicted class (None for a failed input)."""
+        return self.probabilities.get(self.label) if self.label is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``file``, ``class``, ``confidence``, ``probabilities``, ``error``."""
+        return {
+            "file": self.source,
+            "class": self.label,
+            "confidence": self.confidence,
+            "probabilities": self.probabilities,
+            "error": self.error,
+        }
+
+
+def softmax_with_temperature(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Numerically stable ``softmax(logits / temperature)`` over the last axis, float64 in, float32 out."""
+    scaled = np.asarray(logits, dtype=np.float64) / float(temperature)
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(scaled)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def read_card_json(directory: str | Path) -> dict[str, Any]:
+    """Read ``card.json`` from ``directory`` as a plain dict (no torch, no pydantic model needed).
+
+    Raises FileNotFoundError when it is missing and ValueError when it lacks what a predictor needs.
+    """
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no model card beside the model (expected {CARD_FILE})")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a valid model card ({error})") from None
+    missing = [key for key in ("classes", "input_size") if key not in card]
+    if missing:
+        raise ValueError(f"{path}: model card lacks {', '.join(missing)}")
+    return card
+
+
+class BasePredictor:
+    """Shared predictor logic. Subclasses set the card fields and implement :meth:`logits`.
+
+    Attributes: ``card`` (dict), ``classes`` (list of names), ``input_size`` (pixels), ``temperature``,
+    ``tta`` (None for no test-time augmentation, else a view set name of
+    :mod:`bloodcell.evaluate.tta`: ``"d4"`` or ``"flips"``), ``backend`` (``torch`` or ``onnx``).
+    """
+
+    backend = "base"
+
+    def __init__(self, card: dict[str, Any], tta: bool | str | None = None) -> None:
+        self.card = card
+        self.classes: list[str] = list(card["classes"])
+        self.input_size = int(card["input_size"])
+        self.temperature = float(card.get("temperature", 1.0) or 1.0)
+        self.tta = _tta_views_name(tta)
+
+    @property
+    def model_info(self) -> dict[str, str]:
+        """``{"name", "version", "architecture"}`` of the served model."""
+        return {
+            "name": str(self.card.get("name", "bloodcell-model")),
+            "version": str(self.card.get("version", "0")),
+            "architecture": str(self.card.get("architecture", "")),
+        }
+
+    # -- to implement ---------------------------------------------------------------------------------
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits ``(N, K)`` of a uint8 ``(N, input_size, input_size, 3)`` RGB batch."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------
+    def check_batch(self, images: np.ndarray) -> np.ndarray:
+        """Validate a batch's shape and type; returns it as a contiguous uint8 array."""
+        images = np.asarray(images)
+        expected = (self.input_size, self.input_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"expected a uint8 batch of shape (N, {', '.join(map(str, expected))}), got {images.shape}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 pixels in 0..255, got {images.dtype}")
+        return np.ascontiguousarray(images)
+
+    def predict_logits(self, images: np.ndarray, tta: bool | str | None = None) -> np.ndarray:
+        """Logits of a batch, averaged over the test-time-augmentation views when TTA is on."""
+        images = self.check_batch(images)
+        views = self.tta if tta is None else _tta_views_name(tta)
+        if len(images) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        if views is None:
+            return self.logits(images)
+        from bloodcell.evaluate.tta import tta_logits  # numpy only, like this module
+
+        return tta_logits(self.logits, images, views)
+
+    def predict(self, images: np.ndarray, tta: bool | str | None = None) -> np.ndarray:
+        """Class probabilities ``(N, K)`` float32 of a uint8 NHWC batch, with the card's temperature.
+
+        Parameters
+        ----------
+        images: uint8 ``(N, input_size, input_size, 3)`` RGB (see :func:`bloodcell.data.decode.decode_image`).
+        tta: override the predictor's TTA setting for this call (True = ``d4``, a view set name, or False).
+        """
+        return softmax_with_temperature(self.predict_logits(images, tta), self.temperature)
+
+    def result(self, source: str, probs: np.ndarray) -> PredictionResult:
+        """A :class:`PredictionResult` from one row of probabilities."""
+        index = int(np.argmax(probs))
+        return PredictionResult(
+            source=source,
+            label=self.classes[index],
+            probabilities={name: float(p) for name, p in zip(self.classes, probs)},
+        )
+
+    def predict_files(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        batch: int = DEFAULT_BATCH,
+        tta: bool | str | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        decode_workers: int | None = None,
+    ) -> list[PredictionResult]:
+        """Predict image files in batches; a file that cannot be used gets a row with its error reason.
+
+        Files are decoded by a small thread pool up to two batches ahead of the network, so decoding and
+        inference overlap and every core stays busy (PIL releases the GIL while it decodes and resizes).
+
+        Parameters
+        ----------
+        paths: image files, in the order the results should come back.
+        batch: images per network call.
+        tta: override the predictor's TTA setting.
+        on_batch: called with the number of files done after every batch (progress bars).
+        decode_workers: decoding threads (None: one per available core).
+
+        Returns one :class:`PredictionResult` per path, in order.
+        """
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        names = [str(p) for p in paths]
+        chunks = [names[i : i + batch] for i in range(0, len(names), batch)]
+        results: list[PredictionResult] = []
+        with ThreadPoolExecutor(max_workers=decode_workers or available_cores(), thread_name_prefix="bloodcell-decode") as pool:
+            pending: deque[list[Future]] = deque()
+            for k in range(min(PREFETCH_BATCHES, len(chunks))):
+                pending.append([pool.submit(self._decode_one, name) for name in chunks[k]])
+            for k, chunk in enumerate(chunks):
+                decoded = [future.result() for future in pending.popleft()]
+                if k + PREFETCH_BATCHES < len(chunks):
+                    pending.append([pool.submit(self._decode_one, name) for name in chunks[k + PREFETCH_BATCHES]])
+                results.extend(self._predict_chunk(chunk, decoded, tta))
+                if on_batch is not None:
+                    on_batch(len(results))
+        return results
+
+    def _decode_one(self, name: str) -> np.ndarray | str:
+        """The decoded model input of one file, or the reason it cannot be used."""
+        try:
+            return decode_image(name, self.input_size)
+        except ImageError as error:
+            return error.reason
+        except Exception as error:  # noqa: BLE001 - one odd file must not stop a batch of thousands
+            return f"cannot read image ({type(error).__name__}: {error})"
+
+    def _predict_chunk(self, names: list[str], decoded: list[np.ndarray | str], tta: bool | str | None) -> list[PredictionResult]:
+        good = [d for d in decoded if not isinstance(d, str)]
+        probs = iter(self.predict(np.stack(good), tta) if good else [])
+        return [
+            PredictionResult(source=name, error=d) if isinstance(d, str) else self.result(name, next(probs))
+            for name, d in zip(names, decoded)
+        ]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _tta_views_name(tta: bool | str | None) -> str | None:
+    """Normalise a TTA setting: False/None -> None, True -> ``d4``, a name -> itself (validated)."""
+    if tta is None or tta is False:
+        return None
+    if tta is True:
+        return "d4"
+    from bloodcell.evaluate.tta import VIEW_SETS
+
+    if tta not in VIEW_SETS:
+        raise ValueError(f"unknown TTA view set {tta!r}; choose one of {', '.join(VIEW_SETS)}")
+    return str(tta)
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
+    """Turn files, folders and glob patterns into a list of image files.
+
+    Folders are searched recursively for files with an image suffix (:data:`IMAGE_SUFFIXES`); a file named
+    explicitly is kept whatever its suffix (the decoder then says whether it is an image); glob patterns
+    (``*``, ``?``, ``[``, ``**``) are expanded. Duplicates are dropped, order is kept.
+
+    Returns ``(files, missing)``: the files found and the inputs that matched nothing.
+    """
+    files: list[Path] = []
+    missing: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: Path) -> None:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            found = _images_in_folder(path)
+        elif path.exists():
+            found = [path]
+        elif glob.has_magic(text):
+            found = []
+            for match in sorted(glob.glob(text, recursive=True)):
+                match_path = Path(match)
+                found.extend(_images_in_folder(match_path) if match_path.is_dir() else [match_path])
+        else:
+            found = []
+        if not found:
+            missing.append(text)
+        for file in found:
+            add(file)
+    return files, missing
+
+
+def _images_in_folder(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, hidden files skipped), sorted by path."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )

@@ -1,0 +1,114 @@
+"""Checkpoints of a run: ``checkpoints/best`` and ``checkpoints/last``, never pickled.
+
+Each checkpoint is a model directory (``model.safetensors`` + ``card.json``, loadable by
+:func:`bloodcell.models.load_model`). ``last`` also holds what resuming needs: ``trainer.safetensors``
+(the optimizer's tensors) and ``trainer.json`` (epoch, step, best score, history, the optimizer's
+hyper-parameters and the random seeds of the next epoch).
+
+A checkpoint is written whole into a temporary sibling folder and then swapped in with renames, so a
+kill at any moment leaves either the previous complete checkpoint or the new one, never a mix of the two
+(for example the weights of epoch 5 beside the optimizer state of epoch 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bloodcell.io import atomic_path, atomic_write_json
+from bloodcell.models import ModelCard, save_model
+
+TRAINER_WEIGHTS = "trainer.safetensors"
+TRAINER_STATE = "trainer.json"
+
+
+def checkpoint_dir(run_dir: Path, which: str) -> Path:
+    """``run_dir/checkpoints/<which>`` (``best`` or ``last``)."""
+    return Path(run_dir) / "checkpoints" / which
+
+
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    card: ModelCard,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint into ``directory``, replacing any previous one atomically.
+
+    With ``optimizer`` and ``trainer_state`` it is a resumable ``last`` checkpoint.
+    """
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(model, card, staging)
+    if optimizer is not None:
+        tensors, optimizer_meta = optimizer_state_to_tensors(optimizer)
+        with atomic_path(staging / TRAINER_WEIGHTS) as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_json(staging / TRAINER_STATE, {**(trainer_state or {}), "optimizer": optimizer_meta})
+    _swap_in(staging, directory)
+    return directory
+
+
+def load_trainer_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read ``trainer.json`` and ``trainer.safetensors`` of a ``last`` checkpoint (tensors on the CPU)."""
+    directory = recover_checkpoint(Path(directory))
+    state_path = directory / TRAINER_STATE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{directory}: no resumable checkpoint ({TRAINER_STATE} missing)")
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    return state, load_file(str(directory / TRAINER_WEIGHTS), device="cpu")
+
+
+def recover_checkpoint(directory: Path) -> Path:
+    """Finish a swap that a kill interrupted: if only the previous checkpoint is left, put it back."""
+    previous = directory.with_name(f".{directory.name}.old")
+    if not directory.exists() and previous.exists():
+        os.replace(previous, directory)
+    shutil.rmtree(directory.with_name(f".{directory.name}.tmp"), ignore_errors=True)
+    return directory
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Replace ``directory`` by ``staging`` with two renames (a directory cannot be renamed over another)."""
+    previous = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, previous)
+    os.replace(staging, directory)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's ``state_dict`` into safetensors-ready tensors and JSON-ready metadata."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Inverse of :func:`optimizer_state_to_tensors`: restore the optimizer exactly."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

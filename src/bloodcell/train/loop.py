@@ -1,0 +1,546 @@
+"""The training loop, meant to be read top to bottom in one sitting (in the manner of nanoGPT).
+
+``fit(config)`` trains one run: it prepares the data (index, split, decoded cache), builds the model and
+AdamW, then for each epoch shuffles the training images, augments whole batches on the training device,
+takes optimiser steps at a learning rate computed from the step number, validates, appends a row to
+``history.csv`` and writes the ``best`` and ``last`` checkpoints. Lightning Fabric supplies devices, mixed
+precision and distributed data parallel; everything else is plain PyTorch.
+
+Reproducibility and resuming: every epoch reseeds torch and its data / augmentation generators from
+``(seed, epoch, rank)``, the schedule is a pure function of the step, and ``last`` holds the optimiser's
+state, so a run resumed from ``last`` after Ctrl-C or a kill computes exactly what the uninterrupted run
+would have computed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+
+from bloodcell.config import RunConfig, config_from_dict, config_to_yaml, load_config
+from bloodcell.data.augment import BatchAugment
+from bloodcell.errors import UserError
+from bloodcell.io import atomic_write_text
+from bloodcell.models import ModelCard
+from bloodcell.train.checkpoint import (
+    checkpoint_dir,
+    load_optimizer_state,
+    load_trainer_state,
+    recover_checkpoint,
+    save_checkpoint,
+)
+from bloodcell.train.progress import RunProgress, close_log, open_log
+from bloodcell.train.setup import (
+    architecture_kwargs,
+    build_classifier,
+    build_optimizer,
+    class_weights,
+    derive_seed,
+    keep_freed_memory,
+    learning_rate,
+    make_fabric,
+    resolve_precision,
+    set_threads,
+)
+
+HISTORY_COLUMNS = [
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+    "lr", "seconds", "images_per_second",
+]
+# Keys that may differ between a run and its resumption: where and how it runs, not what it computes.
+RUNTIME_KEYS = {"data.root", "train.devices", "train.accelerator", "train.num_threads"}
+EVAL_BATCH = 256
+
+
+class TrainingData(Protocol):
+    """What training needs from the data stage (:class:`bloodcell.data.prepare.PreparedData` provides it)."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8, aligned with the split's rows
+    labels: np.ndarray  # (N,) int64 class indices
+    classes: list[str]
+    manifest_sha256: str | None
+    segmented_images: np.ndarray | None  # the Segmented variant, aligned with ``images``, when it exists
+
+    def indices(self, part: str) -> np.ndarray: ...
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the run stopped and its last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns (on every process; ``is_main_process`` is True on rank 0 only)."""
+
+    run_dir: Path
+    best_val_balanced_accuracy: float
+    best_epoch: int
+    history: list[dict[str, float]]
+    seconds: float
+    stopped: str = "completed"  # "completed" or "early_stopping"
+    is_main_process: bool = True
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the Classifier after the last epoch
+
+
+@dataclass
+class LoopState:
+    """Everything about the loop's progress that ``last/trainer.json`` must hold to resume exactly."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    best_score: tuple[float, float] = (-1.0, float("-inf"))  # (val balanced accuracy, -val loss)
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    stopped: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "best_score": list(self.best_score)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoopState:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["best_score"] = tuple(fields.get("best_score", (-1.0, float("-inf"))))
+        return cls(**fields)
+
+
+def fit(
+    config: RunConfig,
+    out_dir: str | Path | None = None,
+    *,
+    prepared: TrainingData | None = None,
+    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one run and write its run directory.
+
+    Parameters
+    ----------
+    config: the validated run configuration.
+    out_dir: the run directory; default ``runs/<config.name>``. It must not hold another run unless
+        ``resume`` is set.
+    prepared: data from :func:`bloodcell.data.prepare.prepare_data`; prepared from ``config.data`` if None.
+    epoch_callback: called as ``epoch_callback(epoch, history_row)`` after each validation, once the
+        epoch's checkpoints are on disk. It may raise (Optuna prunes a trial this way); the exception
+        propagates and the run can later be resumed.
+    resume: continue from ``out_dir/checkpoints/last``; the run then ends exactly as the uninterrupted
+        run would have.
+    progress: show a progress bar (rank 0 only).
+
+    Returns a :class:`TrainResult`. Raises :class:`TrainingDiverged` (a :class:`UserError`) if the loss
+    becomes NaN, after keeping the last good checkpoint.
+    """
+    started = time.perf_counter()
+    fabric = make_fabric(config.train)
+    fabric.launch()
+    local_processes = max(1, fabric.world_size // getattr(fabric.strategy, "num_nodes", 1))
+    threads = set_threads(config.train.num_threads, local_processes)
+    keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it back every step
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / config.name
+    main = fabric.is_global_zero
+    if main:
+        config = _prepare_run_dir(run_dir, config, resume, prepared)
+    config = fabric.broadcast(config, src=0)  # rank 0 may have resolved lr=auto or read the run's config
+    log = open_log(run_dir, main)
+    try:
+        # ------------------------------------------------------------ data
+        with fabric.rank_zero_first():
+            data = prepared if prepared is not None else _prepare_data(config, progress and main)
+        classes = list(data.classes)
+        train_rows, val_rows = np.asarray(data.indices("train")), np.asarray(data.indices("val"))
+        if len(train_rows) == 0 or len(val_rows) == 0:
+            raise UserError("the split has no training or no validation images; use a larger dataset")
+        # The whole training set lives in one uint8 tensor on the training device: batches are gathered by
+        # index, so no DataLoader or per-image Python is involved. NHWC in memory = channels_last NCHW.
+        train_images = fabric.to_device(torch.from_numpy(np.ascontiguousarray(data.images[train_rows])))
+        train_labels = fabric.to_device(torch.from_numpy(np.asarray(data.labels)[train_rows]).long())
+        val_images = torch.from_numpy(np.ascontiguousarray(data.images[val_rows]))
+        val_labels = np.asarray(data.labels)[val_rows]
+        segmented = None
+        if config.data.mix_segmented > 0:
+            if data.segmented_images is None:
+                raise UserError("data.mix_segmented > 0 needs the dataset's Segmented variant, which was not found")
+            segmented = fabric.to_device(torch.from_numpy(np.ascontiguousarray(data.segmented_images[train_rows])))
+
+        # ------------------------------------------------------------ model, optimiser, loss
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        base_lr = float(config.optimizer.lr)  # "auto" was resolved into a number by _prepare_run_dir
+        classifier = build_classifier(config, len(classes))
+        if config.train.channels_last:
+            classifier = classifier.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(classifier, config.optimizer, base_lr)
+        model, optimizer = fabric.setup(classifier, optimizer)
+        weights = class_weights(train_labels.cpu().numpy(), len(classes)) if config.train.class_weights else None
+        criterion = torch.nn.CrossEntropyLoss(
+            weight=None if weights is None else fabric.to_device(weights),
+            label_smoothing=config.train.label_smoothing,
+        )
+        augment = BatchAugment(config.augment)
+        batch_size = config.train.batch_size
+        per_rank = len(train_rows) // fabric.world_size
+        steps_per_epoch = max(1, per_rank // batch_size)  # drop the ragged last batch: equal steps on all ranks
+        total_steps = steps_per_epoch * config.train.epochs
+
+        # ------------------------------------------------------------ resume
+        state = LoopState()
+        if resume:
+            state = _restore(run_dir, classifier, optimizer, data)
+            log.info("resumed from %s at epoch %d", checkpoint_dir(run_dir, "last"), state.epoch)
+        else:
+            log.info(
+                "run %s: %s on %d train / %d val images, %d classes, %d px, %s x%d, precision %s, threads %d",
+                config.name, config.model.name, len(train_rows), len(val_rows), len(classes),
+                config.data.image_size, fabric.device, fabric.world_size, resolve_precision(config.train), threads,
+            )
+
+        # ------------------------------------------------------------ epochs
+        with RunProgress(progress and main, config.train.epochs) as bar:
+            for epoch in range(state.epoch + 1, config.train.epochs + 1):
+                if state.stopped:
+                    break
+                epoch_started = time.perf_counter()
+                torch.manual_seed(derive_seed(config.train.seed, epoch, fabric.global_rank))  # dropout
+                order = torch.Generator().manual_seed(derive_seed(config.train.seed, epoch))  # same on all ranks
+                augment_rng = torch.Generator().manual_seed(derive_seed(config.train.seed, epoch, fabric.global_rank, 1))
+                permutation = torch.randperm(len(train_rows), generator=order)
+                my_rows = permutation[fabric.global_rank :: fabric.world_size][: steps_per_epoch * batch_size]
+                bar.start_epoch(epoch, steps_per_epoch, _format_last_val(state))
+
+                model.train()
+                loss_sum = torch.zeros((), device=fabric.device)
+                correct = torch.zeros((), device=fabric.device)
+                for batch_index in range(steps_per_epoch):
+                    rows = fabric.to_device(my_rows[batch_index * batch_size : (batch_index + 1) * batch_size])
+                    images, labels = train_images[rows], train_labels[rows]
+                    if segmented is not None:
+                        use_segmented = torch.rand(len(rows), generator=augment_rng) < config.data.mix_segmented
+                        images = torch.where(fabric.to_device(use_segmented).view(-1, 1, 1, 1), segmented[rows], images)
+                    images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels_last memory)
+
+                    lr = learning_rate(state.step, total_steps, base_lr, config.schedule)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss, logits = _training_loss(model, criterion, augment, images, labels, augment_rng, config)
+                    fabric.backward(loss)
+                    grad_norm = (
+                        fabric.clip_gradients(
+                            model, optimizer, max_norm=config.train.grad_clip, error_if_nonfinite=False
+                        )
+                        if config.train.grad_clip > 0 else None
+                    )
+                    if not _all_finite(fabric, loss, grad_norm):
+                        _diverged(log, run_dir, state, epoch, batch_index, loss, lr)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+
+                    loss_sum += loss.detach()
+                    correct += (logits.argmax(dim=1) == labels).sum()
+                    if progress and main:
+                        done = (batch_index + 1) * len(rows) * fabric.world_size
+                        bar.step(loss.item(), done / (time.perf_counter() - epoch_started))
+
+                _sync_buffers(fabric, classifier)
+                train_seconds = time.perf_counter() - epoch_started
+                seen = float(fabric.all_reduce(torch.tensor(float(len(my_rows)), device=fabric.device), reduce_op="sum"))
+                row: dict[str, float] = {
+                    "epoch": epoch,
+                    "train_loss": float(fabric.all_reduce(loss_sum, reduce_op="mean")) / steps_per_epoch,
+                    "train_accuracy": float(fabric.all_reduce(correct, reduce_op="sum")) / seen,
+                    "lr": lr,
+                    "images_per_second": seen / train_seconds,
+                }
+
+                validate = epoch % config.train.eval_every == 0 or epoch == config.train.epochs
+                improved = False
+                if validate:
+                    # Rank 0's numbers decide for everyone, so best/early-stopping choices can never diverge.
+                    row.update(fabric.broadcast(_validate(fabric, model, val_images, val_labels), src=0))
+                    score = (row["val_balanced_accuracy"], -row["val_loss"])
+                    improved = score > state.best_score
+                    if improved:
+                        state.best_score, state.best_epoch, state.epochs_without_improvement = score, epoch, 0
+                    else:
+                        state.epochs_without_improvement += 1
+                    patience = config.train.early_stopping_patience
+                    if patience and state.epochs_without_improvement >= patience:
+                        state.stopped = "early_stopping"
+                row["seconds"] = time.perf_counter() - epoch_started
+                state.epoch = epoch
+                state.history.append(row)
+
+                # ------------------------------------------------ checkpoints, history, log
+                if main:
+                    card = _card(config, classes, data, epoch, row)
+                    if improved:
+                        save_checkpoint(checkpoint_dir(run_dir, "best"), classifier, card)
+                    save_checkpoint(
+                        checkpoint_dir(run_dir, "last"), classifier, card, optimizer, _trainer_json(state, config, data)
+                    )
+                    _write_history(run_dir, state.history)
+                    log.info("epoch %s", _format_row(row) + ("  *best*" if improved else ""))
+                fabric.barrier()
+                bar.end_epoch(f"{row['val_balanced_accuracy']:.4f}" if validate else "-")
+                if epoch_callback is not None and validate:
+                    epoch_callback(epoch, dict(row))
+                if state.stopped:
+                    log.info("early stopping: no improvement in %d validated epochs", config.train.early_stopping_patience)
+
+        seconds = time.perf_counter() - started
+        if main:
+            log.info(
+                "done in %.1f s: best val balanced accuracy %.4f at epoch %d",
+                seconds, state.best_score[0], state.best_epoch,
+            )
+        return TrainResult(
+            run_dir=run_dir,
+            best_val_balanced_accuracy=state.best_score[0],
+            best_epoch=state.best_epoch,
+            history=state.history,
+            seconds=seconds,
+            stopped=state.stopped or "completed",
+            is_main_process=main,
+            model=classifier,
+        )
+    finally:
+        close_log(log)
+
+
+# ====================================================================== the pieces of one step
+def _training_loss(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    augment: BatchAugment,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    config: RunConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch and return ``(loss, logits)``.
+
+    With ``augment.consistency > 0`` the batch is seen in two colour views of one geometric view, and the
+    Jensen-Shannon divergence between the two predictions is added (as in AugMix): the model is pushed to
+    give the same answer whatever the stain.
+    """
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    weight = config.augment.consistency
+    if weight <= 0:
+        x = augment(images, generator).contiguous(memory_format=memory_format)
+        logits = model(x)
+        return criterion(logits, labels), logits
+    geometric = augment.geometric(images, generator)
+    views = torch.cat([augment.colour(geometric, generator), augment.colour(geometric, generator)])
+    logits_both = model(views.contiguous(memory_format=memory_format))
+    logits, logits_other = logits_both.chunk(2)
+    loss = (criterion(logits, labels) + criterion(logits_other, labels)) / 2
+    p, q = logits.float().softmax(dim=1), logits_other.float().softmax(dim=1)
+    mixture = ((p + q) / 2).clamp_min(1e-7).log()
+    js = (F.kl_div(mixture, p, reduction="batchmean") + F.kl_div(mixture, q, reduction="batchmean")) / 2
+    return loss + weight * js, logits
+
+
+def _sync_buffers(fabric, module: torch.nn.Module) -> None:
+    """Copy rank 0's BatchNorm statistics to every rank (DDP averages gradients, not buffers)."""
+    if fabric.world_size > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+def _all_finite(fabric, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    """True when the loss (and gradient norm) are finite on every rank, so all ranks stop together."""
+    bad = (~torch.isfinite(loss.detach())).float()
+    if grad_norm is not None:
+        bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))).float()
+    if fabric.world_size > 1:
+        bad = fabric.all_reduce(bad, reduce_op="sum")
+    return float(bad) == 0.0
+
+
+def _diverged(log, run_dir: Path, state: LoopState, epoch: int, batch_index: int, loss: torch.Tensor, lr: float):
+    """Stop the run with a message that says what happened and what to do; the checkpoints stay as they are."""
+    kept = (
+        f"the last good checkpoint (epoch {state.epoch}) is kept in {checkpoint_dir(run_dir, 'last')}"
+        if state.epoch
+        else "no checkpoint was written (it diverged in the first epoch)"
+    )
+    message = (
+        f"training diverged: the loss became {float(loss.detach())} at epoch {epoch}, step {batch_index + 1} "
+        f"(learning rate {lr:.3g}); {kept}. Lower optimizer.lr, keep train.grad_clip on, or use "
+        "train.precision=32-true, then start a new run (or --resume to retry from the checkpoint)."
+    )
+    log.error(message)
+    raise TrainingDiverged(message)
+
+
+@torch.no_grad()
+def _validate(fabric, model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+    """Loss, accuracy and balanced accuracy on the validation images (every rank computes the same numbers)."""
+    model.eval()
+    logits = []
+    for start in range(0, len(images), EVAL_BATCH):
+        batch = fabric.to_device(images[start : start + EVAL_BATCH]).permute(0, 3, 1, 2)
+        logits.append(model(batch).float().cpu())
+    all_logits = torch.cat(logits)
+    targets = torch.from_numpy(labels).long()
+    predictions = all_logits.argmax(dim=1).numpy()
+    return {
+        "val_loss": float(F.cross_entropy(all_logits, targets)),
+        "val_accuracy": float((predictions == labels).mean()),
+        "val_balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+    }
+
+
+# ====================================================================== run directory and records
+def _prepare_data(config: RunConfig, progress: bool) -> TrainingData:
+    """Index, split and cache the dataset named in ``config.data`` (the data stage's one-call API)."""
+    from bloodcell.data.prepare import prepare_data
+
+    if not config.data.root:
+        raise UserError("no dataset given: pass --data DATA (or set data.root in the config)")
+    return prepare_data(config.data, progress=progress)
+
+
+def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, prepared: TrainingData | None) -> RunConfig:
+    """Create (or, to resume, check) the run directory and write ``config.yaml``; returns the config to run."""
+    if resume:
+        last = recover_checkpoint(checkpoint_dir(run_dir, "last"))
+        if not (last / "trainer.json").is_file():
+            raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last from an earlier epoch)")
+        saved = load_config(str(run_dir / "config.yaml"))
+        changed = _changed_keys(saved, config)
+        if changed:
+            raise UserError(
+                f"cannot resume {run_dir} with a different config ({', '.join(changed)}); resume with the run's "
+                "own config.yaml, or start a new run with --out"
+            )
+        root = config.data.root or saved.data.root
+        return saved.model_copy(update={"data": saved.data.model_copy(update={"root": root})})
+    if (run_dir / "checkpoints").exists() or (run_dir / "history.csv").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = _resolve_learning_rate(config, run_dir, prepared)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    return config
+
+
+def _resolve_learning_rate(config: RunConfig, run_dir: Path, prepared: TrainingData | None) -> RunConfig:
+    """Replace ``optimizer.lr: auto`` by the learning-rate finder's suggestion, so config.yaml is what ran.
+
+    The range test's plot and table go to ``run_dir/lr-find``.
+    """
+    if config.optimizer.lr != "auto":
+        return config
+    try:
+        from bloodcell.tune.lr_find import run_lr_find
+    except ModuleNotFoundError:
+        raise UserError(
+            "optimizer.lr=auto needs the learning-rate finder (bloodcell.tune.lr_find), which is not available; "
+            "set optimizer.lr to a number"
+        ) from None
+    kwargs = {"prepared": prepared} if prepared is not None else {}
+    lr = float(run_lr_find(config, config.data.root, run_dir / "lr-find", **kwargs).suggested_lr)
+    raw = config.model_dump(mode="json")
+    raw["optimizer"]["lr"] = lr
+    return config_from_dict(raw)
+
+
+def _changed_keys(saved: RunConfig, given: RunConfig) -> list[str]:
+    """Dotted config keys whose values differ (ignoring where and how the run executes)."""
+    def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "kwargs":
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
+
+    a, b = flatten(saved.model_dump(mode="json")), flatten(given.model_dump(mode="json"))
+    ignore = set(RUNTIME_KEYS) | ({"optimizer.lr"} if given.optimizer.lr == "auto" else set())
+    return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
+
+
+def _restore(run_dir: Path, classifier: torch.nn.Module, optimizer, data: TrainingData) -> LoopState:
+    """Load ``last``: model weights, optimiser state and loop state; check it was trained on the same data."""
+    from safetensors.torch import load_file
+
+    last = checkpoint_dir(run_dir, "last")
+    trainer, tensors = load_trainer_state(last)
+    saved_manifest = trainer.get("manifest_sha256")
+    if saved_manifest and data.manifest_sha256 and saved_manifest != data.manifest_sha256:
+        raise UserError(f"{run_dir} was trained on different data (manifest hash differs); start a new run")
+    classifier.load_state_dict(load_file(str(last / "model.safetensors"), device="cpu"))
+    load_optimizer_state(optimizer, tensors, trainer["optimizer"])
+    return LoopState.from_json(trainer["loop"])
+
+
+def _trainer_json(state: LoopState, config: RunConfig, data: TrainingData) -> dict[str, Any]:
+    """The JSON half of the resumable state (the optimiser's tensors go to ``trainer.safetensors``)."""
+    return {
+        "format": "bloodcell-trainer/1",
+        "loop": state.to_json(),
+        "manifest_sha256": data.manifest_sha256,
+        # Random state is derived, not stored: epoch e reseeds torch from (seed, e, rank), so the seed and
+        # the next epoch determine every random draw still to come.
+        "rng": {"seed": config.train.seed, "next_epoch": state.epoch + 1, "scheme": "derive_seed(seed, epoch, rank)"},
+    }
+
+
+def _card(config: RunConfig, classes: list[str], data: TrainingData, epoch: int, row: dict[str, float]) -> ModelCard:
+    """The model card written beside each checkpoint's weights."""
+    import sys
+
+    split = getattr(data, "split", None)
+    counts = split["split"].value_counts().to_dict() if split is not None and "split" in split else {}
+    return ModelCard(
+        name=config.name,
+        architecture=config.model.name,
+        arch_kwargs=architecture_kwargs(config),
+        classes=classes,
+        input_size=int(data.images.shape[1]),
+        normalize=config.normalize,
+        config=config.model_dump(mode="json"),
+        command=" ".join(sys.argv),
+        manifest_sha256=data.manifest_sha256,
+        split={"protocol": config.data.protocol, "seed": config.data.split_seed, "counts": counts},
+        metrics={k: row[k] for k in ("val_loss", "val_accuracy", "val_balanced_accuracy") if k in row},
+        epoch=epoch,
+    )
+
+
+def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+    """Rewrite ``history.csv`` atomically from the loop state (so it always matches ``last``)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({key: _csv_value(row.get(key)) for key in HISTORY_COLUMNS})
+    atomic_write_text(run_dir / "history.csv", buffer.getvalue())
+
+
+def _csv_value(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def _format_row(row: dict[str, float]) -> str:
+    parts = [f"{int(row['epoch'])}"]
+    parts += [f"{key}={row[key]:.4g}" for key in HISTORY_COLUMNS[1:] if key in row]
+    return " ".join(parts)
+
+
+def _format_last_val(state: LoopState) -> str:
+    validated = [row for row in state.history if "val_balanced_accuracy" in row]
+    return f"{validated[-1]['val_balanced_accuracy']:.4f}" if validated else "-"

@@ -1,0 +1,78 @@
+"""What a person watching a run sees: a rich progress bar, and a plain ``train.log`` for later."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class RunProgress:
+    """One bar per epoch with loss, validation balanced accuracy and images/s; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, epochs: int) -> None:
+        self.epochs = epochs
+        self._progress: Progress | None = None
+        self._task = None
+        if enabled:
+            self._progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("val bal-acc {task.fields[val]}"),
+                TextColumn("{task.fields[rate]:.0f} img/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+
+    def __enter__(self) -> RunProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def start_epoch(self, epoch: int, steps: int, last_val: str) -> None:
+        if self._progress is None:
+            return
+        if self._task is not None:
+            self._progress.update(self._task, visible=False)
+        self._task = self._progress.add_task(
+            "train", total=steps, epoch=epoch, epochs=self.epochs, loss=float("nan"), val=last_val, rate=0.0
+        )
+
+    def step(self, loss: float, rate: float) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=1, loss=loss, rate=rate)
+
+    def end_epoch(self, val: str) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, val=val)
+
+
+def open_log(run_dir: Path, enabled: bool) -> logging.Logger:
+    """A logger writing to ``run_dir/train.log`` (appending, so a resumed run keeps its earlier lines)."""
+    logger = logging.getLogger(f"bloodcell.train.{run_dir.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    close_log(logger)
+    if enabled:
+        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def close_log(logger: logging.Logger) -> None:
+    """Detach and close the logger's handlers (file handles must not outlive the run)."""
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)

@@ -1,0 +1,593 @@
+"""Hyperparameter search with Optuna: one study, any number of workers, interruptible and resumable.
+
+The objective is the validation balanced accuracy of a training run under the config's split protocol
+(``session`` by default), or its mean over ``cv`` folds of the ``kfold`` protocol. The test part of the
+split is never looked at. Every validation epoch is reported to Optuna, so a pruner (median or Hyperband)
+stops unpromising trials early.
+
+Search space (:class:`SearchSpace`; each entry can be narrowed or switched off with ``None``):
+
+=================  ==============================  ====================================================
+name               config key                      distribution
+=================  ==============================  ====================================================
+lr                 ``optimizer.lr``                log-uniform in [3e-4, 3e-2] (the peak of the schedule)
+weight_decay       ``optimizer.weight_decay``      log-uniform in [1e-5, 0.3]
+label_smoothing    ``train.label_smoothing``       uniform in [0, 0.2]
+augment_strength   every magnitude in ``augment``  uniform multiplier in [0, 2] on the base config's
+                                                   magnitudes (0 = geometry-only flips, 1 = base recipe);
+                                                   transforms the base config switches off stay off
+image_size         ``data.image_size``             one of 96, 128, 160
+width              ``model.kwargs.width``          one of 0.5, 0.75, 1.0, 1.5 (``bloodnet`` family)
+=================  ==============================  ====================================================
+
+Storage and workers: the study lives in an Optuna storage, by default the SQLite file ``study.db`` in the
+tuning folder. Any database URL Optuna accepts (PostgreSQL, MySQL) lets workers on several machines share
+one study; each worker runs ``bloodcell tune`` with the same ``--storage`` and ``--study``. ``--trials N``
+is the size of the whole study (finished = complete + pruned trials, over all workers and all runs), so
+rerunning an interrupted ``tune`` continues where it stopped. Trials that were running when a worker died
+are noticed through Optuna's heartbeat and queued again with their parameters (and, when the training run
+left a checkpoint, resumed from it); a trial stopped by Ctrl-C is queued again the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, Trial, TrialState
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bloodcell.config import AugmentConfig, RunConfig, config_from_dict, config_to_yaml
+from bloodcell.errors import UserError
+from bloodcell.io import atomic_write_text
+
+#: Trials in these states count towards ``--trials``: they ran to a verdict.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: Seconds between a worker's heartbeats, and silence after which its running trial is declared dead.
+HEARTBEAT_INTERVAL_S = 30
+GRACE_PERIOD_S = 120
+#: How often one trial is retried after its worker died or was interrupted.
+MAX_RETRY = 2
+#: AugmentConfig fields that are magnitudes (scaled by ``augment_strength``); booleans and loss weights are not.
+AUGMENT_MAGNITUDES = (
+    "affine_degrees", "affine_scale", "affine_translate", "brightness", "contrast", "saturation",
+    "hue", "gamma", "stain", "blur", "noise",
+)  # fmt: skip
+#: Config keys that may differ between workers of one study (machine-specific, not part of the search).
+MACHINE_KEYS = (("data", "root"), ("train", "num_threads"), ("train", "devices"), ("train", "accelerator"))
+
+PrunerName = Literal["median", "hyperband", "none"]
+
+
+class SearchSpace(BaseModel):
+    """The settings a study searches; ``None`` keeps the base config's value. See the module docstring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: tuple[float, float] | None = (3e-4, 3e-2)
+    weight_decay: tuple[float, float] | None = (1e-5, 0.3)
+    label_smoothing: tuple[float, float] | None = (0.0, 0.2)
+    augment_strength: tuple[float, float] | None = (0.0, 2.0)
+    image_size: list[int] | None = Field(default_factory=lambda: [96, 128, 160])
+    width: list[float] | None = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5])
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SearchSpace:
+        for name in ("lr", "weight_decay", "label_smoothing", "augment_strength"):
+            bounds = getattr(self, name)
+            if bounds is not None and not bounds[0] <= bounds[1]:
+                raise ValueError(f"search space {name}: low {bounds[0]} is above high {bounds[1]}")
+        for name in ("lr", "weight_decay"):
+            bounds = getattr(self, name)
+            if bounds is not None and bounds[0] <= 0:
+                raise ValueError(f"search space {name} is searched on a log scale; its low end must be > 0")
+        for name in ("image_size", "width"):
+            if getattr(self, name) == []:
+                raise ValueError(
+                    f"search space {name}: give at least one value, or null to keep the config's"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What a tuning run leaves behind."""
+
+    study_name: str
+    storage: str
+    out_dir: Path
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_trial: int | None
+    best_config_path: Path | None
+    trials_path: Path
+    report_path: Path | None
+
+
+# ------------------------------------------------------------------------------------------ the space
+
+
+def load_space(path: str | Path | None) -> SearchSpace:
+    """Read a search space from a YAML file (keys of :class:`SearchSpace`), or the default space."""
+    import yaml
+
+    if path is None:
+        return SearchSpace()
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return SearchSpace.model_validate(raw)
+    except FileNotFoundError:
+        raise UserError(f"search space file not found: {path}") from None
+    except ValueError as error:
+        raise UserError(f"search space {path}: {error}") from None
+
+
+def _field_upper_bound(model: type[BaseModel], name: str) -> float:
+    """The largest value a config field accepts, read from its pydantic constraints (``le``/``lt``)."""
+    bound = math.inf
+    for constraint in model.model_fields[name].metadata:
+        if getattr(constraint, "le", None) is not None:
+            bound = min(bound, float(constraint.le))
+        if getattr(constraint, "lt", None) is not None:
+            bound = min(bound, math.nextafter(float(constraint.lt), -math.inf))
+    return bound
+
+
+def scale_augmentation(augment: AugmentConfig, strength: float) -> dict[str, Any]:
+    """The augment section with every magnitude multiplied by ``strength``, clipped to what the config allows."""
+    values = augment.model_dump()
+    for name in AUGMENT_MAGNITUDES:
+        values[name] = min(values[name] * strength, _field_upper_bound(AugmentConfig, name))
+    return values
+
+
+def suggest_params(trial: Trial, space: SearchSpace) -> dict[str, Any]:
+    """Ask the trial for a value of every searched setting (Optuna records them as the trial's params)."""
+    params: dict[str, Any] = {}
+    if space.lr:
+        params["lr"] = trial.suggest_float("lr", *space.lr, log=True)
+    if space.weight_decay:
+        params["weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
+    if space.label_smoothing:
+        params["label_smoothing"] = trial.suggest_float("label_smoothing", *space.label_smoothing)
+    if space.augment_strength:
+        params["augment_strength"] = trial.suggest_float("augment_strength", *space.augment_strength)
+    if space.image_size:
+        params["image_size"] = trial.suggest_categorical("image_size", space.image_size)
+    if space.width:
+        params["width"] = trial.suggest_categorical("width", space.width)
+    return params
+
+
+def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
+    """The base config with a trial's parameters written into their config keys (validated)."""
+    raw = base.model_dump(mode="json")
+    if "lr" in params:
+        raw["optimizer"]["lr"] = params["lr"]
+    if "weight_decay" in params:
+        raw["optimizer"]["weight_decay"] = params["weight_decay"]
+    if "label_smoothing" in params:
+        raw["train"]["label_smoothing"] = params["label_smoothing"]
+    if "augment_strength" in params:
+        raw["augment"] = scale_augmentation(base.augment, params["augment_strength"])
+    if "image_size" in params:
+        raw["data"]["image_size"] = params["image_size"]
+    if "width" in params:
+        raw["model"]["kwargs"] = {**raw["model"]["kwargs"], "width": params["width"]}
+    return config_from_dict(raw)
+
+
+def _check_space_fits_model(base: RunConfig, space: SearchSpace) -> None:
+    """Fail before the first trial when the architecture has no ``width`` argument to search."""
+    if not space.width:
+        return
+    from bloodcell.models import create_model
+
+    try:
+        create_model(base.model.name, num_classes=2, **{**base.model.kwargs, "width": space.width[0]})
+    except TypeError:
+        raise UserError(
+            f"model {base.model.name!r} has no 'width' argument; search a bloodnet model or set width: null "
+            "in the search space (--space)"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------- the study
+
+
+def default_storage(out_dir: Path) -> str:
+    """SQLite file ``study.db`` in the tuning folder."""
+    return f"sqlite:///{(out_dir / 'study.db').resolve()}"
+
+
+def open_storage(url: str, attempts: int = 5) -> RDBStorage:
+    """An Optuna RDB storage with heartbeats, so trials of a dead worker are noticed and queued again.
+
+    Workers started together race to create the database's tables and stamp its schema version; the
+    loser sees "table already exists" or a duplicate version row, and simply tries again a moment later,
+    when the schema is there.
+    """
+    import sqlalchemy.exc
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several local workers write to one file: wait for SQLite's lock instead of failing at once.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    for attempt in range(attempts):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=GRACE_PERIOD_S,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRY, inherit_intermediate_values=True
+                    ),
+                )
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as error:
+                if attempt + 1 == attempts:
+                    raise UserError(f"cannot connect to Optuna storage {url!r}: {error.orig}") from None
+                time.sleep(0.5 * (attempt + 1))
+            except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as error:
+                raise UserError(f"cannot open Optuna storage {url!r}: {error}") from None
+    raise AssertionError("unreachable")
+
+
+def make_pruner(name: PrunerName, epochs: int) -> optuna.pruners.BasePruner:
+    """Median (default: compares each epoch with the other trials' median there) or Hyperband pruning.
+
+    The median pruner waits for 3 finished trials and ignores the first half of a run's epochs: while the
+    one-cycle schedule is near its peak learning rate, validation scores jump by +-0.3 from epoch to epoch
+    and rank trials no better than chance (docs/TUNING.md shows it on the real data). Hyperband treats
+    epochs as the resource, from a quarter of the run (for the same reason) to its length.
+    """
+    if name == "median":
+        # Steps are 1-based epochs and Optuna prunes from step == n_warmup_steps on.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=epochs // 2 + 1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(1, epochs // 4), max_resource=max(epochs, 1), reduction_factor=3
+        )
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise UserError(f"unknown pruner {name!r}; choose median, hyperband or none")
+
+
+def _comparable(config: RunConfig) -> dict[str, Any]:
+    """The config without machine-specific keys: what every worker of one study must agree on."""
+    raw = config.model_dump(mode="json")
+    for section, key in MACHINE_KEYS:
+        raw[section].pop(key, None)
+    return raw
+
+
+def open_study(
+    study_name: str,
+    storage: str,
+    base: RunConfig,
+    space: SearchSpace,
+    cv: int | None,
+    pruner: optuna.pruners.BasePruner,
+    sampler: optuna.samplers.BaseSampler | None = None,
+) -> optuna.Study:
+    """Create the study, or load it when it exists (so a rerun continues it) after checking it is the same search."""
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=open_storage(storage),
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    setup = {"base_config": _comparable(base), "space": space.model_dump(mode="json"), "cv": cv}
+    stored = {key: study.user_attrs.get(key) for key in setup}
+    if stored["base_config"] is None:
+        for key, value in setup.items():
+            study.set_user_attr(key, value)
+    elif stored != setup:
+        differing = ", ".join(key for key in setup if stored[key] != setup[key])
+        raise UserError(
+            f"study {study_name!r} in {storage} was started with a different {differing}; rerun with the "
+            "same --config/--set/--space/--cv to continue it, or give a new --study name"
+        )
+    return study
+
+
+def count_trials(study: optuna.Study) -> dict[str, int]:
+    """Trials by state name (``COMPLETE``, ``PRUNED``, ``FAIL``, ``RUNNING``, ``WAITING``)."""
+    counts = {state.name: 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------ the objective
+
+
+class PreparedCache:
+    """Prepared data per data config, shared by the trials of one worker (decoding is done once per size)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._prepared: dict[str, Any] = {}
+
+    def get(self, config: RunConfig) -> Any:
+        """``prepare_data`` for this config's data section, memoised on that section."""
+        from bloodcell.data.prepare import prepare_data
+
+        key = config.data.model_dump_json()
+        if key not in self._prepared:
+            self._prepared[key] = prepare_data(config.data, self.root, progress=False)
+        return self._prepared[key]
+
+
+def fold_configs(config: RunConfig, cv: int | None) -> list[RunConfig]:
+    """The runs one trial trains: the config itself, or one per fold of the ``kfold`` protocol."""
+    if not cv:
+        return [config]
+    return [
+        config.model_copy(
+            update={"data": config.data.model_copy(update={"protocol": "kfold", "folds": cv, "fold": k})}
+        )
+        for k in range(cv)
+    ]
+
+
+def retried_trial_number(trial: Trial) -> int | None:
+    """The number of the trial this one retries (after a dead worker or Ctrl-C), else None."""
+    for frozen in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.number == trial.number:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    return None
+
+
+def trial_dir(out_dir: Path, number: int) -> Path:
+    """The run folder of trial ``number`` (a retried trial reuses the folder of the trial it retries)."""
+    return out_dir / "trials" / f"trial-{number:04d}"
+
+
+def _can_resume(run_dir: Path) -> bool:
+    """Whether an earlier attempt left a checkpoint that ``fit(resume=True)`` continues from."""
+    return (run_dir / "checkpoints" / "last" / "trainer.json").is_file()
+
+
+def _run_fold(
+    trial: Trial, config: RunConfig, run_dir: Path, prepared: Any, step_offset: int, is_retry: bool
+) -> float:
+    """Train one run, reporting each validation to Optuna; raises ``TrialPruned`` when the pruner says so."""
+    from bloodcell.train import fit
+
+    def report(epoch: int, row: dict[str, Any]) -> None:
+        value = float(row["val_balanced_accuracy"])
+        trial.report(value, step_offset + epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} with val balanced accuracy {value:.4f}")
+
+    resume = is_retry and _can_resume(run_dir)
+    if is_retry and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # the earlier attempt died before its first checkpoint: start this run afresh
+    result = fit(config, run_dir, prepared=prepared, epoch_callback=report, resume=resume, progress=False)
+    return float(result.best_val_balanced_accuracy)
+
+
+def make_objective(
+    base: RunConfig, space: SearchSpace, cv: int | None, out_dir: Path, data: PreparedCache
+) -> Callable[[Trial], float]:
+    """The function Optuna maximises: mean best validation balanced accuracy over the trial's run(s)."""
+
+    def objective(trial: Trial) -> float:
+        config = apply_params(base, suggest_params(trial, space))
+        original = retried_trial_number(trial)
+        is_retry = original is not None
+        # A retry trains in the folder (and under the name) of the trial it retries, so it can resume there.
+        run_root = trial_dir(out_dir, original if is_retry else trial.number)
+        config = config.model_copy(update={"name": run_root.name})
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("run_dir", str(run_root))
+        scores = []
+        for k, fold_config in enumerate(fold_configs(config, cv)):
+            run_dir = run_root / f"fold-{k}" if cv else run_root
+            offset = k * fold_config.train.epochs
+            score = _run_fold(trial, fold_config, run_dir, data.get(fold_config), offset, is_retry)
+            scores.append(score)
+            if cv:
+                trial.set_user_attr(f"fold_{k}_val_balanced_accuracy", score)
+        return sum(scores) / len(scores)
+
+    return objective
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+def best_config(study: optuna.Study, base: RunConfig) -> tuple[RunConfig, FrozenTrial] | None:
+    """The base config with the best complete trial's parameters, named after the study; None before any."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    best = max(complete, key=lambda t: t.value)
+    config = apply_params(base, best.params)
+    description = (
+        f"tuned by Optuna study {study.study_name!r}: trial {best.number}, validation balanced accuracy "
+        f"{best.value:.4f} ({base.data.protocol} split{', mean over folds' if study.user_attrs.get('cv') else ''})"
+    )
+    return config.model_copy(update={"name": f"{study.study_name}-best", "description": description}), best
+
+
+def write_results(study: optuna.Study, base: RunConfig, out_dir: Path) -> tuple[Path | None, Path]:
+    """Write ``best.yaml`` (a config ``train --config`` takes) and ``trials.csv``; both atomic."""
+    trials_path = out_dir / "trials.csv"
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params", "user_attrs"))
+    atomic_write_text(trials_path, frame.to_csv(index=False))
+    found = best_config(study, base)
+    if found is None:
+        return None, trials_path
+    config, _ = found
+    return atomic_write_text(out_dir / "best.yaml", config_to_yaml(config)), trials_path
+
+
+def _retry_interrupted(study: optuna.Study, number: int | None) -> None:
+    """Queue a trial stopped by Ctrl-C again (Optuna marked it FAIL), exactly as a dead worker's trial is."""
+    if number is None:
+        return
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is not None and trial.state == TrialState.FAIL:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)(
+                study, trial
+            )
+
+
+def _trial_errors() -> tuple[type[Exception], ...]:
+    """Failures that end one trial, not the study: a diverged loss and running out of (GPU) memory."""
+    import torch
+
+    from bloodcell.train import TrainingDiverged
+
+    return (TrainingDiverged, FloatingPointError, torch.OutOfMemoryError)
+
+
+def _default_sampler(n_trials: int, seed: int | None) -> optuna.samplers.BaseSampler:
+    """TPE; ``constant_liar`` keeps parallel workers from proposing the same point."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            n_startup_trials=max(3, min(10, n_trials // 3)), multivariate=True, constant_liar=True, seed=seed
+        )
+
+
+def tune(
+    config: RunConfig,
+    data_root: str | Path,
+    n_trials: int,
+    *,
+    out_dir: str | Path | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    timeout: float | None = None,
+    cv: int | None = None,
+    space: SearchSpace | None = None,
+    pruner: PrunerName | optuna.pruners.BasePruner = "median",
+    sampler: optuna.samplers.BaseSampler | None = None,
+    seed: int | None = None,
+    report: bool = True,
+) -> TuneResult:
+    """Run (or continue) an Optuna study over ``space`` around the base ``config``.
+
+    Parameters
+    ----------
+    config: the base config; each trial changes only the searched keys.
+    data_root: the dataset folder (``--data``).
+    n_trials: size of the whole study: this worker stops when complete + pruned trials (all workers, all
+        runs) reach it, or (counting trials still running elsewhere) are about to.
+    out_dir: tuning folder (trial runs, ``study.db``, ``best.yaml``, ``trials.csv``, ``report.md``);
+        default ``runs/tune-<study>``.
+    storage: Optuna storage URL; default the SQLite file ``<out_dir>/study.db``.
+    study_name: default ``config.name``.
+    timeout: seconds after which this worker starts no new trial (a running one finishes).
+    cv: with K >= 2, the objective is the mean over the K folds of the ``kfold`` protocol.
+    space: what to search (default :class:`SearchSpace`).
+    pruner: ``median``, ``hyperband``, ``none`` or any Optuna pruner.
+    sampler: default TPE (multivariate, constant liar); ``seed`` seeds it (offset by the number of trials
+        already in the study, so a rerun does not repeat the first proposals).
+    report: write ``report.md`` with Optuna's plots at the end.
+
+    Returns a :class:`TuneResult`. Ctrl-C queues the running trial again, writes the results so far and
+    re-raises ``KeyboardInterrupt``.
+    """
+    if n_trials < 1:
+        raise UserError("--trials must be at least 1")
+    if cv is not None and cv < 2:
+        raise UserError("--cv needs at least 2 folds")
+    space = space or SearchSpace()
+    study_name = study_name or config.name
+    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"tune-{study_name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(out_dir)
+    # Absolute, as train records it, so best.yaml works from any folder on this machine.
+    root = str(Path(data_root).expanduser().resolve())
+    base = config.model_copy(update={"data": config.data.model_copy(update={"root": root})})
+    _check_space_fits_model(base, space)
+    if isinstance(pruner, str):
+        pruner = make_pruner(pruner, base.train.epochs * (cv or 1))
+    study = open_study(study_name, storage, base, space, cv, pruner, sampler)
+    if sampler is None:
+        # Offset the seed by the trials already run, so that a rerun continues the random sequence
+        # instead of proposing the first trials' parameters again.
+        existing = len(study.get_trials(deepcopy=False))
+        study.sampler = _default_sampler(n_trials, None if seed is None else seed + existing)
+
+    remaining = n_trials - sum(count_trials(study)[s.name] for s in FINISHED)
+    current: dict[str, int | None] = {"trial": None}
+    objective = make_objective(base, space, cv, out_dir, PreparedCache(root))
+
+    def tracked(trial: Trial) -> float:
+        current["trial"] = trial.number
+        return objective(trial)
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        current["trial"] = None
+        write_results(study, base, out_dir)
+
+    if remaining > 0:
+        # Counting running trials too keeps several workers from overshooting N by more than a race.
+        budget = optuna.study.MaxTrialsCallback(n_trials, states=(*FINISHED, TrialState.RUNNING))
+        try:
+            study.optimize(
+                tracked,
+                n_trials=remaining,
+                timeout=timeout,
+                callbacks=[after_trial, budget],
+                catch=_trial_errors(),
+                gc_after_trial=True,
+            )
+        except KeyboardInterrupt:
+            _retry_interrupted(study, current["trial"])
+            write_results(study, base, out_dir)
+            raise
+    return _finish(study, base, out_dir, storage, report)
+
+
+def _finish(study: optuna.Study, base: RunConfig, out_dir: Path, storage: str, report: bool) -> TuneResult:
+    """Write results (and the report) and summarise the study."""
+    best_path, trials_path = write_results(study, base, out_dir)
+    report_path = None
+    if report:
+        from bloodcell.tune.report import write_report
+
+        report_path = write_report(study, out_dir)
+    counts = count_trials(study)
+    found = best_config(study, base)
+    best = found[1] if found else None
+    return TuneResult(
+        study_name=study.study_name,
+        storage=storage,
+        out_dir=out_dir,
+        n_complete=counts["COMPLETE"],
+        n_pruned=counts["PRUNED"],
+        n_failed=counts["FAIL"],
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else {},
+        best_trial=best.number if best else None,
+        best_config_path=best_path,
+        trials_path=trials_path,
+        report_path=report_path,
+    )

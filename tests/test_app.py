@@ -1,0 +1,216 @@
+"""The web service: every endpoint, every kind of bad request, both backends, concurrent requests."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from bloodcell.data.decode import decode_image
+from bloodcell.serve.app import create_app
+from bloodcell.serve.predictor import TorchPredictor
+from serve_support import TINY_SIZE, cell_jpeg, png_bytes
+
+MAX_UPLOAD = 256 * 1024
+MAX_SIDE = 1024
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model: Path) -> TestClient:
+    return TestClient(create_app(tiny_model, max_upload_bytes=MAX_UPLOAD, max_side=MAX_SIDE, max_batch_files=4))
+
+
+def post_file(client: TestClient, data: bytes, name: str = "cell.jpg", field: str = "file", query: str = "") -> object:
+    return client.post(f"/v1/predict{query}", files={field: (name, data, "application/octet-stream")})
+
+
+def assert_error(response, status: int, *words: str) -> None:
+    """A 4xx JSON error whose ``detail`` says what is wrong."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail
+    for word in words:
+        assert word.lower() in detail.lower(), detail
+
+
+def test_healthz_and_model_card(client: TestClient) -> None:
+    health = client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert health.json()["model"] == {"name": "tiny-test-model", "version": "1.2", "architecture": "bloodnet", "backend": "torch"}
+    card = client.get("/v1/model").json()
+    assert card["classes"] == ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+    assert card["input_size"] == TINY_SIZE and card["temperature"] == pytest.approx(1.3)
+
+
+def test_index_page_is_self_contained_with_disclaimer(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert 'id="file-input"' in html and 'type="file"' in html and "drop" in html.lower()
+    assert "not a medical device" in html.lower() and "research use only" in html.lower()
+    # Nothing is loaded from elsewhere: no external scripts, styles, fonts or images.
+    for marker in ('src="http', "src='http", 'href="http', "@import", "url(http", "cdn"):
+        assert marker not in html.lower()
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+
+
+def test_openapi_and_docs(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/healthz"} <= set(schema["paths"])
+    assert "413" in schema["paths"]["/v1/predict"]["post"]["responses"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_predict_matches_the_predictor(client: TestClient, tiny_model: Path) -> None:
+    data = cell_jpeg(seed=3)
+    response = post_file(client, data)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = TorchPredictor(tiny_model).predict(decode_image(data, TINY_SIZE)[None])[0]
+    probabilities = body["probabilities"]
+    assert list(probabilities) == ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+    assert np.allclose(list(probabilities.values()), expected, atol=1e-6)
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["class"] == max(probabilities, key=probabilities.get)
+    assert body["confidence"] == pytest.approx(max(probabilities.values()))
+    assert body["model"]["name"] == "tiny-test-model" and body["model"]["version"] == "1.2"
+    assert body["timing_ms"] > 0 and body["filename"] == "cell.jpg"
+    assert "explanation" not in body and "medical device" in body["disclaimer"]
+
+
+def test_predict_with_explanation_returns_overlay_png(client: TestClient) -> None:
+    response = post_file(client, cell_jpeg(seed=4, size=120), query="?explain=true")
+    assert response.status_code == 200, response.text
+    explanation = response.json()["explanation"]
+    assert explanation["method"] == "gradcam" and explanation["target_class"] == response.json()["class"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == (120, 120)  # drawn over the uploaded picture
+    pixels = np.asarray(overlay.convert("RGB"), dtype=np.int16)
+    assert pixels.std() > 5  # a heat map, not a blank image
+
+
+def test_tta_query_changes_the_prediction_path(client: TestClient) -> None:
+    data = cell_jpeg(seed=5)
+    plain = post_file(client, data).json()["probabilities"]
+    tta = post_file(client, data, query="?tta=true").json()["probabilities"]
+    assert plain != tta and sum(tta.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_batch_reports_each_file(client: TestClient) -> None:
+    files = [
+        ("files", ("a.jpg", cell_jpeg(seed=1), "image/jpeg")),
+        ("files", ("broken.jpg", b"not an image at all", "image/jpeg")),
+        ("files", ("c.png", png_bytes(64, 48), "image/png")),
+    ]
+    response = client.post("/v1/predict/batch", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["filename"] for r in body["results"]] == ["a.jpg", "broken.jpg", "c.png"]
+    assert body["n_failed"] == 1
+    assert "not an image" in body["results"][1]["error"] and body["results"][1]["class"] is None
+    assert body["results"][0]["class"] in body["results"][0]["probabilities"]
+    single = post_file(client, cell_jpeg(seed=1)).json()["probabilities"]
+    assert np.allclose(list(single.values()), list(body["results"][0]["probabilities"].values()), atol=1e-6)
+
+
+def test_batch_limits(client: TestClient) -> None:
+    too_many = [("files", (f"{i}.jpg", cell_jpeg(seed=i), "image/jpeg")) for i in range(5)]
+    assert_error(client.post("/v1/predict/batch", files=too_many), 422, "too many files", "4")
+    oversize = [("files", ("a.jpg", cell_jpeg(1), "image/jpeg")), ("files", ("big.jpg", b"\0" * (MAX_UPLOAD + 1), "image/jpeg"))]
+    body = client.post("/v1/predict/batch", files=oversize).json()
+    assert body["n_failed"] == 1 and "larger than the limit" in body["results"][1]["error"]
+    assert_error(client.post("/v1/predict/batch", files={"file": ("a.jpg", cell_jpeg(1), "image/jpeg")}), 422, "files")
+
+
+def test_oversize_upload_is_413(client: TestClient) -> None:
+    assert_error(post_file(client, b"\xff" * (MAX_UPLOAD + 1)), 413, "too large", "256 kB")
+    # Far over the limit: refused from Content-Length, before the body is read.
+    assert_error(post_file(client, b"\xff" * (MAX_UPLOAD + 200_000)), 413, "too large")
+
+
+def test_oversize_streamed_without_length_is_413(client: TestClient) -> None:
+    boundary = "bloodcellboundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n\r\n'.encode()
+
+    def chunks():  # no Content-Length: the server must count bytes as they arrive
+        yield head
+        for _ in range(40):
+            yield b"\xff" * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = client.post("/v1/predict", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert_error(response, 413, "too large")
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"", ("empty",)),
+        (b"%PDF-1.4 definitely not an image", ("not an image",)),
+        (cell_jpeg(seed=2)[:1500], ("truncated",)),
+        (png_bytes(MAX_SIDE + 1, 16), ("dimensions", f"{MAX_SIDE}")),
+        (png_bytes(4, 4), ("too small",)),
+    ],
+    ids=["empty", "not-an-image", "truncated", "huge-dimensions", "tiny"],
+)
+def test_bad_images_are_422_with_a_reason(client: TestClient, data: bytes, words: tuple[str, ...]) -> None:
+    assert_error(post_file(client, data), 422, *words)
+
+
+def test_unsupported_format_is_422(client: TestClient) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, format="GIF")
+    assert_error(post_file(client, buffer.getvalue(), name="a.gif"), 422, "unsupported image format")
+
+
+def test_wrong_field_and_wrong_encoding_are_422(client: TestClient) -> None:
+    assert_error(post_file(client, cell_jpeg(1), field="image"), 422, "file", "required")
+    assert_error(client.post("/v1/predict", json={"file": "abc"}), 422, "file")
+    assert_error(client.post("/v1/predict", data={"file": "just text"}), 422, "file")
+    assert_error(client.post("/v1/predict"), 422, "file")
+    assert_error(post_file(client, cell_jpeg(1), query="?explain=maybe"), 422, "explain")
+
+
+def test_other_errors_are_json(client: TestClient) -> None:
+    assert_error(client.get("/v1/nope"), 404, "not found")
+    assert_error(client.get("/v1/predict"), 405, "not allowed")
+    assert_error(client.post("/healthz", content=b"x" * (128 * 1024)), 413, "too large")
+
+
+def test_server_survives_bad_requests_and_concurrency(client: TestClient) -> None:
+    jobs = [cell_jpeg(seed=i % 3) for i in range(12)] + [b"junk", b""]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(lambda data: post_file(client, data), jobs))
+    assert [r.status_code for r in responses] == [200] * 12 + [422, 422]
+    by_seed = {i % 3: responses[i].json()["probabilities"] for i in range(12)}
+    for i in range(12):  # the same image gives the same answer whichever thread ran it
+        assert responses[i].json()["probabilities"] == by_seed[i % 3]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_onnx_backend_matches_torch(tiny_model: Path, tiny_onnx: Path) -> None:
+    torch_client = TestClient(create_app(tiny_model))
+    onnx_client = TestClient(create_app(tiny_onnx, backend="onnx"))
+    assert onnx_client.get("/healthz").json()["model"]["backend"] == "onnx"
+    data = cell_jpeg(seed=9)
+    expected = post_file(torch_client, data).json()["probabilities"]
+    got = post_file(onnx_client, data).json()["probabilities"]
+    assert max(abs(expected[k] - got[k]) for k in expected) <= 1e-4
+    # A bare .onnx file carries no PyTorch weights for Grad-CAM: a clear 400, not a crash.
+    assert_error(post_file(onnx_client, data, query="?explain=true"), 400, "pytorch weights")
+
+
+def test_onnx_backend_from_model_dir_explains(tiny_model: Path) -> None:
+    client = TestClient(create_app(tiny_model, backend="onnx"))
+    response = post_file(client, cell_jpeg(seed=6), query="?explain=true")
+    assert response.status_code == 200, response.text
+    assert response.json()["model"]["backend"] == "onnx"
+    assert response.json()["explanation"]["overlay_png_base64"]

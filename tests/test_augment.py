@@ -1,0 +1,159 @@
+"""Batch augmentation: shapes, dtypes, ranges, order kept, identity at strength 0, each transform acts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bloodcell.config import AugmentConfig
+from bloodcell.data.augment import (
+    BatchAugment,
+    affine,
+    affine_grid,
+    colour_affine,
+    dihedral,
+    dihedral_matrices,
+    gaussian_blur,
+    hue_matrix,
+    stain_jitter,
+)
+
+OFF = dict(
+    flip=False, rot90=False, affine_degrees=0, affine_scale=0, affine_translate=0,
+    brightness=0, contrast=0, saturation=0, hue=0, gamma=0, stain=0, blur=0, noise=0,
+)  # fmt: skip
+COLOUR_TRANSFORMS = {
+    "brightness": 0.3, "contrast": 0.3, "saturation": 0.5, "hue": 0.1, "gamma": 0.3, "stain": 0.3, "blur": 1.0,
+    "noise": 0.05,
+}  # fmt: skip
+
+
+def smear_batch(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """uint8 NCHW images with smooth colour structure (a gradient and a dark blob), like stained cells."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    base = torch.rand(n, 3, 1, 1, generator=g) * 120 + 100
+    blob = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.05).float()
+    images = base + 40 * xx - 90 * blob * torch.rand(n, 3, 1, 1, generator=g)
+    return images.clamp(0, 255).to(torch.uint8)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_full_augmentation_keeps_shape_dtype_range_and_is_reproducible() -> None:
+    x = smear_batch()
+    augment = BatchAugment(AugmentConfig(hue=0.05, gamma=0.2, stain=0.2, blur=0.5, noise=0.02))
+    y = augment(x, gen(1))
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert float(y.min()) >= 0 and float(y.max()) <= 255
+    assert torch.equal(y, augment(x, gen(1)))
+    assert not torch.equal(y, augment(x, gen(2)))
+
+
+def test_channels_last_input_works() -> None:
+    x = smear_batch().contiguous(memory_format=torch.channels_last)
+    y = BatchAugment(AugmentConfig(hue=0.05, stain=0.1))(x, gen())
+    assert y.shape == x.shape
+
+
+def test_all_strengths_zero_is_the_identity() -> None:
+    x = smear_batch()
+    augment = BatchAugment(AugmentConfig(**OFF))
+    assert augment.is_identity
+    y = augment(x, gen())
+    assert y.dtype == torch.float32 and torch.equal(y, x.float())
+
+
+@pytest.mark.parametrize("name", sorted(COLOUR_TRANSFORMS))
+def test_each_colour_transform_changes_the_image_and_keeps_the_range(name: str) -> None:
+    x = smear_batch()
+    augment = BatchAugment(AugmentConfig(**{**OFF, name: COLOUR_TRANSFORMS[name]}))
+    y = augment(x, gen())
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert float(y.min()) >= 0 and float(y.max()) <= 255
+    changed = (y - x.float()).abs().flatten(1).mean(dim=1) > 0.5
+    assert changed.float().mean() >= 0.5, f"{name} left most images unchanged"
+
+
+@pytest.mark.parametrize("name", sorted(COLOUR_TRANSFORMS))
+def test_each_colour_transform_at_zero_is_the_identity(name: str) -> None:
+    x = smear_batch()
+    assert torch.equal(BatchAugment(AugmentConfig(**{**OFF, name: 0}))(x, gen()), x.float())
+
+
+def _dihedral_images(image: torch.Tensor) -> list[torch.Tensor]:
+    rotations = [torch.rot90(image, k, dims=(1, 2)) for k in range(4)]
+    return rotations + [r.flip(2) for r in rotations]
+
+
+@pytest.mark.parametrize(("flip", "rot90", "allowed"), [(True, True, 8), (False, True, 4), (True, False, 4)])
+def test_flips_and_rotations_keep_each_image_in_its_place(flip: bool, rot90: bool, allowed: int) -> None:
+    """Image i of the output is a symmetry of image i of the input, so labels stay aligned."""
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    y = BatchAugment(AugmentConfig(**{**OFF, "flip": flip, "rot90": rot90}))(x, gen())
+    seen = set()
+    for i in range(len(x)):
+        candidates = _dihedral_images(x[i].float())
+        matches = [k for k, c in enumerate(candidates) if torch.equal(c, y[i])]
+        assert matches, f"output image {i} is not a flip/rotation of input image {i}"
+        seen.add(matches[0])
+    if rot90 and not flip:
+        assert seen <= {0, 1, 2, 3}, "rot90 alone must only rotate, never mirror"
+    if flip and not rot90:
+        assert seen <= {0, 2, 4, 6}, "flips alone must not rotate by 90 degrees"
+    assert len(seen) > 1
+
+
+def test_affine_keeps_each_image_in_its_place_and_identity_matrix_is_exact() -> None:
+    x = smear_batch().float()
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(len(x), 2, 3)
+    assert torch.allclose(affine(x, identity), x, atol=1e-3)
+    y = BatchAugment(AugmentConfig(**{**OFF, "affine_degrees": 10, "affine_scale": 0.1}))(x, gen())
+    # A small warp moves pixels a little: every image stays closest to its own source.
+    distances = torch.cdist(y.flatten(1), x.flatten(1))
+    assert torch.equal(distances.argmin(dim=1), torch.arange(len(x)))
+
+
+def test_affine_grid_matches_torch() -> None:
+    matrices = torch.tensor([[[0.9, -0.2, 0.1], [0.3, 1.1, -0.05]], [[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]])
+    expected = torch.nn.functional.affine_grid(matrices, [2, 3, 12, 20], align_corners=False)
+    assert torch.allclose(affine_grid(matrices, 12, 20), expected, atol=1e-6)
+
+
+def test_dihedral_as_affine_matrices_equals_the_exact_index_version() -> None:
+    """With an affine warp on, flips and quarter turns ride in its matrix; they must land on pixel centres."""
+    x = torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8)
+    coins = torch.rand(3, 16, generator=gen(4)) < 0.5
+    by_index = dihedral(x, *coins).float()
+    matrices = torch.cat([dihedral_matrices(*coins), torch.zeros(16, 2, 1)], dim=2)
+    by_grid = affine(x.float(), matrices)
+    assert torch.allclose(by_grid, by_index, atol=1e-2)
+
+
+def test_hue_rotation_keeps_luma_and_zero_is_identity() -> None:
+    x = smear_batch().float() / 255
+    zero = torch.zeros(len(x), 3)
+    assert torch.allclose(colour_affine(x, hue_matrix(torch.zeros(len(x))), zero), x, atol=1e-5)
+    rotated = colour_affine(x, hue_matrix(torch.full((len(x),), 0.5)), zero)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    assert torch.allclose((rotated * luma).sum(1), (x * luma).sum(1), atol=1e-4)
+    assert not torch.allclose(rotated, x, atol=1e-2)
+
+
+def test_stain_jitter_is_identity_at_unit_parameters_and_gamma_is_a_power() -> None:
+    x = smear_batch().float().clamp_min(1) / 255
+    n = len(x)
+    ones, zeros = torch.ones(n, 3), torch.zeros(n, 3)
+    assert torch.allclose(stain_jitter(x, ones, ones, zeros), x, atol=1e-4)
+    gamma = torch.tensor([1.2, 0.9, 1.1]).expand(n, 3)
+    assert torch.allclose(stain_jitter(x, gamma, ones, zeros), x ** gamma.reshape(n, 3, 1, 1), atol=1e-4)
+
+
+def test_blur_keeps_the_mean_and_smooths() -> None:
+    x = torch.rand(2, 3, 24, 24)
+    blurred = gaussian_blur(x, 1.0)
+    assert blurred.shape == x.shape
+    assert torch.allclose(blurred.mean(), x.mean(), atol=1e-2)
+    assert blurred.diff(dim=3).abs().mean() < 0.5 * x.diff(dim=3).abs().mean()

@@ -1,0 +1,175 @@
+"""The web page in a real browser: Playwright drives the system's Chromium against a live uvicorn server.
+
+Skipped only when Chromium is missing and CI is not 'true' (CI installs it; see .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from bloodcell.serve.app import create_app
+from conftest import DEFAULT_DATA
+from serve_support import cell_jpeg, infer_speed_module, real_images
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+CLASSES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+
+
+def chromium_or_skip() -> str:
+    if Path(CHROMIUM).is_file():
+        return CHROMIUM
+    message = f"{CHROMIUM} not found (apt-get install chromium)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + "; under CI=true the browser tests must run")
+    pytest.skip(message)
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """uvicorn serving ``app`` on a free loopback port in a background thread; yields the base URL."""
+    import uvicorn
+
+    bench = infer_speed_module()
+    port = bench.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        bench.wait_until_healthy(port, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model: Path) -> Iterator[str]:
+    """The tiny model served with the PyTorch backend (Grad-CAM available)."""
+    with running(create_app(tiny_model, warm_up=True)) as url:
+        yield url
+
+
+@contextmanager
+def browser_page(server_url: str):
+    """A Chromium page on ``server_url`` that fails the test if it requests anything from elsewhere."""
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1200, "height": 900})
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            blocked: list[str] = []
+            # The page must load nothing from anywhere but the server itself.
+            page.on("request", lambda request: None if request.url.startswith((server_url, "data:", "blob:")) else blocked.append(request.url))
+            page.goto(server_url + "/")
+            yield page
+            assert not blocked, f"the page requested outside resources: {blocked}"
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(server_url: str):
+    with browser_page(server_url) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def smear_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real smear image when the team dataset is present, else a synthetic one."""
+    root = Path(os.environ.get("BLOODCELL_DATA", DEFAULT_DATA))
+    real = real_images(root, per_class=1) if (root / "Original").is_dir() else []
+    target = tmp_path_factory.mktemp("upload") / ("smear.jpg")
+    if real:
+        shutil.copyfile(real[-1], target)
+    else:
+        target.write_bytes(cell_jpeg(seed=11, size=224))
+    return target
+
+
+def wait_until_decoded(image, timeout: float = 30.0) -> None:
+    """Wait until an <img> has loaded and decoded a picture (bounded; no eval, the page's CSP forbids it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if image.evaluate("el => el.complete && el.naturalWidth > 0"):
+            return
+        time.sleep(0.1)
+    raise AssertionError("image never decoded")
+
+
+def test_upload_shows_class_bars_and_overlay(page, smear_image: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    disclaimer = page.locator("#disclaimer")
+    expect(disclaimer).to_be_visible()
+    assert "not a medical device" in disclaimer.inner_text().lower()
+    expect(page.locator("#model-info")).to_contain_text("tiny-test-model")
+
+    page.set_input_files("#file-input", str(smear_image))
+    expect(page.locator("#predicted-class")).not_to_be_empty()
+    predicted = page.locator("#predicted-class").inner_text()
+    assert predicted in CLASSES
+    assert page.locator("#result").is_visible()
+    # One bar per class, the predicted one highlighted.
+    assert page.locator("#bars .bar-row").count() == 4
+    assert page.locator("#bars .bar-row.top").get_attribute("data-class") == predicted
+    # The uploaded image and the Grad-CAM overlay are both shown, side by side, and actually decoded.
+    expect(page.locator("#overlay")).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
+    wait_until_decoded(page.locator("#overlay"))
+    wait_until_decoded(page.locator("#preview"))
+    preview_box, overlay_box = page.locator("#preview").bounding_box(), page.locator("#overlay").bounding_box()
+    assert overlay_box["x"] > preview_box["x"] + preview_box["width"] / 2 and abs(overlay_box["y"] - preview_box["y"]) < 5
+    assert disclaimer.is_visible()
+    shot = tmp_path / "serve-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_drop_and_bad_file_show_errors(page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    # Drag and drop: dispatch a real drop event carrying a file on the drop zone.
+    page.evaluate(
+        """async () => {
+            const bytes = new Uint8Array([1, 2, 3, 4, 5, 6, 7, 8]);
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "notes.jpg", {type: "image/jpeg"}));
+            const zone = document.getElementById("drop-zone");
+            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }"""
+    )
+    expect(page.locator("#error")).to_be_visible()
+    message = page.locator("#error").inner_text()
+    assert "notes.jpg" in message and "not an image" in message
+    assert not page.locator("#result").is_visible()
+    page.screenshot(path=str(tmp_path / "serve-error.png"))
+    assert page.locator("#file-input").is_enabled()  # the page stays usable
+
+
+def test_bare_onnx_server_classifies_without_overlay(tiny_onnx: Path, smear_image: Path) -> None:
+    from playwright.sync_api import expect
+
+    with running(create_app(tiny_onnx, backend="onnx")) as url, browser_page(url) as page:
+        page.set_input_files("#file-input", str(smear_image))
+        expect(page.locator("#predicted-class")).not_to_be_empty()
+        assert page.locator("#predicted-class").inner_text() in CLASSES
+        expect(page.locator("#overlay-caption")).to_contain_text("No Grad-CAM overlay")
+        assert not page.locator("#overlay").is_visible() and not page.locator("#error").is_visible()

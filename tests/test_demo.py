@@ -1,0 +1,188 @@
+"""``bloodcell demo`` and the sample images it ships: files written, honesty of the samples, the bundled model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bloodcell import CLASSES
+from bloodcell.cli import app
+from bloodcell.demo import MAX_SAMPLES, run_demo, sample_images, samples_dir, select_sample_images
+from bloodcell.errors import UserError
+from bloodcell.models.card import bundled_model_dir
+from conftest import make_aria_dataset
+from serve_support import tiny_model  # noqa: F401  (session fixture: a small saved bloodnet)
+
+DOI = "10.34740/KAGGLE/DSV/2175623"
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+# -- the sample images ---------------------------------------------------------------------------------
+
+
+def test_samples_are_few_cover_every_class_and_carry_the_citation() -> None:
+    files = sample_images()
+    assert 0 < len(files) <= MAX_SAMPLES
+    assert {name for _, name in files} == set(CLASSES)
+    for path, _ in files:
+        assert path.name.startswith("WBC-"), "samples keep the dataset's own file names"
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.size == (224, 224)
+    citation = (samples_dir() / "CITATION.md").read_text(encoding="utf-8")
+    assert DOI in citation and "10.1002/int.22753" in citation
+    # Every shipped file is listed where the citation says how it was chosen, and nothing else is.
+    listed = set(re.findall(r"`((?:Benign|Early|Pre|Pro)/WBC-[^`]+\.jpg)`", citation))
+    assert listed == {path.relative_to(samples_dir()).as_posix() for path, _ in files}
+    assert "CITATION.md" in (samples_dir() / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_samples_are_test_images_of_the_default_split_and_reproducible(real_data: Path) -> None:
+    """The shipped samples are exactly what the documented selection picks, and all from the test part."""
+    from bloodcell.config import load_config
+    from bloodcell.data.index import build_index
+    from bloodcell.data.splits import make_split
+
+    chosen = select_sample_images(real_data)
+    shipped = {path.relative_to(samples_dir()).as_posix() for path, _ in sample_images()}
+    assert set(chosen["path"]) == shipped
+    data = load_config("default").data
+    split = make_split(build_index(real_data, progress=False).manifest, data.protocol, data.split_seed)
+    parts = split.set_index("path")["split"]
+    assert set(parts[sorted(shipped)]) == {"test"}
+    for path in shipped:  # copied unchanged
+        assert (samples_dir() / path).read_bytes() == (real_data / "Original" / path).read_bytes()
+
+
+def test_selection_takes_only_test_images_apart_in_capture_order(tmp_path: Path) -> None:
+    from bloodcell.config import load_config
+    from bloodcell.data.index import build_index
+    from bloodcell.data.splits import make_split
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=40, size=48, segmented=False)
+    chosen = select_sample_images(root, per_class=2, min_capture_gap=2)
+    assert chosen.groupby("class").size().to_dict() == {name: 2 for name in CLASSES}
+    data = load_config("default").data
+    split = make_split(build_index(root, progress=False).manifest, data.protocol, data.split_seed).set_index("path")
+    assert set(split.loc[chosen["path"], "split"]) == {"test"}
+    for _, rows in chosen.groupby("class"):
+        assert abs(int(rows["capture"].iloc[0]) - int(rows["capture"].iloc[1])) >= 2
+
+
+# -- the demo on a tiny model ------------------------------------------------------------------------------
+
+
+def test_demo_writes_predictions_overlays_and_report(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    from bloodcell.serve.predictor import TorchPredictor
+
+    out = tmp_path / "demo-output"
+    result = run_cli("demo", "--model", str(tiny_model), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "bloodcell serve" in result.output and "report.html" in result.output
+    files = sample_images()
+
+    with open(out / "predictions.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [Path(row["file"]) for row in rows] == [path for path, _ in files]
+    assert [row["true_class"] for row in rows] == [name for _, name in files]
+    # The demo's numbers are the predictor's numbers (temperature included), not a re-implementation.
+    expected = TorchPredictor(tiny_model).predict_files([path for path, _ in files])
+    for row, reference in zip(rows, expected):
+        assert row["predicted_class"] == reference.label
+        assert row["correct"] == str(reference.label == row["true_class"])
+        probs = np.array([float(row[name]) for name in CLASSES])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-4)
+        assert probs == pytest.approx([reference.probabilities[name] for name in CLASSES], abs=1e-5)
+
+    payload = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+    assert payload["model"]["name"] == "tiny-test-model" and payload["model"]["bundled"] is False
+    assert payload["n_images"] == len(files) and payload["n_correct"] == sum(r["correct"] == "True" for r in rows)
+
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert [p.name for p in overlays] == sorted(f"{path.stem}.gradcam.png" for path, _ in files)
+    with Image.open(overlays[0]) as overlay:
+        assert overlay.size == (224, 224)  # drawn over the full-resolution image, not the 64 px model input
+        assert len(np.unique(np.asarray(overlay.convert("RGB")).reshape(-1, 3), axis=0)) > 100
+
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Research use only" in html and DOI in html
+    assert all(path.name in html for path, _ in files)
+    sources = re.findall(r'src="([^"]+)"', html)
+    assert len(sources) == 2 * len(files) and all(s.startswith("data:image/") for s in sources)
+    assert "<script" not in html
+
+
+def test_demo_json_and_custom_samples(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    samples = make_aria_dataset(tmp_path / "mine", per_class=2, size=48, segmented=False) / "Original"
+    result = run_cli("demo", "--model", str(tiny_model), "--samples", str(samples), "--out", str(tmp_path / "o"), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["n_images"] == 8
+    assert sorted(r["true_class"] for r in payload["results"]) == sorted(CLASSES * 2)
+    assert all(Path(r["overlay"]).is_file() for r in payload["results"])
+    assert Path(payload["report"]).is_file()
+
+
+def test_demo_without_a_bundled_model_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bloodcell.cli
+    import bloodcell.models.card
+
+    monkeypatch.setattr(bloodcell.models.card, "bundled_model_dir", lambda: tmp_path / "no-model-here")
+    with pytest.raises(UserError, match="no bundled default model"):
+        run_demo(tmp_path / "out")
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "demo", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        bloodcell.cli.main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--model" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_with_a_missing_model_path_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such model"):
+        run_demo(tmp_path / "out", model=tmp_path / "nothing")
+
+
+def test_demo_module_imports_no_heavy_library() -> None:
+    """`bloodcell --help` and the demo's start must not pay for torch, pandas or Grad-CAM before they are used."""
+    code = "import sys, bloodcell.demo; print(sorted({'torch', 'pandas', 'pytorch_grad_cam'} & set(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert output.strip() == "[]"
+
+
+# -- the bundled default model -----------------------------------------------------------------------------
+
+
+def test_demo_with_the_bundled_model(tmp_path: Path) -> None:
+    """`bloodcell demo` as a new user runs it: the real entry point, the bundled model, the shipped samples."""
+    if not (bundled_model_dir() / "card.json").is_file():
+        message = f"no bundled default model yet ({bundled_model_dir()}/card.json)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; under CI=true it must be shipped")
+        pytest.skip(message)
+    script = Path(sys.executable).with_name("bloodcell")  # the installed entry point, as `make demo` runs it
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "bloodcell"]
+    command += ["demo", "--out", str(tmp_path / "demo-output")]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "bloodcell serve" in done.stdout
+    payload = json.loads((tmp_path / "demo-output" / "predictions.json").read_text(encoding="utf-8"))
+    assert payload["model"]["bundled"] is True and payload["n_images"] == len(sample_images())
+    assert all(r["error"] is None for r in payload["results"])
+    assert (tmp_path / "demo-output" / "report.html").is_file()

@@ -1,0 +1,116 @@
+"""``evaluate_model`` and the evaluate / explain CLI on a tiny run over the synthetic Aria-layout dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+from bloodcell.evaluate.runner import evaluate_model
+from bloodcell.evaluate.shifts import SHIFTS
+from bloodcell.models import load_model
+from conftest import make_aria_dataset
+from eval_support import make_run
+
+DOCUMENTED_KEYS = (
+    "balanced_accuracy", "balanced_accuracy_ci", "accuracy", "macro_f1", "per_class", "confusion_matrix",
+    "confusion_matrix_normalized", "roc_auc", "ece", "ece_after_temperature", "temperature", "n_images",
+    "robustness", "tta", "shortcut_baseline", "explain", "data", "model", "evaluation", "plots",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_aria_dataset(tmp_path_factory.mktemp("eval") / "aria", per_class=24, size=48)
+
+
+@pytest.fixture(scope="module")
+def run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(dataset, tmp_path_factory.mktemp("runs") / "toy")
+
+
+@pytest.fixture(scope="module")
+def metrics(run: Path) -> dict:
+    return evaluate_model(run, tta=True, progress=False, n_bootstrap=200)
+
+
+def test_metrics_json_has_the_documented_keys(run: Path, metrics: dict) -> None:
+    written = json.loads((run / "metrics.json").read_text())
+    for key in DOCUMENTED_KEYS:
+        assert key in written, key
+    low, high = written["balanced_accuracy_ci"]
+    assert low <= written["balanced_accuracy"] <= high
+    assert written["evaluation"]["split"] == "test"
+    counts = written["data"]["split_summary"]["counts"]["test"]
+    assert written["n_images"] == counts["total"] > 0
+    assert written["data"]["split_summary"]["leakage_check"] == "passed"
+    assert written["data"]["same_as_training"] is True
+
+
+def test_temperature_is_fitted_on_validation_and_saved_in_the_card(run: Path, metrics: dict) -> None:
+    assert metrics["temperature_source"].startswith("fitted on the validation part")
+    _, card = load_model(run)
+    assert card.temperature == pytest.approx(metrics["temperature"])
+    assert card.metrics["test"]["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+
+
+def test_robustness_tta_baseline_and_gradcam_sections(metrics: dict) -> None:
+    robustness = metrics["robustness"]
+    assert list(robustness["shifts"]) == list(SHIFTS)
+    for rows in robustness["shifts"].values():
+        assert [r["severity"] for r in rows] == [0, 1, 2, 3]
+        assert rows[0]["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    assert set(robustness["worst"]) == {"1", "2", "3"}
+    assert metrics["tta"]["views"] == 8 and 0 <= metrics["tta"]["balanced_accuracy"] <= 1
+    assert 0 <= metrics["shortcut_baseline"]["balanced_accuracy"] <= 1
+    assert metrics["explain"]["target_layer"] == "stages"
+    assert metrics["explain"]["cam_energy_on_cell"] is not None  # the Segmented variant gives the masks
+
+
+def test_plots_and_predictions_are_written(run: Path, metrics: dict) -> None:
+    for name in ("confusion_matrix", "roc", "reliability", "robustness", "training_curves"):
+        assert (run / metrics["plots"][name]).stat().st_size > 1000, name
+    assert (run / "plots" / "gradcam_grid.png").is_file()
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert len(predictions) == metrics["n_images"]
+    assert np.allclose(predictions.filter(like="p_").sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_split_all_on_another_copy_of_the_dataset(run: Path, tmp_path: Path) -> None:
+    other = make_aria_dataset(tmp_path / "copy", per_class=12, size=48, seed=5, segmented=False)
+    result = evaluate_model(run, other, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
+    assert result["n_images"] == 48
+    assert result["temperature_source"] == "model card"  # another dataset never refits the model's temperature
+    assert result["data"]["same_as_training"] is False
+    assert Path(result["out_dir"]) == run / "evaluations" / "copy-all"
+
+
+def test_cli_evaluate_json_and_table(run: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", str(run), "--split", "val", "--no-robustness", "--no-explain",
+                                 "--json", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["evaluation"]["split"] == "val" and payload["robustness"] is None
+    table = runner.invoke(app, ["evaluate", str(run), "--split", "val", "--no-robustness", "--no-explain", "--no-progress"])
+    assert table.exit_code == 0, table.output
+    assert "balanced accuracy" in table.stdout and "Pro-B" in table.stdout
+
+
+def test_cli_explain_writes_overlays(run: Path, dataset: Path, tmp_path: Path) -> None:
+    images = sorted((dataset / "Original" / "Pro").glob("*.jpg"))[:2]
+    result = CliRunner().invoke(app, ["explain", str(run), *map(str, images), "--out", str(tmp_path / "cams"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["images"]
+    assert len(rows) == 2 and all(Path(r["overlay"]).is_file() for r in rows)
+
+
+def test_cli_explain_with_only_a_model_is_a_user_error(run: Path) -> None:
+    result = CliRunner().invoke(app, ["explain", str(run)])
+    assert result.exit_code != 0
+    assert "no images were given" in str(result.exception)

@@ -1,0 +1,125 @@
+"""ONNX export: one self-contained file, dynamic batch, parity with PyTorch, and a predictor without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+from bloodcell.data.decode import decode_image
+from bloodcell.serve import export as export_module
+from bloodcell.serve.export import ParityError, ensure_onnx, export_onnx
+from bloodcell.serve.onnx_predictor import OnnxPredictor
+from bloodcell.serve.predictor import TorchPredictor
+from conftest import DEFAULT_DATA
+from serve_support import TINY_SIZE, real_images, write_images
+
+
+@pytest.fixture(scope="module")
+def realish_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Real smear images when the team dataset is present (never required), plus synthetic smears."""
+    root = Path(os.environ.get("BLOODCELL_DATA", DEFAULT_DATA))
+    real = real_images(root, per_class=3) if (root / "Original").is_dir() else []
+    return real + write_images(tmp_path_factory.mktemp("realish"), 8, size=224)
+
+
+def test_export_writes_one_file_and_card(tiny_onnx: Path) -> None:
+    assert tiny_onnx.is_file() and tiny_onnx.suffix == ".onnx"
+    assert sorted(p.name for p in tiny_onnx.parent.iterdir()) == ["card.json", "model.onnx"]  # no .onnx.data
+    graph = onnx.load(str(tiny_onnx))
+    onnx.checker.check_model(graph)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+    (image_input,) = graph.graph.input
+    dims = image_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [TINY_SIZE, TINY_SIZE, 3]
+    card = json.loads((tiny_onnx.parent / "card.json").read_text())
+    assert card["name"] == "tiny-test-model" and card["temperature"] == pytest.approx(1.3)
+    assert card["onnx"]["parity"]["max_abs_diff_probabilities"] <= 1e-4
+
+
+def test_parity_on_real_images_at_several_batch_sizes(tiny_model: Path, tiny_onnx: Path, realish_files: list[Path]) -> None:
+    images = np.stack([decode_image(p, TINY_SIZE) for p in realish_files])
+    torch_probs = TorchPredictor(tiny_model).predict(images)
+    onnx_predictor = OnnxPredictor(tiny_onnx)
+    for batch in (1, 5, len(images)):
+        onnx_probs = np.concatenate([onnx_predictor.predict(images[i : i + batch]) for i in range(0, len(images), batch)])
+        assert np.abs(onnx_probs - torch_probs).max() <= 1e-4
+    assert np.abs(torch_probs - 0.25).max() > 0.05  # the model is not trivially uniform
+    tta_diff = np.abs(onnx_predictor.predict(images, tta=True) - TorchPredictor(tiny_model).predict(images, tta=True))
+    assert tta_diff.max() <= 1e-4
+
+
+def test_failed_parity_raises_and_writes_nothing(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    real_export = export_module._export_graph
+
+    def export_a_different_model(wrapper, size, target, exporter, opset):  # a broken exporter
+        broken = __import__("copy").deepcopy(wrapper)
+        with torch.no_grad():
+            broken.model.net.head[-1].bias.add_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+        real_export(broken, size, target, exporter, opset)
+
+    monkeypatch.setattr(export_module, "_export_graph", export_a_different_model)
+    with pytest.raises(ParityError, match="parity"):
+        export_onnx(tiny_model, tmp_path / "bad" / "model.onnx")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_onnx_predictor_imports_and_runs_without_torch(tiny_onnx: Path, realish_files: list[Path]) -> None:
+    code = (
+        "import sys, json\n"
+        "import bloodcell.serve.onnx_predictor as m\n"
+        "assert 'torch' not in sys.modules, 'torch imported by import'\n"
+        f"p = m.OnnxPredictor({str(tiny_onnx)!r}, threads=2)\n"
+        f"results = p.predict_files({[str(p) for p in realish_files[:4]]!r} + ['missing.jpg'], batch=2, tta=True)\n"
+        "assert 'torch' not in sys.modules, 'torch imported by predicting'\n"
+        "print(json.dumps([r.to_dict() for r in results]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run(check=False, args=[sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["error"] is None for r in rows] == [True] * 4 + [False]
+
+
+def test_ensure_onnx_reuses_and_refreshes(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    first = ensure_onnx(model)
+    assert first.is_file() and ensure_onnx(model) == first
+    stamp = first.stat().st_mtime_ns
+    card = json.loads((model / "card.json").read_text())
+    card["temperature"] = 2.0  # recalibrated: the ONNX card must follow
+    (model / "card.json").write_text(json.dumps(card))
+    again = ensure_onnx(model)
+    assert again.stat().st_mtime_ns != stamp
+    assert OnnxPredictor(again).temperature == pytest.approx(2.0)
+
+
+def test_export_command_checks_parity_on_given_images(tiny_model: Path, realish_files: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "cli"  # a folder (no .onnx suffix): the file is <folder>/model.onnx
+    result = CliRunner().invoke(
+        app,
+        ["export", str(tiny_model), "--format", "onnx", "--out", str(folder), "--json"]
+        + [arg for p in realish_files for arg in ("--images", str(p))],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    out = folder / "model.onnx"
+    assert summary["onnx"] == str(out) and out.is_file() and (folder / "card.json").is_file()
+    parity = json.loads((folder / "card.json").read_text())["onnx"]["parity"]
+    assert parity["n_images"] == len(realish_files) + 8 and f"{len(realish_files)} real images" in parity["images"]
+    assert summary["max_abs_diff_probabilities"] == parity["max_abs_diff_probabilities"] <= 1e-4
+    bad = CliRunner().invoke(app, ["export", str(tiny_model), "--format", "tflite"])
+    assert bad.exit_code == 2

@@ -1,0 +1,137 @@
+"""Grad-CAM for every registered architecture and two timm families, with the automatic target layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bloodcell.errors import UserError
+from bloodcell.explain.gradcam import (
+    cam_energy_on_cell,
+    cam_similarity,
+    default_target_layer,
+    explain_files,
+    explain_images,
+    randomized_copy,
+    sanity_check,
+)
+from bloodcell.models import Classifier, ModelCard, create_model, list_models, save_model
+from eval_support import train_toy
+
+#: timm families that must work, and the layer the automatic choice must find in them.
+TIMM_LAYERS = {"timm/resnet18": "layer4", "timm/efficientnet_b0": "bn2"}
+ARCHITECTURES = sorted(spec.name for spec in list_models()) + sorted(TIMM_LAYERS)
+
+
+def input_size_for(name: str) -> int:
+    """Our networks at 96 px (the seed CNN's unpadded convolutions need that many), timm ones at 64 px."""
+    return 64 if name.startswith("timm/") else 96
+
+
+def toy_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from conftest import draw_cell
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    return np.stack([np.asarray(draw_cell(rng, int(k), size)) for k in labels]), labels
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_gradcam_on_a_briefly_trained_model(name: str) -> None:
+    size = input_size_for(name)
+    torch.manual_seed(0)
+    model = Classifier(create_model(name, 4))
+    images, labels = toy_images(8, size)
+    train_toy(model, images, labels, steps=3)
+    found, layer = default_target_layer(model.net, size)
+    assert found == TIMM_LAYERS.get(name, found)
+    assert not isinstance(layer, torch.nn.AdaptiveAvgPool2d) and any(True for _ in layer.parameters())
+    result = explain_images(model, images[:6], "gradcam")
+    assert result.layer_name == found
+    assert result.cams.shape == (6, size, size) and result.cams.dtype == np.float32
+    assert np.isfinite(result.cams).all()
+    assert (result.cams.min() >= 0) and (result.cams.max() <= 1.0 + 1e-6)
+    non_constant = [np.ptp(cam) > 1e-6 for cam in result.cams]
+    assert sum(non_constant) >= 4, f"{name}: {sum(non_constant)} of 6 CAMs are flat"
+
+
+def test_automatic_layer_is_the_last_convolutional_stage_of_our_networks() -> None:
+    assert default_target_layer(create_model("bloodnet", 4), 64)[0] == "stages"
+    assert default_target_layer(create_model("seed-cnn", 4), 96)[0] == "features"
+
+
+@pytest.fixture(scope="module")
+def bloodnet() -> Classifier:
+    torch.manual_seed(0)
+    model = Classifier(create_model("bloodnet", 4, width=0.5))
+    images, labels = toy_images(32, 48)
+    return train_toy(model, images, labels, steps=20)
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "hirescam", "layercam", "eigencam"])
+def test_other_methods_and_an_explicit_target_layer(bloodnet: Classifier, method: str) -> None:
+    images, _ = toy_images(4, 48, seed=1)
+    result = explain_images(bloodnet, images, method, target_layer="stages.2")
+    assert result.layer_name == "stages.2"
+    assert result.cams.shape == (4, 48, 48) and np.isfinite(result.cams).all()
+
+
+def test_unknown_layer_or_method_is_a_user_error(bloodnet: Classifier) -> None:
+    images, _ = toy_images(2, 48)
+    with pytest.raises(UserError, match="no layer"):
+        explain_images(bloodnet, images, target_layer="stages.99")
+    with pytest.raises(UserError, match="unknown CAM method"):
+        explain_images(bloodnet, images, method="magic")
+
+
+def test_explaining_a_given_class_and_randomised_copy(bloodnet: Classifier) -> None:
+    images, _ = toy_images(4, 48, seed=2)
+    result = explain_images(bloodnet, images, targets=np.array([3, 3, 3, 3]))
+    assert result.targets.tolist() == [3, 3, 3, 3]
+    clone = randomized_copy(bloodnet)
+    trained_weight = bloodnet.net.stem[0].weight
+    assert not torch.equal(clone.net.stem[0].weight, trained_weight)
+    assert torch.equal(bloodnet.net.stem[0].weight, trained_weight)  # the original is untouched
+
+
+def test_sanity_check_against_randomised_weights_and_cell_energy(bloodnet: Classifier) -> None:
+    images, _ = toy_images(8, 48, seed=3)
+    segmented = images.copy()
+    segmented[images.mean(axis=-1) > 160] = 0  # as the conftest's Segmented variant
+    report = sanity_check(bloodnet, images, segmented)
+    assert report["target_layer"] == "stages" and report["n_images"] == 8
+    assert -1.0 <= report["randomized_similarity"] < 1.0
+    assert 0.0 <= report["cam_energy_on_cell"] <= 1.0 and 0.0 < report["cell_area_fraction"] < 1.0
+    assert isinstance(report["passed"], bool)
+
+
+def test_similarity_and_energy_by_hand() -> None:
+    ramp = np.tile(np.linspace(0, 1, 8, dtype=np.float32), (8, 1))
+    cams = np.stack([ramp, ramp])
+    assert cam_similarity(cams, cams) == pytest.approx([1.0, 1.0])
+    assert cam_similarity(cams, cams[:, :, ::-1]) == pytest.approx([-1.0, -1.0])
+    assert cam_similarity(cams, np.zeros_like(cams)) == pytest.approx([0.0, 0.0])  # flat map: no structure
+    mask = np.zeros((2, 8, 8), dtype=bool)
+    mask[:, :, 4:] = True
+    share = cam_energy_on_cell(cams, mask)
+    assert share == pytest.approx([ramp[:, 4:].sum() / ramp.sum()] * 2)
+
+
+def test_explain_files_writes_overlays(tmp_path: Path, bloodnet: Classifier) -> None:
+    from PIL import Image
+
+    model_dir = save_model(bloodnet, ModelCard(architecture="bloodnet", arch_kwargs={"width": 0.5}, input_size=48), tmp_path / "m")
+    images, _ = toy_images(2, 80)
+    paths = []
+    for k, image in enumerate(images):
+        paths.append(tmp_path / f"cell{k}.png")
+        Image.fromarray(image).save(paths[-1])
+    rows = explain_files(model_dir, paths, tmp_path / "out", method="gradcam++")
+    assert [Path(r["overlay"]).name for r in rows] == ["cell0.gradcampp.png", "cell1.gradcampp.png"]
+    overlay = np.asarray(Image.open(rows[0]["overlay"]))
+    assert overlay.shape == (48, 96, 3)  # the image and its overlay side by side
+    assert rows[0]["predicted"] in ModelCard(architecture="x", input_size=1).classes
+    assert 0.0 < rows[0]["probability"] <= 1.0

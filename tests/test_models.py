@@ -1,0 +1,100 @@
+"""Every registered architecture builds, runs forward and trains one step; timm models build by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bloodcell.config import RunConfig
+from bloodcell.errors import UserError
+from bloodcell.models import Classifier, create_model, list_models
+from bloodcell.train.setup import build_classifier, load_initial_weights
+
+REGISTERED = [spec.name for spec in list_models()]
+
+
+def test_registry_has_the_issue_models() -> None:
+    assert {"seed-cnn", "bloodnet", "bloodnet-ir"} <= set(REGISTERED)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_registered_model_builds_and_trains_one_step(name: str) -> None:
+    torch.manual_seed(0)
+    model = Classifier(create_model(name, num_classes=4)).to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8).float()
+    labels = torch.tensor([0, 1, 2, 3])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    logits = model(images.contiguous(memory_format=torch.channels_last))
+    assert logits.shape == (4, 4)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    optimizer.step()
+
+    assert torch.isfinite(loss)
+    changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert changed, "one optimiser step changed no weight"
+
+
+def test_seed_cnn_is_the_keras_shape_at_150px() -> None:
+    net = create_model("seed-cnn", num_classes=4)
+    features = net.features(torch.zeros(1, 3, 150, 150))
+    assert features.shape == (1, 128, 7, 7)  # 150 -> 148/74 -> 72/36 -> 34/17 -> 15/7, as Keras computes
+    assert net.head[1].in_features == 128 * 7 * 7
+
+
+@pytest.mark.parametrize("name", ["bloodnet", "bloodnet-ir"])
+def test_bloodnet_width_and_depth_change_the_network(name: str) -> None:
+    def count(**kwargs) -> int:
+        return sum(p.numel() for p in create_model(name, 4, **kwargs).parameters())
+
+    assert count(width=0.5) < count() < count(width=1.5)
+    assert count() < count(depth=2)
+
+
+def test_bloodnet_rejects_unknown_block() -> None:
+    with pytest.raises(ValueError, match="block"):
+        create_model("bloodnet", 4, block="transformer")
+
+
+@pytest.mark.parametrize("name", ["timm/resnet18", "timm/efficientnet_b0"])
+def test_timm_models_build_by_name(name: str) -> None:
+    net = create_model(name, num_classes=4)
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_unknown_model_lists_known_names() -> None:
+    with pytest.raises(ValueError, match="bloodnet"):
+        create_model("no-such-net", 4)
+
+
+def test_pretrained_own_model_is_a_clear_user_error() -> None:
+    config = RunConfig.model_validate({"model": {"name": "bloodnet", "pretrained": True}})
+    with pytest.raises(UserError, match="no published pretrained weights"):
+        build_classifier(config, 4)
+
+
+def test_weights_file_initialises_matching_tensors_and_skips_the_head(tmp_path: Path) -> None:
+    source = create_model("bloodnet", num_classes=10)  # e.g. a model trained with another class count
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+
+    config = RunConfig.model_validate({"model": {"name": "bloodnet", "weights": str(tmp_path / "w.safetensors")}})
+    classifier = build_classifier(config, 4)
+
+    assert torch.equal(classifier.net.stem[0].weight, source.stem[0].weight)
+    assert not torch.equal(classifier.net.head[2].weight[:4], source.head[2].weight[:4])
+    skipped = load_initial_weights(create_model("bloodnet", 4), tmp_path / "w.safetensors")
+    assert skipped == ["head.2.bias", "head.2.weight"]
+
+
+def test_weights_file_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    save_file({"unrelated.weight": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UserError, match="none of its tensors fit"):
+        load_initial_weights(create_model("bloodnet", 4), tmp_path / "w.safetensors")

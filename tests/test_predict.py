@@ -1,0 +1,156 @@
+"""``bloodcell predict`` and the predictors: files, folders, globs, bad files, CSV / JSON output, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+from bloodcell.data.decode import decode_image
+from bloodcell.errors import UserError
+from bloodcell.evaluate.tta import tta_views
+from bloodcell.models import load_model
+from bloodcell.serve.common import expand_inputs, softmax_with_temperature
+from bloodcell.serve.predictor import TorchPredictor
+from serve_support import TINY_SIZE, TINY_TEMPERATURE, cell_jpeg, write_images
+
+CLASSES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+
+
+@pytest.fixture
+def slides(tmp_path: Path) -> Path:
+    """A folder tree: 3 images at the top, 3 in a sub-folder, a truncated JPEG and a text file."""
+    root = tmp_path / "slides"
+    write_images(root, 3)
+    write_images(root / "day2", 3, start=3)
+    (root / "day2" / "truncated.jpg").write_bytes(cell_jpeg(seed=7)[:1200])
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def reference_probabilities(model_dir: Path, path: Path) -> np.ndarray:
+    """What the card says must happen: decode at the input size, model logits, softmax(logits / T)."""
+    import torch
+
+    model, card = load_model(model_dir)
+    image = torch.from_numpy(decode_image(path, card.input_size)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        logits = model(image).numpy()
+    return softmax_with_temperature(logits / card.temperature)[0]
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_expand_inputs_files_folders_globs(slides: Path) -> None:
+    files, missing = expand_inputs([slides / "cell-000.jpg", slides / "day2", str(slides / "*.jpg"), slides / "nope.jpg"])
+    names = [p.name for p in files]
+    assert names == ["cell-000.jpg", "cell-003.jpg", "cell-004.jpg", "cell-005.jpg", "truncated.jpg", "cell-001.jpg", "cell-002.jpg"]
+    assert missing == [str(slides / "nope.jpg")]
+    recursive, _ = expand_inputs([str(slides / "**" / "*.jpg")])
+    assert len(recursive) == 7
+    everything, _ = expand_inputs([slides])
+    assert "notes.txt" not in [p.name for p in everything] and len(everything) == 7
+
+
+def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.csv"
+    result = run("predict", "--model", str(tiny_model), str(slides / "cell-000.jpg"), str(slides / "day2"), str(slides / "*.jpg"), "--out", str(out))
+    assert result.exit_code == 1, result.output  # the truncated file failed
+    assert "truncated" in result.stdout and "Early Pre-B" in result.stdout  # the table
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 7 and list(rows[0]) == ["file", "class", "confidence", *CLASSES, "error"]
+    bad = [r for r in rows if r["error"]]
+    assert [Path(r["file"]).name for r in bad] == ["truncated.jpg"] and "truncated" in bad[0]["error"]
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 6
+    for row in good:
+        probs = np.array([float(row[c]) for c in CLASSES])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert row["class"] == CLASSES[int(probs.argmax())]
+        assert np.allclose(probs, reference_probabilities(tiny_model, Path(row["file"])), atol=1e-5)
+
+
+def test_predict_json_all_good_exit_zero(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    result = run("predict", "-m", str(tiny_model), str(slides / "*.jpg"), "--out", str(out), "--batch", "2", "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    written = json.loads(out.read_text())
+    assert printed["results"] == written["results"]
+    assert written["n_files"] == 3 and written["n_failed"] == 0
+    assert written["model"]["name"] == "tiny-test-model" and written["temperature"] == pytest.approx(TINY_TEMPERATURE)
+    first = written["results"][0]
+    assert first["error"] is None and first["class"] == max(first["probabilities"], key=first["probabilities"].get)
+
+
+def test_model_as_first_input_and_missing_inputs(tiny_model: Path, slides: Path) -> None:
+    result = run("predict", str(tiny_model), str(slides / "cell-001.jpg"), str(slides / "no-such-*.png"), "--json")
+    assert result.exit_code == 1
+    rows = json.loads(result.stdout)["results"]
+    assert rows[0]["error"] is None and Path(rows[0]["file"]).name == "cell-001.jpg"
+    assert "no such file" in rows[1]["error"]
+
+
+def test_usage_errors(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    result = run("predict", "-m", str(tiny_model), str(slides), "--out", str(tmp_path / "x.xlsx"))
+    assert isinstance(result.exception, UserError) and ".csv or .json" in str(result.exception)
+    result = run("predict", str(tiny_model))
+    assert isinstance(result.exception, UserError) and "no images" in str(result.exception)
+
+
+def test_onnx_backend_and_tta(tiny_model: Path, tiny_onnx: Path, slides: Path) -> None:
+    plain = json.loads(run("predict", "-m", str(tiny_model), str(slides / "*.jpg"), "--json").stdout)["results"]
+    onnx = json.loads(run("predict", "-m", str(tiny_onnx), "--backend", "onnx", str(slides / "*.jpg"), "--json").stdout)
+    assert onnx["model"]["backend"] == "onnx"
+    for a, b in zip(plain, onnx["results"]):
+        assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in CLASSES) <= 1e-4
+    tta = json.loads(run("predict", "-m", str(tiny_model), str(slides / "cell-000.jpg"), "--tta", "--json").stdout)
+    assert tta["tta"] == "d4"
+    # TTA = mean of the logits over the 8 symmetries, then the card's temperature.
+    import torch
+
+    model, card = load_model(tiny_model)
+    image = decode_image(slides / "cell-000.jpg", TINY_SIZE)[None]
+    with torch.no_grad():
+        logits = np.mean([model(torch.from_numpy(v).permute(0, 3, 1, 2)).numpy() for v in tta_views(image)], axis=0)
+    expected = softmax_with_temperature(logits, card.temperature)[0]
+    got = np.array([tta["results"][0]["probabilities"][c] for c in CLASSES])
+    assert np.allclose(got, expected, atol=1e-5) and not np.allclose(got, np.array(list(plain[0]["probabilities"].values())), atol=1e-4)
+
+
+def test_predict_files_batches_agree_and_errors_keep_order(tiny_model: Path, slides: Path) -> None:
+    predictor = TorchPredictor(tiny_model)
+    files, _ = expand_inputs([slides])
+    files = files + [slides / "notes.txt"]
+    seen: list[int] = []
+    small = predictor.predict_files(files, batch=2, on_batch=seen.append)
+    large = predictor.predict_files(files, batch=64)
+    assert seen == [2, 4, 6, 8]
+    assert [r.source for r in small] == [str(f) for f in files]
+    assert [r.error is None for r in small] == [True] * 6 + [False, False]  # truncated.jpg, notes.txt
+    assert "not an image" in small[-1].error
+    for a, b in zip(small, large):
+        assert a.label == b.label and (a.ok is False or np.allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-5))
+    with pytest.raises(ValueError, match="shape"):
+        predictor.predict(np.zeros((1, TINY_SIZE + 1, TINY_SIZE, 3), np.uint8))
+
+
+def test_console_script_exit_codes(tiny_model: Path, slides: Path) -> None:
+    """Through the real entry point: 1 when a file failed, 2 on a usage error with a one-line message."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    command = [sys.executable, "-m", "bloodcell", "predict", "-m", str(tiny_model)]
+    failed = subprocess.run(check=False, args=[*command, str(slides), "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert failed.returncode == 1, failed.stderr
+    assert json.loads(failed.stdout)["n_failed"] == 1
+    usage = subprocess.run(check=False, args=[*command, str(slides), "--out", "x.txt"], capture_output=True, text=True, timeout=120, env=env)
+    assert usage.returncode == 2 and usage.stderr.strip().startswith("error:") and "Traceback" not in usage.stderr

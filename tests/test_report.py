@@ -1,0 +1,119 @@
+"""``build_report``: a self-contained report.html and report.md from a tiny run, and the browser check."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+from bloodcell.report import build_report
+from conftest import make_aria_dataset
+from eval_support import make_run
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of two runs: ``toy`` (bloodnet) and a sibling ``seed`` trained with the seed-replica config name."""
+    dataset = make_aria_dataset(tmp_path_factory.mktemp("report-data") / "aria", per_class=24, size=48)
+    folder = tmp_path_factory.mktemp("report-runs")
+    make_run(dataset, folder / "toy")
+    make_run(dataset, folder / "seed", name="seed-replica", architecture="seed-cnn",
+             arch_kwargs={"channels": [8, 8, 8, 8], "dense": 16}, steps=10)  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module")
+def report(runs: Path) -> Path:
+    # The baseline is evaluated first (as its own training would have done); the report finds it by name.
+    build_report(runs / "seed")
+    return build_report(runs / "toy")
+
+
+def test_report_is_self_contained_html_with_every_section(report: Path) -> None:
+    html = report.read_text(encoding="utf-8")
+    assert report.name == "report.html"
+    for section in ("summary", "data", "split", "training", "metrics", "calibration", "robustness", "gradcam",
+                    "comparison", "card"):  # fmt: skip
+        assert f'id="{section}"' in html, section
+    assert html.count("data:image/png;base64,") >= 7
+    # Nothing is fetched from anywhere: no external URLs in src/href, no scripts.
+    assert not re.search(r'(src|href)="(https?:|//|file:)', html)
+    assert "<script" not in html
+    assert "Not a medical device" in html or "not a medical device" in html
+    assert "Leakage check passed" in html
+
+
+def test_report_compares_with_the_seed_replica_sibling(report: Path, runs: Path) -> None:
+    html = report.read_text(encoding="utf-8")
+    assert "seed replica (seed-cnn, seed)" in html
+    assert str(runs / "seed") in html
+
+
+def test_markdown_summary_beside_it(report: Path) -> None:
+    markdown = report.with_name("report.md").read_text(encoding="utf-8")
+    assert markdown.startswith("# bloodcell evaluation report")
+    assert "| balanced accuracy (95 % CI) |" in markdown
+    assert "](plots/confusion_matrix.png)" in markdown
+    assert "&amp;" not in markdown  # Markdown is not HTML-escaped
+
+
+def test_report_cli_with_explicit_baseline(runs: Path) -> None:
+    result = CliRunner().invoke(app, ["report", str(runs / "seed"), "--baseline", str(runs / "toy"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "report.html" in result.stdout
+
+
+def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert result.exit_code != 0
+    assert "no such run directory" in str(result.exception)
+
+
+def _chromium() -> str:
+    if Path(CHROMIUM).is_file():
+        return CHROMIUM
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{CHROMIUM} is missing; CI installs it (apt-get install chromium)")
+    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+
+
+@pytest.mark.browser
+def test_report_opens_in_headless_chromium_without_errors(report: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    executable = _chromium()
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}")
+                    if message.type in ("error", "warning") else None)  # fmt: skip
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url}"))
+            page.goto(report.as_uri())
+            page.wait_for_load_state("load")
+            widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+            title = page.title()
+            screenshot = tmp_path / "report.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    assert len(widths) >= 7 and all(w > 100 for w in widths), widths
+    assert title.startswith("bloodcell report")
+    assert screenshot.stat().st_size > 50_000
+    keep = os.environ.get("BLOODCELL_SCREENSHOT_DIR")
+    if keep:  # lets a person look at what the browser drew
+        shutil.copy(screenshot, Path(keep) / "report.png")

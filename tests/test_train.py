@@ -1,0 +1,256 @@
+"""The training loop on tiny synthetic data: run directory, resume == uninterrupted, NaN stop, config errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bloodcell.config import ConfigError, RunConfig, config_from_dict, load_config
+from bloodcell.data.augment import BatchAugment
+from bloodcell.errors import UserError
+from bloodcell.models import load_model
+from bloodcell.train import TrainingDiverged, fit
+from bloodcell.train.loop import HISTORY_COLUMNS
+from synthetic_data import make_synthetic_data
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+# Tiny but real: a narrow bloodnet on 32 px toy cells, a few steps an epoch.
+TINY = {
+    "name": "tiny",
+    "data": {"image_size": 32},
+    "model": {"name": "bloodnet", "kwargs": {"width": 0.5}},
+    "augment": {"hue": 0.02, "gamma": 0.1, "stain": 0.05},
+    "train": {"epochs": 3, "batch_size": 16, "seed": 3, "num_threads": 1},
+}
+
+
+def tiny_config(**sections) -> RunConfig:
+    raw = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic_data(per_class=16, size=32)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+
+
+def history_without_timing(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: v for k, v in row.items() if k not in {"seconds", "images_per_second"}} for row in rows]
+
+
+def test_run_directory_holds_config_history_checkpoints_and_log(tmp_path: Path, data) -> None:
+    config = tiny_config()
+    result = fit(config, tmp_path / "run", prepared=data, progress=False)
+    run = tmp_path / "run"
+
+    assert result.run_dir == run and 1 <= result.best_epoch <= 3 and len(result.history) == 3
+    assert load_config(str(run / "config.yaml")) == config
+    with open(run / "history.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == HISTORY_COLUMNS
+        rows = list(reader)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(0 <= float(r["val_balanced_accuracy"]) <= 1 and float(r["lr"]) > 0 for r in rows)
+
+    for which in ("best", "last"):
+        model, card = load_model(run / "checkpoints" / which)
+        assert card.architecture == "bloodnet" and card.arch_kwargs["width"] == 0.5
+        assert card.classes == list(data.classes) and card.input_size == 32
+        assert card.manifest_sha256 == data.manifest_sha256 and card.config["name"] == "tiny"
+        assert "val_balanced_accuracy" in card.metrics and card.versions["torch"]
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    _, best_card = load_model(run)
+    assert best_card.epoch == result.best_epoch
+    assert result.best_val_balanced_accuracy == pytest.approx(best_card.metrics["val_balanced_accuracy"])
+
+    trainer = json.loads((run / "checkpoints" / "last" / "trainer.json").read_text())
+    assert trainer["loop"]["epoch"] == 3 and trainer["loop"]["step"] == 3 * (len(data.indices("train")) // 16)
+    assert (run / "checkpoints" / "last" / "trainer.safetensors").is_file()
+    assert "epoch 3" in (run / "train.log").read_text()
+    leftovers = [p.name for p in run.rglob("*") if p.name.startswith(".") or p.suffix in {".pt", ".pth", ".pkl", ".tmp"}]
+    assert leftovers == [], "temporary or pickle files left in the run directory"
+
+
+def test_training_learns_the_synthetic_shapes(tmp_path: Path) -> None:
+    """A guard against a loop that runs but does not learn (wrong labels, broken augmentation ...)."""
+    data = make_synthetic_data(per_class=48, size=32, seed=1)
+    config = tiny_config(train={"epochs": 8, "batch_size": 16}, optimizer={"lr": 0.01})
+    result = fit(config, tmp_path / "run", prepared=data, progress=False)
+    assert result.best_val_balanced_accuracy >= 0.6  # chance is 0.25
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path, data) -> None:
+    fit(tiny_config(train={"epochs": 1}), tmp_path / "run", prepared=data, progress=False)
+    with pytest.raises(UserError, match="already holds a run"):
+        fit(tiny_config(train={"epochs": 1}), tmp_path / "run", prepared=data, progress=False)
+
+
+class Interrupt(Exception):
+    """Stands in for Ctrl-C (or an Optuna prune) raised from the epoch callback."""
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path, data) -> None:
+    config = tiny_config(train={"epochs": 4})
+    fit(config, tmp_path / "straight", prepared=data, progress=False)
+
+    def stop_after_two(epoch: int, row: dict) -> None:
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(config, tmp_path / "resumed", prepared=data, progress=False, epoch_callback=stop_after_two)
+    assert json.loads((tmp_path / "resumed/checkpoints/last/trainer.json").read_text())["loop"]["epoch"] == 2
+    result = fit(config, tmp_path / "resumed", prepared=data, progress=False, resume=True)
+
+    assert len(result.history) == 4
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), f"{key} differs after resume"
+    assert history_without_timing(tmp_path / "straight") == history_without_timing(tmp_path / "resumed")
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path, data) -> None:
+    """A real SIGKILL in a child process, then a kill in the middle of swapping in a checkpoint."""
+    config = tiny_config(train={"epochs": 3})
+    fit(config, tmp_path / "straight", prepared=data, progress=False)
+
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(TESTS_DIR)!r})
+        from bloodcell.config import config_from_dict
+        from bloodcell.train import fit
+        from synthetic_data import make_synthetic_data
+
+        def kill_after_one(epoch, row):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        config = config_from_dict({config.model_dump(mode="json")!r})
+        fit(config, {str(tmp_path / "killed")!r}, prepared=make_synthetic_data(per_class=16, size=32),
+            progress=False, epoch_callback=kill_after_one)
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr
+    # Simulate a kill between the two renames of the next checkpoint swap: only '.last.old' survives,
+    # next to a half-written staging folder.
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    os.replace(checkpoints / "last", checkpoints / ".last.old")
+    (checkpoints / ".last.tmp").mkdir()
+    (checkpoints / ".last.tmp" / "model.safetensors").write_bytes(b"half written")
+
+    fit(config, tmp_path / "killed", prepared=data, progress=False, resume=True)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert history_without_timing(tmp_path / "straight") == history_without_timing(tmp_path / "killed")
+    assert not (checkpoints / ".last.tmp").exists() and not (checkpoints / ".last.old").exists()
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_key(tmp_path: Path, data) -> None:
+    fit(tiny_config(train={"epochs": 1}), tmp_path / "run", prepared=data, progress=False)
+    changed = tiny_config(train={"epochs": 1}, optimizer={"lr": 0.1})
+    with pytest.raises(UserError, match="optimizer.lr"):
+        fit(changed, tmp_path / "run", prepared=data, progress=False, resume=True)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path: Path, data) -> None:
+    with pytest.raises(UserError, match="nothing to resume"):
+        fit(tiny_config(), tmp_path / "empty", prepared=data, progress=False, resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps_per_epoch = len(data.indices("train")) // 16
+    calls = {"n": 0}
+    real_call = BatchAugment.__call__
+
+    def poisoned(self, images, generator=None):
+        calls["n"] += 1
+        out = real_call(self, images, generator)
+        return out * float("nan") if calls["n"] > steps_per_epoch else out  # NaN from epoch 2 on
+
+    monkeypatch.setattr(BatchAugment, "__call__", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint \(epoch 1\)"):
+        fit(tiny_config(), run, prepared=data, progress=False)
+
+    trainer = json.loads((run / "checkpoints/last/trainer.json").read_text())
+    assert trainer["loop"]["epoch"] == 1
+    weights = final_weights(run)
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.dtype.is_floating_point)
+    assert len(history_without_timing(run)) == 1
+    assert "diverged" in (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.epoch=3", "train.epoch"),  # unknown key (typo)
+        ("augment.colour=0.2", "augment.colour"),
+        ("train.epochs=0", "train.epochs"),  # bad value
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("augment.hue=2", "augment.hue"),
+        ("model.name=resnet-9000", "model.name"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_key(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config("default", [override])
+
+
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Run ``bloodcell ARGS`` in this process through the real entry point; returns (exit code, out, err)."""
+    from bloodcell.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bloodcell", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+def test_cli_rejects_a_bad_key_with_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run_cli(["train", "--data", str(tmp_path), "--set", "train.epoch=3"], monkeypatch, capsys)
+    assert code == 2
+    assert "train.epoch" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_shipped_configs_load() -> None:
+    default, seed = load_config("default"), load_config("seed-replica")
+    assert default.model.name == "bloodnet"
+    assert seed.model.name == "seed-cnn" and seed.data.image_size == 150
+    assert seed.optimizer.name == "adam" and seed.optimizer.lr == pytest.approx(1e-4)
+
+
+def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monkeypatch, capsys) -> None:
+    """End to end through the data stage: index, split, cache, train, run directory."""
+    code, out, err = run_cli(
+        ["train", "--data", str(aria_dataset), "--out", str(tmp_path / "run"), "--no-report", "--no-progress",
+         "--json", "--set", "train.epochs=2", "--set", "data.image_size=32", "--set", "data.block_size=6",
+         "--set", "data.embargo=1", "--set", "model.kwargs={width: 0.5}"],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["epochs"] == 2 and Path(summary["run_dir"]) == tmp_path / "run"
+    assert (tmp_path / "run" / "checkpoints" / "best" / "card.json").is_file()

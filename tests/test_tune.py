@@ -1,0 +1,270 @@
+"""Learning-rate finder and Optuna tuning on a tiny synthetic problem (32 px, a small bloodnet, 1-2 epochs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+from bloodcell.config import AugmentConfig, config_from_dict, load_config
+from bloodcell.errors import UserError
+from bloodcell.tune.lr_find import suggest_lr
+from bloodcell.tune.search import SearchSpace, apply_params, open_study, tune
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Small enough that one epoch takes well under a second on one core.
+TINY = {
+    "name": "tiny",
+    "data": {"image_size": 32, "block_size": 6, "embargo": 1},
+    "model": {"name": "bloodnet", "kwargs": {"width": 0.5, "depth": 0.5}},
+    "train": {"epochs": 2, "batch_size": 16, "num_threads": 1},
+}
+#: Keep the search at 32 px so every trial is fast.
+TINY_SPACE = SearchSpace(image_size=[32], width=[0.25, 0.5])
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- lr-find
+
+
+def test_suggestion_rules_on_a_known_curve() -> None:
+    lrs = np.geomspace(1e-5, 1.0, 101)
+    x = np.log10(lrs)
+    # Flat, then falling fastest at 1e-3, lowest at 1e-1, then blowing up.
+    loss = 2 - np.tanh((x + 3) * 2) * 0.5 + np.where(x > -1, (x + 1) ** 2 * 20, 0)
+    suggested, min_loss_lr, steepest_lr = suggest_lr(lrs, loss, "min_loss")
+    assert min_loss_lr == pytest.approx(1e-1, rel=0.15)
+    assert suggested == pytest.approx(min_loss_lr / 10)
+    assert steepest_lr == pytest.approx(1e-3, rel=0.15)
+    assert suggest_lr(lrs, loss, "steepest")[0] == steepest_lr
+    # A loss that only rises: the honest suggestion is the bottom of the sweep, never outside it.
+    assert suggest_lr(lrs, np.linspace(1, 5, 101), "min_loss")[0] == lrs[0]
+
+
+def test_lr_find_suggests_a_rate_inside_the_sweep_and_plots(
+    aria_dataset: Path, tiny_config_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "lr"
+    args = ["lr-find", "--data", str(aria_dataset), "--config", str(tiny_config_file), "--steps", "60",
+            "--start-lr", "1e-5", "--end-lr", "10", "--out", str(out), "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    low, high = summary["swept"]
+    assert low == pytest.approx(1e-5) and summary["steps"] >= 20
+    assert low <= summary["suggested_lr"] <= high
+    # The loss did fall on this learnable problem: its minimum is well inside the sweep, not at its start.
+    assert summary["min_loss_lr"] > 100 * low
+    assert summary["suggested_lr"] == pytest.approx(summary["min_loss_lr"] / 10)
+    assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "lr_find.csv").read_text().splitlines()
+    assert table[0] == "step,lr,loss,smoothed_loss" and len(table) == summary["steps"] + 1
+
+
+def test_train_resolves_auto_lr_with_the_finder(aria_dataset: Path, tmp_path: Path) -> None:
+    from bloodcell.train import fit
+
+    config = config_from_dict({**TINY, "data": {**TINY["data"], "root": str(aria_dataset)},
+                               "optimizer": {"lr": "auto"}, "train": {**TINY["train"], "epochs": 1}})  # fmt: skip
+    result = fit(config, tmp_path / "run", progress=False)
+    ran = load_config(str(result.run_dir / "config.yaml"))
+    assert isinstance(ran.optimizer.lr, float) and 1e-6 <= ran.optimizer.lr <= 1.0
+    assert (result.run_dir / "lr-find" / "lr_find.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+def test_search_space_maps_onto_valid_configs() -> None:
+    base = config_from_dict(TINY)
+    strong = apply_params(base, {"augment_strength": 100.0, "width": 1.5, "lr": 1e-3, "image_size": 96})
+    assert strong.augment.affine_scale < 1 and strong.augment.hue <= 0.5 and strong.augment.noise <= 0.2
+    assert strong.augment.brightness == 1.0  # clipped at the field's maximum
+    assert strong.model.kwargs == {"width": 1.5, "depth": 0.5} and strong.data.image_size == 96
+    off = apply_params(base, {"augment_strength": 0.0})
+    assert off.augment.affine_degrees == 0 and off.augment.brightness == 0 and off.augment.flip
+    half = apply_params(base, {"augment_strength": 0.5})
+    assert half.augment.affine_degrees == pytest.approx(AugmentConfig().affine_degrees / 2)
+    with pytest.raises(ValueError, match="low"):
+        SearchSpace(lr=(1e-2, 1e-3))
+
+
+def test_a_study_refuses_to_continue_with_a_different_search(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    base = config_from_dict(TINY)
+    args = (optuna.pruners.NopPruner(), optuna.samplers.RandomSampler())
+    open_study("s", storage, base, TINY_SPACE, None, *args)
+    open_study("s", storage, base.model_copy(update={"data": base.data.model_copy(update={"root": "/elsewhere"})}),
+               TINY_SPACE, None, *args)  # fmt: skip  # another machine's dataset path is fine
+    with pytest.raises(UserError, match="different space"):
+        open_study("s", storage, base, SearchSpace(), None, *args)
+
+
+class PruneAfterFirstComplete(optuna.pruners.BasePruner):
+    """As aggressive as pruning gets: once one trial has completed, every other trial stops at its 2nd epoch."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.last_step >= 2 and bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def test_tune_prunes_writes_best_config_and_resumes_after_an_interrupt(
+    aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bloodcell.train
+
+    base = config_from_dict(TINY)
+    out = tmp_path / "tune"
+    common = {
+        "out_dir": out,
+        "space": TINY_SPACE,
+        "pruner": PruneAfterFirstComplete(),
+        "seed": 0,
+        "report": False,
+    }
+
+    first = tune(base, aria_dataset, 2, **common)
+    assert (first.n_complete, first.n_pruned) == (1, 1)
+    assert first.storage == f"sqlite:///{(out / 'study.db').resolve()}"
+
+    # Ctrl-C in the middle of the next trial, after its first epoch's checkpoint.
+    real_fit = bloodcell.train.fit
+
+    def interrupted_fit(config, out_dir=None, *, epoch_callback=None, **kwargs):
+        def stop(epoch, row):
+            epoch_callback(epoch, row)  # epoch 1 is reported to Optuna, then Ctrl-C arrives
+            raise KeyboardInterrupt
+
+        return real_fit(config, out_dir, epoch_callback=stop, **kwargs)
+
+    monkeypatch.setattr(bloodcell.train, "fit", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        tune(base, aria_dataset, 3, **common)
+    monkeypatch.setattr(bloodcell.train, "fit", real_fit)
+
+    # Rerunning with the same storage retries the interrupted trial, resuming its run at epoch 2.
+    resumed = tune(base, aria_dataset, 3, **{**common, "report": True})
+    study = optuna.load_study(study_name="tiny", storage=resumed.storage)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.FAIL,
+        TrialState.PRUNED,
+    ]
+    interrupted, retry = trials[2], trials[3]
+    assert retry.params == interrupted.params and retry.system_attrs["failed_trial"] == 2
+    assert sorted(retry.intermediate_values) == [1, 2]  # epoch 1 inherited, epoch 2 trained after resuming
+    history = (out / "trials" / "trial-0002" / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]
+    assert "resumed from" in (out / "trials" / "trial-0002" / "train.log").read_text()
+
+    # Results: a best config that `train --config` loads, the trials table, the report with Optuna's plots.
+    best = load_config(str(resumed.best_config_path))
+    expected = apply_params(base, trials[0].params).model_dump(mode="json")
+    expected.update(
+        name="tiny-best",
+        description=best.description,
+        data={**expected["data"], "root": str(aria_dataset.resolve())},
+    )
+    assert best.model_dump(mode="json") == expected and resumed.best_trial == 0
+    assert best.optimizer.lr == trials[0].params["lr"] and "trial 0" in best.description
+    assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + 4
+    report = (out / "report.md").read_text()
+    assert "plots/history.png" in report and "| 1 | pruned | 0.25 | 2 |" in report
+    assert (out / "plots" / "history.png").is_file() and (out / "plots" / "intermediate.png").is_file()
+
+    # The study is complete: another rerun trains nothing.
+    again = tune(base, aria_dataset, 3, **common)
+    assert len(optuna.load_study(study_name="tiny", storage=again.storage).get_trials()) == 4
+
+
+#: Runs ``bloodcell`` with training held at a barrier until both workers are inside a trial, so that both
+#: take part however fast the trials are; everything else is the real command.
+WORKER = """
+import os, sys, time
+from pathlib import Path
+import bloodcell.train
+
+barrier, real_fit = Path(sys.argv[1]), bloodcell.train.fit
+
+def fit_after_barrier(*args, **kwargs):
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return real_fit(*args, **kwargs)
+
+bloodcell.train.fit = fit_after_barrier
+sys.argv = ["bloodcell", *sys.argv[2:]]
+from bloodcell.cli import main
+main()
+"""
+
+
+def test_two_workers_share_one_study(aria_dataset: Path, tiny_config_file: Path, tmp_path: Path) -> None:
+    from bloodcell.data.prepare import prepare_data
+
+    prepare_data(
+        load_config(str(tiny_config_file)).data, aria_dataset, progress=False
+    )  # warm the shared cache
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(TINY_SPACE.model_dump(mode="json")))
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    out = tmp_path / "tune"
+    command = [sys.executable, "-c", WORKER, str(barrier), "tune", "--data", str(aria_dataset), "--trials", "4",
+               "--config", str(tiny_config_file), "--space", str(space), "--pruner", "none", "--out", str(out),
+               "--study", "shared", "--set", "train.epochs=1", "--json"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
+    workers = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (stdout, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+        assert json.loads(stdout.strip().splitlines()[-1])["study"] == "shared"
+
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{out.resolve() / 'study.db'}")
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(numbers)))
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    # Optuna's budget check runs between trials, so two workers can at most overshoot by one trial.
+    assert 4 <= len(finished) <= 5 and all(t.state != TrialState.FAIL for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+    assert len({Path(t.user_attrs["run_dir"]) for t in trials}) == len(trials)
+
+
+def test_cv_objective_is_the_mean_over_kfold_folds(aria_dataset: Path, tmp_path: Path) -> None:
+    base = config_from_dict({**TINY, "train": {**TINY["train"], "epochs": 1}})
+    result = tune(
+        base, aria_dataset, 1, out_dir=tmp_path / "cv", cv=2, space=TINY_SPACE, pruner="none", report=False
+    )
+    trial = optuna.load_study(study_name="tiny", storage=result.storage).get_trials()[0]
+    folds = [trial.user_attrs[f"fold_{k}_val_balanced_accuracy"] for k in range(2)]
+    assert trial.value == pytest.approx(sum(folds) / 2)
+    assert sorted(trial.intermediate_values) == [1, 2]  # fold k's epoch e is step k * epochs + e
+    for k in range(2):
+        ran = load_config(str(tmp_path / "cv" / "trials" / "trial-0000" / f"fold-{k}" / "config.yaml"))
+        assert (ran.data.protocol, ran.data.folds, ran.data.fold) == ("kfold", 2, k)
+    assert (
+        load_config(str(result.best_config_path)).data.protocol == "session"
+    )  # the tuned config trains as usual
