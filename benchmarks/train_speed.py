@@ -7,7 +7,9 @@ Two measurements, printed as tables and saved as JSON (``benchmarks/results/trai
      layout: the model's ceiling;
    - ``loop``: the real training loop (:func:`bloodcell.train.fit`, one warm-up epoch then one measured
      epoch on random uint8 images) with the default config's augmentation, gathering, checks and
-     checkpointing; ``loop / bare`` shows what the loop costs (target: at least 0.8).
+     checkpointing; ``loop / bare`` shows what the loop costs (target: at least 0.8);
+   - ``loop, no aug``: the same with every augmentation off, separating the loop's own cost from the
+     augmentation's arithmetic, which on a CPU competes with the model for the same cores.
    Bare and loop alternate (bare, loop, bare) and the two bare runs are averaged, because these machines
    are shared and their speed drifts.
 2. **Time to accuracy** for the default config on the ``session`` split of the real dataset: wall time
@@ -26,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,17 +39,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
 
-from bloodcell.config import RunConfig, config_from_dict, load_config  # noqa: E402
-from bloodcell.io import atomic_write_json  # noqa: E402
-from bloodcell.models import Classifier, create_model, list_models  # noqa: E402
-from bloodcell.train import fit  # noqa: E402
-from bloodcell.train.setup import keep_freed_memory, set_threads  # noqa: E402
+from bloodcell.config import RunConfig, config_from_dict, load_config
+from bloodcell.io import atomic_write_json
+from bloodcell.models import Classifier, create_model, list_models
+from bloodcell.train import fit
+from bloodcell.train.setup import keep_freed_memory, set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "leukemia-aria"
@@ -103,10 +104,14 @@ def bare_speed(name: str, size: int, batch: int, steps: int, kwargs: dict) -> fl
     return steps * batch / (time.perf_counter() - started)
 
 
-def loop_speed(name: str, size: int, batch: int, steps: int, kwargs: dict, base: RunConfig, threads: int) -> float:
-    """Images/s of the real loop's second epoch (``fit`` on random images, default augmentation)."""
+def loop_speed(
+    name: str, size: int, batch: int, steps: int, kwargs: dict, base: RunConfig, threads: int, augment: bool = True
+) -> float:
+    """Images/s of the real loop's second epoch (``fit`` on random images; the config's augmentation or none)."""
     raw = base.model_dump(mode="json")
     raw["model"] = {"name": name, "kwargs": kwargs}
+    if not augment:
+        raw["augment"] = {key: (False if isinstance(value, bool) else 0) for key, value in raw["augment"].items()}
     raw["data"]["image_size"] = size
     raw["train"].update(epochs=2, batch_size=batch, num_threads=threads, early_stopping_patience=0)
     config = config_from_dict(raw)
@@ -119,7 +124,7 @@ def throughput(models: list[str], sizes: list[int], batch: int, steps: int, thre
     base = load_config("default")
     rows = []
     table = Table(title=f"Training images/s (batch {batch}, {threads} thread(s), channels_last)")
-    for column in ("model", "size", "bare fwd+bwd", "real loop", "loop / bare"):
+    for column in ("model", "size", "bare fwd+bwd", "real loop", "loop / bare", "loop, no aug", "no aug / bare"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name in models:
         kwargs = dict(base.model.kwargs) if name == base.model.name else {}
@@ -127,12 +132,16 @@ def throughput(models: list[str], sizes: list[int], batch: int, steps: int, thre
             n_steps = steps if size <= 150 else max(3, steps // 2)
             bare_a = bare_speed(name, size, batch, n_steps, kwargs)
             loop = loop_speed(name, size, batch, n_steps, kwargs, base, threads)
+            plain = loop_speed(name, size, batch, n_steps, kwargs, base, threads, augment=False)
             bare_b = bare_speed(name, size, batch, n_steps, kwargs)
             bare = (bare_a + bare_b) / 2
             rows.append({"model": name, "size": size, "bare": bare, "loop": loop, "ratio": loop / bare,
+                         "loop_no_augment": plain, "ratio_no_augment": plain / bare,
                          "bare_runs": [bare_a, bare_b]})  # fmt: skip
-            table.add_row(name, str(size), f"{bare:.0f}", f"{loop:.0f}", f"{loop / bare:.2f}")
-            console.print(f"  {name} {size}px: bare {bare:.0f} (runs {bare_a:.0f}, {bare_b:.0f}), loop {loop:.0f} img/s")
+            table.add_row(name, str(size), f"{bare:.0f}", f"{loop:.0f}", f"{loop / bare:.2f}", f"{plain:.0f}",
+                          f"{plain / bare:.2f}")  # fmt: skip
+            console.print(f"  {name} {size}px: bare {bare:.0f} (runs {bare_a:.0f}, {bare_b:.0f}), loop {loop:.0f}, "
+                          f"loop without augmentation {plain:.0f} img/s")  # fmt: skip
     console.print(table)
     return rows
 
@@ -150,7 +159,9 @@ def augmentation_speed(size: int, batch: int, rounds: int) -> list[dict]:
 
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     generator = torch.Generator().manual_seed(0)
-    ours = BatchAugment(AugmentConfig(rot90=False))
+    ours = BatchAugment(
+        AugmentConfig(rot90=False, affine_degrees=10, affine_scale=0.1, affine_translate=0.05, hue=0, gamma=0, stain=0)
+    )
     pipelines = {"bloodcell BatchAugment": lambda x: ours(x, generator)}
     try:
         import kornia.augmentation as K
@@ -207,7 +218,7 @@ def test_balanced_accuracy(run_dir: Path, prepared) -> dict:
     return {
         "test_balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
         "test_accuracy": float((predictions == labels).mean()),
-        "test_images": int(len(rows)),
+        "test_images": len(rows),
         "best_epoch": card.epoch,
     }
 
@@ -222,7 +233,7 @@ def time_to_accuracy(data_root: Path, seeds: list[int], config_name: str, overri
         reached: dict[str, float] = {}
         started = time.perf_counter()
 
-        def note(epoch: int, row: dict) -> None:
+        def note(epoch: int, row: dict, reached: dict = reached, started: float = started) -> None:
             if "at" not in reached and row["val_balanced_accuracy"] >= target:
                 reached.update(at=time.perf_counter() - started, epoch=epoch)
 

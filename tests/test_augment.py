@@ -18,10 +18,10 @@ from bloodcell.data.augment import (
     stain_jitter,
 )
 
-OFF = dict(
-    flip=False, rot90=False, affine_degrees=0, affine_scale=0, affine_translate=0,
-    brightness=0, contrast=0, saturation=0, hue=0, gamma=0, stain=0, blur=0, noise=0,
-)  # fmt: skip
+OFF = {
+    "flip": False, "rot90": False, "affine_degrees": 0, "affine_scale": 0, "affine_translate": 0,
+    "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "gamma": 0, "stain": 0, "blur": 0, "noise": 0,
+}  # fmt: skip
 COLOUR_TRANSFORMS = {
     "brightness": 0.3, "contrast": 0.3, "saturation": 0.5, "hue": 0.1, "gamma": 0.3, "stain": 0.3, "blur": 1.0,
     "noise": 0.05,

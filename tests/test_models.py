@@ -98,3 +98,16 @@ def test_weights_file_of_another_architecture_is_refused(tmp_path: Path) -> None
     save_file({"unrelated.weight": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(UserError, match="none of its tensors fit"):
         load_initial_weights(create_model("bloodnet", 4), tmp_path / "w.safetensors")
+
+
+def test_pretrained_timm_weights_unreachable_is_a_clear_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bloodcell.train import setup
+
+    def offline(name: str, num_classes: int, **kwargs):
+        assert kwargs.get("pretrained") is True
+        raise RuntimeError("Cannot reach huggingface.co (HF_HUB_OFFLINE=1)")
+
+    monkeypatch.setattr(setup, "create_model", offline)
+    config = RunConfig.model_validate({"model": {"name": "timm/resnet18", "pretrained": True}})
+    with pytest.raises(UserError, match=r"model.weights=FILE \(--weights FILE\)"):
+        build_classifier(config, 4)

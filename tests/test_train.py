@@ -103,6 +103,27 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, data) -> None:
         fit(tiny_config(train={"epochs": 1}), tmp_path / "run", prepared=data, progress=False)
 
 
+def test_consistency_loss_and_segmented_mixing_train(tmp_path: Path) -> None:
+    data = make_synthetic_data(per_class=16, size=32, segmented=True)
+    config = tiny_config(train={"epochs": 1}, augment={"consistency": 0.5}, data={"mix_segmented": 0.5})
+    result = fit(config, tmp_path / "run", prepared=data, progress=False)
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+
+
+def test_segmented_mixing_without_segmented_images_is_a_user_error(tmp_path: Path, data) -> None:
+    with pytest.raises(UserError, match="Segmented"):
+        fit(tiny_config(data={"mix_segmented": 0.5}), tmp_path / "run", prepared=data, progress=False)
+
+
+def test_auto_learning_rate_is_resolved_into_the_saved_config(tmp_path: Path, data) -> None:
+    pytest.importorskip("bloodcell.tune.lr_find")
+    config = tiny_config(train={"epochs": 1}, optimizer={"lr": "auto"})
+    fit(config, tmp_path / "run", prepared=data, progress=False)
+    saved = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert isinstance(saved.optimizer.lr, float) and saved.optimizer.lr > 0
+    assert (tmp_path / "run" / "lr-find" / "lr_find.png").is_file()
+
+
 class Interrupt(Exception):
     """Stands in for Ctrl-C (or an Optuna prune) raised from the epoch callback."""
 
@@ -149,7 +170,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path, data) -> 
             progress=False, epoch_callback=kill_after_one)
         """
     )
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert child.returncode == -9, child.stderr
     # Simulate a kill between the two renames of the next checkpoint swap: only '.last.old' survives,
     # next to a half-written staging folder.
@@ -240,6 +261,13 @@ def test_shipped_configs_load() -> None:
     assert default.model.name == "bloodnet"
     assert seed.model.name == "seed-cnn" and seed.data.image_size == 150
     assert seed.optimizer.name == "adam" and seed.optimizer.lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("name", ["default", "seed-replica"])
+def test_shipped_configs_train_one_epoch(tmp_path: Path, name: str) -> None:
+    config = load_config(name, ["train.epochs=1", "train.batch_size=16", "data.image_size=48"])
+    result = fit(config, tmp_path / "run", prepared=make_synthetic_data(per_class=8, size=48), progress=False)
+    assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 
 def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monkeypatch, capsys) -> None:

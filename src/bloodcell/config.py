@@ -75,19 +75,22 @@ class NormalizeConfig(Strict):
 
 
 class AugmentConfig(Strict):
-    """Batch augmentation applied to training only. A strength of 0 switches a transform off."""
+    """Batch augmentation applied to training only. A strength of 0 switches a transform off.
 
-    flip: bool = True
-    rot90: bool = True
-    affine_degrees: float = Field(10.0, ge=0, le=180)
-    affine_scale: float = Field(0.1, ge=0, lt=1)  # zoom range +/-
-    affine_translate: float = Field(0.05, ge=0, lt=0.5)  # fraction of the image size
+    The defaults are the ``default`` config's (see docs/TRAINING.md for how they were chosen).
+    """
+
+    flip: bool = True  # horizontal and vertical
+    rot90: bool = True  # quarter turns
+    affine_degrees: float = Field(0.0, ge=0, le=180)  # random rotation +/-
+    affine_scale: float = Field(0.0, ge=0, lt=1)  # zoom range +/-
+    affine_translate: float = Field(0.0, ge=0, lt=0.5)  # fraction of the image size
     brightness: float = Field(0.1, ge=0, le=1)
     contrast: float = Field(0.1, ge=0, le=1)
     saturation: float = Field(0.1, ge=0, le=1)
-    hue: float = Field(0.0, ge=0, le=0.5)  # fraction of a full turn
-    gamma: float = Field(0.0, ge=0, le=1)  # per-channel gamma in [1-g, 1+g] (stain intensity)
-    stain: float = Field(0.0, ge=0, le=1)  # HED stain-space jitter strength
+    hue: float = Field(0.03, ge=0, le=0.5)  # fraction of a full turn
+    gamma: float = Field(0.2, ge=0, le=1)  # per-channel gamma in [1-g, 1+g] (stain intensity)
+    stain: float = Field(0.1, ge=0, le=1)  # HED stain-space jitter strength
     blur: float = Field(0.0, ge=0, le=1)  # probability of a small Gaussian blur
     noise: float = Field(0.0, ge=0, le=0.2)  # Gaussian noise std (in [0,1] pixel units)
     consistency: float = Field(0.0, ge=0)  # weight of the two-colour-view consistency loss

@@ -9,29 +9,45 @@ import typer
 
 from bloodcell.cli import app
 
+DATA_OPTION = typer.Option(
+    None, "--data", help="Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class). "
+    "Needed for a new run; --resume takes it from the run's config.", show_default=False
+)  # fmt: skip
+CONFIG_OPTION = typer.Option(
+    "default", "--config", "-c", help="A shipped config name (default, seed-replica) or a YAML file."
+)
+SET_OPTION = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable).")
+OUT_OPTION = typer.Option(None, "--out", help="Run directory (default runs/<config name>).", show_default=False)
+RESUME_OPTION = typer.Option(
+    None, "--resume", help="Continue the run in this directory from its last checkpoint (after Ctrl-C or a kill).",
+    show_default=False,
+)  # fmt: skip
+DEVICES_OPTION = typer.Option(
+    None, "--devices", help="Devices (GPUs, or CPU processes) for data-parallel training: a number or 'auto'. "
+    "Under torchrun or SLURM the launcher's process count is used.", show_default=False
+)  # fmt: skip
+PRETRAINED_OPTION = typer.Option(False, "--pretrained", help="Start a timm/<name> model from timm's published weights.")
+WEIGHTS_OPTION = typer.Option(
+    None, "--weights", help="Initialise the network from a safetensors (or .pth) file.", show_default=False
+)
+REPORT_OPTION = typer.Option(True, "--report/--no-report", help="Build the run's HTML report at the end.")
+PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Draw the progress bar on stderr.")
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object (the run's summary) instead of text.")
+
 
 @app.command("train")
 def train_command(
-    data: Path | None = typer.Option(
-        None, "--data", help="Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class). "
-        "Needed for a new run; --resume takes it from the run's config.", show_default=False
-    ),
-    config: str = typer.Option("default", "--config", "-c", help="A shipped config name (default, seed-replica) or a YAML file."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable)."),
-    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<config name>).", show_default=False),
-    resume: Path | None = typer.Option(
-        None, "--resume", help="Continue the run in this directory from its last checkpoint (after Ctrl-C or a kill).",
-        show_default=False,
-    ),
-    devices: str | None = typer.Option(
-        None, "--devices", help="Devices (GPUs, or CPU processes) for data-parallel training: a number or 'auto'. "
-        "Under torchrun or SLURM the launcher's process count is used.", show_default=False
-    ),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start a timm/<name> model from timm's published weights."),
-    weights: Path | None = typer.Option(None, "--weights", help="Initialise the network from a safetensors (or .pth) file.", show_default=False),
-    report: bool = typer.Option(True, "--report/--no-report", help="Build the run's HTML report at the end."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw the progress bar on stderr."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the TrainResult) instead of a summary."),
+    data: Path | None = DATA_OPTION,
+    config: str = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    out: Path | None = OUT_OPTION,
+    resume: Path | None = RESUME_OPTION,
+    devices: str | None = DEVICES_OPTION,
+    pretrained: bool = PRETRAINED_OPTION,
+    weights: Path | None = WEIGHTS_OPTION,
+    report: bool = REPORT_OPTION,
+    progress: bool = PROGRESS_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a model: writes config.yaml, history.csv, checkpoints/best and last, train.log (and the report)."""
     from bloodcell.config import load_config

@@ -510,6 +510,7 @@ def evaluate_model(
 
     if update_card and temperature_source != "model card" and model_dir.resolve() != bundled_model_dir().resolve():
         headline = {k: metrics[k] for k in ("balanced_accuracy", "balanced_accuracy_ci", "accuracy", "macro_f1",
-                                            "ece_after_temperature", "n_images")}  # fmt: skip
+                                            "ece", "ece_after_temperature", "n_images")}  # fmt: skip
+        headline["recall"] = {name: scores["recall"] for name, scores in metrics["per_class"].items()}
         save_temperature(model_dir, temperature, {split: headline} if split == "test" else None)
     return {**metrics, "out_dir": str(out)}

@@ -168,7 +168,7 @@ class SeedCNN(nn.Module):
 
 def _round8(value: float) -> int:
     """Channel counts in multiples of 8 suit the vectorised CPU (and GPU) kernels."""
-    return max(8, int(round(value / 8)) * 8)
+    return max(8, round(value / 8) * 8)
 
 
 def _init_weights(model: nn.Module) -> None:

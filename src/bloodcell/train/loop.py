@@ -145,6 +145,7 @@ def fit(
     fabric = make_fabric(config.train)
     fabric.launch()
     local_processes = max(1, fabric.world_size // getattr(fabric.strategy, "num_nodes", 1))
+    threads_before = torch.get_num_threads()
     threads = set_threads(config.train.num_threads, local_processes)
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it back every step
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / config.name
@@ -315,6 +316,7 @@ def fit(
         )
     finally:
         close_log(log)
+        torch.set_num_threads(threads_before)  # a library call must not leave the process reconfigured
 
 
 # ====================================================================== the pieces of one step
@@ -529,7 +531,7 @@ def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     atomic_write_text(run_dir / "history.csv", buffer.getvalue())
 
 
-def _csv_value(value: float | int | None) -> str:
+def _csv_value(value: float | None) -> str:
     if value is None:
         return ""
     return str(value) if isinstance(value, int) else f"{value:.6g}"

@@ -1,0 +1,70 @@
+"""Every command in the README exists, with every option it is shown with.
+
+The README's shell blocks are the user's first contact with the tool; a renamed command or option must
+fail here, not in a new user's terminal. The two set-up commands (`make demo`, `make test`) are run for real
+by `.ci/run` and `tests/test_demo.py`; the long-running commands (training on the real data) are checked
+against their `--help` here and run for real in the slow tests of their stages.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Words after `bloodcell` that name a command (a group such as `data` takes one more word).
+GROUPS = {"data"}
+
+
+def readme_commands() -> list[list[str]]:
+    """The `bloodcell ...` invocations in the README's shell code blocks, as argument lists."""
+    text = README.read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```(?:bash|sh|console)\n(.*?)```", text, flags=re.S):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip().lstrip("$ ").strip()
+            if not line or line.startswith("#"):
+                continue
+            words = shlex.split(line)
+            names = [Path(word).name for word in words]  # `.venv/bin/bloodcell` counts too
+            if "bloodcell" in names:
+                commands.append(words[names.index("bloodcell") + 1 :])
+    return commands
+
+
+def command_path(args: list[str]) -> list[str]:
+    if args and args[0] in GROUPS:
+        return args[:2]
+    return args[:1]
+
+
+def test_readme_shows_bloodcell_commands() -> None:
+    commands = readme_commands()
+    assert len(commands) >= 10, "the README should show the main commands"
+    shown = {tuple(command_path(c)) for c in commands}
+    for expected in [("demo",), ("train",), ("evaluate",), ("predict",), ("serve",), ("export",)]:
+        assert expected in shown, f"README does not show `bloodcell {expected[0]}`"
+
+
+@pytest.mark.parametrize("args", readme_commands(), ids=lambda a: " ".join(a)[:60])
+def test_readme_command_and_options_exist(args: list[str]) -> None:
+    path = command_path(args)
+    result = CliRunner().invoke(app, [*path, "--help"], terminal_width=240, env={"COLUMNS": "240"})
+    assert result.exit_code == 0, f"`bloodcell {' '.join(path)}` is not a command:\n{result.output}"
+    options = [word.split("=", 1)[0] for word in args[len(path) :] if word.startswith("--")]
+    for option in options:
+        assert option in result.output, f"README uses {option} but `bloodcell {' '.join(path)} --help` has none"
+
+
+def test_readme_names_the_two_setup_commands() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert "make demo" in text and "make test" in text
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert "make test" in ci, ".ci/run must run the README's test command"
