@@ -119,7 +119,8 @@ def test_export_command_checks_parity_on_given_images(tiny_model: Path, realish_
     out = folder / "model.onnx"
     assert summary["onnx"] == str(out) and out.is_file() and (folder / "card.json").is_file()
     parity = json.loads((folder / "card.json").read_text())["onnx"]["parity"]
-    assert parity["n_images"] == len(realish_files) + 8 and f"{len(realish_files)} real images" in parity["images"]
+    assert parity["n_images"] == len(realish_files) and f"{len(realish_files)} real images" in parity["images"]
+    assert parity["synthetic"]["n_images"] == 8 and parity["synthetic"]["max_abs_diff_logits"] <= 1e-2
     assert summary["max_abs_diff_probabilities"] == parity["max_abs_diff_probabilities"] <= 1e-4
     bad = CliRunner().invoke(app, ["export", str(tiny_model), "--format", "tflite"])
     assert bad.exit_code == 2
