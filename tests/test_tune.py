@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import os
 import subprocess
@@ -187,7 +189,9 @@ def test_tune_prunes_writes_best_config_and_resumes_after_an_interrupt(
     assert best.optimizer.lr == trials[0].params["lr"] and "trial 0" in best.description
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + 4
     report = (out / "report.md").read_text()
-    assert "plots/history.png" in report and "| 1 | pruned | 0.25 | 2 |" in report
+    assert "plots/history.png" in report, report
+    # Trial 1 was pruned after 2 epochs; its value is whatever the tiny model scored (thread counts vary).
+    assert re.search(r"^\| 1 \| pruned \| [0-9.]+ \| 2 \|", report, flags=re.M), report
     assert (out / "plots" / "history.png").is_file() and (out / "plots" / "intermediate.png").is_file()
 
     # The study is complete: another rerun trains nothing.
