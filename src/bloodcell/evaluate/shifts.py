@@ -139,17 +139,26 @@ def defocus(images: np.ndarray, severity: int) -> np.ndarray:
     return _to_uint8(blurred)
 
 
+def _per_image(images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply ``transform`` (one HWC uint8 image in, one out) to every image of a batch."""
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        out[i] = transform(image)
+    return out
+
+
 def noise(images: np.ndarray, severity: int) -> np.ndarray:
     """Additive Gaussian noise; each image's noise is seeded by a checksum of its own pixels."""
     _check(images, severity)
     if severity == 0:
         return images.copy()
     sigma = SHIFT_PARAMETERS["noise"][severity]["sigma"]
-    out = np.empty_like(images)
-    for i, image in enumerate(images):
+
+    def add_noise(image: np.ndarray) -> np.ndarray:
         rng = np.random.default_rng([zlib.crc32(image.tobytes()), severity])
-        out[i] = _to_uint8(image.astype(np.float32) + rng.normal(0.0, sigma, size=image.shape).astype(np.float32))
-    return out
+        return _to_uint8(image.astype(np.float32) + rng.normal(0.0, sigma, size=image.shape).astype(np.float32))
+
+    return _per_image(images, add_noise)
 
 
 def jpeg(images: np.ndarray, severity: int) -> np.ndarray:
@@ -158,12 +167,13 @@ def jpeg(images: np.ndarray, severity: int) -> np.ndarray:
     if severity == 0:
         return images.copy()
     quality = SHIFT_PARAMETERS["jpeg"][severity]["quality"]
-    out = np.empty_like(images)
-    for i, image in enumerate(images):
+
+    def recompress(image: np.ndarray) -> np.ndarray:
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-        out[i] = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-    return out
+        return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+    return _per_image(images, recompress)
 
 
 def downscale(images: np.ndarray, severity: int) -> np.ndarray:
@@ -174,11 +184,12 @@ def downscale(images: np.ndarray, severity: int) -> np.ndarray:
     factor = SHIFT_PARAMETERS["downscale"][severity]["factor"]
     height, width = images.shape[1:3]
     small = (max(1, round(width * factor)), max(1, round(height * factor)))
-    out = np.empty_like(images)
-    for i, image in enumerate(images):
+
+    def down_and_up(image: np.ndarray) -> np.ndarray:
         reduced = Image.fromarray(image).resize(small, Image.Resampling.BILINEAR)
-        out[i] = np.asarray(reduced.resize((width, height), Image.Resampling.BILINEAR))
-    return out
+        return np.asarray(reduced.resize((width, height), Image.Resampling.BILINEAR))
+
+    return _per_image(images, down_and_up)
 
 
 #: name -> function(images_uint8_nhwc, severity) -> images; the suite in report order.
