@@ -85,6 +85,11 @@ def test_run_directory_holds_config_history_checkpoints_and_log(tmp_path: Path, 
     assert trainer["loop"]["epoch"] == 3 and trainer["loop"]["step"] == 3 * (len(data.indices("train")) // 16)
     assert (run / "checkpoints" / "last" / "trainer.safetensors").is_file()
     assert "epoch 3" in (run / "train.log").read_text()
+    # Files get the ordinary mode a user's umask gives (not tempfile's private 0600), weights included.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (run / "checkpoints" / "best" / "model.safetensors", run / "history.csv"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     leftovers = [p.name for p in run.rglob("*") if p.name.startswith(".") or p.suffix in {".pt", ".pth", ".pkl", ".tmp"}]
     assert leftovers == [], "temporary or pickle files left in the run directory"
 

@@ -41,6 +41,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     os.chmod(tmp, _FILE_MODE)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)  # again: some writers (safetensors) replace the file with a private one
         with open(tmp, "rb+") as handle:  # flush to disk before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -11,12 +11,16 @@ import os
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from lightning_fabric import Fabric
 
 from bloodcell.config import OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig
 from bloodcell.errors import UserError
 from bloodcell.models import Classifier, create_model, get_spec
+
+# How long set_threads watches the cores to count the idle ones (a short, one-off cost per run).
+IDLE_SAMPLE_SECONDS = 0.3
 
 
 # ------------------------------------------------------------------ devices, processes, threads
@@ -70,15 +74,19 @@ def set_threads(requested: int, local_processes: int) -> int:
     thread that the OS deschedules stalls all of them: on a 2-core machine shared with other jobs, 1
     thread trained about 2.7x faster than 2 (measured), while on an idle machine 2 threads are best.
     Images come from an in-memory tensor, so no DataLoader workers compete for the cores.
+
+    Idle cores are sampled now, over a fraction of a second, not read from the load average: the
+    1-minute load average still counts a run that just finished in this same process (the holdout stage
+    before a refit, the previous recipe of a benchmark), which halved the threads of the run after it.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested:
         threads = min(requested, cores)
     else:
         threads = max(1, cores // max(1, local_processes))
-        if hasattr(os, "getloadavg"):
-            idle = cores - os.getloadavg()[0]  # 1-minute average of runnable processes
-            threads = max(1, min(threads, math.floor(idle + 0.5)))
+        busy = psutil.cpu_percent(interval=IDLE_SAMPLE_SECONDS) / 100  # share of all the machine's cores
+        idle = (psutil.cpu_count() or cores) * (1 - busy)
+        threads = max(1, min(threads, math.floor(idle + 0.5)))
     torch.set_num_threads(threads)
     return threads
 
