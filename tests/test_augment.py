@@ -15,17 +15,25 @@ from bloodcell.data.augment import (
     dihedral_matrices,
     gaussian_blur,
     hue_matrix,
+    jpeg_round_trip,
     stain_jitter,
 )
 
 OFF = {
     "flip": False, "rot90": False, "affine_degrees": 0, "affine_scale": 0, "affine_translate": 0,
     "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "gamma": 0, "stain": 0, "blur": 0, "noise": 0,
+    "jpeg": 0,
 }  # fmt: skip
 COLOUR_TRANSFORMS = {
     "brightness": 0.3, "contrast": 0.3, "saturation": 0.5, "hue": 0.1, "gamma": 0.3, "stain": 0.3, "blur": 1.0,
-    "noise": 0.05,
+    "noise": 0.05, "jpeg": 1.0,
 }  # fmt: skip
+
+
+def _override(name: str, strength: float) -> dict:
+    """One transform switched on at ``strength`` (JPEG at a quality low enough to change a smooth image)."""
+    extra = {"jpeg_quality": (5, 10)} if name == "jpeg" else {}
+    return {**OFF, name: strength, **extra}
 
 
 def smear_batch(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -69,7 +77,7 @@ def test_all_strengths_zero_is_the_identity() -> None:
 @pytest.mark.parametrize("name", sorted(COLOUR_TRANSFORMS))
 def test_each_colour_transform_changes_the_image_and_keeps_the_range(name: str) -> None:
     x = smear_batch()
-    augment = BatchAugment(AugmentConfig(**{**OFF, name: COLOUR_TRANSFORMS[name]}))
+    augment = BatchAugment(AugmentConfig(**_override(name, COLOUR_TRANSFORMS[name])))
     y = augment(x, gen())
     assert y.shape == x.shape and y.dtype == torch.float32
     assert float(y.min()) >= 0 and float(y.max()) <= 255
@@ -80,7 +88,7 @@ def test_each_colour_transform_changes_the_image_and_keeps_the_range(name: str) 
 @pytest.mark.parametrize("name", sorted(COLOUR_TRANSFORMS))
 def test_each_colour_transform_at_zero_is_the_identity(name: str) -> None:
     x = smear_batch()
-    assert torch.equal(BatchAugment(AugmentConfig(**{**OFF, name: 0}))(x, gen()), x.float())
+    assert torch.equal(BatchAugment(AugmentConfig(**_override(name, 0)))(x, gen()), x.float())
 
 
 def _dihedral_images(image: torch.Tensor) -> list[torch.Tensor]:
@@ -157,3 +165,21 @@ def test_blur_keeps_the_mean_and_smooths() -> None:
     assert blurred.shape == x.shape
     assert torch.allclose(blurred.mean(), x.mean(), atol=1e-2)
     assert blurred.diff(dim=3).abs().mean() < 0.5 * x.diff(dim=3).abs().mean()
+
+
+def test_jpeg_round_trip_gives_the_pixels_pil_gives() -> None:
+    """The augmentation's codec is the one the shift suite's JPEG shift uses (libjpeg, 4:2:0)."""
+    import numpy as np
+
+    from bloodcell.evaluate.shifts import SHIFT_PARAMETERS, jpeg
+
+    x = smear_batch(n=3, size=40).contiguous(memory_format=torch.channels_last)
+    ours = jpeg_round_trip(x.float(), SHIFT_PARAMETERS["jpeg"][2]["quality"])
+    pil = jpeg(x.permute(0, 2, 3, 1).numpy().copy(), 2)
+    assert ours.dtype == torch.float32 and ours.shape == x.shape
+    assert np.array_equal(ours.permute(0, 2, 3, 1).numpy().astype(np.uint8), pil)
+
+
+def test_jpeg_quality_range_is_checked() -> None:
+    with pytest.raises(ValueError, match="low <= high"):
+        AugmentConfig(jpeg_quality=(90, 30))

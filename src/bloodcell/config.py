@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bloodcell.io import atomic_write_text
 
@@ -39,6 +39,10 @@ class DataConfig(Strict):
     folds: int = Field(5, ge=2)  # kfold protocol
     fold: int = Field(0, ge=0)  # which kfold fold is validation
     mix_segmented: float = Field(0.0, ge=0, le=1)  # share of training batches drawn from the Segmented variant
+    # Which parts the shipped model learns from. "train+val": `bloodcell train` first trains on train alone
+    # (the "holdout" stage: validation scores and the fitted temperature), then refits the same recipe on
+    # train + val for the same schedule. The test part is never trained on either way.
+    train_on: Literal["train", "train+val"] = "train"
 
 
 class ModelConfig(Strict):
@@ -93,6 +97,15 @@ class AugmentConfig(Strict):
     stain: float = Field(0.1, ge=0, le=1)  # HED stain-space jitter strength
     blur: float = Field(0.0, ge=0, le=1)  # probability of a small Gaussian blur
     noise: float = Field(0.0, ge=0, le=0.2)  # Gaussian noise std (in [0,1] pixel units)
+    jpeg: float = Field(0.0, ge=0, le=1)  # probability of a JPEG re-compression round trip
+    jpeg_quality: tuple[int, int] = (30, 95)  # its quality, drawn once per batch from this range
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _quality_range_is_ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 100:
+            raise ValueError("must be [low, high] with 1 <= low <= high <= 100")
+        return value
     consistency: float = Field(0.0, ge=0)  # weight of the two-colour-view consistency loss
 
 
@@ -149,6 +162,16 @@ class RunConfig(Strict):
         if not value or any(ch in value for ch in "/\\\0") or value.startswith("."):
             raise ValueError("run name must be a plain folder name")
         return value
+
+    @model_validator(mode="after")
+    def _refit_has_a_fixed_schedule(self) -> RunConfig:
+        # Without validation images there is nothing to stop early on; the holdout stage's schedule is refit as is.
+        if self.data.train_on == "train+val" and self.train.early_stopping_patience:
+            raise ValueError(
+                "data.train_on=train+val trains without validation images, so train.early_stopping_patience "
+                "must be 0 (a fixed schedule)"
+            )
+        return self
 
 
 class ConfigError(ValueError):
@@ -209,6 +232,8 @@ def _format_validation_error(error: ValidationError) -> str:
         where = ".".join(str(p) for p in problem["loc"])
         if problem["type"] == "extra_forbidden":
             parts.append(f"unknown config key {where!r}")
+        elif not where:  # a rule across keys: its message names them
+            parts.append(str(problem["msg"]).removeprefix("Value error, "))
         else:
             parts.append(f"config key {where!r}: {problem['msg']} (got {problem.get('input')!r})")
     return "; ".join(parts)

@@ -17,6 +17,8 @@ The transforms are grouped so that each group costs one pass over the pixels:
 3. per-channel gamma and HED stain jitter are linear in optical density (OD = -log I): one log, one
    3x3 matrix + offset per image, one exp.
 4. blur (a random subset of the batch) and Gaussian noise.
+5. JPEG re-compression of a random subset: real libjpeg through ``torchvision.io`` (a batched C++ call on
+   a list of images; it gives the same pixels as PIL, which the shift suite uses).
 
 A strength of 0 switches a transform off; with everything off the output equals the input as float.
 Input: uint8 (or float in [0, 255]) NCHW RGB, any memory format. Output: float32 NCHW in [0, 255], the
@@ -26,9 +28,11 @@ range the model's :class:`~bloodcell.models.classifier.Preprocess` expects.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torchvision.io import decode_jpeg, encode_jpeg
 
 from bloodcell.config import AugmentConfig
 
@@ -70,7 +74,8 @@ class BatchAugment:
     @property
     def _has_colour(self) -> bool:
         c = self.config
-        return any(v > 0 for v in (c.brightness, c.contrast, c.saturation, c.hue, c.gamma, c.stain, c.blur, c.noise))
+        strengths = (c.brightness, c.contrast, c.saturation, c.hue, c.gamma, c.stain, c.blur, c.noise, c.jpeg)
+        return any(v > 0 for v in strengths)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.colour(self.geometric(images, generator), generator)
@@ -121,7 +126,7 @@ class BatchAugment:
 
     # ---------------------------------------------------------------- colour
     def colour(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Brightness, saturation, hue, contrast, gamma, stain, blur and noise. Float NCHW in [0, 255]."""
+        """Brightness, saturation, hue, contrast, gamma, stain, blur, noise and JPEG. Float NCHW in [0, 255]."""
         c = self.config
         x = x.float()
         if not self._has_colour:
@@ -141,7 +146,10 @@ class BatchAugment:
         if c.noise:
             sigma = _uniform(generator, n, 0.0, c.noise, device).view(n, 1, 1, 1)
             x = x + sigma * _randn(generator, x.shape, device)
-        return x.clamp(0.0, 1.0) * 255.0
+        x = x.clamp(0.0, 1.0) * 255.0
+        if c.jpeg:
+            x = self._random_jpeg(x, generator)
+        return x
 
     def _colour_affine(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image ``(matrix, offset)`` for brightness, saturation, hue and contrast, from [0, 255] to [0, 1].
@@ -170,6 +178,20 @@ class BatchAugment:
         sigma = float(_uniform(generator, 1, 0.5, 1.5, torch.device("cpu")))
         x = x.clone()
         x[chosen] = gaussian_blur(x[chosen], sigma)
+        return x
+
+    def _random_jpeg(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Re-compress a random subset of the batch (probability ``jpeg``) at one quality per batch.
+
+        Last in the chain, as in a camera: the sensor's light and noise come first, the encoder last.
+        """
+        chosen = (_rand(generator, (x.shape[0],), x.device) < self.config.jpeg).nonzero().flatten()
+        if chosen.numel() == 0:
+            return x
+        low, high = self.config.jpeg_quality
+        quality = low + int(_rand(generator, 1, torch.device("cpu")) * (high - low + 1))
+        x = x.clone()
+        x[chosen] = jpeg_round_trip(x[chosen], min(quality, high))
         return x
 
 
@@ -285,6 +307,22 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     x = sum(weight * padded[..., :, k : k + w] for k, weight in enumerate(taps))
     padded = F.pad(x, (0, 0, radius, radius), mode="reflect")
     return sum(weight * padded[..., k : k + h, :] for k, weight in enumerate(taps))
+
+
+def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """Encode float NCHW RGB images in [0, 255] as JPEG at ``quality`` and decode them again (float out).
+
+    libjpeg does this better than any tensor re-implementation could: the real quantisation tables and the
+    4:2:0 chroma subsampling that a lab's camera or image server applies. The codec runs on the CPU, so
+    images on another device make one round trip to it.
+    """
+    images = x.round().clamp(0, 255).to(torch.uint8).cpu()
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its codecs in favour of torchcodec's; they still work and give PIL's
+        # pixels, and torchvision is already a dependency. Move to torchcodec when torchvision drops them.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = decode_jpeg(encode_jpeg(list(images), quality=quality))
+    return torch.stack(decoded).to(device=x.device, dtype=x.dtype)
 
 
 # -------------------------------------------------------------------- random draws
