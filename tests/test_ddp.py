@@ -1,4 +1,5 @@
-"""Distributed data parallel on the CPU: two processes under torchrun, gloo backend, identical weights."""
+"""Distributed data parallel on the CPU: two processes under torchrun, gloo backend, identical weights
+(a plain run, and a run that refits on train + val after its holdout stage)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,16 +22,16 @@ sys.path.insert(0, {tests!r})
 import torch.distributed as dist
 from safetensors.torch import save_file
 from bloodcell.config import config_from_dict
-from bloodcell.train import fit
+from bloodcell.train import train_run
 from synthetic_data import make_synthetic_data
 
 config = config_from_dict({{
     "name": "ddp",
-    "data": {{"image_size": 32}},
+    "data": {{"image_size": 32, "train_on": {train_on!r}}},
     "model": {{"name": "bloodnet", "kwargs": {{"width": 0.5}}}},
-    "train": {{"epochs": 2, "batch_size": 8, "accelerator": "cpu", "seed": 5}},
+    "train": {{"epochs": 2, "batch_size": 4, "accelerator": "cpu", "seed": 5}},
 }})
-result = fit(config, {run!r}, prepared=make_synthetic_data(per_class=16, size=32), progress=False)
+result = train_run(config, {run!r}, prepared=make_synthetic_data(per_class=16, size=32), progress=False)
 state = {{k: v.detach().contiguous() for k, v in result.model.state_dict().items()}}
 save_file(state, {out!r} + f"/rank{{dist.get_rank()}}.safetensors")
 print("rank", dist.get_rank(), "of", dist.get_world_size(), "main", result.is_main_process, flush=True)
@@ -37,9 +39,12 @@ dist.destroy_process_group()
 """
 
 
-def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("train_on", ["train", "train+val"])
+def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path, train_on: str) -> None:
     script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(tests=str(TESTS_DIR), run=str(tmp_path / "run"), out=str(tmp_path))))
+    script.write_text(textwrap.dedent(
+        SCRIPT.format(tests=str(TESTS_DIR), run=str(tmp_path / "run"), out=str(tmp_path), train_on=train_on)
+    ))  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
@@ -55,7 +60,12 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path) -> None:
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors"))
     assert all(torch.equal(saved[k], rank0[k]) for k in rank0)
 
-    # Each rank took its own half of the 48 training images: 24 / batch 8 = 3 steps an epoch.
+    # Each rank took its own half of the 48 training images (56 with the validation images in a refit), in
+    # batches of 4: 6 (or 7) steps an epoch.
     trainer = json.loads((tmp_path / "run" / "checkpoints" / "last" / "trainer.json").read_text())
-    assert trainer["loop"]["step"] == 2 * 3
+    assert trainer["loop"]["step"] == 2 * (6 if train_on == "train" else 7)
     assert not (tmp_path / "run" / "checkpoints" / "rank1").exists()
+    if train_on == "train+val":
+        card = json.loads((tmp_path / "run" / "checkpoints" / "best" / "card.json").read_text())
+        holdout = json.loads((tmp_path / "run" / "holdout" / "checkpoints" / "last" / "card.json").read_text())
+        assert card["split"]["trained_on"] == ["train", "val"] and card["temperature"] == holdout["temperature"] != 1.0

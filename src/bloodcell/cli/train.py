@@ -1,4 +1,4 @@
-"""``bloodcell train``: parse options, call :func:`bloodcell.train.fit`, build the report, print a summary."""
+"""``bloodcell train``: parse options, call :func:`bloodcell.train.train_run`, build the report, print a summary."""
 
 from __future__ import annotations
 
@@ -49,10 +49,14 @@ def train_command(
     progress: bool = PROGRESS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Train a model: writes config.yaml, history.csv, checkpoints/best and last, train.log (and the report)."""
+    """Train a model: writes config.yaml, history.csv, checkpoints/best and last, train.log (and the report).
+
+    With data.train_on=train+val (the default config) the recipe is first trained on train alone in
+    RUN/holdout (validation scores, temperature), then refit on train + val: that model is the run's.
+    """
     from bloodcell.config import load_config
     from bloodcell.errors import UserError
-    from bloodcell.train import fit
+    from bloodcell.train import train_run
 
     extra = list(overrides)
     if data is not None:
@@ -76,29 +80,41 @@ def train_command(
         run_dir = out if out is not None else Path("runs") / run_config.name
 
     try:
-        result = fit(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
+        result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
     except KeyboardInterrupt:
         typer.secho(f"interrupted; continue with: bloodcell train --resume {run_dir}", fg=typer.colors.YELLOW, err=True)
         raise
     if not result.is_main_process:
         return
     report_path = _build_report(result.run_dir) if report else None
+    validated = result.holdout or result  # a refit has no validation part of its own
     summary = {
         "run_dir": str(result.run_dir),
-        "best_val_balanced_accuracy": result.best_val_balanced_accuracy,
-        "best_epoch": result.best_epoch,
+        "trained_on": run_config.data.train_on,
+        "best_val_balanced_accuracy": validated.best_val_balanced_accuracy,
+        "best_epoch": validated.best_epoch,
+        "last_val_balanced_accuracy": validated.history[-1].get("val_balanced_accuracy") if validated.history else None,
         "epochs": len(result.history),
         "stopped": result.stopped,
-        "seconds": round(result.seconds, 1),
+        "seconds": round(result.seconds + (result.holdout.seconds if result.holdout else 0.0), 1),
+        "holdout_seconds": round(result.holdout.seconds, 1) if result.holdout else None,
         "report": str(report_path) if report_path else None,
     }
     if as_json:
         typer.echo(json.dumps(summary))
         return
-    typer.echo(
-        f"best val balanced accuracy {result.best_val_balanced_accuracy:.4f} at epoch {result.best_epoch} "
-        f"({len(result.history)} epochs, {result.stopped}, {result.seconds:.0f} s)"
-    )
+    if result.holdout:
+        typer.echo(
+            f"holdout (train only): val balanced accuracy {summary['last_val_balanced_accuracy']:.4f} at the last "
+            f"epoch, best {validated.best_val_balanced_accuracy:.4f} at epoch {validated.best_epoch} "
+            f"({result.holdout.seconds:.0f} s)"
+        )
+        typer.echo(f"refit on train + val: {len(result.history)} epochs ({result.seconds:.0f} s)")
+    else:
+        typer.echo(
+            f"best val balanced accuracy {result.best_val_balanced_accuracy:.4f} at epoch {result.best_epoch} "
+            f"({len(result.history)} epochs, {result.stopped}, {result.seconds:.0f} s)"
+        )
     typer.echo(f"run: {result.run_dir}  (best model: {result.run_dir / 'checkpoints' / 'best'})")
     if report_path:
         typer.echo(f"report: {report_path}")

@@ -292,7 +292,7 @@ def _write_predictions(path: Path, prepared: Any, indices: np.ndarray, label_map
 
 
 def _plots(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, classes: list[str], plots_dir: Path,
-           history: Path | None, example: np.ndarray) -> dict[str, str]:
+           history: tuple[Path, str | None] | None, example: np.ndarray) -> dict[str, str]:
     from bloodcell.report import plots
 
     made = {}
@@ -310,11 +310,26 @@ def _plots(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, class
     if metrics.get("robustness"):
         made["robustness"] = plots.plot_robustness(metrics["robustness"], plots_dir / "robustness.png")
         made["shift_examples"] = plots.plot_shift_examples(example, plots_dir / "shift_examples.png")
-    if history is not None and history.is_file():
-        frame = pd.read_csv(history)
+    if history is not None and history[0].is_file():
+        frame = pd.read_csv(history[0])
         if len(frame):
-            made["training_curves"] = plots.plot_training_curves(frame, plots_dir / "training_curves.png")
+            made["training_curves"] = plots.plot_training_curves(frame, plots_dir / "training_curves.png", history[1])
     return {name: str(Path(path).relative_to(plots_dir.parent)) for name, path in made.items()}
+
+
+def training_history(run_dir: Path) -> tuple[Path, str | None]:
+    """The ``history.csv`` whose curves describe a run, and a note saying whose they are.
+
+    A refit's own history has no validation columns, so its holdout stage's curves are the informative ones.
+    """
+    from bloodcell.train.run import (
+        HOLDOUT_DIR,  # here, not at the top: the training engine is heavy to import
+    )
+
+    holdout = run_dir / HOLDOUT_DIR / "history.csv"
+    if holdout.is_file():
+        return holdout, "holdout stage (trained on train only); the model is its refit on train + val"
+    return run_dir / "history.csv", None
 
 
 @dataclass
@@ -366,8 +381,12 @@ def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, sp
 
 def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: Any) -> tuple[float, str]:
     """The temperature and where it comes from: fitted on the validation part of the model's own data,
-    else (other data, or ``split="all"``) the card's value, never refitted on the data being judged."""
+    else (other data, ``split="all"``, or a model that trained on the validation part) the card's value,
+    never refitted on the data being judged or on data the model learned from."""
     val = data.prepared.indices("val")
+    trained_on_val = "val" in card.split.get("trained_on", ["train"])
+    if trained_on_val:
+        return float(card.temperature), str(getattr(card, "temperature_source", None) or "model card")
     if data.own_data and data.split != "all" and len(val):
         val_logits = logits_fn(np.ascontiguousarray(data.prepared.images[val]))
         return fit_temperature(val_logits, data.label_map[data.prepared.labels[val]]), (
@@ -397,6 +416,7 @@ def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: Eva
             "variant": prepared.dataset.variant,
             "manifest_sha256": prepared.manifest_sha256,
             "same_as_training": bool(data.own_data and card.manifest_sha256 is not None),
+            "trained_on": card.split.get("trained_on", ["train"]),
             "protocol": data_config.protocol,
             "split_seed": data_config.split_seed,
             "block_size": data_config.block_size,
@@ -458,6 +478,8 @@ def evaluate_model(
     run_dir = run_dir_of(model_dir)
     config = training_config(card, run_dir)
     data = load_eval_set(card, config, data_root, split, prepared, progress)
+    if data.own_data and split in card.split.get("trained_on", ["train"]):
+        log.warning("%s: this model was trained on the %s part; its scores there are not held-out scores", model_dir, split)
     classes, y_true, blocks = list(card.classes), data.y_true, data.blocks
 
     def logits_fn(batch: np.ndarray) -> np.ndarray:
@@ -501,14 +523,15 @@ def evaluate_model(
                          None if segmented is None else segmented[data.indices], plots_dir, cam_method)
         if explain else None
     )  # fmt: skip
-    history = run_dir / "history.csv" if run_dir is not None else None
+    history = training_history(run_dir) if run_dir is not None else None
     metrics["plots"] = _plots(metrics, y_true, probs, classes, plots_dir, history, data.images[0])
     _write_predictions(out / PREDICTIONS_FILE, data.prepared, data.indices, data.label_map, probs, classes)
     metrics["evaluation"]["seconds"] = round(time.perf_counter() - started, 2)
     metrics = json_ready(metrics)
     atomic_write_json(out / METRICS_FILE, metrics)
 
-    if update_card and temperature_source != "model card" and model_dir.resolve() != bundled_model_dir().resolve():
+    judged_on_own_split = data.own_data and data.split != "all"
+    if update_card and judged_on_own_split and model_dir.resolve() != bundled_model_dir().resolve():
         headline = {k: metrics[k] for k in ("balanced_accuracy", "balanced_accuracy_ci", "accuracy", "macro_f1",
                                             "ece", "ece_after_temperature", "n_images")}  # fmt: skip
         headline["recall"] = {name: scores["recall"] for name, scores in metrics["per_class"].items()}

@@ -44,6 +44,7 @@ class ModelCard(BaseModel):
     split: dict[str, Any] = Field(default_factory=dict)  # protocol, seed and counts
     metrics: dict[str, Any] = Field(default_factory=dict)
     epoch: int | None = None
+    runtime: dict[str, Any] = Field(default_factory=dict)  # device, processes, threads, precision of training
     versions: dict[str, str] = Field(default_factory=dict)
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     intended_use: str = "Research only. Not a medical device; not for diagnosis or treatment decisions."

@@ -143,14 +143,15 @@ def _training_plot(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
     """The training-curves PNG, drawn now from ``history.csv`` if the evaluation did not draw it."""
     import pandas as pd
 
+    from bloodcell.evaluate.runner import training_history
     from bloodcell.report.plots import plot_training_curves
 
     target = run_dir / "plots" / "training_curves.png"
-    history = run_dir / "history.csv"
+    history, note = training_history(run_dir)
     if history.is_file():
         frame = pd.read_csv(history)
         if len(frame) and (not target.is_file() or target.stat().st_mtime < history.stat().st_mtime):
-            plot_training_curves(frame, target)
+            plot_training_curves(frame, target, note)
     return target if target.is_file() else None
 
 
@@ -191,11 +192,13 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
     grid = run_dir / "plots" / "gradcam_grid.png"
     if grid.is_file():
         plots["gradcam_grid"] = grid
-    history_rows = []
-    if (run_dir / "history.csv").is_file():
+    from bloodcell.evaluate.runner import training_history
+
+    history_rows, (history, history_note) = [], training_history(run_dir)
+    if history.is_file():
         import pandas as pd
 
-        history_rows = pd.read_csv(run_dir / "history.csv").to_dict("records")
+        history_rows = pd.read_csv(history).to_dict("records")
     return {
         "run_name": run_dir.name,
         "run_dir": str(run_dir),
@@ -205,6 +208,7 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
         "config": config,
         "config_yaml": yaml.safe_dump(config, sort_keys=False) if config else "",
         "history": history_rows,
+        "history_note": history_note,
         "plots": plots,
         "comparison": comparison,
         "shift_table": shift_table(),

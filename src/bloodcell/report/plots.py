@@ -39,16 +39,20 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
+def plot_training_curves(history: pd.DataFrame, path: str | Path, note: str | None = None) -> Path:
     """Loss and accuracy per epoch (train and validation) from a run's ``history.csv``.
 
     Parameters
     ----------
     history: one row per epoch with ``epoch``, ``train_loss``, ``val_loss``, ``train_accuracy``,
-        ``val_accuracy``, ``val_balanced_accuracy`` (missing columns are skipped).
+        ``val_accuracy``, ``val_balanced_accuracy`` (missing or empty columns are skipped).
     path: PNG to write.
+    note: a line above the plots saying which run the curves are from.
     """
+    history = history.dropna(axis="columns", how="all")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if note:
+        fig.suptitle(note, fontsize=10)
     epoch = history["epoch"].to_numpy() if "epoch" in history else np.arange(1, len(history) + 1)
     for column, label, colour in (("train_loss", "train", PALETTE[0]), ("val_loss", "validation", PALETTE[1])):
         if column in history:

@@ -33,6 +33,11 @@ def checkpoint_dir(run_dir: Path, which: str) -> Path:
     return Path(run_dir) / "checkpoints" / which
 
 
+def has_resumable_checkpoint(run_dir: Path) -> bool:
+    """Whether a run left a ``last`` checkpoint that ``fit(resume=True)`` continues from."""
+    return (checkpoint_dir(run_dir, "last") / TRAINER_STATE).is_file()
+
+
 def save_checkpoint(
     directory: Path,
     model: torch.nn.Module,

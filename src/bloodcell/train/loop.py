@@ -90,6 +90,7 @@ class TrainResult:
     stopped: str = "completed"  # "completed" or "early_stopping"
     is_main_process: bool = True
     model: torch.nn.Module | None = field(default=None, repr=False)  # the Classifier after the last epoch
+    holdout: TrainResult | None = None  # a train+val refit's holdout stage (bloodcell.train.run)
 
 
 @dataclass
@@ -162,6 +163,9 @@ def fit(
         train_rows, val_rows = np.asarray(data.indices("train")), np.asarray(data.indices("val"))
         if len(train_rows) == 0 or len(val_rows) == 0:
             raise UserError("the split has no training or no validation images; use a larger dataset")
+        refit = config.data.train_on == "train+val"
+        if refit:  # the validation images join training; nothing is validated and the last epoch is the model
+            train_rows, val_rows = np.concatenate([train_rows, val_rows]), val_rows[:0]
         # The whole training set lives in one uint8 tensor on the training device: batches are gathered by
         # index, so no DataLoader or per-image Python is involved. NHWC in memory = channels_last NCHW.
         train_images = fabric.to_device(torch.from_numpy(np.ascontiguousarray(data.images[train_rows])))
@@ -200,8 +204,8 @@ def fit(
             log.info("resumed from %s at epoch %d", checkpoint_dir(run_dir, "last"), state.epoch)
         else:
             log.info(
-                "run %s: %s on %d train / %d val images, %d classes, %d px, %s x%d, precision %s, threads %d",
-                config.name, config.model.name, len(train_rows), len(val_rows), len(classes),
+                "run %s: %s on %d %s / %d val images, %d classes, %d px, %s x%d, precision %s, threads %d",
+                config.name, config.model.name, len(train_rows), config.data.train_on, len(val_rows), len(classes),
                 config.data.image_size, fabric.device, fabric.world_size, resolve_precision(config.train), threads,
             )
 
@@ -263,8 +267,10 @@ def fit(
                     "images_per_second": seen / train_seconds,
                 }
 
-                validate = epoch % config.train.eval_every == 0 or epoch == config.train.epochs
-                improved = False
+                validate = not refit and (epoch % config.train.eval_every == 0 or epoch == config.train.epochs)
+                improved = refit  # a refit has no validation score: each epoch's model replaces the last
+                if refit:
+                    state.best_epoch = epoch
                 if validate:
                     # Rank 0's numbers decide for everyone, so best/early-stopping choices can never diverge.
                     row.update(fabric.broadcast(_validate(fabric, model, val_images, val_labels), src=0))
@@ -283,7 +289,10 @@ def fit(
 
                 # ------------------------------------------------ checkpoints, history, log
                 if main:
-                    card = _card(config, classes, data, epoch, row)
+                    card = _card(config, classes, data, epoch, row, {
+                        "device": str(fabric.device), "processes": fabric.world_size, "threads": threads,
+                        "precision": resolve_precision(config.train),
+                    })  # fmt: skip
                     if improved:
                         save_checkpoint(checkpoint_dir(run_dir, "best"), classifier, card)
                     save_checkpoint(
@@ -299,14 +308,16 @@ def fit(
                     log.info("early stopping: no improvement in %d validated epochs", config.train.early_stopping_patience)
 
         seconds = time.perf_counter() - started
-        if main:
+        if main and refit:
+            log.info("done in %.1f s: refit on train + val for %d epochs", seconds, state.epoch)
+        elif main:
             log.info(
                 "done in %.1f s: best val balanced accuracy %.4f at epoch %d",
                 seconds, state.best_score[0], state.best_epoch,
             )
         return TrainResult(
             run_dir=run_dir,
-            best_val_balanced_accuracy=state.best_score[0],
+            best_val_balanced_accuracy=float("nan") if refit else state.best_score[0],
             best_epoch=state.best_epoch,
             history=state.history,
             seconds=seconds,
@@ -499,8 +510,14 @@ def _trainer_json(state: LoopState, config: RunConfig, data: TrainingData) -> di
     }
 
 
-def _card(config: RunConfig, classes: list[str], data: TrainingData, epoch: int, row: dict[str, float]) -> ModelCard:
-    """The model card written beside each checkpoint's weights."""
+def _card(
+    config: RunConfig, classes: list[str], data: TrainingData, epoch: int, row: dict[str, float], runtime: dict[str, Any]
+) -> ModelCard:
+    """The model card written beside each checkpoint's weights.
+
+    ``runtime`` (device, processes, threads, precision) is recorded because floating-point sums depend on
+    it: the same config and seed give bit-identical weights only with the same thread count and device.
+    """
     import sys
 
     split = getattr(data, "split", None)
@@ -515,9 +532,13 @@ def _card(config: RunConfig, classes: list[str], data: TrainingData, epoch: int,
         config=config.model_dump(mode="json"),
         command=" ".join(sys.argv),
         manifest_sha256=data.manifest_sha256,
-        split={"protocol": config.data.protocol, "seed": config.data.split_seed, "counts": counts},
+        split={
+            "protocol": config.data.protocol, "seed": config.data.split_seed, "counts": counts,
+            "trained_on": config.data.train_on.split("+"),
+        },
         metrics={k: row[k] for k in ("val_loss", "val_accuracy", "val_balanced_accuracy") if k in row},
         epoch=epoch,
+        runtime=runtime,
     )
 
 

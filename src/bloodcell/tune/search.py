@@ -363,16 +363,12 @@ def trial_dir(out_dir: Path, number: int) -> Path:
     return out_dir / "trials" / f"trial-{number:04d}"
 
 
-def _can_resume(run_dir: Path) -> bool:
-    """Whether an earlier attempt left a checkpoint that ``fit(resume=True)`` continues from."""
-    return (run_dir / "checkpoints" / "last" / "trainer.json").is_file()
-
-
 def _run_fold(
     trial: Trial, config: RunConfig, run_dir: Path, prepared: Any, step_offset: int, is_retry: bool
 ) -> float:
     """Train one run, reporting each validation to Optuna; raises ``TrialPruned`` when the pruner says so."""
     from bloodcell.train import fit
+    from bloodcell.train.checkpoint import has_resumable_checkpoint
 
     def report(epoch: int, row: dict[str, Any]) -> None:
         value = float(row["val_balanced_accuracy"])
@@ -380,7 +376,10 @@ def _run_fold(
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch} with val balanced accuracy {value:.4f}")
 
-    resume = is_retry and _can_resume(run_dir)
+    # A trial is judged on validation, so it trains on train alone even if the base recipe refits on
+    # train + val; best.yaml keeps the base's choice, so `bloodcell train` on it ships a refit model.
+    config = config.model_copy(update={"data": config.data.model_copy(update={"train_on": "train"})})
+    resume = is_retry and has_resumable_checkpoint(run_dir)
     if is_retry and not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # the earlier attempt died before its first checkpoint: start this run afresh
     result = fit(config, run_dir, prepared=prepared, epoch_callback=report, resume=resume, progress=False)

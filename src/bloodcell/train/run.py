@@ -1,0 +1,127 @@
+"""One ``bloodcell train`` run: :func:`~bloodcell.train.loop.fit`, preceded by a holdout stage when the
+recipe trains its final model on train + val (``data.train_on: train+val``).
+
+Why two stages: a model trained on train + val has seen every image that could judge it on validation or
+fit its temperature. So the recipe is first trained on train alone, in ``<run>/holdout/``: its validation
+part gives the validation history and the temperature. Then the same recipe is trained again from scratch,
+with the same seed and schedule, on train + val; that model is the run's (``<run>/checkpoints/best``), and
+its card carries the holdout's temperature. The temperature is fitted on the holdout's *last* epoch, the
+model trained exactly as the refit is (a fixed schedule, no checkpoint chosen on validation). The test part
+is never trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell.config import RunConfig, config_to_yaml, load_config
+from bloodcell.errors import UserError
+from bloodcell.io import atomic_write_text
+from bloodcell.train.checkpoint import checkpoint_dir, has_resumable_checkpoint
+from bloodcell.train.loop import TrainingData, TrainResult, fit
+
+HOLDOUT_DIR = "holdout"
+
+
+def train_run(
+    config: RunConfig,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    prepared: TrainingData | None = None,
+) -> TrainResult:
+    """Train ``config`` into ``run_dir`` (default ``runs/<name>``), with the holdout stage if it refits.
+
+    ``resume`` continues whichever stage an interrupted run was in. Returns the final model's
+    :class:`TrainResult`; for a refit its ``holdout`` field holds the holdout stage's result.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
+    if config.data.train_on == "train":
+        return fit(config, run_dir, resume=resume, progress=progress, prepared=prepared)
+
+    holdout_dir = run_dir / HOLDOUT_DIR
+    if not resume and _is_first_process():
+        _claim_run_dir(run_dir, config)
+    holdout_config = config.model_copy(update={"data": config.data.model_copy(update={"train_on": "train"})})
+    holdout = fit(
+        holdout_config, holdout_dir, resume=resume and has_resumable_checkpoint(holdout_dir),
+        progress=progress, prepared=prepared,
+    )  # fmt: skip
+    # The refit runs what the holdout ran (an lr of "auto" was resolved there), on train + val, with the
+    # holdout's thread count: chosen afresh from the idle cores it could differ as other jobs come and go,
+    # and a different count changes the floating-point sums.
+    threads = _holdout_threads(holdout_dir, config.train.num_threads)
+    resolved = load_config(
+        str(holdout_dir / "config.yaml"), ["data.train_on=train+val", f"train.num_threads={threads}"]
+    )
+    resolved = resolved.model_copy(update={"data": resolved.data.model_copy(update={"root": config.data.root})})
+    temperature = fit_holdout_temperature(holdout_dir, prepared, holdout.is_main_process)
+    result = fit(
+        resolved, run_dir, resume=resume and has_resumable_checkpoint(run_dir), progress=progress, prepared=prepared
+    )
+    if result.is_main_process:
+        _store_temperature(run_dir, temperature)
+    return dataclasses.replace(result, holdout=holdout)
+
+
+def fit_holdout_temperature(holdout_dir: Path, prepared: TrainingData | None, is_main_process: bool) -> float:
+    """Fit the temperature of the holdout run's last model on its validation images (rank 0 only; 1.0 elsewhere)."""
+    if not is_main_process:
+        return 1.0
+    from bloodcell.evaluate.calibration import fit_temperature, save_temperature
+    from bloodcell.evaluate.runner import predict_logits
+    from bloodcell.models import load_model
+
+    last = checkpoint_dir(holdout_dir, "last")
+    model, _ = load_model(last)
+    data = prepared if prepared is not None else _prepare(load_config(str(holdout_dir / "config.yaml")))
+    val = np.asarray(data.indices("val"))
+    temperature = fit_temperature(predict_logits(model, data.images[val]), np.asarray(data.labels)[val])
+    save_temperature(last, temperature)
+    return temperature
+
+
+def _holdout_threads(holdout_dir: Path, requested: int) -> int:
+    """The thread count the holdout stage trained with (from its card), or ``requested`` if unrecorded."""
+    from bloodcell.models.card import load_card
+
+    card, _ = load_card(checkpoint_dir(holdout_dir, "last"))
+    return int(card.runtime.get("threads", requested)) if requested == 0 else requested
+
+
+def _store_temperature(run_dir: Path, temperature: float) -> None:
+    """Give both of the refit's checkpoints the holdout's temperature and say where it came from."""
+    from bloodcell.models.card import load_card, save_card
+
+    source = f"fitted on the validation part by the holdout run ({HOLDOUT_DIR}/, trained on train only)"
+    for which in ("best", "last"):
+        card, directory = load_card(checkpoint_dir(run_dir, which))
+        save_card(card.model_copy(update={"temperature": float(temperature), "temperature_source": source}), directory)
+
+
+def _claim_run_dir(run_dir: Path, config: RunConfig) -> None:
+    """Refuse a folder that holds another run; write ``config.yaml`` first so ``--resume`` works in either stage."""
+    if any((run_dir / name).exists() for name in ("checkpoints", "history.csv", HOLDOUT_DIR)):
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+
+
+def _is_first_process() -> bool:
+    """False in the other processes of a distributed launch (torchrun, SLURM, Fabric's own launcher).
+
+    Read from the launchers' environment because no process group exists yet at this point; every
+    process runs this module, and only one may create the run folder.
+    """
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _prepare(config: RunConfig) -> TrainingData:
+    from bloodcell.data.prepare import prepare_data
+
+    return prepare_data(config.data, progress=False)

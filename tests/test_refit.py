@@ -1,0 +1,146 @@
+"""A run that refits on train + val: holdout stage first, temperature carried over, resumable in either stage."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bloodcell.config import ConfigError, RunConfig, config_from_dict
+from bloodcell.errors import UserError
+from bloodcell.models.card import load_card
+from bloodcell.train import loop as loop_module
+from bloodcell.train import train_run
+from conftest import make_aria_dataset
+from synthetic_data import make_synthetic_data
+
+REFIT = {
+    "name": "tiny-refit",
+    "data": {"image_size": 32, "train_on": "train+val"},
+    "model": {"name": "bloodnet", "kwargs": {"width": 0.5}},
+    "augment": {"hue": 0.02, "gamma": 0.1, "jpeg": 0.5},
+    "train": {"epochs": 2, "batch_size": 16, "seed": 5, "num_threads": 1},
+}
+
+
+def refit_config(**train) -> RunConfig:
+    raw = json.loads(json.dumps(REFIT))
+    raw["train"].update(train)
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic_data(per_class=16, size=32)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_refit_trains_on_train_and_val_and_takes_the_holdout_temperature(tmp_path: Path, data) -> None:
+    run = tmp_path / "run"
+    result = train_run(refit_config(), run, prepared=data, progress=False)
+
+    # Holdout stage: trained on train alone, validated every epoch, its own temperature fitted on val.
+    assert result.holdout is not None and len(result.holdout.history) == 2
+    assert all(row["val_balanced_accuracy"] for row in history(run / "holdout"))
+    holdout_card, _ = load_card(run / "holdout" / "checkpoints" / "last")
+    assert holdout_card.split["trained_on"] == ["train"] and holdout_card.temperature != 1.0
+
+    # Refit: train + val, no validation, the last epoch is the model, the holdout's temperature in its card.
+    rows = history(run)
+    assert [row["val_balanced_accuracy"] for row in rows] == ["", ""]
+    steps = json.loads((run / "checkpoints" / "last" / "trainer.json").read_text())["loop"]["step"]
+    n_train_val = len(data.indices("train")) + len(data.indices("val"))
+    assert steps == 2 * (n_train_val // 16)
+    best = load_card(run / "checkpoints" / "best")[0]
+    assert best.split["trained_on"] == ["train", "val"] and best.epoch == 2
+    assert best.temperature == pytest.approx(holdout_card.temperature)
+    assert "holdout" in best.temperature_source
+    assert best.runtime["threads"] == holdout_card.runtime["threads"]  # pinned: the sums depend on it
+    assert all(torch.equal(a, b) for a, b in zip(weights(run / "checkpoints" / "best").values(),
+                                                  weights(run / "checkpoints" / "last").values(), strict=True))
+
+
+def test_evaluating_a_refit_keeps_its_card_temperature(tmp_path: Path) -> None:
+    """Its validation images are training images now: refitting the temperature on them would be wrong."""
+    from bloodcell.data.prepare import prepare_data
+    from bloodcell.evaluate.runner import evaluate_model
+
+    dataset = make_aria_dataset(tmp_path / "aria", per_class=24, size=48)
+    raw = json.loads(json.dumps(REFIT))
+    raw["data"].update(root=str(dataset), block_size=4, embargo=1)
+    raw["train"]["epochs"] = 1
+    config = config_from_dict(raw)
+    prepared = prepare_data(config.data, progress=False)
+    run = tmp_path / "run"
+    train_run(config, run, prepared=prepared, progress=False)
+    card = load_card(run / "checkpoints" / "best")[0]
+    metrics = evaluate_model(run, robustness=False, explain=False, progress=False, prepared=prepared, n_bootstrap=20)
+    assert metrics["temperature"] == pytest.approx(card.temperature)
+    assert "holdout" in metrics["temperature_source"]
+    assert metrics["data"]["trained_on"] == ["train", "val"]
+    assert load_card(run / "checkpoints" / "best")[0].metrics["test"]["n_images"] == len(prepared.indices("test"))
+
+
+@pytest.mark.parametrize("stage", ["holdout", "refit"])
+def test_an_interrupted_refit_resumes_to_the_same_model(tmp_path: Path, data, monkeypatch, stage: str) -> None:
+    uninterrupted = tmp_path / "whole"
+    train_run(refit_config(), uninterrupted, prepared=data, progress=False)
+
+    run = tmp_path / "run"
+    target = run / "holdout" if stage == "holdout" else run
+    real_write_history = loop_module._write_history
+
+    def killed_after_first_epoch(run_dir: Path, rows: list) -> None:
+        real_write_history(run_dir, rows)  # epoch 1's checkpoints and history are on disk ...
+        if Path(run_dir) == target and len(rows) == 1:
+            raise KeyboardInterrupt  # ... and then the process dies
+
+    monkeypatch.setattr(loop_module, "_write_history", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(refit_config(), run, prepared=data, progress=False)
+    monkeypatch.setattr(loop_module, "_write_history", real_write_history)
+    train_run(refit_config(), run, resume=True, prepared=data, progress=False)
+
+    for which in ("best", "last"):
+        expected, got = weights(uninterrupted / "checkpoints" / which), weights(run / "checkpoints" / which)
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert load_card(run / "checkpoints" / "best")[0].temperature == pytest.approx(
+        load_card(uninterrupted / "checkpoints" / "best")[0].temperature
+    )
+
+
+def test_a_refit_needs_a_fixed_schedule() -> None:
+    with pytest.raises(ConfigError, match="early_stopping_patience must be 0"):
+        refit_config(early_stopping_patience=3)
+
+
+def test_a_refit_run_folder_is_not_overwritten(tmp_path: Path, data) -> None:
+    train_run(refit_config(epochs=1), tmp_path / "run", prepared=data, progress=False)
+    with pytest.raises(UserError, match="already holds a run"):
+        train_run(refit_config(epochs=1), tmp_path / "run", prepared=data, progress=False)
+
+
+def test_holdout_temperature_is_fitted_on_validation_images(tmp_path: Path, data) -> None:
+    from bloodcell.evaluate.calibration import fit_temperature
+    from bloodcell.evaluate.runner import predict_logits
+    from bloodcell.models import load_model
+
+    run = tmp_path / "run"
+    train_run(refit_config(epochs=1), run, prepared=data, progress=False)
+    model, _ = load_model(run / "holdout" / "checkpoints" / "last")
+    val = np.asarray(data.indices("val"))
+    expected = fit_temperature(predict_logits(model, data.images[val]), np.asarray(data.labels)[val])
+    assert load_card(run / "checkpoints" / "best")[0].temperature == pytest.approx(expected)
