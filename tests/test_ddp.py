@@ -34,7 +34,9 @@ config = config_from_dict({{
 result = train_run(config, {run!r}, prepared=make_synthetic_data(per_class=16, size=32), progress=False)
 state = {{k: v.detach().contiguous() for k, v in result.model.state_dict().items()}}
 save_file(state, {out!r} + f"/rank{{dist.get_rank()}}.safetensors")
-print("rank", dist.get_rank(), "of", dist.get_world_size(), "main", result.is_main_process, flush=True)
+# One file per rank: the two processes share stdout, and their lines interleave.
+with open({out!r} + f"/rank{{dist.get_rank()}}.txt", "w") as handle:
+    handle.write(f"rank {{dist.get_rank()}} of {{dist.get_world_size()}} main {{result.is_main_process}}")
 dist.destroy_process_group()
 """
 
@@ -51,7 +53,8 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path, train_on:
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "rank 0 of 2 main True" in result.stdout and "rank 1 of 2 main False" in result.stdout
+    assert (tmp_path / "rank0.txt").read_text() == "rank 0 of 2 main True"
+    assert (tmp_path / "rank1.txt").read_text() == "rank 1 of 2 main False"
 
     rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert rank0.keys() == rank1.keys()

@@ -25,6 +25,8 @@ def test_bundled_model_is_small_and_complete() -> None:
     assert (directory / WEIGHTS_FILE).stat().st_size <= 10 * 1024 * 1024
     assert card.command and "train" in card.command
     assert card.manifest_sha256
+    # Issue 8: the shipped model learned from train + val; its temperature comes from the holdout stage.
+    assert card.split["trained_on"] == ["train", "val"] and "holdout" in card.temperature_source
     test = card.metrics["test"]
     for key in ("balanced_accuracy", "balanced_accuracy_ci", "recall", "ece_after_temperature"):
         assert key in test, f"the card's test metrics lack {key}"
