@@ -48,6 +48,7 @@ def train_run(
     if not resume and _is_first_process():
         _claim_run_dir(run_dir, config)
     holdout_config = config.model_copy(update={"data": config.data.model_copy(update={"train_on": "train"})})
+    _announce(progress, f"stage 1 of 2: holdout, the recipe on the training part alone -> {holdout_dir}")
     holdout = fit(
         holdout_config, holdout_dir, resume=resume and has_resumable_checkpoint(holdout_dir),
         progress=progress, prepared=prepared,
@@ -61,6 +62,7 @@ def train_run(
     )
     resolved = resolved.model_copy(update={"data": resolved.data.model_copy(update={"root": config.data.root})})
     temperature = fit_holdout_temperature(holdout_dir, prepared, holdout.is_main_process)
+    _announce(progress and holdout.is_main_process, f"stage 2 of 2: refit on train + val -> {run_dir}")
     result = fit(
         resolved, run_dir, resume=resume and has_resumable_checkpoint(run_dir), progress=progress, prepared=prepared
     )
@@ -110,6 +112,14 @@ def _claim_run_dir(run_dir: Path, config: RunConfig) -> None:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+
+
+def _announce(enabled: bool, message: str) -> None:
+    """One line on stderr above a stage's progress bars, so the two sets of epochs are told apart."""
+    if enabled and _is_first_process():
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold]{message}[/bold]")
 
 
 def _is_first_process() -> bool:
