@@ -81,7 +81,9 @@ class NormalizeConfig(Strict):
 class AugmentConfig(Strict):
     """Batch augmentation applied to training only. A strength of 0 switches a transform off.
 
-    The defaults are the ``default`` config's (see docs/TRAINING.md for how they were chosen).
+    The field defaults are the flips, quarter turns and colour / stain jitter of the ``default`` config;
+    blur, noise and JPEG default to off here and are switched on by that config (``configs/default.yaml``,
+    see docs/TRAINING.md for how they were chosen).
     """
 
     flip: bool = True  # horizontal and vertical

@@ -122,6 +122,11 @@ def sample_images(folder: str | Path | None = None) -> list[tuple[Path, str]]:
     return files
 
 
+# The size images are judged at when choosing samples: fixed, so the choice does not follow the training
+# resolution of whatever config defines the split (it was made, and is documented, at 128 px).
+SELECTION_SIZE = 128
+
+
 def select_sample_images(
     data_root: str | Path, per_class: int = SAMPLES_PER_CLASS, config: str = "default", min_capture_gap: int = 10,
     max_typicality: float = 2.0,
@@ -172,7 +177,7 @@ def select_sample_images(
     test = split[(split["split"] == "test") & (group_sizes == 1) & (split["copy"] == 0)].copy()
     if test.empty:
         raise UserError(f"{data_root}: the {data.protocol} split (seed {data.split_seed}) has no test images to choose from")
-    images = np.stack([decode_image(indexed.dataset.root / path, data.image_size) for path in test["path"]])
+    images = np.stack([decode_image(indexed.dataset.root / path, SELECTION_SIZE) for path in test["path"]])
     features = colour_statistics_features(images)
     chosen = []
     focus = sharpness(images)
