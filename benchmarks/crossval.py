@@ -36,6 +36,8 @@ from sklearn.metrics import balanced_accuracy_score
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmark_common import add_data_and_out_options, require_dataset
+
 from bloodcell.config import load_config
 from bloodcell.data.prepare import prepare_data
 from bloodcell.evaluate.metrics import classification_metrics
@@ -44,9 +46,6 @@ from bloodcell.io import atomic_write_json
 from bloodcell.models import load_model
 from bloodcell.train import fit
 from bloodcell.train.checkpoint import checkpoint_dir
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "leukemia-aria"
 
 
 def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path) -> dict[str, Any]:
@@ -114,14 +113,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BLOODCELL_DATA", DEFAULT_DATA)))
+    add_data_and_out_options(parser)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     parser.add_argument("--bootstrap", type=int, default=1000, help="block-bootstrap resamples")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if not (args.data / "Original").is_dir():
-        sys.exit(f"dataset not found at {args.data} (pass --data or set BLOODCELL_DATA)")
+    require_dataset(args.data)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bloodcell-crossval-") as work:
         for fold in range(args.folds):

@@ -42,14 +42,13 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmark_common import add_data_and_out_options, require_dataset  # noqa: E402
+
 from bloodcell.config import load_config  # noqa: E402
 from bloodcell.data.prepare import prepare_data  # noqa: E402
 from bloodcell.evaluate.runner import evaluate_model  # noqa: E402
 from bloodcell.io import atomic_write_json, atomic_write_text  # noqa: E402
 from bloodcell.train import fit  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "leukemia-aria"
 
 COLOUR = ["normalize.per_image=false", "augment.blur=0", "augment.noise=0"]
 PLAIN = [*COLOUR, "augment.hue=0", "augment.gamma=0", "augment.stain=0"]
@@ -139,13 +138,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BLOODCELL_DATA", DEFAULT_DATA)))
+    add_data_and_out_options(parser)
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if not (args.data / "Original").is_dir():
-        sys.exit(f"dataset not found at {args.data} (pass --data or set BLOODCELL_DATA)")
+    require_dataset(args.data)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bloodcell-robustness-") as work:
         for name in args.recipes:

@@ -20,7 +20,10 @@ TINY = [
 
 
 def crossval_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "crossval.py"
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:  # as when run as a script: its helpers sit beside it
+        sys.path.insert(0, str(folder))
+    path = folder / "crossval.py"
     spec = importlib.util.spec_from_file_location("bloodcell_benchmark_crossval", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
