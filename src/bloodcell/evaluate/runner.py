@@ -384,8 +384,7 @@ def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card
     else (other data, ``split="all"``, or a model that trained on the validation part) the card's value,
     never refitted on the data being judged or on data the model learned from."""
     val = data.prepared.indices("val")
-    trained_on_val = "val" in card.split.get("trained_on", ["train"])
-    if trained_on_val:
+    if "val" in card.trained_on:
         return float(card.temperature), str(getattr(card, "temperature_source", None) or "model card")
     if data.own_data and data.split != "all" and len(val):
         val_logits = logits_fn(np.ascontiguousarray(data.prepared.images[val]))
@@ -416,7 +415,7 @@ def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: Eva
             "variant": prepared.dataset.variant,
             "manifest_sha256": prepared.manifest_sha256,
             "same_as_training": bool(data.own_data and card.manifest_sha256 is not None),
-            "trained_on": card.split.get("trained_on", ["train"]),
+            "trained_on": card.trained_on,
             "protocol": data_config.protocol,
             "split_seed": data_config.split_seed,
             "block_size": data_config.block_size,
@@ -478,7 +477,7 @@ def evaluate_model(
     run_dir = run_dir_of(model_dir)
     config = training_config(card, run_dir)
     data = load_eval_set(card, config, data_root, split, prepared, progress)
-    if data.own_data and split in card.split.get("trained_on", ["train"]):
+    if data.own_data and split in card.trained_on:
         log.warning("%s: this model was trained on the %s part; its scores there are not held-out scores", model_dir, split)
     classes, y_true, blocks = list(card.classes), data.y_true, data.blocks
 

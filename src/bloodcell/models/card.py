@@ -49,6 +49,11 @@ class ModelCard(BaseModel):
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     intended_use: str = "Research only. Not a medical device; not for diagnosis or treatment decisions."
 
+    @property
+    def trained_on(self) -> list[str]:
+        """The split parts the model learned from (cards written before refits existed: the train part)."""
+        return list(self.split.get("trained_on", ["train"]))
+
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a model's numbers, for the card."""
