@@ -16,7 +16,9 @@ from bloodcell.data.augment import (
     gaussian_blur,
     hue_matrix,
     jpeg_round_trip,
+    mosaic,
     stain_jitter,
+    unmosaic,
 )
 
 OFF = {
@@ -183,3 +185,40 @@ def test_jpeg_round_trip_gives_the_pixels_pil_gives() -> None:
 def test_jpeg_quality_range_is_checked() -> None:
     with pytest.raises(ValueError, match="low <= high"):
         AugmentConfig(jpeg_quality=(90, 30))
+
+
+def test_on_the_generators_own_device_every_draw_comes_from_it() -> None:
+    """Training on the CPU draws everything from its CPU generator, so a seed fixes the whole batch."""
+    from bloodcell.data.augment import _generator_on, _pixel_noise
+
+    g = gen(3)
+    assert _generator_on(g, torch.device("cpu")) is g
+    assert torch.equal(_pixel_noise(gen(3), (2, 3, 4, 4), torch.device("cpu")), torch.randn((2, 3, 4, 4), generator=gen(3)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
+def test_on_a_gpu_augmentation_stays_there_and_is_reproducible() -> None:
+    """Parameters, noise and JPEG (nvJPEG) are computed on the GPU, from a CPU generator's seed."""
+    x = smear_batch(n=16, size=48).cuda()
+    config = AugmentConfig(hue=0.05, gamma=0.2, stain=0.2, blur=0.5, noise=0.02, jpeg=0.5)
+    y = BatchAugment(config)(x, gen(1))
+    assert y.is_cuda and y.shape == x.shape and y.dtype == torch.float32
+    assert float(y.min()) >= 0 and float(y.max()) <= 255
+    assert torch.equal(y, BatchAugment(config)(x, gen(1)))
+    assert not torch.equal(y, BatchAugment(config)(x, gen(2)))
+    # nvJPEG and libjpeg differ in rounding and chroma upsampling, not in what the round trip does.
+    cpu, gpu = jpeg_round_trip(x.float().cpu(), 40), jpeg_round_trip(x.float(), 40).cpu()
+    assert (gpu - cpu).abs().mean() < 4
+
+
+def test_a_mosaic_codes_each_tile_as_if_alone_except_at_its_edges() -> None:
+    """The GPU codes a batch as one mosaic: inside each tile, the pixels of coding it alone (libjpeg here)."""
+    from bloodcell.data.augment import _jpeg_codec
+
+    noisy = smear_batch(n=7, size=48).float() + torch.randn(7, 3, 48, 48, generator=gen(0)) * 20
+    x = noisy.clamp(0, 255).to(torch.uint8)
+    assert torch.equal(unmosaic(mosaic(x), 7), x)
+    alone = jpeg_round_trip(x.float(), 40)
+    together = unmosaic(_jpeg_codec([mosaic(x)], 40, "cpu")[0], 7).float()
+    assert torch.equal(alone[..., 2:-2, 2:-2], together[..., 2:-2, 2:-2])
+    assert (alone - together).abs().mean() < 1

@@ -220,13 +220,14 @@ def fit(
                 augment_rng = torch.Generator().manual_seed(derive_seed(config.train.seed, epoch, fabric.global_rank, 1))
                 permutation = torch.randperm(len(train_rows), generator=order)
                 my_rows = permutation[fabric.global_rank :: fabric.world_size][: steps_per_epoch * batch_size]
+                my_rows = fabric.to_device(my_rows)  # one copy an epoch: each copy from host memory stalls a GPU
                 bar.start_epoch(epoch, steps_per_epoch, _format_last_val(state))
 
                 model.train()
                 loss_sum = torch.zeros((), device=fabric.device)
                 correct = torch.zeros((), device=fabric.device)
                 for batch_index in range(steps_per_epoch):
-                    rows = fabric.to_device(my_rows[batch_index * batch_size : (batch_index + 1) * batch_size])
+                    rows = my_rows[batch_index * batch_size : (batch_index + 1) * batch_size]
                     images, labels = train_images[rows], train_labels[rows]
                     if segmented is not None:
                         use_segmented = torch.rand(len(rows), generator=augment_rng) < config.data.mix_segmented
