@@ -1,0 +1,187 @@
+"""The default training on one CUDA GPU: wall time and images per second, end to end.
+
+Meant to be run once, as one prepared script, on a GPU machine (the training issue's GPU target: the whole
+default training in under 15 seconds on an H100/H200). It measures, on the first CUDA device:
+
+1. ``prepare``: indexing, splitting and decoding the dataset with an empty cache (``$BLOODCELL_HOME``);
+2. ``train_run``: the default config exactly as ``bloodcell train`` trains it (holdout stage on train,
+   then the refit on train + val), in this process: each stage's wall time, its training images per
+   second, and the refit model's balanced accuracy on the ``session`` split's test part;
+3. ``bare``: forward + backward + AdamW step of the same model on random tensors at the same batch, in
+   the same precision and memory format: the model's ceiling, to set the loop's speed against;
+4. ``cli``: the whole ``bloodcell train --data DATA`` command in a fresh process (imports, CUDA start-up,
+   both stages, evaluation and the HTML report), timed from outside;
+5. ``jpeg``: whether the JPEG augmentation ran on the GPU (nvJPEG), and how far its pixels are from libjpeg's.
+
+Optionally (``--crossval``) it then runs ``benchmarks/crossval.py`` for a few recipes while time is left.
+
+Usage::
+
+    python benchmarks/train_gpu.py --data DATA --out DIR [--crossval "" "data.image_size=224" ...]
+
+Results go to ``<out>/train_gpu.json`` (and ``<out>/crossval-<k>/crossval.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from benchmark_common import REPO, add_data_and_out_options, require_dataset
+from sklearn.metrics import balanced_accuracy_score
+
+from bloodcell.config import load_config
+from bloodcell.data.augment import gpu_jpeg_available, jpeg_round_trip
+from bloodcell.data.prepare import prepare_data
+from bloodcell.evaluate.runner import predict_logits
+from bloodcell.io import atomic_write_json
+from bloodcell.models import Classifier, create_model
+from bloodcell.train import train_run
+from bloodcell.train.setup import build_optimizer, resolve_precision
+
+
+def stage_speed(history: list[dict[str, float]]) -> dict[str, float]:
+    """Training images per second of a stage: the median epoch after the first (warm-up) and the mean."""
+    speeds = [row["images_per_second"] for row in history]
+    return {
+        "epochs": len(history),
+        "median_images_per_second": statistics.median(speeds[1:] or speeds),
+        "first_epoch_images_per_second": speeds[0],
+        "train_seconds": sum(row["seconds"] for row in history),
+    }
+
+
+def bare_speed(config, batch: int, steps: int = 50) -> float:
+    """Images/s of forward + backward + optimiser step on random float input, after a warm-up."""
+    size = config.data.image_size
+    model = (
+        Classifier(create_model(config.model.name, 4), config.normalize)
+        .cuda()
+        .to(memory_format=torch.channels_last)
+    )
+    optimizer = build_optimizer(model, config.optimizer, 1e-3)
+    images = (torch.rand(batch, 3, size, size, device="cuda") * 255).contiguous(
+        memory_format=torch.channels_last
+    )
+    labels = torch.randint(0, 4, (batch,), device="cuda")
+    dtype = torch.bfloat16 if resolve_precision(config.train) == "bf16-mixed" else torch.float32
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - started)
+
+
+def jpeg_check(images: np.ndarray, quality: int = 60) -> dict[str, Any]:
+    """GPU codec available? Mean / max absolute pixel difference between its round trip and libjpeg's."""
+    batch = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float()  # a copy: the cache is read-only
+    cpu = jpeg_round_trip(batch, quality)
+    gpu = jpeg_round_trip(batch.cuda(), quality).cpu()
+    difference = (gpu - cpu).abs()
+    return {
+        "gpu_codec": gpu_jpeg_available(),
+        "mean_abs_difference": float(difference.mean()),
+        "max_abs_difference": float(difference.max()),
+    }
+
+
+def cli_wall_seconds(data: Path, out: Path) -> dict[str, Any]:
+    """Wall time of the whole ``bloodcell train`` command in a new process, and its JSON summary."""
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "bloodcell", "train", "--data", str(data), "--out", str(out), "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        return {"seconds": seconds, "error": completed.stderr[-2000:]}
+    return {"seconds": seconds, "summary": completed.stdout.strip().splitlines()[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_and_out_options(parser)
+    parser.add_argument("--crossval", nargs="*", default=[], help="recipes for crossval.py, each a space-separated "
+                        "list of key=value overrides ('' is the default recipe)")  # fmt: skip
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no crossval starts")
+    parser.add_argument("--no-cli", action="store_true", help="skip the whole-command measurement (part 4)")
+    args = parser.parse_args()
+    require_dataset(args.data)
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: this benchmark measures training on a GPU")
+    started = time.perf_counter()
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(key: str, value: Any) -> None:
+        results[key] = value
+        print(f"{key}: {value}", flush=True)
+        atomic_write_json(args.out / "train_gpu.json", results)
+
+    config = load_config("default", [f"data.root={args.data.resolve()}"])
+    t0 = time.perf_counter()
+    prepared = prepare_data(config.data, progress=False)
+    save("prepare_seconds_cold_cache", time.perf_counter() - t0)
+    save("jpeg", jpeg_check(prepared.images[:64]))
+
+    with tempfile.TemporaryDirectory(prefix="bloodcell-gpu-") as work:
+        t0 = time.perf_counter()
+        result = train_run(config, Path(work) / "run", progress=False)
+        wall = time.perf_counter() - t0
+        test = np.asarray(prepared.indices("test"))
+        logits = predict_logits(result.model, prepared.images[test])
+        save("train_run", {
+            "wall_seconds": wall,
+            "holdout_seconds": result.holdout.seconds,
+            "refit_seconds": result.seconds,
+            "holdout": stage_speed(result.holdout.history),
+            "refit": stage_speed(result.history),
+            "holdout_last_val_balanced_accuracy": result.holdout.history[-1]["val_balanced_accuracy"],
+            "test_balanced_accuracy": float(balanced_accuracy_score(np.asarray(prepared.labels)[test], logits.argmax(axis=1))),
+            "precision": resolve_precision(config.train),
+        })  # fmt: skip
+        save("bare_images_per_second", {
+            str(batch): bare_speed(config, batch) for batch in (config.train.batch_size, 256)
+        })  # fmt: skip
+        if not args.no_cli:
+            save("cli", cli_wall_seconds(args.data, Path(work) / "cli"))
+
+    for k, recipe in enumerate(args.crossval):
+        if time.perf_counter() - started > args.budget:
+            save(f"crossval_{k}", {"recipe": recipe, "skipped": "time budget spent"})
+            continue
+        t0 = time.perf_counter()
+        overrides = [item for part in recipe.split() for item in ("--set", part)]
+        completed = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "crossval.py"), "--data", str(args.data),
+             "--out", str(args.out / f"crossval-{k}"), *overrides],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        lines = (completed.stdout if completed.returncode == 0 else completed.stderr).strip().splitlines()
+        save(f"crossval_{k}", {"recipe": recipe, "seconds": time.perf_counter() - t0, "output": lines[-3:]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/train_gpu.py: its summary of a stage's speed, and its refusal to run without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def train_gpu_module():
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:  # as when run as a script: its helpers sit beside it
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("bloodcell_benchmark_train_gpu", folder / "train_gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_speed_leaves_out_the_warm_up_epoch() -> None:
+    history = [
+        {"images_per_second": 100.0, "seconds": 3.0},
+        {"images_per_second": 900.0, "seconds": 1.0},
+        {"images_per_second": 1000.0, "seconds": 1.0},
+        {"images_per_second": 1100.0, "seconds": 1.0},
+    ]
+    speed = train_gpu_module().stage_speed(history)
+    assert speed["median_images_per_second"] == 1000.0
+    assert speed["first_epoch_images_per_second"] == 100.0
+    assert speed["epochs"] == 4 and speed["train_seconds"] == 6.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+def test_without_a_gpu_it_stops_with_a_message(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "Original").mkdir()
+    monkeypatch.setattr(sys, "argv", ["train_gpu.py", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        train_gpu_module().main()
+    assert not (tmp_path / "out").exists()
