@@ -47,6 +47,7 @@ _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.2
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 # Smallest intensity in the optical-density transform (avoids log(0) on black pixels).
 _OD_EPS = 1.0 / 255.0
+_HOST = torch.device("cpu")
 # The constants above and their inverses, by name, for _constant (computed once, on the CPU).
 _CONSTANTS = {
     "luma": _LUMA,
@@ -101,7 +102,7 @@ class BatchAugment:
         matrices = self._affine_matrices(n, device, generator)
         if self._has_dihedral:
             transpose, hflip, vflip = self._dihedral_choices(images, generator)
-            linear = matrices[:, :, :2] @ dihedral_matrices(transpose, hflip, vflip)
+            linear = matrices[:, :, :2] @ dihedral_matrices(transpose, hflip, vflip).to(matrices.device)
             matrices = torch.cat([linear, matrices[:, :, 2:]], dim=2)
         return affine(images.float(), matrices)
 
@@ -111,10 +112,11 @@ class BatchAugment:
         """Per-image (transpose, horizontal flip, vertical flip) booleans spanning the allowed symmetries.
 
         The 8 combinations are the dihedral group of the square; those with an even number of reflections
-        are the four rotations, which is all ``rot90`` alone allows.
+        are the four rotations, which is all ``rot90`` alone allows. Drawn on the host, like every choice
+        of which images a transform takes: grouping them there costs a GPU no wait.
         """
         c = self.config
-        coins = _rand(generator, (3, x.shape[0]), x.device) < 0.5
+        coins = _rand(generator, (3, x.shape[0]), _HOST) < 0.5
         transpose, hflip, vflip = coins[0], coins[1], coins[2]
         if not c.rot90 or x.shape[-1] != x.shape[-2]:  # a transpose would change a non-square image's shape
             transpose = torch.zeros_like(transpose)
@@ -182,10 +184,11 @@ class BatchAugment:
 
     def _random_blur(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Blur a random subset of the batch (probability ``blur``), with one sigma in [0.5, 1.5] per batch."""
-        chosen = (_rand(generator, (x.shape[0],), x.device) < self.config.blur).nonzero().flatten()
+        chosen = (_rand(generator, (x.shape[0],), _HOST) < self.config.blur).nonzero().flatten()
         if chosen.numel() == 0:
             return x
-        sigma = float(_uniform(generator, 1, 0.5, 1.5, torch.device("cpu")))
+        chosen = _to_device(chosen, x.device)
+        sigma = float(_uniform(generator, 1, 0.5, 1.5, _HOST))
         x = x.clone()
         x[chosen] = gaussian_blur(x[chosen], sigma)
         return x
@@ -195,11 +198,12 @@ class BatchAugment:
 
         Last in the chain, as in a camera: the sensor's light and noise come first, the encoder last.
         """
-        chosen = (_rand(generator, (x.shape[0],), x.device) < self.config.jpeg).nonzero().flatten()
+        chosen = (_rand(generator, (x.shape[0],), _HOST) < self.config.jpeg).nonzero().flatten()
         if chosen.numel() == 0:
             return x
+        chosen = _to_device(chosen, x.device)
         low, high = self.config.jpeg_quality
-        quality = low + int(_rand(generator, 1, torch.device("cpu")) * (high - low + 1))
+        quality = low + int(_rand(generator, 1, _HOST) * (high - low + 1))
         x = x.clone()
         x[chosen] = jpeg_round_trip(x[chosen], min(quality, high))
         return x
@@ -211,11 +215,12 @@ def dihedral(x: torch.Tensor, transpose: torch.Tensor, hflip: torch.Tensor, vfli
 
     The images that share one of the 8 symmetries are transformed together: at most 8 batched copies,
     about half the cost of selecting between transformed and untransformed copies of the whole batch.
+    The masks may live on the host while the images are on a GPU (the grouping then needs no wait).
     """
     code = transpose.long() * 4 + hflip.long() * 2 + vflip.long()
     out = torch.empty_like(x)
     for symmetry in code.unique().tolist():
-        rows = (code == symmetry).nonzero().flatten()
+        rows = _to_device((code == symmetry).nonzero().flatten(), x.device)
         part = x[rows]
         if symmetry & 4:
             part = part.transpose(2, 3)
@@ -392,6 +397,13 @@ def gpu_jpeg_available() -> bool:
 def _constant(name: str, device: torch.device) -> torch.Tensor:
     """A colour constant on ``device``, copied there once: every copy from host memory stalls a GPU."""
     return _CONSTANTS[name].to(device)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through page-locked memory, so the copy does not wait for it."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
