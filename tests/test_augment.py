@@ -189,11 +189,23 @@ def test_jpeg_quality_range_is_checked() -> None:
 
 def test_on_the_generators_own_device_every_draw_comes_from_it() -> None:
     """Training on the CPU draws everything from its CPU generator, so a seed fixes the whole batch."""
-    from bloodcell.data.augment import _generator_on, _pixel_noise
+    from bloodcell.data.augment import _generator_on
 
     g = gen(3)
     assert _generator_on(g, torch.device("cpu")) is g
-    assert torch.equal(_pixel_noise(gen(3), (2, 3, 4, 4), torch.device("cpu")), torch.randn((2, 3, 4, 4), generator=gen(3)))
+
+
+def test_pixel_noise_is_standard_normal_and_set_by_the_generator() -> None:
+    from bloodcell.data.augment import _pixel_noise
+
+    shape, cpu = (8, 3, 64, 64), torch.device("cpu")
+    noise = _pixel_noise(gen(3), shape, cpu)
+    assert noise.shape == shape and abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
+    assert torch.equal(noise, _pixel_noise(gen(3), shape, cpu))
+    g = gen(3)
+    first, second = _pixel_noise(g, shape, cpu), _pixel_noise(g, shape, cpu)
+    assert not torch.equal(first, second)  # the next batch gets other numbers
+    assert abs(float((first * second).mean())) < 0.02  # ... unrelated ones
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")

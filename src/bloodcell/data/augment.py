@@ -158,7 +158,7 @@ class BatchAugment:
         if c.noise:
             sigma = _uniform(generator, n, 0.0, c.noise, device).view(n, 1, 1, 1)
             x = x + sigma * _pixel_noise(generator, x.shape, device)
-        x = x.clamp(0.0, 1.0) * 255.0
+        x = x.clamp_(0.0, 1.0).mul_(255.0)  # x is this method's own tensor by now (colour_affine or / 255 made it)
         if c.jpeg:
             x = self._random_jpeg(x, generator)
         return x
@@ -189,8 +189,7 @@ class BatchAugment:
             return x
         chosen = _to_device(chosen, x.device)
         sigma = float(_uniform(generator, 1, 0.5, 1.5, _HOST))
-        x = x.clone()
-        x[chosen] = gaussian_blur(x[chosen], sigma)
+        x[chosen] = gaussian_blur(x[chosen], sigma)  # in place: colour() made x, nobody else holds it
         return x
 
     def _random_jpeg(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -204,8 +203,7 @@ class BatchAugment:
         chosen = _to_device(chosen, x.device)
         low, high = self.config.jpeg_quality
         quality = low + int(_rand(generator, 1, _HOST) * (high - low + 1))
-        x = x.clone()
-        x[chosen] = jpeg_round_trip(x[chosen], min(quality, high))
+        x[chosen] = jpeg_round_trip(x[chosen], min(quality, high))  # in place, as in _random_blur
         return x
 
 
@@ -304,24 +302,29 @@ def stain_jitter(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta
     matrix = gamma.unsqueeze(-1) * (hed_from_rgb @ (alpha.unsqueeze(-1) * rgb_from_hed))  # (N, 3, 3)
     offset = beta @ rgb_from_hed  # (N, 3)
     # exp(-(M od + b)) with od = -log(I) is exp(M log(I) - b): no negations needed.
-    log_intensity = torch.log(x.clamp_min(_OD_EPS))
-    return torch.exp(colour_affine(log_intensity, matrix.transpose(1, 2), -offset))
+    log_intensity = x.clamp_min(_OD_EPS).log_()  # in place on the clamped copy: one pass fewer
+    return colour_affine(log_intensity, matrix.transpose(1, 2), -offset).exp_()
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of NCHW images (kernel radius about 3 sigma, reflected borders).
 
-    Written as weighted sums of shifted views: on the CPU that is several times faster than a depthwise
-    ``conv2d`` with a tiny kernel.
+    Written as weighted sums of shifted views, accumulated in place: on the CPU that is several times
+    faster than a depthwise ``conv2d`` with a tiny kernel (and 3x faster than summing new tensors).
     """
     radius = max(1, math.ceil(3 * sigma))
     taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2 / (2 * sigma**2))
     taps = (taps / taps.sum()).tolist()
     h, w = x.shape[-2:]
     padded = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = sum(weight * padded[..., :, k : k + w] for k, weight in enumerate(taps))
+    x = padded[..., :, 0:w] * taps[0]
+    for k, weight in enumerate(taps[1:], start=1):
+        x.add_(padded[..., :, k : k + w], alpha=weight)
     padded = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    return sum(weight * padded[..., k : k + h, :] for k, weight in enumerate(taps))
+    out = padded[..., 0:h, :] * taps[0]
+    for k, weight in enumerate(taps[1:], start=1):
+        out.add_(padded[..., k : k + h, :], alpha=weight)
+    return out
 
 
 def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -414,8 +417,7 @@ def _generator_on(generator: torch.Generator | None, device: torch.device) -> to
     """The generator to draw with on ``device``: ``generator`` itself on its own device, else a new one there.
 
     Drawing on the CPU and copying to a GPU would cost a stall per copy (a copy from ordinary host memory
-    waits for the GPU's queue to drain), a dozen a step, and per-pixel noise drawn on the CPU cost about
-    20 ms a step on its own. Off the generator's device, a generator on ``device`` is seeded from one draw
+    waits for the GPU's queue to drain), a dozen a step. Off the generator's device, a generator on ``device`` is seeded from one draw
     of ``generator``, so the draws stay reproducible and resumable from the same seeds; on the generator's
     own device (the CPU, where training on the CPU draws) nothing changes.
     """
@@ -430,8 +432,32 @@ def _rand(generator: torch.Generator | None, shape, device: torch.device) -> tor
 
 
 def _pixel_noise(generator: torch.Generator | None, shape, device: torch.device) -> torch.Tensor:
-    """Standard normal noise for every pixel of a batch, drawn where the batch lives."""
-    return torch.randn(shape, generator=_generator_on(generator, device), device=device)
+    """Standard normal noise for every pixel of a batch: a window of :func:`_noise_bank` at a random offset.
+
+    Why a bank: drawing a fresh normal number per pixel took 18 ms a batch of 64 at 160 px on a 2-core
+    CPU, a fifth of the whole augmentation; a window of a large bank of such numbers costs a view. The
+    window starts anywhere in the bank, so the same pixel of consecutive batches gets unrelated numbers.
+    """
+    count = math.prod(shape)
+    bank = _noise_bank(device, count)
+    offset = int(torch.randint(bank.numel() - count + 1, (1,), generator=generator, device=_generator_device(generator)))
+    return bank[offset : offset + count].view(shape)
+
+
+@functools.cache
+def _noise_bank_for(device: torch.device, size: int) -> torch.Tensor:
+    return torch.randn(size, generator=torch.Generator().manual_seed(NOISE_BANK_SEED)).to(device)
+
+
+def _noise_bank(device: torch.device, count: int) -> torch.Tensor:
+    """Standard normal numbers on ``device``, drawn once per process: 2**24 of them (64 MB), or the power of
+    two above twice ``count`` for batches larger than the default's 4.9 million pixel values."""
+    return _noise_bank_for(device, max(NOISE_BANK_SIZE, 1 << (2 * count - 1).bit_length()))
+
+
+# The bank is the same in every run (a fixed seed): which window a batch gets comes from the run's generator.
+NOISE_BANK_SEED = 20260401
+NOISE_BANK_SIZE = 2**24
 
 
 def _uniform(generator: torch.Generator | None, shape, low: float, high: float, device: torch.device) -> torch.Tensor:
