@@ -49,7 +49,7 @@ from bloodcell.config import RunConfig, config_from_dict, load_config
 from bloodcell.io import atomic_write_json
 from bloodcell.models import Classifier, create_model, list_models
 from bloodcell.train import fit
-from bloodcell.train.setup import keep_freed_memory, set_threads
+from bloodcell.train.setup import keep_freed_memory, resolve_precision, set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "leukemia-aria"
@@ -83,15 +83,18 @@ def random_data(n_train: int, size: int, n_val: int = 8) -> RandomData:
 
 
 def bare_speed(name: str, size: int, batch: int, steps: int, kwargs: dict) -> float:
-    """Images/s of forward + backward + AdamW step on random channels_last tensors (2 warm-up steps)."""
+    """Images/s of forward + backward + AdamW step on random channels_last tensors (2 warm-up steps), in the
+    precision training chooses here (bf16 autocast on a CPU with bf16 instructions, else fp32)."""
     torch.manual_seed(0)
     model = Classifier(create_model(name, 4, **kwargs)).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = (torch.rand(batch, 3, size, size) * 255).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (batch,))
+    bf16 = resolve_precision(load_config("default").train) == "bf16-mixed"
 
     def step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -111,7 +114,7 @@ def loop_speed(
     raw = base.model_dump(mode="json")
     raw["model"] = {"name": name, "kwargs": kwargs}
     if not augment:
-        raw["augment"] = {key: (False if isinstance(value, bool) else 0) for key, value in raw["augment"].items()}
+        raw["augment"] = {key: _switched_off(value) for key, value in raw["augment"].items()}
     raw["data"]["image_size"] = size
     raw["train"].update(epochs=2, batch_size=batch, num_threads=threads, early_stopping_patience=0)
     config = config_from_dict(raw)
@@ -120,10 +123,18 @@ def loop_speed(
     return result.history[-1]["images_per_second"]
 
 
+def _switched_off(value):
+    """An augmentation setting turned off: a switch to False, a strength to 0; ranges (JPEG quality) kept."""
+    if isinstance(value, bool):
+        return False
+    return 0 if isinstance(value, int | float) else value
+
+
 def throughput(models: list[str], sizes: list[int], batch: int, steps: int, threads: int) -> list[dict]:
     base = load_config("default")
     rows = []
-    table = Table(title=f"Training images/s (batch {batch}, {threads} thread(s), channels_last)")
+    precision = resolve_precision(load_config("default").train)
+    table = Table(title=f"Training images/s (batch {batch}, {threads} thread(s), channels_last, {precision})")
     for column in ("model", "size", "bare fwd+bwd", "real loop", "loop / bare", "loop, no aug", "no aug / bare"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name in models:

@@ -287,3 +287,23 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["epochs"] == 2 and Path(summary["run_dir"]) == tmp_path / "run"
     assert (tmp_path / "run" / "checkpoints" / "best" / "card.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "precision", "has_bf16", "expected"),
+    [
+        ("cpu", "auto", True, "bf16-mixed"),
+        ("cpu", "auto", False, "32-true"),
+        ("auto", "auto", True, "bf16-mixed"),
+        ("cpu", "32-true", True, "32-true"),
+    ],
+)
+def test_auto_precision_uses_bf16_only_on_a_cpu_that_computes_in_it(
+    accelerator: str, precision: str, has_bf16: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bloodcell.train import setup
+
+    monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(setup, "cpu_computes_bf16", lambda: has_bf16)
+    train = tiny_config(train={"accelerator": accelerator, "precision": precision}).train
+    assert setup.resolve_precision(train) == expected

@@ -42,13 +42,24 @@ def launch_topology(train: TrainConfig) -> tuple[int | str, int]:
 
 
 def resolve_precision(train: TrainConfig) -> str:
-    """``auto``: bf16 mixed precision on a GPU that supports it (fp16 on older ones), fp32 on the CPU."""
+    """``auto``: bf16 mixed precision on a GPU that supports it (fp16 on older ones), and on a CPU whose
+    instructions compute in bf16 (AVX512-BF16 or AMX: recent Xeons, AMD Zen 4 and later); fp32 elsewhere.
+
+    On the 2-core AMD EPYC (Zen 4) development machine bf16 made bloodnet's training step 1.38x faster at
+    160 px; a CPU without those instructions would emulate bf16 and run slower than in fp32.
+    """
     if train.precision != "auto":
         return train.precision
     uses_gpu = train.accelerator in {"auto", "cuda", "gpu"} and torch.cuda.is_available()
-    if not uses_gpu:
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if uses_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if train.accelerator in {"auto", "cpu"} and cpu_computes_bf16() else "32-true"
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic instructions (x86 AVX512-BF16 or AMX) that PyTorch uses."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own checks (private API)
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def make_fabric(train: TrainConfig) -> Fabric:
