@@ -201,11 +201,10 @@ def test_pixel_noise_is_standard_normal_and_set_by_the_generator() -> None:
     shape, cpu = (8, 3, 64, 64), torch.device("cpu")
     noise = _pixel_noise(gen(3), shape, cpu)
     assert noise.shape == shape and abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
-    assert torch.equal(noise, _pixel_noise(gen(3), shape, cpu))
+    assert torch.equal(noise, torch.randn(shape, generator=gen(3)))  # drawn from the generator itself
     g = gen(3)
     first, second = _pixel_noise(g, shape, cpu), _pixel_noise(g, shape, cpu)
-    assert not torch.equal(first, second)  # the next batch gets other numbers
-    assert abs(float((first * second).mean())) < 0.02  # ... unrelated ones
+    assert abs(float((first * second).mean())) < 0.02  # the next batch gets unrelated numbers
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")

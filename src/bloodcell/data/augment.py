@@ -432,32 +432,14 @@ def _rand(generator: torch.Generator | None, shape, device: torch.device) -> tor
 
 
 def _pixel_noise(generator: torch.Generator | None, shape, device: torch.device) -> torch.Tensor:
-    """Standard normal noise for every pixel of a batch: a window of :func:`_noise_bank` at a random offset.
+    """Standard normal noise for every pixel of a batch, drawn fresh where the batch lives.
 
-    Why a bank: drawing a fresh normal number per pixel took 18 ms a batch of 64 at 160 px on a 2-core
-    CPU, a fifth of the whole augmentation; a window of a large bank of such numbers costs a view. The
-    window starts anywhere in the bank, so the same pixel of consecutive batches gets unrelated numbers.
+    On a 2-core CPU this is a fifth of the augmentation's time (18 ms a batch of 64 at 160 px). A window
+    at a random offset into a fixed bank of pre-drawn numbers cost almost nothing, but cross-validated
+    over session blocks it scored 0.973-0.974 against 0.977-0.978 with fresh draws (lower on 9 of 10
+    paired folds, in fp32 and in bf16), for 6 % of the training time: the draws stay fresh.
     """
-    count = math.prod(shape)
-    bank = _noise_bank(device, count)
-    offset = int(torch.randint(bank.numel() - count + 1, (1,), generator=generator, device=_generator_device(generator)))
-    return bank[offset : offset + count].view(shape)
-
-
-@functools.cache
-def _noise_bank_for(device: torch.device, size: int) -> torch.Tensor:
-    return torch.randn(size, generator=torch.Generator().manual_seed(NOISE_BANK_SEED)).to(device)
-
-
-def _noise_bank(device: torch.device, count: int) -> torch.Tensor:
-    """Standard normal numbers on ``device``, drawn once per process: 2**24 of them (64 MB), or the power of
-    two above twice ``count`` for batches larger than the default's 4.9 million pixel values."""
-    return _noise_bank_for(device, max(NOISE_BANK_SIZE, 1 << (2 * count - 1).bit_length()))
-
-
-# The bank is the same in every run (a fixed seed): which window a batch gets comes from the run's generator.
-NOISE_BANK_SEED = 20260401
-NOISE_BANK_SIZE = 2**24
+    return torch.randn(shape, generator=_generator_on(generator, device), device=device)
 
 
 def _uniform(generator: torch.Generator | None, shape, low: float, high: float, device: torch.device) -> torch.Tensor:
