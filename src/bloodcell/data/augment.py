@@ -417,9 +417,10 @@ def _generator_on(generator: torch.Generator | None, device: torch.device) -> to
     """The generator to draw with on ``device``: ``generator`` itself on its own device, else a new one there.
 
     Drawing on the CPU and copying to a GPU would cost a stall per copy (a copy from ordinary host memory
-    waits for the GPU's queue to drain), a dozen a step. Off the generator's device, a generator on ``device`` is seeded from one draw
-    of ``generator``, so the draws stay reproducible and resumable from the same seeds; on the generator's
-    own device (the CPU, where training on the CPU draws) nothing changes.
+    waits for the GPU's queue to drain), a dozen a step. Off the generator's device, a generator on
+    ``device`` is seeded from one draw of ``generator``, so the draws stay reproducible and resumable from
+    the same seeds; on the generator's own device (the CPU, where training on the CPU draws) nothing
+    changes.
     """
     if generator is None or device == _generator_device(generator):
         return generator
