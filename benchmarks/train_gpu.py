@@ -150,7 +150,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = train_run(config, Path(work) / "run", progress=False)
         wall = time.perf_counter() - t0
-        test = np.asarray(prepared.indices("test"))
+        test, labels = np.asarray(prepared.indices("test")), np.asarray(prepared.labels)
         logits = predict_logits(result.model, prepared.images[test])
         save("train_run", {
             "wall_seconds": wall,
@@ -159,7 +159,7 @@ def main() -> None:
             "holdout": stage_speed(result.holdout.history),
             "refit": stage_speed(result.history),
             "holdout_last_val_balanced_accuracy": result.holdout.history[-1]["val_balanced_accuracy"],
-            "test_balanced_accuracy": float(balanced_accuracy_score(np.asarray(prepared.labels)[test], logits.argmax(axis=1))),
+            "test_balanced_accuracy": float(balanced_accuracy_score(labels[test], logits.argmax(axis=1))),
             "precision": resolve_precision(config.train),
         })  # fmt: skip
         save("bare_images_per_second", {

@@ -158,7 +158,7 @@ class BatchAugment:
         if c.noise:
             sigma = _uniform(generator, n, 0.0, c.noise, device).view(n, 1, 1, 1)
             x = x + sigma * _pixel_noise(generator, x.shape, device)
-        x = x.clamp_(0.0, 1.0).mul_(255.0)  # x is this method's own tensor by now (colour_affine or / 255 made it)
+        x = x.clamp_(0.0, 1.0).mul_(255.0)  # in place: colour_affine or the / 255 above made x
         if c.jpeg:
             x = self._random_jpeg(x, generator)
         return x
