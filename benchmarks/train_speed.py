@@ -82,15 +82,14 @@ def random_data(n_train: int, size: int, n_val: int = 8) -> RandomData:
     )
 
 
-def bare_speed(name: str, size: int, batch: int, steps: int, kwargs: dict) -> float:
-    """Images/s of forward + backward + AdamW step on random channels_last tensors (2 warm-up steps), in the
-    precision training chooses here (bf16 autocast on a CPU with bf16 instructions, else fp32)."""
+def bare_speed(name: str, size: int, batch: int, steps: int, kwargs: dict, bf16: bool) -> float:
+    """Images/s of forward + backward + AdamW step on random channels_last tensors (2 warm-up steps), in bf16
+    autocast or fp32: pass the precision training chooses here, so loop and bare are compared like for like."""
     torch.manual_seed(0)
     model = Classifier(create_model(name, 4, **kwargs)).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = (torch.rand(batch, 3, size, size) * 255).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (batch,))
-    bf16 = resolve_precision(load_config("default").train) == "bf16-mixed"
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -133,7 +132,7 @@ def _switched_off(value):
 def throughput(models: list[str], sizes: list[int], batch: int, steps: int, threads: int) -> list[dict]:
     base = load_config("default")
     rows = []
-    precision = resolve_precision(load_config("default").train)
+    precision = resolve_precision(base.train)
     table = Table(title=f"Training images/s (batch {batch}, {threads} thread(s), channels_last, {precision})")
     for column in ("model", "size", "bare fwd+bwd", "real loop", "loop / bare", "loop, no aug", "no aug / bare"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -141,10 +140,10 @@ def throughput(models: list[str], sizes: list[int], batch: int, steps: int, thre
         kwargs = dict(base.model.kwargs) if name == base.model.name else {}
         for size in sizes:
             n_steps = steps if size <= 150 else max(3, steps // 2)
-            bare_a = bare_speed(name, size, batch, n_steps, kwargs)
+            bare_a = bare_speed(name, size, batch, n_steps, kwargs, precision == "bf16-mixed")
             loop = loop_speed(name, size, batch, n_steps, kwargs, base, threads)
             plain = loop_speed(name, size, batch, n_steps, kwargs, base, threads, augment=False)
-            bare_b = bare_speed(name, size, batch, n_steps, kwargs)
+            bare_b = bare_speed(name, size, batch, n_steps, kwargs, precision == "bf16-mixed")
             bare = (bare_a + bare_b) / 2
             rows.append({"model": name, "size": size, "bare": bare, "loop": loop, "ratio": loop / bare,
                          "loop_no_augment": plain, "ratio_no_augment": plain / bare,

@@ -375,7 +375,7 @@ def unmosaic(tiled: torch.Tensor, n: int) -> torch.Tensor:
     return tiled.reshape(c, rows, h, cols, w).permute(1, 3, 0, 2, 4).reshape(rows * cols, c, h, w)[:n]
 
 
-def _jpeg_codec(images: list[torch.Tensor], quality: int, device) -> list[torch.Tensor]:
+def _jpeg_codec(images: list[torch.Tensor], quality: int, device: torch.device | str) -> list[torch.Tensor]:
     """torchvision's batched encode, then decode on ``device`` (the compressed bytes come from host memory)."""
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its codecs in favour of torchcodec's; they still work and give PIL's

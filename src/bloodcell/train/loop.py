@@ -517,7 +517,8 @@ def _card(
     """The model card written beside each checkpoint's weights.
 
     ``runtime`` (device, processes, threads, precision) is recorded because floating-point sums depend on
-    it: the same config and seed give bit-identical weights only with the same thread count and device.
+    it: the same config and seed give bit-identical weights only with the same thread count, device and
+    precision.
     """
     import sys
 
