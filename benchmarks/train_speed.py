@@ -4,14 +4,14 @@ Two measurements, printed as tables and saved as JSON (``benchmarks/results/trai
 
 1. **Throughput**, training images per second for every registered model at 96, 128, 150 and 224 px:
    - ``bare``: forward + backward + optimiser step on random float tensors already in channels_last
-     layout: the model's ceiling;
+     layout, through the same model as training (its normalisation layer included): the model's ceiling;
    - ``loop``: the real training loop (:func:`bloodcell.train.fit`, one warm-up epoch then one measured
      epoch on random uint8 images) with the default config's augmentation, gathering, checks and
      checkpointing; ``loop / bare`` shows what the loop costs (target: at least 0.8);
    - ``loop, no aug``: the same with every augmentation off, separating the loop's own cost from the
      augmentation's arithmetic, which on a CPU competes with the model for the same cores.
-   Bare and loop alternate (bare, loop, bare) and the two bare runs are averaged, because these machines
-   are shared and their speed drifts.
+   Bare and loop alternate (bare, loop, no aug, bare), the two bare runs are averaged, and the table
+   shows medians over ``--rounds`` such rounds, because these machines are shared and their speed drifts.
 2. **Time to accuracy** for the default config on the ``session`` split of the real dataset: wall time
    from the start (data preparation included, cache warm) to the first epoch with validation balanced
    accuracy >= 0.99, the whole run's wall time, and the best checkpoint's balanced accuracy on the test
@@ -45,7 +45,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bloodcell.config import RunConfig, config_from_dict, load_config
+from bloodcell.config import NormalizeConfig, RunConfig, config_from_dict, load_config
 from bloodcell.io import atomic_write_json
 from bloodcell.models import Classifier, create_model, list_models
 from bloodcell.train import fit
@@ -82,11 +82,14 @@ def random_data(n_train: int, size: int, n_val: int = 8) -> RandomData:
     )
 
 
-def bare_speed(name: str, size: int, batch: int, steps: int, kwargs: dict, bf16: bool) -> float:
+def bare_speed(
+    name: str, size: int, batch: int, steps: int, kwargs: dict, bf16: bool, normalize: NormalizeConfig | None = None
+) -> float:
     """Images/s of forward + backward + AdamW step on random channels_last tensors (2 warm-up steps), in bf16
-    autocast or fp32: pass the precision training chooses here, so loop and bare are compared like for like."""
+    autocast or fp32. Pass the precision and the normalisation (the model's first layer) that training
+    uses, so loop and bare are compared like for like."""
     torch.manual_seed(0)
-    model = Classifier(create_model(name, 4, **kwargs)).to(memory_format=torch.channels_last).train()
+    model = Classifier(create_model(name, 4, **kwargs), normalize).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = (torch.rand(batch, 3, size, size) * 255).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (batch,))
@@ -129,29 +132,44 @@ def _switched_off(value):
     return 0 if isinstance(value, int | float) else value
 
 
-def throughput(models: list[str], sizes: list[int], batch: int, steps: int, threads: int) -> list[dict]:
+def throughput(models: list[str], sizes: list[int], batch: int, steps: int, threads: int, rounds: int) -> list[dict]:
+    """Bare, loop and loop-without-augmentation speeds, in ``rounds`` rounds of (bare, loop, no aug, bare).
+
+    Each round's ratios use that round's own bare runs (the mean of the one before and the one after), and
+    the table shows the medians over rounds: a shared machine's speed drifts within seconds, so ratios
+    taken side by side are what can be compared.
+    """
     base = load_config("default")
     rows = []
     precision = resolve_precision(base.train)
-    table = Table(title=f"Training images/s (batch {batch}, {threads} thread(s), channels_last, {precision})")
+    bf16 = precision == "bf16-mixed"
+    table = Table(title=f"Training images/s (batch {batch}, {threads} thread(s), channels_last, {precision}; "
+                        f"medians of {rounds} rounds)")  # fmt: skip
     for column in ("model", "size", "bare fwd+bwd", "real loop", "loop / bare", "loop, no aug", "no aug / bare"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name in models:
         kwargs = dict(base.model.kwargs) if name == base.model.name else {}
         for size in sizes:
             n_steps = steps if size <= 150 else max(3, steps // 2)
-            bare_a = bare_speed(name, size, batch, n_steps, kwargs, precision == "bf16-mixed")
-            loop = loop_speed(name, size, batch, n_steps, kwargs, base, threads)
-            plain = loop_speed(name, size, batch, n_steps, kwargs, base, threads, augment=False)
-            bare_b = bare_speed(name, size, batch, n_steps, kwargs, precision == "bf16-mixed")
-            bare = (bare_a + bare_b) / 2
-            rows.append({"model": name, "size": size, "bare": bare, "loop": loop, "ratio": loop / bare,
-                         "loop_no_augment": plain, "ratio_no_augment": plain / bare,
-                         "bare_runs": [bare_a, bare_b]})  # fmt: skip
-            table.add_row(name, str(size), f"{bare:.0f}", f"{loop:.0f}", f"{loop / bare:.2f}", f"{plain:.0f}",
-                          f"{plain / bare:.2f}")  # fmt: skip
-            console.print(f"  {name} {size}px: bare {bare:.0f} (runs {bare_a:.0f}, {bare_b:.0f}), loop {loop:.0f}, "
-                          f"loop without augmentation {plain:.0f} img/s")  # fmt: skip
+            runs = []
+            for _ in range(rounds):
+                bare_a = bare_speed(name, size, batch, n_steps, kwargs, bf16, base.normalize)
+                loop = loop_speed(name, size, batch, n_steps, kwargs, base, threads)
+                plain = loop_speed(name, size, batch, n_steps, kwargs, base, threads, augment=False)
+                bare_b = bare_speed(name, size, batch, n_steps, kwargs, bf16, base.normalize)
+                runs.append({"bare": (bare_a + bare_b) / 2, "loop": loop, "loop_no_augment": plain,
+                             "bare_runs": [bare_a, bare_b]})  # fmt: skip
+            row = {"model": name, "size": size, "rounds": runs}
+            for key in ("bare", "loop", "loop_no_augment"):
+                row[key] = statistics.median(run[key] for run in runs)
+            row["ratio"] = statistics.median(run["loop"] / run["bare"] for run in runs)
+            row["ratio_no_augment"] = statistics.median(run["loop_no_augment"] / run["bare"] for run in runs)
+            rows.append(row)
+            table.add_row(name, str(size), f"{row['bare']:.0f}", f"{row['loop']:.0f}", f"{row['ratio']:.2f}",
+                          f"{row['loop_no_augment']:.0f}", f"{row['ratio_no_augment']:.2f}")  # fmt: skip
+            ratios = ", ".join(f"{run['loop'] / run['bare']:.2f}" for run in runs)
+            console.print(f"  {name} {size}px: bare {row['bare']:.0f}, loop {row['loop']:.0f}, loop without "
+                          f"augmentation {row['loop_no_augment']:.0f} img/s; loop / bare by round {ratios}")  # fmt: skip
     console.print(table)
     return rows
 
@@ -287,6 +305,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", type=int, default=[96, 128, 150, 224])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement (halved above 150 px)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (bare, loop, no aug, bare); medians shown")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: automatic, as training chooses)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--config", default="default")
@@ -310,7 +329,7 @@ def main() -> None:
         models = args.models or [spec.name for spec in list_models()]
         models += [f"timm/{name}" for name in args.timm]
         report["augmentation"] = augmentation_speed(128, args.batch, rounds=5)
-        report["throughput"] = throughput(models, args.sizes, args.batch, args.steps, threads)
+        report["throughput"] = throughput(models, args.sizes, args.batch, args.steps, threads, args.rounds)
     if not args.skip_accuracy:
         if not (args.data / "Original").is_dir():
             console.print(f"[red]dataset not found at {args.data}; pass --data[/red]")

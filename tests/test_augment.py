@@ -196,15 +196,23 @@ def test_on_the_generators_own_device_every_draw_comes_from_it() -> None:
 
 
 def test_pixel_noise_is_standard_normal_and_set_by_the_generator() -> None:
+    from statistics import NormalDist
+
     from bloodcell.data.augment import _pixel_noise
 
-    shape, cpu = (8, 3, 64, 64), torch.device("cpu")
+    shape, cpu = (8, 3, 64, 65), torch.device("cpu")  # an odd count: not a whole number of 64-bit draws
     noise = _pixel_noise(gen(3), shape, cpu)
-    assert noise.shape == shape and abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
-    assert torch.equal(noise, torch.randn(shape, generator=gen(3)))  # drawn from the generator itself
+    assert noise.shape == shape and noise.dtype == torch.float32
+    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
+    # Quantiles of the normal: the shares below -1, 0 and 1.5 are the normal's, up to sampling error.
+    for z in (-1.0, 0.0, 1.5):
+        assert abs(float((noise < z).float().mean()) - NormalDist().cdf(z)) < 0.01
+    assert torch.equal(noise, _pixel_noise(gen(3), shape, cpu))  # the generator's seed fixes every draw
     g = gen(3)
     first, second = _pixel_noise(g, shape, cpu), _pixel_noise(g, shape, cpu)
     assert abs(float((first * second).mean())) < 0.02  # the next batch gets unrelated numbers
+    neighbours = noise.flatten()
+    assert abs(float((neighbours[1:] * neighbours[:-1]).mean())) < 0.02  # adjacent pixels independent
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
