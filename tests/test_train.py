@@ -307,3 +307,21 @@ def test_auto_precision_uses_bf16_only_on_a_cpu_that_computes_in_it(
     monkeypatch.setattr(setup, "cpu_computes_bf16", lambda: has_bf16)
     train = tiny_config(train={"accelerator": accelerator, "precision": precision}).train
     assert setup.resolve_precision(train) == expected
+
+
+def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -> None:
+    """Reading a GPU loss makes the host wait for the GPU: the bar must not do it every step."""
+    from bloodcell.train.progress import RunProgress
+
+    class CountedLoss:
+        reads = 0
+
+        def __float__(self) -> float:
+            CountedLoss.reads += 1
+            return 0.5
+
+    with RunProgress(True, epochs=1) as bar:
+        bar.start_epoch(1, steps=200, last_val="-")
+        for _ in range(200):
+            bar.step(CountedLoss(), rate=100.0)
+    assert 1 <= CountedLoss.reads <= 5

@@ -255,7 +255,7 @@ def fit(
                     correct += (logits.argmax(dim=1) == labels).sum()
                     if progress and main:
                         done = (batch_index + 1) * len(rows) * fabric.world_size
-                        bar.step(loss.item(), done / (time.perf_counter() - epoch_started))
+                        bar.step(loss.detach(), done / (time.perf_counter() - epoch_started))
 
                 _sync_buffers(fabric, classifier)
                 train_seconds = time.perf_counter() - epoch_started
