@@ -57,6 +57,9 @@ def test_out_of_fold_predictions_cover_every_image_once(tmp_path: Path, monkeypa
     low, high = summary["balanced_accuracy_ci"]
     assert 0 <= low <= summary["balanced_accuracy"] <= high <= 1
     assert json.loads((tmp_path / "out" / "crossval.json").read_text())["n_images"] == summary["n_images"]
+    tta = summary["tta"]
+    assert 0 <= tta["balanced_accuracy_ci"][0] <= tta["balanced_accuracy"] <= tta["balanced_accuracy_ci"][1] <= 1
+    assert all(0 <= f["tta_balanced_accuracy"] <= 1 for f in summary["per_fold"])
 
 
 def test_fold_score_is_the_balanced_accuracy_of_its_argmax() -> None:
