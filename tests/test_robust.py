@@ -44,6 +44,20 @@ def test_per_image_standardisation_is_finite_on_a_blank_image() -> None:
     assert torch.isfinite(Preprocess(NormalizeConfig(per_image=True))(blank)).all()
 
 
+def test_per_image_standardisation_passes_gradients_to_the_input_and_leaves_it_alone() -> None:
+    """Saliency methods differentiate with respect to the input: the in-place shortcut must not break that,
+    and without gradients the caller's tensor must come back unchanged."""
+    standardise = Preprocess(NormalizeConfig(per_image=True))
+    images = smear_batch(seed=2).requires_grad_()
+    standardise(images).square().sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    plain = smear_batch(seed=2)
+    before = plain.clone()
+    with torch.no_grad():
+        out = standardise(plain)
+    assert torch.equal(plain, before) and torch.allclose(out, standardise(images).detach())
+
+
 def test_the_robust_default_config_trains_a_tiny_model(tmp_path: Path) -> None:
     config = load_config(
         "default",
