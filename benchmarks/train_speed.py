@@ -9,7 +9,8 @@ Two measurements, printed as tables and saved as JSON (``benchmarks/results/trai
      epoch on random uint8 images) with the default config's augmentation, gathering, checks and
      checkpointing; ``loop / bare`` shows what the loop costs (target: at least 0.8);
    - ``loop, no aug``: the same with every augmentation off, separating the loop's own cost from the
-     augmentation's arithmetic, which on a CPU competes with the model for the same cores.
+     augmentation's arithmetic, which on a CPU competes with the model for the same cores;
+   - the default recipe's augmentation, noise draw and standardisation layer alone, in ms a batch.
    Bare and loop alternate (bare, loop, no aug, bare), the two bare runs are averaged, and the table
    shows medians over ``--rounds`` such rounds, because these machines are shared and their speed drifts.
 2. **Time to accuracy** for the default config on the ``session`` split of the real dataset: wall time
@@ -230,6 +231,43 @@ def augmentation_speed(size: int, batch: int, rounds: int) -> list[dict]:
     return rows
 
 
+def default_step_costs(batch: int, rounds: int) -> list[dict]:
+    """Milliseconds a batch for the pieces of the default recipe's step that are not the network, at its size.
+
+    The default config's whole augmentation, its per-pixel noise draw alone, and the model's per-image
+    standardisation layer: the numbers behind the loop / bare ratio.
+    """
+    from bloodcell.data.augment import BatchAugment, _pixel_noise
+    from bloodcell.models.classifier import Preprocess
+
+    base = load_config("default")
+    size = base.data.image_size
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    floats = images.float()
+    generator = torch.Generator().manual_seed(0)
+    augment, standardise = BatchAugment(base.augment), Preprocess(base.normalize)
+    pieces = {
+        "augmentation (the default config's, whole)": lambda: augment(images, generator),
+        "  of which the per-pixel noise draw": lambda: _pixel_noise(generator, floats.shape, floats.device),
+        "per-image standardisation (the model's first layer)": lambda: standardise(floats),
+    }
+    rows = []
+    table = Table(title=f"Default recipe, ms a batch ({size} px, batch {batch}, medians of {rounds})")
+    table.add_column("piece")
+    table.add_column("ms", justify="right")
+    for name, piece in pieces.items():
+        piece()
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            piece()
+            times.append((time.perf_counter() - started) * 1000)
+        rows.append({"piece": name.strip(), "size": size, "batch": batch, "ms": statistics.median(times)})
+        table.add_row(name, f"{rows[-1]['ms']:.1f}")
+    console.print(table)
+    return rows
+
+
 # ---------------------------------------------------------------------- time to accuracy
 def test_balanced_accuracy(run_dir: Path, prepared) -> dict:
     """Balanced accuracy and accuracy of the run's best checkpoint on the split's test part."""
@@ -329,6 +367,7 @@ def main() -> None:
         models = args.models or [spec.name for spec in list_models()]
         models += [f"timm/{name}" for name in args.timm]
         report["augmentation"] = augmentation_speed(128, args.batch, rounds=5)
+        report["default_step_costs"] = default_step_costs(args.batch, rounds=15)
         report["throughput"] = throughput(models, args.sizes, args.batch, args.steps, threads, args.rounds)
     if not args.skip_accuracy:
         if not (args.data / "Original").is_dir():
