@@ -6,9 +6,7 @@ its probabilities are far from uniform (a parity check on a near-uniform model w
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmark_support import benchmark_module
 from conftest import draw_cell
 
 TINY_SIZE = 64
@@ -97,12 +96,4 @@ def real_images(root: Path, per_class: int = 2) -> list[Path]:
 
 def infer_speed_module() -> ModuleType:
     """``benchmarks/infer_speed.py`` imported as a module (its server and load-test helpers)."""
-    name = "bloodcell_benchmark_infer_speed"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "infer_speed.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return benchmark_module("infer_speed")

@@ -3,14 +3,13 @@ that never trained on its fold."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmark_support import benchmark_module
 from conftest import make_aria_dataset
 
 TINY = [
@@ -20,16 +19,7 @@ TINY = [
 
 
 def crossval_module():
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    if str(folder) not in sys.path:  # as when run as a script: its helpers sit beside it
-        sys.path.insert(0, str(folder))
-    path = folder / "crossval.py"
-    spec = importlib.util.spec_from_file_location("bloodcell_benchmark_crossval", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("crossval")
 
 
 def test_out_of_fold_predictions_cover_every_image_once(tmp_path: Path, monkeypatch) -> None:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_support import benchmark_module
+
 
 def train_gpu_module():
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    if str(folder) not in sys.path:  # as when run as a script: its helpers sit beside it
-        sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location("bloodcell_benchmark_train_gpu", folder / "train_gpu.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("train_gpu")
 
 
 def test_stage_speed_leaves_out_the_warm_up_epoch() -> None:

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from benchmark_support import benchmark_module
 
 
 def train_speed_module():
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    if str(folder) not in sys.path:  # as when run as a script: its helpers sit beside it
-        sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location("bloodcell_benchmark_train_speed", folder / "train_speed.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("train_speed")
 
 
 def test_throughput_takes_each_ratio_against_its_own_rounds_bare_runs() -> None:
