@@ -80,8 +80,7 @@ def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path
 def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int) -> dict[str, Any]:
     """Out-of-fold metrics over all folds together, and each fold's balanced accuracy; the same with TTA."""
     classes = runs[0]["classes"]
-    labels = np.concatenate([r["labels"] for r in runs])
-    blocks = np.concatenate([r["blocks"] for r in runs])
+    labels, blocks = _stack(runs, "labels"), _stack(runs, "blocks")
     pooled = classification_metrics(labels, _softmax(_stack(runs, "logits")), classes, blocks, n_bootstrap=n_bootstrap)
     with_tta = classification_metrics(
         labels, _softmax(_stack(runs, "tta_logits")), classes, blocks, n_bootstrap=n_bootstrap

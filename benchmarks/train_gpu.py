@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from benchmark_common import REPO, add_data_and_out_options, require_dataset
+from benchmark_common import REPO, add_data_and_out_options, bare_step_speed, require_dataset
 from sklearn.metrics import balanced_accuracy_score
 
 from bloodcell.config import load_config
@@ -64,34 +64,14 @@ def stage_speed(history: list[dict[str, float]]) -> dict[str, float]:
 
 def bare_speed(config, batch: int, steps: int = 50) -> float:
     """Images/s of forward + backward + optimiser step on random float input, after a warm-up."""
-    size = config.data.image_size
     model = (
         Classifier(create_model(config.model.name, 4), config.normalize)
         .cuda()
         .to(memory_format=torch.channels_last)
     )
     optimizer = build_optimizer(model, config.optimizer, 1e-3)
-    images = (torch.rand(batch, 3, size, size, device="cuda") * 255).contiguous(
-        memory_format=torch.channels_last
-    )
-    labels = torch.randint(0, 4, (batch,), device="cuda")
-    dtype = torch.bfloat16 if resolve_precision(config.train) == "bf16-mixed" else torch.float32
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - started)
+    dtype = torch.bfloat16 if resolve_precision(config.train) == "bf16-mixed" else None
+    return bare_step_speed(model, optimizer, config.data.image_size, batch, steps, warm_up=10, autocast_dtype=dtype)
 
 
 def jpeg_check(images: np.ndarray, quality: int = 60) -> dict[str, Any]:

@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pandas as pd
 import torch
+from benchmark_common import DEFAULT_DATA, RESULTS, bare_step_speed
 from rich.console import Console
 from rich.table import Table
 
@@ -52,8 +53,6 @@ from bloodcell.models import Classifier, create_model, list_models
 from bloodcell.train import fit
 from bloodcell.train.setup import keep_freed_memory, resolve_precision, set_threads
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "leukemia-aria"
 console = Console()
 
 
@@ -92,22 +91,7 @@ def bare_speed(
     torch.manual_seed(0)
     model = Classifier(create_model(name, 4, **kwargs), normalize).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = (torch.rand(batch, 3, size, size) * 255).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 4, (batch,))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(2):
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch / (time.perf_counter() - started)
+    return bare_step_speed(model, optimizer, size, batch, steps, warm_up=2, autocast_dtype=torch.bfloat16 if bf16 else None)
 
 
 def loop_speed(
@@ -352,7 +336,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_speed.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_speed.json")
     args = parser.parse_args()
 
     threads = set_threads(args.threads, 1)
