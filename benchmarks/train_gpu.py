@@ -71,7 +71,8 @@ def bare_speed(config, batch: int, steps: int = 50) -> float:
     )
     optimizer = build_optimizer(model, config.optimizer, 1e-3)
     dtype = torch.bfloat16 if resolve_precision(config.train) == "bf16-mixed" else None
-    return bare_step_speed(model, optimizer, config.data.image_size, batch, steps, warm_up=10, autocast_dtype=dtype)
+    size = config.augment.crop or config.data.image_size  # the shape training steps on
+    return bare_step_speed(model, optimizer, size, batch, steps, warm_up=10, autocast_dtype=dtype)
 
 
 def jpeg_check(images: np.ndarray, quality: int = 60) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from bloodcell.data.augment import (
     hue_matrix,
     jpeg_round_trip,
     mosaic,
+    random_crop,
     stain_jitter,
     unmosaic,
 )
@@ -114,6 +115,32 @@ def test_flips_and_rotations_keep_each_image_in_its_place(flip: bool, rot90: boo
     if flip and not rot90:
         assert seen <= {0, 2, 4, 6}, "flips alone must not rotate by 90 degrees"
     assert len(seen) > 1
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_random_crop_takes_one_full_resolution_window_of_each_image(channels_last: bool) -> None:
+    x = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = random_crop(x, 12, gen(3))
+    assert y.shape == (6, 3, 12, 12) and y.dtype == torch.uint8
+    offsets = []
+    for i in range(len(x)):
+        found = [(r, c) for r in range(9) for c in range(13) if torch.equal(y[i], x[i, :, r : r + 12, c : c + 12])]
+        assert found, f"crop {i} is not a window of image {i}"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1, "every image got the same window"
+    assert torch.equal(y, random_crop(x, 12, gen(3)))
+
+
+def test_random_crop_larger_than_the_image_is_rejected() -> None:
+    with pytest.raises(ValueError, match="augment.crop 40 is larger than the 32x32 images"):
+        BatchAugment(AugmentConfig(crop=40))(smear_batch(), gen())
+
+
+def test_crop_then_augment_gives_crop_sized_float_images() -> None:
+    y = BatchAugment(AugmentConfig(crop=24, hue=0.05, noise=0.02))(smear_batch(), gen())
+    assert y.shape == (8, 3, 24, 24) and y.dtype == torch.float32
 
 
 def test_affine_keeps_each_image_in_its_place_and_identity_matrix_is_exact() -> None:

@@ -56,6 +56,14 @@ def history_without_timing(run_dir: Path) -> list[dict[str, str]]:
     return [{k: v for k, v in row.items() if k not in {"seconds", "images_per_second"}} for row in rows]
 
 
+def test_training_on_crops_validates_and_saves_at_the_full_image_size(tmp_path: Path, data) -> None:
+    result = fit(tiny_config(augment={"crop": 24}, train={"epochs": 1}), tmp_path / "run", prepared=data, progress=False)
+    assert 0 <= result.history[-1]["val_balanced_accuracy"] <= 1
+    model, card = load_model(tmp_path / "run" / "checkpoints" / "best")
+    assert card.input_size == 32
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
 def test_run_directory_holds_config_history_checkpoints_and_log(tmp_path: Path, data) -> None:
     config = tiny_config()
     result = fit(config, tmp_path / "run", prepared=data, progress=False)
@@ -237,6 +245,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         ("optimizer.lr=fast", "optimizer.lr"),
         ("augment.hue=2", "augment.hue"),
         ("model.name=resnet-9000", "model.name"),
+        ("augment.crop=200", "augment.crop"),  # larger than the default's 160 px images
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(override: str, named: str) -> None:

@@ -86,6 +86,7 @@ class AugmentConfig(Strict):
     see docs/TRAINING.md for how they were chosen).
     """
 
+    crop: int = Field(0, ge=0)  # side of a random square crop in pixels (0: off); evaluation sees whole images
     flip: bool = True  # horizontal and vertical
     rot90: bool = True  # quarter turns
     affine_degrees: float = Field(0.0, ge=0, le=180)  # random rotation +/-
@@ -172,6 +173,14 @@ class RunConfig(Strict):
             raise ValueError(
                 "data.train_on=train+val trains without validation images, so train.early_stopping_patience "
                 "must be 0 (a fixed schedule)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _crop_fits_the_images(self) -> RunConfig:
+        if self.augment.crop > self.data.image_size:
+            raise ValueError(
+                f"augment.crop ({self.augment.crop}) must be at most data.image_size ({self.data.image_size})"
             )
         return self
 

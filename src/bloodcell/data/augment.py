@@ -8,9 +8,10 @@ bottleneck (kornia's batched CPU augmentation ran at about 100 images/s, slower 
 
 The transforms are grouped so that each group costs one pass over the pixels:
 
-1. geometry: the dihedral symmetries (flips, 90-degree rotations) and a small random rotation / zoom /
-   shift are all affine maps, so they compose into one matrix per image and one ``grid_sample`` (flips and
-   quarter turns land exactly on pixel centres, so they stay lossless). Without the affine part (the
+1. geometry: an optional random crop at full resolution (off by default; one gather). The dihedral
+   symmetries (flips, 90-degree rotations) and a small random rotation / zoom / shift are all affine maps,
+   so they compose into one matrix per image and one ``grid_sample`` (flips and quarter turns land
+   exactly on pixel centres, so they stay lossless). Without the affine part (the
    default: it cost about a fifth of a training step and bought no accuracy), flips and quarter turns are
    exact index operations on the uint8 images.
 2. brightness, saturation, hue and contrast are affine in RGB: one 3x3 matrix + offset per image.
@@ -73,7 +74,7 @@ class BatchAugment:
     @property
     def is_identity(self) -> bool:
         """True when every transform is switched off."""
-        return not (self._has_dihedral or self._has_affine or self._has_colour)
+        return not (self.config.crop or self._has_dihedral or self._has_affine or self._has_colour)
 
     @property
     def _has_dihedral(self) -> bool:
@@ -95,7 +96,9 @@ class BatchAugment:
 
     # ---------------------------------------------------------------- geometry
     def geometric(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Flips, 90-degree rotations and a small affine warp. Returns float NCHW in [0, 255]."""
+        """A random crop, flips, 90-degree rotations and a small affine warp. Returns float NCHW in [0, 255]."""
+        if self.config.crop:
+            images = random_crop(images, self.config.crop, generator)
         n, device = images.shape[0], images.device
         if not self._has_affine:
             if self._has_dihedral:
@@ -210,6 +213,27 @@ class BatchAugment:
 
 
 # -------------------------------------------------------------------- batched transforms (pure functions)
+def random_crop(x: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One random ``size`` x ``size`` window of each NCHW image, at full resolution (no resampling).
+
+    Cells fill the whole field of these smears, so a window of it still shows the labelled cells, in more
+    detail than the whole image shrunk to ``size`` for the same cost a step (cross-validated it scored
+    lower than the shrunk whole image: docs/BENCHMARKS.md). Every row of every window is a contiguous run
+    of ``size`` pixels in the channels-last layout, so the crop is one ``index_select`` of those runs (a
+    strided view of the flat pixels holds a run starting at every pixel): a sixth of advanced indexing's
+    cost on a CPU.
+    """
+    n, channels, height, width = x.shape
+    if size > min(height, width):
+        raise ValueError(f"augment.crop {size} is larger than the {height}x{width} images")
+    offsets = (_rand(generator, (2, n), _HOST) * torch.tensor([[height - size + 1], [width - size + 1]])).long()
+    row_in_batch = torch.arange(n).view(n, 1) * height + offsets[0].view(n, 1) + torch.arange(size).view(1, size)
+    run_starts = _to_device((row_in_batch * width + offsets[1].view(n, 1)).flatten(), x.device)
+    pixels = x.permute(0, 2, 3, 1).contiguous().flatten()  # a view when x is channels_last, as the cache is
+    runs = pixels.unfold(0, size * channels, channels)  # run k: the size pixels from pixel k on
+    return runs.index_select(0, run_starts).view(n, size, size, channels).permute(0, 3, 1, 2)
+
+
 def dihedral(x: torch.Tensor, transpose: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor) -> torch.Tensor:
     """Apply per-image transpose, then horizontal and vertical flips (boolean masks of length N) to NCHW images.
 
