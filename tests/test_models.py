@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from bloodcell.config import RunConfig
 from bloodcell.errors import UserError
 from bloodcell.models import Classifier, create_model, list_models
+from bloodcell.models.architectures import MixStyle
 from bloodcell.train.setup import build_classifier, load_initial_weights
 
 REGISTERED = [spec.name for spec in list_models()]
@@ -54,6 +55,27 @@ def test_bloodnet_width_and_depth_change_the_network(name: str) -> None:
 
     assert count(width=0.5) < count() < count(width=1.5)
     assert count() < count(depth=2)
+
+
+def test_mixstyle_swaps_feature_statistics_in_training_only() -> None:
+    torch.manual_seed(0)
+    # Eight maps whose channels each have their own mean and spread: the "style" MixStyle mixes.
+    x = torch.randn(8, 4, 6, 6) * torch.arange(1, 9.0).view(8, 1, 1, 1) + torch.arange(8.0).view(8, 1, 1, 1)
+    mix = MixStyle(p=1.0, alpha=0.1)
+    y = mix(x)
+    assert y.shape == x.shape and not torch.equal(y, x)
+    # The content (each map standardised) is kept; only the statistics moved.
+    standardise = lambda t: (t - t.mean(dim=(2, 3), keepdim=True)) / t.std(dim=(2, 3), keepdim=True)  # noqa: E731
+    assert torch.allclose(standardise(y), standardise(x), atol=1e-4)
+    assert not torch.allclose(y.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=1e-2)
+    mix.eval()
+    assert torch.equal(mix(x), x)
+    assert torch.equal(MixStyle(p=0.0)(x), x)
+
+
+def test_bloodnet_with_mixstyle_keeps_the_plain_parameter_names() -> None:
+    plain, mixing = create_model("bloodnet", 4).state_dict(), create_model("bloodnet", 4, mixstyle=0.5).state_dict()
+    assert list(plain) == list(mixing) and all(plain[k].shape == mixing[k].shape for k in plain)
 
 
 def test_bloodnet_rejects_unknown_block() -> None:

@@ -79,6 +79,35 @@ class PlainBlock(nn.Module):
         return x + out if self.use_shortcut else out
 
 
+class MixStyle(nn.Module):
+    """MixStyle (Zhou et al., ICLR 2021): in training, mix each image's feature statistics with another's.
+
+    Early feature maps' per-channel mean and spread carry an image's "style" (here: the session's stain,
+    light and background); replacing them, with probability ``p`` a batch, by a random blend with those of
+    another image in the batch (weight drawn from Beta(alpha, alpha)) asks the network to classify without
+    them. Written here because no maintained package ships it as a module (the authors' reference code is
+    the same dozen lines). The identity in evaluation, so it leaves export and inference untouched; its
+    draws come from torch's global generator, which training seeds every epoch.
+    """
+
+    def __init__(self, p: float, alpha: float = 0.1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p, self.alpha, self.eps = p, alpha, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or float(torch.rand(())) >= self.p:
+            return x
+        n = x.shape[0]
+        stats = x.detach().float()
+        mean = stats.mean(dim=(2, 3), keepdim=True)
+        spread = (stats.var(dim=(2, 3), keepdim=True) + self.eps).sqrt()
+        weight = torch.distributions.Beta(self.alpha, self.alpha).sample((n, 1, 1, 1)).to(x.device)
+        other = torch.randperm(n, device=x.device)
+        mixed_mean = weight * mean + (1 - weight) * mean[other]
+        mixed_spread = weight * spread + (1 - weight) * spread[other]
+        return ((x - mean) / spread * mixed_spread + mixed_mean).to(x.dtype)
+
+
 class BloodNet(nn.Module):
     """A small CNN for fast CPU training: stride-2 stem, four stride-2 stages, global pooling, linear head.
 
@@ -92,6 +121,7 @@ class BloodNet(nn.Module):
     widths / depths: base channels and blocks of the four stages.
     stem_channels: channels of the stride-2 stem convolution (scaled by ``width``).
     dropout: dropout before the linear head.
+    mixstyle: probability a training batch gets :class:`MixStyle` after the first two stages (0: off).
     """
 
     def __init__(
@@ -105,6 +135,7 @@ class BloodNet(nn.Module):
         depths: Sequence[int] = (1, 2, 2, 1),
         stem_channels: int = 16,
         dropout: float = 0.1,
+        mixstyle: float = 0.0,
     ) -> None:
         super().__init__()
         blocks = {"ir": InvertedResidual, "conv": PlainBlock}
@@ -126,10 +157,19 @@ class BloodNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_prev, num_classes))
         self.num_features = c_prev
+        # Applied in forward, not placed in self.stages, so the parameter names stay those of a plain bloodnet.
+        self.mix_style = MixStyle(mixstyle) if mixstyle > 0 else None
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.stages(self.stem(x))))
+        if self.mix_style is None:
+            return self.head(self.pool(self.stages(self.stem(x))))
+        x = self.stem(x)
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            if index < 2:
+                x = self.mix_style(x)
+        return self.head(self.pool(x))
 
 
 class SeedCNN(nn.Module):
