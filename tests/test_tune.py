@@ -20,7 +20,7 @@ from bloodcell.cli import app
 from bloodcell.config import AugmentConfig, config_from_dict, load_config
 from bloodcell.errors import UserError
 from bloodcell.tune.lr_find import suggest_lr
-from bloodcell.tune.search import SearchSpace, apply_params, open_study, tune
+from bloodcell.tune.search import SearchSpace, _check_space_fits_model, apply_params, open_study, tune
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +105,13 @@ def test_search_space_maps_onto_valid_configs() -> None:
     assert half.augment.affine_degrees == pytest.approx(AugmentConfig().affine_degrees / 2)
     with pytest.raises(ValueError, match="low"):
         SearchSpace(lr=(1e-2, 1e-3))
+
+
+def test_a_search_of_image_sizes_below_the_training_crop_is_refused_before_any_trial() -> None:
+    base = config_from_dict({**TINY, "data": {"image_size": 64}, "augment": {"crop": 48}})
+    with pytest.raises(UserError, match=r"image sizes \[32\] are smaller than augment.crop \(48\)"):
+        _check_space_fits_model(base, SearchSpace(image_size=[32, 64], width=None))
+    _check_space_fits_model(base, SearchSpace(image_size=[48, 64], width=None))
 
 
 def test_a_study_refuses_to_continue_with_a_different_search(tmp_path: Path) -> None:

@@ -191,7 +191,16 @@ def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
 
 
 def _check_space_fits_model(base: RunConfig, space: SearchSpace) -> None:
-    """Fail before the first trial when the architecture has no ``width`` argument to search."""
+    """Fail before the first trial when a searched value cannot work with the base config.
+
+    A searched image size below the base's training crop, or a ``width`` for an architecture without one.
+    """
+    too_small = [size for size in space.image_size or [] if size < base.augment.crop]
+    if too_small:
+        raise UserError(
+            f"searched image sizes {too_small} are smaller than augment.crop ({base.augment.crop}); drop them "
+            "from the search space (--space) or lower the crop"
+        )
     if not space.width:
         return
     from bloodcell.models import create_model
