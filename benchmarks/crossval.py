@@ -20,7 +20,10 @@ Usage::
     python benchmarks/crossval.py --folds 5 --set augment.jpeg=0    # any recipe: --set overrides
     python benchmarks/crossval.py --data /path/to/leukemia-aria --out benchmarks/results
 
-Results are written to ``<out>/crossval.json``.
+Results are written to ``<out>/crossval.json`` (with every session block's out-of-fold accuracy under
+``blocks``, worst first: where the recipe fails is a handful of sessions, and this names them) and
+``<out>/predictions.csv`` (one row an image: path, block, fold, true and predicted class), to look at the
+images a recipe gets wrong.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +49,7 @@ from bloodcell.data.prepare import prepare_data
 from bloodcell.evaluate.metrics import classification_metrics
 from bloodcell.evaluate.runner import predict_logits
 from bloodcell.evaluate.tta import tta_logits
-from bloodcell.io import atomic_write_json
+from bloodcell.io import atomic_write_json, atomic_write_text
 from bloodcell.models import load_model
 from bloodcell.train import fit
 from bloodcell.train.checkpoint import checkpoint_dir
@@ -72,6 +76,7 @@ def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path
         "logits": predict_logits(model, images),
         "tta_logits": tta_logits(lambda views: predict_logits(model, views), images),
         "blocks": prepared.split["block"].to_numpy()[held_out],
+        "paths": prepared.split["path"].to_numpy()[held_out],
         "classes": list(prepared.classes),
         "train_seconds": seconds,
     }
@@ -110,7 +115,45 @@ def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int
             "recall": {name: scores["recall"] for name, scores in with_tta["per_class"].items()},
         },
         "per_fold": per_fold,
+        "blocks": block_table(runs),
     }
+
+
+def block_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every held-out session block's out-of-fold accuracy, worst first, with what its errors were read as.
+
+    A block holds one class's neighbouring captures (one session, as near as file order tells), so a block
+    that is mostly wrong is a session the recipe does not carry over to, not scattered hard images.
+    """
+    classes = runs[0]["classes"]
+    rows = []
+    for run in runs:
+        predicted = run["logits"].argmax(axis=1)
+        for block in np.unique(run["blocks"]):
+            mine = run["blocks"] == block
+            labels, guesses = run["labels"][mine], predicted[mine]
+            wrong = guesses[guesses != labels]
+            read_as = {classes[k]: int(n) for k, n in zip(*np.unique(wrong, return_counts=True))}
+            rows.append({
+                "block": str(block), "fold": run["fold"], "class": classes[int(labels[0])], "images": int(mine.sum()),
+                "errors": int(len(wrong)), "accuracy": float((guesses == labels).mean()), "read_as": read_as,
+            })  # fmt: skip
+    return sorted(rows, key=lambda row: (row["accuracy"], row["block"]))
+
+
+def predictions_csv(runs: list[dict[str, Any]]) -> str:
+    """One line an image: its path, block, fold, true class and out-of-fold prediction (with TTA too)."""
+    classes = runs[0]["classes"]
+    frames = [
+        pd.DataFrame({
+            "path": run["paths"], "block": run["blocks"], "fold": run["fold"],
+            "label": [classes[k] for k in run["labels"]],
+            "predicted": [classes[k] for k in run["logits"].argmax(axis=1)],
+            "predicted_tta": [classes[k] for k in run["tta_logits"].argmax(axis=1)],
+        })  # fmt: skip
+        for run in runs
+    ]
+    return pd.concat(frames, ignore_index=True).to_csv(index=False)
 
 
 def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray:
@@ -151,7 +194,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"with TTA (8 views): {tta['balanced_accuracy']:.4f} (95 % CI {tta['balanced_accuracy_ci'][0]:.4f}-"
           f"{tta['balanced_accuracy_ci'][1]:.4f}); per fold: "
           + ", ".join(f"{f['tta_balanced_accuracy']:.4f}" for f in summary["per_fold"]))  # fmt: skip
+    failing = [block for block in summary["blocks"] if block["errors"]]
+    print(f"session blocks with errors, worst first ({len(failing)} of {summary['n_blocks']}):")
+    for block in failing:
+        read_as = ", ".join(f"{name} {n}" for name, n in block["read_as"].items())
+        print(f"  {block['block']} (fold {block['fold'] + 1}): {block['images'] - block['errors']} of "
+              f"{block['images']} right, read as {read_as}")  # fmt: skip
     atomic_write_json(args.out / "crossval.json", summary)
+    atomic_write_text(args.out / "predictions.csv", predictions_csv(runs))
     return summary
 
 

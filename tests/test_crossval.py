@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from benchmark_support import benchmark_module
@@ -51,8 +52,33 @@ def test_out_of_fold_predictions_cover_every_image_once(tmp_path: Path, monkeypa
     assert 0 <= tta["balanced_accuracy_ci"][0] <= tta["balanced_accuracy"] <= tta["balanced_accuracy_ci"][1] <= 1
     assert all(0 <= f["tta_balanced_accuracy"] <= 1 for f in summary["per_fold"])
 
+    # Every block once, with its images; every image once in the predictions file, with its block.
+    assert sorted(b["block"] for b in summary["blocks"]) == sorted(set().union(*blocks))
+    assert sum(b["images"] for b in summary["blocks"]) == summary["n_images"]
+    accuracies = [b["accuracy"] for b in summary["blocks"]]
+    assert accuracies == sorted(accuracies)
+    predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert len(predictions) == summary["n_images"] and predictions["path"].is_unique
+    assert set(predictions["label"]) <= set(summary["recall"]) and set(predictions["block"]) == set().union(*blocks)
+
 
 def test_fold_score_is_the_balanced_accuracy_of_its_argmax() -> None:
     crossval = crossval_module()
     run = {"labels": np.array([0, 0, 1, 1]), "logits": np.array([[2.0, 0], [0, 1.0], [0, 3.0], [0, 1.0]])}
     assert crossval.fold_balanced_accuracy(run) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_block_table_names_each_blocks_errors_worst_first() -> None:
+    crossval = crossval_module()
+    run = {
+        "fold": 0, "classes": ["Benign", "Pro-B"],
+        "labels": np.array([0, 0, 0, 1, 1]), "blocks": np.array(["Benign:00", "Benign:00", "Benign:01", "Pro-B:00", "Pro-B:00"]),
+        "logits": np.array([[0, 1.0], [1.0, 0], [1.0, 0], [0, 1.0], [0, 1.0]]),
+    }  # fmt: skip
+    table = crossval.block_table([run])
+    assert [row["block"] for row in table] == ["Benign:00", "Benign:01", "Pro-B:00"]
+    assert table[0] == {
+        "block": "Benign:00", "fold": 0, "class": "Benign", "images": 2, "errors": 1, "accuracy": 0.5,
+        "read_as": {"Pro-B": 1},
+    }  # fmt: skip
+    assert table[2]["errors"] == 0 and table[2]["read_as"] == {}
