@@ -21,9 +21,9 @@ Usage::
     python benchmarks/crossval.py --data /path/to/leukemia-aria --out benchmarks/results
 
 Results are written to ``<out>/crossval.json`` (with every session block's out-of-fold accuracy under
-``blocks``, worst first: where the recipe fails is a handful of sessions, and this names them) and
-``<out>/predictions.csv`` (one row an image: path, block, fold, true and predicted class), to look at the
-images a recipe gets wrong.
+``blocks``, worst first, which names the sessions a recipe gets wrong) and ``<out>/predictions.csv`` (one
+row an image: its path as ``bloodcell evaluate`` writes it, block, fold, true and predicted class), to
+look at the images themselves.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def predictions_csv(runs: list[dict[str, Any]]) -> str:
     frames = [
         pd.DataFrame({
             "path": run["paths"], "block": run["blocks"], "fold": run["fold"],
-            "label": [classes[k] for k in run["labels"]],
+            "true": [classes[k] for k in run["labels"]],
             "predicted": [classes[k] for k in run["logits"].argmax(axis=1)],
             "predicted_tta": [classes[k] for k in run["tta_logits"].argmax(axis=1)],
         })  # fmt: skip

@@ -59,7 +59,7 @@ def test_out_of_fold_predictions_cover_every_image_once(tmp_path: Path, monkeypa
     assert accuracies == sorted(accuracies)
     predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert len(predictions) == summary["n_images"] and predictions["path"].is_unique
-    assert set(predictions["label"]) <= set(summary["recall"]) and set(predictions["block"]) == set().union(*blocks)
+    assert set(predictions["true"]) <= set(summary["recall"]) and set(predictions["block"]) == set().union(*blocks)
 
 
 def test_fold_score_is_the_balanced_accuracy_of_its_argmax() -> None:
