@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from bloodcell.config import RunConfig
 from bloodcell.errors import UserError
@@ -76,6 +77,23 @@ def test_mixstyle_swaps_feature_statistics_in_training_only() -> None:
 def test_bloodnet_with_mixstyle_keeps_the_plain_parameter_names() -> None:
     plain, mixing = create_model("bloodnet", 4).state_dict(), create_model("bloodnet", 4, mixstyle=0.5).state_dict()
     assert list(plain) == list(mixing) and all(plain[k].shape == mixing[k].shape for k in plain)
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", "catavgmax"])
+def test_bloodnet_pools_let_one_strong_cell_show(pool: str) -> None:
+    """A maximum in the pooling sees one bright spot that an average over a large field dilutes."""
+    net = create_model("bloodnet", 4, pool=pool).eval()
+    features = torch.zeros(2, net.num_features, 8, 8)
+    features[1, :, 3, 3] = 64.0  # one "cell" in an otherwise empty field
+    pooled = net.pool(features).flatten(1)
+    average = nn.AdaptiveAvgPool2d(1)(features).flatten(1)
+    assert pooled.shape[1] == net.head[-1].in_features
+    assert (pooled[1] - pooled[0]).max() > 4 * (average[1] - average[0]).max()
+
+
+def test_bloodnet_rejects_unknown_pool() -> None:
+    with pytest.raises(ValueError, match="pool must be one of"):
+        create_model("bloodnet", 4, pool="median")
 
 
 def test_bloodnet_rejects_unknown_block() -> None:

@@ -21,9 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from bloodcell.models.registry import register_model
+
+#: bloodnet's global pooling choices (``pool``).
+POOLS = ("avg", "max", "avgmax", "catavgmax")
 
 
 class ConvBNReLU(nn.Sequential):
@@ -122,6 +126,8 @@ class BloodNet(nn.Module):
     stem_channels: channels of the stride-2 stem convolution (scaled by ``width``).
     dropout: dropout before the linear head.
     mixstyle: probability a training batch gets :class:`MixStyle` after the first two stages (0: off).
+    pool: global pooling, ``"avg"`` or one of timm's ``"max"``, ``"avgmax"`` (their mean) and
+        ``"catavgmax"`` (both, side by side): a maximum lets a few cells in a sparse field carry the answer.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class BloodNet(nn.Module):
         stem_channels: int = 16,
         dropout: float = 0.1,
         mixstyle: float = 0.0,
+        pool: str = "avg",
     ) -> None:
         super().__init__()
         blocks = {"ir": InvertedResidual, "conv": PlainBlock}
@@ -154,8 +161,12 @@ class BloodNet(nn.Module):
             stages.append(nn.Sequential(*layers))
             c_prev = c_out
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_prev, num_classes))
+        if pool not in POOLS:
+            raise ValueError(f"bloodnet pool must be one of {sorted(POOLS)}, got {pool!r}")
+        # Plain average pooling stays torch's own module, as the bundled model was trained with it.
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else SelectAdaptivePool2d(pool_type=pool)
+        pooled = c_prev * (2 if pool == "catavgmax" else 1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(pooled, num_classes))
         self.num_features = c_prev
         # Applied in forward, not placed in self.stages, so the parameter names stay those of a plain bloodnet.
         self.mix_style = MixStyle(mixstyle) if mixstyle > 0 else None
