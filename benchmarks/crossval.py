@@ -122,8 +122,9 @@ def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int
 def block_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every held-out session block's out-of-fold accuracy, worst first, with what its errors were read as.
 
-    A block holds one class's neighbouring captures (one session, as near as file order tells), so a block
-    that is mostly wrong is a session the recipe does not carry over to, not scattered hard images.
+    A block holds one class's neighbouring captures: mostly one session, sometimes two whose file numbers
+    interleave (Pre-B:05). A block that is mostly wrong is a session the recipe does not carry over to; a
+    few errors in many blocks are hard images inside sessions it otherwise reads.
     """
     classes = runs[0]["classes"]
     rows = []
