@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/crossval.py                                   # the default recipe, 5 folds
     python benchmarks/crossval.py --folds 5 --set augment.jpeg=0    # any recipe: --set overrides
+    python benchmarks/crossval.py --members 2                       # an ensemble of 2 seeds a fold
     python benchmarks/crossval.py --data /path/to/leukemia-aria --out benchmarks/results
 
 Results are written to ``<out>/crossval.json`` (with every session block's out-of-fold accuracy under
@@ -55,31 +56,50 @@ from bloodcell.train import fit
 from bloodcell.train.checkpoint import checkpoint_dir
 
 
-def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path) -> dict[str, Any]:
-    """Train the recipe without fold ``fold`` and predict that fold; returns labels, logits, blocks, timing."""
-    config = load_config("default", [
+def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path, members: int = 1) -> dict[str, Any]:
+    """Train the recipe without fold ``fold`` and predict that fold; returns labels, logits, blocks, timing.
+
+    With ``members > 1`` the recipe is trained that many times, with seeds ``train.seed``, ``train.seed + 1``,
+    ...; the fold's ``logits`` are then the log of the members' mean probabilities (an ensemble), and each
+    member's own logits are kept under ``member_logits``.
+    """
+    fold_overrides = [
         *overrides, f"data.root={data}", "data.protocol=kfold", f"data.folds={folds}", f"data.fold={fold}",
         "data.train_on=train", f"name=crossval-fold{fold}",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    config = load_config("default", fold_overrides)
     prepared = prepare_data(config.data, root=data, progress=False)
-    started = time.perf_counter()
-    result = fit(config, work / f"fold{fold}", prepared=prepared, progress=False)
-    seconds = time.perf_counter() - started
-    model, _ = load_model(checkpoint_dir(result.run_dir, "last"))
     held_out = np.asarray(prepared.indices("val"))
     images = prepared.images[held_out]
+    started = time.perf_counter()
+    member_logits, member_tta_logits = [], []
+    for member in range(members):
+        member_config = load_config("default", [*fold_overrides, f"train.seed={config.train.seed + member}"])
+        result = fit(member_config, work / f"fold{fold}-member{member}", prepared=prepared, progress=False)
+        model, _ = load_model(checkpoint_dir(result.run_dir, "last"))
+        member_logits.append(predict_logits(model, images))
+        member_tta_logits.append(tta_logits(lambda views, model=model: predict_logits(model, views), images))
+    seconds = time.perf_counter() - started
     return {
         "fold": fold,
         "train_images": len(prepared.indices("train")),
         "held_out_images": len(held_out),
         "labels": np.asarray(prepared.labels)[held_out],
-        "logits": predict_logits(model, images),
-        "tta_logits": tta_logits(lambda views: predict_logits(model, views), images),
+        "logits": ensemble_logits(member_logits),
+        "tta_logits": ensemble_logits(member_tta_logits),
+        "member_logits": member_logits,
         "blocks": prepared.split["block"].to_numpy()[held_out],
         "paths": prepared.split["path"].to_numpy()[held_out],
         "classes": list(prepared.classes),
         "train_seconds": seconds,
     }
+
+
+def ensemble_logits(member_logits: list[np.ndarray]) -> np.ndarray:
+    """Log of the members' mean softmax probabilities (one member: its logits unchanged)."""
+    if len(member_logits) == 1:
+        return member_logits[0]
+    return np.log(np.mean([_softmax(logits) for logits in member_logits], axis=0))
 
 
 def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int) -> dict[str, Any]:
@@ -97,8 +117,15 @@ def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int
             "held_out_blocks": len(np.unique(r["blocks"])), "balanced_accuracy": fold_balanced_accuracy(r),
             "tta_balanced_accuracy": fold_balanced_accuracy(r, "tta_logits"), "train_seconds": r["train_seconds"],
         })  # fmt: skip
+    members = len(runs[0]["member_logits"])
+    member_scores = [
+        float(balanced_accuracy_score(labels, np.concatenate([r["member_logits"][m] for r in runs]).argmax(axis=1)))
+        for m in range(members)
+    ]
     return {
         "recipe_overrides": overrides,
+        "members": members,  # models a fold; with more than one, every score below is the ensemble's
+        "member_balanced_accuracy": member_scores,  # each member's own out-of-fold score (seed, seed + 1, ...)
         "folds": len(runs),
         "n_images": int(len(labels)),
         "n_blocks": int(len(np.unique(blocks))),
@@ -176,19 +203,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_data_and_out_options(parser)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument(
+        "--members", type=int, default=1,
+        help="train each fold this many times (seeds train.seed, train.seed + 1, ...) and score the ensemble "
+        "of their mean probabilities, next to each member alone",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="block-bootstrap resamples")
     args = parser.parse_args(argv)
+    if args.members < 1:
+        parser.error(f"--members must be at least 1, got {args.members}")
     require_dataset(args.data)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bloodcell-crossval-") as work:
         for fold in range(args.folds):
             print(f"fold {fold + 1} of {args.folds} ...", file=sys.stderr, flush=True)
-            runs.append(run_fold(fold, args.folds, args.overrides, args.data, Path(work)))
+            runs.append(run_fold(fold, args.folds, args.overrides, args.data, Path(work), args.members))
             print(f"  held-out balanced accuracy {fold_balanced_accuracy(runs[-1]):.4f}", file=sys.stderr, flush=True)
     summary = summarise(runs, args.overrides, args.bootstrap)
     low, high = summary["balanced_accuracy_ci"]
     print(f"out-of-fold balanced accuracy {summary['balanced_accuracy']:.4f} (95 % CI {low:.4f}-{high:.4f}) over "
           f"{summary['n_images']} images in {summary['n_blocks']} session blocks, {summary['folds']} folds")
+    if summary["members"] > 1:
+        print(f"ensemble of {summary['members']} models a fold; each alone: "
+              + ", ".join(f"{score:.4f}" for score in summary["member_balanced_accuracy"]))  # fmt: skip
     print("per fold: " + ", ".join(f"{f['balanced_accuracy']:.4f}" for f in summary["per_fold"]))
     print("recall: " + ", ".join(f"{name} {value:.3f}" for name, value in summary["recall"].items()))
     tta = summary["tta"]

@@ -82,3 +82,37 @@ def test_block_table_names_each_blocks_errors_worst_first() -> None:
         "read_as": {"Pro-B": 1},
     }  # fmt: skip
     assert table[2]["errors"] == 0 and table[2]["read_as"] == {}
+
+
+def test_ensemble_scores_the_mean_of_its_members_probabilities() -> None:
+    crossval = crossval_module()
+    sure_a, unsure_b = np.array([[4.0, 0.0], [0.0, 0.1]]), np.array([[0.0, 0.5], [0.0, 3.0]])
+    combined = crossval.ensemble_logits([sure_a, unsure_b])
+    mean_probabilities = (crossval._softmax(sure_a) + crossval._softmax(unsure_b)) / 2
+    np.testing.assert_allclose(crossval._softmax(combined), mean_probabilities, rtol=1e-6)
+    assert combined.argmax(axis=1).tolist() == [0, 1]  # the confident member decides each image
+    assert crossval.ensemble_logits([sure_a]) is sure_a
+
+
+def test_members_train_each_fold_with_successive_seeds(tmp_path: Path, monkeypatch) -> None:
+    crossval = crossval_module()
+    dataset = make_aria_dataset(tmp_path / "aria", per_class=16, size=40, segmented=False)
+    monkeypatch.setenv("BLOODCELL_HOME", str(tmp_path / "home"))
+    seeds: list[int] = []
+    real_fit = crossval.fit
+
+    def fit_recording(config, *args, **kwargs):
+        seeds.append(config.train.seed)
+        return real_fit(config, *args, **kwargs)
+
+    monkeypatch.setattr(crossval, "fit", fit_recording)
+    argv = ["--data", str(dataset), "--folds", "2", "--members", "2", "--bootstrap", "20", "--out", str(tmp_path / "out")]
+    for item in [*TINY, "train.seed=5"]:
+        argv += ["--set", item]
+    summary = crossval.main(argv)
+
+    assert seeds == [5, 6, 5, 6]
+    assert summary["members"] == 2 and len(summary["member_balanced_accuracy"]) == 2
+    assert all(0 <= score <= 1 for score in summary["member_balanced_accuracy"])
+    with pytest.raises(SystemExit):
+        crossval.main(["--data", str(dataset), "--members", "0"])
