@@ -23,8 +23,8 @@ Usage::
 
 Results are written to ``<out>/crossval.json`` (with every session block's out-of-fold accuracy under
 ``blocks``, worst first, which names the sessions a recipe gets wrong) and ``<out>/predictions.csv`` (one
-row an image: its path as ``bloodcell evaluate`` writes it, block, fold, true and predicted class), to
-look at the images themselves.
+row an image: its path as ``bloodcell evaluate`` writes it, block, fold, true and predicted class, each
+class's probability), to look at the images themselves.
 """
 
 from __future__ import annotations
@@ -170,17 +170,22 @@ def block_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def predictions_csv(runs: list[dict[str, Any]]) -> str:
-    """One line an image: its path, block, fold, true class and out-of-fold prediction (with TTA too)."""
+    """One line an image: its path, block, fold, true class, out-of-fold prediction (with TTA too) and the
+    probability of each class (``p_<class>``, as ``bloodcell evaluate`` writes them), so runs can be
+    compared or combined image by image without training again."""
     classes = runs[0]["classes"]
-    frames = [
-        pd.DataFrame({
+    frames = []
+    for run in runs:
+        frame = pd.DataFrame({
             "path": run["paths"], "block": run["blocks"], "fold": run["fold"],
             "true": [classes[k] for k in run["labels"]],
             "predicted": [classes[k] for k in run["logits"].argmax(axis=1)],
             "predicted_tta": [classes[k] for k in run["tta_logits"].argmax(axis=1)],
         })  # fmt: skip
-        for run in runs
-    ]
+        probabilities = _softmax(run["logits"])
+        for k, name in enumerate(classes):
+            frame[f"p_{name}"] = probabilities[:, k].round(6)
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True).to_csv(index=False)
 
 
