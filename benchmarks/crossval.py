@@ -206,7 +206,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_and_out_options(parser)
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--folds", type=int, default=5, help="folds of session blocks, each held out once (default 5)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     parser.add_argument(
         "--members", type=int, default=1,
