@@ -47,6 +47,7 @@ from benchmark_common import add_data_and_out_options, require_dataset
 
 from bloodcell.config import load_config
 from bloodcell.data.prepare import prepare_data
+from bloodcell.evaluate.calibration import softmax_with_temperature
 from bloodcell.evaluate.metrics import classification_metrics
 from bloodcell.evaluate.runner import predict_logits
 from bloodcell.evaluate.tta import tta_logits
@@ -99,16 +100,16 @@ def ensemble_logits(member_logits: list[np.ndarray]) -> np.ndarray:
     """Log of the members' mean softmax probabilities (one member: its logits unchanged)."""
     if len(member_logits) == 1:
         return member_logits[0]
-    return np.log(np.mean([_softmax(logits) for logits in member_logits], axis=0))
+    return np.log(np.mean([softmax_with_temperature(logits) for logits in member_logits], axis=0))
 
 
 def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int) -> dict[str, Any]:
     """Out-of-fold metrics over all folds together, and each fold's balanced accuracy; the same with TTA."""
     classes = runs[0]["classes"]
     labels, blocks = _stack(runs, "labels"), _stack(runs, "blocks")
-    pooled = classification_metrics(labels, _softmax(_stack(runs, "logits")), classes, blocks, n_bootstrap=n_bootstrap)
+    pooled = classification_metrics(labels, softmax_with_temperature(_stack(runs, "logits")), classes, blocks, n_bootstrap=n_bootstrap)
     with_tta = classification_metrics(
-        labels, _softmax(_stack(runs, "tta_logits")), classes, blocks, n_bootstrap=n_bootstrap
+        labels, softmax_with_temperature(_stack(runs, "tta_logits")), classes, blocks, n_bootstrap=n_bootstrap
     )
     per_fold = []
     for r in runs:
@@ -182,7 +183,7 @@ def predictions_csv(runs: list[dict[str, Any]]) -> str:
             "predicted": [classes[k] for k in run["logits"].argmax(axis=1)],
             "predicted_tta": [classes[k] for k in run["tta_logits"].argmax(axis=1)],
         })  # fmt: skip
-        probabilities = _softmax(run["logits"])
+        probabilities = softmax_with_temperature(run["logits"])
         for k, name in enumerate(classes):
             frame[f"p_{name}"] = probabilities[:, k].round(6)
         frames.append(frame)
@@ -196,11 +197,6 @@ def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray:
 def fold_balanced_accuracy(run: dict[str, Any], key: str = "logits") -> float:
     """Balanced accuracy of one fold's model on its held-out fold (``key="tta_logits"``: with TTA)."""
     return float(balanced_accuracy_score(run["labels"], run[key].argmax(axis=1)))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from benchmark_support import benchmark_module
+from bloodcell.evaluate.calibration import softmax_with_temperature
 from conftest import make_aria_dataset
 
 TINY = [
@@ -92,8 +93,8 @@ def test_ensemble_scores_the_mean_of_its_members_probabilities() -> None:
     crossval = crossval_module()
     sure_a, unsure_b = np.array([[4.0, 0.0], [0.0, 0.1]]), np.array([[0.0, 0.5], [0.0, 3.0]])
     combined = crossval.ensemble_logits([sure_a, unsure_b])
-    mean_probabilities = (crossval._softmax(sure_a) + crossval._softmax(unsure_b)) / 2
-    np.testing.assert_allclose(crossval._softmax(combined), mean_probabilities, rtol=1e-6)
+    mean_probabilities = (softmax_with_temperature(sure_a) + softmax_with_temperature(unsure_b)) / 2
+    np.testing.assert_allclose(softmax_with_temperature(combined), mean_probabilities, rtol=1e-6)
     assert combined.argmax(axis=1).tolist() == [0, 1]  # the confident member decides each image
     assert crossval.ensemble_logits([sure_a]) is sure_a
 
