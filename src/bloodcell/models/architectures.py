@@ -169,10 +169,12 @@ class BloodNet(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(pooled, num_classes))
         self.num_features = c_prev
         # Applied in forward, not placed in self.stages, so the parameter names stay those of a plain bloodnet.
-        self.mix_style = MixStyle(mixstyle) if mixstyle > 0 else nn.Identity()
+        self.mix_style = MixStyle(mixstyle) if mixstyle > 0 else None
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mix_style is None:
+            return self.head(self.pool(self.stages(self.stem(x))))
         x = self.stem(x)
         for index, stage in enumerate(self.stages):
             x = stage(x)
