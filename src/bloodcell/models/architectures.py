@@ -174,6 +174,7 @@ class BloodNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mix_style is None:
+            # self.stages called whole, not stage by stage: Grad-CAM's automatic layer is the ``stages`` module.
             return self.head(self.pool(self.stages(self.stem(x))))
         x = self.stem(x)
         for index, stage in enumerate(self.stages):
