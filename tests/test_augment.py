@@ -118,6 +118,29 @@ def test_flips_and_rotations_keep_each_image_in_its_place(flip: bool, rot90: boo
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
+def test_dihedral_applies_each_images_own_symmetry(channels_last: bool) -> None:
+    """Transpose first, then the horizontal and vertical flips, each image by its own three coins."""
+    x = torch.randint(0, 256, (24, 3, 10, 10), dtype=torch.uint8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    transpose, hflip, vflip = torch.rand(3, 24, generator=gen(5)) < 0.5
+    y = dihedral(x, transpose, hflip, vflip)
+    for i in range(len(x)):
+        expected = x[i].transpose(1, 2) if transpose[i] else x[i]
+        expected = expected.flip(2) if hflip[i] else expected
+        expected = expected.flip(1) if vflip[i] else expected
+        assert torch.equal(y[i], expected), f"image {i}"
+
+
+def test_dihedral_flips_non_square_images_and_refuses_to_transpose_them() -> None:
+    x = torch.randint(0, 256, (2, 3, 6, 9), dtype=torch.uint8)
+    no, yes = torch.tensor([False, False]), torch.tensor([False, True])
+    assert torch.equal(dihedral(x, no, yes, yes)[1], x[1].flip(1).flip(2))
+    with pytest.raises(ValueError, match="6x9"):
+        dihedral(x, yes, no, no)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
 def test_random_crop_takes_one_full_resolution_window_of_each_image(channels_last: bool) -> None:
     x = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
     if channels_last:

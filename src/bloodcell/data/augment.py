@@ -237,23 +237,40 @@ def random_crop(x: torch.Tensor, size: int, generator: torch.Generator | None) -
 def dihedral(x: torch.Tensor, transpose: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor) -> torch.Tensor:
     """Apply per-image transpose, then horizontal and vertical flips (boolean masks of length N) to NCHW images.
 
-    The images that share one of the 8 symmetries are transformed together: at most 8 batched copies,
-    about half the cost of selecting between transformed and untransformed copies of the whole batch.
-    The masks may live on the host while the images are on a GPU (the grouping then needs no wait).
+    Each of the 8 symmetries permutes an image's pixels, so the whole batch is one gather: the pixel rows of
+    the channels-last layout (all channels of a pixel together) picked by each image's permutation. On a
+    2-core CPU the geometric step, conversion to float included, took 6.5 ms a batch of 64 at 160 px
+    against 7.9 ms when the images sharing a symmetry were transformed together (8 groups, 3 copies each),
+    and the gather is one kernel on a GPU. The masks may live on the host while the images are on a GPU.
+    The output is channels-last, as the cache's images are.
     """
-    code = transpose.long() * 4 + hflip.long() * 2 + vflip.long()
-    out = torch.empty_like(x)
-    for symmetry in code.unique().tolist():
-        rows = _to_device((code == symmetry).nonzero().flatten(), x.device)
-        part = x[rows]
-        if symmetry & 4:
-            part = part.transpose(2, 3)
-        if symmetry & 2:
-            part = part.flip(3)
-        if symmetry & 1:
-            part = part.flip(2)
-        out[rows] = part
-    return out
+    n, channels, height, width = x.shape
+    if height != width and bool(transpose.any()):
+        raise ValueError(f"a transpose would change the shape of {height}x{width} images")
+    code = _to_device(transpose.long() * 4 + hflip.long() * 2 + vflip.long(), x.device)
+    image_starts = torch.arange(n, device=x.device).view(n, 1) * (height * width)
+    sources = (_dihedral_permutations(height, width, x.device)[code] + image_starts).flatten()
+    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, channels)  # a view when x is channels-last
+    return pixels.index_select(0, sources).view(n, height, width, channels).permute(0, 3, 1, 2)
+
+
+@functools.cache
+def _dihedral_permutations(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """``(8, H * W)``: for symmetry code ``4 * transpose + 2 * hflip + vflip``, the source of each output pixel.
+
+    A transposing symmetry of a non-square image has no permutation; its rows repeat the identity (never
+    used: :func:`dihedral` refuses it).
+    """
+    pixels = torch.arange(height * width).view(height, width)
+    permutations = []
+    for code in range(8):
+        source = pixels.t() if code & 4 and height == width else pixels
+        if code & 2:
+            source = source.flip(1)
+        if code & 1:
+            source = source.flip(0)
+        permutations.append(source.flatten())
+    return torch.stack(permutations).to(device)
 
 
 def dihedral_matrices(transpose: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor) -> torch.Tensor:
