@@ -47,12 +47,12 @@ from benchmark_common import add_data_and_out_options, require_dataset
 
 from bloodcell.config import load_config
 from bloodcell.data.prepare import prepare_data
-from bloodcell.evaluate.calibration import softmax_with_temperature
 from bloodcell.evaluate.metrics import classification_metrics
 from bloodcell.evaluate.runner import predict_logits
 from bloodcell.evaluate.tta import tta_logits
 from bloodcell.io import atomic_write_json, atomic_write_text
 from bloodcell.models import load_model
+from bloodcell.probabilities import softmax_with_temperature
 from bloodcell.train import fit
 from bloodcell.train.checkpoint import checkpoint_dir
 

@@ -12,10 +12,10 @@ from bloodcell.evaluate.calibration import (
     fit_temperature,
     nll_at_temperature,
     save_temperature,
-    softmax_with_temperature,
 )
 from bloodcell.evaluate.metrics import expected_calibration_error
 from bloodcell.models import Classifier, ModelCard, create_model, load_model, save_model
+from bloodcell.probabilities import softmax_with_temperature
 
 
 def calibrated_logits(n: int = 4000, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from benchmark_support import benchmark_module
-from bloodcell.evaluate.calibration import softmax_with_temperature
+from bloodcell.probabilities import softmax_with_temperature
 from conftest import make_aria_dataset
 
 TINY = [

@@ -18,7 +18,8 @@ from bloodcell.data.decode import decode_image
 from bloodcell.errors import UserError
 from bloodcell.evaluate.tta import tta_views
 from bloodcell.models import load_model
-from bloodcell.serve.common import expand_inputs, softmax_with_temperature
+from bloodcell.probabilities import softmax_with_temperature
+from bloodcell.serve.common import expand_inputs
 from bloodcell.serve.predictor import TorchPredictor
 from serve_support import TINY_SIZE, TINY_TEMPERATURE, cell_jpeg, write_images
 

@@ -15,17 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax
 
 from bloodcell.models.card import ModelCard, load_card, save_card
 
 #: The search range of log(T): T in [0.05, 20] covers every sane network.
 LOG_T_BOUNDS = (float(np.log(0.05)), float(np.log(20.0)))
-
-
-def softmax_with_temperature(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities ``softmax(logits / temperature)``, shape ``(N, K)``, float64."""
-    return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=1)
 
 
 def nll_at_temperature(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:

@@ -25,7 +25,7 @@ import pandas as pd
 
 from bloodcell.config import DataConfig, RunConfig, config_from_dict, load_config
 from bloodcell.errors import UserError
-from bloodcell.evaluate.calibration import fit_temperature, save_temperature, softmax_with_temperature
+from bloodcell.evaluate.calibration import fit_temperature, save_temperature
 from bloodcell.evaluate.metrics import (
     block_bootstrap_ci,
     classification_metrics,
@@ -37,6 +37,7 @@ from bloodcell.evaluate.metrics import (
 from bloodcell.evaluate.shifts import SEVERITIES, SHIFTS, apply_shift, describe_parameters
 from bloodcell.evaluate.tta import VIEW_SETS, tta_logits
 from bloodcell.io import atomic_path, atomic_write_json
+from bloodcell.probabilities import softmax_with_temperature
 
 log = logging.getLogger(__name__)
 

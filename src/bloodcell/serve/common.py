@@ -1,4 +1,4 @@
-"""What the torch and the ONNX Runtime predictors share: results, softmax with temperature, file batching.
+"""What the torch and the ONNX Runtime predictors share: results, temperature, file batching.
 
 This module must not import torch (the ONNX Runtime predictor builds on it). A predictor only has to
 provide :meth:`BasePredictor.logits` on a uint8 NHWC batch; everything else (temperature, test-time
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bloodcell.data.decode import IMAGE_SUFFIXES, ImageError, decode_image
+from bloodcell.probabilities import softmax_with_temperature
 
 CARD_FILE = "card.json"
 #: Default number of images a predictor runs through the network at once.
@@ -56,14 +57,6 @@ class PredictionResult:
             "probabilities": self.probabilities,
             "error": self.error,
         }
-
-
-def softmax_with_temperature(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Numerically stable ``softmax(logits / temperature)`` over the last axis, float64 in, float32 out."""
-    scaled = np.asarray(logits, dtype=np.float64) / float(temperature)
-    scaled -= scaled.max(axis=-1, keepdims=True)
-    exp = np.exp(scaled)
-    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def read_card_json(directory: str | Path) -> dict[str, Any]:
@@ -146,7 +139,7 @@ class BasePredictor:
         images: uint8 ``(N, input_size, input_size, 3)`` RGB (see :func:`bloodcell.data.decode.decode_image`).
         tta: override the predictor's TTA setting for this call (True = ``d4``, a view set name, or False).
         """
-        return softmax_with_temperature(self.predict_logits(images, tta), self.temperature)
+        return softmax_with_temperature(self.predict_logits(images, tta), self.temperature).astype(np.float32)
 
     def result(self, source: str, probs: np.ndarray) -> PredictionResult:
         """A :class:`PredictionResult` from one row of probabilities."""

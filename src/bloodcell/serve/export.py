@@ -28,7 +28,8 @@ from torch import nn
 from bloodcell.data.decode import decode_image
 from bloodcell.io import atomic_path, sha256_file
 from bloodcell.models.card import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, resolve_model_dir, save_card
-from bloodcell.serve.common import expand_inputs, read_card_json, softmax_with_temperature
+from bloodcell.probabilities import softmax_with_temperature
+from bloodcell.serve.common import expand_inputs, read_card_json
 from bloodcell.serve.onnx_predictor import INPUT_NAME, OUTPUT_NAME
 
 #: Largest allowed max-abs difference of probabilities between PyTorch and ONNX Runtime.
