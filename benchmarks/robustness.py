@@ -26,6 +26,7 @@ Usage::
     python benchmarks/robustness.py                                    # all recipes
     python benchmarks/robustness.py --recipes plain default
     python benchmarks/robustness.py --recipes plain default --protocol random   # the leaky split, to compare
+    python benchmarks/robustness.py --recipes plain --set data.embargo=0        # --set: any override, every recipe
     python benchmarks/robustness.py --data /path/to/leukemia-aria --out benchmarks/results
 
 ``--protocol random`` trains and scores the same recipes on an image-level random split instead (the
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
     parser.add_argument(
+        "--set", dest="overrides", action="append", default=[],
+        help="config override key=value added to every recipe (repeatable), e.g. data.embargo=0",
+    )  # fmt: skip
+    parser.add_argument(
         "--protocol", choices=["session", "random"], default="session",
         help="split to train and score on: session blocks (default) or an image-level random split, which leaks "
         "sessions into the test part (to measure how much)",
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bloodcell-robustness-") as work:
         for name in args.recipes:
             print(f"training and evaluating recipe {name!r} ...", file=sys.stderr, flush=True)
-            rows.append(run_recipe(name, RECIPES[name], args.data, args.epochs, Path(work), args.protocol))
+            overrides = [*RECIPES[name], *args.overrides]
+            rows.append(run_recipe(name, overrides, args.data, args.epochs, Path(work), args.protocol))
             print(markdown_table(rows[-1:]), file=sys.stderr, flush=True)
     table = markdown_table(rows)
     print(f"Balanced accuracy; val = the {args.protocol} split's validation part (chooses the recipe), the rest is")

@@ -1,4 +1,5 @@
-"""benchmarks/robustness.py end to end on a tiny synthetic dataset: one row a recipe, on the split asked for."""
+"""benchmarks/robustness.py end to end on a tiny synthetic dataset: one row a recipe, on the split and overrides asked
+for."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from benchmark_support import benchmark_module
 from conftest import make_aria_dataset
 
 TINY = [
-    "data.image_size=32", "data.block_size=4", "data.embargo=1", "model.kwargs={width: 0.5}", "train.batch_size=16",
+    "data.image_size=32", "data.block_size=4", "model.kwargs={width: 0.5}", "train.batch_size=16",
     "train.num_threads=1",
 ]  # fmt: skip
 
@@ -21,20 +22,21 @@ def test_each_recipe_gets_a_row_scored_on_the_protocols_split(tmp_path: Path, mo
     robustness = benchmark_module("robustness")
     dataset = make_aria_dataset(tmp_path / "aria", per_class=24, size=40, segmented=False)
     monkeypatch.setenv("BLOODCELL_HOME", str(tmp_path / "home"))
-    monkeypatch.setitem(robustness.RECIPES, "plain", [*robustness.PLAIN, *TINY])
-    trained_protocols = []
+    trained = []
     real_fit = robustness.fit
 
     def fit_recording(config, *args, **kwargs):
-        trained_protocols.append(config.data.protocol)
+        trained.append((config.data.protocol, config.data.embargo, config.augment.hue))
         return real_fit(config, *args, **kwargs)
 
     monkeypatch.setattr(robustness, "fit", fit_recording)
     out = tmp_path / "out"
     argv = ["--data", str(dataset), "--recipes", "plain", "--epochs", "1", "--protocol", protocol, "--out", str(out)]
+    for item in [*TINY, "data.embargo=0"]:
+        argv += ["--set", item]
     rows = robustness.main(argv)
 
-    assert trained_protocols == [protocol]
+    assert trained == [(protocol, 0, 0.0)]  # the protocol asked for, --set on top of the recipe's own overrides
     [row] = rows
     assert row["recipe"] == "plain" and row["protocol"] == protocol
     assert 0 <= row["clean_ci"][0] <= row["clean"] <= row["clean_ci"][1] <= 1
