@@ -71,7 +71,7 @@ def image_files(folder: Path | None, count: int, work: Path) -> tuple[list[Path]
     from bloodcell.serve.common import expand_inputs
 
     if folder is not None and folder.is_dir():
-        files = [p for p in expand_inputs([folder])[0] if p.suffix.lower() in {".jpg", ".jpeg"}]
+        files = [p for p in expand_inputs([folder]).files if p.suffix.lower() in {".jpg", ".jpeg"}]
         if files:
             return files[:count], f"{min(count, len(files))} JPEGs from {folder}"
     from PIL import Image

@@ -53,14 +53,18 @@ def run(*args: str):
 
 
 def test_expand_inputs_files_folders_globs(slides: Path) -> None:
-    files, missing = expand_inputs([slides / "cell-000.jpg", slides / "day2", str(slides / "*.jpg"), slides / "nope.jpg"])
+    files, missing, skipped = expand_inputs(
+        [slides / "cell-000.jpg", slides / "day2", str(slides / "*.jpg"), slides / "nope.jpg"]
+    )
     names = [p.name for p in files]
     assert names == ["cell-000.jpg", "cell-003.jpg", "cell-004.jpg", "cell-005.jpg", "truncated.jpg", "cell-001.jpg", "cell-002.jpg"]
     assert missing == [str(slides / "nope.jpg")]
-    recursive, _ = expand_inputs([str(slides / "**" / "*.jpg")])
+    assert skipped == []  # day2 holds only images; a glob's files are taken as named
+    recursive = expand_inputs([str(slides / "**" / "*.jpg")]).files
     assert len(recursive) == 7
-    everything, _ = expand_inputs([slides])
-    assert "notes.txt" not in [p.name for p in everything] and len(everything) == 7
+    everything = expand_inputs([slides, slides])
+    assert "notes.txt" not in [p.name for p in everything.files] and len(everything.files) == 7
+    assert everything.skipped == [slides / "notes.txt"]  # reported, once, though the folder was given twice
 
 
 def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
@@ -79,6 +83,13 @@ def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path:
         assert probs.sum() == pytest.approx(1.0, abs=1e-5)
         assert row["class"] == CLASSES[int(probs.argmax())]
         assert np.allclose(probs, reference_probabilities(tiny_model, Path(row["file"])), atol=1e-5)
+
+
+def test_predict_names_the_files_a_folder_holds_that_are_not_images(tiny_model: Path, slides: Path) -> None:
+    result = run("predict", "-m", str(tiny_model), str(slides), "--json")
+    assert json.loads(result.stdout)["skipped"] == [str(slides / "notes.txt")]
+    table = run("predict", "-m", str(tiny_model), str(slides))
+    assert "skipped 1 file(s)" in table.stderr and "notes.txt" in table.stderr
 
 
 def test_predict_json_all_good_exit_zero(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
@@ -131,7 +142,7 @@ def test_onnx_backend_and_tta(tiny_model: Path, tiny_onnx: Path, slides: Path) -
 
 def test_predict_files_batches_agree_and_errors_keep_order(tiny_model: Path, slides: Path) -> None:
     predictor = TorchPredictor(tiny_model)
-    files, _ = expand_inputs([slides])
+    files = expand_inputs([slides]).files
     files = files + [slides / "notes.txt"]
     seen: list[int] = []
     small = predictor.predict_files(files, batch=2, on_batch=seen.append)

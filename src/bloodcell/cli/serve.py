@@ -168,7 +168,8 @@ def predict_command(
       bloodcell predict runs/default slides/           (a first INPUT that is a model is the model)
       bloodcell predict -m model.onnx --backend onnx slides/ --json
 
-    A file that cannot be read is reported with its reason and the others still run.
+    A file that cannot be read is reported with its reason and the others still run. Files in the folders
+    given that are not images by their suffix are named in one line (under "skipped" with --json).
     Exit code: 0 when every file was classified, 1 when any failed, 2 on a usage error.
     """
     from bloodcell.serve.common import PredictionResult, expand_inputs
@@ -176,7 +177,7 @@ def predict_command(
     model, inputs = split_model_and_inputs(model, inputs)
     if out is not None and out.suffix.lower() not in {".csv", ".json"}:
         raise UserError(f"--out {out}: use a .csv or .json file name")
-    files, missing = expand_inputs(inputs)
+    files, missing, skipped = expand_inputs(inputs)
     predictor = make_predictor(model, backend, tta)
     start = time.perf_counter()
     results = _run_with_progress(predictor, files, batch, progress and len(files) > batch and not as_json)
@@ -190,6 +191,7 @@ def predict_command(
         "tta": predictor.tta,
         "n_files": len(results),
         "n_failed": failed,
+        "skipped": [str(path) for path in skipped],  # files in the folders given whose suffix is not an image's
         "seconds": round(seconds, 3),
         "results": [r.to_dict() for r in results],
     }
@@ -199,6 +201,8 @@ def predict_command(
         typer.echo(json.dumps(payload))
     else:
         print_table(results, predictor.classes, show)
+        if skipped:
+            typer.echo(_skipped_note(skipped), err=True)
         rate = f" ({len(files) / seconds:.0f} images/s)" if seconds > 0 and files else ""
         typer.echo(
             f"{len(results) - failed} of {len(results)} classified in {seconds:.2f} s{rate}"
@@ -208,6 +212,15 @@ def predict_command(
         )
     if failed:
         raise typer.Exit(code=1)
+
+
+def _skipped_note(skipped: list[Path], shown: int = 5) -> str:
+    """One line naming the files passed over in the given folders (not images by their suffix)."""
+    from bloodcell.data.decode import IMAGE_SUFFIXES
+
+    names = ", ".join(path.name for path in skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+    suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+    return f"skipped {len(skipped)} file(s) in the folders given, not images by their suffix ({suffixes}): {names}"
 
 
 def _run_with_progress(predictor: Any, files: list[Path], batch: int, show_progress: bool) -> list[Any]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -230,17 +230,27 @@ def _tta_views_name(tta: bool | str | None) -> str | None:
     return str(tta)
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
+class InputFiles(NamedTuple):
+    """What :func:`expand_inputs` found: the image files, the inputs that matched nothing, and the files
+    inside the given folders that were passed over because their suffix is not an image suffix."""
+
+    files: list[Path]
+    missing: list[str]
+    skipped: list[Path]
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
     """Turn files, folders and glob patterns into a list of image files.
 
-    Folders are searched recursively for files with an image suffix (:data:`IMAGE_SUFFIXES`); a file named
-    explicitly is kept whatever its suffix (the decoder then says whether it is an image); glob patterns
-    (``*``, ``?``, ``[``, ``**``) are expanded. Duplicates are dropped, order is kept.
-
-    Returns ``(files, missing)``: the files found and the inputs that matched nothing.
+    Folders are searched recursively for files with an image suffix (:data:`IMAGE_SUFFIXES`; hidden files
+    and folders are left out); a file named explicitly is kept whatever its suffix (the decoder then says
+    whether it is an image); glob patterns (``*``, ``?``, ``[``, ``**``) are expanded. Duplicates are
+    dropped, order is kept. The other files found in folders are returned as ``skipped``, so a caller can
+    say that they were not classified instead of dropping them silently.
     """
     files: list[Path] = []
     missing: list[str] = []
+    skipped: dict[str, Path] = {}  # by absolute path: a folder given twice is reported once
     seen: set[str] = set()
 
     def add(path: Path) -> None:
@@ -249,31 +259,38 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path],
             seen.add(key)
             files.append(path)
 
+    def search(folder: Path) -> list[Path]:
+        images, others = _files_in_folder(folder)
+        for other in others:
+            skipped.setdefault(os.path.abspath(other), other)
+        return images
+
     for item in inputs:
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            found = _images_in_folder(path)
+            found = search(path)
         elif path.exists():
             found = [path]
         elif glob.has_magic(text):
             found = []
             for match in sorted(glob.glob(text, recursive=True)):
                 match_path = Path(match)
-                found.extend(_images_in_folder(match_path) if match_path.is_dir() else [match_path])
+                found.extend(search(match_path) if match_path.is_dir() else [match_path])
         else:
             found = []
         if not found:
             missing.append(text)
         for file in found:
             add(file)
-    return files, missing
+    return InputFiles(files, missing, list(skipped.values()))
 
 
-def _images_in_folder(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, hidden files skipped), sorted by path."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+def _files_in_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(images, others)``: the files under ``folder`` (recursive, hidden ones left out), sorted by path,
+    split by whether their suffix is an image suffix."""
+    visible = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+    is_image = [p.suffix.lower() in IMAGE_SUFFIXES for p in visible]
+    return [p for p, yes in zip(visible, is_image) if yes], [p for p, yes in zip(visible, is_image) if not yes]

@@ -78,7 +78,7 @@ def synthetic_smears(n: int, size: int, seed: int = 0) -> np.ndarray:
 def bundled_sample_files() -> list[Path]:
     """Sample images shipped with the package (``bloodcell/assets/samples``), if any."""
     folder = Path(str(resources.files("bloodcell") / "assets" / "samples"))
-    return expand_inputs([folder])[0] if folder.is_dir() else []
+    return expand_inputs([folder]).files if folder.is_dir() else []
 
 
 #: Largest max-abs difference of logits allowed on the synthetic parity images (see export_onnx).
@@ -97,7 +97,7 @@ def parity_images(
     synthetic = synthetic_smears(8, size)
     if isinstance(sources, np.ndarray):
         return sources.astype(np.uint8), synthetic, f"{len(sources)} given images + 8 synthetic"
-    files = expand_inputs(sources)[0] if sources else bundled_sample_files()
+    files = expand_inputs(sources).files if sources else bundled_sample_files()
     real = [decode_image(path, size) for path in files[:limit]]
     what = f"{len(real)} real images + 8 synthetic" if real else "8 synthetic images (no real images given)"
     return (np.stack(real) if real else synthetic[:0]), synthetic, what
