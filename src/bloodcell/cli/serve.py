@@ -168,8 +168,8 @@ def predict_command(
       bloodcell predict runs/default slides/           (a first INPUT that is a model is the model)
       bloodcell predict -m model.onnx --backend onnx slides/ --json
 
-    A file that cannot be read is reported with its reason and the others still run. Files in the folders
-    given that are not images by their suffix are named in one line (under "skipped" with --json).
+    A file that cannot be read is reported with its reason and the others still run.
+    Files in a folder given that are not images by their suffix are named ("skipped" with --json).
     Exit code: 0 when every file was classified, 1 when any failed, 2 on a usage error.
     """
     from bloodcell.serve.common import PredictionResult, expand_inputs
