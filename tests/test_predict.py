@@ -65,6 +65,7 @@ def test_expand_inputs_files_folders_globs(slides: Path) -> None:
     everything = expand_inputs([slides, slides])
     assert "notes.txt" not in [p.name for p in everything.files] and len(everything.files) == 7
     assert everything.skipped == [slides / "notes.txt"]  # reported, once, though the folder was given twice
+    assert expand_inputs([slides, slides / "notes.txt"]).skipped == []  # named as well: tried, not skipped
 
 
 def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path: Path) -> None:

@@ -283,7 +283,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
             missing.append(text)
         for file in found:
             add(file)
-    return InputFiles(files, missing, list(skipped.values()))
+    return InputFiles(files, missing, [path for key, path in skipped.items() if key not in seen])  # named ones: tried
 
 
 def _files_in_folder(folder: Path) -> tuple[list[Path], list[Path]]:
