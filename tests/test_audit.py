@@ -12,6 +12,10 @@ from bloodcell.data.audit import (
     border_colour_baseline,
     border_colour_features,
     colour_statistics_features,
+    corner_baselines,
+    corner_features,
+    corner_slices,
+    mask_corner,
     run_audit,
     shortcut_verdict,
 )
@@ -34,6 +38,7 @@ REPORT_KEYS = {
     "split",
     "shortcut_baseline",
     "colour_statistics_baseline",
+    "corner_baselines",
     "manifest",
     "report_markdown",
     "report_json",
@@ -74,6 +79,50 @@ def test_baseline_finds_a_border_shortcut_and_not_a_fake_one() -> None:
     assert weak["balanced_accuracy"] < 0.45 and weak["verdict"] in {"none", "weak"}
 
 
+def test_corner_patches_and_their_features() -> None:
+    assert corner_slices(40, 40, "bottom-right") == (slice(36, 40), slice(28, 40))
+    assert corner_slices(40, 40, "top-left") == (slice(0, 4), slice(0, 12))
+    with pytest.raises(ValueError, match="middle"):
+        corner_slices(40, 40, "middle")
+    images = np.zeros((2, 40, 40, 3), dtype=np.uint8)
+    images[1, 36:, 28:] = 200  # only the second image's bottom-right patch is bright
+    features = corner_features(images, "bottom-right", chunk=1)
+    assert features.shape == (2, 2 * 6 * 3)  # a 4 x 12 patch averaged over 2 x 2 blocks, 3 channels
+    assert np.all(features[0] == 0) and np.all(features[1] == 200)
+    assert np.all(corner_features(images, "top-left") == 0)
+
+
+def test_mask_corner_paints_the_patch_with_the_background_beside_it() -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8)
+    before = images.copy()
+    for corner, inside in (("bottom-right", slice(32, 36)), ("top-left", slice(4, 8))):
+        rows, cols = corner_slices(40, 40, corner)
+        masked = mask_corner(images, corner)
+        expected = np.round(images[:, inside, cols].astype(np.float32).mean(axis=1, keepdims=True)).astype(np.uint8)
+        assert np.array_equal(masked[:, rows, cols], np.broadcast_to(expected, masked[:, rows, cols].shape))
+        untouched = np.ones((40, 40), dtype=bool)
+        untouched[rows, cols] = False
+        assert np.array_equal(masked[:, untouched], images[:, untouched])
+    assert np.array_equal(images, before)  # a copy: the caller's images are not changed
+
+
+def test_corner_baseline_finds_a_mark_drawn_in_one_corner() -> None:
+    """Each class's sessions draw their label in their own style in the bottom-right corner; the rest is noise."""
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(4), 50)
+    images = rng.integers(150, 250, size=(200, 40, 40, 3), dtype=np.uint8)
+    train, test = np.arange(0, 200, 2), np.arange(1, 200, 2)
+    unmarked = corner_baselines(images, labels, train, test)
+    assert unmarked["margin"] < 0.1 and "No corner stands out" in unmarked["statement"]
+    for k in range(4):  # a dark bar whose length depends on the class
+        images[labels == k, 37:39, 29 : 31 + 2 * k] = 20
+    marked = corner_baselines(images, labels, train, test)
+    assert marked["strongest"] == "bottom-right" and marked["margin"] >= 0.5
+    assert marked["corners"]["bottom-right"]["verdict"] == "strong"
+    assert "bottom-right corner alone" in marked["statement"]
+
+
 @pytest.mark.parametrize(
     "score,verdict", [(0.26, "none"), (0.35, "weak"), (0.5, "moderate"), (0.7, "strong")]
 )
@@ -95,6 +144,7 @@ def test_audit_writes_markdown_and_json(aria_dataset: Path, tmp_path: Path) -> N
         "Duplicates",
         "Session split",
         "Shortcut baselines",
+        "Corner patches",
     ):
         assert f"## {heading}" in markdown
     assert report["shortcut_baseline"]["statement"] in markdown
@@ -113,4 +163,8 @@ def test_audit_on_real_data(real_data: Path, tmp_path: Path) -> None:
     assert baseline["n_test"] > 300
     # The backgrounds differ between classes: the border colour alone beats chance clearly.
     assert baseline["balanced_accuracy"] > baseline["chance"] + 0.15
+    # The bottom-right corner carries a scale-bar annotation whose style follows the session: alone it
+    # scores well above the other three corners, which hold only background.
+    corners = report["corner_baselines"]
+    assert corners["strongest"] == "bottom-right" and corners["margin"] >= 0.1
     assert (tmp_path / "audit.md").is_file()

@@ -20,7 +20,7 @@ from eval_support import make_run
 DOCUMENTED_KEYS = (
     "balanced_accuracy", "balanced_accuracy_ci", "accuracy", "macro_f1", "per_class", "confusion_matrix",
     "confusion_matrix_normalized", "roc_auc", "ece", "ece_after_temperature", "temperature", "n_images",
-    "robustness", "tta", "shortcut_baseline", "explain", "data", "model", "evaluation", "plots",
+    "robustness", "tta", "shortcut_baseline", "corner_occlusion", "explain", "data", "model", "evaluation", "plots",
 )  # fmt: skip
 
 
@@ -68,8 +68,38 @@ def test_robustness_tta_baseline_and_gradcam_sections(metrics: dict) -> None:
     assert set(robustness["worst"]) == {"1", "2", "3"}
     assert metrics["tta"]["views"] == 8 and 0 <= metrics["tta"]["balanced_accuracy"] <= 1
     assert 0 <= metrics["shortcut_baseline"]["balanced_accuracy"] <= 1
+    occlusion = metrics["corner_occlusion"]
+    assert list(occlusion["corners"]) == ["top-left", "top-right", "bottom-left", "bottom-right"]
+    assert occlusion["clean_balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    assert all(0 <= row["changed_predictions"] <= occlusion["n_images"] for row in occlusion["corners"].values())
+    assert metrics["data_audit"]["corner_baselines"]["strongest"] in occlusion["corners"]
     assert metrics["explain"]["target_layer"] == "stages"
     assert metrics["explain"]["cam_energy_on_cell"] is not None  # the Segmented variant gives the masks
+
+
+def test_corner_occlusion_counts_the_predictions_a_masked_corner_changes() -> None:
+    """A model that reads the bottom-right corner changes its mind when that corner is painted over."""
+    from bloodcell.evaluate.runner import corner_occlusion
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(100, 156, size=(20, 40, 40, 3), dtype=np.uint8)
+    y_true = np.repeat([0, 1], 10)
+    images[y_true == 1, 36:, 28:] = 255  # class 1's images carry a white label in that corner
+
+    def reads_the_corner(batch: np.ndarray) -> np.ndarray:
+        bright = (batch[:, 36:, 28:].mean(axis=(1, 2, 3)) > 200).astype(float)
+        return np.stack([1 - bright, bright], axis=1)
+
+    def ignores_it(batch: np.ndarray) -> np.ndarray:
+        centre = batch[:, 10:30, 10:30].mean(axis=(1, 2, 3))
+        return np.stack([centre, -centre], axis=1)
+
+    cheat = corner_occlusion(reads_the_corner, images, y_true, reads_the_corner(images))
+    assert cheat["clean_balanced_accuracy"] == 1.0
+    assert cheat["corners"]["bottom-right"] == {"balanced_accuracy": 0.5, "changed_predictions": 10}
+    assert all(cheat["corners"][c]["changed_predictions"] == 0 for c in ("top-left", "top-right", "bottom-left"))
+    honest = corner_occlusion(ignores_it, images, y_true, ignores_it(images))
+    assert all(row["changed_predictions"] == 0 for row in honest["corners"].values())
 
 
 def test_plots_and_predictions_are_written(run: Path, metrics: dict) -> None:

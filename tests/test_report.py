@@ -52,6 +52,7 @@ def test_report_is_self_contained_html_with_every_section(report: Path) -> None:
     assert "<script" not in html
     assert "Not a medical device" in html or "not a medical device" in html
     assert "Leakage check passed" in html
+    assert "Corners: does the model read a drawn scale bar or label?" in html
 
 
 def test_report_compares_with_the_seed_replica_sibling(report: Path, runs: Path) -> None:

@@ -215,6 +215,8 @@ def audit_command(
 
     The shortcut baseline is a logistic regression on the mean colour of the image border, scored by balanced accuracy on the session split's test blocks: far above chance means the classes differ in acquisition and a model can score well for the wrong reasons.
 
+    The corner baselines fit the same on each corner patch alone: one corner far above the others holds something drawn there (a scale bar, a label) that tells the classes apart; bloodcell evaluate then checks whether a model reads it.
+
     --json prints the report (audit.json); its keys are listed in docs/ARCHITECTURE.md.
     """
     from bloodcell.data.audit import run_audit
@@ -238,4 +240,5 @@ def audit_command(
         f"near-duplicate groups, {report['images_in_duplicate_groups']} images involved."
     )
     _console.print(report["shortcut_baseline"]["statement"], markup=False)
+    _console.print(report["corner_baselines"]["statement"], markup=False)
     typer.echo(f"Report: {report['report_markdown']} and {report['report_json']}")
