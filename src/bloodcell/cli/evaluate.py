@@ -80,6 +80,15 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         worst = robustness["worst"]
         shifts.add_row("[bold]worst[/bold]", *(f"[bold]{_f(worst[s]['balanced_accuracy'])}[/bold] {worst[s]['shift']}" for s in ("1", "2", "3")))
         tables.append(shifts)
+    occlusion = metrics.get("corner_occlusion")
+    if occlusion:
+        corners = Table(title=f"With one corner masked (a drawn scale bar or label; clean {_f(occlusion['clean_balanced_accuracy'])})",
+                        title_justify="left")  # fmt: skip
+        for column in ("corner", "balanced accuracy", "predictions changed"):
+            corners.add_column(column, justify="left" if column == "corner" else "right")
+        for name, row in occlusion["corners"].items():
+            corners.add_row(name, _f(row["balanced_accuracy"]), f"{row['changed_predictions']} of {occlusion['n_images']}")
+        tables.append(corners)
     return tables
 
 
