@@ -71,7 +71,11 @@ def colour_statistics_features(images: np.ndarray, chunk: int = 256) -> np.ndarr
 #: a burned-in scale bar or label (this dataset's bottom-right corner carries one whose style changes from
 #: session to session), small enough to hold mostly background.
 CORNER_SHARE = (0.1, 0.3)
+#: The patch in words, for reports.
+CORNER_PATCH = f"{100 * CORNER_SHARE[0]:.0f} % of the height x {100 * CORNER_SHARE[1]:.0f} % of the width"
 CORNERS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
+#: How far the strongest corner must score above the best other one to be flagged.
+CORNER_FLAG_MARGIN = 0.1
 
 
 def corner_slices(height: int, width: int, corner: str) -> tuple[slice, slice]:
@@ -128,7 +132,8 @@ def corner_baselines(
     the telling number is one corner scoring well above the others.
 
     Returns ``{"feature", "model", "corners": {corner: fit_shortcut_baseline(...)}, "strongest", "margin",
-    "statement"}``; ``margin`` is the strongest corner's balanced accuracy minus the best of the others.
+    "flagged", "statement"}``; ``margin`` is the strongest corner's balanced accuracy minus the best of the
+    others, ``flagged`` whether it reaches :data:`CORNER_FLAG_MARGIN`.
     """
     corners = {
         corner: fit_shortcut_baseline(corner_features(images, corner), labels, train_idx, test_idx, seed)
@@ -138,7 +143,8 @@ def corner_baselines(
     strongest = max(scores, key=scores.__getitem__)
     others = sorted(score for corner, score in scores.items() if corner != strongest)
     margin = round(scores[strongest] - others[-1], 4)
-    if margin >= 0.1:
+    flagged = margin >= CORNER_FLAG_MARGIN
+    if flagged:
         statement = (
             f"The {strongest} corner alone reaches {100 * scores[strongest]:.1f} % balanced accuracy on the "
             f"held-out test blocks, the other corners {100 * others[0]:.1f}-{100 * others[-1]:.1f} %: something "
@@ -150,13 +156,13 @@ def corner_baselines(
             f"No corner stands out ({100 * others[0]:.1f}-{100 * scores[strongest]:.1f} % balanced accuracy): "
             f"the corners tell the classes apart no better than their background colour does."
         )
-    height, width = CORNER_SHARE
     return {
-        "feature": f"the pixels of one corner patch ({100 * height:.0f} % of the height x {100 * width:.0f} % of the width)",
+        "feature": f"the pixels of one corner patch ({CORNER_PATCH})",
         "model": "logistic regression",
         "corners": corners,
         "strongest": strongest,
         "margin": margin,
+        "flagged": flagged,
         "statement": statement,
     }
 

@@ -171,7 +171,7 @@ def corner_occlusion(
     """
     from sklearn.metrics import balanced_accuracy_score
 
-    from bloodcell.data.audit import CORNER_SHARE, CORNERS, mask_corner
+    from bloodcell.data.audit import CORNER_PATCH, CORNERS, mask_corner
 
     clean = clean_logits.argmax(axis=1)
     corners = {}
@@ -182,7 +182,7 @@ def corner_occlusion(
             "changed_predictions": int((predicted != clean).sum()),
         }
     return {
-        "patch": f"{100 * CORNER_SHARE[0]:.0f} % of the height x {100 * CORNER_SHARE[1]:.0f} % of the width",
+        "patch": CORNER_PATCH,
         "n_images": len(images),
         "clean_balanced_accuracy": float(balanced_accuracy_score(y_true, clean)),
         "corners": corners,
