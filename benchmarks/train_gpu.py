@@ -6,9 +6,11 @@ default training in under 15 seconds on an H100/H200). It measures, on the first
 1. ``prepare``: indexing, splitting and decoding the dataset with an empty cache (``$BLOODCELL_HOME``);
 2. ``train_run``: the default config exactly as ``bloodcell train`` trains it (holdout stage on train,
    then the refit on train + val), in this process: each stage's wall time, its training images per
-   second, and the refit model's balanced accuracy on the ``session`` split's test part;
+   second, and the refit model's balanced accuracy on the ``session`` split's test part; then the same
+   for each ``--compare`` variant (``train_run_<k>``), side by side on the same machine;
 3. ``bare``: forward + backward + AdamW step of the same model on random tensors at the same batch, in
-   the same precision and memory format: the model's ceiling, to set the loop's speed against;
+   the same precision and memory format, with and without CUDA graphs: the model's ceiling, to set the
+   loop's speed against; and the augmentation's time for a batch of 64 and of 1,024 images;
 4. ``cli``: the whole ``bloodcell train --data DATA`` command in a fresh process (imports, CUDA start-up,
    both stages, evaluation and the HTML report), timed from outside;
 5. ``jpeg``: whether the JPEG augmentation ran on the GPU (nvJPEG), and how far its pixels are from libjpeg's.
@@ -17,7 +19,8 @@ Optionally (``--crossval``) it then runs ``benchmarks/crossval.py`` for a few re
 
 Usage::
 
-    python benchmarks/train_gpu.py --data DATA --out DIR [--crossval "" "data.image_size=224" ...]
+    python benchmarks/train_gpu.py --data DATA --out DIR [--compare "train.cuda_graph=false" ...]
+                                   [--crossval "" "data.image_size=224" ...]
 
 Results go to ``<out>/train_gpu.json`` (and ``<out>/crossval-<k>/crossval.json``).
 """
@@ -31,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +47,13 @@ from benchmark_common import REPO, add_data_and_out_options, bare_step_speed, re
 from sklearn.metrics import balanced_accuracy_score
 
 from bloodcell.config import load_config
-from bloodcell.data.augment import gpu_jpeg_available, jpeg_round_trip
+from bloodcell.data.augment import BatchAugment, gpu_jpeg_available, jpeg_round_trip
 from bloodcell.data.prepare import prepare_data
 from bloodcell.evaluate.runner import predict_logits
 from bloodcell.io import atomic_write_json
 from bloodcell.models import Classifier, create_model
 from bloodcell.train import train_run
-from bloodcell.train.setup import build_optimizer, resolve_precision
+from bloodcell.train.setup import build_optimizer, graph_training_forward, resolve_precision
 
 
 def stage_speed(history: list[dict[str, float]]) -> dict[str, float]:
@@ -62,17 +67,69 @@ def stage_speed(history: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def bare_speed(config, batch: int, steps: int = 50) -> float:
-    """Images/s of forward + backward + optimiser step on random float input, after a warm-up."""
+def measure_training(config, prepared, run_dir: Path) -> dict[str, Any]:
+    """Both stages of ``config`` as ``bloodcell train`` runs them: times, speeds and the test score."""
+    t0 = time.perf_counter()
+    result = train_run(config, run_dir, progress=False)
+    wall = time.perf_counter() - t0
+    test, labels = np.asarray(prepared.indices("test")), np.asarray(prepared.labels)
+    logits = predict_logits(result.model, prepared.images[test])
+    return {
+        "wall_seconds": wall,
+        "holdout_seconds": result.holdout.seconds,
+        "refit_seconds": result.seconds,
+        "holdout": stage_speed(result.holdout.history),
+        "refit": stage_speed(result.history),
+        "holdout_last_val_balanced_accuracy": result.holdout.history[-1]["val_balanced_accuracy"],
+        "test_balanced_accuracy": float(balanced_accuracy_score(labels[test], logits.argmax(axis=1))),
+        "precision": resolve_precision(config.train),
+    }
+
+
+def attempt(measure: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``measure(*args)``, or the error it raised, with its traceback on stderr."""
+    try:
+        return measure(*args)
+    except Exception as error:  # noqa: BLE001 - any failure is a result to record
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def bare_speed(config, batch: int, graphed: bool, steps: int = 50) -> float:
+    """Images/s of forward + backward + optimiser step on random float input, after a warm-up.
+
+    ``graphed``: forward and backward replayed as CUDA graphs, as training does with ``train.cuda_graph``.
+    """
     model = (
         Classifier(create_model(config.model.name, 4), config.normalize)
         .cuda()
         .to(memory_format=torch.channels_last)
     )
     optimizer = build_optimizer(model, config.optimizer, 1e-3)
-    dtype = torch.bfloat16 if resolve_precision(config.train) == "bf16-mixed" else None
+    precision = resolve_precision(config.train)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else None
     size = config.augment.crop or config.data.image_size  # the shape training steps on
+    if graphed:
+        graph_training_forward(model, (batch, 3, size, size), precision, torch.channels_last)
     return bare_step_speed(model, optimizer, size, batch, steps, warm_up=10, autocast_dtype=dtype)
+
+
+def augment_milliseconds(config, images: np.ndarray, batches: tuple[int, ...] = (64, 1024)) -> dict[str, float]:
+    """Milliseconds the default augmentation takes for one batch of each size, on the GPU (median of 10)."""
+    augment = BatchAugment(config.augment)
+    generator = torch.Generator().manual_seed(0)
+    timings = {}
+    for batch in batches:
+        x = torch.from_numpy(np.array(images[:batch])).cuda().permute(0, 3, 1, 2)
+        times = []
+        for _ in range(13):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            augment(x, generator)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        timings[str(batch)] = 1e3 * statistics.median(times[3:])
+    return timings
 
 
 def jpeg_check(images: np.ndarray, quality: int = 60) -> dict[str, Any]:
@@ -106,6 +163,8 @@ def main() -> None:
     add_data_and_out_options(parser)
     parser.add_argument("--crossval", nargs="*", default=[], help="recipes for crossval.py, each a space-separated "
                         "list of key=value overrides ('' is the default recipe)")  # fmt: skip
+    parser.add_argument("--compare", nargs="*", default=[], help="more trainings after the default's, each a "
+                        "space-separated list of key=value overrides (e.g. 'train.cuda_graph=false')")  # fmt: skip
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no crossval starts")
     parser.add_argument("--no-cli", action="store_true", help="skip the whole-command measurement (part 4)")
     args = parser.parse_args()
@@ -128,24 +187,19 @@ def main() -> None:
     save("jpeg", jpeg_check(prepared.images[:64]))
 
     with tempfile.TemporaryDirectory(prefix="bloodcell-gpu-") as work:
-        t0 = time.perf_counter()
-        result = train_run(config, Path(work) / "run", progress=False)
-        wall = time.perf_counter() - t0
-        test, labels = np.asarray(prepared.indices("test")), np.asarray(prepared.labels)
-        logits = predict_logits(result.model, prepared.images[test])
-        save("train_run", {
-            "wall_seconds": wall,
-            "holdout_seconds": result.holdout.seconds,
-            "refit_seconds": result.seconds,
-            "holdout": stage_speed(result.holdout.history),
-            "refit": stage_speed(result.history),
-            "holdout_last_val_balanced_accuracy": result.holdout.history[-1]["val_balanced_accuracy"],
-            "test_balanced_accuracy": float(balanced_accuracy_score(labels[test], logits.argmax(axis=1))),
-            "precision": resolve_precision(config.train),
-        })  # fmt: skip
+        # A GPU is lent for minutes: one failed measurement is recorded, and the others still run.
+        save("train_run", attempt(measure_training, config, prepared, Path(work) / "run"))
+        for k, overrides in enumerate(args.compare):  # side by side, on the same warm machine
+            variant = load_config("default", [f"data.root={args.data.resolve()}", *overrides.split()])
+            measured = attempt(measure_training, variant, prepared, Path(work) / f"run-{k}")
+            save(f"train_run_{k}", {"overrides": overrides, **measured})
         save("bare_images_per_second", {
-            str(batch): bare_speed(config, batch) for batch in (config.train.batch_size, 256)
+            str(batch): bare_speed(config, batch, graphed=False) for batch in (config.train.batch_size, 256)
         })  # fmt: skip
+        save("bare_graphed_images_per_second", {
+            str(batch): bare_speed(config, batch, graphed=True) for batch in (config.train.batch_size, 256)
+        })  # fmt: skip
+        save("augment_milliseconds", augment_milliseconds(config, prepared.images))
         if not args.no_cli:
             save("cli", cli_wall_seconds(args.data, Path(work) / "cli"))
 

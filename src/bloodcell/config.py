@@ -143,6 +143,7 @@ class TrainConfig(Strict):
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = "auto"
     num_threads: int = Field(0, ge=0)  # 0: automatic (idle cores, shared among processes); else this many
     channels_last: bool = True
+    cuda_graph: bool = True  # one CUDA GPU: replay forward + backward as CUDA graphs (fewer launches)
     eval_every: int = Field(1, ge=1)
 
 

@@ -46,9 +46,11 @@ from bloodcell.train.setup import (
     build_optimizer,
     class_weights,
     derive_seed,
+    graph_training_forward,
     keep_freed_memory,
     learning_rate,
     make_fabric,
+    release_training_graph,
     resolve_precision,
     set_threads,
 )
@@ -58,7 +60,7 @@ HISTORY_COLUMNS = [
     "lr", "seconds", "images_per_second",
 ]
 # Keys that may differ between a run and its resumption: where and how it runs, not what it computes.
-RUNTIME_KEYS = {"data.root", "train.devices", "train.accelerator", "train.num_threads"}
+RUNTIME_KEYS = {"data.root", "train.devices", "train.accelerator", "train.num_threads", "train.cuda_graph"}
 EVAL_BATCH = 256
 
 
@@ -155,6 +157,7 @@ def fit(
         config = _prepare_run_dir(run_dir, config, resume, prepared)
     config = fabric.broadcast(config, src=0)  # rank 0 may have resolved lr=auto or read the run's config
     log = open_log(run_dir, main)
+    classifier = None
     try:
         # ------------------------------------------------------------ data
         with fabric.rank_zero_first():
@@ -208,6 +211,13 @@ def fit(
                 config.name, config.model.name, len(train_rows), config.data.train_on, len(val_rows), len(classes),
                 config.data.image_size, fabric.device, fabric.world_size, resolve_precision(config.train), threads,
             )
+        if config.train.cuda_graph and fabric.device.type == "cuda" and fabric.world_size == 1:
+            views = 2 if config.augment.consistency > 0 else 1
+            size = config.augment.crop or config.data.image_size
+            memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+            graph_training_forward(
+                classifier, (views * batch_size, 3, size, size), resolve_precision(config.train), memory_format
+            )
 
         # ------------------------------------------------------------ epochs
         with RunProgress(progress and main, config.train.epochs) as bar:
@@ -226,6 +236,7 @@ def fit(
                 model.train()
                 loss_sum = torch.zeros((), device=fabric.device)
                 correct = torch.zeros((), device=fabric.device)
+                pending = None  # the last step's (non-finite flag, batch index, loss, learning rate)
                 for batch_index in range(steps_per_epoch):
                     rows = my_rows[batch_index * batch_size : (batch_index + 1) * batch_size]
                     images, labels = train_images[rows], train_labels[rows]
@@ -245,8 +256,10 @@ def fit(
                         )
                         if config.train.grad_clip > 0 else None
                     )
-                    if not _all_finite(fabric, loss, grad_norm):
-                        _diverged(log, run_dir, state, epoch, batch_index, loss, lr)
+                    # Read one step late: the host queues this step before it waits for the last one's check.
+                    if pending is not None:
+                        _stop_if_diverged(fabric, log, run_dir, state, epoch, *pending)
+                    pending = (_non_finite(loss, grad_norm), batch_index, loss.detach(), lr)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.step += 1
@@ -257,6 +270,7 @@ def fit(
                         done = (batch_index + 1) * len(rows) * fabric.world_size
                         bar.step(loss.detach(), done / (time.perf_counter() - epoch_started))
 
+                _stop_if_diverged(fabric, log, run_dir, state, epoch, *pending)  # before any checkpoint
                 _sync_buffers(fabric, classifier)
                 train_seconds = time.perf_counter() - epoch_started
                 seen = float(fabric.all_reduce(torch.tensor(float(len(my_rows)), device=fabric.device), reduce_op="sum"))
@@ -328,6 +342,8 @@ def fit(
         )
     finally:
         close_log(log)
+        if classifier is not None:
+            release_training_graph(classifier)
         torch.set_num_threads(threads_before)  # a library call must not leave the process reconfigured
 
 
@@ -371,25 +387,33 @@ def _sync_buffers(fabric, module: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def _all_finite(fabric, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-    """True when the loss (and gradient norm) are finite on every rank, so all ranks stop together."""
+def _non_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+    """1.0 where the loss (or the gradient norm) is NaN or infinite, else 0.0: a tensor, read later."""
     bad = (~torch.isfinite(loss.detach())).float()
     if grad_norm is not None:
         bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))).float()
+    return bad
+
+
+def _stop_if_diverged(
+    fabric, log, run_dir: Path, state: LoopState, epoch: int, bad: torch.Tensor, batch_index: int,
+    loss: torch.Tensor, lr: float,
+) -> None:
+    """Stop the run, on every rank together, if a step's loss was not finite; the checkpoints stay as they are.
+
+    The message says what happened and what to do.
+    """
     if fabric.world_size > 1:
         bad = fabric.all_reduce(bad, reduce_op="sum")
-    return float(bad) == 0.0
-
-
-def _diverged(log, run_dir: Path, state: LoopState, epoch: int, batch_index: int, loss: torch.Tensor, lr: float):
-    """Stop the run with a message that says what happened and what to do; the checkpoints stay as they are."""
+    if float(bad) == 0.0:
+        return
     kept = (
         f"the last good checkpoint (epoch {state.epoch}) is kept in {checkpoint_dir(run_dir, 'last')}"
         if state.epoch
         else "no checkpoint was written (it diverged in the first epoch)"
     )
     message = (
-        f"training diverged: the loss became {float(loss.detach())} at epoch {epoch}, step {batch_index + 1} "
+        f"training diverged: the loss became {float(loss)} at epoch {epoch}, step {batch_index + 1} "
         f"(learning rate {lr:.3g}); {kept}. Lower optimizer.lr, keep train.grad_clip on, or use "
         "train.precision=32-true, then start a new run (or --resume to retry from the checkpoint)."
     )
