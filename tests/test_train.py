@@ -162,6 +162,40 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path, data
     assert history_without_timing(tmp_path / "straight") == history_without_timing(tmp_path / "resumed")
 
 
+
+def test_fused_optimizer_state_is_restored_in_its_parameters_layout() -> None:
+    """Training on a GPU uses fused AdamW, which pairs weights and moments element by element in memory.
+
+    The checkpoint stores the moments contiguous; a channels_last weight must get channels_last moments
+    back, or the resumed run updates each weight with another's moments.
+    """
+    from bloodcell.config import OptimizerConfig
+    from bloodcell.train.checkpoint import load_optimizer_state, optimizer_state_to_tensors
+    from bloodcell.train.setup import build_optimizer
+
+    def steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> None:
+        for _ in range(n):
+            model(torch.ones(2, 3, 6, 6).to(memory_format=torch.channels_last)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    straight = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(straight, OptimizerConfig(), 1e-2, fused=True)
+    steps(straight, optimizer, 1)
+    weights = {k: v.clone() for k, v in straight.state_dict().items()}
+    tensors, meta = optimizer_state_to_tensors(optimizer)
+    tensors = {k: v.clone() for k, v in tensors.items()}  # on the CPU they alias the live state
+    steps(straight, optimizer, 2)
+
+    resumed = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    resumed.load_state_dict(weights)
+    resumed_optimizer = build_optimizer(resumed, OptimizerConfig(), 1e-2, fused=True)
+    load_optimizer_state(resumed_optimizer, tensors, meta)
+    assert resumed_optimizer.state[resumed.weight]["exp_avg"].stride() == resumed.weight.stride()
+    steps(resumed, resumed_optimizer, 2)
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path, data) -> None:
     """A real SIGKILL in a child process, then a kill in the middle of swapping in a checkpoint."""
     config = tiny_config(train={"epochs": 3})

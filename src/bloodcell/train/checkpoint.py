@@ -117,3 +117,19 @@ def load_optimizer_state(
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    _match_parameter_layouts(optimizer)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor its parameter's memory layout (e.g. channels_last).
+
+    The file stores tensors contiguous. Elementwise optimizers do not mind, but fused ones (one kernel
+    over flat memory, as training on a GPU uses) pair the i-th element of the parameter with the i-th of
+    its moments, so a channels_last weight beside a contiguous moment would be updated with the wrong
+    values: measured, a resumed run then ended differently from the uninterrupted one.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)

@@ -187,7 +187,7 @@ def fit(
         classifier = build_classifier(config, len(classes))
         if config.train.channels_last:
             classifier = classifier.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(classifier, config.optimizer, base_lr)
+        optimizer = build_optimizer(classifier, config.optimizer, base_lr, fused=fabric.device.type == "cuda")
         model, optimizer = fabric.setup(classifier, optimizer)
         weights = class_weights(train_labels.cpu().numpy(), len(classes)) if config.train.class_weights else None
         criterion = torch.nn.CrossEntropyLoss(
