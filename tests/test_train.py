@@ -368,3 +368,32 @@ def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -
         for _ in range(200):
             bar.step(CountedLoss(), rate=100.0)
     assert 1 <= CountedLoss.reads <= 5
+
+
+def test_a_failed_cuda_graph_recording_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recording runs warm-up passes (which move BatchNorm statistics) and may then fail for a network
+    that cannot be recorded; the classifier must come back unchanged and training go on without graphs."""
+    import types
+
+    from bloodcell.train import loop, setup
+
+    classifier = setup.build_classifier(tiny_config(), 4)
+    before = {k: v.clone() for k, v in classifier.state_dict().items()}
+
+    def fails_after_a_warm_up(module, sample_args):
+        module(*sample_args)  # a training-mode pass: the BatchNorm running statistics move
+        module.forward = lambda *args: None  # as make_graphed_callables patches it
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fails_after_a_warm_up)
+    with pytest.raises(RuntimeError, match="capturing"):
+        setup.graph_training_forward(classifier, (2, 3, 32, 32), "32-true", torch.channels_last)
+    assert "forward" not in classifier.__dict__
+    assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())
+
+    messages: list[str] = []
+    log = types.SimpleNamespace(warning=lambda message, *args: messages.append(message % args))
+    fake_gpu = types.SimpleNamespace(device=torch.device("cuda"), world_size=1)
+    loop._record_step_graph(tiny_config(), fake_gpu, classifier, log)
+    assert messages and "training without CUDA graphs" in messages[0] and "capturing" in messages[0]
+    assert classifier(torch.zeros(2, 3, 32, 32)).shape == (2, 4)  # its ordinary forward

@@ -211,13 +211,7 @@ def fit(
                 config.name, config.model.name, len(train_rows), config.data.train_on, len(val_rows), len(classes),
                 config.data.image_size, fabric.device, fabric.world_size, resolve_precision(config.train), threads,
             )
-        if config.train.cuda_graph and fabric.device.type == "cuda" and fabric.world_size == 1:
-            views = 2 if config.augment.consistency > 0 else 1
-            size = config.augment.crop or config.data.image_size
-            memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-            graph_training_forward(
-                classifier, (views * batch_size, 3, size, size), resolve_precision(config.train), memory_format
-            )
+        _record_step_graph(config, fabric, classifier, log)
 
         # ------------------------------------------------------------ epochs
         with RunProgress(progress and main, config.train.epochs) as bar:
@@ -378,6 +372,24 @@ def _training_loss(
     mixture = ((p + q) / 2).clamp_min(1e-7).log()
     js = (F.kl_div(mixture, p, reduction="batchmean") + F.kl_div(mixture, q, reduction="batchmean")) / 2
     return loss + weight * js, logits
+
+
+def _record_step_graph(config: RunConfig, fabric, classifier: torch.nn.Module, log) -> None:
+    """On one CUDA GPU, replay the training forward and backward as CUDA graphs (``train.cuda_graph``).
+
+    Not with several processes (DDP's gradient hooks cannot be recorded) nor on the CPU (no graphs). A
+    network that cannot be recorded trains without them, with a warning.
+    """
+    if not (config.train.cuda_graph and fabric.device.type == "cuda" and fabric.world_size == 1):
+        return
+    views = 2 if config.augment.consistency > 0 else 1
+    size = config.augment.crop or config.data.image_size
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    shape = (views * config.train.batch_size, 3, size, size)
+    try:
+        graph_training_forward(classifier, shape, resolve_precision(config.train), memory_format)
+    except (RuntimeError, AssertionError) as error:  # what recording raises for an unrecordable network
+        log.warning("training without CUDA graphs: recording the model's step failed (%s)", error)
 
 
 def _sync_buffers(fabric, module: torch.nn.Module) -> None:

@@ -170,7 +170,6 @@ def load_initial_weights(net: torch.nn.Module, path: Path) -> list[str]:
     return skipped
 
 
-
 def graph_training_forward(
     classifier: Classifier, sample_shape: tuple[int, ...], precision: str, memory_format: torch.memory_format
 ) -> None:
@@ -182,18 +181,24 @@ def graph_training_forward(
     with one launch each way. Batches must then have ``sample_shape`` (the loop drops the ragged last
     batch), and evaluation mode still runs the ordinary forward. Its warm-up passes on a random batch
     would move the BatchNorm statistics; they are put back, so the run starts from the same state.
-    Undo with :func:`release_training_graph`.
+    Undo with :func:`release_training_graph`. If recording fails (a network whose forward waits for the
+    host, say), the error propagates and the classifier is left as it was.
     """
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     saved = [buffer.clone() for buffer in classifier.buffers()]
     device = next(classifier.parameters()).device
     sample = (torch.rand(sample_shape, device=device) * 255).contiguous(memory_format=memory_format)
-    # Autocast's weight cache must be off while recording (a cached cast would outlive its graph).
-    with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
-        torch.cuda.make_graphed_callables(classifier, (sample,))
-    with torch.no_grad():
-        for buffer, value in zip(classifier.buffers(), saved, strict=True):
-            buffer.copy_(value)
+    try:
+        # Autocast's weight cache must be off while recording (a cached cast would outlive its graph).
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+            torch.cuda.make_graphed_callables(classifier, (sample,))
+    except BaseException:
+        release_training_graph(classifier)
+        raise
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(classifier.buffers(), saved, strict=True):
+                buffer.copy_(value)
 
 
 def release_training_graph(classifier: torch.nn.Module) -> None:
