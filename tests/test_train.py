@@ -141,18 +141,23 @@ class Interrupt(Exception):
     """Stands in for Ctrl-C (or an Optuna prune) raised from the epoch callback."""
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path, data) -> None:
-    config = tiny_config(train={"epochs": 4})
-    fit(config, tmp_path / "straight", prepared=data, progress=False)
+def interrupted_then_resumed(config: RunConfig, run_dir: Path, data, after_epoch: int = 2):
+    """Train until ``after_epoch``, stop as Ctrl-C would, check what ``last`` holds, then resume to the end."""
 
-    def stop_after_two(epoch: int, row: dict) -> None:
-        if epoch == 2:
+    def stop(epoch: int, row: dict) -> None:
+        if epoch == after_epoch:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(config, tmp_path / "resumed", prepared=data, progress=False, epoch_callback=stop_after_two)
-    assert json.loads((tmp_path / "resumed/checkpoints/last/trainer.json").read_text())["loop"]["epoch"] == 2
-    result = fit(config, tmp_path / "resumed", prepared=data, progress=False, resume=True)
+        fit(config, run_dir, prepared=data, progress=False, epoch_callback=stop)
+    assert json.loads((run_dir / "checkpoints/last/trainer.json").read_text())["loop"]["epoch"] == after_epoch
+    return fit(config, run_dir, prepared=data, progress=False, resume=True)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path, data) -> None:
+    config = tiny_config(train={"epochs": 4})
+    fit(config, tmp_path / "straight", prepared=data, progress=False)
+    result = interrupted_then_resumed(config, tmp_path / "resumed", data)
 
     assert len(result.history) == 4
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")

@@ -13,7 +13,7 @@ import torch
 
 from bloodcell.train import fit
 from synthetic_data import make_synthetic_data
-from test_train import Interrupt, final_weights, history_without_timing, tiny_config
+from test_train import final_weights, history_without_timing, interrupted_then_resumed, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
 
@@ -50,14 +50,7 @@ def test_graphed_training_is_reproducible_and_resumes_exactly(tmp_path: Path, da
     config = cuda_config(epochs=4)
     fit(config, tmp_path / "straight", prepared=data, progress=False)
     fit(config, tmp_path / "again", prepared=data, progress=False)
-
-    def stop_after_two(epoch: int, row: dict) -> None:
-        if epoch == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        fit(config, tmp_path / "resumed", prepared=data, progress=False, epoch_callback=stop_after_two)
-    fit(config, tmp_path / "resumed", prepared=data, progress=False, resume=True)
+    interrupted_then_resumed(config, tmp_path / "resumed", data)
 
     straight = final_weights(tmp_path / "straight")
     for other in ("again", "resumed"):
