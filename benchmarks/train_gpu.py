@@ -194,7 +194,8 @@ def main() -> None:
     parser.add_argument("--crossval", nargs="*", default=[], help="recipes for crossval.py, each a space-separated "
                         "list of key=value overrides ('' is the default recipe)")  # fmt: skip
     parser.add_argument("--compare", nargs="*", default=[], help="more trainings after the default's, each a "
-                        "space-separated list of key=value overrides (e.g. 'train.cuda_graph=false')")  # fmt: skip
+                        "space-separated list of key=value overrides (e.g. 'train.cuda_graph=false'; '' trains "
+                        "the default again, warm)")  # fmt: skip
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no crossval starts")
     parser.add_argument("--no-cli", action="store_true", help="skip the whole-command measurement (part 4)")
     parser.add_argument("--profile", action="store_true", help="first profile a short training (profile.txt)")
