@@ -390,6 +390,8 @@ def _record_step_graph(config: RunConfig, fabric, classifier: torch.nn.Module, l
         graph_training_forward(classifier, shape, resolve_precision(config.train), memory_format)
     except (RuntimeError, AssertionError) as error:  # what recording raises for an unrecordable network
         log.warning("training without CUDA graphs: recording the model's step failed (%s)", error)
+    else:
+        log.info("training forward and backward recorded as CUDA graphs (train.cuda_graph)")
 
 
 def _sync_buffers(fabric, module: torch.nn.Module) -> None:
