@@ -131,7 +131,7 @@ def test_batch_limits(client: TestClient) -> None:
 
 
 def test_oversize_upload_is_413(client: TestClient) -> None:
-    assert_error(post_file(client, b"\xff" * (MAX_UPLOAD + 1)), 413, "too large", "256 kB")
+    assert_error(post_file(client, b"\xff" * (MAX_UPLOAD + 1)), 413, "too large", "256 KiB")
     # Far over the limit: refused from Content-Length, before the body is read.
     assert_error(post_file(client, b"\xff" * (MAX_UPLOAD + 200_000)), 413, "too large")
 
@@ -150,6 +150,13 @@ def test_oversize_streamed_without_length_is_413(client: TestClient) -> None:
     assert_error(response, 413, "too large")
 
 
+def grey16_png() -> bytes:
+    """A 16-bit greyscale PNG, which PIL would clip to a blank white field if converted to RGB."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 40_000, dtype=np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("data", "words"),
     [
@@ -158,11 +165,28 @@ def test_oversize_streamed_without_length_is_413(client: TestClient) -> None:
         (cell_jpeg(seed=2)[:1500], ("truncated",)),
         (png_bytes(MAX_SIDE + 1, 16), ("dimensions", f"{MAX_SIDE}")),
         (png_bytes(4, 4), ("too small",)),
+        (grey16_png(), ("16-bit greyscale", "convert it to 8-bit RGB")),
     ],
-    ids=["empty", "not-an-image", "truncated", "huge-dimensions", "tiny"],
+    ids=["empty", "not-an-image", "truncated", "huge-dimensions", "tiny", "16-bit"],
 )
 def test_bad_images_are_422_with_a_reason(client: TestClient, data: bytes, words: tuple[str, ...]) -> None:
     assert_error(post_file(client, data), 422, *words)
+
+
+def test_a_max_side_above_8000_raises_the_pixel_guard_with_it(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bloodcell.serve import app as app_module
+
+    limits: dict[str, int] = {}
+    real_open = app_module.open_rgb
+
+    def recording_open(data: bytes, **kwargs: int):
+        limits.update(kwargs)
+        return real_open(data, **kwargs)
+
+    monkeypatch.setattr(app_module, "open_rgb", recording_open)
+    response = post_file(TestClient(create_app(tiny_model, max_side=9000)), cell_jpeg(1))
+    assert response.status_code == 200, response.text
+    assert limits == {"max_pixels": 9000 * 9000, "max_side": 9000}
 
 
 def test_unsupported_format_is_422(client: TestClient) -> None:

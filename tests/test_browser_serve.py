@@ -143,6 +143,20 @@ def test_upload_shows_class_bars_and_overlay(page, smear_image: Path, tmp_path: 
     assert shot.stat().st_size > 10_000
 
 
+def test_tiff_upload_is_classified_and_its_preview_explained(page, smear_image: Path, tmp_path: Path) -> None:
+    """Chromium cannot show TIFF, which the server reads: the page says so instead of a broken image."""
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    tiff = tmp_path / "smear.tif"
+    Image.open(smear_image).save(tiff)
+    page.set_input_files("#file-input", str(tiff))
+    expect(page.locator("#predicted-class")).not_to_be_empty()
+    assert page.locator("#predicted-class").inner_text() in CLASSES
+    expect(page.locator("#preview-caption")).to_contain_text("cannot display this file format")
+    wait_until_decoded(page.locator("#overlay"))
+
+
 def test_drop_and_bad_file_show_errors(page, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 

@@ -54,6 +54,22 @@ def test_cache_key_depends_on_rows_size_and_variant(aria_dataset: Path, tmp_path
     changed.loc[0, "sha256"] = "0" * 64
     assert cache_path(changed, tmp_path, 32, "Original") != base
     assert cache_path(rows.copy(), tmp_path, 32, "Original") == base
+    with pytest.MonkeyPatch.context() as patch:  # new decoding rules: the old pixels are not reused
+        patch.setattr(cache_module, "DECODER_VERSION", cache_module.DECODER_VERSION + 1)
+        assert cache_path(rows, tmp_path, 32, "Original") != base
+
+
+def test_a_new_cache_replaces_the_stale_one_of_its_size(aria_dataset: Path, tmp_path: Path) -> None:
+    indexed = build_index(aria_dataset, progress=False)
+    rows, root, cache_dir = indexed.manifest, indexed.dataset.root, tmp_path / "cache"
+    old = load_images(rows.iloc[:10], root, 16, cache_dir=cache_dir, progress=False)
+    other_size = load_images(rows.iloc[:10], root, 24, cache_dir=cache_dir, progress=False)
+    new = load_images(rows, root, 16, cache_dir=cache_dir, progress=False)  # the data changed since
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted(
+        [cache_path(rows, cache_dir, 16, "Original").name, cache_path(rows.iloc[:10], cache_dir, 24, "Original").name]
+    )
+    np.testing.assert_array_equal(old, new[:10])  # a map opened before the deletion still reads its pixels
+    assert other_size.shape == (10, 24, 24, 3)
 
 
 def test_subset_is_aligned_with_its_rows(aria_dataset: Path, tmp_path: Path) -> None:

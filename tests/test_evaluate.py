@@ -140,6 +140,22 @@ def test_cli_explain_writes_overlays(run: Path, dataset: Path, tmp_path: Path) -
     assert len(rows) == 2 and all(Path(r["overlay"]).is_file() for r in rows)
 
 
+def test_cli_explain_reports_a_bad_image_and_explains_the_others(run: Path, dataset: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = sorted((dataset / "Original" / "Pro").glob("*.jpg"))[0]
+    (folder / "good.jpg").write_bytes(good.read_bytes())
+    (folder / "cut.jpg").write_bytes(good.read_bytes()[:200])
+    (folder / "._good.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: not an input
+    result = CliRunner().invoke(app, ["explain", str(run), str(folder), "--out", str(tmp_path / "cams"), "--json"])
+    assert result.exit_code == 1, result.output
+    payload = json.loads(result.stdout)
+    rows = {Path(row["image"]).name: row for row in payload["images"]}
+    assert set(rows) == {"good.jpg", "cut.jpg"} and payload["n_failed"] == 1
+    assert rows["good.jpg"]["error"] is None and Path(rows["good.jpg"]["overlay"]).is_file()
+    assert "truncated" in rows["cut.jpg"]["error"] and rows["cut.jpg"]["overlay"] is None
+
+
 def test_cli_explain_with_only_a_model_is_a_user_error(run: Path) -> None:
     result = CliRunner().invoke(app, ["explain", str(run)])
     assert result.exit_code != 0

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from bloodcell.cli import app
 from bloodcell.data.decode import decode_image
+from bloodcell.errors import UserError
 from bloodcell.serve import export as export_module
 from bloodcell.serve.export import ParityError, ensure_onnx, export_onnx
 from bloodcell.serve.onnx_predictor import OnnxPredictor
@@ -124,3 +125,21 @@ def test_export_command_checks_parity_on_given_images(tiny_model: Path, realish_
     assert summary["max_abs_diff_probabilities"] == parity["max_abs_diff_probabilities"] <= 1e-4
     bad = CliRunner().invoke(app, ["export", str(tiny_model), "--format", "tflite"])
     assert bad.exit_code == 2
+
+
+def test_export_refuses_a_model_folder_and_images_that_match_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    """Writing into a model's own folder would replace its card; a wrong --images would weaken the check."""
+    card_before = (tiny_model / "card.json").read_bytes()
+    into_model = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tiny_model / "model.onnx")])
+    assert isinstance(into_model.exception, UserError) and "holds a model" in str(into_model.exception)
+    assert (tiny_model / "card.json").read_bytes() == card_before and not (tiny_model / "model.onnx").exists()
+    no_images = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "x"), "--images", str(tmp_path / "none")])
+    assert isinstance(no_images.exception, UserError) and "no image files" in str(no_images.exception)
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_parity_failure_is_one_line_and_exit_1(tiny_model: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "o"), "--tolerance", "0"])
+    assert result.exit_code == 1 and not isinstance(result.exception, ParityError)
+    assert "failed its parity check" in result.output and "Traceback" not in result.output
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 import zlib
@@ -174,15 +175,10 @@ def test_unreadable_file_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert row["rejected"] and row["reason"] == "cannot read file (Permission denied)"
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "1"])
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "1"])
 def test_modes_are_converted_to_rgb(tmp_path: Path, mode: str) -> None:
     root = two_class_dataset(tmp_path / "d", per_class=2)
-    image = Image.fromarray(smear(42, size=40))
-    converted = (
-        image.convert(mode)
-        if mode != "I;16"
-        else Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
-    )
+    converted = Image.fromarray(smear(42, size=40)).convert(mode)
     name = "odd_009.jpg" if mode == "CMYK" else "odd_009.png"
     save(root / "a" / name, converted)
     row = build_index(root, progress=False).manifest.set_index("path").loc[f"a/{name}"]
@@ -191,6 +187,38 @@ def test_modes_are_converted_to_rgb(tmp_path: Path, mode: str) -> None:
     from bloodcell.data.decode import decode_image
 
     assert decode_image(root / "a" / name, 16).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "suffix", "described"),
+    [
+        (np.arange(1600, dtype=np.uint16).reshape(40, 40) * 40, ".png", "16-bit greyscale image (mode I;16)"),
+        (np.linspace(0, 1, 1600, dtype=np.float32).reshape(40, 40), ".tif", "32-bit float greyscale image (mode F)"),
+    ],
+)
+def test_wide_greyscale_images_are_refused_not_clipped(
+    tmp_path: Path, pixels: np.ndarray, suffix: str, described: str
+) -> None:
+    """PIL's conversion would clip them to a blank field that the model then classifies with confidence."""
+    from bloodcell.data.decode import ImageError, open_rgb
+
+    path = save(tmp_path / f"wide{suffix}", Image.fromarray(pixels))
+    with pytest.raises(ImageError, match=re.escape(described)) as raised:
+        open_rgb(path)
+    assert raised.value.source == str(path) and "convert it to 8-bit RGB" in raised.value.reason
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A camera's orientation tag: the model sees the picture as a viewer shows it (as the web page does)."""
+    from bloodcell.data.decode import open_rgb
+
+    upright = smear(5, size=40)[:, :24]  # 40 high, 24 wide
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))  # as the sensor wrote it: 24 x 40
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "tagged.png"
+    stored.save(path, exif=exif)
+    np.testing.assert_array_equal(np.asarray(open_rgb(path)), upright)
 
 
 def test_exact_and_near_duplicates_form_groups(tmp_path: Path) -> None:
@@ -238,6 +266,11 @@ def test_second_run_reuses_the_hash_cache(aria_dataset: Path, monkeypatch: pytes
     assert third.manifest.set_index("path").at["Pro/WBC-Malignant-Pro-003.jpg", "sha256"] == sha256_file(
         changed
     )
+
+    calls.clear()
+    monkeypatch.setattr(index_module, "DECODER_VERSION", index_module.DECODER_VERSION + 1)  # new decoding rules
+    build_index(aria_dataset, progress=False)
+    assert len(calls) == len(third.manifest)  # every file judged again: no verdict of the old decoder is kept
 
 
 @pytest.mark.slow

@@ -119,6 +119,18 @@ def test_usage_errors(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
     assert isinstance(result.exception, UserError) and ".csv or .json" in str(result.exception)
     result = run("predict", str(tiny_model))
     assert isinstance(result.exception, UserError) and "no images" in str(result.exception)
+    (tmp_path / "folder.csv").mkdir()
+    result = run("predict", "-m", str(tiny_model), str(slides), "--out", str(tmp_path / "folder.csv"))
+    assert isinstance(result.exception, UserError) and "is a folder" in str(result.exception)
+    image = slides / "cell-000.jpg"
+    result = run("predict", "-m", str(tiny_model), str(slides), "--out", str(image / "results.csv"))
+    assert isinstance(result.exception, UserError) and f"{image} is a file" in str(result.exception)
+
+
+def test_an_onnx_file_with_the_torch_backend_names_the_fix(tiny_onnx: Path, slides: Path) -> None:
+    for args in (("predict", "-m", str(tiny_onnx), str(slides)), ("serve", str(tiny_onnx))):
+        result = run(*args)
+        assert isinstance(result.exception, UserError) and "add --backend onnx" in str(result.exception), args
 
 
 def test_onnx_backend_and_tta(tiny_model: Path, tiny_onnx: Path, slides: Path) -> None:

@@ -138,20 +138,15 @@ def _split_model_and_images(paths: list[Path]) -> tuple[Path | None, list[Path]]
 
 
 def _expand_images(paths: list[Path]) -> list[Path]:
-    """Image files, with folders replaced by the images inside them (sorted)."""
-    from bloodcell.data.layouts import is_image_name
+    """Image files: folders searched for images (hidden files left out) and globs expanded, as ``predict`` does."""
+    from bloodcell.serve.common import expand_inputs
 
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
-        elif path.exists():
-            files.append(path)
-        else:
-            raise UserError(f"{path}: no such image or folder")
-    if not files:
+    found = expand_inputs(paths)
+    if found.missing:
+        raise UserError(f"{', '.join(found.missing)}: no such image or folder, or no images in it")
+    if not found.files:
         raise UserError("no images found to explain")
-    return files
+    return found.files
 
 
 @app.command("explain")
@@ -162,20 +157,31 @@ def explain_command(
     out: Path = typer.Option(Path("explanations"), "--out", help="Folder for the overlay PNGs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Write Grad-CAM overlays (image | heat map) for images, with the model's prediction."""
+    """Write Grad-CAM overlays (image | heat map) for images, with the model's prediction.
+
+    A file that cannot be read is reported with its reason and the others are still explained.
+    Exit code: 0 when every image was explained, 1 when any failed, 2 on a usage error.
+    """
     from bloodcell.explain.gradcam import explain_files
 
     model, images = _split_model_and_images(paths)
     rows = explain_files(model, _expand_images(images), out, method=method, target_layer=target_layer)
+    failed = sum(row["error"] is not None for row in rows)
     if as_json:
-        typer.echo(json.dumps({"method": method, "out": str(out), "images": rows}, indent=2))
-        return
-    table = Table(title=f"{method} on layer '{rows[0]['target_layer']}'", title_justify="left")
-    for column in ("image", "predicted", "p", "overlay"):
-        table.add_column(column, justify="right" if column == "p" else "left")
-    for row in rows:
-        table.add_row(row["image"], row["predicted"], f"{row['probability']:.3f}", row["overlay"])
-    _console.print(table)
+        typer.echo(json.dumps({"method": method, "out": str(out), "n_failed": failed, "images": rows}, indent=2))
+    else:
+        layer = next((row["target_layer"] for row in rows if row["error"] is None), None)
+        table = Table(title=f"{method} on layer '{layer}'" if layer else method, title_justify="left")
+        for column in ("image", "predicted", "p", "overlay"):
+            table.add_column(column, justify="right" if column == "p" else "left")
+        for row in rows:
+            if row["error"] is not None:
+                table.add_row(row["image"], f"[red]error: {row['error']}[/red]", "", "")
+            else:
+                table.add_row(row["image"], row["predicted"], f"{row['probability']:.3f}", row["overlay"])
+        _console.print(table)
+    if failed:
+        raise typer.Exit(code=1)
 
 
 @app.command("report")

@@ -66,8 +66,7 @@ def make_predictor(model: str | None, backend: Backend, tta: bool) -> Any:
             from bloodcell.serve.export import ensure_onnx
 
             return OnnxPredictor(ensure_onnx(model), tta=tta)
-        if model is not None and model.lower().endswith(".onnx"):
-            raise UserError(f"{model} is an ONNX file: add --backend onnx, or name the model directory instead")
+        refuse_onnx_file_for_torch(model)
         from bloodcell.serve.predictor import TorchPredictor
 
         return TorchPredictor(model, tta=tta)
@@ -75,6 +74,12 @@ def make_predictor(model: str | None, backend: Backend, tta: bool) -> Any:
         if model is None:
             raise UserError("no model given and no bundled default model is installed: pass --model RUN_OR_MODEL_DIR") from None
         raise UserError(str(error)) from None
+
+
+def refuse_onnx_file_for_torch(model: str | None) -> None:
+    """The PyTorch backend needs a model directory; an ``.onnx`` file needs ``--backend onnx``."""
+    if model is not None and model.lower().endswith(".onnx"):
+        raise UserError(f"{model} is an ONNX file: add --backend onnx, or name the model directory instead")
 
 
 def results_table_rows(results: list[Any], classes: list[str]) -> list[dict[str, Any]]:
@@ -104,6 +109,17 @@ def write_results(path: Path, payload: dict[str, Any], results: list[Any], class
         atomic_write_text(path, buffer.getvalue())
     else:
         raise UserError(f"--out {path}: use a .csv or .json file name")
+
+
+def check_results_path(path: Path) -> None:
+    """Refuse an ``--out`` that cannot be written before any image is classified."""
+    if path.suffix.lower() not in {".csv", ".json"}:
+        raise UserError(f"--out {path}: use a .csv or .json file name")
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a folder; give a file name ending in .csv or .json")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {path}: {existing} is a file, not a folder")
 
 
 def print_table(results: list[Any], classes: list[str], limit: int) -> None:
@@ -175,8 +191,8 @@ def predict_command(
     from bloodcell.serve.common import PredictionResult, expand_inputs
 
     model, inputs = split_model_and_inputs(model, inputs)
-    if out is not None and out.suffix.lower() not in {".csv", ".json"}:
-        raise UserError(f"--out {out}: use a .csv or .json file name")
+    if out is not None:
+        check_results_path(out)
     files, missing, skipped = expand_inputs(inputs)
     predictor = make_predictor(model, backend, tta)
     start = time.perf_counter()
@@ -196,7 +212,10 @@ def predict_command(
         "results": [r.to_dict() for r in results],
     }
     if out is not None:
-        write_results(out, payload, results, predictor.classes)
+        try:
+            write_results(out, payload, results, predictor.classes)
+        except OSError as error:  # e.g. the folder became read-only while the images were classified
+            raise UserError(f"--out {out}: cannot write the results ({error})") from None
     if as_json:
         typer.echo(json.dumps(payload))
     else:
@@ -263,15 +282,18 @@ def export_command(
     than --tolerance on the parity images.
     """
     from bloodcell.serve.common import read_card_json
-    from bloodcell.serve.export import export_onnx
+    from bloodcell.serve.export import ParityError, export_onnx
 
     del format  # ONNX is the only format; the option keeps the command line explicit and extensible
     try:
         path = export_onnx(model, out, images=images or None, tolerance=tolerance)
     except FileNotFoundError as error:
         raise UserError(str(error) if model else "no model given and no bundled default model is installed") from None
-    except PermissionError as error:
+    except OSError as error:  # a folder where the file should go, a file where a folder should, no permission
         raise UserError(f"cannot write the export ({error}); choose another place with --out") from None
+    except ParityError as error:  # not a usage error: exit 1, as predict does for files it could not classify
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
     info = read_card_json(path.parent)["onnx"]
     summary = {"onnx": str(path), "card": str(path.parent / "card.json"), "bytes": path.stat().st_size, **info["parity"]}
     if as_json:
@@ -291,8 +313,14 @@ def serve_command(
     backend: Annotated[
         Backend, typer.Option("--backend", help="torch or onnx (ONNX Runtime; Grad-CAM still uses PyTorch).")
     ] = Backend.torch,
-    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest accepted upload, in MB.")] = 10.0,
-    max_side: Annotated[int, typer.Option("--max-side", min=8, help="Largest accepted image width or height, in pixels.")] = 4096,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest accepted upload, in MiB (2**20 bytes).")] = 10.0,
+    max_side: Annotated[
+        int,
+        typer.Option(
+            "--max-side", min=8, help="Largest accepted image width or height, in pixels (and at most 64 megapixels, "
+            "or the square of this when that is more).",
+        ),
+    ] = 4096,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation by default (requests may override).")] = False,
     threads: Annotated[
         int,
@@ -313,6 +341,8 @@ def serve_command(
 
     from bloodcell.serve.app import create_app
 
+    if backend is Backend.torch:
+        refuse_onnx_file_for_torch(model)
     try:
         web_app = create_app(
             model, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_side=max_side,

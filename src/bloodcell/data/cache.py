@@ -1,10 +1,11 @@
 """The decoded cache: every image of a manifest decoded once, at one size, into a memory-mapped array.
 
 The cache is a ``.npy`` file of shape ``(N, size, size, 3)`` uint8, aligned with the manifest rows it was
-made from. Its name holds a hash of those rows (path and SHA-256 of each, in order), the size and the
-variant, so any change to the data or the order makes a new file, and an unchanged dataset is decoded
-only once. It is written under a temporary name and renamed when complete, so a killed run never leaves
-a half-filled cache that a later run would trust.
+made from. Its name holds a hash of those rows (path and SHA-256 of each, in order, and the decoder's
+version), the size and the variant, so any change to the data, the order or the decoding makes a new
+file, and an unchanged dataset is decoded only once; the file it replaces is then deleted. It is written
+under a temporary name and renamed when complete, so a killed run never leaves a half-filled cache that
+a later run would trust.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
 
-from bloodcell.data.decode import decode_image
+from bloodcell.data.decode import DECODER_VERSION, decode_image
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path
 
 
 def rows_key(manifest: pd.DataFrame) -> str:
-    """A 16-hex-digit hash of the rows' paths and SHA-256s, in order: what a cache file is valid for."""
-    digest = hashlib.sha256()
+    """A 16-hex-digit hash of the rows' paths and SHA-256s, in order, and the decoder's version: what a
+    cache file is valid for."""
+    digest = hashlib.sha256(f"decoder {DECODER_VERSION}\n".encode())
     for path, sha in zip(manifest["path"], manifest["sha256"]):
         digest.update(f"{path}\0{sha}\n".encode())
     return digest.hexdigest()[:16]
@@ -75,8 +77,17 @@ def load_images(
     target = cache_path(manifest, cache_dir, size, variant)
     if not target.is_file():
         _decode_into(target, [Path(root) / p for p in manifest["path"]], size, progress)
+        _remove_stale_caches(target, size, variant)
     images = np.load(target, mmap_mode="r")
     if images.shape != (len(manifest), size, size, 3):  # a foreign file under our name: rebuild it
         target.unlink()
         return load_images(manifest, root, size, variant, cache_dir=cache_dir, progress=progress)
     return images
+
+
+def _remove_stale_caches(current: Path, size: int, variant: str) -> None:
+    """Delete the caches of this size and variant made for earlier states of the data (about 200 MB each
+    at 160 px). A process still reading one keeps its memory map: the file goes when the map is closed."""
+    for stale in current.parent.glob(f"{variant}-{size}px-*.npy"):
+        if stale != current:
+            stale.unlink(missing_ok=True)

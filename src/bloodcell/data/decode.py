@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: File suffixes accepted as images (lower case).
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
@@ -21,6 +21,17 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".t
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF", "MPO"})
 #: Images with more pixels than this are refused as likely decompression bombs (about 8k x 8k).
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Bumped whenever the same file may decode to other pixels or get another accept / refuse verdict
+#: (2: EXIF orientation applied, 16-bit and float greyscale refused). The index's hash cache and the
+#: decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
+DECODER_VERSION = 2
+#: Single-channel modes wider than 8 bits. PIL's conversion to RGB clips them at 255 instead of scaling,
+#: which turns a 16-bit smear into a blank white field; their range (12 or 16 bits? 0-1 floats?) cannot be
+#: told from the file, so they are refused with a reason instead of guessed.
+_WIDE_MODES: dict[str, str] = {
+    "I;16": "16-bit greyscale", "I;16L": "16-bit greyscale", "I;16B": "16-bit greyscale",
+    "I;16N": "16-bit greyscale", "I": "32-bit integer greyscale", "F": "32-bit float greyscale",
+}  # fmt: skip
 
 
 class ImageError(ValueError):
@@ -76,6 +87,11 @@ def open_rgb(
             if width < 8 or height < 8:
                 raise ImageError(name, f"image too small: {width}x{height} pixels")
             image.load()  # decode now so truncation is caught here, not later
+            if image.mode in _WIDE_MODES:
+                raise ImageError(name, f"{_WIDE_MODES[image.mode]} image (mode {image.mode}): bloodcell reads 8-bit "
+                                       "colour images; convert it to 8-bit RGB first")  # fmt: skip
+            # A camera's orientation tag: show the model the picture as a viewer (and the web page) shows it.
+            ImageOps.exif_transpose(image, in_place=True)
     except ImageError:
         raise
     except UnidentifiedImageError as error:
@@ -88,7 +104,7 @@ def open_rgb(
             raise ImageError(name, f"truncated or corrupt image data ({message})") from error
         raise ImageError(name, f"cannot decode image ({message})") from error
     if image.mode != "RGB":
-        # Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit modes all become 8-bit RGB.
+        # Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit RGB all become 8-bit RGB.
         image = image.convert("RGB")
     return image
 

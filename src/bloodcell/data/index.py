@@ -27,7 +27,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from bloodcell.data.decode import ImageError, open_rgb
+from bloodcell.data.decode import DECODER_VERSION, ImageError, open_rgb
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path, sha256_file
@@ -58,7 +58,6 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 
 #: Per-file facts that depend only on the file's bytes; these are what the hash cache stores.
 _FILE_FACTS: tuple[str, ...] = ("sha256", "phash", "width", "height", "rejected", "reason")
-_CACHE_NAME = "hash-cache.csv"
 _COPY_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\((?P<copy>\d+)\)$")
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
@@ -169,9 +168,14 @@ def _stat_key(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def _hash_cache_name() -> str:
+    """The hash cache's file name, per decoder version: a new decoder's verdicts are never mixed with old ones."""
+    return f"hash-cache-decoder{DECODER_VERSION}.csv"
+
+
 def _load_hash_cache(workdir: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
     """(path, size, mtime_ns) -> file facts, from an earlier run; empty if there is none or it is unreadable."""
-    cache_path = workdir / _CACHE_NAME
+    cache_path = workdir / _hash_cache_name()
     if not cache_path.is_file():
         return {}
     try:
@@ -186,7 +190,7 @@ def _load_hash_cache(workdir: Path) -> dict[tuple[str, int, int], dict[str, Any]
 
 
 def _save_hash_cache(workdir: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(workdir / _CACHE_NAME) as tmp:
+    with atomic_path(workdir / _hash_cache_name()) as tmp:
         pd.DataFrame(rows, columns=["path", "bytes", "mtime_ns", *_FILE_FACTS]).to_csv(tmp, index=False)
 
 

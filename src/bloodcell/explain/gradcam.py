@@ -306,35 +306,39 @@ def explain_files(
     out_dir: folder for ``<stem>.<method>.png`` overlays (original | overlay).
     method, target_layer: as in :func:`explain_images`.
 
-    Returns one dict per image: ``image``, ``overlay``, ``predicted``, ``probability`` (with the card's
-    temperature) and ``target_layer``.
+    Returns one dict per image, in order: ``image``, ``overlay``, ``predicted``, ``probability`` (with the
+    card's temperature), ``target_layer`` and ``error``. A file that cannot be decoded gets its reason in
+    ``error`` (the other keys None) and the others are still explained, as ``predict`` does.
     """
     from scipy.special import softmax
 
-    from bloodcell.data.decode import decode_image
+    from bloodcell.data.decode import ImageError, decode_image
     from bloodcell.models.card import load_model
 
     model, card = load_model(model_path)
     if not image_paths:
         raise UserError("no images given to explain")
-    images = np.stack([decode_image(path, card.input_size) for path in image_paths])
+    rows: list[dict[str, Any]] = []
+    decoded: dict[int, np.ndarray] = {}
+    for i, path in enumerate(image_paths):
+        rows.append({"image": str(path), "overlay": None, "predicted": None, "probability": None,
+                     "target_layer": None, "error": None})  # fmt: skip
+        try:
+            decoded[i] = decode_image(path, card.input_size)
+        except ImageError as error:
+            rows[i]["error"] = error.reason
+    if not decoded:
+        return rows
+    images = np.stack(list(decoded.values()))
     result = explain_images(model, images, method, target_layer)
     probs = softmax(result.logits / card.temperature, axis=1)
     stems = [Path(path).stem for path in image_paths]
-    rows = []
-    for i, path in enumerate(image_paths):
+    for k, i in enumerate(decoded):
         # Same-named images from different folders must not overwrite each other's overlay.
         stem = stems[i] if stems.count(stems[i]) == 1 else f"{i:03d}-{stems[i]}"
         target = Path(out_dir) / f"{stem}.{method.replace('+', 'p')}.png"
-        save_overlay(target, images[i], result.cams[i])
-        predicted = int(result.targets[i])
-        rows.append(
-            {
-                "image": str(path),
-                "overlay": str(target),
-                "predicted": card.classes[predicted],
-                "probability": float(probs[i, predicted]),
-                "target_layer": result.layer_name,
-            }
-        )
+        save_overlay(target, images[k], result.cams[k])
+        predicted = int(result.targets[k])
+        rows[i].update(overlay=str(target), predicted=card.classes[predicted],
+                       probability=float(probs[k, predicted]), target_layer=result.layer_name)  # fmt: skip
     return rows

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bloodcell import __version__
-from bloodcell.data.decode import ImageError, open_rgb, resize_rgb
+from bloodcell.data.decode import DEFAULT_MAX_PIXELS, ImageError, open_rgb, resize_rgb
 from bloodcell.serve.common import BasePredictor, available_cores
 
 log = logging.getLogger("bloodcell.serve")
@@ -170,7 +170,7 @@ def _content_length(scope: Scope) -> int | None:
 
 
 def _human_bytes(count: int) -> str:
-    return f"{count / MB:.1f} MB" if count >= MB else f"{count / 1024:.0f} kB"
+    return f"{count / MB:.1f} MiB" if count >= MB else f"{count / 1024:.0f} KiB"
 
 
 # -- the service: predictor, explainer, limits ---------------------------------------------------------
@@ -201,7 +201,9 @@ class Service:
         """Validate and decode an upload: ``(the image for display, the model input)``; raises ImageError."""
         with self._decode_slots:
             try:
-                image = open_rgb(data, max_side=self.max_side)
+                # A --max-side above 8,000 raises the decoder's 64-megapixel guard with it, as asked.
+                max_pixels = max(DEFAULT_MAX_PIXELS, self.max_side**2)
+                image = open_rgb(data, max_pixels=max_pixels, max_side=self.max_side)
                 return np.asarray(image), resize_rgb(image, self.predictor.input_size)
             except ImageError:
                 raise

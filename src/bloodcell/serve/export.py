@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bloodcell.data.decode import decode_image
+from bloodcell.errors import UserError
 from bloodcell.io import atomic_path, sha256_file
 from bloodcell.models.card import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, resolve_model_dir, save_card
 from bloodcell.probabilities import softmax_with_temperature
@@ -97,7 +98,14 @@ def parity_images(
     synthetic = synthetic_smears(8, size)
     if isinstance(sources, np.ndarray):
         return sources.astype(np.uint8), synthetic, f"{len(sources)} given images + 8 synthetic"
-    files = expand_inputs(sources).files if sources else bundled_sample_files()
+    if sources:
+        found = expand_inputs(sources)
+        if found.missing or not found.files:
+            # Silently falling back to synthetic images would hold the export to a weaker check than asked.
+            raise UserError(f"--images: no image files in or matching {', '.join(map(str, found.missing or sources))}")
+        files = found.files
+    else:
+        files = bundled_sample_files()
     real = [decode_image(path, size) for path in files[:limit]]
     what = f"{len(real)} real images + 8 synthetic" if real else "8 synthetic images (no real images given)"
     return (np.stack(real) if real else synthetic[:0]), synthetic, what
@@ -179,7 +187,9 @@ def export_onnx(
     opset: ONNX opset (None: the exporter's default).
 
     Returns the path of the ``.onnx`` file. Raises :class:`ParityError` (and writes nothing) if ONNX Runtime
-    disagrees with PyTorch by more than ``tolerance``.
+    disagrees with PyTorch by more than ``tolerance``, and :class:`~bloodcell.errors.UserError` for an
+    ``out`` in a model's own folder (its card would be replaced by the export's) or ``images`` that match
+    no image files.
     """
     model, card = load_model(model_path)
     model = model.float().eval()
@@ -187,6 +197,11 @@ def export_onnx(
     target = Path(out) if out is not None else default_onnx_path(model_path)
     if target.is_dir() or target.suffix.lower() != ".onnx":
         target = target / ONNX_FILE
+    if (target.parent / WEIGHTS_FILE).exists():
+        raise UserError(
+            f"{target.parent} holds a model ({WEIGHTS_FILE}); the export's {CARD_FILE} would replace that model's "
+            f"card: write the export into another folder, such as {target.parent / 'onnx'}"
+        )
     size = card.input_size
     real, synthetic, what = parity_images(size, images)
     with atomic_path(target) as tmp:
