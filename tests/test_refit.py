@@ -133,6 +133,15 @@ def test_a_refit_run_folder_is_not_overwritten(tmp_path: Path, data) -> None:
         train_run(refit_config(epochs=1), tmp_path / "run", prepared=data, progress=False)
 
 
+def test_a_start_that_failed_before_an_epoch_does_not_block_the_corrected_one(tmp_path: Path, data) -> None:
+    bad = refit_config(epochs=1).model_copy(update={"data": refit_config().data.model_copy(update={"root": str(tmp_path / "typo")})})
+    with pytest.raises(UserError, match="not found"):
+        train_run(bad, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "config.yaml").is_file()  # the failed start claimed the folder ...
+    result = train_run(refit_config(epochs=1), tmp_path / "run", prepared=data, progress=False)  # ... not for good
+    assert len(result.history) == 1 and len(result.holdout.history) == 1
+
+
 def test_holdout_temperature_is_fitted_on_validation_images(tmp_path: Path, data) -> None:
     from bloodcell.evaluate.calibration import fit_temperature
     from bloodcell.evaluate.runner import predict_logits

@@ -107,8 +107,14 @@ def _store_temperature(run_dir: Path, temperature: float) -> None:
 
 
 def _claim_run_dir(run_dir: Path, config: RunConfig) -> None:
-    """Refuse a folder that holds another run; write ``config.yaml`` first so ``--resume`` works in either stage."""
-    if any((run_dir / name).exists() for name in ("checkpoints", "history.csv", HOLDOUT_DIR)):
+    """Refuse a folder that holds another run; write ``config.yaml`` first so ``--resume`` works in either stage.
+
+    A run counts once either stage has finished an epoch (its ``checkpoints`` or ``history.csv``): a start
+    that failed before that (a mistyped ``--data``, a bad value) leaves nothing the corrected command
+    could lose, so it may reuse the folder.
+    """
+    stages = (run_dir, run_dir / HOLDOUT_DIR)
+    if any((stage / name).exists() for stage in stages for name in ("checkpoints", "history.csv")):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
