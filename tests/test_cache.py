@@ -134,6 +134,18 @@ def test_prepare_data_without_segmented_or_with_kfold(tmp_path: Path) -> None:
     assert prepared.split_path.name == "kfold-seed0-fold1.csv"
 
 
+def test_prepare_data_names_the_files_it_skips(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=12, size=32, segmented=False)
+    (root / "Original" / "Pro" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
+    with caplog.at_level("WARNING", logger="bloodcell.data.prepare"):
+        prepared = prepare_data(DataConfig(image_size=32, block_size=4, embargo=0), root, progress=False)
+    assert "Pro/broken.jpg" not in set(prepared.split["path"])
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert "1 of 49 files" in message and "Pro/broken.jpg: " in message and "bloodcell index" in message
+
+
 def test_prepare_data_needs_a_dataset() -> None:
     with pytest.raises(UserError, match="no dataset given"):
         prepare_data(DataConfig(), None, progress=False)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -114,6 +115,18 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, data) -> None:
     fit(tiny_config(train={"epochs": 1}), tmp_path / "run", prepared=data, progress=False)
     with pytest.raises(UserError, match="already holds a run"):
         fit(tiny_config(train={"epochs": 1}), tmp_path / "run", prepared=data, progress=False)
+
+
+def test_a_class_without_training_images_or_a_single_class_is_refused(tmp_path: Path, data) -> None:
+    import dataclasses
+
+    no_benign = data.split.copy()
+    no_benign.loc[(data.labels == 0) & (no_benign["split"] == "train"), "split"] = "test"
+    with pytest.raises(UserError, match="no training images of class Benign"):
+        fit(tiny_config(train={"epochs": 1}), tmp_path / "a", prepared=dataclasses.replace(data, split=no_benign), progress=False)
+    one_class = dataclasses.replace(data, classes=("Benign",), labels=np.zeros_like(data.labels))
+    with pytest.raises(UserError, match="at least two classes"):
+        fit(tiny_config(train={"epochs": 1}), tmp_path / "b", prepared=one_class, progress=False)
 
 
 def test_consistency_loss_and_segmented_mixing_train(tmp_path: Path) -> None:

@@ -110,6 +110,9 @@ def prepare_data(
         raise UserError("no dataset given: pass --data PATH (or set data.root in the config)")
     indexed = build_index(folder, data_config.variant, data_config.class_names, progress=progress)
     dataset = indexed.dataset
+    note = skipped_files_note(indexed.manifest, folder)
+    if note:
+        log.warning(note)
     split = make_split(
         indexed.manifest,
         data_config.protocol,
@@ -149,4 +152,15 @@ def prepare_data(
     )
 
 
-__all__ = ["VARIANTS", "PreparedData", "prepare_data"]
+def skipped_files_note(manifest: pd.DataFrame, folder: str | Path, shown: int = 5) -> str | None:
+    """One line naming the files of a dataset that are not used (unreadable, not images ...), or None."""
+    rejected = manifest[manifest["rejected"]]
+    if rejected.empty:
+        return None
+    examples = "; ".join(f"{path}: {reason}" for path, reason in zip(rejected["path"][:shown], rejected["reason"][:shown]))
+    more = f"; and {len(rejected) - shown} more" if len(rejected) > shown else ""
+    return (f"{len(rejected)} of {len(manifest)} files in {folder} are skipped, not usable as images: {examples}{more} "
+            f"(bloodcell index {folder} lists them all)")  # fmt: skip
+
+
+__all__ = ["VARIANTS", "PreparedData", "prepare_data", "skipped_files_note"]

@@ -166,6 +166,12 @@ def fit(
         train_rows, val_rows = np.asarray(data.indices("train")), np.asarray(data.indices("val"))
         if len(train_rows) == 0 or len(val_rows) == 0:
             raise UserError("the split has no training or no validation images; use a larger dataset")
+        _check_every_class_trains(classes, np.asarray(data.labels)[train_rows])
+        skipped = getattr(data, "manifest", None)
+        if main and skipped is not None and skipped["rejected"].any():
+            from bloodcell.data.prepare import skipped_files_note
+
+            log.warning(skipped_files_note(skipped, config.data.root))  # into train.log; prepare_data said it on stderr
         refit = config.data.train_on == "train+val"
         if refit:  # the validation images join training; nothing is validated and the last epoch is the model
             train_rows, val_rows = np.concatenate([train_rows, val_rows]), val_rows[:0]
@@ -461,6 +467,19 @@ def _prepare_data(config: RunConfig, progress: bool) -> TrainingData:
     if not config.data.root:
         raise UserError("no dataset given: pass --data DATA (or set data.root in the config)")
     return prepare_data(config.data, progress=progress)
+
+
+def _check_every_class_trains(classes: list[str], train_labels: np.ndarray) -> None:
+    """Refuse a classifier that could never predict a class (no training images of it) or has one class."""
+    if len(classes) < 2:
+        raise UserError(f"a classifier needs at least two classes; the dataset has {len(classes)}: {', '.join(classes)}")
+    counts = np.bincount(train_labels, minlength=len(classes))
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:
+        raise UserError(
+            f"no training images of class {', '.join(empty)}: every class needs usable images in the training "
+            "part (bloodcell index DATA shows the files found and those skipped)"
+        )
 
 
 def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, prepared: TrainingData | None) -> RunConfig:
