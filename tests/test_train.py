@@ -298,11 +298,42 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         ("augment.hue=2", "augment.hue"),
         ("model.name=resnet-9000", "model.name"),
         ("augment.crop=200", "augment.crop"),  # larger than the default's 160 px images
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("train.seed=-1", "train.seed"),
+        ("data.split_seed=-1", "data.split_seed"),
+        ("data.fold=5", "data.fold"),  # of the default 5 folds, 0..4
+        ("model.kwargs.widht=2", "widht"),  # a misspelled network argument, found before any work
+        ("model.kwargs.width=wide", "model.kwargs"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config("default", [override])
+
+
+def test_numbers_in_exponent_form_are_numbers_even_where_the_config_is_untyped(tmp_path: Path) -> None:
+    """PyYAML reads YAML 1.1, where 1e-1 (no dot) is a string; model.kwargs has no type to convert it."""
+    assert load_config("default", ["model.kwargs.dropout=1e-1"]).model.kwargs == {"dropout": 0.1}
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  kwargs: {dropout: 2e-1}\noptimizer:\n  lr: 5e-4\n")
+    config = load_config(str(path))
+    assert config.model.kwargs == {"dropout": 0.2} and config.optimizer.lr == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(b"train: [\n", "not valid YAML"), ("train: {epochs: 3}  # caf\xe9\n".encode("latin-1"), "not UTF-8"), (None, "is a folder")],
+    ids=["broken-yaml", "latin-1", "folder"],
+)
+def test_an_unreadable_config_file_is_one_clear_error(tmp_path: Path, content: bytes | None, words: str) -> None:
+    path = tmp_path / "c.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=words) as raised:
+        load_config(str(path))
+    assert str(path) in str(raised.value)
 
 
 def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

@@ -7,9 +7,10 @@ with a message naming the field before any work starts.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,7 +32,7 @@ class DataConfig(Strict):
     class_names: list[str] | None = None  # for plain class-per-folder layouts; None takes folder names
     image_size: int = Field(128, ge=32, le=512)
     protocol: Literal["session", "random", "kfold"] = "session"
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     block_size: int = Field(40, ge=1)  # images per capture-order block (session protocol)
@@ -43,6 +44,12 @@ class DataConfig(Strict):
     # (the "holdout" stage: validation scores and the fitted temperature), then refits the same recipe on
     # train + val for the same schedule. The test part is never trained on either way.
     train_on: Literal["train", "train+val"] = "train"
+
+    @model_validator(mode="after")
+    def _fold_is_one_of_the_folds(self) -> DataConfig:
+        if self.fold >= self.folds:
+            raise ValueError(f"data.fold ({self.fold}) must be less than data.folds ({self.folds})")
+        return self
 
 
 class ModelConfig(Strict):
@@ -67,6 +74,24 @@ class ModelConfig(Strict):
             return value
         get_spec(value)  # raises ValueError listing the registered names
         return value
+
+    @model_validator(mode="after")
+    def _kwargs_fit_the_network(self) -> ModelConfig:
+        """Build a registered network on the meta device (no memory; a few ms), so that a misspelled or
+        mistyped ``model.kwargs`` entry is refused with the config, not by a traceback once the run has
+        started. timm's networks take arguments of their own and are checked when built."""
+        if not self.kwargs or self.name.startswith("timm/"):
+            return self
+        import torch
+
+        from bloodcell.models.registry import create_model
+
+        try:
+            with torch.device("meta"):
+                create_model(self.name, 2, **self.kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model.kwargs {self.kwargs} do not fit {self.name}: {error}") from None
+        return self
 
 
 class NormalizeConfig(Strict):
@@ -116,7 +141,7 @@ class OptimizerConfig(Strict):
     """AdamW (or Adam for the seed replica)."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float | Literal["auto"] = 3e-3
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = 3e-3
     weight_decay: float = Field(0.05, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
 
@@ -137,7 +162,7 @@ class TrainConfig(Strict):
     class_weights: bool = True  # weight the loss by inverse class frequency
     early_stopping_patience: int = Field(0, ge=0)  # 0: off; else epochs without val improvement
     grad_clip: float = Field(2.0, ge=0)  # 0: off
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     devices: int | Literal["auto"] = 1
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = "auto"
@@ -196,18 +221,53 @@ def named_configs() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number as YAML 1.2 (and every reader) does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot, so ``1e-3`` would stay the string "1e-3": fine for
+    a typed field, which pydantic converts, but not for the untyped ``model.kwargs``.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass: no Python objects
+
+
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; --config takes a YAML file or a named config")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     else:
         resource = resources.files("bloodcell") / "configs" / f"{name_or_path}.yaml"
         if not resource.is_file():
             raise ConfigError(f"unknown config {name_or_path!r}; named configs: {', '.join(named_configs())}")
-        text = resource.read_text(encoding="utf-8")
-    loaded = yaml.safe_load(text) or {}
+        source, text = f"config {name_or_path!r}", resource.read_text(encoding="utf-8")
+    try:
+        loaded = _load_yaml(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {name_or_path!r} must be a mapping of sections")
     return loaded
@@ -216,7 +276,7 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
 def _parse_value(text: str) -> Any:
     """Parse an override value as YAML so ``1e-3``, ``true``, ``[1,2]`` and ``auto`` all work."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -239,16 +299,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _format_validation_error(error: ValidationError) -> str:
-    parts = []
+    parts: dict[str, list[str]] = {}  # by key: the alternatives of a union field are said in one sentence
     for problem in error.errors():
-        where = ".".join(str(p) for p in problem["loc"])
+        where = ".".join(str(p) for p in problem["loc"] if not _is_union_member(p))
+        message = str(problem["msg"]).removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            parts.append(f"unknown config key {where!r}")
-        elif not where:  # a rule across keys: its message names them
-            parts.append(str(problem["msg"]).removeprefix("Value error, "))
+            parts.setdefault(where, []).append(f"unknown config key {where!r}")
+        elif problem["type"] == "value_error" and (not where or where in message):  # a rule of ours, naming its keys
+            parts.setdefault(where, []).append(message)
+        elif problem["type"] == "value_error":
+            parts.setdefault(where, []).append(f"config key {where!r}: {message}")
         else:
-            parts.append(f"config key {where!r}: {problem['msg']} (got {problem.get('input')!r})")
-    return "; ".join(parts)
+            parts.setdefault(where, []).append(f"config key {where!r}: {message} (got {problem.get('input')!r})")
+    return "; ".join(" or ".join(_merge_union_messages(messages)) for messages in parts.values())
+
+
+def _is_union_member(part: object) -> bool:
+    """Whether a pydantic error location part names a member of a union type (``int``, ``literal['auto']``)."""
+    text = str(part)
+    return text in {"int", "float", "str", "bool"} or text.startswith(("literal[", "constrained-", "function-"))
+
+
+def _merge_union_messages(messages: list[str]) -> list[str]:
+    """``key: A (got x)`` and ``key: B (got x)`` -> ``key: A, or B (got x)``."""
+    if len(messages) < 2:
+        return messages
+    head, _, _ = messages[0].partition(": ")
+    tail = messages[0][messages[0].rfind(" (got "):]
+    reasons = [m.removeprefix(f"{head}: ").removesuffix(tail) for m in messages]
+    return [f"{head}: {', or '.join(reasons)}{tail}"]
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:

@@ -113,8 +113,12 @@ def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int
     """Fold number of each row from sklearn's StratifiedGroupKFold (shuffled with ``seed``)."""
     folds = np.full(len(labels), -1)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        folds[held] = k
+    try:
+        for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            folds[held] = k
+    except ValueError as error:  # sklearn's words for "a class has fewer groups than folds"
+        raise UserError(f"cannot cut {n_splits} stratified folds from these images ({error}); use fewer folds, "
+                        "smaller session blocks or more images") from None  # fmt: skip
     return folds
 
 
@@ -231,7 +235,12 @@ def make_split(
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown split protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if protocol == "kfold" and not 0 <= fold < folds:
-        raise UserError(f"--fold {fold} is out of range for {folds} folds (0..{folds - 1})")
+        raise UserError(f"fold {fold} is out of range for {folds} folds (0..{folds - 1})")
+    for part, fraction in (("validation", val_fraction), ("test", test_fraction)):
+        if not 0 < fraction < 0.5:
+            raise UserError(f"the {part} fraction must be more than 0 and less than 0.5, got {fraction}")
+    if seed < 0:
+        raise UserError(f"the split seed must be 0 or more, got {seed}")
     accepted = manifest[~manifest["rejected"].astype(bool)].reset_index(drop=True)
     if accepted.empty:
         raise UserError("the manifest has no accepted images to split")
