@@ -15,6 +15,7 @@ import torch
 from bloodcell.config import RunConfig, save_config
 from bloodcell.data.prepare import prepare_data
 from bloodcell.models import Classifier, ModelCard, create_model, save_model
+from bloodcell.models.card import save_trained_on
 
 IMAGE_SIZE = 48
 
@@ -69,4 +70,5 @@ def make_run(dataset_root: Path, run_dir: Path, name: str = "toy", architecture:
         epoch=epochs,
     )
     save_model(model, card, run_dir / "checkpoints" / "best")
+    save_trained_on(run_dir, prepared.split["sha256"].to_numpy()[train])  # as fit does
     return run_dir

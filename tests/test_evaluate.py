@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from bloodcell.cli import app
@@ -118,6 +120,31 @@ def test_split_all_on_another_copy_of_the_dataset(run: Path, tmp_path: Path) -> 
     assert result["temperature_source"] == "model card"  # another dataset never refits the model's temperature
     assert result["data"]["same_as_training"] is False
     assert Path(result["out_dir"]) == run / "evaluations" / "copy-all"
+
+
+def test_changed_data_leave_out_the_images_the_model_trained_on(
+    run: Path, dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With files added the split is rebuilt differently: the training images must not be scored."""
+    changed = tmp_path / "changed"
+    shutil.copytree(dataset, changed)
+    Image.new("RGB", (48, 48), (120, 60, 150)).save(changed / "Original" / "Pro" / "WBC-Malignant-Pro-900.jpg")
+    trained = (run / "trained-on.sha256").read_text().split()
+    with caplog.at_level("WARNING", logger="bloodcell.evaluate.runner"):
+        result = evaluate_model(run, changed, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
+    assert result["data"]["same_as_training"] is False
+    assert result["data"]["training_images_left_out"] == len(trained) > 0
+    assert result["n_images"] == 4 * 24 + 1 - len(trained)
+    assert any("trained on (same content); they are left out" in r.getMessage() for r in caplog.records)
+
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(run, unrecorded)
+    (unrecorded / "trained-on.sha256").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bloodcell.evaluate.runner"):
+        result = evaluate_model(unrecorded, changed, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
+    assert result["data"]["training_images_left_out"] is None and result["n_images"] == 4 * 24 + 1
+    assert any("no record of its training images" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_evaluate_json_and_table(run: Path) -> None:

@@ -92,6 +92,11 @@ def test_evaluating_a_refit_keeps_its_card_temperature(tmp_path: Path) -> None:
     assert "holdout" in metrics["temperature_source"]
     assert metrics["data"]["trained_on"] == ["train", "val"]
     assert load_card(run / "checkpoints" / "best")[0].metrics["test"]["n_images"] == len(prepared.indices("test"))
+    # Each stage records the content of exactly the images it trained on, for evaluations on other data.
+    sha = prepared.split["sha256"].to_numpy()
+    train, val = prepared.indices("train"), prepared.indices("val")
+    assert (run / "holdout" / "trained-on.sha256").read_text().split() == sorted(set(sha[train]))
+    assert (run / "trained-on.sha256").read_text().split() == sorted(set(sha[np.concatenate([train, val])]))
 
 
 @pytest.mark.parametrize("stage", ["holdout", "refit"])

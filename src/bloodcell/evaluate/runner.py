@@ -376,13 +376,18 @@ class EvalSet:
     blocks: np.ndarray | None  # session block of every image
     label_map: np.ndarray  # data label -> model label
     own_data: bool  # the data the model was trained on (manifest hash matches, or the card has none)
+    training_images_left_out: int | None = 0  # of the part, images the model trained on; None: cannot tell
 
 
 def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, split: str, prepared: Any = None,
-                  progress: bool = False) -> EvalSet:  # fmt: skip
+                  progress: bool = False, trained_on: set[str] | None = None) -> EvalSet:  # fmt: skip
     """Rebuild the model's split on ``data_root`` (default: its training data) and pick the ``split`` images.
 
-    Raises :class:`UserError` when the data has classes the model does not know or lacks that part.
+    On data that are not the model's own (another copy, files added or changed), the split rebuilt from
+    them need not be the one the model trained with, so the images whose content is in ``trained_on``
+    (the hashes of its training images) are left out; without that record a warning says the scores
+    cannot be checked for them. Raises :class:`UserError` when the data has classes the model does not
+    know, lacks that part, or holds nothing the model has not trained on.
     """
     from bloodcell.data.prepare import prepare_data
 
@@ -397,6 +402,8 @@ def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, sp
     indices = np.arange(len(prepared.split)) if split == "all" else prepared.indices(split)
     if len(indices) == 0:
         raise UserError(f"the {data_config.protocol!r} split of {prepared.dataset.top} has no {split!r} part; use --split all")
+    own_data = card.manifest_sha256 in (None, prepared.manifest_sha256)
+    indices, left_out = _without_training_images(indices, prepared, trained_on, own_data, split)
     return EvalSet(
         prepared=prepared,
         data_config=data_config,
@@ -406,8 +413,30 @@ def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, sp
         y_true=label_map[prepared.labels[indices]],
         blocks=prepared.split["block"].to_numpy()[indices] if "block" in prepared.split else None,
         label_map=label_map,
-        own_data=card.manifest_sha256 in (None, prepared.manifest_sha256),
+        own_data=own_data,
+        training_images_left_out=left_out,
     )
+
+
+def _without_training_images(
+    indices: np.ndarray, prepared: Any, trained_on: set[str] | None, own_data: bool, split: str
+) -> tuple[np.ndarray, int | None]:
+    """``indices`` less the images the model trained on, and how many those were (None: unknown)."""
+    if own_data:
+        return indices, 0  # the split is rebuilt exactly as in training: its held-out parts are unseen
+    where = f"the {split} part" if split != "all" else "these images"
+    if trained_on is None:
+        log.warning("these are not the data the model was trained on, and it has no record of its training images "
+                    "(trained-on.sha256): %s may hold images it trained on, which would flatter its scores", where)  # fmt: skip
+        return indices, None
+    seen = prepared.split["sha256"].to_numpy()[indices]
+    keep = ~np.isin(seen, list(trained_on))
+    if not keep.any():
+        raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
+    if not keep.all():
+        log.warning("%d of the %d images of %s are images the model was trained on (same content); they are left "
+                    "out", int((~keep).sum()), len(indices), where)  # fmt: skip
+    return indices[keep], int((~keep).sum())
 
 
 def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: Any) -> tuple[float, str]:
@@ -446,6 +475,7 @@ def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: Eva
             "variant": prepared.dataset.variant,
             "manifest_sha256": prepared.manifest_sha256,
             "same_as_training": bool(data.own_data and card.manifest_sha256 is not None),
+            "training_images_left_out": data.training_images_left_out,
             "trained_on": card.trained_on,
             "protocol": data_config.protocol,
             "split_seed": data_config.split_seed,
@@ -498,7 +528,7 @@ def evaluate_model(
 
     Returns the ``metrics.json`` dict (keys documented in docs/EVALUATION.md) plus ``out_dir``.
     """
-    from bloodcell.models.card import bundled_model_dir, load_model, resolve_model_dir
+    from bloodcell.models.card import bundled_model_dir, load_model, load_trained_on, resolve_model_dir
 
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -507,7 +537,8 @@ def evaluate_model(
     model, card = load_model(model_dir)
     run_dir = run_dir_of(model_dir)
     config = training_config(card, run_dir)
-    data = load_eval_set(card, config, data_root, split, prepared, progress)
+    trained_on = load_trained_on([model_dir, *([run_dir] if run_dir is not None else [])])
+    data = load_eval_set(card, config, data_root, split, prepared, progress, trained_on)
     if data.own_data and split in card.trained_on:
         log.warning("%s: this model was trained on the %s part; its scores there are not held-out scores", model_dir, split)
     classes, y_true, blocks = list(card.classes), data.y_true, data.blocks

@@ -22,6 +22,9 @@ from bloodcell.io import atomic_path, atomic_write_text
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FORMAT = "bloodcell-model/1"
+#: The SHA-256 of every image a model was trained on, sorted, one a line. With it an evaluation on other
+#: or changed data leaves out, by content whatever their names are now, the images the model has seen.
+TRAINED_ON_FILE = "trained-on.sha256"
 
 
 class ModelCard(BaseModel):
@@ -79,6 +82,20 @@ def load_card(path: str | Path | None = None) -> tuple[ModelCard, Path]:
         return ModelCard.model_validate_json(card_path.read_text(encoding="utf-8")), directory
     except ValueError as error:
         raise ValueError(f"{card_path}: not a valid model card ({error})") from None
+
+
+def save_trained_on(directory: str | Path, sha256s: Any) -> Path:
+    """Write :data:`TRAINED_ON_FILE` into ``directory`` (atomically) for these image hashes."""
+    return atomic_write_text(Path(directory) / TRAINED_ON_FILE, "".join(f"{sha}\n" for sha in sorted(set(sha256s))))
+
+
+def load_trained_on(directories: list[Path]) -> set[str] | None:
+    """The image hashes of the first of ``directories`` that holds :data:`TRAINED_ON_FILE`, or None."""
+    for directory in directories:
+        path = Path(directory) / TRAINED_ON_FILE
+        if path.is_file():
+            return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    return None
 
 
 def bundled_model_dir() -> Path:

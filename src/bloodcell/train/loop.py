@@ -32,6 +32,7 @@ from bloodcell.data.augment import BatchAugment
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
 from bloodcell.models import ModelCard
+from bloodcell.models.card import save_trained_on
 from bloodcell.train.checkpoint import (
     checkpoint_dir,
     load_optimizer_state,
@@ -175,6 +176,9 @@ def fit(
         refit = config.data.train_on == "train+val"
         if refit:  # the validation images join training; nothing is validated and the last epoch is the model
             train_rows, val_rows = np.concatenate([train_rows, val_rows]), val_rows[:0]
+        split_table = getattr(data, "split", None)
+        if main and split_table is not None and "sha256" in split_table:  # what evaluation must never score
+            save_trained_on(run_dir, split_table["sha256"].to_numpy()[train_rows])
         # The whole training set lives in one uint8 tensor on the training device: batches are gathered by
         # index, so no DataLoader or per-image Python is involved. NHWC in memory = channels_last NCHW.
         train_images = fabric.to_device(torch.from_numpy(np.ascontiguousarray(data.images[train_rows])))
