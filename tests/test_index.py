@@ -175,6 +175,13 @@ def test_unreadable_file_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert row["rejected"] and row["reason"] == "cannot read file (Permission denied)"
 
 
+def test_a_broken_link_is_reported_not_dropped(tmp_path: Path) -> None:
+    root = two_class_dataset(tmp_path / "d")
+    (root / "a" / "gone_009.png").symlink_to(tmp_path / "moved-away.png")
+    row = build_index(root, progress=False).manifest.set_index("path").loc["a/gone_009.png"]
+    assert row["rejected"] and row["reason"].startswith("cannot read file")
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "1"])
 def test_modes_are_converted_to_rgb(tmp_path: Path, mode: str) -> None:
     root = two_class_dataset(tmp_path / "d", per_class=2)

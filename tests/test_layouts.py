@@ -118,6 +118,20 @@ def test_plain_folders_with_canonical_aliases(tmp_path: Path) -> None:
     assert dataset.classes == ("Benign", "Pre-B", "Pro-B")
 
 
+def test_a_folder_without_images_beside_the_classes_changes_nothing(tmp_path: Path) -> None:
+    make_folders(tmp_path / "d", ["pro-b", "BENIGN", "pre"])
+    (tmp_path / "d" / "notes").mkdir()
+    (tmp_path / "d" / "notes" / "readme.txt").write_text("how the slides were stained")
+    assert find_dataset(tmp_path / "d").classes == ("Benign", "Pre-B", "Pro-B")
+
+
+def test_a_class_named_twice_is_refused(tmp_path: Path) -> None:
+    make_folders(tmp_path / "d", ["Benign", "Pro"])
+    for names in (["Benign", "Benign", "Pro"], ["Benign", "benign", "Pro"]):
+        with pytest.raises(UserError, match="named twice"):
+            find_dataset(tmp_path / "d", class_names=names)
+
+
 def test_user_class_name_not_found(tmp_path: Path) -> None:
     make_folders(tmp_path / "d", ["a", "b"])
     with pytest.raises(UserError, match="class 'c': no folder"):

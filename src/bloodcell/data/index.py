@@ -164,7 +164,10 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
 
 
 def _stat_key(path: Path) -> tuple[int, int]:
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:  # a broken link, say: inspect_file gives the reason, and a repaired link gets a real key
+        return -1, -1
     return stat.st_size, stat.st_mtime_ns
 
 

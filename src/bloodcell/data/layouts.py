@@ -114,7 +114,7 @@ def _class_files(root: Path, folder: str) -> list[str]:
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts) or path.name.lower() in _JUNK_FILES:
             continue
-        if path.is_file():
+        if path.is_file() or (path.is_symlink() and not path.exists()):  # a broken link is reported, not dropped
             paths.append(relative.as_posix())
     return sorted(paths)
 
@@ -155,6 +155,8 @@ def _match_user_classes(root: Path, class_names: list[str]) -> dict[str, str]:
             by_key.setdefault(normalise_name(alias), []).append(folder.name)
     mapping: dict[str, str] = {}
     for name in class_names:
+        if name in mapping or _matches_folder_of(mapping, by_key.get(normalise_name(name), [])):
+            raise UserError(f"class {name!r} is named twice in --classes ({', '.join(class_names)})")
         matches = by_key.get(normalise_name(name), [])
         if len(matches) != 1:
             available = ", ".join(p.name for p in _subfolders(root)) or "none"
@@ -162,6 +164,11 @@ def _match_user_classes(root: Path, class_names: list[str]) -> dict[str, str]:
             raise UserError(f"class {name!r}: {what} under {root} matches it; folders there: {available}")
         mapping[name] = matches[0]
     return mapping
+
+
+def _matches_folder_of(mapping: dict[str, str], folders: list[str]) -> bool:
+    """Whether the one folder a class name matches is already another name's (two names for one class)."""
+    return len(folders) == 1 and folders[0] in mapping.values()
 
 
 def _build(root: Path, top: Path, layout: str, variant: str, class_folders: dict[str, str]) -> Dataset:
@@ -236,9 +243,12 @@ def find_dataset(
     if class_names:
         return _build(path, path, "folders", variant, _match_user_classes(path, class_names))
     known = _canonical_folders(path)
-    if known and len(known) == len(folders):
-        return _build(path, path, "folders", variant, _in_canonical_order(known))
     with_images = [f for f in folders if any(is_image_name(p) for p in f.rglob("*"))]
+    # Every folder holding images is a known class alias: the canonical classes. A notes/ or docs/ folder
+    # without images beside them changes nothing; a known class folder left empty stays a class (training
+    # then says it has no images).
+    if known and with_images and {f.name for f in with_images} <= set(known.values()):
+        return _build(path, path, "folders", variant, _in_canonical_order(known))
     if len(with_images) < 2:
         raise UserError(
             f"no recognisable classes under {path}: expected the Aria layout (Original/{{Benign,Early,Pre,Pro}}), "
