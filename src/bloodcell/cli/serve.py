@@ -305,6 +305,12 @@ def export_command(
         )
 
 
+MAX_SIDE_HELP = (
+    "Largest accepted image width or height, in pixels (and at most 64 megapixels, or the square of this when "
+    "that is more)."
+)
+
+
 @app.command("serve")
 def serve_command(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
@@ -314,13 +320,7 @@ def serve_command(
         Backend, typer.Option("--backend", help="torch or onnx (ONNX Runtime; Grad-CAM still uses PyTorch).")
     ] = Backend.torch,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest accepted upload, in MiB (2**20 bytes).")] = 10.0,
-    max_side: Annotated[
-        int,
-        typer.Option(
-            "--max-side", min=8, help="Largest accepted image width or height, in pixels (and at most 64 megapixels, "
-            "or the square of this when that is more).",
-        ),
-    ] = 4096,
+    max_side: Annotated[int, typer.Option("--max-side", min=8, help=MAX_SIDE_HELP)] = 4096,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation by default (requests may override).")] = False,
     threads: Annotated[
         int,
