@@ -54,6 +54,21 @@ def test_aria_original_and_segmented(aria_dataset: Path) -> None:
     assert segmented.files == original.files
 
 
+def test_images_outside_the_class_folders_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=2, size=32, segmented=False)
+    (root / "Original" / "Mature").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "Original" / "Mature" / "m-001.jpg")
+    Image.new("RGB", (32, 32)).save(root / "Original" / "stray.jpg")
+    (root / "Original" / "notes.txt").write_text("not an image: not worth a warning")
+    with caplog.at_level("WARNING", logger="bloodcell.data.layouts"):
+        dataset = find_dataset(root)
+    assert dataset.classes == CLASSES
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert "Mature/, stray.jpg not used" in message and "notes.txt" not in message
+
+
 def test_aria_variant_folder_given_directly(aria_dataset: Path) -> None:
     dataset = find_dataset(aria_dataset / "Original")
     assert dataset.layout == "aria"

@@ -21,6 +21,7 @@ Folder names are matched case- and punctuation-insensitively, so ``[Malignant] e
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 from bloodcell import CLASSES
 from bloodcell.data.decode import IMAGE_SUFFIXES
 from bloodcell.errors import UserError
+
+log = logging.getLogger(__name__)
 
 VARIANTS: tuple[str, ...] = ("Original", "Segmented")
 
@@ -171,6 +174,25 @@ def _matches_folder_of(mapping: dict[str, str], folders: list[str]) -> bool:
     return len(folders) == 1 and folders[0] in mapping.values()
 
 
+def _warn_about_unused_images(root: Path, class_folders: dict[str, str]) -> None:
+    """Name the images beside the class folders (loose files, or folders that are not classes), so that a
+    forgotten class or a misplaced file is not left out without a word."""
+    used = set(class_folders.values())
+    unused = [
+        entry.name + ("/" if entry.is_dir() else "")
+        for entry in sorted(root.iterdir())
+        if not entry.name.startswith(".") and entry.name not in used
+        and (is_image_name(entry) if entry.is_file() else entry.is_dir() and any(map(is_image_name, entry.rglob("*"))))
+    ]  # fmt: skip
+    message = f"{root}: {', '.join(unused)} not used: images outside the class folders ({', '.join(sorted(used))})"
+    if unused and message not in _SAID:  # a command indexes a dataset several times: say it once
+        _SAID.add(message)
+        log.warning(message)
+
+
+_SAID: set[str] = set()
+
+
 def _build(root: Path, top: Path, layout: str, variant: str, class_folders: dict[str, str]) -> Dataset:
     files = tuple(
         (path, name) for name, folder in class_folders.items() for path in _class_files(root, folder)
@@ -179,6 +201,7 @@ def _build(root: Path, top: Path, layout: str, variant: str, class_folders: dict
         raise UserError(
             f"no files found in the class folders under {root} ({', '.join(class_folders.values())})"
         )
+    _warn_about_unused_images(root, class_folders)
     return Dataset(root, top, layout, variant, tuple(class_folders), dict(class_folders), files)
 
 
