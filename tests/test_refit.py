@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from bloodcell.errors import UserError
 from bloodcell.models.card import load_card
 from bloodcell.train import loop as loop_module
 from bloodcell.train import train_run
+from bloodcell.train.checkpoint import checkpoint_dir
 from conftest import make_aria_dataset
 from synthetic_data import make_synthetic_data
 
@@ -99,24 +101,71 @@ def test_evaluating_a_refit_keeps_its_card_temperature(tmp_path: Path) -> None:
     assert (run / "trained-on.sha256").read_text().split() == sorted(set(sha[np.concatenate([train, val])]))
 
 
-@pytest.mark.parametrize("stage", ["holdout", "refit"])
-def test_an_interrupted_refit_resumes_to_the_same_model(tmp_path: Path, data, monkeypatch, stage: str) -> None:
+def kill_after_history(target: Path, epoch: int):
+    """A ``_write_history`` that dies once ``target``'s epoch ``epoch`` is on disk, checkpoints and history."""
+    real = loop_module._write_history
+
+    def write_then_die(run_dir: Path, rows: list) -> None:
+        real(run_dir, rows)
+        if Path(run_dir) == target and len(rows) == epoch:
+            raise KeyboardInterrupt
+
+    return loop_module, "_write_history", write_then_die
+
+
+def kill_before_history(target: Path, epoch: int):
+    """Dies after ``target``'s epoch ``epoch`` checkpoints are complete, before its history row is written."""
+    real = loop_module._write_history
+
+    def die_first(run_dir: Path, rows: list) -> None:
+        if Path(run_dir) == target and len(rows) == epoch:
+            raise KeyboardInterrupt
+        real(run_dir, rows)
+
+    return loop_module, "_write_history", die_first
+
+
+def kill_in_swap(target: Path, which: str, call: int, between_renames: bool):
+    """Dies in the ``call``-th swap of ``target``'s ``which`` checkpoint: before its renames (the staging
+    folder complete, nothing renamed yet) or between them (only the previous one, renamed aside, survives)."""
+    from bloodcell.train import checkpoint as checkpoint_module
+
+    real, calls = checkpoint_module._swap_in, {"n": 0}
+
+    def swap(staging: Path, directory: Path) -> None:
+        if directory == checkpoint_dir(target, which):
+            calls["n"] += 1
+            if calls["n"] == call:
+                if between_renames:
+                    os.replace(directory, directory.with_name(f".{directory.name}.old"))
+                raise KeyboardInterrupt
+        real(staging, directory)
+
+    return checkpoint_module, "_swap_in", swap
+
+
+KILLS = {
+    "holdout, after epoch 1": lambda run: kill_after_history(run / "holdout", 1),
+    "refit, after epoch 1": lambda run: kill_after_history(run, 1),
+    "holdout, in its first checkpoint": lambda run: kill_in_swap(run / "holdout", "best", 1, between_renames=False),
+    "refit, in its first checkpoint": lambda run: kill_in_swap(run, "best", 1, between_renames=False),
+    "holdout, between the renames of epoch 2's last": lambda run: kill_in_swap(run / "holdout", "last", 2, True),
+    "refit, between the renames of epoch 2's last": lambda run: kill_in_swap(run, "last", 2, between_renames=True),
+    "holdout, before its last history row": lambda run: kill_before_history(run / "holdout", 2),
+}
+
+
+@pytest.mark.parametrize("kill", list(KILLS))
+def test_an_interrupted_refit_resumes_to_the_same_model(tmp_path: Path, data, monkeypatch, kill: str) -> None:
+    """Killed at any moment, in either stage, ``--resume`` ends with the uninterrupted run's models and history."""
     uninterrupted = tmp_path / "whole"
     train_run(refit_config(), uninterrupted, prepared=data, progress=False)
 
     run = tmp_path / "run"
-    target = run / "holdout" if stage == "holdout" else run
-    real_write_history = loop_module._write_history
-
-    def killed_after_first_epoch(run_dir: Path, rows: list) -> None:
-        real_write_history(run_dir, rows)  # epoch 1's checkpoints and history are on disk ...
-        if Path(run_dir) == target and len(rows) == 1:
-            raise KeyboardInterrupt  # ... and then the process dies
-
-    monkeypatch.setattr(loop_module, "_write_history", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(refit_config(), run, prepared=data, progress=False)
-    monkeypatch.setattr(loop_module, "_write_history", real_write_history)
+    with monkeypatch.context() as patch:
+        patch.setattr(*KILLS[kill](run))
+        with pytest.raises(KeyboardInterrupt):
+            train_run(refit_config(), run, prepared=data, progress=False)
     train_run(refit_config(), run, resume=True, prepared=data, progress=False)
 
     for which in ("best", "last"):
@@ -125,6 +174,26 @@ def test_an_interrupted_refit_resumes_to_the_same_model(tmp_path: Path, data, mo
     assert load_card(run / "checkpoints" / "best")[0].temperature == pytest.approx(
         load_card(uninterrupted / "checkpoints" / "best")[0].temperature
     )
+    for stage in (Path("holdout"), Path(".")):
+        timing = {"seconds", "images_per_second"}
+        expected_rows = [{k: v for k, v in r.items() if k not in timing} for r in history(uninterrupted / stage)]
+        assert [{k: v for k, v in r.items() if k not in timing} for r in history(run / stage)] == expected_rows, stage
+
+
+def test_a_refit_resumes_from_data_that_moved(tmp_path: Path, monkeypatch) -> None:
+    """``--resume RUN --data NEW_PLACE``: both stages, and the holdout's temperature, read the data there."""
+    dataset = make_aria_dataset(tmp_path / "aria", per_class=16, size=40, segmented=False)
+    raw = json.loads(json.dumps(REFIT))
+    raw["data"].update(root=str(dataset), block_size=4, embargo=1)
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(*kill_after_history(run, 1))
+        with pytest.raises(KeyboardInterrupt):
+            train_run(config_from_dict(raw), run, progress=False)
+    os.replace(dataset, tmp_path / "moved")
+    raw["data"]["root"] = str(tmp_path / "moved")
+    result = train_run(config_from_dict(raw), run, resume=True, progress=False)
+    assert len(result.history) == 2 and load_card(run / "checkpoints" / "best")[0].temperature != 1.0
 
 
 def test_a_refit_needs_a_fixed_schedule() -> None:

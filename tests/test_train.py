@@ -258,9 +258,17 @@ def test_resume_with_a_changed_config_is_refused_naming_the_key(tmp_path: Path, 
         fit(changed, tmp_path / "run", prepared=data, progress=False, resume=True)
 
 
-def test_resume_without_a_checkpoint_says_so(tmp_path: Path, data) -> None:
+def test_resume_without_a_run_says_so_and_one_killed_before_its_first_epoch_starts_afresh(tmp_path: Path, data) -> None:
     with pytest.raises(UserError, match="nothing to resume"):
         fit(tiny_config(), tmp_path / "empty", prepared=data, progress=False, resume=True)
+    config = tiny_config(train={"epochs": 1})
+    fit(config, tmp_path / "straight", prepared=data, progress=False)
+    (tmp_path / "killed" / "checkpoints" / ".best.tmp").mkdir(parents=True)  # epoch 1 died while saving
+    (tmp_path / "killed" / "config.yaml").write_text((tmp_path / "straight" / "config.yaml").read_text())
+    fit(config, tmp_path / "killed", prepared=data, progress=False, resume=True)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not (tmp_path / "killed" / "checkpoints" / ".best.tmp").exists()
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(

@@ -34,8 +34,18 @@ def checkpoint_dir(run_dir: Path, which: str) -> Path:
 
 
 def has_resumable_checkpoint(run_dir: Path) -> bool:
-    """Whether a run left a ``last`` checkpoint that ``fit(resume=True)`` continues from."""
-    return (checkpoint_dir(run_dir, "last") / TRAINER_STATE).is_file()
+    """Whether a run left a ``last`` checkpoint that ``fit(resume=True)`` continues from (first finishing a
+    swap that a kill interrupted, which leaves the previous checkpoint beside the new one's staging folder)."""
+    return (recover_checkpoint(checkpoint_dir(run_dir, "last")) / TRAINER_STATE).is_file()
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that finished an epoch: one to resume, never to overwrite.
+
+    A kill before the first epoch's checkpoints and history were complete leaves nothing worth keeping
+    (at most a ``best`` or a staging folder of an unfinished epoch): such a folder may start afresh.
+    """
+    return has_resumable_checkpoint(run_dir) or (Path(run_dir) / "history.csv").is_file()
 
 
 def save_checkpoint(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +36,10 @@ from bloodcell.models import ModelCard
 from bloodcell.models.card import save_trained_on
 from bloodcell.train.checkpoint import (
     checkpoint_dir,
+    has_resumable_checkpoint,
+    holds_a_run,
     load_optimizer_state,
     load_trainer_state,
-    recover_checkpoint,
     save_checkpoint,
 )
 from bloodcell.train.progress import RunProgress, close_log, open_log
@@ -155,8 +157,12 @@ def fit(
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / config.name
     main = fabric.is_global_zero
     if main:
+        if resume and not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir}: nothing to resume (no run was started there: no config.yaml)")
+        resume = resume and has_resumable_checkpoint(run_dir)  # killed before a first epoch: start afresh
         config = _prepare_run_dir(run_dir, config, resume, prepared)
     config = fabric.broadcast(config, src=0)  # rank 0 may have resolved lr=auto or read the run's config
+    resume = fabric.broadcast(resume, src=0)
     log = open_log(run_dir, main)
     classifier = None
     try:
@@ -215,6 +221,8 @@ def fit(
         if resume:
             state = _restore(run_dir, classifier, optimizer, data)
             log.info("resumed from %s at epoch %d", checkpoint_dir(run_dir, "last"), state.epoch)
+            if main:  # a kill after the checkpoint and before the history was written: history follows last again
+                _write_history(run_dir, state.history)
         else:
             log.info(
                 "run %s: %s on %d %s / %d val images, %d classes, %d px, %s x%d, precision %s, threads %d",
@@ -489,9 +497,6 @@ def _check_every_class_trains(classes: list[str], train_labels: np.ndarray) -> N
 def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, prepared: TrainingData | None) -> RunConfig:
     """Create (or, to resume, check) the run directory and write ``config.yaml``; returns the config to run."""
     if resume:
-        last = recover_checkpoint(checkpoint_dir(run_dir, "last"))
-        if not (last / "trainer.json").is_file():
-            raise UserError(f"{run_dir}: nothing to resume (no checkpoints/last from an earlier epoch)")
         saved = load_config(str(run_dir / "config.yaml"))
         changed = _changed_keys(saved, config)
         if changed:
@@ -501,8 +506,11 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, prepared: T
             )
         root = config.data.root or saved.data.root
         return saved.model_copy(update={"data": saved.data.model_copy(update={"root": root})})
-    if (run_dir / "checkpoints").exists() or (run_dir / "history.csv").exists():
+    if holds_a_run(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    # Nothing resumable (a first start, or --resume of one killed before its first epoch was complete): start
+    # afresh, without what an unfinished epoch may have left.
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = _resolve_learning_rate(config, run_dir, prepared)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))

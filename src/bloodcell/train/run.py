@@ -21,7 +21,7 @@ import numpy as np
 from bloodcell.config import RunConfig, config_to_yaml, load_config
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
-from bloodcell.train.checkpoint import checkpoint_dir, has_resumable_checkpoint
+from bloodcell.train.checkpoint import checkpoint_dir, has_resumable_checkpoint, holds_a_run
 from bloodcell.train.loop import TrainingData, TrainResult, fit
 
 HOLDOUT_DIR = "holdout"
@@ -61,7 +61,7 @@ def train_run(
         str(holdout_dir / "config.yaml"), ["data.train_on=train+val", f"train.num_threads={threads}"]
     )
     resolved = resolved.model_copy(update={"data": resolved.data.model_copy(update={"root": config.data.root})})
-    temperature = fit_holdout_temperature(holdout_dir, prepared, holdout.is_main_process)
+    temperature = fit_holdout_temperature(holdout_dir, prepared, holdout.is_main_process, config.data.root)
     _announce(progress and holdout.is_main_process, f"stage 2 of 2: refit on train + val -> {run_dir}")
     result = fit(
         resolved, run_dir, resume=resume and has_resumable_checkpoint(run_dir), progress=progress, prepared=prepared
@@ -71,8 +71,13 @@ def train_run(
     return dataclasses.replace(result, holdout=holdout)
 
 
-def fit_holdout_temperature(holdout_dir: Path, prepared: TrainingData | None, is_main_process: bool) -> float:
-    """Fit the temperature of the holdout run's last model on its validation images (rank 0 only; 1.0 elsewhere)."""
+def fit_holdout_temperature(
+    holdout_dir: Path, prepared: TrainingData | None, is_main_process: bool, data_root: str | None = None
+) -> float:
+    """Fit the temperature of the holdout run's last model on its validation images (rank 0 only; 1.0 elsewhere).
+
+    ``data_root``: where the data are now (``--resume RUN --data MOVED``), else the holdout's config says.
+    """
     if not is_main_process:
         return 1.0
     from bloodcell.evaluate.calibration import fit_temperature, save_temperature
@@ -81,7 +86,7 @@ def fit_holdout_temperature(holdout_dir: Path, prepared: TrainingData | None, is
 
     last = checkpoint_dir(holdout_dir, "last")
     model, _ = load_model(last)
-    data = prepared if prepared is not None else _prepare(load_config(str(holdout_dir / "config.yaml")))
+    data = prepared if prepared is not None else _prepare(load_config(str(holdout_dir / "config.yaml")), data_root)
     val = np.asarray(data.indices("val"))
     temperature = fit_temperature(predict_logits(model, data.images[val]), np.asarray(data.labels)[val])
     save_temperature(last, temperature)
@@ -109,12 +114,11 @@ def _store_temperature(run_dir: Path, temperature: float) -> None:
 def _claim_run_dir(run_dir: Path, config: RunConfig) -> None:
     """Refuse a folder that holds another run; write ``config.yaml`` first so ``--resume`` works in either stage.
 
-    A run counts once either stage has finished an epoch (its ``checkpoints`` or ``history.csv``): a start
-    that failed before that (a mistyped ``--data``, a bad value) leaves nothing the corrected command
-    could lose, so it may reuse the folder.
+    A run counts once either stage has finished an epoch (:func:`holds_a_run`): a start that failed before
+    that (a mistyped ``--data``, a bad value) leaves nothing the corrected command could lose, so it may
+    reuse the folder.
     """
-    stages = (run_dir, run_dir / HOLDOUT_DIR)
-    if any((stage / name).exists() for stage in stages for name in ("checkpoints", "history.csv")):
+    if any(holds_a_run(stage) for stage in (run_dir, run_dir / HOLDOUT_DIR)):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
@@ -137,7 +141,7 @@ def _is_first_process() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def _prepare(config: RunConfig) -> TrainingData:
+def _prepare(config: RunConfig, root: str | None = None) -> TrainingData:
     from bloodcell.data.prepare import prepare_data
 
-    return prepare_data(config.data, progress=False)
+    return prepare_data(config.data, root, progress=False)
