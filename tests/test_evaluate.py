@@ -135,7 +135,7 @@ def test_changed_data_leave_out_the_images_the_model_trained_on(
     assert result["data"]["same_as_training"] is False
     assert result["data"]["training_images_left_out"] == len(trained) > 0
     assert result["n_images"] == 4 * 24 + 1 - len(trained)
-    assert any("trained on (same content); they are left out" in r.getMessage() for r in caplog.records)
+    assert any("the model was trained on; they are left out" in r.getMessage() for r in caplog.records)
 
     unrecorded = tmp_path / "unrecorded"
     shutil.copytree(run, unrecorded)
@@ -145,6 +145,20 @@ def test_changed_data_leave_out_the_images_the_model_trained_on(
         result = evaluate_model(unrecorded, changed, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
     assert result["data"]["training_images_left_out"] is None and result["n_images"] == 4 * 24 + 1
     assert any("no record of its training images" in r.getMessage() for r in caplog.records)
+
+
+def test_every_image_of_its_own_data_means_every_image_it_did_not_train_on(run: Path) -> None:
+    result = evaluate_model(run, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
+    counts = result["data"]["split_summary"]["counts"]
+    assert result["data"]["training_images_left_out"] == counts["train"]["total"]
+    assert result["n_images"] == sum(counts[part]["total"] for part in counts if part != "train")
+    assert result["temperature_source"] == "model card"
+
+
+def test_the_validation_part_is_never_scored_with_a_temperature_fitted_on_it(run: Path) -> None:
+    result = evaluate_model(run, split="val", robustness=False, explain=False, progress=False, n_bootstrap=50,
+                            update_card=False)  # fmt: skip
+    assert result["temperature_source"] == "model card"
 
 
 def test_cli_evaluate_json_and_table(run: Path) -> None:

@@ -75,6 +75,18 @@ def test_report_cli_with_explicit_baseline(runs: Path) -> None:
     assert "report.html" in result.stdout
 
 
+def test_report_reads_the_card_from_any_working_folder(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bloodcell.evaluate.runner import evaluate_model
+
+    run = tmp_path / "toy"
+    shutil.copytree(runs / "toy", run)
+    monkeypatch.chdir(tmp_path)
+    evaluate_model(Path("toy"), robustness=False, explain=False, progress=False, n_bootstrap=20)  # a relative path
+    monkeypatch.chdir("/")
+    html = build_report(run, evaluate=False).read_text(encoding="utf-8")
+    assert "manifest sha256 not recorded" not in html
+
+
 def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert result.exit_code != 0

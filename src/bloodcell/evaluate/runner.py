@@ -403,7 +403,7 @@ def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, sp
     if len(indices) == 0:
         raise UserError(f"the {data_config.protocol!r} split of {prepared.dataset.top} has no {split!r} part; use --split all")
     own_data = card.manifest_sha256 in (None, prepared.manifest_sha256)
-    indices, left_out = _without_training_images(indices, prepared, trained_on, own_data, split)
+    indices, left_out = _without_training_images(indices, prepared, trained_on, own_data, split, list(card.trained_on))
     return EvalSet(
         prepared=prepared,
         data_config=data_config,
@@ -419,34 +419,38 @@ def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, sp
 
 
 def _without_training_images(
-    indices: np.ndarray, prepared: Any, trained_on: set[str] | None, own_data: bool, split: str
+    indices: np.ndarray, prepared: Any, trained_on: set[str] | None, own_data: bool, split: str,
+    trained_parts: list[str],
 ) -> tuple[np.ndarray, int | None]:
     """``indices`` less the images the model trained on, and how many those were (None: unknown)."""
-    if own_data:
-        return indices, 0  # the split is rebuilt exactly as in training: its held-out parts are unseen
     where = f"the {split} part" if split != "all" else "these images"
-    if trained_on is None:
+    if own_data and split != "all":
+        return indices, 0  # the split is rebuilt exactly as in training: its held-out parts are unseen
+    if own_data:  # every image of the model's own data: its training parts are known exactly
+        keep = ~prepared.split["split"].isin(trained_parts).to_numpy()[indices]
+    elif trained_on is None:
         log.warning("these are not the data the model was trained on, and it has no record of its training images "
                     "(trained-on.sha256): %s may hold images it trained on, which would flatter its scores", where)  # fmt: skip
         return indices, None
-    seen = prepared.split["sha256"].to_numpy()[indices]
-    keep = ~np.isin(seen, list(trained_on))
+    else:
+        keep = ~np.isin(prepared.split["sha256"].to_numpy()[indices], list(trained_on))
     if not keep.any():
         raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
     if not keep.all():
-        log.warning("%d of the %d images of %s are images the model was trained on (same content); they are left "
-                    "out", int((~keep).sum()), len(indices), where)  # fmt: skip
+        log.warning("%d of the %d images of %s are images the model was trained on; they are left out",
+                    int((~keep).sum()), len(indices), where)  # fmt: skip
     return indices[keep], int((~keep).sum())
 
 
 def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: Any) -> tuple[float, str]:
-    """The temperature and where it comes from: fitted on the validation part of the model's own data,
-    else (other data, ``split="all"``, or a model that trained on the validation part) the card's value,
-    never refitted on the data being judged or on data the model learned from."""
+    """The temperature and where it comes from: fitted on the validation part of the model's own data when
+    the test part is judged, else (``--split val`` or ``all``, other data, or a model that trained on the
+    validation part) the card's value: never refitted on the data being judged or on data the model
+    learned from."""
     val = data.prepared.indices("val")
     if "val" in card.trained_on:
         return float(card.temperature), str(getattr(card, "temperature_source", None) or "model card")
-    if data.own_data and data.split != "all" and len(val):
+    if data.own_data and data.split == "test" and len(val):  # never fitted on the images it then scores
         val_logits = logits_fn(np.ascontiguousarray(data.prepared.images[val]))
         return fit_temperature(val_logits, data.label_map[data.prepared.labels[val]]), (
             f"fitted on the validation part ({len(val)} images)"
@@ -463,7 +467,7 @@ def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: Eva
                             prepared.split_path)  # fmt: skip
     return {
         "model": {
-            "path": str(model_dir),
+            "path": str(model_dir.resolve()),  # absolute: the report reads the card from wherever it runs
             "name": card.name,
             "architecture": card.architecture,
             "input_size": card.input_size,

@@ -181,7 +181,10 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
     """Everything the templates show, gathered from the run's files (plots as paths)."""
     from bloodcell.evaluate.shifts import SEVERITY_NAMES, shift_table
 
-    card = _read_json(Path(metrics["model"]["path"]) / "card.json") or {}
+    model_dir = Path(metrics["model"]["path"])
+    if not (model_dir / "card.json").is_file():  # a relative path that an older evaluation wrote elsewhere
+        model_dir = run_dir / "checkpoints" / "best"
+    card = _read_json(model_dir / "card.json") or {}
     config = _read_yaml(run_dir / "config.yaml") or card.get("config", {})
     plots = {name: run_dir / rel for name, rel in metrics.get("plots", {}).items() if (run_dir / rel).is_file()}
     training = _training_plot(run_dir, metrics)
