@@ -29,7 +29,6 @@ def demo_command(
 ) -> None:
     """Classify the sample images shipped with bloodcell, with Grad-CAM overlays and an HTML report.
 
-    \b
     Writes into --out: predictions.csv, predictions.json, overlays/*.gradcam.png and report.html
     (self-contained: open it in any browser). Research use only: not a medical device.
     """

@@ -103,7 +103,7 @@ def evaluate_command(
     tta: bool = typer.Option(False, "--tta", help="Also evaluate with test-time augmentation (8 flips / rotations)."),
     robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Evaluate under the acquisition-shift suite (7 shifts x 3 severities) and with each corner masked."),
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM grid and sanity check."),
-    out: Path | None = typer.Option(None, "--out", help="Output folder (default: the run directory for its own test part, else RUN/evaluations/<data>-<split>).", show_default=False),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: the run directory for its own test part, else a folder under RUN/evaluations named after the data and split).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json on stdout instead of the summary."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
 ) -> None:

@@ -177,12 +177,14 @@ def predict_command(
 ) -> None:
     """Classify images with a saved model: prints a table (file, predicted class, probability of each class).
 
-    \b
     Examples:
-      bloodcell predict cell.jpg                       (the bundled default model)
-      bloodcell predict -m runs/default slides/ '*.png' --out results.csv
-      bloodcell predict runs/default slides/           (a first INPUT that is a model is the model)
-      bloodcell predict -m model.onnx --backend onnx slides/ --json
+
+    ```
+    bloodcell predict cell.jpg                       (the bundled default model)
+    bloodcell predict -m runs/default slides/ '*.png' --out results.csv
+    bloodcell predict runs/default slides/           (a first INPUT that is a model is the model)
+    bloodcell predict -m model.onnx --backend onnx slides/ --json
+    ```
 
     A file that cannot be read is reported with its reason and the others still run.
     Files in a folder given that are not images by their suffix are named ("skipped" with --json).
@@ -261,7 +263,7 @@ def export_command(
         Path | None,
         typer.Option(
             "--out", "-o", help="The .onnx file (or a folder for model.onnx) to write; card.json goes beside it. "
-            "Default: <model dir>/onnx/model.onnx.", show_default=False,
+            "Default: MODEL-DIR/onnx/model.onnx.", show_default=False,
         ),
     ] = None,
     images: Annotated[

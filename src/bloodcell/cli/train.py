@@ -17,7 +17,7 @@ CONFIG_OPTION = typer.Option(
     "default", "--config", "-c", help="A shipped config name (default, seed-replica) or a YAML file."
 )
 SET_OPTION = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable).")
-OUT_OPTION = typer.Option(None, "--out", help="Run directory (default runs/<config name>).", show_default=False)
+OUT_OPTION = typer.Option(None, "--out", help="Run directory (default runs/CONFIG-NAME).", show_default=False)
 RESUME_OPTION = typer.Option(
     None, "--resume", help="Continue the run in this directory from its last checkpoint (after Ctrl-C or a kill).",
     show_default=False,
@@ -26,7 +26,7 @@ DEVICES_OPTION = typer.Option(
     None, "--devices", help="Devices (GPUs, or CPU processes) for data-parallel training: a number or 'auto'. "
     "Under torchrun or SLURM the launcher's process count is used.", show_default=False
 )  # fmt: skip
-PRETRAINED_OPTION = typer.Option(False, "--pretrained", help="Start a timm/<name> model from timm's published weights.")
+PRETRAINED_OPTION = typer.Option(False, "--pretrained", help="Start a timm/NAME model from timm's published weights.")
 WEIGHTS_OPTION = typer.Option(
     None, "--weights", help="Initialise the network from a safetensors (or .pth) file.", show_default=False
 )
