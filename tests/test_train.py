@@ -366,6 +366,8 @@ def test_shipped_configs_load() -> None:
     assert default.model.name == "bloodnet"
     assert seed.model.name == "seed-cnn" and seed.data.image_size == 150
     assert seed.optimizer.name == "adam" and seed.optimizer.lr == pytest.approx(1e-4)
+    colour = ("brightness", "contrast", "saturation", "hue", "gamma", "stain", "blur", "noise", "jpeg")
+    assert all(getattr(seed.augment, name) == 0 for name in colour), seed.augment  # Keras-style: no colour changes
 
 
 @pytest.mark.parametrize("name", ["default", "seed-replica"])
