@@ -57,7 +57,8 @@ from bloodcell.evaluate.runner import evaluate_model  # noqa: E402
 from bloodcell.io import atomic_write_json, atomic_write_text  # noqa: E402
 from bloodcell.train import fit  # noqa: E402
 
-COLOUR = ["normalize.per_image=false", "augment.blur=0", "augment.noise=0"]
+# Each recipe switches off by name what it leaves out of the default (the JPEG round trip included).
+COLOUR = ["normalize.per_image=false", "augment.blur=0", "augment.noise=0", "augment.jpeg=0"]
 PLAIN = [*COLOUR, "augment.hue=0", "augment.gamma=0", "augment.stain=0"]
 RECIPES: dict[str, list[str]] = {
     "plain": PLAIN,

@@ -188,11 +188,13 @@ def test_cli_explain_reports_a_bad_image_and_explains_the_others(run: Path, data
     (folder / "good.jpg").write_bytes(good.read_bytes())
     (folder / "cut.jpg").write_bytes(good.read_bytes()[:200])
     (folder / "._good.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: not an input
-    result = CliRunner().invoke(app, ["explain", str(run), str(folder), "--out", str(tmp_path / "cams"), "--json"])
+    missing = tmp_path / "not-there.jpg"
+    result = CliRunner().invoke(app, ["explain", str(run), str(folder), str(missing), "--out", str(tmp_path / "cams"), "--json"])
     assert result.exit_code == 1, result.output
     payload = json.loads(result.stdout)
     rows = {Path(row["image"]).name: row for row in payload["images"]}
-    assert set(rows) == {"good.jpg", "cut.jpg"} and payload["n_failed"] == 1
+    assert set(rows) == {"good.jpg", "cut.jpg", "not-there.jpg"} and payload["n_failed"] == 2
+    assert "no such file" in rows["not-there.jpg"]["error"]
     assert rows["good.jpg"]["error"] is None and Path(rows["good.jpg"]["overlay"]).is_file()
     assert "truncated" in rows["cut.jpg"]["error"] and rows["cut.jpg"]["overlay"] is None
 

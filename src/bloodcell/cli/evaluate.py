@@ -137,16 +137,17 @@ def _split_model_and_images(paths: list[Path]) -> tuple[Path | None, list[Path]]
     return paths[0], paths[1:]
 
 
-def _expand_images(paths: list[Path]) -> list[Path]:
-    """Image files: folders searched for images (hidden files left out) and globs expanded, as ``predict`` does."""
+def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: str, target_layer: str | None) -> list[dict]:
+    """Explain the images that ``paths`` name (folders searched, hidden files left out, globs expanded, as
+    ``predict`` does); an input that names nothing gets a row with its reason, as a bad image does."""
+    from bloodcell.explain.gradcam import explain_files
     from bloodcell.serve.common import expand_inputs
 
     found = expand_inputs(paths)
-    if found.missing:
-        raise UserError(f"{', '.join(found.missing)}: no such image or folder, or no images in it")
-    if not found.files:
-        raise UserError("no images found to explain")
-    return found.files
+    rows = explain_files(model, found.files, out, method=method, target_layer=target_layer) if found.files else []
+    reason = "no such file or folder, or no image files in it or matching it"
+    return rows + [{"image": name, "overlay": None, "predicted": None, "probability": None, "target_layer": None,
+                    "error": reason} for name in found.missing]  # fmt: skip
 
 
 @app.command("explain")
@@ -162,10 +163,8 @@ def explain_command(
     A file that cannot be read is reported with its reason and the others are still explained.
     Exit code: 0 when every image was explained, 1 when any failed, 2 on a usage error.
     """
-    from bloodcell.explain.gradcam import explain_files
-
     model, images = _split_model_and_images(paths)
-    rows = explain_files(model, _expand_images(images), out, method=method, target_layer=target_layer)
+    rows = _explain_inputs(model, images, out, method, target_layer)
     failed = sum(row["error"] is not None for row in rows)
     if as_json:
         typer.echo(json.dumps({"method": method, "out": str(out), "n_failed": failed, "images": rows}, indent=2))
