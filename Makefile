@@ -2,9 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA ?= ../shared/data/leukemia-aria
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test install install-test install-lint lint clean
 
 demo: $(VENV)/.installed  ## install into .venv, then run the demo on the bundled model and sample images
 	$(BIN)/bloodcell demo
@@ -14,6 +13,7 @@ test: $(VENV)/.installed-test  ## install into .venv with test extras, then run 
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-lint: $(VENV)/.installed-lint
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-lint: $(VENV)/.installed-test
+$(VENV)/.installed-lint: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[lint]'
+	touch $@
+
+lint: $(VENV)/.installed-lint  ## install ruff into .venv, then check the code
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
