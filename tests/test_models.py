@@ -109,6 +109,25 @@ def test_timm_models_build_by_name(name: str) -> None:
         assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
 
 
+@pytest.mark.parametrize(
+    "arch_kwargs",
+    [
+        {"pretrained": True},
+        {"pretrained_cfg_overlay": {"url": "file:///tmp/payload.pth"}, "cache_dir": "/tmp/site-packages"},
+        {"checkpoint_path": "/tmp/evil.pth"},
+    ],
+)
+def test_a_card_cannot_make_loading_fetch_or_read_weights(tmp_path: Path, arch_kwargs: dict) -> None:
+    """A model card someone hands you must not download, write or read files through timm's loader options."""
+    from bloodcell.models.card import ModelCard, build_model
+
+    card = ModelCard(name="handed-over", architecture="timm/resnet18", arch_kwargs=arch_kwargs, classes=["a", "b"],
+                     input_size=64)  # fmt: skip
+    with pytest.raises(ValueError, match="pretrained|weight-loading options"):
+        build_model(card)
+    assert not any(tmp_path.iterdir())
+
+
 def test_unknown_model_lists_known_names() -> None:
     with pytest.raises(ValueError, match="bloodnet"):
         create_model("no-such-net", 4)

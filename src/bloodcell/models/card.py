@@ -151,6 +151,8 @@ def build_model(card: ModelCard) -> "torch.nn.Module":  # noqa: F821
     from bloodcell.models.classifier import Classifier
     from bloodcell.models.registry import create_model
 
+    if "pretrained" in card.arch_kwargs:  # the weights are the card's own safetensors, never downloaded ones
+        raise ValueError(f"model card {card.name!r}: arch_kwargs may not set 'pretrained'")
     net = create_model(card.architecture, num_classes=len(card.classes), **card.arch_kwargs)
     return Classifier(net, card.normalize)
 

@@ -62,9 +62,23 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return spec.builder(num_classes, **{**spec.default_kwargs, **kwargs})
 
 
+#: timm.create_model arguments that fetch or read weights. A model card's (or a config's) ``kwargs`` must
+#: not carry them: loading a card someone hands you would otherwise download from a URL it names, write
+#: into a folder it names, or load a checkpoint from a path it names. Weights come from the model's own
+#: safetensors, from --pretrained, or from --weights FILE, never from the kwargs.
+_TIMM_LOADING_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                                  "checkpoint_path", "cache_dir", "features_only"})  # fmt: skip
+
+
 def _build_timm(num_classes: int, timm_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     import timm  # imported lazily: it is slow to import and most runs use our own networks
 
+    loading = sorted(k for k in kwargs if k in _TIMM_LOADING_KWARGS or k.endswith(("_path", "_file", "_dir", "_url")))
+    if loading:
+        raise ValueError(
+            f"model kwargs may not set timm's weight-loading options ({', '.join(loading)}); use --pretrained or "
+            "--weights FILE"
+        )
     return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
 
 
