@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import struct
@@ -213,6 +214,43 @@ def test_wide_greyscale_images_are_refused_not_clipped(
     with pytest.raises(ImageError, match=re.escape(described)) as raised:
         open_rgb(path)
     assert raised.value.source == str(path) and "convert it to 8-bit RGB" in raised.value.reason
+
+
+def jpeg_with_scans(scans: int) -> bytes:
+    """A small progressive JPEG whose last scan is repeated: each repeat costs a pass over the image."""
+    buffer = io.BytesIO()
+    Image.fromarray(smear(3, size=64)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data[data.rfind(b"\xff\xda") : -2]  # up to the end-of-image marker
+    return data[:-2] + last_scan * scans + b"\xff\xd9"
+
+
+def tiff_with_strips(strips: int) -> bytes:
+    """An 8 x 8 greyscale TIFF whose StripOffsets lists ``strips`` entries (all of the same 8 bytes)."""
+    array_at = 8 + 2 + 9 * 12 + 4
+    pixels_at = array_at + 4 * strips
+
+    def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", tag, kind, count) + value
+
+    short = lambda v: struct.pack("<HH", v, 0)  # noqa: E731
+    tags = [entry(256, 3, 1, short(8)), entry(257, 3, 1, short(8)), entry(258, 3, 1, short(8)),
+            entry(259, 3, 1, short(1)), entry(262, 3, 1, short(1)), entry(273, 4, strips, struct.pack("<I", array_at)),
+            entry(277, 3, 1, short(1)), entry(278, 3, 1, short(1)), entry(279, 3, 1, short(8))]  # fmt: skip
+    directory = struct.pack("<H", len(tags)) + b"".join(tags) + b"\0\0\0\0"
+    return b"II*\0" + struct.pack("<I", 8) + directory + struct.pack("<I", pixels_at) * strips + bytes(range(64))
+
+
+def test_files_whose_structure_makes_decoding_slow_are_refused() -> None:
+    """Neither size nor pixel count catches them: a few hundred kB that keep a decoder busy for minutes."""
+    from bloodcell.data.decode import MAX_JPEG_SCANS, MAX_TIFF_STRIPS, ImageError, open_rgb
+
+    assert open_rgb(jpeg_with_scans(3)).size == (64, 64)  # an ordinary progressive JPEG still decodes
+    with pytest.raises(ImageError, match=f"more than {MAX_JPEG_SCANS} scans"):
+        open_rgb(jpeg_with_scans(MAX_JPEG_SCANS + 1))
+    assert open_rgb(tiff_with_strips(8)).size == (8, 8)
+    with pytest.raises(ImageError, match="strips or tiles"):
+        open_rgb(tiff_with_strips(MAX_TIFF_STRIPS + 1))
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:

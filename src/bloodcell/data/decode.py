@@ -21,6 +21,14 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".t
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF", "MPO"})
 #: Images with more pixels than this are refused as likely decompression bombs (about 8k x 8k).
 DEFAULT_MAX_PIXELS = 64_000_000
+#: More scans than this in a JPEG are refused: each scan of a progressive JPEG costs a pass over the whole
+#: image, so a 400 KB file with 10,000 tiny scans kept a decoder busy for 14 s (and 10 MB, for minutes).
+#: Cameras and encoders write about 10.
+MAX_JPEG_SCANS = 100
+#: More strips or tiles than this in a TIFF are refused: the decoder builds one entry per strip while
+#: opening, so a 10 MB TIFF of 8 x 8 pixels listing 2.6 million strips took 10 s and 760 MB. One strip per
+#: row of an 8,000-row image in three planes is 24,000.
+MAX_TIFF_STRIPS = 65_536
 #: Bumped whenever the same file may decode to other pixels or get another accept / refuse verdict
 #: (2: EXIF orientation applied, 16-bit and float greyscale refused). The index's hash cache and the
 #: decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
@@ -60,21 +68,21 @@ def open_rgb(
     zero-byte, non-image, truncated, oversized or unsupported files.
     """
     name = "<upload>" if isinstance(source, bytes) else str(source)
-    data = source if isinstance(source, bytes) else None
-    if data is None:
+    if isinstance(source, bytes):
+        data = source
+    else:
         try:
-            size = Path(source).stat().st_size  # type: ignore[arg-type]
+            data = Path(source).read_bytes()
         except OSError as error:
             raise ImageError(name, f"cannot read file ({error.strerror or error})") from error
-        if size == 0:
-            raise ImageError(name, "empty file (0 bytes)")
-    elif len(data) == 0:
+    if len(data) == 0:
         raise ImageError(name, "empty file (0 bytes)")
+    _refuse_costly_structure(name, data)
     try:
         with warnings.catch_warnings():
             # PIL warns before it errors on bombs; we check the size ourselves and want one clear message.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data) if data is not None else source)  # type: ignore[arg-type]
+            image = Image.open(io.BytesIO(data))
             if image.format not in ACCEPTED_FORMATS:
                 raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")
             width, height = image.size
@@ -107,6 +115,64 @@ def open_rgb(
         # Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit RGB all become 8-bit RGB.
         image = image.convert("RGB")
     return image
+
+
+def _refuse_costly_structure(name: str, data: bytes) -> None:
+    """Refuse files whose structure, not their size, makes decoding slow: JPEGs with very many scans and
+    TIFFs with very many strips (both pass every size and pixel check; Pillow has no limit for either)."""
+    if data[:2] == b"\xff\xd8" and (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
+        raise ImageError(name, f"a JPEG of more than {MAX_JPEG_SCANS} scans ({scans}+): too costly to decode")
+    if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
+        raise ImageError(name, f"a TIFF of {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too costly to decode")
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """Start-of-scan segments of a JPEG's first image, counted up to one past :data:`MAX_JPEG_SCANS`.
+
+    Written by hand because no decoder library exposes it before decoding. Cheap: a segment is skipped by
+    its length, and a scan's entropy-coded data by searching for the next byte 0xFF that is not stuffing
+    (``FF 00``) or a restart marker (``FF D0``-``FF D7``). A malformed stream stops the count; the decoder
+    then says what is wrong with it.
+    """
+    scans, pos, end = 0, 2, len(data)
+    while pos + 4 <= end and data[pos] == 0xFF and scans <= MAX_JPEG_SCANS:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+        elif marker == 0xD9:  # end of image
+            break
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xDA:
+                scans += 1
+                pos = _end_of_entropy_coded_data(data, pos)
+    return scans
+
+
+def _end_of_entropy_coded_data(data: bytes, pos: int) -> int:
+    while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < len(data):
+        following = data[pos + 1]
+        if following != 0x00 and not 0xD0 <= following <= 0xD7:
+            return pos
+        pos += 2
+    return len(data)
+
+
+def _tiff_strips(data: bytes) -> int:
+    """The largest strip or tile count named in a (classic) TIFF's first directory; 0 if unreadable."""
+    order = "little" if data[:2] == b"II" else "big"
+    offset = int.from_bytes(data[4:8], order)
+    if offset + 2 > len(data):
+        return 0
+    entries = int.from_bytes(data[offset : offset + 2], order)
+    counts = [0]
+    for k in range(min(entries, (len(data) - offset - 2) // 12)):
+        entry = data[offset + 2 + 12 * k : offset + 14 + 12 * k]
+        if int.from_bytes(entry[:2], order) in (273, 324):  # StripOffsets, TileOffsets
+            counts.append(int.from_bytes(entry[4:8], order))
+    return max(counts)
 
 
 def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
