@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -85,6 +86,24 @@ def test_report_reads_the_card_from_any_working_folder(runs: Path, tmp_path: Pat
     monkeypatch.chdir("/")
     html = build_report(run, evaluate=False).read_text(encoding="utf-8")
     assert "manifest sha256 not recorded" not in html
+
+
+def test_report_embeds_only_pngs_inside_the_run(runs: Path, tmp_path: Path) -> None:
+    """A metrics.json naming files elsewhere must not get them embedded in a report that is mailed around."""
+    import json
+
+    run = tmp_path / "toy"
+    shutil.copytree(runs / "toy", run)
+    if not (run / "metrics.json").is_file():
+        build_report(run)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret-token-123")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["plots"]["roc"] = "../secret.txt"
+    metrics["plots"]["confusion_matrix"] = str(secret)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    html = build_report(run, evaluate=False).read_text(encoding="utf-8")
+    assert base64.b64encode(b"secret-token-123").decode() not in html
 
 
 def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:

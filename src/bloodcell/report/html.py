@@ -93,6 +93,16 @@ def image_data_uri(path: str | Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+def _is_run_png(run_dir: Path, relative: str) -> bool:
+    """Whether ``relative`` names a PNG inside the run folder: a report, which travels as one file, must
+    never embed another file (``../../etc/passwd``, an absolute path) that a metrics.json names."""
+    path = (run_dir / relative).resolve()
+    if not path.is_relative_to(run_dir.resolve()) or not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -186,7 +196,7 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
         model_dir = run_dir / "checkpoints" / "best"
     card = _read_json(model_dir / "card.json") or {}
     config = _read_yaml(run_dir / "config.yaml") or card.get("config", {})
-    plots = {name: run_dir / rel for name, rel in metrics.get("plots", {}).items() if (run_dir / rel).is_file()}
+    plots = {name: run_dir / rel for name, rel in metrics.get("plots", {}).items() if _is_run_png(run_dir, rel)}
     training = _training_plot(run_dir, metrics)
     if training is not None:
         plots["training_curves"] = training
