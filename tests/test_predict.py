@@ -133,6 +133,18 @@ def test_an_onnx_file_with_the_torch_backend_names_the_fix(tiny_onnx: Path, slid
         assert isinstance(result.exception, UserError) and "add --backend onnx" in str(result.exception), args
 
 
+def test_file_names_are_printed_as_they_are_not_as_markup(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "[odd names"
+    folder.mkdir()
+    image = (slides / "cell-000.jpg").read_bytes()
+    (folder / "[reverse]shown.jpg").write_bytes(image)
+    (folder / "[").mkdir()
+    (folder / "[" / "bold]closing.jpg").write_bytes(image)  # "[/bold]": a closing tag made rich raise after the work
+    result = run("predict", "-m", str(tiny_model), str(folder))
+    assert result.exit_code == 0, result.output
+    assert "[reverse]shown.jpg" in result.stdout.replace("\n", "").replace("│", "").replace(" ", "")
+
+
 def test_onnx_backend_and_tta(tiny_model: Path, tiny_onnx: Path, slides: Path) -> None:
     plain = json.loads(run("predict", "-m", str(tiny_model), str(slides / "*.jpg"), "--json").stdout)["results"]
     onnx = json.loads(run("predict", "-m", str(tiny_onnx), "--backend", "onnx", str(slides / "*.jpg"), "--json").stdout)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bloodcell.cli import app
@@ -173,11 +174,12 @@ def explain_command(
         table = Table(title=f"{method} on layer '{layer}'" if layer else method, title_justify="left")
         for column in ("image", "predicted", "p", "overlay"):
             table.add_column(column, justify="right" if column == "p" else "left")
-        for row in rows:
+        for row in rows:  # names are data, not markup
             if row["error"] is not None:
-                table.add_row(row["image"], f"[red]error: {row['error']}[/red]", "", "")
+                table.add_row(escape(row["image"]), f"[red]error: {escape(row['error'])}[/red]", "", "")
             else:
-                table.add_row(row["image"], row["predicted"], f"{row['probability']:.3f}", row["overlay"])
+                table.add_row(escape(row["image"]), escape(row["predicted"]), f"{row['probability']:.3f}",
+                              escape(row["overlay"]))  # fmt: skip
         _console.print(table)
     if failed:
         raise typer.Exit(code=1)

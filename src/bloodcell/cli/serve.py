@@ -125,23 +125,25 @@ def check_results_path(path: Path) -> None:
 def print_table(results: list[Any], classes: list[str], limit: int) -> None:
     """A rich table of the first ``limit`` results (failed files are always shown)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    # File names, class names and error texts are data, not markup: "[/bold]x.jpg" must print as itself.
     table = Table(show_lines=False, header_style="bold")
     table.add_column("file", overflow="fold")
     table.add_column("predicted class")
     for name in classes:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     shown = [r for i, r in enumerate(results) if i < limit or not r.ok]
     for result in shown:
         if not result.ok:
-            table.add_row(result.source, f"[red]error: {result.error}[/red]", *[""] * len(classes))
+            table.add_row(escape(result.source), f"[red]error: {escape(result.error)}[/red]", *[""] * len(classes))
             continue
         cells = [
             f"[bold]{result.probabilities[name]:.3f}[/bold]" if name == result.label else f"{result.probabilities[name]:.3f}"
             for name in classes
         ]
-        table.add_row(result.source, f"[bold]{result.label}[/bold]", *cells)
+        table.add_row(escape(result.source), f"[bold]{escape(result.label)}[/bold]", *cells)
     console = Console()
     console.print(table)
     if len(shown) < len(results):
