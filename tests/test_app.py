@@ -45,9 +45,14 @@ def test_healthz_and_model_card(client: TestClient) -> None:
     assert health.status_code == 200
     assert health.json()["status"] == "ok"
     assert health.json()["model"] == {"name": "tiny-test-model", "version": "1.2", "architecture": "bloodnet", "backend": "torch"}
-    card = client.get("/v1/model").json()
+    response = client.get("/v1/model")
+    card = response.json()
     assert card["classes"] == ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
     assert card["input_size"] == TINY_SIZE and card["temperature"] == pytest.approx(1.3)
+    assert not {"command", "config", "runtime"} & set(card)  # server folders and command lines stay private
+    assert response.headers["x-content-type-options"] == "nosniff"
+    too_large = post_file(client, b"\xff" * (MAX_UPLOAD + 200_000))
+    assert too_large.status_code == 413 and too_large.headers["x-content-type-options"] == "nosniff"
 
 
 def test_index_page_is_self_contained_with_disclaimer(client: TestClient) -> None:

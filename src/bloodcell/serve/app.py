@@ -47,6 +47,8 @@ MULTIPART_OVERHEAD = 64 * 1024
 OTHER_BODY_LIMIT = 64 * 1024
 #: Concurrent image decodes: each may hold a 4096x4096 RGB image (48 MB) in memory.
 MAX_CONCURRENT_DECODES = 4
+#: Model card sections that GET /v1/model leaves out (see model_card).
+PRIVATE_CARD_KEYS = frozenset({"command", "config", "runtime"})
 DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
 
 
@@ -157,6 +159,27 @@ class BodySizeLimit:
             return event
 
         await self.app(scope, limited_receive, send)
+
+
+class NoSniff:
+    """ASGI middleware: ``X-Content-Type-Options: nosniff`` on every response (JSON answers echo uploaded
+    file names; a browser must never read them as anything but the type they are sent as)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-content-type-options"]
+                message = {**message, "headers": [*headers, (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -398,6 +421,7 @@ def create_app(
         },
         default=(OTHER_BODY_LIMIT, f"request body too large (limit {_human_bytes(OTHER_BODY_LIMIT)})"),
     )
+    app.add_middleware(NoSniff)  # added last, so outermost: the 413s of the body limit get it too
     _add_error_handlers(app)
     page = _index_page()
 
@@ -413,8 +437,12 @@ def create_app(
 
     @app.get("/v1/model", tags=["model"])
     def model_card() -> dict[str, Any]:
-        """The model card: architecture, classes in order, input size, temperature, metrics, versions."""
-        return service.predictor.card
+        """The model card: architecture, classes in order, input size, temperature, metrics, versions.
+
+        Without the training command line, config and runtime: they name the server's folders (the data's,
+        the run's) and whatever was typed to train, which are nobody's business over HTTP.
+        """
+        return {key: value for key, value in service.predictor.card.items() if key not in PRIVATE_CARD_KEYS}
 
     @app.post(
         "/v1/predict",

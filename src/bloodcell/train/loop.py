@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -481,6 +482,12 @@ def _prepare_data(config: RunConfig, progress: bool) -> TrainingData:
     return prepare_data(config.data, progress=progress)
 
 
+def _without_passwords(command: str) -> str:
+    """The command line with the password of any ``scheme://user:password@host`` URL masked (``tune
+    --storage postgresql+psycopg://...`` trains its trials in-process: their cards would carry it)."""
+    return re.sub(r"(\w[\w+.-]*://[^\s:/@]+:)[^\s@]+@", r"\1***@", command)
+
+
 def _check_every_class_trains(classes: list[str], train_labels: np.ndarray) -> None:
     """Refuse a classifier that could never predict a class (no training images of it) or has one class."""
     if len(classes) < 2:
@@ -601,7 +608,7 @@ def _card(
         input_size=int(data.images.shape[1]),
         normalize=config.normalize,
         config=config.model_dump(mode="json"),
-        command=" ".join(sys.argv),
+        command=_without_passwords(" ".join(sys.argv)),
         manifest_sha256=data.manifest_sha256,
         split={
             "protocol": config.data.protocol, "seed": config.data.split_seed, "counts": counts,
