@@ -114,6 +114,18 @@ def test_a_search_of_image_sizes_below_the_training_crop_is_refused_before_any_t
     _check_space_fits_model(base, SearchSpace(image_size=[48, 64], width=None))
 
 
+def test_data_parallel_trials_are_refused_before_the_study_is_opened(tmp_path: Path, monkeypatch) -> None:
+    """Under DDP every rank would run tune and file its own trial under rank 0's training."""
+    two_devices = config_from_dict({**TINY, "train": {**TINY.get("train", {}), "devices": 2}})
+    with pytest.raises(UserError, match="one process"):
+        tune(two_devices, tmp_path / "data", n_trials=1, out_dir=tmp_path / "a")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="torchrun or srun"):
+        tune(config_from_dict(TINY), tmp_path / "data", n_trials=1, out_dir=tmp_path / "b")
+    assert not (tmp_path / "a" / "study.db").exists() and not (tmp_path / "b" / "study.db").exists()
+
+
 def test_a_study_refuses_to_continue_with_a_different_search(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     base = config_from_dict(TINY)

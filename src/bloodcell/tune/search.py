@@ -482,6 +482,20 @@ def _default_sampler(n_trials: int, seed: int | None) -> optuna.samplers.BaseSam
         )
 
 
+def _refuse_data_parallel_trials(config: RunConfig) -> None:
+    """One process per trial: a data-parallel launch would run this whole function on every rank, and each
+    rank would ask the study for a trial of its own while training rank 0's (its results filed under the
+    wrong parameters). Several machines share a study as separate workers instead (docs/TUNING.md)."""
+    from bloodcell.train.setup import launch_topology
+
+    devices, nodes = launch_topology(config.train)
+    if devices not in (1, "1") or nodes != 1:
+        raise UserError(
+            "tune trains each trial in one process: use train.devices=1 and no torchrun or srun launch; run "
+            "several tune workers on one study to use more devices (docs/TUNING.md)"
+        )
+
+
 def tune(
     config: RunConfig,
     data_root: str | Path,
@@ -525,6 +539,7 @@ def tune(
         raise UserError("--trials must be at least 1")
     if cv is not None and cv < 2:
         raise UserError("--cv needs at least 2 folds")
+    _refuse_data_parallel_trials(config)
     space = space or SearchSpace()
     study_name = study_name or config.name
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"tune-{study_name}"
