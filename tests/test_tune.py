@@ -90,6 +90,27 @@ def test_train_resolves_auto_lr_with_the_finder(aria_dataset: Path, tmp_path: Pa
     assert (result.run_dir / "lr-find" / "lr_find.png").is_file()
 
 
+def test_resolving_auto_lr_gives_the_training_its_thread_count_back(tmp_path: Path, monkeypatch) -> None:
+    """Under DDP each rank trains on its share of the cores; the finder, run by rank 0, must not keep them all."""
+    import importlib
+
+    import torch
+
+    from bloodcell.train import loop as loop_module
+
+    lr_find_module = importlib.import_module("bloodcell.tune.lr_find")  # the package exports a function of that name
+
+    def finder_that_takes_every_core(*args, **kwargs):
+        torch.set_num_threads(before + 1)
+        return lr_find_module.LRFindResult(**{**dict.fromkeys(lr_find_module.LRFindResult.__dataclass_fields__), "suggested_lr": 0.01})
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(lr_find_module, "run_lr_find", finder_that_takes_every_core)
+    config = config_from_dict({**TINY, "optimizer": {"lr": "auto"}})
+    assert loop_module._resolve_learning_rate(config, tmp_path, None).optimizer.lr == pytest.approx(0.01)
+    assert torch.get_num_threads() == before
+
+
 # ------------------------------------------------------------------------------------------- search
 
 

@@ -539,7 +539,11 @@ def _resolve_learning_rate(config: RunConfig, run_dir: Path, prepared: TrainingD
             "set optimizer.lr to a number"
         ) from None
     kwargs = {"prepared": prepared} if prepared is not None else {}
-    lr = float(run_lr_find(config, config.data.root, run_dir / "lr-find", **kwargs).suggested_lr)
+    threads = torch.get_num_threads()  # the finder sets its own; under DDP this rank's share must come back
+    try:
+        lr = float(run_lr_find(config, config.data.root, run_dir / "lr-find", **kwargs).suggested_lr)
+    finally:
+        torch.set_num_threads(threads)
     raw = config.model_dump(mode="json")
     raw["optimizer"]["lr"] = lr
     return config_from_dict(raw)
