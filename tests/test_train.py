@@ -456,6 +456,19 @@ def test_a_failed_cuda_graph_recording_leaves_the_model_as_it_was(monkeypatch: p
         info=lambda message, *args: messages.append(message % args),
     )
     fake_gpu = types.SimpleNamespace(device=torch.device("cuda"), world_size=1)
-    loop._record_step_graph(tiny_config(), fake_gpu, classifier, log)
+    loop._record_step_graph(tiny_config(), fake_gpu, classifier, log, batch=16)
     assert len(messages) == 1 and "training without CUDA graphs" in messages[0] and "capturing" in messages[0]
     assert classifier(torch.zeros(2, 3, 32, 32)).shape == (2, 4)  # its ordinary forward
+
+
+def test_the_step_is_recorded_at_the_batch_each_step_takes(tmp_path: Path, data, monkeypatch) -> None:
+    """Fewer training images than the batch size: one step an epoch, of all of them; a graph recorded at
+    the configured batch size would refuse that batch on a GPU."""
+    from bloodcell.train import loop
+
+    recorded: list[int] = []
+    monkeypatch.setattr(loop, "_record_step_graph", lambda config, fabric, classifier, log, batch: recorded.append(batch))
+    n_train = len(data.indices("train"))
+    fit(tiny_config(train={"epochs": 1, "batch_size": n_train + 10}), tmp_path / "big", prepared=data, progress=False)
+    fit(tiny_config(train={"epochs": 1, "batch_size": 16}), tmp_path / "small", prepared=data, progress=False)
+    assert recorded == [n_train, 16]

@@ -230,7 +230,7 @@ def fit(
                 config.name, config.model.name, len(train_rows), config.data.train_on, len(val_rows), len(classes),
                 config.data.image_size, fabric.device, fabric.world_size, resolve_precision(config.train), threads,
             )
-        _record_step_graph(config, fabric, classifier, log)
+        _record_step_graph(config, fabric, classifier, log, batch=min(batch_size, per_rank))
 
         # ------------------------------------------------------------ epochs
         with RunProgress(progress and main, config.train.epochs) as bar:
@@ -393,18 +393,19 @@ def _training_loss(
     return loss + weight * js, logits
 
 
-def _record_step_graph(config: RunConfig, fabric, classifier: torch.nn.Module, log) -> None:
+def _record_step_graph(config: RunConfig, fabric, classifier: torch.nn.Module, log, batch: int) -> None:
     """On one CUDA GPU, replay the training forward and backward as CUDA graphs (``train.cuda_graph``).
 
-    Not with several processes (DDP's gradient hooks cannot be recorded) nor on the CPU (no graphs). A
-    network that cannot be recorded trains without them, with a warning.
+    ``batch``: the images every step takes, the batch size or, when the training part is smaller, all of
+    it (the one step of each epoch). Not with several processes (DDP's gradient hooks cannot be recorded)
+    nor on the CPU (no graphs). A network that cannot be recorded trains without them, with a warning.
     """
     if not (config.train.cuda_graph and fabric.device.type == "cuda" and fabric.world_size == 1):
         return
     views = 2 if config.augment.consistency > 0 else 1
     size = config.augment.crop or config.data.image_size
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    shape = (views * config.train.batch_size, 3, size, size)
+    shape = (views * batch, 3, size, size)
     try:
         graph_training_forward(classifier, shape, resolve_precision(config.train), memory_format)
     except (RuntimeError, AssertionError) as error:  # what recording raises for an unrecordable network
