@@ -214,6 +214,23 @@ def test_fused_optimizer_state_is_restored_in_its_parameters_layout() -> None:
     steps(resumed, resumed_optimizer, 2)
     assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
 
+def test_a_resumed_optimizer_keeps_the_implementation_of_the_device_that_resumes() -> None:
+    """A GPU checkpoint (fused AdamW) resumed on a CPU must step with the CPU's default AdamW, and back."""
+    from bloodcell.config import OptimizerConfig
+    from bloodcell.train.checkpoint import load_optimizer_state, optimizer_state_to_tensors
+    from bloodcell.train.setup import build_optimizer
+
+    for saved_fused, resumed_fused in ((True, False), (False, True)):
+        model = torch.nn.Linear(4, 2)
+        optimizer = build_optimizer(model, OptimizerConfig(), 1e-2, fused=saved_fused)
+        model(torch.ones(1, 4)).sum().backward()
+        optimizer.step()
+        tensors, meta = optimizer_state_to_tensors(optimizer)
+        resumed = build_optimizer(model, OptimizerConfig(), 1e-2, fused=resumed_fused)
+        load_optimizer_state(resumed, {k: v.clone() for k, v in tensors.items()}, meta)
+        assert all(bool(group["fused"]) == resumed_fused for group in resumed.param_groups)
+
+
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path, data) -> None:
     """A real SIGKILL in a child process, then a kill in the middle of swapping in a checkpoint."""
     config = tiny_config(train={"epochs": 3})

@@ -115,6 +115,10 @@ def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[s
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
+#: Optimizer options that choose an implementation, not the arithmetic's inputs.
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
@@ -126,7 +130,12 @@ def load_optimizer_state(
     for name, value in meta.get("scalars", {}).items():
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
+    # How the step is computed (one fused kernel on a GPU, PyTorch's default loop on the CPU) belongs to the
+    # device that resumes, not to the one that wrote the checkpoint: keep the live optimizer's choice.
+    implementation = [{key: group.get(key) for key in _IMPLEMENTATION_KEYS if key in group} for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group, chosen in zip(optimizer.param_groups, implementation, strict=True):
+        group.update(chosen)
     _match_parameter_layouts(optimizer)
 
 
