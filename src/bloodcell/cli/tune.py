@@ -92,19 +92,23 @@ def tune_command(
     from bloodcell.tune.search import load_space, tune
 
     run_config = load_config(config, list(overrides))
-    result = tune(
-        run_config,
-        data,
-        trials,
-        out_dir=out,
-        storage=storage,
-        study_name=study,
-        timeout=timeout,
-        cv=cv,
-        space=load_space(space),
-        pruner=pruner,  # type: ignore[arg-type] - validated by make_pruner
-        seed=seed,
-    )
+    try:
+        result = tune(
+            run_config,
+            data,
+            trials,
+            out_dir=out,
+            storage=storage,
+            study_name=study,
+            timeout=timeout,
+            cv=cv,
+            space=load_space(space),
+            pruner=pruner,  # type: ignore[arg-type] - validated by make_pruner
+            seed=seed,
+        )
+    except KeyboardInterrupt:
+        typer.secho("interrupted; run the same command again to continue the study", fg=typer.colors.YELLOW, err=True)
+        raise
     summary = {
         "study": result.study_name,
         "storage": result.storage,
