@@ -378,6 +378,14 @@ def test_cli_rejects_a_bad_key_with_one_line_and_exit_2(tmp_path: Path, monkeypa
     assert "train.epoch" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_the_card_records_the_command_without_url_passwords() -> None:
+    from bloodcell.train.loop import _without_passwords
+
+    command = "bloodcell tune --storage postgresql+psycopg://alice:s3cr3t@db:5432/optuna --trials 5"
+    assert _without_passwords(command) == "bloodcell tune --storage postgresql+psycopg://alice:***@db:5432/optuna --trials 5"
+    assert _without_passwords("bloodcell train --data /x --set optimizer.lr=1e-3") == "bloodcell train --data /x --set optimizer.lr=1e-3"
+
+
 def test_shipped_configs_load() -> None:
     default, seed = load_config("default"), load_config("seed-replica")
     assert default.model.name == "bloodnet"
