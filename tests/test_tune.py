@@ -77,6 +77,15 @@ def test_lr_find_suggests_a_rate_inside_the_sweep_and_plots(
     assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "lr_find.csv").read_text().splitlines()
     assert table[0] == "step,lr,loss,smoothed_loss" and len(table) == summary["steps"] + 1
+    assert summary["loss_never_fell"] is False
+
+
+def test_a_sweep_whose_loss_never_falls_says_to_widen_it(aria_dataset: Path, tiny_config_file: Path, tmp_path: Path) -> None:
+    args = ["lr-find", "--data", str(aria_dataset), "--config", str(tiny_config_file), "--steps", "12",
+            "--start-lr", "3", "--end-lr", "1000", "--out", str(tmp_path / "lr")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "the loss never fell" in result.output and "--start-lr 0.03" in result.output
 
 
 def test_train_resolves_auto_lr_with_the_finder(aria_dataset: Path, tmp_path: Path) -> None:

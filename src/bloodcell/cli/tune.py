@@ -60,6 +60,11 @@ def lr_find_command(
     )
     if result.plot_path:
         typer.echo(f"plot: {result.plot_path}")
+    if result.loss_never_fell:
+        typer.secho(
+            f"the loss never fell: {result.suggested_lr:.3g} is only the lowest rate swept; widen the sweep "
+            f"downwards (--start-lr {result.lrs[0] / 100:.3g})", fg=typer.colors.YELLOW, err=True,
+        )
     typer.echo(f"use it: bloodcell train --data {data} --set optimizer.lr={result.suggested_lr:.3g}")
 
 

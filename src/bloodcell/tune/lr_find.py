@@ -69,6 +69,11 @@ class LRFindResult:
     table_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def loss_never_fell(self) -> bool:
+        """The smoothed loss was lowest at the first rate: the suggestion is only the sweep's floor."""
+        return int(np.argmin(self.smoothed)) == 0
+
     def summary(self) -> dict[str, Any]:
         """The JSON object ``lr-find --json`` prints (and ``lr_find.json`` holds)."""
         return {
@@ -81,6 +86,7 @@ class LRFindResult:
             "steps": len(self.lrs),
             "swept": [self.lrs[0], self.lrs[-1]],
             "diverged": self.diverged,
+            "loss_never_fell": self.loss_never_fell,
             "plot": str(self.plot_path) if self.plot_path else None,
             "table": str(self.table_path) if self.table_path else None,
             **self.extra,
@@ -275,12 +281,14 @@ def plot_lr_find(result: LRFindResult, target: str | Path) -> Path:
         axes.axvline(lr, color=colour, linestyle="--", linewidth=1.2, label=f"{name}: {lr:.2g}")
     axes.set_xscale("log")
     # Keep the divergence tail from flattening the interesting part of the curve.
-    low, high = min(result.smoothed), result.smoothed[0]
+    # (When the loss never fell, its first value is its lowest: span the whole curve instead.)
+    low, high = min(result.smoothed), max(result.smoothed) if result.loss_never_fell else result.smoothed[0]
     axes.set_ylim(low - 0.1 * abs(high - low) - 1e-3, max(high, low) + 0.6 * abs(high - low) + 1e-3)
     axes.set_xlabel("learning rate")
     axes.set_ylabel("training loss")
     axes.set_title(
         f"Learning-rate range test ({len(result.lrs)} steps{', stopped at divergence' if result.diverged else ''})"
+        + ("\nthe loss never fell: widen the sweep downwards (--start-lr)" if result.loss_never_fell else "")
     )
     axes.legend(loc="upper left", fontsize=8)
     axes.grid(True, which="major", alpha=0.3)
