@@ -156,6 +156,16 @@ def test_data_parallel_trials_are_refused_before_the_study_is_opened(tmp_path: P
     assert not (tmp_path / "a" / "study.db").exists() and not (tmp_path / "b" / "study.db").exists()
 
 
+def test_an_override_that_the_search_replaces_is_named() -> None:
+    from bloodcell.tune.search import overrides_the_search_replaces
+
+    overrides = ["data.image_size=32", "augment.hue=0.1", "train.epochs=2"]
+    assert overrides_the_search_replaces(overrides, SearchSpace()) == [
+        ("data.image_size=32", "image_size"), ("augment.hue=0.1", "augment_strength")
+    ]
+    assert overrides_the_search_replaces(overrides, SearchSpace(image_size=None, augment_strength=None)) == []
+
+
 def test_a_study_refuses_to_continue_with_a_different_search(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     base = config_from_dict(TINY)

@@ -94,9 +94,13 @@ def tune_command(
 ) -> None:
     """Search hyperparameters with Optuna; rerun with the same storage to continue an interrupted study."""
     from bloodcell.config import load_config
-    from bloodcell.tune.search import load_space, tune
+    from bloodcell.tune.search import load_space, overrides_the_search_replaces, tune
 
     run_config = load_config(config, list(overrides))
+    search_space = load_space(space)
+    for override, name in overrides_the_search_replaces(list(overrides), search_space):
+        typer.secho(f"--set {override} is replaced in every trial: the search space searches {name} (give --space "
+                    f"with {name}: null to keep it)", fg=typer.colors.YELLOW, err=True)  # fmt: skip
     try:
         result = tune(
             run_config,
@@ -107,7 +111,7 @@ def tune_command(
             study_name=study,
             timeout=timeout,
             cv=cv,
-            space=load_space(space),
+            space=search_space,
             pruner=pruner,  # type: ignore[arg-type] - validated by make_pruner
             seed=seed,
         )

@@ -190,6 +190,24 @@ def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
     return config_from_dict(raw)
 
 
+#: The config key (or, for augment_strength, the section) each searched parameter writes (see apply_params).
+SEARCHED_KEYS = {"lr": "optimizer.lr", "weight_decay": "optimizer.weight_decay",
+                 "label_smoothing": "train.label_smoothing", "augment_strength": "augment.",
+                 "image_size": "data.image_size", "width": "model.kwargs.width"}  # fmt: skip
+
+
+def overrides_the_search_replaces(overrides: list[str], space: SearchSpace) -> list[tuple[str, str]]:
+    """``(override, parameter)`` for each ``--set key=value`` that a searched parameter rewrites in every
+    trial, so the value given would never be used."""
+    replaced = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        for name, target in SEARCHED_KEYS.items():
+            if getattr(space, name) is not None and (key == target or (target.endswith(".") and key.startswith(target))):
+                replaced.append((item, name))
+    return replaced
+
+
 def _check_space_fits_model(base: RunConfig, space: SearchSpace) -> None:
     """Fail before the first trial when a searched value cannot work with the base config.
 
