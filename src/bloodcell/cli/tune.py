@@ -102,19 +102,9 @@ def tune_command(
         typer.secho(f"--set {override} is replaced in every trial: the search space searches {name} (give --space "
                     f"with {name}: null to keep it)", fg=typer.colors.YELLOW, err=True)  # fmt: skip
     try:
-        result = tune(
-            run_config,
-            data,
-            trials,
-            out_dir=out,
-            storage=storage,
-            study_name=study,
-            timeout=timeout,
-            cv=cv,
-            space=search_space,
-            pruner=pruner,  # type: ignore[arg-type] - validated by make_pruner
-            seed=seed,
-        )
+        # (pruner: a string that make_pruner validates)
+        result = tune(run_config, data, trials, out_dir=out, storage=storage, study_name=study, timeout=timeout,
+                      cv=cv, space=search_space, pruner=pruner, seed=seed)  # type: ignore[arg-type]  # fmt: skip
     except KeyboardInterrupt:
         typer.secho("interrupted; run the same command again to continue the study", fg=typer.colors.YELLOW, err=True)
         raise
