@@ -141,14 +141,12 @@ def _split_model_and_images(paths: list[Path]) -> tuple[Path | None, list[Path]]
 def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: str, target_layer: str | None) -> list[dict]:
     """Explain the images that ``paths`` name (folders searched, hidden files left out, globs expanded, as
     ``predict`` does); an input that names nothing gets a row with its reason, as a bad image does."""
-    from bloodcell.explain.gradcam import explain_files
-    from bloodcell.serve.common import expand_inputs
+    from bloodcell.explain.gradcam import explain_files, explain_row
+    from bloodcell.serve.common import MISSING_INPUT_REASON, expand_inputs
 
     found = expand_inputs(paths)
     rows = explain_files(model, found.files, out, method=method, target_layer=target_layer) if found.files else []
-    reason = "no such file or folder, or no image files in it or matching it"
-    return rows + [{"image": name, "overlay": None, "predicted": None, "probability": None, "target_layer": None,
-                    "error": reason} for name in found.missing]  # fmt: skip
+    return rows + [explain_row(name, MISSING_INPUT_REASON) for name in found.missing]
 
 
 @app.command("explain")

@@ -192,7 +192,7 @@ def predict_command(
     Files in a folder given that are not images by their suffix are named ("skipped" with --json).
     Exit code: 0 when every file was classified, 1 when any failed, 2 on a usage error.
     """
-    from bloodcell.serve.common import PredictionResult, expand_inputs
+    from bloodcell.serve.common import MISSING_INPUT_REASON, PredictionResult, expand_inputs
 
     model, inputs = split_model_and_inputs(model, inputs)
     if out is not None:
@@ -202,7 +202,7 @@ def predict_command(
     start = time.perf_counter()
     results = _run_with_progress(predictor, files, batch, progress and len(files) > batch and not as_json)
     seconds = time.perf_counter() - start
-    results += [PredictionResult(source=m, error="no such file or folder, or no image files in it or matching it") for m in missing]
+    results += [PredictionResult(source=m, error=MISSING_INPUT_REASON) for m in missing]
     failed = sum(1 for r in results if not r.ok)
     payload = {
         "model": {**predictor.model_info, "backend": predictor.backend},

@@ -290,6 +290,12 @@ def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray) -> Path:
     return Path(path)
 
 
+def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:
+    """One row of :func:`explain_files`, before the image is explained (or with why it cannot be)."""
+    return {"image": str(image), "overlay": None, "predicted": None, "probability": None, "target_layer": None,
+            "error": error}  # fmt: skip
+
+
 def explain_files(
     model_path: str | Path | None,
     image_paths: list[str | Path],
@@ -321,8 +327,7 @@ def explain_files(
     rows: list[dict[str, Any]] = []
     decoded: dict[int, np.ndarray] = {}
     for i, path in enumerate(image_paths):
-        rows.append({"image": str(path), "overlay": None, "predicted": None, "probability": None,
-                     "target_layer": None, "error": None})  # fmt: skip
+        rows.append(explain_row(path))
         try:
             decoded[i] = decode_image(path, card.input_size)
         except ImageError as error:

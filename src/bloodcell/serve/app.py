@@ -211,6 +211,8 @@ class Service:
         self.predictor = predictor
         self.max_upload_bytes = max_upload_bytes
         self.max_side = max_side
+        # A --max-side above 8,000 raises the decoder's 64-megapixel guard with it, as asked.
+        self.max_pixels = max(DEFAULT_MAX_PIXELS, max_side**2)
         self.model_info = ModelInfo(**predictor.model_info, backend=predictor.backend)
         # Inference runs at most ``inference_slots`` at a time: one when the network uses every core
         # itself, one per core when each call is single-threaded.
@@ -224,9 +226,7 @@ class Service:
         """Validate and decode an upload: ``(the image for display, the model input)``; raises ImageError."""
         with self._decode_slots:
             try:
-                # A --max-side above 8,000 raises the decoder's 64-megapixel guard with it, as asked.
-                max_pixels = max(DEFAULT_MAX_PIXELS, self.max_side**2)
-                image = open_rgb(data, max_pixels=max_pixels, max_side=self.max_side)
+                image = open_rgb(data, max_pixels=self.max_pixels, max_side=self.max_side)
                 return np.asarray(image), resize_rgb(image, self.predictor.input_size)
             except ImageError:
                 raise

@@ -230,6 +230,10 @@ def _tta_views_name(tta: bool | str | None) -> str | None:
     return str(tta)
 
 
+#: The reason given for an input (file, folder or glob) that names no image file.
+MISSING_INPUT_REASON = "no such file or folder, or no image files in it or matching it"
+
+
 class InputFiles(NamedTuple):
     """What :func:`expand_inputs` found: the image files, the inputs that matched nothing, and the files
     inside the given folders that were passed over because their suffix is not an image suffix."""
