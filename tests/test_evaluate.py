@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bloodcell.cli import app
-from bloodcell.evaluate.runner import evaluate_model
+from bloodcell.cli.evaluate import summary_tables
+from bloodcell.evaluate.runner import evaluate_model, evaluated_scope
 from bloodcell.evaluate.shifts import SHIFTS
 from bloodcell.models import load_model
 from conftest import make_aria_dataset
@@ -153,12 +154,33 @@ def test_every_image_of_its_own_data_means_every_image_it_did_not_train_on(run: 
     assert result["data"]["training_images_left_out"] == counts["train"]["total"]
     assert result["n_images"] == sum(counts[part]["total"] for part in counts if part != "train")
     assert result["temperature_source"] == "model card"
+    left_out = counts["train"]["total"]
+    assert evaluated_scope(result, "aria") == f"every image of aria, less the {left_out} images the model trained on"
+    table = "".join(str(t.title) for t in summary_tables(result))
+    assert f"less the {left_out} images the model trained on" in table
 
 
-def test_the_validation_part_is_never_scored_with_a_temperature_fitted_on_it(run: Path) -> None:
+def test_the_validation_part_says_its_temperature_was_fitted_on_it(run: Path) -> None:
+    """The card's temperature was fitted on the validation part: scored there, its ECE is in-sample."""
     result = evaluate_model(run, split="val", robustness=False, explain=False, progress=False, n_bootstrap=50,
                             update_card=False)  # fmt: skip
+    assert result["temperature_source"] == "model card, fitted on these validation images (in-sample)"
+    assert result["temperature"] == pytest.approx(load_model(run)[1].temperature)
+
+
+def test_a_card_without_a_manifest_hash_is_not_taken_for_its_own_data(run: Path, tmp_path: Path) -> None:
+    """Nothing proves the data are its own: no temperature refitted on them, its training record applies."""
+    copy = tmp_path / "no-manifest"
+    shutil.copytree(run, copy)
+    for card_file in (copy / "checkpoints").glob("*/card.json"):
+        card = json.loads(card_file.read_text())
+        card["manifest_sha256"] = None
+        card_file.write_text(json.dumps(card))
+    result = evaluate_model(copy, split="test", robustness=False, explain=False, progress=False, n_bootstrap=50,
+                            update_card=False)  # fmt: skip
+    assert result["data"]["same_as_training"] is False
     assert result["temperature_source"] == "model card"
+    assert result["data"]["training_images_left_out"] == 0  # checked against trained-on.sha256: none in test
 
 
 def test_cli_evaluate_json_and_table(run: Path) -> None:

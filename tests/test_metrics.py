@@ -21,6 +21,7 @@ from bloodcell.evaluate.metrics import (
     block_bootstrap_ci,
     classification_metrics,
     expected_calibration_error,
+    headline_metrics,
     reliability_bins,
     resampling_units,
 )
@@ -62,6 +63,20 @@ def test_per_class_report_matches_sklearn_with_a_class_never_predicted(metrics: 
         assert row["support"] == support[k]
     never_predicted = metrics["per_class"]["Pro-B"]
     assert never_predicted == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 3}
+
+
+def test_a_class_absent_from_the_images_is_left_out_of_macro_f1_as_of_balanced_accuracy() -> None:
+    # A folder of Benign and Pre-B images only, all read right: a perfect score, not 2 of 4 classes' F1.
+    y_true = np.array([0, 0, 0, 2, 2, 2])
+    perfect = classification_metrics(y_true, probs_for(y_true), CLASSES, blocks=None, n_bootstrap=50)
+    assert perfect["balanced_accuracy"] == 1.0 and perfect["macro_f1"] == 1.0
+    assert perfect["per_class"]["Pro-B"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
+    # Reading a present class as an absent one still costs: it is a false negative of the true class.
+    y_pred = np.array([0, 0, 3, 2, 2, 2])
+    wrong = classification_metrics(y_true, probs_for(y_pred), CLASSES, blocks=None, n_bootstrap=50)
+    assert wrong["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=[0, 2], average="macro"))
+    assert wrong["macro_f1"] < 1.0
+    assert headline_metrics(y_true, probs_for(y_true), len(CLASSES))["macro_f1"] == 1.0
 
 
 def test_confusion_matrix_counts_and_row_normalised(metrics: dict) -> None:

@@ -35,11 +35,12 @@ def _ci(interval: Any) -> str:
 
 def summary_tables(metrics: dict[str, Any]) -> list[Table]:
     """The rich tables ``bloodcell evaluate`` prints: headline (with TTA), per class, robustness."""
+    from bloodcell.evaluate.runner import evaluated_scope
+
     tta = metrics.get("tta")
-    split = metrics["evaluation"]["split"]
-    where = "every image" if split == "all" else f"the {split} part"
-    head = Table(title=f"{metrics['model']['architecture']} on {where} of {Path(metrics['data']['root']).name} "
-                       f"({metrics['n_images']} images, {metrics['data']['n_blocks']} blocks)", title_justify="left")  # fmt: skip
+    where = evaluated_scope(metrics, Path(metrics["data"]["root"]).name)
+    head = Table(title=f"{metrics['model']['architecture']} on {where} ({metrics['n_images']} images, "
+                       f"{metrics['data']['n_blocks']} blocks)", title_justify="left")  # fmt: skip
     head.add_column("metric")
     head.add_column("value", justify="right")
     head.add_column("95% CI", justify="right")
@@ -100,7 +101,7 @@ def evaluate_command(
         None, "--data", help="Dataset folder (default: the one the model was trained on). Another copy of the "
         "dataset, or any folder in a known layout, works the same way.", show_default=False
     ),
-    split: Literal["test", "val", "all"] = typer.Option("test", "--split", help="test or val (that part of the model's split protocol), or all (every image)."),
+    split: Literal["test", "val", "all"] = typer.Option("test", "--split", help="test or val (that part of the model's split protocol), or all (every image the model did not train on)."),
     tta: bool = typer.Option(False, "--tta", help="Also evaluate with test-time augmentation (8 flips / rotations)."),
     robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Evaluate under the acquisition-shift suite (7 shifts x 3 severities) and with each corner masked."),
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM grid and sanity check."),

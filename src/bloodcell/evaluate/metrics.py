@@ -188,10 +188,24 @@ def roc_curves(
     return curves
 
 
-def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, dict[str, float]]:
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-F1 over the classes present in ``y_true``, the classes balanced accuracy averages over.
+
+    A class absent from the evaluated images has no F1 (no true positive is possible): averaging it in as
+    0, scikit-learn's default with ``labels=`` every class, would score a folder of one class read
+    perfectly at 1 / K. Predictions of an absent class still count, as false negatives of the true ones.
+    """
+    present = np.unique(np.asarray(y_true))
+    return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+
+
+def per_class_report(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
     """The classification report: precision, recall, F1 and support of every class.
 
-    A class that is never predicted gets precision 0 (scikit-learn's ``zero_division=0``), not an error.
+    A class that is never predicted gets precision 0 (scikit-learn's ``zero_division=0``), not an error; a
+    class absent from the images (support 0) has no recall or F1 (None), not 0.
     """
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -200,8 +214,8 @@ def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[s
     return {
         name: {
             "precision": float(precision[k]),
-            "recall": float(recall[k]),
-            "f1": float(f1[k]),
+            "recall": float(recall[k]) if support[k] else None,
+            "f1": float(f1[k]) if support[k] else None,
             "support": int(support[k]),
         }
         for k, name in enumerate(classes)
@@ -218,7 +232,7 @@ def headline_metrics(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> d
     return {
         "balanced_accuracy": float(balanced_accuracy_from_confusion(cm)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y_true, y_pred),
         "ece": expected_calibration_error(y_true, probs),
     }
 
@@ -268,7 +282,7 @@ def classification_metrics(
             + (f"; single-block classes resampled by image: {', '.join(lone)}" if lone else "")
         ),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y_true, y_pred),
         "per_class": per_class_report(y_true, y_pred, classes),
         "confusion_matrix": cm.astype(int).tolist(),
         "confusion_matrix_normalized": np.round(cm_normalized, 6).tolist(),

@@ -375,7 +375,7 @@ class EvalSet:
     y_true: np.ndarray  # labels in the model's class order
     blocks: np.ndarray | None  # session block of every image
     label_map: np.ndarray  # data label -> model label
-    own_data: bool  # the data the model was trained on (manifest hash matches, or the card has none)
+    own_data: bool  # the data the model was trained on (the card's manifest hash matches)
     training_images_left_out: int | None = 0  # of the part, images the model trained on; None: cannot tell
 
 
@@ -402,7 +402,9 @@ def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, sp
     indices = np.arange(len(prepared.split)) if split == "all" else prepared.indices(split)
     if len(indices) == 0:
         raise UserError(f"the {data_config.protocol!r} split of {prepared.dataset.top} has no {split!r} part; use --split all")
-    own_data = card.manifest_sha256 in (None, prepared.manifest_sha256)
+    # A card that records no manifest cannot prove these are its data: treat them as other data, so its
+    # record of training images is applied and its temperature is never refitted here.
+    own_data = card.manifest_sha256 is not None and card.manifest_sha256 == prepared.manifest_sha256
     indices, left_out = _without_training_images(indices, prepared, trained_on, own_data, split, list(card.trained_on))
     return EvalSet(
         prepared=prepared,
@@ -442,6 +444,19 @@ def _without_training_images(
     return indices[keep], int((~keep).sum())
 
 
+def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:
+    """Which images an evaluation scored, in words, for the CLI's table and the report: the part of
+    ``data_name``, less the training images left out of it (or a note that nobody can tell)."""
+    split = metrics["evaluation"]["split"]
+    left_out = metrics["data"].get("training_images_left_out", 0)
+    where = f"every image of {data_name}" if split == "all" else f"the {split} part of {data_name}"
+    if left_out is None:
+        return f"{where} (unchecked for training images: the model has no record of them)"
+    if left_out:
+        return f"{where}, less the {left_out} images the model trained on"
+    return where
+
+
 def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: Any) -> tuple[float, str]:
     """The temperature and where it comes from: fitted on the validation part of the model's own data when
     the test part is judged, else (``--split val`` or ``all``, other data, or a model that trained on the
@@ -455,6 +470,8 @@ def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card
         return fit_temperature(val_logits, data.label_map[data.prepared.labels[val]]), (
             f"fitted on the validation part ({len(val)} images)"
         )
+    if data.own_data and data.split == "val":  # the card's temperature was fitted on these very images
+        return float(card.temperature), "model card, fitted on these validation images (in-sample)"
     return float(card.temperature), "model card"
 
 
@@ -478,7 +495,7 @@ def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: Eva
             "root": str(prepared.dataset.top),
             "variant": prepared.dataset.variant,
             "manifest_sha256": prepared.manifest_sha256,
-            "same_as_training": bool(data.own_data and card.manifest_sha256 is not None),
+            "same_as_training": data.own_data,
             "training_images_left_out": data.training_images_left_out,
             "trained_on": card.trained_on,
             "protocol": data_config.protocol,

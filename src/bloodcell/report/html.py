@@ -212,9 +212,12 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
         import pandas as pd
 
         history_rows = pd.read_csv(history).to_dict("records")
+    from bloodcell.evaluate.runner import evaluated_scope
+
     return {
         "run_name": run_dir.name,
         "run_dir": str(run_dir),
+        "scope": evaluated_scope(metrics, metrics["data"]["root"]),
         "version": __version__,
         "metrics": metrics,
         "card": card,
