@@ -22,6 +22,7 @@ from bloodcell.data.audit import (
 
 REPORT_KEYS = {
     "dataset",
+    "manifest_sha256",
     "layout",
     "variant",
     "images",
@@ -149,6 +150,26 @@ def test_audit_writes_markdown_and_json(aria_dataset: Path, tmp_path: Path) -> N
         assert f"## {heading}" in markdown
     assert report["shortcut_baseline"]["statement"] in markdown
     assert 0 <= report["shortcut_baseline"]["balanced_accuracy"] <= 1
+
+
+def test_the_evaluation_runs_the_audit_again_once_the_folder_has_changed(aria_dataset: Path, tmp_path: Path) -> None:
+    """A stored audit.json describes one state of the folder; after files are added it is stale."""
+    import shutil
+
+    from PIL import Image
+
+    from bloodcell.config import DataConfig
+    from bloodcell.data.prepare import prepare_data
+    from bloodcell.evaluate.runner import data_audit_summary
+
+    folder = tmp_path / "changing"
+    shutil.copytree(aria_dataset, folder)
+    config = DataConfig(image_size=32, block_size=4, embargo=1)
+    assert data_audit_summary(prepare_data(config, folder, progress=False))["images"] == 96
+    for number in range(900, 904):
+        Image.new("RGB", (48, 48), (120, 60, 150 + number - 900)).save(folder / "Original" / "Pro" / f"WBC-Malignant-Pro-{number}.jpg")
+    summary = data_audit_summary(prepare_data(config, folder, progress=False))
+    assert summary["images"] == 100 and summary["classes"]["Pro-B"] == 28
 
 
 @pytest.mark.slow

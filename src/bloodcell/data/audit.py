@@ -20,7 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bloodcell.data.cache import load_images
-from bloodcell.data.index import build_index, dataset_workdir
+from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
 from bloodcell.data.splits import make_split, split_counts
 from bloodcell.io import atomic_write_json, atomic_write_text
 
@@ -335,6 +335,7 @@ def run_audit(
     out = Path(out_dir) if out_dir is not None else workdir / "audit"
     report: dict[str, Any] = {
         "dataset": str(dataset.top),
+        "manifest_sha256": manifest_sha256(indexed.manifest_path),  # which state of the folder this describes
         "layout": dataset.layout,
         "variant": dataset.variant,
         "images": indexed.summary["images"],

@@ -221,7 +221,9 @@ def data_audit_summary(prepared: Any, class_names: list[str] | None = None, prog
     path = dataset_workdir(dataset.top, dataset.variant) / "audit" / "audit.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if report is None or "corner_baselines" not in report:  # none yet, or written before the corner baselines
+        # None yet, or one of another state of the folder (files added, removed or changed since), or from
+        # before the corner baselines: the audit is run again, so the report never shows stale counts.
+        if report is None or report.get("manifest_sha256") != prepared.manifest_sha256 or "corner_baselines" not in report:
             report = run_audit(dataset.top, dataset.variant, class_names, progress=progress)
     except (UserError, ValueError, OSError) as error:
         log.warning("data audit not available: %s", error)
