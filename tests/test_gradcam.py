@@ -15,6 +15,7 @@ from bloodcell.explain.gradcam import (
     default_target_layer,
     explain_files,
     explain_images,
+    favours_cell,
     randomized_copy,
     sanity_check,
 )
@@ -105,7 +106,17 @@ def test_sanity_check_against_randomised_weights_and_cell_energy(bloodnet: Class
     assert report["target_layer"] == "stages" and report["n_images"] == 8
     assert -1.0 <= report["randomized_similarity"] < 1.0
     assert 0.0 <= report["cam_energy_on_cell"] <= 1.0 and 0.0 < report["cell_area_fraction"] < 1.0
+    assert 0.0 <= report["random_energy_on_cell"] <= 1.0
+    assert report["random_energy_to_area_ratio"] == pytest.approx(report["random_energy_on_cell"] / report["cell_area_fraction"])
+    assert report["favours_cell"] == favours_cell(report["energy_to_area_ratio"], report["random_energy_to_area_ratio"])
     assert isinstance(report["passed"], bool)
+
+
+def test_maps_favour_the_cell_only_clearly_above_a_uniform_map_and_the_random_network() -> None:
+    assert favours_cell(1.5, 1.0) and favours_cell(1.2, None)
+    assert not favours_cell(1.006, 1.014)  # the bundled model's maps against random weights': chance
+    assert not favours_cell(1.3, 1.25)  # above 1, but no better than random weights
+    assert not favours_cell(1.05, 0.8) and not favours_cell(None, 1.0)
 
 
 def test_similarity_and_energy_by_hand() -> None:

@@ -292,7 +292,8 @@ def explain_examples(
         grid.append((classes[k], examples))
     title = f"{method} on layer '{sanity['target_layer']}': similarity to random-weights CAMs {sanity['randomized_similarity']:.2f}"
     if sanity.get("cam_energy_on_cell") is not None:
-        title += f"; CAM energy on cell {sanity['cam_energy_on_cell']:.0%} (cell area {sanity['cell_area_fraction']:.0%})"
+        title += (f"; CAM energy on cell {sanity['cam_energy_on_cell']:.0%} (random weights "
+                  f"{sanity['random_energy_on_cell']:.0%}, cell area {sanity['cell_area_fraction']:.0%})")  # fmt: skip
     plot_gradcam_grid(grid, plots_dir / "gradcam_grid.png", title)
     return {**sanity, "grid": {name: sum(e["overlay"] is not None for e in examples) for name, examples in grid}}
 

@@ -213,11 +213,13 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
 
         history_rows = pd.read_csv(history).to_dict("records")
     from bloodcell.evaluate.runner import evaluated_scope
+    from bloodcell.explain.gradcam import CELL_FOCUS_MARGIN
 
     return {
         "run_name": run_dir.name,
         "run_dir": str(run_dir),
         "scope": evaluated_scope(metrics, metrics["data"]["root"]),
+        "cell_focus_margin": CELL_FOCUS_MARGIN,
         "version": __version__,
         "metrics": metrics,
         "card": card,
