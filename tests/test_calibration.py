@@ -56,6 +56,33 @@ def test_fit_without_data_is_identity() -> None:
     assert fit_temperature(np.zeros((0, 4)), np.zeros(0, dtype=int)) == 1.0
 
 
+def test_a_validation_part_read_all_right_keeps_the_temperature_at_one(caplog: pytest.LogCaptureFixture) -> None:
+    logits, labels = calibrated_logits(n=200, seed=2)
+    right = labels == logits.argmax(axis=1)
+    with caplog.at_level("WARNING", logger="bloodcell.evaluate.calibration"):
+        assert fit_temperature(logits[right], labels[right]) == 1.0  # not the search's bound, 0.05
+    assert "no temperature can be fitted" in caplog.text
+
+
+def test_non_finite_logits_are_refused() -> None:
+    logits, labels = calibrated_logits(n=50)
+    logits[7, 2] = np.nan
+    with pytest.raises(ValueError, match="1 of 50 validation logits are NaN or infinite"):
+        fit_temperature(logits, labels)
+
+
+def test_a_model_with_broken_weights_is_named_not_scored() -> None:
+    from bloodcell.errors import UserError
+    from bloodcell.evaluate.runner import predict_logits
+    from bloodcell.models import create_model
+
+    model = create_model("bloodnet", 4, width=0.25)
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if name.endswith("bias")).fill_(float("nan"))
+    with pytest.raises(UserError, match="NaN or infinite for 3 of 3 images"):
+        predict_logits(model, np.zeros((3, 32, 32, 3), dtype=np.uint8))
+
+
 def test_save_temperature_updates_the_card(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Classifier(create_model("bloodnet", 4, width=0.5))

@@ -11,6 +11,7 @@ as exact as LBFGS and cannot diverge.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 from bloodcell.models.card import ModelCard, load_card, save_card
+
+log = logging.getLogger(__name__)
 
 #: The search range of log(T): T in [0.05, 20] covers every sane network.
 LOG_T_BOUNDS = (float(np.log(0.05)), float(np.log(20.0)))
@@ -37,11 +40,21 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     logits: validation logits ``(N, K)`` of the model (without temperature).
     labels: their true labels ``(N,)``.
 
-    Returns T > 0 (1.0 when there is nothing to fit on).
+    Returns T > 0: 1.0 when there is nothing to fit on, or when every validation image is already read
+    right (then the likelihood keeps rising as T falls, and the search would stop at its bound, 0.05,
+    sharpening every later prediction twentyfold on no evidence). Raises ``ValueError`` on NaN or infinite
+    logits.
     """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
+        return 1.0
+    broken = int((~np.isfinite(logits)).any(axis=1).sum())
+    if broken:
+        raise ValueError(f"{broken} of {len(logits)} validation logits are NaN or infinite; no temperature can be fitted")
+    if (logits.argmax(axis=1) == labels).all():
+        log.warning("every one of the %d validation images is read right: no temperature can be fitted, T stays 1",
+                    len(labels))  # fmt: skip
         return 1.0
     # Searching log(T) keeps T positive and treats "twice as hot" and "twice as cold" alike.
     result = minimize_scalar(

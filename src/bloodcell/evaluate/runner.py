@@ -102,7 +102,12 @@ def predict_logits(model: Any, images: np.ndarray, batch_size: int = 128) -> np.
             outputs.append(model(batch.to(device).permute(0, 3, 1, 2).float()).float().cpu().numpy())
     if not outputs:
         return np.zeros((0, 0))
-    return np.concatenate(outputs).astype(np.float64)
+    logits = np.concatenate(outputs).astype(np.float64)
+    broken = int((~np.isfinite(logits)).any(axis=1).sum())
+    if broken:  # every score after this would be meaningless, or a scikit-learn traceback
+        raise UserError(f"the model's outputs are NaN or infinite for {broken} of {len(logits)} images: its weights "
+                        "are broken (did its training diverge?)")  # fmt: skip
+    return logits
 
 
 def _conditions_metrics(
