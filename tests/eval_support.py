@@ -37,13 +37,14 @@ def train_toy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, st
 
 
 def make_run(dataset_root: Path, run_dir: Path, name: str = "toy", architecture: str = "bloodnet",
-             arch_kwargs: dict | None = None, steps: int = 30, epochs: int = 3) -> Path:
-    """Write ``run_dir`` with config.yaml, history.csv and checkpoints/best for a tiny model on ``dataset_root``."""
+             arch_kwargs: dict | None = None, steps: int = 30, epochs: int = 3, data: dict | None = None) -> Path:
+    """Write ``run_dir`` with config.yaml, history.csv and checkpoints/best for a tiny model on ``dataset_root``
+    (``data``: more keys of the config's data section, e.g. another split protocol)."""
     torch.manual_seed(0)
     arch_kwargs = {"width": 0.5} if arch_kwargs is None and architecture == "bloodnet" else (arch_kwargs or {})
     config = RunConfig.model_validate({
         "name": name,
-        "data": {"root": str(dataset_root), "image_size": IMAGE_SIZE, "block_size": 4, "embargo": 1},
+        "data": {"root": str(dataset_root), "image_size": IMAGE_SIZE, "block_size": 4, "embargo": 1, **(data or {})},
         "model": {"name": architecture, "kwargs": arch_kwargs},
     })  # fmt: skip
     prepared = prepare_data(config.data, progress=False)

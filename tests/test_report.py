@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from bloodcell.cli import app
@@ -104,6 +106,16 @@ def test_report_embeds_only_pngs_inside_the_run(runs: Path, tmp_path: Path) -> N
     (run / "metrics.json").write_text(json.dumps(metrics))
     html = build_report(run, evaluate=False).read_text(encoding="utf-8")
     assert base64.b64encode(b"secret-token-123").decode() not in html
+
+
+def test_a_kfold_run_is_reported_on_its_held_out_fold(runs: Path, tmp_path: Path) -> None:
+    """A kfold split has no test part: the report evaluates the held-out fold instead of failing."""
+    dataset = Path(yaml.safe_load((runs / "toy" / "config.yaml").read_text())["data"]["root"])
+    run = make_run(dataset, tmp_path / "kfold", data={"protocol": "kfold", "folds": 3})
+    path = build_report(run, progress=False)
+    assert path.is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluation"]["split"] == "val" and metrics["data"]["protocol"] == "kfold"
 
 
 def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:

@@ -125,7 +125,8 @@ def _is_evaluation(metrics: dict[str, Any] | None) -> bool:
 
 def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False) -> dict[str, Any]:
     """The run's evaluation (``metrics.json``), running :func:`~bloodcell.evaluate.runner.evaluate_model`
-    on its test part first when there is none (or only training-time numbers)."""
+    first when there is none (or only training-time numbers): on its test part, or for a ``kfold`` split,
+    which has none, on its held-out fold (the ``val`` part)."""
     metrics = _read_json(run_dir / "metrics.json")
     if _is_evaluation(metrics):
         return metrics  # type: ignore[return-value]
@@ -133,7 +134,9 @@ def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False)
         raise UserError(f"{run_dir}: no evaluation yet; run `bloodcell evaluate {run_dir}` first")
     from bloodcell.evaluate.runner import evaluate_model
 
-    return evaluate_model(run_dir, out_dir=run_dir, progress=progress)
+    protocol = ((_read_yaml(run_dir / "config.yaml") or {}).get("data") or {}).get("protocol")
+    split = "val" if protocol == "kfold" else "test"
+    return evaluate_model(run_dir, split=split, out_dir=run_dir, progress=progress)
 
 
 def find_baseline_run(run_dir: Path) -> Path | None:
