@@ -64,6 +64,19 @@ def test_report_compares_with_the_seed_replica_sibling(report: Path, runs: Path)
     assert str(runs / "seed") in html
 
 
+def test_a_baseline_scored_on_other_images_is_not_compared(runs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bloodcell.evaluate.runner import evaluate_model
+
+    for name in ("toy", "seed"):
+        shutil.copytree(runs / name, tmp_path / name)
+    evaluate_model(tmp_path / "seed", split="val", out_dir=tmp_path / "seed", robustness=False, explain=False,
+                   progress=False, n_bootstrap=50, update_card=False)  # fmt: skip
+    with caplog.at_level("WARNING", logger="bloodcell.report.html"):
+        html = build_report(tmp_path / "toy", baseline=tmp_path / "seed", progress=False).read_text(encoding="utf-8")
+    assert "seed replica (seed-cnn" not in html
+    assert "was evaluated on other images" in caplog.text
+
+
 def test_markdown_summary_beside_it(report: Path) -> None:
     markdown = report.with_name("report.md").read_text(encoding="utf-8")
     assert markdown.startswith("# bloodcell evaluation report")

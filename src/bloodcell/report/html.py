@@ -168,6 +168,11 @@ def _training_plot(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
     return target if target.is_file() else None
 
 
+def _scored_images(metrics: dict[str, Any]) -> tuple[str, str, int]:
+    """What an evaluation scored: its part, the data's manifest hash and the number of images."""
+    return metrics["evaluation"]["split"], metrics["data"]["manifest_sha256"], metrics["n_images"]
+
+
 def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | None) -> dict[str, Any] | None:
     """Side-by-side numbers of this run, the seed-replica baseline and the border-colour shortcut."""
     from bloodcell.report.plots import plot_model_comparison
@@ -175,6 +180,11 @@ def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | Non
     baseline = _read_json(baseline_dir / "metrics.json") if baseline_dir is not None else None
     if baseline_dir is not None and not _is_evaluation(baseline):
         log.warning("baseline %s has no evaluation; comparison left out", baseline_dir)
+        baseline = None
+    elif baseline is not None and _scored_images(baseline) != _scored_images(metrics):
+        # Scores of different images are not comparable: a test score beside a validation one says nothing.
+        log.warning("baseline %s was evaluated on other images (%s) than this run (%s); comparison left out",
+                    baseline_dir, _scored_images(baseline), _scored_images(metrics))  # fmt: skip
         baseline = None
     columns = [{"name": f"this model ({metrics['model']['architecture']})", "metrics": metrics}]
     if baseline is not None:
