@@ -106,7 +106,7 @@ def test_corner_occlusion_counts_the_predictions_a_masked_corner_changes() -> No
 
 
 def test_plots_and_predictions_are_written(run: Path, metrics: dict) -> None:
-    for name in ("confusion_matrix", "roc", "reliability", "robustness", "training_curves"):
+    for name in ("confusion_matrix", "roc", "reliability", "robustness", "training_curves", "gradcam_grid"):
         assert (run / metrics["plots"][name]).stat().st_size > 1000, name
     assert (run / "plots" / "gradcam_grid.png").is_file()
     predictions = pd.read_csv(run / "predictions.csv")
@@ -225,3 +225,15 @@ def test_cli_explain_with_only_a_model_is_a_user_error(run: Path) -> None:
     result = CliRunner().invoke(app, ["explain", str(run)])
     assert result.exit_code != 0
     assert "no images were given" in str(result.exception)
+
+
+def test_results_of_a_model_outside_a_run_go_under_evaluations_once(run: Path, tmp_path: Path) -> None:
+    from bloodcell.evaluate.runner import default_out_dir
+
+    _, card = load_model(run)
+    model_dir = tmp_path / "model"  # a model folder that is not inside a run
+    model_dir.mkdir()
+    assert default_out_dir(model_dir, card, "test", True, Path("aria")) == Path("evaluations") / card.name
+    assert default_out_dir(model_dir, card, "val", True, Path("aria")) == Path("evaluations") / card.name / "aria-val"
+    best = run / "checkpoints" / "best"
+    assert default_out_dir(best, card, "val", True, Path("aria")) == run / "evaluations" / "aria-val"

@@ -159,11 +159,12 @@ def test_data_parallel_trials_are_refused_before_the_study_is_opened(tmp_path: P
 def test_an_override_that_the_search_replaces_is_named() -> None:
     from bloodcell.tune.search import overrides_the_search_replaces
 
-    overrides = ["data.image_size=32", "augment.hue=0.1", "train.epochs=2"]
+    overrides = ["data.image_size=32", "augment.hue=0.1", "train.epochs=2", "optimizer.lr=0.01"]
+    # augment.hue is the base that augment_strength scales, not replaced: no warning for it.
     assert overrides_the_search_replaces(overrides, SearchSpace()) == [
-        ("data.image_size=32", "image_size"), ("augment.hue=0.1", "augment_strength")
+        ("data.image_size=32", "image_size"), ("optimizer.lr=0.01", "lr")
     ]
-    assert overrides_the_search_replaces(overrides, SearchSpace(image_size=None, augment_strength=None)) == []
+    assert overrides_the_search_replaces(overrides, SearchSpace(image_size=None, lr=None)) == []
 
 
 def test_a_study_refuses_to_continue_with_a_different_search(tmp_path: Path) -> None:

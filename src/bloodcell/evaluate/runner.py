@@ -304,11 +304,13 @@ def explain_examples(
 
 
 def default_out_dir(model_dir: Path, card: Any, split: str, own_data: bool, data_root: Path) -> Path:
-    """Where results go unless told: the run directory for its own test part, else a sub-folder."""
-    base = run_dir_of(model_dir) or Path("evaluations") / card.name
+    """Where results go unless told: the run directory for its own test part, else ``evaluations/<data>-<split>``
+    inside it; for a model outside a run (the bundled one), ``./evaluations/<model name>`` likewise."""
+    run_dir = run_dir_of(model_dir)
+    base = run_dir if run_dir is not None else Path("evaluations") / card.name
     if split == "test" and own_data:
         return base
-    return base / "evaluations" / f"{data_root.name}-{split}"
+    return (base / "evaluations" if run_dir is not None else base) / f"{data_root.name}-{split}"
 
 
 def _write_predictions(path: Path, prepared: Any, indices: np.ndarray, label_map: np.ndarray, probs: np.ndarray,
@@ -616,6 +618,8 @@ def evaluate_model(
     )  # fmt: skip
     history = training_history(run_dir) if run_dir is not None else None
     metrics["plots"] = _plots(metrics, y_true, probs, classes, plots_dir, history, data.images[0])
+    if metrics["explain"] is not None:
+        metrics["plots"]["gradcam_grid"] = "plots/gradcam_grid.png"
     _write_predictions(out / PREDICTIONS_FILE, data.prepared, data.indices, data.label_map, probs, classes)
     metrics["evaluation"]["seconds"] = round(time.perf_counter() - started, 2)
     metrics = json_ready(metrics)

@@ -191,9 +191,11 @@ def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
 
 
 #: The config key (or, for augment_strength, the section) each searched parameter writes (see apply_params).
+# The config key each searched parameter overwrites. ``augment_strength`` is not here: it scales the base
+# config's augment magnitudes (a --set of one included) rather than replacing them.
 SEARCHED_KEYS = {"lr": "optimizer.lr", "weight_decay": "optimizer.weight_decay",
-                 "label_smoothing": "train.label_smoothing", "augment_strength": "augment.",
-                 "image_size": "data.image_size", "width": "model.kwargs.width"}  # fmt: skip
+                 "label_smoothing": "train.label_smoothing", "image_size": "data.image_size",
+                 "width": "model.kwargs.width"}  # fmt: skip
 
 
 def overrides_the_search_replaces(overrides: list[str], space: SearchSpace) -> list[tuple[str, str]]:
@@ -203,7 +205,7 @@ def overrides_the_search_replaces(overrides: list[str], space: SearchSpace) -> l
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         for name, target in SEARCHED_KEYS.items():
-            if getattr(space, name) is not None and (key == target or (target.endswith(".") and key.startswith(target))):
+            if getattr(space, name) is not None and key == target:
                 replaced.append((item, name))
     return replaced
 
