@@ -17,6 +17,7 @@ from bloodcell.data.audit import (
     corner_slices,
     mask_corner,
     run_audit,
+    segmented_coverage,
     shortcut_verdict,
 )
 
@@ -40,6 +41,7 @@ REPORT_KEYS = {
     "shortcut_baseline",
     "colour_statistics_baseline",
     "corner_baselines",
+    "segmented_coverage",
     "manifest",
     "report_markdown",
     "report_json",
@@ -149,7 +151,22 @@ def test_audit_writes_markdown_and_json(aria_dataset: Path, tmp_path: Path) -> N
     ):
         assert f"## {heading}" in markdown
     assert report["shortcut_baseline"]["statement"] in markdown
+    assert set(report["segmented_coverage"]["classes"]) == set(report["classes"])
+    assert report["segmented_coverage"]["statement"] in markdown
     assert 0 <= report["shortcut_baseline"]["balanced_accuracy"] <= 1
+
+
+def test_segmented_coverage_names_a_class_whose_masks_keep_almost_nothing() -> None:
+    masks = np.zeros((6, 10, 10), dtype=bool)
+    masks[:3, 2:6, 2:6] = True  # class 0: 16 % of each image, a cell
+    masks[3, 0, 0] = True  # class 1: 1 %, 0 % and 16 %
+    masks[5, 2:6, 2:6] = True
+    coverage = segmented_coverage(masks, np.array([0, 0, 0, 1, 1, 1]), ["Benign", "Pro-B"])
+    assert coverage["classes"]["Benign"] == {"mean": pytest.approx(0.16), "under_2_percent": 0.0}
+    assert coverage["classes"]["Pro-B"]["under_2_percent"] == pytest.approx(2 / 3)
+    assert "Pro-B (67 % of its images)" in coverage["statement"] and "Benign" not in coverage["statement"]
+    whole = segmented_coverage(masks[:3], np.zeros(3, dtype=int), ["Benign", "Pro-B"])
+    assert set(whole["classes"]) == {"Benign"} and "at least 90 %" in whole["statement"]
 
 
 def test_the_evaluation_runs_the_audit_again_once_the_folder_has_changed(aria_dataset: Path, tmp_path: Path) -> None:

@@ -241,4 +241,6 @@ def audit_command(
     )
     _console.print(report["shortcut_baseline"]["statement"], markup=False)
     _console.print(report["corner_baselines"]["statement"], markup=False)
+    if report["segmented_coverage"] is not None:
+        _console.print(report["segmented_coverage"]["statement"], markup=False)
     typer.echo(f"Report: {report['report_markdown']} and {report['report_json']}")

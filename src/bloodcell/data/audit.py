@@ -19,8 +19,10 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from bloodcell.config import DataConfig
 from bloodcell.data.cache import load_images
 from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
+from bloodcell.data.prepare import CELL_MASK_THRESHOLD, cell_masks, segmented_images
 from bloodcell.data.splits import make_split, split_counts
 from bloodcell.io import atomic_write_json, atomic_write_text
 
@@ -331,6 +333,9 @@ def run_audit(
         "statement": _statement(stats, "the image's overall colour statistics, no shapes,"),
     }
     corners = corner_baselines(images, labels, train_idx, test_idx, seed)
+    segmented = segmented_images(dataset, split, DataConfig(image_size=image_size, class_names=class_names), images,
+                                 progress)  # fmt: skip
+    coverage = segmented_coverage(cell_masks(segmented), labels, dataset.classes) if segmented is not None else None
     groups = duplicate_group_table(manifest)
     out = Path(out_dir) if out_dir is not None else workdir / "audit"
     report: dict[str, Any] = {
@@ -356,6 +361,7 @@ def run_audit(
         "shortcut_baseline": border,
         "colour_statistics_baseline": stats,
         "corner_baselines": corners,
+        "segmented_coverage": coverage,
         "manifest": str(indexed.manifest_path),
         "report_markdown": str(out / "audit.md"),
         "report_json": str(out / "audit.json"),
@@ -363,6 +369,31 @@ def run_audit(
     atomic_write_json(out / "audit.json", report)
     atomic_write_text(out / "audit.md", audit_markdown(report))
     return report
+
+
+def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """How much of each class's images the Segmented variant keeps: its "cell masks" are a colour threshold.
+
+    Returns ``threshold``, ``classes`` (class -> ``mean`` share of pixels kept, ``under_2_percent``: share of
+    images keeping under 2 %, which can hold no whole cell) and a ``statement`` naming the classes whose
+    masks miss the cells in more than a tenth of their images.
+    """
+    kept = masks.reshape(len(masks), -1).mean(axis=1)
+    per_class = {
+        name: {"mean": float(kept[labels == k].mean()), "under_2_percent": float((kept[labels == k] < 0.02).mean())}
+        for k, name in enumerate(classes)
+        if (labels == k).any()
+    }
+    missing = [f"{name} ({100 * c['under_2_percent']:.0f} % of its images)" for name, c in per_class.items()
+               if c["under_2_percent"] > 0.1]  # fmt: skip
+    statement = (
+        f"The Segmented variant keeps under 2 % of the pixels, too little for a whole cell, in {', '.join(missing)}: "
+        "its masks miss the cells there, so the Grad-CAM energy on the cell and background-free training images "
+        "(augment.mix_segmented) are unreliable for those classes."
+        if missing
+        else "The Segmented variant keeps a cell-sized share of the pixels in at least 90 % of every class's images."
+    )
+    return {"threshold": CELL_MASK_THRESHOLD, "classes": per_class, "statement": statement}
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -445,4 +476,16 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
         )
         + f"\n\n{report['corner_baselines']['statement']}",
     ]
+    coverage = report.get("segmented_coverage")
+    if coverage:
+        sections.append(
+            "## Segmented variant: how much of each image it keeps\n\n"
+            f"A pixel is kept when a channel exceeds {coverage['threshold']} (its background is black).\n\n"
+            + _table(
+                ["class", "mean share of pixels kept", "images keeping under 2 %"],
+                [[name, f"{100 * c['mean']:.1f} %", f"{100 * c['under_2_percent']:.0f} %"]
+                 for name, c in coverage["classes"].items()],
+            )  # fmt: skip
+            + f"\n\n{coverage['statement']}"
+        )
     return "\n\n".join(sections) + "\n"

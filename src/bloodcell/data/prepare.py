@@ -22,6 +22,10 @@ from bloodcell.errors import UserError
 
 log = logging.getLogger(__name__)
 
+#: A Segmented-variant pixel belongs to the cell when any channel exceeds this (the background is black,
+#: JPEG leaves a little noise in it).
+CELL_MASK_THRESHOLD = 20
+
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -58,7 +62,12 @@ class PreparedData:
         return np.flatnonzero(self.split["split"].to_numpy() == part)
 
 
-def _segmented_images(
+def cell_masks(segmented: np.ndarray, threshold: int = CELL_MASK_THRESHOLD) -> np.ndarray:
+    """Boolean cell masks ``(N, H, W)`` from Segmented-variant images (background masked black)."""
+    return segmented.max(axis=-1) > threshold
+
+
+def segmented_images(
     dataset: Dataset, split: pd.DataFrame, config: DataConfig, images: np.ndarray, progress: bool
 ) -> np.ndarray | None:
     """The other Aria variant's images aligned with ``split``, or None when any row has no usable counterpart."""
@@ -145,7 +154,7 @@ def prepare_data(
         classes=dataset.classes,
         root=dataset.root,
         manifest_sha256=manifest_sha256(indexed.manifest_path),
-        segmented_images=_segmented_images(dataset, split, data_config, images, progress),
+        segmented_images=segmented_images(dataset, split, data_config, images, progress),
         dataset=dataset,
         manifest_path=indexed.manifest_path,
         split_path=split_path,

@@ -235,7 +235,7 @@ def data_audit_summary(prepared: Any, class_names: list[str] | None = None, prog
         return None
     keys = ("dataset", "layout", "variant", "images", "accepted", "classes", "image_sizes", "exact_duplicate_groups",
             "near_duplicate_groups", "images_in_duplicate_groups", "cross_class_duplicate_groups",
-            "shortcut_baseline", "colour_statistics_baseline", "corner_baselines", "report_markdown")
+            "shortcut_baseline", "colour_statistics_baseline", "corner_baselines", "segmented_coverage", "report_markdown")
     summary = {key: report.get(key) for key in keys}
     summary["rejected"] = len(report.get("rejected", []))
     return summary

@@ -38,6 +38,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.stats import spearmanr
 from torch import nn
 
+from bloodcell.data.prepare import cell_masks
 from bloodcell.errors import UserError
 
 #: CAM methods by CLI name.
@@ -54,9 +55,6 @@ METHODS: dict[str, type[BaseCAM]] = {
 
 #: Randomised-weights CAMs more similar than this (mean Spearman) fail the sanity check.
 SANITY_MAX_SIMILARITY = 0.5
-#: A Segmented-variant pixel belongs to the cell when any channel exceeds this (the background is black,
-#: JPEG leaves a little noise in it).
-CELL_MASK_THRESHOLD = 20
 #: The maps "favour the cell" only when their energy-to-area ratio beats both a uniform map (1) and the
 #: random-weights network's maps by this factor: the random network's own maps already score about 1.01
 #: on the dataset's cells (they follow the image's contrast), so a ratio near 1 says nothing.
@@ -211,11 +209,6 @@ def cam_similarity(cams_a: np.ndarray, cams_b: np.ndarray) -> np.ndarray:
         else:
             values.append(float(spearmanr(a.ravel(), b.ravel()).statistic))
     return np.asarray(values)
-
-
-def cell_masks(segmented: np.ndarray, threshold: int = CELL_MASK_THRESHOLD) -> np.ndarray:
-    """Boolean cell masks ``(N, H, W)`` from Segmented-variant images (background masked black)."""
-    return segmented.max(axis=-1) > threshold
 
 
 def cam_energy_on_cell(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
