@@ -79,6 +79,18 @@ def test_aria_variant_folder_given_directly(aria_dataset: Path) -> None:
     )
 
 
+def test_an_aria_folder_of_a_single_class_is_still_the_aria_layout(tmp_path: Path) -> None:
+    """Not a plain layout whose classes would be "Original" and "Segmented"."""
+    root = make_folders(tmp_path / "aria", ["Original/Benign", "Segmented/Benign"])
+    for given in (root, root / "Original"):
+        dataset = find_dataset(given)
+        assert dataset.layout == "aria" and list(dataset.classes) == ["Benign"], given
+    assert find_dataset(root, variant="Segmented").root == (root / "Segmented").resolve()
+    # A folder named Original whose image folders are not all class names is not taken for the Aria layout.
+    plain = make_folders(tmp_path / "plain", ["Original/Benign", "Original/tumour"])
+    assert list(find_dataset(plain / "Original").classes) == ["Benign", "tumour"]
+
+
 def test_aria_missing_variant_is_a_clear_error(tmp_path: Path) -> None:
     from conftest import make_aria_dataset
 

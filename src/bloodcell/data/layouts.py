@@ -127,11 +127,19 @@ def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def _is_aria_variant(folder: Path) -> bool:
+    """Whether ``folder`` (named Original or Segmented) holds Aria class folders: at least one, and every
+    sub-folder holding images is one (a folder of a single class is still the Aria layout)."""
+    known = set(_canonical_folders(folder).values())
+    with_images = {f.name for f in _subfolders(folder) if any(is_image_name(p) for p in f.rglob("*"))}
+    return len(known) >= 2 or (len(known) == 1 and with_images <= known)
+
+
 def _aria_top(root: Path) -> Path | None:
     """The Aria top folder for ``root``: ``root`` itself, or its parent when ``root`` is a variant folder."""
-    if root.name in VARIANTS and len(_canonical_folders(root)) >= 2:
+    if root.name in VARIANTS and _is_aria_variant(root):
         return root.parent
-    if any((root / v).is_dir() and len(_canonical_folders(root / v)) >= 2 for v in VARIANTS):
+    if any((root / v).is_dir() and _is_aria_variant(root / v) for v in VARIANTS):
         return root
     return None
 
