@@ -237,3 +237,15 @@ def test_results_of_a_model_outside_a_run_go_under_evaluations_once(run: Path, t
     assert default_out_dir(model_dir, card, "val", True, Path("aria")) == Path("evaluations") / card.name / "aria-val"
     best = run / "checkpoints" / "best"
     assert default_out_dir(best, card, "val", True, Path("aria")) == run / "evaluations" / "aria-val"
+
+
+def test_an_evaluation_whose_grad_cam_cannot_run_keeps_its_scores(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bloodcell.errors import UserError
+    from bloodcell.evaluate import runner
+
+    def no_feature_map(*args, **kwargs):
+        raise UserError("Net: no convolutional feature map found for Grad-CAM")
+
+    monkeypatch.setattr(runner, "explain_examples", no_feature_map)
+    result = evaluate_model(run, split="val", robustness=False, progress=False, n_bootstrap=50, update_card=False)
+    assert result["explain"] is None and 0 <= result["balanced_accuracy"] <= 1

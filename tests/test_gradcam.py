@@ -98,6 +98,15 @@ def test_explaining_a_given_class_and_randomised_copy(bloodnet: Classifier) -> N
     assert torch.equal(bloodnet.net.stem[0].weight, trained_weight)  # the original is untouched
 
 
+def test_a_transformers_attention_tensors_are_not_taken_for_feature_maps() -> None:
+    """A ViT's 4-D tensors (batch, heads, tokens, dim) finish last but are no map: its patch embedding is."""
+    net = create_model("timm/vit_tiny_patch16_224", 4, img_size=32, patch_size=8, depth=2)
+    assert default_target_layer(net, 32)[0] == "patch_embed.proj"  # was blocks.1.attn.k_norm
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    with pytest.raises(UserError, match="no convolutional feature map found for Grad-CAM; name a layer"):
+        default_target_layer(flat, 32)
+
+
 def test_sanity_check_against_randomised_weights_and_cell_energy(bloodnet: Classifier) -> None:
     images, _ = toy_images(8, 48, seed=3)
     segmented = images.copy()

@@ -611,11 +611,14 @@ def evaluate_model(
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     segmented = data.prepared.segmented_images
-    metrics["explain"] = (
-        explain_examples(model, data.images, y_true, probs, classes,
-                         None if segmented is None else segmented[data.indices], plots_dir, cam_method)
-        if explain else None
-    )  # fmt: skip
+    metrics["explain"] = None
+    if explain:
+        try:
+            metrics["explain"] = explain_examples(model, data.images, y_true, probs, classes,
+                                                  None if segmented is None else segmented[data.indices], plots_dir,
+                                                  cam_method)  # fmt: skip
+        except UserError as error:  # e.g. a transformer without a feature map: the scores stand without it
+            log.warning("Grad-CAM left out: %s", error)
     history = training_history(run_dir) if run_dir is not None else None
     metrics["plots"] = _plots(metrics, y_true, probs, classes, plots_dir, history, data.images[0])
     if metrics["explain"] is not None:

@@ -87,13 +87,19 @@ def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn
     input_size: side of the probe image (use the model's input size: some networks need a minimum).
 
     Returns ``(dotted name, module)`` of the last module to finish whose output is a feature map with more
-    than one spatial position, pooling layers excluded. Raises ValueError if there is none.
+    than one spatial position, pooling layers excluded. Raises UserError if there is none.
+
+    A feature map is ``(N, C, H, W)`` with ``H == W`` (the probe is square) no larger than the input: a
+    transformer's 4-D tensors, ``(N, heads, tokens, dim)`` or channels-last ``(N, H, W, C)``, are not, and
+    a Grad-CAM on them would look like a map and mean nothing; such a network needs ``--target-layer``.
     """
     names = {id(module): name for name, module in net.named_modules() if name}
     finished: list[nn.Module] = []
 
     def record(module: nn.Module, _inputs: Any, output: Any) -> None:
-        spatial = isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1
+        spatial = (
+            isinstance(output, torch.Tensor) and output.ndim == 4 and 1 < output.shape[-1] == output.shape[-2] <= input_size
+        )
         if spatial and not _is_pooling(module) and id(module) in names:
             finished.append(module)
 
@@ -108,7 +114,8 @@ def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn
             handle.remove()
         net.train(was_training)
     if not finished:
-        raise ValueError(f"{type(net).__name__}: no convolutional feature map found for Grad-CAM")
+        raise UserError(f"{type(net).__name__}: no convolutional feature map found for Grad-CAM; name a layer "
+                        "with --target-layer")  # fmt: skip
     layer = finished[-1]
     return names[id(layer)], layer
 

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bloodcell import __version__
 from bloodcell.data.decode import DEFAULT_MAX_PIXELS, ImageError, open_rgb, resize_rgb
+from bloodcell.errors import UserError
 from bloodcell.serve.common import BasePredictor, available_cores
 
 log = logging.getLogger("bloodcell.serve")
@@ -259,7 +260,10 @@ class Service:
         image = np.full((size, size, 3), 200, np.uint8)
         self.probabilities(image[None], None)
         if self._explain_source is not False:
-            self.explainer().explain(image)
+            try:
+                self.explainer().explain(image)
+            except UserError as error:  # the service still classifies; explain=true says why it cannot
+                log.warning("Grad-CAM is not available for this model: %s", error)
 
     def predict_one(self, data: bytes, filename: str | None, explain: bool, tta: bool | None) -> dict[str, Any]:
         """Decode, classify and optionally explain one upload; returns the response as a dict."""
@@ -278,7 +282,10 @@ class Service:
             from bloodcell.serve.predictor import overlay_png
 
             target = self.predictor.classes.index(result.label)
-            cam = self.explainer().explain(model_input, target=target)
+            try:
+                cam = self.explainer().explain(model_input, target=target)
+            except UserError as error:
+                raise HTTPException(400, f"explain=true is not available for this model: {error}") from None
             response["explanation"] = {
                 "method": "gradcam",
                 "target_class": result.label,
