@@ -268,6 +268,36 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path, data) -> 
     assert not (checkpoints / ".last.tmp").exists() and not (checkpoints / ".last.old").exists()
 
 
+def test_a_resume_keeps_the_thread_count_it_trained_with(tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Automatic threads are chosen from the idle cores; on resume that choice would follow the load of
+    the moment, and another count changes the sums: the recorded count is used instead."""
+    from bloodcell.train import loop
+
+    asked: list[int] = []
+
+    def set_threads(requested: int, local_processes: int) -> int:
+        asked.append(requested)
+        return requested or 1  # "the machine had one idle core" when the run started
+
+    monkeypatch.setattr(loop, "set_threads", set_threads)
+    interrupted_then_resumed(tiny_config(train={"num_threads": 0}), tmp_path / "run", data, after_epoch=1)
+    assert asked == [0, 1]
+
+
+def test_a_resume_by_another_number_of_processes_is_refused(tmp_path: Path, data) -> None:
+    """Its steps an epoch would differ, and the restored step count would sit elsewhere on the schedule."""
+    config = tiny_config(train={"epochs": 2})
+    fit(config, tmp_path / "run", prepared=data, progress=False, epoch_callback=lambda epoch, row: None)
+    trainer_file = tmp_path / "run" / "checkpoints" / "last" / "trainer.json"
+    trainer = json.loads(trainer_file.read_text())
+    assert trainer["schedule"]["world_size"] == 1 and trainer["schedule"]["steps_per_epoch"] > 0
+    trainer["schedule"] = {"world_size": 2, "steps_per_epoch": trainer["schedule"]["steps_per_epoch"] // 2}
+    trainer["loop"]["epoch"] = 1
+    trainer_file.write_text(json.dumps(trainer))
+    with pytest.raises(UserError, match=r"trained by 2 process\(es\).*--devices 2"):
+        fit(config, tmp_path / "run", prepared=data, progress=False, resume=True)
+
+
 def test_resume_with_a_changed_config_is_refused_naming_the_key(tmp_path: Path, data) -> None:
     fit(tiny_config(train={"epochs": 1}), tmp_path / "run", prepared=data, progress=False)
     changed = tiny_config(train={"epochs": 1}, optimizer={"lr": 0.1})
@@ -484,6 +514,27 @@ def test_a_failed_cuda_graph_recording_leaves_the_model_as_it_was(monkeypatch: p
     loop._record_step_graph(tiny_config(), fake_gpu, classifier, log, batch=16)
     assert len(messages) == 1 and "training without CUDA graphs" in messages[0] and "capturing" in messages[0]
     assert classifier(torch.zeros(2, 3, 32, 32)).shape == (2, 4)  # its ordinary forward
+
+
+def test_a_model_that_draws_on_the_host_is_never_recorded_as_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MixStyle tosses its coin on the CPU each step; a graph would freeze the toss of its recording."""
+    import types
+
+    from bloodcell.train import loop, setup
+
+    recorded: list[tuple] = []
+    monkeypatch.setattr(loop, "graph_training_forward", lambda *args: recorded.append(args))
+    messages: list[str] = []
+    log = types.SimpleNamespace(
+        warning=lambda message, *args: messages.append(message % args),
+        info=lambda message, *args: messages.append(message % args),
+    )
+    fake_gpu = types.SimpleNamespace(device=torch.device("cuda"), world_size=1)
+    mixing = tiny_config(model={"name": "bloodnet", "kwargs": {"width": 0.5, "mixstyle": 0.5}})
+    loop._record_step_graph(mixing, fake_gpu, setup.build_classifier(mixing, 4), log, batch=16)
+    assert recorded == [] and "MixStyle" in messages[0]
+    loop._record_step_graph(tiny_config(), fake_gpu, setup.build_classifier(tiny_config(), 4), log, batch=16)
+    assert len(recorded) == 1  # without MixStyle the step is recorded
 
 
 def test_the_step_is_recorded_at_the_batch_each_step_takes(tmp_path: Path, data, monkeypatch) -> None:

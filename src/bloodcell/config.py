@@ -39,7 +39,7 @@ class DataConfig(Strict):
     embargo: int = Field(12, ge=0)  # images left out of training next to each held-out block
     folds: int = Field(5, ge=2)  # kfold protocol
     fold: int = Field(0, ge=0)  # which kfold fold is validation
-    mix_segmented: float = Field(0.0, ge=0, le=1)  # share of training batches drawn from the Segmented variant
+    mix_segmented: float = Field(0.0, ge=0, le=1)  # chance a training image is drawn from the Segmented variant
     # Which parts the shipped model learns from. "train+val": `bloodcell train` first trains on train alone
     # (the "holdout" stage: validation scores and the fitted temperature), then refits the same recipe on
     # train + val for the same schedule. The test part is never trained on either way.
@@ -160,7 +160,7 @@ class TrainConfig(Strict):
     batch_size: int = Field(64, ge=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     class_weights: bool = True  # weight the loss by inverse class frequency
-    early_stopping_patience: int = Field(0, ge=0)  # 0: off; else epochs without val improvement
+    early_stopping_patience: int = Field(0, ge=0)  # 0: off; else validations (epochs at eval_every 1) without improvement
     grad_clip: float = Field(2.0, ge=0)  # 0: off
     seed: int = Field(0, ge=0)
     devices: int | Literal["auto"] = 1

@@ -97,6 +97,7 @@ class MixStyle(nn.Module):
     def __init__(self, p: float, alpha: float = 0.1, eps: float = 1e-6) -> None:
         super().__init__()
         self.p, self.alpha, self.eps = p, alpha, eps
+        self.draws_on_the_host = p > 0  # its coin is tossed on the CPU every step: no CUDA graph can replay it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or float(torch.rand(())) >= self.p:

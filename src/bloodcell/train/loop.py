@@ -7,7 +7,8 @@ takes optimiser steps at a learning rate computed from the step number, validate
 precision and distributed data parallel; everything else is plain PyTorch.
 
 Reproducibility and resuming: every epoch reseeds torch and its data / augmentation generators from
-``(seed, epoch, rank)``, the schedule is a pure function of the step, and ``last`` holds the optimiser's
+``(seed, epoch, rank)``, the schedule is a pure function of the step (at the steps an epoch recorded in
+``trainer.json``), and ``last`` holds the optimiser's
 state, so a run resumed from ``last`` after Ctrl-C or a kill computes exactly what the uninterrupted run
 would have computed.
 """
@@ -153,9 +154,12 @@ def fit(
     fabric.launch()
     local_processes = max(1, fabric.world_size // getattr(fabric.strategy, "num_nodes", 1))
     threads_before = torch.get_num_threads()
-    threads = set_threads(config.train.num_threads, local_processes)
-    keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it back every step
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / config.name
+    # A resumed run keeps the thread count it trained with: chosen afresh from the idle cores it could
+    # differ, and a different count changes the floating-point sums (the result would not be bit-identical).
+    threads = set_threads(recorded_threads(run_dir, config.train.num_threads) if resume else config.train.num_threads,
+                          local_processes)  # fmt: skip
+    keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it back every step
     main = fabric.is_global_zero
     if main:
         if resume and not (run_dir / "config.yaml").is_file():
@@ -216,11 +220,12 @@ def fit(
         per_rank = len(train_rows) // fabric.world_size
         steps_per_epoch = max(1, per_rank // batch_size)  # drop the ragged last batch: equal steps on all ranks
         total_steps = steps_per_epoch * config.train.epochs
+        schedule = {"world_size": fabric.world_size, "steps_per_epoch": steps_per_epoch}
 
         # ------------------------------------------------------------ resume
         state = LoopState()
         if resume:
-            state = _restore(run_dir, classifier, optimizer, data)
+            state = _restore(run_dir, classifier, optimizer, data, schedule)
             log.info("resumed from %s at epoch %d", checkpoint_dir(run_dir, "last"), state.epoch)
             if main:  # a kill after the checkpoint and before the history was written: history follows last again
                 _write_history(run_dir, state.history)
@@ -324,7 +329,8 @@ def fit(
                     if improved:
                         save_checkpoint(checkpoint_dir(run_dir, "best"), classifier, card)
                     save_checkpoint(
-                        checkpoint_dir(run_dir, "last"), classifier, card, optimizer, _trainer_json(state, config, data)
+                        checkpoint_dir(run_dir, "last"), classifier, card, optimizer,
+                        _trainer_json(state, config, data, schedule),
                     )
                     _write_history(run_dir, state.history)
                     log.info("epoch %s", _format_row(row) + ("  *best*" if improved else ""))
@@ -401,6 +407,11 @@ def _record_step_graph(config: RunConfig, fabric, classifier: torch.nn.Module, l
     nor on the CPU (no graphs). A network that cannot be recorded trains without them, with a warning.
     """
     if not (config.train.cuda_graph and fabric.device.type == "cuda" and fabric.world_size == 1):
+        return
+    if any(getattr(module, "draws_on_the_host", False) for module in classifier.modules()):
+        # A graph replays the branch its recording took: a module that decides on the host each step
+        # (MixStyle's coin) would be frozen on or off for the whole run, silently.
+        log.warning("training without CUDA graphs: the model draws random choices on the host (MixStyle)")
         return
     views = 2 if config.augment.consistency > 0 else 1
     size = config.augment.crop or config.data.image_size
@@ -566,8 +577,23 @@ def _changed_keys(saved: RunConfig, given: RunConfig) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
 
 
-def _restore(run_dir: Path, classifier: torch.nn.Module, optimizer, data: TrainingData) -> LoopState:
-    """Load ``last``: model weights, optimiser state and loop state; check it was trained on the same data."""
+def recorded_threads(run_dir: Path, requested: int) -> int:
+    """The thread count the run in ``run_dir`` trained with (its ``last`` card), when ``requested`` is 0
+    (automatic) and there is one; else ``requested``."""
+    from bloodcell.models.card import load_card
+
+    last = checkpoint_dir(run_dir, "last")
+    if requested or not (last / "card.json").is_file():
+        return requested
+    card, _ = load_card(last)
+    return int(card.runtime.get("threads", requested))
+
+
+def _restore(
+    run_dir: Path, classifier: torch.nn.Module, optimizer, data: TrainingData, schedule: dict[str, int]
+) -> LoopState:
+    """Load ``last``: model weights, optimiser state and loop state; check it was trained on the same data,
+    and with the same steps an epoch (``schedule``: processes and steps per epoch)."""
     from safetensors.torch import load_file
 
     last = checkpoint_dir(run_dir, "last")
@@ -575,17 +601,26 @@ def _restore(run_dir: Path, classifier: torch.nn.Module, optimizer, data: Traini
     saved_manifest = trainer.get("manifest_sha256")
     if saved_manifest and data.manifest_sha256 and saved_manifest != data.manifest_sha256:
         raise UserError(f"{run_dir} was trained on different data (manifest hash differs); start a new run")
+    saved = trainer.get("schedule")
+    if saved and saved != schedule:  # the step count it restores would sit elsewhere on the learning-rate curve
+        raise UserError(
+            f"{run_dir} was trained by {saved['world_size']} process(es) at {saved['steps_per_epoch']} steps an epoch; "
+            f"resumed by {schedule['world_size']} it would take {schedule['steps_per_epoch']}, and the learning-rate "
+            f"schedule, which counts steps, would be broken. Resume with {saved['world_size']} process(es) "
+            f"(--devices {saved['world_size']}), or start a new run"
+        )
     classifier.load_state_dict(load_file(str(last / "model.safetensors"), device="cpu"))
     load_optimizer_state(optimizer, tensors, trainer["optimizer"])
     return LoopState.from_json(trainer["loop"])
 
 
-def _trainer_json(state: LoopState, config: RunConfig, data: TrainingData) -> dict[str, Any]:
+def _trainer_json(state: LoopState, config: RunConfig, data: TrainingData, schedule: dict[str, int]) -> dict[str, Any]:
     """The JSON half of the resumable state (the optimiser's tensors go to ``trainer.safetensors``)."""
     return {
         "format": "bloodcell-trainer/1",
         "loop": state.to_json(),
         "manifest_sha256": data.manifest_sha256,
+        "schedule": schedule,  # processes and steps an epoch: a resume must take the same steps
         # Random state is derived, not stored: epoch e reseeds torch from (seed, e, rank), so the seed and
         # the next epoch determine every random draw still to come.
         "rng": {"seed": config.train.seed, "next_epoch": state.epoch + 1, "scheme": "derive_seed(seed, epoch, rank)"},

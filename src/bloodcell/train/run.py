@@ -22,7 +22,7 @@ from bloodcell.config import RunConfig, config_to_yaml, load_config
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
 from bloodcell.train.checkpoint import checkpoint_dir, has_resumable_checkpoint, holds_a_run
-from bloodcell.train.loop import TrainingData, TrainResult, fit
+from bloodcell.train.loop import TrainingData, TrainResult, fit, recorded_threads
 
 HOLDOUT_DIR = "holdout"
 
@@ -56,7 +56,7 @@ def train_run(
     # The refit runs what the holdout ran (an lr of "auto" was resolved there), on train + val, with the
     # holdout's thread count: chosen afresh from the idle cores it could differ as other jobs come and go,
     # and a different count changes the floating-point sums.
-    threads = _holdout_threads(holdout_dir, config.train.num_threads)
+    threads = recorded_threads(holdout_dir, config.train.num_threads)
     resolved = load_config(
         str(holdout_dir / "config.yaml"), ["data.train_on=train+val", f"train.num_threads={threads}"]
     )
@@ -91,14 +91,6 @@ def fit_holdout_temperature(
     temperature = fit_temperature(predict_logits(model, data.images[val]), np.asarray(data.labels)[val])
     save_temperature(last, temperature)
     return temperature
-
-
-def _holdout_threads(holdout_dir: Path, requested: int) -> int:
-    """The thread count the holdout stage trained with (from its card), or ``requested`` if unrecorded."""
-    from bloodcell.models.card import load_card
-
-    card, _ = load_card(checkpoint_dir(holdout_dir, "last"))
-    return int(card.runtime.get("threads", requested)) if requested == 0 else requested
 
 
 def _store_temperature(run_dir: Path, temperature: float) -> None:

@@ -235,7 +235,7 @@ def learning_rate(step: int, total_steps: int, base_lr: float, schedule: Schedul
 
     - ``onecycle``: cosine warm-up from ``base_lr / 25`` to ``base_lr`` over ``warmup_fraction`` of the run,
       then cosine annealing to ``base_lr / 25e4`` (the shape of ``torch.optim.lr_scheduler.OneCycleLR``).
-    - ``cosine``: linear warm-up from 0, then cosine annealing to 0.
+    - ``cosine``: linear warm-up from ``base_lr / warmup steps``, then cosine annealing to 0.
     - ``constant``: ``base_lr`` throughout (the seed replica).
     """
     if schedule.name == "constant":

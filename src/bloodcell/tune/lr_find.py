@@ -15,7 +15,8 @@ Suggestion rules, both computed and drawn on the plot:
 
 The model, optimizer (with the config's weight decay), loss (class weights, label smoothing), gradient
 clipping and augmentation are built exactly as :func:`bloodcell.train.fit` builds them, from
-:mod:`bloodcell.train.setup`; the consistency loss is left out (it scales the loss, not the rate).
+:mod:`bloodcell.train.setup`; the consistency loss is left out (it scales the loss, not the rate), and so
+are the Segmented images (``data.mix_segmented``) and mixed precision: the sweep runs in fp32.
 """
 
 from __future__ import annotations
