@@ -56,7 +56,18 @@ def test_metrics_json_has_the_documented_keys(run: Path, metrics: dict) -> None:
 
 
 def test_temperature_is_fitted_on_validation_and_saved_in_the_card(run: Path, metrics: dict) -> None:
+    from bloodcell.config import load_config
+    from bloodcell.data.prepare import prepare_data
+    from bloodcell.evaluate.calibration import fit_temperature
+    from bloodcell.evaluate.runner import predict_logits
+
     assert metrics["temperature_source"].startswith("fitted on the validation part")
+    # The value itself: the fit on the validation images, not on the test images it then scores.
+    prepared = prepare_data(load_config(str(run / "config.yaml")).data, progress=False)
+    val = prepared.indices("val")
+    model, _ = load_model(run)
+    on_val = fit_temperature(predict_logits(model, prepared.images[val]), prepared.labels[val])
+    assert metrics["temperature"] == pytest.approx(on_val)
     _, card = load_model(run)
     assert card.temperature == pytest.approx(metrics["temperature"])
     assert card.metrics["test"]["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
@@ -69,6 +80,9 @@ def test_robustness_tta_baseline_and_gradcam_sections(metrics: dict) -> None:
         assert [r["severity"] for r in rows] == [0, 1, 2, 3]
         assert rows[0]["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
     assert set(robustness["worst"]) == {"1", "2", "3"}
+    for severity in (1, 2, 3):  # the worst shift is the lowest score at that severity
+        lowest = min(rows[severity]["balanced_accuracy"] for rows in robustness["shifts"].values())
+        assert robustness["worst"][str(severity)]["balanced_accuracy"] == pytest.approx(lowest)
     assert metrics["tta"]["views"] == 8 and 0 <= metrics["tta"]["balanced_accuracy"] <= 1
     assert 0 <= metrics["shortcut_baseline"]["balanced_accuracy"] <= 1
     occlusion = metrics["corner_occlusion"]
@@ -116,9 +130,11 @@ def test_plots_and_predictions_are_written(run: Path, metrics: dict) -> None:
 
 def test_split_all_on_another_copy_of_the_dataset(run: Path, tmp_path: Path) -> None:
     other = make_aria_dataset(tmp_path / "copy", per_class=12, size=48, seed=5, segmented=False)
+    card_temperature = load_model(run)[1].temperature
     result = evaluate_model(run, other, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
     assert result["n_images"] == 48
     assert result["temperature_source"] == "model card"  # another dataset never refits the model's temperature
+    assert result["temperature"] == pytest.approx(card_temperature)
     assert result["data"]["same_as_training"] is False
     assert Path(result["out_dir"]) == run / "evaluations" / "copy-all"
 
@@ -249,3 +265,53 @@ def test_an_evaluation_whose_grad_cam_cannot_run_keeps_its_scores(run: Path, mon
     monkeypatch.setattr(runner, "explain_examples", no_feature_map)
     result = evaluate_model(run, split="val", robustness=False, progress=False, n_bootstrap=50, update_card=False)
     assert result["explain"] is None and 0 <= result["balanced_accuracy"] <= 1
+
+
+def test_the_test_part_is_rebuilt_with_the_split_seed_the_model_trained_with(dataset: Path, tmp_path: Path) -> None:
+    """Another split seed draws other test blocks: rebuilt with seed 0, a seed-3 model's "test" part would
+    hold images it trained on."""
+    from bloodcell.config import load_config
+    from bloodcell.data.prepare import prepare_data
+
+    run = make_run(dataset, tmp_path / "seed3", data={"split_seed": 3})
+    result = evaluate_model(run, robustness=False, explain=False, progress=False, n_bootstrap=50, update_card=False)
+    scored = pd.read_csv(run / "predictions.csv")["path"]
+    prepared = prepare_data(load_config(str(run / "config.yaml")).data, progress=False)
+    test_part = prepared.split.iloc[prepared.indices("test")]
+    assert sorted(scored) == sorted(test_part["path"]) and result["n_images"] == len(test_part)
+    trained = set((run / "trained-on.sha256").read_text().split())
+    by_path = prepared.split.set_index("path")["sha256"]
+    assert not trained & set(by_path[scored]), "a training image was scored as held-out"
+    default_seed = prepare_data(load_config(str(run / "config.yaml")).data.model_copy(update={"split_seed": 0}),
+                                progress=False)  # fmt: skip
+    assert set(default_seed.split.iloc[default_seed.indices("test")]["path"]) != set(scored)  # the seed matters here
+
+
+def test_the_robustness_suite_scores_the_shifted_images() -> None:
+    """A "model" that reads the mean brightness of the first channel: every shift that changes it must
+    change its score, and severity 0 is the clean score."""
+    from bloodcell.evaluate.runner import robustness_suite
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(60, 200, size=(40, 24, 24, 3), dtype=np.uint8)
+    y_true = (images[..., 0].mean(axis=(1, 2)) > images[..., 0].mean()).astype(int)
+
+    def brightness_reader(batch: np.ndarray) -> np.ndarray:
+        level = batch[..., 0].reshape(len(batch), -1).mean(axis=1) - images[..., 0].mean()
+        return np.stack([-level, level, -100 + 0 * level, -100 + 0 * level], axis=1)
+
+    suite = robustness_suite(brightness_reader, images, y_true, None, 4, 1.0, n_bootstrap=20, shifts=["brightness_contrast"])
+    rows = suite["shifts"]["brightness_contrast"]
+    assert rows[0]["balanced_accuracy"] == 1.0 == suite["clean"]["balanced_accuracy"]
+    assert rows[3]["balanced_accuracy"] < 1.0  # the dimmed images are read as the dark class
+
+
+def test_the_shortcut_baseline_is_fitted_on_the_training_part(run: Path, metrics: dict) -> None:
+    from bloodcell.config import load_config
+    from bloodcell.data.audit import border_colour_baseline
+    from bloodcell.data.prepare import prepare_data
+
+    prepared = prepare_data(load_config(str(run / "config.yaml")).data, progress=False)
+    expected = border_colour_baseline(prepared.images, prepared.labels, prepared.indices("train"), prepared.indices("test"))
+    assert metrics["shortcut_baseline"]["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
+    assert metrics["shortcut_baseline"]["scored_on"] == "test"
