@@ -256,3 +256,35 @@ def test_a_model_without_grad_cam_is_still_served(tiny_model: Path, monkeypatch:
     with TestClient(create_app(tiny_model)) as client:  # the context runs the warm-up, which explains once
         assert post_file(client, cell_jpeg(seed=7)).status_code == 200
         assert_error(post_file(client, cell_jpeg(seed=7), query="?explain=true"), 400, "not available", "feature map")
+
+
+def test_the_body_limit_stops_reading_at_the_limit() -> None:
+    """The middleware itself, not the route's own check behind it: a declared length over the limit is
+    refused before any byte is read, and a body without one stops being read once past the limit."""
+    import asyncio
+
+    from bloodcell.serve.app import BodySizeLimit, UploadTooLarge
+
+    limit, chunk = 100_000, 10_000
+    pulled: list[int] = []
+
+    async def receive():
+        pulled.append(chunk)
+        return {"type": "http.request", "body": b"\xff" * chunk, "more_body": len(pulled) < 500}
+
+    async def reads_everything(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    middleware = BodySizeLimit(reads_everything, {}, (limit, "too large"))
+    declared = {"type": "http", "path": "/v1/predict", "headers": [(b"content-length", str(5 * limit).encode())]}
+    asyncio.run(middleware(declared, receive, send))
+    assert pulled == [] and sent[0]["status"] == 413
+    with pytest.raises(UploadTooLarge):
+        asyncio.run(middleware({"type": "http", "path": "/v1/predict", "headers": []}, receive, send))
+    assert sum(pulled) <= limit + chunk  # 5 MB offered, about the limit read

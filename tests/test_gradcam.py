@@ -118,7 +118,20 @@ def test_sanity_check_against_randomised_weights_and_cell_energy(bloodnet: Class
     assert 0.0 <= report["random_energy_on_cell"] <= 1.0
     assert report["random_energy_to_area_ratio"] == pytest.approx(report["random_energy_on_cell"] / report["cell_area_fraction"])
     assert report["favours_cell"] == favours_cell(report["energy_to_area_ratio"], report["random_energy_to_area_ratio"])
-    assert isinstance(report["passed"], bool)
+    assert report["passed"] == (report["randomized_similarity"] < 0.5 and report["informative_fraction"] >= 0.5)
+
+
+def test_maps_that_do_not_depend_on_the_weights_fail_the_sanity_check(bloodnet: Classifier, monkeypatch) -> None:
+    """If the "random" network explained exactly like the trained one, the maps would show the input,
+    not what the model learned (Adebayo et al.): the check must fail."""
+    import copy
+
+    from bloodcell.explain import gradcam
+
+    monkeypatch.setattr(gradcam, "randomized_copy", lambda model, seed=0: copy.deepcopy(model))
+    images, _ = toy_images(8, 48, seed=3)
+    report = gradcam.sanity_check(bloodnet, images)
+    assert report["randomized_similarity"] == pytest.approx(1.0) and report["passed"] is False
 
 
 def test_maps_favour_the_cell_only_clearly_above_a_uniform_map_and_the_random_network() -> None:
