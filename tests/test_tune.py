@@ -281,6 +281,18 @@ main()
 """
 
 
+def test_a_base_that_refits_is_tuned_on_train_alone_and_its_best_config_still_refits(
+    aria_dataset: Path, tmp_path: Path
+) -> None:
+    """The default recipe refits on train + val; a trial is judged on val, so it must train without it."""
+    base = config_from_dict({**TINY, "data": {**TINY["data"], "train_on": "train+val"}})
+    result = tune(base, aria_dataset, 1, out_dir=tmp_path / "tune", space=TINY_SPACE, seed=0, report=False)
+    assert result.n_complete == 1
+    trial = yaml.safe_load((tmp_path / "tune" / "trials" / "trial-0000" / "config.yaml").read_text())
+    assert trial["data"]["train_on"] == "train"
+    assert load_config(str(result.best_config_path)).data.train_on == "train+val"
+
+
 def test_two_workers_share_one_study(aria_dataset: Path, tiny_config_file: Path, tmp_path: Path) -> None:
     from bloodcell.data.prepare import prepare_data
 
