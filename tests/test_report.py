@@ -131,6 +131,29 @@ def test_a_kfold_run_is_reported_on_its_held_out_fold(runs: Path, tmp_path: Path
     assert metrics["evaluation"]["split"] == "val" and metrics["data"]["protocol"] == "kfold"
 
 
+def test_a_random_split_and_validation_scores_of_a_refit_model_are_flagged(runs: Path, tmp_path: Path, caplog) -> None:
+    dataset = Path(yaml.safe_load((runs / "toy" / "config.yaml").read_text())["data"]["root"])
+    random_run = make_run(dataset, tmp_path / "random", data={"protocol": "random"})
+    html = build_report(random_run, progress=False).read_text(encoding="utf-8")
+    assert "Image-level random splits leak" in html
+    assert "Warning: image-level random split" in (random_run / "report.md").read_text(encoding="utf-8")
+
+    refit = tmp_path / "refit"
+    shutil.copytree(runs / "toy", refit)
+    card_file = refit / "checkpoints" / "best" / "card.json"
+    card = json.loads(card_file.read_text())
+    card["split"] = {**card.get("split", {}), "trained_on": ["train", "val"]}
+    card_file.write_text(json.dumps(card))
+    from bloodcell.evaluate.runner import evaluate_model
+
+    with caplog.at_level("WARNING", logger="bloodcell.evaluate.runner"):
+        evaluate_model(refit, split="val", out_dir=refit, robustness=False, explain=False, progress=False,
+                       n_bootstrap=50)  # fmt: skip
+    assert "its scores there are not held-out scores" in caplog.text
+    html = build_report(refit, progress=False).read_text(encoding="utf-8")
+    assert "The model learned from these validation images: these are not held-out scores." in html
+
+
 def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert result.exit_code != 0

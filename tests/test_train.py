@@ -433,7 +433,9 @@ def test_shipped_configs_train_one_epoch(tmp_path: Path, name: str) -> None:
 
 
 def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monkeypatch, capsys) -> None:
-    """End to end through the data stage: index, split, cache, train, run directory."""
+    """End to end through the data stage: index, split, cache, train, run directory; a corrupt file is
+    skipped and named in the run's log."""
+    (aria_dataset / "Original" / "Pro" / "WBC-Malignant-Pro-999.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
     code, out, err = run_cli(
         ["train", "--data", str(aria_dataset), "--out", str(tmp_path / "run"), "--no-report", "--no-progress",
          "--json", "--set", "train.epochs=2", "--set", "data.image_size=32", "--set", "data.block_size=6",
@@ -444,6 +446,7 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["epochs"] == 2 and Path(summary["run_dir"]) == tmp_path / "run"
     assert (tmp_path / "run" / "checkpoints" / "best" / "card.json").is_file()
+    assert "WBC-Malignant-Pro-999.jpg" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.parametrize(
