@@ -18,7 +18,7 @@ import pytest
 
 from bloodcell.serve.app import create_app
 from conftest import DEFAULT_DATA
-from serve_support import cell_jpeg, infer_speed_module, real_images
+from serve_support import infer_speed_module, real_images
 
 pytestmark = pytest.mark.browser
 
@@ -94,14 +94,13 @@ def page(server_url: str):
 
 @pytest.fixture(scope="module")
 def smear_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real smear image when the team dataset is present, else a synthetic one."""
+    """A real smear image: from the team dataset when it is present, else one the package ships."""
+    from bloodcell.demo import sample_images
+
     root = Path(os.environ.get("BLOODCELL_DATA", DEFAULT_DATA))
-    real = real_images(root, per_class=1) if (root / "Original").is_dir() else []
+    real = real_images(root, per_class=1) if (root / "Original").is_dir() else [p for p, _ in sample_images()]
     target = tmp_path_factory.mktemp("upload") / ("smear.jpg")
-    if real:
-        shutil.copyfile(real[-1], target)
-    else:
-        target.write_bytes(cell_jpeg(seed=11, size=224))
+    shutil.copyfile(real[-1], target)
     return target
 
 

@@ -26,10 +26,15 @@ from serve_support import TINY_SIZE, real_images, write_images
 
 @pytest.fixture(scope="module")
 def realish_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Real smear images when the team dataset is present (never required), plus synthetic smears."""
+    """Real smear images: the samples shipped in the package (always there), those of the team dataset
+    when it is present, plus synthetic smears."""
+    from bloodcell.demo import sample_images
+
     root = Path(os.environ.get("BLOODCELL_DATA", DEFAULT_DATA))
     real = real_images(root, per_class=3) if (root / "Original").is_dir() else []
-    return real + write_images(tmp_path_factory.mktemp("realish"), 8, size=224)
+    shipped = [path for path, _ in sample_images()]
+    assert shipped, "the package ships no sample images"
+    return shipped + real + write_images(tmp_path_factory.mktemp("realish"), 8, size=224)
 
 
 def test_export_writes_one_file_and_card(tiny_onnx: Path) -> None:

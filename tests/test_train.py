@@ -142,7 +142,6 @@ def test_segmented_mixing_without_segmented_images_is_a_user_error(tmp_path: Pat
 
 
 def test_auto_learning_rate_is_resolved_into_the_saved_config(tmp_path: Path, data) -> None:
-    pytest.importorskip("bloodcell.tune.lr_find")
     config = tiny_config(train={"epochs": 1}, optimizer={"lr": "auto"})
     fit(config, tmp_path / "run", prepared=data, progress=False)
     saved = load_config(str(tmp_path / "run" / "config.yaml"))
