@@ -247,10 +247,10 @@ def test_onnx_backend_from_model_dir_explains(tiny_model: Path) -> None:
 
 def test_a_model_without_grad_cam_is_still_served(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A network with no feature map to explain still classifies; explain=true says why it cannot."""
-    from bloodcell.errors import UserError
+    from bloodcell.errors import NoFeatureMap
 
     def no_feature_map(self, image, target=None, method="gradcam"):
-        raise UserError("Net: no convolutional feature map found for Grad-CAM; name a layer with --target-layer")
+        raise NoFeatureMap("Net: no convolutional feature map found for Grad-CAM; name a layer with --target-layer")
 
     monkeypatch.setattr(TorchPredictor, "explain", no_feature_map)
     with TestClient(create_app(tiny_model)) as client:  # the context runs the warm-up, which explains once

@@ -164,24 +164,35 @@ def test_changed_data_leave_out_the_images_the_model_trained_on(
     assert any("no record of its training images" in r.getMessage() for r in caplog.records)
 
 
-def test_every_image_of_its_own_data_means_every_image_it_did_not_train_on(run: Path) -> None:
+def test_every_image_of_its_own_data_means_every_image_it_did_not_train_on(run: Path, metrics: dict) -> None:
     result = evaluate_model(run, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
     counts = result["data"]["split_summary"]["counts"]
     assert result["data"]["training_images_left_out"] == counts["train"]["total"]
     assert result["n_images"] == sum(counts[part]["total"] for part in counts if part != "train")
-    assert result["temperature_source"] == "model card"
+    # The validation images are among those scored, and the card's temperature was fitted on them.
+    assert result["temperature_source"] == "model card, fitted on the validation images among these (partly in-sample)"
     left_out = counts["train"]["total"]
     assert evaluated_scope(result, "aria") == f"every image of aria, less the {left_out} images the model trained on"
     table = "".join(str(t.title) for t in summary_tables(result))
     assert f"less the {left_out} images the model trained on" in table
 
 
-def test_the_validation_part_says_its_temperature_was_fitted_on_it(run: Path) -> None:
-    """The card's temperature was fitted on the validation part: scored there, its ECE is in-sample."""
+def test_the_validation_part_says_its_temperature_was_fitted_on_it(run: Path, metrics: dict, tmp_path: Path) -> None:
+    """The card's temperature was fitted on the validation part (by the test evaluation, ``metrics``):
+    scored there, its ECE is in-sample. Before any fit the card's T = 1 is named as such."""
     result = evaluate_model(run, split="val", robustness=False, explain=False, progress=False, n_bootstrap=50,
                             update_card=False)  # fmt: skip
     assert result["temperature_source"] == "model card, fitted on these validation images (in-sample)"
-    assert result["temperature"] == pytest.approx(load_model(run)[1].temperature)
+    assert result["temperature"] == pytest.approx(metrics["temperature"]) and metrics["temperature"] != 1.0
+
+    unfitted = tmp_path / "unfitted"
+    shutil.copytree(run, unfitted)
+    card_file = unfitted / "checkpoints" / "best" / "card.json"
+    card = json.loads(card_file.read_text())
+    card_file.write_text(json.dumps({**card, "temperature": 1.0, "metrics": {}}))
+    result = evaluate_model(unfitted, split="val", robustness=False, explain=False, progress=False, n_bootstrap=50,
+                            update_card=False)  # fmt: skip
+    assert result["temperature_source"] == "model card (never fitted: T = 1)" and result["temperature"] == 1.0
 
 
 def test_a_card_without_a_manifest_hash_is_not_taken_for_its_own_data(run: Path, tmp_path: Path) -> None:
@@ -256,15 +267,18 @@ def test_results_of_a_model_outside_a_run_go_under_evaluations_once(run: Path, t
 
 
 def test_an_evaluation_whose_grad_cam_cannot_run_keeps_its_scores(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bloodcell.errors import UserError
+    from bloodcell.errors import NoFeatureMap, UserError
     from bloodcell.evaluate import runner
 
     def no_feature_map(*args, **kwargs):
-        raise UserError("Net: no convolutional feature map found for Grad-CAM")
+        raise NoFeatureMap("Net: no convolutional feature map found for Grad-CAM")
 
     monkeypatch.setattr(runner, "explain_examples", no_feature_map)
     result = evaluate_model(run, split="val", robustness=False, progress=False, n_bootstrap=50, update_card=False)
     assert result["explain"] is None and 0 <= result["balanced_accuracy"] <= 1
+    # Any other error is the caller's to see, before the work: a misspelt method is not "no Grad-CAM".
+    with pytest.raises(UserError, match="unknown CAM method 'grad-cam'"):
+        evaluate_model(run, split="val", robustness=False, progress=False, cam_method="grad-cam", update_card=False)
 
 
 def test_the_test_part_is_rebuilt_with_the_split_seed_the_model_trained_with(dataset: Path, tmp_path: Path) -> None:

@@ -102,6 +102,9 @@ def test_a_transformers_attention_tensors_are_not_taken_for_feature_maps() -> No
     """A ViT's 4-D tensors (batch, heads, tokens, dim) finish last but are no map: its patch embedding is."""
     net = create_model("timm/vit_tiny_patch16_224", 4, img_size=32, patch_size=8, depth=2)
     assert default_target_layer(net, 32)[0] == "patch_embed.proj"  # was blocks.1.attn.k_norm
+    # 64 tokens of a head size of 64: a square (batch, heads, tokens, dim) tensor, still not a map.
+    square = create_model("timm/vit_medium_patch16_gap_256", 4, img_size=128, depth=2)
+    assert default_target_layer(square, 128)[0] == "patch_embed.proj"
     flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
     with pytest.raises(UserError, match="no convolutional feature map found for Grad-CAM; name a layer"):
         default_target_layer(flat, 32)

@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from bloodcell.cli import app
+from bloodcell.errors import UserError
 from bloodcell.report import build_report
 from conftest import make_aria_dataset
 from eval_support import make_run
@@ -77,6 +78,18 @@ def test_a_baseline_scored_on_other_images_is_not_compared(runs: Path, tmp_path:
     assert "was evaluated on other images" in caplog.text
 
 
+def test_a_baseline_of_another_split_seed_is_not_compared(runs: Path, tmp_path: Path, caplog) -> None:
+    """Same part, same data, perhaps the same count, but other images: not comparable."""
+    dataset = Path(yaml.safe_load((runs / "toy" / "config.yaml").read_text())["data"]["root"])
+    shutil.copytree(runs / "toy", tmp_path / "toy")
+    make_run(dataset, tmp_path / "seed", name="seed-replica", architecture="seed-cnn",
+             arch_kwargs={"channels": [8, 8, 8, 8], "dense": 16}, steps=5, data={"split_seed": 6})  # fmt: skip
+    build_report(tmp_path / "seed", progress=False)
+    with caplog.at_level("WARNING", logger="bloodcell.report.html"):
+        html = build_report(tmp_path / "toy", baseline=tmp_path / "seed", progress=False).read_text(encoding="utf-8")
+    assert "seed replica (seed-cnn" not in html and "was evaluated on other images" in caplog.text
+
+
 def test_markdown_summary_beside_it(report: Path) -> None:
     markdown = report.with_name("report.md").read_text(encoding="utf-8")
     assert markdown.startswith("# bloodcell evaluation report")
@@ -129,6 +142,10 @@ def test_a_kfold_run_is_reported_on_its_held_out_fold(runs: Path, tmp_path: Path
     assert path.is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["evaluation"]["split"] == "val" and metrics["data"]["protocol"] == "kfold"
+    # Refit on train + val (the default recipe), the model learned the held-out fold too: no report on it.
+    refit = make_run(dataset, tmp_path / "kfold-refit", data={"protocol": "kfold", "folds": 3, "train_on": "train+val"})
+    with pytest.raises(UserError, match="no held-out images to report on"):
+        build_report(refit, progress=False)
 
 
 def test_a_random_split_and_validation_scores_of_a_refit_model_are_flagged(runs: Path, tmp_path: Path, caplog) -> None:

@@ -293,7 +293,16 @@ def test_a_resume_by_another_number_of_processes_is_refused(tmp_path: Path, data
     trainer["schedule"] = {"world_size": 2, "steps_per_epoch": trainer["schedule"]["steps_per_epoch"] // 2}
     trainer["loop"]["epoch"] = 1
     trainer_file.write_text(json.dumps(trainer))
-    with pytest.raises(UserError, match=r"trained by 2 process\(es\).*--devices 2"):
+    with pytest.raises(UserError, match=r"trained by 2 process\(es\).*Launch the resume with 2 process"):
+        fit(config, tmp_path / "run", prepared=data, progress=False, resume=True)
+    # A checkpoint from before the schedule was recorded: its card's runtime names the processes.
+    del trainer["schedule"]
+    trainer_file.write_text(json.dumps(trainer))
+    card_file = trainer_file.parent / "card.json"
+    card = json.loads(card_file.read_text())
+    card["runtime"]["processes"] = 2
+    card_file.write_text(json.dumps(card))
+    with pytest.raises(UserError, match=r"trained by 2 process\(es\) at \? steps"):
         fit(config, tmp_path / "run", prepared=data, progress=False, resume=True)
 
 

@@ -1,5 +1,10 @@
-"""The one exception type the CLI turns into a single clear line and a non-zero exit."""
+"""The exception type the CLI turns into a single clear line and a non-zero exit, and its one special case."""
 
 
 class UserError(Exception):
     """A problem the user can fix (bad path, empty folder, bad option); the message says what to do."""
+
+
+class NoFeatureMap(UserError):
+    """A network without a convolutional feature map for an automatic Grad-CAM layer (a transformer, an
+    MLP). Evaluation and the service go on without Grad-CAM; ``explain`` asks for ``--target-layer``."""

@@ -55,7 +55,8 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         ("ECE, raw", metrics["ece"], "", "" if tta else None),
         ("ECE, temperature-scaled", metrics["ece_after_temperature"], "", _f(tta["ece"]) if tta else None),
         ("temperature", metrics["temperature"],
-         "model card" if metrics["temperature_source"] == "model card" else "fitted on val", "" if tta else None),
+         "fitted on val" if metrics["temperature_source"].startswith("fitted on the validation part")
+         else metrics["temperature_source"], "" if tta else None),
     ]  # fmt: skip
     shortcut = metrics.get("shortcut_baseline")
     if shortcut and shortcut.get("balanced_accuracy") is not None:
@@ -101,7 +102,7 @@ def evaluate_command(
         None, "--data", help="Dataset folder (default: the one the model was trained on). Another copy of the "
         "dataset, or any folder in a known layout, works the same way.", show_default=False
     ),
-    split: Literal["test", "val", "all"] = typer.Option("test", "--split", help="test or val (that part of the model's split protocol), or all (every image the model did not train on)."),
+    split: Literal["test", "val", "all"] = typer.Option("test", "--split", help="test or val (that part of the model's split protocol), or all (every image the model did not train on, as far as it records them)."),
     tta: bool = typer.Option(False, "--tta", help="Also evaluate with test-time augmentation (8 flips / rotations)."),
     robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Evaluate under the acquisition-shift suite (7 shifts x 3 severities) and with each corner masked."),
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM grid and sanity check."),

@@ -389,7 +389,7 @@ def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: list[str]
     statement = (
         f"The Segmented variant keeps under 2 % of the pixels, too little for a whole cell, in {', '.join(missing)}: "
         "its masks miss the cells there, so the Grad-CAM energy on the cell and background-free training images "
-        "(augment.mix_segmented) are unreliable for those classes."
+        "(data.mix_segmented) are unreliable for those classes."
         if missing
         else "The Segmented variant keeps a cell-sized share of the pixels in at least 90 % of every class's images."
     )

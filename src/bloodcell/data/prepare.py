@@ -82,7 +82,7 @@ def segmented_images(
     missing = split["path"][~split["path"].isin(usable.index)]
     if len(missing):
         log.warning(
-            "Segmented variant lacks %d of %d images (e.g. %s); mixing disabled",
+            "Segmented variant lacks %d of %d images (e.g. %s); it is not used (no cell masks, no mixing)",
             len(missing),
             len(split),
             missing.iloc[0],

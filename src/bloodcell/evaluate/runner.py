@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bloodcell.config import DataConfig, RunConfig, config_from_dict, load_config
-from bloodcell.errors import UserError
+from bloodcell.errors import NoFeatureMap, UserError
 from bloodcell.evaluate.calibration import fit_temperature, save_temperature
 from bloodcell.evaluate.metrics import (
     block_bootstrap_ci,
@@ -297,8 +297,10 @@ def explain_examples(
         grid.append((classes[k], examples))
     title = f"{method} on layer '{sanity['target_layer']}': similarity to random-weights CAMs {sanity['randomized_similarity']:.2f}"
     if sanity.get("cam_energy_on_cell") is not None:
-        title += (f"; CAM energy on cell {sanity['cam_energy_on_cell']:.0%} (random weights "
-                  f"{sanity['random_energy_on_cell']:.0%}, cell area {sanity['cell_area_fraction']:.0%})")  # fmt: skip
+        random_share = sanity.get("random_energy_on_cell")
+        title += (f"; CAM energy on cell {sanity['cam_energy_on_cell']:.0%} ("
+                  + (f"random weights {random_share:.0%}, " if random_share is not None else "")
+                  + f"cell area {sanity['cell_area_fraction']:.0%})")  # fmt: skip
     plot_gradcam_grid(grid, plots_dir / "gradcam_grid.png", title)
     return {**sanity, "grid": {name: sum(e["overlay"] is not None for e in examples) for name, examples in grid}}
 
@@ -480,9 +482,20 @@ def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card
         return fit_temperature(val_logits, data.label_map[data.prepared.labels[val]]), (
             f"fitted on the validation part ({len(val)} images)"
         )
-    if data.own_data and data.split == "val":  # the card's temperature was fitted on these very images
-        return float(card.temperature), "model card, fitted on these validation images (in-sample)"
-    return float(card.temperature), "model card"
+    # A temperature is fitted when the test part is judged; until then the card holds T = 1, unfitted.
+    fitted = "test" in card.metrics or bool(getattr(card, "temperature_source", None))
+    if data.own_data and data.split in ("val", "all") and fitted:  # fitted on validation images scored here
+        return float(card.temperature), (
+            "model card, fitted on these validation images (in-sample)" if data.split == "val"
+            else "model card, fitted on the validation images among these (partly in-sample)"
+        )
+    return float(card.temperature), "model card" if fitted or not data.own_data else "model card (never fitted: T = 1)"
+
+
+def _digest_of(sha256s: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(map(str, sha256s))).encode()).hexdigest()
 
 
 def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: EvalSet, n_bootstrap: int) -> dict[str, Any]:
@@ -506,6 +519,9 @@ def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: Eva
             "variant": prepared.dataset.variant,
             "manifest_sha256": prepared.manifest_sha256,
             "same_as_training": data.own_data,
+            # Which images were scored, by content: two evaluations are comparable only when this matches.
+            "scored_images_sha256": _digest_of(prepared.split["sha256"].to_numpy()[data.indices])
+            if "sha256" in prepared.split else None,
             "training_images_left_out": data.training_images_left_out,
             "trained_on": card.trained_on,
             "protocol": data_config.protocol,
@@ -559,10 +575,13 @@ def evaluate_model(
 
     Returns the ``metrics.json`` dict (keys documented in docs/EVALUATION.md) plus ``out_dir``.
     """
+    from bloodcell.explain.gradcam import METHODS
     from bloodcell.models.card import bundled_model_dir, load_model, load_trained_on, resolve_model_dir
 
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if explain and cam_method not in METHODS:  # before any work, not after it
+        raise UserError(f"unknown CAM method {cam_method!r}; choose one of {', '.join(METHODS)}")
     started = time.perf_counter()
     model_dir = resolve_model_dir(model_path)
     model, card = load_model(model_dir)
@@ -617,7 +636,7 @@ def evaluate_model(
             metrics["explain"] = explain_examples(model, data.images, y_true, probs, classes,
                                                   None if segmented is None else segmented[data.indices], plots_dir,
                                                   cam_method)  # fmt: skip
-        except UserError as error:  # e.g. a transformer without a feature map: the scores stand without it
+        except NoFeatureMap as error:  # e.g. an MLP-like network: the scores stand without it
             log.warning("Grad-CAM left out: %s", error)
     history = training_history(run_dir) if run_dir is not None else None
     metrics["plots"] = _plots(metrics, y_true, probs, classes, plots_dir, history, data.images[0])

@@ -39,7 +39,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from bloodcell.data.prepare import cell_masks
-from bloodcell.errors import UserError
+from bloodcell.errors import NoFeatureMap, UserError
 
 #: CAM methods by CLI name.
 METHODS: dict[str, type[BaseCAM]] = {
@@ -87,20 +87,23 @@ def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn
     input_size: side of the probe image (use the model's input size: some networks need a minimum).
 
     Returns ``(dotted name, module)`` of the last module to finish whose output is a feature map with more
-    than one spatial position, pooling layers excluded. Raises UserError if there is none.
+    than one spatial position, pooling layers excluded. Raises :class:`NoFeatureMap` if there is none.
 
     A feature map is ``(N, C, H, W)`` with ``H == W`` (the probe is square) no larger than the input: a
     transformer's 4-D tensors, ``(N, heads, tokens, dim)`` or channels-last ``(N, H, W, C)``, are not, and
     a Grad-CAM on them would look like a map and mean nothing; such a network needs ``--target-layer``.
     """
     names = {id(module): name for name, module in net.named_modules() if name}
+    # Inside an attention block a 4-D tensor is (batch, heads, tokens, dim), square when tokens = dim.
+    in_attention = {id(inner) for module in net.modules() if "attention" in type(module).__name__.lower()
+                    for inner in module.modules()}  # fmt: skip
     finished: list[nn.Module] = []
 
     def record(module: nn.Module, _inputs: Any, output: Any) -> None:
         spatial = (
             isinstance(output, torch.Tensor) and output.ndim == 4 and 1 < output.shape[-1] == output.shape[-2] <= input_size
         )
-        if spatial and not _is_pooling(module) and id(module) in names:
+        if spatial and not _is_pooling(module) and id(module) in names and id(module) not in in_attention:
             finished.append(module)
 
     handles = [module.register_forward_hook(record) for module in net.modules() if module is not net]
@@ -114,8 +117,8 @@ def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn
             handle.remove()
         net.train(was_training)
     if not finished:
-        raise UserError(f"{type(net).__name__}: no convolutional feature map found for Grad-CAM; name a layer "
-                        "with --target-layer")  # fmt: skip
+        raise NoFeatureMap(f"{type(net).__name__}: no convolutional feature map found for Grad-CAM; name a "
+                           "layer with --target-layer")  # fmt: skip
     layer = finished[-1]
     return names[id(layer)], layer
 

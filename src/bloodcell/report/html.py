@@ -134,8 +134,14 @@ def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False)
         raise UserError(f"{run_dir}: no evaluation yet; run `bloodcell evaluate {run_dir}` first")
     from bloodcell.evaluate.runner import evaluate_model
 
-    protocol = ((_read_yaml(run_dir / "config.yaml") or {}).get("data") or {}).get("protocol")
-    split = "val" if protocol == "kfold" else "test"
+    data = (_read_yaml(run_dir / "config.yaml") or {}).get("data") or {}
+    if data.get("protocol") == "kfold" and data.get("train_on") == "train+val":
+        # The refit learned from the held-out fold too: no image is left that it has not trained on.
+        raise UserError(
+            f"{run_dir}: a kfold run refit on train + val has no held-out images to report on; report its "
+            f"holdout stage (bloodcell report {run_dir / 'holdout'}), or train with --set data.train_on=train"
+        )
+    split = "val" if data.get("protocol") == "kfold" else "test"
     return evaluate_model(run_dir, split=split, out_dir=run_dir, progress=progress)
 
 
@@ -168,9 +174,14 @@ def _training_plot(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
     return target if target.is_file() else None
 
 
-def _scored_images(metrics: dict[str, Any]) -> tuple[str, str, int]:
-    """What an evaluation scored: its part, the data's manifest hash and the number of images."""
-    return metrics["evaluation"]["split"], metrics["data"]["manifest_sha256"], metrics["n_images"]
+def _same_images(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two evaluations scored the same images: by the digest of their contents, or for older
+    ``metrics.json`` without one, by part, data and count."""
+    digests = a["data"].get("scored_images_sha256"), b["data"].get("scored_images_sha256")
+    if all(digests):
+        return digests[0] == digests[1]
+    keys = [(m["evaluation"]["split"], m["data"]["manifest_sha256"], m["n_images"]) for m in (a, b)]
+    return keys[0] == keys[1]
 
 
 def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | None) -> dict[str, Any] | None:
@@ -181,10 +192,11 @@ def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | Non
     if baseline_dir is not None and not _is_evaluation(baseline):
         log.warning("baseline %s has no evaluation; comparison left out", baseline_dir)
         baseline = None
-    elif baseline is not None and _scored_images(baseline) != _scored_images(metrics):
+    elif baseline is not None and not _same_images(baseline, metrics):
         # Scores of different images are not comparable: a test score beside a validation one says nothing.
-        log.warning("baseline %s was evaluated on other images (%s) than this run (%s); comparison left out",
-                    baseline_dir, _scored_images(baseline), _scored_images(metrics))  # fmt: skip
+        log.warning("baseline %s was evaluated on other images (its %s part, %d images) than this run (its %s "
+                    "part, %d images); comparison left out", baseline_dir, baseline["evaluation"]["split"],
+                    baseline["n_images"], metrics["evaluation"]["split"], metrics["n_images"])  # fmt: skip
         baseline = None
     columns = [{"name": f"this model ({metrics['model']['architecture']})", "metrics": metrics}]
     if baseline is not None:

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bloodcell import __version__
 from bloodcell.data.decode import DEFAULT_MAX_PIXELS, ImageError, open_rgb, resize_rgb
-from bloodcell.errors import UserError
+from bloodcell.errors import NoFeatureMap
 from bloodcell.serve.common import BasePredictor, available_cores
 
 log = logging.getLogger("bloodcell.serve")
@@ -262,7 +262,7 @@ class Service:
         if self._explain_source is not False:
             try:
                 self.explainer().explain(image)
-            except UserError as error:  # the service still classifies; explain=true says why it cannot
+            except NoFeatureMap as error:  # the service still classifies; explain=true says why it cannot
                 log.warning("Grad-CAM is not available for this model: %s", error)
 
     def predict_one(self, data: bytes, filename: str | None, explain: bool, tta: bool | None) -> dict[str, Any]:
@@ -284,7 +284,7 @@ class Service:
             target = self.predictor.classes.index(result.label)
             try:
                 cam = self.explainer().explain(model_input, target=target)
-            except UserError as error:
+            except NoFeatureMap as error:
                 raise HTTPException(400, f"explain=true is not available for this model: {error}") from None
             response["explanation"] = {
                 "method": "gradcam",

@@ -601,17 +601,26 @@ def _restore(
     saved_manifest = trainer.get("manifest_sha256")
     if saved_manifest and data.manifest_sha256 and saved_manifest != data.manifest_sha256:
         raise UserError(f"{run_dir} was trained on different data (manifest hash differs); start a new run")
-    saved = trainer.get("schedule")
-    if saved and saved != schedule:  # the step count it restores would sit elsewhere on the learning-rate curve
-        raise UserError(
-            f"{run_dir} was trained by {saved['world_size']} process(es) at {saved['steps_per_epoch']} steps an epoch; "
-            f"resumed by {schedule['world_size']} it would take {schedule['steps_per_epoch']}, and the learning-rate "
-            f"schedule, which counts steps, would be broken. Resume with {saved['world_size']} process(es) "
-            f"(--devices {saved['world_size']}), or start a new run"
+    # Older checkpoints record no schedule; their card's runtime still names the number of processes.
+    saved = trainer.get("schedule") or _schedule_from_card(last)
+    if saved and any(saved[key] != schedule[key] for key in saved):  # the restored step count would sit
+        raise UserError(  # elsewhere on the learning-rate curve
+            f"{run_dir} was trained by {saved['world_size']} process(es) at {saved.get('steps_per_epoch', '?')} "
+            f"steps an epoch; resumed by {schedule['world_size']} it would take {schedule['steps_per_epoch']}, and "
+            f"the learning-rate schedule, which counts steps, would be broken. Launch the resume with "
+            f"{saved['world_size']} process(es) in all (--devices, or torchrun --nproc-per-node x nodes), or start "
+            "a new run"
         )
     classifier.load_state_dict(load_file(str(last / "model.safetensors"), device="cpu"))
     load_optimizer_state(optimizer, tensors, trainer["optimizer"])
     return LoopState.from_json(trainer["loop"])
+
+
+def _schedule_from_card(last: Path) -> dict[str, int] | None:
+    from bloodcell.models.card import load_card
+
+    processes = load_card(last)[0].runtime.get("processes")
+    return {"world_size": int(processes)} if processes else None
 
 
 def _trainer_json(state: LoopState, config: RunConfig, data: TrainingData, schedule: dict[str, int]) -> dict[str, Any]:

@@ -190,9 +190,8 @@ def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
     return config_from_dict(raw)
 
 
-#: The config key (or, for augment_strength, the section) each searched parameter writes (see apply_params).
-# The config key each searched parameter overwrites. ``augment_strength`` is not here: it scales the base
-# config's augment magnitudes (a --set of one included) rather than replacing them.
+#: The config key each searched parameter overwrites (see apply_params). ``augment_strength`` is not here:
+#: it scales the base config's augment magnitudes (a --set of one included) rather than replacing them.
 SEARCHED_KEYS = {"lr": "optimizer.lr", "weight_decay": "optimizer.weight_decay",
                  "label_smoothing": "train.label_smoothing", "image_size": "data.image_size",
                  "width": "model.kwargs.width"}  # fmt: skip
