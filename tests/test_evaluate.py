@@ -329,3 +329,17 @@ def test_the_shortcut_baseline_is_fitted_on_the_training_part(run: Path, metrics
     expected = border_colour_baseline(prepared.images, prepared.labels, prepared.indices("train"), prepared.indices("test"))
     assert metrics["shortcut_baseline"]["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
     assert metrics["shortcut_baseline"]["scored_on"] == "test"
+
+
+def test_the_grid_title_survives_random_maps_without_energy(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flat random-weights maps leave their energy share undefined (None); the grid is still drawn."""
+    from bloodcell.explain import gradcam
+
+    real_check = gradcam.sanity_check
+
+    def flat_random_maps(*args, **kwargs):
+        return {**real_check(*args, **kwargs), "random_energy_on_cell": None, "random_energy_to_area_ratio": None}
+
+    monkeypatch.setattr(gradcam, "sanity_check", flat_random_maps)
+    result = evaluate_model(run, split="val", robustness=False, progress=False, n_bootstrap=50, update_card=False)
+    assert result["explain"]["random_energy_on_cell"] is None and result["explain"]["cam_energy_on_cell"] is not None
