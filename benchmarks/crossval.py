@@ -69,18 +69,23 @@ def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path
         "data.train_on=train", f"name=crossval-fold{fold}",
     ]  # fmt: skip
     config = load_config("default", fold_overrides)
+    if config.train.early_stopping_patience:  # its "validation" is the held-out fold: it would choose on it
+        raise SystemExit("crossval: train.early_stopping_patience would stop each fold on its held-out images' "
+                         "scores; leave it at 0")  # fmt: skip
     prepared = prepare_data(config.data, root=data, progress=False)
     held_out = np.asarray(prepared.indices("val"))
     images = prepared.images[held_out]
-    started = time.perf_counter()
     member_logits, member_tta_logits = [], []
+    train_seconds = predict_seconds = 0.0
     for member in range(members):
         member_config = load_config("default", [*fold_overrides, f"train.seed={config.train.seed + member}"])
         result = fit(member_config, work / f"fold{fold}-member{member}", prepared=prepared, progress=False)
+        train_seconds += result.seconds
+        started = time.perf_counter()
         model, _ = load_model(checkpoint_dir(result.run_dir, "last"))
         member_logits.append(predict_logits(model, images))
         member_tta_logits.append(tta_logits(lambda views, model=model: predict_logits(model, views), images))
-    seconds = time.perf_counter() - started
+        predict_seconds += time.perf_counter() - started
     return {
         "fold": fold,
         "train_images": len(prepared.indices("train")),
@@ -92,7 +97,8 @@ def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path
         "blocks": prepared.split["block"].to_numpy()[held_out],
         "paths": prepared.split["path"].to_numpy()[held_out],
         "classes": list(prepared.classes),
-        "train_seconds": seconds,
+        "train_seconds": train_seconds,  # the fits alone (before the tenth session: with the prediction too)
+        "predict_seconds": predict_seconds,  # the held-out fold, plain and with TTA, on the CPU
     }
 
 
@@ -117,6 +123,7 @@ def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int
             "fold": r["fold"], "train_images": r["train_images"], "held_out_images": r["held_out_images"],
             "held_out_blocks": len(np.unique(r["blocks"])), "balanced_accuracy": fold_balanced_accuracy(r),
             "tta_balanced_accuracy": fold_balanced_accuracy(r, "tta_logits"), "train_seconds": r["train_seconds"],
+            "predict_seconds": r["predict_seconds"],
         })  # fmt: skip
     members = len(runs[0]["member_logits"])
     member_scores = [

@@ -3,9 +3,11 @@
 Meant to be run once, as one prepared script, on a GPU machine (the training issue's GPU target: the whole
 default training in under 15 seconds on an H100/H200). It measures, on the first CUDA device:
 
-1. ``prepare``: indexing, splitting and decoding the dataset with an empty cache (``$BLOODCELL_HOME``);
+1. ``prepare``: indexing, splitting and decoding the dataset with an empty cache (a fresh temporary
+   ``$BLOODCELL_HOME``, which the later parts then share);
 2. ``train_run``: the default config exactly as ``bloodcell train`` trains it (holdout stage on train,
-   then the refit on train + val), in this process: each stage's wall time, its training images per
+   then the refit on train + val), in this process, as the first CUDA work of the process (the device's
+   name and the JPEG check wait until after it): each stage's wall time, its training images per
    second, and the refit model's balanced accuracy on the ``session`` split's test part; then the same
    for each ``--compare`` variant (``train_run_<k>``), side by side on the same machine;
 3. ``bare``: forward + backward + AdamW step of the same model on random tensors at the same batch, in
@@ -157,7 +159,7 @@ def cli_wall_seconds(data: Path, out: Path) -> dict[str, Any]:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    if completed.returncode != 0:
+    if completed.returncode != 0 or not (out / "metrics.json").is_file():  # the report step failed, or training
         return {"seconds": seconds, "error": completed.stderr[-2000:]}
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
     metrics = json.loads((out / "metrics.json").read_text())
@@ -204,8 +206,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark measures training on a GPU")
     started = time.perf_counter()
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    # torch.cuda.is_available() above asks the driver without starting CUDA; the first training must be the
+    # process's first CUDA work, so the device's name is read after it.
+    results: dict[str, Any] = {"torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
+    os.environ["BLOODCELL_HOME"] = tempfile.mkdtemp(prefix="bloodcell-gpu-home-")  # an empty cache, really
 
     def save(key: str, value: Any) -> None:
         results[key] = value
@@ -218,11 +223,12 @@ def main() -> None:
     save("prepare_seconds_cold_cache", time.perf_counter() - t0)
     if args.profile:
         save("profile", attempt(profile_training, args.data, args.out))
-    save("jpeg", jpeg_check(prepared.images[:64]))
 
     with tempfile.TemporaryDirectory(prefix="bloodcell-gpu-") as work:
         # A GPU is lent for minutes: one failed measurement is recorded, and the others still run.
         save("train_run", attempt(measure_training, config, prepared, Path(work) / "run"))
+        save("device", torch.cuda.get_device_name(0))
+        save("jpeg", jpeg_check(prepared.images[:64]))
         for k, overrides in enumerate(args.compare):  # side by side, on the same warm machine
             variant = load_config("default", [f"data.root={args.data.resolve()}", *overrides.split()])
             measured = attempt(measure_training, variant, prepared, Path(work) / f"run-{k}")

@@ -6,8 +6,9 @@ Two measurements, printed as tables and saved as JSON (``benchmarks/results/trai
    - ``bare``: forward + backward + optimiser step on random float tensors already in channels_last
      layout, through the same model as training (its normalisation layer included): the model's ceiling;
    - ``loop``: the real training loop (:func:`bloodcell.train.fit`, one warm-up epoch then one measured
-     epoch on random uint8 images) with the default config's augmentation, gathering, checks and
-     checkpointing; ``loop / bare`` shows what the loop costs (target: at least 0.8);
+     epoch on random uint8 images) with the default config's augmentation, gathering and checks: its
+     training steps, timed as ``history.csv``'s images per second are (validation and checkpointing
+     come after that window); ``loop / bare`` shows what the loop costs (target: at least 0.8);
    - ``loop, no aug``: the same with every augmentation off, separating the loop's own cost from the
      augmentation's arithmetic, which on a CPU competes with the model for the same cores;
    - the default recipe's augmentation, noise draw and standardisation layer alone, in ms a batch.

@@ -575,13 +575,15 @@ def evaluate_model(
 
     Returns the ``metrics.json`` dict (keys documented in docs/EVALUATION.md) plus ``out_dir``.
     """
-    from bloodcell.explain.gradcam import METHODS
     from bloodcell.models.card import bundled_model_dir, load_model, load_trained_on, resolve_model_dir
 
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if explain and cam_method not in METHODS:  # before any work, not after it
-        raise UserError(f"unknown CAM method {cam_method!r}; choose one of {', '.join(METHODS)}")
+    if explain:  # a misspelt method fails before any work, not after it
+        from bloodcell.explain.gradcam import METHODS
+
+        if cam_method not in METHODS:
+            raise UserError(f"unknown CAM method {cam_method!r}; choose one of {', '.join(METHODS)}")
     started = time.perf_counter()
     model_dir = resolve_model_dir(model_path)
     model, card = load_model(model_dir)
