@@ -355,7 +355,7 @@ def print_report(results: dict[str, Any], console: Any) -> None:
             table.add_row(f"{backend}: batch 64 throughput", f"{r['batch64_images_per_s']:,.0f} images/s")
     if "predict" in results:
         r = results["predict"]
-        table.add_row("JPEG decode only (the floor)", f"{r['decode_only_images_per_s']:,.0f} images/s")
+        table.add_row("JPEG decode only, in predict's threads", f"{r['decode_only_images_per_s']:,.0f} images/s")
         table.add_row("predict_files, onnx (ratio to decode)", f"{r['predict_onnx_images_per_s']:,.0f} images/s ({r['onnx_ratio_to_decode']:.0%})")
         table.add_row("predict_files, torch (ratio to decode)", f"{r['predict_torch_images_per_s']:,.0f} images/s ({r['torch_ratio_to_decode']:.0%})")
     if "serve" in results:
