@@ -102,11 +102,21 @@ def test_predict_with_explanation_returns_overlay_png(client: TestClient) -> Non
     assert pixels.std() > 5  # a heat map, not a blank image
 
 
-def test_tta_query_changes_the_prediction_path(client: TestClient) -> None:
+def test_tta_query_averages_the_eight_views(client: TestClient, tiny_model: Path) -> None:
+    """?tta=true gives the model's probabilities averaged over the 8 flips and quarter turns of the image."""
+    from bloodcell.data.decode import open_rgb, resize_rgb
+    from bloodcell.evaluate.tta import tta_views
+    from bloodcell.probabilities import softmax_with_temperature
+
     data = cell_jpeg(seed=5)
     plain = post_file(client, data).json()["probabilities"]
     tta = post_file(client, data, query="?tta=true").json()["probabilities"]
     assert plain != tta and sum(tta.values()) == pytest.approx(1.0, abs=1e-5)
+    predictor = TorchPredictor(tiny_model)
+    model_input = resize_rgb(open_rgb(data), predictor.input_size)[None]
+    logits = np.mean([predictor.predict_logits(view, False) for view in tta_views(model_input, "d4")], axis=0)
+    expected = softmax_with_temperature(logits, predictor.temperature)[0]
+    assert [tta[name] for name in predictor.classes] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 def test_batch_reports_each_file(client: TestClient) -> None:
