@@ -332,7 +332,8 @@ def test_real_data_index(real_data: Path) -> None:
     )
     assert (folders == manifest["class"]).all()
     exact = manifest[manifest.groupby("exact_group")["path"].transform("size") > 1]
-    assert result.summary["exact_duplicate_groups"] >= 1
+    # README states these counts of the dataset: 40 identical-file groups (pairs) and 55 near-duplicate groups.
+    assert result.summary["exact_duplicate_groups"] == 40
     assert set(exact["class"]) == {"Pro-B"}
     groups = manifest.set_index("path")
     assert (
@@ -341,7 +342,7 @@ def test_real_data_index(real_data: Path) -> None:
     )
     # The identical files come as consecutive pairs.
     assert (exact.groupby("exact_group")["capture"].agg(lambda c: c.max() - c.min()) == 1).all()
-    assert result.summary["near_duplicate_groups"] >= 1
+    assert result.summary["near_duplicate_groups"] == 55
 
 
 def test_segmented_variant_groups_duplicates_by_the_original_pictures(aria_dataset: Path) -> None:
