@@ -577,16 +577,19 @@ def _changed_keys(saved: RunConfig, given: RunConfig) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
 
 
+def _recorded_runtime(last: Path) -> dict[str, Any]:
+    """The ``runtime`` (device, processes, threads, precision) that a ``last`` checkpoint's card records."""
+    from bloodcell.models.card import load_card
+
+    return dict(load_card(last)[0].runtime) if (last / "card.json").is_file() else {}
+
+
 def recorded_threads(run_dir: Path, requested: int) -> int:
     """The thread count the run in ``run_dir`` trained with (its ``last`` card), when ``requested`` is 0
     (automatic) and there is one; else ``requested``."""
-    from bloodcell.models.card import load_card
-
-    last = checkpoint_dir(run_dir, "last")
-    if requested or not (last / "card.json").is_file():
+    if requested:
         return requested
-    card, _ = load_card(last)
-    return int(card.runtime.get("threads", requested))
+    return int(_recorded_runtime(checkpoint_dir(run_dir, "last")).get("threads", requested))
 
 
 def _restore(
@@ -602,7 +605,9 @@ def _restore(
     if saved_manifest and data.manifest_sha256 and saved_manifest != data.manifest_sha256:
         raise UserError(f"{run_dir} was trained on different data (manifest hash differs); start a new run")
     # Older checkpoints record no schedule; their card's runtime still names the number of processes.
-    saved = trainer.get("schedule") or _schedule_from_card(last)
+    saved = trainer.get("schedule")
+    if saved is None and (processes := _recorded_runtime(last).get("processes")):
+        saved = {"world_size": int(processes)}
     if saved and any(saved[key] != schedule[key] for key in saved):  # the restored step count would sit
         raise UserError(  # elsewhere on the learning-rate curve
             f"{run_dir} was trained by {saved['world_size']} process(es) at {saved.get('steps_per_epoch', '?')} "
@@ -614,13 +619,6 @@ def _restore(
     classifier.load_state_dict(load_file(str(last / "model.safetensors"), device="cpu"))
     load_optimizer_state(optimizer, tensors, trainer["optimizer"])
     return LoopState.from_json(trainer["loop"])
-
-
-def _schedule_from_card(last: Path) -> dict[str, int] | None:
-    from bloodcell.models.card import load_card
-
-    processes = load_card(last)[0].runtime.get("processes")
-    return {"world_size": int(processes)} if processes else None
 
 
 def _trainer_json(state: LoopState, config: RunConfig, data: TrainingData, schedule: dict[str, int]) -> dict[str, Any]:
