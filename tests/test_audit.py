@@ -19,9 +19,11 @@ from bloodcell.data.audit import (
     run_audit,
     segmented_coverage,
     shortcut_verdict,
+    stained_cell_coverage,
 )
 
 REPORT_KEYS = {
+    "format",
     "dataset",
     "manifest_sha256",
     "layout",
@@ -42,6 +44,7 @@ REPORT_KEYS = {
     "colour_statistics_baseline",
     "corner_baselines",
     "segmented_coverage",
+    "stained_cell_coverage",
     "manifest",
     "report_markdown",
     "report_json",
@@ -153,6 +156,8 @@ def test_audit_writes_markdown_and_json(aria_dataset: Path, tmp_path: Path) -> N
     assert report["shortcut_baseline"]["statement"] in markdown
     assert set(report["segmented_coverage"]["classes"]) == set(report["classes"])
     assert report["segmented_coverage"]["statement"] in markdown
+    assert set(report["stained_cell_coverage"]) == set(report["classes"])
+    assert "## Stained cells" in markdown and report["format"] == "bloodcell-audit/2"
     assert 0 <= report["shortcut_baseline"]["balanced_accuracy"] <= 1
 
 
@@ -167,6 +172,36 @@ def test_segmented_coverage_names_a_class_whose_masks_keep_almost_nothing() -> N
     assert "Pro-B (67 % of its images)" in coverage["statement"] and "Benign" not in coverage["statement"]
     whole = segmented_coverage(masks[:3], np.zeros(3, dtype=int), ["Benign", "Pro-B"])
     assert set(whole["classes"]) == {"Benign"} and "at least 90 %" in whole["statement"]
+
+
+def test_stained_cell_coverage_per_class_and_inside_the_segmented_masks() -> None:
+    masks = np.zeros((4, 10, 10), dtype=bool)
+    masks[:2, 2:6, 2:6] = True  # class 0: 16 % each
+    masks[2, 0, 0] = True  # class 1: 1 % and 0 %
+    kept = np.zeros_like(masks)
+    kept[:2, 2:4, 2:6] = True  # half of class 0's mask pixels
+    coverage = stained_cell_coverage(masks, np.array([0, 0, 1, 1]), ["Benign", "Pro-B", "Pre-B"], kept)
+    assert set(coverage) == {"Benign", "Pro-B"}
+    assert coverage["Benign"] == {"mean": pytest.approx(0.16), "under_2_percent": 0.0, "inside_segmented": 0.5}
+    assert coverage["Pro-B"] == {"mean": pytest.approx(0.005), "under_2_percent": 1.0, "inside_segmented": 0.0}
+    assert stained_cell_coverage(masks, np.array([0, 0, 1, 1]), ["Benign", "Pro-B"])["Benign"]["inside_segmented"] is None
+
+
+def test_an_audit_of_an_older_format_is_run_again(aria_dataset: Path, tmp_path: Path) -> None:
+    import json
+
+    from bloodcell.config import DataConfig
+    from bloodcell.data.index import dataset_workdir
+    from bloodcell.data.prepare import prepare_data
+    from bloodcell.evaluate.runner import data_audit_summary
+
+    prepared = prepare_data(DataConfig(image_size=32, block_size=4, embargo=1), aria_dataset, progress=False)
+    assert data_audit_summary(prepared)["images"] == 96
+    stored = dataset_workdir(aria_dataset, "Original") / "audit" / "audit.json"
+    report = json.loads(stored.read_text())
+    report.update({"format": "bloodcell-audit/1", "images": 5})  # as an older bloodcell left it
+    stored.write_text(json.dumps(report))
+    assert data_audit_summary(prepared)["images"] == 96
 
 
 def test_the_evaluation_runs_the_audit_again_once_the_folder_has_changed(aria_dataset: Path, tmp_path: Path) -> None:

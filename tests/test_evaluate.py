@@ -91,7 +91,8 @@ def test_robustness_tta_baseline_and_gradcam_sections(metrics: dict) -> None:
     assert all(0 <= row["changed_predictions"] <= occlusion["n_images"] for row in occlusion["corners"].values())
     assert metrics["data_audit"]["corner_baselines"]["strongest"] in occlusion["corners"]
     assert metrics["explain"]["target_layer"] == "stages"
-    assert metrics["explain"]["cam_energy_on_cell"] is not None  # the Segmented variant gives the masks
+    assert metrics["explain"]["map_size"] == [2, 2]  # bloodnet's last stage at 48 px: stride 32, rounded up
+    assert metrics["explain"]["n_masked"] >= 1 and metrics["explain"]["cam_energy_on_cell"] is not None
 
 
 def test_corner_occlusion_counts_the_predictions_a_masked_corner_changes() -> None:
@@ -279,6 +280,16 @@ def test_an_evaluation_whose_grad_cam_cannot_run_keeps_its_scores(run: Path, mon
     # Any other error is the caller's to see, before the work: a misspelt method is not "no Grad-CAM".
     with pytest.raises(UserError, match="unknown CAM method 'grad-cam'"):
         evaluate_model(run, split="val", robustness=False, progress=False, cam_method="grad-cam", update_card=False)
+    with pytest.raises(UserError, match="no layer 'stages.9'"):
+        evaluate_model(run, split="val", robustness=False, progress=False, target_layer="stages.9", update_card=False)
+
+
+def test_the_sanity_check_and_grid_map_the_layer_asked_for(run: Path, tmp_path: Path) -> None:
+    """An earlier stage gives a finer map; the report says which layer and how fine."""
+    result = evaluate_model(run, split="val", robustness=False, progress=False, n_bootstrap=50, update_card=False,
+                            target_layer="stages.1", out_dir=tmp_path)  # fmt: skip
+    assert result["explain"]["target_layer"] == "stages.1" and result["explain"]["map_size"] == [6, 6]
+    assert (tmp_path / "plots" / "gradcam_grid.png").is_file()
 
 
 def test_the_test_part_is_rebuilt_with_the_split_seed_the_model_trained_with(dataset: Path, tmp_path: Path) -> None:

@@ -23,6 +23,10 @@ _console = Console()
 
 MODEL_HELP = "A run directory, a model directory or a card.json. Default: the model bundled with the package."
 EXPLAIN_PATHS_HELP = "An optional model first (as for evaluate), then image files or folders of images."
+# Spelt out rather than joined from gradcam.METHODS: importing it would load torch for every --help.
+CAM_METHODS = "gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, eigengradcam or scorecam"
+TARGET_LAYER_HELP = ("Dotted module name inside the network (default: its last convolutional stage; an earlier "
+                     "stage such as stages.2 gives a finer map).")  # fmt: skip
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -106,6 +110,8 @@ def evaluate_command(
     tta: bool = typer.Option(False, "--tta", help="Also evaluate with test-time augmentation (8 flips / rotations)."),
     robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Evaluate under the acquisition-shift suite (7 shifts x 3 severities) and with each corner masked."),
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM grid and sanity check."),
+    cam_method: str = typer.Option("gradcam", "--cam-method", help=f"CAM method of the grid and sanity check: {CAM_METHODS}."),
+    target_layer: str | None = typer.Option(None, "--target-layer", help=TARGET_LAYER_HELP, show_default=False),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: the run directory for its own test part, else a folder under RUN/evaluations named after the data and split).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json on stdout instead of the summary."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
@@ -118,7 +124,7 @@ def evaluate_command(
     from bloodcell.evaluate.runner import evaluate_model
 
     metrics = evaluate_model(model, data, split=split, tta=tta, robustness=robustness, out_dir=out, explain=explain,
-                             progress=progress and not as_json)  # fmt: skip
+                             cam_method=cam_method, target_layer=target_layer, progress=progress and not as_json)  # fmt: skip
     if as_json:
         typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2))
         return
@@ -154,8 +160,8 @@ def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: st
 @app.command("explain")
 def explain_command(
     paths: list[Path] = typer.Argument(..., help=EXPLAIN_PATHS_HELP, show_default=False, metavar="[RUN_OR_MODEL] IMAGES..."),
-    method: str = typer.Option("gradcam", "--method", help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, eigengradcam or scorecam."),
-    target_layer: str | None = typer.Option(None, "--target-layer", help="Dotted module name inside the network (default: its last convolutional stage).", show_default=False),
+    method: str = typer.Option("gradcam", "--method", help=f"{CAM_METHODS}."),
+    target_layer: str | None = typer.Option(None, "--target-layer", help=TARGET_LAYER_HELP, show_default=False),
     out: Path = typer.Option(Path("explanations"), "--out", help="Folder for the overlay PNGs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:

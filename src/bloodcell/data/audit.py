@@ -22,14 +22,21 @@ from sklearn.preprocessing import StandardScaler
 from bloodcell.config import DataConfig
 from bloodcell.data.cache import load_images
 from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
-from bloodcell.data.prepare import CELL_MASK_THRESHOLD, cell_masks, segmented_images
+from bloodcell.data.prepare import segmented_images
 from bloodcell.data.splits import make_split, split_counts
+from bloodcell.explain.cell_masks import stained_cell_masks
 from bloodcell.io import atomic_write_json, atomic_write_text
 
+#: Written into audit.json; a stored audit of another format is run again (evaluation reads it).
+AUDIT_FORMAT = "bloodcell-audit/2"
 #: Border ring width in pixels (at the audit's image size) for the border-colour baseline.
 DEFAULT_RING = 8
-#: Image side the audit decodes at (shared with the default training size, so the cache is reused).
+#: Image side the audit decodes at: its baselines read colours and image statistics, not cells, so a
+#: small size does (the default trains at 160 px; this cache is shared with 128 px trainings).
 DEFAULT_AUDIT_SIZE = 128
+#: A Segmented-variant pixel is kept when any channel exceeds this (the background is black, JPEG leaves a
+#: little noise in it).
+SEGMENTED_THRESHOLD = 20
 
 
 def border_colour_features(images: np.ndarray, ring: int = DEFAULT_RING, chunk: int = 512) -> np.ndarray:
@@ -335,10 +342,13 @@ def run_audit(
     corners = corner_baselines(images, labels, train_idx, test_idx, seed)
     segmented = segmented_images(dataset, split, DataConfig(image_size=image_size, class_names=class_names), images,
                                  progress)  # fmt: skip
-    coverage = segmented_coverage(cell_masks(segmented), labels, dataset.classes) if segmented is not None else None
+    kept = segmented_masks(segmented) if segmented is not None else None
+    coverage = segmented_coverage(kept, labels, dataset.classes) if kept is not None else None
+    stained = stained_cell_coverage(stained_cell_masks(images), labels, dataset.classes, kept)
     groups = duplicate_group_table(manifest)
     out = Path(out_dir) if out_dir is not None else workdir / "audit"
     report: dict[str, Any] = {
+        "format": AUDIT_FORMAT,
         "dataset": str(dataset.top),
         "manifest_sha256": manifest_sha256(indexed.manifest_path),  # which state of the folder this describes
         "layout": dataset.layout,
@@ -362,6 +372,7 @@ def run_audit(
         "colour_statistics_baseline": stats,
         "corner_baselines": corners,
         "segmented_coverage": coverage,
+        "stained_cell_coverage": stained,
         "manifest": str(indexed.manifest_path),
         "report_markdown": str(out / "audit.md"),
         "report_json": str(out / "audit.json"),
@@ -369,6 +380,32 @@ def run_audit(
     atomic_write_json(out / "audit.json", report)
     atomic_write_text(out / "audit.md", audit_markdown(report))
     return report
+
+
+def stained_cell_coverage(
+    masks: np.ndarray, labels: np.ndarray, classes: list[str], kept: np.ndarray | None = None
+) -> dict[str, Any]:
+    """How much of each class's images the stained-cell masks of the Grad-CAM measure cover, and, with the
+    Segmented variant's kept pixels (``kept``), what share of the masks' pixels lie inside them.
+
+    Returns class -> ``mean`` share of pixels, ``under_2_percent`` (share of images whose mask is too small
+    for a whole cell) and ``inside_segmented`` (None without ``kept``).
+    """
+    covered = masks.reshape(len(masks), -1).mean(axis=1)
+    result = {}
+    for k, name in enumerate(classes):
+        rows = labels == k
+        if not rows.any():
+            continue
+        inside = float((masks[rows] & kept[rows]).sum() / max(int(masks[rows].sum()), 1)) if kept is not None else None
+        result[name] = {"mean": float(covered[rows].mean()), "under_2_percent": float((covered[rows] < 0.02).mean()),
+                        "inside_segmented": inside}  # fmt: skip
+    return result
+
+
+def segmented_masks(segmented: np.ndarray, threshold: int = SEGMENTED_THRESHOLD) -> np.ndarray:
+    """Boolean ``(N, H, W)`` masks of the pixels Segmented-variant images keep (their background is black)."""
+    return segmented.max(axis=-1) > threshold
 
 
 def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -388,12 +425,12 @@ def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: list[str]
                if c["under_2_percent"] > 0.1]  # fmt: skip
     statement = (
         f"The Segmented variant keeps under 2 % of the pixels, too little for a whole cell, in {', '.join(missing)}: "
-        "its masks miss the cells there, so the Grad-CAM energy on the cell and background-free training images "
-        "(data.mix_segmented) are unreliable for those classes."
+        "its masks miss the cells there, so background-free training images (data.mix_segmented) are "
+        f"unreliable for {'that class' if len(missing) == 1 else 'those classes'}."
         if missing
         else "The Segmented variant keeps a cell-sized share of the pixels in at least 90 % of every class's images."
     )
-    return {"threshold": CELL_MASK_THRESHOLD, "classes": per_class, "statement": statement}
+    return {"threshold": SEGMENTED_THRESHOLD, "classes": per_class, "statement": statement}
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -487,5 +524,18 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
                  for name, c in coverage["classes"].items()],
             )  # fmt: skip
             + f"\n\n{coverage['statement']}"
+        )
+    stained = report.get("stained_cell_coverage")
+    if stained:
+        sections.append(
+            "## Stained cells: the masks of the Grad-CAM energy measure\n\n"
+            "The pixels whose purple excess, (R + B) / 2 - G, falls in the top class of a three-class Otsu threshold "
+            "(white cells and blasts under a Romanowsky stain; `bloodcell.explain.cell_masks`).\n\n"
+            + _table(
+                ["class", "mean share of pixels", "images under 2 %", "mask pixels inside the Segmented variant's"],
+                [[name, f"{100 * c['mean']:.1f} %", f"{100 * c['under_2_percent']:.0f} %",
+                  "" if c["inside_segmented"] is None else f"{100 * c['inside_segmented']:.0f} %"]
+                 for name, c in stained.items()],
+            )  # fmt: skip
         )
     return "\n\n".join(sections) + "\n"

@@ -22,11 +22,6 @@ from bloodcell.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: A Segmented-variant pixel belongs to the cell when any channel exceeds this (the background is black,
-#: JPEG leaves a little noise in it).
-CELL_MASK_THRESHOLD = 20
-
-
 @dataclass(frozen=True)
 class PreparedData:
     """A dataset ready for training and evaluation.
@@ -60,11 +55,6 @@ class PreparedData:
     def indices(self, part: str) -> np.ndarray:
         """Row indices (into ``split``, ``images`` and ``labels``) of ``train``, ``val``, ``test`` or ``embargo``."""
         return np.flatnonzero(self.split["split"].to_numpy() == part)
-
-
-def cell_masks(segmented: np.ndarray, threshold: int = CELL_MASK_THRESHOLD) -> np.ndarray:
-    """Boolean cell masks ``(N, H, W)`` from Segmented-variant images (background masked black)."""
-    return segmented.max(axis=-1) > threshold
 
 
 def segmented_images(

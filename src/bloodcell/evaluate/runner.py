@@ -219,16 +219,16 @@ def data_audit_summary(prepared: Any, class_names: list[str] | None = None, prog
     """
     import json
 
-    from bloodcell.data.audit import run_audit
+    from bloodcell.data.audit import AUDIT_FORMAT, run_audit
     from bloodcell.data.index import dataset_workdir
 
     dataset = prepared.dataset
     path = dataset_workdir(dataset.top, dataset.variant) / "audit" / "audit.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        # None yet, or one of another state of the folder (files added, removed or changed since), or from
-        # before the corner baselines: the audit is run again, so the report never shows stale counts.
-        if report is None or report.get("manifest_sha256") != prepared.manifest_sha256 or "corner_baselines" not in report:
+        # None yet, or one of another state of the folder (files added, removed or changed since), or of an
+        # older format: the audit is run again, so the report never shows stale counts.
+        if report is None or report.get("manifest_sha256") != prepared.manifest_sha256 or report.get("format") != AUDIT_FORMAT:
             report = run_audit(dataset.top, dataset.variant, class_names, progress=progress)
     except (UserError, ValueError, OSError) as error:
         log.warning("data audit not available: %s", error)
@@ -262,9 +262,9 @@ def explain_examples(
     y_true: np.ndarray,
     probs: np.ndarray,
     classes: list[str],
-    segmented: np.ndarray | None,
     plots_dir: Path,
     method: str = "gradcam",
+    target_layer: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Grad-CAM grid of correct and wrong examples per class, and the sanity check on a random sample.
@@ -278,10 +278,8 @@ def explain_examples(
     chosen = sorted({i for row in rows for i in row if i is not None})
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(images), size=min(SANITY_IMAGES, len(images)), replace=False))
-    sanity = sanity_check(
-        model, np.ascontiguousarray(images[sample]), None if segmented is None else np.asarray(segmented[sample]), method
-    )
-    cams = explain_images(model, np.ascontiguousarray(images[chosen]), method) if chosen else None
+    sanity = sanity_check(model, np.ascontiguousarray(images[sample]), method, target_layer)
+    cams = explain_images(model, np.ascontiguousarray(images[chosen]), method, target_layer) if chosen else None
     position = {index: p for p, index in enumerate(chosen)}
     grid = []
     predicted = probs.argmax(axis=1)
@@ -295,10 +293,12 @@ def explain_examples(
             caption = f"correct, p={probs[i, k]:.2f}" if ok else f"predicted {classes[predicted[i]]}, p={probs[i, predicted[i]]:.2f}"
             examples.append({"overlay": overlay(images[i], cams.cams[position[i]]), "correct": bool(ok), "caption": caption})
         grid.append((classes[k], examples))
-    title = f"{method} on layer '{sanity['target_layer']}': similarity to random-weights CAMs {sanity['randomized_similarity']:.2f}"
-    if sanity.get("cam_energy_on_cell") is not None:
-        random_share = sanity.get("random_energy_on_cell")
-        title += (f"; CAM energy on cell {sanity['cam_energy_on_cell']:.0%} ("
+    height, width = sanity["map_size"]
+    title = (f"{method} on layer '{sanity['target_layer']}' ({height}x{width} map): similarity to random-weights "
+             f"CAMs {sanity['randomized_similarity']:.2f}")  # fmt: skip
+    if sanity["cam_energy_on_cell"] is not None:
+        random_share = sanity["random_energy_on_cell"]
+        title += (f"; CAM energy on stained cells {sanity['cam_energy_on_cell']:.0%} ("
                   + (f"random weights {random_share:.0%}, " if random_share is not None else "")
                   + f"cell area {sanity['cell_area_fraction']:.0%})")  # fmt: skip
     plot_gradcam_grid(grid, plots_dir / "gradcam_grid.png", title)
@@ -549,6 +549,7 @@ def evaluate_model(
     *,
     explain: bool = True,
     cam_method: str = "gradcam",
+    target_layer: str | None = None,
     update_card: bool = True,
     n_bootstrap: int = 1000,
     batch_size: int = 128,
@@ -567,6 +568,8 @@ def evaluate_model(
     out_dir: where to write (None: the run directory for its own test part, else a sub-folder of it).
     explain: compute the Grad-CAM grid and sanity check.
     cam_method: CAM method for ``explain``.
+    target_layer: the layer ``explain`` maps (dotted name inside the network; None: its last convolutional
+        stage).
     update_card: store the temperature fitted on validation data (and the test metrics) in the card.
     n_bootstrap: bootstrap resamples per interval.
     batch_size: inference batch size.
@@ -587,6 +590,10 @@ def evaluate_model(
     started = time.perf_counter()
     model_dir = resolve_model_dir(model_path)
     model, card = load_model(model_dir)
+    if explain and target_layer is not None:  # a misspelt layer, too, fails before any work
+        from bloodcell.explain.gradcam import resolve_target_layer
+
+        resolve_target_layer(model.net, target_layer)
     run_dir = run_dir_of(model_dir)
     config = training_config(card, run_dir)
     trained_on = load_trained_on([model_dir, *([run_dir] if run_dir is not None else [])])
@@ -631,13 +638,11 @@ def evaluate_model(
                                                                      Path(data.prepared.dataset.top))  # fmt: skip
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    segmented = data.prepared.segmented_images
     metrics["explain"] = None
     if explain:
         try:
-            metrics["explain"] = explain_examples(model, data.images, y_true, probs, classes,
-                                                  None if segmented is None else segmented[data.indices], plots_dir,
-                                                  cam_method)  # fmt: skip
+            metrics["explain"] = explain_examples(model, data.images, y_true, probs, classes, plots_dir, cam_method,
+                                                  target_layer)  # fmt: skip
         except NoFeatureMap as error:  # e.g. an MLP-like network: the scores stand without it
             log.warning("Grad-CAM left out: %s", error)
     history = training_history(run_dir) if run_dir is not None else None

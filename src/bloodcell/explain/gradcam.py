@@ -8,9 +8,9 @@ path (``--target-layer stages.3``).
 
 A sanity check guards against explanations that do not depend on what the model learned (Adebayo et al.
 2018, "Sanity checks for saliency maps"): the CAMs of the trained model are compared with those of the same
-architecture with randomised weights (Spearman rank correlation; they must differ clearly), and, when a
-background-free (Segmented) copy of the image exists, the share of CAM energy falling on the cell is
-compared with the cell's share of the image.
+architecture with randomised weights (Spearman rank correlation; they must differ clearly), and the share
+of CAM energy falling on the stained cells (:mod:`bloodcell.explain.cell_masks`) is compared with the
+cells' share of the image, for the trained maps and the random ones.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.stats import spearmanr
 from torch import nn
 
-from bloodcell.data.prepare import cell_masks
 from bloodcell.errors import NoFeatureMap, UserError
+from bloodcell.explain.cell_masks import stained_cell_masks
 
 #: CAM methods by CLI name.
 METHODS: dict[str, type[BaseCAM]] = {
@@ -56,22 +56,24 @@ METHODS: dict[str, type[BaseCAM]] = {
 #: Randomised-weights CAMs more similar than this (mean Spearman) fail the sanity check.
 SANITY_MAX_SIMILARITY = 0.5
 #: The maps "favour the cell" only when their energy-to-area ratio beats both a uniform map (1) and the
-#: random-weights network's maps by this factor: the random network's own maps already score about 1.01
-#: on the dataset's cells (they follow the image's contrast), so a ratio near 1 says nothing.
+#: random-weights network's maps by this factor: the random network's maps follow the image's contrast,
+#: which is highest at the stained cells, so a ratio above 1 alone says nothing.
 CELL_FOCUS_MARGIN = 1.1
 
 
 @dataclass
 class CamResult:
     """CAMs of a batch: ``cams`` ``(N, H, W)`` float32 in [0, 1], the explained class of every image
-    (``targets``), the model's ``logits`` and ``probabilities`` ``(N, K)`` (softmax without temperature) and
-    the name of the target layer."""
+    (``targets``), the model's ``logits`` and ``probabilities`` ``(N, K)`` (softmax without temperature),
+    the name of the target layer and ``map_size``, the ``(height, width)`` of its feature map: the CAM's
+    true resolution, before it is stretched to the image."""
 
     cams: np.ndarray
     targets: np.ndarray
     logits: np.ndarray
     probabilities: np.ndarray
     layer_name: str
+    map_size: tuple[int, int]
 
 
 def _is_pooling(module: nn.Module) -> bool:
@@ -181,11 +183,13 @@ def explain_images(
                 batch = _to_tensor(images[start : start + batch_size], device)
                 batch_targets = [ClassifierOutputTarget(int(t)) for t in explained[start : start + batch_size]]
                 maps.append(cam(input_tensor=batch, targets=batch_targets))
+        height, width = cam.activations_and_grads.activations[-1].shape[-2:]  # the last batch's feature map
     finally:
         cam.activations_and_grads.release()  # remove the hooks; the CAM context manager would swallow errors
         model.zero_grad(set_to_none=True)  # leave no gradients behind in a model that may be trained further
     cams = np.nan_to_num(np.concatenate(maps).astype(np.float32), nan=0.0)
-    return CamResult(cams=cams, targets=explained, logits=logits.numpy(), probabilities=probabilities, layer_name=layer_name)
+    return CamResult(cams=cams, targets=explained, logits=logits.numpy(), probabilities=probabilities,
+                     layer_name=layer_name, map_size=(int(height), int(width)))  # fmt: skip
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
@@ -231,30 +235,30 @@ def cam_energy_on_cell(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
 def sanity_check(
     model: nn.Module,
     images: np.ndarray,
-    segmented: np.ndarray | None = None,
     method: str = "gradcam",
     target_layer: str | None = None,
     trained: CamResult | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Compare CAMs of the trained model with those of a randomised copy, and measure energy on the cell.
+    """Compare CAMs of the trained model with those of a randomised copy, and measure energy on the cells.
 
     Parameters
     ----------
     model: the trained Classifier.
     images: uint8 NHWC images to explain.
-    segmented: the same images from the Segmented variant (aligned), or None.
     method, target_layer: as in :func:`explain_images`.
     trained: CAMs of ``model`` on ``images`` already computed (saves a pass), or None.
     seed: seed of the randomised weights.
 
-    Returns a JSON-ready dict: ``method``, ``target_layer``, ``n_images``, ``randomized_similarity``
-    (mean Spearman), ``informative_fraction`` (share of non-constant trained CAMs), ``passed`` (similarity
-    below :data:`SANITY_MAX_SIMILARITY` and most CAMs informative), and with masks
-    ``cam_energy_on_cell`` (mean share), ``cell_area_fraction`` (mean share of pixels that are cell),
-    ``energy_to_area_ratio`` (1: as much energy on the cell as a uniform map), the same two for the
+    Returns a JSON-ready dict: ``method``, ``target_layer``, ``map_size`` (the layer's ``[height, width]``),
+    ``n_images``, ``randomized_similarity`` (mean Spearman), ``informative_fraction`` (share of non-constant
+    trained CAMs), ``passed`` (similarity below :data:`SANITY_MAX_SIMILARITY` and most CAMs informative);
+    and, over the images whose stained cells were found (``n_masked``), ``cam_energy_on_cell`` (mean share
+    of the energy on them), ``cell_area_fraction`` (mean share of pixels that are cell),
+    ``energy_to_area_ratio`` (1: as much energy on the cells as a uniform map), the same two for the
     random-weights maps (``random_energy_on_cell``, ``random_energy_to_area_ratio``) and ``favours_cell``
-    (the ratio beats both 1 and the random maps' by :data:`CELL_FOCUS_MARGIN`).
+    (the ratio beats both 1 and the random maps' by :data:`CELL_FOCUS_MARGIN`). The energy entries are
+    None when no image has a mask.
     """
     trained = trained or explain_images(model, images, method, target_layer)
     # Explain the same classes with the random model, so only the weights differ.
@@ -263,31 +267,29 @@ def sanity_check(
     # A flat CAM explains nothing, and would also look "unlike" the random one: it must not pass.
     informative = float(np.mean([np.ptp(c) > 0 for c in trained.cams])) if len(images) else 0.0
     mean_similarity = float(np.mean(similarity)) if len(similarity) else None
-    result: dict[str, Any] = {
+    masks = stained_cell_masks(images)
+    masked = masks.reshape(len(masks), -1).any(axis=1)
+    area = float(masks[masked].mean()) if masked.any() else None
+    share, random_share = (_mean_energy_on_cell(result.cams[masked], masks[masked]) if area else None
+                           for result in (trained, random_cams))  # fmt: skip
+    ratio, random_ratio = ((s / area) if s is not None and area else None for s in (share, random_share))
+    return {
         "method": method,
         "target_layer": trained.layer_name,
+        "map_size": list(trained.map_size),
         "n_images": len(images),
         "randomized_similarity": mean_similarity,
         "max_similarity": SANITY_MAX_SIMILARITY,
         "informative_fraction": informative,
         "passed": bool(mean_similarity is not None and mean_similarity < SANITY_MAX_SIMILARITY and informative >= 0.5),
+        "n_masked": int(masked.sum()),
+        "cam_energy_on_cell": share,
+        "cell_area_fraction": area,
+        "energy_to_area_ratio": ratio,
+        "random_energy_on_cell": random_share,
+        "random_energy_to_area_ratio": random_ratio,
+        "favours_cell": favours_cell(ratio, random_ratio),
     }
-    if segmented is not None:
-        masks = cell_masks(segmented)
-        area = float(masks.mean())
-        share, random_share = (_mean_energy_on_cell(cams, masks) for cams in (trained.cams, random_cams.cams))
-        ratio, random_ratio = ((s / area) if s is not None and area > 0 else None for s in (share, random_share))
-        result.update(
-            {
-                "cam_energy_on_cell": share,
-                "cell_area_fraction": area,
-                "energy_to_area_ratio": ratio,
-                "random_energy_on_cell": random_share,
-                "random_energy_to_area_ratio": random_ratio,
-                "favours_cell": favours_cell(ratio, random_ratio),
-            }
-        )
-    return result
 
 
 def favours_cell(ratio: float | None, random_ratio: float | None) -> bool:
