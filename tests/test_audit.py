@@ -28,6 +28,7 @@ REPORT_KEYS = {
     "manifest_sha256",
     "layout",
     "variant",
+    "image_size",
     "images",
     "accepted",
     "classes",

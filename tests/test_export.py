@@ -148,3 +148,14 @@ def test_export_parity_failure_is_one_line_and_exit_1(tiny_model: Path, tmp_path
     assert result.exit_code == 1 and not isinstance(result.exception, ParityError)
     assert "failed its parity check" in result.output and "Traceback" not in result.output
 
+
+
+def test_the_bundled_model_exports_into_the_work_folder_not_the_package(tiny_model: Path) -> None:
+    """An installed package may be read-only, and a file added to it outlives `pip uninstall`."""
+    from bloodcell.data.index import bloodcell_home
+    from bloodcell.models.card import bundled_model_dir
+    from bloodcell.serve.export import default_onnx_path
+
+    bundled = default_onnx_path(None)
+    assert bundled.is_relative_to(bloodcell_home() / "onnx") and not bundled.is_relative_to(bundled_model_dir())
+    assert default_onnx_path(tiny_model) == tiny_model / "onnx" / "model.onnx"

@@ -195,6 +195,17 @@ def test_a_class_with_one_block_is_resampled_by_image() -> None:
     assert "single-block classes resampled by image: a" in metrics["ci_method"]
 
 
+def test_the_interval_says_how_many_blocks_it_rests_on_per_class() -> None:
+    """A test part holds two or three blocks a class: "11 blocks within each class" read as 11 per class."""
+    y_true = np.repeat(np.arange(2), 30)
+    few = np.array([f"{t}:{i % (2 + t)}" for i, t in enumerate(y_true)])  # 2 blocks of class 0, 3 of class 1
+    text = classification_metrics(y_true, np.eye(2)[y_true], ["a", "b"], few, n_bootstrap=20)["ci_method"]
+    assert "5 session blocks in all (2-3 per class)" in text and "rough" in text
+    many = np.array([f"{t}:{i % 6}" for i, t in enumerate(y_true)])
+    text = classification_metrics(y_true, np.eye(2)[y_true], ["a", "b"], many, n_bootstrap=20)["ci_method"]
+    assert "12 session blocks in all (6 per class)" in text and "rough" not in text
+
+
 def test_metrics_are_json_ready_with_documented_keys(metrics: dict) -> None:
     for key in ("balanced_accuracy", "balanced_accuracy_ci", "accuracy", "macro_f1", "per_class", "confusion_matrix",
                 "confusion_matrix_normalized", "roc_auc", "ece", "n_images"):  # fmt: skip

@@ -171,6 +171,23 @@ def test_a_random_split_and_validation_scores_of_a_refit_model_are_flagged(runs:
     assert "The model learned from these validation images: these are not held-out scores." in html
 
 
+def test_a_metrics_json_of_an_older_format_is_evaluated_again(runs: Path, tmp_path: Path) -> None:
+    """An older bloodcell's metrics.json lacks keys the templates read: evaluate again, or say so."""
+    run = tmp_path / "toy"
+    shutil.copytree(runs / "toy", run)
+    if not (run / "metrics.json").is_file():
+        build_report(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    older = {**metrics, "format": "bloodcell-metrics/1"}
+    del older["corner_occlusion"], older["explain"]["map_size"]
+    (run / "metrics.json").write_text(json.dumps(older))
+    with pytest.raises(UserError, match=r"older format \(bloodcell-metrics/1\); run `bloodcell evaluate"):
+        build_report(run, evaluate=False)
+    html = build_report(run).read_text(encoding="utf-8")
+    assert json.loads((run / "metrics.json").read_text())["format"] == metrics["format"]
+    assert "feature map is" in html
+
+
 def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert result.exit_code != 0

@@ -399,6 +399,15 @@ def test_an_unreadable_config_file_is_one_clear_error(tmp_path: Path, content: b
     assert str(path) in str(raised.value)
 
 
+def test_a_named_config_is_not_shadowed_by_a_folder_of_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from `runs/`, the README's `runs/default` folder must not hide the shipped `default` config."""
+    (tmp_path / "default").mkdir()
+    (tmp_path / "seed-replica").write_text("train: {epochs: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("default").name == "default" and load_config("seed-replica").name == "seed-replica"
+    assert load_config("./seed-replica").train.epochs == 1  # a path is still a path
+
+
 def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     """Run ``bloodcell ARGS`` in this process through the real entry point; returns (exit code, out, err)."""
     from bloodcell.cli import main

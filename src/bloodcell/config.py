@@ -7,6 +7,7 @@ with a message naming the field before any work starts.
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -249,7 +250,12 @@ def _load_yaml(text: str) -> Any:
 
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    # A shipped config's bare name wins over a file or folder of that name in the working directory: the
+    # README's `runs/default` must not turn `--config default`, run from `runs/`, into a path.
+    shipped = resources.files("bloodcell") / "configs" / f"{name_or_path}.yaml"
+    bare = not any(separator in name_or_path for separator in {"/", os.sep})  # Path("./x") would drop the "./"
+    named = bare and path.suffix not in {".yaml", ".yml"} and shipped.is_file()
+    if not named and (path.suffix in {".yaml", ".yml"} or path.exists()):
         if path.is_dir():
             raise ConfigError(f"{path} is a folder; --config takes a YAML file or a named config")
         if not path.is_file():
@@ -260,10 +266,9 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
         except UnicodeDecodeError as error:
             raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     else:
-        resource = resources.files("bloodcell") / "configs" / f"{name_or_path}.yaml"
-        if not resource.is_file():
+        if not shipped.is_file():
             raise ConfigError(f"unknown config {name_or_path!r}; named configs: {', '.join(named_configs())}")
-        source, text = f"config {name_or_path!r}", resource.read_text(encoding="utf-8")
+        source, text = f"config {name_or_path!r}", shipped.read_text(encoding="utf-8")
     try:
         loaded = _load_yaml(text) or {}
     except yaml.YAMLError as error:

@@ -265,7 +265,8 @@ def export_command(
         Path | None,
         typer.Option(
             "--out", "-o", help="The .onnx file (or a folder for model.onnx) to write; card.json goes beside it. "
-            "Default: MODEL-DIR/onnx/model.onnx.", show_default=False,
+            "Default: MODEL-DIR/onnx/model.onnx ($BLOODCELL_HOME/onnx/<weights hash>/model.onnx for the bundled model, "
+            "where serve finds it).", show_default=False,
         ),
     ] = None,
     images: Annotated[

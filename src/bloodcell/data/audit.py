@@ -353,6 +353,7 @@ def run_audit(
         "manifest_sha256": manifest_sha256(indexed.manifest_path),  # which state of the folder this describes
         "layout": dataset.layout,
         "variant": dataset.variant,
+        "image_size": image_size,
         "images": indexed.summary["images"],
         "accepted": indexed.summary["accepted"],
         "classes": indexed.summary["classes"],

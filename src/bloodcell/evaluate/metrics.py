@@ -236,6 +236,28 @@ def headline_metrics(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> d
     }
 
 
+#: Below this many blocks in a class, ``ci_method`` warns that the interval is rough (a cluster bootstrap
+#: over n clusters underestimates the variance by about (n - 1) / n, and a handful of clusters barely spread).
+FEW_BLOCKS = 5
+
+
+def ci_description(y_true: np.ndarray, blocks: Sequence[Any] | np.ndarray | None, n_bootstrap: int,
+                   single_block_classes: list[str]) -> str:  # fmt: skip
+    """What the balanced-accuracy interval rests on, in words (``ci_method``): how many blocks, per class too,
+    since a test part holds only a few of each and the interval is then rough."""
+    method = f"95% percentile bootstrap, {n_bootstrap} resamples"
+    if blocks is None:
+        return f"{method} of {len(y_true)} images (no session blocks)"
+    blocks = np.asarray(blocks)
+    per_class = [len(np.unique(blocks[y_true == k])) for k in np.unique(y_true)]
+    spread = f"{min(per_class)}" if min(per_class) == max(per_class) else f"{min(per_class)}-{max(per_class)}"
+    text = f"{method} of {len(np.unique(blocks))} session blocks in all ({spread} per class), each class's blocks resampled within it"
+    if min(per_class) < FEW_BLOCKS:
+        text += "; with so few blocks the interval is rough and, if anything, too narrow"
+    return text + (f"; single-block classes resampled by image: {', '.join(single_block_classes)}"
+                   if single_block_classes else "")  # fmt: skip
+
+
 def classification_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -277,11 +299,7 @@ def classification_metrics(
         # but warns when an absent class is predicted, which a folder of some of the classes makes routine.
         "balanced_accuracy": float(balanced_accuracy_from_confusion(cm)),
         "balanced_accuracy_ci": [low, high],
-        "ci_method": (
-            f"95% percentile bootstrap, {n_bootstrap} resamples of "
-            + (f"{n_blocks} session blocks within each class" if blocks is not None else f"{n_blocks} images (no session blocks)")
-            + (f"; single-block classes resampled by image: {', '.join(lone)}" if lone else "")
-        ),
+        "ci_method": ci_description(y_true, blocks, n_bootstrap, lone),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": macro_f1(y_true, y_pred),
         "per_class": per_class_report(y_true, y_pred, classes),

@@ -41,7 +41,9 @@ from bloodcell.probabilities import softmax_with_temperature
 
 log = logging.getLogger(__name__)
 
-METRICS_FORMAT = "bloodcell-metrics/1"
+#: Raised whenever metrics.json gains or changes a key the report reads: a report of an older metrics.json
+#: evaluates the run again (or, told not to, says so) instead of failing on a missing key.
+METRICS_FORMAT = "bloodcell-metrics/2"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 SPLITS: tuple[str, ...] = ("test", "val", "all")
@@ -199,7 +201,8 @@ def shortcut_baseline(prepared: Any, indices: np.ndarray, split: str) -> dict[st
     evaluated images (for ``split="all"``: on the test part), side by side with the model.
 
     Returns the baseline dict (``balanced_accuracy``, ``chance``, ``verdict``, ``statement`` ...) plus
-    ``scored_on``, or None when the data has no training part.
+    ``scored_on`` and ``image_size`` (the model's: the audit's own baseline runs at 128 px and may differ a
+    little), or None when the data has no training part.
     """
     from bloodcell.data.audit import border_colour_baseline
 
@@ -208,7 +211,7 @@ def shortcut_baseline(prepared: Any, indices: np.ndarray, split: str) -> dict[st
     if len(train_idx) == 0 or len(test_idx) == 0 or len(np.unique(prepared.labels[train_idx])) < 2:
         return None
     result = border_colour_baseline(prepared.images, prepared.labels, train_idx, test_idx)
-    return {**result, "scored_on": "test" if split == "all" else split}
+    return {**result, "scored_on": "test" if split == "all" else split, "image_size": int(prepared.images.shape[1])}
 
 
 def data_audit_summary(prepared: Any, class_names: list[str] | None = None, progress: bool = False) -> dict[str, Any] | None:
@@ -233,7 +236,7 @@ def data_audit_summary(prepared: Any, class_names: list[str] | None = None, prog
     except (UserError, ValueError, OSError) as error:
         log.warning("data audit not available: %s", error)
         return None
-    keys = ("dataset", "layout", "variant", "images", "accepted", "classes", "image_sizes", "exact_duplicate_groups",
+    keys = ("dataset", "layout", "variant", "image_size", "images", "accepted", "classes", "image_sizes", "exact_duplicate_groups",
             "near_duplicate_groups", "images_in_duplicate_groups", "cross_class_duplicate_groups",
             "shortcut_baseline", "colour_statistics_baseline", "corner_baselines", "segmented_coverage", "report_markdown")
     summary = {key: report.get(key) for key in keys}

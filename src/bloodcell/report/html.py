@@ -125,13 +125,15 @@ def _is_evaluation(metrics: dict[str, Any] | None) -> bool:
 
 def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False) -> dict[str, Any]:
     """The run's evaluation (``metrics.json``), running :func:`~bloodcell.evaluate.runner.evaluate_model`
-    first when there is none (or only training-time numbers): on its test part, or for a ``kfold`` split,
+    first when there is none (or only training-time numbers, or one of an older format): on its test part, or for a ``kfold`` split,
     which has none, on its held-out fold (the ``val`` part)."""
     metrics = _read_json(run_dir / "metrics.json")
     if _is_evaluation(metrics):
         return metrics  # type: ignore[return-value]
     if not evaluate:
-        raise UserError(f"{run_dir}: no evaluation yet; run `bloodcell evaluate {run_dir}` first")
+        found = metrics.get("format") if metrics else None
+        state = f"its metrics.json is of an older format ({found})" if found else "no evaluation yet"
+        raise UserError(f"{run_dir}: {state}; run `bloodcell evaluate {run_dir}` first")
     from bloodcell.evaluate.runner import evaluate_model
 
     data = (_read_yaml(run_dir / "config.yaml") or {}).get("data") or {}
@@ -241,7 +243,8 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
     from bloodcell.explain.gradcam import CELL_FOCUS_MARGIN
 
     return {
-        "run_name": run_dir.name,
+        # A run is named by its folder; an evaluation folder elsewhere (e.g. of the bundled model) by its model.
+        "run_name": run_dir.name if (run_dir / "config.yaml").is_file() else f"{card.get('name') or metrics['model']['architecture']} ({run_dir.name})",
         "run_dir": str(run_dir),
         "scope": evaluated_scope(metrics, metrics["data"]["root"]),
         "cell_focus_margin": CELL_FOCUS_MARGIN,

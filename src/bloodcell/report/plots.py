@@ -7,6 +7,7 @@ path, writes a PNG atomically and returns the path. Nothing here computes a metr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bloodcell.io import atomic_path
 
@@ -57,7 +59,8 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, note: str | No
     for column, label, colour in (("train_loss", "train", PALETTE[0]), ("val_loss", "validation", PALETTE[1])):
         if column in history:
             ax_loss.plot(epoch, history[column], marker="o", ms=3, label=label, color=colour)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
+    # Training loss is taken on augmented images with label smoothing, so it can stay above validation loss.
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss per epoch\n(train: on augmented images, as optimised)")
     for column, label, colour in (
         ("train_accuracy", "train accuracy", PALETTE[0]),
         ("val_accuracy", "validation accuracy", PALETTE[1]),
@@ -71,6 +74,7 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, note: str | No
         title += f"\nbest validation balanced accuracy {history['val_balanced_accuracy'].iloc[best]:.3f} (epoch {epoch[best]})"
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -120,18 +124,25 @@ def plot_roc_curves(
 
 
 def _reliability_panel(ax: Any, bins: Sequence[Mapping[str, Any]], title: str) -> None:
-    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
     width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
-    accuracy = [b["accuracy"] if b["count"] else 0.0 for b in bins]
-    confidence = [b["confidence"] if b["count"] else c for b, c in zip(bins, centres)]
+    filled = [b for b in bins if b["count"]]  # an empty bin has no accuracy: drawn, it would read as 0
+    centres = [(b["lower"] + b["upper"]) / 2 for b in filled]
+    accuracy = [b["accuracy"] for b in filled]
+    confidence = [b["confidence"] for b in filled]
     ax.bar(centres, accuracy, width=width * 0.95, color=PALETTE[0], alpha=0.85, label="accuracy")
     # The gap runs from accuracy to mean confidence (Guo et al. 2017): hatched, so it reads both ways.
-    gaps = [c - a if b["count"] else 0.0 for a, c, b in zip(accuracy, confidence, bins)]
+    gaps = [c - a for a, c in zip(accuracy, confidence)]
     ax.bar(centres, gaps, bottom=accuracy, width=width * 0.95, fill=False, hatch="///", edgecolor=PALETTE[1],
            lw=1.0, label="gap to mean confidence")
+    # How many images each bin holds: the ECE weighs the bins by it, so a 2-image bin counts for little.
+    # Written at the foot of each bar, inside it, where no bar or gap can cover it.
+    for centre, height, b in zip(centres, accuracy, filled):
+        ax.text(centre, 0.02, str(b["count"]), ha="center", va="bottom", fontsize=6.5,
+                color="white" if height > 0.08 else "#333333", fontweight="bold")  # fmt: skip
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    ax.set(xlabel="confidence (top class probability)", ylabel="accuracy", title=title, xlim=(0, 1), ylim=(0, 1))
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set(xlabel="confidence (top class probability); numbers: images in the bin", ylabel="accuracy", title=title,
+           xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     ax.grid(alpha=0.3)
 
 
@@ -159,23 +170,30 @@ def plot_robustness(robustness: Mapping[str, Any], path: str | Path, metric: str
     ``robustness`` is the ``robustness`` entry of ``metrics.json``: ``shifts`` maps a shift name to a list of
     per-severity dicts with ``severity`` and the metric.
     """
-    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    fig, ax = plt.subplots(figsize=(8.0, 4.4))
     markers = "osD^v<>p"
+    scores = []
     for k, (name, rows) in enumerate(robustness["shifts"].items()):
         severities = [r["severity"] for r in rows]
         values = [r[metric] for r in rows]
+        scores += [v for v in values if v is not None]
         ax.plot(severities, values, marker=markers[k % len(markers)], color=PALETTE[k % len(PALETTE)], lw=1.8, label=name)
+    # The axis spans the scores, not 0-1: a robust model's curves all lie within a few points of each other,
+    # and on a 0-1 axis they would be drawn as one line at the top.
+    low = max(0.0, math.floor((min(scores, default=0.0) - 0.02) * 20) / 20)
     chance = robustness.get("chance")
-    if chance is not None:
+    if chance is not None and chance >= low:
         ax.axhline(chance, ls=":", color="grey", lw=1, label="chance")
     worst = robustness.get("worst", {}).get("2")
     title = f"Robustness to acquisition shifts ({metric.replace('_', ' ')})"
     if worst:
         title += f"\nclean {_fmt(robustness['clean'][metric])}, worst at medium: {worst['shift']} {_fmt(worst[metric])}"
-    ax.set(xlabel="severity", ylabel=metric.replace("_", " "), title=title, ylim=(0, 1.02))
+    if chance is not None and chance < low:
+        title += f" (chance {_fmt(chance)}, below the axis)"
+    ax.set(xlabel="severity", ylabel=metric.replace("_", " "), title=title, ylim=(low, 1.005))
     ax.set_xticks([0, 1, 2, 3], labels=["0 clean", "1 low", "2 medium", "3 high"])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left", ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return save_figure(fig, path)
 

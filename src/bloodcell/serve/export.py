@@ -28,7 +28,15 @@ from torch import nn
 from bloodcell.data.decode import decode_image
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_path, sha256_file
-from bloodcell.models.card import CARD_FILE, WEIGHTS_FILE, ModelCard, load_model, resolve_model_dir, save_card
+from bloodcell.models.card import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    ModelCard,
+    bundled_model_dir,
+    load_model,
+    resolve_model_dir,
+    save_card,
+)
 from bloodcell.probabilities import softmax_with_temperature
 from bloodcell.serve.common import expand_inputs, read_card_json
 from bloodcell.serve.onnx_predictor import INPUT_NAME, OUTPUT_NAME
@@ -160,8 +168,20 @@ def check_parity(model: nn.Module, onnx_file: str | Path, images: np.ndarray, te
 
 
 def default_onnx_path(model_path: str | Path | None) -> Path:
-    """Where ``export`` writes by default: ``<model directory>/onnx/model.onnx``."""
-    return resolve_model_dir(model_path) / "onnx" / ONNX_FILE
+    """Where ``export`` writes by default: ``<model directory>/onnx/model.onnx``; for the model bundled with
+    the package, the work folder's copy (:func:`cached_onnx_path`), since an installed package may be
+    read-only and must stay as pip installed it."""
+    model_dir = resolve_model_dir(model_path)
+    if model_dir.resolve() == bundled_model_dir().resolve():
+        return cached_onnx_path(model_dir)
+    return model_dir / "onnx" / ONNX_FILE
+
+
+def cached_onnx_path(model_dir: Path) -> Path:
+    """``$BLOODCELL_HOME/onnx/<weights hash>/model.onnx``: an export kept in the work folder, by its weights."""
+    from bloodcell.data.index import bloodcell_home
+
+    return bloodcell_home() / "onnx" / sha256_file(model_dir / WEIGHTS_FILE)[:16] / ONNX_FILE
 
 
 def export_onnx(
@@ -272,10 +292,7 @@ def ensure_onnx(model_path: str | Path | None) -> Path:
     beside = default_onnx_path(model_path)
     if onnx_is_current(beside, model_path):
         return beside
-    from bloodcell.data.index import bloodcell_home
-
-    digest = sha256_file(resolve_model_dir(model_path) / WEIGHTS_FILE)
-    cached = bloodcell_home() / "onnx" / digest[:16] / ONNX_FILE
+    cached = cached_onnx_path(resolve_model_dir(model_path))
     if onnx_is_current(cached, model_path):
         return cached
     return export_onnx(model_path, cached)
