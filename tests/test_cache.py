@@ -149,3 +149,39 @@ def test_prepare_data_names_the_files_it_skips(tmp_path: Path, caplog: pytest.Lo
 def test_prepare_data_needs_a_dataset() -> None:
     with pytest.raises(UserError, match="no dataset given"):
         prepare_data(DataConfig(), None, progress=False)
+
+
+def test_a_full_disk_is_an_error_naming_the_cache_before_any_decoding(aria_dataset: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Written through a memory map, a cache on a disk that fills would die by SIGBUS: the space is taken first."""
+    import errno
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", no_space)
+    forbid_decoding(monkeypatch)
+    indexed = build_index(aria_dataset, progress=False)
+    with pytest.raises(OSError, match="No space left on device \\(the decoded cache needs 0 MiB") as raised:
+        load_images(indexed.manifest, indexed.dataset.root, 32, cache_dir=tmp_path / "c", progress=False)
+    assert raised.value.filename == str(cache_path(indexed.manifest, tmp_path / "c", 32, "Original"))
+    assert list((tmp_path / "c").iterdir()) == []  # no temporary left filling the disk
+
+
+def test_the_temporaries_of_killed_builds_are_removed_and_a_running_build_is_left(aria_dataset: Path,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    import fcntl
+    import os
+
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+    killed, running, fresh = (cache_dir / f".Original-32px-{name}.npy.x.npy" for name in ("a", "b", "c"))
+    for path in (killed, running, fresh):
+        path.write_bytes(b"\0" * 64)
+    for path in (killed, running):
+        os.utime(path, (1, 1))  # long untouched
+    with open(running, "rb") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # a build in another process still writing it
+        indexed = build_index(aria_dataset, progress=False)
+        load_images(indexed.manifest, indexed.dataset.root, 32, cache_dir=cache_dir, progress=False)
+        assert not killed.exists() and running.exists() and fresh.exists()

@@ -159,3 +159,21 @@ def test_the_bundled_model_exports_into_the_work_folder_not_the_package(tiny_mod
     bundled = default_onnx_path(None)
     assert bundled.is_relative_to(bloodcell_home() / "onnx") and not bundled.is_relative_to(bundled_model_dir())
     assert default_onnx_path(tiny_model) == tiny_model / "onnx" / "model.onnx"
+
+
+def test_a_graph_beside_an_older_card_is_refused_and_exported_again(tiny_model: Path, tmp_path: Path) -> None:
+    """A kill between writing the graph and its card leaves a pair that do not belong together."""
+    import shutil
+
+    from bloodcell.errors import ModelFileError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    exported = ensure_onnx(model)
+    graph = onnx.load(str(exported))
+    graph.producer_name = "another export"  # a different graph, as a later export would write
+    onnx.save(graph, str(exported))
+    with pytest.raises(ModelFileError, match="is not the graph its .*card.json describes"):
+        OnnxPredictor(exported)
+    again = ensure_onnx(model)
+    assert OnnxPredictor(again).classes  # exported afresh, and the pair agrees

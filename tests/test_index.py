@@ -133,6 +133,8 @@ def test_bad_files_are_rejected_with_reasons(tmp_path: Path) -> None:
     (root / "b" / "cut_004.png").write_bytes(good[: len(good) // 2])
     jpeg = save(tmp_path / "x.jpg", Image.fromarray(smear(7)), quality=95).read_bytes()
     (root / "b" / "cut_005.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    # An interrupted download: the full length, its last two thirds zeros (Pillow decodes it into grey).
+    (root / "a" / "zeroed_008.jpg").write_bytes(jpeg[: len(jpeg) // 3] + bytes(len(jpeg) - len(jpeg) // 3))
     bomb_png(root / "a" / "bomb_006.png")
     save(root / "a" / "anim_007.jpg", Image.fromarray(smear(8)), format="GIF")
     save(root / "b" / "anim_008.gif", Image.fromarray(smear(9)), format="GIF")
@@ -144,6 +146,7 @@ def test_bad_files_are_rejected_with_reasons(tmp_path: Path) -> None:
         "a/text_005.jpg",
         "b/cut_004.png",
         "b/cut_005.jpg",
+        "a/zeroed_008.jpg",
         "a/bomb_006.png",
         "a/anim_007.jpg",
         "b/anim_008.gif",
@@ -151,12 +154,13 @@ def test_bad_files_are_rejected_with_reasons(tmp_path: Path) -> None:
     assert "empty file" in reasons["a/zero_004.png"]
     assert "not an image" in reasons["a/text_005.jpg"]
     assert "truncated" in reasons["b/cut_004.png"] and "truncated" in reasons["b/cut_005.jpg"]
+    assert "zero-filled" in reasons["a/zeroed_008.jpg"]
     assert "too large" in reasons["a/bomb_006.png"]
     assert "GIF" in reasons["a/anim_007.jpg"]
     assert "unsupported file type" in reasons["b/anim_008.gif"]
     assert (rejected["dup_group"] == -1).all() and (rejected["exact_group"] == -1).all()
     assert (rejected["phash"] == "").all()
-    assert result.summary["accepted"] == 6 and result.summary["images"] == 13
+    assert result.summary["accepted"] == 6 and result.summary["images"] == 14
     assert {item["path"] for item in result.summary["rejected"]} == set(rejected["path"])
 
 

@@ -225,3 +225,18 @@ def test_folders_without_images(tmp_path: Path) -> None:
         (tmp_path / "d" / folder / "readme.txt").write_text("hi")
     with pytest.raises(UserError, match="no recognisable classes"):
         find_dataset(tmp_path / "d")
+
+
+def test_a_file_whose_name_is_not_utf8_is_skipped_with_a_warning(tmp_path: Path, caplog) -> None:
+    """The manifest is UTF-8 text: such a name used to stop indexing with a UnicodeEncodeError."""
+    import os
+
+    from bloodcell.data.index import build_index
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=2, size=32, segmented=False)
+    good = next((root / "Original" / "Pro").iterdir())
+    os.link(good, os.path.join(os.fsencode(root / "Original" / "Pro"), b"WBC-Malignant-Pro-\xff.jpg"))
+    index = build_index(root, progress=False)
+    assert len(index.manifest) == 8
+    assert "name is not valid UTF-8" in caplog.text and "\\udcff" in caplog.text

@@ -159,6 +159,22 @@ def test_weights_file_of_another_architecture_is_refused(tmp_path: Path) -> None
         load_initial_weights(create_model("bloodnet", 4), tmp_path / "w.safetensors")
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [("w.pt", "tensor", "holds no mapping of tensor names"), ("w.pt", "damaged", "not a readable weights file"),
+     ("w.safetensors", "damaged", "not a readable weights file")],
+    ids=["pt-of-a-tensor", "pt-damaged", "safetensors-damaged"],
+)
+def test_a_weights_file_that_is_no_state_dict_is_a_user_error(tmp_path: Path, name: str, content: str, words: str) -> None:
+    path = tmp_path / name
+    if content == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(b"\x80\x02not really weights")
+    with pytest.raises(UserError, match=words):
+        load_initial_weights(create_model("bloodnet", 4), path)
+
+
 def test_pretrained_timm_weights_unreachable_is_a_clear_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from bloodcell.train import setup
 
@@ -170,3 +186,75 @@ def test_pretrained_timm_weights_unreachable_is_a_clear_user_error(monkeypatch: 
     config = RunConfig.model_validate({"model": {"name": "timm/resnet18", "pretrained": True}})
     with pytest.raises(UserError, match=r"model.weights=FILE \(--weights FILE\)"):
         build_classifier(config, 4)
+
+
+def _saved_tiny_model(directory: Path) -> Path:
+    from bloodcell.models.card import ModelCard, save_model
+
+    torch.manual_seed(0)
+    card = ModelCard(name="tiny", architecture="bloodnet", arch_kwargs={"width": 0.25}, classes=["a", "b", "c", "d"],
+                     input_size=32)  # fmt: skip
+    return save_model(Classifier(create_model("bloodnet", 4, width=0.25)), card, directory)
+
+
+def _truncate_weights(directory: Path) -> None:
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+
+
+def _nan_weights(directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    first = next(name for name, tensor in state.items() if tensor.is_floating_point())
+    state[first] = torch.full_like(state[first], float("nan"))
+    save_file(state, str(directory / "model.safetensors"))
+
+
+def _edit_card(**changes):
+    def edit(directory: Path) -> None:
+        import json
+
+        card = json.loads((directory / "card.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                del card[key]
+            else:
+                card[key] = value
+        (directory / "card.json").write_text(json.dumps(card))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (_truncate_weights, "not readable as safetensors"),
+        (_nan_weights, "hold NaN or infinite values"),
+        (_edit_card(classes=["a", "b", "c"]), "do not fit the card's 'bloodnet' with 3 classes"),
+        (_edit_card(architecture="no-such-net"), "cannot build 'no-such-net'"),
+        (_edit_card(arch_kwargs={"widht": 0.25}), "cannot build 'bloodnet'"),
+        (_edit_card(input_size=None), "not a valid model card"),
+        (_edit_card(temperature=-0.05), "not a valid model card"),
+    ],
+    ids=["truncated", "nan", "classes", "architecture", "kwargs", "missing-key", "negative-temperature"],
+)
+def test_a_damaged_or_mismatched_model_is_one_user_error_naming_the_file(tmp_path: Path, damage, words: str) -> None:
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import load_model
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    damage(directory)
+    with pytest.raises(ModelFileError, match=words) as raised:
+        load_model(directory)
+    assert str(directory) in str(raised.value)
+
+
+def test_the_torch_free_card_reader_refuses_a_negative_temperature(tmp_path: Path) -> None:
+    from bloodcell.errors import ModelFileError
+    from bloodcell.serve.common import read_card_json
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(temperature=-0.05)(directory)
+    with pytest.raises(ModelFileError, match="temperature must be a positive number"):
+        read_card_json(directory)

@@ -86,6 +86,18 @@ def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path:
         assert np.allclose(probs, reference_probabilities(tiny_model, Path(row["file"])), atol=1e-5)
 
 
+def test_a_file_name_that_is_not_utf8_is_escaped_in_the_csv(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    import os
+
+    odd = os.path.join(os.fsencode(tmp_path), b"cell-\xff.jpg")
+    os.link(slides / "cell-000.jpg", odd)
+    out = tmp_path / "results.csv"
+    result = run("predict", "-m", str(tiny_model), os.fsdecode(odd), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert rows[0]["file"].endswith("cell-\\xff.jpg") and not rows[0]["error"]
+
+
 def test_predict_names_the_files_a_folder_holds_that_are_not_images(tiny_model: Path, slides: Path) -> None:
     result = run("predict", "-m", str(tiny_model), str(slides), "--json")
     assert json.loads(result.stdout)["skipped"] == [str(slides / "notes.txt")]

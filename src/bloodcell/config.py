@@ -64,7 +64,7 @@ class ModelConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        # Imported here, not at the top: loading a config (or a model card) must not import torch.
+        # Imported here, not at the top: bloodcell.models imports this module (a cycle at import time).
         from bloodcell.models.registry import get_spec
 
         if value.startswith("timm/"):

@@ -8,3 +8,8 @@ class UserError(Exception):
 class NoFeatureMap(UserError):
     """A network without a convolutional feature map for an automatic Grad-CAM layer (a transformer, an
     MLP). Evaluation and the service go on without Grad-CAM; ``explain`` asks for ``--target-layer``."""
+
+
+class ModelFileError(UserError, ValueError):
+    """A model's card or weights cannot be used (damaged, truncated, of another architecture or shape, or
+    holding non-finite numbers). A ValueError too, as the card's own validation errors always were."""

@@ -45,6 +45,11 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         with open(tmp, "rb+") as handle:  # flush to disk before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as error:
+        if error.filename != str(tmp):
+            raise
+        # Name the file the user asked for, not our hidden temporary one (e.g. "No space left on device").
+        raise type(error)(error.errno, error.strerror, str(target)) from error
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -78,3 +83,9 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     """Return the hex SHA-256 of a file's bytes."""
     with open(path, "rb") as handle:
         return sha256_stream(handle)
+
+
+def printable_path(name: str | os.PathLike[str]) -> str:
+    """A file name as valid text: bytes that are not UTF-8 (kept by Python as surrogates) become ``\\xff``
+    escapes, so a table, CSV or page that shows the name cannot fail on it."""
+    return os.fspath(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -6,6 +6,8 @@ module only builds the app and turns user-facing errors into one line and a non-
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 
 import typer
@@ -41,11 +43,7 @@ def _register_commands() -> None:
     import importlib
 
     for module in ("data", "train", "evaluate", "serve", "tune", "download", "demo"):
-        try:
-            importlib.import_module(f"bloodcell.cli.{module}")
-        except ModuleNotFoundError as error:
-            if error.name != f"bloodcell.cli.{module}":
-                raise
+        importlib.import_module(f"bloodcell.cli.{module}")
 
 
 _register_commands()
@@ -58,11 +56,45 @@ def main() -> None:
     from bloodcell.data.splits import LeakageError
     from bloodcell.errors import UserError
 
+    # SIGTERM (timeout, docker stop, SLURM, torchrun) is handled as Ctrl-C is, so that every cleanup runs:
+    # no temporary file is left behind, and training stops as after an interrupt, ready to resume.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except (UserError, ConfigError, ImageError, LeakageError, FileNotFoundError, NotADirectoryError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
-        sys.exit(130)
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        # The machine's state, not a bug: a full disk, a read-only or forbidden folder, a file where a
+        # folder should be. One line naming the path says what to fix.
+        where = f"{error.filename}: " if error.filename else ""
+        typer.secho(f"error: {where}{error.strerror}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except SystemExit as exit_:
+        # Typer turns an interrupt into exit status 130, silently: say which signal it was, and give SIGTERM
+        # its own status (143), as shells and schedulers expect.
+        if exit_.code != 130:
+            raise
+        terminated = Terminated.received
+        typer.secho("terminated" if terminated else "interrupted", fg=typer.colors.YELLOW, err=True)
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called in-process (tests) leaves the caller as it was
+
+
+#: OSError numbers that describe the environment (space, permissions, the kind of a path), not a bug.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.EEXIST,
+                      errno.ENOTDIR, errno.ENOENT, errno.ENAMETOOLONG}  # fmt: skip
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C's KeyboardInterrupt would be."""
+
+    received = False
+
+
+def _terminate(signum: int, frame: object) -> None:
+    Terminated.received = True
+    raise Terminated()

@@ -57,19 +57,12 @@ def split_model_and_inputs(model: str | None, inputs: list[str]) -> tuple[str | 
 
 def make_predictor(model: str | None, backend: Backend, tta: bool) -> Any:
     """Build the predictor for ``backend``; the ONNX backend exports (once, cached) when given a model dir."""
-    try:
-        if backend is Backend.onnx:
-            from bloodcell.serve.onnx_predictor import OnnxPredictor
+    from bloodcell.serve.common import load_predictor
 
-            if model is not None and model.lower().endswith(".onnx"):
-                return OnnxPredictor(model, tta=tta)
-            from bloodcell.serve.export import ensure_onnx
-
-            return OnnxPredictor(ensure_onnx(model), tta=tta)
+    if backend is not Backend.onnx:
         refuse_onnx_file_for_torch(model)
-        from bloodcell.serve.predictor import TorchPredictor
-
-        return TorchPredictor(model, tta=tta)
+    try:
+        return load_predictor(model, backend.value, tta)[0]
     except FileNotFoundError as error:
         if model is None:
             raise UserError("no model given and no bundled default model is installed: pass --model RUN_OR_MODEL_DIR") from None

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -24,6 +23,7 @@ from bloodcell.data.cache import load_images
 from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
 from bloodcell.data.prepare import segmented_images
 from bloodcell.data.splits import make_split, split_counts
+from bloodcell.evaluate.metrics import balanced_accuracy
 from bloodcell.explain.cell_masks import stained_cell_masks
 from bloodcell.io import atomic_write_json, atomic_write_text
 
@@ -207,7 +207,7 @@ def fit_shortcut_baseline(
         StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
     )
     model.fit(features[train_idx], labels[train_idx])
-    score = float(balanced_accuracy_score(labels[test_idx], model.predict(features[test_idx])))
+    score = float(balanced_accuracy(labels[test_idx], model.predict(features[test_idx])))
     chance = 1.0 / len(np.unique(labels))
     return {
         "balanced_accuracy": round(score, 4),

@@ -10,8 +10,13 @@ a later run would trust.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import os
+import time
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -20,6 +25,9 @@ from numpy.lib.format import open_memmap
 from bloodcell.data.decode import DECODER_VERSION, decode_image
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path
+
+#: A cache temporary younger than this may belong to a build that has not locked it yet (seconds).
+FRESH_TEMPORARY_SECONDS = 10
 
 
 def rows_key(manifest: pd.DataFrame) -> str:
@@ -39,10 +47,26 @@ def cache_path(manifest: pd.DataFrame, cache_dir: str | Path, size: int, variant
 def _decode_into(target: Path, paths: list[Path], size: int, progress: bool) -> None:
     with atomic_path(target, suffix=".npy") as tmp:
         array = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-        for k, path in enumerate(track(paths, len(paths), f"Decoding images at {size}px", progress)):
-            array[k] = decode_image(path, size)
-        array.flush()
-        del array  # close the map before the file is renamed
+        with open(tmp, "rb+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # held while building: see _remove_abandoned_temporaries
+            _reserve(handle, target)
+            for k, path in enumerate(track(paths, len(paths), f"Decoding images at {size}px", progress)):
+                array[k] = decode_image(path, size)
+            array.flush()
+            del array  # close the map before the file is renamed
+
+
+def _reserve(handle: BinaryIO, target: Path) -> None:
+    """Allocate the whole file on disk now. A memory map's file is sparse: a disk that fills while it is
+    written kills the process with SIGBUS, no message, and leaves the temporary file filling the disk."""
+    size = os.fstat(handle.fileno()).st_size
+    try:
+        os.posix_fallocate(handle.fileno(), 0, size)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: decode anyway
+            return
+        raise OSError(error.errno, f"{error.strerror} (the decoded cache needs {size / 2**20:,.0f} MiB; free some, "
+                                   "or point BLOODCELL_HOME at a larger disk)", str(target)) from None  # fmt: skip
 
 
 def load_images(
@@ -76,6 +100,7 @@ def load_images(
         cache_dir = dataset_workdir(find_dataset(root, variant).top, variant) / "cache"
     target = cache_path(manifest, cache_dir, size, variant)
     if not target.is_file():
+        _remove_abandoned_temporaries(target.parent, size, variant)  # before: it may be what filled the disk
         _decode_into(target, [Path(root) / p for p in manifest["path"]], size, progress)
         _remove_stale_caches(target, size, variant)
     images = np.load(target, mmap_mode="r")
@@ -91,3 +116,21 @@ def _remove_stale_caches(current: Path, size: int, variant: str) -> None:
     for stale in current.parent.glob(f"{variant}-{size}px-*.npy"):
         if stale != current:
             stale.unlink(missing_ok=True)
+
+
+def _remove_abandoned_temporaries(cache_dir: Path, size: int, variant: str) -> None:
+    """Delete the temporaries of builds killed outright (SIGKILL, a power cut), which no cleanup could.
+
+    A build holds an exclusive lock on its temporary while it writes, and the kernel drops the lock when
+    the process dies; a temporary whose lock can be taken has no builder left. One younger than a few
+    seconds may be another process's build that has not locked it yet, and is left alone.
+    """
+    for temporary in cache_dir.glob(f".{variant}-{size}px-*.npy*"):
+        try:
+            if time.time() - temporary.stat().st_mtime < FRESH_TEMPORARY_SECONDS:
+                continue
+            with open(temporary, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                temporary.unlink()
+        except (BlockingIOError, FileNotFoundError):
+            continue

@@ -30,9 +30,10 @@ MAX_JPEG_SCANS = 100
 #: row of an 8,000-row image in three planes is 24,000.
 MAX_TIFF_STRIPS = 65_536
 #: Bumped whenever the same file may decode to other pixels or get another accept / refuse verdict
-#: (2: EXIF orientation applied, 16-bit and float greyscale refused). The index's hash cache and the
-#: decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
-DECODER_VERSION = 2
+#: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG without an end-of-image
+#: marker after its last scan refused). The index's hash cache and the decoded cache are keyed by it, so a
+#: new rule never meets a verdict or pixels from the old one.
+DECODER_VERSION = 3
 #: Single-channel modes wider than 8 bits. PIL's conversion to RGB clips them at 255 instead of scaling,
 #: which turns a 16-bit smear into a blank white field; their range (12 or 16 bits? 0-1 floats?) cannot be
 #: told from the file, so they are refused with a reason instead of guessed.
@@ -122,6 +123,10 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
     TIFFs with very many strips (both pass every size and pixel check; Pillow has no limit for either)."""
     if data[:2] == b"\xff\xd8" and (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise ImageError(name, f"a JPEG of more than {MAX_JPEG_SCANS} scans ({scans}+): too costly to decode")
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        # No end-of-image marker after the last scan: the file was cut short, or its end is zero-filled (an
+        # interrupted download or copy). Pillow decodes such zeros without a word, into flat grey.
+        raise ImageError(name, "truncated JPEG: no end-of-image marker after its last scan (cut short or zero-filled)")
     if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
         raise ImageError(name, f"a TIFF of {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too costly to decode")
 
@@ -189,3 +194,14 @@ def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
 def decode_image(source: str | os.PathLike[str] | bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``source`` to a ``(size, size, 3)`` uint8 RGB array (see :func:`open_rgb` for errors)."""
     return resize_rgb(open_rgb(source, max_pixels=max_pixels), size)
+
+
+def decode_or_reason(source: str | os.PathLike[str], size: int) -> np.ndarray | str:
+    """:func:`decode_image`, or the reason the file cannot be used: for the tools that report a bad file
+    and go on with the rest (``predict``, ``explain``)."""
+    try:
+        return decode_image(source, size)
+    except ImageError as error:
+        return error.reason
+    except Exception as error:  # noqa: BLE001 - one odd file must not stop a batch of thousands
+        return f"cannot read image ({type(error).__name__}: {error})"

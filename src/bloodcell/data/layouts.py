@@ -117,9 +117,23 @@ def _class_files(root: Path, folder: str) -> list[str]:
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts) or path.name.lower() in _JUNK_FILES:
             continue
-        if path.is_file() or (path.is_symlink() and not path.exists()):  # a broken link is reported, not dropped
-            paths.append(relative.as_posix())
+        if not (path.is_file() or (path.is_symlink() and not path.exists())):  # a broken link is reported
+            continue
+        if not _is_utf8(relative.as_posix()):
+            # The manifest, caches and reports are UTF-8 text; such a name would stop the whole run there.
+            log.warning("skipped %s: its name is not valid UTF-8 (rename the file to use it)", ascii(str(path)))
+            continue
+        paths.append(relative.as_posix())
     return sorted(paths)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name decoded by Python (undecodable bytes kept as surrogates) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_image_name(path: str | Path) -> bool:

@@ -34,6 +34,15 @@ DEFAULT_ECE_BINS = 15
 DEFAULT_BOOTSTRAP = 1000
 
 
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true``: scikit-learn's ``balanced_accuracy_score``
+    without its warning when a class absent from ``y_true`` is predicted (routine on a folder of some of
+    the classes). The one definition every stage uses."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    labels = np.union1d(y_true, y_pred)
+    return float(balanced_accuracy_from_confusion(confusion_matrix(y_true, y_pred, labels=labels)))
+
+
 def balanced_accuracy_from_confusion(cms: np.ndarray) -> np.ndarray:
     """Balanced accuracy of one ``(K, K)`` or many ``(..., K, K)`` confusion matrices (rows = true class).
 

@@ -27,6 +27,7 @@ from bloodcell.config import DataConfig, RunConfig, config_from_dict, load_confi
 from bloodcell.errors import NoFeatureMap, UserError
 from bloodcell.evaluate.calibration import fit_temperature, save_temperature
 from bloodcell.evaluate.metrics import (
+    balanced_accuracy,
     block_bootstrap_ci,
     classification_metrics,
     expected_calibration_error,
@@ -176,8 +177,6 @@ def corner_occlusion(
     (:func:`bloodcell.data.audit.mask_corner`). Returns ``{"patch", "n_images", "clean_balanced_accuracy",
     "corners": {corner: {"balanced_accuracy", "changed_predictions"}}}``.
     """
-    from sklearn.metrics import balanced_accuracy_score
-
     from bloodcell.data.audit import CORNER_PATCH, CORNERS, mask_corner
 
     clean = clean_logits.argmax(axis=1)
@@ -185,13 +184,13 @@ def corner_occlusion(
     for corner in CORNERS:
         predicted = logits_fn(mask_corner(images, corner)).argmax(axis=1)
         corners[corner] = {
-            "balanced_accuracy": float(balanced_accuracy_score(y_true, predicted)),
+            "balanced_accuracy": float(balanced_accuracy(y_true, predicted)),
             "changed_predictions": int((predicted != clean).sum()),
         }
     return {
         "patch": CORNER_PATCH,
         "n_images": len(images),
-        "clean_balanced_accuracy": float(balanced_accuracy_score(y_true, clean)),
+        "clean_balanced_accuracy": float(balanced_accuracy(y_true, clean)),
         "corners": corners,
     }
 
@@ -601,6 +600,10 @@ def evaluate_model(
     config = training_config(card, run_dir)
     trained_on = load_trained_on([model_dir, *([run_dir] if run_dir is not None else [])])
     data = load_eval_set(card, config, data_root, split, prepared, progress, trained_on)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model_dir, card, split, data.own_data,
+                                                                     Path(data.prepared.dataset.top))  # fmt: skip
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)  # now, so an unwritable --out fails before the work, not after
     if data.own_data and split in card.trained_on:
         log.warning("%s: this model was trained on the %s part; its scores there are not held-out scores", model_dir, split)
     classes, y_true, blocks = list(card.classes), data.y_true, data.blocks
@@ -637,10 +640,6 @@ def evaluate_model(
     metrics["shortcut_baseline"] = shortcut_baseline(data.prepared, data.indices, split)
     metrics["data_audit"] = data_audit_summary(data.prepared, data.data_config.class_names, progress)
 
-    out = Path(out_dir) if out_dir is not None else default_out_dir(model_dir, card, split, data.own_data,
-                                                                     Path(data.prepared.dataset.top))  # fmt: skip
-    plots_dir = out / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
     metrics["explain"] = None
     if explain:
         try:

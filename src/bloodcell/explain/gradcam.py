@@ -40,6 +40,7 @@ from torch import nn
 
 from bloodcell.errors import NoFeatureMap, UserError
 from bloodcell.explain.cell_masks import stained_cell_masks
+from bloodcell.probabilities import softmax_with_temperature
 
 #: CAM methods by CLI name.
 METHODS: dict[str, type[BaseCAM]] = {
@@ -173,7 +174,7 @@ def explain_images(
     with torch.no_grad():
         logits = torch.cat([model(_to_tensor(images[i : i + 64], device)) for i in range(0, len(images), 64)])
     logits = logits.float().cpu()
-    probabilities = torch.softmax(logits, dim=1).numpy()
+    probabilities = softmax_with_temperature(logits.numpy())
     explained = probabilities.argmax(axis=1) if targets is None else np.asarray(targets, dtype=np.int64)
     cam = METHODS[method](model=model, target_layers=[layer])
     try:
@@ -341,9 +342,8 @@ def explain_files(
     card's temperature), ``target_layer`` and ``error``. A file that cannot be decoded gets its reason in
     ``error`` (the other keys None) and the others are still explained, as ``predict`` does.
     """
-    from scipy.special import softmax
 
-    from bloodcell.data.decode import ImageError, decode_image
+    from bloodcell.data.decode import decode_or_reason
     from bloodcell.models.card import load_model
 
     model, card = load_model(model_path)
@@ -353,15 +353,16 @@ def explain_files(
     decoded: dict[int, np.ndarray] = {}
     for i, path in enumerate(image_paths):
         rows.append(explain_row(path))
-        try:
-            decoded[i] = decode_image(path, card.input_size)
-        except ImageError as error:
-            rows[i]["error"] = error.reason
+        image = decode_or_reason(path, card.input_size)
+        if isinstance(image, str):
+            rows[i]["error"] = image
+        else:
+            decoded[i] = image
     if not decoded:
         return rows
     images = np.stack(list(decoded.values()))
     result = explain_images(model, images, method, target_layer)
-    probs = softmax(result.logits / card.temperature, axis=1)
+    probs = softmax_with_temperature(result.logits, card.temperature)
     stems = [Path(path).stem for path in image_paths]
     for k, i in enumerate(decoded):
         # Same-named images from different folders must not overwrite each other's overlay.

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bloodcell import CLASSES, __version__
 from bloodcell.config import NormalizeConfig
+from bloodcell.errors import ModelFileError
 from bloodcell.io import atomic_path, atomic_write_text
 
 CARD_FILE = "card.json"
@@ -40,7 +41,7 @@ class ModelCard(BaseModel):
     classes: list[str] = Field(default_factory=lambda: list(CLASSES))
     input_size: int
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
-    temperature: float = 1.0  # divide logits by this before softmax (fitted on validation data)
+    temperature: float = Field(1.0, gt=0)  # divide logits by this before softmax (fitted on validation data)
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved training config
     command: str | None = None  # the command line that produced the model
     manifest_sha256: str | None = None  # hash of the data manifest it was trained on
@@ -80,8 +81,9 @@ def load_card(path: str | Path | None = None) -> tuple[ModelCard, Path]:
     card_path = directory / CARD_FILE
     try:
         return ModelCard.model_validate_json(card_path.read_text(encoding="utf-8")), directory
-    except ValueError as error:
-        raise ValueError(f"{card_path}: not a valid model card ({error})") from None
+    except (ValueError, OSError) as error:
+        reason = " ".join(str(error).split())
+        raise ModelFileError(f"{card_path}: not a valid model card ({reason})") from None
 
 
 def save_trained_on(directory: str | Path, sha256s: Any) -> Path:
@@ -162,15 +164,32 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> tuple["to
 
     Returns ``(model in eval mode, card)``. Never unpickles.
     """
+    import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     card, directory = load_card(path)
-    model = build_model(card)
-    state = load_file(str(directory / WEIGHTS_FILE), device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    weights = directory / WEIGHTS_FILE
+    try:
+        model = build_model(card)
+    except (TypeError, ValueError, KeyError) as error:  # an unknown architecture, or arguments it does not take
+        raise ModelFileError(f"{directory / CARD_FILE}: cannot build {card.architecture!r} from it ({error})") from None
+    try:
+        state = load_file(str(weights), device=device)
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(f"{weights}: not readable as safetensors, damaged or cut short? ({error})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # the same names in other shapes, e.g. a card with another number of classes
+        first = str(error).strip().splitlines()[-1].strip()
+        raise ModelFileError(f"{weights}: weights do not fit the card's {card.architecture!r} with "
+                             f"{len(card.classes)} classes ({first})") from None  # fmt: skip
     if missing or unexpected:
-        raise ValueError(
-            f"{directory / WEIGHTS_FILE}: weights do not match architecture {card.architecture!r} "
+        raise ModelFileError(
+            f"{weights}: weights do not match architecture {card.architecture!r} "
             f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
         )
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # such a model "predicts" NaN probabilities for every image
+        raise ModelFileError(f"{weights}: {len(broken)} tensors hold NaN or infinite values (e.g. {broken[0]})")
     return model.to(device).eval(), card

@@ -160,7 +160,7 @@ def find_baseline_run(run_dir: Path) -> Path | None:
     return max(candidates, key=lambda p: (p / "metrics.json").stat().st_mtime) if candidates else None
 
 
-def _training_plot(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
+def _training_plot(run_dir: Path) -> Path | None:
     """The training-curves PNG, drawn now from ``history.csv`` if the evaluation did not draw it."""
     import pandas as pd
 
@@ -224,7 +224,7 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
     card = _read_json(model_dir / "card.json") or {}
     config = _read_yaml(run_dir / "config.yaml") or card.get("config", {})
     plots = {name: run_dir / rel for name, rel in metrics.get("plots", {}).items() if _is_run_png(run_dir, rel)}
-    training = _training_plot(run_dir, metrics)
+    training = _training_plot(run_dir)
     if training is not None:
         plots["training_curves"] = training
     comparison = _comparison(run_dir, metrics, baseline_dir)

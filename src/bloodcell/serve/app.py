@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bloodcell import __version__
 from bloodcell.data.decode import DEFAULT_MAX_PIXELS, ImageError, open_rgb, resize_rgb
 from bloodcell.errors import NoFeatureMap
-from bloodcell.serve.common import BasePredictor, available_cores
+from bloodcell.serve.common import BasePredictor, available_cores, load_predictor, torch_weights_beside
 
 log = logging.getLogger("bloodcell.serve")
 
@@ -321,29 +321,6 @@ class Service:
         }
 
 
-def load_predictor(
-    model_path: str | Path | None,
-    backend: Literal["torch", "onnx"] = "torch",
-    tta: bool = False,
-    threads: int | None = None,
-) -> tuple[BasePredictor, str | Path | None | Literal[False]]:
-    """Build the predictor for ``backend``; also returns where Grad-CAM's PyTorch weights come from
-    (``False`` when there are none: a bare ``.onnx`` file)."""
-    if backend == "torch":
-        from bloodcell.serve.predictor import TorchPredictor
-
-        return TorchPredictor(model_path, tta=tta, threads=threads), model_path
-    if backend != "onnx":
-        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-    from bloodcell.serve.onnx_predictor import OnnxPredictor
-
-    if model_path is not None and str(model_path).lower().endswith(".onnx"):
-        return OnnxPredictor(model_path, threads=threads, tta=tta), torch_weights_beside(Path(model_path))
-    from bloodcell.serve.export import ensure_onnx
-
-    return OnnxPredictor(ensure_onnx(model_path), threads=threads, tta=tta), model_path
-
-
 def _explain_source(model_path: str | Path | None, predictor: BasePredictor) -> str | Path | None | Literal[False]:
     """Where Grad-CAM's PyTorch weights come from for an already built predictor."""
     if predictor.backend == "torch" or (model_path is not None and not str(model_path).lower().endswith(".onnx")):
@@ -352,21 +329,6 @@ def _explain_source(model_path: str | Path | None, predictor: BasePredictor) -> 
     return torch_weights_beside(Path(onnx_path)) if onnx_path is not None else False
 
 
-def torch_weights_beside(onnx_path: Path) -> Path | Literal[False]:
-    """The model directory an ONNX file was exported from, when it sits in ``<model dir>/onnx/`` and the
-    weights there are the ones it was exported from (the hash in its card matches)."""
-    from bloodcell.io import sha256_file
-    from bloodcell.serve.common import read_card_json
-
-    candidate = onnx_path.resolve().parent.parent
-    weights = candidate / "model.safetensors"
-    if not ((candidate / "card.json").is_file() and weights.is_file()):
-        return False
-    try:
-        recorded = read_card_json(onnx_path.parent).get("onnx", {}).get("weights_sha256")
-    except (OSError, ValueError):
-        return False
-    return candidate if recorded == sha256_file(weights) else False
 
 
 # -- the app ------------------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from bloodcell.data.decode import IMAGE_SUFFIXES, ImageError, decode_image
+from bloodcell.data.decode import IMAGE_SUFFIXES, decode_or_reason
+from bloodcell.errors import ModelFileError
+from bloodcell.io import printable_path
 from bloodcell.probabilities import softmax_with_temperature
 
 CARD_FILE = "card.json"
@@ -62,7 +64,8 @@ class PredictionResult:
 def read_card_json(directory: str | Path) -> dict[str, Any]:
     """Read ``card.json`` from ``directory`` as a plain dict (no torch, no pydantic model needed).
 
-    Raises FileNotFoundError when it is missing and ValueError when it lacks what a predictor needs.
+    Raises FileNotFoundError when it is missing and :class:`~bloodcell.errors.ModelFileError` (a ValueError)
+    when it is not JSON or lacks what a predictor needs.
     """
     path = Path(directory) / CARD_FILE
     if not path.is_file():
@@ -70,10 +73,14 @@ def read_card_json(directory: str | Path) -> dict[str, Any]:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a valid model card ({error})") from None
+        raise ModelFileError(f"{path}: not a valid model card ({error})") from None
     missing = [key for key in ("classes", "input_size") if key not in card]
     if missing:
-        raise ValueError(f"{path}: model card lacks {', '.join(missing)}")
+        raise ModelFileError(f"{path}: model card lacks {', '.join(missing)}")
+    temperature = card.get("temperature", 1.0)
+    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
+        # A negative temperature would turn the ranking of the classes upside down.
+        raise ModelFileError(f"{path}: temperature must be a positive number, got {temperature!r}")
     return card
 
 
@@ -193,18 +200,14 @@ class BasePredictor:
 
     def _decode_one(self, name: str) -> np.ndarray | str:
         """The decoded model input of one file, or the reason it cannot be used."""
-        try:
-            return decode_image(name, self.input_size)
-        except ImageError as error:
-            return error.reason
-        except Exception as error:  # noqa: BLE001 - one odd file must not stop a batch of thousands
-            return f"cannot read image ({type(error).__name__}: {error})"
+        return decode_or_reason(name, self.input_size)
 
     def _predict_chunk(self, names: list[str], decoded: list[np.ndarray | str], tta: bool | str | None) -> list[PredictionResult]:
         good = [d for d in decoded if not isinstance(d, str)]
         probs = iter(self.predict(np.stack(good), tta) if good else [])
         return [
-            PredictionResult(source=name, error=d) if isinstance(d, str) else self.result(name, next(probs))
+            PredictionResult(source=printable_path(name), error=d) if isinstance(d, str)
+            else self.result(printable_path(name), next(probs))
             for name, d in zip(names, decoded)
         ]
 
@@ -298,3 +301,42 @@ def _files_in_folder(folder: Path) -> tuple[list[Path], list[Path]]:
     )
     is_image = [p.suffix.lower() in IMAGE_SUFFIXES for p in visible]
     return [p for p, yes in zip(visible, is_image) if yes], [p for p, yes in zip(visible, is_image) if not yes]
+
+
+def load_predictor(
+    model_path: str | Path | None,
+    backend: Literal["torch", "onnx"] = "torch",
+    tta: bool = False,
+    threads: int | None = None,
+) -> tuple[BasePredictor, str | Path | None | Literal[False]]:
+    """Build the predictor for ``backend``; also returns where Grad-CAM's PyTorch weights come from
+    (``False`` when there are none: a bare ``.onnx`` file)."""
+    if backend == "torch":
+        from bloodcell.serve.predictor import TorchPredictor
+
+        return TorchPredictor(model_path, tta=tta, threads=threads), model_path
+    if backend != "onnx":
+        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    from bloodcell.serve.onnx_predictor import OnnxPredictor
+
+    if model_path is not None and str(model_path).lower().endswith(".onnx"):
+        return OnnxPredictor(model_path, threads=threads, tta=tta), torch_weights_beside(Path(model_path))
+    from bloodcell.serve.export import ensure_onnx
+
+    return OnnxPredictor(ensure_onnx(model_path), threads=threads, tta=tta), model_path
+
+
+def torch_weights_beside(onnx_path: Path) -> Path | Literal[False]:
+    """The model directory an ONNX file was exported from, when it sits in ``<model dir>/onnx/`` and the
+    weights there are the ones it was exported from (the hash in its card matches)."""
+    from bloodcell.io import sha256_file
+
+    candidate = onnx_path.resolve().parent.parent
+    weights = candidate / "model.safetensors"
+    if not ((candidate / "card.json").is_file() and weights.is_file()):
+        return False
+    try:
+        recorded = read_card_json(onnx_path.parent).get("onnx", {}).get("weights_sha256")
+    except (OSError, ValueError):
+        return False
+    return candidate if recorded == sha256_file(weights) else False

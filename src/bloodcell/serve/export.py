@@ -242,8 +242,12 @@ def export_onnx(
                 f"PyTorch by {parity['synthetic']['max_abs_diff_logits']:.2e} (tolerance "
                 f"{SYNTHETIC_LOGIT_TOLERANCE:.0e}); nothing was written"
             )
+        onnx_digest = sha256_file(tmp)
     onnx_info = {
         "file": target.name,
+        # The card is written after the graph: a run killed between the two leaves a graph beside an older
+        # card, which this digest exposes (the predictor refuses the pair, ensure_onnx exports again).
+        "onnx_sha256": onnx_digest,
         "exporter": exporter,
         "opset": _opset_of(target),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, 3]},
@@ -275,9 +279,11 @@ def onnx_is_current(onnx_file: Path, model_path: str | Path | None) -> bool:
     except ValueError:
         return False
     source = resolve_model_dir(model_path)
-    return recorded.get("weights_sha256") == sha256_file(source / WEIGHTS_FILE) and recorded.get(
-        "card_sha256"
-    ) == sha256_file(source / CARD_FILE)
+    return (
+        recorded.get("weights_sha256") == sha256_file(source / WEIGHTS_FILE)
+        and recorded.get("card_sha256") == sha256_file(source / CARD_FILE)
+        and recorded.get("onnx_sha256") == sha256_file(onnx_file)
+    )
 
 
 def ensure_onnx(model_path: str | Path | None) -> Path:

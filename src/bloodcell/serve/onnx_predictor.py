@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from bloodcell.errors import ModelFileError
+from bloodcell.io import sha256_file
 from bloodcell.serve.common import BasePredictor, available_cores, read_card_json
 
 #: Names of the graph's input and output (fixed at export).
@@ -43,6 +45,10 @@ class OnnxPredictor(BasePredictor):
         if not self.onnx_path.is_file():
             raise FileNotFoundError(f"{self.onnx_path}: no such ONNX file")
         super().__init__(read_card_json(self.onnx_path.parent), tta)
+        recorded = (self.card.get("onnx") or {}).get("onnx_sha256")
+        if recorded is not None and recorded != sha256_file(self.onnx_path):
+            raise ModelFileError(f"{self.onnx_path} is not the graph its {self.onnx_path.parent / 'card.json'} "
+                                 "describes (an interrupted export?); export the model again")  # fmt: skip
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()
         # One graph runs at a time per call; parallelism lives inside the operators.

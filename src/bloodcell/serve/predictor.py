@@ -52,7 +52,6 @@ class TorchPredictor(BasePredictor):
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model, card = load_model(model_path, device=str(self.device))
-        self.model_card = card
         super().__init__(card.model_dump(mode="json"), tta)
         self._explain_model: torch.nn.Module | None = None
         self._explain_lock = threading.Lock()

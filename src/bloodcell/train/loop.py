@@ -28,11 +28,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score
 
 from bloodcell.config import RunConfig, config_from_dict, config_to_yaml, load_config
 from bloodcell.data.augment import BatchAugment
 from bloodcell.errors import UserError
+from bloodcell.evaluate.metrics import balanced_accuracy
 from bloodcell.io import atomic_write_text
 from bloodcell.models import ModelCard
 from bloodcell.models.card import save_trained_on
@@ -480,7 +480,7 @@ def _validate(fabric, model: torch.nn.Module, images: torch.Tensor, labels: np.n
     return {
         "val_loss": float(F.cross_entropy(all_logits, targets)),
         "val_accuracy": float((predictions == labels).mean()),
-        "val_balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "val_balanced_accuracy": float(balanced_accuracy(labels, predictions)),
     }
 
 
@@ -543,13 +543,8 @@ def _resolve_learning_rate(config: RunConfig, run_dir: Path, prepared: TrainingD
     """
     if config.optimizer.lr != "auto":
         return config
-    try:
-        from bloodcell.tune.lr_find import run_lr_find
-    except ModuleNotFoundError:
-        raise UserError(
-            "optimizer.lr=auto needs the learning-rate finder (bloodcell.tune.lr_find), which is not available; "
-            "set optimizer.lr to a number"
-        ) from None
+    from bloodcell.tune.lr_find import run_lr_find
+
     kwargs = {"prepared": prepared} if prepared is not None else {}
     threads = torch.get_num_threads()  # the finder sets its own; under DDP this rank's share must come back
     try:

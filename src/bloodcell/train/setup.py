@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -148,17 +149,24 @@ def load_initial_weights(net: torch.nn.Module, path: Path) -> list[str]:
     ``weights_only=True`` (never unpickling code). Tensors whose shape differs, typically the classifier
     head of an ImageNet model, are left at their fresh initialisation.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
-    if path.suffix in {".pt", ".pth", ".bin"}:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        state = loaded.get("state_dict", loaded.get("model", loaded)) if isinstance(loaded, dict) else loaded
-    else:
-        state = load_file(str(path), device="cpu")
+    try:
+        if path.suffix in {".pt", ".pth", ".bin"}:
+            # weights_only: PyTorch's restricted unpickler, which builds tensors and containers, no objects.
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            state = loaded.get("state_dict", loaded.get("model", loaded)) if isinstance(loaded, dict) else loaded
+        else:
+            state = load_file(str(path), device="cpu")
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
+        raise UserError(f"{path}: not a readable weights file ({' '.join(str(error).split())[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: holds no mapping of tensor names to tensors (a state dict), nothing to load")
     if any(key.startswith("net.") for key in state):
         state = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
     own = net.state_dict()

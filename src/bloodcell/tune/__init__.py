@@ -1,13 +1,13 @@
 """Learning-rate finding and hyperparameter search (Optuna), on one machine or many.
 
-``bloodcell.tune.lr_find`` has the range test (and ``resolve_auto_lr`` for ``optimizer.lr=auto``);
+``bloodcell.tune.lr_find`` has the range test (training runs it for ``optimizer.lr=auto``);
 ``bloodcell.tune.search`` the Optuna study. The search is imported on first use, so that training with
 ``lr=auto`` does not pay for importing Optuna.
 """
 
 from typing import Any
 
-from bloodcell.tune.lr_find import LRFindResult, lr_find, resolve_auto_lr, run_lr_find
+from bloodcell.tune.lr_find import LRFindResult, lr_find, run_lr_find
 
 _SEARCH_NAMES = {"SearchSpace", "TuneResult", "apply_params", "load_space", "tune"}
 
@@ -21,6 +21,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "LRFindResult", "SearchSpace", "TuneResult", "apply_params", "load_space", "lr_find", "resolve_auto_lr",
+    "LRFindResult", "SearchSpace", "TuneResult", "apply_params", "load_space", "lr_find",
     "run_lr_find", "tune",
 ]  # fmt: skip

@@ -333,16 +333,3 @@ def run_lr_find(
         prepared = prepare_data(config.data, data_root)
     result = lr_find(config, prepared, **kwargs)
     return save_lr_find(result, out_dir if out_dir is not None else Path("runs") / f"lr-find-{config.name}")
-
-
-def resolve_auto_lr(config: RunConfig, prepared: Any, out_dir: str | Path | None = None) -> float:
-    """The learning rate a run should use: ``optimizer.lr`` itself, or the range test's suggestion for ``auto``.
-
-    With ``out_dir`` the sweep's plot and table are kept there (training passes ``<run>/lr-find``).
-    """
-    if config.optimizer.lr != "auto":
-        return float(config.optimizer.lr)
-    result = lr_find(config, prepared)
-    if out_dir is not None:
-        save_lr_find(result, out_dir)
-    return result.suggested_lr

@@ -1,0 +1,83 @@
+"""The CLI's last line of defence: the machine's state (a full disk, a read-only folder) and SIGTERM."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    from bloodcell.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bloodcell", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return int(exit_info.value.code or 0), capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_naming_the_file_not_its_temporary(aria_dataset: Path, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:  # fmt: skip
+    from bloodcell import io
+
+    def no_space(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(source))
+
+    monkeypatch.setattr(io.os, "replace", no_space)
+    target = tmp_path / "manifest.csv"
+    code, err = run_cli(["index", str(aria_dataset), "--out", str(target), "--no-progress"], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    named = re.fullmatch(r"error: (\S+): No space left on device\n", err)
+    assert named and not Path(named.group(1)).name.startswith(".")  # the file itself, not a hidden temporary
+    assert not any(p.name.startswith(".") for p in Path(named.group(1)).parent.iterdir())  # the temporary is gone
+
+
+def test_a_programming_error_is_not_dressed_as_the_users(monkeypatch, capsys) -> None:
+    """Only the OSErrors of the environment are one line; any other keeps its traceback for a bug report."""
+    from bloodcell.cli import app, main
+
+    @app.command("explode-for-test", hidden=True)
+    def explode() -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "explode-for-test"])
+    try:
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            main()
+    finally:
+        app.registered_commands[:] = [c for c in app.registered_commands if c.name != "explode-for-test"]
+
+
+def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """timeout, docker stop and SLURM send SIGTERM: every `finally` runs, as for Ctrl-C, and the exit is 143."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from bloodcell import io
+        from bloodcell.cli import app, main
+
+        @app.command("hang")
+        def hang(path: str) -> None:
+            with io.atomic_path(path) as tmp:
+                tmp.write_text("half")
+                print("ready", flush=True)
+                time.sleep(60)
+
+        sys.argv = ["bloodcell", "hang", sys.argv[1]]
+        main()
+        """
+    )
+    target = tmp_path / "out" / "result.txt"
+    process = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout.readline().strip() == "ready"
+    process.terminate()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "terminated" in err and "Traceback" not in err
+    assert os.listdir(target.parent) == []  # neither the result nor its temporary
