@@ -8,13 +8,14 @@ from pathlib import Path
 import typer
 
 from bloodcell.cli import app
+from bloodcell.config import named_configs
 
 DATA_OPTION = typer.Option(
     None, "--data", help="Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class). "
     "Needed for a new run; --resume takes it from the run's config.", show_default=False
 )  # fmt: skip
 CONFIG_OPTION = typer.Option(
-    "default", "--config", "-c", help="A shipped config name (default, seed-replica) or a YAML file."
+    "default", "--config", "-c", help=f"A shipped config name ({', '.join(named_configs())}) or a YAML file."
 )
 SET_OPTION = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable).")
 OUT_OPTION = typer.Option(None, "--out", help="Run directory (default runs/CONFIG-NAME).", show_default=False)
