@@ -45,6 +45,7 @@ def test_healthz_and_model_card(client: TestClient) -> None:
     assert health.status_code == 200
     assert health.json()["status"] == "ok"
     assert health.json()["model"] == {"name": "tiny-test-model", "version": "1.2", "architecture": "bloodnet", "backend": "torch"}
+    assert health.json()["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_side": MAX_SIDE, "max_batch_files": 4}
     response = client.get("/v1/model")
     card = response.json()
     assert card["classes"] == ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]

@@ -172,9 +172,51 @@ def test_drop_and_bad_file_show_errors(page, tmp_path: Path) -> None:
     expect(page.locator("#error")).to_be_visible()
     message = page.locator("#error").inner_text()
     assert "notes.jpg" in message and "not an image" in message
+    assert message.count("notes.jpg") == 1  # the API names the file too: the page says it once
     assert not page.locator("#result").is_visible()
     page.screenshot(path=str(tmp_path / "serve-error.png"))
     assert page.locator("#file-input").is_enabled()  # the page stays usable
+
+
+def test_limits_are_shown_and_the_answer_is_announced(page, smear_image: Path) -> None:
+    """The accepted sizes are on the page before a file is chosen; the live status line carries the answer."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#limits")).to_contain_text("up to 10 MiB and 4096 \u00d7 4096 pixels")
+    page.set_input_files("#file-input", str(smear_image))
+    expect(page.locator("#predicted-class")).not_to_be_empty()
+    predicted = page.locator("#predicted-class").inner_text()
+    expect(page.locator("#status")).to_contain_text(f"{smear_image.name}: {predicted}, probability")
+    assert page.locator("#status").get_attribute("aria-live") == "polite"
+
+
+def test_a_slow_earlier_answer_never_lands_beside_a_later_image(page, smear_image: Path, tmp_path: Path) -> None:
+    """Two uploads in quick succession: the first answer arrives last, and must be dropped."""
+    from playwright.sync_api import expect
+
+    first = tmp_path / "first.jpg"
+    shutil.copyfile(smear_image, first)
+    held = []
+
+    def hold_the_first(route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)  # answered only after the second upload's result is shown
+
+    page.route("**/v1/predict*", hold_the_first)
+    page.set_input_files("#file-input", str(first))
+    page.wait_for_timeout(300)
+    assert len(held) == 1
+    page.set_input_files("#file-input", str(smear_image))
+    expect(page.locator("#status")).to_contain_text(f"{smear_image.name}:")
+    try:
+        held[0].continue_()  # now the first answer comes, late
+    except Exception:  # noqa: BLE001 - the page cancelled that request, as it may
+        pass
+    page.wait_for_timeout(1500)
+    assert smear_image.name in page.locator("#status").inner_text()
+    assert smear_image.name in page.locator("#preview-caption").inner_text()
 
 
 def test_bare_onnx_server_classifies_without_overlay(tiny_onnx: Path, smear_image: Path) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,12 @@ from bloodcell.evaluate.shifts import SEVERITIES, SHIFTS, apply_shift, describe_
 from bloodcell.evaluate.tta import VIEW_SETS, tta_logits
 from bloodcell.io import atomic_path, atomic_write_json
 from bloodcell.probabilities import softmax_with_temperature
+
+if TYPE_CHECKING:  # for annotations only: importing them at run time would load torch for every caller
+    from torch import nn
+
+    from bloodcell.data.prepare import PreparedData
+    from bloodcell.models.card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ def run_dir_of(model_dir: Path) -> Path | None:
     return None
 
 
-def training_config(card: Any, run_dir: Path | None) -> RunConfig:
+def training_config(card: ModelCard, run_dir: Path | None) -> RunConfig:
     """The config a model was trained with: from its card, else its run's ``config.yaml``, else defaults."""
     if card.config:
         try:
@@ -92,7 +98,7 @@ def training_config(card: Any, run_dir: Path | None) -> RunConfig:
     return RunConfig()
 
 
-def predict_logits(model: Any, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Logits ``(N, K)`` float64 of a Classifier for a uint8 NHWC batch (no temperature)."""
     import torch
 
@@ -195,7 +201,7 @@ def corner_occlusion(
     }
 
 
-def shortcut_baseline(prepared: Any, indices: np.ndarray, split: str) -> dict[str, Any] | None:
+def shortcut_baseline(prepared: PreparedData, indices: np.ndarray, split: str) -> dict[str, Any] | None:
     """The data audit's border-colour-only classifier, fitted on the training part and scored on the
     evaluated images (for ``split="all"``: on the test part), side by side with the model.
 
@@ -213,7 +219,7 @@ def shortcut_baseline(prepared: Any, indices: np.ndarray, split: str) -> dict[st
     return {**result, "scored_on": "test" if split == "all" else split, "image_size": int(prepared.images.shape[1])}
 
 
-def data_audit_summary(prepared: Any, class_names: list[str] | None = None, progress: bool = False) -> dict[str, Any] | None:
+def data_audit_summary(prepared: PreparedData, class_names: list[str] | None = None, progress: bool = False) -> dict[str, Any] | None:
     """The dataset audit (``bloodcell audit``) in brief, read from its ``audit.json`` or run now.
 
     Returns counts, rejected files, duplicate groups and both shortcut baselines (the full duplicate list
@@ -259,7 +265,7 @@ def _grid_examples(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> lis
 
 
 def explain_examples(
-    model: Any,
+    model: nn.Module,
     images: np.ndarray,
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -307,7 +313,7 @@ def explain_examples(
     return {**sanity, "grid": {name: sum(e["overlay"] is not None for e in examples) for name, examples in grid}}
 
 
-def default_out_dir(model_dir: Path, card: Any, split: str, own_data: bool, data_root: Path) -> Path:
+def default_out_dir(model_dir: Path, card: ModelCard, split: str, own_data: bool, data_root: Path) -> Path:
     """Where results go unless told: the run directory for its own test part, else ``evaluations/<data>-<split>``
     inside it; for a model outside a run (the bundled one), ``./evaluations/<model name>`` likewise."""
     run_dir = run_dir_of(model_dir)
@@ -317,7 +323,7 @@ def default_out_dir(model_dir: Path, card: Any, split: str, own_data: bool, data
     return (base / "evaluations" if run_dir is not None else base) / f"{data_root.name}-{split}"
 
 
-def _write_predictions(path: Path, prepared: Any, indices: np.ndarray, label_map: np.ndarray, probs: np.ndarray,
+def _write_predictions(path: Path, prepared: PreparedData, indices: np.ndarray, label_map: np.ndarray, probs: np.ndarray,
                        classes: list[str]) -> Path:
     rows = prepared.split.iloc[indices]
     table = pd.DataFrame(
@@ -381,7 +387,7 @@ def training_history(run_dir: Path) -> tuple[Path, str | None]:
 class EvalSet:
     """The images an evaluation runs on, with everything needed to score and describe them."""
 
-    prepared: Any  # PreparedData
+    prepared: PreparedData
     data_config: DataConfig
     split: str
     indices: np.ndarray  # rows of prepared.split
@@ -393,7 +399,7 @@ class EvalSet:
     training_images_left_out: int | None = 0  # of the part, images the model trained on; None: cannot tell
 
 
-def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, split: str, prepared: Any = None,
+def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | None, split: str, prepared: PreparedData | None = None,
                   progress: bool = False, trained_on: set[str] | None = None) -> EvalSet:  # fmt: skip
     """Rebuild the model's split on ``data_root`` (default: its training data) and pick the ``split`` images.
 
@@ -435,7 +441,7 @@ def load_eval_set(card: Any, config: RunConfig, data_root: str | Path | None, sp
 
 
 def _without_training_images(
-    indices: np.ndarray, prepared: Any, trained_on: set[str] | None, own_data: bool, split: str,
+    indices: np.ndarray, prepared: PreparedData, trained_on: set[str] | None, own_data: bool, split: str,
     trained_parts: list[str],
 ) -> tuple[np.ndarray, int | None]:
     """``indices`` less the images the model trained on, and how many those were (None: unknown)."""
@@ -471,7 +477,7 @@ def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:
     return where
 
 
-def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: Any) -> tuple[float, str]:
+def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: ModelCard) -> tuple[float, str]:
     """The temperature and where it comes from: fitted on the validation part of the model's own data when
     the test part is judged, else (``--split val`` or ``all``, other data, or a model that trained on the
     validation part) the card's value: never refitted on the data being judged or on data the model
@@ -500,7 +506,7 @@ def _digest_of(sha256s: np.ndarray) -> str:
     return hashlib.sha256("\n".join(sorted(map(str, sha256s))).encode()).hexdigest()
 
 
-def describe_evaluation(card: Any, config: RunConfig, model_dir: Path, data: EvalSet, n_bootstrap: int) -> dict[str, Any]:
+def describe_evaluation(card: ModelCard, config: RunConfig, model_dir: Path, data: EvalSet, n_bootstrap: int) -> dict[str, Any]:
     """The ``model``, ``data`` and ``evaluation`` sections of ``metrics.json``."""
     from bloodcell.data.splits import split_summary
 
@@ -556,7 +562,7 @@ def evaluate_model(
     n_bootstrap: int = 1000,
     batch_size: int = 128,
     progress: bool = True,
-    prepared: Any = None,
+    prepared: PreparedData | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved model and write ``metrics.json``, ``predictions.csv`` and ``plots/``.
 

@@ -11,7 +11,7 @@ import platform
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,9 @@ from bloodcell import CLASSES, __version__
 from bloodcell.config import NormalizeConfig
 from bloodcell.errors import ModelFileError
 from bloodcell.io import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # for annotations; at run time the classifier is imported where a model is built
+    from bloodcell.models.classifier import Classifier
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,7 +132,7 @@ def resolve_model_dir(path: str | Path | None) -> Path:
     )
 
 
-def save_model(model: "torch.nn.Module", card: ModelCard, directory: str | Path) -> Path:  # noqa: F821
+def save_model(model: Classifier, card: ModelCard, directory: str | Path) -> Path:
     """Save a :class:`~bloodcell.models.classifier.Classifier`'s weights and card into ``directory``.
 
     Weights are written first and the card last, each atomically, so a directory with a card always has
@@ -148,7 +151,7 @@ def save_model(model: "torch.nn.Module", card: ModelCard, directory: str | Path)
     return directory
 
 
-def build_model(card: ModelCard) -> "torch.nn.Module":  # noqa: F821
+def build_model(card: ModelCard) -> Classifier:
     """Rebuild the (untrained) :class:`Classifier` that a card describes."""
     from bloodcell.models.classifier import Classifier
     from bloodcell.models.registry import create_model
@@ -159,7 +162,7 @@ def build_model(card: ModelCard) -> "torch.nn.Module":  # noqa: F821
     return Classifier(net, card.normalize)
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu") -> tuple["torch.nn.Module", ModelCard]:  # noqa: F821
+def load_model(path: str | Path | None = None, device: str = "cpu") -> tuple[Classifier, ModelCard]:
     """Load a model for inference: rebuild it from its card and load its safetensors weights.
 
     Returns ``(model in eval mode, card)``. Never unpickles.

@@ -98,10 +98,17 @@ class BatchResponse(BaseModel):
     disclaimer: str = DISCLAIMER
 
 
+class Limits(BaseModel):
+    max_upload_bytes: int = Field(description="largest accepted image file, in bytes (413 above it)")
+    max_side: int = Field(description="largest accepted image width or height, in pixels (422 above it)")
+    max_batch_files: int = Field(description="most files one /v1/predict/batch request may carry")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: ModelInfo
     version: str = Field(description="bloodcell version")
+    limits: Limits = Field(description="what an upload may be (the web page shows them before a file is chosen)")
 
 
 class ErrorResponse(BaseModel):
@@ -393,6 +400,7 @@ def create_app(
     app.add_middleware(NoSniff)  # added last, so outermost: the 413s of the body limit get it too
     _add_error_handlers(app)
     page = _index_page()
+    limits = Limits(max_upload_bytes=max_upload_bytes, max_side=max_side, max_batch_files=max_batch_files)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -402,7 +410,7 @@ def create_app(
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> Health:
         """Liveness and readiness: the model is loaded and answering."""
-        return Health(model=service.model_info, version=__version__)
+        return Health(model=service.model_info, version=__version__, limits=limits)
 
     @app.get("/v1/model", tags=["model"])
     def model_card() -> dict[str, Any]:
