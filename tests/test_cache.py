@@ -173,6 +173,7 @@ def test_the_temporaries_of_killed_builds_are_removed_and_a_running_build_is_lef
     import fcntl
     import os
 
+    indexed = build_index(aria_dataset, progress=False)
     cache_dir = tmp_path / "c"
     cache_dir.mkdir()
     killed, running, fresh = (cache_dir / f".Original-32px-{name}.npy.x.npy" for name in ("a", "b", "c"))
@@ -182,6 +183,25 @@ def test_the_temporaries_of_killed_builds_are_removed_and_a_running_build_is_lef
         os.utime(path, (1, 1))  # long untouched
     with open(running, "rb") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)  # a build in another process still writing it
-        indexed = build_index(aria_dataset, progress=False)
         load_images(indexed.manifest, indexed.dataset.root, 32, cache_dir=cache_dir, progress=False)
         assert not killed.exists() and running.exists() and fresh.exists()
+
+
+def test_a_file_system_that_cannot_lock_still_builds_and_removes_nothing(aria_dataset: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Lustre without flock answers ENOSYS: the cache is built unlocked, and no temporary is judged dead."""
+    import errno
+    import os
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(cache_module.fcntl, "flock", no_locks)
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+    old = cache_dir / ".Original-32px-a.npy.x.npy"
+    old.write_bytes(b"\0" * 64)
+    os.utime(old, (1, 1))
+    indexed = build_index(aria_dataset, progress=False)
+    images = load_images(indexed.manifest, indexed.dataset.root, 32, cache_dir=cache_dir, progress=False)
+    assert images.shape == (96, 32, 32, 3) and old.exists()

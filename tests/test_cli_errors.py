@@ -38,6 +38,19 @@ def test_a_full_disk_is_one_line_naming_the_file_not_its_temporary(aria_dataset:
     assert not any(p.name.startswith(".") for p in Path(named.group(1)).parent.iterdir())  # the temporary is gone
 
 
+def test_bloodcell_debug_keeps_the_traceback_of_an_environment_error(aria_dataset: Path, tmp_path: Path, monkeypatch,
+                                                                     capsys) -> None:  # fmt: skip
+    from bloodcell import io
+
+    def no_space(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(source))
+
+    monkeypatch.setattr(io.os, "replace", no_space)
+    monkeypatch.setenv("BLOODCELL_DEBUG", "1")
+    with pytest.raises(OSError, match="No space left on device"):
+        run_cli(["index", str(aria_dataset), "--no-progress"], monkeypatch, capsys)
+
+
 def test_a_programming_error_is_not_dressed_as_the_users(monkeypatch, capsys) -> None:
     """Only the OSErrors of the environment are one line; any other keeps its traceback for a bug report."""
     from bloodcell.cli import app, main
@@ -81,3 +94,22 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path: Path) 
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143 and "terminated" in err and "Traceback" not in err
     assert os.listdir(target.parent) == []  # neither the result nor its temporary
+
+
+def test_the_server_stopped_by_sigterm_says_so_with_status_143(tiny_model: Path) -> None:
+    """uvicorn shuts down cleanly on SIGTERM and would end with status 0; a scheduler must see 143."""
+    from serve_support import infer_speed_module
+
+    bench = infer_speed_module()
+    port = bench.free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bloodcell", "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        bench.wait_until_healthy(port, 120, process)
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "terminated" in err

@@ -257,6 +257,22 @@ def test_files_whose_structure_makes_decoding_slow_are_refused() -> None:
         open_rgb(tiff_with_strips(MAX_TIFF_STRIPS + 1))
 
 
+def test_a_jpeg_cut_or_zero_filled_is_refused_and_one_with_a_trailer_is_not() -> None:
+    """Only the stream up to its end-of-image marker counts: what a phone appends after it is not read."""
+    from bloodcell.data.decode import ImageError, open_rgb
+
+    buffer = io.BytesIO()
+    Image.fromarray(smear(4, size=64)).save(buffer, "JPEG", quality=90)
+    whole = buffer.getvalue()
+    trailer = b"\x00\x00\x00\x18ftypmp42" + b"\xff\xda\x00\x08" + bytes(range(256)) * 40  # a scan marker in it
+    assert open_rgb(whole + trailer).size == (64, 64)
+    progressive = jpeg_with_scans(2)
+    assert open_rgb(progressive + trailer).size == (64, 64)
+    for damaged in (whole[: len(whole) * 2 // 3], whole[: len(whole) // 3] + bytes(len(whole) - len(whole) // 3)):
+        with pytest.raises(ImageError, match="truncated"):
+            open_rgb(damaged)
+
+
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     """A camera's orientation tag: the model sees the picture as a viewer shows it (as the web page does)."""
     from bloodcell.data.decode import open_rgb

@@ -233,11 +233,13 @@ def _edit_card(**changes):
         (_nan_weights, "hold NaN or infinite values"),
         (_edit_card(classes=["a", "b", "c"]), "do not fit the card's 'bloodnet' with 3 classes"),
         (_edit_card(architecture="no-such-net"), "cannot build 'no-such-net'"),
+        (_edit_card(architecture="timm/no_such_net"), "cannot build 'timm/no_such_net'"),
         (_edit_card(arch_kwargs={"widht": 0.25}), "cannot build 'bloodnet'"),
         (_edit_card(input_size=None), "not a valid model card"),
         (_edit_card(temperature=-0.05), "not a valid model card"),
     ],
-    ids=["truncated", "nan", "classes", "architecture", "kwargs", "missing-key", "negative-temperature"],
+    ids=["truncated", "nan", "classes", "architecture", "timm-architecture", "kwargs", "missing-key",
+         "negative-temperature"],
 )
 def test_a_damaged_or_mismatched_model_is_one_user_error_naming_the_file(tmp_path: Path, damage, words: str) -> None:
     from bloodcell.errors import ModelFileError

@@ -188,6 +188,22 @@ def test_a_metrics_json_of_an_older_format_is_evaluated_again(runs: Path, tmp_pa
     assert "feature map is" in html
 
 
+def test_an_older_evaluation_folder_outside_a_run_is_evaluated_again(runs: Path, tmp_path: Path) -> None:
+    """`evaluate --out DIR` folders hold no model: the report evaluates again what the old metrics.json names."""
+    from bloodcell.evaluate.runner import evaluate_model
+
+    folder = tmp_path / "ev"
+    evaluate_model(runs / "toy", split="val", robustness=False, out_dir=folder, progress=False, n_bootstrap=20,
+                   update_card=False)  # fmt: skip
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "format": "bloodcell-metrics/1"}))
+    with pytest.raises(UserError, match=r"run `bloodcell evaluate .*checkpoints/best --data .* --split val --out"):
+        build_report(folder, evaluate=False)
+    build_report(folder)
+    again = json.loads((folder / "metrics.json").read_text())
+    assert again["format"] == metrics["format"] and again["evaluation"]["split"] == "val"
+
+
 def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert result.exit_code != 0

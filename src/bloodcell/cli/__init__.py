@@ -7,6 +7,7 @@ module only builds the app and turns user-facing errors into one line and a non-
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 
@@ -65,17 +66,18 @@ def main() -> None:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except OSError as error:
-        if error.errno not in ENVIRONMENT_ERRNOS:
-            raise
+        if error.errno not in ENVIRONMENT_ERRNOS or os.environ.get("BLOODCELL_DEBUG"):
+            raise  # BLOODCELL_DEBUG=1 keeps the traceback, for a bug report
         # The machine's state, not a bug: a full disk, a read-only or forbidden folder, a file where a
         # folder should be. One line naming the path says what to fix.
         where = f"{error.filename}: " if error.filename else ""
         typer.secho(f"error: {where}{error.strerror}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except SystemExit as exit_:
-        # Typer turns an interrupt into exit status 130, silently: say which signal it was, and give SIGTERM
-        # its own status (143), as shells and schedulers expect.
-        if exit_.code != 130:
+        # Typer turns an interrupt into exit status 130, silently, and a server (uvicorn) that shuts down
+        # cleanly on SIGTERM ends with status 0: say which signal it was, and give SIGTERM its own status
+        # (143), as shells and schedulers expect.
+        if exit_.code != 130 and not (Terminated.received and exit_.code in (0, None)):
             raise
         terminated = Terminated.received
         typer.secho("terminated" if terminated else "interrupted", fg=typer.colors.YELLOW, err=True)

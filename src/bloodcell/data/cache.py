@@ -10,6 +10,7 @@ a later run would trust.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -45,15 +46,35 @@ def cache_path(manifest: pd.DataFrame, cache_dir: str | Path, size: int, variant
 
 
 def _decode_into(target: Path, paths: list[Path], size: int, progress: bool) -> None:
-    with atomic_path(target, suffix=".npy") as tmp:
+    # The lock is held until the temporary has been renamed into place (the handle follows the file), so
+    # _remove_abandoned_temporaries can never take a build that is still finishing.
+    with contextlib.ExitStack() as held, atomic_path(target, suffix=".npy") as tmp:
         array = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-        with open(tmp, "rb+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # held while building: see _remove_abandoned_temporaries
-            _reserve(handle, target)
-            for k, path in enumerate(track(paths, len(paths), f"Decoding images at {size}px", progress)):
-                array[k] = decode_image(path, size)
-            array.flush()
-            del array  # close the map before the file is renamed
+        handle = held.enter_context(open(tmp, "rb+"))
+        _lock(handle, blocking=True)
+        _reserve(handle, target)
+        for k, path in enumerate(track(paths, len(paths), f"Decoding images at {size}px", progress)):
+            array[k] = decode_image(path, size)
+        array.flush()
+        del array  # close the map before the file is renamed
+
+
+#: flock's answers on file systems that do not lock (Lustre without -o flock, some FUSE and SMB mounts).
+_NO_LOCKING = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def _lock(handle: BinaryIO, blocking: bool) -> bool | None:
+    """Take an exclusive lock on an open file: True when taken, False when another process holds it, None
+    when the file system cannot lock (the build goes on unlocked; its temporaries are then never removed)."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno in _NO_LOCKING:
+            return None
+        raise
+    return True
 
 
 def _reserve(handle: BinaryIO, target: Path) -> None:
@@ -130,7 +151,10 @@ def _remove_abandoned_temporaries(cache_dir: Path, size: int, variant: str) -> N
             if time.time() - temporary.stat().st_mtime < FRESH_TEMPORARY_SECONDS:
                 continue
             with open(temporary, "rb") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                temporary.unlink()
-        except (BlockingIOError, FileNotFoundError):
+                taken = _lock(handle, blocking=False)
+                if taken is None:  # no locking here: nothing tells a dead build from a live one
+                    return
+                if taken:
+                    temporary.unlink()
+        except FileNotFoundError:
             continue

@@ -121,39 +121,50 @@ def open_rgb(
 def _refuse_costly_structure(name: str, data: bytes) -> None:
     """Refuse files whose structure, not their size, makes decoding slow: JPEGs with very many scans and
     TIFFs with very many strips (both pass every size and pixel check; Pillow has no limit for either)."""
-    if data[:2] == b"\xff\xd8" and (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
-        raise ImageError(name, f"a JPEG of more than {MAX_JPEG_SCANS} scans ({scans}+): too costly to decode")
-    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-        # No end-of-image marker after the last scan: the file was cut short, or its end is zero-filled (an
-        # interrupted download or copy). Pillow decodes such zeros without a word, into flat grey.
-        raise ImageError(name, "truncated JPEG: no end-of-image marker after its last scan (cut short or zero-filled)")
+    if data[:2] == b"\xff\xd8":
+        scans, cut_short = _jpeg_structure(data)
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError(name, f"a JPEG of more than {MAX_JPEG_SCANS} scans ({scans}+): too costly to decode")
+        if cut_short:
+            # The stream ends before its end-of-image marker: cut short, or its end zero-filled (an
+            # interrupted download or copy). Pillow decodes such zeros without a word, into flat grey.
+            raise ImageError(name, "truncated JPEG: its data ends before the end-of-image marker (cut short or zero-filled)")
     if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
         raise ImageError(name, f"a TIFF of {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too costly to decode")
 
 
-def _jpeg_scans(data: bytes) -> int:
-    """Start-of-scan segments of a JPEG's first image, counted up to one past :data:`MAX_JPEG_SCANS`.
+def _jpeg_structure(data: bytes) -> tuple[int, bool]:
+    """``(scans, cut_short)`` of a JPEG's first image: its start-of-scan segments, counted up to one past
+    :data:`MAX_JPEG_SCANS`, and whether the stream runs out before its end-of-image marker.
 
-    Written by hand because no decoder library exposes it before decoding. Cheap: a segment is skipped by
-    its length, and a scan's entropy-coded data by searching for the next byte 0xFF that is not stuffing
-    (``FF 00``) or a restart marker (``FF D0``-``FF D7``). A malformed stream stops the count; the decoder
-    then says what is wrong with it.
+    Written by hand because no decoder library exposes either before decoding (Pillow decodes a cut or
+    zero-filled stream without a word). Cheap: a segment is skipped by its length, and a scan's
+    entropy-coded data by searching for the next byte 0xFF that is not stuffing (``FF 00``) or a restart
+    marker (``FF D0``-``FF D7``). Whatever follows the end-of-image marker (a phone's trailer, an appended
+    video) is not read. A malformed stream stops the walk, not cut short: the decoder then says what is
+    wrong with it.
     """
     scans, pos, end = 0, 2, len(data)
-    while pos + 4 <= end and data[pos] == 0xFF and scans <= MAX_JPEG_SCANS:
+    while scans <= MAX_JPEG_SCANS:
+        if pos + 2 > end:
+            return scans, True
+        if data[pos] != 0xFF:
+            return scans, False
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
         elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             pos += 2
         elif marker == 0xD9:  # end of image
-            break
+            return scans, False
+        elif pos + 4 > end:
+            return scans, True
         else:
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
             if marker == 0xDA:
                 scans += 1
                 pos = _end_of_entropy_coded_data(data, pos)
-    return scans
+    return scans, False
 
 
 def _end_of_entropy_coded_data(data: bytes, pos: int) -> int:

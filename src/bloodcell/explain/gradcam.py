@@ -271,9 +271,9 @@ def sanity_check(
     masks = stained_cell_masks(images)
     masked = masks.reshape(len(masks), -1).any(axis=1)
     area = float(masks[masked].mean()) if masked.any() else None
-    share, random_share = (_mean_energy_on_cell(result.cams[masked], masks[masked]) if area else None
-                           for result in (trained, random_cams))  # fmt: skip
-    ratio, random_ratio = ((s / area) if s is not None and area else None for s in (share, random_share))
+    (share, ratio), (random_share, random_ratio) = (_energy_on_cells(result.cams[masked], masks[masked])
+                                                    if area is not None else (None, None)
+                                                    for result in (trained, random_cams))  # fmt: skip
     return {
         "method": method,
         "target_layer": trained.layer_name,
@@ -299,9 +299,15 @@ def favours_cell(ratio: float | None, random_ratio: float | None) -> bool:
     return ratio is not None and ratio > CELL_FOCUS_MARGIN * max(1.0, random_ratio or 0.0)
 
 
-def _mean_energy_on_cell(cams: np.ndarray, masks: np.ndarray) -> float | None:
+def _energy_on_cells(cams: np.ndarray, masks: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean share of the maps' energy on the masks, and its ratio to the masks' mean share of the image,
+    both over the same images: those whose map is not flat zero (a flat map has no energy to share)."""
     energy = cam_energy_on_cell(cams, masks)
-    return float(np.nanmean(energy)) if np.isfinite(energy).any() else None
+    valid = np.isfinite(energy)
+    if not valid.any():
+        return None, None
+    share, area = float(energy[valid].mean()), float(masks[valid].mean())
+    return share, (share / area if area > 0 else None)
 
 
 def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray) -> Path:

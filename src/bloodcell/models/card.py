@@ -175,7 +175,8 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> tuple[Cla
     weights = directory / WEIGHTS_FILE
     try:
         model = build_model(card)
-    except (TypeError, ValueError, KeyError) as error:  # an unknown architecture, or arguments it does not take
+    # An unknown architecture (timm says so with a RuntimeError), or arguments it does not take.
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
         raise ModelFileError(f"{directory / CARD_FILE}: cannot build {card.architecture!r} from it ({error})") from None
     try:
         state = load_file(str(weights), device=device)

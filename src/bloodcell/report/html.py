@@ -130,12 +130,19 @@ def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False)
     metrics = _read_json(run_dir / "metrics.json")
     if _is_evaluation(metrics):
         return metrics  # type: ignore[return-value]
+    found = metrics.get("format") if metrics else None
+    # A folder that `bloodcell evaluate --out` wrote (no run of its own): evaluate again what it evaluated.
+    again = _evaluated_before(metrics) if found and not (run_dir / "config.yaml").is_file() else None
     if not evaluate:
-        found = metrics.get("format") if metrics else None
         state = f"its metrics.json is of an older format ({found})" if found else "no evaluation yet"
-        raise UserError(f"{run_dir}: {state}; run `bloodcell evaluate {run_dir}` first")
+        command = (f"bloodcell evaluate {again[0]} --data {again[1]} --split {again[2]} --out {run_dir}" if again
+                   else f"bloodcell evaluate {run_dir}")  # fmt: skip
+        raise UserError(f"{run_dir}: {state}; run `{command}` first")
     from bloodcell.evaluate.runner import evaluate_model
 
+    if again is not None:
+        model, data_root, split = again
+        return evaluate_model(model, data_root, split=split, out_dir=run_dir, progress=progress)
     data = (_read_yaml(run_dir / "config.yaml") or {}).get("data") or {}
     if data.get("protocol") == "kfold" and data.get("train_on") == "train+val":
         # The refit learned from the held-out fold too: no image is left that it has not trained on.
@@ -145,6 +152,15 @@ def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False)
         )
     split = "val" if data.get("protocol") == "kfold" else "test"
     return evaluate_model(run_dir, split=split, out_dir=run_dir, progress=progress)
+
+
+def _evaluated_before(metrics: dict[str, Any]) -> tuple[str, str, str] | None:
+    """``(model, data, split)`` that an earlier ``metrics.json`` records, when it records all three."""
+    try:
+        found = (metrics["model"]["path"], metrics["data"]["root"], metrics["evaluation"]["split"])
+    except (KeyError, TypeError):
+        return None
+    return found if all(isinstance(v, str) and v for v in found) else None
 
 
 def find_baseline_run(run_dir: Path) -> Path | None:
@@ -192,7 +208,7 @@ def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | Non
 
     baseline = _read_json(baseline_dir / "metrics.json") if baseline_dir is not None else None
     if baseline_dir is not None and not _is_evaluation(baseline):
-        log.warning("baseline %s has no evaluation; comparison left out", baseline_dir)
+        log.warning("baseline %s has no evaluation of this bloodcell's format; comparison left out", baseline_dir)
         baseline = None
     elif baseline is not None and not _same_images(baseline, metrics):
         # Scores of different images are not comparable: a test score beside a validation one says nothing.
@@ -284,10 +300,10 @@ def build_report(
         raise UserError(f"{run_dir}: no such run directory")
     metrics = ensure_metrics(run_dir, evaluate, progress)
     baseline_dir = Path(baseline) if baseline is not None else find_baseline_run(run_dir)
-    if baseline_dir is not None and not (baseline_dir / "metrics.json").is_file():
-        if baseline is None:
+    if baseline_dir is not None and not _is_evaluation(_read_json(baseline_dir / "metrics.json")):
+        if baseline is None and not (baseline_dir / "metrics.json").is_file():
             baseline_dir = None
-        else:
+        elif evaluate:  # none yet, or of an older format: evaluated now, as this run's own
             ensure_metrics(baseline_dir, evaluate, progress)
     context = report_context(run_dir, metrics, baseline_dir)
     env = _environment()
