@@ -217,6 +217,8 @@ def audit_command(
 
     The corner baselines fit the same on each corner patch alone: one corner far above the others holds something drawn there (a scale bar, a label) that tells the classes apart; bloodcell evaluate then checks whether a model reads it.
 
+    It also measures the cell masks: how much of each class's images the Segmented variant keeps (when there is one), and how much the stained-cell masks of the Grad-CAM measure cover.
+
     --json prints the report (audit.json); its keys are listed in docs/ARCHITECTURE.md.
     """
     from bloodcell.data.audit import run_audit
@@ -243,4 +245,11 @@ def audit_command(
     _console.print(report["corner_baselines"]["statement"], markup=False)
     if report["segmented_coverage"] is not None:
         _console.print(report["segmented_coverage"]["statement"], markup=False)
+    covered = report["stained_cell_coverage"]
+    if covered:
+        _console.print(
+            "Stained-cell masks (Grad-CAM's energy measure) cover "
+            + ", ".join(f"{100 * c['mean']:.1f} % of {name}" for name, c in covered.items())
+            + " images on average.", markup=False,
+        )  # fmt: skip
     typer.echo(f"Report: {report['report_markdown']} and {report['report_json']}")
