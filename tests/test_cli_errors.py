@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -96,8 +97,11 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_file(tmp_path: Path) 
     assert os.listdir(target.parent) == []  # neither the result nor its temporary
 
 
-def test_the_server_stopped_by_sigterm_says_so_with_status_143(tiny_model: Path) -> None:
-    """uvicorn shuts down cleanly on SIGTERM and would end with status 0; a scheduler must see 143."""
+@pytest.mark.parametrize(("signal_number", "status", "word"), [(signal.SIGTERM, 143, "terminated"),
+                                                              (signal.SIGINT, 130, "interrupted")])
+def test_the_server_stopped_by_a_signal_says_so_with_its_status(tiny_model: Path, signal_number: int, status: int,
+                                                                word: str) -> None:  # fmt: skip
+    """uvicorn shuts down cleanly on SIGTERM or Ctrl-C and would end with status 0; a scheduler must see 143."""
     from serve_support import infer_speed_module
 
     bench = infer_speed_module()
@@ -110,6 +114,6 @@ def test_the_server_stopped_by_sigterm_says_so_with_status_143(tiny_model: Path)
     try:
         bench.wait_until_healthy(port, 120, process)
     finally:
-        process.terminate()
+        process.send_signal(signal_number)
         _, err = process.communicate(timeout=60)
-    assert process.returncode == 143 and "terminated" in err
+    assert process.returncode == status and word in err

@@ -78,6 +78,22 @@ def test_a_baseline_scored_on_other_images_is_not_compared(runs: Path, tmp_path:
     assert "was evaluated on other images" in caplog.text
 
 
+def test_a_sibling_baseline_that_cannot_be_evaluated_again_is_left_out(runs: Path, tmp_path: Path, caplog) -> None:
+    """Found by itself, an old seed-replica run whose checkpoints are gone must not sink the whole report."""
+    for name in ("toy", "seed"):
+        shutil.copytree(runs / name, tmp_path / name)
+    if not (tmp_path / "seed" / "metrics.json").is_file():
+        build_report(tmp_path / "seed")
+    old = json.loads((tmp_path / "seed" / "metrics.json").read_text())
+    (tmp_path / "seed" / "metrics.json").write_text(json.dumps({**old, "format": "bloodcell-metrics/1"}))
+    shutil.rmtree(tmp_path / "seed" / "checkpoints")
+    with caplog.at_level("WARNING", logger="bloodcell.report.html"):
+        html = build_report(tmp_path / "toy", progress=False).read_text(encoding="utf-8")
+    assert "seed replica (seed-cnn" not in html and "baseline" in caplog.text and "left out" in caplog.text
+    with pytest.raises((UserError, FileNotFoundError), match="no model found"):  # named by the user: theirs to see
+        build_report(tmp_path / "toy", baseline=tmp_path / "seed", progress=False)
+
+
 def test_a_baseline_of_another_split_seed_is_not_compared(runs: Path, tmp_path: Path, caplog) -> None:
     """Same part, same data, perhaps the same count, but other images: not comparable."""
     dataset = Path(yaml.safe_load((runs / "toy" / "config.yaml").read_text())["data"]["root"])

@@ -58,15 +58,17 @@ def main() -> None:
     from bloodcell.errors import UserError
 
     # SIGTERM (timeout, docker stop, SLURM, torchrun) is handled as Ctrl-C is, so that every cleanup runs:
-    # no temporary file is left behind, and training stops as after an interrupt, ready to resume.
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # no temporary file is left behind, and training stops as after an interrupt, ready to resume. Both
+    # handlers also remember the signal, for the exit status.
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    Interrupted.by = None
     try:
         app()
     except (UserError, ConfigError, ImageError, LeakageError, FileNotFoundError, NotADirectoryError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except OSError as error:
-        if error.errno not in ENVIRONMENT_ERRNOS or os.environ.get("BLOODCELL_DEBUG"):
+        if error.errno not in ENVIRONMENT_ERRNOS or os.environ.get("BLOODCELL_DEBUG", "") not in ("", "0"):
             raise  # BLOODCELL_DEBUG=1 keeps the traceback, for a bug report
         # The machine's state, not a bug: a full disk, a read-only or forbidden folder, a file where a
         # folder should be. One line naming the path says what to fix.
@@ -75,15 +77,16 @@ def main() -> None:
         sys.exit(2)
     except SystemExit as exit_:
         # Typer turns an interrupt into exit status 130, silently, and a server (uvicorn) that shuts down
-        # cleanly on SIGTERM ends with status 0: say which signal it was, and give SIGTERM its own status
-        # (143), as shells and schedulers expect.
-        if exit_.code != 130 and not (Terminated.received and exit_.code in (0, None)):
+        # cleanly on a signal ends with status 0: say which signal it was, and give each its own status
+        # (130 for Ctrl-C, 143 for SIGTERM), as shells and schedulers expect.
+        if exit_.code != 130 and not (Interrupted.by is not None and exit_.code in (0, None)):
             raise
-        terminated = Terminated.received
+        terminated = Interrupted.by == signal.SIGTERM
         typer.secho("terminated" if terminated else "interrupted", fg=typer.colors.YELLOW, err=True)
         sys.exit(143 if terminated else 130)
     finally:
-        signal.signal(signal.SIGTERM, previous)  # main() called in-process (tests) leaves the caller as it was
+        for number, handler in previous.items():  # main() called in-process (tests) leaves the caller as it was
+            signal.signal(number, handler)
 
 
 #: OSError numbers that describe the environment (space, permissions, the kind of a path), not a bug.
@@ -91,12 +94,13 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
                       errno.ENOTDIR, errno.ENOENT, errno.ENAMETOOLONG}  # fmt: skip
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, as Ctrl-C's KeyboardInterrupt would be."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised where the program is, as Python's own KeyboardInterrupt; ``by`` keeps the
+    last signal received (the exception itself may be caught and replaced on its way out)."""
 
-    received = False
+    by: int | None = None
 
 
-def _terminate(signum: int, frame: object) -> None:
-    Terminated.received = True
-    raise Terminated()
+def _interrupt(signum: int, frame: object) -> None:
+    Interrupted.by = signum
+    raise Interrupted()

@@ -60,7 +60,7 @@ def _decode_into(target: Path, paths: list[Path], size: int, progress: bool) -> 
 
 
 #: flock's answers on file systems that do not lock (Lustre without -o flock, some FUSE and SMB mounts).
-_NO_LOCKING = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+_NO_LOCKING = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
 def _lock(handle: BinaryIO, blocking: bool) -> bool | None:
@@ -150,7 +150,7 @@ def _remove_abandoned_temporaries(cache_dir: Path, size: int, variant: str) -> N
         try:
             if time.time() - temporary.stat().st_mtime < FRESH_TEMPORARY_SECONDS:
                 continue
-            with open(temporary, "rb") as handle:
+            with open(temporary, "rb+") as handle:  # writable: NFS grants an exclusive lock only then
                 taken = _lock(handle, blocking=False)
                 if taken is None:  # no locking here: nothing tells a dead build from a live one
                     return

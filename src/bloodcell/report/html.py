@@ -301,10 +301,13 @@ def build_report(
     metrics = ensure_metrics(run_dir, evaluate, progress)
     baseline_dir = Path(baseline) if baseline is not None else find_baseline_run(run_dir)
     if baseline_dir is not None and not _is_evaluation(_read_json(baseline_dir / "metrics.json")):
-        if baseline is None and not (baseline_dir / "metrics.json").is_file():
-            baseline_dir = None
-        elif evaluate:  # none yet, or of an older format: evaluated now, as this run's own
+        try:  # none yet, or of an older format: evaluated now, as this run's own
             ensure_metrics(baseline_dir, evaluate, progress)
+        except (UserError, FileNotFoundError) as error:  # no model left there, or nothing to evaluate
+            if baseline is not None:  # asked for by name: its failure is the user's to see
+                raise
+            log.warning("baseline %s left out: %s", baseline_dir, error)  # found by itself: the report goes on
+            baseline_dir = None
     context = report_context(run_dir, metrics, baseline_dir)
     env = _environment()
     html_images = {name: image_data_uri(path) for name, path in context["plots"].items()}
