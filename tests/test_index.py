@@ -252,6 +252,11 @@ def test_files_whose_structure_makes_decoding_slow_are_refused() -> None:
     assert open_rgb(jpeg_with_scans(3)).size == (64, 64)  # an ordinary progressive JPEG still decodes
     with pytest.raises(ImageError, match=f"more than {MAX_JPEG_SCANS} scans"):
         open_rgb(jpeg_with_scans(MAX_JPEG_SCANS + 1))
+    whole = jpeg_with_scans(1)
+    assert open_rgb(whole[:2] + b"\xff" * 16 + whole[2:]).size == (64, 64)  # a few fill bytes are legal
+    for padding in (b"\xff" * 1_000_000, b"\xff\xd0" * 500_000):  # Pillow decodes them, one byte at a time
+        with pytest.raises(ImageError, match="fill bytes or markers between its segments: too costly"):
+            open_rgb(whole[:2] + padding + whole[2:])
     assert open_rgb(tiff_with_strips(8)).size == (8, 8)
     with pytest.raises(ImageError, match="strips or tiles"):
         open_rgb(tiff_with_strips(MAX_TIFF_STRIPS + 1))

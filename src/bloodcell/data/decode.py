@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,13 +27,17 @@ DEFAULT_MAX_PIXELS = 64_000_000
 #: image, so a 400 KB file with 10,000 tiny scans kept a decoder busy for 14 s (and 10 MB, for minutes).
 #: Cameras and encoders write about 10.
 MAX_JPEG_SCANS = 100
+#: More fill bytes and markers without a length than this between a JPEG's segments are refused: real
+#: files have a handful, and Pillow's parser steps through them one at a time in Python (10 MB of fill
+#: bytes took 8.6 s to decode, 10 MB of restart markers 5 s).
+MAX_JPEG_PADDING = 65_536
 #: More strips or tiles than this in a TIFF are refused: the decoder builds one entry per strip while
 #: opening, so a 10 MB TIFF of 8 x 8 pixels listing 2.6 million strips took 10 s and 760 MB. One strip per
 #: row of an 8,000-row image in three planes is 24,000.
 MAX_TIFF_STRIPS = 65_536
 #: Bumped whenever the same file may decode to other pixels or get another accept / refuse verdict
-#: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG without an end-of-image
-#: marker after its last scan refused). The index's hash cache and the decoded cache are keyed by it, so a
+#: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG that ends before its
+#: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused). The index's hash cache and the decoded cache are keyed by it, so a
 #: new rule never meets a verdict or pixels from the old one.
 DECODER_VERSION = 3
 #: Single-channel modes wider than 8 bits. PIL's conversion to RGB clips them at 255 instead of scaling,
@@ -122,9 +128,12 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
     """Refuse files whose structure, not their size, makes decoding slow: JPEGs with very many scans and
     TIFFs with very many strips (both pass every size and pixel check; Pillow has no limit for either)."""
     if data[:2] == b"\xff\xd8":
-        scans, cut_short = _jpeg_structure(data)
+        scans, cut_short, padding = _jpeg_structure(data)
         if scans > MAX_JPEG_SCANS:
             raise ImageError(name, f"a JPEG of more than {MAX_JPEG_SCANS} scans ({scans}+): too costly to decode")
+        if padding > MAX_JPEG_PADDING:
+            raise ImageError(name, f"a JPEG with more than {MAX_JPEG_PADDING:,} fill bytes or markers between its "
+                                   "segments: too costly to decode")  # fmt: skip
         if cut_short:
             # The stream ends before its end-of-image marker: cut short, or its end zero-filled (an
             # interrupted download or copy). Pillow decodes such zeros without a word, into flat grey.
@@ -133,47 +142,57 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
         raise ImageError(name, f"a TIFF of {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too costly to decode")
 
 
-def _jpeg_structure(data: bytes) -> tuple[int, bool]:
-    """``(scans, cut_short)`` of a JPEG's first image: its start-of-scan segments, counted up to one past
-    :data:`MAX_JPEG_SCANS`, and whether the stream runs out before its end-of-image marker.
+class JpegStructure(NamedTuple):
+    """What :func:`_jpeg_structure` finds in a JPEG's first image before it is decoded."""
 
-    Written by hand because no decoder library exposes either before decoding (Pillow decodes a cut or
-    zero-filled stream without a word). Cheap: a segment is skipped by its length, and a scan's
-    entropy-coded data by searching for the next byte 0xFF that is not stuffing (``FF 00``) or a restart
-    marker (``FF D0``-``FF D7``). Whatever follows the end-of-image marker (a phone's trailer, an appended
-    video) is not read. A malformed stream stops the walk, not cut short: the decoder then says what is
-    wrong with it.
+    scans: int  # start-of-scan segments, counted up to one past MAX_JPEG_SCANS
+    cut_short: bool  # the stream runs out before its end-of-image marker
+    padding: int  # fill bytes and markers without a length, counted up to one past MAX_JPEG_PADDING
+
+
+def _jpeg_structure(data: bytes) -> JpegStructure:
+    """Walk a JPEG's markers: its scans, its padding, and whether it ends before its end-of-image marker.
+
+    Written by hand because no decoder library exposes these before decoding (Pillow decodes a cut or
+    zero-filled stream without a word, and steps through padding one byte at a time in Python). Cheap: a
+    segment is skipped by its length, and a scan's entropy-coded data by searching for the next byte 0xFF
+    that is not stuffing (``FF 00``) or a restart marker (``FF D0``-``FF D7``). Whatever follows the
+    end-of-image marker (a phone's trailer, an appended video) is not read. A malformed stream stops the
+    walk, not cut short: the decoder then says what is wrong with it.
     """
-    scans, pos, end = 0, 2, len(data)
+    scans, padding, pos, end = 0, 0, 2, len(data)
     while scans <= MAX_JPEG_SCANS:
         if pos + 2 > end:
-            return scans, True
+            return JpegStructure(scans, True, padding)
         if data[pos] != 0xFF:
-            return scans, False
+            return JpegStructure(scans, False, padding)
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            pos += 2
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, marker without a length
+            padding += 1
+            if padding > MAX_JPEG_PADDING:
+                return JpegStructure(scans, False, padding)
+            pos += 1 if marker == 0xFF else 2
         elif marker == 0xD9:  # end of image
-            return scans, False
+            return JpegStructure(scans, False, padding)
         elif pos + 4 > end:
-            return scans, True
+            return JpegStructure(scans, True, padding)
         else:
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
             if marker == 0xDA:
                 scans += 1
                 pos = _end_of_entropy_coded_data(data, pos)
-    return scans, False
+    return JpegStructure(scans, False, padding)
+
+
+#: The first FF of entropy-coded data that is not stuffing (FF 00) or a restart marker (FF D0-D7).
+_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
 def _end_of_entropy_coded_data(data: bytes, pos: int) -> int:
-    while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < len(data):
-        following = data[pos + 1]
-        if following != 0x00 and not 0xD0 <= following <= 0xD7:
-            return pos
-        pos += 2
-    return len(data)
+    """Where a scan's entropy-coded data ends: at the next marker, or at the end of the data. One search,
+    not a step per stuffed byte (a crafted run of FF 00 cost a second a 10 MB file)."""
+    found = _MARKER_AFTER_SCAN.search(data, pos)
+    return found.start() if found else len(data)
 
 
 def _tiff_strips(data: bytes) -> int:
