@@ -178,6 +178,25 @@ def test_drop_and_bad_file_show_errors(page, tmp_path: Path) -> None:
     assert page.locator("#file-input").is_enabled()  # the page stays usable
 
 
+def test_dropping_several_files_says_only_the_first_is_classified(page, smear_image: Path) -> None:
+    from playwright.sync_api import expect
+
+    data = list(smear_image.read_bytes())
+    page.evaluate(
+        """async (data) => {
+            const transfer = new DataTransfer();
+            for (const name of ["one.jpg", "two.jpg"]) {
+                transfer.items.add(new File([new Uint8Array(data)], name, {type: "image/jpeg"}));
+            }
+            const zone = document.getElementById("drop-zone");
+            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }""",
+        data,
+    )
+    expect(page.locator("#status")).to_contain_text("one.jpg:")
+    expect(page.locator("#status")).to_contain_text("2 files were dropped; this page classifies the first only")
+
+
 def test_limits_are_shown_and_the_answer_is_announced(page, smear_image: Path) -> None:
     """The accepted sizes are on the page before a file is chosen; the live status line carries the answer."""
     from playwright.sync_api import expect
