@@ -218,6 +218,7 @@ def test_an_older_evaluation_folder_outside_a_run_is_evaluated_again(runs: Path,
     build_report(folder)
     again = json.loads((folder / "metrics.json").read_text())
     assert again["format"] == metrics["format"] and again["evaluation"]["split"] == "val"
+    assert again["robustness"] is None and again["explain"] is not None  # the sections it had, no others
 
 
 def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:

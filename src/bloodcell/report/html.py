@@ -142,7 +142,8 @@ def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False)
 
     if again is not None:
         model, data_root, split = again
-        return evaluate_model(model, data_root, split=split, out_dir=run_dir, progress=progress)
+        return evaluate_model(model, data_root, split=split, out_dir=run_dir, progress=progress,
+                              **_options_of(metrics))  # fmt: skip
     data = (_read_yaml(run_dir / "config.yaml") or {}).get("data") or {}
     if data.get("protocol") == "kfold" and data.get("train_on") == "train+val":
         # The refit learned from the held-out fold too: no image is left that it has not trained on.
@@ -161,6 +162,19 @@ def _evaluated_before(metrics: dict[str, Any]) -> tuple[str, str, str] | None:
     except (KeyError, TypeError):
         return None
     return found if all(isinstance(v, str) and v for v in found) else None
+
+
+def _options_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The options an earlier evaluation ran with, as far as its ``metrics.json`` shows them (a section it
+    has, it computed): so evaluating it again computes the same sections."""
+    explained = metrics.get("explain") or {}
+    options: dict[str, Any] = {"tta": metrics.get("tta") is not None, "robustness": metrics.get("robustness") is not None,
+                               "explain": bool(explained)}  # fmt: skip
+    if explained.get("method"):
+        options["cam_method"] = explained["method"]
+    if explained.get("target_layer"):
+        options["target_layer"] = explained["target_layer"]
+    return options
 
 
 def find_baseline_run(run_dir: Path) -> Path | None:
