@@ -392,16 +392,26 @@ def stained_cell_coverage(
     Returns class -> ``mean`` share of pixels, ``under_2_percent`` (share of images whose mask is too small
     for a whole cell) and ``inside_segmented`` (None without ``kept``).
     """
-    covered = masks.reshape(len(masks), -1).mean(axis=1)
-    result = {}
+    result = _coverage_by_class(masks, labels, classes)
     for k, name in enumerate(classes):
-        rows = labels == k
-        if not rows.any():
-            continue
-        inside = float((masks[rows] & kept[rows]).sum() / max(int(masks[rows].sum()), 1)) if kept is not None else None
-        result[name] = {"mean": float(covered[rows].mean()), "under_2_percent": float((covered[rows] < 0.02).mean()),
-                        "inside_segmented": inside}  # fmt: skip
+        if name in result:
+            rows = labels == k
+            result[name]["inside_segmented"] = (
+                float((masks[rows] & kept[rows]).sum() / max(int(masks[rows].sum()), 1)) if kept is not None else None
+            )
     return result
+
+
+def _coverage_by_class(masks: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
+    """Class -> ``mean`` share of the images' pixels the masks hold, and ``under_2_percent``: the share of
+    images whose mask holds under 2 % of the pixels, too little for a whole cell (classes without images
+    are left out)."""
+    covered = masks.reshape(len(masks), -1).mean(axis=1)
+    return {
+        name: {"mean": float(covered[labels == k].mean()), "under_2_percent": float((covered[labels == k] < 0.02).mean())}
+        for k, name in enumerate(classes)
+        if (labels == k).any()
+    }
 
 
 def segmented_masks(segmented: np.ndarray, threshold: int = SEGMENTED_THRESHOLD) -> np.ndarray:
@@ -416,12 +426,7 @@ def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: list[str]
     images keeping under 2 %, which can hold no whole cell) and a ``statement`` naming the classes whose
     masks miss the cells in more than a tenth of their images.
     """
-    kept = masks.reshape(len(masks), -1).mean(axis=1)
-    per_class = {
-        name: {"mean": float(kept[labels == k].mean()), "under_2_percent": float((kept[labels == k] < 0.02).mean())}
-        for k, name in enumerate(classes)
-        if (labels == k).any()
-    }
+    per_class = _coverage_by_class(masks, labels, classes)
     missing = [f"{name} ({100 * c['under_2_percent']:.0f} % of its images)" for name, c in per_class.items()
                if c["under_2_percent"] > 0.1]  # fmt: skip
     statement = (

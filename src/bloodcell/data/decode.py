@@ -37,8 +37,9 @@ MAX_JPEG_PADDING = 65_536
 MAX_TIFF_STRIPS = 65_536
 #: Bumped whenever the same file may decode to other pixels or get another accept / refuse verdict
 #: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG that ends before its
-#: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused). The index's hash cache and the decoded cache are keyed by it, so a
-#: new rule never meets a verdict or pixels from the old one.
+#: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused). The
+#: index's hash cache and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels
+#: from the old one.
 DECODER_VERSION = 3
 #: Single-channel modes wider than 8 bits. PIL's conversion to RGB clips them at 255 instead of scaling,
 #: which turns a 16-bit smear into a blank white field; their range (12 or 16 bits? 0-1 floats?) cannot be
@@ -125,8 +126,9 @@ def open_rgb(
 
 
 def _refuse_costly_structure(name: str, data: bytes) -> None:
-    """Refuse files whose structure, not their size, makes decoding slow: JPEGs with very many scans and
-    TIFFs with very many strips (both pass every size and pixel check; Pillow has no limit for either)."""
+    """Refuse files whose structure, read before decoding, rules them out: JPEGs with very many scans or
+    padding, and TIFFs with very many strips (all pass every size and pixel check, and Pillow has no limit
+    for any, so they make decoding slow), and JPEGs that end before their end-of-image marker."""
     if data[:2] == b"\xff\xd8":
         scans, cut_short, padding = _jpeg_structure(data)
         if scans > MAX_JPEG_SCANS:

@@ -29,6 +29,7 @@ from pathlib import Path
 from bloodcell import CLASSES
 from bloodcell.data.decode import IMAGE_SUFFIXES
 from bloodcell.errors import UserError
+from bloodcell.io import printable_path
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +120,12 @@ def _class_files(root: Path, folder: str) -> list[str]:
             continue
         if not (path.is_file() or (path.is_symlink() and not path.exists())):  # a broken link is reported
             continue
-        if not _is_utf8(relative.as_posix()):
+        if printable_path(relative) != relative.as_posix():
             # The manifest, caches and reports are UTF-8 text; such a name would stop the whole run there.
             log.warning("skipped %s: its name is not valid UTF-8 (rename the file to use it)", ascii(str(path)))
             continue
         paths.append(relative.as_posix())
     return sorted(paths)
-
-
-def _is_utf8(name: str) -> bool:
-    """Whether a file name decoded by Python (undecodable bytes kept as surrogates) is valid UTF-8."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def is_image_name(path: str | Path) -> bool:

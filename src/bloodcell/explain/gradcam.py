@@ -348,7 +348,6 @@ def explain_files(
     card's temperature), ``target_layer`` and ``error``. A file that cannot be decoded gets its reason in
     ``error`` (the other keys None) and the others are still explained, as ``predict`` does.
     """
-
     from bloodcell.data.decode import decode_or_reason
     from bloodcell.models.card import load_model
 

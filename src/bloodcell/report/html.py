@@ -125,8 +125,8 @@ def _is_evaluation(metrics: dict[str, Any] | None) -> bool:
 
 def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False) -> dict[str, Any]:
     """The run's evaluation (``metrics.json``), running :func:`~bloodcell.evaluate.runner.evaluate_model`
-    first when there is none (or only training-time numbers, or one of an older format): on its test part, or for a ``kfold`` split,
-    which has none, on its held-out fold (the ``val`` part)."""
+    first when there is none (or only training-time numbers, or one of an older format): on its test part,
+    or for a ``kfold`` split, which has none, on its held-out fold (the ``val`` part)."""
     metrics = _read_json(run_dir / "metrics.json")
     if _is_evaluation(metrics):
         return metrics  # type: ignore[return-value]
@@ -274,7 +274,8 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
 
     return {
         # A run is named by its folder; an evaluation folder elsewhere (e.g. of the bundled model) by its model.
-        "run_name": run_dir.name if (run_dir / "config.yaml").is_file() else f"{card.get('name') or metrics['model']['architecture']} ({run_dir.name})",
+        "run_name": (run_dir.name if (run_dir / "config.yaml").is_file()
+                     else f"{card.get('name') or metrics['model']['architecture']} ({run_dir.name})"),  # fmt: skip
         "run_dir": str(run_dir),
         "scope": evaluated_scope(metrics, metrics["data"]["root"]),
         "cell_focus_margin": CELL_FOCUS_MARGIN,

@@ -336,8 +336,6 @@ def _explain_source(model_path: str | Path | None, predictor: BasePredictor) -> 
     return torch_weights_beside(Path(onnx_path)) if onnx_path is not None else False
 
 
-
-
 # -- the app ------------------------------------------------------------------------------------------
 def create_app(
     model_path: str | Path | None = None,

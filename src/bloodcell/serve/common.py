@@ -22,7 +22,7 @@ import numpy as np
 
 from bloodcell.data.decode import IMAGE_SUFFIXES, decode_or_reason
 from bloodcell.errors import ModelFileError
-from bloodcell.io import printable_path
+from bloodcell.io import printable_path, sha256_file
 from bloodcell.probabilities import softmax_with_temperature
 
 CARD_FILE = "card.json"
@@ -329,8 +329,6 @@ def load_predictor(
 def torch_weights_beside(onnx_path: Path) -> Path | Literal[False]:
     """The model directory an ONNX file was exported from, when it sits in ``<model dir>/onnx/`` and the
     weights there are the ones it was exported from (the hash in its card matches)."""
-    from bloodcell.io import sha256_file
-
     candidate = onnx_path.resolve().parent.parent
     weights = candidate / "model.safetensors"
     if not ((candidate / "card.json").is_file() and weights.is_file()):

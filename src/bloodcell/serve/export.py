@@ -289,16 +289,14 @@ def onnx_is_current(onnx_file: Path, model_path: str | Path | None) -> bool:
 def ensure_onnx(model_path: str | Path | None) -> Path:
     """An up-to-date ONNX file for a saved model, exporting it once if needed.
 
-    Uses ``<model directory>/onnx/model.onnx`` when it matches the weights; otherwise exports into the
-    work folder (``$BLOODCELL_HOME/onnx/<weights hash>/``) and reuses that on later calls. A path ending in
-    ``.onnx`` is returned as it is.
+    Uses the default export (:func:`default_onnx_path`) when it matches the weights; otherwise exports into
+    the work folder (``$BLOODCELL_HOME/onnx/<weights hash>/``) and reuses that on later calls. A path ending
+    in ``.onnx`` is returned as it is.
     """
     if model_path is not None and str(model_path).lower().endswith(".onnx"):
         return Path(model_path)
-    beside = default_onnx_path(model_path)
-    if onnx_is_current(beside, model_path):
-        return beside
     cached = cached_onnx_path(resolve_model_dir(model_path))
-    if onnx_is_current(cached, model_path):
-        return cached
+    for candidate in dict.fromkeys((default_onnx_path(model_path), cached)):  # one path for the bundled model
+        if onnx_is_current(candidate, model_path):
+            return candidate
     return export_onnx(model_path, cached)
