@@ -178,23 +178,84 @@ def test_drop_and_bad_file_show_errors(page, tmp_path: Path) -> None:
     assert page.locator("#file-input").is_enabled()  # the page stays usable
 
 
-def test_dropping_several_files_says_only_the_first_is_classified(page, smear_image: Path) -> None:
+DROP_FILES = """async ({data, names, big}) => {
+    const transfer = new DataTransfer();
+    for (const name of names) {
+        const bytes = name === "notes.jpg" ? new Uint8Array([1, 2, 3, 4]) : new Uint8Array(data);
+        transfer.items.add(new File([bytes], name, {type: "image/jpeg"}));
+    }
+    if (big) transfer.items.add(new File([new Uint8Array(big)], "big.jpg", {type: "image/jpeg"}));
+    const zone = document.getElementById("drop-zone");
+    zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+}"""
+
+
+def drop_files(page, image: Path, names: list[str], big: int = 0) -> None:
+    """Drop files named ``names`` (copies of ``image``; ``notes.jpg`` is not an image) and ``big`` zero bytes."""
+    page.evaluate(DROP_FILES, {"data": list(image.read_bytes()), "names": names, "big": big})
+
+
+def test_several_files_fill_a_table_and_a_csv_that_match_the_api(page, server_url: str, smear_image: Path, tmp_path: Path) -> None:
+    import csv
+
+    import requests
     from playwright.sync_api import expect
 
-    data = list(smear_image.read_bytes())
-    page.evaluate(
-        """async (data) => {
-            const transfer = new DataTransfer();
-            for (const name of ["one.jpg", "two.jpg"]) {
-                transfer.items.add(new File([new Uint8Array(data)], name, {type: "image/jpeg"}));
-            }
-            const zone = document.getElementById("drop-zone");
-            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
-        }""",
-        data,
-    )
-    expect(page.locator("#status")).to_contain_text("one.jpg:")
-    expect(page.locator("#status")).to_contain_text("2 files were dropped; this page classifies the first only")
+    names = ["one.jpg", "notes.jpg", "two,\"quoted\".jpg"]
+    drop_files(page, smear_image, names)
+    expect(page.locator("#status")).to_contain_text("3 images: 2 classified (")
+    expect(page.locator("#status")).to_contain_text("1 could not be (see the table)")
+    rows = page.locator("#batch-rows tr")
+    assert rows.count() == 3
+    assert [rows.nth(i).locator("td").first.inner_text() for i in range(3)] == names
+    assert "could not classify" in rows.nth(1).inner_text() and "not an image" in rows.nth(1).inner_text()
+    assert rows.nth(1).get_by_role("button").is_disabled() and rows.nth(0).get_by_role("button").is_enabled()
+    expect(page.locator("#result")).to_be_hidden()  # the detail view waits for a row to be chosen
+
+    with page.expect_download() as download_info:
+        page.click("#download-csv")
+    saved = tmp_path / "results.csv"
+    download_info.value.save_as(saved)
+    table = list(csv.DictReader(saved.open(newline="")))
+    assert list(table[0]) == ["file", "class", "confidence", *CLASSES, "error"]  # as `bloodcell predict --out`
+    assert [row["file"] for row in table] == names
+
+    # The same files through the API directly: the page shows and writes what the service answers.
+    files = [("files", (name, b"\x01\x02\x03\x04" if name == "notes.jpg" else smear_image.read_bytes(), "image/jpeg")) for name in names]
+    api = requests.post(server_url + "/v1/predict/batch", files=files, timeout=60).json()["results"]
+    for row, expected in zip(table, api, strict=True):
+        if expected.get("error"):
+            assert row["class"] == "" and row["error"] == expected["error"]
+            continue
+        assert row["class"] == expected["class"] and row["error"] == ""
+        assert abs(float(row["confidence"]) - expected["confidence"]) < 1e-6
+        assert all(abs(float(row[name]) - expected["probabilities"][name]) < 1e-6 for name in CLASSES)
+
+    # A row's "Show" opens its detail view with Grad-CAM; the table stays.
+    rows.nth(2).get_by_role("button").click()
+    expect(page.locator("#predicted-class")).to_have_text(table[2]["class"])
+    wait_until_decoded(page.locator("#overlay"))
+    assert page.locator("#batch").is_visible() and "shown" in (rows.nth(2).get_attribute("class") or "")
+    # One file again: the table goes, the detail view stays.
+    page.set_input_files("#file-input", str(smear_image))
+    expect(page.locator("#status")).to_contain_text(f"{smear_image.name}:")
+    expect(page.locator("#batch")).to_be_hidden()
+
+
+def test_many_files_go_in_batches_of_the_server_limit_and_oversized_ones_are_flagged(tiny_model: Path, smear_image: Path) -> None:
+    from playwright.sync_api import expect
+
+    with running(create_app(tiny_model, max_batch_files=2, max_upload_bytes=1024 * 1024)) as url, browser_page(url) as page:
+        expect(page.locator("#limits")).to_contain_text("up to 1 MiB")  # the limits have arrived
+        batches: list[str] = []
+        page.on("request", lambda request: batches.append(request.url) if "/v1/predict/batch" in request.url else None)
+        drop_files(page, smear_image, ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"], big=1024 * 1024 + 1)
+        expect(page.locator("#status")).to_contain_text("6 images: 5 classified (")
+        expect(page.locator("#status")).to_contain_text("1 could not be")
+        assert len(batches) == 3  # 5 images that fit, 2 a request; the oversized one is never sent
+        big = page.locator("#batch-rows tr").nth(5)
+        assert "big.jpg" in big.inner_text() and "images up to 1 MiB are accepted" in big.inner_text()
+        assert page.locator("#download-csv").is_enabled()
 
 
 def test_limits_are_shown_and_the_answer_is_announced(page, smear_image: Path) -> None:
