@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmark_common import add_data_and_out_options, require_dataset
 
-from bloodcell.config import load_config
+from bloodcell.config import load_config, override
 from bloodcell.data.prepare import prepare_data
 from bloodcell.evaluate.metrics import classification_metrics
 from bloodcell.evaluate.runner import predict_logits
@@ -65,7 +65,7 @@ def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path
     member's own logits are kept under ``member_logits``.
     """
     fold_overrides = [
-        *overrides, f"data.root={data}", "data.protocol=kfold", f"data.folds={folds}", f"data.fold={fold}",
+        *overrides, override("data.root", data), "data.protocol=kfold", f"data.folds={folds}", f"data.fold={fold}",
         "data.train_on=train", f"name=crossval-fold{fold}",
     ]  # fmt: skip
     config = load_config("default", fold_overrides)

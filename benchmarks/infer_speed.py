@@ -274,6 +274,11 @@ def load_test(
 
 
 # -- the report ----------------------------------------------------------------------------------------
+def _load_average() -> float:
+    """The 1-minute load average, where the system keeps one (NaN on Windows)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="run or model directory (default: bundled default model)")
@@ -292,12 +297,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rich.console import Console
 
     from bloodcell.data.decode import decode_image
+    from bloodcell.serve.common import available_cores
     from bloodcell.serve.export import export_onnx
     from bloodcell.serve.onnx_predictor import OnnxPredictor
     from bloodcell.serve.predictor import TorchPredictor
 
     console = Console(stderr=True)
-    results: dict[str, Any] = {"machine": {"cores": len(os.sched_getaffinity(0)), "load_average_1m": os.getloadavg()[0]}}
+    results: dict[str, Any] = {"machine": {"cores": available_cores(), "load_average_1m": _load_average()}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, model_what = (Path(args.model), args.model) if args.model else default_model_dir(work)
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         decoded = np.stack([decode_image(p, size) for p in files[:256]])
         onnx_path = export_onnx(model, work / "onnx" / "model.onnx")  # fresh, and the user's cache is left alone
         onnx_predictor = OnnxPredictor(onnx_path, threads=args.threads)
-        results["threads"] = args.threads or len(os.sched_getaffinity(0))
+        results["threads"] = args.threads or available_cores()
         if "torch" not in args.skip:
             results["torch"] = bench_network(torch_predictor, decoded, args.duration)
         if "onnx" not in args.skip:
@@ -332,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results["serve"] = {
                     "backend": args.backend, "threads": args.serve_threads, **load_test(port, payloads, args.clients, args.load_duration)
                 }
-    results["machine"]["load_average_1m_end"] = os.getloadavg()[0]
+    results["machine"]["load_average_1m_end"] = _load_average()
     print_report(results, Console())
     if args.json:
         from bloodcell.io import atomic_write_json

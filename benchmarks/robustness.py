@@ -51,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmark_common import add_data_and_out_options, require_dataset  # noqa: E402
 
-from bloodcell.config import load_config  # noqa: E402
+from bloodcell.config import load_config, override  # noqa: E402
 from bloodcell.data.prepare import prepare_data  # noqa: E402
 from bloodcell.evaluate.runner import evaluate_model  # noqa: E402
 from bloodcell.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -79,7 +79,7 @@ def run_recipe(
     if epochs is not None:
         overrides = [*overrides, f"train.epochs={epochs}"]
     config = load_config(
-        "default", [*overrides, *HOLDOUT, f"data.protocol={protocol}", f"data.root={data}", f"name={name}"]
+        "default", [*overrides, *HOLDOUT, f"data.protocol={protocol}", override("data.root", data), f"name={name}"]
     )
     prepared = prepare_data(config.data, root=data, progress=False)
     started = time.perf_counter()

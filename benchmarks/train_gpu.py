@@ -52,7 +52,7 @@ import torch
 from benchmark_common import REPO, add_data_and_out_options, bare_step_speed, require_dataset
 from sklearn.metrics import balanced_accuracy_score
 
-from bloodcell.config import load_config
+from bloodcell.config import load_config, override
 from bloodcell.data.augment import BatchAugment, gpu_jpeg_available, jpeg_round_trip
 from bloodcell.data.prepare import prepare_data
 from bloodcell.evaluate.runner import predict_logits
@@ -179,7 +179,7 @@ def profile_training(data: Path, out: Path, epochs: int = 3) -> dict[str, Any]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    config = load_config("default", [f"data.root={data.resolve()}", f"train.epochs={epochs}", "data.train_on=train"])
+    config = load_config("default", [override("data.root", data.resolve()), f"train.epochs={epochs}", "data.train_on=train"])
     with tempfile.TemporaryDirectory(prefix="bloodcell-profile-") as work, profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]
     ) as profiler:
@@ -217,7 +217,7 @@ def main() -> None:
         print(f"{key}: {value}", flush=True)
         atomic_write_json(args.out / "train_gpu.json", results)
 
-    config = load_config("default", [f"data.root={args.data.resolve()}"])
+    config = load_config("default", [override("data.root", args.data.resolve())])
     t0 = time.perf_counter()
     prepared = prepare_data(config.data, progress=False)
     save("prepare_seconds_cold_cache", time.perf_counter() - t0)
@@ -230,7 +230,7 @@ def main() -> None:
         save("device", torch.cuda.get_device_name(0))
         save("jpeg", jpeg_check(prepared.images[:64]))
         for k, overrides in enumerate(args.compare):  # side by side, on the same warm machine
-            variant = load_config("default", [f"data.root={args.data.resolve()}", *overrides.split()])
+            variant = load_config("default", [override("data.root", args.data.resolve()), *overrides.split()])
             measured = attempt(measure_training, variant, prepared, Path(work) / f"run-{k}")
             save(f"train_run_{k}", {"overrides": overrides, **measured})
         save("bare_images_per_second", {

@@ -48,7 +48,7 @@ from benchmark_common import DEFAULT_DATA, RESULTS, bare_step_speed
 from rich.console import Console
 from rich.table import Table
 
-from bloodcell.config import NormalizeConfig, RunConfig, config_from_dict, load_config
+from bloodcell.config import NormalizeConfig, RunConfig, config_from_dict, load_config, override
 from bloodcell.io import atomic_write_json
 from bloodcell.models import Classifier, create_model, list_models
 from bloodcell.train import fit
@@ -281,7 +281,7 @@ def time_to_accuracy(data_root: Path, seeds: list[int], config_name: str, overri
     for seed in seeds:
         # The holdout stage (train only): time to accuracy is measured on validation, which a refit trains on.
         config = load_config(
-            config_name, [f"data.root={data_root}", f"train.seed={seed}", "data.train_on=train", *overrides]
+            config_name, [override("data.root", data_root), f"train.seed={seed}", "data.train_on=train", *overrides]
         )
         prepare_data(config.data, progress=False)  # warm the cache outside the timing (a user's second run)
         reached: dict[str, float] = {}

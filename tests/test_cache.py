@@ -205,3 +205,33 @@ def test_a_file_system_that_cannot_lock_still_builds_and_removes_nothing(aria_da
     indexed = build_index(aria_dataset, progress=False)
     images = load_images(indexed.manifest, indexed.dataset.root, 32, cache_dir=cache_dir, progress=False)
     assert images.shape == (96, 32, 32, 3) and old.exists()
+
+
+def test_without_flock_or_fallocate_the_cache_still_builds(aria_dataset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Windows has no fcntl, macOS no posix_fallocate: the cache is built, unlocked and unreserved, and the
+    temporary is closed before its rename (Windows cannot rename an open file)."""
+    import os
+
+    monkeypatch.setattr(cache_module, "fcntl", None)
+    monkeypatch.delattr(os, "posix_fallocate")
+    opened: list = []
+    real_open = open
+
+    def tracking_open(*args, **kwargs):
+        handle = real_open(*args, **kwargs)
+        opened.append(handle)
+        return handle
+
+    real_replace = os.replace
+
+    def replace_only_closed(source, target):
+        assert all(handle.closed for handle in opened if handle.name == str(source)), "renamed while open"
+        return real_replace(source, target)
+
+    monkeypatch.setattr(cache_module, "open", tracking_open, raising=False)
+    monkeypatch.setattr(os, "replace", replace_only_closed)
+    indexed = build_index(aria_dataset, progress=False)
+    images = load_images(indexed.manifest, indexed.dataset.root, 32, cache_dir=tmp_path / "c", progress=False)
+    assert images.shape == (96, 32, 32, 3) and opened
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [cache_path(indexed.manifest, tmp_path / "c", 32, "Original").name]

@@ -21,6 +21,7 @@ from bloodcell.data.index import (
     NEAR_DUPLICATE_MAX_DISTANCE,
     build_index,
     dataset_workdir,
+    manifest_sha256,
     parse_capture,
     phash_distances_below,
     read_manifest,
@@ -110,6 +111,18 @@ def test_manifest_of_aria_dataset(aria_dataset: Path) -> None:
     assert result.summary["classes"] == {name: 24 for name in CLASSES}
     back = read_manifest(result.manifest_path)
     pd.testing.assert_frame_equal(back, manifest, check_dtype=False)
+
+
+def test_the_manifest_and_its_hash_are_the_same_on_every_system(aria_dataset: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The manifest's SHA-256 names the data in model cards: Windows line endings must not change it."""
+    import os
+
+    posix = build_index(aria_dataset, out=tmp_path / "posix.csv", progress=False)
+    monkeypatch.setattr(os, "linesep", "\r\n")  # what pandas ends CSV lines with on Windows, unless told
+    windows = build_index(aria_dataset, out=tmp_path / "windows.csv", progress=False)
+    assert b"\r" not in (tmp_path / "windows.csv").read_bytes()
+    assert manifest_sha256(windows.manifest_path) == manifest_sha256(posix.manifest_path)
 
 
 def test_workdir_follows_bloodcell_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -451,10 +451,15 @@ def test_shipped_configs_train_one_epoch(tmp_path: Path, name: str) -> None:
 
 def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monkeypatch, capsys) -> None:
     """End to end through the data stage: index, split, cache, train, run directory; a corrupt file is
-    skipped and named in the run's log."""
-    (aria_dataset / "Original" / "Pro" / "WBC-Malignant-Pro-999.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
+    skipped and named in the run's log. The folder's name holds what YAML would read as a comment (" #")
+    and a mapping (": "): the path must reach the config whole."""
+    import shutil
+
+    dataset = tmp_path / "lab data #2: aria"
+    shutil.move(aria_dataset, dataset)
+    (dataset / "Original" / "Pro" / "WBC-Malignant-Pro-999.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
     code, out, err = run_cli(
-        ["train", "--data", str(aria_dataset), "--out", str(tmp_path / "run"), "--no-report", "--no-progress",
+        ["train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--no-report", "--no-progress",
          "--json", "--set", "train.epochs=2", "--set", "data.image_size=32", "--set", "data.block_size=6",
          "--set", "data.embargo=1", "--set", "model.kwargs={width: 0.5}"],
         monkeypatch, capsys,
@@ -484,6 +489,21 @@ def test_auto_precision_uses_bf16_only_on_a_cpu_that_computes_in_it(
     monkeypatch.setattr(setup, "cpu_computes_bf16", lambda: has_bf16)
     train = tiny_config(train={"accelerator": accelerator, "precision": precision}).train
     assert setup.resolve_precision(train) == expected
+
+
+def test_auto_accelerator_is_cuda_or_the_cpu_never_mps_unasked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a Mac, Lightning's own "auto" would pick MPS, where --devices 2 fails and the learning-rate finder
+    (on the CPU) would disagree with training: "auto" here is CUDA when present, else the CPU."""
+    from bloodcell.train import setup
+    from bloodcell.tune.lr_find import _device
+
+    monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(setup.torch.backends.mps, "is_available", lambda: True)
+    config = tiny_config(train={"accelerator": "auto", "devices": 2})
+    assert setup.resolve_accelerator(config.train) == "cpu" and _device(config).type == "cpu"
+    fabric = setup.make_fabric(config.train)
+    assert type(fabric.accelerator).__name__ == "CPUAccelerator" and fabric.world_size == 2
+    assert setup.resolve_accelerator(tiny_config(train={"accelerator": "mps"}).train) == "mps"  # when asked
 
 
 def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -> None:

@@ -7,6 +7,7 @@ with a message naming the field before any work starts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from importlib import resources
@@ -284,6 +285,12 @@ def _parse_value(text: str) -> Any:
         return _load_yaml(text)
     except yaml.YAMLError:
         return text
+
+
+def override(key: str, value: Any) -> str:
+    """A ``key=value`` override that sets ``value`` exactly, whatever it holds: a path with ``" #"`` (a YAML
+    comment) or ``": "`` (a mapping) in it must not be cut short or read as something else."""
+    return f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"  # JSON is YAML
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -55,19 +55,19 @@ def train_command(
     With data.train_on=train+val (the default config) the recipe is first trained on train alone in
     RUN/holdout (validation scores, temperature), then refit on train + val: that model is the run's.
     """
-    from bloodcell.config import load_config
+    from bloodcell.config import load_config, override
     from bloodcell.errors import UserError
     from bloodcell.train import train_run
 
     extra = list(overrides)
     if data is not None:
-        extra.append(f"data.root={data.resolve()}")
+        extra.append(override("data.root", data.resolve()))
     if devices is not None:
         extra.append(f"train.devices={devices}")
     if pretrained:
         extra.append("model.pretrained=true")
     if weights is not None:
-        extra.append(f"model.weights={weights.resolve()}")
+        extra.append(override("model.weights", weights.resolve()))
 
     if resume is not None:
         if not (resume / "config.yaml").is_file():

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import time
 from pathlib import Path
 from typing import BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; caches build unlocked, as on a file system that cannot lock
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import pandas as pd
@@ -51,8 +55,10 @@ def _decode_into(target: Path, paths: list[Path], size: int, progress: bool) -> 
     with contextlib.ExitStack() as held, atomic_path(target, suffix=".npy") as tmp:
         array = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
         handle = held.enter_context(open(tmp, "rb+"))
-        _lock(handle, blocking=True)
+        locked = _lock(handle, blocking=True)
         _reserve(handle, target)
+        if not locked:
+            held.close()  # no lock to hold, and Windows cannot rename a file that is still open
         for k, path in enumerate(track(paths, len(paths), f"Decoding images at {size}px", progress)):
             array[k] = decode_image(path, size)
         array.flush()
@@ -60,12 +66,15 @@ def _decode_into(target: Path, paths: list[Path], size: int, progress: bool) -> 
 
 
 #: flock's answers on file systems that do not lock (Lustre without -o flock, some FUSE and SMB mounts).
-_NO_LOCKING = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+_NO_LOCKING = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF}
 
 
 def _lock(handle: BinaryIO, blocking: bool) -> bool | None:
     """Take an exclusive lock on an open file: True when taken, False when another process holds it, None
-    when the file system cannot lock (the build goes on unlocked; its temporaries are then never removed)."""
+    when the file system (or, on Windows, the system) cannot lock: the build goes on unlocked, and its
+    temporaries are then never removed."""
+    if fcntl is None:
+        return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -80,11 +89,13 @@ def _lock(handle: BinaryIO, blocking: bool) -> bool | None:
 def _reserve(handle: BinaryIO, target: Path) -> None:
     """Allocate the whole file on disk now. A memory map's file is sparse: a disk that fills while it is
     written kills the process with SIGBUS, no message, and leaves the temporary file filling the disk."""
+    if not hasattr(os, "posix_fallocate"):  # macOS and Windows: decode without the reservation
+        return
     size = os.fstat(handle.fileno()).st_size
     try:
         os.posix_fallocate(handle.fileno(), 0, size)
     except OSError as error:
-        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: decode anyway
+        if error.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):  # a file system that cannot: decode anyway
             return
         raise OSError(error.errno, f"{error.strerror} (the decoded cache needs {size / 2**20:,.0f} MiB; free some, "
                                    "or point BLOODCELL_HOME at a larger disk)", str(target)) from None  # fmt: skip
@@ -133,10 +144,12 @@ def load_images(
 
 def _remove_stale_caches(current: Path, size: int, variant: str) -> None:
     """Delete the caches of this size and variant made for earlier states of the data (about 200 MB each
-    at 160 px). A process still reading one keeps its memory map: the file goes when the map is closed."""
+    at 160 px). A process still reading one keeps its memory map: on POSIX the file goes when the map is
+    closed; Windows refuses to delete a mapped file, and it is left for a later run to remove."""
     for stale in current.parent.glob(f"{variant}-{size}px-*.npy"):
         if stale != current:
-            stale.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                stale.unlink()
 
 
 def _remove_abandoned_temporaries(cache_dir: Path, size: int, variant: str) -> None:

@@ -194,7 +194,7 @@ def _load_hash_cache(workdir: Path) -> dict[tuple[str, int, int], dict[str, Any]
 
 def _save_hash_cache(workdir: Path, rows: list[dict[str, Any]]) -> None:
     with atomic_path(workdir / _hash_cache_name()) as tmp:
-        pd.DataFrame(rows, columns=["path", "bytes", "mtime_ns", *_FILE_FACTS]).to_csv(tmp, index=False)
+        pd.DataFrame(rows, columns=["path", "bytes", "mtime_ns", *_FILE_FACTS]).to_csv(tmp, index=False, lineterminator="\n")
 
 
 def _inspect_all(paths: list[Path], workers: int, progress: bool) -> list[dict[str, Any]]:
@@ -408,7 +408,9 @@ def build_index(
     manifest = manifest[list(MANIFEST_COLUMNS)]
     manifest_path = Path(out) if out is not None else workdir / "manifest.csv"
     with atomic_path(manifest_path, suffix=".csv") as tmp:
-        manifest.to_csv(tmp, index=False)
+        # One line ending on every system: the manifest's SHA-256 names the data in model cards and reports,
+        # and pandas would otherwise end lines with \r\n on Windows.
+        manifest.to_csv(tmp, index=False, lineterminator="\n")
     return IndexResult(
         manifest, manifest_path, index_summary(manifest, manifest_path, dataset.classes), dataset
     )

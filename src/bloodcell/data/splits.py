@@ -303,7 +303,7 @@ def split_file_name(protocol: str, seed: int, fold: int | None = None) -> str:
 def save_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Write a split table as CSV, atomically; returns the path."""
     with atomic_path(path, suffix=".csv") as tmp:
-        split.to_csv(tmp, index=False)
+        split.to_csv(tmp, index=False, lineterminator="\n")
     return Path(path)
 
 

@@ -338,7 +338,7 @@ def _write_predictions(path: Path, prepared: PreparedData, indices: np.ndarray, 
     for k, name in enumerate(classes):
         table[f"p_{name}"] = probs[:, k].round(6)
     with atomic_path(path, suffix=".csv") as tmp:
-        table.to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False, lineterminator="\n")
     return path
 
 

@@ -51,10 +51,22 @@ def resolve_precision(train: TrainConfig) -> str:
     """
     if train.precision != "auto":
         return train.precision
-    uses_gpu = train.accelerator in {"auto", "cuda", "gpu"} and torch.cuda.is_available()
-    if uses_gpu:
+    accelerator = resolve_accelerator(train)
+    if accelerator in {"cuda", "gpu"} and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if train.accelerator in {"auto", "cpu"} and cpu_computes_bf16() else "32-true"
+    return "bf16-mixed" if accelerator == "cpu" and cpu_computes_bf16() else "32-true"
+
+
+def resolve_accelerator(train: TrainConfig) -> str:
+    """``auto``: a CUDA GPU when there is one, else the CPU; any other choice as given.
+
+    Apple's MPS only when asked for (``train.accelerator=mps``): Lightning's own ``auto`` would take it first,
+    but it runs one process only (``--devices 2`` would fail there, where it means two CPU processes) and
+    this project has not measured it.
+    """
+    if train.accelerator != "auto":
+        return train.accelerator
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_computes_bf16() -> bool:
@@ -66,11 +78,12 @@ def cpu_computes_bf16() -> bool:
 def make_fabric(train: TrainConfig) -> Fabric:
     """A Lightning Fabric for the configured accelerator, devices and precision (DDP when more than one)."""
     devices, nodes = launch_topology(train)
+    accelerator = resolve_accelerator(train)
     many = nodes > 1 or (devices not in (1, "auto") and int(devices) > 1) or (
-        devices == "auto" and train.accelerator != "cpu" and torch.cuda.device_count() > 1
+        devices == "auto" and accelerator == "cuda" and torch.cuda.device_count() > 1
     )
     return Fabric(
-        accelerator=train.accelerator,
+        accelerator=accelerator,
         devices=devices,
         num_nodes=nodes,
         precision=resolve_precision(train),  # type: ignore[arg-type]

@@ -147,10 +147,12 @@ def _device(config: RunConfig) -> torch.device:
 
     import torch
 
-    wants_gpu = config.train.accelerator in {"auto", "cuda", "gpu"}
-    if wants_gpu and torch.cuda.is_available():
+    from bloodcell.train.setup import resolve_accelerator
+
+    accelerator = resolve_accelerator(config.train)
+    if accelerator in {"cuda", "gpu"} and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if config.train.accelerator == "mps" and torch.backends.mps.is_available():
+    if accelerator == "mps" and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 

@@ -462,7 +462,7 @@ def write_results(study: optuna.Study, base: RunConfig, out_dir: Path) -> tuple[
     """Write ``best.yaml`` (a config ``train --config`` takes) and ``trials.csv``; both atomic."""
     trials_path = out_dir / "trials.csv"
     frame = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params", "user_attrs"))
-    atomic_write_text(trials_path, frame.to_csv(index=False))
+    atomic_write_text(trials_path, frame.to_csv(index=False, lineterminator="\n"))
     found = best_config(study, base)
     if found is None:
         return None, trials_path
