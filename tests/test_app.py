@@ -236,6 +236,37 @@ def test_server_survives_bad_requests_and_concurrency(client: TestClient) -> Non
     assert client.get("/healthz").status_code == 200
 
 
+def test_grad_cam_counts_against_the_inference_limit(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Grad-CAM is a forward and backward pass: it takes an inference slot like a prediction does, so
+    explained and plain requests together never run more network passes at once than the slots allow."""
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def counted(method):
+        def wrapper(*args, **kwargs):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            try:
+                time.sleep(0.05)  # long enough for the threads to overlap if nothing stopped them
+                return method(*args, **kwargs)
+            finally:
+                with lock:
+                    running[0] -= 1
+        return wrapper
+
+    monkeypatch.setattr(TorchPredictor, "predict", counted(TorchPredictor.predict))
+    monkeypatch.setattr(TorchPredictor, "explain", counted(TorchPredictor.explain))
+    client = TestClient(create_app(tiny_model))  # one slot: the network uses every core itself
+    queries = ["?explain=true", ""] * 4
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda query: post_file(client, cell_jpeg(seed=1), query=query), queries))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert peak[0] == 1
+
+
 def test_onnx_backend_matches_torch(tiny_model: Path, tiny_onnx: Path) -> None:
     torch_client = TestClient(create_app(tiny_model))
     onnx_client = TestClient(create_app(tiny_onnx, backend="onnx"))

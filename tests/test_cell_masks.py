@@ -55,6 +55,16 @@ def test_a_flat_image_has_no_stained_cell() -> None:
     assert not stained_cell_masks(flat).any()
 
 
+@pytest.mark.parametrize("field", [WHITE, RED_CELL])
+def test_a_noisy_field_without_stained_cells_has_none(field: tuple[int, int, int]) -> None:
+    """Otsu splits noise too: a blank or all-red-cell field must not "find" stained cells in it."""
+    rng = np.random.default_rng(0)
+    noisy = np.clip(np.array(field) + rng.normal(0, 8, (2, 64, 64, 3)), 0, 255).astype(np.uint8)
+    assert not stained_cell_masks(noisy).any()
+    with_a_cell = smear(0)[0]  # the same kind of field, with a nucleus: found
+    assert stained_cell_masks(with_a_cell[None]).any()
+
+
 def test_purple_excess_by_hand_and_shape_checked() -> None:
     pixel = np.array([[[[100, 40, 200]]]], dtype=np.uint8)
     assert purple_excess(pixel)[0, 0, 0] == pytest.approx(110.0)

@@ -89,6 +89,34 @@ def test_unknown_layer_or_method_is_a_user_error(bloodnet: Classifier) -> None:
         explain_images(bloodnet, images, method="magic")
 
 
+@pytest.mark.parametrize(("layer", "shape"), [("head", r"\(1, 4\)"), ("pool", r"\(1, \d+, 1, 1\)")])
+def test_a_layer_that_gives_no_feature_map_is_refused_before_any_work(bloodnet: Classifier, layer: str, shape: str) -> None:
+    """The head's (N, classes) output would fail inside the CAM library; a pooled 1 x 1 map would be flat."""
+    images, _ = toy_images(2, 48)
+    with pytest.raises(UserError, match=rf"layer '{layer}' gives a {shape} tensor .* not a feature map .* layers that do: "):
+        explain_images(bloodnet, images, target_layer=layer)
+
+
+def test_explaining_leaves_the_model_in_the_mode_it_was_in(bloodnet: Classifier) -> None:
+    images, _ = toy_images(2, 48)
+    bloodnet.train()
+    try:
+        explain_images(bloodnet, images)
+        assert bloodnet.training
+    finally:
+        bloodnet.eval()
+
+
+def test_overlay_names_never_collide() -> None:
+    from bloodcell.explain.gradcam import overlay_stems
+
+    assert overlay_stems(["a", "b"]) == ["a", "b"]
+    assert overlay_stems(["a", "a", "b"]) == ["000-a", "001-a", "b"]
+    # a.jpg and a.png become 000-a and 001-a, and 000-a.jpg's own stem would collide with the first.
+    named = overlay_stems(["a", "a", "000-a"])
+    assert len(set(named)) == 3 and named == ["000-a", "001-a", "002-000-a"]
+
+
 def test_explaining_a_given_class_and_randomised_copy(bloodnet: Classifier) -> None:
     images, _ = toy_images(4, 48, seed=2)
     result = explain_images(bloodnet, images, targets=np.array([3, 3, 3, 3]))
@@ -137,6 +165,19 @@ def test_images_without_stained_cells_leave_the_energy_undefined(bloodnet: Class
     flat = np.full((4, 48, 48, 3), 210, dtype=np.uint8)
     report = sanity_check(bloodnet, flat)
     assert report["n_masked"] == 0 and report["cam_energy_on_cell"] is None and report["favours_cell"] is False
+    assert report["cell_area_fraction"] is None
+
+
+def test_the_area_and_the_energy_ratio_are_over_the_same_images() -> None:
+    """A flat (all-zero) map has no energy to share: its image leaves both the share and the area."""
+    from bloodcell.explain.gradcam import _energy_on_cells
+
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, :2], masks[1, :1] = True, True  # areas 0.5 and 0.25
+    cams = np.ones((2, 4, 4), dtype=np.float32)
+    cams[1] = 0
+    share, area, ratio = _energy_on_cells(cams, masks)
+    assert (share, area, ratio) == pytest.approx((0.5, 0.5, 1.0))
 
 
 def test_the_cam_methods_the_cli_lists_are_the_registered_ones() -> None:

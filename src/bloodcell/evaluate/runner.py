@@ -601,7 +601,7 @@ def evaluate_model(
     if explain and target_layer is not None:  # a misspelt layer, too, fails before any work
         from bloodcell.explain.gradcam import resolve_target_layer
 
-        resolve_target_layer(model.net, target_layer)
+        resolve_target_layer(model.net, target_layer, card.input_size)
     run_dir = run_dir_of(model_dir)
     config = training_config(card, run_dir)
     trained_on = load_trained_on([model_dir, *([run_dir] if run_dir is not None else [])])

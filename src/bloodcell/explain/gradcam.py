@@ -127,16 +127,49 @@ def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn
 
 
 def resolve_target_layer(net: nn.Module, name: str | None, input_size: int = 128) -> tuple[str, nn.Module]:
-    """The module named ``name`` (dotted path inside ``net``), or the automatic choice when None."""
+    """The module named ``name`` (dotted path inside ``net``), or the automatic choice when None.
+
+    A named layer must give a feature map ``(N, C, H, W)`` with more than one position (checked by a probe
+    pass): a classifier head's ``(N, classes)``, a global pool's 1 x 1 map or a transformer's tokens would
+    fail inside the CAM library after all other work, or give a flat map that explains nothing.
+    """
     if name is None:
         return default_target_layer(net, input_size)
     try:
-        return name, net.get_submodule(name)
+        layer = net.get_submodule(name)
     except AttributeError:
-        candidates = [n for n, m in net.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Sequential))]
         raise UserError(
-            f"no layer {name!r} in {type(net).__name__}; examples of layer names: {', '.join(candidates[-6:])}"
+            f"no layer {name!r} in {type(net).__name__}; examples of layer names: {', '.join(_feature_map_names(net))}"
         ) from None
+    shape = _output_shape(net, layer, input_size)
+    if shape is None or len(shape) != 4 or min(shape[-2:]) < 2:
+        described = "no tensor" if shape is None else f"a {tuple(shape)} tensor"
+        raise UserError(
+            f"layer {name!r} gives {described} on a {input_size} px image, not a feature map (N, C, H, W) larger "
+            f"than 1 x 1, which Grad-CAM needs; layers that do: {', '.join(_feature_map_names(net))}"
+        )
+    return name, layer
+
+
+def _output_shape(net: nn.Module, layer: nn.Module, input_size: int) -> torch.Size | None:
+    """The shape of ``layer``'s output for one blank ``input_size`` image (None if it gives no tensor)."""
+    seen: list[Any] = []
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, 3, input_size, input_size, device=next(net.parameters()).device))
+    finally:
+        handle.remove()
+        net.train(was_training)
+    return seen[-1].shape if seen and isinstance(seen[-1], torch.Tensor) else None
+
+
+def _feature_map_names(net: nn.Module) -> list[str]:
+    """A few layer names a user could give: the last convolutions and stages."""
+    candidates = [n for n, m in net.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Sequential))]
+    return candidates[-6:]
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -170,6 +203,7 @@ def explain_images(
         raise ValueError("explain_images expects uint8 images of shape (N, H, W, 3)")
     device = next(model.parameters()).device
     layer_name, layer = resolve_target_layer(model.net, target_layer, images.shape[1])
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model(_to_tensor(images[i : i + 64], device)) for i in range(0, len(images), 64)])
@@ -188,6 +222,7 @@ def explain_images(
     finally:
         cam.activations_and_grads.release()  # remove the hooks; the CAM context manager would swallow errors
         model.zero_grad(set_to_none=True)  # leave no gradients behind in a model that may be trained further
+        model.train(was_training)  # the CAM library put it in eval mode; a caller's training goes on as it was
     cams = np.nan_to_num(np.concatenate(maps).astype(np.float32), nan=0.0)
     return CamResult(cams=cams, targets=explained, logits=logits.numpy(), probabilities=probabilities,
                      layer_name=layer_name, map_size=(int(height), int(width)))  # fmt: skip
@@ -254,7 +289,8 @@ def sanity_check(
     Returns a JSON-ready dict: ``method``, ``target_layer``, ``map_size`` (the layer's ``[height, width]``),
     ``n_images``, ``randomized_similarity`` (mean Spearman), ``informative_fraction`` (share of non-constant
     trained CAMs), ``passed`` (similarity below :data:`SANITY_MAX_SIMILARITY` and most CAMs informative);
-    and, over the images whose stained cells were found (``n_masked``), ``cam_energy_on_cell`` (mean share
+    and, over the images whose stained cells were found (``n_masked``) and whose trained map is not flat
+    zero, ``cam_energy_on_cell`` (mean share
     of the energy on them), ``cell_area_fraction`` (mean share of pixels that are cell),
     ``energy_to_area_ratio`` (1: as much energy on the cells as a uniform map), the same two for the
     random-weights maps (``random_energy_on_cell``, ``random_energy_to_area_ratio``) and ``favours_cell``
@@ -270,10 +306,8 @@ def sanity_check(
     mean_similarity = float(np.mean(similarity)) if len(similarity) else None
     masks = stained_cell_masks(images)
     masked = masks.reshape(len(masks), -1).any(axis=1)
-    area = float(masks[masked].mean()) if masked.any() else None
-    (share, ratio), (random_share, random_ratio) = (_energy_on_cells(result.cams[masked], masks[masked])
-                                                    if area is not None else (None, None)
-                                                    for result in (trained, random_cams))  # fmt: skip
+    share, area, ratio = _energy_on_cells(trained.cams[masked], masks[masked])
+    random_share, _, random_ratio = _energy_on_cells(random_cams.cams[masked], masks[masked])
     return {
         "method": method,
         "target_layer": trained.layer_name,
@@ -299,15 +333,17 @@ def favours_cell(ratio: float | None, random_ratio: float | None) -> bool:
     return ratio is not None and ratio > CELL_FOCUS_MARGIN * max(1.0, random_ratio or 0.0)
 
 
-def _energy_on_cells(cams: np.ndarray, masks: np.ndarray) -> tuple[float | None, float | None]:
-    """Mean share of the maps' energy on the masks, and its ratio to the masks' mean share of the image,
-    both over the same images: those whose map is not flat zero (a flat map has no energy to share)."""
+def _energy_on_cells(cams: np.ndarray, masks: np.ndarray) -> tuple[float | None, float | None, float | None]:
+    """Mean share of the maps' energy on the masks, the masks' mean share of the image, and their ratio, all
+    over the same images: those whose map is not flat zero (a flat map has no energy to share)."""
+    if len(cams) == 0:
+        return None, None, None
     energy = cam_energy_on_cell(cams, masks)
     valid = np.isfinite(energy)
     if not valid.any():
-        return None, None
+        return None, None, None
     share, area = float(energy[valid].mean()), float(masks[valid].mean())
-    return share, (share / area if area > 0 else None)
+    return share, area, (share / area if area > 0 else None)
 
 
 def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray) -> Path:
@@ -320,6 +356,14 @@ def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(panel).save(tmp, format="PNG")
     return Path(path)
+
+
+def overlay_stems(stems: list[str]) -> list[str]:
+    """File stems for the overlays, one per image and all different: a stem shared by several images (the
+    same name in two folders, or ``a.jpg`` beside ``a.png``) is prefixed by the image's position, and if that
+    still collides with another image's own stem (``000-a.jpg``), every stem is."""
+    named = [stem if stems.count(stem) == 1 else f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
+    return named if len(set(named)) == len(named) else [f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
 
 
 def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:
@@ -368,11 +412,9 @@ def explain_files(
     images = np.stack(list(decoded.values()))
     result = explain_images(model, images, method, target_layer)
     probs = softmax_with_temperature(result.logits, card.temperature)
-    stems = [Path(path).stem for path in image_paths]
+    names = overlay_stems([Path(path).stem for path in image_paths])
     for k, i in enumerate(decoded):
-        # Same-named images from different folders must not overwrite each other's overlay.
-        stem = stems[i] if stems.count(stems[i]) == 1 else f"{i:03d}-{stems[i]}"
-        target = Path(out_dir) / f"{stem}.{method.replace('+', 'p')}.png"
+        target = Path(out_dir) / f"{names[i]}.{method.replace('+', 'p')}.png"
         save_overlay(target, images[k], result.cams[k])
         predicted = int(result.targets[k])
         rows[i].update(overlay=str(target), predicted=card.classes[predicted],

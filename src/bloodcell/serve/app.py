@@ -290,7 +290,9 @@ class Service:
 
             target = self.predictor.classes.index(result.label)
             try:
-                cam = self.explainer().explain(model_input, target=target)
+                explainer = self.explainer()
+                with self._inference_slots:  # a backward pass through the network: inference work, as bounded
+                    cam = explainer.explain(model_input, target=target)
             except NoFeatureMap as error:
                 raise HTTPException(400, f"explain=true is not available for this model: {error}") from None
             response["explanation"] = {
