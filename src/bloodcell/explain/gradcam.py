@@ -94,7 +94,9 @@ def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn
 
     A feature map is ``(N, C, H, W)`` with ``H == W`` (the probe is square) no larger than the input: a
     transformer's 4-D tensors, ``(N, heads, tokens, dim)`` or channels-last ``(N, H, W, C)``, are not, and
-    a Grad-CAM on them would look like a map and mean nothing; such a network needs ``--target-layer``.
+    a Grad-CAM on them would look like a map and mean nothing. For a vision transformer the choice is
+    therefore its patch embedding, before any attention block: a low-level map. Its token layers give
+    ``(N, tokens, dim)``, which :func:`resolve_target_layer` refuses (no token-to-grid reshaping here).
     """
     names = {id(module): name for name, module in net.named_modules() if name}
     # Inside an attention block a 4-D tensor is (batch, heads, tokens, dim), square when tokens = dim.
