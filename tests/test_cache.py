@@ -141,6 +141,8 @@ def test_prepare_data_names_the_files_it_skips(tmp_path: Path, caplog: pytest.Lo
     (root / "Original" / "Pro" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
     with caplog.at_level("WARNING", logger="bloodcell.data.prepare"):
         prepared = prepare_data(DataConfig(image_size=32, block_size=4, embargo=0), root, progress=False)
+        # train prepares the data again for its second stage and its evaluation: the note is given once.
+        prepare_data(DataConfig(image_size=32, block_size=4, embargo=0), root, progress=False)
     assert "Pro/broken.jpg" not in set(prepared.split["path"])
     (message,) = [record.getMessage() for record in caplog.records]
     assert "1 of 49 files" in message and "Pro/broken.jpg: " in message and "bloodcell index" in message

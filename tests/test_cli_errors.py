@@ -117,3 +117,17 @@ def test_the_server_stopped_by_a_signal_says_so_with_its_status(tiny_model: Path
         process.send_signal(signal_number)
         _, err = process.communicate(timeout=60)
     assert process.returncode == status and word in err
+
+
+def test_error_lines_are_coloured_on_a_terminal_unless_no_color_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """click already drops colour off a terminal; NO_COLOR (no-color.org) asks for none on one too."""
+    from bloodcell.cli import messages
+
+    colours: list[str | None] = []
+    monkeypatch.setattr(messages.typer, "secho", lambda text, fg=None, err=False: colours.append(fg))
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    messages.error_line("error: x")
+    monkeypatch.setenv("NO_COLOR", "1")
+    messages.error_line("error: x")
+    messages.warning_line("interrupted")
+    assert colours == ["red", None, None]

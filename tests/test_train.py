@@ -367,6 +367,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         ("data.fold=5", "data.fold"),  # of the default 5 folds, 0..4
         ("model.kwargs.widht=2", "widht"),  # a misspelled network argument, found before any work
         ("model.kwargs.width=wide", "model.kwargs"),
+        ("train.devices=0", "train.devices"),
+        ("train.devices=-1", "train.devices"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(override: str, named: str) -> None:
@@ -417,6 +419,17 @@ def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
         main()
     captured = capsys.readouterr()
     return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+def test_cli_refuses_a_missing_dataset_or_a_foreign_out_folder_before_any_work(tmp_path: Path, aria_dataset: Path,
+                                                                             monkeypatch, capsys) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["train", "--data", "nope"], monkeypatch, capsys)
+    assert code == 2 and "dataset folder not found: nope" in err and not (tmp_path / "runs").exists()
+    # --out naming a folder of other files (here the dataset itself) would scatter the run among them.
+    code, _, err = run_cli(["train", "--data", str(aria_dataset), "--out", str(aria_dataset)], monkeypatch, capsys)
+    assert code == 2 and "not a run; give a new or empty folder" in err
+    assert not (aria_dataset / "config.yaml").exists()
 
 
 def test_cli_rejects_a_bad_key_with_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -504,6 +517,9 @@ def test_auto_accelerator_is_cuda_or_the_cpu_never_mps_unasked(monkeypatch: pyte
     fabric = setup.make_fabric(config.train)
     assert type(fabric.accelerator).__name__ == "CPUAccelerator" and fabric.world_size == 2
     assert setup.resolve_accelerator(tiny_config(train={"accelerator": "mps"}).train) == "mps"  # when asked
+    # CUDA asked for where there is none: one line naming the setting, not Lightning's traceback.
+    with pytest.raises(UserError, match="train.accelerator=cuda.*not available"):
+        setup.make_fabric(tiny_config(train={"accelerator": "cuda"}).train)
 
 
 def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -> None:
@@ -517,11 +533,39 @@ def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -
             CountedLoss.reads += 1
             return 0.5
 
-    with RunProgress(True, epochs=1) as bar:
+    import io
+
+    from rich.console import Console
+
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    with RunProgress(True, epochs=1, console=terminal) as bar:
         bar.start_epoch(1, steps=200, last_val="-")
         for _ in range(200):
             bar.step(CountedLoss(), rate=100.0)
+        bar.end_epoch("0.9000", loss=0.6160, rate=124.0)
     assert 1 <= CountedLoss.reads <= 5
+    assert "loss 0.6160" in terminal.file.getvalue()  # the epoch's own loss, not the last sampled step's
+
+
+def test_without_a_terminal_every_epoch_is_one_plain_line() -> None:
+    """Piped to a file, a bar is drawn once, for the last epoch: each epoch gets a line instead."""
+    import io
+
+    from rich.console import Console
+
+    from bloodcell.train.progress import RunProgress
+
+    piped = Console(file=io.StringIO(), force_terminal=False, width=60)
+    with RunProgress(True, epochs=2, console=piped) as bar:
+        for epoch, loss in ((1, 0.9), (2, 0.6160)):
+            bar.start_epoch(epoch, steps=3, last_val="-")
+            for _ in range(3):
+                bar.step(float("nan"), rate=0.0)
+            bar.end_epoch("0.9123", loss=loss, rate=124.4)
+    assert piped.file.getvalue().splitlines() == [
+        "epoch 1/2  loss 0.9000  val bal-acc 0.9123  124 img/s",
+        "epoch 2/2  loss 0.6160  val bal-acc 0.9123  124 img/s",
+    ]
 
 
 def test_a_failed_cuda_graph_recording_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:

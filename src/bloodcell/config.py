@@ -165,7 +165,7 @@ class TrainConfig(Strict):
     early_stopping_patience: int = Field(0, ge=0)  # 0: off; else validations (epochs at eval_every 1) without improvement
     grad_clip: float = Field(2.0, ge=0)  # 0: off
     seed: int = Field(0, ge=0)
-    devices: int | Literal["auto"] = 1
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = "auto"
     num_threads: int = Field(0, ge=0)  # 0: automatic (idle cores, shared among processes); else this many

@@ -14,6 +14,7 @@ import sys
 import typer
 
 from bloodcell import __version__
+from bloodcell.cli.messages import error_line, warning_line
 
 app = typer.Typer(
     name="bloodcell",
@@ -65,7 +66,7 @@ def main() -> None:
     try:
         app()
     except (UserError, ConfigError, ImageError, LeakageError, FileNotFoundError, NotADirectoryError) as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        error_line(f"error: {error}")
         sys.exit(2)
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRNOS or os.environ.get("BLOODCELL_DEBUG", "") not in ("", "0"):
@@ -73,7 +74,7 @@ def main() -> None:
         # The machine's state, not a bug: a full disk, a read-only or forbidden folder, a file where a
         # folder should be. One line naming the path says what to fix.
         where = f"{error.filename}: " if error.filename else ""
-        typer.secho(f"error: {where}{error.strerror}", fg=typer.colors.RED, err=True)
+        error_line(f"error: {where}{error.strerror}")
         sys.exit(2)
     except SystemExit as exit_:
         # Typer turns an interrupt into exit status 130, silently, and a server (uvicorn) that shuts down
@@ -82,7 +83,7 @@ def main() -> None:
         if exit_.code != 130 and not (Interrupted.by is not None and exit_.code in (0, None)):
             raise
         terminated = Interrupted.by == signal.SIGTERM
-        typer.secho("terminated" if terminated else "interrupted", fg=typer.colors.YELLOW, err=True)
+        warning_line("terminated" if terminated else "interrupted")
         sys.exit(143 if terminated else 130)
     finally:
         for number, handler in previous.items():  # main() called in-process (tests) leaves the caller as it was

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bloodcell.cli import app
+from bloodcell.cli.messages import error_line
 from bloodcell.config import DataConfig
 
 _DEFAULTS = DataConfig()
@@ -191,7 +192,7 @@ def split_command(
         )
         typer.echo(f"Leakage check: {summary['leakage_check']}. Split: {path}")
     if summary["leakage_check"] != "passed":
-        typer.secho(f"error: {summary['leakage_message']}", fg=typer.colors.RED, err=True)
+        error_line(f"error: {summary['leakage_message']}")
         raise typer.Exit(1)
 
 

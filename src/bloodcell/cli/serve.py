@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from bloodcell.cli import app
+from bloodcell.cli.messages import error_line
 from bloodcell.errors import UserError
 
 
@@ -258,7 +259,7 @@ def export_command(
         Path | None,
         typer.Option(
             "--out", "-o", help="The .onnx file (or a folder for model.onnx) to write; card.json goes beside it. "
-            "Default: MODEL-DIR/onnx/model.onnx ($BLOODCELL_HOME/onnx/<weights hash>/model.onnx for the bundled model, "
+            "Default: MODEL-DIR/onnx/model.onnx ($BLOODCELL_HOME/onnx/WEIGHTS-HASH/model.onnx for the bundled model, "
             "where serve finds it).", show_default=False,
         ),
     ] = None,
@@ -290,7 +291,7 @@ def export_command(
     except OSError as error:  # a folder where the file should go, a file where a folder should, no permission
         raise UserError(f"cannot write the export ({error}); choose another place with --out") from None
     except ParityError as error:  # not a usage error: exit 1, as predict does for files it could not classify
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        error_line(f"error: {error}")
         raise typer.Exit(code=1) from None
     info = read_card_json(path.parent)["onnx"]
     summary = {"onnx": str(path), "card": str(path.parent / "card.json"), "bytes": path.stat().st_size, **info["parity"]}
@@ -298,7 +299,7 @@ def export_command(
         typer.echo(json.dumps(summary))
     else:
         typer.echo(
-            f"wrote {path} ({summary['bytes'] / 1e6:.1f} MB) and its card; parity vs PyTorch on "
+            f"wrote {path} ({summary['bytes'] / 1e6:.1f} MB) and its card {summary['card']}; parity vs PyTorch on "
             f"{info['parity']['images']}: max |dp| = {info['parity']['max_abs_diff_probabilities']:.1e}"
         )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from bloodcell.cli import app
+from bloodcell.cli.messages import warning_line
 from bloodcell.config import named_configs
 
 DATA_OPTION = typer.Option(
@@ -77,13 +78,15 @@ def train_command(
     else:
         if data is None:
             raise UserError("pass --data DATA (the dataset folder) or --resume RUN")
+        if not data.is_dir():  # before a run folder is made or anything is announced
+            raise UserError(f"dataset folder not found: {data}" if not data.exists() else f"--data {data}: not a folder")
         run_config = load_config(config, extra)
         run_dir = out if out is not None else Path("runs") / run_config.name
 
     try:
         result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
     except KeyboardInterrupt:
-        typer.secho(f"interrupted; continue with: bloodcell train --resume {run_dir}", fg=typer.colors.YELLOW, err=True)
+        warning_line(f"interrupted; continue with: bloodcell train --resume {run_dir}")
         raise
     if not result.is_main_process:
         return
@@ -128,9 +131,5 @@ def _build_report(run_dir: Path) -> Path | None:
     try:
         return build_report(run_dir)
     except Exception as error:  # noqa: BLE001 - the trained model is safe on disk; say what failed
-        typer.secho(
-            f"report failed ({type(error).__name__}: {error}); the run is complete. Retry with: bloodcell report {run_dir}",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
+        warning_line(f"report failed ({type(error).__name__}: {error}); the run is complete. Retry with: bloodcell report {run_dir}")
         return None

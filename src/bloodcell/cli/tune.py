@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from bloodcell.cli import app
+from bloodcell.cli.messages import warning_line
 
 _DATA_HELP = "Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class)."
 _CONFIG_HELP = "Base config: a shipped name (default, ...) or a YAML file."
@@ -61,10 +62,8 @@ def lr_find_command(
     if result.plot_path:
         typer.echo(f"plot: {result.plot_path}")
     if result.loss_never_fell:
-        typer.secho(
-            f"the loss never fell: {result.suggested_lr:.3g} is only the lowest rate swept; widen the sweep "
-            f"downwards (--start-lr {result.lrs[0] / 100:.3g})", fg=typer.colors.YELLOW, err=True,
-        )
+        warning_line(f"the loss never fell: {result.suggested_lr:.3g} is only the lowest rate swept; widen the sweep "
+                     f"downwards (--start-lr {result.lrs[0] / 100:.3g})")
     typer.echo(f"use it: bloodcell train --data {data} --set optimizer.lr={result.suggested_lr:.3g}")
 
 
@@ -99,14 +98,14 @@ def tune_command(
     run_config = load_config(config, list(overrides))
     search_space = load_space(space)
     for override, name in overrides_the_search_replaces(list(overrides), search_space):
-        typer.secho(f"--set {override} is replaced in every trial: the search space searches {name} (give --space "
-                    f"with {name}: null to keep it)", fg=typer.colors.YELLOW, err=True)  # fmt: skip
+        warning_line(f"--set {override} is replaced in every trial: the search space searches {name} (give --space "
+                     f"with {name}: null to keep it)")  # fmt: skip
     try:
         # (pruner: a string that make_pruner validates)
         result = tune(run_config, data, trials, out_dir=out, storage=storage, study_name=study, timeout=timeout,
                       cv=cv, space=search_space, pruner=pruner, seed=seed)  # type: ignore[arg-type]  # fmt: skip
     except KeyboardInterrupt:
-        typer.secho("interrupted; run the same command again to continue the study", fg=typer.colors.YELLOW, err=True)
+        warning_line("interrupted; run the same command again to continue the study")
         raise
     summary = {
         "study": result.study_name,

@@ -90,6 +90,10 @@ def segmented_images(
     )
 
 
+#: The skipped-files notes this process has already given on stderr.
+_NOTES_GIVEN: set[str] = set()
+
+
 def prepare_data(
     data_config: DataConfig, root: str | Path | None = None, progress: bool = True
 ) -> PreparedData:
@@ -110,7 +114,8 @@ def prepare_data(
     indexed = build_index(folder, data_config.variant, data_config.class_names, progress=progress)
     dataset = indexed.dataset
     note = skipped_files_note(indexed.manifest, folder)
-    if note:
+    if note and note not in _NOTES_GIVEN:  # train prepares the data for each stage and its evaluation: say it once
+        _NOTES_GIVEN.add(note)
         log.warning(note)
     split = make_split(
         indexed.manifest,

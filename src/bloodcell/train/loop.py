@@ -335,7 +335,8 @@ def fit(
                     _write_history(run_dir, state.history)
                     log.info("epoch %s", _format_row(row) + ("  *best*" if improved else ""))
                 fabric.barrier()
-                bar.end_epoch(f"{row['val_balanced_accuracy']:.4f}" if validate else "-")
+                bar.end_epoch(f"{row['val_balanced_accuracy']:.4f}" if validate else "-", row["train_loss"],
+                              row["images_per_second"])  # fmt: skip
                 if epoch_callback is not None and validate:
                     epoch_callback(epoch, dict(row))
                 if state.stopped:

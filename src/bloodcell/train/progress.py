@@ -19,19 +19,26 @@ from rich.progress import (
 
 
 class RunProgress:
-    """One bar per epoch with loss, validation balanced accuracy and images/s; a no-op when disabled."""
+    """One bar per epoch with loss, validation balanced accuracy and images/s; a no-op when disabled.
+
+    When stderr is not a terminal (a log file, a pipe, a batch job), a bar would be drawn once, at the end,
+    for the last epoch only: each epoch is then one plain line instead, with the same figures.
+    """
 
     #: Seconds between two readings of the loss. Reading a GPU tensor's value makes the host wait until the
     #: GPU has caught up, which every step would cost a launch-bound model much of its speed; the bar is
     #: redrawn ten times a second anyway.
     READ_EVERY = 0.25
 
-    def __init__(self, enabled: bool, epochs: int) -> None:
+    def __init__(self, enabled: bool, epochs: int, console: Console | None = None) -> None:
         self.epochs = epochs
         self._progress: Progress | None = None
         self._task = None
         self._last_read = float("-inf")
-        if enabled:
+        self._console = console or Console(stderr=True)
+        self._lines = enabled and not self._console.is_terminal
+        self._epoch = 0
+        if enabled and not self._lines:
             self._progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
                 BarColumn(),
@@ -41,7 +48,7 @@ class RunProgress:
                 TextColumn("{task.fields[rate]:.0f} img/s"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=self._console,
             )
 
     def __enter__(self) -> Self:
@@ -54,6 +61,7 @@ class RunProgress:
             self._progress.stop()
 
     def start_epoch(self, epoch: int, steps: int, last_val: str) -> None:
+        self._epoch = epoch
         if self._progress is None:
             return
         if self._task is not None:
@@ -73,9 +81,13 @@ class RunProgress:
         self._last_read = now
         self._progress.update(self._task, advance=1, loss=float(loss), rate=rate)
 
-    def end_epoch(self, val: str) -> None:
-        if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, val=val)
+    def end_epoch(self, val: str, loss: float, rate: float) -> None:
+        """The epoch's own figures (its mean training loss and images/s), not the last sampled step's."""
+        if self._lines:
+            self._console.print(f"epoch {self._epoch}/{self.epochs}  loss {loss:.4f}  val bal-acc {val}  {rate:.0f} img/s",
+                                highlight=False, soft_wrap=True)  # fmt: skip
+        elif self._progress is not None and self._task is not None:
+            self._progress.update(self._task, val=val, loss=loss, rate=rate)
 
 
 def open_log(run_dir: Path, enabled: bool) -> logging.Logger:

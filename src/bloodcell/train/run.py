@@ -112,6 +112,12 @@ def _claim_run_dir(run_dir: Path, config: RunConfig) -> None:
     """
     if any(holds_a_run(stage) for stage in (run_dir, run_dir / HOLDOUT_DIR)):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    if run_dir.is_file():
+        raise UserError(f"--out {run_dir}: is a file; give a folder for the run")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").is_file():
+        # Not a run of ours (a failed start writes config.yaml first): the run's files would land among
+        # someone else's, a dataset's class folders, say.
+        raise UserError(f"--out {run_dir}: a folder with other files in it, not a run; give a new or empty folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 

@@ -82,13 +82,16 @@ def make_fabric(train: TrainConfig) -> Fabric:
     many = nodes > 1 or (devices not in (1, "auto") and int(devices) > 1) or (
         devices == "auto" and accelerator == "cuda" and torch.cuda.device_count() > 1
     )
-    return Fabric(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=nodes,
-        precision=resolve_precision(train),  # type: ignore[arg-type]
-        strategy="ddp" if many else "auto",
-    )
+    try:
+        return Fabric(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=nodes,
+            precision=resolve_precision(train),  # type: ignore[arg-type]
+            strategy="ddp" if many else "auto",
+        )
+    except (RuntimeError, ValueError) as error:  # e.g. cuda asked for on a machine without a GPU
+        raise UserError(f"train.accelerator={train.accelerator}, train.devices={train.devices}: {error}") from None
 
 
 def set_threads(requested: int, local_processes: int) -> int:
