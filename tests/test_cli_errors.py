@@ -131,3 +131,14 @@ def test_error_lines_are_coloured_on_a_terminal_unless_no_color_is_set(monkeypat
     messages.error_line("error: x")
     messages.warning_line("interrupted")
     assert colours == ["red", None, None]
+
+
+def test_a_path_of_the_wrong_kind_is_said_in_words(aria_dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """"Is a directory" or "Not a directory" from the OS, said as what the user gave and what is needed."""
+    folder, file = tmp_path / "a-folder", tmp_path / "a-file"
+    folder.mkdir()
+    file.write_text("x")
+    code, err = run_cli(["index", str(aria_dataset), "--out", str(folder), "--no-progress"], monkeypatch, capsys)
+    assert code == 2 and err == f"error: {folder}: is a folder, where a file is needed\n"
+    code, err = run_cli(["index", str(aria_dataset), "--out", str(file / "m.csv"), "--no-progress"], monkeypatch, capsys)
+    assert code == 2 and err == f"error: {file}: already exists as a file, where a folder is needed\n"

@@ -238,15 +238,22 @@ def test_cli_explain_reports_a_bad_image_and_explains_the_others(run: Path, data
     (folder / "good.jpg").write_bytes(good.read_bytes())
     (folder / "cut.jpg").write_bytes(good.read_bytes()[:200])
     (folder / "._good.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: not an input
+    (folder / "notes.txt").write_text("not an image by its suffix: named, as predict does")
     missing = tmp_path / "not-there.jpg"
     result = CliRunner().invoke(app, ["explain", str(run), str(folder), str(missing), "--out", str(tmp_path / "cams"), "--json"])
     assert result.exit_code == 1, result.output
     payload = json.loads(result.stdout)
+    assert [Path(name).name for name in payload["skipped"]] == ["notes.txt"]
     rows = {Path(row["image"]).name: row for row in payload["images"]}
     assert set(rows) == {"good.jpg", "cut.jpg", "not-there.jpg"} and payload["n_failed"] == 2
     assert "no such file" in rows["not-there.jpg"]["error"]
     assert rows["good.jpg"]["error"] is None and Path(rows["good.jpg"]["overlay"]).is_file()
     assert "truncated" in rows["cut.jpg"]["error"] and rows["cut.jpg"]["overlay"] is None
+    # The table, piped: paths wrapped, not cut short, where the overlays went, and the skipped file.
+    result = CliRunner().invoke(app, ["explain", str(run), str(folder), "--out", str(tmp_path / "cams")], env={"COLUMNS": "80"})
+    assert "\u2026" not in result.stdout
+    assert f"1 overlay(s) written to {tmp_path / 'cams'}/; 1 image(s) failed" in result.stdout
+    assert "skipped 1 file(s)" in result.stderr and "notes.txt" in result.stderr
 
 
 def test_cli_explain_with_only_a_model_is_a_user_error(run: Path) -> None:

@@ -118,12 +118,16 @@ def test_predict_json_all_good_exit_zero(tiny_model: Path, slides: Path, tmp_pat
     assert first["error"] is None and first["class"] == max(first["probabilities"], key=first["probabilities"].get)
 
 
-def test_model_as_first_input_and_missing_inputs(tiny_model: Path, slides: Path) -> None:
-    result = run("predict", str(tiny_model), str(slides / "cell-001.jpg"), str(slides / "no-such-*.png"), "--json")
+def test_model_as_first_input_and_missing_inputs(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = run("predict", str(tiny_model), str(slides / "cell-001.jpg"), str(slides / "no-such-*.png"),
+                 str(tmp_path / "gone.jpg"), str(tmp_path / "empty"), "--json")  # fmt: skip
     assert result.exit_code == 1
     rows = json.loads(result.stdout)["results"]
     assert rows[0]["error"] is None and Path(rows[0]["file"]).name == "cell-001.jpg"
-    assert "no such file" in rows[1]["error"]
+    # Each input that names no image says which of the three it is.
+    assert [row["error"] for row in rows[1:]] == [
+        "a pattern that matches no image file", "no such file or folder", "a folder with no image files in it"]
 
 
 def test_usage_errors(tiny_model: Path, slides: Path, tmp_path: Path) -> None:

@@ -343,3 +343,13 @@ def test_cv_objective_is_the_mean_over_kfold_folds(aria_dataset: Path, tmp_path:
     assert (
         load_config(str(result.best_config_path)).data.protocol == "session"
     )  # the tuned config trains as usual
+
+
+def test_the_cli_offers_the_pruners_the_search_knows() -> None:
+    """--pruner is a fixed choice, so a typo fails at once, not after the study has started."""
+    import typing
+
+    from bloodcell.cli.tune import tune_command
+    from bloodcell.tune.search import PrunerName
+
+    assert typing.get_args(typing.get_type_hints(tune_command)["pruner"]) == typing.get_args(PrunerName)

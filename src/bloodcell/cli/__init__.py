@@ -66,15 +66,14 @@ def main() -> None:
     try:
         app()
     except (UserError, ConfigError, ImageError, LeakageError, FileNotFoundError, NotADirectoryError) as error:
-        error_line(f"error: {error}")
+        error_line(f"error: {_path_error(error) if isinstance(error, OSError) and error.errno else error}")
         sys.exit(2)
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRNOS or os.environ.get("BLOODCELL_DEBUG", "") not in ("", "0"):
             raise  # BLOODCELL_DEBUG=1 keeps the traceback, for a bug report
         # The machine's state, not a bug: a full disk, a read-only or forbidden folder, a file where a
         # folder should be. One line naming the path says what to fix.
-        where = f"{error.filename}: " if error.filename else ""
-        error_line(f"error: {where}{error.strerror}")
+        error_line(f"error: {_path_error(error)}")
         sys.exit(2)
     except SystemExit as exit_:
         # Typer turns an interrupt into exit status 130, silently, and a server (uvicorn) that shuts down
@@ -88,6 +87,20 @@ def main() -> None:
     finally:
         for number, handler in previous.items():  # main() called in-process (tests) leaves the caller as it was
             signal.signal(number, handler)
+
+
+#: What the OS's words for a path of the wrong kind mean for the user ("File exists" from making a folder).
+_PATH_KIND = {
+    errno.EISDIR: "is a folder, where a file is needed",
+    errno.ENOTDIR: "a file stands in this path where a folder is needed",
+    errno.EEXIST: "already exists as a file, where a folder is needed",
+}
+
+
+def _path_error(error: OSError) -> str:
+    """``path: what is wrong`` for an OSError from the machine's state."""
+    where = f"{error.filename}: " if error.filename else ""
+    return where + _PATH_KIND.get(error.errno or 0, error.strerror or str(error))
 
 
 #: OSError numbers that describe the environment (space, permissions, the kind of a path), not a bug.

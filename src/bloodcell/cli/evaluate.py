@@ -146,15 +146,17 @@ def _split_model_and_images(paths: list[Path]) -> tuple[Path | None, list[Path]]
     return paths[0], paths[1:]
 
 
-def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: str, target_layer: str | None) -> list[dict]:
+def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: str,
+                    target_layer: str | None) -> tuple[list[dict], list[Path]]:  # fmt: skip
     """Explain the images that ``paths`` name (folders searched, hidden files left out, globs expanded, as
-    ``predict`` does); an input that names nothing gets a row with its reason, as a bad image does."""
+    ``predict`` does); an input that names nothing gets a row with its reason, as a bad image does.
+    Also returns the other files found in the folders (not images by their suffix), to be named."""
     from bloodcell.explain.gradcam import explain_files, explain_row
-    from bloodcell.serve.common import MISSING_INPUT_REASON, expand_inputs
+    from bloodcell.serve.common import expand_inputs, missing_input_reason
 
     found = expand_inputs(paths)
     rows = explain_files(model, found.files, out, method=method, target_layer=target_layer) if found.files else []
-    return rows + [explain_row(name, MISSING_INPUT_REASON) for name in found.missing]
+    return rows + [explain_row(name, missing_input_reason(name)) for name in found.missing], list(found.skipped)
 
 
 @app.command("explain")
@@ -170,16 +172,19 @@ def explain_command(
     A file that cannot be read is reported with its reason and the others are still explained.
     Exit code: 0 when every image was explained, 1 when any failed, 2 on a usage error.
     """
+    from bloodcell.cli.serve import skipped_note
+
     model, images = _split_model_and_images(paths)
-    rows = _explain_inputs(model, images, out, method, target_layer)
+    rows, skipped = _explain_inputs(model, images, out, method, target_layer)
     failed = sum(row["error"] is not None for row in rows)
     if as_json:
-        typer.echo(json.dumps({"method": method, "out": str(out), "n_failed": failed, "images": rows}, indent=2))
+        typer.echo(json.dumps({"method": method, "out": str(out), "n_failed": failed, "images": rows,
+                               "skipped": [str(path) for path in skipped]}, indent=2))  # fmt: skip
     else:
         layer = next((row["target_layer"] for row in rows if row["error"] is None), None)
         table = Table(title=f"{method} on layer '{layer}'" if layer else method, title_justify="left")
-        for column in ("image", "predicted", "p", "overlay"):
-            table.add_column(column, justify="right" if column == "p" else "left")
+        for column in ("image", "predicted", "p", "overlay"):  # paths wrap rather than lose their ends
+            table.add_column(column, justify="right" if column == "p" else "left", overflow="fold")
         for row in rows:  # names are data, not markup
             if row["error"] is not None:
                 table.add_row(escape(row["image"]), f"[red]error: {escape(row['error'])}[/red]", "", "")
@@ -187,6 +192,10 @@ def explain_command(
                 table.add_row(escape(row["image"]), escape(row["predicted"]), f"{row['probability']:.3f}",
                               escape(row["overlay"]))  # fmt: skip
         _console.print(table)
+        written = len(rows) - failed
+        typer.echo(f"{written} overlay(s) written to {out}/" + (f"; {failed} image(s) failed" if failed else ""))
+        if skipped:
+            typer.echo(skipped_note(skipped), err=True)
     if failed:
         raise typer.Exit(code=1)
 

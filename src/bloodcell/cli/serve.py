@@ -186,7 +186,7 @@ def predict_command(
     Files in a folder given that are not images by their suffix are named ("skipped" with --json).
     Exit code: 0 when every file was classified, 1 when any failed, 2 on a usage error.
     """
-    from bloodcell.serve.common import MISSING_INPUT_REASON, PredictionResult, expand_inputs
+    from bloodcell.serve.common import PredictionResult, expand_inputs, missing_input_reason
 
     model, inputs = split_model_and_inputs(model, inputs)
     if out is not None:
@@ -196,7 +196,7 @@ def predict_command(
     start = time.perf_counter()
     results = _run_with_progress(predictor, files, batch, progress and len(files) > batch and not as_json)
     seconds = time.perf_counter() - start
-    results += [PredictionResult(source=m, error=MISSING_INPUT_REASON) for m in missing]
+    results += [PredictionResult(source=m, error=missing_input_reason(m)) for m in missing]
     failed = sum(1 for r in results if not r.ok)
     payload = {
         "model": {**predictor.model_info, "backend": predictor.backend},
@@ -219,7 +219,7 @@ def predict_command(
     else:
         print_table(results, predictor.classes, show)
         if skipped:
-            typer.echo(_skipped_note(skipped), err=True)
+            typer.echo(skipped_note(skipped), err=True)
         rate = f" ({len(files) / seconds:.0f} images/s)" if seconds > 0 and files else ""
         typer.echo(
             f"{len(results) - failed} of {len(results)} classified in {seconds:.2f} s{rate}"
@@ -231,7 +231,7 @@ def predict_command(
         raise typer.Exit(code=1)
 
 
-def _skipped_note(skipped: list[Path], shown: int = 5) -> str:
+def skipped_note(skipped: list[Path], shown: int = 5) -> str:
     """One line naming the files passed over in the given folders (not images by their suffix)."""
     from bloodcell.data.decode import IMAGE_SUFFIXES
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -23,7 +24,7 @@ def lr_find_command(
     steps: int = typer.Option(200, "--steps", min=10, help="Optimizer steps in the sweep."),
     start_lr: float = typer.Option(1e-6, "--start-lr", help="First learning rate of the sweep."),
     end_lr: float = typer.Option(1.0, "--end-lr", help="Last learning rate of the sweep."),
-    method: str = typer.Option(
+    method: Literal["min-loss", "steepest"] = typer.Option(
         "min-loss", "--method", help="Suggestion rule: min-loss (minimum / 10) or steepest."
     ),
     out: Path | None = typer.Option(
@@ -83,7 +84,7 @@ def tune_command(
     study: str | None = typer.Option(None, "--study", help="Study name (default: the config's name)."),
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds after which no new trial starts."),
     cv: int | None = typer.Option(None, "--cv", help="Objective = mean over K folds of the kfold protocol."),
-    pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none."),
+    pruner: Literal["median", "hyperband", "none"] = typer.Option("median", "--pruner", help="median, hyperband or none."),
     space: Path | None = typer.Option(
         None, "--space", help="YAML file narrowing the search space (see docs/TUNING.md)."
     ),
@@ -101,9 +102,8 @@ def tune_command(
         warning_line(f"--set {override} is replaced in every trial: the search space searches {name} (give --space "
                      f"with {name}: null to keep it)")  # fmt: skip
     try:
-        # (pruner: a string that make_pruner validates)
         result = tune(run_config, data, trials, out_dir=out, storage=storage, study_name=study, timeout=timeout,
-                      cv=cv, space=search_space, pruner=pruner, seed=seed)  # type: ignore[arg-type]  # fmt: skip
+                      cv=cv, space=search_space, pruner=pruner, seed=seed)  # fmt: skip
     except KeyboardInterrupt:
         warning_line("interrupted; run the same command again to continue the study")
         raise

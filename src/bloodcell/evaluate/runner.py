@@ -459,7 +459,7 @@ def _without_training_images(
     if not keep.any():
         raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
     if not keep.all():
-        log.warning("%d of the %d images of %s are images the model was trained on; they are left out",
+        log.warning("%d of the %d images (%s) are ones the model was trained on; they are left out",
                     int((~keep).sum()), len(indices), where)  # fmt: skip
     return indices[keep], int((~keep).sum())
 

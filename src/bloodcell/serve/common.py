@@ -233,8 +233,13 @@ def _tta_views_name(tta: bool | str | None) -> str | None:
     return str(tta)
 
 
-#: The reason given for an input (file, folder or glob) that names no image file.
-MISSING_INPUT_REASON = "no such file or folder, or no image files in it or matching it"
+def missing_input_reason(text: str) -> str:
+    """Why an input (file, folder or glob) that :func:`expand_inputs` found nothing in names no image file."""
+    if Path(text).is_dir():
+        return "a folder with no image files in it"
+    if glob.has_magic(text):
+        return "a pattern that matches no image file"
+    return "no such file or folder"
 
 
 class InputFiles(NamedTuple):
