@@ -257,8 +257,10 @@ def test_grad_cam_counts_against_the_inference_limit(tiny_model: Path, monkeypat
                     running[0] -= 1
         return wrapper
 
+    from bloodcell.explain import gradcam
+
     monkeypatch.setattr(TorchPredictor, "predict", counted(TorchPredictor.predict))
-    monkeypatch.setattr(TorchPredictor, "explain", counted(TorchPredictor.explain))
+    monkeypatch.setattr(gradcam, "explain_images", counted(gradcam.explain_images))  # the Grad-CAM's passes
     client = TestClient(create_app(tiny_model))  # one slot: the network uses every core itself
     queries = ["?explain=true", ""] * 4
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -291,7 +293,7 @@ def test_a_model_without_grad_cam_is_still_served(tiny_model: Path, monkeypatch:
     """A network with no feature map to explain still classifies; explain=true says why it cannot."""
     from bloodcell.errors import NoFeatureMap
 
-    def no_feature_map(self, image, target=None, method="gradcam"):
+    def no_feature_map(self, image, target=None, method="gradcam", while_computing=None):
         raise NoFeatureMap("Net: no convolutional feature map found for Grad-CAM; name a layer with --target-layer")
 
     monkeypatch.setattr(TorchPredictor, "explain", no_feature_map)

@@ -256,6 +256,21 @@ def test_many_files_go_in_batches_of_the_server_limit_and_oversized_ones_are_fla
         big = page.locator("#batch-rows tr").nth(5)
         assert "big.jpg" in big.inner_text() and "images up to 1 MiB are accepted" in big.inner_text()
         assert page.locator("#download-csv").is_enabled()
+        expect(page.locator("#batch-summary")).to_contain_text("6 images: 5 classified")  # stays with the table
+
+
+def test_without_the_servers_limits_files_go_one_a_request(tiny_model: Path, smear_image: Path) -> None:
+    """If /healthz does not answer, the page cannot know the batch limit: one file a request always fits."""
+    from playwright.sync_api import expect
+
+    with running(create_app(tiny_model, max_batch_files=2)) as url, browser_page(url) as page:
+        page.route("**/healthz", lambda route: route.fulfill(status=503, body="{}"))
+        page.reload()
+        batches: list[str] = []
+        page.on("request", lambda request: batches.append(request.url) if "/v1/predict/batch" in request.url else None)
+        drop_files(page, smear_image, ["a.jpg", "b.jpg", "c.jpg"])
+        expect(page.locator("#status")).to_contain_text("3 images: 3 classified (")
+        assert len(batches) == 3
 
 
 def test_limits_are_shown_and_the_answer_is_announced(page, smear_image: Path) -> None:

@@ -93,8 +93,12 @@ def test_unknown_layer_or_method_is_a_user_error(bloodnet: Classifier) -> None:
 def test_a_layer_that_gives_no_feature_map_is_refused_before_any_work(bloodnet: Classifier, layer: str, shape: str) -> None:
     """The head's (N, classes) output would fail inside the CAM library; a pooled 1 x 1 map would be flat."""
     images, _ = toy_images(2, 48)
-    with pytest.raises(UserError, match=rf"layer '{layer}' gives a {shape} tensor .* not a feature map .* layers that do: "):
+    with pytest.raises(UserError, match=rf"layer '{layer}' gives a {shape} tensor .* not a feature map .* layers that do: ") as raised:
         explain_images(bloodnet, images, target_layer=layer)
+    offered = str(raised.value).split("layers that do: ")[1].split(", ")
+    assert layer not in offered and "stages" in offered  # only layers that would work are suggested
+    for name in offered:
+        explain_images(bloodnet, images, target_layer=name)
 
 
 def test_explaining_leaves_the_model_in_the_mode_it_was_in(bloodnet: Classifier) -> None:
@@ -115,6 +119,7 @@ def test_overlay_names_never_collide() -> None:
     # a.jpg and a.png become 000-a and 001-a, and 000-a.jpg's own stem would collide with the first.
     named = overlay_stems(["a", "a", "000-a"])
     assert len(set(named)) == 3 and named == ["000-a", "001-a", "002-000-a"]
+    assert overlay_stems(["A", "a"]) == ["000-A", "001-a"]  # one file on a case-insensitive file system
 
 
 def test_explaining_a_given_class_and_randomised_copy(bloodnet: Classifier) -> None:

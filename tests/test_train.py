@@ -427,9 +427,22 @@ def test_cli_refuses_a_missing_dataset_or_a_foreign_out_folder_before_any_work(t
     code, _, err = run_cli(["train", "--data", "nope"], monkeypatch, capsys)
     assert code == 2 and "dataset folder not found: nope" in err and not (tmp_path / "runs").exists()
     # --out naming a folder of other files (here the dataset itself) would scatter the run among them.
-    code, _, err = run_cli(["train", "--data", str(aria_dataset), "--out", str(aria_dataset)], monkeypatch, capsys)
-    assert code == 2 and "not a run; give a new or empty folder" in err
-    assert not (aria_dataset / "config.yaml").exists()
+    for stages in ([], ["--set", "data.train_on=train"]):  # with the refit's holdout stage, and without
+        code, _, err = run_cli(["train", "--data", str(aria_dataset), "--out", str(aria_dataset), *stages], monkeypatch, capsys)
+        assert code == 2 and "not a run; give a new or empty folder" in err
+        assert not (aria_dataset / "config.yaml").exists()
+
+
+def test_a_folder_of_hidden_files_or_a_failed_start_may_hold_a_new_run(tmp_path: Path) -> None:
+    from bloodcell.train.checkpoint import refuse_foreign_folder
+
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "config.yaml").write_text("name: default\n")  # what a failed start leaves
+    (tmp_path / "failed" / "holdout").mkdir()
+    for folder in ("fresh", "failed", "not-yet-made"):
+        refuse_foreign_folder(tmp_path / folder)
 
 
 def test_cli_rejects_a_bad_key_with_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -468,7 +481,7 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     and a mapping (": "): the path must reach the config whole."""
     import shutil
 
-    dataset = tmp_path / "lab data #2: aria"
+    dataset = tmp_path / "lab data #2: aria \U0001f52c"
     shutil.move(aria_dataset, dataset)
     (dataset / "Original" / "Pro" / "WBC-Malignant-Pro-999.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
     code, out, err = run_cli(

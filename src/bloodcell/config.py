@@ -290,7 +290,8 @@ def _parse_value(text: str) -> Any:
 def override(key: str, value: Any) -> str:
     """A ``key=value`` override that sets ``value`` exactly, whatever it holds: a path with ``" #"`` (a YAML
     comment) or ``": "`` (a mapping) in it must not be cut short or read as something else."""
-    return f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"  # JSON is YAML
+    # JSON is YAML; ensure_ascii=False, as PyYAML reads an escaped pair of surrogates (an emoji) as two.
+    return f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, ensure_ascii=False)}"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

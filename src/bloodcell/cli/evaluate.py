@@ -172,7 +172,7 @@ def explain_command(
     A file that cannot be read is reported with its reason and the others are still explained.
     Exit code: 0 when every image was explained, 1 when any failed, 2 on a usage error.
     """
-    from bloodcell.cli.serve import skipped_note
+    from bloodcell.cli.messages import skipped_note
 
     model, images = _split_model_and_images(paths)
     rows, skipped = _explain_inputs(model, images, out, method, target_layer)

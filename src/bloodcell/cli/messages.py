@@ -1,8 +1,10 @@
-"""Error and warning lines on stderr, in colour on a terminal unless ``NO_COLOR`` is set (no-color.org)."""
+"""Lines for the user on stderr: errors and warnings (in colour on a terminal unless ``NO_COLOR`` is set,
+no-color.org), and the note naming files passed over."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import typer
 
@@ -18,3 +20,12 @@ def error_line(text: str) -> None:
 
 def warning_line(text: str) -> None:
     _say(text, typer.colors.YELLOW)
+
+
+def skipped_note(skipped: list[Path], shown: int = 5) -> str:
+    """One line naming the files passed over in the given folders (not images by their suffix)."""
+    from bloodcell.data.decode import IMAGE_SUFFIXES
+
+    names = ", ".join(path.name for path in skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+    suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+    return f"skipped {len(skipped)} file(s) in the folders given, not images by their suffix ({suffixes}): {names}"

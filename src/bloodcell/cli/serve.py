@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from bloodcell.cli import app
-from bloodcell.cli.messages import error_line
+from bloodcell.cli.messages import error_line, skipped_note
 from bloodcell.errors import UserError
 
 
@@ -229,15 +229,6 @@ def predict_command(
         )
     if failed:
         raise typer.Exit(code=1)
-
-
-def skipped_note(skipped: list[Path], shown: int = 5) -> str:
-    """One line naming the files passed over in the given folders (not images by their suffix)."""
-    from bloodcell.data.decode import IMAGE_SUFFIXES
-
-    names = ", ".join(path.name for path in skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
-    suffixes = " ".join(sorted(IMAGE_SUFFIXES))
-    return f"skipped {len(skipped)} file(s) in the folders given, not images by their suffix ({suffixes}): {names}"
 
 
 def _run_with_progress(predictor: Any, files: list[Path], batch: int, show_progress: bool) -> list[Any]:

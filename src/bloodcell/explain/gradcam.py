@@ -98,6 +98,16 @@ def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn
     therefore its patch embedding, before any attention block: a low-level map. Its token layers give
     ``(N, tokens, dim)``, which :func:`resolve_target_layer` refuses (no token-to-grid reshaping here).
     """
+    layers = feature_map_layers(net, input_size)
+    if not layers:
+        raise NoFeatureMap(f"{type(net).__name__}: no convolutional feature map found for Grad-CAM; name a "
+                           "layer with --target-layer")  # fmt: skip
+    return layers[-1]
+
+
+def feature_map_layers(net: nn.Module, input_size: int = 128) -> list[tuple[str, nn.Module]]:
+    """``(dotted name, module)`` of every layer whose output is a feature map (as
+    :func:`default_target_layer` defines it), in the order they finish, found by one probe pass."""
     names = {id(module): name for name, module in net.named_modules() if name}
     # Inside an attention block a 4-D tensor is (batch, heads, tokens, dim), square when tokens = dim.
     in_attention = {id(inner) for module in net.modules() if "attention" in type(module).__name__.lower()
@@ -121,11 +131,8 @@ def default_target_layer(net: nn.Module, input_size: int = 128) -> tuple[str, nn
         for handle in handles:
             handle.remove()
         net.train(was_training)
-    if not finished:
-        raise NoFeatureMap(f"{type(net).__name__}: no convolutional feature map found for Grad-CAM; name a "
-                           "layer with --target-layer")  # fmt: skip
-    layer = finished[-1]
-    return names[id(layer)], layer
+    last_runs = list(dict.fromkeys(reversed(finished)))[::-1]  # a module run twice counts where it last finished
+    return [(names[id(layer)], layer) for layer in last_runs]
 
 
 def resolve_target_layer(net: nn.Module, name: str | None, input_size: int = 128) -> tuple[str, nn.Module]:
@@ -141,14 +148,15 @@ def resolve_target_layer(net: nn.Module, name: str | None, input_size: int = 128
         layer = net.get_submodule(name)
     except AttributeError:
         raise UserError(
-            f"no layer {name!r} in {type(net).__name__}; examples of layer names: {', '.join(_feature_map_names(net))}"
+            f"no layer {name!r} in {type(net).__name__}; layers that give a feature map: "
+            f"{', '.join(_feature_map_names(net, input_size))}"
         ) from None
     shape = _output_shape(net, layer, input_size)
     if shape is None or len(shape) != 4 or min(shape[-2:]) < 2:
         described = "no tensor" if shape is None else f"a {tuple(shape)} tensor"
         raise UserError(
             f"layer {name!r} gives {described} on a {input_size} px image, not a feature map (N, C, H, W) larger "
-            f"than 1 x 1, which Grad-CAM needs; layers that do: {', '.join(_feature_map_names(net))}"
+            f"than 1 x 1, which Grad-CAM needs; layers that do: {', '.join(_feature_map_names(net, input_size))}"
         )
     return name, layer
 
@@ -168,10 +176,9 @@ def _output_shape(net: nn.Module, layer: nn.Module, input_size: int) -> torch.Si
     return seen[-1].shape if seen and isinstance(seen[-1], torch.Tensor) else None
 
 
-def _feature_map_names(net: nn.Module) -> list[str]:
-    """A few layer names a user could give: the last convolutions and stages."""
-    candidates = [n for n, m in net.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Sequential))]
-    return candidates[-6:]
+def _feature_map_names(net: nn.Module, input_size: int) -> list[str]:
+    """The names of the last few layers that give a feature map: ones a user could give."""
+    return [name for name, _ in feature_map_layers(net, input_size)[-6:]]
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -364,8 +371,11 @@ def overlay_stems(stems: list[str]) -> list[str]:
     """File stems for the overlays, one per image and all different: a stem shared by several images (the
     same name in two folders, or ``a.jpg`` beside ``a.png``) is prefixed by the image's position, and if that
     still collides with another image's own stem (``000-a.jpg``), every stem is."""
-    named = [stem if stems.count(stem) == 1 else f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
-    return named if len(set(named)) == len(named) else [f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
+    # Compared without case: on macOS and Windows, A.png and a.png are one file.
+    folded = [stem.casefold() for stem in stems]
+    named = [stem if folded.count(stem.casefold()) == 1 else f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
+    unique = len({name.casefold() for name in named}) == len(named)
+    return named if unique else [f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
 
 
 def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:

@@ -290,9 +290,8 @@ class Service:
 
             target = self.predictor.classes.index(result.label)
             try:
-                explainer = self.explainer()
-                with self._inference_slots:  # a backward pass through the network: inference work, as bounded
-                    cam = explainer.explain(model_input, target=target)
+                # A forward and backward pass: inference work, bounded by the same slots.
+                cam = self.explainer().explain(model_input, target=target, while_computing=self._inference_slots)
             except NoFeatureMap as error:
                 raise HTTPException(400, f"explain=true is not available for this model: {error}") from None
             response["explanation"] = {

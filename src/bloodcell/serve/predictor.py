@@ -7,10 +7,13 @@ and the temperature (on the logits).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,16 +70,21 @@ class TorchPredictor(BasePredictor):
                 outputs.append(self.model(batch).float().cpu())
         return torch.cat(outputs).numpy()
 
-    def explain(self, image: np.ndarray, target: int | None = None, method: str = "gradcam") -> np.ndarray:
+    def explain(
+        self, image: np.ndarray, target: int | None = None, method: str = "gradcam",
+        while_computing: AbstractContextManager[Any] | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """Grad-CAM heat map ``(input_size, input_size)`` in [0, 1] of one uint8 HWC image.
 
-        ``target`` is the class index to explain (None: the predicted class).
+        ``target`` is the class index to explain (None: the predicted class). ``while_computing`` is held
+        around the computation only, once this explainer's turn has come (the service's inference slot: a
+        request queued for the explainer must not hold a slot that a prediction could use meanwhile).
         """
         from bloodcell.explain.gradcam import explain_images
 
         batch = self.check_batch(image[None])
         targets = None if target is None else np.asarray([target])
-        with self._explain_lock:
+        with self._explain_lock, while_computing or contextlib.nullcontext():
             if self._explain_model is None:
                 self._explain_model = copy.deepcopy(self.model).eval()
             return explain_images(self._explain_model, batch, method=method, targets=targets).cams[0]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from bloodcell.errors import UserError
 from bloodcell.io import atomic_path, atomic_write_json
 from bloodcell.models import ModelCard, save_model
 
@@ -46,6 +47,18 @@ def holds_a_run(run_dir: Path) -> bool:
     (at most a ``best`` or a staging folder of an unfinished epoch): such a folder may start afresh.
     """
     return has_resumable_checkpoint(run_dir) or (Path(run_dir) / "history.csv").is_file()
+
+
+def refuse_foreign_folder(run_dir: Path) -> None:
+    """Refuse to start a run in a file, or in a folder that holds other files but no run of ours (a start
+    writes ``config.yaml`` first): the run's files would land among someone else's, a dataset's class
+    folders, say. Hidden files (``.DS_Store``, ``.gitkeep``) do not count."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise UserError(f"--out {run_dir}: is a file; give a folder for the run")
+    if run_dir.is_dir() and not (run_dir / "config.yaml").is_file():
+        if any(not entry.name.startswith(".") for entry in run_dir.iterdir()):
+            raise UserError(f"--out {run_dir}: a folder with other files in it, not a run; give a new or empty folder")
 
 
 def save_checkpoint(

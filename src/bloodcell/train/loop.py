@@ -42,6 +42,7 @@ from bloodcell.train.checkpoint import (
     holds_a_run,
     load_optimizer_state,
     load_trainer_state,
+    refuse_foreign_folder,
     save_checkpoint,
 )
 from bloodcell.train.progress import RunProgress, close_log, open_log
@@ -173,7 +174,7 @@ def fit(
     try:
         # ------------------------------------------------------------ data
         with fabric.rank_zero_first():
-            data = prepared if prepared is not None else _prepare_data(config, progress and main)
+            data = prepared if prepared is not None else prepare_training_data(config, progress and main)
         classes = list(data.classes)
         train_rows, val_rows = np.asarray(data.indices("train")), np.asarray(data.indices("val"))
         if len(train_rows) == 0 or len(val_rows) == 0:
@@ -486,7 +487,7 @@ def _validate(fabric, model: torch.nn.Module, images: torch.Tensor, labels: np.n
 
 
 # ====================================================================== run directory and records
-def _prepare_data(config: RunConfig, progress: bool) -> TrainingData:
+def prepare_training_data(config: RunConfig, progress: bool) -> TrainingData:
     """Index, split and cache the dataset named in ``config.data`` (the data stage's one-call API)."""
     from bloodcell.data.prepare import prepare_data
 
@@ -528,6 +529,7 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, prepared: T
         return saved.model_copy(update={"data": saved.data.model_copy(update={"root": root})})
     if holds_a_run(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    refuse_foreign_folder(run_dir)
     # Nothing resumable (a first start, or --resume of one killed before its first epoch was complete): start
     # afresh, without what an unfinished epoch may have left.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -666,7 +668,7 @@ def _card(
 def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     """Rewrite ``history.csv`` atomically from the loop state (so it always matches ``last``)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
         writer.writerow({key: _csv_value(row.get(key)) for key in HISTORY_COLUMNS})

@@ -21,8 +21,13 @@ import numpy as np
 from bloodcell.config import RunConfig, config_to_yaml, load_config
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
-from bloodcell.train.checkpoint import checkpoint_dir, has_resumable_checkpoint, holds_a_run
-from bloodcell.train.loop import TrainingData, TrainResult, fit, recorded_threads
+from bloodcell.train.checkpoint import (
+    checkpoint_dir,
+    has_resumable_checkpoint,
+    holds_a_run,
+    refuse_foreign_folder,
+)
+from bloodcell.train.loop import TrainingData, TrainResult, fit, prepare_training_data, recorded_threads
 
 HOLDOUT_DIR = "holdout"
 
@@ -47,6 +52,8 @@ def train_run(
     holdout_dir = run_dir / HOLDOUT_DIR
     if not resume and _is_first_process():
         _claim_run_dir(run_dir, config)
+    if prepared is None:  # once for both stages and the temperature: the same data, split and cache
+        prepared = prepare_training_data(config, progress and _is_first_process())
     holdout_config = config.model_copy(update={"data": config.data.model_copy(update={"train_on": "train"})})
     _announce(progress, f"stage 1 of 2: holdout, the recipe on the training part alone -> {holdout_dir}")
     holdout = fit(
@@ -112,12 +119,7 @@ def _claim_run_dir(run_dir: Path, config: RunConfig) -> None:
     """
     if any(holds_a_run(stage) for stage in (run_dir, run_dir / HOLDOUT_DIR)):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    if run_dir.is_file():
-        raise UserError(f"--out {run_dir}: is a file; give a folder for the run")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").is_file():
-        # Not a run of ours (a failed start writes config.yaml first): the run's files would land among
-        # someone else's, a dataset's class folders, say.
-        raise UserError(f"--out {run_dir}: a folder with other files in it, not a run; give a new or empty folder")
+    refuse_foreign_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 

@@ -80,7 +80,7 @@ def make_fabric(train: TrainConfig) -> Fabric:
     devices, nodes = launch_topology(train)
     accelerator = resolve_accelerator(train)
     many = nodes > 1 or (devices not in (1, "auto") and int(devices) > 1) or (
-        devices == "auto" and accelerator == "cuda" and torch.cuda.device_count() > 1
+        devices == "auto" and accelerator in {"cuda", "gpu"} and torch.cuda.device_count() > 1
     )
     try:
         return Fabric(

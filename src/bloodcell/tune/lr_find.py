@@ -306,7 +306,7 @@ def save_lr_find(result: LRFindResult, out_dir: str | Path) -> LRFindResult:
     """Write ``lr_find.png``, ``lr_find.csv`` (lr, loss, smoothed) and ``lr_find.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["step", "lr", "loss", "smoothed_loss"])
     for step, row in enumerate(zip(result.lrs, result.losses, result.smoothed)):
         writer.writerow([step, *(f"{v:.6g}" for v in row)])
