@@ -126,13 +126,17 @@ def test_demo_writes_predictions_overlays_and_report(tiny_model: Path, tmp_path:
 
 
 def test_demo_json_and_custom_samples(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    import shutil
+
     samples = make_aria_dataset(tmp_path / "mine", per_class=2, size=48, segmented=False) / "Original"
+    shutil.copyfile(samples / "Pro" / "WBC-Malignant-Pro-002.jpg", samples / "Pro" / "WBC-Benign-001.jpg")
     result = run_cli("demo", "--model", str(tiny_model), "--samples", str(samples), "--out", str(tmp_path / "o"), "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert payload["n_images"] == 8
-    assert sorted(r["true_class"] for r in payload["results"]) == sorted(CLASSES * 2)
-    assert all(Path(r["overlay"]).is_file() for r in payload["results"])
+    assert payload["n_images"] == 9
+    assert sorted(r["true_class"] for r in payload["results"]) == sorted([*CLASSES, *CLASSES, "Pro-B"])
+    overlays = [r["overlay"] for r in payload["results"]]
+    assert all(Path(o).is_file() for o in overlays) and len(set(overlays)) == 9  # a shared name: two overlays
     assert Path(payload["report"]).is_file()
 
 

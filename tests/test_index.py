@@ -36,6 +36,7 @@ SUMMARY_KEYS = {
     "exact_duplicate_groups",
     "near_duplicate_groups",
     "manifest",
+    "recaptured_pairs",
 }
 
 
@@ -370,7 +371,8 @@ def test_real_data_index(real_data: Path) -> None:
     )
     assert (folders == manifest["class"]).all()
     exact = manifest[manifest.groupby("exact_group")["path"].transform("size") > 1]
-    # README states these counts of the dataset: 40 identical-file groups (pairs) and 55 near-duplicate groups.
+    # README states these counts of the dataset: 40 identical-file groups (pairs) and 75 near-duplicate groups
+    # (55 by the perceptual hash, the rest joined by shifted re-captures of one field).
     assert result.summary["exact_duplicate_groups"] == 40
     assert set(exact["class"]) == {"Pro-B"}
     groups = manifest.set_index("path")
@@ -380,7 +382,10 @@ def test_real_data_index(real_data: Path) -> None:
     )
     # The identical files come as consecutive pairs.
     assert (exact.groupby("exact_group")["capture"].agg(lambda c: c.max() - c.min()) == 1).all()
-    assert result.summary["near_duplicate_groups"] == 55
+    assert result.summary["near_duplicate_groups"] == 75
+    # A field re-captured 46 captures later, shifted (phash 12+ bits apart), which a review found split
+    # between test and validation: one group now.
+    assert groups.at["Pro/WBC-Malignant-Pro-475.jpg", "dup_group"] == groups.at["Pro/WBC-Malignant-Pro-429.jpg", "dup_group"]
 
 
 def test_segmented_variant_groups_duplicates_by_the_original_pictures(aria_dataset: Path) -> None:

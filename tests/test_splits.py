@@ -241,3 +241,16 @@ def test_user_errors() -> None:
         make_split(synthetic_manifest(), "session", seed=-1)
     with pytest.raises(UserError, match="cannot cut 40 stratified folds"):
         make_split(synthetic_manifest(per_class=(12, 12, 12, 12)), "kfold", folds=40, block_size=1)
+
+
+def test_a_duplicate_group_across_parts_keeps_its_held_out_members_and_leaves_the_rest_out() -> None:
+    """A member is never moved into a held-out block (it would bring a training session with it): the
+    members outside the most protected part the group touches are left out instead."""
+    from bloodcell.data.splits import keep_duplicate_groups_together
+
+    split = pd.DataFrame({
+        "dup_group": [0, 0, 1, 1, 2, 3],
+        "split": ["train", "test", "val", "test", "train", "embargo"],
+    })  # fmt: skip
+    kept = keep_duplicate_groups_together(split)["split"].tolist()
+    assert kept == ["embargo", "test", "embargo", "test", "train", "embargo"]

@@ -294,7 +294,7 @@ def write_overlays(
     import numpy as np
 
     from bloodcell.data.decode import open_rgb, resize_rgb
-    from bloodcell.explain.gradcam import explain_images
+    from bloodcell.explain.gradcam import explain_images, overlay_stems
     from bloodcell.serve.predictor import overlay_png
 
     done = [i for i, result in enumerate(results) if result.ok]
@@ -309,9 +309,10 @@ def write_overlays(
     # nothing else on the predictor's model meanwhile, so the CAM hooks cannot disturb a prediction.
     cams = explain_images(predictor.model, batch, targets=targets).cams
     overlays: list[Path | None] = [None] * len(paths)
+    stems = overlay_stems([path.stem for path in paths])  # cell.jpg in two class folders: two overlays
     for cam, i in zip(cams, done):
         png = overlay_png(np.asarray(pictures[i], dtype=np.uint8), cam)
-        overlays[i] = atomic_write_bytes(folder / f"{paths[i].stem}.gradcam.png", png)
+        overlays[i] = atomic_write_bytes(folder / f"{stems[i]}.gradcam.png", png)
     return overlays
 
 

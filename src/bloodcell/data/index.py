@@ -7,8 +7,10 @@ reason, and never stop the run. A hash cache keyed by (path, size, modification 
 read only files that changed.
 
 Duplicates: rows with the same SHA-256 form an ``exact_group``. Rows whose perceptual hashes (64-bit DCT
-``phash``) differ in at most :data:`NEAR_DUPLICATE_MAX_DISTANCE` bits are near duplicates; exact and near
-links are joined transitively (connected components, i.e. union-find) into ``dup_group``.
+``phash``) differ in at most :data:`NEAR_DUPLICATE_MAX_DISTANCE` bits are near duplicates, and so are
+re-captures of one field shifted by a few pixels, which the hash misses (:mod:`bloodcell.data.recaptures`);
+exact, near and re-capture links are joined transitively (connected components, i.e. union-find) into
+``dup_group``.
 """
 
 from __future__ import annotations
@@ -239,6 +241,7 @@ def duplicate_groups(
     manifest: pd.DataFrame,
     max_distance: int = NEAR_DUPLICATE_MAX_DISTANCE,
     near_hashes: dict[str, str] | None = None,
+    recaptures: list[tuple[str, str]] | None = None,
 ) -> pd.DataFrame:
     """Assign ``exact_group`` (same SHA-256) and ``dup_group`` (exact or near duplicates, transitively).
 
@@ -248,6 +251,7 @@ def duplicate_groups(
     max_distance: near-duplicate threshold in bits of perceptual-hash distance.
     near_hashes: path -> perceptual hash to compare instead of the row's own (the Segmented variant
         compares its Original counterparts: black masked backgrounds make unrelated images look alike).
+    recaptures: pairs of paths found to be shifted re-captures of one field (joined like near duplicates).
 
     Returns a copy with the two int columns; ids number groups in row order, singletons get their own
     id, rejected rows get -1.
@@ -265,6 +269,11 @@ def duplicate_groups(
         paths = result["path"].to_numpy()[accepted]
         hashes = [near_hashes.get(path) or own for path, own in zip(paths, hashes)]
     i, j = phash_distances_below(hashes, max_distance)
+    if recaptures:
+        position = {path: k for k, path in enumerate(result["path"].to_numpy()[accepted])}
+        linked = np.array([(position[a], position[b]) for a, b in recaptures if a in position and b in position],
+                          dtype=np.int64).reshape(-1, 2)  # fmt: skip
+        i, j = np.concatenate([i, linked[:, 0]]), np.concatenate([j, linked[:, 1]])
     # Exact copies are linked explicitly (their own hashes are equal, but near_hashes may differ).
     exact_codes = result.loc[result.index[accepted], "exact_group"].to_numpy()
     first_of_group = pd.Series(np.arange(len(accepted))).groupby(exact_codes).transform("first").to_numpy()
@@ -361,6 +370,20 @@ def _original_hashes(
     return dict(zip(accepted["path"], accepted["phash"]))
 
 
+def _recaptures(dataset: Dataset, rows: pd.DataFrame, workdir: Path, progress: bool) -> list[tuple[str, str]]:
+    """Shifted re-captures among the accepted rows. For the Aria Segmented variant the Original counterparts
+    are compared, as for the perceptual hashes (masked backgrounds would make unrelated fields alike)."""
+    from bloodcell.data.recaptures import find_recaptures
+
+    accepted = rows[~rows["rejected"]]
+    source = dataset.root
+    if dataset.layout == "aria" and dataset.variant == "Segmented" and (dataset.top / "Original").is_dir():
+        source = dataset.top / "Original"
+    files = [source / path if (source / path).is_file() else dataset.root / path for path in accepted["path"]]
+    return find_recaptures(files, accepted["path"].tolist(), accepted["sha256"].tolist(), accepted["class"].tolist(),
+                           workdir, progress)  # fmt: skip
+
+
 def build_index(
     root: str | Path,
     variant: str = "Original",
@@ -400,17 +423,14 @@ def build_index(
         _save_hash_cache(
             workdir, [{"path": k[0], "bytes": k[1], "mtime_ns": k[2], **f} for k, f in zip(keys, facts)]
         )
-    manifest = duplicate_groups(
-        _manifest_rows(dataset, facts, [k[1] for k in keys]),
-        near_distance,
-        _original_hashes(dataset, class_names, progress),
-    )
+    rows = _manifest_rows(dataset, facts, [k[1] for k in keys])
+    recaptures = _recaptures(dataset, rows, workdir, progress)
+    manifest = duplicate_groups(rows, near_distance, _original_hashes(dataset, class_names, progress), recaptures)
     manifest = manifest[list(MANIFEST_COLUMNS)]
     manifest_path = Path(out) if out is not None else workdir / "manifest.csv"
     with atomic_path(manifest_path, suffix=".csv") as tmp:
         # One line ending on every system: the manifest's SHA-256 names the data in model cards and reports,
         # and pandas would otherwise end lines with \r\n on Windows.
         manifest.to_csv(tmp, index=False, lineterminator="\n")
-    return IndexResult(
-        manifest, manifest_path, index_summary(manifest, manifest_path, dataset.classes), dataset
-    )
+    summary = {**index_summary(manifest, manifest_path, dataset.classes), "recaptured_pairs": len(recaptures)}
+    return IndexResult(manifest, manifest_path, summary, dataset)

@@ -13,8 +13,9 @@ come from one patient and one session. Protocols:
     ``folds`` stratified folds whose groups are session blocks; fold ``fold`` is validation, the rest
     training (with the same embargo); there is no test part.
 
-Under every protocol, duplicate groups (``dup_group``, exact and near duplicates) stay in one part: a
-group found in two parts moves whole to the most protected of them (test, then val, then train).
+Under every protocol, duplicate groups (``dup_group``: exact and near duplicates, and shifted re-captures of
+one field) stay in one part: a group found in two parts keeps its members in the most protected of them
+(test, then val, then train), and its members in the others are left out (``embargo``).
 :func:`check_leakage` re-checks the result and raises :class:`LeakageError`.
 
 Every row keeps its ``block`` (``"<class>:<nn>"``), the session block used to resample for bootstrap
@@ -151,7 +152,11 @@ def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
 
 
 def keep_duplicate_groups_together(split: pd.DataFrame) -> pd.DataFrame:
-    """Move every duplicate group that touches two used parts whole into the most protected one.
+    """Leave every duplicate group in one used part: the most protected part it touches (test, then val).
+
+    Its members in the other parts are left out (``embargo``) rather than moved in: a member moved into a
+    held-out part would bring a piece of a training block with it (a session seen in training) and, with
+    the embargo then laid around it, cost up to twice the embargo in training images besides.
 
     Parameters
     ----------
@@ -163,9 +168,9 @@ def keep_duplicate_groups_together(split: pd.DataFrame) -> pd.DataFrame:
     used = result[result["split"].isin(USED_PARTS)]
     parts_per_group = used.groupby("dup_group")["split"].agg(set)
     for group, parts in parts_per_group[parts_per_group.map(len) > 1].items():
-        target = next(part for part in _PROTECTION_ORDER if part in parts)
-        members = used.index[used["dup_group"] == group]
-        result.loc[members, "split"] = target
+        keep = next(part for part in _PROTECTION_ORDER if part in parts)
+        members = used.index[(used["dup_group"] == group) & (used["split"] != keep)]
+        result.loc[members, "split"] = "embargo"
     return result
 
 

@@ -2,7 +2,8 @@
 
 The objective is the validation balanced accuracy of a training run under the config's split protocol
 (``session`` by default), or its mean over ``cv`` folds of the ``kfold`` protocol. The test part of the
-split is never looked at. Every validation epoch is reported to Optuna, so a pruner (median or Hyperband)
+``session`` split is never looked at, except through ``cv``: the kfold folds cover every image, those of
+the session test part included. Every validation epoch is reported to Optuna, so a pruner (median or Hyperband)
 stops unpromising trials early.
 
 Search space (:class:`SearchSpace`; each entry can be narrowed or switched off with ``None``):

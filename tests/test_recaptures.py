@@ -1,0 +1,94 @@
+"""Shifted re-captures of one field: found, kept in one duplicate group, and computed once per data state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bloodcell.data import recaptures
+from bloodcell.data.recaptures import find_recaptures, recapture_pairs
+
+
+def field(seed: int, size: int = 300) -> np.ndarray:
+    """A random smear-like field: blurred blobs on a light background, larger than the captures cut from it."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), (235, 232, 238))
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(image)
+    for _ in range(60):
+        x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(6, 16)
+        colour = (120, 60, 170) if rng.random() < 0.2 else (205, 170, 185)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    return np.asarray(image)
+
+
+def capture(scene: np.ndarray, dx: int, dy: int, side: int = 224) -> np.ndarray:
+    return scene[40 + dy : 40 + dy + side, 40 + dx : 40 + dx + side]
+
+
+def save(images: dict[str, np.ndarray], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in images.items():
+        paths.append(folder / name)
+        Image.fromarray(image).save(paths[-1], quality=92)
+    return paths
+
+
+def test_a_field_recaptured_with_a_shift_is_found_and_other_fields_are_not(tmp_path: Path) -> None:
+    scene = field(0)
+    images = {
+        "a.jpg": capture(scene, 0, 0),
+        "b.jpg": capture(scene, 14, -9),  # the stage moved 14 and 9 pixels: a hash would differ
+        "c.jpg": capture(field(1), 0, 0),
+        "d.jpg": capture(field(2), 5, 5),
+    }
+    paths = save(images, tmp_path / "imgs")
+    names = list(images)
+    pairs = find_recaptures(paths, names, names, ["x"] * 4, tmp_path / "cache")
+    assert pairs == [("a.jpg", "b.jpg")]
+
+
+def test_images_are_compared_within_their_class_only(tmp_path: Path) -> None:
+    scene = field(3)
+    paths = save({"a.jpg": capture(scene, 0, 0), "b.jpg": capture(scene, 6, 6)}, tmp_path / "imgs")
+    assert find_recaptures(paths, ["a", "b"], ["1", "2"], ["Benign", "Pro-B"], tmp_path / "cache") == []
+
+
+def test_the_pairs_are_computed_once_for_a_state_of_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scene = field(4)
+    paths = save({"a.jpg": capture(scene, 0, 0), "b.jpg": capture(scene, -8, 3)}, tmp_path / "imgs")
+    first = find_recaptures(paths, ["a", "b"], ["1", "2"], ["x", "x"], tmp_path / "cache")
+
+    def no_decoding(path, size=0):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(recaptures, "grey_thumbnail", no_decoding)
+    assert find_recaptures(paths, ["a", "b"], ["1", "2"], ["x", "x"], tmp_path / "cache") == first == [("a", "b")]
+    with pytest.raises(AssertionError, match="decoded again"):  # another state of the data: computed afresh
+        find_recaptures(paths, ["a", "b"], ["1", "3"], ["x", "x"], tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("recaptures-*.csv"))) == 1
+
+
+def test_too_few_thumbnails_have_no_pairs() -> None:
+    assert [len(a) for a in recapture_pairs(np.zeros((1, 40, 40), np.float32))] == [0, 0]
+
+
+def test_recaptures_join_one_duplicate_group_across_a_split(tmp_path: Path) -> None:
+    """Indexed, a shifted re-capture shares its original's dup_group, which no split may cut."""
+    from bloodcell.data.index import build_index
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=12, size=32, segmented=False)
+    scene = field(5)
+    folder = root / "Original" / "Benign"
+    Image.fromarray(capture(scene, 0, 0)).save(folder / "WBC-Benign-001.jpg", quality=92)
+    Image.fromarray(capture(scene, 10, 4)).save(folder / "WBC-Benign-012.jpg", quality=92)
+    result = build_index(root, progress=False)
+    groups = result.manifest.set_index("path")["dup_group"]
+    assert groups["Benign/WBC-Benign-001.jpg"] == groups["Benign/WBC-Benign-012.jpg"]
+    assert result.summary["recaptured_pairs"] >= 1
