@@ -71,5 +71,6 @@ def make_run(dataset_root: Path, run_dir: Path, name: str = "toy", architecture:
         epoch=epochs,
     )
     save_model(model, card, run_dir / "checkpoints" / "best")
-    save_trained_on(run_dir, prepared.split["sha256"].to_numpy()[train])  # as fit does
+    trained = prepared.split.iloc[train]
+    save_trained_on(run_dir, trained["sha256"], trained["phash"])  # as fit does
     return run_dir

@@ -153,7 +153,7 @@ def test_changed_data_leave_out_the_images_the_model_trained_on(
     assert result["data"]["same_as_training"] is False
     assert result["data"]["training_images_left_out"] == len(trained) > 0
     assert result["n_images"] == 4 * 24 + 1 - len(trained)
-    assert any("the model was trained on; they are left out" in r.getMessage() for r in caplog.records)
+    assert any("the model was trained on, or copies of them; they are left out" in r.getMessage() for r in caplog.records)
 
     unrecorded = tmp_path / "unrecorded"
     shutil.copytree(run, unrecorded)
@@ -163,6 +163,21 @@ def test_changed_data_leave_out_the_images_the_model_trained_on(
         result = evaluate_model(unrecorded, changed, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
     assert result["data"]["training_images_left_out"] is None and result["n_images"] == 4 * 24 + 1
     assert any("no record of its training images" in r.getMessage() for r in caplog.records)
+
+
+def test_a_re_encoded_copy_of_the_data_still_leaves_out_the_training_images(run: Path, dataset: Path, tmp_path: Path) -> None:
+    """Re-saved at another JPEG quality every file has other bytes; its perceptual hash still names the picture."""
+    copy = tmp_path / "re-encoded"
+    shutil.copytree(dataset, copy)
+    for path in (copy / "Original").rglob("*.jpg"):
+        with Image.open(path) as image:
+            image.convert("RGB").save(path, quality=70)
+    trained = (run / "trained-on.sha256").read_text().split()
+    assert len((run / "trained-on.phash").read_text().split()) > 0
+    result = evaluate_model(run, copy, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
+    assert result["data"]["same_as_training"] is False
+    assert result["data"]["training_images_left_out"] == len(trained) > 0  # none of them by its bytes
+    assert result["n_images"] == 4 * 24 - len(trained)
 
 
 def test_every_image_of_its_own_data_means_every_image_it_did_not_train_on(run: Path, metrics: dict) -> None:

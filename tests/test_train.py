@@ -495,6 +495,9 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     assert summary["epochs"] == 2 and Path(summary["run_dir"]) == tmp_path / "run"
     assert (tmp_path / "run" / "checkpoints" / "best" / "card.json").is_file()
     assert "WBC-Malignant-Pro-999.jpg" in (tmp_path / "run" / "train.log").read_text()
+    trained = (tmp_path / "run" / "trained-on.sha256").read_text().split()
+    phashes = (tmp_path / "run" / "trained-on.phash").read_text().split()  # re-encoded copies are found by these
+    assert len(trained) > 0 and 0 < len(phashes) <= len(trained) and all(len(h) == 16 for h in phashes)
 
 
 @pytest.mark.parametrize(

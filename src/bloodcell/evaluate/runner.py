@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # for annotations only: importing them at run time would load
     from torch import nn
 
     from bloodcell.data.prepare import PreparedData
-    from bloodcell.models.card import ModelCard
+    from bloodcell.models.card import ModelCard, TrainedOn
 
 log = logging.getLogger(__name__)
 
@@ -400,12 +400,13 @@ class EvalSet:
 
 
 def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | None, split: str, prepared: PreparedData | None = None,
-                  progress: bool = False, trained_on: set[str] | None = None) -> EvalSet:  # fmt: skip
+                  progress: bool = False, trained_on: TrainedOn | None = None) -> EvalSet:  # fmt: skip
     """Rebuild the model's split on ``data_root`` (default: its training data) and pick the ``split`` images.
 
     On data that are not the model's own (another copy, files added or changed), the split rebuilt from
     them need not be the one the model trained with, so the images whose content is in ``trained_on``
-    (the hashes of its training images) are left out; without that record a warning says the scores
+    (the hashes of its training images: the same bytes, or the same picture re-encoded or resized) are left
+    out; without that record a warning says the scores
     cannot be checked for them. Raises :class:`UserError` when the data has classes the model does not
     know, lacks that part, or holds nothing the model has not trained on.
     """
@@ -441,7 +442,7 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
 
 
 def _without_training_images(
-    indices: np.ndarray, prepared: PreparedData, trained_on: set[str] | None, own_data: bool, split: str,
+    indices: np.ndarray, prepared: PreparedData, trained_on: TrainedOn | None, own_data: bool, split: str,
     trained_parts: list[str],
 ) -> tuple[np.ndarray, int | None]:
     """``indices`` less the images the model trained on, and how many those were (None: unknown)."""
@@ -455,13 +456,26 @@ def _without_training_images(
                     "(trained-on.sha256): %s may hold images it trained on, which would flatter its scores", where)  # fmt: skip
         return indices, None
     else:
-        keep = ~np.isin(prepared.split["sha256"].to_numpy()[indices], list(trained_on))
+        keep = ~np.isin(prepared.split["sha256"].to_numpy()[indices], list(trained_on.sha256))
+        keep &= ~_near_any(prepared.split["phash"].to_numpy()[indices], trained_on.phash)
     if not keep.any():
         raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
     if not keep.all():
-        log.warning("%d of the %d images (%s) are ones the model was trained on; they are left out",
+        log.warning("%d of the %d images (%s) are ones the model was trained on, or copies of them; they are left out",
                     int((~keep).sum()), len(indices), where)  # fmt: skip
     return indices[keep], int((~keep).sum())
+
+
+def _near_any(phashes: np.ndarray, trained: tuple[str, ...]) -> np.ndarray:
+    """Which of ``phashes`` lie within the near-duplicate distance of any ``trained`` perceptual hash."""
+    from bloodcell.data.index import NEAR_DUPLICATE_MAX_DISTANCE, phash_distances_below
+
+    near = np.zeros(len(phashes), dtype=bool)
+    if len(trained) and len(phashes):
+        i, j = phash_distances_below([*phashes, *trained], NEAR_DUPLICATE_MAX_DISTANCE)
+        crossing = (i < len(phashes)) & (j >= len(phashes))  # i < j: an evaluated image and a trained one
+        near[i[crossing]] = True
+    return near
 
 
 def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:

@@ -8,6 +8,7 @@ directory, a ``card.json`` path, or nothing at all (the default model bundled wi
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from pathlib import Path
@@ -29,6 +30,17 @@ CARD_FORMAT = "bloodcell-model/1"
 #: The SHA-256 of every image a model was trained on, sorted, one a line. With it an evaluation on other
 #: or changed data leaves out, by content whatever their names are now, the images the model has seen.
 TRAINED_ON_FILE = "trained-on.sha256"
+#: Their perceptual hashes, sorted, one a line: the same picture re-encoded, resized or renamed has other
+#: bytes but a hash within :data:`~bloodcell.data.index.NEAR_DUPLICATE_MAX_DISTANCE` bits.
+TRAINED_ON_PHASH_FILE = "trained-on.phash"
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """What a model was trained on, by content: the images' SHA-256s and (when recorded) perceptual hashes."""
+
+    sha256: frozenset[str]
+    phash: tuple[str, ...] = ()
 
 
 class ModelCard(BaseModel):
@@ -89,17 +101,23 @@ def load_card(path: str | Path | None = None) -> tuple[ModelCard, Path]:
         raise ModelFileError(f"{card_path}: not a valid model card ({reason})") from None
 
 
-def save_trained_on(directory: str | Path, sha256s: Any) -> Path:
-    """Write :data:`TRAINED_ON_FILE` into ``directory`` (atomically) for these image hashes."""
+def save_trained_on(directory: str | Path, sha256s: Any, phashes: Any = ()) -> Path:
+    """Write :data:`TRAINED_ON_FILE` (and :data:`TRAINED_ON_PHASH_FILE`) into ``directory``, atomically."""
+    atomic_write_text(Path(directory) / TRAINED_ON_PHASH_FILE, "".join(f"{h}\n" for h in sorted(set(phashes))))
     return atomic_write_text(Path(directory) / TRAINED_ON_FILE, "".join(f"{sha}\n" for sha in sorted(set(sha256s))))
 
 
-def load_trained_on(directories: list[Path]) -> set[str] | None:
-    """The image hashes of the first of ``directories`` that holds :data:`TRAINED_ON_FILE`, or None."""
+def load_trained_on(directories: list[Path]) -> TrainedOn | None:
+    """The record of the first of ``directories`` that holds :data:`TRAINED_ON_FILE`, or None (a model
+    saved before perceptual hashes were recorded gets an empty ``phash``)."""
+
+    def lines(path: Path) -> list[str]:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
+
     for directory in directories:
-        path = Path(directory) / TRAINED_ON_FILE
-        if path.is_file():
-            return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+        if (Path(directory) / TRAINED_ON_FILE).is_file():
+            return TrainedOn(frozenset(lines(Path(directory) / TRAINED_ON_FILE)),
+                             tuple(lines(Path(directory) / TRAINED_ON_PHASH_FILE)))  # fmt: skip
     return None
 
 

@@ -190,7 +190,8 @@ def fit(
             train_rows, val_rows = np.concatenate([train_rows, val_rows]), val_rows[:0]
         split_table = getattr(data, "split", None)
         if main and split_table is not None and "sha256" in split_table:  # what evaluation must never score
-            save_trained_on(run_dir, split_table["sha256"].to_numpy()[train_rows])
+            trained = split_table.iloc[train_rows]
+            save_trained_on(run_dir, trained["sha256"], trained["phash"] if "phash" in trained else ())
         # The whole training set lives in one uint8 tensor on the training device: batches are gathered by
         # index, so no DataLoader or per-image Python is involved. NHWC in memory = channels_last NCHW.
         train_images = fabric.to_device(torch.from_numpy(np.ascontiguousarray(data.images[train_rows])))
