@@ -254,3 +254,9 @@ def test_a_duplicate_group_across_parts_keeps_its_held_out_members_and_leaves_th
     })  # fmt: skip
     kept = keep_duplicate_groups_together(split)["split"].tolist()
     assert kept == ["embargo", "test", "embargo", "test", "train", "embargo"]
+
+
+def test_a_split_table_without_the_columns_to_check_does_not_pass() -> None:
+    table = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "split": ["train", "test"]})
+    with pytest.raises(LeakageError, match="lacks the column\\(s\\) sha256, dup_group"):
+        check_leakage(table)

@@ -280,6 +280,9 @@ def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
 
     Returns nothing; raises :class:`LeakageError` naming the offending files.
     """
+    missing = [column for column in ("path", "sha256", "dup_group", "split") if column not in split]
+    if missing:  # a table that cannot be checked must not pass as one that was
+        raise LeakageError(f"cannot check the split for leakage: it lacks the column(s) {', '.join(missing)}")
     used = split[split["split"].isin(USED_PARTS)]
     problems: list[str] = []
     repeated = used["path"][used["path"].duplicated()]
@@ -289,7 +292,7 @@ def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
         ("exact_group", "identical files"),
         ("dup_group", "near duplicates"),
     ):
-        if column not in used:
+        if column not in used:  # exact_group: older split tables lack it; sha256 checks the same
             continue
         parts = used.groupby(column)["split"].nunique()
         for key in parts[parts > 1].index[:max_examples]:
