@@ -180,17 +180,48 @@ def test_a_re_encoded_copy_of_the_data_still_leaves_out_the_training_images(run:
     assert result["n_images"] == 4 * 24 - len(trained)
 
 
+def test_split_all_on_its_own_data_leaves_out_the_duplicates_of_its_training_images() -> None:
+    """A duplicate group's members outside its kept part are left out of the split; --split all would score
+    them as unseen while their copy was trained on."""
+    import types
+
+    from bloodcell.evaluate.runner import _without_training_images
+
+    split = pd.DataFrame({
+        "split": ["train", "embargo", "test", "embargo", "val"],
+        "dup_group": [0, 0, 1, 2, 3],
+    })  # fmt: skip
+    prepared = types.SimpleNamespace(split=split)
+    kept, left_out = _without_training_images(np.arange(5), prepared, None, True, "all", ["train", "val"])
+    assert kept.tolist() == [2, 3] and left_out == 3  # the embargoed copy of row 0 goes with it
+
+
+def test_a_model_recorded_before_perceptual_hashes_loads_with_none(tmp_path: Path) -> None:
+    from bloodcell.models.card import load_trained_on
+
+    (tmp_path / "trained-on.sha256").write_text("ab\ncd\n")
+    record = load_trained_on([tmp_path])
+    assert record is not None and record.sha256 == {"ab", "cd"} and record.phash == ()
+
+
 def test_every_image_of_its_own_data_means_every_image_it_did_not_train_on(run: Path, metrics: dict) -> None:
+    from bloodcell.config import load_config
+    from bloodcell.data.prepare import prepare_data
+
     result = evaluate_model(run, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
     counts = result["data"]["split_summary"]["counts"]
-    assert result["data"]["training_images_left_out"] == counts["train"]["total"]
-    assert result["n_images"] == sum(counts[part]["total"] for part in counts if part != "train")
+    split = prepare_data(load_config(str(run / "config.yaml")).data, progress=False).split
+    trained = split["split"] == "train"
+    copies = split["dup_group"].isin(split["dup_group"][trained]) & ~trained  # left out beside their original
+    left_out = int(trained.sum() + copies.sum())
+    assert copies.sum() > 0 and counts["train"]["total"] == trained.sum()  # the toy data hold such copies
+    assert result["data"]["training_images_left_out"] == left_out
+    assert result["n_images"] == len(split) - left_out
     # The validation images are among those scored, and the card's temperature was fitted on them.
     assert result["temperature_source"] == "model card, fitted on the validation images among these (partly in-sample)"
-    left_out = counts["train"]["total"]
-    assert evaluated_scope(result, "aria") == f"every image of aria, less the {left_out} images the model trained on"
+    assert evaluated_scope(result, "aria") == f"every image of aria, less the {left_out} images the model trained on or copies of them"
     table = "".join(str(t.title) for t in summary_tables(result))
-    assert f"less the {left_out} images the model trained on" in table
+    assert f"less the {left_out} images the model trained on or copies of them" in table
 
 
 def test_the_validation_part_says_its_temperature_was_fitted_on_it(run: Path, metrics: dict, tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def test_too_few_thumbnails_have_no_pairs() -> None:
     assert [len(a) for a in recapture_pairs(np.zeros((1, 40, 40), np.float32))] == [0, 0]
 
 
-def test_recaptures_join_one_duplicate_group_across_a_split(tmp_path: Path) -> None:
+def test_recaptures_join_one_duplicate_group(tmp_path: Path) -> None:
     """Indexed, a shifted re-capture shares its original's dup_group, which no split may cut."""
     from bloodcell.data.index import build_index
     from conftest import make_aria_dataset
@@ -92,3 +92,26 @@ def test_recaptures_join_one_duplicate_group_across_a_split(tmp_path: Path) -> N
     groups = result.manifest.set_index("path")["dup_group"]
     assert groups["Benign/WBC-Benign-001.jpg"] == groups["Benign/WBC-Benign-012.jpg"]
     assert result.summary["recaptured_pairs"] >= 1
+
+
+def test_no_images_no_pairs_and_an_index_of_rejected_files_still_written(tmp_path: Path) -> None:
+    from bloodcell.data.index import build_index
+
+    assert find_recaptures([], [], [], [], tmp_path / "cache") == []
+    folder = tmp_path / "junk" / "Benign"
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(b"not an image")
+    (tmp_path / "junk" / "Pro-B").mkdir()
+    (tmp_path / "junk" / "Pro-B" / "b.jpg").write_bytes(b"nor this")
+    result = build_index(tmp_path / "junk", class_names=["Benign", "Pro-B"], progress=False)
+    assert result.summary["accepted"] == 0 and result.summary["recaptured_pairs"] == 0
+
+
+def test_the_check_computes_only_for_the_images_in_candidate_pairs() -> None:
+    from bloodcell.data.recaptures import CONFIRM_SHIFT, best_correlations
+
+    thumbs = np.random.default_rng(0).uniform(0, 255, (5, 40, 40)).astype(np.float32)
+    thumbs[3] = thumbs[1]
+    pairs = (np.array([1]), np.array([3]))
+    assert best_correlations(thumbs, CONFIRM_SHIFT, pairs) == pytest.approx([1.0], abs=1e-4)
+    assert len(best_correlations(thumbs, CONFIRM_SHIFT, (np.array([], int), np.array([], int)))) == 0

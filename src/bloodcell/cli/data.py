@@ -152,6 +152,9 @@ def split_command(
 ) -> None:
     """Split the indexed images into train / val / test (and embargo), keeping duplicate groups together.
 
+    The "embargo" part holds what no part uses: the images beside each held-out block, and the members of
+    a duplicate group outside the one part it is kept in.
+
     The leakage check runs on every split; if it fails the command exits with status 1.
 
     --json keys: protocol, seed, counts {part: {class: n, total}}, blocks {part: n}, leakage_check ("passed" or "failed"), leakage_message, split.

@@ -64,8 +64,12 @@ def _shifted(thumbs: np.ndarray, shift: int) -> tuple[np.ndarray, list[np.ndarra
 
 def best_correlations(thumbs: np.ndarray, shift: int, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """The best correlation over shifts of each pair ``(i, j)``, either way round."""
-    centre, windows = _shifted(thumbs, shift)
-    i, j = pairs
+    if len(pairs[0]) == 0:
+        return np.zeros(0, dtype=np.float32)
+    # Only the images in some pair: every shifted window of every image would take 330 KB an image.
+    involved, inverse = np.unique(np.concatenate(pairs), return_inverse=True)
+    i, j = inverse[: len(pairs[0])], inverse[len(pairs[0]) :]
+    centre, windows = _shifted(thumbs[involved], shift)
     best = np.full(len(i), -1.0, dtype=np.float32)
     for window in windows:
         best = np.maximum(best, np.einsum("kd,kd->k", centre[i], window[j]))
@@ -116,9 +120,14 @@ def find_recaptures(
     computed once for a state of it and kept in ``cache_dir`` (``recaptures-<hash>.csv``; about a second of
     decoding and one of arithmetic for this dataset on 2 cores).
     """
+    if len(files) == 0:
+        return []
     key = hashlib.sha256(f"recaptures {RECAPTURE_VERSION}\n".encode())
-    for name, sha, label in zip(keys, hashes, classes):
-        key.update(f"{name}\0{sha}\0{label}\n".encode())
+    for name, sha, label, file in zip(keys, hashes, classes, files):
+        # The files read may be others than the rows hashed (the Segmented variant reads the Original
+        # pictures): their size and modification time stand for their content here.
+        stat = os.stat(file)
+        key.update(f"{name}\0{sha}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     cached = Path(cache_dir) / f"recaptures-{key.hexdigest()[:16]}.csv"
     if cached.is_file():
         table = pd.read_csv(cached, dtype=str, keep_default_na=False)

@@ -39,7 +39,7 @@ PROTOCOLS: tuple[str, ...] = ("session", "random", "kfold")
 PARTS: tuple[str, ...] = ("train", "val", "test", "embargo")
 #: Parts a model is trained or evaluated on; a duplicate group must not touch two of them.
 USED_PARTS: tuple[str, ...] = ("train", "val", "test")
-#: When a duplicate group straddles parts it moves whole to the first of these that it touches.
+#: When a duplicate group straddles parts it is kept in the first of these that it touches (the rest is left out).
 _PROTECTION_ORDER: tuple[str, ...] = ("test", "val", "train")
 
 

@@ -450,7 +450,10 @@ def _without_training_images(
     if own_data and split != "all":
         return indices, 0  # the split is rebuilt exactly as in training: its held-out parts are unseen
     if own_data:  # every image of the model's own data: its training parts are known exactly
-        keep = ~prepared.split["split"].isin(trained_parts).to_numpy()[indices]
+        trained = prepared.split["split"].isin(trained_parts).to_numpy()
+        # and so are the duplicates of its training images that the split left out beside them
+        copies = prepared.split["dup_group"].isin(prepared.split["dup_group"][trained]).to_numpy()
+        keep = ~(trained | copies)[indices]
     elif trained_on is None:
         log.warning("these are not the data the model was trained on, and it has no record of its training images "
                     "(trained-on.sha256): %s may hold images it trained on, which would flatter its scores", where)  # fmt: skip
@@ -487,7 +490,7 @@ def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:
     if left_out is None:
         return f"{where} (unchecked for training images: the model has no record of them)"
     if left_out:
-        return f"{where}, less the {left_out} images the model trained on"
+        return f"{where}, less the {left_out} images the model trained on or copies of them"
     return where
 
 

@@ -191,7 +191,9 @@ def fit(
         split_table = getattr(data, "split", None)
         if main and split_table is not None and "sha256" in split_table:  # what evaluation must never score
             trained = split_table.iloc[train_rows]
-            save_trained_on(run_dir, trained["sha256"], trained["phash"] if "phash" in trained else ())
+            # A Segmented (masked) image's hash says little: unrelated masked fields hash alike.
+            by_picture = "phash" in trained and config.data.variant != "Segmented"
+            save_trained_on(run_dir, trained["sha256"], trained["phash"] if by_picture else ())
         # The whole training set lives in one uint8 tensor on the training device: batches are gathered by
         # index, so no DataLoader or per-image Python is involved. NHWC in memory = channels_last NCHW.
         train_images = fabric.to_device(torch.from_numpy(np.ascontiguousarray(data.images[train_rows])))
