@@ -402,3 +402,14 @@ def test_segmented_variant_groups_duplicates_by_the_original_pictures(aria_datas
     assert segmented.at[pairs[0], "dup_group"] != segmented.at[pairs[1], "dup_group"]
     same_partition = pd.factorize(segmented.loc[original.index, "dup_group"])[0]
     np.testing.assert_array_equal(same_partition, pd.factorize(original["dup_group"])[0])
+
+
+def test_one_picture_filed_under_two_classes_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=12, size=32, segmented=False)
+    shutil.copyfile(root / "Original" / "Benign" / "WBC-Benign-003.jpg", root / "Original" / "Pro" / "WBC-Malignant-Pro-050.jpg")
+    with caplog.at_level("WARNING", logger="bloodcell.data.index"):
+        build_index(root, progress=False)
+    assert "1 duplicate group(s) hold images filed under different classes" in caplog.text
+    assert "Benign/WBC-Benign-003.jpg (Benign); Pro/WBC-Malignant-Pro-050.jpg (Pro-B)" in caplog.text

@@ -69,14 +69,17 @@ def test_images_outside_the_class_folders_are_named(tmp_path: Path, caplog: pyte
     assert "Mature/, stray.jpg not used" in message and "notes.txt" not in message
 
 
-def test_aria_variant_folder_given_directly(aria_dataset: Path) -> None:
+def test_aria_variant_folder_given_directly(aria_dataset: Path, caplog: pytest.LogCaptureFixture) -> None:
     dataset = find_dataset(aria_dataset / "Original")
     assert dataset.layout == "aria"
     assert dataset.top == aria_dataset.resolve()
+    assert not caplog.records
+    # The other variant's folder: the variant asked for is used, and a warning says so.
     assert (
         find_dataset(aria_dataset / "Original", variant="Segmented").root
         == (aria_dataset / "Segmented").resolve()
     )
+    assert "the Segmented variant (the one asked for)" in caplog.text and "--variant Original" in caplog.text
 
 
 def test_an_aria_folder_of_a_single_class_is_still_the_aria_layout(tmp_path: Path) -> None:

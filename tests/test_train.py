@@ -498,6 +498,9 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     trained = (tmp_path / "run" / "trained-on.sha256").read_text().split()
     phashes = (tmp_path / "run" / "trained-on.phash").read_text().split()  # re-encoded copies are found by these
     assert len(trained) > 0 and 0 < len(phashes) <= len(trained) and all(len(h) == 16 for h in phashes)
+    # Resuming a finished run trains nothing, and says so.
+    code, _, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--no-report", "--no-progress"], monkeypatch, capsys)
+    assert code == 0 and f"{tmp_path / 'run'} is already complete (2 of 2 epochs): nothing is trained again" in err
 
 
 @pytest.mark.parametrize(

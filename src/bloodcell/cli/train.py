@@ -59,6 +59,7 @@ def train_command(
     from bloodcell.config import load_config, override
     from bloodcell.errors import UserError
     from bloodcell.train import train_run
+    from bloodcell.train.checkpoint import completed_epochs
 
     extra = list(overrides)
     if data is not None:
@@ -75,6 +76,11 @@ def train_command(
             raise UserError(f"{resume}: not a run directory (no config.yaml); give the folder train wrote")
         run_config = load_config(str(resume / "config.yaml"), extra)
         run_dir = resume
+        done = completed_epochs(run_dir)
+        if done is not None and (done[0] >= run_config.train.epochs or done[1]):
+            warning_line(f"{run_dir} is already complete ({done[0]} of {run_config.train.epochs} epochs"
+                         + (f", stopped by {done[1].replace('_', ' ')}" if done[1] else "")
+                         + "): nothing is trained again" + ("; its report is rebuilt" if report else ""))  # fmt: skip
     else:
         if data is None:
             raise UserError("pass --data DATA (the dataset folder) or --resume RUN")

@@ -16,6 +16,7 @@ exact, near and re-capture links are joined transitively (connected components, 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +34,8 @@ from bloodcell.data.decode import DECODER_VERSION, ImageError, open_rgb
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
 
 #: Largest Hamming distance between two 64-bit perceptual hashes that still counts as "the same picture".
 #: Chosen on the real data (Aria Original, 2,576 images; see docs/ARCHITECTURE.md, "Duplicate threshold"):
@@ -384,6 +387,21 @@ def _recaptures(dataset: Dataset, rows: pd.DataFrame, workdir: Path, progress: b
                            workdir, progress)  # fmt: skip
 
 
+def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3) -> None:
+    """Name duplicate groups whose images are filed under different classes: one picture with two labels
+    is a labelling error, which the split keeps in one part but cannot resolve."""
+    accepted = manifest[~manifest["rejected"]]
+    classes = accepted.groupby("dup_group")["class"].nunique()
+    mixed = classes[classes > 1].index
+    if len(mixed):
+        examples = []
+        for group in mixed[:shown]:
+            members = accepted.loc[accepted["dup_group"] == group, ["path", "class"]]
+            examples.append("; ".join(f"{path} ({name})" for path, name in members.itertuples(index=False)))
+        log.warning("%d duplicate group(s) hold images filed under different classes (labelling errors?): %s",
+                    len(mixed), " | ".join(examples))  # fmt: skip
+
+
 def build_index(
     root: str | Path,
     variant: str = "Original",
@@ -427,6 +445,7 @@ def build_index(
     recaptures = _recaptures(dataset, rows, workdir, progress)
     manifest = duplicate_groups(rows, near_distance, _original_hashes(dataset, class_names, progress), recaptures)
     manifest = manifest[list(MANIFEST_COLUMNS)]
+    _warn_of_cross_class_duplicates(manifest)
     manifest_path = Path(out) if out is not None else workdir / "manifest.csv"
     with atomic_path(manifest_path, suffix=".csv") as tmp:
         # One line ending on every system: the manifest's SHA-256 names the data in model cards and reports,

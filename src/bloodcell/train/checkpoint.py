@@ -49,6 +49,16 @@ def holds_a_run(run_dir: Path) -> bool:
     return has_resumable_checkpoint(run_dir) or (Path(run_dir) / "history.csv").is_file()
 
 
+def completed_epochs(run_dir: Path) -> tuple[int, str | None] | None:
+    """``(epochs completed, why it stopped early or None)`` of the run's final stage, from its ``last``
+    checkpoint; None when there is none to read."""
+    try:
+        loop = json.loads((checkpoint_dir(Path(run_dir), "last") / "trainer.json").read_text(encoding="utf-8"))["loop"]
+        return int(loop["epoch"]), loop.get("stopped")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def refuse_foreign_folder(run_dir: Path) -> None:
     """Refuse to start a run in a file, or in a folder that holds other files but no run of ours (a start
     writes ``config.yaml`` first): the run's files would land among someone else's, a dataset's class
