@@ -131,6 +131,21 @@ def test_download_unpacks_caches_and_prints_data_root(
         assert sum(1 for p, _ in fake.calls if p == "/blobs/leukemia.zip") == downloads == 1
 
 
+def test_offline_a_copy_downloaded_before_is_used(aria_dataset: Path, tmp_path: Path, kaggle_endpoint,
+                                                  caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """kagglehub asks Kaggle for the current version first: offline, the complete cached copy is the answer."""
+    cache = tmp_path / "cache"
+    with FakeKaggle(_archive(aria_dataset)) as fake:
+        kaggle_endpoint(fake.url)
+        online = download_dataset(cache=cache)
+    kaggle_endpoint("http://127.0.0.1:9")  # now offline
+    with caplog.at_level("WARNING", logger="bloodcell.data.download"):
+        assert download_dataset(cache=cache) == online
+    assert "could not reach Kaggle; using the copy of mehradaria/leukemia downloaded before" in caplog.text
+    with pytest.raises(UserError, match="could not reach Kaggle"):  # a version never downloaded: no copy to use
+        download_dataset("mehradaria/leukemia/versions/2", cache=cache)
+
+
 def test_download_without_credentials_says_how_to_fix(tmp_path: Path, kaggle_endpoint) -> None:
     with FakeKaggle(b"", status=401) as fake:
         kaggle_endpoint(fake.url)
@@ -147,3 +162,12 @@ def test_download_offline_says_so(tmp_path: Path, kaggle_endpoint) -> None:
 def test_download_rejects_a_malformed_handle(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected owner/name"):
         download_dataset("not-a-handle", cache=tmp_path / "cache")
+
+
+def test_a_download_that_holds_no_dataset_is_an_error_not_a_path(tmp_path: Path) -> None:
+    from bloodcell.data.download import find_data_root
+
+    (tmp_path / "dl" / "docs").mkdir(parents=True)
+    (tmp_path / "dl" / "docs" / "readme.txt").write_text("no images here")
+    with pytest.raises(UserError, match="holds no dataset bloodcell can read"):
+        find_data_root(tmp_path / "dl")

@@ -2,18 +2,22 @@
 
 The download itself is kagglehub's: it asks Kaggle for the dataset's current version, downloads the
 archive (resuming a broken download), unpacks it and marks it complete, so a second call costs one small
-request and returns the cached copy. We only choose the cache folder, translate kagglehub's failures into
+request and returns the cached copy. We choose the cache folder, use the newest complete cached copy when
+Kaggle cannot be reached (kagglehub would fail on its version request), translate kagglehub's failures into
 one-line errors that say what to do, and locate the dataset root inside the unpacked archive.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from bloodcell.errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: The Kaggle dataset of Aria et al. (Original/ and Segmented/ images of the four classes).
 DEFAULT_DATASET = "mehradaria/leukemia"
@@ -80,7 +84,8 @@ def find_data_root(folder: Path, max_depth: int = 3) -> Path:
     """The folder inside an unpacked download that ``find_dataset`` recognises (Aria or Kaggle layout).
 
     Archives sometimes wrap the dataset in one or two extra folders; we search breadth-first so the
-    shallowest match wins. Falls back to ``folder`` itself when nothing is recognised.
+    shallowest match wins. Falls back to ``folder`` itself when it holds images in another layout (class
+    folders); raises :class:`UserError` when it holds no dataset at all.
     """
     from bloodcell.data.layouts import find_dataset
 
@@ -93,6 +98,10 @@ def find_data_root(folder: Path, max_depth: int = 3) -> Path:
             except UserError:
                 pass
         level = [child for parent in level for child in sorted(parent.iterdir()) if child.is_dir()]
+    try:
+        find_dataset(folder)
+    except UserError as error:
+        raise UserError(f"the download in {folder} holds no dataset bloodcell can read ({error})") from None
     return folder
 
 
@@ -128,5 +137,32 @@ def download_dataset(
         try:
             path = kagglehub.dataset_download(dataset, force_download=force)
         except Exception as error:  # every transport failure gets the same treatment
-            raise _explain_failure(error, dataset) from error
+            # kagglehub asks Kaggle for the current version before it looks in its cache: offline, a
+            # complete copy already downloaded is what the user needs.
+            cached = None if force or not _is_offline(error) else newest_cached_copy(cache_dir, dataset)
+            if cached is None:
+                raise _explain_failure(error, dataset) from error
+            log.warning("could not reach Kaggle; using the copy of %s downloaded before: %s", dataset, cached)
+            path = cached
     return find_data_root(Path(path))
+
+
+def _is_offline(error: Exception) -> bool:
+    import requests
+
+    return isinstance(error, (requests.ConnectionError, requests.Timeout))
+
+
+def newest_cached_copy(cache_dir: Path, dataset: str) -> Path | None:
+    """The newest complete copy of ``dataset`` in kagglehub's cache (``<cache>/datasets/<owner>/<name>/
+    versions/<N>/``, complete when kagglehub has written ``<N>.complete`` beside ``versions``), or None.
+    A handle naming a version accepts only that version."""
+    from kagglehub.handle import parse_dataset_handle
+
+    handle = parse_dataset_handle(dataset)
+    folder = Path(cache_dir) / "datasets" / handle.owner / handle.dataset
+    versions = [int(marker.stem) for marker in folder.glob("*.complete") if marker.stem.isdigit()]
+    if handle.version is not None:
+        versions = [v for v in versions if v == handle.version]
+    complete = [v for v in versions if (folder / "versions" / str(v)).is_dir()]
+    return folder / "versions" / str(max(complete)) if complete else None
