@@ -40,6 +40,16 @@ def real_data_root() -> Path:
     return root
 
 
+def child_env() -> dict[str, str]:
+    """The environment for a child Python process: this checkout's ``src`` first on ``PYTHONPATH``.
+
+    Prepended, not replacing: where the dependencies themselves come through ``PYTHONPATH`` (a GPU machine
+    with packages unpacked beside its own Python), a child without them would fail to import.
+    """
+    inherited = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), inherited]))}
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     return real_data_root()

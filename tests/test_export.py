@@ -20,7 +20,7 @@ from bloodcell.serve import export as export_module
 from bloodcell.serve.export import ParityError, ensure_onnx, export_onnx
 from bloodcell.serve.onnx_predictor import OnnxPredictor
 from bloodcell.serve.predictor import TorchPredictor
-from conftest import DEFAULT_DATA
+from conftest import DEFAULT_DATA, child_env
 from serve_support import TINY_SIZE, real_images, write_images
 
 
@@ -90,7 +90,7 @@ def test_onnx_predictor_imports_and_runs_without_torch(tiny_onnx: Path, realish_
         "assert 'torch' not in sys.modules, 'torch imported by predicting'\n"
         "print(json.dumps([r.to_dict() for r in results]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = child_env()
     done = subprocess.run(check=False, args=[sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)

@@ -21,6 +21,7 @@ from bloodcell.models import load_model
 from bloodcell.probabilities import softmax_with_temperature
 from bloodcell.serve.common import expand_inputs
 from bloodcell.serve.predictor import TorchPredictor
+from conftest import child_env
 from serve_support import TINY_SIZE, TINY_TEMPERATURE, cell_jpeg, write_images
 
 CLASSES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
@@ -87,8 +88,6 @@ def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path:
 
 
 def test_a_file_name_that_is_not_utf8_is_escaped_in_the_csv(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
-    import os
-
     odd = os.path.join(os.fsencode(tmp_path), b"cell-\xff.jpg")
     os.link(slides / "cell-000.jpg", odd)
     out = tmp_path / "results.csv"
@@ -200,7 +199,7 @@ def test_predict_files_batches_agree_and_errors_keep_order(tiny_model: Path, sli
 
 def test_console_script_exit_codes(tiny_model: Path, slides: Path) -> None:
     """Through the real entry point: 1 when a file failed, 2 on a usage error with a one-line message."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = child_env()
     command = [sys.executable, "-m", "bloodcell", "predict", "-m", str(tiny_model)]
     failed = subprocess.run(check=False, args=[*command, str(slides), "--json"], capture_output=True, text=True, timeout=120, env=env)
     assert failed.returncode == 1, failed.stderr

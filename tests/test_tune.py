@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from bloodcell.config import AugmentConfig, config_from_dict, load_config
 from bloodcell.errors import UserError
 from bloodcell.tune.lr_find import suggest_lr
 from bloodcell.tune.search import SearchSpace, _check_space_fits_model, apply_params, open_study, tune
+from conftest import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,7 +307,7 @@ def test_two_workers_share_one_study(aria_dataset: Path, tiny_config_file: Path,
     command = [sys.executable, "-c", WORKER, str(barrier), "tune", "--data", str(aria_dataset), "--trials", "4",
                "--config", str(tiny_config_file), "--space", str(space), "--pruner", "none", "--out", str(out),
                "--study", "shared", "--set", "train.epochs=1", "--json"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
+    env = child_env()
     workers = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
