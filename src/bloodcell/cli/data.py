@@ -42,13 +42,13 @@ CLASSES_OPTION = typer.Option(
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a summary.")
 PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr.")
 MANIFEST_OUT_OPTION = typer.Option(
-    None, "--out", help="Write the manifest CSV here (default: the dataset's work folder)."
+    None, "--out", "-o", help="Write the manifest CSV here (default: the dataset's work folder)."
 )
 SPLIT_OUT_OPTION = typer.Option(
-    None, "--out", help="Write the split CSV here (default: the dataset's work folder)."
+    None, "--out", "-o", help="Write the split CSV here (default: the dataset's work folder)."
 )
 AUDIT_OUT_OPTION = typer.Option(
-    None, "--out", help="Folder for audit.md and audit.json (default: the dataset's work folder)."
+    None, "--out", "-o", help="Folder for audit.md and audit.json (default: the dataset's work folder)."
 )
 
 

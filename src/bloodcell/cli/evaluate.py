@@ -112,7 +112,7 @@ def evaluate_command(
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM grid and sanity check."),
     cam_method: str = typer.Option("gradcam", "--cam-method", help=f"CAM method of the grid and sanity check: {CAM_METHODS}."),
     target_layer: str | None = typer.Option(None, "--target-layer", help=TARGET_LAYER_HELP, show_default=False),
-    out: Path | None = typer.Option(None, "--out", help="Output folder (default: the run directory for its own test part, else a folder under RUN/evaluations named after the data and split).", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run directory for its own test part, else a folder under RUN/evaluations named after the data and split).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json on stdout instead of the summary."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
 ) -> None:
@@ -162,9 +162,9 @@ def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: st
 @app.command("explain")
 def explain_command(
     paths: list[Path] = typer.Argument(..., help=EXPLAIN_PATHS_HELP, show_default=False, metavar="[RUN_OR_MODEL] IMAGES..."),
-    method: str = typer.Option("gradcam", "--method", help=f"{CAM_METHODS}."),
+    method: str = typer.Option("gradcam", "--method", "--cam-method", help=f"{CAM_METHODS}."),
     target_layer: str | None = typer.Option(None, "--target-layer", help=TARGET_LAYER_HELP, show_default=False),
-    out: Path = typer.Option(Path("explanations"), "--out", help="Folder for the overlay PNGs."),
+    out: Path = typer.Option(Path("explanations"), "--out", "-o", help="Folder for the overlay PNGs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Write Grad-CAM overlays (image | heat map) for images, with the model's prediction.

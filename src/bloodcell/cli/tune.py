@@ -28,7 +28,7 @@ def lr_find_command(
         "min-loss", "--method", help="Suggestion rule: min-loss (minimum / 10) or steepest."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Folder for the plot and table (default runs/lr-find-CONFIG-NAME)."
+        None, "--out", "-o", help="Folder for the plot and table (default runs/lr-find-CONFIG-NAME)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
@@ -89,7 +89,7 @@ def tune_command(
         None, "--space", help="YAML file narrowing the search space (see docs/TUNING.md)."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the TPE sampler (one worker only)."),
-    out: Path | None = typer.Option(None, "--out", help="Tuning folder (default runs/tune-STUDY)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Tuning folder (default runs/tune-STUDY)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Search hyperparameters with Optuna; rerun with the same storage to continue an interrupted study."""

@@ -1,0 +1,40 @@
+"""One spelling for one thing across commands: the same option means the same flag everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+
+from bloodcell.cli import app
+
+
+# Typer 0.29 carries its own copy of click, so commands are told apart by what they have, not their class.
+def commands(group: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from commands(command, f"{prefix}{name} ")
+        else:
+            yield prefix + name, command
+
+
+def options_of(command: Any) -> list[Any]:
+    return [p for p in command.params if type(p).__name__.endswith("Option")]
+
+
+def test_every_out_option_also_answers_to_o() -> None:
+    found = {}
+    for name, command in commands(typer.main.get_command(app)):
+        for option in options_of(command):
+            if "--out" in option.opts:
+                found[name] = option.opts
+    assert len(found) >= 10, found  # train, evaluate, explain, predict, export, demo, audit, tune, lr-find, index ...
+    assert {name: opts for name, opts in found.items() if "-o" not in opts} == {}
+
+
+def test_the_cam_method_has_the_same_flag_in_explain_as_in_evaluate() -> None:
+    cli = typer.main.get_command(app)
+    named = dict(commands(cli))
+    for name in ("explain", "evaluate"):
+        assert any("--cam-method" in option.opts for option in options_of(named[name])), name
