@@ -115,3 +115,48 @@ def test_the_check_computes_only_for_the_images_in_candidate_pairs() -> None:
     pairs = (np.array([1]), np.array([3]))
     assert best_correlations(thumbs, CONFIRM_SHIFT, pairs) == pytest.approx([1.0], abs=1e-4)
     assert len(best_correlations(thumbs, CONFIRM_SHIFT, (np.array([], int), np.array([], int)))) == 0
+
+
+def test_the_check_in_chunks_gives_what_it_gives_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bloodcell.data.recaptures import CONFIRM_SHIFT, best_correlations
+
+    thumbs = np.random.default_rng(1).uniform(0, 255, (9, 40, 40)).astype(np.float32)
+    i, j = np.triu_indices(9, k=1)
+    at_once = best_correlations(thumbs, CONFIRM_SHIFT, (i, j))
+    monkeypatch.setattr(recaptures, "PAIRS", 5)  # 36 pairs in 8 chunks, the last one short
+    assert np.array_equal(best_correlations(thumbs, CONFIRM_SHIFT, (i, j)), at_once)
+
+
+def test_a_class_of_look_alike_fields_is_left_unchecked_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Distinct fields seen through a round eyepiece: the black surround makes every pair correlate, and
+    linking them would merge the whole class into one duplicate group."""
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:40, :40]
+    outside = (yy - 19.5) ** 2 + (xx - 19.5) ** 2 > 18**2
+    thumbs = rng.uniform(150, 250, (60, 40, 40)).astype(np.float32)
+    thumbs[:, outside] = 0
+    assert [len(a) for a in recapture_pairs(thumbs, "Pro-B")] == [0, 0]
+    assert "class Pro-B" in caplog.text and "not looked for" in caplog.text
+
+
+def test_a_damaged_cache_file_is_computed_again(tmp_path: Path) -> None:
+    scene = field(6)
+    paths = save({"a.jpg": capture(scene, 0, 0), "b.jpg": capture(scene, 5, -7)}, tmp_path / "imgs")
+    first = find_recaptures(paths, ["a", "b"], ["1", "2"], ["x", "x"], tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("recaptures-*.csv")
+    for damage in ("", "x,y\n1,2\n"):  # empty; the wrong columns
+        cached.write_text(damage)
+        assert find_recaptures(paths, ["a", "b"], ["1", "2"], ["x", "x"], tmp_path / "cache") == first
+        assert cached.read_text().startswith("a,b")
+
+
+def test_a_segmented_index_survives_a_broken_original_counterpart(tmp_path: Path) -> None:
+    """The Original index rejects its truncated file; the Segmented index compares that row as it is."""
+    from bloodcell.data.index import build_index
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=12, size=32)
+    broken = root / "Original" / "Benign" / "WBC-Benign-003.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    assert build_index(root, "Original", progress=False).summary["rejected"][0]["path"].endswith("WBC-Benign-003.jpg")
+    assert build_index(root, "Segmented", progress=False).summary["accepted"] == 48

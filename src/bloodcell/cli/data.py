@@ -85,7 +85,7 @@ def index_command(
 ) -> None:
     """Index a dataset: one manifest row per file with hashes, size, capture number, rejects and duplicates.
 
-    --json keys: images, accepted, rejected [{path, reason}], classes {name: count}, exact_duplicate_groups, near_duplicate_groups, manifest.
+    --json keys: images, accepted, rejected [{path, reason}], classes {name: count}, exact_duplicate_groups, near_duplicate_groups, recaptured_pairs (shifted re-captures linked), manifest.
     """
     from bloodcell.data.index import build_index
 

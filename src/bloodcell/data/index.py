@@ -291,7 +291,8 @@ def count_duplicate_groups(manifest: pd.DataFrame) -> tuple[int, int]:
     """Count duplicate groups with more than one member.
 
     Returns ``(exact, near)``: exact groups are files with identical bytes; near groups are ``dup_group``
-    groups that hold at least two different files (so they exist because of the perceptual hash).
+    groups that hold at least two different files (so they exist because of the perceptual hash or a
+    shifted re-capture).
     """
     accepted = manifest[~manifest["rejected"]]
     exact = int((accepted.groupby("exact_group").size() > 1).sum())
@@ -304,7 +305,8 @@ def index_summary(manifest: pd.DataFrame, manifest_path: Path, classes: tuple[st
 
     Keys: ``images`` (files indexed), ``accepted``, ``rejected`` (list of ``{"path", "reason"}``),
     ``classes`` (class -> accepted images), ``exact_duplicate_groups``, ``near_duplicate_groups`` (see
-    :func:`count_duplicate_groups`), ``manifest`` (path of the manifest CSV).
+    :func:`count_duplicate_groups`), ``manifest`` (path of the manifest CSV); :func:`build_index` adds
+    ``recaptured_pairs`` (pairs of shifted re-captures linked into duplicate groups).
     """
     accepted = manifest[~manifest["rejected"]]
     exact, near = count_duplicate_groups(manifest)
@@ -373,16 +375,17 @@ def _original_hashes(
     return dict(zip(accepted["path"], accepted["phash"]))
 
 
-def _recaptures(dataset: Dataset, rows: pd.DataFrame, workdir: Path, progress: bool) -> list[tuple[str, str]]:
+def _recaptures(dataset: Dataset, rows: pd.DataFrame, workdir: Path, progress: bool,
+                counterparts: dict[str, str] | None) -> list[tuple[str, str]]:  # fmt: skip
     """Shifted re-captures among the accepted rows. For the Aria Segmented variant the Original counterparts
-    are compared, as for the perceptual hashes (masked backgrounds would make unrelated fields alike)."""
+    (``counterparts``: the paths the Original index accepted) are compared, as for the perceptual hashes
+    (masked backgrounds would make unrelated fields alike); a row without one is compared as it is."""
     from bloodcell.data.recaptures import find_recaptures
 
     accepted = rows[~rows["rejected"]]
-    source = dataset.root
-    if dataset.layout == "aria" and dataset.variant == "Segmented" and (dataset.top / "Original").is_dir():
-        source = dataset.top / "Original"
-    files = [source / path if (source / path).is_file() else dataset.root / path for path in accepted["path"]]
+    original = dataset.top / "Original"
+    files = [original / path if counterparts and path in counterparts else dataset.root / path
+             for path in accepted["path"]]  # fmt: skip
     return find_recaptures(files, accepted["path"].tolist(), accepted["sha256"].tolist(), accepted["class"].tolist(),
                            workdir, progress)  # fmt: skip
 
@@ -442,8 +445,9 @@ def build_index(
             workdir, [{"path": k[0], "bytes": k[1], "mtime_ns": k[2], **f} for k, f in zip(keys, facts)]
         )
     rows = _manifest_rows(dataset, facts, [k[1] for k in keys])
-    recaptures = _recaptures(dataset, rows, workdir, progress)
-    manifest = duplicate_groups(rows, near_distance, _original_hashes(dataset, class_names, progress), recaptures)
+    near_hashes = _original_hashes(dataset, class_names, progress)
+    recaptures = _recaptures(dataset, rows, workdir, progress, near_hashes)
+    manifest = duplicate_groups(rows, near_distance, near_hashes, recaptures)
     manifest = manifest[list(MANIFEST_COLUMNS)]
     _warn_of_cross_class_duplicates(manifest)
     manifest_path = Path(out) if out is not None else workdir / "manifest.csv"

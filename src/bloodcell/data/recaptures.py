@@ -18,7 +18,9 @@ shift-tolerant, and a feature-matching library would be a heavy dependency for o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,14 +32,23 @@ from PIL import Image
 from bloodcell.data.decode import open_rgb
 from bloodcell.io import atomic_path
 
+log = logging.getLogger(__name__)
+
 #: Bump when the method or its thresholds change: cached pairs of another version are not reused.
-RECAPTURE_VERSION = 1
+RECAPTURE_VERSION = 2
 #: The check: thumbnails of this side, compared over shifts of up to this many pixels, at this correlation.
 CONFIRM_SIZE, CONFIRM_SHIFT, MIN_CORRELATION = 40, 4, 0.90
 #: The screen that picks the candidates for the check.
 SCREEN_SIZE, SCREEN_SHIFT, SCREEN_CORRELATION = 24, 2, 0.70
 #: Rows of the screen's correlation matrix computed at once (bounds memory at ``ROWS * n * 4`` bytes).
 ROWS = 512
+#: Candidate pairs checked at once (bounds the check's memory at about ``PAIRS * 2 * 4 * side**2`` bytes).
+PAIRS = 4096
+#: The screen lets through 0.008-0.033 % of a class's pairs on this dataset. Where it lets through more than
+#: this share, the images are alike at the screen's scale for a reason other than re-capture (a round
+#: eyepiece's black surround, an empty background), the check cannot tell fields apart, and linking
+#: would merge distinct fields into one duplicate group: the class is left unchecked, with a warning.
+MAX_SCREEN_SHARE = 0.01
 
 
 def grey_thumbnail(path: str | os.PathLike[str], size: int = CONFIRM_SIZE) -> np.ndarray:
@@ -71,9 +82,11 @@ def best_correlations(thumbs: np.ndarray, shift: int, pairs: tuple[np.ndarray, n
     i, j = inverse[: len(pairs[0])], inverse[len(pairs[0]) :]
     centre, windows = _shifted(thumbs[involved], shift)
     best = np.full(len(i), -1.0, dtype=np.float32)
-    for window in windows:
-        best = np.maximum(best, np.einsum("kd,kd->k", centre[i], window[j]))
-        best = np.maximum(best, np.einsum("kd,kd->k", centre[j], window[i]))
+    for start in range(0, len(i), PAIRS):  # in chunks: gathering every pair's rows at once grows without bound
+        a, b, out = i[start : start + PAIRS], j[start : start + PAIRS], best[start : start + PAIRS]
+        for window in windows:
+            np.maximum(out, np.einsum("kd,kd->k", centre[a], window[b]), out=out)
+            np.maximum(out, np.einsum("kd,kd->k", centre[b], window[a]), out=out)
     return best
 
 
@@ -97,11 +110,23 @@ def _screen(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique[:, 0], unique[:, 1]
 
 
-def recapture_pairs(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``i < j`` of thumbnails (one class) that are re-captures of one field: see the module doc."""
+def recapture_pairs(thumbs: np.ndarray, label: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``i < j`` of thumbnails (one class) that are re-captures of one field: see the module doc.
+
+    None, with a warning naming ``label``, where the screen passes more than :data:`MAX_SCREEN_SHARE` of the
+    pairs: images so alike that the check would link distinct fields.
+    """
+    none = np.array([], dtype=np.int64), np.array([], dtype=np.int64)
     if len(thumbs) < 2:
-        return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
+        return none
     i, j = _screen(thumbs)
+    n_pairs = len(thumbs) * (len(thumbs) - 1) // 2
+    if len(i) > max(50, MAX_SCREEN_SHARE * n_pairs):
+        log.warning("class %s: %d of its %d image pairs look alike at %d px (%.0f %%), too many to be re-captures "
+                    "of one field (a round eyepiece or an empty background?); shifted re-captures are not looked "
+                    "for in it, only exact and near duplicates", label or "?", len(i), n_pairs, SCREEN_SIZE,
+                    100 * len(i) / n_pairs)  # fmt: skip
+        return none
     keep = best_correlations(thumbs, CONFIRM_SHIFT, (i, j)) >= MIN_CORRELATION
     return i[keep], j[keep]
 
@@ -129,9 +154,9 @@ def find_recaptures(
         stat = os.stat(file)
         key.update(f"{name}\0{sha}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     cached = Path(cache_dir) / f"recaptures-{key.hexdigest()[:16]}.csv"
-    if cached.is_file():
+    with contextlib.suppress(OSError, ValueError, KeyError):  # missing, damaged or removed meanwhile: recompute
         table = pd.read_csv(cached, dtype=str, keep_default_na=False)
-        return list(zip(table["a"], table["b"]))
+        return list(zip(table["a"], table["b"], strict=True))
     from bloodcell.data.progress import track
 
     thumbs = np.stack(list(track(map(grey_thumbnail, files), len(files), "Looking for re-captured fields", progress)))
@@ -139,11 +164,13 @@ def find_recaptures(
     pairs: list[tuple[str, str]] = []
     for label in dict.fromkeys(classes):
         members = np.flatnonzero(labels == label)
-        i, j = recapture_pairs(thumbs[members])
+        i, j = recapture_pairs(thumbs[members], str(label))
         pairs += [(keys[members[a]], keys[members[b]]) for a, b in zip(i, j)]
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     for stale in Path(cache_dir).glob("recaptures-*.csv"):
-        stale.unlink(missing_ok=True)
+        if stale != cached:  # the same state's file, written meanwhile by another process, is not stale
+            with contextlib.suppress(OSError):  # gone already, or open in another process (Windows)
+                stale.unlink()
     with atomic_path(cached, suffix=".csv") as tmp:
         pd.DataFrame(pairs, columns=["a", "b"]).to_csv(tmp, index=False, lineterminator="\n")
     return pairs
