@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -29,7 +30,14 @@ DOCUMENTED_KEYS = (
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_aria_dataset(tmp_path_factory.mktemp("eval") / "aria", per_class=24, size=48)
+    """The toy data, with each class's file 8 a byte copy of its file 1: duplicate groups that the split
+    keeps in one part and leaves out of the others (the real data hold 40 such pairs). In two classes file
+    1 is trained on and file 8 falls in the embargo beside a held-out block: a left-out copy of a training
+    image; in the other two file 8 is a test image and file 1 is left out."""
+    root = make_aria_dataset(tmp_path_factory.mktemp("eval") / "aria", per_class=24, size=48)
+    for first in (root / "Original").glob("*/*-001.jpg"):
+        shutil.copyfile(first, first.with_name(first.name.replace("-001.", "-008.")))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +148,11 @@ def test_split_all_on_another_copy_of_the_dataset(run: Path, tmp_path: Path) -> 
     assert Path(result["out_dir"]) == run / "evaluations" / "copy-all"
 
 
+def files_trained_on(root: Path, trained: list[str]) -> int:
+    """How many of the Original files under ``root`` have the bytes of a training image (copies included)."""
+    return sum(hashlib.sha256(path.read_bytes()).hexdigest() in set(trained) for path in (root / "Original").rglob("*.jpg"))
+
+
 def test_changed_data_leave_out_the_images_the_model_trained_on(
     run: Path, dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -151,8 +164,9 @@ def test_changed_data_leave_out_the_images_the_model_trained_on(
     with caplog.at_level("WARNING", logger="bloodcell.evaluate.runner"):
         result = evaluate_model(run, changed, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
     assert result["data"]["same_as_training"] is False
-    assert result["data"]["training_images_left_out"] == len(trained) > 0
-    assert result["n_images"] == 4 * 24 + 1 - len(trained)
+    left_out = files_trained_on(dataset, trained)
+    assert result["data"]["training_images_left_out"] == left_out > len(trained) > 0  # byte copies too
+    assert result["n_images"] == 4 * 24 + 1 - left_out
     assert any("the model was trained on, or copies of them; they are left out" in r.getMessage() for r in caplog.records)
 
     unrecorded = tmp_path / "unrecorded"
@@ -176,8 +190,9 @@ def test_a_re_encoded_copy_of_the_data_still_leaves_out_the_training_images(run:
     assert len((run / "trained-on.phash").read_text().split()) > 0
     result = evaluate_model(run, copy, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
     assert result["data"]["same_as_training"] is False
-    assert result["data"]["training_images_left_out"] == len(trained) > 0  # none of them by its bytes
-    assert result["n_images"] == 4 * 24 - len(trained)
+    left_out = files_trained_on(dataset, trained)  # by their original bytes: none of the copy's match
+    assert result["data"]["training_images_left_out"] == left_out > 0
+    assert result["n_images"] == 4 * 24 - left_out
 
 
 def test_split_all_on_its_own_data_leaves_out_the_duplicates_of_its_training_images() -> None:
@@ -194,6 +209,47 @@ def test_split_all_on_its_own_data_leaves_out_the_duplicates_of_its_training_ima
     prepared = types.SimpleNamespace(split=split)
     kept, left_out = _without_training_images(np.arange(5), prepared, None, True, "all", ["train", "val"])
     assert kept.tolist() == [2, 3] and left_out == 3  # the embargoed copy of row 0 goes with it
+
+
+def test_other_data_leave_out_the_re_captures_of_trained_fields_and_warn_without_phashes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On other data, a trained image's own copy is found by its hashes; a shifted re-capture of it (other
+    bytes, another perceptual hash) only by these data's index, which put it in the copy's duplicate group."""
+    import types
+
+    from bloodcell.evaluate.runner import _without_training_images
+    from bloodcell.models.card import TrainedOn
+
+    split = pd.DataFrame({
+        "split": ["test"] * 5,
+        "sha256": ["s-trained", "s-other", "s-recapture", "s-fresh", "s-far"],
+        "phash": ["0" * 16, "f" * 16, "0f0f0f0f0f0f0f0f", "ff00ff00ff00ff00", "00ff00ff00ff00ff"],
+        "dup_group": [0, 1, 0, 2, 3],
+    })  # fmt: skip
+    prepared = types.SimpleNamespace(split=split)
+    trained = TrainedOn(sha256=frozenset({"s-trained"}), phash=("0" * 16,))
+    kept, left_out = _without_training_images(np.arange(1, 5), prepared, trained, False, "all", ["train"])
+    assert kept.tolist() == [1, 3, 4] and left_out == 1  # row 2, the re-capture of row 0, is left out too
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bloodcell.evaluate.runner"):
+        kept, _ = _without_training_images(np.arange(5), prepared, TrainedOn(frozenset({"s-trained"})), False, "all",
+                                           ["train"])  # fmt: skip
+    assert kept.tolist() == [1, 3, 4]
+    assert any("no record of its training images' perceptual hashes" in r.getMessage() for r in caplog.records)
+
+
+def test_near_any_compares_only_across_the_two_lists() -> None:
+    from bloodcell.data.index import near_any, phash_distances_below
+
+    rng = np.random.default_rng(0)
+    hashes = [f"{v:016x}" for v in rng.integers(0, 2**63, 300)]
+    evaluated, references = hashes[:200] + ["0" * 16] * 50, hashes[200:] + ["0" * 15 + "1"]
+    i, j = phash_distances_below([*evaluated, *references], 10)
+    expected = np.zeros(len(evaluated), bool)
+    expected[i[(i < len(evaluated)) & (j >= len(evaluated))]] = True
+    assert np.array_equal(near_any(evaluated, references, 10, chunk=7), expected) and expected[-1]
+    assert not near_any(evaluated, [], 10).any()
 
 
 def test_a_model_recorded_before_perceptual_hashes_loads_with_none(tmp_path: Path) -> None:

@@ -149,6 +149,28 @@ def test_auto_learning_rate_is_resolved_into_the_saved_config(tmp_path: Path, da
     assert (tmp_path / "run" / "lr-find" / "lr_find.png").is_file()
 
 
+def test_a_start_interrupted_in_the_learning_rate_finder_resumes(tmp_path: Path, data, monkeypatch) -> None:
+    """Ctrl-C while the finder writes its files: the folder holds the run's config, so --resume starts afresh."""
+    import importlib
+
+    lr_find = importlib.import_module("bloodcell.tune.lr_find")  # the module: the package re-exports a function
+    real = lr_find.run_lr_find
+
+    def interrupted(config, root, out, **kwargs):
+        Path(out).mkdir(parents=True)
+        (Path(out) / "lr_find.csv").write_text("lr,loss\n")
+        raise KeyboardInterrupt
+
+    config = tiny_config(train={"epochs": 1}, optimizer={"lr": "auto"})
+    monkeypatch.setattr(lr_find, "run_lr_find", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, tmp_path / "run", prepared=data, progress=False)
+    monkeypatch.setattr(lr_find, "run_lr_find", real)
+    fit(config, tmp_path / "run", prepared=data, progress=False, resume=True)
+    assert isinstance(load_config(str(tmp_path / "run" / "config.yaml")).optimizer.lr, float)
+    assert (tmp_path / "run" / "lr-find" / "lr_find.png").is_file()
+
+
 class Interrupt(Exception):
     """Stands in for Ctrl-C (or an Optuna prune) raised from the epoch callback."""
 

@@ -240,6 +240,22 @@ def phash_distances_below(
     return np.concatenate(rows), np.concatenate(cols)
 
 
+def near_any(phashes: list[str], references: list[str], max_distance: int, chunk: int = 1024) -> np.ndarray:
+    """Which of ``phashes`` lie within ``max_distance`` bits of any of ``references`` (a boolean mask).
+
+    Only the cross pairs are compared, in chunks of ``chunk`` rows (memory ``chunk * len(references) * 8``
+    bytes): :func:`phash_distances_below` over both lists would also pair the first list with itself.
+    """
+    values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+    known = np.array([int(h, 16) for h in references], dtype=np.uint64)
+    near = np.zeros(len(values), dtype=bool)
+    if len(known):
+        for start in range(0, len(values), chunk):
+            block = values[start : start + chunk, None] ^ known[None, :]
+            near[start : start + chunk] = (np.bitwise_count(block) <= max_distance).any(axis=1)
+    return near
+
+
 def duplicate_groups(
     manifest: pd.DataFrame,
     max_distance: int = NEAR_DUPLICATE_MAX_DISTANCE,

@@ -459,26 +459,23 @@ def _without_training_images(
                     "(trained-on.sha256): %s may hold images it trained on, which would flatter its scores", where)  # fmt: skip
         return indices, None
     else:
-        keep = ~np.isin(prepared.split["sha256"].to_numpy()[indices], list(trained_on.sha256))
-        keep &= ~_near_any(prepared.split["phash"].to_numpy()[indices], trained_on.phash)
+        from bloodcell.data.index import NEAR_DUPLICATE_MAX_DISTANCE, near_any
+
+        if not trained_on.phash:
+            log.warning("the model has no record of its training images' perceptual hashes (trained-on.phash): "
+                        "only byte-identical copies of them are left out of %s", where)  # fmt: skip
+        table = prepared.split
+        seen = np.isin(table["sha256"].to_numpy(), list(trained_on.sha256))
+        seen |= near_any(table["phash"].tolist(), list(trained_on.phash), NEAR_DUPLICATE_MAX_DISTANCE)
+        # and what these data's own index groups with them: shifted re-captures of a field the model saw
+        copies = table["dup_group"].isin(table["dup_group"][seen & (table["dup_group"] >= 0).to_numpy()]).to_numpy()
+        keep = ~(seen | copies)[indices]
     if not keep.any():
         raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
     if not keep.all():
         log.warning("%d of the %d images (%s) are ones the model was trained on, or copies of them; they are left out",
                     int((~keep).sum()), len(indices), where)  # fmt: skip
     return indices[keep], int((~keep).sum())
-
-
-def _near_any(phashes: np.ndarray, trained: tuple[str, ...]) -> np.ndarray:
-    """Which of ``phashes`` lie within the near-duplicate distance of any ``trained`` perceptual hash."""
-    from bloodcell.data.index import NEAR_DUPLICATE_MAX_DISTANCE, phash_distances_below
-
-    near = np.zeros(len(phashes), dtype=bool)
-    if len(trained) and len(phashes):
-        i, j = phash_distances_below([*phashes, *trained], NEAR_DUPLICATE_MAX_DISTANCE)
-        crossing = (i < len(phashes)) & (j >= len(phashes))  # i < j: an evaluated image and a trained one
-        near[i[crossing]] = True
-    return near
 
 
 def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:

@@ -537,8 +537,12 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, prepared: T
     # afresh, without what an unfinished epoch may have left.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = _resolve_learning_rate(config, run_dir, prepared)
+    # config.yaml first, as given (lr may still be "auto"): a start interrupted in the learning-rate finder
+    # then leaves a run that --resume starts afresh, not a folder of finder files that a new start refuses.
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    if config.optimizer.lr == "auto":
+        config = _resolve_learning_rate(config, run_dir, prepared)
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
     return config
 
 
