@@ -407,6 +407,15 @@ def test_numbers_in_exponent_form_are_numbers_even_where_the_config_is_untyped(t
     assert config.model.kwargs == {"dropout": 0.2} and config.optimizer.lr == pytest.approx(5e-4)
 
 
+@pytest.mark.parametrize("value", ["/lab\x7fdata", "/a\x85b", "/donn\udce9es", "/x \U0001f52c #y: z", "C:\\Users\\me"])
+def test_an_override_sets_a_path_exactly_whatever_characters_it_holds(value: str) -> None:
+    """DEL and C1 controls, which YAML refuses raw; a lone surrogate (an undecodable file name); a comment
+    and a mapping in the name; Windows backslashes: each reaches the config as it was."""
+    from bloodcell.config import apply_overrides, override
+
+    assert apply_overrides({"data": {"root": None}}, [override("data.root", Path(value))])["data"]["root"] == value
+
+
 @pytest.mark.parametrize(
     ("content", "words"),
     [(b"train: [\n", "not valid YAML"), ("train: {epochs: 3}  # caf\xe9\n".encode("latin-1"), "not UTF-8"), (None, "is a folder")],
@@ -503,7 +512,7 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     and a mapping (": "): the path must reach the config whole."""
     import shutil
 
-    dataset = tmp_path / "lab data #2: aria \U0001f52c"
+    dataset = tmp_path / "lab data #2: aria \U0001f52c\x7f"  # and DEL, which YAML refuses unescaped
     shutil.move(aria_dataset, dataset)
     (dataset / "Original" / "Pro" / "WBC-Malignant-Pro-999.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
     code, out, err = run_cli(

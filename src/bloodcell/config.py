@@ -290,8 +290,12 @@ def _parse_value(text: str) -> Any:
 def override(key: str, value: Any) -> str:
     """A ``key=value`` override that sets ``value`` exactly, whatever it holds: a path with ``" #"`` (a YAML
     comment) or ``": "`` (a mapping) in it must not be cut short or read as something else."""
-    # JSON is YAML; ensure_ascii=False, as PyYAML reads an escaped pair of surrogates (an emoji) as two.
-    return f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, ensure_ascii=False)}"
+    if isinstance(value, str | Path):
+        # A YAML double-quoted scalar written by PyYAML itself: it escapes what its reader refuses raw (DEL,
+        # C1 controls, lone surrogates from undecodable file names), which a JSON string leaves in.
+        quoted = yaml.safe_dump(str(value), default_style='"', allow_unicode=True, width=2**31).strip()
+        return f"{key}={quoted}"
+    return f"{key}={json.dumps(value)}"  # numbers, booleans, lists: JSON is YAML
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def dataset_workdir(root: str | Path, variant: str) -> Path:
     Returns the folder path (not created).
     """
     absolute = Path(root).expanduser().resolve()
-    digest = hashlib.sha256(str(absolute).encode("utf-8")).hexdigest()[:8]
+    digest = hashlib.sha256(os.fsencode(absolute)).hexdigest()[:8]  # the bytes on disk: any file name
     return bloodcell_home() / "datasets" / f"{absolute.name}-{digest}" / variant
 
 
