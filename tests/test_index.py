@@ -413,3 +413,16 @@ def test_one_picture_filed_under_two_classes_is_named(tmp_path: Path, caplog: py
         build_index(root, progress=False)
     assert "1 duplicate group(s) hold images filed under different classes" in caplog.text
     assert "Benign/WBC-Benign-003.jpg (Benign); Pro/WBC-Malignant-Pro-050.jpg (Pro-B)" in caplog.text
+
+
+def test_the_pixel_limit_named_is_bloodcells_and_a_larger_one_is_honoured(tmp_path: Path) -> None:
+    """Pillow refuses at open beyond twice its own guard (about 179 MP): its number must not stand in for
+    ours, and a limit set above it (serve --max-side 20000) must be the one applied."""
+    from bloodcell.data.decode import ImageError, open_rgb
+
+    bomb = bomb_png(tmp_path / "bomb.png", 30_000, 30_000).read_bytes()
+    with pytest.raises(ImageError, match=r"(900,000,000|30000x30000) pixels exceeds the limit of 64,000,000 pixels"):
+        open_rgb(bomb)
+    with pytest.raises(ImageError) as raised:  # within the raised limits: decoding is tried (the data are empty)
+        open_rgb(bomb_png(tmp_path / "big.png", 15_000, 15_000).read_bytes(), max_pixels=20_000**2, max_side=20_000)
+    assert "too large" not in str(raised.value)

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bloodcell.cli import app
-from bloodcell.data.decode import decode_image
+from bloodcell.data.decode import ImageError, decode_image
 from bloodcell.errors import UserError
 from bloodcell.evaluate.tta import tta_views
 from bloodcell.models import load_model
@@ -67,6 +67,28 @@ def test_expand_inputs_files_folders_globs(slides: Path) -> None:
     assert "notes.txt" not in [p.name for p in everything.files] and len(everything.files) == 7
     assert everything.skipped == [slides / "notes.txt"]  # reported, once, though the folder was given twice
     assert expand_inputs([slides, slides / "notes.txt"]).skipped == []  # named as well: tried, not skipped
+
+
+def test_links_pipes_and_hidden_files_in_globs_and_folders(slides: Path, tmp_path: Path) -> None:
+    """A link to a parent folder is not followed round (glob.glob's ** repeated every file, and with two such
+    links never ended); a pipe is not read (it would block for ever); a broken link is tried, and so
+    reported as unreadable; a file reached by two names is classified once."""
+    (slides / "day2" / "loop").symlink_to("..", target_is_directory=True)
+    (slides / "day2" / "loop2").symlink_to(".", target_is_directory=True)
+    os.mkfifo(slides / "pipe.jpg")
+    (slides / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (slides / "again.jpg").symlink_to(slides / "cell-000.jpg")
+    (slides / ".hidden.jpg").write_bytes(cell_jpeg(seed=9))
+    for inputs in ([str(slides / "**" / "*.jpg")], [slides]):
+        found = expand_inputs(inputs)
+        names = sorted(p.name for p in found.files)
+        assert names == sorted([f"cell-00{k}.jpg" for k in range(1, 6)] + ["again.jpg", "truncated.jpg", "gone.jpg"])
+        assert "pipe.jpg" not in names  # cell-000.jpg: the same file as again.jpg, found first
+    assert expand_inputs([str(slides / ".*.jpg")]).files == [slides / ".hidden.jpg"]  # named by the pattern
+    with pytest.raises(ImageError, match="not a regular file"):
+        decode_image(slides / "pipe.jpg", TINY_SIZE)
+    with pytest.raises(ImageError, match="cannot read file"):
+        decode_image(slides / "gone.jpg", TINY_SIZE)
 
 
 def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path: Path) -> None:

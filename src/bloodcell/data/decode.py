@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import warnings
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -23,6 +23,8 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".t
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF", "MPO"})
 #: Images with more pixels than this are refused as likely decompression bombs (about 8k x 8k).
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Files larger than this are refused unread: an uncompressed 16-bit RGB TIFF of DEFAULT_MAX_PIXELS is 384 MB.
+MAX_FILE_BYTES = 512 * 2**20
 #: More scans than this in a JPEG are refused: each scan of a progressive JPEG costs a pass over the whole
 #: image, so a 400 KB file with 10,000 tiny scans kept a decoder busy for 14 s (and 10 MB, for minutes).
 #: Cameras and encoders write about 10.
@@ -76,13 +78,7 @@ def open_rgb(
     zero-byte, non-image, truncated, oversized or unsupported files.
     """
     name = "<upload>" if isinstance(source, bytes) else str(source)
-    if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            data = Path(source).read_bytes()
-        except OSError as error:
-            raise ImageError(name, f"cannot read file ({error.strerror or error})") from error
+    data = source if isinstance(source, bytes) else _read_image_file(source, name)
     if len(data) == 0:
         raise ImageError(name, "empty file (0 bytes)")
     _refuse_costly_structure(name, data)
@@ -90,6 +86,9 @@ def open_rgb(
         with warnings.catch_warnings():
             # PIL warns before it errors on bombs; we check the size ourselves and want one clear message.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's own bomb guard (about 179 MP) would refuse before the limits below are read: raise it
+            # to the largest limit asked for (a process-wide setting, only ever raised), as they apply next.
+            Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels, (max_side or 0) ** 2)
             image = Image.open(io.BytesIO(data))
             if image.format not in ACCEPTED_FORMATS:
                 raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")
@@ -113,7 +112,10 @@ def open_rgb(
     except UnidentifiedImageError as error:
         raise ImageError(name, "not an image file (or an unsupported format)") from error
     except Image.DecompressionBombError as error:
-        raise ImageError(name, f"image too large (decompression bomb guard): {error}") from error
+        # Pillow refuses at open beyond twice its guard, which is at least our limit: say ours, not its own.
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "its size"
+        raise ImageError(name, f"image too large: {size} exceeds the limit of {max_pixels:,} pixels") from error
     except (OSError, SyntaxError, ValueError) as error:
         message = str(error)
         if "truncated" in message.lower() or "broken data stream" in message.lower():
@@ -123,6 +125,24 @@ def open_rgb(
         # Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit RGB all become 8-bit RGB.
         image = image.convert("RGB")
     return image
+
+
+def _read_image_file(source: str | os.PathLike[str], name: str) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_FILE_BYTES`. A pipe would block the read forever
+    and a device (``/dev/zero``) never end it, so what is not a regular file is refused before opening."""
+    try:
+        info = os.stat(source)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(name, "not a regular file (a folder, pipe or device)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(name, f"file too large ({info.st_size:,} bytes; the limit is {MAX_FILE_BYTES:,})")
+        with open(source, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)  # the file may have grown since
+    except OSError as error:
+        raise ImageError(name, f"cannot read file ({error.strerror or error})") from error
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(name, f"file too large (more than {MAX_FILE_BYTES:,} bytes)")
+    return data
 
 
 def _refuse_costly_structure(name: str, data: bytes) -> None:

@@ -266,7 +266,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
     seen: set[str] = set()
 
     def add(path: Path) -> None:
-        key = os.path.abspath(path)
+        key = os.path.realpath(path)  # one file reached by two names (a link, a folder given twice) is one
         if key not in seen:
             seen.add(key)
             files.append(path)
@@ -286,24 +286,46 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
             found = [path]
         elif glob.has_magic(text):
             found = []
-            for match in sorted(glob.glob(text, recursive=True)):
-                match_path = Path(match)
-                found.extend(search(match_path) if match_path.is_dir() else [match_path])
+            for match_path in _glob(text):
+                if match_path.is_dir():
+                    found.extend(search(match_path))
+                elif match_path.is_file() or match_path.is_symlink():  # a broken link: reported as unreadable
+                    found.append(match_path)
+                else:  # a pipe or device: reading it would block or never end
+                    skipped.setdefault(os.path.abspath(match_path), match_path)
         else:
             found = []
         if not found:
             missing.append(text)
         for file in found:
             add(file)
-    return InputFiles(files, missing, [path for key, path in skipped.items() if key not in seen])  # named ones: tried
+    tried = {os.path.abspath(file) for file in files}
+    return InputFiles(files, missing, [path for key, path in skipped.items() if key not in tried])  # named: tried
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The matches of a glob pattern, sorted. pathlib's ``**`` does not descend into linked folders, where
+    ``glob.glob``'s does: round a link to a parent folder it repeats every file, with two such links
+    without end. Hidden files and folders match only where the pattern names them (as ``glob.glob``)."""
+    parts = Path(pattern).parts
+    first = next(k for k, part in enumerate(parts) if glob.has_magic(part))
+    base, rest = Path(*parts[:first]) if first else Path(), parts[first:]
+    if not base.is_dir():
+        return []
+    shows_hidden = any(part.startswith(".") for part in rest)
+    matches = base.glob(str(Path(*rest)))
+    return sorted(m for m in matches if shows_hidden or not any(p.startswith(".") for p in m.relative_to(base).parts))
 
 
 def _files_in_folder(folder: Path) -> tuple[list[Path], list[Path]]:
     """``(images, others)``: the files under ``folder`` (recursive, hidden ones left out), sorted by path,
     split by whether their suffix is an image suffix."""
+    # Regular files, and broken links (reported as unreadable rather than dropped); not pipes or devices.
     visible = sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+        p for p in folder.rglob("*")
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )  # fmt: skip
     is_image = [p.suffix.lower() in IMAGE_SUFFIXES for p in visible]
     return [p for p, yes in zip(visible, is_image) if yes], [p for p, yes in zip(visible, is_image) if not yes]
 
