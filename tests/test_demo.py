@@ -140,6 +140,30 @@ def test_demo_json_and_custom_samples(tiny_model: Path, tmp_path: Path) -> None:
     assert Path(payload["report"]).is_file()
 
 
+def test_demo_survives_odd_samples(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A 240-character name (its overlay and temporary names passed the 255-byte limit, and the demo died), a
+    broken link (the report read it, and died), a BMP (embedded as a JPEG's bytes) and a name that reads as
+    console markup: each sample is shown, or its failure is."""
+    import re
+
+    samples = make_aria_dataset(tmp_path / "mine", per_class=1, size=48, segmented=False) / "Original"
+    benign = samples / "Benign"
+    first = benign / "WBC-Benign-001.jpg"
+    long_name = benign / ("L" * 240 + ".jpg")
+    first.rename(long_name)
+    (benign / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with Image.open(samples / "Pro" / "WBC-Malignant-Pro-001.jpg") as image:
+        image.save(samples / "Pro" / "[red]cell.bmp")
+    result = run_cli("demo", "--model", str(tiny_model), "--samples", str(samples), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert "[red]cell.bmp" in result.output  # the name as it is, not eaten as markup
+    overlays = sorted(p.name for p in (tmp_path / "o" / "overlays").iterdir())
+    assert any(name.startswith("L" * 100) and len(name.encode()) < 255 for name in overlays)
+    report = (tmp_path / "o" / "report.html").read_text()
+    assert "gone.jpg" in report and report.count("data:image/jpeg;base64,") == 5  # 4 samples and the BMP; not gone.jpg
+    assert not re.search(r"data:image/jpeg;base64,Qk", report)  # "BM", a bitmap's own bytes, would start so
+
+
 def test_demo_without_a_bundled_model_says_so_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -120,6 +120,9 @@ def test_overlay_names_never_collide() -> None:
     named = overlay_stems(["a", "a", "000-a"])
     assert len(set(named)) == 3 and named == ["000-a", "001-a", "002-000-a"]
     assert overlay_stems(["A", "a"]) == ["000-A", "001-a"]  # one file on a case-insensitive file system
+    # Long names (a file name may take 255 bytes): cut, told apart by a digest of the whole, still unique.
+    long = overlay_stems(["é" * 200 + "x", "é" * 200 + "y", "\udcff" * 300])
+    assert len(set(long)) == 3 and all(len(s.encode("utf-8", "surrogateescape")) + len(".gradcam.png") < 255 for s in long)
 
 
 def test_explaining_a_given_class_and_randomised_copy(bloodnet: Classifier) -> None:

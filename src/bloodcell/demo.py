@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bloodcell.data.decode import ImageError, open_rgb
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -44,6 +45,8 @@ PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_JSON = "predictions.json"
 REPORT_HTML = "report.html"
 OVERLAY_DIR = "overlays"
+#: The longest side of a sample as the report shows it (the overlays are the model's input size).
+REPORT_PICTURE_SIDE = 512
 
 #: The paper that published the dataset (the dataset itself is cited by ``bloodcell.report.html.CITATION``).
 PAPER_CITATION = (
@@ -293,7 +296,7 @@ def write_overlays(
     """
     import numpy as np
 
-    from bloodcell.data.decode import open_rgb, resize_rgb
+    from bloodcell.data.decode import resize_rgb
     from bloodcell.explain.gradcam import explain_images, overlay_stems
     from bloodcell.serve.predictor import overlay_png
 
@@ -351,9 +354,22 @@ def _decimal(value: float | None) -> str:
 
 
 def _data_uri(path: Path) -> str:
-    """A JPEG or PNG file as a base64 data URI, so the report is one self-contained file."""
-    mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    """A PNG file (an overlay this demo wrote) as a base64 data URI, so the report is one self-contained file."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _picture_uri(path: Path, side: int = REPORT_PICTURE_SIDE) -> str | None:
+    """The picture the model saw (decoded, camera orientation applied), at most ``side`` px, as a JPEG data
+    URI; None where it cannot be read. Not the file's own bytes: a browser shows no TIFF, and a sample may be
+    any size."""
+    try:
+        with open_rgb(path) as image:
+            image.thumbnail((side, side))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+    except ImageError:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def headline_metric(card: dict[str, Any]) -> dict[str, Any] | None:
@@ -384,7 +400,7 @@ def write_report(demo: DemoResult) -> Path:
             "name": image.path.name, "true_class": image.true_class, "predicted": image.result.label,
             "correct": image.correct, "error": image.result.error, "confidence": image.result.confidence,
             "probabilities": [(name, image.result.probabilities.get(name, 0.0)) for name in demo.classes],
-            "image": _data_uri(image.path), "overlay": None if image.overlay is None else _data_uri(image.overlay),
+            "image": _picture_uri(image.path), "overlay": None if image.overlay is None else _data_uri(image.overlay),
         }
         for image in demo.images
     ]  # fmt: skip

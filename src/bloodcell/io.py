@@ -35,7 +35,8 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix, dir=target.parent)
+    # The name's start only: the whole name plus the random part and suffix can pass the file system's limit.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name[:64]}.", suffix=suffix or target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, _FILE_MODE)

@@ -46,6 +46,7 @@ def demo_command(
 def _print_summary(demo: DemoResult) -> None:
     """The predictions as a rich table, then where the files are and how to go on."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from bloodcell.demo import OVERLAY_DIR
@@ -63,18 +64,21 @@ def _print_summary(demo: DemoResult) -> None:
     for image in demo.images:
         result = image.result
         if not result.ok:
-            table.add_row(image.path.name, image.true_class, f"[red]error: {result.error}[/red]", *[""] * (len(classes) + 2))
+            table.add_row(escape(image.path.name), escape(image.true_class), f"[red]error: {escape(result.error or '')}[/red]",
+                          *[""] * (len(classes) + 2))  # fmt: skip
             continue
         verdict = "[green]right[/green]" if image.correct else "[red]wrong[/red]"
         cells = [f"{result.probabilities[name]:.3f}" for name in classes]
-        table.add_row(image.path.name, image.true_class, f"[bold]{result.label}[/bold]", f"{result.confidence:.3f}", *cells, verdict)
+        table.add_row(escape(image.path.name), escape(image.true_class), f"[bold]{escape(result.label or '')}[/bold]",
+                      f"{result.confidence:.3f}", *cells, verdict)  # fmt: skip
     console.print(table)
     console.print(
         f"{demo.n_correct} of {len(demo.images)} predicted as their folder's class in {demo.seconds:.1f} s "
         "(12 images say little; see the model's evaluation report). Research use only: not a medical device."
     )
-    console.print(f"report:      {demo.report}  (open it in a browser)", highlight=False, soft_wrap=True)
-    console.print(f"predictions: {demo.predictions_csv}, {demo.predictions_json.name}", highlight=False, soft_wrap=True)
-    console.print(f"Grad-CAM:    {demo.out_dir / OVERLAY_DIR}/", highlight=False, soft_wrap=True)
+    console.print(f"report:      {escape(str(demo.report))}  (open it in a browser)", highlight=False, soft_wrap=True)
+    console.print(f"predictions: {escape(str(demo.predictions_csv))}, {escape(demo.predictions_json.name)}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(f"Grad-CAM:    {escape(str(demo.out_dir / OVERLAY_DIR))}/", highlight=False, soft_wrap=True)
     serve = "bloodcell serve" if demo.bundled_model else f"bloodcell serve {demo.model_dir}"
-    console.print(f"web page:    {serve}   then open http://127.0.0.1:8000/", highlight=False, soft_wrap=True)
+    console.print(f"web page:    {escape(serve)}   then open http://127.0.0.1:8000/", highlight=False, soft_wrap=True)

@@ -16,6 +16,7 @@ cells' share of the image, for the trained maps and the random ones.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ SANITY_MAX_SIMILARITY = 0.5
 #: random-weights network's maps by this factor: the random network's maps follow the image's contrast,
 #: which is highest at the stained cells, so a ratio above 1 alone says nothing.
 CELL_FOCUS_MARGIN = 1.1
+#: The longest overlay file stem, in bytes: with ``.gradcam.png`` and a position prefix, under 255.
+MAX_STEM_BYTES = 200
 
 
 @dataclass
@@ -371,11 +374,27 @@ def overlay_stems(stems: list[str]) -> list[str]:
     """File stems for the overlays, one per image and all different: a stem shared by several images (the
     same name in two folders, or ``a.jpg`` beside ``a.png``) is prefixed by the image's position, and if that
     still collides with another image's own stem (``000-a.jpg``), every stem is."""
+    stems = [_short_stem(stem) for stem in stems]
     # Compared without case: on macOS and Windows, A.png and a.png are one file.
     folded = [stem.casefold() for stem in stems]
     named = [stem if folded.count(stem.casefold()) == 1 else f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
     unique = len({name.casefold() for name in named}) == len(named)
     return named if unique else [f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
+
+
+def _short_stem(stem: str, limit: int = MAX_STEM_BYTES) -> str:
+    """``stem`` cut to ``limit`` bytes with a digest of the whole appended, where it is longer: a file name
+    may take 255 bytes, and ``<stem>.gradcam.png`` would pass that for a long image name."""
+    def size(text: str) -> int:
+        return len(text.encode("utf-8", "surrogateescape"))
+
+    if size(stem) <= limit:
+        return stem
+    digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    cut = stem
+    while size(cut) > limit - 9:
+        cut = cut[:-1]
+    return f"{cut}-{digest}"
 
 
 def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:
