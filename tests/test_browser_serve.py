@@ -201,13 +201,13 @@ def test_several_files_fill_a_table_and_a_csv_that_match_the_api(page, server_ur
     import requests
     from playwright.sync_api import expect
 
-    names = ["one.jpg", "notes.jpg", "two,\"quoted\".jpg"]
+    names = ["one.jpg", "notes.jpg", "two,\"quoted\".jpg", "=HYPERLINK(1).jpg"]
     drop_files(page, smear_image, names)
-    expect(page.locator("#status")).to_contain_text("3 images: 2 classified (")
+    expect(page.locator("#status")).to_contain_text("4 images: 3 classified (")
     expect(page.locator("#status")).to_contain_text("1 could not be (see the table)")
     rows = page.locator("#batch-rows tr")
-    assert rows.count() == 3
-    assert [rows.nth(i).locator("td").first.inner_text() for i in range(3)] == names
+    assert rows.count() == 4
+    assert [rows.nth(i).locator("td").first.inner_text() for i in range(4)] == names
     assert "could not classify" in rows.nth(1).inner_text() and "not an image" in rows.nth(1).inner_text()
     assert rows.nth(1).get_by_role("button").is_disabled() and rows.nth(0).get_by_role("button").is_enabled()
     expect(page.locator("#result")).to_be_hidden()  # the detail view waits for a row to be chosen
@@ -218,7 +218,8 @@ def test_several_files_fill_a_table_and_a_csv_that_match_the_api(page, server_ur
     download_info.value.save_as(saved)
     table = list(csv.DictReader(saved.open(newline="")))
     assert list(table[0]) == ["file", "class", "confidence", *CLASSES, "error"]  # as `bloodcell predict --out`
-    assert [row["file"] for row in table] == names
+    # A name a spreadsheet would run as a formula is written as text (an apostrophe first), as predict does.
+    assert [row["file"] for row in table] == [*names[:3], "'=HYPERLINK(1).jpg"]
 
     # The same files through the API directly: the page shows and writes what the service answers.
     files = [("files", (name, b"\x01\x02\x03\x04" if name == "notes.jpg" else smear_image.read_bytes(), "image/jpeg")) for name in names]

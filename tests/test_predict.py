@@ -91,6 +91,19 @@ def test_links_pipes_and_hidden_files_in_globs_and_folders(slides: Path, tmp_pat
         decode_image(slides / "gone.jpg", TINY_SIZE)
 
 
+def test_a_file_name_that_reads_as_a_formula_is_written_as_text(
+    tiny_model: Path, slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CSV injection: a spreadsheet opening the results would run ``=HYPERLINK(...)`` from a file name."""
+    (slides / "cell-000.jpg").rename(slides / "=HYPERLINK(1).jpg")
+    monkeypatch.chdir(slides)  # named relative to here, the cell starts with "="
+    out = tmp_path / "results.csv"
+    result = run("predict", "--model", str(tiny_model), "=HYPERLINK(1).jpg", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    with out.open(newline="") as handle:
+        assert next(csv.DictReader(handle))["file"] == "'=HYPERLINK(1).jpg"
+
+
 def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
     out = tmp_path / "results.csv"
     result = run("predict", "--model", str(tiny_model), str(slides / "cell-000.jpg"), str(slides / "day2"), str(slides / "*.jpg"), "--out", str(out))

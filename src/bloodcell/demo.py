@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from bloodcell.data.decode import ImageError, open_rgb
 from bloodcell.errors import UserError
-from bloodcell.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from bloodcell.io import atomic_write_bytes, atomic_write_json, atomic_write_text, spreadsheet_safe
 
 if TYPE_CHECKING:
     import numpy as np
@@ -340,10 +340,11 @@ def write_predictions(demo: DemoResult) -> None:
         result = image.result
         writer.writerow(
             {
-                "file": str(image.path), "true_class": image.true_class, "predicted_class": result.label or "",
+                "file": spreadsheet_safe(str(image.path)), "true_class": image.true_class, "predicted_class": result.label or "",
                 "correct": image.correct, "confidence": _decimal(result.confidence),
                 **{name: _decimal(result.probabilities.get(name)) for name in demo.classes},
-                "overlay": "" if image.overlay is None else str(image.overlay), "error": result.error or "",
+                "overlay": "" if image.overlay is None else spreadsheet_safe(str(image.overlay)),
+                "error": spreadsheet_safe(result.error or ""),
             }
         )  # fmt: skip
     atomic_write_text(demo.predictions_csv, buffer.getvalue())

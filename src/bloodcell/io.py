@@ -55,6 +55,17 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         tmp.unlink(missing_ok=True)
 
 
+#: What makes a spreadsheet read a cell as a formula: a file name such as ``=HYPERLINK(...).jpg`` in a CSV
+#: would run when the CSV is opened (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` for a CSV cell: prefixed by an apostrophe (shown as text, hidden by spreadsheets) where it
+    would start a formula."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``target`` atomically and return the path."""
     with atomic_path(target) as tmp:

@@ -89,7 +89,10 @@ def results_table_rows(results: list[Any], classes: list[str]) -> list[dict[str,
 
 def write_results(path: Path, payload: dict[str, Any], results: list[Any], classes: list[str]) -> None:
     """Write the results as CSV or JSON (by the file's suffix), atomically."""
-    from bloodcell.io import atomic_write_json, atomic_write_text
+    from bloodcell.io import atomic_write_json, atomic_write_text, spreadsheet_safe
+
+    def cell(value: Any) -> str:
+        return f"{value:.6f}" if isinstance(value, float) else ("" if value is None else spreadsheet_safe(str(value)))
 
     suffix = path.suffix.lower()
     if suffix == ".json":
@@ -99,7 +102,7 @@ def write_results(path: Path, payload: dict[str, Any], results: list[Any], class
         writer = csv.DictWriter(buffer, fieldnames=["file", "class", "confidence", *classes, "error"], lineterminator="\n")
         writer.writeheader()
         for row in results_table_rows(results, classes):
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else ("" if v is None else v)) for k, v in row.items()})
+            writer.writerow({k: cell(v) for k, v in row.items()})
         atomic_write_text(path, buffer.getvalue())
     else:
         raise UserError(f"--out {path}: use a .csv or .json file name")

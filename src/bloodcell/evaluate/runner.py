@@ -37,7 +37,7 @@ from bloodcell.evaluate.metrics import (
 )
 from bloodcell.evaluate.shifts import SEVERITIES, SHIFTS, apply_shift, describe_parameters
 from bloodcell.evaluate.tta import VIEW_SETS, tta_logits
-from bloodcell.io import atomic_path, atomic_write_json
+from bloodcell.io import atomic_path, atomic_write_json, spreadsheet_safe
 from bloodcell.probabilities import softmax_with_temperature
 
 if TYPE_CHECKING:  # for annotations only: importing them at run time would load torch for every caller
@@ -328,7 +328,7 @@ def _write_predictions(path: Path, prepared: PreparedData, indices: np.ndarray, 
     rows = prepared.split.iloc[indices]
     table = pd.DataFrame(
         {
-            "path": rows["path"].to_numpy(),
+            "path": [spreadsheet_safe(path) for path in rows["path"]],
             "block": rows["block"].to_numpy() if "block" in rows else "",
             "true": [classes[label_map[v]] for v in rows["label"].to_numpy()],
             "predicted": [classes[k] for k in probs.argmax(axis=1)],
