@@ -201,6 +201,15 @@ def test_a_broken_link_is_reported_not_dropped(tmp_path: Path) -> None:
     assert row["rejected"] and row["reason"].startswith("cannot read file")
 
 
+def test_a_linked_folder_is_not_followed_and_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = two_class_dataset(tmp_path / "d")
+    (root / "a" / "loop").symlink_to("..", target_is_directory=True)
+    with caplog.at_level("WARNING", logger="bloodcell.data.layouts"):
+        paths = build_index(root, progress=False).manifest["path"].tolist()
+    assert not any("loop" in path for path in paths)
+    assert any("not followed" in r.getMessage() and "loop" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "1"])
 def test_modes_are_converted_to_rgb(tmp_path: Path, mode: str) -> None:
     root = two_class_dataset(tmp_path / "d", per_class=2)

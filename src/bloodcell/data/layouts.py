@@ -118,6 +118,12 @@ def _class_files(root: Path, folder: str) -> list[str]:
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts) or path.name.lower() in _JUNK_FILES:
             continue
+        if path.is_dir() and path.is_symlink():
+            # Not followed (a link to a parent would loop, and another class's folder would file its images
+            # twice), but said: the images there are not in the index.
+            log.warning("not followed: %s is a link to a folder (%s); link or copy the files themselves to "
+                        "include them", path, path.resolve())  # fmt: skip
+            continue
         if not (path.is_file() or (path.is_symlink() and not path.exists())):  # a broken link is reported
             continue
         if printable_path(relative) != relative.as_posix():
