@@ -260,3 +260,21 @@ def test_a_split_table_without_the_columns_to_check_does_not_pass() -> None:
     table = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "split": ["train", "test"]})
     with pytest.raises(LeakageError, match="lacks the column\\(s\\) sha256, dup_group"):
         check_leakage(table)
+
+
+def test_a_part_emptied_for_a_class_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """Every validation image of a class duplicating a test image: the group stays in test, and the class
+    has no validation image left, which is said (its recall there would be undefined)."""
+    manifest = synthetic_manifest((40, 40))
+    first = make_split(manifest, seed=0, block_size=4, embargo=0)
+    a = first[first["label"] == 0]
+    for val_row, test_row in zip(a.index[a["split"] == "val"], a.index[a["split"] == "test"]):
+        manifest.loc[[val_row, test_row], "dup_group"] = 1000 + val_row
+    with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
+        split = make_split(manifest, seed=0, block_size=4, embargo=0)
+    assert not ((split["label"] == 0) & (split["split"] == "val")).any()
+    assert any("the val part holds no image of " + CLASSES[0] in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
+        make_split(synthetic_manifest((40, 40)), seed=0, block_size=4, embargo=0)
+    assert not caplog.records

@@ -24,6 +24,7 @@ confidence intervals.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS: tuple[str, ...] = ("session", "random", "kfold")
 PARTS: tuple[str, ...] = ("train", "val", "test", "embargo")
@@ -265,9 +268,21 @@ def make_split(
     if protocol != "random":  # an image-level random split is leaky by design; no embargo pretends otherwise
         blocked = apply_embargo(blocked, effective_embargo(embargo, blocked))
     result = blocked.drop(columns=["block_index", "position"])
+    _warn_of_empty_parts(result, ("train", "val") if protocol == "kfold" else ("train", "val", "test"))
     if check:
         check_leakage(result)
     return result
+
+
+def _warn_of_empty_parts(split: pd.DataFrame, parts: tuple[str, ...]) -> None:
+    """Name the classes left with no image in a part: a duplicate group or the embargo can empty a small
+    class's part, and its recall there (and the balanced accuracy over classes) is then undefined."""
+    for part in parts:
+        present = set(split.loc[split["split"] == part, "class"])
+        empty = [name for name in dict.fromkeys(split["class"]) if name not in present]
+        if empty:
+            log.warning("the %s part holds no image of %s: too few images or blocks in that class for this "
+                        "split", part, ", ".join(empty))  # fmt: skip
 
 
 def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
