@@ -88,7 +88,8 @@ def open_rgb(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # Pillow's own bomb guard (about 179 MP) would refuse before the limits below are read: raise it
             # to the largest limit asked for (a process-wide setting, only ever raised), as they apply next.
-            Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels, (max_side or 0) ** 2)
+            if Image.MAX_IMAGE_PIXELS is not None:  # None: the program turned Pillow's guard off itself
+                Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels, (max_side or 0) ** 2)
             image = Image.open(io.BytesIO(data))
             if image.format not in ACCEPTED_FORMATS:
                 raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")

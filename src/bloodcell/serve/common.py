@@ -289,7 +289,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
             for match_path in _glob(text):
                 if match_path.is_dir():
                     found.extend(search(match_path))
-                elif match_path.is_file() or match_path.is_symlink():  # a broken link: reported as unreadable
+                elif match_path.is_file() or match_path.is_symlink():  # a link to nothing: tried, reported
                     found.append(match_path)
                 else:  # a pipe or device: reading it would block or never end
                     skipped.setdefault(os.path.abspath(match_path), match_path)
