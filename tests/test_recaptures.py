@@ -136,6 +136,7 @@ def test_a_class_of_look_alike_fields_is_left_unchecked_with_a_warning(caplog: p
     thumbs = rng.uniform(150, 250, (60, 40, 40)).astype(np.float32)
     thumbs[:, outside] = 0
     assert [len(a) for a in recapture_pairs(thumbs, "Pro-B")] == [0, 0]
+    assert recaptures._screen(thumbs, most=50) is None  # stopped before it lists the pairs
     assert "class Pro-B" in caplog.text and "not looked for" in caplog.text
 
 

@@ -90,17 +90,22 @@ def best_correlations(thumbs: np.ndarray, shift: int, pairs: tuple[np.ndarray, n
     return best
 
 
-def _screen(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs ``i < j`` whose small thumbnails correlate at :data:`SCREEN_CORRELATION` at some shift."""
+def _screen(thumbs: np.ndarray, most: float = np.inf) -> tuple[np.ndarray, np.ndarray] | None:
+    """Candidate pairs ``i < j`` whose small thumbnails correlate at :data:`SCREEN_CORRELATION` at some shift;
+    None as soon as more than ``most`` pairs are sure to pass (their indices would take memory for nothing)."""
     small = np.stack([np.asarray(Image.fromarray(t).resize((SCREEN_SIZE, SCREEN_SIZE), Image.Resampling.BILINEAR))
                       for t in thumbs])  # fmt: skip
     centre, windows = _shifted(small, SCREEN_SHIFT)
-    rows, cols = [], []
+    rows, cols, passed = [], [], 0
     for start in range(0, len(small), ROWS):
         block = np.full((min(ROWS, len(small) - start), len(small)), -1.0, dtype=np.float32)
         for window in windows:
             np.maximum(block, centre[start : start + ROWS] @ window.T, out=block)
         i, j = np.nonzero(block >= SCREEN_CORRELATION)
+        # Each image passes with itself, and a pair may pass both ways round: at least this many pairs.
+        passed += len(i) - len(block)
+        if passed / 2 > most:
+            return None
         rows.append(i + start)
         cols.append(j)
     i, j = np.concatenate(rows), np.concatenate(cols)
@@ -119,14 +124,15 @@ def recapture_pairs(thumbs: np.ndarray, label: str = "") -> tuple[np.ndarray, np
     none = np.array([], dtype=np.int64), np.array([], dtype=np.int64)
     if len(thumbs) < 2:
         return none
-    i, j = _screen(thumbs)
     n_pairs = len(thumbs) * (len(thumbs) - 1) // 2
-    if len(i) > max(50, MAX_SCREEN_SHARE * n_pairs):
-        log.warning("class %s: %d of its %d image pairs look alike at %d px (%.0f %%), too many to be re-captures "
+    most = max(50, int(MAX_SCREEN_SHARE * n_pairs))
+    candidates = _screen(thumbs, most)
+    if candidates is None or len(candidates[0]) > most:
+        log.warning("class %s: more than %d of its %d image pairs look alike at %d px, too many to be re-captures "
                     "of one field (a round eyepiece or an empty background?); shifted re-captures are not looked "
-                    "for in it, only exact and near duplicates", label or "?", len(i), n_pairs, SCREEN_SIZE,
-                    100 * len(i) / n_pairs)  # fmt: skip
+                    "for in it, only exact and near duplicates", label or "?", most, n_pairs, SCREEN_SIZE)  # fmt: skip
         return none
+    i, j = candidates
     keep = best_correlations(thumbs, CONFIRM_SHIFT, (i, j)) >= MIN_CORRELATION
     return i[keep], j[keep]
 
