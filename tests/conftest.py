@@ -116,3 +116,6 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     if "BLOODCELL_HOME" not in os.environ or os.environ.get("BLOODCELL_TEST_SHARED_HOME") != "1":
         monkeypatch.setenv("BLOODCELL_HOME", str(tmp_path_factory.getbasetemp() / "bloodcell-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from bloodcell import notices
+
+    notices.GIVEN.clear()  # each test sees the warnings its own calls give, whatever ran before it

@@ -35,8 +35,10 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The name's start only: the whole name plus the random part and suffix can pass the file system's limit.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name[:64]}.", suffix=suffix or target.suffix, dir=target.parent)
+    # The name's first 64 bytes only: the whole name with the random part and suffix can pass the file
+    # system's 255-byte limit (a cut inside a character decodes to escapes that encode back to those bytes).
+    start = os.fsdecode(os.fsencode(target.name)[:64])
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{start}.", suffix=suffix or target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, _FILE_MODE)

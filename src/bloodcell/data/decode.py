@@ -11,6 +11,7 @@ import io
 import os
 import re
 import stat
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -25,6 +26,8 @@ ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF", "MPO
 DEFAULT_MAX_PIXELS = 64_000_000
 #: Files larger than this are refused unread: an uncompressed 16-bit RGB TIFF of DEFAULT_MAX_PIXELS is 384 MB.
 MAX_FILE_BYTES = 512 * 2**20
+#: Guards the read-and-raise of Pillow's process-wide guard: decoding runs in threads.
+_PILLOW_GUARD = threading.Lock()
 #: More scans than this in a JPEG are refused: each scan of a progressive JPEG costs a pass over the whole
 #: image, so a 400 KB file with 10,000 tiny scans kept a decoder busy for 14 s (and 10 MB, for minutes).
 #: Cameras and encoders write about 10.
@@ -88,8 +91,9 @@ def open_rgb(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # Pillow's own bomb guard (about 179 MP) would refuse before the limits below are read: raise it
             # to the largest limit asked for (a process-wide setting, only ever raised), as they apply next.
-            if Image.MAX_IMAGE_PIXELS is not None:  # None: the program turned Pillow's guard off itself
-                Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels, (max_side or 0) ** 2)
+            with _PILLOW_GUARD:
+                if Image.MAX_IMAGE_PIXELS is not None:  # None: the program turned Pillow's guard off itself
+                    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels, (max_side or 0) ** 2)
             image = Image.open(io.BytesIO(data))
             if image.format not in ACCEPTED_FORMATS:
                 raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")

@@ -30,6 +30,7 @@ from bloodcell import CLASSES
 from bloodcell.data.decode import IMAGE_SUFFIXES
 from bloodcell.errors import UserError
 from bloodcell.io import printable_path
+from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,8 @@ def _class_files(root: Path, folder: str) -> list[str]:
         if path.is_dir() and path.is_symlink():
             # Not followed (a link to a parent would loop, and another class's folder would file its images
             # twice), but said: the images there are not in the index.
-            log.warning("not followed: %s is a link to a folder (%s); link or copy the files themselves to "
-                        "include them", path, path.resolve())  # fmt: skip
+            warn_once(log, "not followed: %s is a link to a folder (%s); link or copy the files themselves to "
+                      "include them", path, path.resolve())  # fmt: skip
             continue
         if not (path.is_file() or (path.is_symlink() and not path.exists())):  # a broken link is reported
             continue

@@ -19,6 +19,7 @@ from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
 from bloodcell.data.layouts import VARIANTS, Dataset
 from bloodcell.data.splits import make_split, save_split, split_file_name
 from bloodcell.errors import UserError
+from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,6 @@ def segmented_images(
     )
 
 
-#: The skipped-files notes this process has already given on stderr.
-_NOTES_GIVEN: set[str] = set()
-
-
 def prepare_data(
     data_config: DataConfig, root: str | Path | None = None, progress: bool = True
 ) -> PreparedData:
@@ -114,9 +111,8 @@ def prepare_data(
     indexed = build_index(folder, data_config.variant, data_config.class_names, progress=progress)
     dataset = indexed.dataset
     note = skipped_files_note(indexed.manifest, folder)
-    if note and note not in _NOTES_GIVEN:  # train prepares the data for each stage and its evaluation: say it once
-        _NOTES_GIVEN.add(note)
-        log.warning(note)
+    if note:
+        warn_once(log, note)
     split = make_split(
         indexed.manifest,
         data_config.protocol,

@@ -31,6 +31,7 @@ from PIL import Image
 
 from bloodcell.data.decode import open_rgb
 from bloodcell.io import atomic_path
+from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def recapture_pairs(thumbs: np.ndarray, label: str = "") -> tuple[np.ndarray, np
     most = max(50, int(MAX_SCREEN_SHARE * n_pairs))
     candidates = _screen(thumbs, most)
     if candidates is None or len(candidates[0]) > most:
-        log.warning("class %s: more than %d of its %d image pairs look alike at %d px, too many to be re-captures "
+        warn_once(log, "class %s: more than %d of its %d image pairs look alike at %d px, too many to be re-captures "
                     "of one field (a round eyepiece or an empty background?); shifted re-captures are not looked "
                     "for in it, only exact and near duplicates", label or "?", most, n_pairs, SCREEN_SIZE)  # fmt: skip
         return none

@@ -35,6 +35,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_path
+from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +282,8 @@ def _warn_of_empty_parts(split: pd.DataFrame, parts: tuple[str, ...]) -> None:
         present = set(split.loc[split["split"] == part, "class"])
         empty = [name for name in dict.fromkeys(split["class"]) if name not in present]
         if empty:
-            log.warning("the %s part holds no image of %s: too few images or blocks in that class for this "
-                        "split", part, ", ".join(empty))  # fmt: skip
+            warn_once(log, "the %s part holds no image of %s: too few images or blocks in that class for this "
+                      "split", part, ", ".join(empty))  # fmt: skip
 
 
 def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:

@@ -461,9 +461,10 @@ def _without_training_images(
     else:
         from bloodcell.data.index import NEAR_DUPLICATE_MAX_DISTANCE, near_any
 
-        if not trained_on.phash:
+        if not trained_on.phash:  # a model trained before they were recorded, or on the Segmented variant
             log.warning("the model has no record of its training images' perceptual hashes (trained-on.phash): "
-                        "only byte-identical copies of them are left out of %s", where)  # fmt: skip
+                        "re-encoded copies of them in %s are not recognised, only byte-identical ones and the "
+                        "duplicates these data's index groups with those", where)  # fmt: skip
         table = prepared.split
         seen = np.isin(table["sha256"].to_numpy(), list(trained_on.sha256))
         seen |= near_any(table["phash"].tolist(), list(trained_on.phash), NEAR_DUPLICATE_MAX_DISTANCE)

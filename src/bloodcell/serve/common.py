@@ -8,11 +8,13 @@ here.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
+import re
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +268,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
     seen: set[str] = set()
 
     def add(path: Path) -> None:
-        key = os.path.realpath(path)  # one file reached by two names (a link, a folder given twice) is one
+        key = os.path.abspath(path)  # a file named twice is one; two links to one file are two names, both kept
         if key not in seen:
             seen.add(key)
             files.append(path)
@@ -304,17 +306,52 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
 
 
 def _glob(pattern: str) -> list[Path]:
-    """The matches of a glob pattern, sorted. pathlib's ``**`` does not descend into linked folders, where
-    ``glob.glob``'s does: round a link to a parent folder it repeats every file, with two such links
-    without end. Hidden files and folders match only where the pattern names them (as ``glob.glob``)."""
+    """The matches of a glob pattern, sorted, as ``glob.glob(pattern, recursive=True)`` gives them, but
+    ``**`` descends into neither linked nor hidden folders.
+
+    Written by hand because neither library does both: ``glob.glob``'s ``**`` follows links (round a link
+    to a parent folder it repeats every file, with two such links without end), and pathlib's walks every
+    hidden folder (a home's ``.cache``) before leaving it out. Hidden names match only a pattern part that
+    starts with a dot; a pattern that ends with a separator matches folders only.
+    """
     parts = Path(pattern).parts
     first = next(k for k, part in enumerate(parts) if glob.has_magic(part))
-    base, rest = Path(*parts[:first]) if first else Path(), parts[first:]
-    if not base.is_dir():
-        return []
-    shows_hidden = any(part.startswith(".") for part in rest)
-    matches = base.glob(str(Path(*rest)))
-    return sorted(m for m in matches if shows_hidden or not any(p.startswith(".") for p in m.relative_to(base).parts))
+    base = Path(*parts[:first]) if first else Path()
+    rest = tuple(part if part == "**" else re.sub(r"\*\*+", "*", part) for part in parts[first:])  # a**b: a*b
+    matches = sorted(_expand(base, rest)) if base.is_dir() else []
+    return [m for m in matches if m.is_dir()] if pattern.endswith(("/", os.sep)) else matches
+
+
+def _expand(folder: Path, parts: tuple[str, ...]) -> Iterator[Path]:
+    """The paths under ``folder`` that match the pattern ``parts``, one part a level (see :func:`_glob`)."""
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        for below in _folders_below(folder):
+            yield from _expand(below, rest) if rest else [below]
+        return
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder))
+    except OSError:  # unreadable, or gone meanwhile: nothing matches there
+        return
+    for name in names:
+        if (name.startswith(".") and not head.startswith(".")) or not fnmatch.fnmatch(name, head):
+            continue
+        path = folder / name
+        if not rest:
+            yield path
+        elif path.is_dir():
+            yield from _expand(path, rest)
+
+
+def _folders_below(folder: Path) -> Iterator[Path]:
+    """``folder`` and every folder below it, neither through a link nor into a hidden one."""
+    yield folder
+    try:
+        below = sorted(e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+    except OSError:
+        return
+    for name in below:
+        yield from _folders_below(folder / name)
 
 
 def _files_in_folder(folder: Path) -> tuple[list[Path], list[Path]]:

@@ -1,0 +1,21 @@
+"""Warnings given once per process.
+
+One command prepares the data several times (``train``: the holdout stage, the refit, then the evaluation
+of its report), and each time the index, the split and the layout find the same things. Said every time,
+one finding would bury the others.
+"""
+
+from __future__ import annotations
+
+import logging
+
+#: The warnings this process has given, as worded.
+GIVEN: set[str] = set()
+
+
+def warn_once(log: logging.Logger, message: str, *args: object) -> None:
+    """``log.warning(message % args)``, unless this process has given that very warning before."""
+    text = message % args if args else message
+    if text not in GIVEN:
+        GIVEN.add(text)
+        log.warning(text)
