@@ -61,7 +61,7 @@ def test_report_is_self_contained_html_with_every_section(report: Path) -> None:
 
 def test_report_compares_with_the_seed_replica_sibling(report: Path, runs: Path) -> None:
     html = report.read_text(encoding="utf-8")
-    assert "seed replica (seed-cnn, seed)" in html
+    assert "seed-replica (seed-cnn, seed)" in html
     assert str(runs / "seed") in html
 
 
@@ -74,7 +74,7 @@ def test_a_baseline_scored_on_other_images_is_not_compared(runs: Path, tmp_path:
                    progress=False, n_bootstrap=50, update_card=False)  # fmt: skip
     with caplog.at_level("WARNING", logger="bloodcell.report.html"):
         html = build_report(tmp_path / "toy", baseline=tmp_path / "seed", progress=False).read_text(encoding="utf-8")
-    assert "seed replica (seed-cnn" not in html
+    assert "seed-replica (seed-cnn" not in html
     assert "was evaluated on other images" in caplog.text
 
 
@@ -89,7 +89,7 @@ def test_a_sibling_baseline_that_cannot_be_evaluated_again_is_left_out(runs: Pat
     shutil.rmtree(tmp_path / "seed" / "checkpoints")
     with caplog.at_level("WARNING", logger="bloodcell.report.html"):
         html = build_report(tmp_path / "toy", progress=False).read_text(encoding="utf-8")
-    assert "seed replica (seed-cnn" not in html and "baseline" in caplog.text and "left out" in caplog.text
+    assert "seed-replica (seed-cnn" not in html and "baseline" in caplog.text and "left out" in caplog.text
     with pytest.raises((UserError, FileNotFoundError), match="no model found"):  # named by the user: theirs to see
         build_report(tmp_path / "toy", baseline=tmp_path / "seed", progress=False)
 
@@ -103,7 +103,7 @@ def test_a_baseline_of_another_split_seed_is_not_compared(runs: Path, tmp_path: 
     build_report(tmp_path / "seed", progress=False)
     with caplog.at_level("WARNING", logger="bloodcell.report.html"):
         html = build_report(tmp_path / "toy", baseline=tmp_path / "seed", progress=False).read_text(encoding="utf-8")
-    assert "seed replica (seed-cnn" not in html and "was evaluated on other images" in caplog.text
+    assert "seed-replica (seed-cnn" not in html and "was evaluated on other images" in caplog.text
 
 
 def test_markdown_summary_beside_it(report: Path) -> None:

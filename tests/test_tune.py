@@ -353,3 +353,16 @@ def test_the_cli_offers_the_pruners_the_search_knows() -> None:
     from bloodcell.tune.search import PrunerName
 
     assert typing.get_args(typing.get_type_hints(tune_command)["pruner"]) == typing.get_args(PrunerName)
+
+
+def test_a_postgresql_url_without_its_driver_names_the_extra_and_the_scheme() -> None:
+    """A plain postgresql:// URL needs psycopg2, which nothing installs; the [postgres] extra brings psycopg 3."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("psycopg2 is installed here: the plain URL would try to connect")
+    args = (optuna.pruners.NopPruner(), optuna.samplers.RandomSampler())
+    with pytest.raises(UserError, match=r"\.\[postgres\].*postgresql\+psycopg://"):
+        open_study("s", "postgresql://u:p@127.0.0.1:1/db", config_from_dict(TINY), TINY_SPACE, None, *args)

@@ -62,6 +62,10 @@ def _print_json(obj: dict[str, Any]) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _groups(n: int) -> str:
+    return f"{n} group" if n == 1 else f"{n} groups"
+
+
 def _counts_table(title: str, header: list[str], rows: list[list[Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for name in header:
@@ -109,8 +113,9 @@ def index_command(
     for item in summary["rejected"]:
         _console.print(f"  rejected {item['path']}: {item['reason']}", markup=False)
     _console.print(
-        f"Duplicates: {summary['exact_duplicate_groups']} groups of identical files, "
-        f"{summary['near_duplicate_groups']} groups with near duplicates."
+        f"Duplicates: {_groups(summary['exact_duplicate_groups'])} of identical files, "
+        f"{_groups(summary['near_duplicate_groups'])} with near duplicates or shifted re-captures "
+        f"({summary.get('recaptured_pairs', 0)} pairs of re-captures linked)."
     )
     typer.echo(f"Manifest: {summary['manifest']}")
 

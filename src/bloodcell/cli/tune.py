@@ -79,7 +79,7 @@ def tune_command(
     storage: str | None = typer.Option(
         None,
         "--storage",
-        help="Optuna storage URL (default: SQLite file study.db in --out); e.g. postgresql://user:pw@host/db.",
+        help="Optuna storage URL (default: SQLite file study.db in --out); e.g. postgresql+psycopg://user:pw@host/db (pip install -e '.[postgres]').",
     ),
     study: str | None = typer.Option(None, "--study", help="Study name (default: the config's name)."),
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds after which no new trial starts."),

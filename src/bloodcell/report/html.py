@@ -232,7 +232,9 @@ def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | Non
         baseline = None
     columns = [{"name": f"this model ({metrics['model']['architecture']})", "metrics": metrics}]
     if baseline is not None:
-        columns.append({"name": f"seed replica ({baseline['model']['architecture']}, {baseline_dir.name})", "metrics": baseline})
+        # Named by its own config (the seed replica's is "seed-replica"), not assumed to be the seed replica.
+        label = baseline["model"].get("config_name") or "baseline"
+        columns.append({"name": f"{label} ({baseline['model']['architecture']}, {baseline_dir.name})", "metrics": baseline})
     rows = [
         {"name": c["name"], "balanced_accuracy": c["metrics"]["balanced_accuracy"],
          "balanced_accuracy_ci": c["metrics"]["balanced_accuracy_ci"]} for c in columns

@@ -273,7 +273,11 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
                     raise UserError(f"cannot connect to Optuna storage {url!r}: {error.orig}") from None
                 time.sleep(0.5 * (attempt + 1))
             except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as error:
-                raise UserError(f"cannot open Optuna storage {url!r}: {error}") from None
+                hint = ""
+                if url.startswith("postgresql") and "Failed to import DB access module" in str(error):
+                    hint = ("; for PostgreSQL install the driver (pip install -e '.[postgres]') and write the URL "
+                            "as postgresql+psycopg://user:pw@host/db")  # fmt: skip
+                raise UserError(f"cannot open Optuna storage {url!r}: {error}{hint}") from None
     raise AssertionError("unreachable")
 
 
