@@ -107,6 +107,17 @@ def test_a_file_name_that_reads_as_a_formula_is_written_as_text(
         assert next(csv.DictReader(handle))["file"] == "'=HYPERLINK(1).jpg"
 
 
+def test_a_first_input_naming_nothing_is_not_answered_by_the_bundled_model(slides: Path, tmp_path: Path) -> None:
+    """`predict runs/default slides/` before runs/default exists: the bundled model would answer silently."""
+    for command in ("predict", "explain"):
+        result = run(command, str(tmp_path / "runs" / "default"), str(slides / "cell-000.jpg"))
+        assert result.exit_code != 0 and isinstance(result.exception, UserError), (command, result.output)
+        assert "no such model, run, image or folder" in str(result.exception)
+    # A missing image among images is still one failed row, the others classified.
+    result = run("predict", str(slides / "gone.jpg"), str(slides / "cell-000.jpg"), "--json")
+    assert result.exit_code == 1 and json.loads(result.output)["n_failed"] == 1
+
+
 def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
     out = tmp_path / "results.csv"
     result = run("predict", "--model", str(tiny_model), str(slides / "cell-000.jpg"), str(slides / "day2"), str(slides / "*.jpg"), "--out", str(out))

@@ -17,7 +17,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from bloodcell.cli import app
-from bloodcell.errors import UserError
 
 _console = Console()
 
@@ -133,19 +132,6 @@ def evaluate_command(
     _console.print(f"written: {Path(metrics['out_dir']) / 'metrics.json'}, predictions.csv, plots/")
 
 
-def _split_model_and_images(paths: list[Path]) -> tuple[Path | None, list[Path]]:
-    """The first path is the model when it names one (a run, model directory or card); else all are images."""
-    from bloodcell.models.card import resolve_model_dir
-
-    try:
-        resolve_model_dir(paths[0])
-    except FileNotFoundError:
-        return None, paths
-    if len(paths) == 1:
-        raise UserError(f"{paths[0]} is a model, but no images were given: bloodcell explain {paths[0]} IMAGES...")
-    return paths[0], paths[1:]
-
-
 def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: str,
                     target_layer: str | None) -> tuple[list[dict], list[Path]]:  # fmt: skip
     """Explain the images that ``paths`` name (folders searched, hidden files left out, globs expanded, as
@@ -173,8 +159,10 @@ def explain_command(
     Exit code: 0 when every image was explained, 1 when any failed, 2 on a usage error.
     """
     from bloodcell.cli.messages import skipped_note
+    from bloodcell.cli.serve import split_model_and_inputs
 
-    model, images = _split_model_and_images(paths)
+    model, names = split_model_and_inputs(None, [str(path) for path in paths], "explain")
+    model, images = (Path(model) if model else None), [Path(name) for name in names]
     rows, skipped = _explain_inputs(model, images, out, method, target_layer)
     failed = sum(row["error"] is not None for row in rows)
     if as_json:

@@ -8,6 +8,7 @@ the package.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import time
@@ -47,13 +48,29 @@ def looks_like_model(text: str) -> bool:
     return any((folder / "card.json").is_file() for folder in (path, path / "checkpoints" / "best", path / "model"))
 
 
-def split_model_and_inputs(model: str | None, inputs: list[str]) -> tuple[str | None, list[str]]:
-    """Apply the documented rule: with no ``--model``, a first INPUT that is a model is the model."""
-    if model is None and len(inputs) > 1 and looks_like_model(inputs[0]):
-        return inputs[0], inputs[1:]
-    if model is None and len(inputs) == 1 and looks_like_model(inputs[0]):
-        raise UserError(f"{inputs[0]} is a model, but no images were given: bloodcell predict {inputs[0]} IMAGES...")
-    return model, inputs
+def split_model_and_inputs(
+    model: str | None, inputs: list[str], command: str = "predict"
+) -> tuple[str | None, list[str]]:
+    """Apply the documented rule: with no ``--model``, a first INPUT that is a model is the model.
+
+    A first INPUT that names nothing on disk, with no image suffix and no wildcard, before other inputs, is
+    refused: it is most likely a mistyped or unfinished run, and the bundled model would silently answer
+    in its place.
+    """
+    from bloodcell.data.decode import IMAGE_SUFFIXES
+
+    if model is not None or not inputs:
+        return model, inputs
+    first = inputs[0]
+    if looks_like_model(first):
+        if len(inputs) == 1:
+            raise UserError(f"{first} is a model, but no images were given: bloodcell {command} {first} IMAGES...")
+        return first, inputs[1:]
+    named_nothing = not Path(first).exists() and not glob.has_magic(first)
+    if len(inputs) > 1 and named_nothing and Path(first).suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"{first}: no such model, run, image or folder (a model given first takes the bundled "
+                        "model's place: is it trained, and spelled right?)")  # fmt: skip
+    return None, inputs
 
 
 def make_predictor(model: str | None, backend: Backend, tta: bool) -> Any:
