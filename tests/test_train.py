@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -529,9 +530,11 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     trained = (tmp_path / "run" / "trained-on.sha256").read_text().split()
     phashes = (tmp_path / "run" / "trained-on.phash").read_text().split()  # re-encoded copies are found by these
     assert len(trained) > 0 and 0 < len(phashes) <= len(trained) and all(len(h) == 16 for h in phashes)
-    # Resuming a finished run trains nothing, and says so.
-    code, _, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--no-report", "--no-progress"], monkeypatch, capsys)
+    # Resuming a finished run trains nothing, and says so; the report it rebuilds evaluates the test part,
+    # whose score the command prints.
+    code, out, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--no-progress"], monkeypatch, capsys)
     assert code == 0 and f"{tmp_path / 'run'} is already complete (2 of 2 epochs): nothing is trained again" in err
+    assert re.search(r"test part: balanced accuracy [01]\.\d{3} \(95 % CI [01]\.\d{3}-[01]\.\d{3}\), \d+ images", out), out
 
 
 @pytest.mark.parametrize(
@@ -686,3 +689,22 @@ def test_the_step_is_recorded_at_the_batch_each_step_takes(tmp_path: Path, data,
     fit(tiny_config(train={"epochs": 1, "batch_size": n_train + 10}), tmp_path / "big", prepared=data, progress=False)
     fit(tiny_config(train={"epochs": 1, "batch_size": 16}), tmp_path / "small", prepared=data, progress=False)
     assert recorded == [n_train, 16]
+
+
+def test_devices_without_a_gpu_say_they_are_cpu_processes(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`--devices 4` reads as four GPUs: on a machine without one it is four CPU processes, which is said."""
+    import os
+
+    from bloodcell.cli.train import _say_where_devices_run
+    from bloodcell.train import setup
+
+    monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    _say_where_devices_run(tiny_config(train={"devices": 4}))
+    assert "no GPU here: --devices 4 trains as 4 CPU process(es), more than this machine's 2 cores" in capsys.readouterr().err
+    _say_where_devices_run(tiny_config(train={"devices": 1}))
+    err = capsys.readouterr().err
+    assert "1 CPU process(es)" in err and "more than" not in err
+    monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: True)
+    _say_where_devices_run(tiny_config(train={"devices": 1}))
+    assert capsys.readouterr().err == ""

@@ -88,6 +88,8 @@ def train_command(
             raise UserError(f"dataset folder not found: {data}" if not data.exists() else f"--data {data}: not a folder")
         run_config = load_config(config, extra)
         run_dir = out if out is not None else Path("runs") / run_config.name
+    if devices is not None:
+        _say_where_devices_run(run_config)
 
     try:
         result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
@@ -126,8 +128,30 @@ def train_command(
             f"({len(result.history)} epochs, {result.stopped}, {result.seconds:.0f} s)"
         )
     typer.echo(f"run: {result.run_dir}  (best model: {result.run_dir / 'checkpoints' / 'best'})")
+    evaluated = result.run_dir / "metrics.json"  # the report's evaluation of the held-out part
+    if report_path and evaluated.is_file():
+        metrics = json.loads(evaluated.read_text())
+        low, high = metrics["balanced_accuracy_ci"]
+        typer.echo(f"{metrics['evaluation']['split']} part: balanced accuracy {metrics['balanced_accuracy']:.3f} "
+                   f"(95 % CI {low:.3f}-{high:.3f}), {metrics['n_images']} images")  # fmt: skip
     if report_path:
         typer.echo(f"report: {report_path}")
+
+
+def _say_where_devices_run(run_config) -> None:
+    """``--devices N`` reads as N GPUs; on a machine without one it means N CPU processes: say so, and say
+    when they are more than the cores (each then waits for the others at every step)."""
+    import os
+
+    from bloodcell.train.setup import launch_topology, resolve_accelerator
+
+    if resolve_accelerator(run_config.train) != "cpu" or os.environ.get("RANK", "0") != "0":  # said once
+        return
+    processes, _ = launch_topology(run_config.train)
+    count = 1 if processes == "auto" else int(processes)  # Lightning's "auto" on the CPU: one process
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    more = f", more than this machine's {cores} cores: they will wait for each other" if count > cores else ""
+    warning_line(f"no GPU here: --devices {run_config.train.devices} trains as {count} CPU process(es){more}")
 
 
 def _build_report(run_dir: Path) -> Path | None:
