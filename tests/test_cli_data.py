@@ -110,9 +110,12 @@ def test_audit_json(aria_dataset: Path, tmp_path: Path) -> None:
     assert report["images"] == 96
     assert {"balanced_accuracy", "chance", "statement", "verdict"} <= set(report["shortcut_baseline"])
     assert (tmp_path / "audit.md").is_file() and (tmp_path / "audit.json").is_file()
-    summary = " ".join(invoke("audit", str(aria_dataset), "--out", str(tmp_path), "--size", "32", "--no-progress").split())
+    summary = " ".join(invoke("audit", str(aria_dataset), "--out", str(tmp_path), "--size", "32", "--ring", "4",
+                              "--no-progress").split())  # fmt: skip
     covered = report["stained_cell_coverage"]["Benign"]["mean"]
     assert f"Stained-cell masks (Grad-CAM's energy measure) cover {100 * covered:.1f} % of Benign" in summary
+    for baseline in ("shortcut_baseline", "colour_statistics_baseline"):  # both shortcuts, the stronger too
+        assert " ".join(report[baseline]["statement"].split()) in summary, baseline
 
 
 @pytest.mark.parametrize("command", [[], ["index"], ["split"], ["audit"]])

@@ -251,6 +251,8 @@ def audit_command(
         f"near-duplicate groups, {report['images_in_duplicate_groups']} images involved."
     )
     _console.print(report["shortcut_baseline"]["statement"], markup=False)
+    if report.get("colour_statistics_baseline"):  # the stronger shortcut: each channel's mean and spread
+        _console.print(report["colour_statistics_baseline"]["statement"], markup=False)
     _console.print(report["corner_baselines"]["statement"], markup=False)
     if report["segmented_coverage"] is not None:
         _console.print(report["segmented_coverage"]["statement"], markup=False)
