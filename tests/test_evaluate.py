@@ -463,3 +463,17 @@ def test_the_grid_title_survives_random_maps_without_energy(run: Path, monkeypat
     monkeypatch.setattr(gradcam, "sanity_check", flat_random_maps)
     result = evaluate_model(run, split="val", robustness=False, progress=False, n_bootstrap=50, update_card=False)
     assert result["explain"]["random_energy_on_cell"] is None and result["explain"]["cam_energy_on_cell"] is not None
+
+
+def test_the_summary_names_where_the_grad_cam_maps_look() -> None:
+    from rich.console import Console
+
+    explain = {"target_layer": "stages.1", "energy_to_area_ratio": 1.87, "favours_cell": True, "passed": True}
+    metrics = json.loads((Path(__file__).parents[1] / "benchmarks" / "records" / "cpu"
+                          / "bundled-evaluate-stages1-13.json").read_text())  # fmt: skip
+    console = Console(width=200, record=True)
+    for table in summary_tables({**metrics, "explain": {**metrics["explain"], **explain}}):
+        console.print(table)
+    text = console.export_text()
+    assert "Grad-CAM energy on stained cells / their area (stages.1)" in text
+    assert "1.870" in text and "favours the cells; sanity check passed" in text
