@@ -399,6 +399,16 @@ def test_bad_config_is_rejected_naming_the_key(override: str, named: str) -> Non
         load_config("default", [override])
 
 
+def test_a_misspelt_key_is_answered_with_the_near_one() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch' \(did you mean 'train\.epochs'\?\)"):
+        load_config("default", ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"'trian' \(did you mean 'train'\?\)"):
+        load_config("default", ["trian.epochs=3"])
+    with pytest.raises(ConfigError) as raised:  # nothing near: no guess
+        load_config("default", ["data.zzz=1"])
+    assert "did you mean" not in str(raised.value)
+
+
 def test_numbers_in_exponent_form_are_numbers_even_where_the_config_is_untyped(tmp_path: Path) -> None:
     """PyYAML reads YAML 1.1, where 1e-1 (no dot) is a string; model.kwargs has no type to convert it."""
     assert load_config("default", ["model.kwargs.dropout=1e-1"]).model.kwargs == {"dropout": 0.1}

@@ -7,6 +7,7 @@ with a message naming the field before any work starts.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -321,7 +322,7 @@ def _format_validation_error(error: ValidationError) -> str:
         where = ".".join(str(p) for p in problem["loc"] if not _is_union_member(p))
         message = str(problem["msg"]).removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            parts.setdefault(where, []).append(f"unknown config key {where!r}")
+            parts.setdefault(where, []).append(f"unknown config key {where!r}{_did_you_mean(problem['loc'])}")
         elif problem["type"] == "value_error" and (not where or where in message):  # a rule of ours, naming its keys
             parts.setdefault(where, []).append(message)
         elif problem["type"] == "value_error":
@@ -329,6 +330,18 @@ def _format_validation_error(error: ValidationError) -> str:
         else:
             parts.setdefault(where, []).append(f"config key {where!r}: {message} (got {problem.get('input')!r})")
     return "; ".join(" or ".join(_merge_union_messages(messages)) for messages in parts.values())
+
+
+def _did_you_mean(location: tuple[int | str, ...]) -> str:
+    """`` (did you mean 'train.epochs'?)`` for a misspelt key, from the keys its section has; else ``""``."""
+    model: Any = RunConfig
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {'.'.join([*map(str, location[:-1]), close[0]])!r}?)" if close else ""
 
 
 def _is_union_member(part: object) -> bool:
