@@ -127,7 +127,7 @@ def bench_decode(files: list[Path], size: int, duration: float) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     from bloodcell.data.decode import decode_image
-    from bloodcell.serve.common import available_cores
+    from bloodcell.machine import available_cores
 
     with ThreadPoolExecutor(max_workers=available_cores()) as pool:
         times = run_for(duration, 50, lambda: list(pool.map(lambda path: decode_image(path, size), files)))
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rich.console import Console
 
     from bloodcell.data.decode import decode_image
-    from bloodcell.serve.common import available_cores
+    from bloodcell.machine import available_cores
     from bloodcell.serve.export import export_onnx
     from bloodcell.serve.onnx_predictor import OnnxPredictor
     from bloodcell.serve.predictor import TorchPredictor

@@ -9,7 +9,7 @@ import typer
 
 from bloodcell.cli import app
 from bloodcell.cli.messages import warning_line
-from bloodcell.config import named_configs
+from bloodcell.config import RunConfig, named_configs
 
 DATA_OPTION = typer.Option(
     None, "--data", help="Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class). "
@@ -138,18 +138,19 @@ def train_command(
         typer.echo(f"report: {report_path}")
 
 
-def _say_where_devices_run(run_config) -> None:
+def _say_where_devices_run(run_config: RunConfig) -> None:
     """``--devices N`` reads as N GPUs; on a machine without one it means N CPU processes: say so, and say
     when they are more than the cores (each then waits for the others at every step)."""
     import os
 
+    from bloodcell.machine import available_cores
     from bloodcell.train.setup import launch_topology, resolve_accelerator
 
     if resolve_accelerator(run_config.train) != "cpu" or os.environ.get("RANK", "0") != "0":  # said once
         return
     processes, _ = launch_topology(run_config.train)
     count = 1 if processes == "auto" else int(processes)  # Lightning's "auto" on the CPU: one process
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     more = f", more than this machine's {cores} cores: they will wait for each other" if count > cores else ""
     warning_line(f"no GPU here: --devices {run_config.train.devices} trains as {count} CPU process(es){more}")
 

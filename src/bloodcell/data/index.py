@@ -34,6 +34,7 @@ from bloodcell.data.decode import DECODER_VERSION, ImageError, open_rgb
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path, sha256_file
+from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +418,8 @@ def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3) -> N
         for group in mixed[:shown]:
             members = accepted.loc[accepted["dup_group"] == group, ["path", "class"]]
             examples.append("; ".join(f"{path} ({name})" for path, name in members.itertuples(index=False)))
-        log.warning("%d duplicate group(s) hold images filed under different classes (labelling errors?): %s",
-                    len(mixed), " | ".join(examples))  # fmt: skip
+        warn_once(log, "%d duplicate group(s) hold images filed under different classes (labelling errors?): %s",
+                  len(mixed), " | ".join(examples))  # fmt: skip
 
 
 def build_index(

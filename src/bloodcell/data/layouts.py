@@ -259,8 +259,8 @@ def find_dataset(
     aria_top = _aria_top(path)
     if aria_top is not None:
         if path != aria_top and path.name != variant:  # .../Segmented given, the Original asked for: say so
-            log.warning("%s is the %s variant's folder; the %s variant (the one asked for) of %s is used. For the "
-                        "%s images, pass --variant %s", path, path.name, variant, aria_top, path.name, path.name)  # fmt: skip
+            warn_once(log, "%s is the %s variant's folder; the %s variant (the one asked for) of %s is used. For "
+                      "the %s images, pass --variant %s", path, path.name, variant, aria_top, path.name, path.name)  # fmt: skip
         variant_root = aria_top / variant
         if not variant_root.is_dir():
             present = [v for v in VARIANTS if (aria_top / v).is_dir()]

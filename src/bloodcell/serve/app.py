@@ -34,7 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bloodcell import __version__
 from bloodcell.data.decode import DEFAULT_MAX_PIXELS, ImageError, open_rgb, resize_rgb
 from bloodcell.errors import NoFeatureMap
-from bloodcell.serve.common import BasePredictor, available_cores, load_predictor, torch_weights_beside
+from bloodcell.machine import available_cores
+from bloodcell.serve.common import BasePredictor, load_predictor, torch_weights_beside
 
 log = logging.getLogger("bloodcell.serve")
 

@@ -25,6 +25,7 @@ import numpy as np
 from bloodcell.data.decode import IMAGE_SUFFIXES, decode_or_reason
 from bloodcell.errors import ModelFileError
 from bloodcell.io import printable_path, sha256_file
+from bloodcell.machine import available_cores
 from bloodcell.probabilities import softmax_with_temperature
 
 CARD_FILE = "card.json"
@@ -212,14 +213,6 @@ class BasePredictor:
             else self.result(printable_path(name), next(probs))
             for name, d in zip(names, decoded)
         ]
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks and container CPU sets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _tta_views_name(tta: bool | str | None) -> str | None:

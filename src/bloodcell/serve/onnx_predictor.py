@@ -14,7 +14,8 @@ import onnxruntime as ort
 
 from bloodcell.errors import ModelFileError
 from bloodcell.io import sha256_file
-from bloodcell.serve.common import BasePredictor, available_cores, read_card_json
+from bloodcell.machine import available_cores
+from bloodcell.serve.common import BasePredictor, read_card_json
 
 #: Names of the graph's input and output (fixed at export).
 INPUT_NAME = "images"

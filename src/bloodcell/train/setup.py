@@ -18,6 +18,7 @@ from lightning_fabric import Fabric
 
 from bloodcell.config import OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig
 from bloodcell.errors import UserError
+from bloodcell.machine import available_cores
 from bloodcell.models import Classifier, create_model, get_spec
 
 # How long set_threads watches the cores to count the idle ones (a short, one-off cost per run).
@@ -107,7 +108,7 @@ def set_threads(requested: int, local_processes: int) -> int:
     1-minute load average still counts a run that just finished in this same process (the holdout stage
     before a refit, the previous recipe of a benchmark), which halved the threads of the run after it.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if requested:
         threads = min(requested, cores)
     else:
