@@ -193,8 +193,34 @@ def test_usage_errors(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
 
 def test_an_onnx_file_with_the_torch_backend_names_the_fix(tiny_onnx: Path, slides: Path) -> None:
     for args in (("predict", "-m", str(tiny_onnx), str(slides)), ("serve", str(tiny_onnx))):
-        result = run(*args)
-        assert isinstance(result.exception, UserError) and "add --backend onnx" in str(result.exception), args
+        result = run(*args, "--backend", "torch")
+        assert isinstance(result.exception, UserError) and "drop --backend torch" in str(result.exception), args
+
+
+def test_an_onnx_file_runs_on_onnx_runtime_without_being_told(tiny_onnx: Path, slides: Path) -> None:
+    images = str(slides / "*.jpg")
+    for args in (("-m", str(tiny_onnx), images), (str(tiny_onnx), images)):
+        result = run("predict", *args, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["model"]["backend"] == "onnx"
+
+
+def test_explaining_with_an_onnx_file_uses_the_weights_it_was_exported_from(
+    tiny_model: Path, tiny_onnx: Path, slides: Path, tmp_path: Path
+) -> None:
+    from bloodcell.serve.export import export_onnx
+
+    image = str(slides / "cell-000.jpg")
+    result = run("explain", str(tiny_onnx), image, "--out", str(tmp_path / "a"))  # exported elsewhere: no weights
+    assert isinstance(result.exception, UserError) and "PyTorch weights" in str(result.exception)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("card.json", "model.safetensors"):
+        (model_dir / name).write_bytes((tiny_model / name).read_bytes())
+    beside = export_onnx(model_dir, model_dir / "onnx" / "model.onnx")
+    result = run("explain", str(beside), image, "--out", str(tmp_path / "b"), "--json")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "b").glob("*.png"))) == 1
 
 
 def test_file_names_are_printed_as_they_are_not_as_markup(tiny_model: Path, slides: Path, tmp_path: Path) -> None:

@@ -17,11 +17,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from bloodcell.cli import app
+from bloodcell.errors import UserError
 
 _console = Console()
 
 MODEL_HELP = "A run directory, a model directory or a card.json. Default: the model bundled with the package."
-EXPLAIN_PATHS_HELP = "An optional model first (as for evaluate), then image files or folders of images."
+EXPLAIN_PATHS_HELP = "An optional model first (as for evaluate, or an .onnx file in the model directory it was exported from), then image files or folders of images."
 # Spelt out rather than joined from gradcam.METHODS: importing it would load torch for every --help.
 CAM_METHODS = "gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, eigengradcam or scorecam"
 TARGET_LAYER_HELP = ("Dotted module name inside the network (default: its last convolutional stage; an earlier "
@@ -151,6 +152,19 @@ def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: st
     return rows + [explain_row(name, missing_input_reason(name)) for name in found.missing], list(found.skipped)
 
 
+def _pytorch_model_of(model: Path | None) -> Path | None:
+    """Grad-CAM needs the PyTorch weights: for an exported ``.onnx`` file, the model directory it came from."""
+    from bloodcell.serve.common import torch_weights_beside
+
+    if model is None or model.suffix.lower() != ".onnx":
+        return model
+    source = torch_weights_beside(model)
+    if source is False:
+        raise UserError(f"{model}: Grad-CAM needs the PyTorch weights, which an ONNX file does not hold: name the "
+                        "model directory it was exported from")  # fmt: skip
+    return source
+
+
 @app.command("explain")
 def explain_command(
     paths: list[Path] = typer.Argument(..., help=EXPLAIN_PATHS_HELP, show_default=False, metavar="[RUN_OR_MODEL] IMAGES..."),
@@ -169,7 +183,7 @@ def explain_command(
 
     model, names = split_model_and_inputs(None, [str(path) for path in paths], "explain")
     model, images = (Path(model) if model else None), [Path(name) for name in names]
-    rows, skipped = _explain_inputs(model, images, out, method, target_layer)
+    rows, skipped = _explain_inputs(_pytorch_model_of(model), images, out, method, target_layer)
     failed = sum(row["error"] is not None for row in rows)
     if as_json:
         typer.echo(json.dumps({"method": method, "out": str(out), "n_failed": failed, "images": rows,

@@ -73,12 +73,11 @@ def split_model_and_inputs(
     return None, inputs
 
 
-def make_predictor(model: str | None, backend: Backend, tta: bool) -> Any:
+def make_predictor(model: str | None, backend: Backend | None, tta: bool) -> Any:
     """Build the predictor for ``backend``; the ONNX backend exports (once, cached) when given a model dir."""
     from bloodcell.serve.common import load_predictor
 
-    if backend is not Backend.onnx:
-        refuse_onnx_file_for_torch(model)
+    backend = choose_backend(model, backend)
     try:
         return load_predictor(model, backend.value, tta)[0]
     except FileNotFoundError as error:
@@ -87,10 +86,14 @@ def make_predictor(model: str | None, backend: Backend, tta: bool) -> Any:
         raise UserError(str(error)) from None
 
 
-def refuse_onnx_file_for_torch(model: str | None) -> None:
-    """The PyTorch backend needs a model directory; an ``.onnx`` file needs ``--backend onnx``."""
-    if model is not None and model.lower().endswith(".onnx"):
-        raise UserError(f"{model} is an ONNX file: add --backend onnx, or name the model directory instead")
+def choose_backend(model: str | None, backend: Backend | None) -> Backend:
+    """The backend asked for, or, when none was, the one the model needs: ONNX Runtime for an ``.onnx`` file."""
+    is_onnx_file = model is not None and model.lower().endswith(".onnx")
+    if backend is None:
+        return Backend.onnx if is_onnx_file else Backend.torch
+    if backend is Backend.torch and is_onnx_file:
+        raise UserError(f"{model} is an ONNX file: PyTorch needs the model directory (or drop --backend torch)")
+    return backend
 
 
 def results_table_rows(results: list[Any], classes: list[str]) -> list[dict[str, Any]]:
@@ -181,9 +184,12 @@ def predict_command(
     ] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average over the 8 flips and quarter turns.")] = False,
     backend: Annotated[
-        Backend,
-        typer.Option("--backend", help="torch (PyTorch eager) or onnx (ONNX Runtime; exports once if given a model directory)."),
-    ] = Backend.torch,
+        Backend | None,
+        typer.Option(
+            "--backend", help="torch (PyTorch eager) or onnx (ONNX Runtime; exports once if given a model directory). "
+            "Default: onnx for an .onnx model, torch otherwise.", show_default=False,
+        ),
+    ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per network call.")] = 64,
     show: Annotated[int, typer.Option("--show", min=0, help="Rows of the table to print (failed files are always shown).")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with every result instead of the table.")] = False,
@@ -199,7 +205,7 @@ def predict_command(
     bloodcell predict cell.jpg                       (the bundled default model)
     bloodcell predict -m runs/default slides/ '*.png' --out results.csv
     bloodcell predict runs/default slides/           (a first INPUT that is a model is the model)
-    bloodcell predict -m model.onnx --backend onnx slides/ --json
+    bloodcell predict -m model.onnx slides/ --json        (ONNX Runtime)
     ```
 
     A file that cannot be read is reported with its reason and the others still run.
@@ -327,8 +333,12 @@ def serve_command(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
     backend: Annotated[
-        Backend, typer.Option("--backend", help="torch or onnx (ONNX Runtime; Grad-CAM still uses PyTorch).")
-    ] = Backend.torch,
+        Backend | None,
+        typer.Option(
+            "--backend", help="torch or onnx (ONNX Runtime; Grad-CAM still uses PyTorch). Default: onnx for an "
+            ".onnx model, torch otherwise.", show_default=False,
+        ),
+    ] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest accepted upload, in MiB (2**20 bytes).")] = 10.0,
     max_side: Annotated[int, typer.Option("--max-side", min=8, help=MAX_SIDE_HELP)] = 4096,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation by default (requests may override).")] = False,
@@ -351,8 +361,7 @@ def serve_command(
 
     from bloodcell.serve.app import create_app
 
-    if backend is Backend.torch:
-        refuse_onnx_file_for_torch(model)
+    backend = choose_backend(model, backend)
     try:
         web_app = create_app(
             model, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_side=max_side,
