@@ -50,7 +50,7 @@ from bloodcell.data.prepare import prepare_data
 from bloodcell.evaluate.metrics import classification_metrics
 from bloodcell.evaluate.runner import predict_logits
 from bloodcell.evaluate.tta import tta_logits
-from bloodcell.io import atomic_write_json, atomic_write_text
+from bloodcell.io import atomic_write_json, atomic_write_text, probability_columns
 from bloodcell.models import load_model
 from bloodcell.probabilities import softmax_with_temperature
 from bloodcell.train import fit
@@ -186,13 +186,13 @@ def predictions_csv(runs: list[dict[str, Any]]) -> str:
     for run in runs:
         frame = pd.DataFrame({
             "path": run["paths"], "block": run["blocks"], "fold": run["fold"],
-            "true": [classes[k] for k in run["labels"]],
-            "predicted": [classes[k] for k in run["logits"].argmax(axis=1)],
-            "predicted_tta": [classes[k] for k in run["tta_logits"].argmax(axis=1)],
+            "true_class": [classes[k] for k in run["labels"]],
+            "predicted_class": [classes[k] for k in run["logits"].argmax(axis=1)],
+            "predicted_class_tta": [classes[k] for k in run["tta_logits"].argmax(axis=1)],
         })  # fmt: skip
         probabilities = softmax_with_temperature(run["logits"])
-        for k, name in enumerate(classes):
-            frame[f"p_{name}"] = probabilities[:, k].round(6)
+        for k, column in enumerate(probability_columns(classes)):
+            frame[column] = probabilities[:, k].round(6)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True).to_csv(index=False)
 

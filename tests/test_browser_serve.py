@@ -217,7 +217,7 @@ def test_several_files_fill_a_table_and_a_csv_that_match_the_api(page, server_ur
     saved = tmp_path / "results.csv"
     download_info.value.save_as(saved)
     table = list(csv.DictReader(saved.open(newline="")))
-    assert list(table[0]) == ["file", "class", "confidence", *CLASSES, "error"]  # as `bloodcell predict --out`
+    assert list(table[0]) == ["file", "predicted_class", "confidence", *(f"p_{c}" for c in CLASSES), "error"]  # as predict's
     # A name a spreadsheet would run as a formula is written as text (an apostrophe first), as predict does.
     assert [row["file"] for row in table] == [*names[:3], "'=HYPERLINK(1).jpg"]
 
@@ -226,15 +226,15 @@ def test_several_files_fill_a_table_and_a_csv_that_match_the_api(page, server_ur
     api = requests.post(server_url + "/v1/predict/batch", files=files, timeout=60).json()["results"]
     for row, expected in zip(table, api, strict=True):
         if expected.get("error"):
-            assert row["class"] == "" and row["error"] == expected["error"]
+            assert row["predicted_class"] == "" and row["error"] == expected["error"]
             continue
-        assert row["class"] == expected["class"] and row["error"] == ""
+        assert row["predicted_class"] == expected["class"] and row["error"] == ""
         assert abs(float(row["confidence"]) - expected["confidence"]) < 1e-6
-        assert all(abs(float(row[name]) - expected["probabilities"][name]) < 1e-6 for name in CLASSES)
+        assert all(abs(float(row[f"p_{name}"]) - expected["probabilities"][name]) < 1e-6 for name in CLASSES)
 
     # A row's "Show" opens its detail view with Grad-CAM; the table stays.
     rows.nth(2).get_by_role("button").click()
-    expect(page.locator("#predicted-class")).to_have_text(table[2]["class"])
+    expect(page.locator("#predicted-class")).to_have_text(table[2]["predicted_class"])
     wait_until_decoded(page.locator("#overlay"))
     assert page.locator("#batch").is_visible() and "shown" in (rows.nth(2).get_attribute("class") or "")
     # One file again: the table goes, the detail view stays.

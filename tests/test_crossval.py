@@ -60,11 +60,11 @@ def test_out_of_fold_predictions_cover_every_image_once(tmp_path: Path, monkeypa
     assert accuracies == sorted(accuracies)
     predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert len(predictions) == summary["n_images"] and predictions["path"].is_unique
-    assert set(predictions["true"]) <= set(summary["recall"]) and set(predictions["block"]) == set().union(*blocks)
+    assert set(predictions["true_class"]) <= set(summary["recall"]) and set(predictions["block"]) == set().union(*blocks)
     probabilities = predictions[[f"p_{name}" for name in summary["recall"]]].to_numpy()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
     predicted_by_probability = [list(summary["recall"])[k] for k in probabilities.argmax(axis=1)]
-    assert predicted_by_probability == predictions["predicted"].tolist()
+    assert predicted_by_probability == predictions["predicted_class"].tolist()
 
 
 def test_fold_score_is_the_balanced_accuracy_of_its_argmax() -> None:

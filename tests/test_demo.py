@@ -103,7 +103,7 @@ def test_demo_writes_predictions_overlays_and_report(tiny_model: Path, tmp_path:
     for row, reference in zip(rows, expected):
         assert row["predicted_class"] == reference.label
         assert row["correct"] == str(reference.label == row["true_class"])
-        probs = np.array([float(row[name]) for name in CLASSES])
+        probs = np.array([float(row[f"p_{name}"]) for name in CLASSES])
         assert probs.sum() == pytest.approx(1.0, abs=1e-4)
         assert probs == pytest.approx([reference.probabilities[name] for name in CLASSES], abs=1e-5)
 

@@ -134,7 +134,9 @@ def test_plots_and_predictions_are_written(run: Path, metrics: dict) -> None:
     assert (run / "plots" / "gradcam_grid.png").is_file()
     predictions = pd.read_csv(run / "predictions.csv")
     assert len(predictions) == metrics["n_images"]
-    assert np.allclose(predictions.filter(like="p_").sum(axis=1), 1.0, atol=1e-4)
+    probability_columns = [f"p_{name}" for name in metrics["classes"]]
+    assert list(predictions) == ["path", "block", "true_class", "predicted_class", "confidence", *probability_columns]
+    assert np.allclose(predictions[probability_columns].sum(axis=1), 1.0, atol=1e-4)
 
 
 def test_split_all_on_another_copy_of_the_dataset(run: Path, tmp_path: Path) -> None:

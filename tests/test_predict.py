@@ -25,6 +25,7 @@ from conftest import child_env
 from serve_support import TINY_SIZE, TINY_TEMPERATURE, cell_jpeg, write_images
 
 CLASSES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+PROBABILITY_COLUMNS = [f"p_{name}" for name in CLASSES]
 
 
 @pytest.fixture
@@ -124,15 +125,15 @@ def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path:
     assert result.exit_code == 1, result.output  # the truncated file failed
     assert "truncated" in result.stdout and "Early Pre-B" in result.stdout  # the table
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 7 and list(rows[0]) == ["file", "class", "confidence", *CLASSES, "error"]
+    assert len(rows) == 7 and list(rows[0]) == ["file", "predicted_class", "confidence", *PROBABILITY_COLUMNS, "error"]
     bad = [r for r in rows if r["error"]]
     assert [Path(r["file"]).name for r in bad] == ["truncated.jpg"] and "truncated" in bad[0]["error"]
     good = [r for r in rows if not r["error"]]
     assert len(good) == 6
     for row in good:
-        probs = np.array([float(row[c]) for c in CLASSES])
+        probs = np.array([float(row[c]) for c in PROBABILITY_COLUMNS])
         assert probs.sum() == pytest.approx(1.0, abs=1e-5)
-        assert row["class"] == CLASSES[int(probs.argmax())]
+        assert row["predicted_class"] == CLASSES[int(probs.argmax())]
         assert np.allclose(probs, reference_probabilities(tiny_model, Path(row["file"])), atol=1e-5)
 
 
@@ -176,6 +177,18 @@ def test_model_as_first_input_and_missing_inputs(tiny_model: Path, slides: Path,
     # Each input that names no image says which of the three it is.
     assert [row["error"] for row in rows[1:]] == [
         "a pattern that matches no image file", "no such file or folder", "a folder with no image files in it"]
+
+
+def test_a_class_named_like_a_column_keeps_both_in_the_csv(tmp_path: Path) -> None:
+    from bloodcell.cli.serve import write_results
+    from bloodcell.serve.common import PredictionResult
+
+    classes = ["file", "error"]
+    result = PredictionResult(source="cell.jpg", label="error", probabilities={"file": 0.25, "error": 0.75})
+    write_results(tmp_path / "out.csv", {}, [result], classes)
+    (row,) = csv.DictReader((tmp_path / "out.csv").open(newline=""))
+    assert row == {"file": "cell.jpg", "predicted_class": "error", "confidence": "0.750000", "p_file": "0.250000",
+                   "p_error": "0.750000", "error": ""}  # fmt: skip
 
 
 def test_usage_errors(tiny_model: Path, slides: Path, tmp_path: Path) -> None:

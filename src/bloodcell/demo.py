@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from bloodcell.data.decode import ImageError, open_rgb
 from bloodcell.errors import UserError
-from bloodcell.io import atomic_write_bytes, atomic_write_json, atomic_write_text, spreadsheet_safe
+from bloodcell.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    probability_columns,
+    spreadsheet_safe,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -333,7 +339,8 @@ def write_predictions(demo: DemoResult) -> None:
         },
     )
     buffer = io.StringIO()
-    fields = ["file", "true_class", "predicted_class", "correct", "confidence", *demo.classes, "overlay", "error"]
+    columns = probability_columns(demo.classes)
+    fields = ["file", "true_class", "predicted_class", "correct", "confidence", *columns, "overlay", "error"]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for image in demo.images:
@@ -342,7 +349,7 @@ def write_predictions(demo: DemoResult) -> None:
             {
                 "file": spreadsheet_safe(str(image.path)), "true_class": image.true_class, "predicted_class": result.label or "",
                 "correct": image.correct, "confidence": _decimal(result.confidence),
-                **{name: _decimal(result.probabilities.get(name)) for name in demo.classes},
+                **{column: _decimal(result.probabilities.get(name)) for name, column in zip(demo.classes, columns)},
                 "overlay": "" if image.overlay is None else spreadsheet_safe(str(image.overlay)),
                 "error": spreadsheet_safe(result.error or ""),
             }

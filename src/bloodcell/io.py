@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -66,6 +66,14 @@ def spreadsheet_safe(text: str) -> str:
     """``text`` for a CSV cell: prefixed by an apostrophe (shown as text, hidden by spreadsheets) where it
     would start a formula."""
     return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def probability_columns(classes: Sequence[str]) -> list[str]:
+    """The column of each class's probability in every predictions table bloodcell writes: ``p_<class>``.
+
+    Prefixed, so that a class named like another column ("file", "error") cannot overwrite it.
+    """
+    return [f"p_{name}" for name in classes]
 
 
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:

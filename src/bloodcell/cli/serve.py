@@ -97,11 +97,13 @@ def choose_backend(model: str | None, backend: Backend | None) -> Backend:
 
 
 def results_table_rows(results: list[Any], classes: list[str]) -> list[dict[str, Any]]:
-    """Flat rows for CSV: file, class, confidence, one probability column per class, error."""
+    """Flat rows for CSV: file, predicted class, confidence, ``p_<class>`` for each class, error."""
+    from bloodcell.io import probability_columns
+
     rows = []
     for result in results:
-        row: dict[str, Any] = {"file": result.source, "class": result.label or "", "confidence": result.confidence}
-        row.update({name: result.probabilities.get(name) for name in classes})
+        row: dict[str, Any] = {"file": result.source, "predicted_class": result.label or "", "confidence": result.confidence}
+        row.update({column: result.probabilities.get(name) for name, column in zip(classes, probability_columns(classes))})
         row["error"] = result.error or ""
         rows.append(row)
     return rows
@@ -109,7 +111,7 @@ def results_table_rows(results: list[Any], classes: list[str]) -> list[dict[str,
 
 def write_results(path: Path, payload: dict[str, Any], results: list[Any], classes: list[str]) -> None:
     """Write the results as CSV or JSON (by the file's suffix), atomically."""
-    from bloodcell.io import atomic_write_json, atomic_write_text, spreadsheet_safe
+    from bloodcell.io import atomic_write_json, atomic_write_text, probability_columns, spreadsheet_safe
 
     def cell(value: Any) -> str:
         return f"{value:.6f}" if isinstance(value, float) else ("" if value is None else spreadsheet_safe(str(value)))
@@ -119,7 +121,8 @@ def write_results(path: Path, payload: dict[str, Any], results: list[Any], class
         atomic_write_json(path, payload)
     elif suffix == ".csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["file", "class", "confidence", *classes, "error"], lineterminator="\n")
+        columns = ["file", "predicted_class", "confidence", *probability_columns(classes), "error"]
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in results_table_rows(results, classes):
             writer.writerow({k: cell(v) for k, v in row.items()})

@@ -37,7 +37,7 @@ from bloodcell.evaluate.metrics import (
 )
 from bloodcell.evaluate.shifts import SEVERITIES, SHIFTS, apply_shift, describe_parameters
 from bloodcell.evaluate.tta import VIEW_SETS, tta_logits
-from bloodcell.io import atomic_path, atomic_write_json, spreadsheet_safe
+from bloodcell.io import atomic_path, atomic_write_json, probability_columns, spreadsheet_safe
 from bloodcell.probabilities import softmax_with_temperature
 
 if TYPE_CHECKING:  # for annotations only: importing them at run time would load torch for every caller
@@ -330,13 +330,13 @@ def _write_predictions(path: Path, prepared: PreparedData, indices: np.ndarray, 
         {
             "path": [spreadsheet_safe(path) for path in rows["path"]],
             "block": rows["block"].to_numpy() if "block" in rows else "",
-            "true": [classes[label_map[v]] for v in rows["label"].to_numpy()],
-            "predicted": [classes[k] for k in probs.argmax(axis=1)],
+            "true_class": [classes[label_map[v]] for v in rows["label"].to_numpy()],
+            "predicted_class": [classes[k] for k in probs.argmax(axis=1)],
             "confidence": probs.max(axis=1).round(6),
         }
     )
-    for k, name in enumerate(classes):
-        table[f"p_{name}"] = probs[:, k].round(6)
+    for k, column in enumerate(probability_columns(classes)):
+        table[column] = probs[:, k].round(6)
     with atomic_path(path, suffix=".csv") as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
     return path
