@@ -436,3 +436,30 @@ def test_the_pixel_limit_named_is_bloodcells_and_a_larger_one_is_honoured(tmp_pa
     with pytest.raises(ImageError) as raised:  # within the raised limits: decoding is tried (the data are empty)
         open_rgb(bomb_png(tmp_path / "big.png", 15_000, 15_000).read_bytes(), max_pixels=20_000**2, max_side=20_000)
     assert "too large" not in str(raised.value)
+
+
+def test_decoding_in_threads_leaves_the_warning_filters_as_they_were(tmp_path: Path) -> None:
+    """``warnings.catch_warnings`` swaps the process-wide filter list: threads entering and leaving it at
+    once (a server decoding uploads) left a stray filter behind and let Pillow's bomb warning through."""
+    import threading
+    import warnings
+
+    from bloodcell.data.decode import ImageError, open_rgb
+
+    bomb = bomb_png(tmp_path / "bomb.png", 10_000, 10_000).read_bytes()  # over Pillow's guard: it warns at open
+
+    def decode_many() -> None:
+        for _ in range(400):
+            with pytest.raises(ImageError, match="too large"):
+                open_rgb(bomb)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        threads = [threading.Thread(target=decode_many) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert warnings.filters == before
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]

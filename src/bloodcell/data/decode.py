@@ -26,7 +26,7 @@ ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF", "MPO
 DEFAULT_MAX_PIXELS = 64_000_000
 #: Files larger than this are refused unread: an uncompressed 16-bit RGB TIFF of DEFAULT_MAX_PIXELS is 384 MB.
 MAX_FILE_BYTES = 512 * 2**20
-#: Guards the read-and-raise of Pillow's process-wide guard: decoding runs in threads.
+#: Guards Pillow's process-wide settings while a header is read (see _open_header): decoding runs in threads.
 _PILLOW_GUARD = threading.Lock()
 #: More scans than this in a JPEG are refused: each scan of a progressive JPEG costs a pass over the whole
 #: image, so a 400 KB file with 10,000 tiny scans kept a decoder busy for 14 s (and 10 MB, for minutes).
@@ -86,32 +86,24 @@ def open_rgb(
         raise ImageError(name, "empty file (0 bytes)")
     _refuse_costly_structure(name, data)
     try:
-        with warnings.catch_warnings():
-            # PIL warns before it errors on bombs; we check the size ourselves and want one clear message.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            # Pillow's own bomb guard (about 179 MP) would refuse before the limits below are read: raise it
-            # to the largest limit asked for (a process-wide setting, only ever raised), as they apply next.
-            with _PILLOW_GUARD:
-                if Image.MAX_IMAGE_PIXELS is not None:  # None: the program turned Pillow's guard off itself
-                    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels, (max_side or 0) ** 2)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in ACCEPTED_FORMATS:
-                raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    name, f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels"
-                )
-            if max_side is not None and max(width, height) > max_side:
-                raise ImageError(name, f"image dimensions {width}x{height} exceed the limit of {max_side}x{max_side}")
-            if width < 8 or height < 8:
-                raise ImageError(name, f"image too small: {width}x{height} pixels")
-            image.load()  # decode now so truncation is caught here, not later
-            if image.mode in _WIDE_MODES:
-                raise ImageError(name, f"{_WIDE_MODES[image.mode]} image (mode {image.mode}): bloodcell reads 8-bit "
-                                       "colour images; convert it to 8-bit RGB first")  # fmt: skip
-            # A camera's orientation tag: show the model the picture as a viewer (and the web page) shows it.
-            ImageOps.exif_transpose(image, in_place=True)
+        image = _open_header(data, max(max_pixels, (max_side or 0) ** 2))
+        if image.format not in ACCEPTED_FORMATS:
+            raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                name, f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels"
+            )
+        if max_side is not None and max(width, height) > max_side:
+            raise ImageError(name, f"image dimensions {width}x{height} exceed the limit of {max_side}x{max_side}")
+        if width < 8 or height < 8:
+            raise ImageError(name, f"image too small: {width}x{height} pixels")
+        image.load()  # decode now so truncation is caught here, not later
+        if image.mode in _WIDE_MODES:
+            raise ImageError(name, f"{_WIDE_MODES[image.mode]} image (mode {image.mode}): bloodcell reads 8-bit "
+                                   "colour images; convert it to 8-bit RGB first")  # fmt: skip
+        # A camera's orientation tag: show the model the picture as a viewer (and the web page) shows it.
+        ImageOps.exif_transpose(image, in_place=True)
     except ImageError:
         raise
     except UnidentifiedImageError as error:
@@ -130,6 +122,25 @@ def open_rgb(
         # Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit RGB all become 8-bit RGB.
         image = image.convert("RGB")
     return image
+
+
+def _open_header(data: bytes, largest_limit: int) -> Image.Image:
+    """``Image.open`` (which reads the header only), under the lock that keeps concurrent decodes from
+    clobbering one another's process-wide settings.
+
+    Pillow warns before it errors on bombs; we check the size ourselves and want one clear message, so the
+    warning is silenced here. ``warnings.catch_warnings`` saves and restores the process-wide filter list,
+    which threads entering and leaving it at once left with a stray filter and let the warning through
+    (measured: 8 threads); Pillow warns only in ``open``, so only the header is read under the lock and the
+    costly decode runs outside it. Pillow's own guard (about 179 MP) would refuse before our limits are
+    read: it is raised to the largest limit asked for (only ever raised; None means the program turned the
+    guard off itself).
+    """
+    with _PILLOW_GUARD, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if Image.MAX_IMAGE_PIXELS is not None:
+            Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, largest_limit)
+        return Image.open(io.BytesIO(data))
 
 
 def _read_image_file(source: str | os.PathLike[str], name: str) -> bytes:
