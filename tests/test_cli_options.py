@@ -38,3 +38,17 @@ def test_the_cam_method_has_the_same_flag_in_explain_as_in_evaluate() -> None:
     named = dict(commands(cli))
     for name in ("explain", "evaluate"):
         assert any("--cam-method" in option.opts for option in options_of(named[name])), name
+
+
+def test_help_gives_flags_no_value_type() -> None:
+    """A flag takes no value: ``--tta <bool>`` read as if ``--tta true`` were the way to write it."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    names = [name for name, _ in commands(typer.main.get_command(app))]
+    for name in names:
+        result = runner.invoke(app, [*name.split(), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (name, result.output)
+        assert "<bool>" not in result.output, name
+    predict = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"}).output
+    assert "<int range>" in predict and "--tta" in predict  # other types are still shown

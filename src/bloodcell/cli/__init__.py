@@ -16,6 +16,25 @@ import typer
 from bloodcell import __version__
 from bloodcell.cli.messages import error_line, warning_line
 
+
+def _flags_show_no_value_type() -> None:
+    """Typer 0.29's help prints ``<bool>`` beside every flag, as if ``--tta`` took a value (and ``--tta true``
+    would then read "true" as an input). A flag takes none, so its type column is left empty. Typer has no
+    setting for this; the hook is checked for, so another Typer version only shows its own help."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:
+        return
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_no_value_type()
+
 app = typer.Typer(
     name="bloodcell",
     help="Train, evaluate, explain and serve a leakage-aware classifier of B-ALL subtypes from blood-smear "
