@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,7 +73,14 @@ def test_openapi_and_docs(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/healthz"} <= set(schema["paths"])
     assert "413" in schema["paths"]["/v1/predict"]["post"]["responses"]
-    assert client.get("/docs").status_code == 200
+    html = client.get("/docs")  # its script and style come from this server: the page works offline
+    assert html.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+    assert len(assets) >= 2 and all(url.startswith("/docs-assets/") for url in assets), assets
+    assert "https://" not in html.text
+    for url in assets:
+        assert client.get(url).status_code == 200, url
+    assert client.get("/redoc").status_code == 404  # its script fetches a logo from a CDN
 
 
 def test_predict_matches_the_predictor(client: TestClient, tiny_model: Path) -> None:

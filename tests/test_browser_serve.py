@@ -328,3 +328,14 @@ def test_bare_onnx_server_classifies_without_overlay(tiny_onnx: Path, smear_imag
         assert page.locator("#predicted-class").inner_text() in CLASSES
         expect(page.locator("#overlay-caption")).to_contain_text("No Grad-CAM overlay")
         assert not page.locator("#overlay").is_visible() and not page.locator("#error").is_visible()
+
+
+def test_the_api_docs_render_without_the_internet(page, server_url: str) -> None:
+    """/docs draws the API from this server alone (FastAPI's own page loads its script from a CDN, and stays
+    blank on a machine without the internet, as this test's browser is)."""
+    from playwright.sync_api import expect
+
+    page.goto(server_url + "/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("bloodcell")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    assert "/v1/predict" in page.locator(".swagger-ui").inner_text()

@@ -26,6 +26,7 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +52,8 @@ OTHER_BODY_LIMIT = 64 * 1024
 MAX_CONCURRENT_DECODES = 4
 #: Model card sections that GET /v1/model leaves out (see model_card).
 PRIVATE_CARD_KEYS = frozenset({"command", "config", "runtime"})
+#: Where /docs finds Swagger UI's script and style (served from the fastapi-offline package).
+DOCS_ASSETS = "/docs-assets"
 DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
 
 
@@ -377,12 +380,16 @@ def create_app(
     service = Service(predictor, max_upload_bytes, max_side, explain_source, inference_slots=slots)
     if warm_up:
         service.warm_up()
-    app = FastAPI(
+    # FastAPI whose /docs loads Swagger UI from this server, not a CDN (blank without the internet). No
+    # /redoc: its script fetches a logo from redocly's CDN, a request to elsewhere on every visit.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="bloodcell",
         version=__version__,
         summary="B-ALL subtype classification of blood-smear images. " + DISCLAIMER,
         description="Upload a blood-smear image, get the predicted B-ALL subtype, class probabilities and, "
         "on request, a Grad-CAM overlay. " + DISCLAIMER,
+        static_url=DOCS_ASSETS,
     )
     app.state.service = service
     too_large = f"upload too large: images up to {_human_bytes(max_upload_bytes)} are accepted"
