@@ -151,3 +151,25 @@ def test_index_real_data_json(real_data: Path) -> None:
     assert summary["images"] == 2576
     assert summary["classes"] == {"Benign": 380, "Early Pre-B": 789, "Pre-B": 771, "Pro-B": 636}
     assert summary["exact_duplicate_groups"] >= 1
+
+
+def test_split_prints_the_settings_that_give_train_the_same_split(aria_dataset: Path, tmp_path: Path) -> None:
+    """train rebuilds the split from its config: what split prints must give it the very split it showed."""
+    import shlex
+
+    from bloodcell.config import load_config
+    from bloodcell.data.prepare import prepare_data
+
+    classes = "Benign,Early Pre-B,Pre-B,Pro-B"
+    output = invoke("split", str(aria_dataset), "--seed", "3", "--block-size", "6", "--embargo", "1",
+                    "--classes", classes, "--out", str(tmp_path / "shown.csv"), "--no-progress")  # fmt: skip
+    printed = output.replace("\n", " ").split("for this one, add ", 1)[1]
+    words = shlex.split(printed)
+    overrides = [value for flag, value in zip(words[::2], words[1::2], strict=True) if flag == "--set"]
+    assert len(overrides) == 4, overrides  # seed, block size, embargo, classes: the others are the defaults
+    config = load_config("default", overrides)
+    prepared = prepare_data(config.data, root=aria_dataset, progress=False)
+    shown = pd.read_csv(tmp_path / "shown.csv").set_index("path")["split"]
+    rebuilt = pd.read_csv(prepared.split_path).set_index("path")["split"]
+    pd.testing.assert_series_equal(rebuilt, shown)
+    assert "for this one" not in invoke("split", str(aria_dataset), "--no-progress")  # the defaults: nothing to add

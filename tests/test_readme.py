@@ -69,3 +69,29 @@ def test_readme_names_the_two_setup_commands() -> None:
     assert "make demo" in text and "make test" in text
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert "make test" in ci, ".ci/run must run the README's test command"
+
+
+def config_keys(model: type, prefix: str = "") -> list[str]:
+    """Every key of a config model, dotted (``data.root``), its sections walked into."""
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += config_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_training_doc_lists_every_config_key() -> None:
+    """docs/TRAINING.md's key tables are the config reference: a new key must be documented there."""
+    from bloodcell.config import RunConfig
+
+    text = (README.parent / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    keys = config_keys(RunConfig)
+    assert len(keys) > 50 and "data.root" in keys and "augment.hue" in keys
+    # augment's keys are rows of the augmentation table, by their bare names; the others by dotted name.
+    missing = [key for key in keys if f"`{key.removeprefix('augment.')}`" not in text]
+    assert missing == []

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from bloodcell.config import ConfigError, RunConfig, config_from_dict, load_config
@@ -473,6 +474,24 @@ def test_cli_refuses_a_missing_dataset_or_a_foreign_out_folder_before_any_work(t
         code, _, err = run_cli(["train", "--data", str(aria_dataset), "--out", str(aria_dataset), *stages], monkeypatch, capsys)
         assert code == 2 and "not a run; give a new or empty folder" in err
         assert not (aria_dataset / "config.yaml").exists()
+
+
+def test_a_config_that_names_its_dataset_needs_no_data_option(tmp_path: Path, aria_dataset: Path, monkeypatch,
+                                                               capsys) -> None:  # fmt: skip
+    """data.root in a YAML config is the dataset, relative to where the command runs, recorded resolved."""
+    monkeypatch.chdir(aria_dataset.parent)
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"name: mine\ndata:\n  root: {aria_dataset.name}\n  image_size: 32\n"
+                      "  block_size: 6\n  embargo: 1\n  train_on: train\nmodel:\n  kwargs: {width: 0.5}\n"
+                      "train:\n  epochs: 1\n")  # fmt: skip
+    code, out, err = run_cli(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-report",
+                              "--no-progress", "--json"], monkeypatch, capsys)  # fmt: skip
+    assert code == 0, err
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["root"]
+    assert Path(recorded) == aria_dataset.resolve()
+    config.write_text("name: rootless\n")
+    code, _, err = run_cli(["train", "--config", str(config)], monkeypatch, capsys)
+    assert code == 2 and "set data.root in the config" in err
 
 
 def test_a_folder_of_hidden_files_or_a_failed_start_may_hold_a_new_run(tmp_path: Path) -> None:

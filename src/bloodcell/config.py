@@ -30,7 +30,7 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
-    root: str | None = None  # dataset folder; the CLI's --data overrides it
+    root: str | None = None  # dataset folder (relative to the working directory); train's --data overrides it
     variant: Literal["Original", "Segmented"] = "Original"
     class_names: list[str] | None = None  # for plain class-per-folder layouts; None takes folder names
     image_size: int = Field(128, ge=32, le=512)

@@ -8,6 +8,7 @@ docs/ARCHITECTURE.md and in each API function's docstring.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +51,21 @@ SPLIT_OUT_OPTION = typer.Option(
 AUDIT_OUT_OPTION = typer.Option(
     None, "--out", "-o", help="Folder for audit.md and audit.json (default: the dataset's work folder)."
 )
+
+
+def train_overrides(settings: dict[str, Any]) -> str:
+    """The ``--set data.KEY=VALUE`` options that give ``train`` these split settings (those not its default).
+
+    A value is written as YAML reads it back (a plain word bare, anything else as JSON) and quoted for a
+    POSIX shell where it needs it.
+    """
+    import yaml
+
+    def as_yaml(value: Any) -> str:
+        return value if isinstance(value, str) and yaml.safe_load(value) == value else json.dumps(value)
+
+    changed = {key: value for key, value in settings.items() if value != getattr(_DEFAULTS, key)}
+    return " ".join(f"--set {shlex.quote(f'data.{key}={as_yaml(value)}')}" for key, value in changed.items())
 
 
 def _class_list(classes: str | None) -> list[str] | None:
@@ -199,6 +215,12 @@ def split_command(
             )
         )
         typer.echo(f"Leakage check: {summary['leakage_check']}. Split: {path}")
+        settings = {"protocol": protocol, "split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+                    "block_size": block_size, "embargo": embargo, "folds": folds, "fold": fold, "variant": variant,
+                    "class_names": _class_list(classes)}  # fmt: skip
+        overrides = train_overrides(settings)
+        if overrides:
+            typer.echo(f"train, evaluate and tune rebuild the split from their config: for this one, add {overrides}")
     if summary["leakage_check"] != "passed":
         error_line(f"error: {summary['leakage_message']}")
         raise typer.Exit(1)

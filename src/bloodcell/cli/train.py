@@ -13,7 +13,7 @@ from bloodcell.config import RunConfig, named_configs
 
 DATA_OPTION = typer.Option(
     None, "--data", help="Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class). "
-    "Needed for a new run; --resume takes it from the run's config.", show_default=False
+    "Needed for a new run unless the config sets data.root; --resume takes it from the run's config.", show_default=False
 )  # fmt: skip
 CONFIG_OPTION = typer.Option(
     "default", "--config", "-c", help=f"A shipped config name ({', '.join(named_configs())}) or a YAML file."
@@ -82,11 +82,14 @@ def train_command(
                          + (f", stopped by {done[1].replace('_', ' ')}" if done[1] else "")
                          + "): nothing is trained again" + ("; its report is rebuilt" if report else ""))  # fmt: skip
     else:
-        if data is None:
-            raise UserError("pass --data DATA (the dataset folder) or --resume RUN")
-        if not data.is_dir():  # before a run folder is made or anything is announced
-            raise UserError(f"dataset folder not found: {data}" if not data.exists() else f"--data {data}: not a folder")
         run_config = load_config(config, extra)
+        if data is None and run_config.data.root is not None:  # the config's dataset, relative to here
+            data = Path(run_config.data.root)
+            run_config = load_config(config, [*extra, override("data.root", data.resolve())])
+        if data is None:
+            raise UserError("pass --data DATA (the dataset folder), set data.root in the config, or --resume RUN")
+        if not data.is_dir():  # before a run folder is made or anything is announced
+            raise UserError(f"dataset folder not found: {data}" if not data.exists() else f"{data}: not a folder")
         run_dir = out if out is not None else Path("runs") / run_config.name
     if devices is not None:
         _say_where_devices_run(run_config)

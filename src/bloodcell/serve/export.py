@@ -199,7 +199,8 @@ def export_onnx(
     ----------
     model_path: a run directory, model directory, ``card.json`` path, or None for the bundled default.
     out: the ``.onnx`` file to write (a folder means ``<folder>/model.onnx``); None writes
-        ``<model directory>/onnx/model.onnx``. ``card.json`` is written beside it.
+        ``<model directory>/onnx/model.onnx``, or for the bundled model (whose folder an installation may
+        keep read-only) ``$BLOODCELL_HOME/onnx/<weights hash>/model.onnx``. ``card.json`` is written beside it.
     images: images for the parity check: files, folders, globs or a uint8 NHWC array; None uses the
         bundled sample images if the package has them (synthetic smears are always added).
     tolerance: largest allowed max-abs difference of probabilities (with the card's temperature).

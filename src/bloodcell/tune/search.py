@@ -15,8 +15,10 @@ lr                 ``optimizer.lr``                log-uniform in [3e-4, 3e-2] (
 weight_decay       ``optimizer.weight_decay``      log-uniform in [1e-5, 0.3]
 label_smoothing    ``train.label_smoothing``       uniform in [0, 0.2]
 augment_strength   every magnitude in ``augment``  uniform multiplier in [0, 2] on the base config's
-                                                   magnitudes (0 = geometry-only flips, 1 = base recipe);
-                                                   transforms the base config switches off stay off
+                                                   magnitudes (0 leaves flips, quarter turns, the JPEG
+                                                   round trip, crop and consistency loss, which it does
+                                                   not scale; 1 = base recipe); transforms the base
+                                                   config switches off stay off
 image_size         ``data.image_size``             one of 96, 128, 160
 width              ``model.kwargs.width``          one of 0.5, 0.75, 1.0, 1.5 (``bloodnet`` family)
 =================  ==============================  ====================================================
