@@ -197,6 +197,16 @@ def _saved_tiny_model(directory: Path) -> Path:
     return save_model(Classifier(create_model("bloodnet", 4, width=0.25)), card, directory)
 
 
+def test_the_same_weights_save_to_the_same_bytes(tmp_path: Path) -> None:
+    """Reproducibility is checked by hashes (sha256sum, the ONNX cache's folder): identical weights must
+    give identical files, which safetensors' unordered metadata broke half the time."""
+    import hashlib
+
+    digests = {hashlib.sha256((_saved_tiny_model(tmp_path / str(k)) / "model.safetensors").read_bytes()).hexdigest()
+               for k in range(8)}  # fmt: skip
+    assert len(digests) == 1
+
+
 def _truncate_weights(directory: Path) -> None:
     weights = directory / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])

@@ -162,7 +162,9 @@ def save_model(model: Classifier, card: ModelCard, directory: str | Path) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": CARD_FORMAT, "architecture": card.architecture})
+        # One metadata entry: safetensors writes a dict's entries in a random order, so two entries made
+        # the bytes of identical weights differ half the time (the card beside them names the architecture).
+        save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
     if not card.versions:
         card = card.model_copy(update={"versions": library_versions()})
     save_card(card, directory)
