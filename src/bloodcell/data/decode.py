@@ -13,7 +13,7 @@ import re
 import stat
 import threading
 import warnings
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -94,7 +94,7 @@ def open_rgb(
             with _PILLOW_GUARD:
                 if Image.MAX_IMAGE_PIXELS is not None:  # None: the program turned Pillow's guard off itself
                     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels, (max_side or 0) ** 2)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))  # a plain Image once convert() below has run
             if image.format not in ACCEPTED_FORMATS:
                 raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")
             width, height = image.size
@@ -224,7 +224,7 @@ def _end_of_entropy_coded_data(data: bytes, pos: int) -> int:
 
 def _tiff_strips(data: bytes) -> int:
     """The largest strip or tile count named in a (classic) TIFF's first directory; 0 if unreadable."""
-    order = "little" if data[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
     offset = int.from_bytes(data[4:8], order)
     if offset + 2 > len(data):
         return 0
