@@ -199,7 +199,8 @@ def fit(
         if main and skipped is not None and skipped["rejected"].any():
             from bloodcell.data.prepare import skipped_files_note
 
-            log.warning(skipped_files_note(skipped, config.data.root))  # into train.log; prepare_data said it on stderr
+            folder = config.data.root if config.data.root is not None else getattr(data, "root", "the dataset")
+            log.warning(skipped_files_note(skipped, folder))  # into train.log; prepare_data said it on stderr
         refit = config.data.train_on == "train+val"
         if refit:  # the validation images join training; nothing is validated and the last epoch is the model
             train_rows, val_rows = np.concatenate([train_rows, val_rows]), val_rows[:0]
