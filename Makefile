@@ -28,8 +28,9 @@ $(VENV)/.installed-lint: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[lint]'
 	touch $@
 
-lint: $(VENV)/.installed-lint  ## install ruff into .venv, then check the code
+lint: $(VENV)/.installed-lint  ## install ruff and mypy into .venv, then check the code and its types
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache

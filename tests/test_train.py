@@ -536,6 +536,21 @@ def test_shipped_configs_train_one_epoch(tmp_path: Path, name: str) -> None:
     assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 
+def test_log_names_the_data_folder_of_skipped_files_when_the_config_names_none(tmp_path: Path, data) -> None:
+    """Data prepared with ``prepare_data(config.data, root=FOLDER)`` leaves ``data.root`` unset: the log
+    names the data's own folder, not "files in None"."""
+    import dataclasses
+
+    import pandas as pd
+
+    prepared = dataclasses.replace(data)
+    prepared.root = tmp_path / "cells"  # what PreparedData carries beside its manifest
+    prepared.manifest = pd.DataFrame({"path": ["notes.txt"], "rejected": [True], "reason": ["not an image file"]})
+    fit(tiny_config(train={"epochs": 1}), tmp_path / "run", prepared=prepared, progress=False)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"files in {tmp_path / 'cells'} are skipped" in log and "None" not in log
+
+
 def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monkeypatch, capsys) -> None:
     """End to end through the data stage: index, split, cache, train, run directory; a corrupt file is
     skipped and named in the run's log. The folder's name holds what YAML would read as a comment (" #")

@@ -312,7 +312,7 @@ def write_overlays(
     pictures = {i: open_rgb(paths[i]) for i in done}
     # resize_rgb(open_rgb(...)) is decode_image: the CAM sees exactly the input the prediction saw.
     batch = np.stack([resize_rgb(pictures[i], predictor.input_size) for i in done])
-    targets = np.asarray([predictor.classes.index(results[i].label) for i in done])
+    targets = np.asarray([predictor.classes.index(results[i].predicted_label) for i in done])
     # One batched pass instead of TorchPredictor.explain per image (a private model copy and a probe pass
     # each time): on a busy 2-core CPU that is the difference between one second and ten. The demo runs
     # nothing else on the predictor's model meanwhile, so the CAM hooks cannot disturb a prediction.
@@ -391,8 +391,10 @@ def headline_metric(card: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(value, (int, float)):
         return None
     interval = metrics.get("balanced_accuracy_ci")
-    valid = isinstance(interval, (list, tuple)) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval)
-    return {"value": float(value), "ci": [float(v) for v in interval] if valid else None}
+    ci = None
+    if isinstance(interval, (list, tuple)) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval):
+        ci = [float(v) for v in interval]
+    return {"value": float(value), "ci": ci}
 
 
 def write_report(demo: DemoResult) -> Path:

@@ -182,8 +182,8 @@ def explain_command(
     from bloodcell.cli.serve import split_model_and_inputs
 
     model, names = split_model_and_inputs(None, [str(path) for path in paths], "explain")
-    model, images = (Path(model) if model else None), [Path(name) for name in names]
-    rows, skipped = _explain_inputs(_pytorch_model_of(model), images, out, method, target_layer)
+    model_path, images = (Path(model) if model else None), [Path(name) for name in names]
+    rows, skipped = _explain_inputs(_pytorch_model_of(model_path), images, out, method, target_layer)
     failed = sum(row["error"] is not None for row in rows)
     if as_json:
         typer.echo(json.dumps({"method": method, "out": str(out), "n_failed": failed, "images": rows,

@@ -9,6 +9,7 @@ network can score well for the wrong reasons. :func:`border_colour_baseline` is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,8 @@ def mask_corner(images: np.ndarray, corner: str) -> np.ndarray:
     inside it (above a bottom corner, below a top one): whatever was drawn there is gone, and no uniform
     block of a new colour appears in its place.
     """
-    height = images.shape[1]
-    rows, cols = corner_slices(*images.shape[1:3], corner)
+    height, width = images.shape[1:3]
+    rows, cols = corner_slices(height, width, corner)
     h = rows.stop - rows.start
     inside = slice(rows.start - h, rows.start) if rows.start > 0 else slice(h, min(2 * h, height))
     masked = np.array(images, copy=True)
@@ -120,7 +121,8 @@ def corner_features(images: np.ndarray, corner: str, chunk: int = 512) -> np.nda
     The averaging halves the features in each direction (a logistic regression on a few hundred features
     fits in a second) and keeps what a drawn label or scale bar looks like.
     """
-    rows, cols = corner_slices(*images.shape[1:3], corner)
+    height, width = images.shape[1:3]
+    rows, cols = corner_slices(height, width, corner)
     parts = []
     for start in range(0, len(images), chunk):
         patch = images[start : start + chunk, rows, cols].astype(np.float64)
@@ -384,7 +386,7 @@ def run_audit(
 
 
 def stained_cell_coverage(
-    masks: np.ndarray, labels: np.ndarray, classes: list[str], kept: np.ndarray | None = None
+    masks: np.ndarray, labels: np.ndarray, classes: Sequence[str], kept: np.ndarray | None = None
 ) -> dict[str, Any]:
     """How much of each class's images the stained-cell masks of the Grad-CAM measure cover, and, with the
     Segmented variant's kept pixels (``kept``), what share of the masks' pixels lie inside them.
@@ -392,17 +394,19 @@ def stained_cell_coverage(
     Returns class -> ``mean`` share of pixels, ``under_2_percent`` (share of images whose mask is too small
     for a whole cell) and ``inside_segmented`` (None without ``kept``).
     """
-    result = _coverage_by_class(masks, labels, classes)
+    coverage = _coverage_by_class(masks, labels, classes)
+    result: dict[str, dict[str, float | None]] = {}
     for k, name in enumerate(classes):
-        if name in result:
+        if name in coverage:
             rows = labels == k
-            result[name]["inside_segmented"] = (
+            inside = (
                 float((masks[rows] & kept[rows]).sum() / max(int(masks[rows].sum()), 1)) if kept is not None else None
             )
+            result[name] = {**coverage[name], "inside_segmented": inside}
     return result
 
 
-def _coverage_by_class(masks: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
+def _coverage_by_class(masks: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, dict[str, float]]:
     """Class -> ``mean`` share of the images' pixels the masks hold, and ``under_2_percent``: the share of
     images whose mask holds under 2 % of the pixels, too little for a whole cell (classes without images
     are left out)."""
@@ -419,7 +423,7 @@ def segmented_masks(segmented: np.ndarray, threshold: int = SEGMENTED_THRESHOLD)
     return segmented.max(axis=-1) > threshold
 
 
-def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """How much of each class's images the Segmented variant keeps: its "cell masks" are a colour threshold.
 
     Returns ``threshold``, ``classes`` (class -> ``mean`` share of pixels kept, ``under_2_percent``: share of

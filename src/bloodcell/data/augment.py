@@ -357,15 +357,15 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """
     radius = max(1, math.ceil(3 * sigma))
     taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2 / (2 * sigma**2))
-    taps = (taps / taps.sum()).tolist()
+    kernel = (taps / taps.sum()).tolist()
     h, w = x.shape[-2:]
     padded = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = padded[..., :, 0:w] * taps[0]
-    for k, weight in enumerate(taps[1:], start=1):
+    x = padded[..., :, 0:w] * kernel[0]
+    for k, weight in enumerate(kernel[1:], start=1):
         x.add_(padded[..., :, k : k + w], alpha=weight)
     padded = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    out = padded[..., 0:h, :] * taps[0]
-    for k, weight in enumerate(taps[1:], start=1):
+    out = padded[..., 0:h, :] * kernel[0]
+    for k, weight in enumerate(kernel[1:], start=1):
         out.add_(padded[..., k : k + h, :], alpha=weight)
     return out
 
@@ -385,8 +385,8 @@ def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
         return unmosaic(decoded, len(images)).to(dtype=x.dtype)
     if not on_gpu:
         images = images.cpu()
-    decoded = _jpeg_codec([image.contiguous() for image in images], quality, x.device if on_gpu else "cpu")
-    return torch.stack(decoded).to(device=x.device, dtype=x.dtype)
+    round_tripped = _jpeg_codec([image.contiguous() for image in images], quality, x.device if on_gpu else "cpu")
+    return torch.stack(round_tripped).to(device=x.device, dtype=x.dtype)
 
 
 # A JPEG with 4:2:0 chroma is coded in 16 x 16 pixel units (MCUs) that are quantised independently.

@@ -13,7 +13,7 @@ import re
 import stat
 import threading
 import warnings
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -86,7 +86,8 @@ def open_rgb(
         raise ImageError(name, "empty file (0 bytes)")
     _refuse_costly_structure(name, data)
     try:
-        image = _open_header(data, max(max_pixels, (max_side or 0) ** 2))
+        # A plain Image once convert() below has run.
+        image: Image.Image = _open_header(data, max(max_pixels, (max_side or 0) ** 2))
         if image.format not in ACCEPTED_FORMATS:
             raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")
         width, height = image.size
@@ -235,7 +236,7 @@ def _end_of_entropy_coded_data(data: bytes, pos: int) -> int:
 
 def _tiff_strips(data: bytes) -> int:
     """The largest strip or tile count named in a (classic) TIFF's first directory; 0 if unreadable."""
-    order = "little" if data[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
     offset = int.from_bytes(data[4:8], order)
     if offset + 2 > len(data):
         return 0

@@ -454,9 +454,8 @@ def build_index(
     keys = [(path, *_stat_key(full)) for (path, _), full in zip(dataset.files, paths)]
     missing = [k for k, key in enumerate(keys) if key not in cache]
     fresh = _inspect_all([paths[k] for k in missing], workers, progress)
-    facts = [cache.get(key) for key in keys]
-    for k, fact in zip(missing, fresh):
-        facts[k] = fact
+    inspected = dict(zip(missing, fresh))
+    facts = [inspected[k] if k in inspected else cache[key] for k, key in enumerate(keys)]
     if missing or len(cache) != len(keys):
         _save_hash_cache(
             workdir, [{"path": k[0], "bytes": k[1], "mtime_ns": k[2], **f} for k, f in zip(keys, facts)]

@@ -16,7 +16,7 @@ Everything here is pure numpy/scikit-learn (no torch), so the ONNX side can use 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from sklearn.metrics import (
@@ -125,7 +125,17 @@ def block_bootstrap_ci(
     return float(low), float(high)
 
 
-def reliability_bins(y_true: np.ndarray, probs: np.ndarray, n_bins: int = DEFAULT_ECE_BINS) -> list[dict[str, float]]:
+class ReliabilityBin(TypedDict):
+    """One bin of :func:`reliability_bins`."""
+
+    lower: float
+    upper: float
+    count: int
+    confidence: float | None  # None for an empty bin, as is accuracy
+    accuracy: float | None
+
+
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, n_bins: int = DEFAULT_ECE_BINS) -> list[ReliabilityBin]:
     """Equal-width bins of top-label confidence for a reliability diagram.
 
     Returns one dict per bin: ``lower``, ``upper``, ``count``, ``confidence`` (mean top probability) and
@@ -137,7 +147,7 @@ def reliability_bins(y_true: np.ndarray, probs: np.ndarray, n_bins: int = DEFAUL
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # Bins are (lower, upper]; a confidence of exactly 0 (impossible for a softmax) would go to bin 0.
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    bins = []
+    bins: list[ReliabilityBin] = []
     for b in range(n_bins):
         member = index == b
         count = int(member.sum())
@@ -166,7 +176,12 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     total = sum(b["count"] for b in bins)
     if total == 0:
         return float("nan")
-    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / total)
+    gaps = (
+        b["count"] * abs(b["accuracy"] - b["confidence"])
+        for b in bins
+        if b["accuracy"] is not None and b["confidence"] is not None  # an empty bin has neither
+    )
+    return float(sum(gaps) / total)
 
 
 def roc_auc_per_class(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, float | None]:

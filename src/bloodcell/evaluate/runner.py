@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # for annotations only: importing them at run time would load
 
     from bloodcell.data.prepare import PreparedData
     from bloodcell.models.card import ModelCard, TrainedOn
+    from bloodcell.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -258,14 +259,19 @@ def _grid_examples(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> lis
     for k in range(n_classes):
         members = np.flatnonzero(y_true == k)
         order = members[np.argsort(-confidence[members], kind="stable")]
-        correct: list[int | None] = [int(i) for i in order if predicted[i] == k][:GRID_CORRECT]
-        wrong: list[int | None] = [int(i) for i in order if predicted[i] != k][:GRID_WRONG]
-        rows.append(correct + [None] * (GRID_CORRECT - len(correct)) + wrong + [None] * (GRID_WRONG - len(wrong)))
+        correct = [int(i) for i in order if predicted[i] == k][:GRID_CORRECT]
+        wrong = [int(i) for i in order if predicted[i] != k][:GRID_WRONG]
+        rows.append(_padded(correct, GRID_CORRECT) + _padded(wrong, GRID_WRONG))
     return rows
 
 
+def _padded(indices: list[int], size: int) -> list[int | None]:
+    """``indices`` followed by None up to ``size`` entries."""
+    return [*indices, *[None] * (size - len(indices))]
+
+
 def explain_examples(
-    model: nn.Module,
+    model: Classifier,
     images: np.ndarray,
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -287,8 +293,10 @@ def explain_examples(
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(images), size=min(SANITY_IMAGES, len(images)), replace=False))
     sanity = sanity_check(model, np.ascontiguousarray(images[sample]), method, target_layer)
-    cams = explain_images(model, np.ascontiguousarray(images[chosen]), method, target_layer) if chosen else None
-    position = {index: p for p, index in enumerate(chosen)}
+    overlays: dict[int, np.ndarray] = {}
+    if chosen:
+        cams = explain_images(model, np.ascontiguousarray(images[chosen]), method, target_layer).cams
+        overlays = {index: overlay(images[index], cams[p]) for p, index in enumerate(chosen)}
     grid = []
     predicted = probs.argmax(axis=1)
     for k, row in enumerate(rows):
@@ -299,7 +307,7 @@ def explain_examples(
                 continue
             ok = predicted[i] == k
             caption = f"correct, p={probs[i, k]:.2f}" if ok else f"predicted {classes[predicted[i]]}, p={probs[i, predicted[i]]:.2f}"
-            examples.append({"overlay": overlay(images[i], cams.cams[position[i]]), "correct": bool(ok), "caption": caption})
+            examples.append({"overlay": overlays[i], "correct": bool(ok), "caption": caption})
         grid.append((classes[k], examples))
     height, width = sanity["map_size"]
     title = (f"{method} on layer '{sanity['target_layer']}' ({height}x{width} map): similarity to random-weights "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from torch import nn
 
 from bloodcell.errors import NoFeatureMap, UserError
 from bloodcell.explain.cell_masks import stained_cell_masks
+from bloodcell.models.classifier import Classifier
 from bloodcell.probabilities import softmax_with_temperature
 
 #: CAM methods by CLI name.
@@ -189,7 +191,7 @@ def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def explain_images(
-    model: nn.Module,
+    model: Classifier,
     images: np.ndarray,
     method: str = "gradcam",
     target_layer: str | None = None,
@@ -245,7 +247,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> n
     return show_cam_on_image(image.astype(np.float32) / 255.0, cam, use_rgb=True, image_weight=image_weight)
 
 
-def randomized_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomized_copy(model: Classifier, seed: int = 0) -> Classifier:
     """A deep copy of ``model`` whose network weights are re-initialised at random (the sanity baseline).
 
     The global torch RNG is left untouched.
@@ -254,8 +256,9 @@ def randomized_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in clone.net.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if reset is not None:
+                reset()
     return clone.eval()
 
 
@@ -281,7 +284,7 @@ def cam_energy_on_cell(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def sanity_check(
-    model: nn.Module,
+    model: Classifier,
     images: np.ndarray,
     method: str = "gradcam",
     target_layer: str | None = None,
@@ -405,7 +408,7 @@ def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:
 
 def explain_files(
     model_path: str | Path | None,
-    image_paths: list[str | Path],
+    image_paths: Sequence[str | Path],
     out_dir: str | Path,
     method: str = "gradcam",
     target_layer: str | None = None,

@@ -238,7 +238,7 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     for module in model.modules():
         if isinstance(module, (InvertedResidual, PlainBlock)) and module.use_shortcut:
-            last = module.block[-1][1] if isinstance(module, InvertedResidual) else module.conv[1]
+            last = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1]
             nn.init.zeros_(last.weight)
 
 

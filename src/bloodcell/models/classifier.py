@@ -21,6 +21,11 @@ _LUMA = (0.299, 0.587, 0.114)
 class Preprocess(nn.Module):
     """Scale to [0, 1], optionally grey or per-image standardise, then normalise by mean and std."""
 
+    # Buffers, registered in __init__: declared so the checker knows them as tensors, not submodules.
+    mean: torch.Tensor
+    std: torch.Tensor
+    luma: torch.Tensor
+
     def __init__(self, normalize: NormalizeConfig | None = None) -> None:
         super().__init__()
         normalize = normalize or NormalizeConfig()

@@ -120,17 +120,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _is_evaluation(metrics: dict[str, Any] | None) -> bool:
     from bloodcell.evaluate.runner import METRICS_FORMAT
 
-    return bool(metrics) and metrics.get("format") == METRICS_FORMAT
+    return metrics is not None and metrics.get("format") == METRICS_FORMAT
 
 
 def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False) -> dict[str, Any]:
     """The run's evaluation (``metrics.json``), running :func:`~bloodcell.evaluate.runner.evaluate_model`
     first when there is none (or only training-time numbers, or one of an older format): on its test part,
     or for a ``kfold`` split, which has none, on its held-out fold (the ``val`` part)."""
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = _read_json(run_dir / "metrics.json") or {}
     if _is_evaluation(metrics):
-        return metrics  # type: ignore[return-value]
-    found = metrics.get("format") if metrics else None
+        return metrics
+    found = metrics.get("format")
     # A folder that `bloodcell evaluate --out` wrote (no run of its own): evaluate again what it evaluated.
     again = _evaluated_before(metrics) if found and not (run_dir / "config.yaml").is_file() else None
     if not evaluate:
@@ -216,25 +216,34 @@ def _same_images(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return keys[0] == keys[1]
 
 
-def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | None) -> dict[str, Any] | None:
-    """Side-by-side numbers of this run, the seed-replica baseline and the border-colour shortcut."""
-    from bloodcell.report.plots import plot_model_comparison
-
-    baseline = _read_json(baseline_dir / "metrics.json") if baseline_dir is not None else None
-    if baseline_dir is not None and not _is_evaluation(baseline):
+def _comparable_baseline(baseline_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The baseline's evaluation if it scored the same images as ``metrics``; else None, with a warning."""
+    baseline = _read_json(baseline_dir / "metrics.json")
+    if baseline is None or not _is_evaluation(baseline):
         log.warning("baseline %s has no evaluation of this bloodcell's format; comparison left out", baseline_dir)
-        baseline = None
-    elif baseline is not None and not _same_images(baseline, metrics):
+        return None
+    if not _same_images(baseline, metrics):
         # Scores of different images are not comparable: a test score beside a validation one says nothing.
         log.warning("baseline %s was evaluated on other images (its %s part, %d images) than this run (its %s "
                     "part, %d images); comparison left out", baseline_dir, baseline["evaluation"]["split"],
                     baseline["n_images"], metrics["evaluation"]["split"], metrics["n_images"])  # fmt: skip
-        baseline = None
-    columns = [{"name": f"this model ({metrics['model']['architecture']})", "metrics": metrics}]
-    if baseline is not None:
-        # Named by its own config (the seed replica's is "seed-replica"), not assumed to be the seed replica.
-        label = baseline["model"].get("config_name") or "baseline"
-        columns.append({"name": f"{label} ({baseline['model']['architecture']}, {baseline_dir.name})", "metrics": baseline})
+        return None
+    return baseline
+
+
+def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | None) -> dict[str, Any]:
+    """Side-by-side numbers of this run, the seed-replica baseline and the border-colour shortcut."""
+    from bloodcell.report.plots import plot_model_comparison
+
+    columns: list[dict[str, Any]] = [{"name": f"this model ({metrics['model']['architecture']})", "metrics": metrics}]
+    baseline = None
+    if baseline_dir is not None:
+        baseline = _comparable_baseline(baseline_dir, metrics)
+        if baseline is not None:
+            # Named by its own config (the seed replica's is "seed-replica"), not assumed to be the seed replica.
+            label = baseline["model"].get("config_name") or "baseline"
+            name = f"{label} ({baseline['model']['architecture']}, {baseline_dir.name})"
+            columns.append({"name": name, "metrics": baseline})
     rows = [
         {"name": c["name"], "balanced_accuracy": c["metrics"]["balanced_accuracy"],
          "balanced_accuracy_ci": c["metrics"]["balanced_accuracy_ci"]} for c in columns

@@ -86,15 +86,15 @@ def plot_confusion_matrix(
 ) -> Path:
     """Row-normalised confusion matrix (colour = share of the true class), each cell labelled with its
     count and percentage; true classes on rows, predicted on columns."""
-    counts = np.asarray(counts, dtype=np.int64)
-    support = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
+    matrix = np.asarray(counts, dtype=np.int64)
+    support = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, support, out=np.zeros(matrix.shape), where=support > 0)
     fig, ax = plt.subplots(figsize=(0.9 * len(classes) + 2.6, 0.9 * len(classes) + 1.4))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
             colour = "white" if shares[i, j] > 0.6 else "black"
-            ax.text(j, i, f"{counts[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", color=colour, fontsize=11)
+            ax.text(j, i, f"{matrix[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", color=colour, fontsize=11)
     ax.set_xticks(range(len(classes)), labels=classes, rotation=30, ha="right", fontsize=10)
     ax.set_yticks(range(len(classes)), labels=classes, fontsize=10)
     ax.set_xlabel("predicted class", fontsize=11)

@@ -292,7 +292,7 @@ class Service:
         if explain:
             from bloodcell.serve.predictor import overlay_png
 
-            target = self.predictor.classes.index(result.label)
+            target = self.predictor.classes.index(result.predicted_label)
             try:
                 # A forward and backward pass: inference work, bounded by the same slots.
                 cam = self.explainer().explain(model_input, target=target, while_computing=self._inference_slots)

@@ -49,6 +49,13 @@ class PredictionResult:
         return self.error is None
 
     @property
+    def predicted_label(self) -> str:
+        """The predicted class; raises ValueError for a failed input (see ``ok``)."""
+        if self.label is None:
+            raise ValueError(f"{self.source}: no prediction ({self.error})")
+        return self.label
+
+    @property
     def confidence(self) -> float | None:
         """Probability of the predicted class (None for a failed input)."""
         return self.probabilities.get(self.label) if self.label is not None else None

@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -95,7 +96,7 @@ SYNTHETIC_LOGIT_TOLERANCE = 1e-2
 
 
 def parity_images(
-    size: int, sources: list[str | os.PathLike[str]] | np.ndarray | None = None, limit: int = 32
+    size: int, sources: Sequence[str | os.PathLike[str]] | np.ndarray | None = None, limit: int = 32
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """The images the parity check runs on: ``(real, synthetic, a few words saying what they are)``.
 
@@ -188,7 +189,7 @@ def export_onnx(
     model_path: str | Path | None,
     out: str | Path | None = None,
     *,
-    images: list[str | os.PathLike[str]] | np.ndarray | None = None,
+    images: Sequence[str | os.PathLike[str]] | np.ndarray | None = None,
     tolerance: float = PARITY_TOLERANCE,
     exporter: Literal["dynamo", "legacy"] = "dynamo",
     opset: int | None = None,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bloodcell.models.card import load_model
+from bloodcell.models.classifier import Classifier
 from bloodcell.serve.common import BasePredictor
 
 #: Largest batch sent through the network at once, so a huge ``predict`` call cannot exhaust memory.
@@ -56,7 +57,7 @@ class TorchPredictor(BasePredictor):
         self.device = torch.device(device)
         self.model, card = load_model(model_path, device=str(self.device))
         super().__init__(card.model_dump(mode="json"), tta)
-        self._explain_model: torch.nn.Module | None = None
+        self._explain_model: Classifier | None = None
         self._explain_lock = threading.Lock()
 
     def logits(self, images: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_path, atomic_write_json
-from bloodcell.models import ModelCard, save_model
+from bloodcell.models import Classifier, ModelCard, save_model
 
 TRAINER_WEIGHTS = "trainer.safetensors"
 TRAINER_STATE = "trainer.json"
@@ -73,7 +73,7 @@ def refuse_foreign_folder(run_dir: Path) -> None:
 
 def save_checkpoint(
     directory: Path,
-    model: torch.nn.Module,
+    model: Classifier,
     card: ModelCard,
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,

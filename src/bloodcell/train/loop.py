@@ -20,10 +20,10 @@ import io
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from bloodcell.data.augment import BatchAugment
 from bloodcell.errors import UserError
 from bloodcell.evaluate.metrics import balanced_accuracy
 from bloodcell.io import atomic_write_text
-from bloodcell.models import ModelCard
+from bloodcell.models import Classifier, ModelCard
 from bloodcell.models.card import save_trained_on
 from bloodcell.train.checkpoint import (
     checkpoint_dir,
@@ -61,6 +61,9 @@ from bloodcell.train.setup import (
     set_threads,
 )
 
+if TYPE_CHECKING:
+    from lightning_fabric import Fabric
+
 HISTORY_COLUMNS = [
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
     "lr", "seconds", "images_per_second",
@@ -71,13 +74,25 @@ EVAL_BATCH = 256
 
 
 class TrainingData(Protocol):
-    """What training needs from the data stage (:class:`bloodcell.data.prepare.PreparedData` provides it)."""
+    """What training needs from the data stage (:class:`bloodcell.data.prepare.PreparedData` provides it).
 
-    images: np.ndarray  # (N, H, W, 3) uint8, aligned with the split's rows
-    labels: np.ndarray  # (N,) int64 class indices
-    classes: list[str]
-    manifest_sha256: str | None
-    segmented_images: np.ndarray | None  # the Segmented variant, aligned with ``images``, when it exists
+    Read-only: training never replaces them, so a frozen dataclass (PreparedData) provides them too.
+    """
+
+    @property
+    def images(self) -> np.ndarray: ...  # (N, H, W, 3) uint8, aligned with the split's rows
+
+    @property
+    def labels(self) -> np.ndarray: ...  # (N,) int64 class indices
+
+    @property
+    def classes(self) -> Sequence[str]: ...
+
+    @property
+    def manifest_sha256(self) -> str | None: ...
+
+    @property
+    def segmented_images(self) -> np.ndarray | None: ...  # the Segmented variant, aligned with ``images``, if any
 
     def indices(self, part: str) -> np.ndarray: ...
 
@@ -184,7 +199,8 @@ def fit(
         if main and skipped is not None and skipped["rejected"].any():
             from bloodcell.data.prepare import skipped_files_note
 
-            log.warning(skipped_files_note(skipped, config.data.root))  # into train.log; prepare_data said it on stderr
+            folder = config.data.root if config.data.root is not None else getattr(data, "root", "the dataset")
+            log.warning(skipped_files_note(skipped, folder))  # into train.log; prepare_data said it on stderr
         refit = config.data.train_on == "train+val"
         if refit:  # the validation images join training; nothing is validated and the last epoch is the model
             train_rows, val_rows = np.concatenate([train_rows, val_rows]), val_rows[:0]
@@ -258,7 +274,8 @@ def fit(
                 model.train()
                 loss_sum = torch.zeros((), device=fabric.device)
                 correct = torch.zeros((), device=fabric.device)
-                pending = None  # the last step's (non-finite flag, batch index, loss, learning rate)
+                # The last step's (non-finite flag, batch index, loss, learning rate).
+                pending: tuple[torch.Tensor, int, torch.Tensor, float] | None = None
                 for batch_index in range(steps_per_epoch):
                     rows = my_rows[batch_index * batch_size : (batch_index + 1) * batch_size]
                     images, labels = train_images[rows], train_labels[rows]
@@ -292,14 +309,16 @@ def fit(
                         done = (batch_index + 1) * len(rows) * fabric.world_size
                         bar.step(loss.detach(), done / (time.perf_counter() - epoch_started))
 
+                if pending is None:  # steps_per_epoch is at least 1
+                    raise RuntimeError(f"epoch {epoch} took no training step")
                 _stop_if_diverged(fabric, log, run_dir, state, epoch, *pending)  # before any checkpoint
                 _sync_buffers(fabric, classifier)
                 train_seconds = time.perf_counter() - epoch_started
-                seen = float(fabric.all_reduce(torch.tensor(float(len(my_rows)), device=fabric.device), reduce_op="sum"))
+                seen = _all_reduced(fabric, torch.tensor(float(len(my_rows)), device=fabric.device), "sum")
                 row: dict[str, float] = {
                     "epoch": epoch,
-                    "train_loss": float(fabric.all_reduce(loss_sum, reduce_op="mean")) / steps_per_epoch,
-                    "train_accuracy": float(fabric.all_reduce(correct, reduce_op="sum")) / seen,
+                    "train_loss": _all_reduced(fabric, loss_sum, "mean") / steps_per_epoch,
+                    "train_accuracy": _all_reduced(fabric, correct, "sum") / seen,
                     "lr": lr,
                     "images_per_second": seen / train_seconds,
                 }
@@ -404,7 +423,7 @@ def _training_loss(
     return loss + weight * js, logits
 
 
-def _record_step_graph(config: RunConfig, fabric, classifier: torch.nn.Module, log, batch: int) -> None:
+def _record_step_graph(config: RunConfig, fabric, classifier: Classifier, log, batch: int) -> None:
     """On one CUDA GPU, replay the training forward and backward as CUDA graphs (``train.cuda_graph``).
 
     ``batch``: the images every step takes, the batch size or, when the training part is smaller, all of
@@ -428,6 +447,12 @@ def _record_step_graph(config: RunConfig, fabric, classifier: torch.nn.Module, l
         log.warning("training without CUDA graphs: recording the model's step failed (%s)", error)
     else:
         log.info("training forward and backward recorded as CUDA graphs (train.cuda_graph)")
+
+
+def _all_reduced(fabric: Fabric, value: torch.Tensor, op: str) -> float:
+    """``value`` reduced over the processes (``op``: "sum" or "mean"), as a number."""
+    # One tensor in gives one tensor out; Fabric's return type also covers the collections it accepts.
+    return float(cast(torch.Tensor, fabric.all_reduce(value, reduce_op=op)))
 
 
 def _sync_buffers(fabric, module: torch.nn.Module) -> None:

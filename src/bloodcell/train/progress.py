@@ -12,6 +12,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -33,7 +34,7 @@ class RunProgress:
     def __init__(self, enabled: bool, epochs: int, console: Console | None = None) -> None:
         self.epochs = epochs
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._last_read = float("-inf")
         self._console = console or Console(stderr=True)
         self._lines = enabled and not self._console.is_terminal

@@ -246,13 +246,13 @@ def build_optimizer(
         {"params": decay, "weight_decay": optimizer.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    implementation = {"fused": True} if fused else {}
+    implementation = True if fused else None  # None is the argument's default: as if not given
     if optimizer.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, **implementation)
+        return torch.optim.AdamW(groups, lr=lr, fused=implementation)
     if optimizer.name == "adam":
         # Keras-style Adam (the seed replica): L2 penalty in the gradient, as Adam's weight_decay does.
-        return torch.optim.Adam(groups, lr=lr, **implementation)
-    return torch.optim.SGD(groups, lr=lr, momentum=optimizer.momentum, nesterov=True, **implementation)
+        return torch.optim.Adam(groups, lr=lr, fused=implementation)
+    return torch.optim.SGD(groups, lr=lr, momentum=optimizer.momentum, nesterov=True, fused=implementation)
 
 
 def learning_rate(step: int, total_steps: int, base_lr: float, schedule: ScheduleConfig) -> float:

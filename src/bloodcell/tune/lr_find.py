@@ -196,7 +196,9 @@ def lr_find(
     device = _device(config)
     torch.manual_seed(config.train.seed)  # the same initial weights as the training run
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    model = build_classifier(config, num_classes).to(device=device, memory_format=memory_format).train()
+    model = build_classifier(config, num_classes)
+    # torch's stubs list device and memory_format in separate overloads of Module.to; it takes them together.
+    model = model.to(device=device, memory_format=memory_format).train()  # type: ignore[call-overload]
     optimizer = build_optimizer(model, config.optimizer, float(lrs[0]))
     labels_all = torch.from_numpy(np.asarray(prepared.labels)[rows]).long()
     weights = (

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from bloodcell.io import atomic_path, atomic_write_text
+from bloodcell.tune.search import trial_value
 
 
 def _save_plot(plot: Callable[[optuna.Study], Any], study: optuna.Study, target: Path) -> str | None:
@@ -66,7 +67,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
     from optuna.visualization import matplotlib as optuna_plots
 
     out_dir = Path(out_dir)
-    plots = {
+    plots: dict[str, tuple[str, Callable[[optuna.Study], Any]]] = {
         "history": ("Optimisation history", optuna_plots.plot_optimization_history),
         "importance": ("Parameter importance (fANOVA)", optuna_plots.plot_param_importances),
         "intermediate": (
@@ -101,7 +102,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
         "",
     ]
     if complete:
-        best = max(complete, key=lambda t: t.value)
+        best = max(complete, key=trial_value)
         params = ", ".join(f"`{k}` = {_format(v)}" for k, v in best.params.items())
         summary += [
             f"**Best: trial {best.number}, validation balanced accuracy {best.value:.4f}** ({params}).",

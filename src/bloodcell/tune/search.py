@@ -431,7 +431,7 @@ def make_objective(
         original = retried_trial_number(trial)
         is_retry = original is not None
         # A retry trains in the folder (and under the name) of the trial it retries, so it can resume there.
-        run_root = trial_dir(out_dir, original if is_retry else trial.number)
+        run_root = trial_dir(out_dir, original if original is not None else trial.number)
         config = config.model_copy(update={"name": run_root.name})
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("run_dir", str(run_root))
@@ -451,12 +451,19 @@ def make_objective(
 # ------------------------------------------------------------------------------------------- results
 
 
+def trial_value(trial: FrozenTrial) -> float:
+    """A complete trial's objective value (Optuna gives every complete trial of a one-objective study one)."""
+    if trial.value is None:
+        raise ValueError(f"trial {trial.number} ({trial.state.name}) has no objective value")
+    return trial.value
+
+
 def best_config(study: optuna.Study, base: RunConfig) -> tuple[RunConfig, FrozenTrial] | None:
     """The base config with the best complete trial's parameters, named after the study; None before any."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
-    best = max(complete, key=lambda t: t.value)
+    best = max(complete, key=trial_value)
     config = apply_params(base, best.params)
     description = (
         f"tuned by Optuna study {study.study_name!r}: trial {best.number}, validation balanced accuracy "
