@@ -111,6 +111,12 @@ def test_ensure_onnx_reuses_and_refreshes(tiny_model: Path, tmp_path: Path) -> N
     again = ensure_onnx(model)
     assert again.stat().st_mtime_ns != stamp
     assert OnnxPredictor(again).temperature == pytest.approx(2.0)
+    # An export by an older graph (here: its card without the version) is made again.
+    onnx_card = json.loads((again.parent / "card.json").read_text())
+    del onnx_card["onnx"]["graph_version"]
+    (again.parent / "card.json").write_text(json.dumps(onnx_card))
+    stamp = again.stat().st_mtime_ns
+    assert ensure_onnx(model).stat().st_mtime_ns != stamp
 
 
 def test_export_command_checks_parity_on_given_images(tiny_model: Path, realish_files: list[Path], tmp_path: Path) -> None:

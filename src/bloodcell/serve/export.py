@@ -45,6 +45,9 @@ from bloodcell.serve.onnx_predictor import INPUT_NAME, OUTPUT_NAME
 #: Largest allowed max-abs difference of probabilities between PyTorch and ONNX Runtime.
 PARITY_TOLERANCE = 1e-4
 ONNX_FILE = "model.onnx"
+#: Bumped when the exported graph computes differently from the same weights (2: the per-image norm summed
+#: in float64). Recorded in the ONNX card; an export made before is not current, and is made again.
+GRAPH_VERSION = 2
 
 
 class ParityError(RuntimeError):
@@ -251,6 +254,7 @@ def export_onnx(
         # card, which this digest exposes (the predictor refuses the pair, ensure_onnx exports again).
         "onnx_sha256": onnx_digest,
         "exporter": exporter,
+        "graph_version": GRAPH_VERSION,
         "opset": _opset_of(target),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, 3]},
         "output": {"name": OUTPUT_NAME, "meaning": "logits; probabilities = softmax(logits / temperature)"},
@@ -270,7 +274,8 @@ def _opset_of(path: Path) -> int | None:
 
 
 def onnx_is_current(onnx_file: Path, model_path: str | Path | None) -> bool:
-    """True when ``onnx_file`` exists and was exported from the model's present weights and card.
+    """True when ``onnx_file`` exists and was exported from the model's present weights and card, by this
+    version's graph.
 
     The card counts too: recalibrating a model changes only its temperature, which the ONNX card copies.
     """
@@ -282,7 +287,8 @@ def onnx_is_current(onnx_file: Path, model_path: str | Path | None) -> bool:
         return False
     source = resolve_model_dir(model_path)
     return (
-        recorded.get("weights_sha256") == sha256_file(source / WEIGHTS_FILE)
+        recorded.get("graph_version") == GRAPH_VERSION
+        and recorded.get("weights_sha256") == sha256_file(source / WEIGHTS_FILE)
         and recorded.get("card_sha256") == sha256_file(source / CARD_FILE)
         and recorded.get("onnx_sha256") == sha256_file(onnx_file)
     )
