@@ -479,3 +479,25 @@ def test_the_summary_names_where_the_grad_cam_maps_look() -> None:
     text = console.export_text()
     assert "Grad-CAM energy on stained cells / their area (stages.1)" in text
     assert "1.870" in text and "favours the cells; sanity check passed" in text
+
+
+def test_the_robustness_suite_shifts_a_chunk_at_a_time_with_the_same_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shifted in chunks (memory stays bounded on a large test part), every image gets what it got whole."""
+    from bloodcell.evaluate import runner
+    from bloodcell.evaluate.shifts import SHIFTS
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(23, 16, 16, 3), dtype=np.uint8)
+    y_true = np.arange(23) % 4
+    seen: list[int] = []
+
+    def reader(batch: np.ndarray) -> np.ndarray:
+        seen.append(len(batch))
+        return batch.reshape(len(batch), -1, 4).astype(np.float64).mean(axis=1)
+
+    whole = runner.robustness_suite(reader, images, y_true, None, 4, 1.0, n_bootstrap=10)
+    monkeypatch.setattr(runner, "SHIFT_CHUNK", 5)
+    seen.clear()
+    chunked = runner.robustness_suite(reader, images, y_true, None, 4, 1.0, n_bootstrap=10)
+    assert max(seen) == 23 and sorted(set(seen)) == [3, 5, 23]  # the clean pass whole, the shifts in fives
+    assert chunked == whole and set(whole["shifts"]) == set(SHIFTS)

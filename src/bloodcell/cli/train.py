@@ -101,7 +101,7 @@ def train_command(
         raise
     if not result.is_main_process:
         return
-    report_path = _build_report(result.run_dir) if report else None
+    report_path = _build_report(result.run_dir, progress and not as_json) if report else None
     validated = result.holdout or result  # a refit has no validation part of its own
     summary = {
         "run_dir": str(result.run_dir),
@@ -158,12 +158,12 @@ def _say_where_devices_run(run_config: RunConfig) -> None:
     warning_line(f"no GPU here: --devices {run_config.train.devices} trains as {count} CPU process(es){more}")
 
 
-def _build_report(run_dir: Path) -> Path | None:
+def _build_report(run_dir: Path, progress: bool) -> Path | None:
     """Build the HTML report; training never fails because of it (the model is already on disk)."""
     from bloodcell.report import build_report
 
     try:
-        return build_report(run_dir)
+        return build_report(run_dir, progress=progress)
     except Exception as error:  # noqa: BLE001 - the trained model is safe on disk; say what failed
         warning_line(f"report failed ({type(error).__name__}: {error}); the run is complete. Retry with: bloodcell report {run_dir}")
         return None

@@ -9,7 +9,7 @@ network can score well for the wrong reasons. :func:`border_colour_baseline` is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from bloodcell.config import DataConfig
 from bloodcell.data.cache import load_images
 from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
 from bloodcell.data.prepare import segmented_images
+from bloodcell.data.progress import track
 from bloodcell.data.splits import make_split, split_counts
 from bloodcell.evaluate.metrics import balanced_accuracy
 from bloodcell.explain.cell_masks import stained_cell_masks
@@ -333,20 +334,25 @@ def run_audit(
     labels = split["label"].to_numpy()
     train_idx = np.flatnonzero(split["split"].to_numpy() == "train")
     test_idx = np.flatnonzero(split["split"].to_numpy() == "test")
-    border = border_colour_baseline(images, labels, train_idx, test_idx, ring, seed)
-    stats = fit_shortcut_baseline(colour_statistics_features(images), labels, train_idx, test_idx, seed)
+    jobs: dict[str, Callable[[], Any]] = {  # minutes on a large dataset, mostly the fits: one bar
+        "border": lambda: border_colour_baseline(images, labels, train_idx, test_idx, ring, seed),
+        "stats": lambda: fit_shortcut_baseline(colour_statistics_features(images), labels, train_idx, test_idx, seed),
+        "corners": lambda: corner_baselines(images, labels, train_idx, test_idx, seed),
+        "stained": lambda: stained_cell_masks(images),
+    }
+    done = {name: job() for name, job in track(jobs.items(), len(jobs), "Shortcut baselines, cell masks", progress)}
+    border, stats, corners = done["border"], done["stats"], done["corners"]
     stats = {
         "feature": "per-channel mean and standard deviation of the whole image",
         "model": "logistic regression",
         **stats,
         "statement": _statement(stats, "the image's overall colour statistics, no shapes,"),
     }
-    corners = corner_baselines(images, labels, train_idx, test_idx, seed)
     segmented = segmented_images(dataset, split, DataConfig(image_size=image_size, class_names=class_names), images,
                                  progress)  # fmt: skip
     kept = segmented_masks(segmented) if segmented is not None else None
     coverage = segmented_coverage(kept, labels, dataset.classes) if kept is not None else None
-    stained = stained_cell_coverage(stained_cell_masks(images), labels, dataset.classes, kept)
+    stained = stained_cell_coverage(done["stained"], labels, dataset.classes, kept)
     groups = duplicate_group_table(manifest)
     out = Path(out_dir) if out_dir is not None else workdir / "audit"
     report: dict[str, Any] = {

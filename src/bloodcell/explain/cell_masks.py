@@ -42,9 +42,9 @@ def stained_cell_masks(images: np.ndarray) -> np.ndarray:
     """
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"stained_cell_masks expects (N, H, W, 3) RGB images, got shape {images.shape}")
-    excess = purple_excess(images)
-    masks = np.zeros(excess.shape, dtype=bool)
-    for mask, values in zip(masks, excess):
+    masks = np.zeros(images.shape[:3], dtype=bool)
+    for mask, image in zip(masks, images):  # one image's floats at a time: the audit passes a whole dataset
+        values = purple_excess(image[None])[0]
         try:
             low, high = threshold_multiotsu(values, classes=3)
         except ValueError:  # too few distinct values for three classes
