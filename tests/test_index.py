@@ -338,6 +338,22 @@ def test_phash_distances_below() -> None:
     assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 3), (1, 3)]
 
 
+def test_rows_sharing_a_hash_are_grouped_without_comparing_every_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many rows with one hash (a blank field) join one group; only the distinct hashes are compared."""
+    from bloodcell.data.index import duplicate_groups
+
+    hashes = ["0000000000000000"] * 50 + ["0000000000000001"] * 30 + ["ffffffffffffffff"] * 20 + ["000000000000ffff"]
+    manifest = pd.DataFrame({"path": [f"{k:03d}.jpg" for k in range(len(hashes))], "sha256": [str(k) for k in range(len(hashes))],
+                             "phash": hashes, "rejected": False})  # fmt: skip
+    compared: list[int] = []
+    real = index_module.phash_distances_below
+    monkeypatch.setattr(index_module, "phash_distances_below", lambda h, d: compared.append(len(h)) or real(h, d))
+    groups = duplicate_groups(manifest)["dup_group"].to_numpy()
+    assert compared == [4]
+    assert len(set(groups[:80])) == 1 and len(set(groups[80:100])) == 1 and groups[0] != groups[80] != groups[100]
+    assert groups[100] not in groups[:100]  # 16 bits from the zeros: not a near duplicate (10 at most)
+
+
 def test_second_run_reuses_the_hash_cache(aria_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = build_index(aria_dataset, progress=False)
     calls: list[Path] = []
