@@ -139,6 +139,18 @@ def test_embargo_is_capped_at_half_a_block_for_small_datasets() -> None:
     assert all(counts["train"][name] >= 10 for name in CLASSES)
 
 
+def test_a_class_of_few_images_caps_only_its_own_embargo(caplog: pytest.LogCaptureFixture) -> None:
+    """One class of 24 images (blocks of 3-4) must not take the other classes' embargo with it."""
+    manifest = synthetic_manifest(per_class=(200, 200, 200, 24))
+    with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
+        split = make_split(manifest, "session", seed=0, embargo=12)
+    distance = capture_distance_to_held_out(split)
+    for name in CLASSES[:3]:  # the full embargo: every image within 12 of a held-out block left out
+        rows = (split["class"] == name) & (distance <= 12) & ~split["split"].isin(["val", "test"])
+        assert rows.any() and (split.loc[rows, "split"] == "embargo").all(), name
+    assert "for class Pro-B" in caplog.text and "not 12" in caplog.text
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_duplicate_groups_never_straddle(protocol: str, seed: int) -> None:

@@ -183,30 +183,38 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
 
     Parameters
     ----------
-    split: rows with ``label``, ``position`` (capture order within the class) and ``split``.
-    embargo: images to leave out on each side of every held-out (val or test) image run.
+    split: rows with ``label``, ``position`` (capture order within the class), ``block`` and ``split``.
+    embargo: images to leave out on each side of every held-out (val or test) image run; capped for each
+        class at half its smallest block (see :func:`effective_embargo`), with a warning naming the class.
 
     Returns a copy with those rows' ``split`` set to ``"embargo"``.
     """
     result = split.copy()
     if embargo <= 0:
         return result
-    for _, rows in result.groupby("label", sort=True):
+    for label, rows in result.groupby("label", sort=True):
         held = np.sort(rows.loc[rows["split"].isin(("val", "test")), "position"].to_numpy())
         train = rows[rows["split"] == "train"]
         if len(held) == 0 or len(train) == 0:
             continue
+        own = effective_embargo(embargo, rows)
+        if own < embargo:
+            warn_once(log, "the embargo beside held-out blocks is %d image(s), not %d, for class %s: its smallest "
+                      "block holds %d images", own, embargo, rows["class"].iloc[0] if "class" in rows else label,
+                      int(rows.groupby("block").size().min()))  # fmt: skip
         positions = train["position"].to_numpy()
         after = np.clip(np.searchsorted(held, positions), 0, len(held) - 1)
         before = np.clip(after - 1, 0, len(held) - 1)
         distance = np.minimum(np.abs(held[after] - positions), np.abs(held[before] - positions))
-        result.loc[train.index[distance <= embargo], "split"] = "embargo"
+        result.loc[train.index[distance <= own], "split"] = "embargo"
     return result
 
 
-def effective_embargo(embargo: int, blocked: pd.DataFrame) -> int:
-    """The embargo actually applied: at most half the smallest block, so tiny datasets keep training rows."""
-    smallest_block = int(blocked.groupby("block").size().min())
+def effective_embargo(embargo: int, rows: pd.DataFrame) -> int:
+    """The embargo applied to one class's rows: at most half its smallest block, so a class of few images
+    keeps training rows. Per class: a capped embargo for all classes, because one class held 3 images, left
+    the others' held-out blocks with no embargo at all."""
+    smallest_block = int(rows.groupby("block").size().min())
     return min(embargo, smallest_block // 2)
 
 
@@ -233,7 +241,7 @@ def make_split(
     val_fraction, test_fraction: share of each class's blocks (session) or images (random) held out.
     block_size: images per session block.
     embargo: images left out of training on each side of every held-out run (session and kfold); capped
-        at half the smallest block (see :func:`effective_embargo`).
+        for each class at half its smallest block (see :func:`effective_embargo`).
     folds, fold: number of folds and which one is validation (kfold).
     check: run :func:`check_leakage` on the result (the CLI turns it off to report the verdict itself).
 
@@ -267,7 +275,7 @@ def make_split(
         blocked["split"] = np.where(blocked["fold"] == fold, "val", "train")
     blocked = keep_duplicate_groups_together(blocked)
     if protocol != "random":  # an image-level random split is leaky by design; no embargo pretends otherwise
-        blocked = apply_embargo(blocked, effective_embargo(embargo, blocked))
+        blocked = apply_embargo(blocked, embargo)
     result = blocked.drop(columns=["block_index", "position"])
     _warn_of_empty_parts(result, ("train", "val") if protocol == "kfold" else ("train", "val", "test"))
     if check:
