@@ -290,3 +290,10 @@ def test_a_part_emptied_for_a_class_is_named(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
         make_split(synthetic_manifest((40, 40)), seed=0, block_size=4, embargo=0)
     assert not caplog.records
+
+
+def test_a_class_of_two_images_is_told_apart_from_blocks_too_large() -> None:
+    """No block size splits 2 images three ways: the message must not send the user to --block-size."""
+    with pytest.raises(UserError, match=r"class 'Pro-B' has only 2 image\(s\).*3 at the least") as raised:
+        make_split(synthetic_manifest(per_class=(120, 200, 180, 2)), "session", seed=0)
+    assert "block" not in str(raised.value)

@@ -89,13 +89,16 @@ def session_blocks(split: pd.DataFrame, block_size: int = 40, min_blocks: int = 
     return result
 
 
-def _held_out_counts(n_blocks: int, val_fraction: float, test_fraction: float, name: str) -> tuple[int, int]:
+def _held_out_counts(n_blocks: int, n_images: int, val_fraction: float, test_fraction: float, name: str) -> tuple[int, int]:
     n_test = max(1, math.floor(test_fraction * n_blocks + 0.5))
     n_val = max(1, math.floor(val_fraction * n_blocks + 0.5))
     if n_test + n_val >= n_blocks:
+        if n_blocks >= n_images:  # one image a block already: no block size helps
+            raise UserError(f"class {name!r} has only {n_images} image(s), too few for val, test and training (3 at "
+                            "the least): add images, or leave the class out")  # fmt: skip
         raise UserError(
             f"class {name!r} has only {n_blocks} session block(s), too few for val, test and training; "
-            "lower --block-size or add images"
+            "lower the block size (--block-size; for train, --set data.block_size=N) or add images"
         )
     return n_val, n_test
 
@@ -105,7 +108,7 @@ def _assign_session(blocked: pd.DataFrame, seed: int, val_fraction: float, test_
     split = pd.Series("train", index=blocked.index, dtype=object)
     for label, rows in blocked.groupby("label", sort=True):
         n_blocks = int(rows["block_index"].max()) + 1
-        n_val, n_test = _held_out_counts(n_blocks, val_fraction, test_fraction, rows["class"].iloc[0])
+        n_val, n_test = _held_out_counts(n_blocks, len(rows), val_fraction, test_fraction, rows["class"].iloc[0])
         # One generator per (seed, class): adding a class never reshuffles the others.
         chosen = np.random.default_rng([seed, int(label)]).permutation(n_blocks)
         test_blocks, val_blocks = set(chosen[:n_test]), set(chosen[n_test : n_test + n_val])
