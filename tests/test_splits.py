@@ -297,3 +297,14 @@ def test_a_class_of_two_images_is_told_apart_from_blocks_too_large() -> None:
     with pytest.raises(UserError, match=r"class 'Pro-B' has only 2 image\(s\).*3 at the least") as raised:
         make_split(synthetic_manifest(per_class=(120, 200, 180, 2)), "session", seed=0)
     assert "block" not in str(raised.value)
+
+
+def test_a_class_that_is_one_duplicate_group_is_named_as_the_cause(caplog: pytest.LogCaptureFixture) -> None:
+    """Near-identical images (a blank field) make one group, which stays in one part: the warning says that,
+    not "too few images"."""
+    manifest = synthetic_manifest((60, 60, 60, 60))
+    manifest.loc[manifest["class"] == CLASSES[1], "dup_group"] = 999
+    with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
+        make_split(manifest, seed=0)
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert f"no image of {CLASSES[1]}: 60 of its 60 images are one duplicate group" in message

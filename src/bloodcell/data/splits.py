@@ -293,8 +293,17 @@ def _warn_of_empty_parts(split: pd.DataFrame, parts: tuple[str, ...]) -> None:
         present = set(split.loc[split["split"] == part, "class"])
         empty = [name for name in dict.fromkeys(split["class"]) if name not in present]
         if empty:
-            warn_once(log, "the %s part holds no image of %s: too few images or blocks in that class for this "
-                      "split", part, ", ".join(empty))  # fmt: skip
+            warn_once(log, "the %s part holds no image of %s: %s", part, ", ".join(empty),
+                      "; ".join(_why_a_part_is_empty(split[split["class"] == name], name) for name in empty))  # fmt: skip
+
+
+def _why_a_part_is_empty(rows: pd.DataFrame, name: str) -> str:
+    """The likely cause, in words: a duplicate group that holds most of the class, or too few images."""
+    largest = int(rows.groupby("dup_group").size().max()) if "dup_group" in rows and len(rows) else 0
+    if largest > len(rows) / 2:  # a group lies in one part, and takes the class's images there with it
+        return (f"{largest} of its {len(rows)} images are one duplicate group (near-identical images: a blank field, "
+                "an eyepiece's surround?), which stays in one part")  # fmt: skip
+    return f"too few images or blocks in {name} for this split"
 
 
 def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:

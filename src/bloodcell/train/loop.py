@@ -193,7 +193,9 @@ def fit(
         classes = list(data.classes)
         train_rows, val_rows = np.asarray(data.indices("train")), np.asarray(data.indices("val"))
         if len(train_rows) == 0 or len(val_rows) == 0:
-            raise UserError("the split has no training or no validation images; use a larger dataset")
+            raise UserError(f"the split has {len(train_rows)} training and {len(val_rows)} validation images: too few "
+                            "images, or duplicate groups that hold most of them (see the warnings above; "
+                            "bloodcell audit lists the groups)")  # fmt: skip
         _check_every_class_trains(classes, np.asarray(data.labels)[train_rows])
         skipped = getattr(data, "manifest", None)
         if main and skipped is not None and skipped["rejected"].any():
