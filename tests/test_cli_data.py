@@ -173,3 +173,21 @@ def test_split_prints_the_settings_that_give_train_the_same_split(aria_dataset: 
     rebuilt = pd.read_csv(prepared.split_path).set_index("path")["split"]
     pd.testing.assert_series_equal(rebuilt, shown)
     assert "for this one" not in invoke("split", str(aria_dataset), "--no-progress")  # the defaults: nothing to add
+
+
+def test_split_table_lists_many_classes_one_a_row() -> None:
+    """30 classes as columns left every cell blank or cut at 120 columns: past a few, a class a row."""
+    from rich.console import Console
+
+    from bloodcell.cli.data import WIDE_SPLIT_TABLE, _split_table
+
+    classes = [f"class{k:02d}" for k in range(30)]
+    parts = ("train", "val", "test", "embargo")
+    summary = {"counts": {p: {**{c: 10 + k for k, c in enumerate(classes)}, "total": 1000} for p in parts},
+               "blocks": dict.fromkeys(parts, 7)}  # fmt: skip
+    console = Console(width=100, record=True)
+    console.print(_split_table(summary, classes, "Split"))
+    text = console.export_text()
+    assert len(classes) > WIDE_SPLIT_TABLE and "class29" in text and "…" not in text
+    assert [c.header for c in _split_table(summary, classes, "Split").columns] == ["class", *parts]
+    assert [c.header for c in _split_table(summary, classes[:4], "Split").columns][:2] == ["part", "class00"]

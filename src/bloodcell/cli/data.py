@@ -91,6 +91,22 @@ def _counts_table(title: str, header: list[str], rows: list[list[Any]]) -> Table
     return table
 
 
+#: More classes than this are listed one a row: one column each left 30 classes' cells blank at 120 columns.
+WIDE_SPLIT_TABLE = 6
+
+
+def _split_table(summary: dict[str, Any], classes: list[str], title: str) -> Table:
+    """A part a row and a class a column, or, for many classes, a class a row and a part a column."""
+    counts, parts = summary["counts"], list(summary["counts"])
+    if len(classes) <= WIDE_SPLIT_TABLE:
+        rows = [[part, *[counts[part][k] for k in classes], counts[part]["total"], summary["blocks"][part]]
+                for part in parts]  # fmt: skip
+        return _counts_table(title, ["part", *classes, "total", "blocks"], rows)
+    rows = [[name, *[counts[part][name] for part in parts]] for name in classes]
+    rows += [["total", *[counts[part]["total"] for part in parts]], ["blocks", *[summary["blocks"][part] for part in parts]]]
+    return _counts_table(title, ["class", *parts], rows)
+
+
 @app.command("index")
 def index_command(
     data: Path = DATA_ARGUMENT,
@@ -204,16 +220,7 @@ def split_command(
     if as_json:
         _print_json(summary)
     else:
-        classes_in_order = list(result.dataset.classes)
-        rows = [
-            [part, *[c[k] for k in classes_in_order], c["total"], summary["blocks"][part]]
-            for part, c in summary["counts"].items()
-        ]
-        _console.print(
-            _counts_table(
-                f"Split {protocol}, seed {seed}", ["part", *classes_in_order, "total", "blocks"], rows
-            )
-        )
+        _console.print(_split_table(summary, list(result.dataset.classes), f"Split {protocol}, seed {seed}"))
         typer.echo(f"Leakage check: {summary['leakage_check']}. Split: {path}")
         settings = {"protocol": protocol, "split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
                     "block_size": block_size, "embargo": embargo, "folds": folds, "fold": fold, "variant": variant,
