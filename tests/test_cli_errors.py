@@ -39,6 +39,20 @@ def test_a_full_disk_is_one_line_naming_the_file_not_its_temporary(aria_dataset:
     assert not any(p.name.startswith(".") for p in Path(named.group(1)).parent.iterdir())  # the temporary is gone
 
 
+def test_a_read_only_folder_is_one_line_naming_the_file_not_its_temporary(aria_dataset: Path, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:  # fmt: skip
+    from bloodcell import io
+
+    def refused(prefix, suffix, dir):  # what mkstemp raises in a folder it may not write: the temporary's name
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "x1y2" + suffix))
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refused)
+    target = tmp_path / "manifest.csv"
+    code, err = run_cli(["index", str(aria_dataset), "--out", str(target), "--no-progress"], monkeypatch, capsys)
+    named = re.fullmatch(r"error: (\S+): Permission denied\n", err)
+    assert code == 2 and named and not Path(named.group(1)).name.startswith(".")  # the file, not a temporary
+
+
 def test_bloodcell_debug_keeps_the_traceback_of_an_environment_error(aria_dataset: Path, tmp_path: Path, monkeypatch,
                                                                      capsys) -> None:  # fmt: skip
     from bloodcell import io

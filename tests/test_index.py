@@ -368,6 +368,9 @@ def test_second_run_reuses_the_hash_cache(aria_dataset: Path, monkeypatch: pytes
     assert calls == []
     pd.testing.assert_frame_equal(first.manifest, second.manifest)
     assert sha256_file(first.manifest_path) == sha256_file(second.manifest_path)
+    written = first.manifest_path.stat()
+    build_index(aria_dataset, progress=False)  # up to date: not written again (a read-only work folder serves)
+    assert (first.manifest_path.stat().st_ino, first.manifest_path.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
 
     changed = aria_dataset / "Original" / "Pro" / "WBC-Malignant-Pro-003.jpg"
     Image.fromarray(smear(5, size=48)).save(changed, quality=90)

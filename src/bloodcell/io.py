@@ -38,7 +38,10 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     # The name's first 64 bytes only: the whole name with the random part and suffix can pass the file
     # system's 255-byte limit (a cut inside a character decodes to escapes that encode back to those bytes).
     start = os.fsdecode(os.fsencode(target.name)[:64])
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{start}.", suffix=suffix or target.suffix, dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{start}.", suffix=suffix or target.suffix, dir=target.parent)
+    except OSError as error:  # a read-only or full folder: name the file asked for, not the temporary
+        raise type(error)(error.errno, error.strerror, str(target)) from error
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, _FILE_MODE)
@@ -86,6 +89,18 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 ``text`` to ``target`` atomically and return the path."""
     return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def write_text_if_changed(target: str | os.PathLike[str], text: str) -> Path:
+    """:func:`atomic_write_text`, unless ``target`` already holds exactly ``text``: a file every run writes
+    the same (a manifest, a split) is left alone, so an up-to-date work folder may be read-only."""
+    data = text.encode("utf-8")
+    try:
+        if os.path.getsize(target) == len(data) and Path(target).read_bytes() == data:
+            return Path(target)
+    except OSError:  # not there yet, or unreadable: write it
+        pass
+    return atomic_write_bytes(target, data)
 
 
 def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> Path:

@@ -33,7 +33,7 @@ from scipy.sparse.csgraph import connected_components
 from bloodcell.data.decode import DECODER_VERSION, ImageError, open_rgb
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
-from bloodcell.io import atomic_path, sha256_file
+from bloodcell.io import atomic_path, sha256_file, write_text_if_changed
 from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
@@ -473,9 +473,8 @@ def build_index(
     manifest = manifest[list(MANIFEST_COLUMNS)]
     _warn_of_cross_class_duplicates(manifest)
     manifest_path = Path(out) if out is not None else workdir / "manifest.csv"
-    with atomic_path(manifest_path, suffix=".csv") as tmp:
-        # One line ending on every system: the manifest's SHA-256 names the data in model cards and reports,
-        # and pandas would otherwise end lines with \r\n on Windows.
-        manifest.to_csv(tmp, index=False, lineterminator="\n")
+    # One line ending on every system: the manifest's SHA-256 names the data in model cards and reports, and
+    # pandas would otherwise end lines with \r\n on Windows.
+    write_text_if_changed(manifest_path, manifest.to_csv(index=False, lineterminator="\n"))
     summary = {**index_summary(manifest, manifest_path, dataset.classes), "recaptured_pairs": len(recaptures)}
     return IndexResult(manifest, manifest_path, summary, dataset)

@@ -34,7 +34,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from bloodcell.errors import UserError
-from bloodcell.io import atomic_path
+from bloodcell.io import write_text_if_changed
 from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
@@ -345,10 +345,8 @@ def split_file_name(protocol: str, seed: int, fold: int | None = None) -> str:
 
 
 def save_split(split: pd.DataFrame, path: str | Path) -> Path:
-    """Write a split table as CSV, atomically; returns the path."""
-    with atomic_path(path, suffix=".csv") as tmp:
-        split.to_csv(tmp, index=False, lineterminator="\n")
-    return Path(path)
+    """Write a split table as CSV, atomically (left alone when it holds this split already); returns the path."""
+    return write_text_if_changed(path, split.to_csv(index=False, lineterminator="\n"))
 
 
 def split_counts(split: pd.DataFrame, classes: list[str] | tuple[str, ...]) -> dict[str, dict[str, int]]:
