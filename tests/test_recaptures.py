@@ -74,6 +74,21 @@ def test_the_pairs_are_computed_once_for_a_state_of_the_data(tmp_path: Path, mon
     assert len(list((tmp_path / "cache").glob("recaptures-*.csv"))) == 1
 
 
+def test_a_changed_file_costs_only_its_own_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scene, other = field(4), field(5)
+    paths = save({"a.jpg": capture(scene, 0, 0), "b.jpg": capture(scene, -8, 3), "c.jpg": capture(other, 0, 0),
+                  "d.jpg": capture(other, 5, -4)}, tmp_path / "imgs")  # fmt: skip
+    names, classes = ["a", "b", "c", "d"], ["x", "x", "y", "y"]
+    first = find_recaptures(paths, names, names, classes, tmp_path / "cache")
+    assert first == [("a", "b"), ("c", "d")]
+    decoded: list[Path] = []
+    real = recaptures.grey_thumbnail
+    monkeypatch.setattr(recaptures, "grey_thumbnail", lambda path, *args: decoded.append(Path(path)) or real(path, *args))
+    again = find_recaptures(paths, names, ["a", "b", "c", "changed"], classes, tmp_path / "cache")
+    assert again == first and decoded == paths[2:]  # class y only
+    assert len(list((tmp_path / "cache").glob("recaptures-*.csv"))) == 2  # one a class; y's old state removed
+
+
 def test_too_few_thumbnails_have_no_pairs() -> None:
     assert [len(a) for a in recapture_pairs(np.zeros((1, 40, 40), np.float32))] == [0, 0]
 
