@@ -166,7 +166,7 @@ def find_recaptures(
         thumbnails = track((grey_thumbnail(files[k]) for k in rows), len(rows), "Looking for re-captured fields", progress)
         thumbs = dict(zip(rows.tolist(), thumbnails))
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        for label in todo:
+        for label in track(todo, len(todo), "Comparing the fields of each class", progress):  # quadratic in a class
             own = members[label]
             i, j = recapture_pairs(np.stack([thumbs[k] for k in own.tolist()]), str(label))
             found[label] = [(keys[own[a]], keys[own[b]]) for a, b in zip(i, j)]
