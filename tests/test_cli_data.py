@@ -163,7 +163,7 @@ def test_split_prints_the_settings_that_give_train_the_same_split(aria_dataset: 
     classes = "Benign,Early Pre-B,Pre-B,Pro-B"
     output = invoke("split", str(aria_dataset), "--seed", "3", "--block-size", "6", "--embargo", "1",
                     "--classes", classes, "--out", str(tmp_path / "shown.csv"), "--no-progress")  # fmt: skip
-    printed = output.replace("\n", " ").split("for this one, add ", 1)[1]
+    printed = output.replace("\n", " ").split("for this one, give them ", 1)[1]
     words = shlex.split(printed)
     overrides = [value for flag, value in zip(words[::2], words[1::2], strict=True) if flag == "--set"]
     assert len(overrides) == 4, overrides  # seed, block size, embargo, classes: the others are the defaults
@@ -191,3 +191,16 @@ def test_split_table_lists_many_classes_one_a_row() -> None:
     assert len(classes) > WIDE_SPLIT_TABLE and "class29" in text and "…" not in text
     assert [c.header for c in _split_table(summary, classes, "Split").columns] == ["class", *parts]
     assert [c.header for c in _split_table(summary, classes[:4], "Split").columns][:2] == ["part", "class00"]
+
+
+@pytest.mark.parametrize("names", [["🩸", "B"], ["yes", "null", "1e3", ":", "a: b", "#x", "'q'", '"d"', "\x7fdel"]])
+def test_the_printed_split_settings_read_back_exactly(names: list[str]) -> None:
+    """Class names YAML would read as something else (or JSON would write as broken surrogates)."""
+    import shlex
+
+    from bloodcell.cli.data import train_overrides
+    from bloodcell.config import apply_overrides
+
+    words = shlex.split(train_overrides({"class_names": names, "protocol": "random", "split_seed": 3}))
+    data = apply_overrides({}, words[1::2])["data"]
+    assert data == {"class_names": names, "protocol": "random", "split_seed": 3}

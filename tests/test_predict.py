@@ -294,3 +294,29 @@ def test_console_script_exit_codes(tiny_model: Path, slides: Path) -> None:
     assert json.loads(failed.stdout)["n_failed"] == 1
     usage = subprocess.run(check=False, args=[*command, str(slides), "--out", "x.txt"], capture_output=True, text=True, timeout=120, env=env)
     assert usage.returncode == 2 and usage.stderr.strip().startswith("error:") and "Traceback" not in usage.stderr
+
+
+def test_a_model_folder_named_like_an_onnx_file_is_a_model_folder(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "run.onnx"
+    shutil.copytree(tiny_model, folder)
+    image = str(slides / "cell-000.jpg")
+    result = run("predict", "-m", str(folder), image, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"]["backend"] == "torch"
+    result = run("explain", str(folder), image, "--out", str(tmp_path / "x"), "--json")
+    assert result.exit_code == 0, result.output
+
+
+def test_explaining_through_a_link_to_an_export_finds_its_weights(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    from bloodcell.serve.export import export_onnx
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("card.json", "model.safetensors"):
+        (model_dir / name).write_bytes((tiny_model / name).read_bytes())
+    link = tmp_path / "link.onnx"
+    link.symlink_to(export_onnx(model_dir, model_dir / "onnx" / "model.onnx"))
+    result = run("explain", str(link), str(slides / "cell-000.jpg"), "--out", str(tmp_path / "x"), "--json")
+    assert result.exit_code == 0, result.output

@@ -291,12 +291,20 @@ def _parse_value(text: str) -> Any:
 def override(key: str, value: Any) -> str:
     """A ``key=value`` override that sets ``value`` exactly, whatever it holds: a path with ``" #"`` (a YAML
     comment) or ``": "`` (a mapping) in it must not be cut short or read as something else."""
+    return f"{key}={_exact_yaml(value)}"
+
+
+def _exact_yaml(value: Any) -> str:
+    """YAML text that reads back as ``value``: strings (and paths) as double-quoted scalars, lists item by
+    item, numbers and booleans as JSON."""
     if isinstance(value, str | Path):
-        # A YAML double-quoted scalar written by PyYAML itself: it escapes what its reader refuses raw (DEL,
-        # C1 controls, lone surrogates from undecodable file names), which a JSON string leaves in.
-        quoted = yaml.safe_dump(str(value), default_style='"', allow_unicode=True, width=2**31).strip()
-        return f"{key}={quoted}"
-    return f"{key}={json.dumps(value)}"  # numbers, booleans, lists: JSON is YAML
+        # Written by PyYAML itself: it escapes what its reader refuses raw (DEL, C1 controls, lone surrogates
+        # from undecodable file names), which a JSON string leaves in, and keeps "1e3" or "yes" a string. A
+        # JSON string would also write an emoji as two surrogate escapes, read back as two broken characters.
+        return yaml.safe_dump(str(value), default_style='"', allow_unicode=True, width=2**31).strip()
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_exact_yaml(item) for item in value) + "]"
+    return json.dumps(value)  # numbers, booleans, None, plain mappings: JSON is YAML
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -56,16 +56,19 @@ AUDIT_OUT_OPTION = typer.Option(
 def train_overrides(settings: dict[str, Any]) -> str:
     """The ``--set data.KEY=VALUE`` options that give ``train`` these split settings (those not its default).
 
-    A value is written as YAML reads it back (a plain word bare, anything else as JSON) and quoted for a
-    POSIX shell where it needs it.
+    A value is written as YAML reads it back (a plain word bare, anything else as ``config.override`` quotes
+    it) and quoted for a POSIX shell where it needs it.
     """
     import yaml
 
-    def as_yaml(value: Any) -> str:
-        return value if isinstance(value, str) and yaml.safe_load(value) == value else json.dumps(value)
+    from bloodcell.config import override
+
+    def option(key: str, value: Any) -> str:
+        plain = isinstance(value, str) and yaml.safe_load(value) == value
+        return f"data.{key}={value}" if plain else override(f"data.{key}", value)
 
     changed = {key: value for key, value in settings.items() if value != getattr(_DEFAULTS, key)}
-    return " ".join(f"--set {shlex.quote(f'data.{key}={as_yaml(value)}')}" for key, value in changed.items())
+    return " ".join(f"--set {shlex.quote(option(key, value))}" for key, value in changed.items())
 
 
 def _class_list(classes: str | None) -> list[str] | None:
@@ -227,7 +230,8 @@ def split_command(
                     "class_names": _class_list(classes)}  # fmt: skip
         overrides = train_overrides(settings)
         if overrides:
-            typer.echo(f"train, evaluate and tune rebuild the split from their config: for this one, add {overrides}")
+            typer.echo(f"train and tune rebuild the split from their config (evaluate, from the model's): for this one, "
+                       f"give them {overrides}")
     if summary["leakage_check"] != "passed":
         error_line(f"error: {summary['leakage_message']}")
         raise typer.Exit(1)

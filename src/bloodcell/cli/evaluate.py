@@ -154,9 +154,9 @@ def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: st
 
 def _pytorch_model_of(model: Path | None) -> Path | None:
     """Grad-CAM needs the PyTorch weights: for an exported ``.onnx`` file, the model directory it came from."""
-    from bloodcell.serve.common import torch_weights_beside
+    from bloodcell.serve.common import names_onnx_file, torch_weights_beside
 
-    if model is None or model.suffix.lower() != ".onnx":
+    if model is None or not names_onnx_file(model):
         return model
     source = torch_weights_beside(model)
     if source is False:

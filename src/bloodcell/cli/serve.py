@@ -88,7 +88,9 @@ def make_predictor(model: str | None, backend: Backend | None, tta: bool) -> Any
 
 def choose_backend(model: str | None, backend: Backend | None) -> Backend:
     """The backend asked for, or, when none was, the one the model needs: ONNX Runtime for an ``.onnx`` file."""
-    is_onnx_file = model is not None and model.lower().endswith(".onnx")
+    from bloodcell.serve.common import names_onnx_file
+
+    is_onnx_file = model is not None and names_onnx_file(model)
     if backend is None:
         return Backend.onnx if is_onnx_file else Backend.torch
     if backend is Backend.torch and is_onnx_file:

@@ -36,7 +36,7 @@ from bloodcell import __version__
 from bloodcell.data.decode import DEFAULT_MAX_PIXELS, ImageError, open_rgb, resize_rgb
 from bloodcell.errors import NoFeatureMap
 from bloodcell.machine import available_cores
-from bloodcell.serve.common import BasePredictor, load_predictor, torch_weights_beside
+from bloodcell.serve.common import BasePredictor, load_predictor, names_onnx_file, torch_weights_beside
 
 log = logging.getLogger("bloodcell.serve")
 
@@ -335,7 +335,7 @@ class Service:
 
 def _explain_source(model_path: str | Path | None, predictor: BasePredictor) -> str | Path | None | Literal[False]:
     """Where Grad-CAM's PyTorch weights come from for an already built predictor."""
-    if predictor.backend == "torch" or (model_path is not None and not str(model_path).lower().endswith(".onnx")):
+    if predictor.backend == "torch" or model_path is None or not names_onnx_file(model_path):
         return model_path
     onnx_path = getattr(predictor, "onnx_path", None)
     return torch_weights_beside(Path(onnx_path)) if onnx_path is not None else False

@@ -383,17 +383,24 @@ def load_predictor(
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     from bloodcell.serve.onnx_predictor import OnnxPredictor
 
-    if model_path is not None and str(model_path).lower().endswith(".onnx"):
+    if model_path is not None and names_onnx_file(model_path):
         return OnnxPredictor(model_path, threads=threads, tta=tta), torch_weights_beside(Path(model_path))
     from bloodcell.serve.export import ensure_onnx
 
     return OnnxPredictor(ensure_onnx(model_path), threads=threads, tta=tta), model_path
 
 
+def names_onnx_file(model: str | Path) -> bool:
+    """True when ``model`` names an exported ONNX file: a path ending in ``.onnx`` that is not a folder (a
+    model folder may be named ``x.onnx``). The file need not exist: a missing one is reported when opened."""
+    return str(model).lower().endswith(".onnx") and not Path(model).is_dir()
+
+
 def torch_weights_beside(onnx_path: Path) -> Path | Literal[False]:
     """The model directory an ONNX file was exported from, when it sits in ``<model dir>/onnx/`` and the
     weights there are the ones it was exported from (the hash in its card matches)."""
-    candidate = onnx_path.resolve().parent.parent
+    onnx_path = onnx_path.resolve()  # a link to the export: its card and model folder lie beside the target
+    candidate = onnx_path.parent.parent
     weights = candidate / "model.safetensors"
     if not ((candidate / "card.json").is_file() and weights.is_file()):
         return False

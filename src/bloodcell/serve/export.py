@@ -39,7 +39,7 @@ from bloodcell.models.card import (
     save_card,
 )
 from bloodcell.probabilities import softmax_with_temperature
-from bloodcell.serve.common import expand_inputs, read_card_json
+from bloodcell.serve.common import expand_inputs, names_onnx_file, read_card_json
 from bloodcell.serve.onnx_predictor import INPUT_NAME, OUTPUT_NAME
 
 #: Largest allowed max-abs difference of probabilities between PyTorch and ONNX Runtime.
@@ -301,7 +301,7 @@ def ensure_onnx(model_path: str | Path | None) -> Path:
     the work folder (``$BLOODCELL_HOME/onnx/<weights hash>/``) and reuses that on later calls. A path ending
     in ``.onnx`` is returned as it is.
     """
-    if model_path is not None and str(model_path).lower().endswith(".onnx"):
+    if model_path is not None and names_onnx_file(model_path):
         return Path(model_path)
     cached = cached_onnx_path(resolve_model_dir(model_path))
     for candidate in dict.fromkeys((default_onnx_path(model_path), cached)):  # one path for the bundled model
