@@ -97,7 +97,7 @@ def test_onnx_predictor_imports_and_runs_without_torch(tiny_onnx: Path, realish_
     assert [r["error"] is None for r in rows] == [True] * 4 + [False]
 
 
-def test_ensure_onnx_reuses_and_refreshes(tiny_model: Path, tmp_path: Path) -> None:
+def test_ensure_onnx_reuses_and_refreshes(tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import shutil
 
     model = tmp_path / "model"
@@ -115,6 +115,9 @@ def test_ensure_onnx_reuses_and_refreshes(tiny_model: Path, tmp_path: Path) -> N
     onnx_card = json.loads((again.parent / "card.json").read_text())
     del onnx_card["onnx"]["graph_version"]
     (again.parent / "card.json").write_text(json.dumps(onnx_card))
+    with caplog.at_level("WARNING", logger="bloodcell.serve.onnx_predictor"):
+        OnnxPredictor(again)  # given directly, it still runs, and says what to do
+    assert "export the model again" in caplog.text
     stamp = again.stat().st_mtime_ns
     assert ensure_onnx(model).stat().st_mtime_ns != stamp
 

@@ -30,7 +30,8 @@ DEVICES_OPTION = typer.Option(
 )  # fmt: skip
 PRETRAINED_OPTION = typer.Option(False, "--pretrained", help="Start a timm/NAME model from timm's published weights.")
 WEIGHTS_OPTION = typer.Option(
-    None, "--weights", help="Initialise the network from a safetensors (or .pth) file.", show_default=False
+    None, "--weights", help="Initialise the network from a safetensors (or weights-only .pth) file, or a bloodcell "
+    "model directory.", show_default=False
 )
 REPORT_OPTION = typer.Option(True, "--report/--no-report", help="Build the run's HTML report at the end.")
 PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Draw the progress bar on stderr.")

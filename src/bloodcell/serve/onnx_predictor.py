@@ -7,6 +7,7 @@ so a predictor feeds it the decoded images as they are.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,18 @@ import onnxruntime as ort
 from bloodcell.errors import ModelFileError
 from bloodcell.io import sha256_file
 from bloodcell.machine import available_cores
+from bloodcell.notices import warn_once
 from bloodcell.serve.common import BasePredictor, read_card_json
+
+log = logging.getLogger(__name__)
 
 #: Names of the graph's input and output (fixed at export).
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+#: Bumped when the exported graph computes differently from the same weights (2: the per-image norm summed
+#: in float64). Recorded in the ONNX card: ``ensure_onnx`` exports again over an older one, and a predictor
+#: given an older file says so.
+GRAPH_VERSION = 2
 
 
 class OnnxPredictor(BasePredictor):
@@ -50,6 +58,11 @@ class OnnxPredictor(BasePredictor):
         if recorded is not None and recorded != sha256_file(self.onnx_path):
             raise ModelFileError(f"{self.onnx_path} is not the graph its {self.onnx_path.parent / 'card.json'} "
                                  "describes (an interrupted export?); export the model again")  # fmt: skip
+        version = (self.card.get("onnx") or {}).get("graph_version", 1)
+        if version < GRAPH_VERSION:
+            warn_once(log, "%s was exported by an earlier bloodcell (graph version %d, now %d): its probabilities "
+                      "may differ from PyTorch's by up to 1e-3; export the model again (bloodcell export)",
+                      self.onnx_path, version, GRAPH_VERSION)  # fmt: skip
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()
         # One graph runs at a time per call; parallelism lives inside the operators.
