@@ -20,7 +20,8 @@ from bloodcell.cli.messages import error_line, warning_line
 def _flags_show_no_value_type() -> None:
     """Typer 0.29's help prints ``<bool>`` beside every flag, as if ``--tta`` took a value (and ``--tta true``
     would then read "true" as an input). A flag takes none, so its type column is left empty. Typer has no
-    setting for this; the hook is checked for, so another Typer version only shows its own help."""
+    setting for this; the hook is checked for, so another Typer version only shows its own help. It applies
+    to every Typer app in the process, which for the ``bloodcell`` command is this one."""
     from typer.core import TyperOption
 
     shown = getattr(TyperOption, "display_type_rich", None)
