@@ -37,6 +37,18 @@ def realish_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return shipped + real + write_images(tmp_path_factory.mktemp("realish"), 8, size=224)
 
 
+def test_export_leaves_the_callers_logging_as_it_was(tiny_model: Path, tmp_path: Path) -> None:
+    import logging
+
+    onnx_log = logging.getLogger("torch.onnx")
+    onnx_log.setLevel(logging.INFO)
+    try:
+        export_onnx(tiny_model, tmp_path / "model.onnx")
+        assert onnx_log.level == logging.INFO
+    finally:
+        onnx_log.setLevel(logging.NOTSET)
+
+
 def test_export_writes_one_file_and_card(tiny_onnx: Path) -> None:
     assert tiny_onnx.is_file() and tiny_onnx.suffix == ".onnx"
     assert sorted(p.name for p in tiny_onnx.parent.iterdir()) == ["card.json", "model.onnx"]  # no .onnx.data

@@ -320,3 +320,23 @@ def test_explaining_through_a_link_to_an_export_finds_its_weights(tiny_model: Pa
     link.symlink_to(export_onnx(model_dir, model_dir / "onnx" / "model.onnx"))
     result = run("explain", str(link), str(slides / "cell-000.jpg"), "--out", str(tmp_path / "x"), "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_library_calls_leave_the_callers_state_alone(tiny_model: Path, slides: Path) -> None:
+    """A notebook user's random numbers, and a lone path given as a string, are not the predictor's to change."""
+    import warnings
+
+    import torch
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    predictor = TorchPredictor(tiny_model)  # builds a network, whose initial weights are random numbers
+    assert torch.equal(torch.rand(3), expected)
+    (result,) = predictor.predict_files(str(slides / "cell-000.jpg"))  # one file, not one per character
+    assert result.ok
+    images = np.stack([decode_image(slides / f"cell-00{k}.jpg", TINY_SIZE) for k in range(2)])
+    images.flags.writeable = False  # as a slice of the memory-mapped cache is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor.predict(images)

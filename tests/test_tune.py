@@ -62,11 +62,15 @@ def test_suggestion_rules_on_a_known_curve() -> None:
 def test_lr_find_suggests_a_rate_inside_the_sweep_and_plots(
     aria_dataset: Path, tiny_config_file: Path, tmp_path: Path
 ) -> None:
+    import torch
+
     out = tmp_path / "lr"
     args = ["lr-find", "--data", str(aria_dataset), "--config", str(tiny_config_file), "--steps", "60",
             "--start-lr", "1e-5", "--end-lr", "10", "--out", str(out), "--json"]  # fmt: skip
+    torch.set_num_threads(2)  # the config asks for 1: the finder must put 2 back
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 2
     summary = json.loads(result.output.strip().splitlines()[-1])
     low, high = summary["swept"]
     assert low == pytest.approx(1e-5) and summary["steps"] >= 20
@@ -89,11 +93,21 @@ def test_a_sweep_whose_loss_never_falls_says_to_widen_it(aria_dataset: Path, tin
 
 
 def test_train_resolves_auto_lr_with_the_finder(aria_dataset: Path, tmp_path: Path) -> None:
+    """Also: the finder and training, library calls, leave torch's thread count and random numbers as the
+    caller had them."""
+    import torch
+
     from bloodcell.train import fit
 
     config = config_from_dict({**TINY, "data": {**TINY["data"], "root": str(aria_dataset)},
-                               "optimizer": {"lr": "auto"}, "train": {**TINY["train"], "epochs": 1}})  # fmt: skip
+                               "optimizer": {"lr": "auto"},
+                               "train": {**TINY["train"], "epochs": 1, "num_threads": 2}})  # fmt: skip
+    torch.set_num_threads(1)
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
     result = fit(config, tmp_path / "run", progress=False)
+    assert torch.get_num_threads() == 1 and torch.equal(torch.rand(2), expected)
     ran = load_config(str(result.run_dir / "config.yaml"))
     assert isinstance(ran.optimizer.lr, float) and 1e-6 <= ran.optimizer.lr <= 1.0
     assert (result.run_dir / "lr-find" / "lr_find.png").is_file()

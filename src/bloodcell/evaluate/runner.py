@@ -103,12 +103,14 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 128) 
     """Logits ``(N, K)`` float64 of a Classifier for a uint8 NHWC batch (no temperature)."""
     import torch
 
+    from bloodcell.models.classifier import as_batch_tensor
+
     device = next(model.parameters()).device
     model.eval()
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            batch = as_batch_tensor(images[start : start + batch_size])
             outputs.append(model(batch.to(device).permute(0, 3, 1, 2).float()).float().cpu().numpy())
     if not outputs:
         return np.zeros((0, 0))

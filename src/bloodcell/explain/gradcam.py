@@ -42,7 +42,7 @@ from torch import nn
 
 from bloodcell.errors import NoFeatureMap, UserError
 from bloodcell.explain.cell_masks import stained_cell_masks
-from bloodcell.models.classifier import Classifier
+from bloodcell.models.classifier import Classifier, as_batch_tensor
 from bloodcell.probabilities import softmax_with_temperature
 
 #: CAM methods by CLI name.
@@ -187,7 +187,7 @@ def _feature_map_names(net: nn.Module, input_size: int) -> list[str]:
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().to(device)
+    return as_batch_tensor(images).permute(0, 3, 1, 2).float().to(device)
 
 
 def explain_images(

@@ -172,13 +172,20 @@ def save_model(model: Classifier, card: ModelCard, directory: str | Path) -> Pat
 
 
 def build_model(card: ModelCard) -> Classifier:
-    """Rebuild the (untrained) :class:`Classifier` that a card describes."""
+    """Rebuild the (untrained) :class:`Classifier` that a card describes.
+
+    Its initial weights are drawn with torch's CPU generator forked: loading a model for inference must not
+    move the random numbers of the program that loads it.
+    """
+    import torch
+
     from bloodcell.models.classifier import Classifier
     from bloodcell.models.registry import create_model
 
     if "pretrained" in card.arch_kwargs:  # the weights are the card's own safetensors, never downloaded ones
         raise ValueError(f"model card {card.name!r}: arch_kwargs may not set 'pretrained'")
-    net = create_model(card.architecture, num_classes=len(card.classes), **card.arch_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        net = create_model(card.architecture, num_classes=len(card.classes), **card.arch_kwargs)
     return Classifier(net, card.normalize)
 
 

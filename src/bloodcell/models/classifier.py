@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,6 +17,13 @@ from bloodcell.config import NormalizeConfig
 
 # ITU-R BT.601 luma weights: the standard grey conversion.
 _LUMA = (0.299, 0.587, 0.114)
+
+
+def as_batch_tensor(images: np.ndarray) -> torch.Tensor:
+    """A NHWC numpy batch as a tensor, sharing its memory where it can. A read-only array (a slice of the
+    memory-mapped image cache) is copied: torch cannot share memory it may not write, and warns."""
+    array = np.ascontiguousarray(images)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 class Preprocess(nn.Module):

@@ -169,7 +169,7 @@ class BasePredictor:
 
     def predict_files(
         self,
-        paths: Sequence[str | os.PathLike[str]],
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         batch: int = DEFAULT_BATCH,
         tta: bool | str | None = None,
         on_batch: Callable[[int], None] | None = None,
@@ -182,7 +182,7 @@ class BasePredictor:
 
         Parameters
         ----------
-        paths: image files, in the order the results should come back.
+        paths: image files, in the order the results should come back (one path alone is one file).
         batch: images per network call.
         tta: override the predictor's TTA setting.
         on_batch: called with the number of files done after every batch (progress bars).
@@ -192,6 +192,8 @@ class BasePredictor:
         """
         if batch < 1:
             raise ValueError("batch must be at least 1")
+        if isinstance(paths, str | os.PathLike):  # one file, not the characters of its name
+            paths = [paths]
         names = [str(p) for p in paths]
         chunks = [names[i : i + batch] for i in range(0, len(names), batch)]
         results: list[PredictionResult] = []

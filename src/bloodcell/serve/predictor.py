@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bloodcell.models.card import load_model
-from bloodcell.models.classifier import Classifier
+from bloodcell.models.classifier import Classifier, as_batch_tensor
 from bloodcell.serve.common import BasePredictor
 
 #: Largest batch sent through the network at once, so a huge ``predict`` call cannot exhaust memory.
@@ -65,7 +65,7 @@ class TorchPredictor(BasePredictor):
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(images), MAX_FORWARD_BATCH):
-                batch = torch.from_numpy(np.ascontiguousarray(images[start : start + MAX_FORWARD_BATCH]))
+                batch = as_batch_tensor(images[start : start + MAX_FORWARD_BATCH])
                 # NHWC -> NCHW as a view: the memory stays channels-last, which CPU convolutions prefer.
                 batch = batch.to(self.device).permute(0, 3, 1, 2)
                 outputs.append(self.model(batch).float().cpu())

@@ -34,6 +34,7 @@ from bloodcell.data.augment import BatchAugment
 from bloodcell.errors import UserError
 from bloodcell.evaluate.metrics import balanced_accuracy
 from bloodcell.io import atomic_write_text
+from bloodcell.machine import torch_settings_restored
 from bloodcell.models import Classifier, ModelCard
 from bloodcell.models.card import save_trained_on
 from bloodcell.train.checkpoint import (
@@ -138,6 +139,7 @@ class LoopState:
         return cls(**fields)
 
 
+@torch_settings_restored()
 def fit(
     config: RunConfig,
     out_dir: str | Path | None = None,
@@ -163,13 +165,13 @@ def fit(
     progress: show a progress bar (rank 0 only).
 
     Returns a :class:`TrainResult`. Raises :class:`TrainingDiverged` (a :class:`UserError`) if the loss
-    becomes NaN, after keeping the last good checkpoint.
+    becomes NaN, after keeping the last good checkpoint. Torch's thread count and CPU random state are as
+    they were when it returns or raises: a library call must not leave the process reconfigured.
     """
     started = time.perf_counter()
     fabric = make_fabric(config.train)
     fabric.launch()
     local_processes = max(1, fabric.world_size // getattr(fabric.strategy, "num_nodes", 1))
-    threads_before = torch.get_num_threads()
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / config.name
     # A resumed run keeps the thread count it trained with: chosen afresh from the idle cores it could
     # differ, and a different count changes the floating-point sums (the result would not be bit-identical).
@@ -389,7 +391,6 @@ def fit(
         close_log(log)
         if classifier is not None:
             release_training_graph(classifier)
-        torch.set_num_threads(threads_before)  # a library call must not leave the process reconfigured
 
 
 # ====================================================================== the pieces of one step

@@ -33,6 +33,7 @@ import numpy as np
 from bloodcell.config import RunConfig
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_path, atomic_write_json, atomic_write_text
+from bloodcell.machine import torch_settings_restored
 
 if TYPE_CHECKING:
     import torch
@@ -157,6 +158,7 @@ def _device(config: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+@torch_settings_restored()
 def lr_find(
     config: RunConfig,
     prepared: Any,
