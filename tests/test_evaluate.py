@@ -150,6 +150,22 @@ def test_split_all_on_another_copy_of_the_dataset(run: Path, tmp_path: Path) -> 
     assert Path(result["out_dir"]) == run / "evaluations" / "copy-all"
 
 
+def test_another_labs_folders_with_one_class_the_model_lacks(run: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Folders named the lab's way, and a "normal/" class the model does not know: the model's classes are
+    matched by alias, the extra folder is named and left out (all five used to be taken as unknown classes)."""
+    import shutil
+
+    other = make_aria_dataset(tmp_path / "copy", per_class=12, size=48, seed=5, segmented=False) / "Original"
+    lab = tmp_path / "lab"
+    for source, name in zip(("Benign", "Early", "Pre", "Pro", "Pro"), ("hematogones", "early_preB", "preB", "proB", "normal")):
+        shutil.copytree(other / source, lab / name, dirs_exist_ok=True)
+    with caplog.at_level("WARNING"):
+        result = evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
+    assert result["n_images"] == 48  # normal/'s copies of proB/ are not counted twice
+    assert "Benign = hematogones/" in caplog.text and "normal/ not used" in caplog.text
+
+
 def files_trained_on(root: Path, trained: list[str]) -> int:
     """How many of the Original files under ``root`` have the bytes of a training image (copies included)."""
     return sum(hashlib.sha256(path.read_bytes()).hexdigest() in set(trained) for path in (root / "Original").rglob("*.jpg"))

@@ -59,7 +59,8 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         ("ECE, raw", metrics["ece"], "", "" if tta else None),
         ("ECE, temperature-scaled", metrics["ece_after_temperature"], "", _f(tta["ece"]) if tta else None),
         ("temperature", metrics["temperature"],
-         "fitted on val" if metrics["temperature_source"].startswith("fitted on the validation part")
+         ("fitted on val" if metrics["data"].get("same_as_training", True) else "fitted on the model's val part")
+         if metrics["temperature_source"].startswith("fitted on the validation part")
          else metrics["temperature_source"], "" if tta else None),
     ]  # fmt: skip
     shortcut = metrics.get("shortcut_baseline")

@@ -195,6 +195,7 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
     result = split.copy()
     if embargo <= 0:
         return result
+    capped = []
     for label, rows in result.groupby("label", sort=True):
         held = np.sort(rows.loc[rows["split"].isin(("val", "test")), "position"].to_numpy())
         train = rows[rows["split"] == "train"]
@@ -202,14 +203,15 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
             continue
         own = effective_embargo(embargo, rows)
         if own < embargo:
-            warn_once(log, "the embargo beside held-out blocks is %d image(s), not %d, for class %s: its smallest "
-                      "block holds %d images", own, embargo, rows["class"].iloc[0] if "class" in rows else label,
-                      int(rows.groupby("block").size().min()))  # fmt: skip
+            capped.append(f"{rows['class'].iloc[0] if 'class' in rows else label} {own}")
         positions = train["position"].to_numpy()
         after = np.clip(np.searchsorted(held, positions), 0, len(held) - 1)
         before = np.clip(after - 1, 0, len(held) - 1)
         distance = np.minimum(np.abs(held[after] - positions), np.abs(held[before] - positions))
         result.loc[train.index[distance <= own], "split"] = "embargo"
+    if capped:
+        warn_once(log, "the embargo beside held-out blocks is less than %d images where a class's blocks are small "
+                  "(half its smallest block): %s", embargo, ", ".join(capped))  # fmt: skip
     return result
 
 

@@ -11,10 +11,11 @@ acquisition-shift suite -> shortcut baseline -> Grad-CAM examples and sanity che
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -338,6 +339,20 @@ def explain_examples(
     return {**sanity, "grid": {name: sum(e["overlay"] is not None for e in examples) for name, examples in grid}}
 
 
+@contextlib.contextmanager
+def _split_warnings_silenced(silenced: bool) -> Iterator[None]:
+    """``--split all`` scores every image: the split rebuilt beside it (an embargo capped for small blocks,
+    a class with no image in a part) concerns nothing it scores, so its warnings are not shown."""
+    split_log = logging.getLogger("bloodcell.data.splits")
+    level = split_log.level
+    if silenced:
+        split_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        split_log.setLevel(level)
+
+
 def default_out_dir(model_dir: Path, card: ModelCard, split: str, own_data: bool, data_root: Path) -> Path:
     """Where results go unless told: the run directory for its own test part, else ``evaluations/<data>-<split>``
     inside it; for a model outside a run (the bundled one), ``./evaluations/<model name>`` likewise."""
@@ -438,9 +453,21 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     from bloodcell.data.prepare import prepare_data
 
     data_config = config.data.model_copy(update={"image_size": card.input_size})
-    if prepared is None:
-        prepared = prepare_data(data_config, data_root, progress=progress)
     classes = list(card.classes)
+    if prepared is None:
+        with _split_warnings_silenced(split == "all"):
+            prepared = prepare_data(data_config, data_root, progress=progress)
+        if data_config.class_names is None and not set(prepared.classes) <= set(classes):
+            # Another lab's folders, one of them no class of the model's ("normal/" beside "hematogones/"):
+            # every folder was then taken as a class by its own name. Match the model's classes to the
+            # folders instead, by name or alias as `index --classes` does; the others are named and left out.
+            with contextlib.suppress(UserError), _split_warnings_silenced(split == "all"):  # else: named below
+                matched = data_config.model_copy(update={"class_names": classes})
+                prepared = prepare_data(matched, data_root, progress=progress)
+                data_config = matched  # the audit of these data then sees the same classes
+                folders = prepared.dataset.class_folders
+                log.warning("the model's classes, matched to the folders of %s: %s", prepared.dataset.top,
+                            ", ".join(f"{name} = {folders[name]}/" for name in classes))  # fmt: skip
     unknown = [name for name in prepared.classes if name not in classes]
     if unknown:
         raise UserError(f"the data has classes the model does not know: {', '.join(unknown)} (model: {', '.join(classes)})")
