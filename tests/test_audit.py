@@ -242,3 +242,12 @@ def test_audit_on_real_data(real_data: Path, tmp_path: Path) -> None:
     corners = report["corner_baselines"]
     assert corners["strongest"] == "bottom-right" and corners["margin"] >= 0.1
     assert (tmp_path / "audit.md").is_file()
+
+
+def test_a_baseline_on_one_class_says_so_in_words() -> None:
+    from bloodcell.data.audit import fit_shortcut_baseline
+    from bloodcell.errors import UserError
+
+    features, labels = np.random.default_rng(0).normal(size=(10, 3)), np.array([0] * 8 + [1] * 2)
+    with pytest.raises(UserError, match="at least 2 classes; the session split's training part holds 1"):
+        fit_shortcut_baseline(features, labels, np.arange(8), np.arange(8, 10))

@@ -144,6 +144,8 @@ def test_split_all_on_another_copy_of_the_dataset(run: Path, tmp_path: Path) -> 
     card_temperature = load_model(run)[1].temperature
     result = evaluate_model(run, other, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
     assert result["n_images"] == 48
+    assert "--split all" not in evaluated_scope(result, "copy")
+    assert "--split all scores every image" in evaluated_scope({**result, "evaluation": {"split": "test"}}, "copy")
     assert result["temperature_source"] == "model card"  # another dataset never refits the model's temperature
     assert result["temperature"] == pytest.approx(card_temperature)
     assert result["data"]["same_as_training"] is False

@@ -482,3 +482,12 @@ def test_decoding_in_threads_leaves_the_warning_filters_as_they_were(tmp_path: P
             thread.join()
         assert warnings.filters == before
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_names_without_numbers_are_said_to_make_no_sessions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for k, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+        for cls in ("a", "b"):
+            save(tmp_path / "data" / cls / f"{name}.jpg", Image.fromarray(smear(k + (10 if cls == "b" else 0))))
+    with caplog.at_level("WARNING", logger="bloodcell.data.index"):
+        build_index(tmp_path / "data", progress=False)
+    assert "8 of the 8 images" in caplog.text and "not capture order" in caplog.text

@@ -25,6 +25,7 @@ from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
 from bloodcell.data.prepare import segmented_images
 from bloodcell.data.progress import track
 from bloodcell.data.splits import make_split, split_counts
+from bloodcell.errors import UserError
 from bloodcell.evaluate.metrics import balanced_accuracy
 from bloodcell.explain.cell_masks import stained_cell_masks
 from bloodcell.io import atomic_write_json, atomic_write_text
@@ -206,6 +207,10 @@ def fit_shortcut_baseline(
     Returns ``{"balanced_accuracy", "chance", "n_train", "n_test", "verdict"}``; chance is one over the
     number of classes (the balanced accuracy of any constant guess).
     """
+    present = np.unique(labels[train_idx])
+    if len(present) < 2:  # scikit-learn's own words ("this solver needs samples of at least 2 classes") say less
+        raise UserError(f"the shortcut baselines need training images of at least 2 classes; the session split's "
+                        f"training part holds {len(present)}")  # fmt: skip
     model = make_pipeline(
         StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
     )

@@ -413,6 +413,18 @@ def _recaptures(dataset: Dataset, rows: pd.DataFrame, workdir: Path, progress: b
                            workdir, progress)  # fmt: skip
 
 
+def _warn_of_names_without_numbers(manifest: pd.DataFrame, top: Path) -> None:
+    """Say when most file names carry no number: the session split's blocks follow capture order, which
+    the numbers stand for; without them the blocks follow the names' order, and neither the blocks, nor the
+    embargo beside them, nor the block bootstrap's interval need follow the sessions."""
+    accepted = manifest[~manifest["rejected"]]
+    unnumbered = int((accepted["capture"] < 0).sum())
+    if unnumbered > len(accepted) / 2:
+        warn_once(log, "%d of the %d images of %s have no number in their file names: the session split's blocks "
+                  "then follow the names' order, not capture order, and need not be sessions (name files in "
+                  "capture order, as cameras do, for blocks that are)", unnumbered, len(accepted), top)  # fmt: skip
+
+
 def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3) -> None:
     """Name duplicate groups whose images are filed under different classes: one picture with two labels
     is a labelling error, which the split keeps in one part but cannot resolve."""
@@ -472,6 +484,7 @@ def build_index(
     manifest = duplicate_groups(rows, near_distance, near_hashes, recaptures)
     manifest = manifest[list(MANIFEST_COLUMNS)]
     _warn_of_cross_class_duplicates(manifest)
+    _warn_of_names_without_numbers(manifest, dataset.top)
     manifest_path = Path(out) if out is not None else workdir / "manifest.csv"
     # One line ending on every system: the manifest's SHA-256 names the data in model cards and reports, and
     # pandas would otherwise end lines with \r\n on Windows.

@@ -537,6 +537,8 @@ def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:
     split = metrics["evaluation"]["split"]
     left_out = metrics["data"].get("training_images_left_out", 0)
     where = f"every image of {data_name}" if split == "all" else f"the {split} part of {data_name}"
+    if split != "all" and not metrics["data"].get("same_as_training", True):
+        where += " (its split rebuilt by the model's settings; --split all scores every image)"
     if left_out is None:
         return f"{where} (unchecked for training images: the model has no record of them)"
     if left_out:
