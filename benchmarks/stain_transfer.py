@@ -1,0 +1,122 @@
+"""How a model holds up under stain changes that the robustness suite does not contain.
+
+The suite (``bloodcell evaluate``) changes stain intensity by a per-channel gamma and stain colour by a hue
+rotation. Another lab's slides can differ in other ways: in the amount of each stain (haematoxylin against
+eosin), and in the look that a stain-separation tool gives them. This script scores a model on the
+``session`` split's test part (the images ``bloodcell evaluate`` scores) under two such families:
+
+- ``hed x(h, e)``: each pixel's haematoxylin and eosin densities (colour deconvolution with the Ruifrok &
+  Johnston vectors, as the training augmentation uses) scaled by ``h`` and ``e``. Linear in optical
+  density, invertible, the identity at (1, 1); the default recipe's stain jitter spans 0.9-1.1.
+- ``skimage round trip x(h, e)``: the same scaling through scikit-image's ``rgb2hed`` and ``hed2rgb``,
+  which clip negative stain densities to zero: even at (1, 1) the background turns greyer and lavender,
+  the look of a slide put through such a tool (or stained by another protocol).
+
+Run from the repository root (the bundled model unless ``--model``)::
+
+    python benchmarks/stain_transfer.py [--model RUN_OR_MODEL] [--data DATA] [--json FILE]
+
+Prints one row a condition: balanced accuracy, the mean change of each channel (0..255) over the images,
+on their stained cells and on their bright background, and the share of images read as each class; the
+JSON adds each condition's confusion matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchmark_common import DEFAULT_DATA, require_dataset
+from skimage.color import hed2rgb, rgb2hed
+from sklearn.metrics import confusion_matrix
+
+from bloodcell.evaluate.metrics import balanced_accuracy
+from bloodcell.evaluate.runner import load_eval_set, predict_logits, run_dir_of, training_config
+from bloodcell.explain.cell_masks import stained_cell_masks
+from bloodcell.io import atomic_write_json
+from bloodcell.models.card import load_model, resolve_model_dir
+
+# Haematoxylin, eosin and DAB stain vectors (Ruifrok & Johnston 2001), as bloodcell.data.augment uses.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+#: (haematoxylin, eosin) scales: milder and stronger than the training augmentation's 0.9-1.1.
+SCALES = ((1.0, 1.0), (1.15, 0.85), (0.85, 1.15), (1.3, 0.7), (0.7, 1.3))
+#: Pixels brighter than this (mean of R, G, B) count as background.
+BACKGROUND_LEVEL = 200
+
+
+def hed_scaled(images: np.ndarray, h: float, e: float) -> np.ndarray:
+    """uint8 NHWC images with each pixel's haematoxylin and eosin densities scaled (invertible, linear in OD)."""
+    density = -np.log(np.maximum(images.astype(np.float64) / 255.0, 1.0 / 255.0)) @ HED_FROM_RGB
+    density *= np.array([h, e, 1.0])
+    return np.clip(np.round(np.exp(-(density @ RGB_FROM_HED)) * 255.0), 0, 255).astype(np.uint8)
+
+
+def skimage_round_trip(images: np.ndarray, h: float, e: float) -> np.ndarray:
+    """uint8 NHWC images through scikit-image's stain separation and back, the two densities scaled."""
+    out = [hed2rgb(rgb2hed(image) * np.array([h, e, 1.0])) for image in images]
+    return np.clip(np.round(np.stack(out) * 255.0), 0, 255).astype(np.uint8)
+
+
+def conditions() -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """Every condition scored: its name and the transform of a batch."""
+    rows: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [("clean", lambda x: x)]
+    for h, e in SCALES[1:]:
+        rows.append((f"hed x({h}, {e})", lambda x, h=h, e=e: hed_scaled(x, h, e)))
+    for h, e in SCALES[:3]:
+        rows.append((f"skimage round trip x({h}, {e})", lambda x, h=h, e=e: skimage_round_trip(x, h, e)))
+    return rows
+
+
+def score(model_path: str | None, data: Path) -> dict[str, Any]:
+    """Balanced accuracy of the model on its test part of ``data`` under every condition."""
+    model, card = load_model(model_path)
+    config = training_config(card, run_dir_of(resolve_model_dir(model_path)))
+    evaluated = load_eval_set(card, config, data, "test")
+    images, truth = evaluated.images, evaluated.y_true
+    # Where a change falls: on the stained cells (the Grad-CAM measure's masks) or the bright background.
+    regions = {"cells": stained_cell_masks(images), "background": images.mean(axis=-1) > BACKGROUND_LEVEL}
+    rows = []
+    for name, transform in conditions():
+        shifted = transform(images)
+        change = shifted.astype(np.float64) - images
+        predicted = predict_logits(model, shifted).argmax(axis=1)
+        rows.append({
+            "condition": name,
+            "balanced_accuracy": round(float(balanced_accuracy(truth, predicted)), 4),
+            "mean_change_rgb": [round(float(v), 1) for v in change.mean(axis=(0, 1, 2))],
+            **{f"mean_change_rgb_{region}": [round(float(v), 1) for v in change[mask].mean(axis=0)]
+               for region, mask in regions.items()},
+            "read_as": {c: round(float((predicted == k).mean()), 3) for k, c in enumerate(card.classes)},
+            # rows: the true class, columns: the class read, both in the model's order
+            "confusion": confusion_matrix(truth, predicted, labels=range(len(card.classes))).tolist(),
+        })  # fmt: skip
+    return {"model": card.name, "data": str(data), "n_images": len(images), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="run or model directory (default: the bundled model)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (Aria layout)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    require_dataset(args.data)
+    result = score(args.model, args.data)
+    print(f"{result['model']} on the test part of {args.data} ({result['n_images']} images)")
+    print(f"{'condition':<34} {'balanced acc.':>13}  {'change R, G, B: all':>20}  {'cells':>20}  {'background':>20}  read as")
+    for row in result["rows"]:
+        changes = ["  ".join(f"{v:+5.1f}" for v in row[key])
+                   for key in ("mean_change_rgb", "mean_change_rgb_cells", "mean_change_rgb_background")]  # fmt: skip
+        read_as = " ".join(f"{c} {share:.2f}" for c, share in row["read_as"].items())
+        print(f"{row['condition']:<34} {row['balanced_accuracy']:>13.3f}  {changes[0]:>20}  {changes[1]:>20}  "
+              f"{changes[2]:>20}  {read_as}")  # fmt: skip
+    if args.json is not None:
+        atomic_write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
