@@ -67,6 +67,7 @@ RECIPES: dict[str, list[str]] = {
     "no-jpeg": ["augment.jpeg=0"],
     "default": [],
     "grey": ["normalize.grayscale=true"],
+    "stain-clip": ["augment.stain_clip=0.25"],  # the default, a quarter of the images' negative stains clipped
 }
 # Every recipe is judged as the holdout stage is: trained on train alone, so validation stays held out.
 HOLDOUT = ["data.train_on=train"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,11 +26,11 @@ from bloodcell.data.augment import (
 OFF = {
     "flip": False, "rot90": False, "affine_degrees": 0, "affine_scale": 0, "affine_translate": 0,
     "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "gamma": 0, "stain": 0, "blur": 0, "noise": 0,
-    "jpeg": 0,
+    "jpeg": 0, "stain_clip": 0,
 }  # fmt: skip
 COLOUR_TRANSFORMS = {
     "brightness": 0.3, "contrast": 0.3, "saturation": 0.5, "hue": 0.1, "gamma": 0.3, "stain": 0.3, "blur": 1.0,
-    "noise": 0.05, "jpeg": 1.0,
+    "noise": 0.05, "jpeg": 1.0, "stain_clip": 1.0,
 }  # fmt: skip
 
 
@@ -291,3 +292,15 @@ def test_a_mosaic_codes_each_tile_as_if_alone_except_at_its_edges() -> None:
     together = unmosaic(_jpeg_codec([mosaic(x)], 40, "cpu")[0], 7).float()
     assert torch.equal(alone[..., 2:-2, 2:-2], together[..., 2:-2, 2:-2])
     assert (alone - together).abs().mean() < 1
+
+
+def test_clipping_negative_stains_is_what_scikit_images_round_trip_does() -> None:
+    """The augmentation reproduces rgb2hed then hed2rgb, the look the stain-transfer benchmark measures."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    from bloodcell.data.augment import clip_negative_stains
+
+    x = smear_batch(n=4)
+    ours = (clip_negative_stains(x.float() / 255).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy()
+    theirs = np.stack([np.clip(np.round(hed2rgb(rgb2hed(image)) * 255), 0, 255) for image in x.permute(0, 2, 3, 1).numpy()])
+    assert np.abs(ours - theirs).max() <= 1 and np.abs(ours - x.permute(0, 2, 3, 1).numpy()).max() > 5

@@ -88,7 +88,8 @@ class BatchAugment:
     @property
     def _has_colour(self) -> bool:
         c = self.config
-        strengths = (c.brightness, c.contrast, c.saturation, c.hue, c.gamma, c.stain, c.blur, c.noise, c.jpeg)
+        strengths = (c.brightness, c.contrast, c.saturation, c.hue, c.gamma, c.stain, c.stain_clip, c.blur, c.noise,
+                     c.jpeg)  # fmt: skip
         return any(v > 0 for v in strengths)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -158,6 +159,8 @@ class BatchAugment:
             alpha = _uniform(generator, (n, 3), 1 - c.stain, 1 + c.stain, device)
             beta = _uniform(generator, (n, 3), -c.stain / 2, c.stain / 2, device)
             x = stain_jitter(x, gamma, alpha, beta)  # exp() > 0: only the upper clamp below matters
+        if c.stain_clip:  # drawn only when asked for: the other recipes' random streams stay as they were
+            x = self._random_stain_clip(x, generator)
         if c.blur:
             x = self._random_blur(x, generator)
         if c.noise:
@@ -186,6 +189,15 @@ class BatchAugment:
         mean_grey = _constant("luma", device) @ (matrix @ mean_rgb)  # (N, 1)
         offset = ((1 - contrast) * mean_grey.view(n, 1, 1)).expand(n, 3, 1)
         return contrast * matrix, offset.reshape(n, 3)
+
+    def _random_stain_clip(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Clip the negative stain densities of a random subset of the batch (probability ``stain_clip``)."""
+        chosen = (_rand(generator, (x.shape[0],), _HOST) < self.config.stain_clip).nonzero().flatten()
+        if chosen.numel() == 0:
+            return x
+        chosen = _to_device(chosen, x.device)
+        x[chosen] = clip_negative_stains(x[chosen])  # in place, as in _random_blur
+        return x
 
     def _random_blur(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Blur a random subset of the batch (probability ``blur``), with one sigma in [0.5, 1.5] per batch."""
@@ -347,6 +359,23 @@ def stain_jitter(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta
     # exp(-(M od + b)) with od = -log(I) is exp(M log(I) - b): no negations needed.
     log_intensity = x.clamp_min(_OD_EPS).log_()  # in place on the clamped copy: one pass fewer
     return colour_affine(log_intensity, matrix.transpose(1, 2), -offset).exp_()
+
+
+def clip_negative_stains(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] with every negative haematoxylin / eosin / DAB density set to zero.
+
+    What scikit-image's ``rgb2hed`` then ``hed2rgb`` do to a smear (and a stain-separation tool, or another
+    lab's stain protocol, may): colour deconvolution gives some pixels negative densities, which that
+    round trip clips, darkening the stained cells' blue and greying the background. Not an affine change
+    of colour, so per-image standardisation does not undo it (benchmarks/stain_transfer.py).
+    """
+    n = x.shape[0]
+    # colour_affine applies a matrix to column vectors: the transposes of the row-vector stain matrices.
+    to_stains = _constant("hed_from_rgb", x.device).to(x.dtype).T.expand(n, 3, 3)
+    from_stains = _constant("rgb_from_hed", x.device).to(x.dtype).T.expand(n, 3, 3)
+    no_offset = torch.zeros(n, 3, dtype=x.dtype, device=x.device)
+    density = colour_affine(x.clamp_min(_OD_EPS).log_().neg_(), to_stains, no_offset).clamp_min_(0.0)
+    return colour_affine(density, from_stains, no_offset).neg_().exp_()
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
