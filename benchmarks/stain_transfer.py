@@ -14,7 +14,7 @@ eosin), and in the look that a stain-separation tool gives them. This script sco
 
 Run from the repository root (the bundled model unless ``--model``)::
 
-    python benchmarks/stain_transfer.py [--model RUN_OR_MODEL] [--data DATA] [--json FILE]
+    python benchmarks/stain_transfer.py [--model RUN_OR_MODEL] [--data DATA] [--split test|val] [--json FILE]
 
 Prints one row a condition: balanced accuracy, the mean change of each channel (0..255) over the images,
 on their stained cells and on their bright background, and the share of images read as each class; the
@@ -71,11 +71,11 @@ def conditions() -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
     return rows
 
 
-def score(model_path: str | None, data: Path) -> dict[str, Any]:
-    """Balanced accuracy of the model on its test part of ``data`` under every condition."""
+def score(model_path: str | None, data: Path, split: str = "test") -> dict[str, Any]:
+    """Balanced accuracy of the model on its ``split`` part of ``data`` under every condition."""
     model, card = load_model(model_path)
     config = training_config(card, run_dir_of(resolve_model_dir(model_path)))
-    evaluated = load_eval_set(card, config, data, "test")
+    evaluated = load_eval_set(card, config, data, split)
     images, truth = evaluated.images, evaluated.y_true
     # Where a change falls: on the stained cells (the Grad-CAM measure's masks) or the bright background.
     regions = {"cells": stained_cell_masks(images), "background": images.mean(axis=-1) > BACKGROUND_LEVEL}
@@ -94,18 +94,20 @@ def score(model_path: str | None, data: Path) -> dict[str, Any]:
             # rows: the true class, columns: the class read, both in the model's order
             "confusion": confusion_matrix(truth, predicted, labels=range(len(card.classes))).tolist(),
         })  # fmt: skip
-    return {"model": card.name, "data": str(data), "n_images": len(images), "rows": rows}
+    return {"model": card.name, "data": str(data), "split": split, "n_images": len(images), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="run or model directory (default: the bundled model)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (Aria layout)")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="the part scored: test, or val to choose a recipe on (a holdout-stage model's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     require_dataset(args.data)
-    result = score(args.model, args.data)
-    print(f"{result['model']} on the test part of {args.data} ({result['n_images']} images)")
+    result = score(args.model, args.data, args.split)
+    print(f"{result['model']} on the {args.split} part of {args.data} ({result['n_images']} images)")
     print(f"{'condition':<34} {'balanced acc.':>13}  {'change R, G, B: all':>20}  {'cells':>20}  {'background':>20}  read as")
     for row in result["rows"]:
         changes = ["  ".join(f"{v:+5.1f}" for v in row[key])
