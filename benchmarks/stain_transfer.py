@@ -37,7 +37,7 @@ from bloodcell.evaluate.metrics import balanced_accuracy
 from bloodcell.evaluate.runner import load_eval_set, predict_logits, run_dir_of, training_config
 from bloodcell.explain.cell_masks import stained_cell_masks
 from bloodcell.io import atomic_write_json
-from bloodcell.models.card import load_model, resolve_model_dir
+from bloodcell.models.card import load_model, load_trained_on, resolve_model_dir
 
 # Haematoxylin, eosin and DAB stain vectors (Ruifrok & Johnston 2001), as bloodcell.data.augment uses.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -74,8 +74,11 @@ def conditions() -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
 def score(model_path: str | None, data: Path, split: str = "test") -> dict[str, Any]:
     """Balanced accuracy of the model on its ``split`` part of ``data`` under every condition."""
     model, card = load_model(model_path)
-    config = training_config(card, run_dir_of(resolve_model_dir(model_path)))
-    evaluated = load_eval_set(card, config, data, split)
+    model_dir = resolve_model_dir(model_path)
+    run_dir = run_dir_of(model_dir)
+    # The images `bloodcell evaluate` scores: on data not the model's own, less those it trained on.
+    trained_on = load_trained_on([model_dir, *([run_dir] if run_dir is not None else [])])
+    evaluated = load_eval_set(card, training_config(card, run_dir), data, split, trained_on=trained_on)
     images, truth = evaluated.images, evaluated.y_true
     # Where a change falls: on the stained cells (the Grad-CAM measure's masks) or the bright background.
     regions = {"cells": stained_cell_masks(images), "background": images.mean(axis=-1) > BACKGROUND_LEVEL}

@@ -160,12 +160,20 @@ def test_another_labs_folders_with_one_class_the_model_lacks(run: Path, tmp_path
 
     other = make_aria_dataset(tmp_path / "copy", per_class=12, size=48, seed=5, segmented=False) / "Original"
     lab = tmp_path / "lab"
-    for source, name in zip(("Benign", "Early", "Pre", "Pro", "Pro"), ("hematogones", "early_preB", "preB", "proB", "normal")):
-        shutil.copytree(other / source, lab / name, dirs_exist_ok=True)
+    for source, name in zip(("Benign", "Early", "Pre", "Pro"), ("hematogones", "early_preB", "preB", "proB")):
+        shutil.copytree(other / source, lab / name)
+    (lab / "normal").mkdir()  # two images: too few to split as a class of their own, which it is not
+    for image in sorted((other / "Pro").glob("*.jpg"))[:2]:
+        shutil.copy(image, lab / "normal" / image.name)
     with caplog.at_level("WARNING"):
         result = evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
-    assert result["n_images"] == 48  # normal/'s copies of proB/ are not counted twice
+    assert result["n_images"] == 48  # normal/'s copies of proB/ images are not counted twice
     assert "Benign = hematogones/" in caplog.text and "normal/ not used" in caplog.text
+    from bloodcell.errors import UserError
+
+    shutil.rmtree(lab / "early_preB")  # a class of the model's that no folder holds is named
+    with pytest.raises(UserError, match="class 'Early Pre-B': no folder"):
+        evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
 
 
 def files_trained_on(root: Path, trained: list[str]) -> int:

@@ -308,3 +308,18 @@ def test_a_class_that_is_one_duplicate_group_is_named_as_the_cause(caplog: pytes
         make_split(manifest, seed=0)
     message = " ".join(r.getMessage() for r in caplog.records)
     assert f"no image of {CLASSES[1]}: 60 of its 60 images are one duplicate group" in message
+
+
+def test_a_warning_its_logger_dropped_is_given_when_it_is_heard(caplog: pytest.LogCaptureFixture) -> None:
+    """warn_once counts a warning as given only when its logger lets it through."""
+    import logging
+
+    from bloodcell.notices import warn_once
+
+    quiet = logging.getLogger("bloodcell.test.quiet")
+    quiet.setLevel(logging.ERROR)
+    warn_once(quiet, "said once %d", 1)
+    quiet.setLevel(logging.NOTSET)
+    with caplog.at_level("WARNING", logger="bloodcell.test.quiet"):
+        warn_once(quiet, "said once %d", 1)
+    assert "said once 1" in caplog.text

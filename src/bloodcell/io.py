@@ -41,6 +41,8 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{start}.", suffix=suffix or target.suffix, dir=target.parent)
     except OSError as error:  # a read-only or full folder: name the file asked for, not the temporary
+        if error.errno is None:
+            raise
         raise type(error)(error.errno, error.strerror, str(target)) from error
     os.close(fd)
     tmp = Path(tmp_name)

@@ -14,7 +14,10 @@ GIVEN: set[str] = set()
 
 
 def warn_once(log: logging.Logger, message: str, *args: object) -> None:
-    """``log.warning(message % args)``, unless this process has given that very warning before."""
+    """``log.warning(message % args)``, unless this process has given that very warning before (a warning
+    its logger was set to drop is not counted as given)."""
+    if not log.isEnabledFor(logging.WARNING):
+        return
     text = message % args if args else message
     if text not in GIVEN:
         GIVEN.add(text)

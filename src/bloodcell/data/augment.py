@@ -191,7 +191,11 @@ class BatchAugment:
         return contrast * matrix, offset.reshape(n, 3)
 
     def _random_stain_clip(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Clip the negative stain densities of a random subset of the batch (probability ``stain_clip``)."""
+        """Clip the negative stain densities of a random subset of the batch (probability ``stain_clip``).
+
+        It follows the stain jitter and comes before the clamp to [0, 1], so a pixel that brightness or the
+        jitter pushed above white is tinted too (measured so: docs/BENCHMARKS.md).
+        """
         chosen = (_rand(generator, (x.shape[0],), _HOST) < self.config.stain_clip).nonzero().flatten()
         if chosen.numel() == 0:
             return x

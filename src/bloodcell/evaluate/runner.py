@@ -450,24 +450,27 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     cannot be checked for them. Raises :class:`UserError` when the data has classes the model does not
     know, lacks that part, or holds nothing the model has not trained on.
     """
+    from bloodcell.data.layouts import find_dataset
     from bloodcell.data.prepare import prepare_data
 
     data_config = config.data.model_copy(update={"image_size": card.input_size})
     classes = list(card.classes)
     if prepared is None:
+        folder = data_root if data_root is not None else data_config.root
+        matched = data_config.class_names is None and folder is not None and Path(folder).is_dir() and not set(
+            find_dataset(folder, data_config.variant, None).classes) <= set(classes)  # fmt: skip
+        if matched:
+            # Another lab's folders, one of them no class of the model's ("normal/" beside "hematogones/"),
+            # would each be taken as a class by its own name. Match the model's classes to the folders
+            # instead, by name or alias as `index --classes` does; the others are named and left out (or a
+            # class no folder matches is named in the error).
+            data_config = data_config.model_copy(update={"class_names": classes})  # the audit's too
         with _split_warnings_silenced(split == "all"):
             prepared = prepare_data(data_config, data_root, progress=progress)
-        if data_config.class_names is None and not set(prepared.classes) <= set(classes):
-            # Another lab's folders, one of them no class of the model's ("normal/" beside "hematogones/"):
-            # every folder was then taken as a class by its own name. Match the model's classes to the
-            # folders instead, by name or alias as `index --classes` does; the others are named and left out.
-            with contextlib.suppress(UserError), _split_warnings_silenced(split == "all"):  # else: named below
-                matched = data_config.model_copy(update={"class_names": classes})
-                prepared = prepare_data(matched, data_root, progress=progress)
-                data_config = matched  # the audit of these data then sees the same classes
-                folders = prepared.dataset.class_folders
-                log.warning("the model's classes, matched to the folders of %s: %s", prepared.dataset.top,
-                            ", ".join(f"{name} = {folders[name]}/" for name in classes))  # fmt: skip
+        if matched:
+            folders = prepared.dataset.class_folders
+            log.warning("the model's classes, matched to the folders of %s: %s", prepared.dataset.top,
+                        ", ".join(f"{name} = {folders[name]}/" for name in classes))  # fmt: skip
     unknown = [name for name in prepared.classes if name not in classes]
     if unknown:
         raise UserError(f"the data has classes the model does not know: {', '.join(unknown)} (model: {', '.join(classes)})")

@@ -58,7 +58,8 @@ class OnnxPredictor(BasePredictor):
         if recorded is not None and recorded != sha256_file(self.onnx_path):
             raise ModelFileError(f"{self.onnx_path} is not the graph its {self.onnx_path.parent / 'card.json'} "
                                  "describes (an interrupted export?); export the model again")  # fmt: skip
-        version = (self.card.get("onnx") or {}).get("graph_version", 1)
+        exported = self.card.get("onnx")  # None: a card written by hand, which says nothing of the graph
+        version = exported.get("graph_version", 1) if exported else GRAPH_VERSION
         if version < GRAPH_VERSION:
             warn_once(log, "%s was exported by an earlier bloodcell (graph version %d, now %d): its probabilities "
                       "may differ from PyTorch's by up to 1e-3; export the model again (bloodcell export)",
