@@ -8,6 +8,8 @@ one finding would bury the others.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: The warnings this process has given, as worded.
 GIVEN: set[str] = set()
@@ -22,3 +24,16 @@ def warn_once(log: logging.Logger, message: str, *args: object) -> None:
     if text not in GIVEN:
         GIVEN.add(text)
         log.warning(text)
+
+
+@contextmanager
+def quieted(log: logging.Logger, when: bool = True) -> Iterator[None]:
+    """Let ``log`` pass errors only inside the block (when ``when``), and put its level back however the
+    block ends: a library call must not leave the caller's logging quieter."""
+    level = log.level
+    if when:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -196,21 +196,17 @@ class BatchAugment:
         It follows the stain jitter and comes before the clamp to [0, 1], so a pixel that brightness or the
         jitter pushed above white is tinted too (measured so: docs/BENCHMARKS.md).
         """
-        chosen = (_rand(generator, (x.shape[0],), _HOST) < self.config.stain_clip).nonzero().flatten()
-        if chosen.numel() == 0:
-            return x
-        chosen = _to_device(chosen, x.device)
-        x[chosen] = clip_negative_stains(x[chosen])  # in place, as in _random_blur
+        chosen = _random_subset(x, self.config.stain_clip, generator)
+        if chosen is not None:
+            x[chosen] = clip_negative_stains(x[chosen])  # in place: colour() made x, nobody else holds it
         return x
 
     def _random_blur(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Blur a random subset of the batch (probability ``blur``), with one sigma in [0.5, 1.5] per batch."""
-        chosen = (_rand(generator, (x.shape[0],), _HOST) < self.config.blur).nonzero().flatten()
-        if chosen.numel() == 0:
-            return x
-        chosen = _to_device(chosen, x.device)
-        sigma = float(_uniform(generator, 1, 0.5, 1.5, _HOST))
-        x[chosen] = gaussian_blur(x[chosen], sigma)  # in place: colour() made x, nobody else holds it
+        chosen = _random_subset(x, self.config.blur, generator)
+        if chosen is not None:
+            sigma = float(_uniform(generator, 1, 0.5, 1.5, _HOST))
+            x[chosen] = gaussian_blur(x[chosen], sigma)  # in place, as in _random_stain_clip
         return x
 
     def _random_jpeg(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -218,14 +214,19 @@ class BatchAugment:
 
         Last in the chain, as in a camera: the sensor's light and noise come first, the encoder last.
         """
-        chosen = (_rand(generator, (x.shape[0],), _HOST) < self.config.jpeg).nonzero().flatten()
-        if chosen.numel() == 0:
-            return x
-        chosen = _to_device(chosen, x.device)
-        low, high = self.config.jpeg_quality
-        quality = low + int(_rand(generator, 1, _HOST) * (high - low + 1))
-        x[chosen] = jpeg_round_trip(x[chosen], min(quality, high))  # in place, as in _random_blur
+        chosen = _random_subset(x, self.config.jpeg, generator)
+        if chosen is not None:
+            low, high = self.config.jpeg_quality
+            quality = low + int(_rand(generator, 1, _HOST) * (high - low + 1))
+            x[chosen] = jpeg_round_trip(x[chosen], min(quality, high))  # in place, as in _random_stain_clip
         return x
+
+
+def _random_subset(x: torch.Tensor, probability: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The images of the batch a transform of this ``probability`` takes, as indices on ``x``'s device; None
+    when it takes none. Drawn on the host, like every choice of which images a transform takes."""
+    chosen = (_rand(generator, (x.shape[0],), _HOST) < probability).nonzero().flatten()
+    return _to_device(chosen, x.device) if chosen.numel() else None
 
 
 # -------------------------------------------------------------------- batched transforms (pure functions)

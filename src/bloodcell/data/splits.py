@@ -217,8 +217,8 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
 
 def effective_embargo(embargo: int, rows: pd.DataFrame) -> int:
     """The embargo applied to one class's rows: at most half its smallest block, so a class of few images
-    keeps training rows. Per class: a capped embargo for all classes, because one class held 3 images, left
-    the others' held-out blocks with no embargo at all."""
+    keeps training rows. Per class, not over the dataset: one class of 3 images would otherwise take every
+    other class's embargo down to nothing."""
     smallest_block = int(rows.groupby("block").size().min())
     return min(embargo, smallest_block // 2)
 

@@ -11,11 +11,10 @@ acquisition-shift suite -> shortcut baseline -> Grad-CAM examples and sanity che
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +38,7 @@ from bloodcell.evaluate.metrics import (
 from bloodcell.evaluate.shifts import SEVERITIES, SHIFTS, apply_shift, describe_parameters
 from bloodcell.evaluate.tta import VIEW_SETS, tta_logits
 from bloodcell.io import atomic_path, atomic_write_json, probability_columns, spreadsheet_safe
+from bloodcell.notices import quieted
 from bloodcell.probabilities import softmax_with_temperature
 
 if TYPE_CHECKING:  # for annotations only: importing them at run time would load torch for every caller
@@ -339,20 +339,6 @@ def explain_examples(
     return {**sanity, "grid": {name: sum(e["overlay"] is not None for e in examples) for name, examples in grid}}
 
 
-@contextlib.contextmanager
-def _split_warnings_silenced(silenced: bool) -> Iterator[None]:
-    """``--split all`` scores every image: the split rebuilt beside it (an embargo capped for small blocks,
-    a class with no image in a part) concerns nothing it scores, so its warnings are not shown."""
-    split_log = logging.getLogger("bloodcell.data.splits")
-    level = split_log.level
-    if silenced:
-        split_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        split_log.setLevel(level)
-
-
 def default_out_dir(model_dir: Path, card: ModelCard, split: str, own_data: bool, data_root: Path) -> Path:
     """Where results go unless told: the run directory for its own test part, else ``evaluations/<data>-<split>``
     inside it; for a model outside a run (the bundled one), ``./evaluations/<model name>`` likewise."""
@@ -465,7 +451,9 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
             # instead, by name or alias as `index --classes` does; the others are named and left out (or a
             # class no folder matches is named in the error).
             data_config = data_config.model_copy(update={"class_names": classes})  # the audit's too
-        with _split_warnings_silenced(split == "all"):
+        # --split all scores every image: the warnings about the split rebuilt beside it (an embargo capped
+        # for small blocks, a class with no image in a part) concern nothing it scores.
+        with quieted(logging.getLogger("bloodcell.data.splits"), when=split == "all"):
             prepared = prepare_data(data_config, data_root, progress=progress)
         if matched:
             folders = prepared.dataset.class_folders

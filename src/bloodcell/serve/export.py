@@ -17,7 +17,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,7 @@ from bloodcell.models.card import (
     resolve_model_dir,
     save_card,
 )
+from bloodcell.notices import quieted
 from bloodcell.probabilities import softmax_with_temperature
 from bloodcell.serve.common import expand_inputs, names_onnx_file, read_card_json
 from bloodcell.serve.onnx_predictor import GRAPH_VERSION, INPUT_NAME, OUTPUT_NAME
@@ -120,24 +121,12 @@ def parity_images(
     return (np.stack(real) if real else synthetic[:0]), synthetic, what
 
 
-@contextlib.contextmanager
-def _level_restored(log: logging.Logger, level: int) -> Iterator[None]:
-    """Set ``log`` back to ``level`` when the block ends: an export must not quieten the caller's logging."""
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def _export_graph(wrapper: nn.Module, size: int, target: Path, exporter: str, opset: int | None) -> None:
     """Write the ONNX graph of ``wrapper`` to ``target`` as one file (weights inside)."""
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _level_restored(onnx_log, level):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quieted(logging.getLogger("torch.onnx")):
         # The exporters print progress and deprecation notes; the CLI reports what matters itself.
         warnings.simplefilter("ignore")
-        onnx_log.setLevel(logging.ERROR)
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=65536)
             torch.onnx.export(
