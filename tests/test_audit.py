@@ -15,11 +15,13 @@ from bloodcell.data.audit import (
     corner_baselines,
     corner_features,
     corner_slices,
+    fit_shortcut_baseline,
     mask_corner,
     run_audit,
     segmented_coverage,
     shortcut_verdict,
     stained_cell_coverage,
+    _statement,
 )
 
 REPORT_KEYS = {
@@ -135,6 +137,16 @@ def test_corner_baseline_finds_a_mark_drawn_in_one_corner() -> None:
 )
 def test_verdicts(score: float, verdict: str) -> None:
     assert shortcut_verdict(score, 0.25) == verdict
+    assert shortcut_verdict(score, 0.25, n_test=40) == verdict
+
+
+def test_a_baseline_scored_on_a_handful_of_images_is_not_graded() -> None:
+    assert shortcut_verdict(1.0, 0.25, n_test=39) == "uncertain"  # under 10 images a class
+    features = np.r_[np.zeros((20, 1)), np.ones((20, 1))]
+    labels = np.r_[np.zeros(20, int), np.ones(20, int)]
+    few = fit_shortcut_baseline(features, labels, np.r_[0:18, 20:38], np.r_[18:20, 38:40])
+    assert few["balanced_accuracy"] == 1.0 and few["verdict"] == "uncertain"
+    assert "4 images only" in _statement(few, "the border colour")
 
 
 def test_audit_writes_markdown_and_json(aria_dataset: Path, tmp_path: Path) -> None:

@@ -147,6 +147,9 @@ def test_search_space_maps_onto_valid_configs() -> None:
     assert off.augment.affine_degrees == 0 and off.augment.brightness == 0 and off.augment.flip
     half = apply_params(base, {"augment_strength": 0.5})
     assert half.augment.affine_degrees == pytest.approx(AugmentConfig().affine_degrees / 2)
+    clipping = config_from_dict({**TINY, "augment": {"stain_clip": 0.25}})  # a probability, scaled as blur's
+    assert apply_params(clipping, {"augment_strength": 0.0}).augment.stain_clip == 0
+    assert apply_params(clipping, {"augment_strength": 100.0}).augment.stain_clip == 1.0
     with pytest.raises(ValueError, match="low"):
         SearchSpace(lr=(1e-2, 1e-3))
 

@@ -180,8 +180,19 @@ def corner_baselines(
     }
 
 
-def shortcut_verdict(balanced_accuracy: float, chance: float) -> str:
-    """``none``, ``weak``, ``moderate`` or ``strong``: how far a shortcut baseline is above chance."""
+#: Below this many test images a class on average, a baseline's score is too noisy to grade (a 1.000 from
+#: 4 images says little): its verdict is ``uncertain``.
+MIN_TEST_IMAGES_PER_CLASS = 10
+
+
+def shortcut_verdict(balanced_accuracy: float, chance: float, n_test: int | None = None) -> str:
+    """``none``, ``weak``, ``moderate`` or ``strong``: how far a shortcut baseline is above chance.
+
+    ``uncertain`` instead when ``n_test`` (the images it was scored on) is under
+    :data:`MIN_TEST_IMAGES_PER_CLASS` per class on average.
+    """
+    if n_test is not None and n_test < MIN_TEST_IMAGES_PER_CLASS * round(1 / chance):
+        return "uncertain"
     margin = balanced_accuracy - chance
     if margin < 0.05:
         return "none"
@@ -222,7 +233,7 @@ def fit_shortcut_baseline(
         "chance": round(chance, 4),
         "n_train": len(train_idx),
         "n_test": len(test_idx),
-        "verdict": shortcut_verdict(score, chance),
+        "verdict": shortcut_verdict(score, chance, len(test_idx)),
     }
 
 
@@ -264,6 +275,10 @@ def _statement(result: dict[str, Any], what: str) -> str:
         f"accuracy on the held-out test blocks (chance: {chance:.0f} %)."
     )
     tails = {
+        "uncertain": (
+            f" It was scored on {result['n_test']} images only, too few to tell a shortcut from chance: "
+            "measure it on more held-out images before reading anything into it."
+        ),
         "none": " It does no better than chance, so this feature gives a model no shortcut.",
         "weak": " That is a little above chance: the classes differ slightly in it, a weak shortcut.",
         "moderate": (
