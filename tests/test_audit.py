@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bloodcell.data.audit import (
+    _statement,
     border_colour_baseline,
     border_colour_features,
     colour_statistics_features,
@@ -21,7 +22,6 @@ from bloodcell.data.audit import (
     segmented_coverage,
     shortcut_verdict,
     stained_cell_coverage,
-    _statement,
 )
 
 REPORT_KEYS = {
