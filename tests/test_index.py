@@ -16,6 +16,7 @@ from PIL import Image
 
 from bloodcell import CLASSES
 from bloodcell.data import index as index_module
+from bloodcell.data.decode import squashed_note
 from bloodcell.data.index import (
     MANIFEST_COLUMNS,
     NEAR_DUPLICATE_MAX_DISTANCE,
@@ -491,3 +492,34 @@ def test_names_without_numbers_are_said_to_make_no_sessions(tmp_path: Path, capl
     with caplog.at_level("WARNING", logger="bloodcell.data.index"):
         build_index(tmp_path / "data", progress=False)
     assert "8 of the 8 images" in caplog.text and "not capture order" in caplog.text
+
+
+def squashed_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "not square" in r.getMessage()]
+
+
+def test_images_that_are_not_square_are_named_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = two_class_dataset(tmp_path / "data", per_class=4)
+    # 640 x 480 and 1,920 x 1,080 camera frames, at a size a test decodes quickly.
+    save(root / "a" / "img_002.png", Image.fromarray(smear(2)).resize((64, 48)))
+    save(root / "b" / "img_004.png", Image.fromarray(smear(4)).resize((64, 36)))
+    with caplog.at_level("WARNING", logger="bloodcell.data.index"):
+        build_index(root, progress=False)
+        build_index(root, progress=False)  # train indexes the data more than once: still one warning
+    assert squashed_records(caplog) == [
+        f"2 of the 8 images of {root} are not square; resizing to a square squashes the cells along the longer side "
+        "by up to 44 % (b/img_004.png: 64x36); crop the images to squares to keep the cells' shape"
+    ]
+
+
+def test_square_and_nearly_square_images_give_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = two_class_dataset(tmp_path / "data", per_class=4)
+    save(root / "a" / "img_002.png", Image.fromarray(smear(2)).resize((64, 62)))  # 3 %: a trimmed edge
+    with caplog.at_level("WARNING", logger="bloodcell.data.index"):
+        build_index(root, progress=False)
+    assert squashed_records(caplog) == []
+    # The line is drawn at 5 %: 64 x 61 (4.7 %) passes, 64 x 60 (6.3 %) is named, whichever side is longer.
+    assert squashed_note([("a.png", 64, 61), ("b.png", 61, 64), ("c.png", 64, 64)]) is None
+    assert squashed_note([("a.png", 60, 64)]) == ("1 of the 1 images is not square; resizing to a square squashes the "
+                                                  "cells along the longer side by up to 6 % (a.png: 60x64); crop the "
+                                                  "images to squares to keep the cells' shape")  # fmt: skip

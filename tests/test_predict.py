@@ -340,3 +340,19 @@ def test_library_calls_leave_the_callers_state_alone(tiny_model: Path, slides: P
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         predictor.predict(images)
+
+
+def test_predict_names_the_images_that_are_not_square_once(tiny_model: Path, slides: Path) -> None:
+    from PIL import Image
+
+    square = run("predict", "-m", str(tiny_model), str(slides), "--batch", "2")
+    assert "not square" not in square.stderr
+    frame = slides / "day2" / "frame.jpg"
+    Image.open(slides / "cell-000.jpg").resize((96, 72)).save(frame)  # a 4:3 camera frame
+    for args in ((), ("--json",)):  # on stderr with --json too, leaving stdout to the JSON
+        result = run("predict", "-m", str(tiny_model), str(slides), "--batch", "2", *args)
+        assert result.exit_code == 1, result.output  # the truncated file
+        assert result.stderr.count("not square") == 1, result.stderr
+        assert (f"1 of the 7 images is not square; resizing to a square squashes the cells along the longer side by up "
+                f"to 25 % ({frame}: 96x72)") in result.stderr  # fmt: skip
+    assert json.loads(result.stdout)["n_files"] == 8

@@ -13,6 +13,7 @@ import re
 import stat
 import threading
 import warnings
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -46,6 +47,11 @@ MAX_TIFF_STRIPS = 65_536
 #: index's hash cache and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels
 #: from the old one.
 DECODER_VERSION = 3
+#: Images whose shorter side falls short of the longer by more than this share are named as squashed when
+#: resized to the model's square input. A crop that trims a few rows (224 x 216: 3.6 %) changes a cell's
+#: proportions less than cells differ among themselves, so it passes unnoted; a 4:3 camera frame (25 %) or a
+#: 16:9 one (44 %) squashes every cell far beyond that, a shape a model trained on square images never saw.
+MAX_QUIET_SQUASH = 0.05
 #: Single-channel modes wider than 8 bits. PIL's conversion to RGB clips them at 255 instead of scaling,
 #: which turns a 16-bit smear into a blank white field; their range (12 or 16 bits? 0-1 floats?) cannot be
 #: told from the file, so they are refused with a reason instead of guessed.
@@ -265,12 +271,47 @@ def decode_image(source: str | os.PathLike[str] | bytes, size: int, max_pixels: 
     return resize_rgb(open_rgb(source, max_pixels=max_pixels), size)
 
 
-def decode_or_reason(source: str | os.PathLike[str], size: int) -> np.ndarray | str:
-    """:func:`decode_image`, or the reason the file cannot be used: for the tools that report a bad file
-    and go on with the rest (``predict``, ``explain``)."""
+class Decoded(NamedTuple):
+    """An image decoded for a model by :func:`decode_or_reason`."""
+
+    pixels: np.ndarray  # (size, size, 3) uint8 RGB, as decode_image gives it
+    width: int  # of the image before it was resized (after its EXIF orientation)
+    height: int
+
+
+def decode_or_reason(source: str | os.PathLike[str], size: int) -> Decoded | str:
+    """:func:`decode_image` with the size the image had, or the reason the file cannot be used: for the
+    tools that report a bad file and go on with the rest (``predict``, ``explain``)."""
     try:
-        return decode_image(source, size)
+        image = open_rgb(source)
+        return Decoded(resize_rgb(image, size), image.width, image.height)
     except ImageError as error:
         return error.reason
     except Exception as error:  # noqa: BLE001 - one odd file must not stop a batch of thousands
         return f"cannot read image ({type(error).__name__}: {error})"
+
+
+def squash(width: int, height: int) -> float:
+    """How much resizing a ``width`` x ``height`` image to a square squashes what it shows along its longer
+    side: ``1 - shorter / longer`` (0 for a square, 0.25 for 640 x 480, 0.44 for 1920 x 1080)."""
+    return 1 - min(width, height) / max(width, height)
+
+
+def squashed_note(sizes: Sequence[tuple[str, int, int]], where: str = "") -> str | None:
+    """One line naming the images that resizing to a square squashes by more than :data:`MAX_QUIET_SQUASH`,
+    or None when there are none.
+
+    Parameters
+    ----------
+    sizes: ``(name, width, height)`` of every image used.
+    where: words placed after "images" (`` of DATASET``), or nothing.
+    """
+    measured = [(squash(width, height), name, width, height) for name, width, height in sizes]
+    squashed = [item for item in measured if item[0] > MAX_QUIET_SQUASH]
+    if not squashed:
+        return None
+    most, name, width, height = max(squashed, key=lambda item: item[0])  # the first of the worst, in order
+    verb = "is" if len(squashed) == 1 else "are"
+    return (f"{len(squashed)} of the {len(sizes)} images{where} {verb} not square; resizing to a square squashes the "
+            f"cells along the longer side by up to {100 * most:.0f} % ({name}: {width}x{height}); crop the images to "
+            "squares to keep the cells' shape")  # fmt: skip

@@ -30,7 +30,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from bloodcell.data.decode import DECODER_VERSION, ImageError, open_rgb
+from bloodcell.data.decode import DECODER_VERSION, ImageError, open_rgb, squashed_note
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path, sha256_file, write_text_if_changed
@@ -440,6 +440,15 @@ def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3) -> N
                   len(mixed), " | ".join(examples))  # fmt: skip
 
 
+def _warn_of_squashed_images(manifest: pd.DataFrame, top: Path) -> None:
+    """Say when images are not square: the cache, like every predictor, resizes each to a square without
+    cropping, which changes the cells' proportions (said once for the data set, not once an image)."""
+    accepted = manifest[~manifest["rejected"]]
+    note = squashed_note(list(zip(accepted["path"], accepted["width"], accepted["height"])), f" of {top}")
+    if note:
+        warn_once(log, note)
+
+
 def build_index(
     root: str | Path,
     variant: str = "Original",
@@ -485,6 +494,7 @@ def build_index(
     manifest = manifest[list(MANIFEST_COLUMNS)]
     _warn_of_cross_class_duplicates(manifest)
     _warn_of_names_without_numbers(manifest, dataset.top)
+    _warn_of_squashed_images(manifest, dataset.top)
     manifest_path = Path(out) if out is not None else workdir / "manifest.csv"
     # One line ending on every system: the manifest's SHA-256 names the data in model cards and reports, and
     # pandas would otherwise end lines with \r\n on Windows.

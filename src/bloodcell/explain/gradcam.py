@@ -440,7 +440,7 @@ def explain_files(
         if isinstance(image, str):
             rows[i]["error"] = image
         else:
-            decoded[i] = image
+            decoded[i] = image.pixels
     if not decoded:
         return rows
     images = np.stack(list(decoded.values()))

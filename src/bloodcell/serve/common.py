@@ -16,13 +16,13 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from bloodcell.data.decode import IMAGE_SUFFIXES, decode_or_reason
+from bloodcell.data.decode import IMAGE_SUFFIXES, Decoded, decode_or_reason
 from bloodcell.errors import ModelFileError
 from bloodcell.io import printable_path, sha256_file
 from bloodcell.machine import available_cores
@@ -37,12 +37,15 @@ PREFETCH_BATCHES = 2
 
 @dataclass
 class PredictionResult:
-    """The prediction for one input: class name and per-class probabilities, or the reason it failed."""
+    """The prediction for one input: class name and per-class probabilities, or the reason it failed.
+    ``size`` is the file's ``(width, height)`` before it was resized to the model's square input (None for
+    a failed input, or one given as pixels): ``predict`` names the images that resizing squashed."""
 
     source: str
     label: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    size: tuple[int, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -210,16 +213,16 @@ class BasePredictor:
                     on_batch(len(results))
         return results
 
-    def _decode_one(self, name: str) -> np.ndarray | str:
+    def _decode_one(self, name: str) -> Decoded | str:
         """The decoded model input of one file, or the reason it cannot be used."""
         return decode_or_reason(name, self.input_size)
 
-    def _predict_chunk(self, names: list[str], decoded: list[np.ndarray | str], tta: bool | str | None) -> list[PredictionResult]:
+    def _predict_chunk(self, names: list[str], decoded: list[Decoded | str], tta: bool | str | None) -> list[PredictionResult]:
         good = [d for d in decoded if not isinstance(d, str)]
-        probs = iter(self.predict(np.stack(good), tta) if good else [])
+        probs = iter(self.predict(np.stack([d.pixels for d in good]), tta) if good else [])
         return [
             PredictionResult(source=printable_path(name), error=d) if isinstance(d, str)
-            else self.result(printable_path(name), next(probs))
+            else replace(self.result(printable_path(name), next(probs)), size=(d.width, d.height))
             for name, d in zip(names, decoded)
         ]
 
