@@ -351,6 +351,9 @@ def test_cli_evaluate_json_and_table(run: Path) -> None:
     table = runner.invoke(app, ["evaluate", str(run), "--split", "val", "--no-robustness", "--no-explain", "--no-progress"])
     assert table.exit_code == 0, table.output
     assert "balanced accuracy" in table.stdout and "Pro-B" in table.stdout
+    confident = payload["confident_errors"]
+    assert "errors at >= 90 % confidence" in table.stdout
+    assert f"{confident['count']} of {confident['errors']}" in table.stdout
 
 
 def test_cli_explain_writes_overlays(run: Path, dataset: Path, tmp_path: Path) -> None:

@@ -17,9 +17,11 @@ from sklearn.metrics import (
 
 from bloodcell import CLASSES
 from bloodcell.evaluate.metrics import (
+    CONFIDENT,
     balanced_accuracy_from_confusion,
     block_bootstrap_ci,
     classification_metrics,
+    confident_errors,
     expected_calibration_error,
     headline_metrics,
     reliability_bins,
@@ -85,6 +87,21 @@ def test_confusion_matrix_counts_and_row_normalised(metrics: dict) -> None:
     normalised = np.array(metrics["confusion_matrix_normalized"])
     np.testing.assert_allclose(normalised.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(normalised, expected / expected.sum(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_confident_errors_counts_the_wrong_answers_given_with_high_probability() -> None:
+    y_true = np.array([0, 1, 2, 3, 0])
+    probs = np.array([
+        [0.95, 0.05, 0.0, 0.0],  # right, confident: not an error
+        [0.92, 0.08, 0.0, 0.0],  # wrong at 0.92: counted
+        [0.0, 0.9, 0.1, 0.0],  # wrong at exactly the threshold: counted
+        [0.5, 0.0, 0.0, 0.5],  # a tie read as class 0: wrong, unsure
+        [0.1, 0.6, 0.3, 0.0],  # wrong, unsure
+    ])
+    assert confident_errors(y_true, probs) == {"threshold": CONFIDENT, "count": 2, "errors": 4}
+    assert confident_errors(y_true, probs, threshold=0.95)["count"] == 0
+    metrics = classification_metrics(y_true, probs, CLASSES, n_bootstrap=10)
+    assert metrics["confident_errors"] == {"threshold": 0.9, "count": 2, "errors": 4}
 
 
 def test_roc_auc_one_vs_rest_matches_sklearn() -> None:

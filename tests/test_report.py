@@ -111,6 +111,7 @@ def test_markdown_summary_beside_it(report: Path) -> None:
     assert markdown.startswith("# bloodcell evaluation report")
     assert "| balanced accuracy (95 % CI) |" in markdown
     assert "](plots/confusion_matrix.png)" in markdown
+    assert "| errors at >= 90 % confidence (after temperature) |" in markdown
     assert "&amp;" not in markdown  # Markdown is not HTML-escaped
 
 

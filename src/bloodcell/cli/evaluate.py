@@ -30,11 +30,22 @@ TARGET_LAYER_HELP = ("Dotted module name inside the network (default: its last c
 
 
 def _f(value: Any, digits: int = 3) -> str:
+    if isinstance(value, str):  # already in words ("4 of 10")
+        return value
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _ci(interval: Any) -> str:
     return "" if not interval or interval[0] is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _confident_row(metrics: dict[str, Any], tta: dict[str, Any] | None) -> list[tuple[str, Any, str, str | None]]:
+    """The row of errors made with high confidence (absent from a metrics.json written before it)."""
+    confident = metrics.get("confident_errors")
+    if not confident:
+        return []
+    name = f"errors at >= {100 * confident['threshold']:.0f} % confidence"
+    return [(name, f"{confident['count']} of {confident['errors']}", "after temperature", "" if tta else None)]
 
 
 def summary_tables(metrics: dict[str, Any]) -> list[Table]:
@@ -58,6 +69,7 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         ("ROC AUC (macro)", metrics["roc_auc_macro"], "", "" if tta else None),
         ("ECE, raw", metrics["ece"], "", "" if tta else None),
         ("ECE, temperature-scaled", metrics["ece_after_temperature"], "", _f(tta["ece"]) if tta else None),
+        *_confident_row(metrics, tta),
         ("temperature", metrics["temperature"],
          ("fitted on val" if metrics["data"].get("same_as_training", True) else "fitted on the model's val part")
          if metrics["temperature_source"].startswith("fitted on the validation part")

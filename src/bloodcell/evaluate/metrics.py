@@ -32,6 +32,9 @@ from sklearn.metrics import (
 #: Number of equal-width confidence bins of the reliability diagram and ECE (as in Guo et al. 2017).
 DEFAULT_ECE_BINS = 15
 DEFAULT_BOOTSTRAP = 1000
+#: Confidence at or above which an error counts as a confident one. A low ECE is an average over all images;
+#: it can hide a few errors made with near certainty, the ones a reader would act on unchecked.
+CONFIDENT = 0.9
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -303,7 +306,7 @@ def classification_metrics(
     Returns a JSON-ready dict: ``balanced_accuracy``, ``balanced_accuracy_ci`` ([low, high]),
     ``ci_method``, ``accuracy``, ``macro_f1``, ``per_class``, ``confusion_matrix``,
     ``confusion_matrix_normalized`` (rows sum to 1), ``roc_auc`` (class -> AUC or None), ``roc_auc_macro``,
-    ``ece``, ``nll``, ``reliability`` (bins) and ``n_images``.
+    ``ece``, ``nll``, ``reliability`` (bins), ``confident_errors`` and ``n_images``.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -334,5 +337,18 @@ def classification_metrics(
         "ece": expected_calibration_error(y_true, probs),
         "nll": float(log_loss(y_true, probs, labels=labels)),
         "reliability": reliability_bins(y_true, probs),
+        "confident_errors": confident_errors(y_true, probs),
         "n_images": len(y_true),
+    }
+
+
+def confident_errors(y_true: np.ndarray, probs: np.ndarray, threshold: float = CONFIDENT) -> dict[str, Any]:
+    """``{threshold, count, errors}``: how many of the ``errors`` (wrong top-label predictions) were made with
+    a top-label probability of at least ``threshold``."""
+    y_true, probs = np.asarray(y_true), np.asarray(probs)
+    wrong = probs.argmax(axis=1) != y_true
+    return {
+        "threshold": threshold,
+        "count": int((wrong & (probs.max(axis=1) >= threshold)).sum()),
+        "errors": int(wrong.sum()),
     }
