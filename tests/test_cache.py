@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_a_damaged_cache_file_is_rebuilt(aria_dataset: Path, tmp_path: Path) -> 
 
 
 def test_prepare_data(aria_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = DataConfig(image_size=40)
+    config = DataConfig(image_size=40, mix_segmented=0.3)  # training would mix in Segmented images
     prepared = prepare_data(config, aria_dataset, progress=False)
     assert prepared.classes == CLASSES
     assert prepared.images.shape == (len(prepared.split), 40, 40, 3)
@@ -119,6 +120,17 @@ def test_prepare_data(aria_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> No
     again = prepare_data(config, aria_dataset, progress=False)
     np.testing.assert_array_equal(again.images, prepared.images)
     assert again.split.equals(prepared.split)
+    # Without mixing, the other variant is neither read nor decoded: no second index, no second cache.
+    monkeypatch.setattr("bloodcell.data.prepare.build_index", _only_original(build_index))
+    assert prepare_data(DataConfig(image_size=40), aria_dataset, progress=False).segmented_images is None
+
+
+def _only_original(build: Any) -> Any:
+    def guarded(root: Any, variant: str = "Original", *args: Any, **kwargs: Any) -> Any:
+        assert variant == "Original", f"the {variant} variant was indexed"
+        return build(root, variant, *args, **kwargs)
+
+    return guarded
 
 
 def test_prepare_data_without_segmented_or_with_kfold(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def test_on_real_data_the_masks_hold_the_cells_the_segmented_variant_misses(real
     from bloodcell.data.audit import segmented_masks
     from bloodcell.data.prepare import prepare_data
 
-    prepared = prepare_data(DataConfig(image_size=128), real_data, progress=False)
+    prepared = prepare_data(DataConfig(image_size=128, mix_segmented=0.5), real_data, progress=False)  # with Segmented
     images, segmented = np.asarray(prepared.images), np.asarray(prepared.segmented_images)
     for k, name in enumerate(prepared.classes):
         rows = np.flatnonzero(prepared.labels == k)[::4]

@@ -49,7 +49,7 @@ def cache_path(manifest: pd.DataFrame, cache_dir: str | Path, size: int, variant
     return Path(cache_dir) / f"{variant}-{size}px-{rows_key(manifest)}.npy"
 
 
-def _decode_into(target: Path, paths: list[Path], size: int, progress: bool) -> None:
+def _decode_into(target: Path, paths: list[Path], size: int, progress: bool, variant: str) -> None:
     # The lock is held until the temporary has been renamed into place (the handle follows the file), so
     # _remove_abandoned_temporaries can never take a build that is still finishing.
     with contextlib.ExitStack() as held, atomic_path(target, suffix=".npy") as tmp:
@@ -59,7 +59,7 @@ def _decode_into(target: Path, paths: list[Path], size: int, progress: bool) -> 
         _reserve(handle, target)
         if not locked:
             held.close()  # no lock to hold, and Windows cannot rename a file that is still open
-        for k, path in enumerate(track(paths, len(paths), f"Decoding images at {size}px", progress)):
+        for k, path in enumerate(track(paths, len(paths), f"Decoding {variant} images at {size}px", progress)):
             array[k] = decode_image(path, size)
         array.flush()
         del array  # close the map before the file is renamed
@@ -133,7 +133,7 @@ def load_images(
     target = cache_path(manifest, cache_dir, size, variant)
     if not target.is_file():
         _remove_abandoned_temporaries(target.parent, size, variant)  # before: it may be what filled the disk
-        _decode_into(target, [Path(root) / p for p in manifest["path"]], size, progress)
+        _decode_into(target, [Path(root) / p for p in manifest["path"]], size, progress, variant)
         _remove_stale_caches(target, size, variant)
     images = np.load(target, mmap_mode="r")
     if images.shape != (len(manifest), size, size, 3):  # a foreign file under our name: rebuild it

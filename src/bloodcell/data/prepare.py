@@ -36,7 +36,8 @@ class PreparedData:
     classes: class names in label order.
     root: the folder the manifest paths are relative to.
     manifest_sha256: SHA-256 of the manifest file (recorded in model cards).
-    segmented_images: the Segmented counterparts aligned with ``split`` when the dataset has them, else None.
+    segmented_images: the Segmented counterparts aligned with ``split`` when ``data.mix_segmented`` asks for them
+        and the dataset has them, else None.
     dataset: the dataset found on disk.
     manifest_path, split_path: where the manifest and the split were written.
     """
@@ -145,7 +146,11 @@ def prepare_data(
         classes=dataset.classes,
         root=dataset.root,
         manifest_sha256=manifest_sha256(indexed.manifest_path),
-        segmented_images=segmented_images(dataset, split, data_config, images, progress),
+        # Only training with data.mix_segmented reads them: decoding the other variant for every command
+        # cost a second index and a cache file as large as this one.
+        segmented_images=segmented_images(dataset, split, data_config, images, progress)
+        if data_config.mix_segmented > 0
+        else None,
         dataset=dataset,
         manifest_path=indexed.manifest_path,
         split_path=split_path,
