@@ -579,6 +579,10 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     code, out, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--no-progress"], monkeypatch, capsys)
     assert code == 0 and f"{tmp_path / 'run'} is already complete (2 of 2 epochs): nothing is trained again" in err
     assert re.search(r"test part: balanced accuracy [01]\.\d{3} \(95 % CI [01]\.\d{3}-[01]\.\d{3}\), \d+ images", out), out
+    code, out, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--no-report"], monkeypatch, capsys)
+    assert code == 0 and "already complete" in err
+    assert "stage 1 of 2" not in err + out and "stage 2 of 2" not in err + out  # no stage announced as training
+    assert "2 epochs (trained before)" in out
 
 
 @pytest.mark.parametrize(

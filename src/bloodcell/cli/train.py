@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import typer
@@ -59,8 +60,9 @@ def train_command(
     """
     from bloodcell.config import load_config, override
     from bloodcell.errors import UserError
+    from bloodcell.notices import quieted
     from bloodcell.train import train_run
-    from bloodcell.train.checkpoint import completed_epochs
+    from bloodcell.train.checkpoint import completed_epochs, is_complete
 
     extra = list(overrides)
     if data is not None:
@@ -72,13 +74,15 @@ def train_command(
     if weights is not None:
         extra.append(override("model.weights", weights.resolve()))
 
+    complete = False  # a resumed run with nothing left to train
     if resume is not None:
         if not (resume / "config.yaml").is_file():
             raise UserError(f"{resume}: not a run directory (no config.yaml); give the folder train wrote")
         run_config = load_config(str(resume / "config.yaml"), extra)
         run_dir = resume
         done = completed_epochs(run_dir)
-        if done is not None and (done[0] >= run_config.train.epochs or done[1]):
+        complete = is_complete(run_dir, run_config.train.epochs)
+        if done is not None and complete:
             warning_line(f"{run_dir} is already complete ({done[0]} of {run_config.train.epochs} epochs"
                          + (f", stopped by {done[1].replace('_', ' ')}" if done[1] else "")
                          + "): nothing is trained again" + ("; its report is rebuilt" if report else ""))  # fmt: skip
@@ -96,7 +100,10 @@ def train_command(
         _say_where_devices_run(run_config)
 
     try:
-        result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
+        # A complete run trains nothing; Lightning's set-up line ("Using bfloat16 Automatic Mixed
+        # Precision") would say otherwise.
+        with quieted(logging.getLogger("lightning_fabric"), when=complete):
+            result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
     except KeyboardInterrupt:
         warning_line(f"interrupted; continue with: bloodcell train --resume {run_dir}")
         raise
@@ -119,17 +126,20 @@ def train_command(
     if as_json:
         typer.echo(json.dumps(summary))
         return
+    def took(seconds: float) -> str:  # this command's seconds: none were spent training a complete run
+        return "trained before" if complete else f"{seconds:.0f} s"
+
     if result.holdout:
         typer.echo(
             f"holdout (train only): val balanced accuracy {summary['last_val_balanced_accuracy']:.4f} at the last "
             f"epoch, best {validated.best_val_balanced_accuracy:.4f} at epoch {validated.best_epoch} "
-            f"({result.holdout.seconds:.0f} s)"
+            f"({took(result.holdout.seconds)})"
         )
-        typer.echo(f"refit on train + val: {len(result.history)} epochs ({result.seconds:.0f} s)")
+        typer.echo(f"refit on train + val: {len(result.history)} epochs ({took(result.seconds)})")
     else:
         typer.echo(
             f"best val balanced accuracy {result.best_val_balanced_accuracy:.4f} at epoch {result.best_epoch} "
-            f"({len(result.history)} epochs, {result.stopped}, {result.seconds:.0f} s)"
+            f"({len(result.history)} epochs, {result.stopped}, {took(result.seconds)})"
         )
     typer.echo(f"run: {result.run_dir}  (best model: {result.run_dir / 'checkpoints' / 'best'})")
     evaluated = result.run_dir / "metrics.json"  # the report's evaluation of the held-out part

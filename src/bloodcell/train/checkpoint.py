@@ -59,6 +59,12 @@ def completed_epochs(run_dir: Path) -> tuple[int, str | None] | None:
         return None
 
 
+def is_complete(run_dir: Path, epochs: int) -> bool:
+    """Whether the run in ``run_dir`` has nothing left to train: all ``epochs`` done, or stopped early."""
+    done = completed_epochs(run_dir)
+    return done is not None and (done[0] >= epochs or done[1] is not None)
+
+
 def refuse_foreign_folder(run_dir: Path) -> None:
     """Refuse to start a run in a file, or in a folder that holds other files but no run of ours (a start
     writes ``config.yaml`` first): the run's files would land among someone else's, a dataset's class

@@ -25,6 +25,7 @@ from bloodcell.train.checkpoint import (
     checkpoint_dir,
     has_resumable_checkpoint,
     holds_a_run,
+    is_complete,
     refuse_foreign_folder,
 )
 from bloodcell.train.loop import TrainingData, TrainResult, fit, prepare_training_data, recorded_threads
@@ -55,7 +56,9 @@ def train_run(
     if prepared is None:  # once for both stages and the temperature: the same data, split and cache
         prepared = prepare_training_data(config, progress and _is_first_process())
     holdout_config = config.model_copy(update={"data": config.data.model_copy(update={"train_on": "train"})})
-    _announce(progress, f"stage 1 of 2: holdout, the recipe on the training part alone -> {holdout_dir}")
+    # A stage a resumed run already finished trains nothing: announcing it would say otherwise.
+    _announce(progress and not (resume and is_complete(holdout_dir, config.train.epochs)),
+              f"stage 1 of 2: holdout, the recipe on the training part alone -> {holdout_dir}")  # fmt: skip
     holdout = fit(
         holdout_config, holdout_dir, resume=resume and has_resumable_checkpoint(holdout_dir),
         progress=progress, prepared=prepared,
@@ -69,7 +72,8 @@ def train_run(
     )
     resolved = resolved.model_copy(update={"data": resolved.data.model_copy(update={"root": config.data.root})})
     temperature = fit_holdout_temperature(holdout_dir, prepared, holdout.is_main_process, config.data.root)
-    _announce(progress and holdout.is_main_process, f"stage 2 of 2: refit on train + val -> {run_dir}")
+    _announce(progress and holdout.is_main_process and not (resume and is_complete(run_dir, resolved.train.epochs)),
+              f"stage 2 of 2: refit on train + val -> {run_dir}")  # fmt: skip
     result = fit(
         resolved, run_dir, resume=resume and has_resumable_checkpoint(run_dir), progress=progress, prepared=prepared
     )
