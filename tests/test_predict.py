@@ -167,6 +167,14 @@ def test_predict_json_all_good_exit_zero(tiny_model: Path, slides: Path, tmp_pat
     assert first["error"] is None and first["class"] == max(first["probabilities"], key=first["probabilities"].get)
 
 
+def test_rows_the_table_leaves_out_point_to_the_file_that_holds_them(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    images = str(slides / "*.jpg")
+    assert "(write them all with --out FILE.csv)" in run("predict", "-m", str(tiny_model), images, "--show", "1").stdout
+    out = tmp_path / "all.csv"
+    table = run("predict", "-m", str(tiny_model), images, "--show", "1", "--out", str(out)).stdout
+    assert "--out FILE.csv" not in table and "2 more rows (all of them in" in table  # the path may wrap
+
+
 def test_model_as_first_input_and_missing_inputs(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     result = run("predict", str(tiny_model), str(slides / "cell-001.jpg"), str(slides / "no-such-*.png"),

@@ -144,8 +144,9 @@ def check_results_path(path: Path) -> None:
         raise UserError(f"--out {path}: {existing} is a file, not a folder")
 
 
-def print_table(results: list[Any], classes: list[str], limit: int) -> None:
-    """A rich table of the first ``limit`` results (failed files are always shown)."""
+def print_table(results: list[Any], classes: list[str], limit: int, written_to: Path | None = None) -> None:
+    """A rich table of the first ``limit`` results (failed files are always shown); ``written_to``: the file
+    that holds them all, if ``--out`` gave one."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -169,7 +170,8 @@ def print_table(results: list[Any], classes: list[str], limit: int) -> None:
     console = Console()
     console.print(table)
     if len(shown) < len(results):
-        console.print(f"... {len(results) - len(shown)} more rows (write them all with --out FILE.csv)")
+        where = f"all of them in {written_to}" if written_to is not None else "write them all with --out FILE.csv"
+        console.print(f"... {len(results) - len(shown)} more rows ({escape(where)})")
 
 
 @app.command("predict")
@@ -250,7 +252,7 @@ def predict_command(
     if as_json:
         typer.echo(json.dumps(payload))
     else:
-        print_table(results, predictor.classes, show)
+        print_table(results, predictor.classes, show, out)
         if skipped:
             typer.echo(skipped_note(skipped), err=True)
     if squashed:  # with --json too, on stderr (stdout keeps the JSON alone): the probabilities need the caveat
