@@ -223,7 +223,9 @@ def test_a_re_encoded_copy_of_the_data_still_leaves_out_the_training_images(run:
     assert result["n_images"] == 4 * 24 - left_out
 
 
-def test_split_all_on_its_own_data_leaves_out_the_duplicates_of_its_training_images() -> None:
+def test_split_all_on_its_own_data_leaves_out_the_duplicates_of_its_training_images(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A duplicate group's members outside its kept part are left out of the split; --split all would score
     them as unseen while their copy was trained on."""
     import types
@@ -235,8 +237,10 @@ def test_split_all_on_its_own_data_leaves_out_the_duplicates_of_its_training_ima
         "dup_group": [0, 0, 1, 2, 3],
     })  # fmt: skip
     prepared = types.SimpleNamespace(split=split)
-    kept, left_out = _without_training_images(np.arange(5), prepared, None, True, "all", ["train", "val"])
+    with caplog.at_level("WARNING", logger="bloodcell.evaluate.runner"):
+        kept, left_out = _without_training_images(np.arange(5), prepared, None, True, "all", ["train", "val"])
     assert kept.tolist() == [2, 3] and left_out == 3  # the embargoed copy of row 0 goes with it
+    assert "3 of the 5 images are ones the model was trained on, or copies of them" in caplog.text
 
 
 def test_other_data_leave_out_the_re_captures_of_trained_fields_and_warn_without_phashes(
@@ -506,7 +510,7 @@ def test_the_summary_names_where_the_grad_cam_maps_look() -> None:
     for table in summary_tables({**metrics, "explain": {**metrics["explain"], **explain}}):
         console.print(table)
     text = console.export_text()
-    assert "Grad-CAM energy on stained cells / their area (stages.1)" in text
+    assert "Grad-CAM energy on stained cells / their area (layer stages.1)" in text
     assert "1.870" in text and "favours the cells; sanity check passed" in text
 
 

@@ -55,7 +55,7 @@ def _print_summary(demo: DemoResult) -> None:
     # Every class's probability when the terminal has room (they are all in predictions.csv and the report).
     classes = demo.classes if console.width >= 100 else []
     table = Table(
-        title=f"{demo.model_info['name']} {demo.model_info['version']} ({demo.model_info['architecture']}) on "
+        title=f"model {demo.model_info['name']}, version {demo.model_info['version']} ({demo.model_info['architecture']}) on "
         f"{len(demo.images)} sample images",
         title_justify="left", header_style="bold",
     )  # fmt: skip

@@ -82,7 +82,7 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
     if explained.get("energy_to_area_ratio") is not None:  # where the Grad-CAM maps look, against chance (1)
         verdict = "favours the cells" if explained.get("favours_cell") else "does not favour the cells"
         sanity = "sanity check passed" if explained.get("passed") else "sanity check FAILED"
-        rows.append((f"Grad-CAM energy on stained cells / their area ({explained['target_layer']})",
+        rows.append((f"Grad-CAM energy on stained cells / their area (layer {explained['target_layer']})",
                      explained["energy_to_area_ratio"], f"{verdict}; {sanity}", "" if tta else None))  # fmt: skip
     for name, value, extra, tta_value in rows:
         head.add_row(name, _f(value), extra, *([tta_value] if tta else []))

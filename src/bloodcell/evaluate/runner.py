@@ -517,8 +517,9 @@ def _without_training_images(
     if not keep.any():
         raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
     if not keep.all():
-        log.warning("%d of the %d images (%s) are ones the model was trained on, or copies of them; they are left out",
-                    int((~keep).sum()), len(indices), where)  # fmt: skip
+        of = f" of {where}" if split != "all" else ""  # "these images" would name them twice
+        log.warning("%d of the %d images%s are ones the model was trained on, or copies of them; they are left out",
+                    int((~keep).sum()), len(indices), of)  # fmt: skip
     return indices[keep], int((~keep).sum())
 
 
