@@ -18,6 +18,7 @@ from bloodcell.data.augment import (
     hue_matrix,
     jpeg_round_trip,
     mosaic,
+    perturbed_stain_vectors,
     random_crop,
     stain_jitter,
     unmosaic,
@@ -26,11 +27,11 @@ from bloodcell.data.augment import (
 OFF = {
     "flip": False, "rot90": False, "affine_degrees": 0, "affine_scale": 0, "affine_translate": 0,
     "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "gamma": 0, "stain": 0, "blur": 0, "noise": 0,
-    "jpeg": 0, "stain_clip": 0,
+    "jpeg": 0, "stain_clip": 0, "stain_vectors": 0,
 }  # fmt: skip
 COLOUR_TRANSFORMS = {
     "brightness": 0.3, "contrast": 0.3, "saturation": 0.5, "hue": 0.1, "gamma": 0.3, "stain": 0.3, "blur": 1.0,
-    "noise": 0.05, "jpeg": 1.0, "stain_clip": 1.0,
+    "noise": 0.05, "jpeg": 1.0, "stain_clip": 1.0, "stain_vectors": 0.2,
 }  # fmt: skip
 
 
@@ -210,6 +211,38 @@ def test_stain_jitter_is_identity_at_unit_parameters_and_gamma_is_a_power() -> N
     assert torch.allclose(stain_jitter(x, ones, ones, zeros), x, atol=1e-4)
     gamma = torch.tensor([1.2, 0.9, 1.1]).expand(n, 3)
     assert torch.allclose(stain_jitter(x, gamma, ones, zeros), x ** gamma.reshape(n, 3, 1, 1), atol=1e-4)
+
+
+def test_perturbed_stain_vectors_change_h_and_e_colour_not_length() -> None:
+    base = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    assert torch.allclose(perturbed_stain_vectors(torch.zeros(4, 2, 3)), base.expand(4, 3, 3))
+    vectors = perturbed_stain_vectors(torch.randn(16, 2, 3, generator=gen()) * 0.3)
+    assert vectors.shape == (16, 3, 3) and bool((vectors > 0).all())
+    assert torch.allclose(vectors.norm(dim=-1), base.norm(dim=-1).expand(16, 3), atol=1e-5)
+    assert torch.equal(vectors[:, 2], base[2].expand(16, 3))  # DAB kept
+    assert not torch.allclose(vectors[:, :2], base[:2].expand(16, 2, 3), atol=1e-2)
+    # The unperturbed vectors through stain_jitter's per-image path give its fixed-vector result.
+    x = smear_batch().float().clamp_min(1) / 255
+    n = len(x)
+    gamma, alpha = torch.full((n, 3), 1.1), torch.full((n, 3), 0.9)
+    beta = torch.full((n, 3), 0.05)
+    fixed = stain_jitter(x, gamma, alpha, beta)
+    assert torch.allclose(stain_jitter(x, gamma, alpha, beta, base.expand(n, 3, 3)), fixed, atol=1e-5)
+    assert not torch.allclose(stain_jitter(x, gamma, alpha, beta, vectors[:n]), fixed, atol=1e-2)
+
+
+def test_stain_vectors_off_draws_nothing_and_on_changes_the_batch() -> None:
+    x = smear_batch()
+    recipe = {"gamma": 0.2, "stain": 0.1, "stain_clip": 0.25, "noise": 0.02}
+    off = BatchAugment(AugmentConfig(**recipe))
+    g = gen(3)
+    y, following = off(x, g), torch.rand(4, generator=g)
+    g = gen(3)
+    assert torch.equal(BatchAugment(AugmentConfig(**recipe, stain_vectors=0))(x, g), y)
+    assert torch.equal(torch.rand(4, generator=g), following)
+    on = BatchAugment(AugmentConfig(**recipe, stain_vectors=0.2))(x, gen(3))
+    assert on.shape == x.shape and on.dtype == torch.float32
+    assert float(on.min()) >= 0 and float(on.max()) <= 255 and not torch.equal(on, y)
 
 
 def test_blur_keeps_the_mean_and_smooths() -> None:

@@ -126,6 +126,7 @@ class AugmentConfig(Strict):
     hue: float = Field(0.03, ge=0, le=0.5)  # fraction of a full turn
     gamma: float = Field(0.2, ge=0, le=1)  # per-channel gamma in [1-g, 1+g] (stain intensity)
     stain: float = Field(0.1, ge=0, le=1)  # HED stain-space jitter strength
+    stain_vectors: float = Field(0.0, ge=0, le=0.5)  # std of the per-image noise on the H and E stain vectors (colour)
     stain_clip: float = Field(0.0, ge=0, le=1)  # probability an image's negative stain densities are clipped to 0
     blur: float = Field(0.0, ge=0, le=1)  # probability of a small Gaussian blur
     noise: float = Field(0.0, ge=0, le=0.2)  # Gaussian noise std (in [0,1] pixel units)

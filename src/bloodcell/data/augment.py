@@ -15,8 +15,8 @@ The transforms are grouped so that each group costs one pass over the pixels:
    default: it cost about a fifth of a training step and bought no accuracy), flips and quarter turns are
    exact index operations on the uint8 images.
 2. brightness, saturation, hue and contrast are affine in RGB: one 3x3 matrix + offset per image.
-3. per-channel gamma and HED stain jitter are linear in optical density (OD = -log I): one log, one
-   3x3 matrix + offset per image, one exp.
+3. per-channel gamma, HED stain jitter and the re-rendering with perturbed stain vectors are linear in
+   optical density (OD = -log I): one log, one 3x3 matrix + offset per image, one exp.
 4. blur (a random subset of the batch) and Gaussian noise.
 5. JPEG re-compression of a random subset: real libjpeg through ``torchvision.io`` (a batched C++ call on
    a list of images; it gives the same pixels as PIL, which the shift suite uses), or nvJPEG when the
@@ -88,8 +88,8 @@ class BatchAugment:
     @property
     def _has_colour(self) -> bool:
         c = self.config
-        strengths = (c.brightness, c.contrast, c.saturation, c.hue, c.gamma, c.stain, c.stain_clip, c.blur, c.noise,
-                     c.jpeg)  # fmt: skip
+        strengths = (c.brightness, c.contrast, c.saturation, c.hue, c.gamma, c.stain, c.stain_vectors, c.stain_clip,
+                     c.blur, c.noise, c.jpeg)  # fmt: skip
         return any(v > 0 for v in strengths)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -154,11 +154,13 @@ class BatchAugment:
             x = colour_affine(x, *self._colour_affine(x, generator))  # also scales to [0, 1]
         else:
             x = x / 255.0
-        if c.gamma or c.stain:
+        if c.gamma or c.stain or c.stain_vectors:
             gamma = _uniform(generator, (n, 3), 1 - c.gamma, 1 + c.gamma, device)
             alpha = _uniform(generator, (n, 3), 1 - c.stain, 1 + c.stain, device)
             beta = _uniform(generator, (n, 3), -c.stain / 2, c.stain / 2, device)
-            x = stain_jitter(x, gamma, alpha, beta)  # exp() > 0: only the upper clamp below matters
+            # Drawn only when asked for, as stain_clip's: the other recipes' random streams stay as they were.
+            vectors = self._stain_vectors(n, device, generator) if c.stain_vectors else None
+            x = stain_jitter(x, gamma, alpha, beta, vectors)  # exp() > 0: only the upper clamp below matters
         if c.stain_clip:  # drawn only when asked for: the other recipes' random streams stay as they were
             x = self._random_stain_clip(x, generator)
         if c.blur:
@@ -189,6 +191,16 @@ class BatchAugment:
         mean_grey = _constant("luma", device) @ (matrix @ mean_rgb)  # (N, 1)
         offset = ((1 - contrast) * mean_grey.view(n, 1, 1)).expand(n, 3, 1)
         return contrast * matrix, offset.reshape(n, 3)
+
+    def _stain_vectors(self, n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+        """``(N, 3, 3)`` stain matrices (rows H, E, DAB) with each image's H and E vectors perturbed.
+
+        Every component of the two vectors gets N(0, ``stain_vectors``) noise, is clamped to at least 0.01
+        and the vector is rescaled to its original length: a change of stain colour (what Macenko
+        normalisation to another image does), not of stain amount (what ``stain`` does).
+        """
+        noise = _randn(generator, (n, 2, 3), device) * self.config.stain_vectors
+        return perturbed_stain_vectors(noise)
 
     def _random_stain_clip(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Clip the negative stain densities of a random subset of the batch (probability ``stain_clip``).
@@ -349,21 +361,47 @@ def colour_affine(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -
     return out.view(n, ch, h, w)
 
 
-def stain_jitter(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def stain_jitter(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    stain_vectors: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-channel gamma and HED stain jitter of images in [0, 1] (each argument ``(N, 3)``).
 
     Both are linear in optical density OD = -log(I): a gamma ``I ** g`` multiplies a channel's OD by ``g``,
     and stain jitter (Tellez et al. 2018) maps the haematoxylin / eosin / DAB densities obtained by colour
-    deconvolution to ``alpha * density + beta``. One log, one matrix + offset per image, one exp.
+    deconvolution to ``alpha * density + beta``. ``stain_vectors`` (``(N, 3, 3)``, rows H, E, DAB), when
+    given, re-renders those densities with each image's own stain vectors instead of the ones they were
+    separated with (see :func:`perturbed_stain_vectors`). One log, one matrix + offset per image, one exp.
     """
     rgb_from_hed = _constant("rgb_from_hed", x.device).to(x.dtype)
     hed_from_rgb = _constant("hed_from_rgb", x.device).to(x.dtype)
     # Row-vector convention: od' = ((od * gamma) @ hed_from_rgb * alpha + beta) @ rgb_from_hed.
-    matrix = gamma.unsqueeze(-1) * (hed_from_rgb @ (alpha.unsqueeze(-1) * rgb_from_hed))  # (N, 3, 3)
-    offset = beta @ rgb_from_hed  # (N, 3)
+    if stain_vectors is None:
+        matrix = gamma.unsqueeze(-1) * (hed_from_rgb @ (alpha.unsqueeze(-1) * rgb_from_hed))  # (N, 3, 3)
+        offset = beta @ rgb_from_hed  # (N, 3)
+    else:  # the same with a reconstruction matrix per image
+        stain_vectors = stain_vectors.to(x.dtype)
+        matrix = gamma.unsqueeze(-1) * (hed_from_rgb @ (alpha.unsqueeze(-1) * stain_vectors))
+        offset = (beta.unsqueeze(1) @ stain_vectors).squeeze(1)
     # exp(-(M od + b)) with od = -log(I) is exp(M log(I) - b): no negations needed.
     log_intensity = x.clamp_min(_OD_EPS).log_()  # in place on the clamped copy: one pass fewer
     return colour_affine(log_intensity, matrix.transpose(1, 2), -offset).exp_()
+
+
+def perturbed_stain_vectors(noise: torch.Tensor) -> torch.Tensor:
+    """``(N, 3, 3)`` stain matrices: the Ruifrok & Johnston H and E vectors plus ``noise`` (``(N, 2, 3)``).
+
+    Each perturbed component is clamped to at least 0.01 (a stain absorbs some light in every channel) and
+    each vector rescaled to its original length, so its direction (the stain's colour) changes, not its
+    strength; the DAB vector is kept.
+    """
+    base = _constant("rgb_from_hed", noise.device).to(noise.dtype)
+    he = (base[:2] + noise).clamp_min(0.01)
+    he = he * (base[:2].norm(dim=1) / he.norm(dim=-1)).unsqueeze(-1)
+    return torch.cat([he, base[2:].expand(noise.shape[0], 1, 3)], dim=1)
 
 
 def clip_negative_stains(x: torch.Tensor) -> torch.Tensor:
@@ -507,6 +545,10 @@ def _generator_on(generator: torch.Generator | None, device: torch.device) -> to
 
 def _rand(generator: torch.Generator | None, shape, device: torch.device) -> torch.Tensor:
     return torch.rand(shape, generator=_generator_on(generator, device), device=device)
+
+
+def _randn(generator: torch.Generator | None, shape, device: torch.device) -> torch.Tensor:
+    return torch.randn(shape, generator=_generator_on(generator, device), device=device)
 
 
 def _pixel_noise(generator: torch.Generator | None, shape, device: torch.device) -> torch.Tensor:

@@ -64,7 +64,7 @@ MAX_RETRY = 2
 #: AugmentConfig fields that are magnitudes (scaled by ``augment_strength``); booleans and loss weights are not.
 AUGMENT_MAGNITUDES = (
     "affine_degrees", "affine_scale", "affine_translate", "brightness", "contrast", "saturation",
-    "hue", "gamma", "stain", "stain_clip", "blur", "noise",
+    "hue", "gamma", "stain", "stain_vectors", "stain_clip", "blur", "noise",
 )  # fmt: skip
 #: Config keys that may differ between workers of one study (machine-specific, not part of the search).
 MACHINE_KEYS = (("data", "root"), ("train", "num_threads"), ("train", "devices"), ("train", "accelerator"))
