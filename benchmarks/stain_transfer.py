@@ -74,23 +74,37 @@ def skimage_round_trip(images: np.ndarray, h: float, e: float) -> np.ndarray:
 
 def macenko_normalised(images: np.ndarray, template: np.ndarray) -> tuple[np.ndarray, int]:
     """uint8 NHWC images Macenko-normalised to ``template`` (HWC), and how many were left unchanged
-    because their two stains could not be separated (too few stained pixels, a degenerate fit)."""
+    because their two stains could not be separated (too few stained pixels, a degenerate fit; all of
+    them when the template's cannot)."""
     normalizer = NumpyMacenkoNormalizer()
-    normalizer.fit(np.asarray(template))
+    fitted, _ = _macenko_step(lambda: normalizer.fit(np.asarray(template)))
+    if not fitted:
+        return np.asarray(images), len(images)
     out, unchanged = [], 0
     for image in images:
-        try:  # a degenerate fit shows as a division by zero, an overflow or an empty mean: raise them all
-            with np.errstate(all="raise"), warnings.catch_warnings():
-                warnings.simplefilter("error", RuntimeWarning)
-                out.append(normalizer.normalize(np.asarray(image), stains=False)[0])
-        except (FloatingPointError, RuntimeWarning, np.linalg.LinAlgError, ValueError, IndexError):
-            out.append(np.asarray(image))
-            unchanged += 1
+        ok, normalised = _macenko_step(lambda image=image: normalizer.normalize(np.asarray(image), stains=False)[0])
+        out.append(normalised if ok else np.asarray(image))
+        unchanged += not ok
     return np.stack(out), unchanged
 
 
+def _macenko_step(step: Callable[[], Any]) -> tuple[bool, Any]:
+    """``(True, result)`` of one Macenko step, or ``(False, None)`` when its fit is degenerate, which shows
+    as a division by zero, an overflow, an invalid value or an empty mean (underflow is harmless)."""
+    try:
+        with np.errstate(divide="raise", over="raise", invalid="raise"), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            return True, step()
+    except (FloatingPointError, RuntimeWarning, np.linalg.LinAlgError, ValueError, IndexError):
+        return False, None
+
+
 def typical_images(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
-    """For each class present, its image whose mean colour lies nearest the class's median mean colour."""
+    """For each class present, its image whose mean colour lies nearest the class's median mean colour.
+
+    ``score`` takes them from the training part of the data scored: the model's own training images when
+    those are its data; on another lab's data, that lab's images (its split rebuilt), and a class absent
+    there has no template."""
     typical = {}
     for k, name in enumerate(classes):
         rows = np.flatnonzero(labels == k)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import typer
@@ -60,7 +59,6 @@ def train_command(
     """
     from bloodcell.config import load_config, override
     from bloodcell.errors import UserError
-    from bloodcell.notices import quieted
     from bloodcell.train import train_run
     from bloodcell.train.checkpoint import completed_epochs, is_complete
 
@@ -82,7 +80,7 @@ def train_command(
         run_dir = resume
         done = completed_epochs(run_dir)
         complete = is_complete(run_dir, run_config.train.epochs)
-        if done is not None and complete:
+        if done is not None and complete:  # (done is known then; said for the type checker)
             warning_line(f"{run_dir} is already complete ({done[0]} of {run_config.train.epochs} epochs"
                          + (f", stopped by {done[1].replace('_', ' ')}" if done[1] else "")
                          + "): nothing is trained again" + ("; its report is rebuilt" if report else ""))  # fmt: skip
@@ -100,10 +98,7 @@ def train_command(
         _say_where_devices_run(run_config)
 
     try:
-        # A complete run trains nothing; Lightning's set-up line ("Using bfloat16 Automatic Mixed
-        # Precision") would say otherwise.
-        with quieted(logging.getLogger("lightning_fabric"), when=complete):
-            result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
+        result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
     except KeyboardInterrupt:
         warning_line(f"interrupted; continue with: bloodcell train --resume {run_dir}")
         raise

@@ -439,7 +439,8 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     from bloodcell.data.layouts import find_dataset
     from bloodcell.data.prepare import prepare_data
 
-    data_config = config.data.model_copy(update={"image_size": card.input_size})
+    # mix_segmented 0: evaluation never reads the Segmented variant, whatever the training mixed in
+    data_config = config.data.model_copy(update={"image_size": card.input_size, "mix_segmented": 0.0})
     classes = list(card.classes)
     if prepared is None:
         folder = data_root if data_root is not None else data_config.root

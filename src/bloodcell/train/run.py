@@ -12,7 +12,9 @@ is never trained on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 from bloodcell.config import RunConfig, config_to_yaml, load_config
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
+from bloodcell.notices import quieted
 from bloodcell.train.checkpoint import (
     checkpoint_dir,
     has_resumable_checkpoint,
@@ -48,7 +51,8 @@ def train_run(
     """
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
     if config.data.train_on == "train":
-        return fit(config, run_dir, resume=resume, progress=progress, prepared=prepared)
+        with _quiet_if_done(resume and is_complete(run_dir, config.train.epochs)):
+            return fit(config, run_dir, resume=resume, progress=progress, prepared=prepared)
 
     holdout_dir = run_dir / HOLDOUT_DIR
     if not resume and _is_first_process():
@@ -57,12 +61,14 @@ def train_run(
         prepared = prepare_training_data(config, progress and _is_first_process())
     holdout_config = config.model_copy(update={"data": config.data.model_copy(update={"train_on": "train"})})
     # A stage a resumed run already finished trains nothing: announcing it would say otherwise.
-    _announce(progress and not (resume and is_complete(holdout_dir, config.train.epochs)),
+    holdout_done = resume and is_complete(holdout_dir, config.train.epochs)
+    _announce(progress and not holdout_done,
               f"stage 1 of 2: holdout, the recipe on the training part alone -> {holdout_dir}")  # fmt: skip
-    holdout = fit(
-        holdout_config, holdout_dir, resume=resume and has_resumable_checkpoint(holdout_dir),
-        progress=progress, prepared=prepared,
-    )  # fmt: skip
+    with _quiet_if_done(holdout_done):
+        holdout = fit(
+            holdout_config, holdout_dir, resume=resume and has_resumable_checkpoint(holdout_dir),
+            progress=progress, prepared=prepared,
+        )  # fmt: skip
     # The refit runs what the holdout ran (an lr of "auto" was resolved there), on train + val, with the
     # holdout's thread count: chosen afresh from the idle cores it could differ as other jobs come and go,
     # and a different count changes the floating-point sums.
@@ -72,11 +78,14 @@ def train_run(
     )
     resolved = resolved.model_copy(update={"data": resolved.data.model_copy(update={"root": config.data.root})})
     temperature = fit_holdout_temperature(holdout_dir, prepared, holdout.is_main_process, config.data.root)
-    _announce(progress and holdout.is_main_process and not (resume and is_complete(run_dir, resolved.train.epochs)),
+    refit_done = resume and is_complete(run_dir, resolved.train.epochs)
+    _announce(progress and holdout.is_main_process and not refit_done,
               f"stage 2 of 2: refit on train + val -> {run_dir}")  # fmt: skip
-    result = fit(
-        resolved, run_dir, resume=resume and has_resumable_checkpoint(run_dir), progress=progress, prepared=prepared
-    )
+    with _quiet_if_done(refit_done):
+        result = fit(
+            resolved, run_dir, resume=resume and has_resumable_checkpoint(run_dir), progress=progress,
+            prepared=prepared,
+        )  # fmt: skip
     if result.is_main_process:
         _store_temperature(run_dir, temperature)
     return dataclasses.replace(result, holdout=holdout)
@@ -126,6 +135,12 @@ def _claim_run_dir(run_dir: Path, config: RunConfig) -> None:
     refuse_foreign_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+
+
+def _quiet_if_done(done: bool) -> contextlib.AbstractContextManager[None]:
+    """Quieten Lightning for a stage that trains nothing: its set-up line ("Using bfloat16 Automatic Mixed
+    Precision") would say otherwise."""
+    return quieted(logging.getLogger("lightning_fabric"), when=done)
 
 
 def _announce(enabled: bool, message: str) -> None:
