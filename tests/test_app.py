@@ -145,6 +145,31 @@ def test_batch_reports_each_file(client: TestClient) -> None:
     assert np.allclose(list(single.values()), list(body["results"][0]["probabilities"].values()), atol=1e-6)
 
 
+def test_a_squashed_upload_is_named_in_its_warnings(client: TestClient) -> None:
+    """Resizing 200 x 120 to the model's square squashes the cells by 40 %: the answer says so, alone and in a
+    batch; a square image, or one a few rows short of square, gets no warning."""
+    squashed = (
+        "the image is 200x120 pixels, not square: resizing it to the model's square input squashes the cells along "
+        "its longer side by 40 %; crop it to a square to keep the cells' shape"
+    )
+    wide = post_file(client, png_bytes(200, 120), "wide.png")
+    assert wide.status_code == 200, wide.text
+    assert wide.json()["warnings"] == [squashed]
+    assert "40 %" in post_file(client, png_bytes(120, 200), "tall.png").json()["warnings"][0]
+    for width in (120, 124):  # 124 x 120 is 3 % off square: under MAX_QUIET_SQUASH
+        body = post_file(client, png_bytes(width, 120), "square.png").json()
+        assert "warnings" not in body and body["class"] in body["probabilities"]  # omitted, not null
+    files = [
+        ("files", ("wide.png", png_bytes(200, 120), "image/png")),
+        ("files", ("square.png", png_bytes(120, 120), "image/png")),
+    ]
+    results = client.post("/v1/predict/batch", files=files).json()["results"]
+    assert [item["warnings"] for item in results] == [[squashed], None]
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("PredictResponse", "BatchItem"):
+        assert "off square" in schema[name]["properties"]["warnings"]["description"]  # documented
+
+
 def test_batch_limits(client: TestClient) -> None:
     too_many = [("files", (f"{i}.jpg", cell_jpeg(seed=i), "image/jpeg")) for i in range(5)]
     assert_error(client.post("/v1/predict/batch", files=too_many), 422, "too many files", "4")

@@ -297,6 +297,17 @@ def squash(width: int, height: int) -> float:
     return 1 - min(width, height) / max(width, height)
 
 
+def squashed_warning(width: int, height: int) -> str | None:
+    """The sentence telling the user that resizing one ``width`` x ``height`` image to a square squashes it
+    by more than :data:`MAX_QUIET_SQUASH`, or None when it does not: for the web service, which answers one
+    image at a time (:func:`squashed_note` sums up many)."""
+    share = squash(width, height)
+    if share <= MAX_QUIET_SQUASH:
+        return None
+    return (f"the image is {width}x{height} pixels, not square: resizing it to the model's square input squashes the "
+            f"cells along its longer side by {100 * share:.0f} %; crop it to a square to keep the cells' shape")  # fmt: skip
+
+
 def squashed_note(sizes: Sequence[tuple[str, int, int]], where: str = "") -> str | None:
     """One line naming the images that resizing to a square squashes by more than :data:`MAX_QUIET_SQUASH`,
     or None when there are none.

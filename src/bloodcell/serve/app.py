@@ -33,7 +33,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bloodcell import __version__
-from bloodcell.data.decode import DEFAULT_MAX_PIXELS, ImageError, open_rgb, resize_rgb
+from bloodcell.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    MAX_QUIET_SQUASH,
+    ImageError,
+    open_rgb,
+    resize_rgb,
+    squashed_warning,
+)
 from bloodcell.errors import NoFeatureMap
 from bloodcell.machine import available_cores
 from bloodcell.serve.common import BasePredictor, load_predictor, names_onnx_file, torch_weights_beside
@@ -55,6 +62,11 @@ PRIVATE_CARD_KEYS = frozenset({"command", "config", "runtime"})
 #: Where /docs finds Swagger UI's script and style (served from the fastapi-offline package).
 DOCS_ASSETS = "/docs-assets"
 DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
+#: What the ``warnings`` of a prediction say (the OpenAPI document shows it).
+WARNINGS_HELP = (
+    f"caveats to read the answer with: an image more than {100 * MAX_QUIET_SQUASH:.0f} % off square, which "
+    "resizing to the model's square input squashes, is named with its size and by how much"
+)
 
 
 # -- response schemas (the OpenAPI document falls out of these) ---------------------------------------
@@ -78,6 +90,7 @@ class PredictResponse(BaseModel):
     class_: str = Field(alias="class", description="predicted class")
     confidence: float = Field(description="probability of the predicted class")
     probabilities: dict[str, float] = Field(description="probability of every class (temperature-scaled)")
+    warnings: list[str] | None = Field(None, description=WARNINGS_HELP + "; absent when there are none")
     model: ModelInfo
     timing_ms: float = Field(description="server time for this request: decode, inference and explanation")
     explanation: Explanation | None = Field(None, description="present when explain=true")
@@ -91,6 +104,7 @@ class BatchItem(BaseModel):
     class_: str | None = Field(None, alias="class", description="predicted class; null when the file failed")
     confidence: float | None = None
     probabilities: dict[str, float] | None = None
+    warnings: list[str] | None = Field(None, description=WARNINGS_HELP + "; null when there are none")
     error: str | None = Field(None, description="why this file could not be classified")
 
 
@@ -287,6 +301,7 @@ class Service:
             "class": result.label,
             "confidence": result.confidence,
             "probabilities": result.probabilities,
+            "warnings": _warnings(picture),
             "model": self.model_info,
         }
         if explain:
@@ -316,8 +331,9 @@ class Service:
                 items.append({"filename": filename, "error": f"file larger than the limit of {_human_bytes(self.max_upload_bytes)}"})
                 continue
             try:
-                inputs.append(self.decode(data)[1])
-                items.append({"filename": filename})
+                picture, model_input = self.decode(data)
+                inputs.append(model_input)
+                items.append({"filename": filename, "warnings": _warnings(picture)})
             except ImageError as error:
                 items.append({"filename": filename, "error": error.reason})
         probs = iter(self.probabilities(np.stack(inputs), tta) if inputs else [])
@@ -331,6 +347,13 @@ class Service:
             "model": self.model_info,
             "timing_ms": round((time.perf_counter() - start) * 1000.0, 3),
         }
+
+
+def _warnings(picture: np.ndarray) -> list[str] | None:
+    """The ``warnings`` of a response for the uploaded picture (``height x width x 3``), None when it needs none."""
+    height, width = picture.shape[:2]
+    squashed = squashed_warning(width, height)
+    return [squashed] if squashed else None
 
 
 def _explain_source(model_path: str | Path | None, predictor: BasePredictor) -> str | Path | None | Literal[False]:
