@@ -274,6 +274,28 @@ def test_without_the_servers_limits_files_go_one_a_request(tiny_model: Path, sme
         assert len(batches) == 3
 
 
+def test_a_squashed_image_is_noted_with_its_answer(page, smear_image: Path, tmp_path: Path) -> None:
+    """The service's warning that resizing to a square squashes an image is shown with its answer; a square
+    image's answer shows none (not the last image's)."""
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    wide = tmp_path / "wide.png"
+    Image.open(smear_image).convert("RGB").resize((200, 120)).save(wide)
+    page.set_input_files("#file-input", str(wide))
+    expect(page.locator("#warnings")).to_be_visible()
+    note = page.locator("#warnings").inner_text()
+    assert "200x120 pixels, not square" in note and "40 %" in note and "crop it to a square" in note, note
+    expect(page.locator("#status")).to_contain_text("See the note under the class.")
+    page.set_input_files("#file-input", str(smear_image))
+    expect(page.locator("#status")).to_contain_text(f"{smear_image.name}:")
+    expect(page.locator("#warnings")).to_be_hidden()
+    drop_files(page, wide, ["one.png", "two.png"])
+    expect(page.locator("#status")).to_contain_text("2 images: 2 classified")
+    assert page.locator("#batch-rows tr td.class .warning").count() == 2
+    assert "200x120 pixels" in page.locator("#batch-rows tr td.class").first.inner_text()
+
+
 def test_limits_are_shown_and_the_answer_is_announced(page, smear_image: Path) -> None:
     """The accepted sizes are on the page before a file is chosen; the live status line carries the answer."""
     from playwright.sync_api import expect
