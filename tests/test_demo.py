@@ -164,6 +164,23 @@ def test_demo_survives_odd_samples(tiny_model: Path, tmp_path: Path) -> None:  #
     assert not re.search(r"data:image/jpeg;base64,Qk", report)  # "BM", a bitmap's own bytes, would start so
 
 
+def test_demo_names_the_samples_that_are_not_square(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    samples = make_aria_dataset(tmp_path / "mine", per_class=1, size=48, segmented=False) / "Original"
+    demo = ["demo", "--model", str(tiny_model), "--samples", str(samples), "--out", str(tmp_path / "out")]
+    result = run_cli(*demo)
+    assert result.exit_code == 0 and "not square" not in result.stderr, result.output
+    frame = samples / "Pro" / "WBC-Malignant-Pro-001.jpg"
+    with Image.open(frame) as image:
+        image.resize((200, 120)).save(frame)
+    for args in ((), ("--json",)):  # on stderr with --json too, leaving stdout to the JSON
+        result = run_cli(*demo, *args)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.count("not square") == 1, result.stderr
+        assert (f"1 of the 4 images is not square; resizing to a square squashes the cells along the longer side by up "
+                f"to 40 % ({frame}: 200x120)") in result.stderr  # fmt: skip
+    assert json.loads(result.stdout)["n_images"] == 4
+
+
 def test_demo_without_a_bundled_model_says_so_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

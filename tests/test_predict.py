@@ -364,3 +364,20 @@ def test_predict_names_the_images_that_are_not_square_once(tiny_model: Path, sli
         assert (f"1 of the 7 images is not square; resizing to a square squashes the cells along the longer side by up "
                 f"to 25 % ({frame}: 96x72)") in result.stderr  # fmt: skip
     assert json.loads(result.stdout)["n_files"] == 8
+
+
+def test_explain_names_the_images_that_are_not_square(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    square = slides / "cell-000.jpg"
+    result = run("explain", str(tiny_model), str(square), "--out", str(tmp_path / "a"))
+    assert result.exit_code == 0 and "not square" not in result.stderr, result.output
+    wide = tmp_path / "wide.png"
+    Image.open(square).resize((200, 120)).save(wide)
+    for args in ((), ("--json",)):  # on stderr with --json too, leaving stdout to the JSON
+        result = run("explain", str(tiny_model), str(square), str(wide), "--out", str(tmp_path / "b"), *args)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.count("not square") == 1, result.stderr
+        assert (f"1 of the 2 images is not square; resizing to a square squashes the cells along the longer side by up "
+                f"to 40 % ({wide}: 200x120)") in result.stderr  # fmt: skip
+    assert [row["size"] for row in json.loads(result.stdout)["images"]] == [[96, 96], [200, 120]]

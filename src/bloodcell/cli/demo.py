@@ -32,6 +32,7 @@ def demo_command(
     Writes into --out: predictions.csv, predictions.json, overlays/*.gradcam.png and report.html
     (self-contained: open it in any browser). Research use only: not a medical device.
     """
+    from bloodcell.cli.messages import warn_of_squashed
     from bloodcell.demo import run_demo
 
     demo = run_demo(out, model=model, samples=samples)
@@ -39,8 +40,10 @@ def demo_command(
         payload = json.loads(demo.predictions_json.read_text(encoding="utf-8"))
         payload.update({"out": str(demo.out_dir), "report": str(demo.report), "seconds": round(demo.seconds, 3)})
         typer.echo(json.dumps(payload))
-        return
-    _print_summary(demo)
+    else:
+        _print_summary(demo)
+    results = [image.result for image in demo.images]  # --samples may hold any image, of any shape
+    warn_of_squashed([(r.source, *r.size) for r in results if r.size is not None])
 
 
 def _print_summary(demo: DemoResult) -> None:

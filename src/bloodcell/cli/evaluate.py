@@ -191,7 +191,7 @@ def explain_command(
     A file that cannot be read is reported with its reason and the others are still explained.
     Exit code: 0 when every image was explained, 1 when any failed, 2 on a usage error.
     """
-    from bloodcell.cli.messages import skipped_note
+    from bloodcell.cli.messages import skipped_note, warn_of_squashed
     from bloodcell.cli.serve import split_model_and_inputs
 
     model, names = split_model_and_inputs(None, [str(path) for path in paths], "explain")
@@ -217,6 +217,7 @@ def explain_command(
         typer.echo(f"{written} overlay(s) written to {out}/" + (f"; {failed} image(s) failed" if failed else ""))
         if skipped:
             typer.echo(skipped_note(skipped), err=True)
+    warn_of_squashed([(row["image"], *row["size"]) for row in rows if row["size"] is not None])
     if failed:
         raise typer.Exit(code=1)
 

@@ -1,9 +1,10 @@
 """Lines for the user on stderr: errors and warnings (in colour on a terminal unless ``NO_COLOR`` is set,
-no-color.org), and the note naming files passed over."""
+no-color.org), the note naming files passed over, and the one naming images squashed to a square."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import typer
@@ -20,6 +21,20 @@ def error_line(text: str) -> None:
 
 def warning_line(text: str) -> None:
     _say(text, typer.colors.YELLOW)
+
+
+def warn_of_squashed(sizes: Sequence[tuple[str, int, int]]) -> None:
+    """Name on stderr, in one line, the images that resizing to the model's square input squashed (see
+    :func:`~bloodcell.data.decode.squashed_note`); nothing when there are none.
+
+    With ``--json`` too: stdout keeps the JSON alone, and the answers about those images need the caveat.
+    ``sizes`` holds ``(name, width, height)`` of every image read, in order.
+    """
+    from bloodcell.data.decode import squashed_note
+
+    note = squashed_note(sizes)
+    if note:
+        warning_line(note)
 
 
 def skipped_note(skipped: list[Path], shown: int = 5) -> str:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from bloodcell.cli import app
-from bloodcell.cli.messages import error_line, skipped_note, warning_line
+from bloodcell.cli.messages import error_line, skipped_note, warn_of_squashed
 from bloodcell.errors import UserError
 
 
@@ -219,7 +219,6 @@ def predict_command(
     Files in a folder given that are not images by their suffix are named ("skipped" with --json).
     Exit code: 0 when every file was classified, 1 when any failed, 2 on a usage error.
     """
-    from bloodcell.data.decode import squashed_note
     from bloodcell.serve.common import PredictionResult, expand_inputs, missing_input_reason
 
     model, inputs = split_model_and_inputs(model, inputs)
@@ -248,15 +247,13 @@ def predict_command(
             write_results(out, payload, results, predictor.classes)
         except OSError as error:  # e.g. the folder became read-only while the images were classified
             raise UserError(f"--out {out}: cannot write the results ({error})") from None
-    squashed = squashed_note([(r.source, *r.size) for r in results if r.size is not None])
     if as_json:
         typer.echo(json.dumps(payload))
     else:
         print_table(results, predictor.classes, show, out)
         if skipped:
             typer.echo(skipped_note(skipped), err=True)
-    if squashed:  # with --json too, on stderr (stdout keeps the JSON alone): the probabilities need the caveat
-        warning_line(squashed)
+    warn_of_squashed([(r.source, *r.size) for r in results if r.size is not None])
     if not as_json:
         rate = f" ({len(files) / seconds:.0f} images/s)" if seconds > 0 and files else ""
         typer.echo(

@@ -403,7 +403,7 @@ def _short_stem(stem: str, limit: int = MAX_STEM_BYTES) -> str:
 def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:
     """One row of :func:`explain_files`, before the image is explained (or with why it cannot be)."""
     return {"image": str(image), "overlay": None, "predicted": None, "probability": None, "target_layer": None,
-            "error": error}  # fmt: skip
+            "size": None, "error": error}  # fmt: skip
 
 
 def explain_files(
@@ -423,8 +423,9 @@ def explain_files(
     method, target_layer: as in :func:`explain_images`.
 
     Returns one dict per image, in order: ``image``, ``overlay``, ``predicted``, ``probability`` (with the
-    card's temperature), ``target_layer`` and ``error``. A file that cannot be decoded gets its reason in
-    ``error`` (the other keys None) and the others are still explained, as ``predict`` does.
+    card's temperature), ``target_layer``, ``size`` (the image's ``(width, height)`` before it was resized:
+    ``explain`` names the images that resizing squashed) and ``error``. A file that cannot be decoded gets its
+    reason in ``error`` (the other keys None) and the others are still explained, as ``predict`` does.
     """
     from bloodcell.data.decode import decode_or_reason
     from bloodcell.models.card import load_model
@@ -441,6 +442,7 @@ def explain_files(
             rows[i]["error"] = image
         else:
             decoded[i] = image.pixels
+            rows[i]["size"] = (image.width, image.height)
     if not decoded:
         return rows
     images = np.stack(list(decoded.values()))
