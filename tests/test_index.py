@@ -445,6 +445,24 @@ def test_one_picture_filed_under_two_classes_is_named(tmp_path: Path, caplog: py
     assert "Benign/WBC-Benign-003.jpg (Benign); Pro/WBC-Malignant-Pro-050.jpg (Pro-B)" in caplog.text
 
 
+def test_a_large_mixed_duplicate_group_is_named_in_a_few_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One picture copied under two classes many times: the warning names one image of each class and a
+    few more, then how many it leaves out, instead of every member."""
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=12, size=32, segmented=False)
+    source = root / "Original" / "Benign" / "WBC-Benign-003.jpg"
+    for number in range(50, 60):
+        shutil.copyfile(source, root / "Original" / "Benign" / f"WBC-Benign-{number:03d}.jpg")
+    shutil.copyfile(source, root / "Original" / "Pro" / "WBC-Malignant-Pro-050.jpg")
+    with caplog.at_level("WARNING", logger="bloodcell.data.index"):
+        build_index(root, progress=False)
+    assert "1 duplicate group(s) hold images filed under different classes" in caplog.text
+    assert "Benign/WBC-Benign-003.jpg (Benign); Pro/WBC-Malignant-Pro-050.jpg (Pro-B); " in caplog.text
+    assert "; and 8 more" in caplog.text
+    assert caplog.text.count("WBC-Benign-0") == 3  # 003 and two more of the 11 Benign copies
+
+
 def test_the_pixel_limit_named_is_bloodcells_and_a_larger_one_is_honoured(tmp_path: Path) -> None:
     """Pillow refuses at open beyond twice its own guard (about 179 MP): its number must not stand in for
     ours, and a limit set above it (serve --max-side 20000) must be the one applied."""

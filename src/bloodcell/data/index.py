@@ -425,9 +425,11 @@ def _warn_of_names_without_numbers(manifest: pd.DataFrame, top: Path) -> None:
                   "capture order, as cameras do, for blocks that are)", unnumbered, len(accepted), top)  # fmt: skip
 
 
-def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3) -> None:
+def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3, members_shown: int = 4) -> None:
     """Name duplicate groups whose images are filed under different classes: one picture with two labels
-    is a labelling error, which the split keeps in one part but cannot resolve."""
+    is a labelling error, which the split keeps in one part but cannot resolve. At most ``shown`` groups
+    and ``members_shown`` images of each are named (one of each class first), so that one large group
+    cannot fill the terminal."""
     accepted = manifest[~manifest["rejected"]]
     classes = accepted.groupby("dup_group")["class"].nunique()
     mixed = classes[classes > 1].index
@@ -435,7 +437,11 @@ def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3) -> N
         examples = []
         for group in mixed[:shown]:
             members = accepted.loc[accepted["dup_group"] == group, ["path", "class"]]
-            examples.append("; ".join(f"{path} ({name})" for path, name in members.itertuples(index=False)))
+            first_of_each_class = ~members["class"].duplicated()
+            ordered = pd.concat([members[first_of_each_class], members[~first_of_each_class]])
+            named = [f"{path} ({name})" for path, name in ordered.head(members_shown).itertuples(index=False)]
+            more = len(members) - len(named)
+            examples.append("; ".join(named) + (f"; and {more} more" if more else ""))
         warn_once(log, "%d duplicate group(s) hold images filed under different classes (labelling errors?): %s",
                   len(mixed), " | ".join(examples))  # fmt: skip
 
