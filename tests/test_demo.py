@@ -231,3 +231,22 @@ def test_demo_with_the_bundled_model(tmp_path: Path) -> None:
     assert payload["model"]["bundled"] is True and payload["n_images"] == len(sample_images())
     assert all(r["error"] is None for r in payload["results"])
     assert (tmp_path / "demo-output" / "report.html").is_file()
+
+
+def test_the_demo_csv_defuses_class_names_a_spreadsheet_would_run(tmp_path: Path) -> None:
+    """Class names come from a model card someone may hand you: one starting with "=" must reach the CSV as
+    text, not as a formula, like every other cell of it."""
+    import csv
+
+    from bloodcell.demo import DemoImage, DemoResult, write_predictions
+    from bloodcell.serve.common import PredictionResult
+
+    classes = ["=HYPERLINK(1)", "Early Pre-B", "Pre-B", "Pro-B"]
+    result = PredictionResult("a.jpg", label=classes[0], probabilities=dict.fromkeys(classes, 0.25))
+    demo = DemoResult(out_dir=tmp_path, model_dir=tmp_path, bundled_model=False, model_info={}, classes=classes,
+                      temperature=1.0, images=[DemoImage(tmp_path / "a.jpg", classes[0], result)],
+                      predictions_csv=tmp_path / "p.csv", predictions_json=tmp_path / "p.json",
+                      report=tmp_path / "r.html", seconds=0.0)  # fmt: skip
+    write_predictions(demo)
+    row = next(csv.DictReader((tmp_path / "p.csv").open()))
+    assert row["true_class"] == row["predicted_class"] == "'=HYPERLINK(1)"

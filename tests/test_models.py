@@ -247,9 +247,10 @@ def _edit_card(**changes):
         (_edit_card(arch_kwargs={"widht": 0.25}), "cannot build 'bloodnet'"),
         (_edit_card(input_size=None), "not a valid model card"),
         (_edit_card(temperature=-0.05), "not a valid model card"),
+        (_edit_card(input_size=60000), "not a valid model card"),
     ],
     ids=["truncated", "nan", "classes", "architecture", "timm-architecture", "kwargs", "missing-key",
-         "negative-temperature"],
+         "negative-temperature", "huge-input-size"],
 )
 def test_a_damaged_or_mismatched_model_is_one_user_error_naming_the_file(tmp_path: Path, damage, words: str) -> None:
     from bloodcell.errors import ModelFileError
@@ -260,6 +261,37 @@ def test_a_damaged_or_mismatched_model_is_one_user_error_naming_the_file(tmp_pat
     with pytest.raises(ModelFileError, match=words) as raised:
         load_model(directory)
     assert str(directory) in str(raised.value)
+
+
+@pytest.mark.parametrize("size", [60000, 0, 64.5, "160", True])
+def test_the_torch_free_card_reader_refuses_an_input_size_out_of_bounds(tmp_path: Path, size) -> None:
+    """The ONNX predictor reads the card without pydantic: a card asking for 60000 px a side would make its
+    warm-up allocate gigabytes."""
+    from bloodcell.errors import ModelFileError
+    from bloodcell.serve.common import read_card_json
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(input_size=size)(directory)
+    with pytest.raises(ModelFileError, match="input_size must be a whole number of pixels from 8 to 1024"):
+        read_card_json(directory)
+
+
+def test_a_card_naming_a_timm_hub_or_folder_model_is_refused_before_timm_sees_it(tmp_path: Path, monkeypatch) -> None:
+    """timm reads "hf-hub:ORG/NAME" as a config to download: loading a card must not reach out to a URL it names."""
+    import timm
+
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import load_model
+
+    def reached(*args, **kwargs):
+        raise AssertionError(f"timm.create_model was called with {args}")
+
+    monkeypatch.setattr(timm, "create_model", reached)
+    for name in ("timm/hf-hub:attacker/evil-config", "timm/local-dir:/tmp"):
+        directory = _saved_tiny_model(tmp_path / name.replace("/", "_").replace(":", "_"))
+        _edit_card(architecture=name)(directory)
+        with pytest.raises(ModelFileError, match="not one of timm's model names"):
+            load_model(directory)
 
 
 def test_the_torch_free_card_reader_refuses_a_negative_temperature(tmp_path: Path) -> None:

@@ -7,3 +7,7 @@ __version__ = "0.1.0"
 
 #: Canonical class names, in the order every model, manifest and report uses.
 CLASSES: tuple[str, ...] = ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
+
+#: The input sizes (pixels a side) a model card may declare: every predictor allocates its batches by it, so a
+#: card someone hands you must not ask for gigabytes (training's own sizes are 32-512).
+CARD_INPUT_SIZES = range(8, 1025)

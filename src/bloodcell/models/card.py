@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bloodcell import CLASSES, __version__
+from bloodcell import CARD_INPUT_SIZES, CLASSES, __version__
 from bloodcell.config import NormalizeConfig
 from bloodcell.errors import ModelFileError
 from bloodcell.io import atomic_path, atomic_write_text
@@ -54,7 +54,7 @@ class ModelCard(BaseModel):
     architecture: str
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     classes: list[str] = Field(default_factory=lambda: list(CLASSES))
-    input_size: int
+    input_size: int = Field(ge=CARD_INPUT_SIZES.start, le=CARD_INPUT_SIZES.stop - 1)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     temperature: float = Field(1.0, gt=0)  # divide logits by this before softmax (fitted on validation data)
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved training config

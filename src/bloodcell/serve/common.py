@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from bloodcell import CARD_INPUT_SIZES
 from bloodcell.data.decode import IMAGE_SUFFIXES, Decoded, decode_or_reason
 from bloodcell.errors import ModelFileError
 from bloodcell.io import printable_path, sha256_file
@@ -90,6 +91,10 @@ def read_card_json(directory: str | Path) -> dict[str, Any]:
     missing = [key for key in ("classes", "input_size") if key not in card]
     if missing:
         raise ModelFileError(f"{path}: model card lacks {', '.join(missing)}")
+    size = card["input_size"]
+    if not (isinstance(size, int) and not isinstance(size, bool) and size in CARD_INPUT_SIZES):
+        raise ModelFileError(f"{path}: input_size must be a whole number of pixels from {CARD_INPUT_SIZES.start} to "
+                             f"{CARD_INPUT_SIZES.stop - 1}, got {size!r}")  # fmt: skip
     temperature = card.get("temperature", 1.0)
     if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
         # A negative temperature would turn the ranking of the classes upside down.
