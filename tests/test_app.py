@@ -241,7 +241,76 @@ def test_a_max_side_above_8000_raises_the_pixel_guard_with_it(tiny_model: Path, 
 def test_unsupported_format_is_422(client: TestClient) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, format="GIF")
-    assert_error(post_file(client, buffer.getvalue(), name="a.gif"), 422, "unsupported image format")
+    assert_error(post_file(client, buffer.getvalue(), name="a.gif"), 422, "not one of the formats bloodcell reads")
+
+
+def test_only_the_accepted_formats_plugins_parse_an_upload(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GIF (or EPS, ICO, ...) is refused without its decoder plugin ever reading the bytes."""
+    from PIL import GifImagePlugin
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the GIF plugin parsed an upload")
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_open", reached)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, format="GIF")
+    assert_error(post_file(client, buffer.getvalue(), name="a.gif"), 422, "not one of the formats bloodcell reads")
+
+
+def test_a_bigtiff_is_refused_before_decoding(client: TestClient) -> None:
+    """BigTIFF's 8-byte offsets would slip past the strip count that guards ordinary TIFFs."""
+    bigtiff = b"II+\x00\x08\x00\x00\x00" + (16).to_bytes(8, "little") + bytes(64)
+    assert_error(post_file(client, bigtiff, name="slide.tif"), 422, "slide.tif", "BigTIFF")
+
+
+def test_predictions_past_their_upload_are_bounded(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many requests arrive, at most MAX_REQUESTS_AT_WORK hold their files in memory and work at
+    once; the others wait with their uploads spooled, and all are answered."""
+    import threading
+    import time
+
+    from bloodcell.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_REQUESTS_AT_WORK", 2)
+    running, peak, lock = [0], [0], threading.Lock()
+    real_one, real_many = app_module.Service.predict_one, app_module.Service.predict_many
+
+    def counted(method):
+        def wrapper(*args, **kwargs):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            try:
+                time.sleep(0.05)  # long enough for the requests to overlap if nothing stopped them
+                return method(*args, **kwargs)
+            finally:
+                with lock:
+                    running[0] -= 1
+        return wrapper
+
+    monkeypatch.setattr(app_module.Service, "predict_one", counted(real_one))
+    monkeypatch.setattr(app_module.Service, "predict_many", counted(real_many))
+    client = TestClient(create_app(tiny_model, inference_threads=1))
+
+    def send(k: int):
+        if k % 2:
+            return client.post("/v1/predict/batch", files=[("files", ("a.jpg", cell_jpeg(1), "image/jpeg"))])
+        return post_file(client, cell_jpeg(1))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(send, range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert peak[0] == 2
+
+
+def test_the_routes_that_do_no_work_never_wait_for_the_thread_pool(client: TestClient) -> None:
+    """The page, the health check and the model card are coroutines: a busy service (every worker thread
+    inside a prediction) still answers them at once."""
+    import inspect
+
+    endpoints = {route.path: route.endpoint for route in client.app.routes if hasattr(route, "endpoint")}
+    for path in ("/", "/healthz", "/v1/model"):
+        assert inspect.iscoroutinefunction(endpoints[path]), path
 
 
 def test_wrong_field_and_wrong_encoding_are_422(client: TestClient) -> None:

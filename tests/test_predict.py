@@ -218,6 +218,19 @@ def test_an_onnx_file_with_the_torch_backend_names_the_fix(tiny_onnx: Path, slid
         assert isinstance(result.exception, UserError) and "drop --backend torch" in str(result.exception), args
 
 
+def test_serve_caps_the_connections_it_holds_open(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn accepts any number of connections unless told: beyond MAX_CONNECTIONS it must answer 503."""
+    import uvicorn
+
+    from bloodcell.serve.app import MAX_CONNECTIONS
+
+    given: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: given.update(kwargs))
+    result = run("serve", str(tiny_model), "--port", "8123")
+    assert result.exit_code == 0, result.output
+    assert given["limit_concurrency"] == MAX_CONNECTIONS and given["port"] == 8123
+
+
 def test_an_onnx_file_runs_on_onnx_runtime_without_being_told(tiny_onnx: Path, slides: Path) -> None:
     images = str(slides / "*.jpg")
     for args in (("-m", str(tiny_onnx), images), (str(tiny_onnx), images)):

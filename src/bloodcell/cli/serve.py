@@ -368,7 +368,7 @@ def serve_command(
     """
     import uvicorn
 
-    from bloodcell.serve.app import create_app
+    from bloodcell.serve.app import MAX_CONNECTIONS, create_app
 
     backend = choose_backend(model, backend)
     try:
@@ -379,4 +379,4 @@ def serve_command(
     except FileNotFoundError as error:
         raise UserError(str(error) if model else "no model given and no bundled default model is installed") from None
     typer.echo(f"bloodcell serving on http://{host}:{port}/  (research use only; Ctrl-C stops)", err=True)
-    uvicorn.run(web_app, host=host, port=port, log_level=log_level.lower(), workers=1)
+    uvicorn.run(web_app, host=host, port=port, log_level=log_level.lower(), workers=1, limit_concurrency=MAX_CONNECTIONS)

@@ -21,8 +21,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: File suffixes accepted as images (lower case).
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
-#: PIL format names accepted after opening (a ``.jpg`` that is really a GIF is refused).
-ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF", "MPO"})
+#: The Pillow plugins that may read a file (a ``.jpg`` that is really a GIF is refused unparsed; a camera's
+#: multi-picture JPEG, MPO, opens through the JPEG plugin).
+READ_FORMATS: tuple[str, ...] = ("BMP", "JPEG", "PNG", "TIFF")
 #: Images with more pixels than this are refused as likely decompression bombs (about 8k x 8k).
 DEFAULT_MAX_PIXELS = 64_000_000
 #: Files larger than this are refused unread: an uncompressed 16-bit RGB TIFF of DEFAULT_MAX_PIXELS is 384 MB.
@@ -94,8 +95,6 @@ def open_rgb(
     try:
         # A plain Image once convert() below has run.
         image: Image.Image = _open_header(data, max(max_pixels, (max_side or 0) ** 2))
-        if image.format not in ACCEPTED_FORMATS:
-            raise ImageError(name, f"unsupported image format {image.format!r} (use JPEG, PNG, BMP or TIFF)")
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(
@@ -114,7 +113,7 @@ def open_rgb(
     except ImageError:
         raise
     except UnidentifiedImageError as error:
-        raise ImageError(name, "not an image file (or an unsupported format)") from error
+        raise ImageError(name, "not an image file, or not one of the formats bloodcell reads (JPEG, PNG, BMP, TIFF)") from error
     except Image.DecompressionBombError as error:
         # Pillow refuses at open beyond twice its guard, which is at least our limit: say ours, not its own.
         pixels = re.search(r"\((\d+) pixels\)", str(error))
@@ -147,7 +146,11 @@ def _open_header(data: bytes, largest_limit: int) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         if Image.MAX_IMAGE_PIXELS is not None:
             Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, largest_limit)
-        return Image.open(io.BytesIO(data))
+        # Only the accepted formats' plugins parse the header: no other decoder sees what a user sends.
+        # Image.open looks each named format up without loading the plugins first (TIFF is not among those it
+        # preloads), so they are loaded here; init() returns at once after its first call.
+        Image.init()
+        return Image.open(io.BytesIO(data), formats=READ_FORMATS)
 
 
 def _read_image_file(source: str | os.PathLike[str], name: str) -> bytes:
@@ -183,6 +186,9 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
             # The stream ends before its end-of-image marker: cut short, or its end zero-filled (an
             # interrupted download or copy). Pillow decodes such zeros without a word, into flat grey.
             raise ImageError(name, "truncated JPEG: its data ends before the end-of-image marker (cut short or zero-filled)")
+    if data[:4] in (b"II+\x00", b"MM\x00+"):
+        # BigTIFF's 8-byte offsets escape the strip count below; no microscope image needs the format.
+        raise ImageError(name, "a BigTIFF file: not read (save it as an ordinary TIFF, PNG or JPEG)")
     if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
         raise ImageError(name, f"a TIFF of {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too costly to decode")
 

@@ -57,6 +57,12 @@ MULTIPART_OVERHEAD = 64 * 1024
 OTHER_BODY_LIMIT = 64 * 1024
 #: Concurrent image decodes: each may hold a 4096x4096 RGB image (48 MB) in memory.
 MAX_CONCURRENT_DECODES = 4
+#: Prediction requests past their upload at a time: their files read into memory, decoded and classified.
+#: The others wait with their uploads spooled (Starlette keeps a file over 1 MB on disk), so that many
+#: concurrent batches (each up to 16 files of 10 MiB) cannot all hold their bytes in memory at once.
+MAX_REQUESTS_AT_WORK = 8
+#: Open connections ``bloodcell serve`` accepts at once (uvicorn answers 503 beyond them).
+MAX_CONNECTIONS = 256
 #: Model card sections that GET /v1/model leaves out (see model_card).
 PRIVATE_CARD_KEYS = frozenset({"command", "config", "runtime"})
 #: Where /docs finds Swagger UI's script and style (served from the fastapi-offline package).
@@ -244,6 +250,9 @@ class Service:
         # itself, one per core when each call is single-threaded.
         self._inference_slots = threading.BoundedSemaphore(inference_slots)
         self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
+        # A threading semaphore, taken in the worker thread: the requests waiting for it hold a pool thread
+        # each but no bytes, and it works whatever event loop the request came in on.
+        self.requests_at_work = threading.BoundedSemaphore(MAX_REQUESTS_AT_WORK)
         self._explain_source = explain_source
         self._explainer: Any = predictor if predictor.backend == "torch" else None
         self._explainer_lock = threading.Lock()
@@ -432,18 +441,20 @@ def create_app(
     page = _index_page()
     limits = Limits(max_upload_bytes=max_upload_bytes, max_side=max_side, max_batch_files=max_batch_files)
 
+    # The routes that do no work are coroutines: they answer at once, never queued behind predictions for
+    # the thread pool (a health check must not time out while the service is busy).
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
+    async def index() -> HTMLResponse:
         # The page loads nothing from elsewhere; the policy makes sure of it.
         return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff"})
 
     @app.get("/healthz", response_model=Health, tags=["service"])
-    def healthz() -> Health:
+    async def healthz() -> Health:
         """Liveness and readiness: the model is loaded and answering."""
         return Health(model=service.model_info, version=__version__, limits=limits)
 
     @app.get("/v1/model", tags=["model"])
-    def model_card() -> dict[str, Any]:
+    async def model_card() -> dict[str, Any]:
         """The model card: architecture, classes in order, input size, temperature, metrics, versions.
 
         Without the training command line, config and runtime: they name the server's folders (the data's,
@@ -464,11 +475,16 @@ def create_app(
         tta: Annotated[bool | None, Query(description="test-time augmentation (8 flips and rotations)")] = None,
     ) -> dict[str, Any]:
         """Classify one blood-smear image."""
-        data = await _read_limited(file, service.max_upload_bytes)
-        if data is None:
-            raise UploadTooLarge(too_large)
+
+        def work() -> dict[str, Any]:
+            with service.requests_at_work:
+                data = _read_limited(file, service.max_upload_bytes)
+                if data is None:
+                    raise UploadTooLarge(too_large)
+                return service.predict_one(data, file.filename, explain, tta)
+
         try:
-            return await run_in_threadpool(service.predict_one, data, file.filename, explain, tta)
+            return await run_in_threadpool(work)
         except ImageError as error:
             raise HTTPException(422, f"{file.filename or 'upload'}: {error.reason}") from None
 
@@ -485,15 +501,21 @@ def create_app(
         """Classify several images; each result carries its class or the reason that file failed."""
         if len(files) > max_batch_files:
             raise HTTPException(422, f"too many files: {len(files)} sent, the limit is {max_batch_files} a request")
-        uploads = [(upload.filename, await _read_limited(upload, service.max_upload_bytes)) for upload in files]
-        return await run_in_threadpool(service.predict_many, uploads, tta)
+
+        def work() -> dict[str, Any]:
+            with service.requests_at_work:
+                uploads = [(upload.filename, _read_limited(upload, service.max_upload_bytes)) for upload in files]
+                return service.predict_many(uploads, tta)
+
+        return await run_in_threadpool(work)
 
     return app
 
 
-async def _read_limited(upload: UploadFile, limit: int) -> bytes | None:
-    """The upload's bytes, or None when it is larger than ``limit``."""
-    data = await upload.read(limit + 1)
+def _read_limited(upload: UploadFile, limit: int) -> bytes | None:
+    """The upload's bytes, or None when it is larger than ``limit`` (in a worker thread: the file may be
+    spooled to disk)."""
+    data = upload.file.read(limit + 1)
     return None if len(data) > limit else data
 
 
