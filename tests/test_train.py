@@ -187,7 +187,19 @@ def interrupted_then_resumed(config: RunConfig, run_dir: Path, data, after_epoch
     with pytest.raises(Interrupt):
         fit(config, run_dir, prepared=data, progress=False, epoch_callback=stop)
     assert json.loads((run_dir / "checkpoints/last/trainer.json").read_text())["loop"]["epoch"] == after_epoch
-    return fit(config, run_dir, prepared=data, progress=False, resume=True)
+    trained: list[int] = []
+    result = fit(config, run_dir, prepared=data, progress=False, resume=True,
+                 epoch_callback=lambda epoch, row: trained.append(epoch))  # fmt: skip
+    # Started from the checkpoint: a run trained again from scratch (same seed) would end with the same
+    # weights too, but it would train every epoch.
+    assert trained == list(range(after_epoch + 1, config.train.epochs + 1))
+    assert f"at epoch {after_epoch}" in resumed_lines(run_dir)
+    return result
+
+
+def resumed_lines(run_dir: Path) -> str:
+    """The ``resumed from <last> at epoch N`` lines of the run's log."""
+    return "\n".join(line for line in (run_dir / "train.log").read_text().splitlines() if "resumed from" in line)
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path, data) -> None:
@@ -284,7 +296,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path, data) -> 
     (checkpoints / ".last.tmp").mkdir()
     (checkpoints / ".last.tmp" / "model.safetensors").write_bytes(b"half written")
 
-    fit(config, tmp_path / "killed", prepared=data, progress=False, resume=True)
+    trained: list[int] = []
+    fit(config, tmp_path / "killed", prepared=data, progress=False, resume=True,
+        epoch_callback=lambda epoch, row: trained.append(epoch))  # fmt: skip
+    assert trained == [2, 3]  # from epoch 1's checkpoint (recovered from '.last.old'), not from scratch
+    assert "at epoch 1" in resumed_lines(tmp_path / "killed")
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert history_without_timing(tmp_path / "straight") == history_without_timing(tmp_path / "killed")
