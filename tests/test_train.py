@@ -366,9 +366,12 @@ def test_resume_without_a_run_says_so_and_one_killed_before_its_first_epoch_star
     assert not (tmp_path / "killed" / "checkpoints" / ".best.tmp").exists()
 
 
+@pytest.mark.parametrize("last_step_only", [False, True], ids=["every-step-from-epoch-2", "epoch-2-last-step"])
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
-    tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch, last_step_only: bool
 ) -> None:
+    """A step's loss is checked one step late; the last step of an epoch, which has no next step, is checked
+    after the loop, before the epoch's checkpoint: a NaN there must not be saved as epoch 2."""
     steps_per_epoch = len(data.indices("train")) // 16
     calls = {"n": 0}
     real_call = BatchAugment.__call__
@@ -376,11 +379,14 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     def poisoned(self, images, generator=None):
         calls["n"] += 1
         out = real_call(self, images, generator)
-        return out * float("nan") if calls["n"] > steps_per_epoch else out  # NaN from epoch 2 on
+        bad = calls["n"] == 2 * steps_per_epoch if last_step_only else calls["n"] > steps_per_epoch
+        return out * float("nan") if bad else out
 
     monkeypatch.setattr(BatchAugment, "__call__", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint \(epoch 1\)"):
+    step = steps_per_epoch if last_step_only else 1
+    with pytest.raises(TrainingDiverged,
+                       match=rf"loss became nan at epoch 2, step {step} .*last good checkpoint \(epoch 1\)"):
         fit(tiny_config(), run, prepared=data, progress=False)
 
     trainer = json.loads((run / "checkpoints/last/trainer.json").read_text())
