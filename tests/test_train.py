@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -649,9 +650,13 @@ def test_auto_accelerator_is_cuda_or_the_cpu_never_mps_unasked(monkeypatch: pyte
         setup.make_fabric(tiny_config(train={"accelerator": "cuda"}).train)
 
 
-def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -> None:
+def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a GPU loss makes the host wait for the GPU: the bar must not do it every step."""
+    from bloodcell.train import progress
     from bloodcell.train.progress import RunProgress
+
+    now = {"s": 0.0}  # the bar's clock, moved by the test: 64 steps a second (exact in binary)
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: now["s"]))
 
     class CountedLoss:
         reads = 0
@@ -667,10 +672,12 @@ def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -
     terminal = Console(file=io.StringIO(), force_terminal=True)
     with RunProgress(True, epochs=1, console=terminal) as bar:
         bar.start_epoch(1, steps=200, last_val="-")
-        for _ in range(200):
+        for step in range(200):
+            now["s"] = step / 64
             bar.step(CountedLoss(), rate=100.0)
         bar.end_epoch("0.9000", loss=0.6160, rate=124.0)
-    assert 1 <= CountedLoss.reads <= 5
+    assert RunProgress.READ_EVERY == 0.25
+    assert CountedLoss.reads == 13  # every 16th step, from the first: steps 0, 16, ..., 192
     assert "loss 0.6160" in terminal.file.getvalue()  # the epoch's own loss, not the last sampled step's
 
 
