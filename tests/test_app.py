@@ -170,19 +170,38 @@ def test_a_squashed_upload_is_named_in_its_warnings(client: TestClient) -> None:
         assert "off square" in schema[name]["properties"]["warnings"]["description"]  # documented
 
 
+def jpeg_of(size: int) -> bytes:
+    """A valid JPEG of exactly ``size`` bytes: a cell, then zeros after its end-of-image marker (as a phone's
+    trailer, which is not read)."""
+    image = cell_jpeg(1)
+    return image + b"\0" * (size - len(image))
+
+
 def test_batch_limits(client: TestClient) -> None:
     too_many = [("files", (f"{i}.jpg", cell_jpeg(seed=i), "image/jpeg")) for i in range(5)]
     assert_error(client.post("/v1/predict/batch", files=too_many), 422, "too many files", "4")
-    oversize = [("files", ("a.jpg", cell_jpeg(1), "image/jpeg")), ("files", ("big.jpg", b"\0" * (MAX_UPLOAD + 1), "image/jpeg"))]
+    # The limit is the largest size accepted: a file of exactly MAX_UPLOAD bytes is classified, one more is not.
+    oversize = [("files", ("a.jpg", jpeg_of(MAX_UPLOAD), "image/jpeg")),
+                ("files", ("big.jpg", jpeg_of(MAX_UPLOAD + 1), "image/jpeg"))]  # fmt: skip
     body = client.post("/v1/predict/batch", files=oversize).json()
     assert body["n_failed"] == 1 and "larger than the limit" in body["results"][1]["error"]
+    assert body["results"][0]["class"] in body["results"][0]["probabilities"]
     assert_error(client.post("/v1/predict/batch", files={"file": ("a.jpg", cell_jpeg(1), "image/jpeg")}), 422, "files")
 
 
 def test_oversize_upload_is_413(client: TestClient) -> None:
-    assert_error(post_file(client, b"\xff" * (MAX_UPLOAD + 1)), 413, "too large", "256 KiB")
+    assert_error(post_file(client, jpeg_of(MAX_UPLOAD + 1)), 413, "too large", "256 KiB")  # a valid image
     # Far over the limit: refused from Content-Length, before the body is read.
     assert_error(post_file(client, b"\xff" * (MAX_UPLOAD + 200_000)), 413, "too large")
+
+
+def test_an_upload_at_the_limits_is_accepted(client: TestClient) -> None:
+    """The limits are the largest accepted: a file of exactly MAX_UPLOAD bytes, an image MAX_SIDE pixels long."""
+    response = post_file(client, jpeg_of(MAX_UPLOAD))
+    assert response.status_code == 200, response.text
+    for width, height in ((MAX_SIDE, 16), (16, MAX_SIDE)):
+        response = post_file(client, png_bytes(width, height), "long.png")
+        assert response.status_code == 200, response.text
 
 
 def test_oversize_streamed_without_length_is_413(client: TestClient) -> None:

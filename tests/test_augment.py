@@ -92,8 +92,20 @@ def test_each_colour_transform_changes_the_image_and_keeps_the_range(name: str) 
 
 @pytest.mark.parametrize("name", sorted(COLOUR_TRANSFORMS))
 def test_each_colour_transform_at_zero_is_the_identity(name: str) -> None:
+    """Alone at 0 nothing is on, and the batch comes back as it was. Next to another transform of its group
+    (drawn and applied together) its code runs: there ``name`` at 0 must act as it does at a vanishing
+    strength, that is not at all, and not at some default strength."""
     x = smear_batch()
     assert torch.equal(BatchAugment(AugmentConfig(**_override(name, 0)))(x, gen()), x.float())
+    other = {"hue": "brightness", "gamma": "stain", "stain": "gamma", "stain_vectors": "gamma"}.get(name, "hue")
+
+    def with_other(strength: float) -> torch.Tensor:
+        return BatchAugment(AugmentConfig(**{**_override(name, strength), other: COLOUR_TRANSFORMS[other]}))(x, gen())
+
+    at_zero, vanishing = with_other(0), with_other(1e-6)
+    assert not torch.equal(at_zero, x.float())  # the other transform acted: the colour path ran
+    change = float((at_zero - vanishing).abs().max())
+    assert change < 0.01, f"{name}=0 changed the image by {change:.3g} grey levels"
 
 
 def _dihedral_images(image: torch.Tensor) -> list[torch.Tensor]:

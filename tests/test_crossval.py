@@ -99,7 +99,7 @@ def test_ensemble_scores_the_mean_of_its_members_probabilities() -> None:
     assert crossval.ensemble_logits([sure_a]) is sure_a
 
 
-def test_members_train_each_fold_with_successive_seeds(tmp_path: Path, monkeypatch) -> None:
+def test_members_train_each_fold_with_successive_seeds(tmp_path: Path, monkeypatch, capsys) -> None:
     crossval = crossval_module()
     dataset = make_aria_dataset(tmp_path / "aria", per_class=16, size=40, segmented=False)
     monkeypatch.setenv("BLOODCELL_HOME", str(tmp_path / "home"))
@@ -119,5 +119,9 @@ def test_members_train_each_fold_with_successive_seeds(tmp_path: Path, monkeypat
     assert seeds == [5, 6, 5, 6]
     assert summary["members"] == 2 and len(summary["member_balanced_accuracy"]) == 2
     assert all(0 <= score <= 1 for score in summary["member_balanced_accuracy"])
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # a usage error, naming the option: not a crash or a run
         crossval.main(["--data", str(dataset), "--members", "0"])
+    # The error line, not argparse's usage line above it (which lists every option).
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.value.code == 2 and "error: --members must be at least 1" in error, error

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,16 +15,30 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from synthetic_data import make_synthetic_data
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 SCRIPT = """
-import sys
+import hashlib, json, sys
 sys.path.insert(0, {tests!r})
 import torch.distributed as dist
 from safetensors.torch import save_file
 from bloodcell.config import config_from_dict
+from bloodcell.data.augment import BatchAugment
 from bloodcell.train import train_run
 from synthetic_data import make_synthetic_data
+
+# Record the images of every training batch this rank augments, by content (uint8 NCHW views of NHWC rows).
+batches = []
+augment = BatchAugment.__call__
+
+def recorded(self, images, generator=None):
+    batches.append([hashlib.sha256(image.permute(1, 2, 0).contiguous().numpy().tobytes()).hexdigest()
+                    for image in images])
+    return augment(self, images, generator)
+
+BatchAugment.__call__ = recorded
 
 config = config_from_dict({{
     "name": "ddp",
@@ -37,8 +52,15 @@ save_file(state, {out!r} + f"/rank{{dist.get_rank()}}.safetensors")
 # One file per rank: the two processes share stdout, and their lines interleave.
 with open({out!r} + f"/rank{{dist.get_rank()}}.txt", "w") as handle:
     handle.write(f"rank {{dist.get_rank()}} of {{dist.get_world_size()}} main {{result.is_main_process}}")
+with open({out!r} + f"/rank{{dist.get_rank()}}-batches.json", "w") as handle:
+    json.dump(batches, handle)
 dist.destroy_process_group()
 """
+
+
+def digests(data, part: str) -> list[str]:
+    """The content hashes of a part's images, as the script records the batches'."""
+    return [hashlib.sha256(image.tobytes()).hexdigest() for image in data.images[data.indices(part)]]
 
 
 @pytest.mark.parametrize("train_on", ["train", "train+val"])
@@ -68,6 +90,22 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path, train_on:
     trainer = json.loads((tmp_path / "run" / "checkpoints" / "last" / "trainer.json").read_text())
     assert trainer["loop"]["step"] == 2 * (6 if train_on == "train" else 7)
     assert not (tmp_path / "run" / "checkpoints" / "rank1").exists()
+    # ... and the halves differ: each epoch, the ranks' images are disjoint and together all of the stage's
+    # training images (24 and 28 a rank: no ragged remainder to drop). A refit trains its holdout stage first.
+    data = make_synthetic_data(per_class=16, size=32)
+    train, val = set(digests(data, "train")), set(digests(data, "val"))
+    stages = [(train, 6)] if train_on == "train" else [(train, 6), (train | val, 7)]
+    batches = [json.loads((tmp_path / f"rank{rank}-batches.json").read_text()) for rank in (0, 1)]
+    assert len(batches[0]) == len(batches[1]) == sum(2 * steps for _, steps in stages)
+    first = 0
+    for images, steps in stages:
+        for _ in range(2):  # epochs
+            epoch = [[d for batch in ranks[first : first + steps] for d in batch] for ranks in batches]
+            assert len(set(epoch[0])) == len(set(epoch[1])) == 4 * steps  # no image twice in a rank's epoch
+            shared = len(set(epoch[0]) & set(epoch[1]))
+            assert shared == 0, f"both ranks trained on {shared} of the same images in an epoch"
+            assert set(epoch[0]) | set(epoch[1]) == images
+            first += steps
     if train_on == "train+val":
         card = json.loads((tmp_path / "run" / "checkpoints" / "best" / "card.json").read_text())
         holdout = json.loads((tmp_path / "run" / "holdout" / "checkpoints" / "last" / "card.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -144,14 +145,29 @@ def kill_in_swap(target: Path, which: str, call: int, between_renames: bool):
     return checkpoint_module, "_swap_in", swap
 
 
+def logged_epochs(run_dir: Path) -> list[int]:
+    """The epochs ``train.log`` says were trained, in order (the log is appended to by a resume)."""
+    log = run_dir / "train.log"
+    return [int(n) for n in re.findall(r" INFO epoch (\d+) ", log.read_text())] if log.is_file() else []
+
+
+# Each kill, and the epochs (holdout's, refit's) the resume must train: only those the checkpoints lack.
+# Retraining from scratch would end with the same models (same seed), so this is what tells a resume apart.
 KILLS = {
-    "holdout, after epoch 1": lambda run: kill_after_history(run / "holdout", 1),
-    "refit, after epoch 1": lambda run: kill_after_history(run, 1),
-    "holdout, in its first checkpoint": lambda run: kill_in_swap(run / "holdout", "best", 1, between_renames=False),
-    "refit, in its first checkpoint": lambda run: kill_in_swap(run, "best", 1, between_renames=False),
-    "holdout, between the renames of epoch 2's last": lambda run: kill_in_swap(run / "holdout", "last", 2, True),
-    "refit, between the renames of epoch 2's last": lambda run: kill_in_swap(run, "last", 2, between_renames=True),
-    "holdout, before its last history row": lambda run: kill_before_history(run / "holdout", 2),
+    "holdout, after epoch 1": (lambda run: kill_after_history(run / "holdout", 1), [2], [1, 2]),
+    "refit, after epoch 1": (lambda run: kill_after_history(run, 1), [], [2]),
+    # No epoch's checkpoint was complete: the holdout starts afresh.
+    "holdout, in its first checkpoint": (
+        lambda run: kill_in_swap(run / "holdout", "best", 1, between_renames=False), [1, 2], [1, 2]),
+    "refit, in its first checkpoint": (
+        lambda run: kill_in_swap(run, "best", 1, between_renames=False), [], [1, 2]),
+    # Only epoch 1's 'last', renamed aside, survives.
+    "holdout, between the renames of epoch 2's last": (
+        lambda run: kill_in_swap(run / "holdout", "last", 2, True), [2], [1, 2]),
+    "refit, between the renames of epoch 2's last": (
+        lambda run: kill_in_swap(run, "last", 2, between_renames=True), [], [2]),
+    # Epoch 2's checkpoints are complete: the holdout has nothing left to train.
+    "holdout, before its last history row": (lambda run: kill_before_history(run / "holdout", 2), [], [1, 2]),
 }
 
 
@@ -162,11 +178,15 @@ def test_an_interrupted_refit_resumes_to_the_same_model(tmp_path: Path, data, mo
     train_run(refit_config(), uninterrupted, prepared=data, progress=False)
 
     run = tmp_path / "run"
+    killer, holdout_epochs, refit_epochs = KILLS[kill]
     with monkeypatch.context() as patch:
-        patch.setattr(*KILLS[kill](run))
+        patch.setattr(*killer(run))
         with pytest.raises(KeyboardInterrupt):
             train_run(refit_config(), run, prepared=data, progress=False)
+    before = {stage: len(logged_epochs(run / stage)) for stage in ("holdout", ".")}
     train_run(refit_config(), run, resume=True, prepared=data, progress=False)
+    assert logged_epochs(run / "holdout")[before["holdout"] :] == holdout_epochs
+    assert logged_epochs(run)[before["."] :] == refit_epochs
 
     for which in ("best", "last"):
         expected, got = weights(uninterrupted / "checkpoints" / which), weights(run / "checkpoints" / which)
@@ -192,8 +212,12 @@ def test_a_refit_resumes_from_data_that_moved(tmp_path: Path, monkeypatch) -> No
             train_run(config_from_dict(raw), run, progress=False)
     os.replace(dataset, tmp_path / "moved")
     raw["data"]["root"] = str(tmp_path / "moved")
+    before = {stage: len(logged_epochs(run / stage)) for stage in ("holdout", ".")}
     result = train_run(config_from_dict(raw), run, resume=True, progress=False)
     assert len(result.history) == 2 and load_card(run / "checkpoints" / "best")[0].temperature != 1.0
+    # The holdout was done and the refit had its epoch 1: the resume trained epoch 2 of the refit alone.
+    assert logged_epochs(run / "holdout")[before["holdout"] :] == []
+    assert logged_epochs(run)[before["."] :] == [2]
 
 
 def test_a_refit_needs_a_fixed_schedule() -> None:

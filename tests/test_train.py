@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +188,19 @@ def interrupted_then_resumed(config: RunConfig, run_dir: Path, data, after_epoch
     with pytest.raises(Interrupt):
         fit(config, run_dir, prepared=data, progress=False, epoch_callback=stop)
     assert json.loads((run_dir / "checkpoints/last/trainer.json").read_text())["loop"]["epoch"] == after_epoch
-    return fit(config, run_dir, prepared=data, progress=False, resume=True)
+    trained: list[int] = []
+    result = fit(config, run_dir, prepared=data, progress=False, resume=True,
+                 epoch_callback=lambda epoch, row: trained.append(epoch))  # fmt: skip
+    # Started from the checkpoint: a run trained again from scratch (same seed) would end with the same
+    # weights too, but it would train every epoch.
+    assert trained == list(range(after_epoch + 1, config.train.epochs + 1))
+    assert f"at epoch {after_epoch}" in resumed_lines(run_dir)
+    return result
+
+
+def resumed_lines(run_dir: Path) -> str:
+    """The ``resumed from <last> at epoch N`` lines of the run's log."""
+    return "\n".join(line for line in (run_dir / "train.log").read_text().splitlines() if "resumed from" in line)
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path, data) -> None:
@@ -284,7 +297,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path, data) -> 
     (checkpoints / ".last.tmp").mkdir()
     (checkpoints / ".last.tmp" / "model.safetensors").write_bytes(b"half written")
 
-    fit(config, tmp_path / "killed", prepared=data, progress=False, resume=True)
+    trained: list[int] = []
+    fit(config, tmp_path / "killed", prepared=data, progress=False, resume=True,
+        epoch_callback=lambda epoch, row: trained.append(epoch))  # fmt: skip
+    assert trained == [2, 3]  # from epoch 1's checkpoint (recovered from '.last.old'), not from scratch
+    assert "at epoch 1" in resumed_lines(tmp_path / "killed")
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert history_without_timing(tmp_path / "straight") == history_without_timing(tmp_path / "killed")
@@ -350,9 +367,12 @@ def test_resume_without_a_run_says_so_and_one_killed_before_its_first_epoch_star
     assert not (tmp_path / "killed" / "checkpoints" / ".best.tmp").exists()
 
 
+@pytest.mark.parametrize("last_step_only", [False, True], ids=["every-step-from-epoch-2", "epoch-2-last-step"])
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
-    tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch, last_step_only: bool
 ) -> None:
+    """A step's loss is checked one step late; the last step of an epoch, which has no next step, is checked
+    after the loop, before the epoch's checkpoint: a NaN there must not be saved as epoch 2."""
     steps_per_epoch = len(data.indices("train")) // 16
     calls = {"n": 0}
     real_call = BatchAugment.__call__
@@ -360,11 +380,14 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     def poisoned(self, images, generator=None):
         calls["n"] += 1
         out = real_call(self, images, generator)
-        return out * float("nan") if calls["n"] > steps_per_epoch else out  # NaN from epoch 2 on
+        bad = calls["n"] == 2 * steps_per_epoch if last_step_only else calls["n"] > steps_per_epoch
+        return out * float("nan") if bad else out
 
     monkeypatch.setattr(BatchAugment, "__call__", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint \(epoch 1\)"):
+    step = steps_per_epoch if last_step_only else 1
+    with pytest.raises(TrainingDiverged,
+                       match=rf"loss became nan at epoch 2, step {step} .*last good checkpoint \(epoch 1\)"):
         fit(tiny_config(), run, prepared=data, progress=False)
 
     trainer = json.loads((run / "checkpoints/last/trainer.json").read_text())
@@ -405,7 +428,7 @@ def test_a_misspelt_key_is_answered_with_the_near_one() -> None:
         load_config("default", ["train.epoch=3"])
     with pytest.raises(ConfigError, match=r"'trian' \(did you mean 'train'\?\)"):
         load_config("default", ["trian.epochs=3"])
-    with pytest.raises(ConfigError) as raised:  # nothing near: no guess
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.zzz'") as raised:  # nothing near: no guess
         load_config("default", ["data.zzz=1"])
     assert "did you mean" not in str(raised.value)
 
@@ -627,9 +650,13 @@ def test_auto_accelerator_is_cuda_or_the_cpu_never_mps_unasked(monkeypatch: pyte
         setup.make_fabric(tiny_config(train={"accelerator": "cuda"}).train)
 
 
-def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -> None:
+def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a GPU loss makes the host wait for the GPU: the bar must not do it every step."""
+    from bloodcell.train import progress
     from bloodcell.train.progress import RunProgress
+
+    now = {"s": 0.0}  # the bar's clock, moved by the test: 64 steps a second (exact in binary)
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: now["s"]))
 
     class CountedLoss:
         reads = 0
@@ -645,10 +672,12 @@ def test_the_progress_bar_reads_the_loss_a_few_times_a_second_not_every_step() -
     terminal = Console(file=io.StringIO(), force_terminal=True)
     with RunProgress(True, epochs=1, console=terminal) as bar:
         bar.start_epoch(1, steps=200, last_val="-")
-        for _ in range(200):
+        for step in range(200):
+            now["s"] = step / 64
             bar.step(CountedLoss(), rate=100.0)
         bar.end_epoch("0.9000", loss=0.6160, rate=124.0)
-    assert 1 <= CountedLoss.reads <= 5
+    assert RunProgress.READ_EVERY == 0.25
+    assert CountedLoss.reads == 13  # every 16th step, from the first: steps 0, 16, ..., 192
     assert "loss 0.6160" in terminal.file.getvalue()  # the epoch's own loss, not the last sampled step's
 
 
