@@ -234,8 +234,9 @@ def grey16_png() -> bytes:
         (png_bytes(MAX_SIDE + 1, 16), ("dimensions", f"{MAX_SIDE}")),
         (png_bytes(4, 4), ("too small",)),
         (grey16_png(), ("16-bit greyscale", "convert it to 8-bit RGB")),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dXXXX" + bytes(40), ("a broken PNG file",)),
     ],
-    ids=["empty", "not-an-image", "truncated", "huge-dimensions", "tiny", "16-bit"],
+    ids=["empty", "not-an-image", "truncated", "huge-dimensions", "tiny", "16-bit", "broken-png-header"],
 )
 def test_bad_images_are_422_with_a_reason(client: TestClient, data: bytes, words: tuple[str, ...]) -> None:
     assert_error(post_file(client, data), 422, *words)
@@ -260,7 +261,7 @@ def test_a_max_side_above_8000_raises_the_pixel_guard_with_it(tiny_model: Path, 
 def test_unsupported_format_is_422(client: TestClient) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, format="GIF")
-    assert_error(post_file(client, buffer.getvalue(), name="a.gif"), 422, "not one of the formats bloodcell reads")
+    assert_error(post_file(client, buffer.getvalue(), name="a.gif"), 422, "unsupported image format 'GIF'")
 
 
 def test_only_the_accepted_formats_plugins_parse_an_upload(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,43 +274,54 @@ def test_only_the_accepted_formats_plugins_parse_an_upload(client: TestClient, m
     monkeypatch.setattr(GifImagePlugin.GifImageFile, "_open", reached)
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, format="GIF")
-    assert_error(post_file(client, buffer.getvalue(), name="a.gif"), 422, "not one of the formats bloodcell reads")
+    assert_error(post_file(client, buffer.getvalue(), name="a.gif"), 422, "unsupported image format 'GIF'")
 
 
-def test_a_bigtiff_is_refused_before_decoding(client: TestClient) -> None:
+def test_a_bigtiff_or_odd_tiff_header_is_refused_before_decoding(client: TestClient) -> None:
     """BigTIFF's 8-byte offsets would slip past the strip count that guards ordinary TIFFs."""
-    bigtiff = b"II+\x00\x08\x00\x00\x00" + (16).to_bytes(8, "little") + bytes(64)
-    assert_error(post_file(client, bigtiff, name="slide.tif"), 422, "slide.tif", "BigTIFF")
+    for header in (b"II+\x00", b"MM\x00+", b"II\x00*", b"MM*\x00"):  # BigTIFF, and the non-standard byte orders
+        tiff = header + (8).to_bytes(4, "little") + bytes(64)
+        assert_error(post_file(client, tiff, name="slide.tif"), 422, "slide.tif", "BigTIFF, or a TIFF with a non-standard header")
 
 
 def test_predictions_past_their_upload_are_bounded(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """However many requests arrive, at most MAX_REQUESTS_AT_WORK hold their files in memory and work at
-    once; the others wait with their uploads spooled, and all are answered."""
+    """However many requests arrive, at most MAX_REQUESTS_AT_WORK read their files into memory and work at
+    once (every read happens inside a work slot); the others wait, and all are answered."""
     import threading
-    import time
 
     from bloodcell.serve import app as app_module
 
     monkeypatch.setattr(app_module, "MAX_REQUESTS_AT_WORK", 2)
-    running, peak, lock = [0], [0], threading.Lock()
-    real_one, real_many = app_module.Service.predict_one, app_module.Service.predict_many
-
-    def counted(method):
-        def wrapper(*args, **kwargs):
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            try:
-                time.sleep(0.05)  # long enough for the requests to overlap if nothing stopped them
-                return method(*args, **kwargs)
-            finally:
-                with lock:
-                    running[0] -= 1
-        return wrapper
-
-    monkeypatch.setattr(app_module.Service, "predict_one", counted(real_one))
-    monkeypatch.setattr(app_module.Service, "predict_many", counted(real_many))
     client = TestClient(create_app(tiny_model, inference_threads=1))
+    service = client.app.state.service
+    slots, inside = service._requests_at_work, threading.local()
+    holders, peak, lock = [0], [0], threading.Lock()
+    # The two requests that hold the slots wait for each other, so the peak is reached whatever the timing.
+    meet = threading.Barrier(2, timeout=10)
+
+    class CountedSlots:
+        def __enter__(self) -> None:
+            slots.acquire()
+            inside.holding = True
+            with lock:
+                holders[0] += 1
+                peak[0] = max(peak[0], holders[0])
+            meet.wait()
+
+        def __exit__(self, *exc: object) -> None:
+            with lock:
+                holders[0] -= 1
+            inside.holding = False
+            slots.release()
+
+    real_read = app_module.Service.read_upload
+
+    def read_inside_a_slot(self, upload):
+        assert getattr(inside, "holding", False), "an upload was read outside a work slot"
+        return real_read(self, upload)
+
+    monkeypatch.setattr(service, "_requests_at_work", CountedSlots())
+    monkeypatch.setattr(app_module.Service, "read_upload", read_inside_a_slot)
 
     def send(k: int):
         if k % 2:

@@ -263,7 +263,7 @@ def test_a_damaged_or_mismatched_model_is_one_user_error_naming_the_file(tmp_pat
     assert str(directory) in str(raised.value)
 
 
-@pytest.mark.parametrize("size", [60000, 0, 64.5, "160", True])
+@pytest.mark.parametrize("size", [60000, 0, 7, 1025, 64.5, "160", True])
 def test_the_torch_free_card_reader_refuses_an_input_size_out_of_bounds(tmp_path: Path, size) -> None:
     """The ONNX predictor reads the card without pydantic: a card asking for 60000 px a side would make its
     warm-up allocate gigabytes."""
@@ -274,6 +274,28 @@ def test_the_torch_free_card_reader_refuses_an_input_size_out_of_bounds(tmp_path
     _edit_card(input_size=size)(directory)
     with pytest.raises(ModelFileError, match="input_size must be a whole number of pixels from 8 to 1024"):
         read_card_json(directory)
+
+
+@pytest.mark.parametrize("size", [8, 1024])
+def test_both_card_readers_accept_the_input_sizes_at_the_bounds(tmp_path: Path, size: int) -> None:
+    from bloodcell.models.card import ModelCard
+    from bloodcell.serve.common import read_card_json
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(input_size=size)(directory)
+    assert read_card_json(directory)["input_size"] == size
+    assert ModelCard.model_validate(read_card_json(directory)).input_size == size
+
+
+@pytest.mark.parametrize("size", ["160", 160.0])
+def test_the_pydantic_card_refuses_an_input_size_the_torch_free_reader_refuses(size) -> None:
+    """Both readers agree, so a model loads with both backends or with neither."""
+    from pydantic import ValidationError
+
+    from bloodcell.models.card import ModelCard
+
+    with pytest.raises(ValidationError, match="input_size"):
+        ModelCard(architecture="bloodnet", input_size=size)
 
 
 def test_a_card_naming_a_timm_hub_or_folder_model_is_refused_before_timm_sees_it(tmp_path: Path, monkeypatch) -> None:
@@ -290,7 +312,7 @@ def test_a_card_naming_a_timm_hub_or_folder_model_is_refused_before_timm_sees_it
     for name in ("timm/hf-hub:attacker/evil-config", "timm/local-dir:/tmp"):
         directory = _saved_tiny_model(tmp_path / name.replace("/", "_").replace(":", "_"))
         _edit_card(architecture=name)(directory)
-        with pytest.raises(ModelFileError, match="not one of timm's model names"):
+        with pytest.raises(ModelFileError, match="timm has no model"):
             load_model(directory)
 
 

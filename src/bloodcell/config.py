@@ -67,13 +67,10 @@ class ModelConfig(Strict):
     @classmethod
     def _known_model(cls, value: str) -> str:
         # Imported here, not at the top: bloodcell.models imports this module (a cycle at import time).
-        from bloodcell.models.registry import get_spec
+        from bloodcell.models.registry import get_spec, require_timm_model
 
         if value.startswith("timm/"):
-            import timm
-
-            if not timm.is_model(value[5:]):
-                raise ValueError(f"timm has no model {value[5:]!r} (see timm.list_models())")
+            require_timm_model(value[5:])
             return value
         get_spec(value)  # raises ValueError listing the registered names
         return value

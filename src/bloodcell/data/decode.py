@@ -28,6 +28,9 @@ READ_FORMATS: tuple[str, ...] = ("BMP", "JPEG", "PNG", "TIFF")
 DEFAULT_MAX_PIXELS = 64_000_000
 #: Files larger than this are refused unread: an uncompressed 16-bit RGB TIFF of DEFAULT_MAX_PIXELS is 384 MB.
 MAX_FILE_BYTES = 512 * 2**20
+#: TIFF headers Pillow reads that the strip count below cannot: BigTIFF (8-byte offsets) and the two
+#: non-standard byte orders. No microscope writes them, so they are refused rather than parsed.
+UNREAD_TIFF_HEADERS = (b"II+\x00", b"MM\x00+", b"II\x00*", b"MM*\x00")
 #: Guards Pillow's process-wide settings while a header is read (see _open_header): decoding runs in threads.
 _PILLOW_GUARD = threading.Lock()
 #: More scans than this in a JPEG are refused: each scan of a progressive JPEG costs a pass over the whole
@@ -113,7 +116,12 @@ def open_rgb(
     except ImageError:
         raise
     except UnidentifiedImageError as error:
-        raise ImageError(name, "not an image file, or not one of the formats bloodcell reads (JPEG, PNG, BMP, TIFF)") from error
+        signature = _format_by_signature(data)
+        if signature in READ_FORMATS:
+            raise ImageError(name, f"a broken {signature} file: its header cannot be read") from error
+        if signature is not None:
+            raise ImageError(name, f"unsupported image format {signature!r} (use JPEG, PNG, BMP or TIFF)") from error
+        raise ImageError(name, "not an image file (or an unsupported format)") from error
     except Image.DecompressionBombError as error:
         # Pillow refuses at open beyond twice its guard, which is at least our limit: say ours, not its own.
         pixels = re.search(r"\((\d+) pixels\)", str(error))
@@ -147,10 +155,18 @@ def _open_header(data: bytes, largest_limit: int) -> Image.Image:
         if Image.MAX_IMAGE_PIXELS is not None:
             Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, largest_limit)
         # Only the accepted formats' plugins parse the header: no other decoder sees what a user sends.
-        # Image.open looks each named format up without loading the plugins first (TIFF is not among those it
-        # preloads), so they are loaded here; init() returns at once after its first call.
-        Image.init()
         return Image.open(io.BytesIO(data), formats=READ_FORMATS)
+
+
+def _format_by_signature(data: bytes) -> str | None:
+    """The Pillow format whose signature (magic bytes) ``data`` starts with, to name a refused format; only
+    the plugins' signature checks run, none parses the file."""
+    Image.init()
+    prefix = data[:16]
+    for format_name, (_, accept) in Image.OPEN.items():
+        if accept is not None and accept(prefix) is True:
+            return format_name
+    return None
 
 
 def _read_image_file(source: str | os.PathLike[str], name: str) -> bytes:
@@ -186,9 +202,9 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
             # The stream ends before its end-of-image marker: cut short, or its end zero-filled (an
             # interrupted download or copy). Pillow decodes such zeros without a word, into flat grey.
             raise ImageError(name, "truncated JPEG: its data ends before the end-of-image marker (cut short or zero-filled)")
-    if data[:4] in (b"II+\x00", b"MM\x00+"):
-        # BigTIFF's 8-byte offsets escape the strip count below; no microscope image needs the format.
-        raise ImageError(name, "a BigTIFF file: not read (save it as an ordinary TIFF, PNG or JPEG)")
+    if data[:4] in UNREAD_TIFF_HEADERS:
+        raise ImageError(name, "a BigTIFF, or a TIFF with a non-standard header: not read (save it as an ordinary "
+                               "TIFF, PNG or JPEG)")  # fmt: skip
     if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
         raise ImageError(name, f"a TIFF of {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too costly to decode")
 

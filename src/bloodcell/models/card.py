@@ -54,7 +54,8 @@ class ModelCard(BaseModel):
     architecture: str
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     classes: list[str] = Field(default_factory=lambda: list(CLASSES))
-    input_size: int = Field(ge=CARD_INPUT_SIZES.start, le=CARD_INPUT_SIZES.stop - 1)
+    # strict: the torch-free reader of the ONNX backend refuses "160" and 160.0 too; both readers agree
+    input_size: int = Field(strict=True, ge=CARD_INPUT_SIZES.start, le=CARD_INPUT_SIZES.stop - 1)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     temperature: float = Field(1.0, gt=0)  # divide logits by this before softmax (fitted on validation data)
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved training config

@@ -70,13 +70,20 @@ _TIMM_LOADING_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cf
                                   "checkpoint_path", "cache_dir", "features_only"})  # fmt: skip
 
 
+def require_timm_model(timm_name: str) -> None:
+    """Raise ValueError unless ``timm_name`` is one of timm's own architectures. Checked for configs and for
+    model cards alike: timm reads "hf-hub:ORG/NAME" and "local-dir:PATH" as places to fetch a config from,
+    and a card someone hands you must not make bloodcell reach out to a URL or folder it names."""
+    import timm
+
+    if not timm.is_model(timm_name):
+        raise ValueError(f"timm has no model {timm_name!r} (see timm.list_models())")
+
+
 def _build_timm(num_classes: int, timm_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     import timm  # imported lazily: it is slow to import and most runs use our own networks
 
-    if ":" in timm_name or not timm.is_model(timm_name):
-        # timm reads "hf-hub:ORG/NAME" and "local-dir:PATH" as places to fetch a config from: a model card
-        # someone hands you must not make bloodcell reach out to a URL or folder it names.
-        raise ValueError(f"timm/{timm_name}: not one of timm's model names (see timm.list_models())")
+    require_timm_model(timm_name)
     loading = sorted(k for k in kwargs if k in _TIMM_LOADING_KWARGS or k.endswith(("_path", "_file", "_dir", "_url")))
     if loading:
         raise ValueError(

@@ -250,9 +250,10 @@ class Service:
         # itself, one per core when each call is single-threaded.
         self._inference_slots = threading.BoundedSemaphore(inference_slots)
         self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
-        # A threading semaphore, taken in the worker thread: the requests waiting for it hold a pool thread
-        # each but no bytes, and it works whatever event loop the request came in on.
-        self.requests_at_work = threading.BoundedSemaphore(MAX_REQUESTS_AT_WORK)
+        # A threading semaphore, taken in the worker thread: it works whatever event loop the request came in
+        # on, and a request waiting for it holds a pool thread and its upload as Starlette spooled it (a file
+        # over 1 MB on disk, a smaller one in memory), never a second copy or a decoded image.
+        self._requests_at_work = threading.BoundedSemaphore(MAX_REQUESTS_AT_WORK)
         self._explain_source = explain_source
         self._explainer: Any = predictor if predictor.backend == "torch" else None
         self._explainer_lock = threading.Lock()
@@ -298,6 +299,25 @@ class Service:
                 self.explainer().explain(image)
             except NoFeatureMap as error:  # the service still classifies; explain=true says why it cannot
                 log.warning("Grad-CAM is not available for this model: %s", error)
+
+    def read_upload(self, upload: UploadFile) -> bytes | None:
+        """The upload's bytes, or None when it is over the upload limit (the size Starlette counted while
+        parsing is checked first, so an oversize file is not read just to be dropped)."""
+        if upload.size is not None and upload.size > self.max_upload_bytes:
+            return None
+        data = upload.file.read(self.max_upload_bytes + 1)  # in a worker thread: the file may be on disk
+        return None if len(data) > self.max_upload_bytes else data
+
+    def predict_upload(self, upload: UploadFile, explain: bool, tta: bool | None) -> dict[str, Any] | None:
+        """:meth:`predict_one` on an upload, read once a work slot is free; None when it is over the limit."""
+        with self._requests_at_work:
+            data = self.read_upload(upload)
+            return None if data is None else self.predict_one(data, upload.filename, explain, tta)
+
+    def predict_uploads(self, uploads: list[UploadFile], tta: bool | None) -> dict[str, Any]:
+        """:meth:`predict_many` on uploads, read once a work slot is free."""
+        with self._requests_at_work:
+            return self.predict_many([(upload.filename, self.read_upload(upload)) for upload in uploads], tta)
 
     def predict_one(self, data: bytes, filename: str | None, explain: bool, tta: bool | None) -> dict[str, Any]:
         """Decode, classify and optionally explain one upload; returns the response as a dict."""
@@ -475,18 +495,15 @@ def create_app(
         tta: Annotated[bool | None, Query(description="test-time augmentation (8 flips and rotations)")] = None,
     ) -> dict[str, Any]:
         """Classify one blood-smear image."""
-
-        def work() -> dict[str, Any]:
-            with service.requests_at_work:
-                data = _read_limited(file, service.max_upload_bytes)
-                if data is None:
-                    raise UploadTooLarge(too_large)
-                return service.predict_one(data, file.filename, explain, tta)
-
+        if file.size is not None and file.size > service.max_upload_bytes:
+            raise UploadTooLarge(too_large)  # at once, without waiting for a work slot
         try:
-            return await run_in_threadpool(work)
+            response = await run_in_threadpool(service.predict_upload, file, explain, tta)
         except ImageError as error:
             raise HTTPException(422, f"{file.filename or 'upload'}: {error.reason}") from None
+        if response is None:
+            raise UploadTooLarge(too_large)
+        return response
 
     @app.post(
         "/v1/predict/batch",
@@ -501,22 +518,9 @@ def create_app(
         """Classify several images; each result carries its class or the reason that file failed."""
         if len(files) > max_batch_files:
             raise HTTPException(422, f"too many files: {len(files)} sent, the limit is {max_batch_files} a request")
-
-        def work() -> dict[str, Any]:
-            with service.requests_at_work:
-                uploads = [(upload.filename, _read_limited(upload, service.max_upload_bytes)) for upload in files]
-                return service.predict_many(uploads, tta)
-
-        return await run_in_threadpool(work)
+        return await run_in_threadpool(service.predict_uploads, files, tta)
 
     return app
-
-
-def _read_limited(upload: UploadFile, limit: int) -> bytes | None:
-    """The upload's bytes, or None when it is larger than ``limit`` (in a worker thread: the file may be
-    spooled to disk)."""
-    data = upload.file.read(limit + 1)
-    return None if len(data) > limit else data
 
 
 def _add_error_handlers(app: FastAPI) -> None:
