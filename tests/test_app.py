@@ -465,3 +465,16 @@ def test_the_body_limit_stops_reading_at_the_limit() -> None:
     with pytest.raises(UploadTooLarge):
         asyncio.run(middleware({"type": "http", "path": "/v1/predict", "headers": []}, receive, send))
     assert sum(pulled) <= limit + chunk  # 5 MB offered, about the limit read
+
+
+def test_a_loopback_service_answers_only_requests_addressed_to_this_machine(tiny_model: Path) -> None:
+    """DNS rebinding: a page elsewhere pointing its own name at 127.0.0.1 sends its name as the Host."""
+    client = TestClient(create_app(tiny_model, loopback_only=True))
+    for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:8000", "[::1]:8000", "127.0.0.1"):
+        assert client.get("/healthz", headers={"host": host}).status_code == 200, host
+    assert post_file(client, cell_jpeg(1)).status_code == 400  # TestClient's own Host, "testserver"
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::2]:8000", ""):
+        assert_error(client.get("/healthz", headers={"host": host}), 400, "refused", "127.0.0.1 or localhost")
+    open_client = TestClient(create_app(tiny_model))  # listening on the network: any name may reach it
+    assert open_client.get("/healthz", headers={"host": "bloodcell.lab.example"}).status_code == 200
+

@@ -225,10 +225,22 @@ def test_serve_caps_the_connections_it_holds_open(tiny_model: Path, monkeypatch:
     from bloodcell.serve.app import MAX_CONNECTIONS
 
     given: dict = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: given.update(kwargs))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: given.update(kwargs, app=app))
     result = run("serve", str(tiny_model), "--port", "8123")
     assert result.exit_code == 0, result.output
     assert given["limit_concurrency"] == MAX_CONNECTIONS and given["port"] == 8123
+
+
+@pytest.mark.parametrize(("host", "refused"), [("127.0.0.1", True), ("localhost", True), ("0.0.0.0", False)])
+def test_serve_on_the_loopback_address_refuses_other_host_names(tiny_model: Path, monkeypatch, host, refused) -> None:
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    given: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: given.update(app=app))
+    assert run("serve", str(tiny_model), "--host", host).exit_code == 0
+    status = TestClient(given["app"]).get("/healthz", headers={"host": "rebound.example"}).status_code
+    assert status == (400 if refused else 200)
 
 
 def test_an_onnx_file_runs_on_onnx_runtime_without_being_told(tiny_onnx: Path, slides: Path) -> None:

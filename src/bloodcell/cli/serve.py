@@ -368,13 +368,14 @@ def serve_command(
     """
     import uvicorn
 
-    from bloodcell.serve.app import MAX_CONNECTIONS, create_app
+    from bloodcell.serve.app import LOOPBACK_HOSTS, MAX_CONNECTIONS, create_app
 
     backend = choose_backend(model, backend)
     try:
         web_app = create_app(
             model, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_side=max_side,
             backend=backend.value, tta=tta, warm_up=True, inference_threads=threads or None,
+            loopback_only=host.strip("[]").lower() in LOOPBACK_HOSTS,
         )
     except FileNotFoundError as error:
         raise UserError(str(error) if model else "no model given and no bundled default model is installed") from None

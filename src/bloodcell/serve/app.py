@@ -214,6 +214,39 @@ class NoSniff:
         await self.app(scope, receive, send_with_header)
 
 
+#: The names a request to this machine's loopback address carries in its Host header.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class LoopbackHostsOnly:
+    """ASGI middleware: answer 400 to a request whose Host header names anything but this machine.
+
+    For a service listening on the loopback address only: a web page elsewhere can point a name of its own
+    at 127.0.0.1 (DNS rebinding) and then read this service's answers as its own origin's; the Host header
+    its requests must carry gives them away. Starlette's TrustedHostMiddleware makes the same check, but
+    answers in plain text (every error of this service is JSON) and cuts IPv6 hosts at their first colon.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (host := _host_name(scope)) not in LOOPBACK_HOSTS:
+            detail = (f"Host {host!r} refused: this service listens on this machine's loopback address and "
+                      "answers only requests addressed to 127.0.0.1 or localhost")  # fmt: skip
+            await JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _host_name(scope: Scope) -> str:
+    """The host a request's Host header names, without its port (``[::1]:8000`` -> ``::1``), in lower case."""
+    value = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "").strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 def _content_length(scope: Scope) -> int | None:
     for key, value in scope.get("headers", []):
         if key == b"content-length":
@@ -405,6 +438,7 @@ def create_app(
     predictor: BasePredictor | None = None,
     warm_up: bool = False,
     inference_threads: int | None = None,
+    loopback_only: bool = False,
 ) -> FastAPI:
     """Build the web app for a saved model.
 
@@ -421,6 +455,9 @@ def create_app(
     inference_threads: threads per inference call (None: the backend's default, all cores, and one
         call at a time). With 1, up to one call per core runs at once: the better choice for many
         small requests on a small CPU. For the torch backend this sets torch's process-wide thread count.
+    loopback_only: answer only requests whose Host header names this machine (127.0.0.1, localhost, ::1):
+        for a service listening on the loopback address, against DNS rebinding (``bloodcell serve`` sets it
+        when ``--host`` is one of those).
 
     Returns the FastAPI application (run it with uvicorn, see ``bloodcell serve``).
     """
@@ -456,6 +493,8 @@ def create_app(
         },
         default=(OTHER_BODY_LIMIT, f"request body too large (limit {_human_bytes(OTHER_BODY_LIMIT)})"),
     )
+    if loopback_only:
+        app.add_middleware(LoopbackHostsOnly)
     app.add_middleware(NoSniff)  # added last, so outermost: the 413s of the body limit get it too
     _add_error_handlers(app)
     page = _index_page()
