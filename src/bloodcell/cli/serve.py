@@ -339,7 +339,7 @@ MAX_SIDE_HELP = (
 @app.command("serve")
 def serve_command(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network). On 127.0.0.1, localhost or ::1 only requests addressed to this machine are answered.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
     backend: Annotated[
         Backend | None,
