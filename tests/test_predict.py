@@ -184,7 +184,8 @@ def test_model_as_first_input_and_missing_inputs(tiny_model: Path, slides: Path,
     assert rows[0]["error"] is None and Path(rows[0]["file"]).name == "cell-001.jpg"
     # Each input that names no image says which of the three it is.
     assert [row["error"] for row in rows[1:]] == [
-        "a pattern that matches no image file", "no such file or folder", "a folder with no image files in it"]
+        "a pattern that matches no image file", "no such file or folder",
+        "a folder with no image files in it (looked for .bmp .jpeg .jpg .png .tif .tiff, in sub-folders too)"]
 
 
 def test_a_class_named_like_a_column_keeps_both_in_the_csv(tmp_path: Path) -> None:
@@ -229,6 +230,21 @@ def test_serve_caps_the_connections_it_holds_open(tiny_model: Path, monkeypatch:
     result = run("serve", str(tiny_model), "--port", "8123")
     assert result.exit_code == 0, result.output
     assert given["limit_concurrency"] == MAX_CONNECTIONS and given["port"] == 8123
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_the_model(tiny_model: Path, monkeypatch) -> None:
+    import socket
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("uvicorn started on a busy port"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("serve", str(tiny_model), "--port", str(port))
+    assert isinstance(result.exception, UserError), result.output
+    assert f"cannot listen on 127.0.0.1:{port}" in str(result.exception) and "--port N" in str(result.exception)
 
 
 @pytest.mark.parametrize(("host", "refused"), [("127.0.0.1", True), ("localhost", True), ("0.0.0.0", False)])

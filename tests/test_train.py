@@ -492,6 +492,9 @@ def test_cli_refuses_a_missing_dataset_or_a_foreign_out_folder_before_any_work(t
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(["train", "--data", "nope"], monkeypatch, capsys)
     assert code == 2 and "dataset folder not found: nope" in err and not (tmp_path / "runs").exists()
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["train", "--data", "empty", "--out", "r"], monkeypatch, capsys)
+    assert code == 2 and "dataset folder is empty" in err and not (tmp_path / "r").exists()
     # --out naming a folder of other files (here the dataset itself) would scatter the run among them.
     for stages in ([], ["--set", "data.train_on=train"]):  # with the refit's holdout stage, and without
         code, _, err = run_cli(["train", "--data", str(aria_dataset), "--out", str(aria_dataset), *stages], monkeypatch, capsys)

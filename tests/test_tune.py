@@ -383,3 +383,13 @@ def test_a_postgresql_url_without_its_driver_names_the_extra_and_the_scheme() ->
     args = (optuna.pruners.NopPruner(), optuna.samplers.RandomSampler())
     with pytest.raises(UserError, match=r"\.\[postgres\].*postgresql\+psycopg://"):
         open_study("s", "postgresql://u:p@127.0.0.1:1/db", config_from_dict(TINY), TINY_SPACE, None, *args)
+
+
+def test_tune_with_a_missing_or_empty_dataset_is_one_line_and_leaves_no_study(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    for data, words in (("nope", "dataset folder not found"), ("empty", "dataset folder is empty")):
+        result = CliRunner().invoke(app, ["tune", "--data", data, "--trials", "2", "--out", "t"])
+        assert isinstance(result.exception, UserError) and words in str(result.exception), result.output
+        assert not (tmp_path / "t").exists()
+

@@ -36,6 +36,8 @@ MODEL_HELP = (
     "Model: a run directory, a model directory, a card.json, or an exported .onnx file (ONNX backend). "
     "Default: the model bundled with the package."
 )
+#: export reads the PyTorch model (an .onnx file is what it writes).
+EXPORT_MODEL_HELP = "Model: a run directory, a model directory or a card.json. Default: the model bundled with the package."
 
 
 def looks_like_model(text: str) -> bool:
@@ -279,7 +281,7 @@ def _run_with_progress(predictor: Any, files: list[Path], batch: int, show_progr
 
 @app.command("export")
 def export_command(
-    model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
+    model: Annotated[str | None, typer.Argument(help=EXPORT_MODEL_HELP, show_default=False, metavar="MODEL")] = None,
     format: Annotated[ExportFormat, typer.Option("--format", help="Export format (ONNX).")] = ExportFormat.onnx,
     out: Annotated[
         Path | None,
@@ -336,6 +338,21 @@ MAX_SIDE_HELP = (
 )
 
 
+def _refuse_a_port_in_use(host: str, port: int) -> None:
+    """Refuse a port something else listens on before the model loads: uvicorn would find out only after
+    "serving on" was printed, and exit 3 with its own error line."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as error:
+            raise UserError(f"cannot listen on {host}:{port} ({error.strerror or error}): pick another port with "
+                            "--port N, or stop what uses it") from None  # fmt: skip
+
+
 @app.command("serve")
 def serve_command(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
@@ -371,6 +388,7 @@ def serve_command(
     from bloodcell.serve.app import LOOPBACK_HOSTS, MAX_CONNECTIONS, create_app
 
     backend = choose_backend(model, backend)
+    _refuse_a_port_in_use(host, port)
     try:
         web_app = create_app(
             model, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_side=max_side,

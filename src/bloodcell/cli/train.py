@@ -33,7 +33,9 @@ WEIGHTS_OPTION = typer.Option(
     None, "--weights", help="Initialise the network from a safetensors (or weights-only .pth) file, or a bloodcell "
     "model directory.", show_default=False
 )
-REPORT_OPTION = typer.Option(True, "--report/--no-report", help="Build the run's HTML report at the end.")
+REPORT_OPTION = typer.Option(
+    True, "--report/--no-report", help="Evaluate the run and build its HTML report at the end (--no-report skips both)."
+)
 PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Draw the progress bar on stderr.")
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object (the run's summary) instead of text.")
 
@@ -58,6 +60,7 @@ def train_command(
     RUN/holdout (validation scores, temperature), then refit on train + val: that model is the run's.
     """
     from bloodcell.config import load_config, override
+    from bloodcell.data.layouts import find_dataset
     from bloodcell.errors import UserError
     from bloodcell.train import train_run
     from bloodcell.train.checkpoint import completed_epochs, is_complete
@@ -93,6 +96,7 @@ def train_command(
             raise UserError("pass --data DATA (the dataset folder), set data.root in the config, or --resume RUN")
         if not data.is_dir():  # before a run folder is made or anything is announced
             raise UserError(f"dataset folder not found: {data}" if not data.exists() else f"{data}: not a folder")
+        find_dataset(data, run_config.data.variant, run_config.data.class_names)  # empty, no class folders
         run_dir = out if out is not None else Path("runs") / run_config.name
     if devices is not None:
         _say_where_devices_run(run_config)

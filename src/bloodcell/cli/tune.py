@@ -83,7 +83,7 @@ def tune_command(
     ),
     study: str | None = typer.Option(None, "--study", help="Study name (default: the config's name)."),
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds after which no new trial starts."),
-    cv: int | None = typer.Option(None, "--cv", help="Objective = mean over K folds of the kfold protocol."),
+    cv: int | None = typer.Option(None, "--cv", min=2, help="Objective = mean over K folds of the kfold protocol."),
     pruner: Literal["median", "hyperband", "none"] = typer.Option("median", "--pruner", help="median, hyperband or none."),
     space: Path | None = typer.Option(
         None, "--space", help="YAML file narrowing the search space (see docs/TUNING.md)."
@@ -94,10 +94,13 @@ def tune_command(
 ) -> None:
     """Search hyperparameters with Optuna; rerun with the same storage to continue an interrupted study."""
     from bloodcell.config import load_config
+    from bloodcell.data.layouts import find_dataset
     from bloodcell.tune.search import load_space, overrides_the_search_replaces, tune
 
     run_config = load_config(config, list(overrides))
     search_space = load_space(space)
+    # Before the study is created: a mistyped --data must not leave a study holding a failed trial.
+    find_dataset(data, run_config.data.variant, run_config.data.class_names)
     for override, name in overrides_the_search_replaces(list(overrides), search_space):
         warning_line(f"--set {override} is replaced in every trial: the search space searches {name} (give --space "
                      f"with {name}: null to keep it)")  # fmt: skip

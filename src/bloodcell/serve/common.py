@@ -248,7 +248,7 @@ def _tta_views_name(tta: bool | str | None) -> str | None:
 def missing_input_reason(text: str) -> str:
     """Why an input (file, folder or glob) that :func:`expand_inputs` found nothing in names no image file."""
     if Path(text).is_dir():
-        return "a folder with no image files in it"
+        return f"a folder with no image files in it (looked for {' '.join(sorted(IMAGE_SUFFIXES))}, in sub-folders too)"
     if glob.has_magic(text):
         return "a pattern that matches no image file"
     return "no such file or folder"
