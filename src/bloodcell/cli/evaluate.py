@@ -120,7 +120,7 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
 
 @app.command("evaluate")
 def evaluate_command(
-    model: Path | None = typer.Argument(None, help=MODEL_HELP, show_default=False, metavar="[RUN_OR_MODEL]"),
+    model: Path | None = typer.Argument(None, help=MODEL_HELP, show_default=False, metavar="RUN_OR_MODEL"),
     data: Path | None = typer.Option(
         None, "--data", help="Dataset folder (default: the one the model was trained on). Another copy of the "
         "dataset, or any folder in a known layout, works the same way.", show_default=False

@@ -18,7 +18,9 @@ DATA_OPTION = typer.Option(
 CONFIG_OPTION = typer.Option(
     "default", "--config", "-c", help=f"A shipped config name ({', '.join(named_configs())}) or a YAML file."
 )
-SET_OPTION = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=5 (repeatable).")
+SET_OPTION = typer.Option(
+    [], "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.epochs=5 (repeatable)."
+)
 OUT_OPTION = typer.Option(None, "--out", "-o", help="Run directory (default runs/CONFIG-NAME).", show_default=False)
 RESUME_OPTION = typer.Option(
     None, "--resume", help="Continue the run in this directory from its last checkpoint (after Ctrl-C or a kill).",

@@ -20,7 +20,7 @@ _SET_HELP = "Override a config key, e.g. --set train.epochs=5 (repeatable)."
 def lr_find_command(
     data: Path = typer.Option(..., "--data", help=_DATA_HELP),
     config: str = typer.Option("default", "--config", "-c", help=_CONFIG_HELP),
-    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=_SET_HELP),
     steps: int = typer.Option(200, "--steps", min=10, help="Optimizer steps in the sweep."),
     start_lr: float = typer.Option(1e-6, "--start-lr", help="First learning rate of the sweep."),
     end_lr: float = typer.Option(1.0, "--end-lr", help="Last learning rate of the sweep."),
@@ -75,7 +75,7 @@ def tune_command(
         ..., "--trials", min=1, help="Size of the whole study (complete + pruned trials, all workers)."
     ),
     config: str = typer.Option("default", "--config", "-c", help=_CONFIG_HELP),
-    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=_SET_HELP),
     storage: str | None = typer.Option(
         None,
         "--storage",
