@@ -347,7 +347,7 @@ def write_predictions(demo: DemoResult) -> None:
         result = image.result
         writer.writerow(
             {
-                "file": spreadsheet_safe(str(image.path)), "true_class": spreadsheet_safe(image.true_class or ""),
+                "file": spreadsheet_safe(str(image.path)), "true_class": spreadsheet_safe(image.true_class),
                 "predicted_class": spreadsheet_safe(result.label or ""),
                 "correct": image.correct, "confidence": _decimal(result.confidence),
                 **{column: _decimal(result.probabilities.get(name)) for name, column in zip(demo.classes, columns)},

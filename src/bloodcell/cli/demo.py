@@ -42,8 +42,7 @@ def demo_command(
         typer.echo(json.dumps(payload))
     else:
         _print_summary(demo)
-    results = [image.result for image in demo.images]  # --samples may hold any image, of any shape
-    warn_of_squashed([(r.source, *r.size) for r in results if r.size is not None])
+    warn_of_squashed((image.result.source, image.result.size) for image in demo.images)  # --samples: any shape
 
 
 def _print_summary(demo: DemoResult) -> None:

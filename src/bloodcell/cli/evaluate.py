@@ -217,7 +217,7 @@ def explain_command(
         typer.echo(f"{written} overlay(s) written to {out}/" + (f"; {failed} image(s) failed" if failed else ""))
         if skipped:
             typer.echo(skipped_note(skipped), err=True)
-    warn_of_squashed([(row["image"], *row["size"]) for row in rows if row["size"] is not None])
+    warn_of_squashed((row["image"], row["size"]) for row in rows)
     if failed:
         raise typer.Exit(code=1)
 

@@ -4,7 +4,7 @@ no-color.org), the note naming files passed over, and the one naming images squa
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import typer
@@ -23,16 +23,16 @@ def warning_line(text: str) -> None:
     _say(text, typer.colors.YELLOW)
 
 
-def warn_of_squashed(sizes: Sequence[tuple[str, int, int]]) -> None:
+def warn_of_squashed(sizes: Iterable[tuple[str, tuple[int, int] | None]]) -> None:
     """Name on stderr, in one line, the images that resizing to the model's square input squashed (see
     :func:`~bloodcell.data.decode.squashed_note`); nothing when there are none.
 
     With ``--json`` too: stdout keeps the JSON alone, and the answers about those images need the caveat.
-    ``sizes`` holds ``(name, width, height)`` of every image read, in order.
+    ``sizes`` holds ``(name, (width, height))`` of every input in order, the size None for one not read.
     """
     from bloodcell.data.decode import squashed_note
 
-    note = squashed_note(sizes)
+    note = squashed_note([(name, *size) for name, size in sizes if size is not None])
     if note:
         warning_line(note)
 

@@ -255,7 +255,7 @@ def predict_command(
         print_table(results, predictor.classes, show, out)
         if skipped:
             typer.echo(skipped_note(skipped), err=True)
-    warn_of_squashed([(r.source, *r.size) for r in results if r.size is not None])
+    warn_of_squashed((r.source, r.size) for r in results)
     if not as_json:
         rate = f" ({len(files) / seconds:.0f} images/s)" if seconds > 0 and files else ""
         typer.echo(
