@@ -132,11 +132,66 @@ def test_a_class_without_training_images_or_a_single_class_is_refused(tmp_path: 
         fit(tiny_config(train={"epochs": 1}), tmp_path / "b", prepared=one_class, progress=False)
 
 
-def test_consistency_loss_and_segmented_mixing_train(tmp_path: Path) -> None:
+@pytest.mark.parametrize("together", [1, 2], ids=["one-batch-a-call", "two-batches-a-call"])
+def test_consistency_loss_and_segmented_mixing_train(tmp_path: Path, together: int, monkeypatch) -> None:
+    from bloodcell.train import loop
+
+    monkeypatch.setattr(loop, "batches_augmented_together", lambda device, batch_size, image_size: together)
     data = make_synthetic_data(per_class=16, size=32, segmented=True)
     config = tiny_config(train={"epochs": 1}, augment={"consistency": 0.5}, data={"mix_segmented": 0.5})
     result = fit(config, tmp_path / "run", prepared=data, progress=False)
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+
+
+def test_batches_augmented_together_are_each_step_s_own_images(tmp_path: Path, data, monkeypatch) -> None:
+    """On a GPU one augmentation call prepares several batches; each step must still get its own rows'
+    images with their labels, and a ragged last group its remainder."""
+    from bloodcell.train import loop
+
+    monkeypatch.setattr(loop, "batches_augmented_together", lambda device, batch_size, image_size: 3)
+    calls: list[int] = []
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    augmented_views, training_loss = loop._augmented_views, loop._training_loss
+
+    def counting_views(augment, images, segmented, rows, generator, config):
+        calls.append(len(rows))
+        return augmented_views(augment, images, segmented, rows, generator, config)
+
+    def recording_loss(model, criterion, views, labels, config):
+        steps.append((views[0].detach().clone(), labels.clone()))
+        return training_loss(model, criterion, views, labels, config)
+
+    monkeypatch.setattr(loop, "_augmented_views", counting_views)
+    monkeypatch.setattr(loop, "_training_loss", recording_loss)
+    # Flips and quarter turns only: each augmented image is a permutation of its source's pixels.
+    geometric_only = {name: 0 for name in ("brightness", "contrast", "saturation", "hue", "gamma", "stain", "stain_clip",
+                                           "blur", "noise", "jpeg")}  # fmt: skip
+    fit(tiny_config(train={"epochs": 1, "batch_size": 6}, augment=geometric_only), tmp_path / "run", prepared=data,
+        progress=False)  # fmt: skip
+
+    train_rows = data.indices("train")
+    steps_per_epoch = len(train_rows) // 6
+    assert steps_per_epoch % 3 != 0, "the test wants a ragged last group"
+    assert calls == [18] * (steps_per_epoch // 3) + [6 * (steps_per_epoch % 3)]
+    assert len(steps) == steps_per_epoch
+    label_of = {np.sort(data.images[row], axis=None).tobytes(): int(data.labels[row]) for row in train_rows}
+    seen = []
+    for images, labels in steps:
+        assert images.shape[0] == 6
+        for image, label in zip(images, labels):
+            pixels = np.sort(image.round().to(torch.uint8).numpy(), axis=None).tobytes()
+            assert label_of[pixels] == int(label)
+            seen.append(pixels)
+    assert len(set(seen)) == len(seen)  # no image twice in an epoch
+
+
+def test_the_augmentation_call_spans_batches_on_a_gpu_only() -> None:
+    from bloodcell.train.loop import batches_augmented_together
+
+    assert batches_augmented_together(torch.device("cpu"), 64, 160) == 1
+    assert batches_augmented_together(torch.device("cuda"), 64, 160) == 16
+    assert batches_augmented_together(torch.device("cuda"), 64, 224) == 8
+    assert batches_augmented_together(torch.device("cuda"), 4096, 160) == 1
 
 
 def test_segmented_mixing_without_segmented_images_is_a_user_error(tmp_path: Path, data) -> None:

@@ -7,6 +7,7 @@ directory, a ``card.json`` path, or nothing at all (the default model bundled wi
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -77,6 +78,13 @@ class ModelCard(BaseModel):
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a model's numbers, for the card."""
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> dict[str, str]:
+    # Cached: each lookup parses a package's metadata (2 ms), and training writes a card every epoch
+    # (0.54 s of a 7 s GPU training, measured with cProfile).
     versions = {"bloodcell": __version__, "python": platform.python_version()}
     for package in ("torch", "timm", "numpy", "onnxruntime"):
         try:

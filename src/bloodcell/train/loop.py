@@ -72,6 +72,9 @@ HISTORY_COLUMNS = [
 # Keys that may differ between a run and its resumption: where and how it runs, not what it computes.
 RUNTIME_KEYS = {"data.root", "train.devices", "train.accelerator", "train.num_threads", "train.cuda_graph"}
 EVAL_BATCH = 256
+# On a CUDA GPU, augment about this many pixels in one call (1,024 images of 160 px, 300 MB as float32):
+# see batches_augmented_together.
+GPU_AUGMENT_PIXELS = 1024 * 160 * 160
 
 
 class TrainingData(Protocol):
@@ -243,6 +246,7 @@ def fit(
         batch_size = config.train.batch_size
         per_rank = len(train_rows) // fabric.world_size
         steps_per_epoch = max(1, per_rank // batch_size)  # drop the ragged last batch: equal steps on all ranks
+        augment_group = batches_augmented_together(fabric.device, batch_size, config.data.image_size)
         total_steps = steps_per_epoch * config.train.epochs
         schedule = {"world_size": fabric.world_size, "steps_per_epoch": steps_per_epoch}
 
@@ -282,16 +286,17 @@ def fit(
                 pending: tuple[torch.Tensor, int, torch.Tensor, float] | None = None
                 for batch_index in range(steps_per_epoch):
                     rows = my_rows[batch_index * batch_size : (batch_index + 1) * batch_size]
-                    images, labels = train_images[rows], train_labels[rows]
-                    if segmented is not None:
-                        use_segmented = torch.rand(len(rows), generator=augment_rng) < config.data.mix_segmented
-                        images = torch.where(fabric.to_device(use_segmented).view(-1, 1, 1, 1), segmented[rows], images)
-                    images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels_last memory)
+                    labels = train_labels[rows]
+                    if batch_index % augment_group == 0:  # augment this batch and the next augment_group - 1
+                        group_rows = my_rows[batch_index * batch_size : (batch_index + augment_group) * batch_size]
+                        views = _augmented_views(augment, train_images, segmented, group_rows, augment_rng, config)
+                    first = (batch_index % augment_group) * batch_size
+                    batch_views = [view[first : first + len(rows)] for view in views]
 
                     lr = learning_rate(state.step, total_steps, base_lr, config.schedule)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    loss, logits = _training_loss(model, criterion, augment, images, labels, augment_rng, config)
+                    loss, logits = _training_loss(model, criterion, batch_views, labels, config)
                     fabric.backward(loss)
                     grad_norm = (
                         fabric.clip_gradients(
@@ -394,16 +399,53 @@ def fit(
 
 
 # ====================================================================== the pieces of one step
+def batches_augmented_together(device: torch.device, batch_size: int, image_size: int) -> int:
+    """How many consecutive batches one augmentation call prepares: 1 on a CPU, more on a CUDA GPU.
+
+    Why: on a GPU augmentation is bound by the host launching its few dozen small kernels, not by the
+    pixels (an H200 took 5.5 ms for a batch of 64 and 19 ms for 1,024 images: ``benchmarks/train_gpu.py``),
+    and at batch 64 those launches cost more than the graphed training step. Every random choice is drawn
+    per image (blur's sigma and JPEG's quality per call), so a call over several batches gives each image
+    the same augmentation distribution. On a CPU the arithmetic is the cost, whatever the call's size, and
+    one batch a call keeps the random stream, and so the trained weights, as they always were there.
+    """
+    if device.type != "cuda":
+        return 1
+    return max(1, GPU_AUGMENT_PIXELS // (batch_size * image_size * image_size))
+
+
+def _augmented_views(
+    augment: BatchAugment,
+    images: torch.Tensor,
+    segmented: torch.Tensor | None,
+    rows: torch.Tensor,
+    generator: torch.Generator,
+    config: RunConfig,
+) -> list[torch.Tensor]:
+    """The training images ``rows`` augmented: float NCHW, one view, or two with ``augment.consistency``.
+
+    ``images`` and ``segmented`` are NHWC uint8 on the training device. With ``data.mix_segmented`` each
+    image is first swapped for its Segmented (background-free) version with that probability.
+    """
+    batch = images[rows]
+    if segmented is not None:
+        use_segmented = torch.rand(len(rows), generator=generator) < config.data.mix_segmented
+        batch = torch.where(use_segmented.to(batch.device).view(-1, 1, 1, 1), segmented[rows], batch)
+    batch = batch.permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels_last memory)
+    if config.augment.consistency <= 0:
+        return [augment(batch, generator)]
+    geometric = augment.geometric(batch, generator)
+    return [augment.colour(geometric, generator), augment.colour(geometric, generator)]
+
+
 def _training_loss(
     model: torch.nn.Module,
     criterion: torch.nn.Module,
-    augment: BatchAugment,
-    images: torch.Tensor,
+    views: list[torch.Tensor],
     labels: torch.Tensor,
-    generator: torch.Generator,
     config: RunConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a batch and return ``(loss, logits)``.
+    """``(loss, logits)`` of a batch, given its augmented views (see :func:`_augmented_views`).
 
     With ``augment.consistency > 0`` the batch is seen in two colour views of one geometric view, and the
     Jensen-Shannon divergence between the two predictions is added (as in AugMix): the model is pushed to
@@ -412,12 +454,9 @@ def _training_loss(
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     weight = config.augment.consistency
     if weight <= 0:
-        x = augment(images, generator).contiguous(memory_format=memory_format)
-        logits = model(x)
+        logits = model(views[0].contiguous(memory_format=memory_format))
         return criterion(logits, labels), logits
-    geometric = augment.geometric(images, generator)
-    views = torch.cat([augment.colour(geometric, generator), augment.colour(geometric, generator)])
-    logits_both = model(views.contiguous(memory_format=memory_format))
+    logits_both = model(torch.cat(views).contiguous(memory_format=memory_format))
     logits, logits_other = logits_both.chunk(2)
     loss = (criterion(logits, labels) + criterion(logits_other, labels)) / 2
     p, q = logits.float().softmax(dim=1), logits_other.float().softmax(dim=1)
