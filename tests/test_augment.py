@@ -266,6 +266,30 @@ def test_blur_keeps_the_mean_and_smooths() -> None:
     assert blurred.diff(dim=3).abs().mean() < 0.5 * x.diff(dim=3).abs().mean()
 
 
+@pytest.mark.parametrize("name", ["blur", "jpeg"])
+def test_a_call_over_several_batches_draws_each_batch_s_own_choice(name: str) -> None:
+    """Blur's sigma and JPEG's quality are drawn once a batch: a call holding two batches (as training on
+    a GPU makes) gives each its own, and a call of one batch draws exactly as before."""
+    extra = {"jpeg_quality": (5, 95)} if name == "jpeg" else {}
+    augment = BatchAugment(AugmentConfig(**{**OFF, name: 1.0, **extra}))  # every image is taken
+    x = smear_batch(1).expand(8, -1, -1, -1).contiguous()  # 8 copies of one image
+    whole = augment(x, gen(5))
+    assert all(torch.equal(whole[0], image) for image in whole)  # one choice for the call
+    two_batches = augment(x, gen(5), batch_size=4)
+    assert all(torch.equal(two_batches[0], image) for image in two_batches[:4])
+    assert all(torch.equal(two_batches[4], image) for image in two_batches[4:])
+    assert not torch.equal(two_batches[0], two_batches[4])  # each batch its own sigma / quality
+    assert torch.equal(augment(x, gen(5), batch_size=8), whole)
+
+
+def test_the_batch_size_changes_no_draw_of_a_one_batch_call() -> None:
+    """What keeps CPU training's random stream (one batch a call) as it always was."""
+    augment = BatchAugment(AugmentConfig(blur=0.5, jpeg=0.5, noise=0.02, stain_clip=0.5))
+    x = smear_batch(8)
+    assert torch.equal(augment(x, gen(7), batch_size=8), augment(x, gen(7)))
+    assert torch.equal(augment(x[:5], gen(7), batch_size=8), augment(x[:5], gen(7)))  # a short last batch
+
+
 def test_jpeg_round_trip_gives_the_pixels_pil_gives() -> None:
     """The augmentation's codec is the one the shift suite's JPEG shift uses (libjpeg, 4:2:0)."""
     import numpy as np

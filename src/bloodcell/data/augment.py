@@ -66,6 +66,9 @@ class BatchAugment:
 
     ``augment(images, generator)`` returns float NCHW in [0, 255]. ``geometric`` and ``colour`` are the
     two halves, exposed so a consistency loss can make two colour views of one geometric view.
+    ``batch_size``: the call holds several training batches of this many images, one after another; the
+    choices made once a batch (blur's sigma, JPEG's quality) are then drawn for each of them, as separate
+    calls would (None: the call is one batch).
     """
 
     def __init__(self, config: AugmentConfig | None = None) -> None:
@@ -92,8 +95,10 @@ class BatchAugment:
                      c.blur, c.noise, c.jpeg)  # fmt: skip
         return any(v > 0 for v in strengths)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.colour(self.geometric(images, generator), generator)
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, batch_size: int | None = None
+    ) -> torch.Tensor:
+        return self.colour(self.geometric(images, generator), generator, batch_size)
 
     # ---------------------------------------------------------------- geometry
     def geometric(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -143,7 +148,9 @@ class BatchAugment:
         return torch.stack([row0, row1], dim=1)
 
     # ---------------------------------------------------------------- colour
-    def colour(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def colour(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, batch_size: int | None = None
+    ) -> torch.Tensor:
         """Brightness, saturation, hue, contrast, gamma, stain, blur, noise and JPEG. Float NCHW in [0, 255]."""
         c = self.config
         x = x.float()
@@ -164,13 +171,13 @@ class BatchAugment:
         if c.stain_clip:  # drawn only when asked for: the other recipes' random streams stay as they were
             x = self._random_stain_clip(x, generator)
         if c.blur:
-            x = self._random_blur(x, generator)
+            x = self._random_blur(x, generator, batch_size)
         if c.noise:
             sigma = _uniform(generator, n, 0.0, c.noise, device).view(n, 1, 1, 1)
             x = x.addcmul_(_pixel_noise(generator, x.shape, device), sigma)  # in place, as the clamp below
         x = x.clamp_(0.0, 1.0).mul_(255.0)  # in place: colour_affine or the / 255 above made x
         if c.jpeg:
-            x = self._random_jpeg(x, generator)
+            x = self._random_jpeg(x, generator, batch_size)
         return x
 
     def _colour_affine(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,32 +220,55 @@ class BatchAugment:
             x[chosen] = clip_negative_stains(x[chosen])  # in place: colour() made x, nobody else holds it
         return x
 
-    def _random_blur(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _random_blur(self, x: torch.Tensor, generator: torch.Generator | None, batch_size: int | None) -> torch.Tensor:
         """Blur a random subset of the batch (probability ``blur``), with one sigma in [0.5, 1.5] per batch."""
-        chosen = _random_subset(x, self.config.blur, generator)
+        chosen = _random_subset_on_host(x, self.config.blur, generator)
         if chosen is not None:
-            sigma = float(_uniform(generator, 1, 0.5, 1.5, _HOST))
-            x[chosen] = gaussian_blur(x[chosen], sigma)  # in place, as in _random_stain_clip
+            batches = _by_batch(chosen, x.shape[0], batch_size)
+            sigmas = _uniform(generator, len(batches), 0.5, 1.5, _HOST).tolist()
+            for rows, sigma in zip(batches, sigmas):
+                if rows.numel():
+                    rows = _to_device(rows, x.device)
+                    x[rows] = gaussian_blur(x[rows], sigma)  # in place, as in _random_stain_clip
         return x
 
-    def _random_jpeg(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _random_jpeg(self, x: torch.Tensor, generator: torch.Generator | None, batch_size: int | None) -> torch.Tensor:
         """Re-compress a random subset of the batch (probability ``jpeg``) at one quality per batch.
 
         Last in the chain, as in a camera: the sensor's light and noise come first, the encoder last.
         """
-        chosen = _random_subset(x, self.config.jpeg, generator)
+        chosen = _random_subset_on_host(x, self.config.jpeg, generator)
         if chosen is not None:
             low, high = self.config.jpeg_quality
-            quality = low + int(_rand(generator, 1, _HOST) * (high - low + 1))
-            x[chosen] = jpeg_round_trip(x[chosen], min(quality, high))  # in place, as in _random_stain_clip
+            batches = _by_batch(chosen, x.shape[0], batch_size)
+            draws = (_rand(generator, len(batches), _HOST) * (high - low + 1)).tolist()
+            for rows, draw in zip(batches, draws):
+                if rows.numel():
+                    rows = _to_device(rows, x.device)
+                    x[rows] = jpeg_round_trip(x[rows], min(low + int(draw), high))  # in place, as above
         return x
 
 
 def _random_subset(x: torch.Tensor, probability: float, generator: torch.Generator | None) -> torch.Tensor | None:
     """The images of the batch a transform of this ``probability`` takes, as indices on ``x``'s device; None
     when it takes none. Drawn on the host, like every choice of which images a transform takes."""
+    chosen = _random_subset_on_host(x, probability, generator)
+    return None if chosen is None else _to_device(chosen, x.device)
+
+
+def _random_subset_on_host(x: torch.Tensor, probability: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """:func:`_random_subset`'s indices, left on the host."""
     chosen = (_rand(generator, (x.shape[0],), _HOST) < probability).nonzero().flatten()
-    return _to_device(chosen, x.device) if chosen.numel() else None
+    return chosen if chosen.numel() else None
+
+
+def _by_batch(chosen: torch.Tensor, n: int, batch_size: int | None) -> list[torch.Tensor]:
+    """Sorted host indices ``chosen`` (of ``n`` images) split by the batch of ``batch_size`` they fall in (one
+    part, all of them, when ``batch_size`` is None); a batch without any gets an empty part."""
+    if batch_size is None:
+        return [chosen]
+    bounds = torch.tensor(range(batch_size, n, batch_size), dtype=torch.long)  # empty for one batch
+    return list(torch.tensor_split(chosen, torch.searchsorted(chosen, bounds)))
 
 
 # -------------------------------------------------------------------- batched transforms (pure functions)

@@ -403,11 +403,12 @@ def batches_augmented_together(device: torch.device, batch_size: int, image_size
     """How many consecutive batches one augmentation call prepares: 1 on a CPU, more on a CUDA GPU.
 
     Why: on a GPU augmentation is bound by the host launching its few dozen small kernels, not by the
-    pixels (an H200 took 5.5 ms for a batch of 64 and 19 ms for 1,024 images: ``benchmarks/train_gpu.py``),
-    and at batch 64 those launches cost more than the graphed training step. Every random choice is drawn
-    per image (blur's sigma and JPEG's quality per call), so a call over several batches gives each image
-    the same augmentation distribution. On a CPU the arithmetic is the cost, whatever the call's size, and
-    one batch a call keeps the random stream, and so the trained weights, as they always were there.
+    pixels (an H200 took 3.4-5.5 ms for a batch of 64 and 18-19 ms for 1,024 images:
+    ``benchmarks/train_gpu.py``), and at batch 64 those launches cost more than the graphed training step.
+    The call draws every choice as one call a batch would: per image, and blur's sigma and JPEG's quality
+    per batch (not once for the call's 16 batches, which cross-validated 0.003 lower on an H200 in three
+    seeds: docs/BENCHMARKS.md). On a CPU the arithmetic is the cost, whatever the call's size, and one
+    batch a call keeps the random stream, and so the trained weights, as they always were there.
     """
     if device.type != "cuda":
         return 1
@@ -432,10 +433,11 @@ def _augmented_views(
         use_segmented = torch.rand(len(rows), generator=generator) < config.data.mix_segmented
         batch = torch.where(use_segmented.to(batch.device).view(-1, 1, 1, 1), segmented[rows], batch)
     batch = batch.permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels_last memory)
+    size = config.train.batch_size  # the rows may be several batches: each draws its own per-batch choices
     if config.augment.consistency <= 0:
-        return [augment(batch, generator)]
+        return [augment(batch, generator, size)]
     geometric = augment.geometric(batch, generator)
-    return [augment.colour(geometric, generator), augment.colour(geometric, generator)]
+    return [augment.colour(geometric, generator, size), augment.colour(geometric, generator, size)]
 
 
 def _training_loss(
