@@ -92,6 +92,7 @@ def test_demo_writes_predictions_overlays_and_report(tiny_model: Path, tmp_path:
     result = run_cli("demo", "--model", str(tiny_model), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "bloodcell serve" in result.output and "report.html" in result.output
+    assert "verdict" in result.output  # every column of the table is named
     files = sample_images()
 
     with open(out / "predictions.csv", newline="", encoding="utf-8") as handle:

@@ -541,3 +541,24 @@ def test_square_and_nearly_square_images_give_no_warning(tmp_path: Path, caplog:
     assert squashed_note([("a.png", 60, 64)]) == ("1 of the 1 images is not square; resizing to a square squashes the "
                                                   "cells along the longer side by up to 6 % (a.png: 60x64); crop the "
                                                   "images to squares to keep the cells' shape")  # fmt: skip
+
+
+def test_hashing_in_worker_processes_gives_the_serial_rows_and_never_outnumbers_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(210):  # the pool is used from 200 files on
+        path = tmp_path / f"{k:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    serial = index_module._inspect_all(paths, workers=1, progress=False)
+    monkeypatch.setattr(index_module, "available_cores", lambda: 2)
+    assert index_module._inspect_all(paths, workers=8, progress=False) == serial
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a process pool on a machine with one core")
+
+    monkeypatch.setattr(index_module, "available_cores", lambda: 1)
+    monkeypatch.setattr(index_module, "ProcessPoolExecutor", no_pool)
+    assert index_module._inspect_all(paths, workers=8, progress=False) == serial

@@ -28,6 +28,7 @@ DATA_ARGUMENT = typer.Argument(
     help="Dataset folder: the Aria layout (Original/ and Segmented/), the Kaggle 4-class folders, or "
     "one sub-folder per class.",
     show_default=False,
+    metavar="DATA",
 )
 Variant = Literal["Original", "Segmented"]
 VARIANT_OPTION = typer.Option(
@@ -117,7 +118,8 @@ def index_command(
     classes: str | None = CLASSES_OPTION,
     out: Path | None = MANIFEST_OUT_OPTION,
     workers: int = typer.Option(
-        1, "--workers", min=1, max=2, help="Processes for hashing (2 helps only on an idle machine)."
+        1, "--workers", min=1, help="Processes for hashing the images the hash cache lacks (at most the cores "
+        "this process may use; more than 1 helps only with cores to spare).",
     ),
     as_json: bool = JSON_OPTION,
     progress: bool = PROGRESS_OPTION,

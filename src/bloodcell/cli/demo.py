@@ -61,8 +61,10 @@ def _print_summary(demo: DemoResult) -> None:
         f"{len(demo.images)} sample images",
         title_justify="left", header_style="bold",
     )  # fmt: skip
-    for column in ("image", "true class", "predicted", "p", *classes, ""):
-        table.add_column(column, justify="right" if column == "p" or column in classes else "left", overflow="fold")
+    for column in ("image", "true class", "predicted", "p", *classes, "verdict"):
+        # Class names are data, not markup (escaped as predict's table does).
+        table.add_column(escape(column), justify="right" if column == "p" or column in classes else "left",
+                         overflow="fold")  # fmt: skip
     for image in demo.images:
         result = image.result
         if not result.ok:

@@ -22,7 +22,7 @@ from bloodcell.errors import UserError
 _console = Console()
 
 MODEL_HELP = "A run directory, a model directory or a card.json. Default: the model bundled with the package."
-EXPLAIN_PATHS_HELP = "An optional model first (as for evaluate, or an .onnx file in the model directory it was exported from), then image files or folders of images."
+EXPLAIN_PATHS_HELP = "Image files or folders of images, after an optional model (as for evaluate, or an .onnx file in the model directory it was exported from)."
 # Spelt out rather than joined from gradcam.METHODS: importing it would load torch for every --help.
 CAM_METHODS = "gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, eigengradcam or scorecam"
 TARGET_LAYER_HELP = ("Dotted module name inside the network (default: its last convolutional stage; an earlier "
@@ -180,7 +180,7 @@ def _pytorch_model_of(model: Path | None) -> Path | None:
 
 @app.command("explain")
 def explain_command(
-    paths: list[Path] = typer.Argument(..., help=EXPLAIN_PATHS_HELP, show_default=False, metavar="[RUN_OR_MODEL] IMAGES..."),
+    paths: list[Path] = typer.Argument(..., help=EXPLAIN_PATHS_HELP, show_default=False, metavar="INPUTS"),
     method: str = typer.Option("gradcam", "--method", "--cam-method", help=f"{CAM_METHODS}."),
     target_layer: str | None = typer.Option(None, "--target-layer", help=TARGET_LAYER_HELP, show_default=False),
     out: Path = typer.Option(Path("explanations"), "--out", "-o", help="Folder for the overlay PNGs."),

@@ -34,6 +34,7 @@ from bloodcell.data.decode import DECODER_VERSION, ImageError, open_rgb, squashe
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path, sha256_file, write_text_if_changed
+from bloodcell.machine import available_cores
 from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
@@ -204,9 +205,11 @@ def _save_hash_cache(workdir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _inspect_all(paths: list[Path], workers: int, progress: bool) -> list[dict[str, Any]]:
-    """Run :func:`inspect_file` over ``paths`` in order, in ``workers`` processes when that is more than 1."""
+    """Run :func:`inspect_file` over ``paths`` in order, in ``workers`` processes when that is more than 1
+    (capped at the cores this process may use: more processes than cores only compete)."""
     if not paths:
         return []
+    workers = min(workers, available_cores())
     if workers <= 1 or len(paths) < 200:
         return list(track(map(inspect_file, paths), len(paths), "Hashing images", progress))
     with ProcessPoolExecutor(max_workers=workers) as pool:
