@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,6 +57,23 @@ def test_healthz_and_model_card(client: TestClient) -> None:
     assert response.headers["x-content-type-options"] == "nosniff"
     too_large = post_file(client, b"\xff" * (MAX_UPLOAD + 200_000))
     assert too_large.status_code == 413 and too_large.headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_model_card_over_http_shows_listed_sections_only(tiny_model: Path, tmp_path: Path) -> None:
+    """An allowlist: every section the card format defines is classified, and a key a card gains is private."""
+    from bloodcell.models import ModelCard
+    from bloodcell.serve.app import PUBLIC_CARD_KEYS
+
+    private = {"command", "config", "runtime"}  # server folders and command lines
+    assert set(ModelCard.model_fields) == (set(PUBLIC_CARD_KEYS) - {"temperature_source"}) | private
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    card = json.loads((model / "card.json").read_text(encoding="utf-8"))
+    card |= {"command": "bloodcell train --data /srv/lab", "temperature_source": "validation", "lab_notes": "x"}
+    (model / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    shown = TestClient(create_app(model)).get("/v1/model").json()
+    assert shown["temperature_source"] == "validation" and shown["classes"] == card["classes"]
+    assert not {"command", "lab_notes"} & set(shown)
 
 
 def test_index_page_is_self_contained_with_disclaimer(client: TestClient) -> None:

@@ -63,8 +63,14 @@ MAX_CONCURRENT_DECODES = 4
 MAX_REQUESTS_AT_WORK = 8
 #: Open connections ``bloodcell serve`` accepts at once (uvicorn answers 503 beyond them).
 MAX_CONNECTIONS = 256
-#: Model card sections that GET /v1/model leaves out (see model_card).
-PRIVATE_CARD_KEYS = frozenset({"command", "config", "runtime"})
+#: Model card sections that GET /v1/model shows: what the model is, what it was trained and scored on.
+#: Anything else a card holds stays private (see model_card): an allowlist, so that a key a card gains later
+#: is not published by default.
+PUBLIC_CARD_KEYS = (
+    "format", "name", "version", "architecture", "arch_kwargs", "classes", "input_size", "normalize",
+    "temperature", "temperature_source", "manifest_sha256", "split", "metrics", "epoch", "versions", "created",
+    "intended_use",
+)  # fmt: skip
 #: Where /docs finds Swagger UI's script and style (served from the fastapi-offline package).
 DOCS_ASSETS = "/docs-assets"
 DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
@@ -516,10 +522,11 @@ def create_app(
     async def model_card() -> dict[str, Any]:
         """The model card: architecture, classes in order, input size, temperature, metrics, versions.
 
-        Without the training command line, config and runtime: they name the server's folders (the data's,
-        the run's) and whatever was typed to train, which are nobody's business over HTTP.
+        Only the sections in PUBLIC_CARD_KEYS: without the training command line, config and runtime, which
+        name the server's folders (the data's, the run's) and whatever was typed to train, nobody's business
+        over HTTP, nor any key a card was given that the list does not name.
         """
-        return {key: value for key, value in service.predictor.card.items() if key not in PRIVATE_CARD_KEYS}
+        return {key: value for key, value in service.predictor.card.items() if key in PUBLIC_CARD_KEYS}
 
     @app.post(
         "/v1/predict",
