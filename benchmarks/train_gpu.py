@@ -121,7 +121,11 @@ def bare_speed(config, batch: int, graphed: bool, steps: int = 50) -> float:
 
 
 def augment_milliseconds(config, images: np.ndarray, batches: tuple[int, ...] = (64, 1024)) -> dict[str, float]:
-    """Milliseconds the default augmentation takes for one batch of each size, on the GPU (median of 10)."""
+    """Milliseconds the default augmentation takes for one call of each size on the GPU (median of 10).
+
+    A call of more images than a training batch holds several batches, each drawing its own blur sigma and
+    JPEG quality, as the training loop's calls on a GPU do (``batches_augmented_together``).
+    """
     augment = BatchAugment(config.augment)
     generator = torch.Generator().manual_seed(0)
     timings = {}
@@ -131,7 +135,7 @@ def augment_milliseconds(config, images: np.ndarray, batches: tuple[int, ...] = 
         for _ in range(13):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            augment(x, generator)
+            augment(x, generator, batch_size=config.train.batch_size)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         timings[str(batch)] = 1e3 * statistics.median(times[3:])

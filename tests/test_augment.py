@@ -290,6 +290,32 @@ def test_the_batch_size_changes_no_draw_of_a_one_batch_call() -> None:
     assert torch.equal(augment(x[:5], gen(7), batch_size=8), augment(x[:5], gen(7)))  # a short last batch
 
 
+def test_the_cpu_random_stream_is_what_it_was_when_the_bundled_model_trained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference draws taken with the code of df3bf60 (before calls could span batches): which images the
+    blur and the JPEG took, at which sigma and quality, and where the generator stood afterwards. A change
+    here changes every CPU training, the bundled model's recipe included."""
+    from bloodcell.data import augment as augment_module
+
+    calls: list[tuple[str, int, float]] = []
+    blur, jpeg = augment_module.gaussian_blur, augment_module.jpeg_round_trip
+
+    def spied_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        calls.append(("blur", len(x), round(sigma, 6)))
+        return blur(x, sigma)
+
+    def spied_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+        calls.append(("jpeg", len(x), quality))
+        return jpeg(x, quality)
+
+    monkeypatch.setattr(augment_module, "gaussian_blur", spied_blur)
+    monkeypatch.setattr(augment_module, "jpeg_round_trip", spied_jpeg)
+    generator = gen(11)
+    x = (torch.arange(8 * 3 * 16 * 16) % 251).to(torch.uint8).view(8, 3, 16, 16)
+    BatchAugment(AugmentConfig(blur=0.5, jpeg=0.5, noise=0.02, stain_clip=0.5))(x, generator, batch_size=8)
+    assert calls == [("blur", 5, 0.657327), ("jpeg", 4, 68)]
+    assert float(torch.rand(1, generator=generator)) == pytest.approx(0.7220814228057861, abs=1e-7)
+
+
 def test_jpeg_round_trip_gives_the_pixels_pil_gives() -> None:
     """The augmentation's codec is the one the shift suite's JPEG shift uses (libjpeg, 4:2:0)."""
     import numpy as np

@@ -553,8 +553,17 @@ def test_hashing_in_worker_processes_gives_the_serial_rows_and_never_outnumbers_
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     serial = index_module._inspect_all(paths, workers=1, progress=False)
+    pools: list[int] = []
+    pool_class = index_module.ProcessPoolExecutor
+
+    def counted_pool(max_workers: int):
+        pools.append(max_workers)
+        return pool_class(max_workers=max_workers)
+
+    monkeypatch.setattr(index_module, "ProcessPoolExecutor", counted_pool)
     monkeypatch.setattr(index_module, "available_cores", lambda: 2)
     assert index_module._inspect_all(paths, workers=8, progress=False) == serial
+    assert pools == [2]
 
     def no_pool(*args, **kwargs):
         raise AssertionError("a process pool on a machine with one core")

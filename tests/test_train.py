@@ -143,9 +143,12 @@ def test_consistency_loss_and_segmented_mixing_train(tmp_path: Path, together: i
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 
-def test_batches_augmented_together_are_each_step_s_own_images(tmp_path: Path, data, monkeypatch) -> None:
+@pytest.mark.parametrize("consistency", [0.0, 0.5], ids=["one-view", "two-views"])
+def test_batches_augmented_together_are_each_step_s_own_images(
+    tmp_path: Path, data, monkeypatch, consistency: float
+) -> None:
     """On a GPU one augmentation call prepares several batches; each step must still get its own rows'
-    images with their labels, and a ragged last group its remainder."""
+    images with their labels (in both views of the consistency loss), and a ragged last group its remainder."""
     from bloodcell.train import loop
 
     monkeypatch.setattr(loop, "batches_augmented_together", lambda device, batch_size, image_size: 3)
@@ -159,6 +162,8 @@ def test_batches_augmented_together_are_each_step_s_own_images(tmp_path: Path, d
 
     def recording_loss(model, criterion, views, labels, config):
         steps.append((views[0].detach().clone(), labels.clone()))
+        # With the consistency loss, both colour views are of the same images (no colour change here).
+        assert all(torch.equal(view, views[0]) for view in views[1:])
         return training_loss(model, criterion, views, labels, config)
 
     monkeypatch.setattr(loop, "_augmented_views", counting_views)
@@ -166,8 +171,8 @@ def test_batches_augmented_together_are_each_step_s_own_images(tmp_path: Path, d
     # Flips and quarter turns only: each augmented image is a permutation of its source's pixels.
     geometric_only = {name: 0 for name in ("brightness", "contrast", "saturation", "hue", "gamma", "stain", "stain_clip",
                                            "blur", "noise", "jpeg")}  # fmt: skip
-    fit(tiny_config(train={"epochs": 1, "batch_size": 6}, augment=geometric_only), tmp_path / "run", prepared=data,
-        progress=False)  # fmt: skip
+    fit(tiny_config(train={"epochs": 1, "batch_size": 6}, augment={**geometric_only, "consistency": consistency}),
+        tmp_path / "run", prepared=data, progress=False)  # fmt: skip
 
     train_rows = data.indices("train")
     steps_per_epoch = len(train_rows) // 6
@@ -432,9 +437,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     calls = {"n": 0}
     real_call = BatchAugment.__call__
 
-    def poisoned(self, images, generator=None):
+    def poisoned(self, images, generator=None, batch_size=None):
         calls["n"] += 1
-        out = real_call(self, images, generator)
+        out = real_call(self, images, generator, batch_size)
         bad = calls["n"] == 2 * steps_per_epoch if last_step_only else calls["n"] > steps_per_epoch
         return out * float("nan") if bad else out
 

@@ -119,7 +119,7 @@ def index_command(
     out: Path | None = MANIFEST_OUT_OPTION,
     workers: int = typer.Option(
         1, "--workers", min=1, help="Processes for hashing the images the hash cache lacks (at most the cores "
-        "this process may use; more than 1 helps only with cores to spare).",
+        "this process may run on, its CPU affinity; more than 1 helps only with cores to spare).",
     ),
     as_json: bool = JSON_OPTION,
     progress: bool = PROGRESS_OPTION,

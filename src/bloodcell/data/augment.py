@@ -67,8 +67,8 @@ class BatchAugment:
     ``augment(images, generator)`` returns float NCHW in [0, 255]. ``geometric`` and ``colour`` are the
     two halves, exposed so a consistency loss can make two colour views of one geometric view.
     ``batch_size``: the call holds several training batches of this many images, one after another; the
-    choices made once a batch (blur's sigma, JPEG's quality) are then drawn for each of them, as separate
-    calls would (None: the call is one batch).
+    choices made once a batch (blur's sigma, JPEG's quality) are then drawn for each of them, from the
+    distribution separate calls would draw from (None: the call is one batch).
     """
 
     def __init__(self, config: AugmentConfig | None = None) -> None:

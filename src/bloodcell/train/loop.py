@@ -72,8 +72,8 @@ HISTORY_COLUMNS = [
 # Keys that may differ between a run and its resumption: where and how it runs, not what it computes.
 RUNTIME_KEYS = {"data.root", "train.devices", "train.accelerator", "train.num_threads", "train.cuda_graph"}
 EVAL_BATCH = 256
-# On a CUDA GPU, augment about this many pixels in one call (1,024 images of 160 px, 300 MB as float32):
-# see batches_augmented_together.
+# On a CUDA GPU, augment about this many pixels in one call (1,024 images of 160 px: 300 MB as float32, about
+# 1 GB at the call's peak, 1.6 GB with the consistency loss's two views): see batches_augmented_together.
 GPU_AUGMENT_PIXELS = 1024 * 160 * 160
 
 
@@ -318,6 +318,7 @@ def fit(
                         done = (batch_index + 1) * len(rows) * fabric.world_size
                         bar.step(loss.detach(), done / (time.perf_counter() - epoch_started))
 
+                del views, batch_views  # the last call's images: free for validation (about 1 GB on a GPU)
                 if pending is None:  # steps_per_epoch is at least 1
                     raise RuntimeError(f"epoch {epoch} took no training step")
                 _stop_if_diverged(fabric, log, run_dir, state, epoch, *pending)  # before any checkpoint
@@ -403,12 +404,13 @@ def batches_augmented_together(device: torch.device, batch_size: int, image_size
     """How many consecutive batches one augmentation call prepares: 1 on a CPU, more on a CUDA GPU.
 
     Why: on a GPU augmentation is bound by the host launching its few dozen small kernels, not by the
-    pixels (an H200 took 3.4-5.5 ms for a batch of 64 and 18-19 ms for 1,024 images:
-    ``benchmarks/train_gpu.py``), and at batch 64 those launches cost more than the graphed training step.
-    The call draws every choice as one call a batch would: per image, and blur's sigma and JPEG's quality
-    per batch (not once for the call's 16 batches, which cross-validated 0.003 lower on an H200 in three
-    seeds: docs/BENCHMARKS.md). On a CPU the arithmetic is the cost, whatever the call's size, and one
-    batch a call keeps the random stream, and so the trained weights, as they always were there.
+    pixels (an H200 took 3.4-5.5 ms for a batch of 64, and 18-19 ms for 1,024 images with one blur and one
+    JPEG round trip for all: ``benchmarks/train_gpu.py``), and at batch 64 those launches cost more than
+    the graphed training step. The call draws its choices from the distribution separate calls would
+    (not the same random numbers): per image, and blur's sigma and JPEG's quality per batch (once for the
+    call's 16 batches cross-validated 0.003 lower on an H200 in three seeds: docs/BENCHMARKS.md). On a
+    CPU the arithmetic is the cost, whatever the call's size, and one batch a call keeps the random stream,
+    and so the trained weights, as they always were there.
     """
     if device.type != "cuda":
         return 1
