@@ -272,7 +272,7 @@ def tiff_with_strips(strips: int) -> bytes:
 
 def test_files_whose_structure_makes_decoding_slow_are_refused() -> None:
     """Neither size nor pixel count catches them: a few hundred kB that keep a decoder busy for minutes."""
-    from bloodcell.data.decode import MAX_JPEG_SCANS, MAX_TIFF_STRIPS, ImageError, open_rgb
+    from bloodcell.data.decode import MAX_JPEG_SCANS, MAX_PNG_CHUNKS, MAX_TIFF_STRIPS, ImageError, open_rgb
 
     assert open_rgb(jpeg_with_scans(3)).size == (64, 64)  # an ordinary progressive JPEG still decodes
     with pytest.raises(ImageError, match=f"more than {MAX_JPEG_SCANS} scans"):
@@ -285,6 +285,27 @@ def test_files_whose_structure_makes_decoding_slow_are_refused() -> None:
     assert open_rgb(tiff_with_strips(8)).size == (8, 8)
     with pytest.raises(ImageError, match="strips or tiles"):
         open_rgb(tiff_with_strips(MAX_TIFF_STRIPS + 1))
+    assert open_rgb(png_with_chunks(MAX_PNG_CHUNKS)).size == (8, 8)  # at the limit: read (in Python, chunk by chunk)
+    with pytest.raises(ImageError, match="PNG of more than"):
+        open_rgb(png_with_chunks(MAX_PNG_CHUNKS + 1))
+
+
+def png_with_chunks(chunks: int) -> bytes:
+    """An 8 x 8 PNG of exactly ``chunks`` chunks, padded with empty private ancillary ones (which decoders skip)."""
+
+    def chunk(kind: bytes, data: bytes = b"") -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 120, 160)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    header, pos, parts = png[:8], 8, []
+    while pos < len(png):  # the file's own chunks: IHDR, IDAT, IEND
+        length = struct.unpack(">I", png[pos : pos + 4])[0]
+        parts.append(png[pos : pos + 12 + length])
+        pos += 12 + length
+    padding = [chunk(b"skIp")] * (chunks - len(parts))
+    return header + parts[0] + b"".join(padding) + b"".join(parts[1:])
 
 
 def test_a_jpeg_cut_or_zero_filled_is_refused_and_one_with_a_trailer_is_not() -> None:

@@ -45,12 +45,17 @@ MAX_JPEG_PADDING = 65_536
 #: opening, so a 10 MB TIFF of 8 x 8 pixels listing 2.6 million strips took 10 s and 760 MB. One strip per
 #: row of an 8,000-row image in three planes is 24,000.
 MAX_TIFF_STRIPS = 65_536
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: More chunks than this in a PNG are refused: Pillow reads a PNG's chunks one at a time in Python, so a
+#: 10 MB file of 860,000 empty chunks took 1.9 s to decode. libpng writes 8 KB data chunks (a file of
+#: MAX_FILE_BYTES holds 65,536 of them), and an encoder that writes one a row stays under it too.
+MAX_PNG_CHUNKS = 65_536
 #: Bumped whenever the same file may decode to other pixels or get another accept / refuse verdict
 #: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG that ends before its
-#: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused). The
-#: index's hash cache and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels
-#: from the old one.
-DECODER_VERSION = 3
+#: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused; 4: a PNG
+#: of more than MAX_PNG_CHUNKS chunks refused). The index's hash cache and the decoded cache are keyed by
+#: it, so a new rule never meets a verdict or pixels from the old one.
+DECODER_VERSION = 4
 #: Images whose shorter side falls short of the longer by more than this share are named as squashed when
 #: resized to the model's square input. A crop that trims a few rows (224 x 216: 3.6 %) changes a cell's
 #: proportions less than cells differ among themselves, so it passes unnoted; a 4:3 camera frame (25 %) or a
@@ -207,6 +212,8 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
                                "TIFF, PNG or JPEG)")  # fmt: skip
     if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
         raise ImageError(name, f"a TIFF of {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too costly to decode")
+    if data[:8] == PNG_SIGNATURE and _png_chunks(data) > MAX_PNG_CHUNKS:
+        raise ImageError(name, f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks: too costly to decode")
 
 
 class JpegStructure(NamedTuple):
@@ -260,6 +267,18 @@ def _end_of_entropy_coded_data(data: bytes, pos: int) -> int:
     not a step per stuffed byte (a crafted run of FF 00 cost a second a 10 MB file)."""
     found = _MARKER_AFTER_SCAN.search(data, pos)
     return found.start() if found else len(data)
+
+
+def _png_chunks(data: bytes) -> int:
+    """A PNG's chunks up to its end chunk (IEND), counted up to one past MAX_PNG_CHUNKS. Each chunk is
+    skipped by its length, so the walk costs a step per chunk, not per byte (about 30 ms at the limit)."""
+    count, pos, end = 0, len(PNG_SIGNATURE), len(data)
+    while count <= MAX_PNG_CHUNKS and pos + 8 <= end:
+        count += 1
+        if data[pos + 4 : pos + 8] == b"IEND":
+            break
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
+    return count
 
 
 def _tiff_strips(data: bytes) -> int:
