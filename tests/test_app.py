@@ -59,13 +59,17 @@ def test_healthz_and_model_card(client: TestClient) -> None:
     assert too_large.status_code == 413 and too_large.headers["x-content-type-options"] == "nosniff"
 
 
-def test_the_model_card_over_http_shows_listed_sections_only(tiny_model: Path, tmp_path: Path) -> None:
-    """An allowlist: every section the card format defines is classified, and a key a card gains is private."""
+def test_the_model_card_over_http_shows_listed_sections_only(tiny_model: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    """An allowlist: every section the card format defines, and every one bloodcell adds (a refit's temperature
+    source, an export's record), is classified, and a key a card gains otherwise is private."""
     from bloodcell.models import ModelCard
     from bloodcell.serve.app import PUBLIC_CARD_KEYS
 
     private = {"command", "config", "runtime"}  # server folders and command lines
-    assert set(ModelCard.model_fields) == (set(PUBLIC_CARD_KEYS) - {"temperature_source"}) | private
+    added = {"temperature_source", "onnx"}  # written by train_run and by export
+    assert set(ModelCard.model_fields) | added == set(PUBLIC_CARD_KEYS) | private
+    onnx_card = TestClient(create_app(tiny_onnx, backend="onnx")).get("/v1/model").json()
+    assert onnx_card["onnx"]["opset"] and not private & set(onnx_card)  # the export's record, over either backend
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     card = json.loads((model / "card.json").read_text(encoding="utf-8"))

@@ -592,3 +592,22 @@ def test_hashing_in_worker_processes_gives_the_serial_rows_and_never_outnumbers_
     monkeypatch.setattr(index_module, "available_cores", lambda: 1)
     monkeypatch.setattr(index_module, "ProcessPoolExecutor", no_pool)
     assert index_module._inspect_all(paths, workers=8, progress=False) == serial
+
+
+def test_a_file_over_the_decoder_s_size_limit_is_rejected_by_the_index_unread(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index refuses what the cache build would (with the same reason), and hashes it as a stream."""
+    from bloodcell.data import decode
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (8, 8)).save(path)
+    with open(path, "ab") as handle:
+        handle.write(bytes(4096))  # past IEND: a decoder would never read it
+    monkeypatch.setattr(index_module, "MAX_FILE_BYTES", 4000)
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", 4000)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} read whole"))
+    facts = index_module.inspect_file(path)
+    assert facts["rejected"] and facts["reason"].startswith("file too large")
+    assert facts["sha256"] == sha256_file(path)
+    with pytest.raises(decode.ImageError, match="file too large"):
+        decode.decode_image(path, 32)

@@ -47,9 +47,10 @@ MAX_JPEG_PADDING = 65_536
 MAX_TIFF_STRIPS = 65_536
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: More chunks than this in a PNG are refused: Pillow reads a PNG's chunks one at a time in Python, so a
-#: 10 MB file of 860,000 empty chunks took 1.9 s to decode. libpng writes 8 KB data chunks (a file of
-#: MAX_FILE_BYTES holds 65,536 of them), and an encoder that writes one a row stays under it too.
-MAX_PNG_CHUNKS = 65_536
+#: 10 MB file of 860,000 empty chunks took 1.9 s to decode (at this limit, about 0.3 s). libpng writes
+#: 8 KB data chunks (a file of MAX_FILE_BYTES holds about 65,400 of them: half the limit), and an encoder
+#: that writes one a row stays under it too.
+MAX_PNG_CHUNKS = 131_072
 #: Bumped whenever the same file may decode to other pixels or get another accept / refuse verdict
 #: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG that ends before its
 #: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused; 4: a PNG

@@ -30,7 +30,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from bloodcell.data.decode import DECODER_VERSION, ImageError, open_rgb, squashed_note
+from bloodcell.data.decode import DECODER_VERSION, MAX_FILE_BYTES, ImageError, open_rgb, squashed_note
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path, sha256_file, write_text_if_changed
@@ -148,15 +148,20 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
         "reason": "",
     }
     try:
-        data = Path(path).read_bytes()
+        size = os.stat(path).st_size
+        # A file over the decoder's limit is hashed as a stream, never held whole (a video in a class folder).
+        data = Path(path).read_bytes() if size <= MAX_FILE_BYTES else None
+        facts["sha256"] = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
     except OSError as error:
         facts["reason"] = f"cannot read file ({error.strerror or error})"
         return facts
-    facts["sha256"] = hashlib.sha256(data).hexdigest()
     if not is_image_name(path):
         facts["reason"] = (
             f"unsupported file type {Path(path).suffix or '(no suffix)'!r} (use JPEG, PNG, BMP or TIFF)"
         )
+        return facts
+    if data is None:  # what the cache build's decoder would refuse too, with the same words
+        facts["reason"] = f"file too large ({size:,} bytes; the limit is {MAX_FILE_BYTES:,})"
         return facts
     try:
         # open_rgb already converts grayscale, palette, RGBA, CMYK and 16-bit images to 8-bit RGB.

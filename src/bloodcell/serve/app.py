@@ -69,7 +69,7 @@ MAX_CONNECTIONS = 256
 PUBLIC_CARD_KEYS = (
     "format", "name", "version", "architecture", "arch_kwargs", "classes", "input_size", "normalize",
     "temperature", "temperature_source", "manifest_sha256", "split", "metrics", "epoch", "versions", "created",
-    "intended_use",
+    "intended_use", "onnx",
 )  # fmt: skip
 #: Where /docs finds Swagger UI's script and style (served from the fastapi-offline package).
 DOCS_ASSETS = "/docs-assets"

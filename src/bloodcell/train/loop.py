@@ -318,9 +318,9 @@ def fit(
                         done = (batch_index + 1) * len(rows) * fabric.world_size
                         bar.step(loss.detach(), done / (time.perf_counter() - epoch_started))
 
-                del views, batch_views  # the last call's images: free for validation (about 1 GB on a GPU)
                 if pending is None:  # steps_per_epoch is at least 1
                     raise RuntimeError(f"epoch {epoch} took no training step")
+                del views, batch_views  # the last call's images: free for validation (about 1 GB on a GPU)
                 _stop_if_diverged(fabric, log, run_dir, state, epoch, *pending)  # before any checkpoint
                 _sync_buffers(fabric, classifier)
                 train_seconds = time.perf_counter() - epoch_started
