@@ -33,10 +33,10 @@ from synthetic_data import make_synthetic_data
 batches = []
 augment = BatchAugment.__call__
 
-def recorded(self, images, generator=None):
+def recorded(self, images, generator=None, batch_size=None):
     batches.append([hashlib.sha256(image.permute(1, 2, 0).contiguous().numpy().tobytes()).hexdigest()
                     for image in images])
-    return augment(self, images, generator)
+    return augment(self, images, generator, batch_size)
 
 BatchAugment.__call__ = recorded
 
