@@ -8,7 +8,8 @@ default training in under 15 seconds on an H100/H200). It measures, on the first
 2. ``train_run``: the default config exactly as ``bloodcell train`` trains it (holdout stage on train,
    then the refit on train + val), in this process, as the first CUDA work of the process (the device's
    name and the JPEG check wait until after it): each stage's wall time, its training images per
-   second, and the refit model's balanced accuracy on the ``session`` split's test part; then the same
+   second, the GPU memory allocated at most, the images one augmentation call takes, and the refit
+   model's balanced accuracy on the ``session`` split's test part; then the same
    for each ``--compare`` variant (``train_run_<k>``), side by side on the same machine;
 3. ``bare``: forward + backward + AdamW step of the same model on random tensors at the same batch, in
    the same precision and memory format, with and without CUDA graphs: the model's ceiling, to set the
@@ -59,6 +60,7 @@ from bloodcell.evaluate.runner import predict_logits
 from bloodcell.io import atomic_write_json
 from bloodcell.models import Classifier, create_model
 from bloodcell.train import fit, train_run
+from bloodcell.train.loop import batches_augmented_together
 from bloodcell.train.setup import build_optimizer, graph_training_forward, resolve_precision
 
 
@@ -74,10 +76,13 @@ def stage_speed(history: list[dict[str, float]]) -> dict[str, float]:
 
 
 def measure_training(config, prepared, run_dir: Path) -> dict[str, Any]:
-    """Both stages of ``config`` as ``bloodcell train`` runs them: times, speeds and the test score."""
+    """Both stages of ``config`` as ``bloodcell train`` runs them: times, speeds, the test score, the GPU
+    memory the stages allocated at most, and the images each augmentation call takes."""
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = train_run(config, run_dir, progress=False)
     wall = time.perf_counter() - t0
+    batches = batches_augmented_together(torch.device("cuda"), config.train.batch_size, config.data.image_size)
     test, labels = np.asarray(prepared.indices("test")), np.asarray(prepared.labels)
     logits = predict_logits(result.model, prepared.images[test])
     return {
@@ -89,6 +94,8 @@ def measure_training(config, prepared, run_dir: Path) -> dict[str, Any]:
         "holdout_last_val_balanced_accuracy": result.holdout.history[-1]["val_balanced_accuracy"],
         "test_balanced_accuracy": float(balanced_accuracy_score(labels[test], logits.argmax(axis=1))),
         "precision": resolve_precision(config.train),
+        "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+        "images_per_augmentation_call": batches * config.train.batch_size,
     }
 
 
