@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -87,9 +88,25 @@ def test_lr_find_suggests_a_rate_inside_the_sweep_and_plots(
 def test_a_sweep_whose_loss_never_falls_says_to_widen_it(aria_dataset: Path, tiny_config_file: Path, tmp_path: Path) -> None:
     args = ["lr-find", "--data", str(aria_dataset), "--config", str(tiny_config_file), "--steps", "12",
             "--start-lr", "3", "--end-lr", "1000", "--out", str(tmp_path / "lr")]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, [*args, "--set", "train.label_smoothing=0.05"])
     assert result.exit_code == 0, result.output
     assert "the loss never fell" in result.output and "--start-lr 0.03" in result.output
+    # The command it offers trains what was swept: the same config and overrides, with the rate.
+    assert f"--config {tiny_config_file} --set train.label_smoothing=0.05 --set optimizer.lr=" in result.output
+
+
+def test_a_suggestion_below_the_sweep_is_said_to_be_its_floor() -> None:
+    """The loss fell, but its minimum came in the first decade: the rule's rate (a tenth of it) is clipped."""
+    from bloodcell.tune.lr_find import LRFindResult
+
+    lrs = np.geomspace(1e-3, 1e-1, 50)
+    smoothed = np.concatenate([np.linspace(2.0, 1.0, 10), np.linspace(1.0, 3.0, 40)])  # lowest at lrs[9]
+    suggested, min_loss_lr, steepest_lr = suggest_lr(lrs, smoothed, "min_loss")
+    assert suggested == lrs[0] and min_loss_lr / 10 < lrs[0]
+    result = LRFindResult(lrs=list(lrs), losses=list(smoothed), smoothed=list(smoothed), suggested_lr=suggested,
+                          min_loss_lr=min_loss_lr, steepest_lr=steepest_lr, method="min_loss", diverged=False,
+                          start_lr=1e-3, end_lr=1e-1)  # fmt: skip
+    assert result.clipped_to_the_floor and not result.loss_never_fell
 
 
 def test_train_resolves_auto_lr_with_the_finder(aria_dataset: Path, tmp_path: Path) -> None:
@@ -393,3 +410,133 @@ def test_tune_with_a_missing_or_empty_dataset_is_one_line_and_leaves_no_study(tm
         assert isinstance(result.exception, UserError) and words in str(result.exception), result.output
         assert not (tmp_path / "t").exists()
 
+
+
+# ------------------------------------------------------------------------------ budget, failures, retries
+
+
+def test_one_tuning_folder_holds_one_study(aria_dataset: Path, tmp_path: Path) -> None:
+    """Trial folders and result files are named by trial number: a second study there would collide."""
+    base, out = config_from_dict(TINY), tmp_path / "tune"
+    common = {"out_dir": out, "space": TINY_SPACE, "pruner": "none", "seed": 0, "report": False}
+    tune(base, aria_dataset, 1, study_name="a", **common)
+    with pytest.raises(UserError, match=r"holds the results of study 'a'; give study 'b' another --out"):
+        tune(base, aria_dataset, 1, study_name="b", **common)
+    assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{out / 'study.db'}")] == ["a"]
+
+
+def test_a_failed_trial_is_replaced_and_failures_in_a_row_stop_the_worker_with_a_line(
+    aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import bloodcell.train
+    from bloodcell.train import TrainingDiverged
+    from bloodcell.tune.search import MAX_FAILURES_IN_A_ROW
+
+    base = config_from_dict(TINY)
+    real_fit, calls = bloodcell.train.fit, {"n": 0}
+
+    def first_diverges(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TrainingDiverged("training diverged (test)")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(bloodcell.train, "fit", first_diverges)
+    common = {"space": TINY_SPACE, "pruner": "none", "seed": 0, "report": False}
+    result = tune(base, aria_dataset, 2, out_dir=tmp_path / "one", **common)
+    assert (result.n_complete, result.n_failed) == (2, 1)  # the failure did not count towards the 2
+
+    def always_diverges(*args, **kwargs):
+        raise TrainingDiverged("training diverged (test)")
+
+    monkeypatch.setattr(bloodcell.train, "fit", always_diverges)
+    result = tune(base, aria_dataset, 5, out_dir=tmp_path / "all", **common)
+    assert (result.n_complete, result.n_failed) == (0, MAX_FAILURES_IN_A_ROW)
+    assert f"0 of 5 finished trials: {MAX_FAILURES_IN_A_ROW} trials in a row failed" in capsys.readouterr().err
+
+
+def test_a_trial_interrupted_again_and_again_is_queued_every_time(
+    aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job preempted more often than a dead worker's trial is retried must still keep its trial."""
+    import bloodcell.train
+
+    base = config_from_dict({**TINY, "train": {**TINY["train"], "epochs": 4}})
+    common = {"out_dir": tmp_path / "tune", "space": TINY_SPACE, "pruner": "none", "seed": 0, "report": False}
+    real_fit = bloodcell.train.fit
+
+    def interrupted_fit(config, out_dir=None, *, epoch_callback=None, **kwargs):
+        def stop(epoch, row):
+            epoch_callback(epoch, row)
+            raise KeyboardInterrupt  # after each attempt's first new epoch
+
+        return real_fit(config, out_dir, epoch_callback=stop, **kwargs)
+
+    monkeypatch.setattr(bloodcell.train, "fit", interrupted_fit)
+    for _ in range(4):
+        with pytest.raises(KeyboardInterrupt):
+            tune(base, aria_dataset, 1, **common)
+    monkeypatch.setattr(bloodcell.train, "fit", real_fit)
+    result = tune(base, aria_dataset, 1, **common)
+    trials = optuna.load_study(study_name="tiny", storage=result.storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 4 + [TrialState.COMPLETE]
+    assert all(t.params == trials[0].params for t in trials)  # the same trial, never new parameters
+    history = (tmp_path / "tune" / "trials" / "trial-0000" / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["1", "2", "3", "4"]
+
+
+def test_a_dead_local_worker_s_running_trial_is_queued_again_at_once() -> None:
+    """Killed moments ago, its heartbeat is still fresh; on this machine its process is known to be gone."""
+    import socket
+
+    from bloodcell.tune.search import _trials_towards
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    study = optuna.create_study(direction="maximize")
+    dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid}")
+    alive = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getppid()}")  # this test's parent: running
+    elsewhere = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    elsewhere.set_user_attr("worker", f"another-host:{dead_pid}")  # its heartbeat decides, as before
+
+    assert _trials_towards(study, 10) == 2  # the live local trial and the other machine's
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING, TrialState.WAITING]
+    assert study.get_trials()[3].params == study.get_trials()[0].params  # queued again with its parameters
+
+
+def test_a_search_space_file_that_is_not_yaml_or_out_of_range_is_named_before_any_trial(tmp_path: Path) -> None:
+    from bloodcell.tune.search import load_space
+
+    broken = tmp_path / "space.yaml"
+    broken.write_text("lr: [0.001\n")
+    with pytest.raises(UserError, match=f"search space {re.escape(str(broken))}"):
+        load_space(broken)
+    base = config_from_dict(TINY)
+    with pytest.raises(UserError, match=r"search space \(--space\) label_smoothing: 1.5 gives an invalid config"):
+        _check_space_fits_model(base, SearchSpace(label_smoothing=(0.5, 1.5)))
+    with pytest.raises(UserError, match=r"augment_strength: -1"):
+        _check_space_fits_model(base, SearchSpace(augment_strength=(-1.0, 1.0)))
+
+
+def test_under_cv_the_median_pruner_waits_out_the_first_half_of_every_fold() -> None:
+    from bloodcell.tune.search import WithinFoldWarmup, make_pruner
+
+    asked: list[int] = []
+
+    class Recorder(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            asked.append(trial.last_step)
+            return False
+
+    pruner = WithinFoldWarmup(Recorder(), epochs=4, warmup=3)
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    for step in range(1, 13):  # 3 folds of 4 epochs
+        trial.report(0.5, step)
+        pruner.prune(study, study.get_trials(deepcopy=False)[0])
+    assert asked == [3, 4, 7, 8, 11, 12]
+    assert isinstance(make_pruner("median", 4, folds=3), WithinFoldWarmup)
+    assert isinstance(make_pruner("median", 4), optuna.pruners.MedianPruner)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +35,8 @@ def lr_find_command(
 ) -> None:
     """Learning-rate range test: sweep the learning rate exponentially, plot the loss, suggest a value.
 
-    The suggestion is what `bloodcell train --set optimizer.lr=auto` would use.
+    With the default sweep (--steps, --start-lr, --end-lr, --method), the suggestion is what `bloodcell
+    train --set optimizer.lr=auto` would use.
     """
     from bloodcell.config import load_config
     from bloodcell.tune.lr_find import run_lr_find
@@ -65,7 +67,13 @@ def lr_find_command(
     if result.loss_never_fell:
         warning_line(f"the loss never fell: {result.suggested_lr:.3g} is only the lowest rate swept; widen the sweep "
                      f"downwards (--start-lr {result.lrs[0] / 100:.3g})")
-    typer.echo(f"use it: bloodcell train --data {data} --set optimizer.lr={result.suggested_lr:.3g}")
+    elif result.clipped_to_the_floor:
+        warning_line(f"the rule's rate lies below the sweep: {result.suggested_lr:.3g} is only the lowest rate swept; "
+                     f"widen the sweep downwards (--start-lr {result.lrs[0] / 100:.3g})")
+    # The command that trains what was swept: the same config and overrides, with the suggested rate.
+    settings = ([] if config == "default" else ["--config", config]) + [a for o in overrides for a in ("--set", o)]
+    command = ["bloodcell", "train", "--data", str(data), *settings, "--set", f"optimizer.lr={result.suggested_lr:.3g}"]
+    typer.echo("use it: " + shlex.join(command))
 
 
 @app.command("tune")

@@ -76,6 +76,12 @@ class LRFindResult:
         """The smoothed loss was lowest at the first rate: the suggestion is only the sweep's floor."""
         return int(np.argmin(self.smoothed)) == 0
 
+    @property
+    def clipped_to_the_floor(self) -> bool:
+        """The rule's rate lay below the sweep (the loss fell, but its minimum came within the first decade),
+        so the suggestion is the lowest rate swept, not the rule's."""
+        return not self.loss_never_fell and self.suggested_lr <= float(self.lrs[0])
+
     def summary(self) -> dict[str, Any]:
         """The JSON object ``lr-find --json`` prints (and ``lr_find.json`` holds)."""
         return {

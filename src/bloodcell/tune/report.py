@@ -96,8 +96,10 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
         "",
         (
             f"Trials: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
-            f"{counts[TrialState.FAIL]} failed. Objective: validation balanced accuracy ({objective}); the test "
-            "part of the split is never used."
+            f"{counts[TrialState.FAIL]} failed. Objective: validation balanced accuracy ({objective}); "
+            + ("the folds cover every image, the session split's test part included, so a test score of the "
+               "tuned recipe is no longer untouched." if study.user_attrs.get("cv") else
+               "the test part of the split is never used.")
         ),
         "",
     ]

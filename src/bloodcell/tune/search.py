@@ -56,6 +56,11 @@ from bloodcell.io import atomic_write_text
 
 #: Trials in these states count towards ``--trials``: they ran to a verdict.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: A worker stops after this many failed trials in a row (a diverging recipe, a GPU out of memory): a
+#: failed trial does not count towards ``--trials``, so without a limit it would try for ever.
+MAX_FAILURES_IN_A_ROW = 3
+#: The file in the tuning folder that names the study whose results it holds.
+STUDY_FILE = "study.txt"
 #: Seconds between a worker's heartbeats, and silence after which its running trial is declared dead.
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120
@@ -134,7 +139,7 @@ def load_space(path: str | Path | None) -> SearchSpace:
         return SearchSpace.model_validate(raw)
     except FileNotFoundError:
         raise UserError(f"search space file not found: {path}") from None
-    except ValueError as error:
+    except (ValueError, yaml.YAMLError) as error:  # a pydantic ValidationError is a ValueError
         raise UserError(f"search space {path}: {error}") from None
 
 
@@ -215,7 +220,8 @@ def overrides_the_search_replaces(overrides: list[str], space: SearchSpace) -> l
 def _check_space_fits_model(base: RunConfig, space: SearchSpace) -> None:
     """Fail before the first trial when a searched value cannot work with the base config.
 
-    A searched image size below the base's training crop, or a ``width`` for an architecture without one.
+    A range whose ends the config refuses (a label smoothing of 1.5), a searched image size below the
+    base's training crop, or a ``width`` for an architecture without one.
     """
     too_small = [size for size in space.image_size or [] if size < base.augment.crop]
     if too_small:
@@ -223,6 +229,12 @@ def _check_space_fits_model(base: RunConfig, space: SearchSpace) -> None:
             f"searched image sizes {too_small} are smaller than augment.crop ({base.augment.crop}); drop them "
             "from the search space (--space) or lower the crop"
         )
+    for name in ("lr", "weight_decay", "label_smoothing", "augment_strength", "image_size", "width"):
+        for value in getattr(space, name) or []:  # a range's two ends (the config's bounds are intervals)
+            try:
+                apply_params(base, {name: value})
+            except ValueError as error:
+                raise UserError(f"search space (--space) {name}: {value} gives an invalid config: {error}") from None
     if not space.width:
         return
     from bloodcell.models import create_model
@@ -283,20 +295,43 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
     raise AssertionError("unreachable")
 
 
-def make_pruner(name: PrunerName, epochs: int) -> optuna.pruners.BasePruner:
+class WithinFoldWarmup(optuna.pruners.BasePruner):
+    """Ask ``pruner`` only from epoch ``warmup`` of each fold on.
+
+    Under ``--cv`` a trial reports its folds' epochs one after another (steps 1 to ``epochs * folds``),
+    and every fold starts a new one-cycle schedule, whose first half ranks trials no better than chance.
+    Optuna's own warm-up counts steps from the start of the trial, so it would shelter the first folds
+    whole and none of the later ones.
+    """
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, epochs: int, warmup: int) -> None:
+        self.pruner, self.epochs, self.warmup = pruner, epochs, warmup
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or (step - 1) % self.epochs + 1 < self.warmup:  # steps are 1-based epochs
+            return False
+        return self.pruner.prune(study, trial)
+
+
+def make_pruner(name: PrunerName, epochs: int, folds: int = 1) -> optuna.pruners.BasePruner:
     """Median (default: compares each epoch with the other trials' median there) or Hyperband pruning.
 
-    The median pruner waits for 3 finished trials and ignores the first half of a run's epochs: while the
-    one-cycle schedule is near its peak learning rate, validation scores jump by +-0.3 from epoch to epoch
-    and rank trials no better than chance (docs/TUNING.md shows it on the real data). Hyperband treats
-    epochs as the resource, from a quarter of the run (for the same reason) to its length.
+    The median pruner waits for 3 finished trials and ignores the first half of each run's epochs (of each
+    fold's, with ``folds`` > 1): while the one-cycle schedule is near its peak learning rate, validation
+    scores jump by +-0.3 from epoch to epoch and rank trials no better than chance (docs/TUNING.md shows
+    it on the real data). Across folds it stays cautious: Optuna compares a trial's best score so far,
+    earlier folds' included, with the others' median at the same step. Hyperband treats epochs as the
+    resource, from a quarter of a run (for the same reason) to the whole trial.
     """
+    warmup = epochs // 2 + 1
     if name == "median":
-        # Steps are 1-based epochs and Optuna prunes from step == n_warmup_steps on.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=epochs // 2 + 1)
+        if folds == 1:  # Optuna prunes from step == n_warmup_steps on
+            return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup)
+        return WithinFoldWarmup(optuna.pruners.MedianPruner(n_startup_trials=3), epochs, warmup)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, epochs // 4), max_resource=max(epochs, 1), reduction_factor=3
+            min_resource=max(1, epochs // 4), max_resource=max(epochs * folds, 1), reduction_factor=3
         )
     if name == "none":
         return optuna.pruners.NopPruner()
@@ -338,7 +373,8 @@ def open_study(
         differing = ", ".join(key for key in setup if stored[key] != setup[key])
         raise UserError(
             f"study {study_name!r} in {storage} was started with a different {differing}; rerun with the "
-            "same --config/--set/--space/--cv to continue it, or give a new --study name"
+            "same --config/--set/--space/--cv to continue it, or start a new study (a new --study name and "
+            "another --out)"
         )
     return study
 
@@ -467,7 +503,9 @@ def best_config(study: optuna.Study, base: RunConfig) -> tuple[RunConfig, Frozen
     config = apply_params(base, best.params)
     description = (
         f"tuned by Optuna study {study.study_name!r}: trial {best.number}, validation balanced accuracy "
-        f"{best.value:.4f} ({base.data.protocol} split{', mean over folds' if study.user_attrs.get('cv') else ''})"
+        f"{best.value:.4f} ("
+        + (f"mean over {study.user_attrs['cv']} kfold folds" if study.user_attrs.get("cv") else f"{base.data.protocol} split")
+        + ")"
     )
     return config.model_copy(update={"name": f"{study.study_name}-best", "description": description}), best
 
@@ -485,16 +523,20 @@ def write_results(study: optuna.Study, base: RunConfig, out_dir: Path) -> tuple[
 
 
 def _retry_interrupted(study: optuna.Study, number: int | None) -> None:
-    """Queue a trial stopped by Ctrl-C again (Optuna marked it FAIL), exactly as a dead worker's trial is."""
-    if number is None:
-        return
+    """Queue a trial stopped by Ctrl-C or SIGTERM again (Optuna marked it FAIL), as a dead worker's trial is,
+    but however often it was stopped: a job preempted again and again must not lose its trial."""
+    if number is not None:
+        _retry(study, number, limit=None)
+
+
+def _retry(study: optuna.Study, number: int, limit: int | None) -> None:
+    """Queue failed trial ``number`` again with its parameters (a retry resumes in its folder), at most
+    ``limit`` times in a row (None: always)."""
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     if trial is not None and trial.state == TrialState.FAIL:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)(
-                study, trial
-            )
+            RetryHeartbeatStaleTrialCallback(max_retry=limit, inherit_intermediate_values=True)(study, trial)
 
 
 def _trial_errors() -> tuple[type[Exception], ...]:
@@ -583,7 +625,8 @@ def tune(
     base = config.model_copy(update={"data": config.data.model_copy(update={"root": root})})
     _check_space_fits_model(base, space)
     if isinstance(pruner, str):
-        pruner = make_pruner(pruner, base.train.epochs * (cv or 1))
+        pruner = make_pruner(pruner, base.train.epochs, cv or 1)
+    _claim_out_dir(out_dir, study_name)
     study = open_study(study_name, storage, base, space, cv, pruner, sampler)
     if sampler is None:
         # Offset the seed by the trials already run, so that a rerun continues the random sequence
@@ -591,35 +634,103 @@ def tune(
         existing = len(study.get_trials(deepcopy=False))
         study.sampler = _default_sampler(n_trials, None if seed is None else seed + existing)
 
-    remaining = n_trials - sum(count_trials(study)[s.name] for s in FINISHED)
-    current: dict[str, int | None] = {"trial": None}
+    current: dict[str, int | None] = {"trial": None, "last": None}  # running now; run last by this worker
     objective = make_objective(base, space, cv, out_dir, PreparedCache(root))
 
     def tracked(trial: Trial) -> float:
-        current["trial"] = trial.number
+        current["trial"] = current["last"] = trial.number
         return objective(trial)
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         current["trial"] = None
         write_results(study, base, out_dir)
 
-    if remaining > 0:
-        # Counting running trials too keeps several workers from overshooting N by more than a race.
-        budget = optuna.study.MaxTrialsCallback(n_trials, states=(*FINISHED, TrialState.RUNNING))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failures_in_a_row = 0
+    # One trial at a time, so that a failed one is replaced (it does not count towards N) and the budget is
+    # counted afresh before each: finished trials, and those running elsewhere, keep several workers from
+    # overshooting N by more than a race.
+    while _trials_towards(study, n_trials) < n_trials and failures_in_a_row < MAX_FAILURES_IN_A_ROW:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        current["last"] = None
         try:
-            study.optimize(
-                tracked,
-                n_trials=remaining,
-                timeout=timeout,
-                callbacks=[after_trial, budget],
-                catch=_trial_errors(),
-                gc_after_trial=True,
-            )
+            study.optimize(tracked, n_trials=1, timeout=left, callbacks=[after_trial], catch=_trial_errors(),
+                           gc_after_trial=True)  # fmt: skip
         except KeyboardInterrupt:
             _retry_interrupted(study, current["trial"])
             write_results(study, base, out_dir)
             raise
+        failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number == current["last"]]
+        failures_in_a_row = failures_in_a_row + 1 if failed else 0
+    _say_why_short(study, n_trials, failures_in_a_row)
     return _finish(study, base, out_dir, storage, report)
+
+
+def _claim_out_dir(out_dir: Path, study_name: str) -> None:
+    """Refuse a tuning folder that holds another study's results (its trial folders, ``best.yaml``,
+    ``trials.csv`` and ``report.md`` are named by trial number, not by study); else mark it as this one's."""
+    marker = out_dir / STUDY_FILE
+    if marker.is_file():
+        owner = marker.read_text(encoding="utf-8").strip()
+        if owner != study_name:
+            raise UserError(f"{out_dir} holds the results of study {owner!r}; give study {study_name!r} "
+                            "another --out (or continue that study with --study " + owner + ")")  # fmt: skip
+        return
+    atomic_write_text(marker, study_name + "\n")
+
+
+def _trials_towards(study: optuna.Study, n_trials: int) -> int:
+    """Finished trials and those still running elsewhere: what a new trial would add to.
+
+    A running trial whose worker is a dead process on this machine (killed moments ago) is failed and
+    queued again at once; one of another machine waits for its heartbeat to go stale, as Optuna does.
+    """
+    _requeue_dead_local_trials(study)
+    counts = count_trials(study)
+    return sum(counts[state.name] for state in FINISHED) + counts["RUNNING"]
+
+
+def _requeue_dead_local_trials(study: optuna.Study) -> None:
+    """Fail and queue again the running trials of dead worker processes on this machine (see objective)."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = str(trial.user_attrs.get("worker", ""))
+        name, _, pid = worker.rpartition(":")
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            # Optuna has no public call to fail another worker's trial; its storage API is what its own
+            # stale-trial check uses.
+            if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                _retry(study, trial.number, limit=MAX_RETRY)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _say_why_short(study: optuna.Study, n_trials: int, failures_in_a_row: int) -> None:
+    """One line on stderr when this worker stops before the study has ``n_trials`` finished trials."""
+    import sys
+
+    counts = count_trials(study)
+    finished = sum(counts[state.name] for state in FINISHED)
+    if finished >= n_trials:
+        return
+    if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+        why = f"{failures_in_a_row} trials in a row failed (see the errors above; trials.csv has them)"
+    elif counts["RUNNING"]:
+        why = f"{counts['RUNNING']} trial(s) still running elsewhere would complete it"
+    else:
+        why = "the --timeout was reached"
+    print(f"the study has {finished} of {n_trials} finished trials: {why}; run the same command again to "
+          "continue it", file=sys.stderr)  # fmt: skip
 
 
 def _finish(study: optuna.Study, base: RunConfig, out_dir: Path, storage: str, report: bool) -> TuneResult:
