@@ -223,7 +223,7 @@ def test_a_re_encoded_copy_of_the_data_still_leaves_out_the_training_images(run:
     assert result["n_images"] == 4 * 24 - left_out
 
 
-def test_split_all_on_its_own_data_leaves_out_the_duplicates_of_its_training_images(
+def test_split_all_on_its_own_data_leaves_out_the_duplicates_and_the_embargo_of_its_training_images(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A duplicate group's members outside its kept part are left out of the split; --split all would score
@@ -239,8 +239,10 @@ def test_split_all_on_its_own_data_leaves_out_the_duplicates_of_its_training_ima
     prepared = types.SimpleNamespace(split=split)
     with caplog.at_level("WARNING", logger="bloodcell.evaluate.runner"):
         kept, left_out = _without_training_images(np.arange(5), prepared, None, True, "all", ["train", "val"])
-    assert kept.tolist() == [2, 3] and left_out == 3  # the embargoed copy of row 0 goes with it
-    assert "3 of the 5 images are ones the model was trained on, or copies of them" in caplog.text
+    # The embargoed copy of row 0 goes with it, and so does row 3, embargoed beside a held-out block: a
+    # capture-order neighbour of training images, left out of training only to keep the gap.
+    assert kept.tolist() == [2] and left_out == 4
+    assert "4 of the 5 images are ones the model was trained on, or copies or capture-order neighbours" in caplog.text
 
 
 def test_other_data_leave_out_the_re_captures_of_trained_fields_and_warn_without_phashes(
@@ -301,15 +303,18 @@ def test_every_image_of_its_own_data_means_every_image_it_did_not_train_on(run: 
     split = prepare_data(load_config(str(run / "config.yaml")).data, progress=False).split
     trained = split["split"] == "train"
     copies = split["dup_group"].isin(split["dup_group"][trained]) & ~trained  # left out beside their original
-    left_out = int(trained.sum() + copies.sum())
-    assert copies.sum() > 0 and counts["train"]["total"] == trained.sum()  # the toy data hold such copies
+    embargo = (split["split"] == "embargo") & ~copies  # neighbours of trained images, not held out
+    left_out = int(trained.sum() + copies.sum() + embargo.sum())
+    assert copies.sum() > 0 and embargo.sum() > 0  # the toy data hold both
+    assert counts["train"]["total"] == trained.sum()
     assert result["data"]["training_images_left_out"] == left_out
     assert result["n_images"] == len(split) - left_out
     # The validation images are among those scored, and the card's temperature was fitted on them.
     assert result["temperature_source"] == "model card, fitted on the validation images among these (partly in-sample)"
-    assert evaluated_scope(result, "aria") == f"every image of aria, less the {left_out} images the model trained on or copies of them"
+    scope = f"less the {left_out} images the model trained on or copies or capture-order neighbours of them"
+    assert evaluated_scope(result, "aria") == f"every image of aria, {scope}"
     table = "".join(str(t.title) for t in summary_tables(result))
-    assert f"less the {left_out} images the model trained on or copies of them" in table
+    assert scope in table
 
 
 def test_the_validation_part_says_its_temperature_was_fitted_on_it(run: Path, metrics: dict, tmp_path: Path) -> None:

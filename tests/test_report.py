@@ -265,3 +265,18 @@ def test_report_opens_in_headless_chromium_without_errors(report: Path, tmp_path
     keep = os.environ.get("BLOODCELL_SCREENSHOT_DIR")
     if keep:  # lets a person look at what the browser drew
         shutil.copy(screenshot, Path(keep) / "report.png")
+
+
+def test_the_model_card_row_names_the_training_data_not_the_data_evaluated(runs: Path, tmp_path: Path) -> None:
+    """An evaluation of other data (another lab's folder) is reported with the model's own training data."""
+    from bloodcell.evaluate.runner import evaluate_model
+
+    card = json.loads((runs / "toy" / "checkpoints" / "best" / "card.json").read_text())
+    other = make_aria_dataset(tmp_path / "other-lab", per_class=8, size=48, seed=5)
+    folder = tmp_path / "ev"
+    evaluate_model(runs / "toy", data_root=other, split="all", robustness=False, explain=False, out_dir=folder,
+                   progress=False, n_bootstrap=20, update_card=False)  # fmt: skip
+    html = build_report(folder, evaluate=False, progress=False).read_text(encoding="utf-8")
+    row = re.search(r"<td>training data</td><td class=\"left\">([^<]*)</td>", html)
+    assert row is not None and row.group(1).startswith(card["config"]["data"]["root"]), row
+    assert str(other) not in row.group(1)

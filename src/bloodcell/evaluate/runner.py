@@ -495,9 +495,12 @@ def _without_training_images(
         return indices, 0  # the split is rebuilt exactly as in training: its held-out parts are unseen
     if own_data:  # every image of the model's own data: its training parts are known exactly
         trained = prepared.split["split"].isin(trained_parts).to_numpy()
-        # and so are the duplicates of its training images that the split left out beside them
+        # and so are the duplicates of its training images that the split left out beside them, and the
+        # embargo: training-block images next to a held-out block, left out of training only to keep a gap
+        # there; they are capture-order neighbours of trained images, the same sessions, not held out.
         copies = prepared.split["dup_group"].isin(prepared.split["dup_group"][trained]).to_numpy()
-        keep = ~(trained | copies)[indices]
+        embargo = (prepared.split["split"] == "embargo").to_numpy()
+        keep = ~(trained | copies | embargo)[indices]
     elif trained_on is None:
         log.warning("these are not the data the model was trained on, and it has no record of its training images "
                     "(trained-on.sha256): %s may hold images it trained on, which would flatter its scores", where)  # fmt: skip
@@ -519,8 +522,9 @@ def _without_training_images(
         raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
     if not keep.all():
         of = f" of {where}" if split != "all" else ""  # "these images" would name them twice
-        log.warning("%d of the %d images%s are ones the model was trained on, or copies of them; they are left out",
-                    int((~keep).sum()), len(indices), of)  # fmt: skip
+        log.warning("%d of the %d images%s are ones the model was trained on, or copies%s of them; they are left out",
+                    int((~keep).sum()), len(indices), of,
+                    " or capture-order neighbours (the split's embargo)" if own_data else "")  # fmt: skip
     return indices[keep], int((~keep).sum())
 
 
@@ -535,7 +539,8 @@ def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:
     if left_out is None:
         return f"{where} (unchecked for training images: the model has no record of them)"
     if left_out:
-        return f"{where}, less the {left_out} images the model trained on or copies of them"
+        neighbours = " or capture-order neighbours" if split == "all" and metrics["data"].get("same_as_training") else ""
+        return f"{where}, less the {left_out} images the model trained on or copies{neighbours} of them"
     return where
 
 
