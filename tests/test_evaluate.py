@@ -81,6 +81,26 @@ def test_temperature_is_fitted_on_validation_and_saved_in_the_card(run: Path, me
     assert card.metrics["test"]["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
 
 
+def test_each_ece_is_the_one_its_documentation_names(run: Path, metrics: dict) -> None:
+    """Top level: the raw model's (T = 1) and after temperature; in the robustness and TTA sections, after it."""
+    from bloodcell.config import load_config
+    from bloodcell.data.prepare import prepare_data
+    from bloodcell.evaluate.metrics import expected_calibration_error
+    from bloodcell.evaluate.runner import predict_logits
+
+    prepared = prepare_data(load_config(str(run / "config.yaml")).data, progress=False)
+    test = prepared.indices("test")
+    import torch
+
+    logits = torch.as_tensor(predict_logits(load_model(run)[0], prepared.images[test]))
+    labels = prepared.labels[test]
+    raw = expected_calibration_error(labels, logits.softmax(dim=1).numpy())
+    scaled = expected_calibration_error(labels, (logits / metrics["temperature"]).softmax(dim=1).numpy())
+    assert raw != pytest.approx(scaled)  # the two differ on this model, so the checks below tell them apart
+    assert metrics["ece"] == pytest.approx(raw) and metrics["ece_after_temperature"] == pytest.approx(scaled)
+    assert metrics["robustness"]["clean"]["ece"] == pytest.approx(scaled)
+
+
 def test_robustness_tta_baseline_and_gradcam_sections(metrics: dict) -> None:
     robustness = metrics["robustness"]
     assert list(robustness["shifts"]) == list(SHIFTS)
@@ -139,7 +159,7 @@ def test_plots_and_predictions_are_written(run: Path, metrics: dict) -> None:
     assert np.allclose(predictions[probability_columns].sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_split_all_on_another_copy_of_the_dataset(run: Path, tmp_path: Path) -> None:
+def test_split_all_on_another_copy_of_the_dataset(run: Path, metrics: dict, tmp_path: Path) -> None:  # metrics: the card's T is fitted
     other = make_aria_dataset(tmp_path / "copy", per_class=12, size=48, seed=5, segmented=False)
     card_temperature = load_model(run)[1].temperature
     result = evaluate_model(run, other, split="all", robustness=False, explain=False, progress=False, n_bootstrap=50)
@@ -333,9 +353,13 @@ def test_the_validation_part_says_its_temperature_was_fitted_on_it(run: Path, me
     result = evaluate_model(unfitted, split="val", robustness=False, explain=False, progress=False, n_bootstrap=50,
                             update_card=False)  # fmt: skip
     assert result["temperature_source"] == "model card (never fitted: T = 1)" and result["temperature"] == 1.0
+    other = make_aria_dataset(tmp_path / "other", per_class=8, size=48, seed=7, segmented=False)
+    result = evaluate_model(unfitted, other, split="all", robustness=False, explain=False, progress=False,
+                            n_bootstrap=20, update_card=False)  # fmt: skip
+    assert result["temperature_source"] == "model card (never fitted: T = 1)"  # on other data too
 
 
-def test_a_card_without_a_manifest_hash_is_not_taken_for_its_own_data(run: Path, tmp_path: Path) -> None:
+def test_a_card_without_a_manifest_hash_is_not_taken_for_its_own_data(run: Path, metrics: dict, tmp_path: Path) -> None:  # metrics: the card's T is fitted
     """Nothing proves the data are its own: no temperature refitted on them, its training record applies."""
     copy = tmp_path / "no-manifest"
     shutil.copytree(run, copy)

@@ -564,7 +564,7 @@ def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card
             "model card, fitted on these validation images (in-sample)" if data.split == "val"
             else "model card, fitted on the validation images among these (partly in-sample)"
         )
-    return float(card.temperature), "model card" if fitted or not data.own_data else "model card (never fitted: T = 1)"
+    return float(card.temperature), "model card" if fitted else "model card (never fitted: T = 1)"
 
 
 def _digest_of(sha256s: np.ndarray) -> str:
@@ -711,7 +711,10 @@ def evaluate_model(
     )  # fmt: skip
     metrics["corner_occlusion"] = corner_occlusion(logits_fn, data.images, y_true, logits) if robustness else None
     metrics["shortcut_baseline"] = shortcut_baseline(data.prepared, data.indices, split)
-    metrics["data_audit"] = data_audit_summary(data.prepared, data.data_config.class_names, progress)
+    # The audit splits the data again (its baselines train on the split's training part): with --split all
+    # its warnings about small held-out parts are as beside the point as the evaluation's own (see above).
+    with quieted(logging.getLogger("bloodcell.data.splits"), when=data.split == "all"):
+        metrics["data_audit"] = data_audit_summary(data.prepared, data.data_config.class_names, progress)
 
     metrics["explain"] = None
     if explain:

@@ -127,7 +127,12 @@ def disk_kernel(radius: float) -> np.ndarray:
 
 
 def defocus(images: np.ndarray, severity: int) -> np.ndarray:
-    """Defocus blur: convolve with a disk whose radius is a share of the image side (reflected borders)."""
+    """Defocus blur: convolve with a disk whose radius is a share of the image side (reflected borders).
+
+    A disk under half a pixel lies inside its own pixel: at that sampling it blurs nothing, so severity 1
+    (0.008 of the side) leaves images under 63 px unchanged, and severity 2 those under 34 px. The
+    shipped configs train at 96 px and more.
+    """
     _check(images, severity)
     if severity == 0:
         return images.copy()
