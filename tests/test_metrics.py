@@ -220,7 +220,11 @@ def test_the_interval_says_how_many_blocks_it_rests_on_per_class() -> None:
     assert "5 session blocks in all (2-3 per class)" in text and "rough" in text
     many = np.array([f"{t}:{i % 6}" for i, t in enumerate(y_true)])
     text = classification_metrics(y_true, np.eye(2)[y_true], ["a", "b"], many, n_bootstrap=20)["ci_method"]
-    assert "12 session blocks in all (6 per class)" in text and "rough" not in text
+    assert "12 session blocks in all (6 per class)" in text and "rough" not in text and "median" not in text
+    # A small folder's split still cuts 7 blocks a class: blocks of an image or two are no sessions.
+    tiny = np.array([f"{t}:{i % 15}" for i, t in enumerate(y_true)])
+    text = classification_metrics(y_true, np.eye(2)[y_true], ["a", "b"], tiny, n_bootstrap=20)["ci_method"]
+    assert "the blocks hold 2 images each (median), far fewer than a capture session" in text
 
 
 def test_metrics_are_json_ready_with_documented_keys(metrics: dict) -> None:

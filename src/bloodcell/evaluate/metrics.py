@@ -266,6 +266,10 @@ def headline_metrics(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> d
 #: Below this many blocks in a class, ``ci_method`` warns that the interval is rough (a cluster bootstrap
 #: over n clusters underestimates the variance by about (n - 1) / n, and a handful of clusters barely spread).
 FEW_BLOCKS = 5
+#: Blocks of fewer images than this (median) are no capture sessions: on a small folder the split cuts
+#: each class into at least 7 blocks whatever its size, and ``ci_method`` says the interval then rests
+#: on little more than single images.
+FEW_IMAGES_PER_BLOCK = 5
 
 
 def ci_description(y_true: np.ndarray, blocks: Sequence[Any] | np.ndarray | None, n_bootstrap: int,
@@ -281,6 +285,10 @@ def ci_description(y_true: np.ndarray, blocks: Sequence[Any] | np.ndarray | None
     text = f"{method} of {len(np.unique(blocks))} session blocks in all ({spread} per class), each class's blocks resampled within it"
     if min(per_class) < FEW_BLOCKS:
         text += "; with so few blocks the interval is rough and, if anything, too narrow"
+    size = float(np.median(np.unique(blocks, return_counts=True)[1]))
+    if size < FEW_IMAGES_PER_BLOCK:
+        text += (f"; the blocks hold {size:g} images each (median), far fewer than a capture session, so the "
+                 "interval is nearly one over images and too narrow where a session's images are alike")
     return text + (f"; single-block classes resampled by image: {', '.join(single_block_classes)}"
                    if single_block_classes else "")  # fmt: skip
 
