@@ -540,3 +540,12 @@ def test_under_cv_the_median_pruner_waits_out_the_first_half_of_every_fold() -> 
     assert asked == [3, 4, 7, 8, 11, 12]
     assert isinstance(make_pruner("median", 4, folds=3), WithinFoldWarmup)
     assert isinstance(make_pruner("median", 4), optuna.pruners.MedianPruner)
+
+
+def test_the_default_study_database_stays_in_a_folder_whose_name_holds_url_characters(tmp_path: Path) -> None:
+    from bloodcell.tune.search import default_storage, open_storage
+
+    out = tmp_path / "tune?x %25y#z"
+    out.mkdir()
+    open_storage(default_storage(out))
+    assert (out / "study.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

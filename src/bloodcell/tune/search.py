@@ -252,8 +252,12 @@ def _check_space_fits_model(base: RunConfig, space: SearchSpace) -> None:
 
 
 def default_storage(out_dir: Path) -> str:
-    """SQLite file ``study.db`` in the tuning folder."""
-    return f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    """SQLite file ``study.db`` in the tuning folder, as a URL: a ``?``, ``#`` or ``%`` in the folder's name
+    is escaped (written into the URL as they are, they would move the database elsewhere)."""
+    from sqlalchemy.engine import URL
+
+    url = URL.create("sqlite", database=str((out_dir / "study.db").resolve()))
+    return url.render_as_string(hide_password=False)
 
 
 def open_storage(url: str, attempts: int = 5) -> RDBStorage:
