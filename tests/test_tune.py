@@ -445,6 +445,7 @@ def test_a_failed_trial_is_replaced_and_failures_in_a_row_stop_the_worker_with_a
     common = {"space": TINY_SPACE, "pruner": "none", "seed": 0, "report": False}
     result = tune(base, aria_dataset, 2, out_dir=tmp_path / "one", **common)
     assert (result.n_complete, result.n_failed) == (2, 1)  # the failure did not count towards the 2
+    assert "TrainingDiverged: training diverged (test)" in (tmp_path / "one" / "trials.csv").read_text()
 
     def always_diverges(*args, **kwargs):
         raise TrainingDiverged("training diverged (test)")

@@ -474,12 +474,16 @@ def make_objective(
         run_root = trial_dir(out_dir, original if original is not None else trial.number)
         config = config.model_copy(update={"name": run_root.name})
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("run_dir", str(run_root))
+        trial.set_user_attr("run_dir", str(run_root.resolve()))  # workers of one study may start elsewhere
         scores = []
         for k, fold_config in enumerate(fold_configs(config, cv)):
             run_dir = run_root / f"fold-{k}" if cv else run_root
             offset = k * fold_config.train.epochs
-            score = _run_fold(trial, fold_config, run_dir, data.get(fold_config), offset, is_retry)
+            try:
+                score = _run_fold(trial, fold_config, run_dir, data.get(fold_config), offset, is_retry)
+            except _trial_errors() as error:  # the trial fails (Optuna catches it): trials.csv says why
+                trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
+                raise
             scores.append(score)
             if cv:
                 trial.set_user_attr(f"fold_{k}_val_balanced_accuracy", score)
