@@ -538,8 +538,9 @@ def _retry_interrupted(study: optuna.Study, number: int | None) -> None:
 
 
 def _retry(study: optuna.Study, number: int, limit: int | None) -> None:
-    """Queue failed trial ``number`` again with its parameters (a retry resumes in its folder), at most
-    ``limit`` times in a row (None: always)."""
+    """Queue failed trial ``number`` again with its parameters (a retry resumes in its folder), unless it was
+    retried ``limit`` times already (None: always). Optuna counts every earlier retry, interrupts' too, so
+    a trial interrupted twice is not retried again after its worker dies (MAX_RETRY)."""
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     if trial is not None and trial.state == TrialState.FAIL:
         with warnings.catch_warnings():
@@ -634,8 +635,9 @@ def tune(
     _check_space_fits_model(base, space)
     if isinstance(pruner, str):
         pruner = make_pruner(pruner, base.train.epochs, cv or 1)
-    _claim_out_dir(out_dir, study_name)
+    _refuse_another_study(out_dir, study_name)
     study = open_study(study_name, storage, base, space, cv, pruner, sampler)
+    _claim_out_dir(out_dir, study_name)  # once the study opened: a start that failed claims nothing
     if sampler is None:
         # Offset the seed by the trials already run, so that a rerun continues the random sequence
         # instead of proposing the first trials' parameters again.
@@ -654,13 +656,14 @@ def tune(
         write_results(study, base, out_dir)
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    failures_in_a_row = 0
+    failures_in_a_row, timed_out = 0, False
     # One trial at a time, so that a failed one is replaced (it does not count towards N) and the budget is
     # counted afresh before each: finished trials, and those running elsewhere, keep several workers from
     # overshooting N by more than a race.
-    while _trials_towards(study, n_trials) < n_trials and failures_in_a_row < MAX_FAILURES_IN_A_ROW:
+    while _trials_towards(study) < n_trials and failures_in_a_row < MAX_FAILURES_IN_A_ROW:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
+            timed_out = True
             break
         current["last"] = None
         try:
@@ -672,58 +675,41 @@ def tune(
             raise
         failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number == current["last"]]
         failures_in_a_row = failures_in_a_row + 1 if failed else 0
-    _say_why_short(study, n_trials, failures_in_a_row)
+    _say_why_short(study, n_trials, failures_in_a_row, timed_out)
     return _finish(study, base, out_dir, storage, report)
 
 
-def _claim_out_dir(out_dir: Path, study_name: str) -> None:
-    """Refuse a tuning folder that holds another study's results (its trial folders, ``best.yaml``,
-    ``trials.csv`` and ``report.md`` are named by trial number, not by study); else mark it as this one's."""
+def _refuse_another_study(out_dir: Path, study_name: str) -> None:
+    """Refuse a tuning folder that holds another study's results: its trial folders, ``best.yaml``,
+    ``trials.csv`` and ``report.md`` are named by trial number, not by study."""
     marker = out_dir / STUDY_FILE
-    if marker.is_file():
-        owner = marker.read_text(encoding="utf-8").strip()
-        if owner != study_name:
-            raise UserError(f"{out_dir} holds the results of study {owner!r}; give study {study_name!r} "
-                            "another --out (or continue that study with --study " + owner + ")")  # fmt: skip
-        return
-    atomic_write_text(marker, study_name + "\n")
+    owner = marker.read_text(encoding="utf-8").strip() if marker.is_file() else study_name
+    if owner != study_name:
+        raise UserError(f"{out_dir} holds the results of study {owner!r}; give study {study_name!r} another "
+                        f"--out (or continue that study with --study {owner})")  # fmt: skip
 
 
-def _trials_towards(study: optuna.Study, n_trials: int) -> int:
+def _claim_out_dir(out_dir: Path, study_name: str) -> None:
+    """Mark the tuning folder as this study's (see :func:`_refuse_another_study`)."""
+    if not (out_dir / STUDY_FILE).is_file():
+        atomic_write_text(out_dir / STUDY_FILE, study_name + "\n")
+
+
+def _trials_towards(study: optuna.Study) -> int:
     """Finished trials and those still running elsewhere: what a new trial would add to.
 
-    A running trial whose worker is a dead process on this machine (killed moments ago) is failed and
-    queued again at once; one of another machine waits for its heartbeat to go stale, as Optuna does.
+    Running trials whose worker's heartbeat went silent (a dead worker) are failed and queued again first,
+    as Optuna does when a trial starts: otherwise a study whose last trials died with their worker would
+    count them as running for ever.
     """
-    _requeue_dead_local_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     counts = count_trials(study)
     return sum(counts[state.name] for state in FINISHED) + counts["RUNNING"]
 
 
-def _requeue_dead_local_trials(study: optuna.Study) -> None:
-    """Fail and queue again the running trials of dead worker processes on this machine (see objective)."""
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = str(trial.user_attrs.get("worker", ""))
-        name, _, pid = worker.rpartition(":")
-        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            # Optuna has no public call to fail another worker's trial; its storage API is what its own
-            # stale-trial check uses.
-            if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                _retry(study, trial.number, limit=MAX_RETRY)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
-def _say_why_short(study: optuna.Study, n_trials: int, failures_in_a_row: int) -> None:
+def _say_why_short(study: optuna.Study, n_trials: int, failures_in_a_row: int, timed_out: bool) -> None:
     """One line on stderr when this worker stops before the study has ``n_trials`` finished trials."""
     import sys
 
@@ -733,10 +719,11 @@ def _say_why_short(study: optuna.Study, n_trials: int, failures_in_a_row: int) -
         return
     if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
         why = f"{failures_in_a_row} trials in a row failed (see the errors above; trials.csv has them)"
-    elif counts["RUNNING"]:
-        why = f"{counts['RUNNING']} trial(s) still running elsewhere would complete it"
-    else:
+    elif timed_out:
         why = "the --timeout was reached"
+    else:
+        why = (f"{counts['RUNNING']} trial(s) running elsewhere would complete it (a dead worker's trial is "
+               f"queued again once its heartbeat has been silent for {GRACE_PERIOD_S} s)")  # fmt: skip
     print(f"the study has {finished} of {n_trials} finished trials: {why}; run the same command again to "
           "continue it", file=sys.stderr)  # fmt: skip
 
