@@ -211,3 +211,47 @@ def test_the_bundled_model_matches_pytorch_on_the_images_that_strained_float32(r
     path = export_onnx(None, tmp_path / "model.onnx", images=[str(p) for p in images])  # raises past 1e-4
     parity = json.loads((path.parent / "card.json").read_text())["onnx"]["parity"]
     assert parity["max_abs_diff_probabilities"] <= 1e-4 and parity["n_images"] == 32
+
+
+def test_an_export_beside_its_model_answers_with_the_model_s_present_temperature(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`evaluate` refits the model card's temperature; an export made before keeps the old one in its own card."""
+    import shutil
+
+    from bloodcell.serve.common import load_predictor
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    onnx_file = export_onnx(model)  # into <model>/onnx/
+    assert onnx_file.parent == model / "onnx"
+    card = json.loads((model / "card.json").read_text())
+    (model / "card.json").write_text(json.dumps({**card, "temperature": 2.0}))
+    with caplog.at_level("WARNING", logger="bloodcell.serve.common"):
+        predictor, source = load_predictor(onnx_file, backend="onnx")
+    assert source == model and predictor.temperature == 2.0 and predictor.card["temperature"] == 2.0
+    assert "was exported with temperature" in caplog.text
+    torch_probabilities = TorchPredictor(model).predict(np.zeros((1, TINY_SIZE, TINY_SIZE, 3), np.uint8))
+    onnx_probabilities = predictor.predict(np.zeros((1, TINY_SIZE, TINY_SIZE, 3), np.uint8))
+    assert np.abs(torch_probabilities - onnx_probabilities).max() < 1e-4
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), None, 0.0, 1e-310, 5000.0, "1.3", True])
+def test_both_card_readers_refuse_a_temperature_outside_the_card_range(tiny_model: Path, tmp_path: Path,
+                                                                        temperature: object) -> None:
+    import shutil
+
+    from pydantic import ValidationError
+
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import ModelCard
+    from bloodcell.serve.common import read_card_json
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    card = json.loads((model / "card.json").read_text())
+    (model / "card.json").write_text(json.dumps({**card, "temperature": temperature}))  # inf: written as Infinity
+    with pytest.raises(ModelFileError, match="temperature must be a number from 0.001 to 1000"):
+        read_card_json(model)
+    with pytest.raises(ValidationError, match="temperature"):
+        ModelCard.model_validate({**card, "temperature": temperature})

@@ -322,5 +322,5 @@ def test_the_torch_free_card_reader_refuses_a_negative_temperature(tmp_path: Pat
 
     directory = _saved_tiny_model(tmp_path / "m")
     _edit_card(temperature=-0.05)(directory)
-    with pytest.raises(ModelFileError, match="temperature must be a positive number"):
+    with pytest.raises(ModelFileError, match="temperature must be a number from 0.001 to 1000, got -0.05"):
         read_card_json(directory)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bloodcell import CARD_INPUT_SIZES, CLASSES, __version__
+from bloodcell import CARD_INPUT_SIZES, CARD_TEMPERATURES, CLASSES, __version__
 from bloodcell.config import NormalizeConfig
 from bloodcell.errors import ModelFileError
 from bloodcell.io import atomic_path, atomic_write_text
@@ -58,7 +58,8 @@ class ModelCard(BaseModel):
     # strict: the torch-free reader of the ONNX backend refuses "160" and 160.0 too; both readers agree
     input_size: int = Field(strict=True, ge=CARD_INPUT_SIZES.start, le=CARD_INPUT_SIZES.stop - 1)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
-    temperature: float = Field(1.0, gt=0)  # divide logits by this before softmax (fitted on validation data)
+    # Divide logits by this before softmax (fitted on validation data); strict, as the torch-free reader.
+    temperature: float = Field(1.0, strict=True, ge=CARD_TEMPERATURES[0], le=CARD_TEMPERATURES[1])
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved training config
     command: str | None = None  # the command line that produced the model
     manifest_sha256: str | None = None  # hash of the data manifest it was trained on

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import json
+import logging
 import os
 import re
 from collections import deque
@@ -22,12 +23,15 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from bloodcell import CARD_INPUT_SIZES
+from bloodcell import CARD_INPUT_SIZES, CARD_TEMPERATURES
 from bloodcell.data.decode import IMAGE_SUFFIXES, Decoded, decode_or_reason
 from bloodcell.errors import ModelFileError
 from bloodcell.io import printable_path, sha256_file
 from bloodcell.machine import available_cores
+from bloodcell.notices import warn_once
 from bloodcell.probabilities import softmax_with_temperature
+
+log = logging.getLogger(__name__)
 
 CARD_FILE = "card.json"
 #: Default number of images a predictor runs through the network at once.
@@ -96,9 +100,11 @@ def read_card_json(directory: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: input_size must be a whole number of pixels from {CARD_INPUT_SIZES.start} to "
                              f"{CARD_INPUT_SIZES.stop - 1}, got {size!r}")  # fmt: skip
     temperature = card.get("temperature", 1.0)
-    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
-        # A negative temperature would turn the ranking of the classes upside down.
-        raise ModelFileError(f"{path}: temperature must be a positive number, got {temperature!r}")
+    low, high = CARD_TEMPERATURES
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and low <= temperature <= high):
+        # A negative temperature would turn the ranking of the classes upside down, an infinite one make
+        # every probability 1/K, a tiny one overflow the softmax; null is refused as the torch reader does.
+        raise ModelFileError(f"{path}: temperature must be a number from {low:g} to {high:g}, got {temperature!r}")
     return card
 
 
@@ -116,7 +122,7 @@ class BasePredictor:
         self.card = card
         self.classes: list[str] = list(card["classes"])
         self.input_size = int(card["input_size"])
-        self.temperature = float(card.get("temperature", 1.0) or 1.0)
+        self.temperature = float(card.get("temperature", 1.0))
         self.tta = _tta_views_name(tta)
 
     @property
@@ -394,10 +400,29 @@ def load_predictor(
     from bloodcell.serve.onnx_predictor import OnnxPredictor
 
     if model_path is not None and names_onnx_file(model_path):
-        return OnnxPredictor(model_path, threads=threads, tta=tta), torch_weights_beside(Path(model_path))
+        predictor = OnnxPredictor(model_path, threads=threads, tta=tta)
+        source = torch_weights_beside(Path(model_path))
+        if source:
+            _take_the_model_s_temperature(predictor, source, Path(model_path))
+        return predictor, source
     from bloodcell.serve.export import ensure_onnx
 
     return OnnxPredictor(ensure_onnx(model_path), threads=threads, tta=tta), model_path
+
+
+def _take_the_model_s_temperature(predictor: BasePredictor, model_dir: Path, onnx_path: Path) -> None:
+    """An export beside its model (``<model dir>/onnx/``) answers with the model card's present temperature.
+
+    ``bloodcell evaluate`` refits the temperature in the model's card; the export's card keeps the one of
+    its day, and the graph itself (logits) does not depend on it. So the model's is used, and said.
+    """
+    current = float(read_card_json(model_dir).get("temperature", 1.0))
+    if current != predictor.temperature:
+        warn_once(log, "%s was exported with temperature %.4g; the model's card (%s) now holds %.4g, which is "
+                  "used (export the model again to update the file)", onnx_path, predictor.temperature,
+                  model_dir / "card.json", current)  # fmt: skip
+        predictor.temperature = current
+        predictor.card = {**predictor.card, "temperature": current}
 
 
 def names_onnx_file(model: str | Path) -> bool:
