@@ -170,6 +170,29 @@ def test_export_parity_failure_is_one_line_and_exit_1(tiny_model: Path, tmp_path
     assert "failed its parity check" in result.output and "Traceback" not in result.output
 
 
+def test_an_on_the_fly_export_that_fails_its_check_is_one_line_and_exit_1(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`predict --backend onnx` on a model folder exports first; a failed check is said, not a traceback."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    monkeypatch.setenv("BLOODCELL_HOME", str(tmp_path / "home"))
+    real_check = export_module.check_parity
+
+    def broken(*args, **kwargs):
+        parity = real_check(*args, **kwargs)
+        return {**parity, "max_abs_diff_probabilities": 1.0}
+
+    monkeypatch.setattr(export_module, "check_parity", broken)
+    images = write_images(tmp_path / "images", 2)
+    result = CliRunner().invoke(app, ["predict", "-m", str(model), "--backend", "onnx", str(images[0])])
+    assert result.exit_code == 1 and not isinstance(result.exception, ParityError), result.output
+    assert "failed its parity check" in result.output and "--backend torch" in result.output
+    assert "Traceback" not in result.output
+
+
 
 def test_the_bundled_model_exports_into_the_work_folder_not_the_package(tiny_model: Path) -> None:
     """An installed package may be read-only, and a file added to it outlives `pip uninstall`."""
@@ -255,3 +278,27 @@ def test_both_card_readers_refuse_a_temperature_outside_the_card_range(tiny_mode
         read_card_json(model)
     with pytest.raises(ValidationError, match="temperature"):
         ModelCard.model_validate({**card, "temperature": temperature})
+
+
+@pytest.mark.parametrize("damage", ["classes", "input_size", "truncated"])
+def test_an_onnx_file_its_card_does_not_describe_is_one_clear_error(tiny_onnx: Path, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    from bloodcell.errors import ModelFileError
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx.parent, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card.pop("onnx")  # a card written by hand: nothing recorded about the graph to check against
+    if damage == "classes":
+        card["classes"] = card["classes"][:3]
+    elif damage == "input_size":
+        card["input_size"] = TINY_SIZE + 8
+    else:
+        data = (folder / tiny_onnx.name).read_bytes()
+        (folder / tiny_onnx.name).write_bytes(data[: len(data) // 2])
+    (folder / "card.json").write_text(json.dumps(card))
+    expected = {"classes": "names 3 classes, but", "input_size": f"says input_size {TINY_SIZE + 8}, but",
+                "truncated": "not a usable ONNX graph"}[damage]  # fmt: skip
+    with pytest.raises(ModelFileError, match=expected):
+        OnnxPredictor(folder / tiny_onnx.name)

@@ -13,3 +13,8 @@ class NoFeatureMap(UserError):
 class ModelFileError(UserError, ValueError):
     """A model's card or weights cannot be used (damaged, truncated, of another architecture or shape, or
     holding non-finite numbers). A ValueError too, as the card's own validation errors always were."""
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime's probabilities differ from PyTorch's by more than the tolerance (an export failed its
+    check). Here, not in the exporter, so the torch-free CLI paths can catch it without importing torch."""

@@ -20,7 +20,7 @@ import typer
 
 from bloodcell.cli import app
 from bloodcell.cli.messages import error_line, skipped_note, warn_of_squashed
-from bloodcell.errors import UserError
+from bloodcell.errors import ParityError, UserError
 
 
 class Backend(str, Enum):
@@ -86,6 +86,9 @@ def make_predictor(model: str | None, backend: Backend | None, tta: bool) -> Any
         if model is None:
             raise UserError("no model given and no bundled default model is installed: pass --model RUN_OR_MODEL_DIR") from None
         raise UserError(str(error)) from None
+    except ParityError as error:  # the export made for --backend onnx: not a usage error, exit 1 as export does
+        error_line(f"error: {error} (--backend torch runs the model itself)")
+        raise typer.Exit(code=1) from None
 
 
 def choose_backend(model: str | None, backend: Backend | None) -> Backend:
@@ -309,7 +312,7 @@ def export_command(
     than --tolerance on the parity images.
     """
     from bloodcell.serve.common import read_card_json
-    from bloodcell.serve.export import ParityError, export_onnx
+    from bloodcell.serve.export import export_onnx
 
     del format  # ONNX is the only format; the option keeps the command line explicit and extensible
     try:
@@ -397,5 +400,8 @@ def serve_command(
         )
     except FileNotFoundError as error:
         raise UserError(str(error) if model else "no model given and no bundled default model is installed") from None
+    except ParityError as error:  # the export made for --backend onnx, as in predict
+        error_line(f"error: {error} (--backend torch runs the model itself)")
+        raise typer.Exit(code=1) from None
     typer.echo(f"bloodcell serving on http://{host}:{port}/  (research use only; Ctrl-C stops)", err=True)
     uvicorn.run(web_app, host=host, port=port, log_level=log_level.lower(), workers=1, limit_concurrency=MAX_CONNECTIONS)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bloodcell.data.decode import decode_image
-from bloodcell.errors import UserError
+from bloodcell.errors import ParityError, UserError
 from bloodcell.io import atomic_path, sha256_file
 from bloodcell.models.card import (
     CARD_FILE,
@@ -46,10 +46,6 @@ from bloodcell.serve.onnx_predictor import GRAPH_VERSION, INPUT_NAME, OUTPUT_NAM
 #: Largest allowed max-abs difference of probabilities between PyTorch and ONNX Runtime.
 PARITY_TOLERANCE = 1e-4
 ONNX_FILE = "model.onnx"
-
-
-class ParityError(RuntimeError):
-    """ONNX Runtime's probabilities differ from PyTorch's by more than the tolerance."""
 
 
 class NhwcUint8Model(nn.Module):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
 
 from bloodcell.errors import ModelFileError
 from bloodcell.io import sha256_file
@@ -72,13 +73,33 @@ class OnnxPredictor(BasePredictor):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # warnings about unused initialisers are noise for users
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+        except (InvalidProtobuf, InvalidGraph, Fail) as error:  # a cut or damaged file: not a traceback
+            raise ModelFileError(f"{self.onnx_path}: not a usable ONNX graph ({str(error).strip()[:200]}); "
+                                 "export the model again (bloodcell export)") from None  # fmt: skip
         inputs = {i.name: i for i in self.session.get_inputs()}
         if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
             raise ValueError(
                 f"{self.onnx_path}: expected a uint8 input named {INPUT_NAME!r} "
                 "(export the model with `bloodcell export`)"
             )
+        self._check_card_fits_graph(inputs[INPUT_NAME].shape, {o.name: o.shape for o in self.session.get_outputs()})
+
+    def _check_card_fits_graph(self, input_shape: list, output_shapes: dict[str, list]) -> None:
+        """Refuse a card whose classes or input size the graph does not have (a card edited or written by
+        hand): the answers would name the wrong classes, or fail on the first image."""
+        card = self.onnx_path.parent / "card.json"
+        outputs = output_shapes.get(OUTPUT_NAME)
+        if outputs is None:
+            raise ModelFileError(f"{self.onnx_path}: no output named {OUTPUT_NAME!r} (export the model with `bloodcell export`)")
+        if len(outputs) == 2 and isinstance(outputs[1], int) and outputs[1] != len(self.classes):
+            raise ModelFileError(f"{card} names {len(self.classes)} classes, but {self.onnx_path.name} gives "
+                                 f"{outputs[1]} scores an image")  # fmt: skip
+        sides = [side for side in input_shape[1:3] if isinstance(side, int)]
+        if any(side != self.input_size for side in sides):
+            raise ModelFileError(f"{card} says input_size {self.input_size}, but {self.onnx_path.name} takes "
+                                 f"{'x'.join(map(str, sides))} images")  # fmt: skip
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits ``(N, K)`` float32 of a uint8 NHWC batch."""
