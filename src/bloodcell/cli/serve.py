@@ -308,7 +308,7 @@ def export_command(
 ) -> None:
     """Export a model to one self-contained ONNX file (dynamic batch) and check it against PyTorch.
 
-    The export fails, and writes nothing, if ONNX Runtime's probabilities differ from PyTorch's by more
+    The export fails, and writes no model file (only its folder may be made), if ONNX Runtime's probabilities differ from PyTorch's by more
     than --tolerance on the parity images.
     """
     from bloodcell.serve.common import read_card_json

@@ -27,7 +27,8 @@ def as_batch_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 class Preprocess(nn.Module):
-    """Scale to [0, 1], optionally grey or per-image standardise, then normalise by mean and std."""
+    """Scale to [0, 1] and normalise by mean and std; or, with ``per_image``, standardise each image by its own
+    statistics instead (the card's mean and std are then recorded but not used). Optionally grey first."""
 
     # Buffers, registered in __init__: declared so the checker knows them as tensors, not submodules.
     mean: torch.Tensor

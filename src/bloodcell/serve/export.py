@@ -204,7 +204,7 @@ def export_onnx(
     exporter: ``dynamo`` (torch.export based, the default) or ``legacy`` (TorchScript based).
     opset: ONNX opset (None: the exporter's default).
 
-    Returns the path of the ``.onnx`` file. Raises :class:`ParityError` (and writes nothing) if ONNX Runtime
+    Returns the path of the ``.onnx`` file. Raises :class:`ParityError` (and writes no file; the target folder may be made) if ONNX Runtime
     disagrees with PyTorch by more than ``tolerance``, and :class:`~bloodcell.errors.UserError` for an
     ``out`` in a model's own folder (its card would be replaced by the export's) or ``images`` that match
     no image files.
@@ -228,7 +228,7 @@ def export_onnx(
         if not parity["max_abs_diff_probabilities"] <= tolerance:  # also catches NaN
             raise ParityError(
                 f"ONNX export of {card.name} failed its parity check: probabilities differ from PyTorch by "
-                f"{parity['max_abs_diff_probabilities']:.2e} (tolerance {tolerance:.0e}); nothing was written"
+                f"{parity['max_abs_diff_probabilities']:.2e} (tolerance {tolerance:.0e}); no model file was written"
             )
         # Synthetic smears and blank images sit far from the data, often on a decision boundary where
         # float32 rounding (about 1e-4 in the logits) moves a probability by more than 1e-4; there the
@@ -238,7 +238,7 @@ def export_onnx(
             raise ParityError(
                 f"ONNX export of {card.name} failed its parity check on synthetic images: logits differ from "
                 f"PyTorch by {parity['synthetic']['max_abs_diff_logits']:.2e} (tolerance "
-                f"{SYNTHETIC_LOGIT_TOLERANCE:.0e}); nothing was written"
+                f"{SYNTHETIC_LOGIT_TOLERANCE:.0e}); no model file was written"
             )
         onnx_digest = sha256_file(tmp)
     onnx_info = {
