@@ -611,3 +611,21 @@ def test_a_file_over_the_decoder_s_size_limit_is_rejected_by_the_index_unread(tm
     assert facts["sha256"] == sha256_file(path)
     with pytest.raises(decode.ImageError, match="file too large"):
         decode.decode_image(path, 32)
+
+
+def test_hash_like_names_are_said_to_carry_no_capture_order(caplog: pytest.LogCaptureFixture) -> None:
+    import hashlib
+
+    names = [f"Benign/{hashlib.md5(bytes([k])).hexdigest()}.png" for k in range(40)]
+    manifest = pd.DataFrame({"path": names, "rejected": False,
+                             "capture": [index_module.parse_capture(n)[0] for n in names]})  # fmt: skip
+    assert (manifest["capture"] >= 0).all()  # digits in every name: the older check said nothing
+    with caplog.at_level("WARNING"):
+        index_module._warn_of_names_without_numbers(manifest, Path("hashes"))
+    assert "share no name stem with another" in caplog.text
+    caplog.clear()
+    numbered = pd.DataFrame({"path": [f"Benign/WBC-Benign-{k:03d}.jpg" for k in range(40)], "rejected": False,
+                             "capture": range(40)})  # fmt: skip
+    with caplog.at_level("WARNING"):
+        index_module._warn_of_names_without_numbers(numbered, Path("aria"))
+    assert "share no name stem" not in caplog.text

@@ -323,3 +323,31 @@ def test_a_warning_its_logger_dropped_is_given_when_it_is_heard(caplog: pytest.L
     with caplog.at_level("WARNING", logger="bloodcell.test.quiet"):
         warn_once(quiet, "said once %d", 1)
     assert "said once 1" in caplog.text
+
+
+def test_series_numbered_from_1_each_are_kept_in_their_own_stretch_not_interleaved() -> None:
+    """Files named per patient or slide (P01_001, P02_001, ...) restart their numbers: sorted by number alone,
+    P01_005 and P02_005 would sit side by side and every block would mix patients, with each held-out
+    image's next capture in training."""
+    from bloodcell.data.index import capture_series
+
+    assert capture_series("Benign/WBC-Benign-011.jpg") == "Benign/WBC-Benign-"
+    assert capture_series("Pro-B/P02_011 (1).png") == "Pro-B/P02_"
+    assert capture_series("Pro-B/pA/011.png") == "Pro-B/pA/"
+    rows = []
+    for label in (0, 1):
+        for series in range(20):
+            for capture in range(1, 21):
+                rows.append({"path": f"{CLASSES[label]}/P{series:02d}_{capture:03d}.png", "class": CLASSES[label],
+                             "label": label, "sha256": f"{len(rows):064d}", "phash": f"{len(rows):016x}",
+                             "capture": capture, "copy": 0, "rejected": False, "reason": ""})  # fmt: skip
+    manifest = pd.DataFrame(rows).assign(exact_group=lambda t: np.arange(len(t)), dup_group=lambda t: np.arange(len(t)))
+    split = make_split(manifest, "session", seed=0)
+    series_of = split["path"].str.extract(r"/(P\d\d)_")[0]
+    held_out = split["split"].isin(["val", "test"])
+    # Every series lies in one part (blocks of 40 are two whole series of 20), so no held-out image has a
+    # capture of its own series in training.
+    for key, rows_of_series in split.groupby([split["label"], series_of]):
+        used = set(rows_of_series["split"]) - {"embargo"}
+        assert len(used) == 1, (key, used)
+    assert held_out.any()

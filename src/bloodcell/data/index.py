@@ -129,6 +129,26 @@ def parse_capture(file_name: str) -> tuple[int, int]:
     return (int(number.group(1)) if number else -1), copy
 
 
+def capture_series(path: str) -> str:
+    """The series a file's capture number counts in: its folder and the name before that number.
+
+    ``Benign/WBC-Benign-011.jpg`` -> ``Benign/WBC-Benign-``; ``P02_011.png`` -> ``P02_``; ``pA/011.png`` ->
+    ``pA/``. Numbers restart in each series (one per patient, slide or camera session), so capture order
+    is the order within a series, and series follow one another: sorting all files by number alone would
+    interleave ``P01_011`` and ``P02_011`` and cut blocks across patients. A name without a number is a
+    series of its own.
+    """
+    relative = Path(path)
+    stem = relative.stem.strip()
+    suffix = _COPY_SUFFIX.match(stem)
+    if suffix:
+        stem = suffix.group("stem")
+    number = _LAST_NUMBER.search(stem)
+    prefix = stem[: number.start()] if number else stem
+    folder = relative.parent.as_posix()
+    return prefix if folder in ("", ".") else f"{folder}/{prefix}"
+
+
 def inspect_file(path: str | Path) -> dict[str, Any]:
     """Hash and validate one file: the facts the manifest keeps about its bytes.
 
@@ -431,6 +451,14 @@ def _warn_of_names_without_numbers(manifest: pd.DataFrame, top: Path) -> None:
         warn_once(log, "%d of the %d images of %s have no number in their file names: the session split's blocks "
                   "then follow the names' order, not capture order, and need not be sessions (name files in "
                   "capture order, as cameras do, for blocks that are)", unnumbered, len(accepted), top)  # fmt: skip
+        return
+    # Names like hashes hold digits too, but every file is then a series of its own (capture_series):
+    # no numbering to follow either.
+    alone = int((accepted["path"].map(capture_series).value_counts() == 1).sum())
+    if alone > len(accepted) / 2:
+        warn_once(log, "%d of the %d images of %s share no name stem with another (hash-like names?): their "
+                  "numbers are no capture order, so the session split's blocks need not be sessions (name files "
+                  "in capture order, as cameras do, for blocks that are)", alone, len(accepted), top)  # fmt: skip
 
 
 def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3, members_shown: int = 4) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from bloodcell.data.index import capture_series
 from bloodcell.errors import UserError
 from bloodcell.io import write_text_if_changed
 from bloodcell.notices import warn_once
@@ -52,8 +53,12 @@ class LeakageError(RuntimeError):
 
 
 def _capture_order(split: pd.DataFrame) -> pd.DataFrame:
-    """Rows sorted by class, then capture number, copy number and path (the order blocks are cut in)."""
-    return split.sort_values(["label", "capture", "copy", "path"], kind="stable")
+    """Rows sorted by class, then capture series, capture number, copy number and path (the order blocks
+    are cut in): each series (patient, slide, session; see :func:`capture_series`) in its own stretch. Aria's
+    files hold one series a class, so there this is the order of the numbers."""
+    series = split["path"].map(lambda path: capture_series(str(path)))
+    return split.assign(_series=series).sort_values(["label", "_series", "capture", "copy", "path"],
+                                                    kind="stable").drop(columns="_series")  # fmt: skip
 
 
 def _blocks_per_class(n_images: int, block_size: int, min_blocks: int) -> int:
