@@ -17,7 +17,7 @@ from test_index import SUMMARY_KEYS
 
 runner = CliRunner()
 
-SPLIT_KEYS = {"protocol", "seed", "counts", "blocks", "leakage_check", "leakage_message", "split"}
+SPLIT_KEYS = {"protocol", "seed", "counts", "blocks", "leakage_check", "leakage_message", "capture_gaps", "split"}
 
 
 def invoke(*args: str) -> dict | str:

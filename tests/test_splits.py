@@ -223,6 +223,7 @@ def test_split_summary_keys_and_verdict() -> None:
         "blocks",
         "leakage_check",
         "leakage_message",
+        "capture_gaps",
         "split",
     }
     assert summary["leakage_check"] == "passed"
@@ -351,3 +352,17 @@ def test_series_numbered_from_1_each_are_kept_in_their_own_stretch_not_interleav
         used = set(rows_of_series["split"]) - {"embargo"}
         assert len(used) == 1, (key, used)
     assert held_out.any()
+
+
+def test_the_summary_gives_the_capture_order_gap_the_leakage_check_does_not_see() -> None:
+    """Blocks of one image cap the embargo at 0: a session split then is a random one, with held-out images
+    next to training images, and only this gap says so (duplicates are what the leakage check sees)."""
+    from bloodcell.data.splits import split_summary
+
+    def gaps(**kwargs) -> dict:
+        split = make_split(synthetic_manifest(), seed=0, **kwargs)
+        return split_summary(split, kwargs["protocol"], 0, CLASSES, None)["capture_gaps"]
+
+    assert min(gaps(protocol="session").values()) > 1 and min(gaps(protocol="kfold").values()) > 1
+    assert set(gaps(protocol="session", block_size=1).values()) == {1}
+    assert set(gaps(protocol="random").values()) == {1}

@@ -199,7 +199,7 @@ def split_command(
 
     The leakage check runs on every split; if it fails the command exits with status 1.
 
-    --json keys: protocol, seed, counts {part: {class: n, total}}, blocks {part: n}, leakage_check ("passed" or "failed"), leakage_message, split.
+    --json keys: protocol, seed, counts {part: {class: n, total}}, blocks {part: n}, leakage_check ("passed" or "failed"), leakage_message, capture_gaps {class: fewest capture-order steps from a training to a held-out image}, split.
     """
     from bloodcell.data.index import build_index, dataset_workdir
     from bloodcell.data.splits import make_split, save_split, split_file_name, split_summary
@@ -227,6 +227,10 @@ def split_command(
     else:
         _console.print(_split_table(summary, list(result.dataset.classes), f"Split {protocol}, seed {seed}"))
         typer.echo(f"Leakage check: {summary['leakage_check']}. Split: {path}")
+        gaps = summary["capture_gaps"]
+        typer.echo("Fewest capture-order steps from a training to a held-out image: "
+                   + ", ".join(f"{name} {'-' if gap is None else gap}" for name, gap in gaps.items())
+                   + (" (1: neighbours, as in a random split)" if 1 in gaps.values() else ""))  # fmt: skip
         settings = {"protocol": protocol, "split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
                     "block_size": block_size, "embargo": embargo, "folds": folds, "fold": fold, "variant": variant,
                     "class_names": _class_list(classes)}  # fmt: skip

@@ -114,7 +114,8 @@ def _assign_session(blocked: pd.DataFrame, seed: int, val_fraction: float, test_
     for label, rows in blocked.groupby("label", sort=True):
         n_blocks = int(rows["block_index"].max()) + 1
         n_val, n_test = _held_out_counts(n_blocks, len(rows), val_fraction, test_fraction, rows["class"].iloc[0])
-        # One generator per (seed, class): adding a class never reshuffles the others.
+        # One generator per (seed, class index): the classes' blocks are drawn independently (a class added
+        # after the others, with the last index, leaves their draws as they were).
         chosen = np.random.default_rng([seed, int(label)]).permutation(n_blocks)
         test_blocks, val_blocks = set(chosen[:n_test]), set(chosen[n_test : n_test + n_val])
         split[rows.index[rows["block_index"].isin(test_blocks)]] = "test"
@@ -376,7 +377,8 @@ def split_summary(
 
     Keys: ``protocol``, ``seed``, ``counts`` (``{part: {class: n, "total": n}}`` for train, val, test,
     embargo), ``blocks`` (session blocks per part), ``leakage_check`` (``"passed"`` or ``"failed"``),
-    ``leakage_message`` (empty when passed), ``split`` (path of the CSV, or null).
+    ``leakage_message`` (empty when passed), ``capture_gaps`` (see :func:`capture_gaps`), ``split`` (path
+    of the CSV, or null).
     """
     try:
         check_leakage(split)
@@ -391,5 +393,26 @@ def split_summary(
         "blocks": blocks,
         "leakage_check": verdict,
         "leakage_message": message,
+        "capture_gaps": capture_gaps(split),
         "split": str(path) if path is not None else None,
     }
+
+
+def capture_gaps(split: pd.DataFrame) -> dict[str, int | None]:
+    """Per class, the fewest capture-order steps between a training image and a held-out (val/test) one: 1
+    means neighbours, as in a random split (the leakage check looks at duplicates, not at this); None when
+    the class has no training or no held-out images. The embargo of a session split makes it larger."""
+    gaps: dict[str, int | None] = {}
+    for name, rows in _capture_order(split).groupby("class", sort=False):
+        position = np.arange(len(rows))
+        trained = position[(rows["split"] == "train").to_numpy()]
+        held = position[rows["split"].isin(["val", "test"]).to_numpy()]
+        if not len(trained) or not len(held):
+            gaps[str(name)] = None
+            continue
+        # Both are sorted: for each held-out position, the nearest training positions on either side.
+        index = np.searchsorted(trained, held)
+        before = np.abs(held - trained[np.clip(index - 1, 0, len(trained) - 1)])
+        after = np.abs(trained[np.clip(index, 0, len(trained) - 1)] - held)
+        gaps[str(name)] = int(np.minimum(before, after).min())
+    return gaps
