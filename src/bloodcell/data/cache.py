@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from numpy.lib.format import open_memmap
 from bloodcell.data.decode import DECODER_VERSION, decode_image
 from bloodcell.data.progress import track
 from bloodcell.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 #: A cache temporary younger than this may belong to a build that has not locked it yet (seconds).
 FRESH_TEMPORARY_SECONDS = 10
@@ -135,8 +138,12 @@ def load_images(
         _remove_abandoned_temporaries(target.parent, size, variant)  # before: it may be what filled the disk
         _decode_into(target, [Path(root) / p for p in manifest["path"]], size, progress, variant)
         _remove_stale_caches(target, size, variant)
-    images = np.load(target, mmap_mode="r")
-    if images.shape != (len(manifest), size, size, 3):  # a foreign file under our name: rebuild it
+    try:
+        images = np.load(target, mmap_mode="r")
+    except (ValueError, OSError) as error:  # cut short or damaged after it was written (a full disk, a bad copy)
+        log.warning("%s: unreadable decoded cache (%s); it is rebuilt", target, error)
+        images = None
+    if images is None or images.shape != (len(manifest), size, size, 3):  # damaged, or a foreign file: rebuild
         target.unlink()
         return load_images(manifest, root, size, variant, cache_dir=cache_dir, progress=progress)
     return images
