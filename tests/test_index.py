@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import struct
@@ -401,6 +402,20 @@ def test_second_run_reuses_the_hash_cache(aria_dataset: Path, monkeypatch: pytes
     assert third.manifest.set_index("path").at["Pro/WBC-Malignant-Pro-003.jpg", "sha256"] == sha256_file(
         changed
     )
+
+    # New contents of the same size under the old modification time, as `cp -p`, `rsync -t` or `tar x` leave
+    # them: the change time tells.
+    calls.clear()
+    other = aria_dataset / "Original" / "Pro" / "WBC-Malignant-Pro-004.jpg"
+    before = other.stat()
+    data = bytearray(other.read_bytes())
+    data[-3] ^= 0xFF  # inside the entropy-coded data, before the end marker: same size, other bytes
+    other.write_bytes(bytes(data))
+    os.utime(other, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (other.stat().st_size, other.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    fourth = build_index(aria_dataset, progress=False)
+    assert calls == [other.resolve()]
+    assert fourth.manifest.set_index("path").at["Pro/WBC-Malignant-Pro-004.jpg", "sha256"] == sha256_file(other)
 
     calls.clear()
     monkeypatch.setattr(index_module, "DECODER_VERSION", index_module.DECODER_VERSION + 1)  # new decoding rules

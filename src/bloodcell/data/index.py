@@ -65,6 +65,8 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 
 #: Per-file facts that depend only on the file's bytes; these are what the hash cache stores.
 _FILE_FACTS: tuple[str, ...] = ("sha256", "phash", "width", "height", "rejected", "reason")
+#: The hash cache's key columns beside the path (see _stat_key).
+_STAT_COLUMNS: tuple[str, ...] = ("bytes", "mtime_ns", "ctime_ns", "inode")
 _COPY_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\((?P<copy>\d+)\)$")
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
@@ -195,12 +197,15 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     return facts
 
 
-def _stat_key(path: Path) -> tuple[int, int]:
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, ctime_ns, inode): what says a file is unchanged since it was hashed. The change time
+    and inode too, not only the modification time: ``cp -p``, ``rsync -t`` and ``tar x`` restore that one
+    on new contents, but not the change time, which only the kernel sets."""
     try:
         stat = path.stat()
     except OSError:  # a broken link, say: inspect_file gives the reason, and a repaired link gets a real key
-        return -1, -1
-    return stat.st_size, stat.st_mtime_ns
+        return -1, -1, -1, -1
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
 def _hash_cache_name() -> str:
@@ -208,8 +213,9 @@ def _hash_cache_name() -> str:
     return f"hash-cache-decoder{DECODER_VERSION}.csv"
 
 
-def _load_hash_cache(workdir: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
-    """(path, size, mtime_ns) -> file facts, from an earlier run; empty if there is none or it is unreadable."""
+def _load_hash_cache(workdir: Path) -> dict[tuple[str, int, int, int, int], dict[str, Any]]:
+    """(path, size, mtime_ns, ctime_ns, inode) -> file facts, from an earlier run; empty if there is none or
+    it is unreadable (or of an older layout)."""
     cache_path = workdir / _hash_cache_name()
     if not cache_path.is_file():
         return {}
@@ -219,14 +225,16 @@ def _load_hash_cache(workdir: Path) -> dict[tuple[str, int, int], dict[str, Any]
         )
     except (OSError, ValueError, pd.errors.ParserError):
         return {}  # a damaged cache only costs time, never correctness
+    if not {*_STAT_COLUMNS, *_FILE_FACTS} <= set(table.columns):
+        return {}
     facts = table[list(_FILE_FACTS)].to_dict("records")
-    keys = zip(table["path"], table["bytes"].astype(int), table["mtime_ns"].astype(int))
+    keys = zip(table["path"], *(table[column].astype(int) for column in _STAT_COLUMNS))
     return {key: fact for key, fact in zip(keys, facts)}
 
 
 def _save_hash_cache(workdir: Path, rows: list[dict[str, Any]]) -> None:
     with atomic_path(workdir / _hash_cache_name()) as tmp:
-        pd.DataFrame(rows, columns=["path", "bytes", "mtime_ns", *_FILE_FACTS]).to_csv(tmp, index=False, lineterminator="\n")
+        pd.DataFrame(rows, columns=["path", *_STAT_COLUMNS, *_FILE_FACTS]).to_csv(tmp, index=False, lineterminator="\n")
 
 
 def _inspect_all(paths: list[Path], workers: int, progress: bool) -> list[dict[str, Any]]:
@@ -527,7 +535,7 @@ def build_index(
     facts = [inspected[k] if k in inspected else cache[key] for k, key in enumerate(keys)]
     if missing or len(cache) != len(keys):
         _save_hash_cache(
-            workdir, [{"path": k[0], "bytes": k[1], "mtime_ns": k[2], **f} for k, f in zip(keys, facts)]
+            workdir, [{"path": k[0], **dict(zip(_STAT_COLUMNS, k[1:])), **f} for k, f in zip(keys, facts)]
         )
     rows = _manifest_rows(dataset, facts, [k[1] for k in keys])
     near_hashes = _original_hashes(dataset, class_names, progress)
