@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from bloodcell.data.decode import open_rgb
+from bloodcell.data.decode import DECODER_VERSION, open_rgb
 from bloodcell.io import atomic_path
 from bloodcell.notices import warn_once
 
@@ -179,13 +179,15 @@ def find_recaptures(
 
 
 def _state_key(rows: np.ndarray, files: Sequence[Path], keys: Sequence[str], hashes: Sequence[str], label: str) -> str:
-    """What one class's pairs depend on: its rows' names, hashes and files, and this module's version."""
-    key = hashlib.sha256(f"recaptures {RECAPTURE_VERSION}\n{label}\n".encode())
+    """What one class's pairs depend on: its rows' names, hashes and files, this module's version and the
+    decoder's (which makes the thumbnails compared)."""
+    key = hashlib.sha256(f"recaptures {RECAPTURE_VERSION} decoder {DECODER_VERSION}\n{label}\n".encode())
     for k in rows.tolist():
         # The files read may be others than the rows hashed (the Segmented variant reads the Original
-        # pictures): their size and modification time stand for their content here.
+        # pictures): their size, modification and change time stand for their content here (as in the
+        # index's hash cache).
         stat = os.stat(files[k])
-        key.update(f"{keys[k]}\0{hashes[k]}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        key.update(f"{keys[k]}\0{hashes[k]}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\n".encode())
     return key.hexdigest()[:16]
 
 
