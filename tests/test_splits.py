@@ -246,11 +246,12 @@ def test_user_errors() -> None:
         make_split(rejected, "session")
     for protocol in PROTOCOLS:  # a fraction of 0 once divided by zero; 0.5 or more leaves no training part
         for fraction in (0, 0.5, -0.2):
-            with pytest.raises(UserError, match=f"validation fraction must be more than 0 and less than 0.5, got {fraction}"):
+            with pytest.raises(UserError, match=rf"validation fraction \(--val-fraction, data.val_fraction\) must be more "
+                               rf"than 0 and less than 0.5, got {fraction}"):  # fmt: skip
                 make_split(synthetic_manifest(), protocol, val_fraction=fraction)
         with pytest.raises(UserError, match="test fraction"):
             make_split(synthetic_manifest(), protocol, test_fraction=0)
-    with pytest.raises(UserError, match="seed must be 0 or more"):
+    with pytest.raises(UserError, match=r"seed \(--seed, data.split_seed\) must be 0 or more"):
         make_split(synthetic_manifest(), "session", seed=-1)
     with pytest.raises(UserError, match="cannot cut 40 stratified folds"):
         make_split(synthetic_manifest(per_class=(12, 12, 12, 12)), "kfold", folds=40, block_size=1)

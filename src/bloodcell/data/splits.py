@@ -264,11 +264,12 @@ def make_split(
         raise UserError(f"unknown split protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if protocol == "kfold" and not 0 <= fold < folds:
         raise UserError(f"fold {fold} is out of range for {folds} folds (0..{folds - 1})")
-    for part, fraction in (("validation", val_fraction), ("test", test_fraction)):
+    for part, option, fraction in (("validation", "val", val_fraction), ("test", "test", test_fraction)):
         if not 0 < fraction < 0.5:
-            raise UserError(f"the {part} fraction must be more than 0 and less than 0.5, got {fraction}")
+            raise UserError(f"the {part} fraction (--{option}-fraction, data.{option}_fraction) must be more than "
+                            f"0 and less than 0.5, got {fraction}")  # fmt: skip
     if seed < 0:
-        raise UserError(f"the split seed must be 0 or more, got {seed}")
+        raise UserError(f"the split seed (--seed, data.split_seed) must be 0 or more, got {seed}")
     accepted = manifest[~manifest["rejected"].astype(bool)].reset_index(drop=True)
     if accepted.empty:
         raise UserError("the manifest has no accepted images to split")
