@@ -367,3 +367,12 @@ def test_the_summary_gives_the_capture_order_gap_the_leakage_check_does_not_see(
     assert min(gaps(protocol="session").values()) > 1 and min(gaps(protocol="kfold").values()) > 1
     assert set(gaps(protocol="session", block_size=1).values()) == {1}
     assert set(gaps(protocol="random").values()) == {1}
+
+
+def test_a_random_split_that_cannot_give_the_fractions_asked_says_what_it_gives(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
+        make_split(synthetic_manifest(), "random", seed=0, test_fraction=0.15, val_fraction=0.15)
+    assert "the random split holds out whole folds" not in caplog.text
+    with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
+        make_split(synthetic_manifest(), "random", seed=0, test_fraction=0.4, val_fraction=0.3)
+    assert "the random split holds out whole folds (a share of 1/k), so it gives test 0.50 for 0.4" in caplog.text

@@ -144,6 +144,13 @@ def _assign_random(blocked: pd.DataFrame, seed: int, val_fraction: float, test_f
     val_splits = max(2, round((1 - test_fraction) / val_fraction))
     val = np.zeros(len(labels), dtype=bool)
     val[rest[_stratified_group_fold(labels[rest], groups[rest], val_splits, seed + 1) == 0]] = True
+    # Whole folds of 1/k each: a fraction that is no such share is rounded to the nearest one (0.4 -> 1/2).
+    shares = {"test": float(test.mean()), "validation": float(val.mean())}
+    asked = {"test": test_fraction, "validation": val_fraction}
+    off = [f"{part} {shares[part]:.2f} for {asked[part]:g}" for part in shares if abs(shares[part] - asked[part]) > 0.05]
+    if off:
+        warn_once(log, "the random split holds out whole folds (a share of 1/k), so it gives %s: choose fractions "
+                  "such as 0.1, 0.125, 0.15, 0.2 or 0.25 for shares near them", ", ".join(off))  # fmt: skip
     return pd.Series(np.where(test, "test", np.where(val, "val", "train")), index=blocked.index, dtype=object)
 
 
