@@ -376,3 +376,15 @@ def test_a_random_split_that_cannot_give_the_fractions_asked_says_what_it_gives(
     with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
         make_split(synthetic_manifest(), "random", seed=0, test_fraction=0.4, val_fraction=0.3)
     assert "the random split holds out whole folds (a share of 1/k), so it gives test 0.50 for 0.4" in caplog.text
+
+
+def test_a_split_of_other_settings_is_saved_under_another_name() -> None:
+    """A model's metrics.json names its split file: another split must never replace it under that name."""
+    from bloodcell.data.splits import split_file_name
+
+    default = split_file_name("session", 0, val_fraction=0.15, test_fraction=0.15, block_size=40, embargo=12)
+    assert default == "session-seed0.csv"
+    others = {split_file_name("session", 0, block_size=1), split_file_name("session", 0, embargo=0),
+              split_file_name("session", 0, class_names=["a", "b"]), split_file_name("session", 0, val_fraction=0.2)}  # fmt: skip
+    assert len(others) == 4 and default not in others
+    assert split_file_name("kfold", 1, 2, folds=3) != split_file_name("kfold", 1, 2, folds=5) == "kfold-seed1-fold2.csv"

@@ -217,7 +217,9 @@ def split_command(
         fold=fold,
         check=False,
     )
-    name = split_file_name(protocol, seed, fold if protocol == "kfold" else None)
+    name = split_file_name(protocol, seed, fold if protocol == "kfold" else None, val_fraction=val_fraction,
+                           test_fraction=test_fraction, block_size=block_size, embargo=embargo,
+                           folds=folds if protocol == "kfold" else None, class_names=_class_list(classes))  # fmt: skip
     path = save_split(
         split, out or dataset_workdir(result.dataset.top, result.dataset.variant) / "splits" / name
     )

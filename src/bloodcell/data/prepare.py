@@ -128,7 +128,11 @@ def prepare_data(
     workdir = dataset_workdir(dataset.top, dataset.variant)
     fold = data_config.fold if data_config.protocol == "kfold" else None
     split_path = save_split(
-        split, workdir / "splits" / split_file_name(data_config.protocol, data_config.split_seed, fold)
+        split, workdir / "splits" / split_file_name(
+            data_config.protocol, data_config.split_seed, fold, val_fraction=data_config.val_fraction,
+            test_fraction=data_config.test_fraction, block_size=data_config.block_size, embargo=data_config.embargo,
+            folds=data_config.folds if fold is not None else None, class_names=data_config.class_names,
+        )
     )
     images = load_images(
         split,

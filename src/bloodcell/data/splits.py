@@ -24,6 +24,8 @@ confidence intervals.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -355,9 +357,18 @@ def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
         raise LeakageError(f"split leaks: {len(problems)} problem(s): " + "; ".join(problems[:max_examples]))
 
 
-def split_file_name(protocol: str, seed: int, fold: int | None = None) -> str:
-    """File name of a saved split, e.g. ``session-seed0.csv`` or ``kfold-seed0-fold2.csv``."""
-    return f"{protocol}-seed{seed}" + (f"-fold{fold}" if fold is not None else "") + ".csv"
+#: The split settings a saved split's file name leaves out at these values (those of ``DataConfig``).
+_DEFAULT_SETTINGS = {"val_fraction": 0.15, "test_fraction": 0.15, "block_size": 40, "embargo": 12, "folds": 5}
+
+
+def split_file_name(protocol: str, seed: int, fold: int | None = None, **settings: Any) -> str:
+    """File name of a saved split, e.g. ``session-seed0.csv`` or ``kfold-seed0-fold2.csv``; settings that
+    differ from the defaults (``val_fraction``, ``test_fraction``, ``block_size``, ``embargo``, ``folds``,
+    ``class_names``) add a short hash of them, so a split of other settings never replaces this one (a
+    model's ``metrics.json`` names the file)."""
+    changed = {k: v for k, v in sorted(settings.items()) if v is not None and _DEFAULT_SETTINGS.get(k) != v}
+    digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
+    return f"{protocol}-seed{seed}" + (f"-fold{fold}" if fold is not None else "") + (f"-{digest}" if digest else "") + ".csv"
 
 
 def save_split(split: pd.DataFrame, path: str | Path) -> Path:
