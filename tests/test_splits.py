@@ -388,3 +388,11 @@ def test_a_split_of_other_settings_is_saved_under_another_name() -> None:
               split_file_name("session", 0, class_names=["a", "b"]), split_file_name("session", 0, val_fraction=0.2)}  # fmt: skip
     assert len(others) == 4 and default not in others
     assert split_file_name("kfold", 1, 2, folds=3) != split_file_name("kfold", 1, 2, folds=5) == "kfold-seed1-fold2.csv"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_split_does_not_depend_on_the_manifest_s_row_order(protocol: str) -> None:
+    manifest = synthetic_manifest(duplicates=[(3, 40), (200, 215)])
+    shuffled = manifest.sample(frac=1.0, random_state=7).reset_index(drop=True)
+    by_path = make_split(manifest, protocol, seed=1).set_index("path")["split"]
+    assert make_split(shuffled, protocol, seed=1).set_index("path")["split"].loc[by_path.index].equals(by_path)

@@ -170,7 +170,15 @@ def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
     cols = np.concatenate([n + block_codes, n + n_blocks + dup_codes])
     size = n + n_blocks + dup_codes.max() + 1
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(size, size))
-    return connected_components(graph, directed=False)[1][:n]
+    components = connected_components(graph, directed=False)[1][:n]
+    # Number the groups by their first row in the index's order, not the table's: scipy numbers them as it
+    # meets them, and the folds (drawn over group ids) would change with the rows' order. The index writes
+    # its manifest in this order, where both numberings agree.
+    order = np.empty(n, dtype=np.int64)
+    order[blocked.reset_index(drop=True).sort_values(["label", "capture", "copy", "path"], kind="stable").index] = np.arange(n)
+    first = np.full(components.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, components, order)
+    return np.argsort(np.argsort(first))[components]
 
 
 def keep_duplicate_groups_together(split: pd.DataFrame) -> pd.DataFrame:
