@@ -32,6 +32,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -226,10 +228,7 @@ class BatchAugment:
         if chosen is not None:
             batches = _by_batch(chosen, x.shape[0], batch_size)
             sigmas = _uniform(generator, len(batches), 0.5, 1.5, _HOST).tolist()
-            for rows, sigma in zip(batches, sigmas):
-                if rows.numel():
-                    rows = _to_device(rows, x.device)
-                    x[rows] = gaussian_blur(x[rows], sigma)  # in place, as in _random_stain_clip
+            _apply_by_batch(x, batches, sigmas, gaussian_blur)
         return x
 
     def _random_jpeg(self, x: torch.Tensor, generator: torch.Generator | None, batch_size: int | None) -> torch.Tensor:
@@ -242,10 +241,7 @@ class BatchAugment:
             low, high = self.config.jpeg_quality
             batches = _by_batch(chosen, x.shape[0], batch_size)
             draws = (_rand(generator, len(batches), _HOST) * (high - low + 1)).tolist()
-            for rows, draw in zip(batches, draws):
-                if rows.numel():
-                    rows = _to_device(rows, x.device)
-                    x[rows] = jpeg_round_trip(x[rows], min(low + int(draw), high))  # in place, as above
+            _apply_by_batch(x, batches, [min(low + int(draw), high) for draw in draws], jpeg_round_trip)
         return x
 
 
@@ -260,6 +256,18 @@ def _random_subset_on_host(x: torch.Tensor, probability: float, generator: torch
     """:func:`_random_subset`'s indices, left on the host."""
     chosen = (_rand(generator, (x.shape[0],), _HOST) < probability).nonzero().flatten()
     return chosen if chosen.numel() else None
+
+
+def _apply_by_batch(
+    x: torch.Tensor, batches: list[torch.Tensor], parameters: Sequence[Any],
+    transform: Callable[[torch.Tensor, Any], torch.Tensor],
+) -> None:
+    """``x[rows] = transform(x[rows], parameter)`` for each batch's chosen rows (host indices) and its
+    parameter, in place: the caller made ``x`` and nobody else holds it."""
+    for rows, parameter in zip(batches, parameters):
+        if rows.numel():
+            rows = _to_device(rows, x.device)
+            x[rows] = transform(x[rows], parameter)
 
 
 def _by_batch(chosen: torch.Tensor, n: int, batch_size: int | None) -> list[torch.Tensor]:

@@ -67,6 +67,8 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 _FILE_FACTS: tuple[str, ...] = ("sha256", "phash", "width", "height", "rejected", "reason")
 #: The hash cache's key columns beside the path (see _stat_key).
 _STAT_COLUMNS: tuple[str, ...] = ("bytes", "mtime_ns", "ctime_ns", "inode")
+#: The order the manifest's rows are written in (and kfold numbers its groups in).
+MANIFEST_ORDER: list[str] = ["label", "capture", "copy", "path"]
 _COPY_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\((?P<copy>\d+)\)$")
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
@@ -402,7 +404,7 @@ def _manifest_rows(dataset: Dataset, facts: list[dict[str, Any]], sizes: list[in
     table = pd.DataFrame(rows)
     table["rejected"] = table["rejected"].astype(bool)
     # Capture order within each class is what the session split cuts into blocks.
-    return table.sort_values(["label", "capture", "copy", "path"], kind="stable").reset_index(drop=True)
+    return table.sort_values(MANIFEST_ORDER, kind="stable").reset_index(drop=True)
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

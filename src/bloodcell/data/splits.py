@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from bloodcell.data.index import capture_series
+from bloodcell.config import DataConfig
+from bloodcell.data.index import MANIFEST_ORDER, capture_series
 from bloodcell.errors import UserError
 from bloodcell.io import write_text_if_changed
 from bloodcell.notices import warn_once
@@ -175,7 +176,7 @@ def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
     # meets them, and the folds (drawn over group ids) would change with the rows' order. The index writes
     # its manifest in this order, where both numberings agree.
     order = np.empty(n, dtype=np.int64)
-    order[blocked.reset_index(drop=True).sort_values(["label", "capture", "copy", "path"], kind="stable").index] = np.arange(n)
+    order[blocked.reset_index(drop=True).sort_values(MANIFEST_ORDER, kind="stable").index] = np.arange(n)
     first = np.full(components.max() + 1, n, dtype=np.int64)
     np.minimum.at(first, components, order)
     return np.argsort(np.argsort(first))[components]
@@ -365,8 +366,10 @@ def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
         raise LeakageError(f"split leaks: {len(problems)} problem(s): " + "; ".join(problems[:max_examples]))
 
 
-#: The split settings a saved split's file name leaves out at these values (those of ``DataConfig``).
-_DEFAULT_SETTINGS = {"val_fraction": 0.15, "test_fraction": 0.15, "block_size": 40, "embargo": 12, "folds": 5}
+#: The split settings a saved split's file name leaves out at their defaults (``DataConfig``'s).
+_DEFAULT_SETTINGS = {
+    key: DataConfig.model_fields[key].default for key in ("val_fraction", "test_fraction", "block_size", "embargo", "folds")
+}
 
 
 def split_file_name(protocol: str, seed: int, fold: int | None = None, **settings: Any) -> str:
