@@ -49,6 +49,7 @@ REPORT_KEYS = {
     "segmented_coverage",
     "stained_cell_coverage",
     "manifest",
+    "split_rules",
     "report_markdown",
     "report_json",
 }

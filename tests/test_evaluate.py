@@ -568,3 +568,26 @@ def test_the_robustness_suite_shifts_a_chunk_at_a_time_with_the_same_scores(monk
     chunked = runner.robustness_suite(reader, images, y_true, None, 4, 1.0, n_bootstrap=10)
     assert max(seen) == 23 and sorted(set(seen)) == [3, 5, 23]  # the clean pass whole, the shifts in fives
     assert chunked == whole and set(whole["shifts"]) == set(SHIFTS)
+
+
+def test_its_own_data_split_otherwise_than_in_training_still_leaves_out_what_it_trained_on(
+    run: Path, dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newer bloodcell may split the same data otherwise (it did, when joined blocks began to be held out
+    together): test images the model's record names as trained on are left out, with a warning."""
+    from bloodcell.data.index import build_index
+    from bloodcell.data.splits import make_split
+
+    split = make_split(build_index(dataset, progress=False).manifest, "session", 0)
+    test_hashes = split.loc[split["split"] == "test", "sha256"].tolist()
+    older = tmp_path / "older"
+    shutil.copytree(run, older)
+    with (older / "trained-on.sha256").open("a") as record:
+        record.write("\n".join(test_hashes[:3]) + "\n")
+    with caplog.at_level("WARNING", logger="bloodcell.evaluate.runner"):
+        result = evaluate_model(older, robustness=False, explain=False, progress=False, n_bootstrap=20)
+    assert result["data"]["same_as_training"] is True
+    left_out = sum(split.loc[split["split"] == "test", "sha256"].isin(test_hashes[:3]))
+    assert result["data"]["training_images_left_out"] == left_out >= 3
+    assert result["n_images"] == len(test_hashes) - left_out
+    assert "splits the data differently from the one that trained it" in caplog.text

@@ -277,12 +277,13 @@ def test_a_split_table_without_the_columns_to_check_does_not_pass() -> None:
 
 
 def test_a_part_emptied_for_a_class_is_named(caplog: pytest.LogCaptureFixture) -> None:
-    """Every validation image of a class duplicating a test image: the group stays in test, and the class
-    has no validation image left, which is said (its recall there would be undefined)."""
+    """Every validation image of a class duplicating a test image of another class (within a class, the
+    draw holds joined blocks out together): the group stays in test, and the class has no validation image
+    left, which is said (its recall there would be undefined)."""
     manifest = synthetic_manifest((40, 40))
     first = make_split(manifest, seed=0, block_size=4, embargo=0)
-    a = first[first["label"] == 0]
-    for val_row, test_row in zip(a.index[a["split"] == "val"], a.index[a["split"] == "test"]):
+    a, b = first[first["label"] == 0], first[first["label"] == 1]
+    for val_row, test_row in zip(a.index[a["split"] == "val"], b.index[b["split"] == "test"], strict=True):
         manifest.loc[[val_row, test_row], "dup_group"] = 1000 + val_row
     with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
         split = make_split(manifest, seed=0, block_size=4, embargo=0)
@@ -396,3 +397,33 @@ def test_the_split_does_not_depend_on_the_manifest_s_row_order(protocol: str) ->
     shuffled = manifest.sample(frac=1.0, random_state=7).reset_index(drop=True)
     by_path = make_split(manifest, protocol, seed=1).set_index("path")["split"]
     assert make_split(shuffled, protocol, seed=1).set_index("path")["split"].loc[by_path.index].equals(by_path)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_session_blocks_joined_by_a_re_capture_are_held_out_together(seed: int) -> None:
+    """A field re-captured in a far-away block makes the two blocks one slide: holding out one and leaving
+    only the re-captured image of the other out would keep the rest of that session in training."""
+    manifest = synthetic_manifest(per_class=(400, 400, 400, 400), duplicates=[(85, 285), (1205, 1525)])
+    without_embargo = make_split(manifest, "session", seed=seed, embargo=0)
+    assert not (without_embargo["split"] == "embargo").any()  # no re-captured image had to be left out
+    split = make_split(manifest, "session", seed=seed)
+    for first, second in (("Benign:02", "Benign:07"), ("Pro-B:00", "Pro-B:08")):
+        parts = {
+            block: set(split.loc[(split["block"] == block) & (split["split"] != "embargo"), "split"])
+            for block in (first, second)
+        }
+        assert parts[first] == parts[second], (first, second, parts)
+    counts = split[split["split"].isin(["val", "test"])].groupby(["label", "split"])["block"].nunique()
+    assert (counts == 2).all(), counts  # the parts keep their size: a joined pair that does not fit is passed over
+
+
+def test_a_group_of_joined_blocks_too_large_for_any_part_is_cut_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Class 0's seven blocks of 17 images are one group: no part can take it whole, so a block is held out alone.
+    chain = [5, 25, 45, 60, 75, 90, 110]
+    manifest = synthetic_manifest(per_class=(120, 200, 180, 150), duplicates=list(zip(chain, chain[1:])))
+    with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
+        split = make_split(manifest, "session", seed=0, embargo=0)
+    benign = split[split["label"] == 0]
+    assert set(benign["split"]) >= {"train", "val", "test"}
+    assert "class 'Benign'" in caplog.text and "too large to hold out whole" in caplog.text
+    check_leakage(split)

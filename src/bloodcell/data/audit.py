@@ -24,7 +24,7 @@ from bloodcell.data.cache import load_images
 from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
 from bloodcell.data.prepare import segmented_images
 from bloodcell.data.progress import track
-from bloodcell.data.splits import make_split, split_counts
+from bloodcell.data.splits import SPLIT_RULES, make_split, split_counts
 from bloodcell.errors import UserError
 from bloodcell.evaluate.metrics import balanced_accuracy
 from bloodcell.explain.cell_masks import stained_cell_masks
@@ -379,6 +379,7 @@ def run_audit(
         "format": AUDIT_FORMAT,
         "dataset": str(dataset.top),
         "manifest_sha256": manifest_sha256(indexed.manifest_path),  # which state of the folder this describes
+        "split_rules": SPLIT_RULES,  # and which rules split it for the baselines
         "layout": dataset.layout,
         "variant": dataset.variant,
         "image_size": image_size,

@@ -5,7 +5,8 @@ come from one patient and one session. Protocols:
 
 ``session`` (default)
     Each class, in capture order, is cut into contiguous blocks of about ``block_size`` images. Whole
-    blocks, chosen by the seed, go to test and to validation. Training loses the ``embargo`` images on each
+    blocks, chosen by the seed, go to test and to validation; blocks joined by a duplicate group (a field
+    re-captured in another session) go together. Training loses the ``embargo`` images on each
     side of every held-out image run (they get ``split="embargo"`` and are used by nothing).
 ``random``
     Stratified by class at image level, for comparison with published numbers; such splits leak sessions.
@@ -28,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,10 @@ from bloodcell.notices import warn_once
 
 log = logging.getLogger(__name__)
 
+#: Raised whenever make_split gives other parts for the same manifest and settings, so that what was cached
+#: from a split (the audit's baselines) is computed again: 2 since blocks joined by a re-capture are held out
+#: together (eighteenth session).
+SPLIT_RULES = 2
 PROTOCOLS: tuple[str, ...] = ("session", "random", "kfold")
 PARTS: tuple[str, ...] = ("train", "val", "test", "embargo")
 #: Parts a model is trained or evaluated on; a duplicate group must not touch two of them.
@@ -112,18 +118,46 @@ def _held_out_counts(n_blocks: int, n_images: int, val_fraction: float, test_fra
 
 
 def _assign_session(blocked: pd.DataFrame, seed: int, val_fraction: float, test_fraction: float) -> pd.Series:
-    """Per class, pick whole blocks for test and val with a seeded generator; the rest is train."""
+    """Per class, pick whole blocks for test and val with a seeded generator; the rest is train.
+
+    Blocks joined by a duplicate group (a field captured again in another session: the same slide) are
+    held out together, as kfold's groups are: holding out one of them and leaving out only the re-captured
+    image of the other would keep the rest of that slide's session in training.
+    """
     split = pd.Series("train", index=blocked.index, dtype=object)
+    units = pd.Series(_block_and_duplicate_groups(blocked), index=blocked.index)
     for label, rows in blocked.groupby("label", sort=True):
         n_blocks = int(rows["block_index"].max()) + 1
-        n_val, n_test = _held_out_counts(n_blocks, len(rows), val_fraction, test_fraction, rows["class"].iloc[0])
+        name = rows["class"].iloc[0]
+        n_val, n_test = _held_out_counts(n_blocks, len(rows), val_fraction, test_fraction, name)
+        blocks_of_unit = rows.groupby(units[rows.index])["block_index"].agg(lambda blocks: sorted(set(blocks)))
+        unit_of_block = dict(zip(rows["block_index"], units[rows.index], strict=True))
         # One generator per (seed, class index): the classes' blocks are drawn independently (a class added
         # after the others, with the last index, leaves their draws as they were).
-        chosen = np.random.default_rng([seed, int(label)]).permutation(n_blocks)
-        test_blocks, val_blocks = set(chosen[:n_test]), set(chosen[n_test : n_test + n_val])
-        split[rows.index[rows["block_index"].isin(test_blocks)]] = "test"
-        split[rows.index[rows["block_index"].isin(val_blocks)]] = "val"
+        order = [int(block) for block in np.random.default_rng([seed, int(label)]).permutation(n_blocks)]
+        free = set(order)
+        for part, wanted in (("test", n_test), ("val", n_val)):
+            chosen = _draw_whole_units(order, free, wanted, lambda block: blocks_of_unit[unit_of_block[block]])
+            if not chosen:  # only groups too large to hold out whole are left: cut one, as before
+                chosen = [block for block in order if block in free][:wanted]
+                warn_once(log, "class %r: its session blocks are joined by re-captured fields into groups too large "
+                          "to hold out whole; blocks of a group were split, and their re-captures left out", name)  # fmt: skip
+            free -= set(chosen)
+            split[rows.index[rows["block_index"].isin(chosen)]] = part
     return split
+
+
+def _draw_whole_units(order: list[int], free: set[int], wanted: int, unit: Callable[[int], list[int]]) -> list[int]:
+    """Blocks for one part, in the drawn ``order``: each free block brings its whole unit, if the unit fits in
+    the ``wanted`` count and is still free; a unit that does not fit is passed over for the next one."""
+    chosen: list[int] = []
+    for block in order:
+        members = unit(block)
+        if block in free and block not in chosen and set(members) <= free and len(chosen) + len(members) <= wanted:
+            chosen += members
+        if len(chosen) == wanted:
+            break
+    return chosen
 
 
 def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:

@@ -248,14 +248,16 @@ def data_audit_summary(prepared: PreparedData, class_names: list[str] | None = N
 
     from bloodcell.data.audit import AUDIT_FORMAT, run_audit
     from bloodcell.data.index import dataset_workdir
+    from bloodcell.data.splits import SPLIT_RULES
 
     dataset = prepared.dataset
     path = dataset_workdir(dataset.top, dataset.variant) / "audit" / "audit.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        # None yet, or one of another state of the folder (files added, removed or changed since), or of an
-        # older format: the audit is run again, so the report never shows stale counts.
-        if report is None or report.get("manifest_sha256") != prepared.manifest_sha256 or report.get("format") != AUDIT_FORMAT:
+        # None yet, or one of another state of the folder (files added, removed or changed since), of an older
+        # format, or split by other rules: the audit is run again, so the report never shows stale numbers.
+        if (report is None or report.get("manifest_sha256") != prepared.manifest_sha256
+                or report.get("format") != AUDIT_FORMAT or report.get("split_rules") != SPLIT_RULES):  # fmt: skip
             report = run_audit(dataset.top, dataset.variant, class_names, progress=progress)
     except (UserError, ValueError, OSError) as error:
         log.warning("data audit not available: %s", error)
@@ -492,7 +494,17 @@ def _without_training_images(
     """``indices`` less the images the model trained on, and how many those were (None: unknown)."""
     where = f"the {split} part" if split != "all" else "these images"
     if own_data and split != "all":
-        return indices, 0  # the split is rebuilt exactly as in training: its held-out parts are unseen
+        # The split is rebuilt as in training, so its held-out parts are unseen, unless this bloodcell splits
+        # differently from the one that trained the model: its record of training images says.
+        if trained_on is None:
+            return indices, 0
+        seen = np.isin(prepared.split["sha256"].to_numpy()[indices], list(trained_on.sha256))
+        if not seen.any():
+            return indices, 0
+        log.warning("%d of the %d images of %s are in the model's record of its training images: this version of "
+                    "bloodcell splits the data differently from the one that trained it; they are left out (retrain "
+                    "the model for a clean %s part)", int(seen.sum()), len(indices), where, split)  # fmt: skip
+        return indices[~seen], int(seen.sum())
     if own_data:  # every image of the model's own data: its training parts are known exactly
         trained = prepared.split["split"].isin(trained_parts).to_numpy()
         # and so are the duplicates of its training images that the split left out beside them, and the
