@@ -243,3 +243,67 @@ def test_explain_files_writes_overlays(tmp_path: Path, bloodnet: Classifier) -> 
     assert overlay.shape == (48, 96, 3)  # the image and its overlay side by side
     assert rows[0]["predicted"] in CLASSES
     assert 0.0 < rows[0]["probability"] <= 1.0
+
+
+class _SpotFinder(torch.nn.Module):
+    """Grey, then five stride-2 3 x 3 box filters (padded, as bloodnet's stages are): a bright spot lights the
+    one feature cell whose receptive field holds it. A class scores the mean of the map, so Grad-CAM's map is
+    that cell and nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        grey = torch.nn.Conv2d(3, 1, 1)
+        grey.weight.data.fill_(1 / 3)
+        grey.bias.data.fill_(2.0)  # black, normalised to -2 by the default mean and std, becomes 0 as the padding is
+        boxes = [torch.nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False) for _ in range(5)]
+        for box in boxes:
+            box.weight.data.fill_(1 / 9)
+        self.stages = torch.nn.Sequential(grey, *boxes)
+        self.head = torch.nn.Linear(1, 4, bias=False)
+        self.head.weight.data = torch.tensor([[1.0], [-1.0], [0.0], [0.0]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("spot", [(64, 96), (32, 32), (0, 128)])
+def test_the_map_lies_on_the_image_where_the_network_looked(spot: tuple[int, int]) -> None:
+    """A flipped, transposed or shifted map would miss the spot: on a 96 x 160 image (not square) the map's
+    peak is the centre of the cell over the spot. Stretched as an image resize would, it lay 15.5 px down and
+    right of it (the resize puts cell j at 32 j + 15.5; the padded strides put it at 32 j)."""
+    images = np.zeros((1, 96, 160, 3), dtype=np.uint8)
+    images[0, max(spot[0] - 2, 0) : spot[0] + 2, spot[1] - 2 : spot[1] + 2] = 255
+    result = explain_images(Classifier(_SpotFinder()), images, target_layer="stages", targets=np.array([0]))
+    assert result.cams.shape == (1, 96, 160) and result.map_size == (3, 5)
+    peak = np.unravel_index(np.argmax(result.cams[0]), result.cams[0].shape)
+    assert abs(int(peak[0]) - spot[0]) <= 2 and abs(int(peak[1]) - spot[1]) <= 2, (peak, spot)
+
+
+def test_a_later_in_place_operation_does_not_change_the_map(bloodnet: Classifier) -> None:
+    """A BatchNorm followed by ReLU(inplace=True): the map of the BatchNorm's output must use that output,
+    not what the ReLU wrote over it (on the CPU the stored activation would share its memory)."""
+    images, _ = toy_images(4, 96)
+    layer = next(name for name, module in bloodnet.net.named_modules()
+                 if isinstance(module, torch.nn.BatchNorm2d) and name.startswith("stages.3"))  # fmt: skip
+    in_place = explain_images(bloodnet, images, target_layer=layer).cams
+    for module in bloodnet.net.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
+    try:
+        copied = explain_images(bloodnet, images, target_layer=layer).cams
+    finally:
+        for module in bloodnet.net.modules():
+            if isinstance(module, torch.nn.ReLU):
+                module.inplace = True
+    np.testing.assert_allclose(in_place, copied, atol=1e-5)
+
+
+def test_the_randomised_copy_keeps_no_trained_weight() -> None:
+    """A vision transformer's class token and position embedding have no reset of their own."""
+    model = Classifier(create_model("timm/vit_tiny_patch16_224", 4, img_size=32, patch_size=8))
+    with torch.no_grad():
+        for parameter in model.net.parameters():
+            parameter.add_(0.123)  # stands in for training
+    random = randomized_copy(model)
+    for (name, before), after in zip(model.net.named_parameters(), random.net.parameters(), strict=True):
+        assert not torch.equal(before, after), name

@@ -147,6 +147,14 @@ def test_report_embeds_only_pngs_inside_the_run(runs: Path, tmp_path: Path) -> N
     metrics["plots"]["roc"] = "../secret.txt"
     metrics["plots"]["confusion_matrix"] = str(secret)
     (run / "metrics.json").write_text(json.dumps(metrics))
+    # and the plots the report finds by name, linked to a file outside the run
+    for name in ("gradcam_grid.png", "training_curves.png"):
+        (run / "plots" / name).unlink(missing_ok=True)
+        (run / "plots" / name).symlink_to(secret)
+    (run / "history.csv").touch()  # older than the link, so the curves are not drawn again over it
+    import os
+
+    os.utime(run / "history.csv", (0, 0))
     html = build_report(run, evaluate=False).read_text(encoding="utf-8")
     assert base64.b64encode(b"secret-token-123").decode() not in html
 

@@ -11,12 +11,17 @@ A sanity check guards against explanations that do not depend on what the model 
 architecture with randomised weights (Spearman rank correlation; they must differ clearly), and the share
 of CAM energy falling on the stained cells (:mod:`bloodcell.explain.cell_masks`) is compared with the
 cells' share of the image, for the trained maps and the random ones.
+
+Maps are stretched to the image where the network's feature cells sit (:func:`cell_layout`), not where an
+image resize would put them: a stride-32 network of padded convolutions centres cell ``j`` on pixel
+``32 j``, and the resize the CAM library uses puts it on ``32 j + 15.5``, half a cell down and right.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,15 +171,17 @@ def resolve_target_layer(net: nn.Module, name: str | None, input_size: int = 128
     return name, layer
 
 
-def _output_shape(net: nn.Module, layer: nn.Module, input_size: int) -> torch.Size | None:
-    """The shape of ``layer``'s output for one blank ``input_size`` image (None if it gives no tensor)."""
+def _output_shape(net: nn.Module, layer: nn.Module, input_size: int | tuple[int, int]) -> torch.Size | None:
+    """The shape of ``layer``'s output for one blank image of ``input_size`` (a side, or ``(height, width)``;
+    None if it gives no tensor)."""
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     seen: list[Any] = []
     handle = layer.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
     was_training = net.training
     try:
         net.eval()
         with torch.no_grad():
-            net(torch.zeros(1, 3, input_size, input_size, device=next(net.parameters()).device))
+            net(torch.zeros(1, 3, height, width, device=next(net.parameters()).device))
     finally:
         handle.remove()
         net.train(was_training)
@@ -184,6 +191,129 @@ def _output_shape(net: nn.Module, layer: nn.Module, input_size: int) -> torch.Si
 def _feature_map_names(net: nn.Module, input_size: int) -> list[str]:
     """The names of the last few layers that give a feature map: ones a user could give."""
     return [name for name, _ in feature_map_layers(net, input_size)[-6:]]
+
+
+@dataclass(frozen=True)
+class CellLayout:
+    """Where a layer's feature cells sit on the input, per axis ``(y, x)``: cell ``j`` is centred on input
+    pixel ``offset + stride * j``; ``map_size`` is the layer's ``(height, width)`` for the explained size."""
+
+    map_size: tuple[int, int]
+    stride: tuple[float, float]
+    offset: tuple[float, float]
+
+
+#: How much larger than the image the layout is probed (a middle cell's receptive field must fit inside).
+LAYOUT_PROBE_SCALE = 4
+#: Layouts found, per target layer (dropped with its model) and explained size.
+_layouts: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], CellLayout]] = weakref.WeakKeyDictionary()
+
+
+def cell_layout(net: nn.Module, layer: nn.Module, height: int, width: int) -> CellLayout:
+    """The centres of ``layer``'s feature cells on a ``height x width`` input, found by probing the network.
+
+    A cell's receptive field is where the input's gradient of that cell is not zero; its centre is the
+    middle of that field's extent, measured for two neighbouring cells in the middle of a larger random
+    input (so neither field is cut by the border) to give the stride and the first cell's centre. Padded
+    convolutions put cell ``j`` at ``stride * j``; patch embeddings (a vision transformer) at
+    ``stride * j + (stride - 1) / 2``; unpadded ones further in. Where the fields reach the probe's border
+    (an EfficientNet's last stage), their centres are estimated instead as the gradient's centre of mass, to
+    the nearest half pixel (a few pixels off); where no probe runs (a network that takes one input size only),
+    the cells are spread evenly over the image, as an image resize would. Cached per layer and size.
+    """
+    known = _layouts.setdefault(layer, {})
+    if (height, width) not in known:
+        size = _output_shape(net, layer, (height, width))
+        if size is None or len(size) != 4:
+            raise UserError(f"the target layer gives no feature map on a {height} x {width} image")
+        map_size = (int(size[-2]), int(size[-1]))
+        probed = None
+        for scale in (LAYOUT_PROBE_SCALE, 1):
+            probed = _probe_cell_centres(net, layer, height * scale, width * scale)
+            if probed is not None:
+                break
+        if probed is None:
+            stride = (height / map_size[0], width / map_size[1])
+            probed = (stride, ((stride[0] - 1) / 2, (stride[1] - 1) / 2))
+        known[height, width] = CellLayout(map_size=map_size, stride=probed[0], offset=probed[1])
+    return known[height, width]
+
+
+def _probe_cell_centres(
+    net: nn.Module, layer: nn.Module, height: int, width: int
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """``(stride, offset)`` per axis from the receptive fields of two diagonal neighbours in the middle of
+    the layer's map on random ``height x width`` inputs, or None when the network refuses that size or the
+    map is too small. The fields' extents give them exactly; a field that reaches the border (its extent
+    cut) gives its gradient's centre of mass instead."""
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
+    was_training = net.training
+    device = next(net.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(4, 3, height, width, generator=generator).to(device).requires_grad_(True)
+    try:
+        net.eval()
+        with torch.enable_grad():
+            net(probe)
+            feature = seen[-1] if seen and isinstance(seen[-1], torch.Tensor) and seen[-1].ndim == 4 else None
+            if feature is None or min(feature.shape[-2:]) < 3:
+                return None
+            row, column = feature.shape[-2] // 2 - 1, feature.shape[-1] // 2 - 1
+            # Images 0-1 give cell (row, column)'s field, images 2-3 its neighbour's (eval mode: the images
+            # of a batch do not mix); two images each, so a unit that one input switches off does not cut it.
+            chosen = feature[:2, :, row, column].sum() + feature[2:, :, row + 1, column + 1].sum()
+            (gradient,) = torch.autograd.grad(chosen, probe)
+    except (RuntimeError, ValueError, AssertionError):  # a network made for one input size (a ViT's patches)
+        return None
+    finally:
+        handle.remove()
+        net.train(was_training)
+    fields = [gradient[:2].abs().sum(dim=(0, 1)).double(), gradient[2:].abs().sum(dim=(0, 1)).double()]
+    if any(field.sum() == 0 for field in fields):
+        return None
+    centres, exact = [], True
+    for field in fields:
+        (y, y_exact), (x, x_exact) = _field_centre(field.sum(dim=1)), _field_centre(field.sum(dim=0))
+        centres.append((y, x))
+        exact = exact and y_exact and x_exact
+    stride = (centres[1][0] - centres[0][0], centres[1][1] - centres[0][1])
+    if min(stride) <= 0:
+        return None
+    offset = (centres[0][0] - stride[0] * row, centres[0][1] - stride[1] * column)
+    if not exact:  # a centre of mass: no finer than half a pixel, and the stride is the map's
+        stride = (height / feature.shape[-2], width / feature.shape[-1])
+        offset = (round((centres[0][0] - stride[0] * row) * 2) / 2, round((centres[0][1] - stride[1] * column) * 2) / 2)
+    return stride, offset
+
+
+def _field_centre(profile: torch.Tensor) -> tuple[float, bool]:
+    """Centre of a receptive field's profile along one axis, and whether it is exact: the middle of its
+    extent when the field lies inside the probe, else the profile's centre of mass."""
+    inside = torch.nonzero(profile).flatten()
+    if inside[0] > 0 and inside[-1] < len(profile) - 1:
+        return (inside[0] + inside[-1]).item() / 2, True
+    positions = torch.arange(len(profile), dtype=profile.dtype)
+    return ((profile * positions).sum() / profile.sum()).item(), False
+
+
+def stretch_to_image(maps: np.ndarray, layout: CellLayout, height: int, width: int) -> np.ndarray:
+    """Low-resolution maps ``(N, h, w)`` stretched to ``(N, height, width)`` by linear interpolation between
+    the cells' centres (:class:`CellLayout`); beyond the first and last centre a map keeps its edge value."""
+    rows = _interpolation_matrix(height, maps.shape[1], layout.stride[0], layout.offset[0])
+    columns = _interpolation_matrix(width, maps.shape[2], layout.stride[1], layout.offset[1])
+    return np.einsum("ph,nhw,qw->npq", rows, maps, columns).astype(np.float32)
+
+
+def _interpolation_matrix(pixels: int, cells: int, stride: float, offset: float) -> np.ndarray:
+    """``(pixels, cells)`` weights of linear interpolation from cell centres ``offset + stride * j``."""
+    position = np.clip((np.arange(pixels) - offset) / stride, 0, cells - 1)
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, cells - 1)
+    weights = np.zeros((pixels, cells))
+    np.add.at(weights, (np.arange(pixels), below), 1 - (position - below))
+    np.add.at(weights, (np.arange(pixels), above), position - below)
+    return weights
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -217,6 +347,7 @@ def explain_images(
         raise ValueError("explain_images expects uint8 images of shape (N, H, W, 3)")
     device = next(model.parameters()).device
     layer_name, layer = resolve_target_layer(model.net, target_layer, images.shape[1])
+    layout = cell_layout(model.net, layer, images.shape[1], images.shape[2])
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -224,7 +355,12 @@ def explain_images(
     logits = logits.float().cpu()
     probabilities = softmax_with_temperature(logits.numpy())
     explained = probabilities.argmax(axis=1) if targets is None else np.asarray(targets, dtype=np.int64)
-    cam = METHODS[method](model=model, target_layers=[layer])
+    # A copy of the activation: kept as the layer returns it, a later in-place operation (ReLU(inplace=True),
+    # a residual +=) would overwrite it on the CPU, where .cpu() does not copy.
+    cam = METHODS[method](model=model, target_layers=[layer], reshape_transform=torch.Tensor.clone)
+    # The library would stretch each map to the image as a resize does; it keeps the layer's size here, and
+    # stretch_to_image puts the cells where the network has them.
+    cam.get_target_width_height = lambda _input: (layout.map_size[1], layout.map_size[0])
     try:
         maps = []
         with torch.enable_grad():
@@ -232,14 +368,14 @@ def explain_images(
                 batch = _to_tensor(images[start : start + batch_size], device)
                 batch_targets = [ClassifierOutputTarget(int(t)) for t in explained[start : start + batch_size]]
                 maps.append(cam(input_tensor=batch, targets=batch_targets))
-        height, width = cam.activations_and_grads.activations[-1].shape[-2:]  # the last batch's feature map
     finally:
         cam.activations_and_grads.release()  # remove the hooks; the CAM context manager would swallow errors
         model.zero_grad(set_to_none=True)  # leave no gradients behind in a model that may be trained further
         model.train(was_training)  # the CAM library put it in eval mode; a caller's training goes on as it was
-    cams = np.nan_to_num(np.concatenate(maps).astype(np.float32), nan=0.0)
+    low = np.nan_to_num(np.concatenate(maps).astype(np.float32), nan=0.0)
+    cams = stretch_to_image(low, layout, images.shape[1], images.shape[2])
     return CamResult(cams=cams, targets=explained, logits=logits.numpy(), probabilities=probabilities,
-                     layer_name=layer_name, map_size=(int(height), int(width)))  # fmt: skip
+                     layer_name=layer_name, map_size=layout.map_size)  # fmt: skip
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
@@ -250,15 +386,23 @@ def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> n
 def randomized_copy(model: Classifier, seed: int = 0) -> Classifier:
     """A deep copy of ``model`` whose network weights are re-initialised at random (the sanity baseline).
 
-    The global torch RNG is left untouched.
+    Every module that can resets its own parameters; a parameter no reset reaches (a ConvNeXt's layer
+    scales, a vision transformer's class token and position embedding) is drawn from a normal of spread 0.02,
+    as timm starts them, so no trained weight survives into the baseline. The global torch RNG is left
+    untouched.
     """
     clone = copy.deepcopy(model)
+    trained = {name: parameter.detach().clone() for name, parameter in clone.net.named_parameters()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in clone.net.modules():
             reset = getattr(module, "reset_parameters", None)
             if reset is not None:
                 reset()
+        with torch.no_grad():
+            for name, parameter in clone.net.named_parameters():
+                if torch.equal(parameter, trained[name]):
+                    nn.init.trunc_normal_(parameter, std=0.02)
     return clone.eval()
 
 

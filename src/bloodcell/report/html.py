@@ -203,7 +203,7 @@ def _training_plot(run_dir: Path) -> Path | None:
         frame = pd.read_csv(history)
         if len(frame) and (not target.is_file() or target.stat().st_mtime < history.stat().st_mtime):
             plot_training_curves(frame, target, note)
-    return target if target.is_file() else None
+    return target if _is_run_png(run_dir, "plots/training_curves.png") else None
 
 
 def _same_images(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -270,9 +270,8 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
         plots["training_curves"] = training
     comparison = _comparison(run_dir, metrics, baseline_dir)
     plots["comparison"] = comparison["plot"]
-    grid = run_dir / "plots" / "gradcam_grid.png"
-    if grid.is_file():
-        plots["gradcam_grid"] = grid
+    if _is_run_png(run_dir, "plots/gradcam_grid.png"):  # not a link to a file outside the run
+        plots["gradcam_grid"] = run_dir / "plots" / "gradcam_grid.png"
     from bloodcell.evaluate.runner import training_history
 
     history_rows, (history, history_note) = [], training_history(run_dir)
