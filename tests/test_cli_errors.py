@@ -156,3 +156,15 @@ def test_a_path_of_the_wrong_kind_is_said_in_words(aria_dataset: Path, tmp_path:
     assert code == 2 and err == f"error: {folder}: is a folder, where a file is needed\n"
     code, err = run_cli(["index", str(aria_dataset), "--out", str(file / "m.csv"), "--no-progress"], monkeypatch, capsys)
     assert code == 2 and err == f"error: {file}: already exists as a file, where a folder is needed\n"
+
+
+@pytest.mark.parametrize("option", [["--max-upload-mb", "inf"], ["--max-upload-mb", "2048"], ["--port", "0"]])
+def test_serve_refuses_limits_it_cannot_keep_before_loading_anything(option: list[str]) -> None:
+    """An infinite upload limit crashed with a traceback; port 0 listened on a port nobody was told."""
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+
+    result = CliRunner().invoke(app, ["serve", *option])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and option[0] in result.output

@@ -255,9 +255,10 @@ def jpeg_with_scans(scans: int) -> bytes:
     return data[:-2] + last_scan * scans + b"\xff\xd9"
 
 
-def tiff_with_strips(strips: int) -> bytes:
-    """An 8 x 8 greyscale TIFF whose StripOffsets lists ``strips`` entries (all of the same 8 bytes)."""
-    array_at = 8 + 2 + 9 * 12 + 4
+def tiff_with_strips(strips: int, extra: tuple[bytes, ...] = ()) -> bytes:
+    """An 8 x 8 greyscale TIFF whose StripOffsets lists ``strips`` entries (all of the same 8 bytes), with
+    ``extra`` directory entries (12 bytes each) after its own."""
+    array_at = 8 + 2 + (9 + len(extra)) * 12 + 4
     pixels_at = array_at + 4 * strips
 
     def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
@@ -266,7 +267,7 @@ def tiff_with_strips(strips: int) -> bytes:
     short = lambda v: struct.pack("<HH", v, 0)  # noqa: E731
     tags = [entry(256, 3, 1, short(8)), entry(257, 3, 1, short(8)), entry(258, 3, 1, short(8)),
             entry(259, 3, 1, short(1)), entry(262, 3, 1, short(1)), entry(273, 4, strips, struct.pack("<I", array_at)),
-            entry(277, 3, 1, short(1)), entry(278, 3, 1, short(1)), entry(279, 3, 1, short(8))]  # fmt: skip
+            entry(277, 3, 1, short(1)), entry(278, 3, 1, short(1)), entry(279, 3, 1, short(8)), *extra]  # fmt: skip
     directory = struct.pack("<H", len(tags)) + b"".join(tags) + b"\0\0\0\0"
     return b"II*\0" + struct.pack("<I", 8) + directory + struct.pack("<I", pixels_at) * strips + bytes(range(64))
 
@@ -289,6 +290,39 @@ def test_files_whose_structure_makes_decoding_slow_are_refused() -> None:
     assert open_rgb(png_with_chunks(MAX_PNG_CHUNKS)).size == (8, 8)  # at the limit: read (in Python, chunk by chunk)
     with pytest.raises(ImageError, match="PNG of more than"):
         open_rgb(png_with_chunks(MAX_PNG_CHUNKS + 1))
+
+
+def test_jpegs_of_many_segments_and_tiffs_of_many_tags_or_huge_tiles_are_refused() -> None:
+    """Each passes the size checks and costs seconds or hundreds of MB to open: empty comment segments,
+    which Pillow walks one at a time; bogus tags, read one at a time; a tile far larger than its image."""
+    from bloodcell.data.decode import MAX_JPEG_SEGMENTS, MAX_TIFF_TAGS, ImageError, open_rgb
+
+    whole = jpeg_with_scans(1)
+    empty_comment = b"\xff\xfe\x00\x02"
+    assert open_rgb(whole[:2] + empty_comment * 100 + whole[2:]).size == (64, 64)
+    with pytest.raises(ImageError, match=f"JPEG of more than {MAX_JPEG_SEGMENTS:,} segments"):
+        open_rgb(whole[:2] + empty_comment * MAX_JPEG_SEGMENTS + whole[2:])
+    private = struct.pack("<HHI", 65000, 3, 1) + struct.pack("<HH", 0, 0)
+    assert open_rgb(tiff_with_strips(1, (private,) * 10)).size == (8, 8)
+    with pytest.raises(ImageError, match=f"TIFF of {MAX_TIFF_TAGS + 1:,} tags"):
+        open_rgb(tiff_with_strips(1, (private,) * (MAX_TIFF_TAGS + 1 - 9)))
+    tile = (struct.pack("<HHI", 322, 4, 1) + struct.pack("<I", 16384), struct.pack("<HHI", 323, 4, 1) + struct.pack("<I", 16384))
+    with pytest.raises(ImageError, match="8x8 pixels in tiles of 16384x16384"):
+        open_rgb(tiff_with_strips(1, tile))
+
+
+def test_pillow_s_warnings_about_a_malformed_file_do_not_flood_the_log() -> None:
+    """One warning per bogus tag, each in its own words, printed again on every upload (25 MB of log from
+    a 787 KB file): silenced, the file gets one error of ours."""
+    import subprocess
+    import sys
+
+    bogus = tuple(struct.pack("<HHI", 40000 + k, 2, 1000) + struct.pack("<I", 8) for k in range(500))  # ASCII of 1,000
+    script = ("import sys; from bloodcell.data.decode import ImageError, open_rgb\n"
+              "try:\n    open_rgb(sys.stdin.buffer.read())\nexcept ImageError:\n    pass\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], input=tiff_with_strips(1, bogus), capture_output=True,
+                          timeout=120, check=True)  # fmt: skip
+    assert done.stderr.count(b"\n") < 5, done.stderr[:500]
 
 
 def png_with_chunks(chunks: int) -> bytes:

@@ -85,6 +85,7 @@ def test_links_pipes_and_hidden_files_in_globs_and_folders(slides: Path, tmp_pat
         names = sorted(p.name for p in found.files)
         assert names == sorted([f"cell-00{k}.jpg" for k in range(6)] + ["again.jpg", "truncated.jpg", "gone.jpg"])
         assert "pipe.jpg" not in names  # again.jpg, a second name of cell-000.jpg, is classified as named
+        assert slides / "pipe.jpg" in found.skipped  # but named, not dropped without a word
     assert expand_inputs([str(slides / ".*.jpg")]).files == [slides / ".hidden.jpg"]  # named by the pattern
     # As glob.glob reads them: ** inside a name is *, and a pattern ending in a separator names folders.
     assert sorted(p.name for p in expand_inputs([str(slides / "cell-**.jpg")]).files) == [f"cell-00{k}.jpg" for k in range(3)]

@@ -360,7 +360,7 @@ def _refuse_a_port_in_use(host: str, port: int) -> None:
 def serve_command(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network). On 127.0.0.1, localhost or ::1 only requests addressed to this machine are answered.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
     backend: Annotated[
         Backend | None,
         typer.Option(
@@ -368,7 +368,7 @@ def serve_command(
             ".onnx model, torch otherwise.", show_default=False,
         ),
     ] = None,
-    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest accepted upload, in MiB (2**20 bytes).")] = 10.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, max=1024.0, help="Largest accepted upload, in MiB (2**20 bytes).")] = 10.0,
     max_side: Annotated[int, typer.Option("--max-side", min=8, help=MAX_SIDE_HELP)] = 4096,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation by default (requests may override).")] = False,
     threads: Annotated[
@@ -391,17 +391,19 @@ def serve_command(
     from bloodcell.serve.app import LOOPBACK_HOSTS, MAX_CONNECTIONS, create_app
 
     backend = choose_backend(model, backend)
+    host = host.strip("[]")  # [::1], as in a URL: uvicorn and the socket take the bare address
     _refuse_a_port_in_use(host, port)
     try:
         web_app = create_app(
             model, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_side=max_side,
             backend=backend.value, tta=tta, warm_up=True, inference_threads=threads or None,
-            loopback_only=host.strip("[]").lower() in LOOPBACK_HOSTS,
+            loopback_only=host.lower() in LOOPBACK_HOSTS,
         )
     except FileNotFoundError as error:
         raise UserError(str(error) if model else "no model given and no bundled default model is installed") from None
     except ParityError as error:  # the export made for --backend onnx, as in predict
         error_line(f"error: {error} (--backend torch runs the model itself)")
         raise typer.Exit(code=1) from None
-    typer.echo(f"bloodcell serving on http://{host}:{port}/  (research use only; Ctrl-C stops)", err=True)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address is bracketed in a URL
+    typer.echo(f"bloodcell serving on http://{shown}:{port}/  (research use only; Ctrl-C stops)", err=True)
     uvicorn.run(web_app, host=host, port=port, log_level=log_level.lower(), workers=1, limit_concurrency=MAX_CONNECTIONS)

@@ -33,6 +33,11 @@ MAX_FILE_BYTES = 512 * 2**20
 UNREAD_TIFF_HEADERS = (b"II+\x00", b"MM\x00+", b"II\x00*", b"MM*\x00")
 #: Guards Pillow's process-wide settings while a header is read (see _open_header): decoding runs in threads.
 _PILLOW_GUARD = threading.Lock()
+# Pillow warns once per malformed tag or EXIF entry ("Tag data larger than file", "Possibly corrupt EXIF
+# data"), each with its own words, so a crafted file of thousands of tags printed thousands of lines to a
+# server's log on every upload (25 MB from a 787 KB TIFF). A file Pillow cannot read gets our own error;
+# the rest are noise. Set once here, not in catch_warnings around each decode, which is not thread-safe.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
 #: More scans than this in a JPEG are refused: each scan of a progressive JPEG costs a pass over the whole
 #: image, so a 400 KB file with 10,000 tiny scans kept a decoder busy for 14 s (and 10 MB, for minutes).
 #: Cameras and encoders write about 10.
@@ -41,10 +46,21 @@ MAX_JPEG_SCANS = 100
 #: files have a handful, and Pillow's parser steps through them one at a time in Python (10 MB of fill
 #: bytes took 8.6 s to decode, 10 MB of restart markers 5 s).
 MAX_JPEG_PADDING = 65_536
+#: More segments than this before a JPEG's first scan and between its scans are refused: real files have
+#: under 30 (an ICC profile split into APP2 chunks adds up to 255), and Pillow's parser walks them one at
+#: a time in Python (10 MB of 2.6 million empty comments took 6.5 s to open).
+MAX_JPEG_SEGMENTS = 4_096
 #: More strips or tiles than this in a TIFF are refused: the decoder builds one entry per strip while
 #: opening, so a 10 MB TIFF of 8 x 8 pixels listing 2.6 million strips took 10 s and 760 MB. One strip per
 #: row of an 8,000-row image in three planes is 24,000.
 MAX_TIFF_STRIPS = 65_536
+#: More entries than this in a TIFF's first directory are refused: real files carry a few dozen tags, and
+#: Pillow reads them one at a time (a 787 KB file of 65,535 bogus tags took 1-1.7 s to open).
+MAX_TIFF_TAGS = 1_024
+#: A TIFF tile may exceed the image it tiles (tiles are multiples of 16 px), but one of more pixels than this
+#: and than the image rounded up to whole 16 px is refused: the decoder fills a whole tile, however small the
+#: image, so a 64 x 64 TIFF declaring one 16,384 x 16,384 tile took 800 MB.
+MAX_TIFF_TILE_PIXELS = 1024 * 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: More chunks than this in a PNG are refused: Pillow reads a PNG's chunks one at a time in Python, so a
 #: 10 MB file of 860,000 empty chunks took 1.9 s to decode (at this limit, about 0.3 s). libpng writes
@@ -54,9 +70,10 @@ MAX_PNG_CHUNKS = 131_072
 #: Bumped whenever the same file may decode to other pixels or get another accept / refuse verdict
 #: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG that ends before its
 #: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused; 4: a PNG
-#: of more than MAX_PNG_CHUNKS chunks refused). The index's hash cache and the decoded cache are keyed by
-#: it, so a new rule never meets a verdict or pixels from the old one.
-DECODER_VERSION = 4
+#: of more than MAX_PNG_CHUNKS chunks refused; 5: JPEGs of more than MAX_JPEG_SEGMENTS segments, TIFFs of
+#: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused). The index's hash cache
+#: and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
+DECODER_VERSION = 5
 #: Images whose shorter side falls short of the longer by more than this share are named as squashed when
 #: resized to the model's square input. A crop that trims a few rows (224 x 216: 3.6 %) changes a cell's
 #: proportions less than cells differ among themselves, so it passes unnoted; a 4:3 camera frame (25 %) or a
@@ -67,7 +84,7 @@ MAX_QUIET_SQUASH = 0.05
 #: told from the file, so they are refused with a reason instead of guessed.
 _WIDE_MODES: dict[str, str] = {
     "I;16": "16-bit greyscale", "I;16L": "16-bit greyscale", "I;16B": "16-bit greyscale",
-    "I;16N": "16-bit greyscale", "I": "32-bit integer greyscale", "F": "32-bit float greyscale",
+    "I;16N": "16-bit greyscale", "I": "16- or 32-bit integer greyscale", "F": "32-bit float greyscale",
 }  # fmt: skip
 
 
@@ -198,12 +215,14 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
     padding, and TIFFs with very many strips (all pass every size and pixel check, and Pillow has no limit
     for any, so they make decoding slow), and JPEGs that end before their end-of-image marker."""
     if data[:2] == b"\xff\xd8":
-        scans, cut_short, padding = _jpeg_structure(data)
+        scans, cut_short, padding, segments = _jpeg_structure(data)
         if scans > MAX_JPEG_SCANS:
             raise ImageError(name, f"a JPEG of more than {MAX_JPEG_SCANS} scans ({scans}+): too costly to decode")
         if padding > MAX_JPEG_PADDING:
             raise ImageError(name, f"a JPEG with more than {MAX_JPEG_PADDING:,} fill bytes or markers between its "
                                    "segments: too costly to decode")  # fmt: skip
+        if segments > MAX_JPEG_SEGMENTS:
+            raise ImageError(name, f"a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments: too costly to decode")
         if cut_short:
             # The stream ends before its end-of-image marker: cut short, or its end zero-filled (an
             # interrupted download or copy). Pillow decodes such zeros without a word, into flat grey.
@@ -211,8 +230,8 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
     if data[:4] in UNREAD_TIFF_HEADERS:
         raise ImageError(name, "a BigTIFF, or a TIFF with a non-standard header: not read (save it as an ordinary "
                                "TIFF, PNG or JPEG)")  # fmt: skip
-    if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
-        raise ImageError(name, f"a TIFF of {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too costly to decode")
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        _refuse_costly_tiff(name, _tiff_first_directory(data))
     if data[:8] == PNG_SIGNATURE and _png_chunks(data) > MAX_PNG_CHUNKS:
         raise ImageError(name, f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks: too costly to decode")
 
@@ -223,10 +242,12 @@ class JpegStructure(NamedTuple):
     scans: int  # start-of-scan segments, counted up to one past MAX_JPEG_SCANS
     cut_short: bool  # the stream runs out before its end-of-image marker
     padding: int  # fill bytes and markers without a length, counted up to one past MAX_JPEG_PADDING
+    segments: int  # segments with a length (scans included), counted up to one past MAX_JPEG_SEGMENTS
 
 
 def _jpeg_structure(data: bytes) -> JpegStructure:
-    """Walk a JPEG's markers: its scans, its padding, and whether it ends before its end-of-image marker.
+    """Walk a JPEG's markers: its scans, padding and segments, and whether it ends before its end-of-image
+    marker.
 
     Written by hand because no decoder library exposes these before decoding (Pillow decodes a cut or
     zero-filled stream without a word, and steps through padding one byte at a time in Python). Cheap: a
@@ -235,28 +256,29 @@ def _jpeg_structure(data: bytes) -> JpegStructure:
     end-of-image marker (a phone's trailer, an appended video) is not read. A malformed stream stops the
     walk, not cut short: the decoder then says what is wrong with it.
     """
-    scans, padding, pos, end = 0, 0, 2, len(data)
-    while scans <= MAX_JPEG_SCANS:
+    scans, padding, segments, pos, end = 0, 0, 0, 2, len(data)
+    while scans <= MAX_JPEG_SCANS and segments <= MAX_JPEG_SEGMENTS:
         if pos + 2 > end:
-            return JpegStructure(scans, True, padding)
+            return JpegStructure(scans, True, padding, segments)
         if data[pos] != 0xFF:
-            return JpegStructure(scans, False, padding)
+            return JpegStructure(scans, False, padding, segments)
         marker = data[pos + 1]
         if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, marker without a length
             padding += 1
             if padding > MAX_JPEG_PADDING:
-                return JpegStructure(scans, False, padding)
+                return JpegStructure(scans, False, padding, segments)
             pos += 1 if marker == 0xFF else 2
         elif marker == 0xD9:  # end of image
-            return JpegStructure(scans, False, padding)
+            return JpegStructure(scans, False, padding, segments)
         elif pos + 4 > end:
-            return JpegStructure(scans, True, padding)
+            return JpegStructure(scans, True, padding, segments)
         else:
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            segments += 1
             if marker == 0xDA:
                 scans += 1
                 pos = _end_of_entropy_coded_data(data, pos)
-    return JpegStructure(scans, False, padding)
+    return JpegStructure(scans, False, padding, segments)
 
 
 #: The first FF of entropy-coded data that is not stuffing (FF 00) or a restart marker (FF D0-D7).
@@ -282,19 +304,48 @@ def _png_chunks(data: bytes) -> int:
     return count
 
 
-def _tiff_strips(data: bytes) -> int:
-    """The largest strip or tile count named in a (classic) TIFF's first directory; 0 if unreadable."""
+class TiffDirectory(NamedTuple):
+    """What :func:`_tiff_first_directory` reads of a TIFF's first directory before it is decoded."""
+
+    entries: int  # tags it lists
+    strips: int  # the larger of its strip and tile counts
+    size: tuple[int, int]  # image width and height (0 where unread)
+    tile: tuple[int, int]  # tile width and height (0 when it is not tiled)
+
+
+def _tiff_first_directory(data: bytes) -> TiffDirectory:
+    """The tag count, strip or tile count, image size and tile size of a (classic) TIFF's first directory.
+    Written by hand, like the JPEG walk: Pillow reads every tag and lists every strip before anything can
+    be checked. Unreadable parts read as 0."""
     order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
     offset = int.from_bytes(data[4:8], order)
     if offset + 2 > len(data):
-        return 0
+        return TiffDirectory(0, 0, (0, 0), (0, 0))
     entries = int.from_bytes(data[offset : offset + 2], order)
-    counts = [0]
-    for k in range(min(entries, (len(data) - offset - 2) // 12)):
+    counts, values = [0], {}
+    for k in range(min(entries, MAX_TIFF_TAGS + 1, (len(data) - offset - 2) // 12)):
         entry = data[offset + 2 + 12 * k : offset + 14 + 12 * k]
-        if int.from_bytes(entry[:2], order) in (273, 324):  # StripOffsets, TileOffsets
+        tag, kind = int.from_bytes(entry[:2], order), int.from_bytes(entry[2:4], order)
+        if tag in (273, 324):  # StripOffsets, TileOffsets: how many
             counts.append(int.from_bytes(entry[4:8], order))
-    return max(counts)
+        elif tag in (256, 257, 322, 323):  # ImageWidth, ImageLength, TileWidth, TileLength: a SHORT or LONG
+            values[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
+    return TiffDirectory(entries, max(counts), (values.get(256, 0), values.get(257, 0)),
+                         (values.get(322, 0), values.get(323, 0)))  # fmt: skip
+
+
+def _refuse_costly_tiff(name: str, directory: TiffDirectory) -> None:
+    """Refuse a TIFF whose first directory lists too many tags or strips, or tiles far larger than it."""
+    if directory.entries > MAX_TIFF_TAGS:
+        raise ImageError(name, f"a TIFF of {directory.entries:,} tags (at most {MAX_TIFF_TAGS:,}): too costly to decode")
+    if directory.strips > MAX_TIFF_STRIPS:
+        raise ImageError(name, f"a TIFF of {directory.strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,}): too "
+                               "costly to decode")  # fmt: skip
+    (width, height), (tile_width, tile_height) = directory.size, directory.tile
+    whole = -(-width // 16) * 16 * (-(-height // 16) * 16)  # the image in whole 16 px tiles
+    if tile_width * tile_height > max(whole, MAX_TIFF_TILE_PIXELS):
+        raise ImageError(name, f"a TIFF of {width}x{height} pixels in tiles of {tile_width}x{tile_height}: tiles "
+                               "that much larger than the image are too costly to decode")  # fmt: skip
 
 
 def resize_rgb(image: Image.Image, size: int) -> np.ndarray:

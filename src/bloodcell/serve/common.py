@@ -373,14 +373,15 @@ def _folders_below(folder: Path) -> Iterator[Path]:
 def _files_in_folder(folder: Path) -> tuple[list[Path], list[Path]]:
     """``(images, others)``: the files under ``folder`` (recursive, hidden ones left out), sorted by path,
     split by whether their suffix is an image suffix."""
-    # Regular files, and broken links (reported as unreadable rather than dropped); not pipes or devices.
-    visible = sorted(
+    # Regular files, and broken links (reported as unreadable rather than dropped); pipes and devices are
+    # never opened (a pipe would block the read) but named among the others, as a glob's are.
+    entries = sorted(
         p for p in folder.rglob("*")
-        if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )  # fmt: skip
-    is_image = [p.suffix.lower() in IMAGE_SUFFIXES for p in visible]
-    return [p for p, yes in zip(visible, is_image) if yes], [p for p, yes in zip(visible, is_image) if not yes]
+    readable = [p.is_file() or (p.is_symlink() and not p.exists()) for p in entries]
+    is_image = [ok and p.suffix.lower() in IMAGE_SUFFIXES for p, ok in zip(entries, readable)]
+    return [p for p, yes in zip(entries, is_image) if yes], [p for p, yes in zip(entries, is_image) if not yes]
 
 
 def load_predictor(
