@@ -14,10 +14,10 @@ from bloodcell.explain.cell_masks import stained_cell_masks
 from bloodcell.explain.gradcam import (
     cam_energy_on_cell,
     cam_similarity,
+    cell_focus_verdict,
     default_target_layer,
     explain_files,
     explain_images,
-    favours_cell,
     randomized_copy,
     sanity_check,
 )
@@ -152,41 +152,52 @@ def test_sanity_check_against_randomised_weights_and_cell_energy(bloodnet: Class
     images, _ = toy_images(8, 48, seed=3)
     report = sanity_check(bloodnet, images)
     assert report["target_layer"] == "stages" and report["n_images"] == 8 and report["map_size"] == [2, 2]
-    assert -1.0 <= report["randomized_similarity"] < 1.0
+    assert -1.0 <= report["randomized_similarity"] < 1.0 and report["random_seeds"] == 3
     masks = stained_cell_masks(images)
     assert report["n_masked"] == int(masks.reshape(8, -1).any(axis=1).sum()) > 0
-    assert report["cell_area_fraction"] == pytest.approx(masks[masks.reshape(8, -1).any(axis=1)].mean())
     assert 0.0 <= report["cam_energy_on_cell"] <= 1.0 and 0.0 < report["cell_area_fraction"] < 1.0
     assert 0.0 <= report["random_energy_on_cell"] <= 1.0
     # The ratio divides by the masks' area over the same images as the energy: those whose map is not flat.
-    energy = cam_energy_on_cell(explain_images(bloodnet, images).cams, masks)
+    trained = explain_images(bloodnet, images)
+    energy = cam_energy_on_cell(trained.cams, masks)
     counted = np.isfinite(energy) & masks.reshape(8, -1).any(axis=1)
+    assert report["cell_area_fraction"] == pytest.approx(masks[counted].mean())
     assert report["energy_to_area_ratio"] == pytest.approx(energy[counted].mean() / masks[counted].mean())
-    random_cams = explain_images(randomized_copy(bloodnet, 0), images, targets=explain_images(bloodnet, images).targets)
-    random_energy = cam_energy_on_cell(random_cams.cams, masks)
-    counted = np.isfinite(random_energy) & masks.reshape(8, -1).any(axis=1)
-    assert report["random_energy_to_area_ratio"] == pytest.approx(random_energy[counted].mean() / masks[counted].mean())
-    assert report["favours_cell"] == favours_cell(report["energy_to_area_ratio"], report["random_energy_to_area_ratio"])
+    # The random maps' share: each image's averaged over the three random networks (a flat-zero random map
+    # counts as a uniform one: its share is the image's cell area).
+    area = masks[counted].mean(axis=(1, 2))
+    shares = [cam_energy_on_cell(explain_images(randomized_copy(bloodnet, seed), images, targets=trained.targets).cams,
+                                 masks)[counted] for seed in range(3)]  # fmt: skip
+    random_energy = np.mean([np.where(np.isfinite(share), share, area) for share in shares], axis=0)
+    assert report["random_energy_on_cell"] == pytest.approx(random_energy.mean())
+    focus = energy[counted].mean() / max(masks[counted].mean(), random_energy.mean())
+    assert report["cell_focus"] == pytest.approx(focus)
+    low, high = report["cell_focus_ci"]
+    assert low <= report["cell_focus"] <= high
+    assert report["cell_focus_verdict"] == cell_focus_verdict(low, high)
+    assert report["favours_cell"] == (report["cell_focus_verdict"] == "favours")
     assert report["passed"] == (report["randomized_similarity"] < 0.5 and report["informative_fraction"] >= 0.5)
+
+
+def test_the_cell_focus_interval_resamples_whole_sessions() -> None:
+    """Images of one session are alike: resampled by image, ten sessions of 20 look like 200 independent
+    images and the interval comes out far too narrow."""
+    from bloodcell.explain.gradcam import _cell_focus
+
+    sessions = np.repeat(np.arange(10), 20)
+    energy = np.repeat(np.linspace(0.08, 0.2, 10), 20)  # each session's maps alike, sessions apart
+    area, random_energy = np.full(200, 0.1), np.full(200, 0.1)
+    by_image, by_session = _cell_focus(energy, random_energy, area, None), _cell_focus(energy, random_energy, area, sessions)
+    assert by_image["cell_focus"] == pytest.approx(by_session["cell_focus"]) == pytest.approx(1.4)
+    width = lambda focus: focus["cell_focus_ci"][1] - focus["cell_focus_ci"][0]  # noqa: E731
+    assert width(by_session) > 3 * width(by_image)
 
 
 def test_images_without_stained_cells_leave_the_energy_undefined(bloodnet: Classifier) -> None:
     flat = np.full((4, 48, 48, 3), 210, dtype=np.uint8)
     report = sanity_check(bloodnet, flat)
     assert report["n_masked"] == 0 and report["cam_energy_on_cell"] is None and report["favours_cell"] is False
-    assert report["cell_area_fraction"] is None
-
-
-def test_the_area_and_the_energy_ratio_are_over_the_same_images() -> None:
-    """A flat (all-zero) map has no energy to share: its image leaves both the share and the area."""
-    from bloodcell.explain.gradcam import _energy_on_cells
-
-    masks = np.zeros((2, 4, 4), dtype=bool)
-    masks[0, :2], masks[1, :1] = True, True  # areas 0.5 and 0.25
-    cams = np.ones((2, 4, 4), dtype=np.float32)
-    cams[1] = 0
-    share, area, ratio = _energy_on_cells(cams, masks)
-    assert (share, area, ratio) == pytest.approx((0.5, 0.5, 1.0))
+    assert report["cell_area_fraction"] is None and report["cell_focus_verdict"] == "unknown"
 
 
 def test_the_cam_methods_the_cli_lists_are_the_registered_ones() -> None:
@@ -209,11 +220,10 @@ def test_maps_that_do_not_depend_on_the_weights_fail_the_sanity_check(bloodnet: 
     assert report["randomized_similarity"] == pytest.approx(1.0) and report["passed"] is False
 
 
-def test_maps_favour_the_cell_only_clearly_above_a_uniform_map_and_the_random_network() -> None:
-    assert favours_cell(1.5, 1.0) and favours_cell(1.2, None)
-    assert not favours_cell(1.04, 0.97)  # the bundled model's maps against random weights' (stained cells)
-    assert not favours_cell(1.3, 1.25)  # above 1, but no better than random weights
-    assert not favours_cell(1.05, 0.8) and not favours_cell(None, 1.0)
+def test_maps_favour_the_cell_only_when_the_whole_interval_clears_the_margin() -> None:
+    assert cell_focus_verdict(1.15, 1.4) == "favours"
+    assert cell_focus_verdict(0.95, 1.2) == "inconclusive"  # the bundled model's 32-image sample swung across it
+    assert cell_focus_verdict(0.9, 1.05) == "does not favour"
 
 
 def test_similarity_and_energy_by_hand() -> None:
@@ -243,6 +253,16 @@ def test_explain_files_writes_overlays(tmp_path: Path, bloodnet: Classifier) -> 
     assert overlay.shape == (48, 96, 3)  # the image and its overlay side by side
     assert rows[0]["predicted"] in CLASSES
     assert 0.0 < rows[0]["probability"] <= 1.0
+    # Into the images' own folder, twice: an input named like an overlay is never written over, and the
+    # first run's overlays are not explained as smears the second time.
+    Image.fromarray(images[1]).save(tmp_path / "cell0.gradcam.png")
+    original = (tmp_path / "cell0.gradcam.png").read_bytes()
+    first = explain_files(model_dir, [*paths, tmp_path / "cell0.gradcam.png"], tmp_path)
+    assert first[0]["overlay"] is None and "would replace the input" in first[0]["error"]
+    assert (tmp_path / "cell0.gradcam.png").read_bytes() == original
+    second = explain_files(model_dir, sorted(tmp_path.glob("*.png")), tmp_path)
+    overlays = {Path(r["image"]).name: r for r in second}
+    assert "earlier explain wrote" in overlays["cell1.gradcam.png"]["error"]
 
 
 class _SpotFinder(torch.nn.Module):

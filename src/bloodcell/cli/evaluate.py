@@ -80,7 +80,7 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         rows.append(("border-colour shortcut", shortcut["balanced_accuracy"], shortcut["verdict"], "" if tta else None))
     explained = metrics.get("explain") or {}
     if explained.get("energy_to_area_ratio") is not None:  # where the Grad-CAM maps look, against chance (1)
-        verdict = "favours the cells" if explained.get("favours_cell") else "does not favour the cells"
+        verdict = _cell_focus_words(explained)
         sanity = "sanity check passed" if explained.get("passed") else "sanity check FAILED"
         rows.append((f"Grad-CAM energy on stained cells / their area (layer {explained['target_layer']})",
                      explained["energy_to_area_ratio"], f"{verdict}; {sanity}", "" if tta else None))  # fmt: skip
@@ -235,3 +235,11 @@ def report_command(
     path = build_report(run, baseline=baseline, evaluate=evaluate, progress=progress)
     typer.echo(f"report: {path}")
     typer.echo(f"summary: {path.with_name('report.md')}")
+
+
+def _cell_focus_words(explained: dict[str, Any]) -> str:
+    """The Grad-CAM verdict on the cells in words, with its interval (older metrics have only a bool)."""
+    verdict = explained.get("cell_focus_verdict") or ("favours" if explained.get("favours_cell") else "does not favour")
+    interval = explained.get("cell_focus_ci")
+    where = f" (x{explained['cell_focus']:.2f}, 95 % CI {interval[0]:.2f}-{interval[1]:.2f})" if interval else ""
+    return f"{verdict} the cells{where}" if verdict != "inconclusive" else f"inconclusive on the cells{where}"

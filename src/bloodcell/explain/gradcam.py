@@ -68,6 +68,11 @@ SANITY_MAX_SIMILARITY = 0.5
 #: random-weights network's maps by this factor: the random network's maps follow the image's contrast,
 #: which is highest at the stained cells, so a ratio above 1 alone says nothing.
 CELL_FOCUS_MARGIN = 1.1
+#: Random initialisations the trained maps are compared with: one network's maps vary from seed to seed
+#: (their ratio ranged 0.83-1.23 over four seeds on the same 32 images), so each image's share is averaged.
+RANDOM_SEEDS = 3
+#: Bootstrap resamples of the cell-focus interval.
+CELL_FOCUS_RESAMPLES = 2000
 #: The longest overlay file stem, in bytes: with ``.gradcam.png`` and a position prefix, under 255.
 MAX_STEM_BYTES = 200
 
@@ -422,8 +427,8 @@ def cam_similarity(cams_a: np.ndarray, cams_b: np.ndarray) -> np.ndarray:
 
 def cam_energy_on_cell(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Share of every CAM's total energy that falls inside its cell mask, ``(N,)`` (NaN for an all-zero CAM)."""
-    total = cams.reshape(len(cams), -1).sum(axis=1)
-    inside = (cams * masks).reshape(len(cams), -1).sum(axis=1)
+    total = cams.sum(axis=(1, 2), dtype=np.float64)
+    inside = (cams * masks).sum(axis=(1, 2), dtype=np.float64)
     return np.divide(inside, total, out=np.full_like(total, np.nan, dtype=np.float64), where=total > 0)
 
 
@@ -433,9 +438,10 @@ def sanity_check(
     method: str = "gradcam",
     target_layer: str | None = None,
     trained: CamResult | None = None,
-    seed: int = 0,
+    seeds: Sequence[int] = tuple(range(RANDOM_SEEDS)),
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Compare CAMs of the trained model with those of a randomised copy, and measure energy on the cells.
+    """Compare CAMs of the trained model with those of randomised copies, and measure energy on the cells.
 
     Parameters
     ----------
@@ -443,66 +449,89 @@ def sanity_check(
     images: uint8 NHWC images to explain.
     method, target_layer: as in :func:`explain_images`.
     trained: CAMs of ``model`` on ``images`` already computed (saves a pass), or None.
-    seed: seed of the randomised weights.
+    seeds: seeds of the randomised copies (each image's random-weights share is averaged over them).
+    groups: the session block of every image, resampled whole by the cell-focus interval (images of one
+        session are not independent); None resamples images.
 
     Returns a JSON-ready dict: ``method``, ``target_layer``, ``map_size`` (the layer's ``[height, width]``),
-    ``n_images``, ``randomized_similarity`` (mean Spearman), ``informative_fraction`` (share of non-constant
-    trained CAMs), ``passed`` (similarity below :data:`SANITY_MAX_SIMILARITY` and most CAMs informative);
-    and, over the images whose stained cells were found (``n_masked``) and whose trained map is not flat
-    zero, ``cam_energy_on_cell`` (mean share
-    of the energy on them), ``cell_area_fraction`` (mean share of pixels that are cell),
-    ``energy_to_area_ratio`` (1: as much energy on the cells as a uniform map), the same two for the
-    random-weights maps (``random_energy_on_cell``, ``random_energy_to_area_ratio``) and ``favours_cell``
-    (the ratio beats both 1 and the random maps' by :data:`CELL_FOCUS_MARGIN`). The energy entries are
+    ``n_images``, ``random_seeds``, ``randomized_similarity`` (mean Spearman), ``informative_fraction``
+    (share of non-constant trained CAMs), ``passed`` (similarity below :data:`SANITY_MAX_SIMILARITY` and
+    most CAMs informative); and, over the images whose stained cells were found (``n_masked``) and whose
+    trained map is not flat zero, ``cam_energy_on_cell`` (mean share of the energy on them),
+    ``cell_area_fraction`` (mean share of pixels that are cell), ``energy_to_area_ratio`` (1: as much energy
+    on the cells as a uniform map), the same two for the random-weights maps (``random_energy_on_cell``,
+    ``random_energy_to_area_ratio``), ``cell_focus`` (the trained share over the larger of the area and the
+    random maps' share) with its 95 % bootstrap interval ``cell_focus_ci``, ``cell_focus_verdict`` (see
+    :func:`cell_focus_verdict`) and ``favours_cell`` (the verdict is ``"favours"``). The energy entries are
     None when no image has a mask.
     """
     trained = trained or explain_images(model, images, method, target_layer)
-    # Explain the same classes with the random model, so only the weights differ.
-    random_cams = explain_images(randomized_copy(model, seed), images, method, target_layer, targets=trained.targets)
-    similarity = cam_similarity(trained.cams, random_cams.cams)
+    # Explain the same classes with the random models, so only the weights differ.
+    random_maps = [explain_images(randomized_copy(model, seed), images, method, target_layer, targets=trained.targets).cams
+                   for seed in seeds]  # fmt: skip
+    similarity = np.mean([cam_similarity(trained.cams, cams) for cams in random_maps], axis=0) if len(images) else []
     # A flat CAM explains nothing, and would also look "unlike" the random one: it must not pass.
     informative = float(np.mean([np.ptp(c) > 0 for c in trained.cams])) if len(images) else 0.0
     mean_similarity = float(np.mean(similarity)) if len(similarity) else None
     masks = stained_cell_masks(images)
     masked = masks.reshape(len(masks), -1).any(axis=1)
-    share, area, ratio = _energy_on_cells(trained.cams[masked], masks[masked])
-    random_share, _, random_ratio = _energy_on_cells(random_cams.cams[masked], masks[masked])
+    energy = cam_energy_on_cell(trained.cams[masked], masks[masked])
+    valid = np.isfinite(energy)  # a flat-zero map has no energy to share: its image is left out
+    area = masks[masked][valid].mean(axis=(1, 2))
+    # A random network's flat-zero map is counted as a uniform one (its share is the area).
+    random_energy = np.mean([np.where(np.isfinite(share := cam_energy_on_cell(cams[masked], masks[masked])[valid]),
+                                      share, area) for cams in random_maps], axis=0) if len(random_maps) else area  # fmt: skip
+    focus = _cell_focus(energy[valid], random_energy, area, None if groups is None else groups[masked][valid])
+    share = float(energy[valid].mean()) if valid.any() else None
+    mean_area = float(area.mean()) if valid.any() else None
+    random_share = float(random_energy.mean()) if valid.any() and len(random_maps) else None
     return {
         "method": method,
         "target_layer": trained.layer_name,
         "map_size": list(trained.map_size),
         "n_images": len(images),
+        "random_seeds": len(random_maps),
         "randomized_similarity": mean_similarity,
         "max_similarity": SANITY_MAX_SIMILARITY,
         "informative_fraction": informative,
         "passed": bool(mean_similarity is not None and mean_similarity < SANITY_MAX_SIMILARITY and informative >= 0.5),
         "n_masked": int(masked.sum()),
         "cam_energy_on_cell": share,
-        "cell_area_fraction": area,
-        "energy_to_area_ratio": ratio,
+        "cell_area_fraction": mean_area,
+        "energy_to_area_ratio": share / mean_area if share is not None and mean_area else None,
         "random_energy_on_cell": random_share,
-        "random_energy_to_area_ratio": random_ratio,
-        "favours_cell": favours_cell(ratio, random_ratio),
+        "random_energy_to_area_ratio": random_share / mean_area if random_share is not None and mean_area else None,
+        **focus,
+        "favours_cell": focus["cell_focus_verdict"] == "favours",
     }
 
 
-def favours_cell(ratio: float | None, random_ratio: float | None) -> bool:
-    """Do maps with this energy-to-area ratio favour the cell? Only by :data:`CELL_FOCUS_MARGIN` over both a
-    uniform map (1) and the random-weights network's maps (``random_ratio``, when known)."""
-    return ratio is not None and ratio > CELL_FOCUS_MARGIN * max(1.0, random_ratio or 0.0)
+def _cell_focus(energy: np.ndarray, random_energy: np.ndarray, area: np.ndarray, groups: np.ndarray | None) -> dict[str, Any]:
+    """The trained maps' mean share on the cells over the larger of the cells' mean area (a uniform map's
+    share) and the random maps' mean share, with a percentile interval from resampling the images' groups."""
+    if len(energy) == 0:
+        return {"cell_focus": None, "cell_focus_ci": None, "cell_focus_verdict": "unknown"}
+    units = np.unique(groups, return_inverse=True)[1] if groups is not None else np.arange(len(energy))
+    per_unit = np.zeros((int(units.max()) + 1, 3))
+    np.add.at(per_unit, units, np.stack([energy, random_energy, area], axis=1))
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(per_unit), size=(CELL_FOCUS_RESAMPLES, len(per_unit)))
+    weights = np.zeros((CELL_FOCUS_RESAMPLES, len(per_unit)))
+    np.add.at(weights, (np.arange(CELL_FOCUS_RESAMPLES)[:, None], draws), 1)
+    sums = weights @ per_unit  # each resample's totals; the image count cancels in the ratio of means
+    values = sums[:, 0] / np.maximum(np.maximum(sums[:, 2], sums[:, 1]), 1e-12)
+    point = float(per_unit[:, 0].sum() / max(per_unit[:, 2].sum(), per_unit[:, 1].sum(), 1e-12))
+    low, high = (float(value) for value in np.quantile(values, [0.025, 0.975]))
+    return {"cell_focus": point, "cell_focus_ci": [low, high], "cell_focus_verdict": cell_focus_verdict(low, high)}
 
 
-def _energy_on_cells(cams: np.ndarray, masks: np.ndarray) -> tuple[float | None, float | None, float | None]:
-    """Mean share of the maps' energy on the masks, the masks' mean share of the image, and their ratio, all
-    over the same images: those whose map is not flat zero (a flat map has no energy to share)."""
-    if len(cams) == 0:
-        return None, None, None
-    energy = cam_energy_on_cell(cams, masks)
-    valid = np.isfinite(energy)
-    if not valid.any():
-        return None, None, None
-    share, area = float(energy[valid].mean()), float(masks[valid].mean())
-    return share, area, (share / area if area > 0 else None)
+def cell_focus_verdict(low: float, high: float) -> str:
+    """``favours`` when the whole interval of the cell focus clears :data:`CELL_FOCUS_MARGIN` (the maps put
+    clearly more on the cells than a uniform map and random weights' maps do), ``does not favour`` when the
+    whole interval falls short of it, ``inconclusive`` when it straddles it (too few images or sessions)."""
+    if low > CELL_FOCUS_MARGIN:
+        return "favours"
+    return "does not favour" if high < CELL_FOCUS_MARGIN else "inconclusive"
 
 
 def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray) -> Path:
@@ -544,6 +573,17 @@ def _short_stem(stem: str, limit: int = MAX_STEM_BYTES) -> str:
     return f"{cut}-{digest}"
 
 
+def _overlay_suffix(method: str) -> str:
+    """The end of an overlay's file name: ``gradcam.png``, ``gradcampp.png`` for gradcam++ ..."""
+    return f"{method.replace('+', 'p')}.png"
+
+
+def _is_an_overlay(path: Path, out_dir: Path) -> bool:
+    """Whether ``path`` is named as :func:`explain_files` names overlays and lies in ``out_dir``."""
+    named = any(path.name.endswith(f".{_overlay_suffix(method)}") for method in METHODS)
+    return named and path.resolve().parent == out_dir
+
+
 def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:
     """One row of :func:`explain_files`, before the image is explained (or with why it cannot be)."""
     return {"image": str(image), "overlay": None, "predicted": None, "probability": None, "target_layer": None,
@@ -579,8 +619,12 @@ def explain_files(
         raise UserError("no images given to explain")
     rows: list[dict[str, Any]] = []
     decoded: dict[int, np.ndarray] = {}
+    out = Path(out_dir).resolve()
     for i, path in enumerate(image_paths):
         rows.append(explain_row(path))
+        if _is_an_overlay(Path(path), out):  # explaining into its own input folder again: not a smear
+            rows[i]["error"] = "an overlay an earlier explain wrote into this output folder, not a smear: skipped"
+            continue
         image = decode_or_reason(path, card.input_size)
         if isinstance(image, str):
             rows[i]["error"] = image
@@ -593,8 +637,12 @@ def explain_files(
     result = explain_images(model, images, method, target_layer)
     probs = softmax_with_temperature(result.logits, card.temperature)
     names = overlay_stems([Path(path).stem for path in image_paths])
+    inputs = {Path(path).resolve() for path in image_paths}
     for k, i in enumerate(decoded):
-        target = Path(out_dir) / f"{names[i]}.{method.replace('+', 'p')}.png"
+        target = Path(out_dir) / f"{names[i]}.{_overlay_suffix(method)}"
+        if target.resolve() in inputs:  # x.png beside an image named x.gradcam.png: never write over an input
+            rows[i]["error"] = f"its overlay would replace the input {target}: write the overlays to another folder"
+            continue
         save_overlay(target, images[k], result.cams[k])
         predicted = int(result.targets[k])
         rows[i].update(overlay=str(target), predicted=card.classes[predicted],
