@@ -110,3 +110,20 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path, train_on:
         card = json.loads((tmp_path / "run" / "checkpoints" / "best" / "card.json").read_text())
         holdout = json.loads((tmp_path / "run" / "holdout" / "checkpoints" / "last" / "card.json").read_text())
         assert card["split"]["trained_on"] == ["train", "val"] and card["temperature"] == holdout["temperature"] != 1.0
+
+
+def test_a_folder_rank_0_refuses_ends_every_rank_quietly(tmp_path: Path) -> None:
+    """Rank 0 checks the run folder; the other rank used to wait at the next collective and die with a
+    long "connection closed by peer" traceback under rank 0's one line."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(
+        SCRIPT.format(tests=str(TESTS_DIR), run=str(tmp_path / "run"), out=str(tmp_path), train_on="train")
+    ))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+    assert again.returncode != 0
+    assert again.stderr.count("already holds a run") >= 1
+    assert "Connection closed" not in again.stderr and "connection closed" not in again.stderr.lower()

@@ -149,14 +149,23 @@ def test_weights_file_initialises_matching_tensors_and_skips_the_head(tmp_path: 
 
     assert torch.equal(classifier.net.stem[0].weight, source.stem[0].weight)
     assert not torch.equal(classifier.net.head[2].weight[:4], source.head[2].weight[:4])
-    skipped = load_initial_weights(create_model("bloodnet", 4), tmp_path / "w.safetensors")
-    assert skipped == ["head.2.bias", "head.2.weight"]
+    loaded, skipped = load_initial_weights(create_model("bloodnet", 4), tmp_path / "w.safetensors")
+    assert skipped == ["head.2.bias", "head.2.weight"] and loaded == len(state) - 2
 
 
 def test_weights_file_of_another_architecture_is_refused(tmp_path: Path) -> None:
     save_file({"unrelated.weight": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
-    with pytest.raises(UserError, match="none of its tensors fit"):
+    with pytest.raises(UserError, match="none of its weight tensors fit"):
         load_initial_weights(create_model("bloodnet", 4), tmp_path / "w.safetensors")
+
+
+def test_weights_of_another_width_are_refused_though_batchnorm_counters_fit(tmp_path: Path) -> None:
+    """Every BatchNorm's num_batches_tracked is a scalar, so it fits any network: it must not count as a fit
+    (a width-0.5 file loaded 8 of 44 tensors into a width-1 network, not one convolution, without a word)."""
+    narrow = create_model("bloodnet", 4, width=0.5)
+    save_file({k: v.contiguous() for k, v in narrow.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UserError, match="none of its weight tensors fit"):
+        load_initial_weights(create_model("bloodnet", 4, width=1.0), tmp_path / "w.safetensors")
 
 
 @pytest.mark.parametrize(

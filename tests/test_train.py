@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -277,6 +278,28 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path, data
 
 
 
+def test_a_run_started_from_a_weights_file_resumes_without_it(tmp_path: Path, data) -> None:
+    """The checkpoint replaces every weight: a resume must not need the initial file (moved, or on another
+    machine) nor, for --pretrained, the internet."""
+    first = tmp_path / "first"
+    fit(tiny_config(train={"epochs": 1}), first, prepared=data, progress=False)
+    start = tmp_path / "start.safetensors"
+    shutil.copy(first / "checkpoints" / "last" / "model.safetensors", start)
+    config = tiny_config(train={"epochs": 3}, model={"weights": str(start)})
+    fit(config, tmp_path / "straight", prepared=data, progress=False)
+
+    def stop(epoch: int, row: dict) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(config, tmp_path / "resumed", prepared=data, progress=False, epoch_callback=stop)
+    start.unlink()
+    fit(config, tmp_path / "resumed", prepared=data, progress=False, resume=True)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
 def test_fused_optimizer_state_is_restored_in_its_parameters_layout() -> None:
     """Training on a GPU uses fused AdamW, which pairs weights and moments element by element in memory.
 
@@ -476,11 +499,36 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         ("model.kwargs.width=wide", "model.kwargs"),
         ("train.devices=0", "train.devices"),
         ("train.devices=-1", "train.devices"),
+        ("optimizer.lr=.inf", "optimizer.lr"),  # passed, and diverged at the first step
+        ("optimizer.lr=1e39", "optimizer.lr"),  # passed, and Adam overflowed with a traceback
+        ("normalize.std=[0, 0.25, 0.25]", "normalize.std"),  # divided by zero: "diverged, lower the lr"
+        ("normalize.mean=[.nan, 0.5, 0.5]", "normalize.mean"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config("default", [override])
+
+
+def test_a_mapping_for_a_section_updates_it_and_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """``--set augment={hue: 0.05}`` set blur, JPEG, noise and the stain clip to 0 without a word; a second
+    ``train:`` section in a file silently dropped the first."""
+    config = load_config("default", ["augment={hue: 0.05}"])
+    default = load_config("default").augment
+    assert config.augment.hue == 0.05 and config.augment.blur == default.blur > 0 and config.augment.jpeg == default.jpeg
+    assert load_config("default", ["normalize={grayscale: true}"]).normalize.per_image is True
+    assert load_config("default", ["model.kwargs={width: 1.5}"]).model.kwargs == {"width": 1.5}  # deeper: replaced
+    path = tmp_path / "twice.yaml"
+    path.write_text("train: {epochs: 30}\noptimizer: {lr: 0.001}\ntrain: {batch_size: 32}\n")
+    with pytest.raises(ConfigError, match=r"found the key 'train' twice"):
+        load_config(str(path))
+
+
+def test_a_timm_network_s_misspelt_argument_is_refused_with_the_config() -> None:
+    """It was a 22-frame TypeError once the data were prepared and the run folder made."""
+    with pytest.raises(ConfigError, match=r"model\.kwargs \{'drop_rat': 0\.1\} do not fit timm/resnet18"):
+        load_config("default", ["model.name=timm/resnet18", "model.kwargs={drop_rat: 0.1}"])
+    assert load_config("default", ["model.name=timm/resnet18", "model.kwargs={drop_rate: 0.1}"]).model.kwargs == {"drop_rate": 0.1}
 
 
 def test_a_misspelt_key_is_answered_with_the_near_one() -> None:
@@ -848,3 +896,59 @@ def test_devices_without_a_gpu_say_they_are_cpu_processes(monkeypatch: pytest.Mo
     monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: True)
     _say_where_devices_run(tiny_config(train={"devices": 1}))
     assert capsys.readouterr().err == ""
+
+
+def test_weights_that_turned_infinite_on_a_finite_loss_are_never_saved(tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without gradient clipping (the seed replica's recipe) an infinite gradient on an epoch's last step
+    leaves a finite loss and infinite weights: they must not be validated and saved as best and last."""
+    from bloodcell.train import loop
+
+    steps_per_epoch = len(data.indices("train")) // 16
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def blow_up(self, *args, **kwargs):
+        calls["n"] += 1
+        out = real_step(self, *args, **kwargs)
+        if calls["n"] == 2 * steps_per_epoch:  # epoch 2's last step
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
+    run = tmp_path / "run"
+    with pytest.raises(loop.TrainingDiverged, match=r"the weights became infinite or NaN in epoch 2 .*epoch 1\)"):
+        fit(tiny_config(train={"grad_clip": 0.0}), run, prepared=data, progress=False)
+    for name in ("best", "last"):
+        weights = load_file(run / "checkpoints" / name / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.dtype.is_floating_point), name
+
+
+def test_more_devices_than_slurm_started_tasks_is_said(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An sbatch script that runs bloodcell without srun has one task: --devices 2 trained on one device
+    without a word."""
+    from bloodcell.train.setup import launch_topology
+
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train.sbatch")
+    with caplog.at_level("WARNING"):
+        assert launch_topology(tiny_config(train={"devices": 2}).train) == (1, 1)
+    assert "--devices 2 is not used: SLURM started 1 task(s)" in caplog.text and "srun --ntasks-per-node 2" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with caplog.at_level("WARNING"):
+        assert launch_topology(tiny_config().train) == (4, 1)  # srun's tasks, the default --devices: nothing to say
+    assert "not used" not in caplog.text
+
+
+def test_resume_refuses_a_config_or_another_out_folder_it_would_not_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Both were ignored without a word: the run continued in its own folder with its own config."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: run\n")
+    code, _, err = run_cli(["train", "--resume", str(run), "--out", str(tmp_path / "other")], monkeypatch, capsys)
+    assert code == 2 and "a resumed run continues in its own folder" in err
+    code, _, err = run_cli(["train", "--resume", str(run), "--config", "seed-replica"], monkeypatch, capsys)
+    assert code == 2 and "keeps the config.yaml it started with" in err

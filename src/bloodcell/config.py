@@ -16,15 +16,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bloodcell.io import atomic_write_text
 
 
 class Strict(BaseModel):
-    """Base for config sections: unknown keys are an error, assignments are validated."""
+    """Base for config sections: unknown keys are an error, assignments are validated, and no number may be
+    NaN or infinite (``optimizer.lr: .inf`` used to pass, and diverge at the first step)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -77,20 +86,29 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _kwargs_fit_the_network(self) -> ModelConfig:
-        """Build a registered network on the meta device (no memory; a few ms), so that a misspelled or
-        mistyped ``model.kwargs`` entry is refused with the config, not by a traceback once the run has
-        started. timm's networks take arguments of their own and are checked when built."""
-        if not self.kwargs or self.name.startswith("timm/"):
+        """Build the network on the meta device (no memory; a few ms, and timm's import for its networks), so
+        that a misspelled or mistyped ``model.kwargs`` entry is refused with the config, not by a traceback
+        once the data are prepared and the run folder made."""
+        if not self.kwargs:
             return self
         import torch
 
         from bloodcell.models.registry import create_model
 
+        timm = self.name.startswith("timm/")
         try:
             with torch.device("meta"):
                 create_model(self.name, 2, **self.kwargs)
-        except (TypeError, ValueError) as error:
+        except TypeError as error:  # an argument the network does not take, or of the wrong type
             raise ValueError(f"model.kwargs {self.kwargs} do not fit {self.name}: {error}") from None
+        except ValueError as error:
+            if not timm:
+                raise ValueError(f"model.kwargs {self.kwargs} do not fit {self.name}: {error}") from None
+            if "weight-loading" in str(error) or "has no model" in str(error):
+                raise
+        except Exception:  # noqa: BLE001 - a timm network that cannot be built on the meta device: built later
+            if not timm:
+                raise
         return self
 
 
@@ -98,7 +116,7 @@ class NormalizeConfig(Strict):
     """Input normalisation, baked into the model so every predictor applies it identically."""
 
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.25, 0.25, 0.25)  # a 0 divides by zero
     per_image: bool = False  # standardise each image's channels by its own statistics (stain invariance)
     grayscale: bool = False  # collapse colour to luminance before the network
 
@@ -143,7 +161,7 @@ class OptimizerConfig(Strict):
     """AdamW (or Adam for the seed replica)."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = 3e-3
+    lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = 3e-3  # above 3e37 Adam overflowed in float
     weight_decay: float = Field(0.05, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
 
@@ -227,8 +245,20 @@ class _YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-3`` as a number as YAML 1.2 (and every reader) does.
 
     PyYAML follows YAML 1.1, where a float needs a dot, so ``1e-3`` would stay the string "1e-3": fine for
-    a typed field, which pydantic converts, but not for the untyped ``model.kwargs``.
+    a typed field, which pydantic converts, but not for the untyped ``model.kwargs``. A key given twice in
+    one mapping is refused: PyYAML keeps the last silently, so a second ``train:`` section dropped the first.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -307,7 +337,11 @@ def _exact_yaml(value: Any) -> str:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a raw config mapping (a new mapping is returned)."""
+    """Apply ``section.key=value`` overrides to a raw config mapping (a new mapping is returned).
+
+    A mapping given for a whole section (``augment={hue: 0.05}``) updates that section's keys and keeps its
+    others; anywhere deeper (``model.kwargs={width: 1.5}``) it replaces what was there.
+    """
     result = yaml.safe_load(yaml.safe_dump(raw)) or {}
     for item in overrides:
         if "=" not in item:
@@ -319,7 +353,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = _parse_value(value)
+        parsed = _parse_value(value)
+        if len(keys) == 1 and isinstance(parsed, dict) and isinstance(node.get(keys[0]), dict):
+            node[keys[0]].update(parsed)
+        else:
+            node[keys[-1]] = parsed
     return result
 
 

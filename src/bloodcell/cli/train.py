@@ -21,9 +21,12 @@ CONFIG_OPTION = typer.Option(
 SET_OPTION = typer.Option(
     [], "--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.epochs=5 (repeatable)."
 )
-OUT_OPTION = typer.Option(None, "--out", "-o", help="Run directory (default runs/CONFIG-NAME).", show_default=False)
+OUT_OPTION = typer.Option(
+    None, "--out", "-o", help="Run directory (default runs/NAME, NAME the config's name: key).", show_default=False
+)
 RESUME_OPTION = typer.Option(
-    None, "--resume", help="Continue the run in this directory from its last checkpoint (after Ctrl-C or a kill).",
+    None, "--resume", help="Continue the run in this directory from its last checkpoint (after Ctrl-C or a kill), "
+    "with its own config.yaml (not with --config or --out).",
     show_default=False,
 )  # fmt: skip
 DEVICES_OPTION = typer.Option(
@@ -79,6 +82,10 @@ def train_command(
 
     complete = False  # a resumed run with nothing left to train
     if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise UserError(f"--out {out} with --resume {resume}: a resumed run continues in its own folder")
+        if config != CONFIG_OPTION.default:
+            raise UserError(f"--config {config} with --resume: a resumed run keeps the config.yaml it started with")
         if not (resume / "config.yaml").is_file():
             raise UserError(f"{resume}: not a run directory (no config.yaml); give the folder train wrote")
         run_config = load_config(str(resume / "config.yaml"), extra)
@@ -156,12 +163,11 @@ def train_command(
 def _say_where_devices_run(run_config: RunConfig) -> None:
     """``--devices N`` reads as N GPUs; on a machine without one it means N CPU processes: say so, and say
     when they are more than the cores (each then waits for the others at every step)."""
-    import os
-
     from bloodcell.machine import available_cores
+    from bloodcell.train.run import _is_first_process
     from bloodcell.train.setup import launch_topology, resolve_accelerator
 
-    if resolve_accelerator(run_config.train) != "cpu" or os.environ.get("RANK", "0") != "0":  # said once
+    if resolve_accelerator(run_config.train) != "cpu" or not _is_first_process():  # said once
         return
     processes, _ = launch_topology(run_config.train)
     count = 1 if processes == "auto" else int(processes)  # Lightning's "auto" on the CPU: one process

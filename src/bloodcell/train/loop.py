@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 import shutil
 import time
@@ -182,11 +183,22 @@ def fit(
                           local_processes)  # fmt: skip
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it back every step
     main = fabric.is_global_zero
+    refused: UserError | None = None
     if main:
-        if resume and not (run_dir / "config.yaml").is_file():
-            raise UserError(f"{run_dir}: nothing to resume (no run was started there: no config.yaml)")
-        resume = resume and has_resumable_checkpoint(run_dir)  # killed before a first epoch: start afresh
-        config = _prepare_run_dir(run_dir, config, resume, prepared)
+        try:
+            if resume and not (run_dir / "config.yaml").is_file():
+                raise UserError(f"{run_dir}: nothing to resume (no run was started there: no config.yaml)")
+            resume = resume and has_resumable_checkpoint(run_dir)  # killed before a first epoch: start afresh
+            config = _prepare_run_dir(run_dir, config, resume, prepared)
+        except UserError as error:
+            refused = error
+    # Every rank learns that rank 0 refused the folder, and the others leave quietly: waiting at the next
+    # collective, they used to die with 60 lines of "connection closed by peer" under rank 0's one line.
+    if fabric.world_size > 1 and fabric.broadcast(refused is not None, src=0):
+        if refused is None:
+            raise SystemExit(1)
+    if refused is not None:
+        raise refused
     config = fabric.broadcast(config, src=0)  # rank 0 may have resolved lr=auto or read the run's config
     resume = fabric.broadcast(resume, src=0)
     log = open_log(run_dir, main)
@@ -232,7 +244,7 @@ def fit(
         # ------------------------------------------------------------ model, optimiser, loss
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         base_lr = float(config.optimizer.lr)  # "auto" was resolved into a number by _prepare_run_dir
-        classifier = build_classifier(config, len(classes))
+        classifier = build_classifier(config, len(classes), initial_weights=not resume)
         if config.train.channels_last:
             classifier = classifier.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(classifier, config.optimizer, base_lr, fused=fabric.device.type == "cuda")
@@ -264,6 +276,10 @@ def fit(
                 config.data.image_size, fabric.device, fabric.world_size, resolve_precision(config.train), threads,
             )
         _record_step_graph(config, fabric, classifier, log, batch=min(batch_size, per_rank))
+        # What Fabric runs, which may differ from what was asked (16-mixed falls back to bf16 on a CPU), and
+        # whether a loss scaler skips the steps whose gradients overflow.
+        precision = str(getattr(fabric.strategy.precision, "precision", resolve_precision(config.train)))
+        scaled = getattr(fabric.strategy.precision, "scaler", None) is not None
 
         # ------------------------------------------------------------ epochs
         with RunProgress(progress and main, config.train.epochs) as bar:
@@ -307,7 +323,7 @@ def fit(
                     # Read one step late: the host queues this step before it waits for the last one's check.
                     if pending is not None:
                         _stop_if_diverged(fabric, log, run_dir, state, epoch, *pending)
-                    pending = (_non_finite(loss, grad_norm), batch_index, loss.detach(), lr)
+                    pending = (_non_finite(loss, grad_norm, scaled), batch_index, loss.detach(), lr)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.step += 1
@@ -322,6 +338,10 @@ def fit(
                     raise RuntimeError(f"epoch {epoch} took no training step")
                 del views, batch_views  # the last call's images: free for validation (about 1 GB on a GPU)
                 _stop_if_diverged(fabric, log, run_dir, state, epoch, *pending)  # before any checkpoint
+                # A step whose loss was finite can still leave weights that are not (an infinite gradient
+                # without clipping): never validated, never saved.
+                _stop_if_diverged(fabric, log, run_dir, state, epoch, _non_finite_weights(classifier),
+                                  steps_per_epoch - 1, loss.detach(), lr)  # fmt: skip
                 _sync_buffers(fabric, classifier)
                 train_seconds = time.perf_counter() - epoch_started
                 seen = _all_reduced(fabric, torch.tensor(float(len(my_rows)), device=fabric.device), "sum")
@@ -340,6 +360,9 @@ def fit(
                 if validate:
                     # Rank 0's numbers decide for everyone, so best/early-stopping choices can never diverge.
                     row.update(fabric.broadcast(_validate(fabric, model, val_images, val_labels), src=0))
+                    if not math.isfinite(row["val_loss"]):  # the same on every rank: rank 0's numbers
+                        _stop_if_diverged(fabric, log, run_dir, state, epoch, torch.tensor([0.0, 0.0, 1.0]),
+                                          steps_per_epoch - 1, torch.tensor(row["val_loss"]), lr)  # fmt: skip
                     score = (row["val_balanced_accuracy"], -row["val_loss"])
                     improved = score > state.best_score
                     if improved:
@@ -357,7 +380,7 @@ def fit(
                 if main:
                     card = _card(config, classes, data, epoch, row, {
                         "device": str(fabric.device), "processes": fabric.world_size, "threads": threads,
-                        "precision": resolve_precision(config.train),
+                        "precision": precision,
                     })  # fmt: skip
                     if improved:
                         save_checkpoint(checkpoint_dir(run_dir, "best"), classifier, card)
@@ -508,35 +531,58 @@ def _sync_buffers(fabric, module: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def _non_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-    """1.0 where the loss (or the gradient norm) is NaN or infinite, else 0.0: a tensor, read later."""
-    bad = (~torch.isfinite(loss.detach())).float()
-    if grad_norm is not None:
-        bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))).float()
-    return bad
+def _non_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None, scaled: bool = False) -> torch.Tensor:
+    """``[loss, gradient norm, weights or validation]`` flags, 1.0 where NaN or infinite: a tensor, read later.
+
+    Under a loss scaler (fp16) an infinite gradient norm is routine: the scaler skips that step and lowers
+    its scale, so only the loss counts there.
+    """
+    loss_bad = (~torch.isfinite(loss.detach())).float()
+    grad_bad = torch.zeros_like(loss_bad)
+    if grad_norm is not None and not scaled:
+        grad_bad = (~torch.isfinite(torch.as_tensor(grad_norm, device=loss_bad.device))).float()
+    return torch.stack([loss_bad, grad_bad, torch.zeros_like(loss_bad)])
+
+
+def _non_finite_weights(classifier: torch.nn.Module) -> torch.Tensor:
+    """The flags of :func:`_non_finite` with the third set where a parameter or buffer is NaN or infinite."""
+    tensors = [t for t in (*classifier.parameters(), *classifier.buffers()) if t.is_floating_point()]
+    bad = torch.stack([(~torch.isfinite(t)).any() for t in tensors]).any().float()
+    return torch.stack([torch.zeros_like(bad), torch.zeros_like(bad), bad])
 
 
 def _stop_if_diverged(
     fabric, log, run_dir: Path, state: LoopState, epoch: int, bad: torch.Tensor, batch_index: int,
     loss: torch.Tensor, lr: float,
 ) -> None:
-    """Stop the run, on every rank together, if a step's loss was not finite; the checkpoints stay as they are.
+    """Stop the run, on every rank together, if any flag of :func:`_non_finite` is set on any rank; the
+    checkpoints stay as they are.
 
-    The message says what happened and what to do.
+    The message says what went wrong (the loss, the gradient norm, the weights or the validation loss) and
+    what to do. Not ``--resume``: a resumed run repeats the same steps exactly, and refuses a changed config.
     """
+    bad = bad.to(fabric.device)
     if fabric.world_size > 1:
         bad = fabric.all_reduce(bad, reduce_op="sum")
-    if float(bad) == 0.0:
+    flags = [float(flag) > 0 for flag in bad.cpu()]
+    if not any(flags):
         return
     kept = (
         f"the last good checkpoint (epoch {state.epoch}) is kept in {checkpoint_dir(run_dir, 'last')}"
         if state.epoch
         else "no checkpoint was written (it diverged in the first epoch)"
     )
+    if flags[0]:
+        what = f"the loss became {float(loss)} at epoch {epoch}, step {batch_index + 1}"
+    elif flags[1]:
+        what = f"the gradient norm became infinite or NaN at epoch {epoch}, step {batch_index + 1}"
+    elif math.isfinite(float(loss)):
+        what = f"the weights became infinite or NaN in epoch {epoch}"
+    else:
+        what = f"the validation loss became {float(loss)} after epoch {epoch}"
     message = (
-        f"training diverged: the loss became {float(loss)} at epoch {epoch}, step {batch_index + 1} "
-        f"(learning rate {lr:.3g}); {kept}. Lower optimizer.lr, keep train.grad_clip on, or use "
-        "train.precision=32-true, then start a new run (or --resume to retry from the checkpoint)."
+        f"training diverged: {what} (learning rate {lr:.3g}); {kept}. Lower optimizer.lr, keep "
+        "train.grad_clip on, or use train.precision=32-true, then start a new run."
     )
     log.error(message)
     raise TrainingDiverged(message)

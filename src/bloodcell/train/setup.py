@@ -6,6 +6,7 @@ other stages (the learning-rate finder, tuning) can build exactly the same model
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -20,6 +21,9 @@ from bloodcell.config import OptimizerConfig, RunConfig, ScheduleConfig, TrainCo
 from bloodcell.errors import UserError
 from bloodcell.machine import available_cores
 from bloodcell.models import Classifier, create_model, get_spec
+from bloodcell.notices import warn_once
+
+log = logging.getLogger(__name__)
 
 # How long set_threads watches the cores to count the idle ones (a short, one-off cost per run).
 IDLE_SAMPLE_SECONDS = 0.3
@@ -39,7 +43,12 @@ def launch_topology(train: TrainConfig) -> tuple[int | str, int]:
     if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in {"bash", "interactive"}:
         nodes = int(env.get("SLURM_NNODES", "1"))
         per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-        return (int(per_node) if per_node.isdigit() else int(env["SLURM_NTASKS"]) // nodes), nodes
+        tasks = int(per_node) if per_node.isdigit() else int(env["SLURM_NTASKS"]) // nodes
+        if isinstance(train.devices, int) and train.devices > tasks:  # a batch script run without srun, say
+            warn_once(log, "--devices %d is not used: SLURM started %d task(s) a node, and each trains on one device; "
+                      "launch with srun --ntasks-per-node %d for %d devices", train.devices, tasks, train.devices,
+                      train.devices)  # fmt: skip
+        return tasks, nodes
     return train.devices, 1
 
 
@@ -132,12 +141,16 @@ def architecture_kwargs(config: RunConfig) -> dict:
     return {**spec.default_kwargs, **config.model.kwargs}
 
 
-def build_classifier(config: RunConfig, num_classes: int) -> Classifier:
+def build_classifier(config: RunConfig, num_classes: int, initial_weights: bool = True) -> Classifier:
     """Build the network named in the config inside a :class:`Classifier` (normalisation in the model).
 
     ``model.pretrained`` asks timm for its published weights; ``model.weights`` loads a file afterwards.
+    ``initial_weights=False`` skips both: a resumed run's checkpoint replaces every weight, so it needs
+    neither the file (which may have moved) nor the internet.
     """
     kwargs = architecture_kwargs(config)
+    if not initial_weights:
+        return Classifier(create_model(config.model.name, num_classes, **kwargs), config.normalize)
     if config.model.pretrained:
         if not config.model.name.startswith("timm/"):
             raise UserError(
@@ -154,23 +167,32 @@ def build_classifier(config: RunConfig, num_classes: int) -> Classifier:
     else:
         net = create_model(config.model.name, num_classes, **kwargs)
     if config.model.weights:
-        load_initial_weights(net, Path(config.model.weights))
+        loaded, skipped = load_initial_weights(net, Path(config.model.weights))
+        log.info("initial weights from %s: %d tensors loaded, %d skipped (their shape differs: %s)",
+                 config.model.weights, loaded, len(skipped), ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else "") or "none")  # fmt: skip
     return Classifier(net, config.normalize)
 
 
-def load_initial_weights(net: torch.nn.Module, path: Path) -> list[str]:
-    """Initialise ``net`` from a weights file; returns the names of tensors skipped for a shape mismatch.
+def load_initial_weights(net: torch.nn.Module, path: Path) -> tuple[int, list[str]]:
+    """Initialise ``net`` from a weights file; returns how many tensors were loaded and the names of those
+    skipped for a shape mismatch.
 
     Accepts safetensors (a bare network's, a timm checkpoint's or a bloodcell model's, whose ``net.`` keys
-    are used), a bloodcell model directory, and PyTorch ``.pt/.pth/.bin`` files read with
-    ``weights_only=True`` (never unpickling code). Tensors whose shape differs, typically the classifier
-    head of an ImageNet model, are left at their fresh initialisation.
+    are used), a bloodcell model or run directory (its best checkpoint), and PyTorch ``.pt/.pth/.bin`` files
+    read with ``weights_only=True`` (never unpickling code). Tensors whose shape differs, typically the
+    classifier head of an ImageNet model, are left at their fresh initialisation; a file of which no weight
+    tensor fits (only BatchNorm's scalar counters would, whatever the network) is refused.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from bloodcell.models.card import resolve_model_dir
+
     if path.is_dir():
-        path = path / "model.safetensors"
+        try:
+            path = resolve_model_dir(path) / "model.safetensors"
+        except FileNotFoundError:
+            path = path / "model.safetensors"
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     try:
@@ -188,11 +210,11 @@ def load_initial_weights(net: torch.nn.Module, path: Path) -> list[str]:
         state = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
     own = net.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise UserError(f"{path}: none of its tensors fit the network (is it the same architecture?)")
+    if not any(v.ndim > 1 for v in usable.values()):  # no convolution or linear weight: a different network
+        raise UserError(f"{path}: none of its weight tensors fit the network (is it the same architecture and width?)")
     skipped = sorted(k for k in state if k in own and k not in usable)
     net.load_state_dict(usable, strict=False)
-    return skipped
+    return len(usable), skipped
 
 
 def graph_training_forward(
