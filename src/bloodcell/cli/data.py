@@ -32,7 +32,7 @@ DATA_ARGUMENT = typer.Argument(
 )
 Variant = Literal["Original", "Segmented"]
 VARIANT_OPTION = typer.Option(
-    "Original", "--variant", help="Aria layout only: index Original or Segmented images."
+    "Original", "--variant", help="Aria layout only: the Original or the Segmented images."
 )
 CLASSES_OPTION = typer.Option(
     None,

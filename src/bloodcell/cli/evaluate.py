@@ -22,7 +22,7 @@ from bloodcell.errors import UserError
 _console = Console()
 
 MODEL_HELP = "A run directory, a model directory or a card.json. Default: the model bundled with the package."
-EXPLAIN_PATHS_HELP = "Image files or folders of images, after an optional model (as for evaluate, or an .onnx file in the model directory it was exported from)."
+EXPLAIN_PATHS_HELP = "Image files, folders of images or glob patterns (quoted), after an optional model (as for evaluate, or an .onnx file in the model directory it was exported from)."
 # Spelt out rather than joined from gradcam.METHODS: importing it would load torch for every --help.
 CAM_METHODS = "gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, eigengradcam or scorecam"
 TARGET_LAYER_HELP = ("Dotted module name inside the network (default: its last convolutional stage; an earlier "
@@ -137,8 +137,9 @@ def evaluate_command(
 ) -> None:
     """Evaluate a model: metrics with block-bootstrap intervals, calibration, robustness, Grad-CAM, plots.
 
-    Writes metrics.json (keys in docs/EVALUATION.md), predictions.csv and plots/; the temperature fitted on
-    the validation part is stored in the model card.
+    Writes metrics.json (keys in docs/EVALUATION.md), predictions.csv and plots/. The temperature: a model
+    that did not train on its validation part gets one fitted there, stored in its card; a model refit on
+    train + val (the default) keeps its holdout stage's; the bundled model's card is never written.
     """
     from bloodcell.evaluate.runner import evaluate_model
 

@@ -332,6 +332,7 @@ def explain_images(
     target_layer: str | None = None,
     targets: np.ndarray | None = None,
     batch_size: int = 16,
+    layout: CellLayout | None = None,
 ) -> CamResult:
     """Class activation maps of a :class:`~bloodcell.models.Classifier` for a uint8 NHWC batch.
 
@@ -343,6 +344,7 @@ def explain_images(
     target_layer: dotted module name inside ``model.net``; None chooses the last convolutional stage.
     targets: class index to explain per image; None explains the predicted class.
     batch_size: images per CAM pass.
+    layout: where the layer's cells sit (:func:`cell_layout`), when already known for this architecture.
 
     Returns a :class:`CamResult`.
     """
@@ -352,7 +354,7 @@ def explain_images(
         raise ValueError("explain_images expects uint8 images of shape (N, H, W, 3)")
     device = next(model.parameters()).device
     layer_name, layer = resolve_target_layer(model.net, target_layer, images.shape[1])
-    layout = cell_layout(model.net, layer, images.shape[1], images.shape[2])
+    layout = layout or cell_layout(model.net, layer, images.shape[1], images.shape[2])
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -466,9 +468,12 @@ def sanity_check(
     None when no image has a mask.
     """
     trained = trained or explain_images(model, images, method, target_layer)
-    # Explain the same classes with the random models, so only the weights differ.
-    random_maps = [explain_images(randomized_copy(model, seed), images, method, target_layer, targets=trained.targets).cams
-                   for seed in seeds]  # fmt: skip
+    # Explain the same classes with the random models, so only the weights differ; their cells sit where the
+    # trained network's do (the same architecture), so its layout is not probed again for each.
+    layer = model.net.get_submodule(trained.layer_name)
+    layout = cell_layout(model.net, layer, images.shape[1], images.shape[2]) if len(images) else None
+    random_maps = [explain_images(randomized_copy(model, seed), images, method, target_layer, targets=trained.targets,
+                                  layout=layout).cams for seed in seeds]  # fmt: skip
     similarity = np.mean([cam_similarity(trained.cams, cams) for cams in random_maps], axis=0) if len(images) else []
     # A flat CAM explains nothing, and would also look "unlike" the random one: it must not pass.
     informative = float(np.mean([np.ptp(c) > 0 for c in trained.cams])) if len(images) else 0.0

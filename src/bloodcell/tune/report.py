@@ -109,7 +109,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
         summary += [
             f"**Best: trial {best.number}, validation balanced accuracy {best.value:.4f}** ({params}).",
             "",
-            "Its full config is `best.yaml`: `bloodcell train --data DATA --config best.yaml`.",
+            f"Its full config is `best.yaml`: `bloodcell train --data DATA --config {out_dir.resolve() / 'best.yaml'}`.",
             "",
         ]
     text = (
