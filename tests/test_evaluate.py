@@ -591,3 +591,30 @@ def test_its_own_data_split_otherwise_than_in_training_still_leaves_out_what_it_
     assert result["data"]["training_images_left_out"] == left_out >= 3
     assert result["n_images"] == len(test_hashes) - left_out
     assert "splits the data differently from the one that trained it" in caplog.text
+    # --split all leaves them out too, with the parts the present split says it trained on
+    every = evaluate_model(older, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
+    plain = evaluate_model(run, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20,
+                           out_dir=tmp_path / "plain")  # fmt: skip
+    assert every["n_images"] == plain["n_images"] - left_out
+
+
+def test_a_refit_model_s_validation_part_is_scored_not_taken_for_a_changed_split(
+    run: Path, dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model refit on train + val records its validation images as trained on: that is no sign that the
+    split rules changed, and --split val must score them (with its in-sample warning), not crash on nothing."""
+    from bloodcell.data.index import build_index
+    from bloodcell.data.splits import make_split
+
+    split = make_split(build_index(dataset, progress=False).manifest, "session", 0)
+    refit = tmp_path / "refit"
+    shutil.copytree(run, refit)
+    card_path = refit / "checkpoints" / "best" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["split"]["trained_on"] = ["train", "val"]
+    card_path.write_text(json.dumps(card))
+    with (refit / "trained-on.sha256").open("a") as record:
+        record.write("\n".join(split.loc[split["split"] == "val", "sha256"]) + "\n")
+    result = evaluate_model(refit, split="val", robustness=False, explain=False, progress=False, n_bootstrap=20)
+    assert result["n_images"] == int((split["split"] == "val").sum())
+    assert "splits the data differently" not in caplog.text

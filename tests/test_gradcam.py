@@ -327,3 +327,12 @@ def test_the_randomised_copy_keeps_no_trained_weight() -> None:
     random = randomized_copy(model)
     for (name, before), after in zip(model.net.named_parameters(), random.net.parameters(), strict=True):
         assert not torch.equal(before, after), name
+
+
+def test_the_randomised_copy_resets_what_its_modules_own_as_they_start_it() -> None:
+    """A trained value equal to its starting one (a bias at 0, an untrained BatchNorm's weight at 1) is
+    still the module's to reset: not redrawn as if no reset reached it."""
+    model = Classifier(create_model("bloodnet", 4, width=0.5))
+    random = randomized_copy(model)
+    norms = [module for module in random.net.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert norms and all(torch.equal(norm.weight, torch.ones_like(norm.weight)) for norm in norms)

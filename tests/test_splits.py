@@ -425,5 +425,18 @@ def test_a_group_of_joined_blocks_too_large_for_any_part_is_cut_with_a_warning(c
         split = make_split(manifest, "session", seed=0, embargo=0)
     benign = split[split["label"] == 0]
     assert set(benign["split"]) >= {"train", "val", "test"}
+    assert benign[benign["split"] == "test"]["block"].nunique() == 1 == benign[benign["split"] == "val"]["block"].nunique()
     assert "class 'Benign'" in caplog.text and "too large to hold out whole" in caplog.text
     check_leakage(split)
+
+
+def test_a_part_that_whole_groups_cannot_fill_is_topped_up_not_left_short(caplog: pytest.LogCaptureFixture) -> None:
+    """Twenty blocks joined in pairs cannot give 3 held-out blocks whole: the third is cut from a pair (with
+    the warning), rather than the part quietly holding 2 (10 % instead of 15 %)."""
+    pairs = [(40 * k + 5, 40 * (k + 1) + 5) for k in range(0, 20, 2)]
+    manifest = synthetic_manifest(per_class=(800, 200, 180, 150), duplicates=pairs)
+    with caplog.at_level("WARNING", logger="bloodcell.data.splits"):
+        split = make_split(manifest, "session", seed=0, embargo=0)
+    benign = split[split["label"] == 0]
+    assert benign[benign["split"] == "test"]["block"].nunique() == 3 == benign[benign["split"] == "val"]["block"].nunique()
+    assert "too large to hold out whole" in caplog.text

@@ -522,6 +522,11 @@ def test_a_mapping_for_a_section_updates_it_and_a_key_given_twice_is_refused(tmp
     path.write_text("train: {epochs: 30}\noptimizer: {lr: 0.001}\ntrain: {batch_size: 32}\n")
     with pytest.raises(ConfigError, match=r"found the key 'train' twice"):
         load_config(str(path))
+    merged = tmp_path / "merged.yaml"  # a YAML merge key is not a key given twice
+    merged.write_text("augment: {<<: {flip: false, hue: 0.01}, hue: 0.05}\n")
+    assert (load_config(str(merged)).augment.flip, load_config(str(merged)).augment.hue) == (False, 0.05)
+    with pytest.raises(ConfigError, match="model.kwargs"):
+        load_config("default", ["model.kwargs={[1]: 2}"])
 
 
 def test_a_timm_network_s_misspelt_argument_is_refused_with_the_config() -> None:

@@ -138,8 +138,8 @@ def _assign_session(blocked: pd.DataFrame, seed: int, val_fraction: float, test_
         free = set(order)
         for part, wanted in (("test", n_test), ("val", n_val)):
             chosen = _draw_whole_units(order, free, wanted, lambda block: blocks_of_unit[unit_of_block[block]])
-            if not chosen:  # only groups too large to hold out whole are left: cut one, as before
-                chosen = [block for block in order if block in free][:wanted]
+            if len(chosen) < wanted:  # only groups too large for what is left: cut one, as before
+                chosen += [block for block in order if block in free and block not in chosen][: wanted - len(chosen)]
                 warn_once(log, "class %r: its session blocks are joined by re-captured fields into groups too large "
                           "to hold out whole; blocks of a group were split, and their re-captures left out", name)  # fmt: skip
             free -= set(chosen)

@@ -498,20 +498,23 @@ def _without_training_images(
 ) -> tuple[np.ndarray, int | None]:
     """``indices`` less the images the model trained on, and how many those were (None: unknown)."""
     where = f"the {split} part" if split != "all" else "these images"
+    # On its own data the split is rebuilt as in training, unless this bloodcell splits differently from the
+    # one that trained the model (the rules changed in the eighteenth session): its record of training
+    # images says which of them it learned, whatever the present split calls them.
+    recorded = (np.isin(prepared.split["sha256"].to_numpy(), list(trained_on.sha256)) if own_data and trained_on
+                else np.zeros(len(prepared.split), dtype=bool))  # fmt: skip
     if own_data and split != "all":
-        # The split is rebuilt as in training, so its held-out parts are unseen, unless this bloodcell splits
-        # differently from the one that trained the model: its record of training images says.
-        if trained_on is None:
+        if split in trained_parts or not recorded[indices].any():  # a refit's val part is said trained on elsewhere
             return indices, 0
-        seen = np.isin(prepared.split["sha256"].to_numpy()[indices], list(trained_on.sha256))
-        if not seen.any():
-            return indices, 0
+        seen = recorded[indices]
         log.warning("%d of the %d images of %s are in the model's record of its training images: this version of "
                     "bloodcell splits the data differently from the one that trained it; they are left out (retrain "
                     "the model for a clean %s part)", int(seen.sum()), len(indices), where, split)  # fmt: skip
+        if seen.all():
+            raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
         return indices[~seen], int(seen.sum())
     if own_data:  # every image of the model's own data: its training parts are known exactly
-        trained = prepared.split["split"].isin(trained_parts).to_numpy()
+        trained = prepared.split["split"].isin(trained_parts).to_numpy() | recorded
         # and so are the duplicates of its training images that the split left out beside them, and the
         # embargo: training-block images next to a held-out block, left out of training only to keep a gap
         # there; they are capture-order neighbours of trained images, the same sessions, not held out.
@@ -561,12 +564,16 @@ def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:
     return where
 
 
-def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: ModelCard) -> tuple[float, str]:
+def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card: ModelCard,
+              trained_on: TrainedOn | None = None) -> tuple[float, str]:  # fmt: skip
     """The temperature and where it comes from: fitted on the validation part of the model's own data when
     the test part is judged, else (``--split val`` or ``all``, other data, or a model that trained on the
     validation part) the card's value: never refitted on the data being judged or on data the model
-    learned from."""
+    learned from (validation images in its record of training images, where the split rules changed since
+    it trained, are left out of the fit)."""
     val = data.prepared.indices("val")
+    if trained_on is not None and len(val):
+        val = val[~np.isin(data.prepared.split["sha256"].to_numpy()[val], list(trained_on.sha256))]
     if "val" in card.trained_on:
         return float(card.temperature), str(getattr(card, "temperature_source", None) or "model card")
     if data.own_data and data.split == "test" and len(val):  # never fitted on the images it then scores
@@ -702,7 +709,7 @@ def evaluate_model(
         return predict_logits(model, batch, batch_size)
 
     logits = logits_fn(data.images)
-    temperature, temperature_source = calibrate(logits_fn, data, card)
+    temperature, temperature_source = calibrate(logits_fn, data, card, trained_on)
     raw_probs = softmax_with_temperature(logits, 1.0)
     probs = softmax_with_temperature(logits, temperature)
 

@@ -218,13 +218,15 @@ def cell_layout(net: nn.Module, layer: nn.Module, height: int, width: int) -> Ce
     """The centres of ``layer``'s feature cells on a ``height x width`` input, found by probing the network.
 
     A cell's receptive field is where the input's gradient of that cell is not zero; its centre is the
-    middle of that field's extent, measured for two neighbouring cells in the middle of a larger random
-    input (so neither field is cut by the border) to give the stride and the first cell's centre. Padded
-    convolutions put cell ``j`` at ``stride * j``; patch embeddings (a vision transformer) at
-    ``stride * j + (stride - 1) / 2``; unpadded ones further in. Where the fields reach the probe's border
-    (an EfficientNet's last stage), their centres are estimated instead as the gradient's centre of mass, to
-    the nearest half pixel (a few pixels off); where no probe runs (a network that takes one input size only),
-    the cells are spread evenly over the image, as an image resize would. Cached per layer and size.
+    middle of that field's extent, measured for two neighbouring cells in the middle of a random input, to
+    give the stride and the first cell's centre. Each axis is probed on its own, with the input stretched
+    along it only (4 times as tall, then 4 times as wide: a field cut at the sides still has its full
+    height), which costs a sixteenth of a probe 4 times larger both ways. Padded convolutions put cell
+    ``j`` at ``stride * j``; patch embeddings (a vision transformer) at ``stride * j + (stride - 1) / 2``;
+    unpadded ones further in. Where a field reaches the probe's ends (an EfficientNet's last stage) its
+    centre is estimated instead as the gradient's centre of mass, to the nearest half pixel (a few pixels
+    off); where no probe runs (a network that takes one input size only, probed at that size), the cells are
+    spread evenly over the image, as an image resize would. Cached per layer and size.
     """
     known = _layouts.setdefault(layer, {})
     if (height, width) not in known:
@@ -232,64 +234,62 @@ def cell_layout(net: nn.Module, layer: nn.Module, height: int, width: int) -> Ce
         if size is None or len(size) != 4:
             raise UserError(f"the target layer gives no feature map on a {height} x {width} image")
         map_size = (int(size[-2]), int(size[-1]))
-        probed = None
-        for scale in (LAYOUT_PROBE_SCALE, 1):
-            probed = _probe_cell_centres(net, layer, height * scale, width * scale)
-            if probed is not None:
-                break
-        if probed is None:
-            stride = (height / map_size[0], width / map_size[1])
-            probed = (stride, ((stride[0] - 1) / 2, (stride[1] - 1) / 2))
-        known[height, width] = CellLayout(map_size=map_size, stride=probed[0], offset=probed[1])
+        axes = []
+        for axis in (0, 1):
+            probed = None
+            for scale in (LAYOUT_PROBE_SCALE, 1):
+                stretched = (height * scale, width) if axis == 0 else (height, width * scale)
+                probed = _probe_axis(net, layer, *stretched, axis=axis)
+                if probed is not None:
+                    break
+            if probed is None:  # as an image resize spreads the cells
+                stride = (height, width)[axis] / map_size[axis]
+                probed = (stride, (stride - 1) / 2)
+            axes.append(probed)
+        known[height, width] = CellLayout(map_size=map_size, stride=(axes[0][0], axes[1][0]),
+                                          offset=(axes[0][1], axes[1][1]))  # fmt: skip
     return known[height, width]
 
 
-def _probe_cell_centres(
-    net: nn.Module, layer: nn.Module, height: int, width: int
-) -> tuple[tuple[float, float], tuple[float, float]] | None:
-    """``(stride, offset)`` per axis from the receptive fields of two diagonal neighbours in the middle of
-    the layer's map on random ``height x width`` inputs, or None when the network refuses that size or the
-    map is too small. The fields' extents give them exactly; a field that reaches the border (its extent
-    cut) gives its gradient's centre of mass instead."""
+def _probe_axis(net: nn.Module, layer: nn.Module, height: int, width: int, axis: int) -> tuple[float, float] | None:
+    """``(stride, offset)`` along ``axis`` (0: rows, 1: columns) from the receptive fields of two neighbouring
+    cells in the middle of the layer's map on a random ``height x width`` input, or None when the network
+    refuses that size or the map is too small along the axis. The fields' extents give them exactly; a field
+    that reaches an end of the probe (its extent cut) gives its gradient's centre of mass instead."""
     seen: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
     was_training = net.training
     device = next(net.parameters()).device
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(4, 3, height, width, generator=generator).to(device).requires_grad_(True)
+    probe = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_(True)
     try:
         net.eval()
         with torch.enable_grad():
             net(probe)
             feature = seen[-1] if seen and isinstance(seen[-1], torch.Tensor) and seen[-1].ndim == 4 else None
-            if feature is None or min(feature.shape[-2:]) < 3:
+            if feature is None or feature.shape[-2 + axis] < 3:
                 return None
-            row, column = feature.shape[-2] // 2 - 1, feature.shape[-1] // 2 - 1
-            # Images 0-1 give cell (row, column)'s field, images 2-3 its neighbour's (eval mode: the images
-            # of a batch do not mix); two images each, so a unit that one input switches off does not cut it.
-            chosen = feature[:2, :, row, column].sum() + feature[2:, :, row + 1, column + 1].sum()
-            (gradient,) = torch.autograd.grad(chosen, probe)
+            middle = feature.shape[-2 + axis] // 2 - 1
+            other = feature.shape[-1 - axis] // 2  # any cell across: the profile sums over that axis
+            # Image 0 gives cell `middle`'s field, image 1 its neighbour's (eval mode: a batch's images do not mix).
+            first = feature[0, :, middle, other] if axis == 0 else feature[0, :, other, middle]
+            second = feature[1, :, middle + 1, other] if axis == 0 else feature[1, :, other, middle + 1]
+            (gradient,) = torch.autograd.grad(first.sum() + second.sum(), probe)
     except (RuntimeError, ValueError, AssertionError):  # a network made for one input size (a ViT's patches)
         return None
     finally:
         handle.remove()
         net.train(was_training)
-    fields = [gradient[:2].abs().sum(dim=(0, 1)).double(), gradient[2:].abs().sum(dim=(0, 1)).double()]
-    if any(field.sum() == 0 for field in fields):
+    profiles = [gradient[k].abs().sum(dim=(0, 2 if axis == 0 else 1)).double() for k in (0, 1)]
+    if any(profile.sum() == 0 for profile in profiles):
         return None
-    centres, exact = [], True
-    for field in fields:
-        (y, y_exact), (x, x_exact) = _field_centre(field.sum(dim=1)), _field_centre(field.sum(dim=0))
-        centres.append((y, x))
-        exact = exact and y_exact and x_exact
-    stride = (centres[1][0] - centres[0][0], centres[1][1] - centres[0][1])
-    if min(stride) <= 0:
+    (first_centre, first_exact), (second_centre, second_exact) = (_field_centre(profile) for profile in profiles)
+    stride = second_centre - first_centre
+    if stride <= 0:
         return None
-    offset = (centres[0][0] - stride[0] * row, centres[0][1] - stride[1] * column)
-    if not exact:  # a centre of mass: no finer than half a pixel, and the stride is the map's
-        stride = (height / feature.shape[-2], width / feature.shape[-1])
-        offset = (round((centres[0][0] - stride[0] * row) * 2) / 2, round((centres[0][1] - stride[1] * column) * 2) / 2)
-    return stride, offset
+    if not (first_exact and second_exact):  # a centre of mass: no finer than half a pixel, the map's stride
+        stride = (height, width)[axis] / feature.shape[-2 + axis]
+        return stride, round((first_centre - stride * middle) * 2) / 2
+    return stride, first_centre - stride * middle
 
 
 def _field_centre(profile: torch.Tensor) -> tuple[float, bool]:
@@ -399,16 +399,17 @@ def randomized_copy(model: Classifier, seed: int = 0) -> Classifier:
     untouched.
     """
     clone = copy.deepcopy(model)
-    trained = {name: parameter.detach().clone() for name, parameter in clone.net.named_parameters()}
+    reset_by_their_module: set[int] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in clone.net.modules():
             reset = getattr(module, "reset_parameters", None)
             if reset is not None:
                 reset()
+                reset_by_their_module.update(id(parameter) for parameter in module.parameters(recurse=False))
         with torch.no_grad():
-            for name, parameter in clone.net.named_parameters():
-                if torch.equal(parameter, trained[name]):
+            for parameter in clone.net.parameters():
+                if id(parameter) not in reset_by_their_module:
                     nn.init.trunc_normal_(parameter, std=0.02)
     return clone.eval()
 
