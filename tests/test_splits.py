@@ -440,3 +440,15 @@ def test_a_part_that_whole_groups_cannot_fill_is_topped_up_not_left_short(caplog
     benign = split[split["label"] == 0]
     assert benign[benign["split"] == "test"]["block"].nunique() == 3 == benign[benign["split"] == "val"]["block"].nunique()
     assert "too large to hold out whole" in caplog.text
+
+
+def test_capture_neighbours_are_the_rows_an_embargo_would_take() -> None:
+    """On other data evaluation leaves out the neighbours of images the model trained on, as the embargo
+    keeps them from a held-out part: within the distance, in capture order, in the same class only."""
+    from bloodcell.data.splits import capture_neighbours
+
+    manifest = synthetic_manifest(per_class=(30, 30, 30, 30)).sample(frac=1.0, random_state=0)  # any row order
+    marked = ((manifest["label"] == 0) & (manifest["capture"] == 10)).to_numpy()
+    near = capture_neighbours(manifest, marked, 2)
+    assert sorted(manifest.loc[near, "capture"]) == [8, 9, 11, 12] and set(manifest.loc[near, "label"]) == {0}
+    assert not capture_neighbours(manifest, marked, 0).any() and not capture_neighbours(manifest, ~marked & False, 3).any()

@@ -273,6 +273,28 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
     return result
 
 
+def capture_neighbours(split: pd.DataFrame, marked: np.ndarray, distance: int) -> np.ndarray:
+    """Rows within ``distance`` capture-order positions of a ``marked`` row of their class (the marked rows
+    excluded): the same sessions, as the embargo reckons them (capped per class as it is, when the rows
+    carry their ``block``). ``split`` holds manifest rows (``path``, ``label``, ``capture``, ``copy``);
+    ``marked`` is a boolean array over them."""
+    near = np.zeros(len(split), dtype=bool)
+    if distance <= 0 or not marked.any():
+        return near
+    ordered = _capture_order(split.reset_index(drop=True).assign(_marked=marked))
+    for _, rows in ordered.groupby("label", sort=False):
+        positions = np.arange(len(rows))
+        seen = positions[rows["_marked"].to_numpy()]
+        if len(seen) == 0:
+            continue
+        after = np.clip(np.searchsorted(seen, positions), 0, len(seen) - 1)
+        before = np.clip(after - 1, 0, len(seen) - 1)
+        gap = np.minimum(np.abs(seen[after] - positions), np.abs(seen[before] - positions))
+        own = effective_embargo(distance, rows) if "block" in rows else distance
+        near[rows.index[(gap <= own) & (gap > 0)]] = True
+    return near
+
+
 def effective_embargo(embargo: int, rows: pd.DataFrame) -> int:
     """The embargo applied to one class's rows: at most half its smallest block, so a class of few images
     keeps training rows. Per class, not over the dataset: one class of 3 images would otherwise take every

@@ -477,7 +477,8 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     # A card that records no manifest cannot prove these are its data: treat them as other data, so its
     # record of training images is applied and its temperature is never refitted here.
     own_data = card.manifest_sha256 is not None and card.manifest_sha256 == prepared.manifest_sha256
-    indices, left_out = _without_training_images(indices, prepared, trained_on, own_data, split, list(card.trained_on))
+    indices, left_out = _without_training_images(indices, prepared, trained_on, own_data, split, list(card.trained_on),
+                                                 data_config.embargo)  # fmt: skip
     return EvalSet(
         prepared=prepared,
         data_config=data_config,
@@ -494,9 +495,11 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
 
 def _without_training_images(
     indices: np.ndarray, prepared: PreparedData, trained_on: TrainedOn | None, own_data: bool, split: str,
-    trained_parts: list[str],
+    trained_parts: list[str], embargo: int = 0,
 ) -> tuple[np.ndarray, int | None]:
-    """``indices`` less the images the model trained on, and how many those were (None: unknown)."""
+    """``indices`` less the images the model trained on, and how many those were (None: unknown). On other
+    data scored whole (``split="all"``), the capture-order neighbours of those images (within ``embargo``
+    positions, as the split reckons them) go too: the same sessions as images it trained on."""
     where = f"the {split} part" if split != "all" else "these images"
     # On its own data the split is rebuilt as in training, unless this bloodcell splits differently from the
     # one that trained the model (the rules changed in the eighteenth session): its record of training
@@ -537,14 +540,21 @@ def _without_training_images(
         seen |= near_any(table["phash"].tolist(), list(trained_on.phash), NEAR_DUPLICATE_MAX_DISTANCE)
         # and what these data's own index groups with them: shifted re-captures of a field the model saw
         copies = table["dup_group"].isin(table["dup_group"][seen & (table["dup_group"] >= 0).to_numpy()]).to_numpy()
-        keep = ~(seen | copies)[indices]
+        # and, scoring every image (--split all), the capture-order neighbours of the images it trained on, as
+        # the split's embargo keeps them from a held-out part: a copy of the training data with files added
+        # would otherwise score its training sessions as unseen. A held-out part of the split rebuilt here
+        # has that embargo already (and a byte copy of a training image left in it would reach into it).
+        from bloodcell.data.splits import capture_neighbours
+
+        neighbours = capture_neighbours(table, seen, embargo if split == "all" else 0)
+        keep = ~(seen | copies | neighbours)[indices]
     if not keep.any():
         raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
     if not keep.all():
         of = f" of {where}" if split != "all" else ""  # "these images" would name them twice
         log.warning("%d of the %d images%s are ones the model was trained on, or copies%s of them; they are left out",
                     int((~keep).sum()), len(indices), of,
-                    " or capture-order neighbours (the split's embargo)" if own_data else "")  # fmt: skip
+                    " or capture-order neighbours (within the split's embargo)")  # fmt: skip
     return indices[keep], int((~keep).sum())
 
 
@@ -559,8 +569,7 @@ def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:
     if left_out is None:
         return f"{where} (unchecked for training images: the model has no record of them)"
     if left_out:
-        neighbours = " or capture-order neighbours" if split == "all" and metrics["data"].get("same_as_training") else ""
-        return f"{where}, less the {left_out} images the model trained on or copies{neighbours} of them"
+        return f"{where}, less the {left_out} images the model trained on or copies or capture-order neighbours of them"
     return where
 
 
