@@ -452,3 +452,17 @@ def test_capture_neighbours_are_the_rows_an_embargo_would_take() -> None:
     near = capture_neighbours(manifest, marked, 2)
     assert sorted(manifest.loc[near, "capture"]) == [8, 9, 11, 12] and set(manifest.loc[near, "label"]) == {0}
     assert not capture_neighbours(manifest, marked, 0).any() and not capture_neighbours(manifest, ~marked & False, 3).any()
+
+
+def test_names_without_capture_order_have_no_neighbours() -> None:
+    """Hash-like names sort in no capture order: a training image's "neighbours" would be arbitrary images."""
+    from bloodcell.data.splits import capture_neighbours
+
+    manifest = synthetic_manifest(per_class=(30, 30, 30, 30))
+    import hashlib
+
+    manifest["path"] = [f"{name}/{hashlib.sha1(str(k).encode()).hexdigest()}.jpg" for k, name in enumerate(manifest["class"])]
+    marked = (manifest["label"] == 0).to_numpy() & (manifest.index % 5 == 0)
+    assert not capture_neighbours(manifest, marked, 3).any()
+    blocked = make_split(synthetic_manifest(per_class=(30, 30, 30, 30)), "session", 0)  # with blocks: capped
+    assert capture_neighbours(blocked, (blocked["capture"] == 10).to_numpy(), 12).sum() <= 4 * 2 * 12

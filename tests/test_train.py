@@ -525,6 +525,15 @@ def test_a_mapping_for_a_section_updates_it_and_a_key_given_twice_is_refused(tmp
     merged = tmp_path / "merged.yaml"  # a YAML merge key is not a key given twice
     merged.write_text("augment: {<<: {flip: false, hue: 0.01}, hue: 0.05}\n")
     assert (load_config(str(merged)).augment.flip, load_config(str(merged)).augment.hue) == (False, 0.05)
+    nested = tmp_path / "nested.yaml"  # an anchored mapping with its own merge, met again through an alias
+    nested.write_text("model: {kwargs: {}}\naugment: {<<: &m {<<: {flip: false, hue: 0.01}, hue: 0.02}, rot90: false}\n"
+                      "train: {seed: 3}\nnormalize: {<<: {per_image: true}}\ndata: {root: null}\nschedule: {<<: {}}\n"
+                      "optimizer: {<<: {lr: 0.001}}\n")  # fmt: skip
+    assert load_config(str(nested)).augment.hue == 0.02
+    from bloodcell.config import _load_yaml
+
+    aliased = _load_yaml("d: &d {flip: false, hue: 0.01}\na: {<<: &m {<<: *d, hue: 0.02}, flip: true}\nx: *m\n")
+    assert aliased["x"] == {"flip": False, "hue": 0.02}
     with pytest.raises(ConfigError, match="model.kwargs"):
         load_config("default", ["model.kwargs={[1]: 2}"])
 

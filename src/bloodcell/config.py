@@ -250,22 +250,27 @@ class _YamlLoader(yaml.SafeLoader):
     one mapping is refused: PyYAML keeps the last silently, so a second ``train:`` section dropped the first.
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults", which PyYAML merges itself
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"a key cannot be {key!r}", key_node.start_mark
-                )
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked before PyYAML flattens a merge into the node (it does so in place, for a merge's own value
+        # too, so an anchored mapping met again through an alias holds its merged keys beside its own).
+        if not getattr(node, "_keys_checked", False):
+            node._keys_checked = True
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": merged, not given twice
+                    continue
+                key = self.construct_object(key_node)
+                if not isinstance(key, Hashable):
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, "a key cannot be a list or a mapping",
+                        key_node.start_mark,
+                    )
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                    )
+                seen.add(key)
+        super().flatten_mapping(node)
 
 
 _YamlLoader.add_implicit_resolver(

@@ -277,12 +277,15 @@ def capture_neighbours(split: pd.DataFrame, marked: np.ndarray, distance: int) -
     """Rows within ``distance`` capture-order positions of a ``marked`` row of their class (the marked rows
     excluded): the same sessions, as the embargo reckons them (capped per class as it is, when the rows
     carry their ``block``). ``split`` holds manifest rows (``path``, ``label``, ``capture``, ``copy``);
-    ``marked`` is a boolean array over them."""
+    ``marked`` is a boolean array over them. A class whose file names carry no capture order (most without a
+    number, or each a series of its own: hash-like names) has no neighbours: its order says nothing."""
     near = np.zeros(len(split), dtype=bool)
     if distance <= 0 or not marked.any():
         return near
     ordered = _capture_order(split.reset_index(drop=True).assign(_marked=marked))
     for _, rows in ordered.groupby("label", sort=False):
+        if not _in_capture_order(rows):
+            continue
         positions = np.arange(len(rows))
         seen = positions[rows["_marked"].to_numpy()]
         if len(seen) == 0:
@@ -293,6 +296,14 @@ def capture_neighbours(split: pd.DataFrame, marked: np.ndarray, distance: int) -
         own = effective_embargo(distance, rows) if "block" in rows else distance
         near[rows.index[(gap <= own) & (gap > 0)]] = True
     return near
+
+
+def _in_capture_order(rows: pd.DataFrame) -> bool:
+    """Whether one class's file names give a capture order: most carry a number, in series of more than
+    one file (the index warns when they do not)."""
+    series = rows["path"].map(lambda path: capture_series(str(path)))
+    alone = int((series.map(series.value_counts()) == 1).sum())
+    return bool((rows["capture"] >= 0).mean() > 0.5 and alone <= len(rows) / 2)
 
 
 def effective_embargo(embargo: int, rows: pd.DataFrame) -> int:

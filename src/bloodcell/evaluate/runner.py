@@ -498,8 +498,8 @@ def _without_training_images(
     trained_parts: list[str], embargo: int = 0,
 ) -> tuple[np.ndarray, int | None]:
     """``indices`` less the images the model trained on, and how many those were (None: unknown). On other
-    data scored whole (``split="all"``), the capture-order neighbours of those images (within ``embargo``
-    positions, as the split reckons them) go too: the same sessions as images it trained on."""
+    data the capture-order neighbours of those images (within ``embargo`` positions, as the split reckons
+    them) go too: the same sessions as images it trained on."""
     where = f"the {split} part" if split != "all" else "these images"
     # On its own data the split is rebuilt as in training, unless this bloodcell splits differently from the
     # one that trained the model (the rules changed in the eighteenth session): its record of training
@@ -540,21 +540,26 @@ def _without_training_images(
         seen |= near_any(table["phash"].tolist(), list(trained_on.phash), NEAR_DUPLICATE_MAX_DISTANCE)
         # and what these data's own index groups with them: shifted re-captures of a field the model saw
         copies = table["dup_group"].isin(table["dup_group"][seen & (table["dup_group"] >= 0).to_numpy()]).to_numpy()
-        # and, scoring every image (--split all), the capture-order neighbours of the images it trained on, as
-        # the split's embargo keeps them from a held-out part: a copy of the training data with files added
-        # would otherwise score its training sessions as unseen. A held-out part of the split rebuilt here
-        # has that embargo already (and a byte copy of a training image left in it would reach into it).
+        # and the capture-order neighbours of the images it trained on, as the split's embargo keeps them from
+        # a held-out part: a copy of the training data with files added would otherwise score its training
+        # sessions as unseen (the embargo of the split rebuilt here is measured from the rebuilt training
+        # part, not from what the model trained on). Conservative: a byte copy of a training image that its
+        # split left out has neighbours too.
         from bloodcell.data.splits import capture_neighbours
 
-        neighbours = capture_neighbours(table, seen, embargo if split == "all" else 0)
+        neighbours = capture_neighbours(table, seen, embargo) & ~(seen | copies)
         keep = ~(seen | copies | neighbours)[indices]
+        if neighbours[indices].any():
+            log.warning("%d of the images of %s are capture-order neighbours (within %d) of images the model "
+                        "trained on, from the same sessions; they are left out", int(neighbours[indices].sum()),
+                        where, embargo)  # fmt: skip
     if not keep.any():
         raise UserError(f"every image of {where} is one the model was trained on: nothing left to evaluate")
     if not keep.all():
         of = f" of {where}" if split != "all" else ""  # "these images" would name them twice
         log.warning("%d of the %d images%s are ones the model was trained on, or copies%s of them; they are left out",
                     int((~keep).sum()), len(indices), of,
-                    " or capture-order neighbours (within the split's embargo)")  # fmt: skip
+                    " or capture-order neighbours")  # fmt: skip
     return indices[keep], int((~keep).sum())
 
 

@@ -221,7 +221,7 @@ def cell_layout(net: nn.Module, layer: nn.Module, height: int, width: int) -> Ce
     middle of that field's extent, measured for two neighbouring cells in the middle of a random input, to
     give the stride and the first cell's centre. Each axis is probed on its own, with the input stretched
     along it only (4 times as tall, then 4 times as wide: a field cut at the sides still has its full
-    height), which costs a sixteenth of a probe 4 times larger both ways. Padded convolutions put cell
+    height), which costs a quarter of a probe 4 times larger both ways with twice the images. Padded convolutions put cell
     ``j`` at ``stride * j``; patch embeddings (a vision transformer) at ``stride * j + (stride - 1) / 2``;
     unpadded ones further in. Where a field reaches the probe's ends (an EfficientNet's last stage) its
     centre is estimated instead as the gradient's centre of mass, to the nearest half pixel (a few pixels
