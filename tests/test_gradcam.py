@@ -336,3 +336,15 @@ def test_the_randomised_copy_resets_what_its_modules_own_as_they_start_it() -> N
     random = randomized_copy(model)
     norms = [module for module in random.net.modules() if isinstance(module, torch.nn.BatchNorm2d)]
     assert norms and all(torch.equal(norm.weight, torch.ones_like(norm.weight)) for norm in norms)
+
+
+def test_similarity_for_all_pairs_at_once_is_scipy_s_spearman_pair_by_pair() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a = rng.random((6, 16, 16)).astype(np.float32)
+    b = (a * 0.5 + rng.random((6, 16, 16)) * 0.5).astype(np.float32)
+    a[2] = np.round(a[2] * 3) / 3  # ties, ranked by their average as spearmanr does
+    b[4] = 0.7  # flat: no ranking, 0
+    expected = [0.0 if np.ptp(x) == 0 or np.ptp(y) == 0 else spearmanr(x.ravel(), y.ravel()).statistic for x, y in zip(a, b)]
+    assert cam_similarity(a, b) == pytest.approx(expected)

@@ -42,7 +42,7 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from scipy.stats import spearmanr
+from scipy.stats import rankdata
 from torch import nn
 
 from bloodcell.errors import NoFeatureMap, UserError
@@ -417,15 +417,20 @@ def randomized_copy(model: Classifier, seed: int = 0) -> Classifier:
 def cam_similarity(cams_a: np.ndarray, cams_b: np.ndarray) -> np.ndarray:
     """Spearman rank correlation between paired CAMs, per image ``(N,)``.
 
-    A constant map carries no ranking; its similarity is reported as 0 (no shared structure).
+    A constant map carries no ranking; its similarity is reported as 0 (no shared structure). Computed for
+    all pairs at once, as the Pearson correlation of average ranks (what ``scipy.stats.spearmanr`` computes
+    pair by pair, 2.5 ms each at 160 px: 3 s of an evaluation's 32 before).
     """
-    values = []
-    for a, b in zip(cams_a, cams_b):
-        if np.ptp(a) == 0 or np.ptp(b) == 0:
-            values.append(0.0)
-        else:
-            values.append(float(spearmanr(a.ravel(), b.ravel()).statistic))
-    return np.asarray(values)
+    n = len(cams_a)
+    if n == 0:
+        return np.zeros(0)
+    a, b = cams_a.reshape(n, -1), cams_b.reshape(n, -1)
+    ranks = [rankdata(side, axis=1) for side in (a, b)]
+    centred = [rank - rank.mean(axis=1, keepdims=True) for rank in ranks]
+    spread = np.sqrt((centred[0] ** 2).sum(axis=1) * (centred[1] ** 2).sum(axis=1))
+    flat = (np.ptp(a, axis=1) == 0) | (np.ptp(b, axis=1) == 0)
+    values = np.divide((centred[0] * centred[1]).sum(axis=1), spread, out=np.zeros(n), where=~flat & (spread > 0))
+    return values
 
 
 def cam_energy_on_cell(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
