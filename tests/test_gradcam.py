@@ -348,3 +348,23 @@ def test_similarity_for_all_pairs_at_once_is_scipy_s_spearman_pair_by_pair() -> 
     b[4] = 0.7  # flat: no ranking, 0
     expected = [0.0 if np.ptp(x) == 0 or np.ptp(y) == 0 else spearmanr(x.ravel(), y.ravel()).statistic for x, y in zip(a, b)]
     assert cam_similarity(a, b) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("layers", "stride", "offset"),
+    [
+        ([torch.nn.Conv2d(3, 4, 16, stride=16)], 16.0, 7.5),  # patches, as a vision transformer's
+        ([torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)], 4.0, 0.0),
+        ([torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(4, 4, 3)], 2.0, 3.5),  # unpadded
+    ],
+    ids=["patches", "padded", "unpadded"],
+)
+def test_the_cell_layout_is_where_each_kind_of_network_centres_its_cells(layers: list, stride: float, offset: float) -> None:
+    """Worked out by hand: a 16 px patch j covers pixels 16 j .. 16 j + 15; a padded 3 x 3 stride-2 pair
+    centres cell j on 4 j; an unpadded 3 x 3, a 2 x 2 pool and a 3 x 3 put cell j on 2 j + 3.5."""
+    from bloodcell.explain.gradcam import cell_layout
+
+    net = torch.nn.Sequential(*layers, torch.nn.Flatten())
+    layer = net[len(layers) - 1]
+    layout = cell_layout(net, layer, 64, 96)
+    assert layout.stride == pytest.approx((stride, stride)) and layout.offset == pytest.approx((offset, offset))
