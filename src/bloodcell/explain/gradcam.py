@@ -395,13 +395,16 @@ def randomized_copy(model: Classifier, seed: int = 0) -> Classifier:
 
     Every module that can resets its own parameters; a parameter no reset reaches (a ConvNeXt's layer
     scales, a vision transformer's class token and position embedding) is drawn from a normal of spread 0.02,
-    as timm starts them, so no trained weight survives into the baseline. The global torch RNG is left
-    untouched.
+    as timm starts them, so no trained weight survives into the baseline. The weights are drawn on the CPU
+    whatever the model's device, and no global generator (the CPU's or a GPU's) is left changed.
     """
-    clone = copy.deepcopy(model)
+    device = next(model.parameters()).device
+    # Drawn on the CPU from its own seeded generator, then moved back: reset on a GPU they would draw from
+    # its generator, which torch.manual_seed would reseed for the whole process (fork_rng keeps the CPU's).
+    clone = copy.deepcopy(model).to("cpu")
     reset_by_their_module: set[int] = set()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         for module in clone.net.modules():
             reset = getattr(module, "reset_parameters", None)
             if reset is not None:
@@ -411,7 +414,7 @@ def randomized_copy(model: Classifier, seed: int = 0) -> Classifier:
             for parameter in clone.net.parameters():
                 if id(parameter) not in reset_by_their_module:
                     nn.init.trunc_normal_(parameter, std=0.02)
-    return clone.eval()
+    return clone.to(device).eval()
 
 
 def cam_similarity(cams_a: np.ndarray, cams_b: np.ndarray) -> np.ndarray:
