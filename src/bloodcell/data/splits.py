@@ -262,10 +262,7 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
         own = effective_embargo(embargo, rows)
         if own < embargo:
             capped.append(f"{rows['class'].iloc[0] if 'class' in rows else label} {own}")
-        positions = train["position"].to_numpy()
-        after = np.clip(np.searchsorted(held, positions), 0, len(held) - 1)
-        before = np.clip(after - 1, 0, len(held) - 1)
-        distance = np.minimum(np.abs(held[after] - positions), np.abs(held[before] - positions))
+        distance = _distance_to_nearest(train["position"].to_numpy(), held)
         result.loc[train.index[distance <= own], "split"] = "embargo"
     if capped:
         warn_once(log, "the embargo beside held-out blocks is less than %d images where a class's blocks are small "
@@ -290,12 +287,17 @@ def capture_neighbours(split: pd.DataFrame, marked: np.ndarray, distance: int) -
         seen = positions[rows["_marked"].to_numpy()]
         if len(seen) == 0:
             continue
-        after = np.clip(np.searchsorted(seen, positions), 0, len(seen) - 1)
-        before = np.clip(after - 1, 0, len(seen) - 1)
-        gap = np.minimum(np.abs(seen[after] - positions), np.abs(seen[before] - positions))
+        gap = _distance_to_nearest(positions, seen)
         own = effective_embargo(distance, rows) if "block" in rows else distance
         near[rows.index[(gap <= own) & (gap > 0)]] = True
     return near
+
+
+def _distance_to_nearest(positions: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """Each position's distance to the nearest of the sorted, non-empty ``anchors`` (capture-order steps)."""
+    after = np.clip(np.searchsorted(anchors, positions), 0, len(anchors) - 1)
+    before = np.clip(after - 1, 0, len(anchors) - 1)
+    return np.minimum(np.abs(anchors[after] - positions), np.abs(anchors[before] - positions))
 
 
 def _in_capture_order(rows: pd.DataFrame) -> bool:

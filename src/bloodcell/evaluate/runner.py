@@ -585,11 +585,11 @@ def calibrate(logits_fn: Callable[[np.ndarray], np.ndarray], data: EvalSet, card
     validation part) the card's value: never refitted on the data being judged or on data the model
     learned from (validation images in its record of training images, where the split rules changed since
     it trained, are left out of the fit)."""
+    if "val" in card.trained_on:
+        return float(card.temperature), str(getattr(card, "temperature_source", None) or "model card")
     val = data.prepared.indices("val")
     if trained_on is not None and len(val):
         val = val[~np.isin(data.prepared.split["sha256"].to_numpy()[val], list(trained_on.sha256))]
-    if "val" in card.trained_on:
-        return float(card.temperature), str(getattr(card, "temperature_source", None) or "model card")
     if data.own_data and data.split == "test" and len(val):  # never fitted on the images it then scores
         val_logits = logits_fn(np.ascontiguousarray(data.prepared.images[val]))
         return fit_temperature(val_logits, data.label_map[data.prepared.labels[val]]), (
