@@ -15,6 +15,7 @@ from bloodcell.data.cache import cache_path, load_images
 from bloodcell.data.decode import decode_image
 from bloodcell.data.index import build_index, dataset_workdir
 from bloodcell.data.prepare import prepare_data
+from bloodcell.data.splits import SPLIT_RULES
 from bloodcell.errors import UserError
 from bloodcell.io import sha256_file
 
@@ -116,7 +117,7 @@ def test_prepare_data(aria_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert sorted(np.concatenate(parts).tolist()) == list(range(len(prepared.split)))
     assert all(len(prepared.indices(p)) > 0 for p in ("train", "val", "test"))
     assert prepared.manifest_sha256 == sha256_file(prepared.manifest_path)
-    assert prepared.split_path.is_file() and prepared.split_path.name == "session-seed0.csv"
+    assert prepared.split_path.is_file() and prepared.split_path.name == f"session-seed0-rules{SPLIT_RULES}.csv"
     assert prepared.segmented_images is not None and prepared.segmented_images.shape == prepared.images.shape
     segmented_row = decode_image(aria_dataset / "Segmented" / prepared.split["path"].iloc[k], 40)
     np.testing.assert_array_equal(prepared.segmented_images[k], segmented_row)

@@ -17,7 +17,8 @@ from test_index import SUMMARY_KEYS
 
 runner = CliRunner()
 
-SPLIT_KEYS = {"protocol", "seed", "counts", "blocks", "leakage_check", "leakage_message", "capture_gaps", "split"}
+SPLIT_KEYS = {"protocol", "seed", "counts", "blocks", "leakage_check", "leakage_message", "capture_gaps", "split",
+              "split_rules", "split_sha256"}
 
 
 def invoke(*args: str) -> dict | str:

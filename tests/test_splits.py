@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from bloodcell import CLASSES
 from bloodcell.data.splits import (
+    SPLIT_RULES,
     LeakageError,
     check_leakage,
     effective_embargo,
     make_split,
+    save_split,
     session_blocks,
     split_counts,
     split_summary,
@@ -225,6 +230,8 @@ def test_split_summary_keys_and_verdict() -> None:
         "leakage_message",
         "capture_gaps",
         "split",
+        "split_rules",
+        "split_sha256",
     }
     assert summary["leakage_check"] == "passed"
     assert set(summary["counts"]) == {"train", "val", "test", "embargo"}
@@ -384,11 +391,31 @@ def test_a_split_of_other_settings_is_saved_under_another_name() -> None:
     from bloodcell.data.splits import split_file_name
 
     default = split_file_name("session", 0, val_fraction=0.15, test_fraction=0.15, block_size=40, embargo=12)
-    assert default == "session-seed0.csv"
+    assert default == f"session-seed0-rules{SPLIT_RULES}.csv"
     others = {split_file_name("session", 0, block_size=1), split_file_name("session", 0, embargo=0),
               split_file_name("session", 0, class_names=["a", "b"]), split_file_name("session", 0, val_fraction=0.2)}  # fmt: skip
     assert len(others) == 4 and default not in others
-    assert split_file_name("kfold", 1, 2, folds=3) != split_file_name("kfold", 1, 2, folds=5) == "kfold-seed1-fold2.csv"
+    assert split_file_name("kfold", 1, 2, folds=3) != split_file_name("kfold", 1, 2, folds=5) == f"kfold-seed1-fold2-rules{SPLIT_RULES}.csv"
+
+
+def test_a_split_cut_by_newer_rules_is_saved_under_another_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Newer rules may cut other parts from the same settings: the older file, which an older model's
+    metrics.json names, must stay as it was."""
+    import bloodcell.data.splits as splits
+
+    now = splits.split_file_name("session", 0)
+    monkeypatch.setattr(splits, "SPLIT_RULES", SPLIT_RULES + 1)
+    assert splits.split_file_name("session", 0) != now
+
+
+def test_the_split_summary_records_the_rules_and_a_hash_of_the_saved_table(tmp_path: Path) -> None:
+    split = make_split(synthetic_manifest(), "session", seed=0)
+    path = save_split(split, tmp_path / "split.csv")
+    summary = split_summary(split, "session", 0, CLASSES, path)
+    assert summary["split_rules"] == SPLIT_RULES
+    assert summary["split_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    split.loc[split.index[0], "split"] = "embargo"
+    assert split_summary(split, "session", 0, CLASSES, path)["split_sha256"] != summary["split_sha256"]
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -199,7 +199,7 @@ def split_command(
 
     The leakage check runs on every split; if it fails the command exits with status 1.
 
-    --json keys: protocol, seed, counts {part: {class: n, total}}, blocks {part: n}, leakage_check ("passed" or "failed"), leakage_message, capture_gaps {class: fewest capture-order steps from a training to a held-out image}, split.
+    --json keys: protocol, seed, counts {part: {class: n, total}}, blocks {part: n}, leakage_check ("passed" or "failed"), leakage_message, capture_gaps {class: fewest capture-order steps from a training to a held-out image}, split (the CSV's path), split_rules, split_sha256 (the CSV's hash).
     """
     from bloodcell.data.index import build_index, dataset_workdir
     from bloodcell.data.splits import make_split, save_split, split_file_name, split_summary

@@ -442,18 +442,27 @@ _DEFAULT_SETTINGS = {
 
 
 def split_file_name(protocol: str, seed: int, fold: int | None = None, **settings: Any) -> str:
-    """File name of a saved split, e.g. ``session-seed0.csv`` or ``kfold-seed0-fold2.csv``; settings that
-    differ from the defaults (``val_fraction``, ``test_fraction``, ``block_size``, ``embargo``, ``folds``,
-    ``class_names``) add a short hash of them, so a split of other settings never replaces this one (a
-    model's ``metrics.json`` names the file)."""
+    """File name of a saved split, e.g. ``session-seed0-rules2.csv`` or ``kfold-seed0-fold2-rules2.csv``.
+
+    Settings that differ from the defaults (``val_fraction``, ``test_fraction``, ``block_size``, ``embargo``,
+    ``folds``, ``class_names``) add a short hash of them, and :data:`SPLIT_RULES` is in every name, so
+    neither a split of other settings nor one cut by newer rules replaces this one: a model's
+    ``metrics.json`` names the file, which must still hold the split it was scored on.
+    """
     changed = {k: v for k, v in sorted(settings.items()) if v is not None and _DEFAULT_SETTINGS.get(k) != v}
     digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
-    return f"{protocol}-seed{seed}" + (f"-fold{fold}" if fold is not None else "") + (f"-{digest}" if digest else "") + ".csv"
+    return (f"{protocol}-seed{seed}" + (f"-fold{fold}" if fold is not None else "") + (f"-{digest}" if digest else "")
+            + f"-rules{SPLIT_RULES}.csv")  # fmt: skip
 
 
 def save_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Write a split table as CSV, atomically (left alone when it holds this split already); returns the path."""
-    return write_text_if_changed(path, split.to_csv(index=False, lineterminator="\n"))
+    return write_text_if_changed(path, split_csv(split))
+
+
+def split_csv(split: pd.DataFrame) -> str:
+    """A split table as the CSV text :func:`save_split` writes."""
+    return split.to_csv(index=False, lineterminator="\n")
 
 
 def split_counts(split: pd.DataFrame, classes: list[str] | tuple[str, ...]) -> dict[str, dict[str, int]]:
@@ -477,7 +486,8 @@ def split_summary(
     Keys: ``protocol``, ``seed``, ``counts`` (``{part: {class: n, "total": n}}`` for train, val, test,
     embargo), ``blocks`` (session blocks per part), ``leakage_check`` (``"passed"`` or ``"failed"``),
     ``leakage_message`` (empty when passed), ``capture_gaps`` (see :func:`capture_gaps`), ``split`` (path
-    of the CSV, or null).
+    of the CSV, or null), ``split_rules`` (:data:`SPLIT_RULES`) and ``split_sha256`` (of the table as
+    :func:`save_split` writes it: what a later reader compares the named file with).
     """
     try:
         check_leakage(split)
@@ -494,6 +504,8 @@ def split_summary(
         "leakage_message": message,
         "capture_gaps": capture_gaps(split),
         "split": str(path) if path is not None else None,
+        "split_rules": SPLIT_RULES,
+        "split_sha256": hashlib.sha256(split_csv(split).encode()).hexdigest(),
     }
 
 
