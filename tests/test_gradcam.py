@@ -368,3 +368,23 @@ def test_the_cell_layout_is_where_each_kind_of_network_centres_its_cells(layers:
     layer = net[len(layers) - 1]
     layout = cell_layout(net, layer, 64, 96)
     assert layout.stride == pytest.approx((stride, stride)) and layout.offset == pytest.approx((offset, offset))
+
+
+def test_eigen_maps_rise_where_the_channels_fire_whatever_sign_the_svd_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A principal component's sign is arbitrary: with either sign from the SVD the map peaks on the blob."""
+    from bloodcell.explain import gradcam
+
+    rng = np.random.default_rng(0)
+    activations = rng.random((2, 8, 6, 6)).astype(np.float32) * 0.1
+    activations[:, :4, 1:3, 3:5] += 2.0  # a blob firing in half the channels
+    expected = np.zeros((6, 6), dtype=bool)
+    expected[1:3, 3:5] = True
+    svd = np.linalg.svd
+    for sign in (1.0, -1.0):
+        monkeypatch.setattr(np.linalg, "svd", lambda a, *args, s=sign, **kwargs: tuple(s * m for m in svd(a, *args, **kwargs)))
+        for cam in gradcam.oriented_projection(activations):
+            assert expected[np.unravel_index(np.argmax(cam), cam.shape)]
+            assert cam[expected].mean() > cam[~expected].mean()
+    monkeypatch.undo()
+    assert gradcam.METHODS["eigencam"] is gradcam.SignedEigenCAM
+    assert gradcam.METHODS["eigengradcam"] is gradcam.SignedEigenGradCAM

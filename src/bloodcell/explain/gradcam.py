@@ -42,6 +42,7 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from scipy.stats import rankdata
 from torch import nn
 
@@ -50,6 +51,40 @@ from bloodcell.explain.cell_masks import stained_cell_masks
 from bloodcell.models.classifier import Classifier, as_batch_tensor
 from bloodcell.probabilities import softmax_with_temperature
 
+
+def oriented_projection(tensor: np.ndarray) -> np.ndarray:
+    """Each image's ``(C, H, W)`` map projected on its first principal component (the library's
+    ``get_2d_projection``), signed to rise where the channels' sum rises: ``(B, H, W)``.
+
+    Why: a principal component's sign is arbitrary (SVD gives ``v`` or ``-v`` alike), and the library's
+    EigenCAM keeps whichever LAPACK returns, so its map, min-max scaled, may light up exactly what the network
+    ignores. The channel sum fixes the sign by meaning: for activations it is how strongly a place fires;
+    for activations times gradients (EigenGradCAM) it is the place's contribution to the class score.
+    """
+    projections = get_2d_projection(tensor)
+    sums = np.nan_to_num(tensor).sum(axis=1)
+    for projection, total in zip(projections, sums, strict=True):
+        if np.sum((projection - projection.mean()) * (total - total.mean())) < 0:
+            projection *= -1  # in place: one image's map of the batch
+    return projections
+
+
+class SignedEigenCAM(EigenCAM):
+    """EigenCAM with its sign fixed by :func:`oriented_projection`."""
+
+    def get_cam_image(self, input_tensor: Any, target_layer: Any, target_category: Any, activations: np.ndarray,
+                      grads: np.ndarray, eigen_smooth: bool) -> np.ndarray:  # fmt: skip
+        return oriented_projection(activations)
+
+
+class SignedEigenGradCAM(EigenGradCAM):
+    """EigenGradCAM with its sign fixed by :func:`oriented_projection`."""
+
+    def get_cam_image(self, input_tensor: Any, target_layer: Any, target_category: Any, activations: np.ndarray,
+                      grads: np.ndarray, eigen_smooth: bool) -> np.ndarray:  # fmt: skip
+        return oriented_projection(grads * activations)
+
+
 #: CAM methods by CLI name.
 METHODS: dict[str, type[BaseCAM]] = {
     "gradcam": GradCAM,
@@ -57,8 +92,8 @@ METHODS: dict[str, type[BaseCAM]] = {
     "hirescam": HiResCAM,
     "xgradcam": XGradCAM,
     "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
+    "eigencam": SignedEigenCAM,
+    "eigengradcam": SignedEigenGradCAM,
     "scorecam": ScoreCAM,
 }
 
