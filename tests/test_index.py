@@ -678,3 +678,38 @@ def test_hash_like_names_are_said_to_carry_no_capture_order(caplog: pytest.LogCa
     with caplog.at_level("WARNING"):
         index_module._warn_of_names_without_numbers(numbered, Path("aria"))
     assert "share no name stem" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("planar", "dtype", "compression", "refused"),
+    [
+        ("separate", np.uint16, None, "16-bit samples stored one plane a channel"),
+        ("separate", ">u2", None, "16-bit samples stored one plane a channel"),  # big-endian
+        ("contig", np.float32, None, "floating-point samples"),
+        ("contig", np.uint32, None, "32-bit samples"),
+        ("contig", np.uint16, None, None),
+        ("separate", np.uint8, None, None),
+        ("separate", np.uint16, "zlib", None),
+    ],
+)
+def test_colour_tiffs_the_image_library_misreads_are_refused_not_read_as_stripes(
+    planar: str, dtype: str, compression: str | None, refused: str | None
+) -> None:
+    """Pillow reads an uncompressed 16-bit colour TIFF in separate planes as 8-bit samples: stripes, which
+    the bundled model read as Benign with 0.78 confidence; float and 32-bit colour it cannot open."""
+    import tifffile
+
+    from bloodcell.data.decode import ImageError, open_rgb
+
+    rgb = smear(5, size=32)
+    wide = np.dtype(dtype)
+    pixels = (rgb.astype(wide) / 255 if wide.kind == "f" else rgb.astype(wide) * (257 if wide.itemsize == 2 else 1))
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels.transpose(2, 0, 1) if planar == "separate" else pixels, photometric="rgb",
+                     planarconfig=planar, compression=compression)  # fmt: skip
+    if refused is None:
+        assert np.array_equal(np.asarray(open_rgb(buffer.getvalue())), rgb)
+    else:
+        with pytest.raises(ImageError, match=refused) as raised:
+            open_rgb(buffer.getvalue())
+        assert "8-bit RGB" in raised.value.reason

@@ -71,9 +71,10 @@ MAX_PNG_CHUNKS = 131_072
 #: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG that ends before its
 #: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused; 4: a PNG
 #: of more than MAX_PNG_CHUNKS chunks refused; 5: JPEGs of more than MAX_JPEG_SEGMENTS segments, TIFFs of
-#: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused). The index's hash cache
+#: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused; 6: colour TIFFs of samples
+#: wider than 8 bits in separate planes, of floating-point or of more than 16-bit samples refused). The index's hash cache
 #: and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
-DECODER_VERSION = 5
+DECODER_VERSION = 6
 #: Images whose shorter side falls short of the longer by more than this share are named as squashed when
 #: resized to the model's square input. A crop that trims a few rows (224 x 216: 3.6 %) changes a cell's
 #: proportions less than cells differ among themselves, so it passes unnoted; a 4:3 camera frame (25 %) or a
@@ -231,7 +232,9 @@ def _refuse_costly_structure(name: str, data: bytes) -> None:
         raise ImageError(name, "a BigTIFF, or a TIFF with a non-standard header: not read (save it as an ordinary "
                                "TIFF, PNG or JPEG)")  # fmt: skip
     if data[:4] in (b"II*\x00", b"MM\x00*"):
-        _refuse_costly_tiff(name, _tiff_first_directory(data))
+        directory = _tiff_first_directory(data)
+        _refuse_costly_tiff(name, directory)
+        _refuse_unread_tiff_samples(name, directory)
     if data[:8] == PNG_SIGNATURE and _png_chunks(data) > MAX_PNG_CHUNKS:
         raise ImageError(name, f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks: too costly to decode")
 
@@ -311,6 +314,11 @@ class TiffDirectory(NamedTuple):
     strips: int  # the larger of its strip and tile counts
     size: tuple[int, int]  # image width and height (0 where unread)
     tile: tuple[int, int]  # tile width and height (0 when it is not tiled)
+    samples: int = 0  # samples a pixel (3 for RGB; 0 where unread)
+    bits: int = 0  # bits a sample (the first channel's; 0 where unread)
+    planar: int = 1  # 1: samples interleaved pixel by pixel, 2: one plane a channel
+    sample_format: int = 1  # 1: unsigned integers, 2: signed, 3: floating point
+    compression: int = 1  # 1: none
 
 
 def _tiff_first_directory(data: bytes) -> TiffDirectory:
@@ -330,8 +338,53 @@ def _tiff_first_directory(data: bytes) -> TiffDirectory:
             counts.append(int.from_bytes(entry[4:8], order))
         elif tag in (256, 257, 322, 323):  # ImageWidth, ImageLength, TileWidth, TileLength: a SHORT or LONG
             values[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
+        elif tag in (258, 259, 277, 284, 339):  # BitsPerSample, Compression, SamplesPerPixel, PlanarConfiguration, SampleFormat
+            values[tag] = _first_tiff_value(entry, data, order)
     return TiffDirectory(entries, max(counts), (values.get(256, 0), values.get(257, 0)),
-                         (values.get(322, 0), values.get(323, 0)))  # fmt: skip
+                         (values.get(322, 0), values.get(323, 0)), values.get(277, 0), values.get(258, 0),
+                         values.get(284, 1), values.get(339, 1), values.get(259, 1))  # fmt: skip
+
+
+def _first_tiff_value(entry: bytes, data: bytes, order: Literal["little", "big"]) -> int:
+    """The first value of a SHORT or LONG tag entry (a per-channel tag lists one a channel, stored elsewhere
+    in the file when they do not fit the entry's 4 bytes); 0 where it cannot be read."""
+    size = {3: 2, 4: 4}.get(int.from_bytes(entry[2:4], order), 0)
+    if not size:
+        return 0
+    count = int.from_bytes(entry[4:8], order)
+    if size * count <= 4:
+        raw = entry[8 : 8 + size]
+    else:
+        at = int.from_bytes(entry[8:12], order)
+        raw = data[at : at + size]
+    return int.from_bytes(raw, order) if len(raw) == size else 0
+
+
+#: TIFF compression codes of deflate (8, and Adobe's old 32946).
+_DEFLATE = (8, 32946)
+
+
+def _refuse_unread_tiff_samples(name: str, directory: TiffDirectory) -> None:
+    """Refuse colour TIFFs whose samples Pillow misreads or cannot read, with the reason.
+
+    Pillow reads an uncompressed colour TIFF of 16-bit samples stored one plane a channel as if its samples
+    were 8-bit (deflate-compressed ones it reads right, measured; other codecs were not tried, so they are
+    refused too): a striped picture, classified without a word (a review measured a Pre-B sample read as
+    Benign, 0.78); floating-point and 32-bit colour it cannot open at all, and said only that the header
+    could not be read. Greyscale is left to the mode check in :func:`open_rgb`, which names its mode.
+    """
+    if directory.samples < 3:
+        return
+    if directory.sample_format == 3:
+        raise ImageError(name, "a colour TIFF of floating-point samples: bloodcell reads 8-bit colour images; "
+                               "convert it to 8-bit RGB first")  # fmt: skip
+    if directory.bits > 16:
+        raise ImageError(name, f"a colour TIFF of {directory.bits}-bit samples: bloodcell reads 8-bit colour "
+                               "images; convert it to 8-bit RGB first")  # fmt: skip
+    if directory.planar == 2 and directory.bits > 8 and directory.compression not in _DEFLATE:
+        raise ImageError(name, f"a colour TIFF of {directory.bits}-bit samples stored one plane a channel "
+                               f"(compression {directory.compression}), which the image library misreads: save it "
+                               "with interleaved samples, or as 8-bit RGB")  # fmt: skip
 
 
 def _refuse_costly_tiff(name: str, directory: TiffDirectory) -> None:
