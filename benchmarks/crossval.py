@@ -47,6 +47,7 @@ from benchmark_common import add_data_and_out_options, require_dataset
 
 from bloodcell.config import load_config, override
 from bloodcell.data.prepare import prepare_data
+from bloodcell.data.splits import bootstrap_blocks
 from bloodcell.evaluate.metrics import classification_metrics
 from bloodcell.evaluate.runner import predict_logits
 from bloodcell.evaluate.tta import tta_logits
@@ -95,6 +96,7 @@ def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path
         "tta_logits": ensemble_logits(member_tta_logits),
         "member_logits": member_logits,
         "blocks": prepared.split["block"].to_numpy()[held_out],
+        "units": bootstrap_blocks(prepared.split, held_out),  # the bootstrap's: blocks a re-capture joins as one
         "paths": prepared.split["path"].to_numpy()[held_out],
         "classes": list(prepared.classes),
         "train_seconds": train_seconds,  # the fits alone (before the tenth session: with the prediction too)
@@ -112,7 +114,7 @@ def ensemble_logits(member_logits: list[np.ndarray]) -> np.ndarray:
 def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int) -> dict[str, Any]:
     """Out-of-fold metrics over all folds together, and each fold's balanced accuracy; the same with TTA."""
     classes = runs[0]["classes"]
-    labels, blocks = _stack(runs, "labels"), _stack(runs, "blocks")
+    labels, blocks = _stack(runs, "labels"), _stack(runs, "units")
     pooled = classification_metrics(labels, softmax_with_temperature(_stack(runs, "logits")), classes, blocks, n_bootstrap=n_bootstrap)
     with_tta = classification_metrics(
         labels, softmax_with_temperature(_stack(runs, "tta_logits")), classes, blocks, n_bootstrap=n_bootstrap

@@ -264,3 +264,17 @@ def test_a_baseline_on_one_class_says_so_in_words() -> None:
     features, labels = np.random.default_rng(0).normal(size=(10, 3)), np.array([0] * 8 + [1] * 2)
     with pytest.raises(UserError, match="at least 2 classes; the session split's training part holds 1"):
         fit_shortcut_baseline(features, labels, np.arange(8), np.arange(8, 10))
+
+
+def test_chance_and_the_statement_follow_the_images_scored() -> None:
+    """Balanced accuracy averages over the classes present where it is scored: a constant guess on images
+    of 2 of the 4 classes scores 0.5, and the statement names the part it was scored on."""
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(4), 40)
+    images = framed_images(rng.integers(180, 240, size=(160, 3)).astype(np.uint8))
+    train = np.flatnonzero(np.arange(160) % 2 == 0)
+    two_classes = np.flatnonzero((np.arange(160) % 2 == 1) & (labels < 2))
+    result = border_colour_baseline(images, labels, train, two_classes, ring=4, scored_on="val")
+    assert result["chance"] == 0.5
+    assert "held-out validation blocks" in result["statement"] and "test blocks" not in result["statement"]
+    assert "held-out test blocks" in border_colour_baseline(images, labels, train, two_classes, ring=4)["statement"]

@@ -27,6 +27,7 @@ from bloodcell.evaluate.metrics import (
     reliability_bins,
     resampling_units,
 )
+from bloodcell.evaluate.runner import json_ready
 
 # Hand-made: 12 images; class 3 (Pro-B) is never predicted, class 0 is over-predicted.
 Y_TRUE = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
@@ -233,3 +234,33 @@ def test_metrics_are_json_ready_with_documented_keys(metrics: dict) -> None:
         assert key in metrics
     assert len(metrics["balanced_accuracy_ci"]) == 2
     json.dumps(metrics, allow_nan=False)
+
+
+def test_nll_is_not_capped_for_confident_errors() -> None:
+    """scikit-learn's log_loss clips probabilities at machine epsilon (at most 36 an image); a wrong answer
+    at a 60-logit margin costs 60."""
+    from bloodcell.probabilities import softmax_with_temperature
+
+    logits = np.array([[0.0, 60.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]])
+    probs = softmax_with_temperature(logits)
+    exact = -np.log(probs[np.arange(2), [0, 0]].clip(min=1e-300)).mean()
+    result = classification_metrics(np.array([0, 0]), probs, CLASSES, blocks=None, n_bootstrap=20)
+    assert result["nll"] == pytest.approx(exact, rel=1e-6) and result["nll"] > 29
+
+
+def test_a_class_without_images_has_no_row_shares_not_zero_recall() -> None:
+    y_true = np.array([0, 0, 2, 2])
+    result = json.loads(json.dumps(json_ready(classification_metrics(y_true, probs_for(y_true), CLASSES, n_bootstrap=20))))
+    rows = result["confusion_matrix_normalized"]
+    assert rows[0] == [1.0, 0.0, 0.0, 0.0] and rows[1] == [None] * 4 and rows[3] == [None] * 4
+
+
+def test_balanced_accuracy_of_one_class_is_quiet() -> None:
+    import warnings
+
+    from bloodcell.evaluate.metrics import balanced_accuracy, chance_level
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert balanced_accuracy(np.array([1, 1]), np.array([1, 1])) == 1.0
+    assert chance_level(np.array([0, 2, 2])) == 0.5 and chance_level(np.arange(4)) == 0.25

@@ -493,3 +493,19 @@ def test_names_without_capture_order_have_no_neighbours() -> None:
     assert not capture_neighbours(manifest, marked, 3).any()
     blocked = make_split(synthetic_manifest(per_class=(30, 30, 30, 30)), "session", 0)  # with blocks: capped
     assert capture_neighbours(blocked, (blocked["capture"] == 10).to_numpy(), 12).sum() <= 4 * 2 * 12
+
+
+def test_the_bootstrap_resamples_blocks_a_re_capture_joins_as_one_unit() -> None:
+    """Two blocks of one slide are not independent samples: the interval must resample them together."""
+    from bloodcell.data.splits import bootstrap_blocks
+
+    manifest = synthetic_manifest(per_class=(400, 400, 400, 400), duplicates=[(85, 285)])
+    split = make_split(manifest, "session", seed=0)
+    rows = np.arange(len(split))
+    units = bootstrap_blocks(split, rows)
+    joined = (split["block"] == "Benign:02") | (split["block"] == "Benign:07")
+    assert set(units[joined.to_numpy()]) == {"Benign:02+Benign:07"}
+    assert (units[~joined.to_numpy()] == split["block"].to_numpy()[~joined.to_numpy()]).all()
+    # named by the blocks among the rows asked for
+    only_one = np.flatnonzero((split["block"] == "Benign:07").to_numpy())
+    assert set(bootstrap_blocks(split, only_one)) == {"Benign:07"}

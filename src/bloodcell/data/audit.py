@@ -26,7 +26,7 @@ from bloodcell.data.prepare import segmented_images
 from bloodcell.data.progress import track
 from bloodcell.data.splits import SPLIT_RULES, make_split, split_counts
 from bloodcell.errors import UserError
-from bloodcell.evaluate.metrics import balanced_accuracy
+from bloodcell.evaluate.metrics import balanced_accuracy, chance_level
 from bloodcell.explain.cell_masks import stained_cell_masks
 from bloodcell.io import atomic_write_json, atomic_write_text
 
@@ -216,7 +216,7 @@ def fit_shortcut_baseline(
     seed: for the solver (it is deterministic with lbfgs, kept for completeness).
 
     Returns ``{"balanced_accuracy", "chance", "n_train", "n_test", "verdict"}``; chance is one over the
-    number of classes (the balanced accuracy of any constant guess).
+    number of classes among the test rows (the balanced accuracy of any constant guess on them).
     """
     present = np.unique(labels[train_idx])
     if len(present) < 2:  # scikit-learn's own words ("this solver needs samples of at least 2 classes") say less
@@ -227,7 +227,7 @@ def fit_shortcut_baseline(
     )
     model.fit(features[train_idx], labels[train_idx])
     score = float(balanced_accuracy(labels[test_idx], model.predict(features[test_idx])))
-    chance = 1.0 / len(np.unique(labels))
+    chance = chance_level(labels[test_idx])
     return {
         "balanced_accuracy": round(score, 4),
         "chance": round(chance, 4),
@@ -244,6 +244,7 @@ def border_colour_baseline(
     test_idx: np.ndarray,
     ring: int = DEFAULT_RING,
     seed: int = 0,
+    scored_on: str = "test",
 ) -> dict[str, Any]:
     """The shortcut baseline: logistic regression on the mean colour of the image border.
 
@@ -254,6 +255,7 @@ def border_colour_baseline(
     train_idx, test_idx: rows to fit on and to score.
     ring: border width in pixels.
     seed: solver seed.
+    scored_on: the part ``test_idx`` holds, as the statement names it (``test``, ``val``).
 
     Returns the dict of :func:`fit_shortcut_baseline` plus ``feature``, ``model`` and ``statement`` (a
     plain-words sentence on what the number means).
@@ -264,15 +266,16 @@ def border_colour_baseline(
         "feature": feature,
         "model": "logistic regression",
         **result,
-        "statement": _statement(result, "the border colour, never the cells,"),
+        "statement": _statement(result, "the border colour, never the cells,", scored_on),
     }
 
 
-def _statement(result: dict[str, Any], what: str) -> str:
+def _statement(result: dict[str, Any], what: str, scored_on: str = "test") -> str:
     score, chance = 100 * result["balanced_accuracy"], 100 * result["chance"]
+    where = {"test": "the held-out test blocks", "val": "the held-out validation blocks"}.get(scored_on, f"the {scored_on} images")
     head = (
         f"A logistic regression that sees only {what} reaches {score:.1f} % balanced "
-        f"accuracy on the held-out test blocks (chance: {chance:.0f} %)."
+        f"accuracy on {where} (chance: {chance:.0f} %)."
     )
     tails = {
         "uncertain": (

@@ -216,6 +216,20 @@ def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
     return np.argsort(np.argsort(first))[components]
 
 
+def bootstrap_blocks(split: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """The session block of each of ``rows`` as a bootstrap over the split's blocks must resample it: blocks
+    that a duplicate group joins (a field re-captured in another session, so one slide) named as one unit,
+    e.g. ``Benign:05+Benign:06``, as the split draws them (:func:`_block_and_duplicate_groups`, over the
+    whole table). Resampled apart, two pieces of one slide would count as independent and narrow the
+    interval. The name lists the blocks among ``rows`` only."""
+    blocks = split["block"].to_numpy()
+    if "dup_group" not in split or len(split) == 0 or (blocks == "").any():
+        return blocks[rows]
+    groups = _block_and_duplicate_groups(split)[rows]
+    chosen = pd.Series(blocks[rows], dtype=object)
+    return chosen.groupby(groups).transform(lambda names: "+".join(sorted(set(names)))).to_numpy()
+
+
 def keep_duplicate_groups_together(split: pd.DataFrame) -> pd.DataFrame:
     """Leave every duplicate group in one used part: the most protected part it touches (test, then val).
 

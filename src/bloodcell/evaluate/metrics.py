@@ -15,6 +15,7 @@ Everything here is pure numpy/scikit-learn (no torch), so the ONNX side can use 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypedDict
 
@@ -23,7 +24,6 @@ from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     f1_score,
-    log_loss,
     precision_recall_fscore_support,
     roc_auc_score,
     roc_curve,
@@ -43,7 +43,16 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     the classes). The one definition every stage uses."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = np.union1d(y_true, y_pred)
-    return float(balanced_accuracy_from_confusion(confusion_matrix(y_true, y_pred, labels=labels)))
+    with warnings.catch_warnings():  # one label given is one label meant (a baseline scored on one class)
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return float(balanced_accuracy_from_confusion(confusion_matrix(y_true, y_pred, labels=labels)))
+
+
+def chance_level(y_true: np.ndarray) -> float:
+    """The balanced accuracy of any constant guess: one over the number of classes present in ``y_true``
+    (balanced accuracy averages recall over those classes only, so a folder of 2 of the 4 classes has
+    chance 0.5, not 0.25)."""
+    return 1.0 / max(len(np.unique(np.asarray(y_true))), 1)
 
 
 def balanced_accuracy_from_confusion(cms: np.ndarray) -> np.ndarray:
@@ -313,7 +322,7 @@ def classification_metrics(
 
     Returns a JSON-ready dict: ``balanced_accuracy``, ``balanced_accuracy_ci`` ([low, high]),
     ``ci_method``, ``accuracy``, ``macro_f1``, ``per_class``, ``confusion_matrix``,
-    ``confusion_matrix_normalized`` (rows sum to 1), ``roc_auc`` (class -> AUC or None), ``roc_auc_macro``,
+    ``confusion_matrix_normalized`` (rows sum to 1; NaN for a class without images), ``roc_auc`` (class -> AUC or None), ``roc_auc_macro``,
     ``ece``, ``nll``, ``reliability`` (bins), ``confident_errors`` and ``n_images``.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -322,7 +331,10 @@ def classification_metrics(
     labels = list(range(n_classes))
     y_pred = probs.argmax(axis=1)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
-    cm_normalized = confusion_matrix(y_true, y_pred, labels=labels, normalize="true")
+    # Rows of classes absent from the images are NaN (null in JSON), not scikit-learn's 0/0 -> 0, which
+    # would read as 0 % recall.
+    support = cm.sum(axis=1, keepdims=True)
+    cm_normalized = np.divide(cm, support, out=np.full(cm.shape, np.nan), where=support > 0)
     low, high = block_bootstrap_ci(y_true, y_pred, blocks, n_classes, n_resamples=n_bootstrap, seed=seed)
     auc = roc_auc_per_class(y_true, probs, classes)
     defined = [v for v in auc.values() if v is not None]
@@ -343,11 +355,23 @@ def classification_metrics(
         "roc_auc": auc,
         "roc_auc_macro": float(np.mean(defined)) if defined else None,
         "ece": expected_calibration_error(y_true, probs),
-        "nll": float(log_loss(y_true, probs, labels=labels)),
+        "nll": negative_log_likelihood(y_true, probs),
         "reliability": reliability_bins(y_true, probs),
         "confident_errors": confident_errors(y_true, probs),
         "n_images": len(y_true),
     }
+
+
+def negative_log_likelihood(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean ``-log p(true class)``, unclipped where it can be: scikit-learn's ``log_loss`` clips probabilities
+    at machine epsilon, so no image could add more than 36 and a confident error was undercounted; here an
+    image's term is capped only where its probability underflows to 0 (at 745, float64's smallest positive
+    value), far beyond any model's margin."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if len(y_true) == 0:
+        return float("nan")
+    chosen = np.asarray(probs, dtype=np.float64)[np.arange(len(y_true)), y_true]
+    return float(-np.log(np.maximum(chosen, np.finfo(np.float64).smallest_subnormal)).mean())
 
 
 def confident_errors(y_true: np.ndarray, probs: np.ndarray, threshold: float = CONFIDENT) -> dict[str, Any]:

@@ -24,11 +24,13 @@ import numpy as np
 import pandas as pd
 
 from bloodcell.config import DataConfig, RunConfig, config_from_dict, load_config
+from bloodcell.data.splits import bootstrap_blocks
 from bloodcell.errors import NoFeatureMap, UserError
 from bloodcell.evaluate.calibration import fit_temperature, save_temperature
 from bloodcell.evaluate.metrics import (
     balanced_accuracy,
     block_bootstrap_ci,
+    chance_level,
     classification_metrics,
     expected_calibration_error,
     headline_metrics,
@@ -158,7 +160,7 @@ def robustness_suite(
     clean_logits: logits of the unshifted images when already computed (saves a pass).
 
     Returns ``{"clean": {...}, "shifts": {name: [per-severity dicts]}, "worst": {severity: {...}},
-    "chance": 1/K}``; each per-severity dict holds ``severity``, ``parameters``, ``balanced_accuracy``,
+    "chance"}`` (:func:`~bloodcell.evaluate.metrics.chance_level` of ``y_true``); each per-severity dict holds ``severity``, ``parameters``, ``balanced_accuracy``,
     ``balanced_accuracy_ci``, ``accuracy``, ``macro_f1`` and ``ece``.
     """
     from bloodcell.data.progress import track
@@ -176,7 +178,7 @@ def robustness_suite(
     for severity in SEVERITIES:
         name = min(names, key=lambda n: table[n][severity]["balanced_accuracy"])
         worst[str(severity)] = {"shift": name, **{k: table[name][severity][k] for k in ("balanced_accuracy", "accuracy")}}
-    return {"clean": clean, "shifts": table, "worst": worst, "chance": 1.0 / n_classes}
+    return {"clean": clean, "shifts": table, "worst": worst, "chance": chance_level(y_true)}
 
 
 #: Images shifted at once by the robustness suite. Some shifts compute in float (defocus pads and convolves
@@ -236,8 +238,9 @@ def shortcut_baseline(prepared: PreparedData, indices: np.ndarray, split: str) -
     test_idx = prepared.indices("test") if split == "all" else indices
     if len(train_idx) == 0 or len(test_idx) == 0 or len(np.unique(prepared.labels[train_idx])) < 2:
         return None
-    result = border_colour_baseline(prepared.images, prepared.labels, train_idx, test_idx)
-    return {**result, "scored_on": "test" if split == "all" else split, "image_size": int(prepared.images.shape[1])}
+    scored_on = "test" if split == "all" else split
+    result = border_colour_baseline(prepared.images, prepared.labels, train_idx, test_idx, scored_on=scored_on)
+    return {**result, "scored_on": scored_on, "image_size": int(prepared.images.shape[1])}
 
 
 def data_audit_summary(prepared: PreparedData, class_names: list[str] | None = None, progress: bool = False) -> dict[str, Any] | None:
@@ -426,7 +429,7 @@ class EvalSet:
     indices: np.ndarray  # rows of prepared.split
     images: np.ndarray  # uint8 NHWC
     y_true: np.ndarray  # labels in the model's class order
-    blocks: np.ndarray | None  # session block of every image
+    blocks: np.ndarray | None  # session block of every image, joined blocks as one (splits.bootstrap_blocks)
     label_map: np.ndarray  # data label -> model label
     own_data: bool  # the data the model was trained on (the card's manifest hash matches)
     training_images_left_out: int | None = 0  # of the part, images the model trained on; None: cannot tell
@@ -486,7 +489,7 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
         indices=indices,
         images=np.ascontiguousarray(prepared.images[indices]),
         y_true=label_map[prepared.labels[indices]],
-        blocks=prepared.split["block"].to_numpy()[indices] if "block" in prepared.split else None,
+        blocks=bootstrap_blocks(prepared.split, indices) if "block" in prepared.split else None,
         label_map=label_map,
         own_data=own_data,
         training_images_left_out=left_out,

@@ -88,13 +88,16 @@ def plot_confusion_matrix(
     count and percentage; true classes on rows, predicted on columns."""
     matrix = np.asarray(counts, dtype=np.int64)
     support = matrix.sum(axis=1, keepdims=True)
-    shares = np.divide(matrix, support, out=np.zeros(matrix.shape), where=support > 0)
+    # A class without images has no shares (blank, "no images"), not 0 %, which would read as 0 % recall.
+    shares = np.divide(matrix, support, out=np.full(matrix.shape, np.nan), where=support > 0)
     fig, ax = plt.subplots(figsize=(0.9 * len(classes) + 2.6, 0.9 * len(classes) + 1.4))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            colour = "white" if shares[i, j] > 0.6 else "black"
-            ax.text(j, i, f"{matrix[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", color=colour, fontsize=11)
+            share = shares[i, j]
+            colour = "white" if share > 0.6 else "black"
+            label = f"{matrix[i, j]}\n{share:.0%}" if support[i, 0] else "no\nimages"
+            ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=11 if support[i, 0] else 8)
     ax.set_xticks(range(len(classes)), labels=classes, rotation=30, ha="right", fontsize=10)
     ax.set_yticks(range(len(classes)), labels=classes, fontsize=10)
     ax.set_xlabel("predicted class", fontsize=11)
