@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -302,3 +303,24 @@ def test_an_onnx_file_its_card_does_not_describe_is_one_clear_error(tiny_onnx: P
                 "truncated": "not a usable ONNX graph"}[damage]  # fmt: skip
     with pytest.raises(ModelFileError, match=expected):
         OnnxPredictor(folder / tiny_onnx.name)
+
+
+def test_an_unreadable_parity_image_is_named_and_skipped_and_none_readable_refused(
+    realish_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As predict does: one bad file among good ones must not abort an export."""
+    from bloodcell.serve.export import parity_images
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    good = realish_files[:5]  # fewer than the check's limit of 32, so every file is tried
+    for path in good:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="bloodcell.serve.export"):
+        real, _, what = parity_images(32, [tmp_path])
+    assert len(real) == len(good) and f"{len(good)} real images" in what
+    assert "empty.jpg" in caplog.text and "empty file" in caplog.text
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="none of the images could be read .*empty.jpg"):
+        parity_images(32, [only_bad])

@@ -291,6 +291,34 @@ def test_tune_prunes_writes_best_config_and_resumes_after_an_interrupt(
     assert len(optuna.load_study(study_name="tiny", storage=again.storage).get_trials()) == 4
 
 
+def test_an_epoch_saved_but_not_reported_before_ctrl_c_is_reported_on_resuming(
+    aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An epoch is reported to Optuna after its checkpoint is written: Ctrl-C between the two must not
+    leave a hole in the trial's curve. The report is written on Ctrl-C too."""
+    import bloodcell.train
+
+    base, out = config_from_dict(TINY), tmp_path / "tune"
+    common = {"out_dir": out, "space": TINY_SPACE, "pruner": "none", "seed": 0}
+    real_fit = bloodcell.train.fit
+
+    def interrupted_fit(config, out_dir=None, *, epoch_callback=None, **kwargs):
+        def stop(epoch, row):
+            raise KeyboardInterrupt  # epoch 1 is on disk, and Ctrl-C arrives before it is reported
+
+        return real_fit(config, out_dir, epoch_callback=stop, **kwargs)
+
+    monkeypatch.setattr(bloodcell.train, "fit", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        tune(base, aria_dataset, 1, **common)
+    assert (out / "report.md").is_file()
+    monkeypatch.setattr(bloodcell.train, "fit", real_fit)
+    resumed = tune(base, aria_dataset, 1, **{**common, "report": False})
+    retry = optuna.load_study(study_name="tiny", storage=resumed.storage).get_trials()[-1]
+    assert retry.state == TrialState.COMPLETE and sorted(retry.intermediate_values) == [1, 2]
+    assert "resumed from" in (out / "trials" / "trial-0000" / "train.log").read_text()
+
+
 #: Runs ``bloodcell`` with training held at a barrier until both workers are inside a trial, so that both
 #: take part however fast the trials are; everything else is the real command.
 WORKER = """
@@ -521,25 +549,69 @@ def test_a_search_space_file_that_is_not_yaml_or_out_of_range_is_named_before_an
         _check_space_fits_model(base, SearchSpace(augment_strength=(-1.0, 1.0)))
 
 
+def _study_of_finished_trials(curves: list[dict[int, float]], pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for values in curves:
+        study.add_trial(create_trial(value=max(values.values()), intermediate_values=values, params={}, distributions={}))
+    return study
+
+
 def test_under_cv_the_median_pruner_waits_out_the_first_half_of_every_fold() -> None:
-    from bloodcell.tune.search import WithinFoldWarmup, make_pruner
+    from bloodcell.tune.search import FoldMedianPruner
 
-    asked: list[int] = []
-
-    class Recorder(optuna.pruners.BasePruner):
-        def prune(self, study, trial) -> bool:
-            asked.append(trial.last_step)
-            return False
-
-    pruner = WithinFoldWarmup(Recorder(), epochs=4, warmup=3)
-    study = optuna.create_study(direction="maximize")
+    pruner = FoldMedianPruner(epochs=4, warmup=3)
+    study = _study_of_finished_trials([{s: 0.9 for s in range(1, 13)}] * 3, pruner)
     trial = study.ask()
-    for step in range(1, 13):  # 3 folds of 4 epochs
-        trial.report(0.5, step)
-        pruner.prune(study, study.get_trials(deepcopy=False)[0])
-    assert asked == [3, 4, 7, 8, 11, 12]
-    assert isinstance(make_pruner("median", 4, folds=3), WithinFoldWarmup)
-    assert isinstance(make_pruner("median", 4), optuna.pruners.MedianPruner)
+    judged = []
+    for step in range(1, 13):  # 3 folds of 4 epochs, every one at chance
+        trial.report(0.25, step)
+        if trial.should_prune():
+            judged.append(step)
+    assert judged == [3, 4, 7, 8, 11, 12]
+
+
+def test_under_cv_each_fold_is_judged_on_its_own_epochs() -> None:
+    """An easy first fold must not shelter a trial at chance on the second (Optuna's MedianPruner takes the
+    best over all the trial's steps), nor an unlucky first fold doom a trial that is fine on the second."""
+    from bloodcell.tune.search import make_pruner
+
+    epochs = 4
+    finished = [{**{e: easy for e in range(1, 5)}, **{4 + e: hard for e in range(1, 5)}}
+                for easy, hard in ((0.95, 0.70), (0.96, 0.75), (0.97, 0.80))]  # fmt: skip
+    study = _study_of_finished_trials(finished, make_pruner("median", epochs, folds=2))
+    trial = study.ask()
+    pruned_at = None
+    for step, value in enumerate([0.96] * 4 + [0.25] * 4, start=1):  # the median on fold 1, chance on fold 2
+        trial.report(value, step)
+        if trial.should_prune():
+            pruned_at = step
+            break
+    assert pruned_at == 4 + 3  # fold 2's first epoch past its warm-up
+    one_fold = _study_of_finished_trials([{e: v for e in range(1, 5)} for v in (0.8, 0.9, 0.95)], make_pruner("median", epochs))
+    trial = one_fold.ask()
+    for step, value in enumerate([0.2, 0.95, 0.5, 0.85], start=1):
+        trial.report(value, step)
+    assert not trial.should_prune()  # its best, 0.95, beats the median (0.9), as Optuna's rule has it
+    diverged = one_fold.ask()
+    diverged.report(float("nan"), 3)
+    assert diverged.should_prune()
+
+
+@pytest.mark.parametrize(("epochs", "folds"), [(10, 1), (20, 1), (10, 5), (20, 5)])
+def test_hyperband_cuts_past_the_warm_up_and_under_cv_at_the_ends_of_folds(epochs: int, folds: int) -> None:
+    """Its first cut came at epoch 2 of 10, the one-cycle peak, and under --cv at the start of a fold."""
+    from bloodcell.tune.search import make_pruner
+
+    pruner = make_pruner("hyperband", epochs, folds)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    study.ask()  # brackets are laid out when the first trial asks
+    cuts = {int(pruner._min_resource * pruner._reduction_factor**k)  # type: ignore[attr-defined]
+            for k in range(8)} & set(range(1, epochs * folds))  # fmt: skip
+    for cut in cuts:
+        epoch = (cut - 1) % epochs + 1
+        assert (epoch == epochs) if folds > 1 else (epoch > epochs // 2), (cut, epoch)
 
 
 def test_the_default_study_database_stays_in_a_folder_whose_name_holds_url_characters(tmp_path: Path) -> None:

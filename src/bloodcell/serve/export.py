@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bloodcell.data.decode import decode_image
+from bloodcell.data.decode import ImageError, decode_image
 from bloodcell.errors import ParityError, UserError
 from bloodcell.io import atomic_path, sha256_file
 from bloodcell.models.card import (
@@ -42,6 +42,8 @@ from bloodcell.notices import quieted
 from bloodcell.probabilities import softmax_with_temperature
 from bloodcell.serve.common import expand_inputs, names_onnx_file, read_card_json
 from bloodcell.serve.onnx_predictor import GRAPH_VERSION, INPUT_NAME, OUTPUT_NAME
+
+log = logging.getLogger(__name__)
 
 #: Largest allowed max-abs difference of probabilities between PyTorch and ONNX Runtime.
 PARITY_TOLERANCE = 1e-4
@@ -98,8 +100,9 @@ def parity_images(
     """The images the parity check runs on: ``(real, synthetic, a few words saying what they are)``.
 
     ``sources`` may be a uint8 NHWC array, or files / folders / globs of real images (at most ``limit``
-    are used). None uses the package's bundled sample images when it has some. Synthetic smears and the
-    input-range extremes are always added, so a check never runs on too few or too similar images.
+    are used; an unreadable one is named in a warning and skipped, as ``predict`` does, and only none
+    readable is refused). None uses the package's bundled sample images when it has some. Synthetic smears
+    and the input-range extremes are always added, so a check never runs on too few or too similar images.
     """
     synthetic = synthetic_smears(8, size)
     if isinstance(sources, np.ndarray):
@@ -112,7 +115,18 @@ def parity_images(
         files = found.files
     else:
         files = bundled_sample_files()
-    real = [decode_image(path, size) for path in files[:limit]]
+    real: list[np.ndarray] = []
+    unreadable: list[str] = []
+    for path in files:
+        if len(real) == limit:
+            break
+        try:
+            real.append(decode_image(path, size))
+        except ImageError as error:
+            unreadable.append(str(error))
+            log.warning("parity check: skipped %s", error)
+    if sources and not real:
+        raise UserError(f"--images: none of the images could be read ({'; '.join(unreadable[:3])})")
     what = f"{len(real)} real images + 8 synthetic" if real else "8 synthetic images (no real images given)"
     return (np.stack(real) if real else synthetic[:0]), synthetic, what
 

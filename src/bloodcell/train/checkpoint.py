@@ -59,6 +59,15 @@ def completed_epochs(run_dir: Path) -> tuple[int, str | None] | None:
         return None
 
 
+def saved_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The history rows of the run's ``last`` checkpoint (what a resume continues from); [] when unreadable."""
+    try:
+        loop = json.loads((checkpoint_dir(Path(run_dir), "last") / "trainer.json").read_text(encoding="utf-8"))["loop"]
+        return [dict(row) for row in loop["history"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def is_complete(run_dir: Path, epochs: int) -> bool:
     """Whether the run in ``run_dir`` has nothing left to train: all ``epochs`` done, or stopped early."""
     done = completed_epochs(run_dir)

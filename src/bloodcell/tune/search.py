@@ -38,6 +38,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -299,23 +300,36 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
     raise AssertionError("unreachable")
 
 
-class WithinFoldWarmup(optuna.pruners.BasePruner):
-    """Ask ``pruner`` only from epoch ``warmup`` of each fold on.
+class FoldMedianPruner(optuna.pruners.BasePruner):
+    """Optuna's median rule, judged within each fold: prune a trial whose best epoch so far *in the fold
+    it is training* is below the median of the finished trials' scores at the same step, from epoch
+    ``warmup`` of each fold on and after ``startup_trials`` finished trials.
 
     Under ``--cv`` a trial reports its folds' epochs one after another (steps 1 to ``epochs * folds``),
     and every fold starts a new one-cycle schedule, whose first half ranks trials no better than chance.
-    Optuna's own warm-up counts steps from the start of the trial, so it would shelter the first folds
-    whole and none of the later ones.
+    Written by hand because Optuna's ``MedianPruner`` sees one run: its warm-up counts steps from the start
+    of the trial (sheltering the first folds whole and none of the later ones), and it takes the trial's
+    best over all steps, so an easy first fold kept a trial at chance on the second from ever being pruned
+    (a review's case). With one fold this is Optuna's rule, step for step.
     """
 
-    def __init__(self, pruner: optuna.pruners.BasePruner, epochs: int, warmup: int) -> None:
-        self.pruner, self.epochs, self.warmup = pruner, epochs, warmup
+    def __init__(self, epochs: int, warmup: int, startup_trials: int = 3) -> None:
+        self.epochs, self.warmup, self.startup_trials = epochs, warmup, startup_trials
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
         if step is None or (step - 1) % self.epochs + 1 < self.warmup:  # steps are 1-based epochs
             return False
-        return self.pruner.prune(study, trial)
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(finished) < self.startup_trials:
+            return False
+        fold_start = step - (step - 1) % self.epochs
+        mine = [v for s, v in trial.intermediate_values.items() if fold_start <= s <= step]
+        if any(math.isnan(v) for v in mine):
+            return True  # as Optuna: a NaN score is no score
+        others = [t.intermediate_values[step] for t in finished if step in t.intermediate_values]
+        others = [v for v in others if not math.isnan(v)]
+        return bool(others) and max(mine) < statistics.median(others)
 
 
 def make_pruner(name: PrunerName, epochs: int, folds: int = 1) -> optuna.pruners.BasePruner:
@@ -324,18 +338,18 @@ def make_pruner(name: PrunerName, epochs: int, folds: int = 1) -> optuna.pruners
     The median pruner waits for 3 finished trials and ignores the first half of each run's epochs (of each
     fold's, with ``folds`` > 1): while the one-cycle schedule is near its peak learning rate, validation
     scores jump by +-0.3 from epoch to epoch and rank trials no better than chance (docs/TUNING.md shows
-    it on the real data). Across folds it stays cautious: Optuna compares a trial's best score so far,
-    earlier folds' included, with the others' median at the same step. Hyperband treats epochs as the
-    resource, from a quarter of a run (for the same reason) to the whole trial.
+    it on the real data); each fold is judged on its own epochs (:class:`FoldMedianPruner`). Hyperband
+    treats epochs as the resource, to the whole trial; for the same reason its first cut comes where the
+    median pruner's first comes, once the first half of a run is past, and under ``--cv`` at the end of
+    the first fold, so that every cut (a multiple of it) falls at the end of a fold, never at the start of
+    one's schedule.
     """
     warmup = epochs // 2 + 1
     if name == "median":
-        if folds == 1:  # Optuna prunes from step == n_warmup_steps on
-            return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup)
-        return WithinFoldWarmup(optuna.pruners.MedianPruner(n_startup_trials=3), epochs, warmup)
+        return FoldMedianPruner(epochs, warmup)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, epochs // 4), max_resource=max(epochs * folds, 1), reduction_factor=3
+            min_resource=max(1, warmup if folds == 1 else epochs), max_resource=max(epochs * folds, 1), reduction_factor=3
         )
     if name == "none":
         return optuna.pruners.NopPruner()
@@ -457,8 +471,28 @@ def _run_fold(
     resume = is_retry and has_resumable_checkpoint(run_dir)
     if is_retry and not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # the earlier attempt died before its first checkpoint: start this run afresh
+    if resume:
+        _report_saved_epochs(trial, run_dir, step_offset)
     result = fit(config, run_dir, prepared=prepared, epoch_callback=report, resume=resume, progress=False)
     return float(result.best_val_balanced_accuracy)
+
+
+def _report_saved_epochs(trial: Trial, run_dir: Path, step_offset: int) -> None:
+    """Report the validated epochs the run's ``last`` checkpoint holds and the trial lacks.
+
+    A retry inherits the interrupted trial's reported epochs, but an epoch is reported after its checkpoint
+    is written, so a kill between the two left that epoch trained and saved, and never reported: the pruner
+    and the per-epoch plot would miss it.
+    """
+    from bloodcell.train.checkpoint import saved_history
+
+    reported = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
+    missing = [row for row in saved_history(run_dir)
+               if "val_balanced_accuracy" in row and step_offset + int(row["epoch"]) not in reported]  # fmt: skip
+    for row in missing:
+        trial.report(float(row["val_balanced_accuracy"]), step_offset + int(row["epoch"]))
+    if missing and trial.should_prune():  # as the uninterrupted run would have been, right after that epoch
+        raise optuna.TrialPruned(f"pruned at epoch {missing[-1]['epoch']} (reported on resuming)")
 
 
 def make_objective(
@@ -614,10 +648,10 @@ def tune(
     pruner: ``median``, ``hyperband``, ``none`` or any Optuna pruner.
     sampler: default TPE (multivariate, constant liar); ``seed`` seeds it (offset by the number of trials
         already in the study, so a rerun does not repeat the first proposals).
-    report: write ``report.md`` with Optuna's plots at the end.
+    report: write ``report.md`` with Optuna's plots at the end (and on Ctrl-C).
 
-    Returns a :class:`TuneResult`. Ctrl-C queues the running trial again, writes the results so far and
-    re-raises ``KeyboardInterrupt``.
+    Returns a :class:`TuneResult`. Ctrl-C queues the running trial again, writes the results so far (the
+    report too) and re-raises ``KeyboardInterrupt``.
     """
     if n_trials < 1:
         raise UserError("--trials must be at least 1")
@@ -672,6 +706,8 @@ def tune(
         except KeyboardInterrupt:
             _retry_interrupted(study, current["trial"])
             write_results(study, base, out_dir)
+            if report:
+                _write_report(study, out_dir)
             raise
         failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number == current["last"]]
         failures_in_a_row = failures_in_a_row + 1 if failed else 0
@@ -728,14 +764,16 @@ def _say_why_short(study: optuna.Study, n_trials: int, failures_in_a_row: int, t
           "continue it", file=sys.stderr)  # fmt: skip
 
 
+def _write_report(study: optuna.Study, out_dir: Path) -> Path:
+    from bloodcell.tune.report import write_report
+
+    return write_report(study, out_dir)
+
+
 def _finish(study: optuna.Study, base: RunConfig, out_dir: Path, storage: str, report: bool) -> TuneResult:
     """Write results (and the report) and summarise the study."""
     best_path, trials_path = write_results(study, base, out_dir)
-    report_path = None
-    if report:
-        from bloodcell.tune.report import write_report
-
-        report_path = write_report(study, out_dir)
+    report_path = _write_report(study, out_dir) if report else None
     counts = count_trials(study)
     found = best_config(study, base)
     best = found[1] if found else None
