@@ -713,3 +713,13 @@ def test_colour_tiffs_the_image_library_misreads_are_refused_not_read_as_stripes
         with pytest.raises(ImageError, match=refused) as raised:
             open_rgb(buffer.getvalue())
         assert "8-bit RGB" in raised.value.reason
+
+
+@pytest.mark.parametrize("content", [b"h", b"hi", b"BM", b"BM\x00", b"\x89P", b"II*", b"\xff\xd8\xff", b"GIF8"])
+def test_a_file_of_a_few_bytes_is_refused_as_no_image_not_a_crash(content: bytes) -> None:
+    """Pillow's signature checks unpack 4 bytes (BMP's among them): a 1-3 byte file raised struct.error out
+    of the refusal itself, and index, train and demo stopped with a traceback."""
+    from bloodcell.data.decode import ImageError, open_rgb
+
+    with pytest.raises(ImageError):
+        open_rgb(content)

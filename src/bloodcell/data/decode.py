@@ -11,6 +11,7 @@ import io
 import os
 import re
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Sequence
@@ -188,7 +189,11 @@ def _format_by_signature(data: bytes) -> str | None:
     Image.init()
     prefix = data[:16]
     for format_name, (_, accept) in Image.OPEN.items():
-        if accept is not None and accept(prefix) is True:
+        try:
+            matches = accept is not None and accept(prefix) is True
+        except (struct.error, IndexError, ValueError):  # BMP's check unpacks 4 bytes: a 1-3 byte file crashed it
+            continue
+        if matches:
             return format_name
     return None
 
