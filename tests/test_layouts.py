@@ -69,6 +69,25 @@ def test_images_outside_the_class_folders_are_named(tmp_path: Path, caplog: pyte
     assert "Mature/, stray.jpg not used" in message and "notes.txt" not in message
 
 
+def test_a_class_folder_of_images_in_an_unread_format_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A class exported as WebP holds no image bloodcell reads, so it is no class folder: a model of the
+    other classes would be trained without a word about it."""
+    for name in ("A", "B"):
+        (tmp_path / name).mkdir()
+        for k in range(3):
+            Image.new("RGB", (32, 32)).save(tmp_path / name / f"{name}-{k}.jpg")
+    (tmp_path / "C").mkdir()
+    for k in range(3):
+        Image.new("RGB", (32, 32)).save(tmp_path / "C" / f"c-{k}.webp")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    with caplog.at_level("WARNING", logger="bloodcell.data.layouts"):
+        dataset = find_dataset(tmp_path)
+    assert dataset.classes == ("A", "B") or list(dataset.classes) == ["A", "B"]
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert "C/ (3 .webp files) not used" in message and "convert" in message and "notes" not in message
+
+
 def test_aria_variant_folder_given_directly(aria_dataset: Path, caplog: pytest.LogCaptureFixture) -> None:
     dataset = find_dataset(aria_dataset / "Original")
     assert dataset.layout == "aria"

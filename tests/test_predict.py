@@ -248,6 +248,20 @@ def test_serve_on_a_port_in_use_says_so_before_loading_the_model(tiny_model: Pat
     assert f"cannot listen on 127.0.0.1:{port}" in str(result.exception) and "--port N" in str(result.exception)
 
 
+def test_serve_on_an_address_the_machine_lacks_points_at_the_host_not_the_port(tiny_model: Path, monkeypatch) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("uvicorn started on a bad host"))
+    result = run("serve", str(tiny_model), "--host", "999.1.1.1", "--port", "8123")
+    assert isinstance(result.exception, UserError), result.output
+    assert "--host" in str(result.exception) and "--port N" not in str(result.exception)
+
+
+def test_serve_refuses_an_unknown_log_level_and_export_a_negative_tolerance(tiny_model: Path) -> None:
+    assert run("serve", str(tiny_model), "--log-level", "loud").exit_code == 2
+    assert run("export", str(tiny_model), "--tolerance", "-1").exit_code == 2
+
+
 @pytest.mark.parametrize(("host", "refused"), [("127.0.0.1", True), ("localhost", True), ("0.0.0.0", False)])
 def test_serve_on_the_loopback_address_refuses_other_host_names(tiny_model: Path, monkeypatch, host, refused) -> None:
     import uvicorn

@@ -13,6 +13,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from PIL import Image
 from typer.testing import CliRunner
 
 from bloodcell.cli import app
@@ -437,6 +438,43 @@ def test_tune_with_a_missing_or_empty_dataset_is_one_line_and_leaves_no_study(tm
         assert isinstance(result.exception, UserError) and words in str(result.exception), result.output
         assert not (tmp_path / "t").exists()
 
+
+
+def test_a_folder_of_one_class_is_refused_before_the_study_and_lr_find_refuses_it_too(tmp_path: Path, monkeypatch) -> None:
+    """train refuses it; tune recorded a failed trial with Optuna's traceback, lr-find suggested a rate."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one" / "Benign").mkdir(parents=True)  # a known class name: a folder of some classes is data
+    rng = np.random.default_rng(0)
+    for k in range(60):  # distinct images (no duplicate group), so the split leaves a training part
+        pixels = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((32, 32)).save(tmp_path / "one" / "Benign" / f"a-{k:03d}.png")
+    result = CliRunner().invoke(app, ["tune", "--data", "one", "--trials", "1", "--out", "t"])
+    assert isinstance(result.exception, UserError) and "at least two classes" in str(result.exception)
+    assert not (tmp_path / "t").exists()
+    assert CliRunner().invoke(app, ["tune", "--data", "one", "--trials", "1", "--timeout", "-5"]).exit_code == 2
+    found = CliRunner().invoke(app, ["lr-find", "--data", "one", "--steps", "10", "--set", "data.image_size=32"])
+    assert isinstance(found.exception, UserError) and "at least two classes" in str(found.exception)
+
+
+def test_lr_find_checks_its_range_before_reading_the_data(tmp_path: Path) -> None:
+    for start, end in (("1", "1e-6"), ("1e-6", "inf")):
+        result = CliRunner().invoke(app, ["lr-find", "--data", str(tmp_path / "never-read"), "--start-lr", start,
+                                          "--end-lr", end])  # fmt: skip
+        assert isinstance(result.exception, UserError) and "0 < start lr < end lr" in str(result.exception)
+
+
+def test_a_user_error_inside_a_trial_reaches_the_user_without_optuna_s_traceback(
+    aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import bloodcell.train
+
+    def refuses(*args, **kwargs):
+        raise UserError("no training images of class Pro-B (test)")
+
+    monkeypatch.setattr(bloodcell.train, "fit", refuses)
+    with caplog.at_level("WARNING", logger="optuna"), pytest.raises(UserError, match=r"Pro-B \(test\)"):
+        tune(config_from_dict(TINY), aria_dataset, 1, out_dir=tmp_path / "t", space=TINY_SPACE, pruner="none", report=False)
+    assert "Traceback" not in caplog.text and not any(record.exc_info for record in caplog.records)
 
 
 # ------------------------------------------------------------------------------ budget, failures, retries

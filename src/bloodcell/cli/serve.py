@@ -8,13 +8,14 @@ the package.
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 import json
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -302,7 +303,7 @@ def export_command(
         ),
     ] = None,
     tolerance: Annotated[
-        float, typer.Option("--tolerance", help="Largest allowed difference of probabilities, PyTorch vs ONNX Runtime.")
+        float, typer.Option("--tolerance", min=0.0, help="Largest allowed difference of probabilities, PyTorch vs ONNX Runtime.")
     ] = 1e-4,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
@@ -352,8 +353,11 @@ def _refuse_a_port_in_use(host: str, port: int) -> None:
         try:
             probe.bind((host.strip("[]"), port))
         except OSError as error:
-            raise UserError(f"cannot listen on {host}:{port} ({error.strerror or error}): pick another port with "
-                            "--port N, or stop what uses it") from None  # fmt: skip
+            if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                advice = "pick another port with --port N, or stop what uses it"
+            else:  # an address this machine does not have, or no address at all (999.1.1.1)
+                advice = "give --host an address of this machine (127.0.0.1, 0.0.0.0 for every interface, ::1)"
+            raise UserError(f"cannot listen on {host}:{port} ({error.strerror or error}): {advice}") from None
 
 
 @app.command("serve")
@@ -379,7 +383,8 @@ def serve_command(
         ),
     ] = 1,
     log_level: Annotated[
-        str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, debug.")
+        Literal["critical", "error", "warning", "info", "debug"],
+        typer.Option("--log-level", case_sensitive=False, help="uvicorn log level: critical, error, warning, info, debug."),
     ] = "info",
 ) -> None:
     """Serve the model over HTTP: a web page at /, the JSON API under /v1, docs at /docs.

@@ -11,6 +11,7 @@ import typer
 
 from bloodcell.cli import app
 from bloodcell.cli.messages import warning_line
+from bloodcell.errors import UserError
 
 _DATA_HELP = "Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class)."
 _CONFIG_HELP = "Base config: a shipped name (default, ...) or a YAML file."
@@ -90,7 +91,7 @@ def tune_command(
         help="Optuna storage URL (default: SQLite file study.db in --out); e.g. postgresql+psycopg://user:pw@host/db (pip install -e '.[postgres]').",
     ),
     study: str | None = typer.Option(None, "--study", help="Study name (default: the config's name)."),
-    timeout: float | None = typer.Option(None, "--timeout", help="Seconds after which no new trial starts."),
+    timeout: float | None = typer.Option(None, "--timeout", min=0.0, help="Seconds after which no new trial starts."),
     cv: int | None = typer.Option(None, "--cv", min=2, help="Objective = mean over K folds of the kfold protocol."),
     pruner: Literal["median", "hyperband", "none"] = typer.Option("median", "--pruner", help="median, hyperband or none."),
     space: Path | None = typer.Option(
@@ -107,8 +108,12 @@ def tune_command(
 
     run_config = load_config(config, list(overrides))
     search_space = load_space(space)
-    # Before the study is created: a mistyped --data must not leave a study holding a failed trial.
-    find_dataset(data, run_config.data.variant, run_config.data.class_names)
+    # Before the study is created: a mistyped --data, or a folder of one class, must not leave a study
+    # holding a failed trial.
+    dataset = find_dataset(data, run_config.data.variant, run_config.data.class_names)
+    if len(dataset.classes) < 2:
+        raise UserError(f"a classifier needs at least two classes; {data} has {len(dataset.classes)}: "
+                        f"{', '.join(dataset.classes)}")  # fmt: skip
     for override, name in overrides_the_search_replaces(list(overrides), search_space):
         warning_line(f"--set {override} is replaced in every trial: the search space searches {name} (give --space "
                      f"with {name}: null to keep it)")  # fmt: skip

@@ -195,20 +195,39 @@ def _matches_folder_of(mapping: dict[str, str], folders: list[str]) -> bool:
     return len(folders) == 1 and folders[0] in mapping.values()
 
 
+#: Suffixes of image formats bloodcell does not read. A folder holding only such files is no class folder,
+#: so without a word a class exported as WebP or HEIC would be left out of the model.
+UNREAD_IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".webp", ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".svs", ".ndpi", ".czi", ".dcm"}
+)
+
+
 def _warn_about_unused_images(root: Path, class_folders: dict[str, str]) -> None:
-    """Name the images beside the class folders (loose files, or folders that are not classes), so that a
-    forgotten class or a misplaced file is not left out without a word."""
+    """Name the images beside the class folders (loose files, or folders that are not classes), and the
+    folders of images in formats bloodcell does not read, so that a forgotten class or a misplaced file is
+    not left out without a word."""
     used = set(class_folders.values())
-    unused = [
-        entry.name + ("/" if entry.is_dir() else "")
-        for entry in sorted(root.iterdir())
-        if not entry.name.startswith(".") and entry.name not in used
-        and (is_image_name(entry) if entry.is_file() else entry.is_dir() and any(map(is_image_name, entry.rglob("*"))))
-    ]  # fmt: skip
-    message = f"{root}: {', '.join(unused)} not used: images outside the class folders ({', '.join(sorted(used))})"
-    if unused and message not in _SAID:  # a command indexes a dataset several times: say it once
-        _SAID.add(message)
-        log.warning(message)
+    unused, unread = [], []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or entry.name in used:
+            continue
+        files = [entry] if entry.is_file() else list(entry.rglob("*")) if entry.is_dir() else []
+        name = entry.name + ("/" if entry.is_dir() else "")
+        if any(map(is_image_name, files)):
+            unused.append(name)
+            continue
+        other = sorted(f.suffix.lower() for f in files if f.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+        if other:
+            unread.append(f"{name} ({len(other)} {'/'.join(sorted(set(other)))} file{'s' * (len(other) > 1)})")
+    messages = [f"{root}: {', '.join(unused)} not used: images outside the class folders ({', '.join(sorted(used))})"
+                ] if unused else []  # fmt: skip
+    if unread:
+        messages.append(f"{root}: {', '.join(unread)} not used: bloodcell reads JPEG, PNG, BMP and TIFF; convert "
+                        "the images to one of them (a class folder holding none is no class)")  # fmt: skip
+    for message in messages:
+        if message not in _SAID:  # a command indexes a dataset several times: say it once
+            _SAID.add(message)
+            log.warning(message)
 
 
 _SAID: set[str] = set()

@@ -213,7 +213,7 @@ def fit(
             raise UserError(f"the split has {len(train_rows)} training and {len(val_rows)} validation images: too few "
                             "images, or duplicate groups that hold most of them (see the warnings above; "
                             "bloodcell audit lists the groups)")  # fmt: skip
-        _check_every_class_trains(classes, np.asarray(data.labels)[train_rows])
+        check_every_class_trains(classes, np.asarray(data.labels)[train_rows])
         skipped = getattr(data, "manifest", None)
         if main and skipped is not None and skipped["rejected"].any():
             from bloodcell.data.prepare import skipped_files_note
@@ -622,7 +622,7 @@ def _without_passwords(command: str) -> str:
     return re.sub(r"(\w[\w+.-]*://[^\s:/@]+:)[^\s@]+@", r"\1***@", command)
 
 
-def _check_every_class_trains(classes: list[str], train_labels: np.ndarray) -> None:
+def check_every_class_trains(classes: list[str], train_labels: np.ndarray) -> None:
     """Refuse a classifier that could never predict a class (no training images of it) or has one class."""
     if len(classes) < 2:
         raise UserError(f"a classifier needs at least two classes; the dataset has {len(classes)}: {', '.join(classes)}")

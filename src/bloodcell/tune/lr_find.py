@@ -106,8 +106,8 @@ class LRFindResult:
 
 def exponential_lrs(start_lr: float, end_lr: float, num_steps: int) -> np.ndarray:
     """``num_steps`` learning rates growing geometrically from ``start_lr`` to ``end_lr``."""
-    if not 0 < start_lr < end_lr:
-        raise UserError(f"lr-find needs 0 < start lr < end lr, got {start_lr} and {end_lr}")
+    if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
+        raise UserError(f"lr-find needs finite learning rates with 0 < start lr < end lr, got {start_lr} and {end_lr}")
     if num_steps < 10:
         raise UserError("lr-find needs at least 10 steps")
     return np.geomspace(start_lr, end_lr, num_steps)
@@ -191,6 +191,7 @@ def lr_find(
     import torch
 
     from bloodcell.data.augment import BatchAugment
+    from bloodcell.train.loop import check_every_class_trains
     from bloodcell.train.setup import build_classifier, build_optimizer, class_weights, set_threads
 
     if method not in ("min_loss", "steepest"):  # checked before the sweep, not after it
@@ -199,6 +200,7 @@ def lr_find(
     rows = np.asarray(prepared.indices("train"))
     if len(rows) < 2:
         raise UserError("lr-find needs training images; the split has fewer than 2")
+    check_every_class_trains(list(prepared.classes), np.asarray(prepared.labels)[rows])  # as train refuses
     num_classes = len(prepared.classes)
     set_threads(config.train.num_threads, 1)
     device = _device(config)
@@ -339,6 +341,8 @@ def run_lr_find(
     ``out_dir`` defaults to ``runs/lr-find-<config name>``; ``kwargs`` go to :func:`lr_find`. This is what
     ``bloodcell lr-find`` and ``train`` with ``optimizer.lr=auto`` call.
     """
+    # The sweep's range is checked before the data are indexed and decoded (seconds to minutes).
+    exponential_lrs(kwargs.get("start_lr", 1e-6), kwargs.get("end_lr", 1.0), kwargs.get("num_steps", 200))
     if prepared is None:
         from bloodcell.data.prepare import prepare_data
 

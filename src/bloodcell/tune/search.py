@@ -34,6 +34,8 @@ left a checkpoint, resumed from it); a trial stopped by Ctrl-C is queued again t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import shutil
@@ -41,7 +43,7 @@ import socket
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -701,8 +703,9 @@ def tune(
             break
         current["last"] = None
         try:
-            study.optimize(tracked, n_trials=1, timeout=left, callbacks=[after_trial], catch=_trial_errors(),
-                           gc_after_trial=True)  # fmt: skip
+            with _no_traceback_for_user_errors():
+                study.optimize(tracked, n_trials=1, timeout=left, callbacks=[after_trial], catch=_trial_errors(),
+                               gc_after_trial=True)  # fmt: skip
         except KeyboardInterrupt:
             _retry_interrupted(study, current["trial"])
             write_results(study, base, out_dir)
@@ -713,6 +716,25 @@ def tune(
         failures_in_a_row = failures_in_a_row + 1 if failed else 0
     _say_why_short(study, n_trials, failures_in_a_row, timed_out)
     return _finish(study, base, out_dir, storage, report)
+
+
+class _DropUserErrors(logging.Filter):
+    """Drop Optuna's record of a trial that failed on a :class:`UserError`: it carries a traceback, and the
+    error reaches the user anyway, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, UserError)
+
+
+@contextlib.contextmanager
+def _no_traceback_for_user_errors() -> Iterator[None]:
+    logger, dropper = logging.getLogger("optuna.study._optimize"), _DropUserErrors()
+    logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropper)
 
 
 def _refuse_another_study(out_dir: Path, study_name: str) -> None:
