@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -168,3 +169,25 @@ def test_serve_refuses_limits_it_cannot_keep_before_loading_anything(option: lis
     result = CliRunner().invoke(app, ["serve", *option])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and option[0] in result.output
+
+
+def test_missing_initial_weights_are_refused_before_a_run_folder_is_made(aria_dataset: Path, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:  # fmt: skip
+    out = tmp_path / "run"
+    code, err = run_cli(["train", "--data", str(aria_dataset), "--weights", str(tmp_path / "nope.safetensors"),
+                         "--out", str(out), "--no-progress"], monkeypatch, capsys)  # fmt: skip
+    assert code == 2 and "initial weights not found" in err and "nope.safetensors" in err
+    assert not out.exists()
+
+
+def test_a_run_whose_data_moved_says_so_and_how_to_point_at_them(aria_dataset: Path, tmp_path: Path, monkeypatch,
+                                                                 capsys) -> None:  # fmt: skip
+    """'dataset folder not found' alone did not say it was the run's recorded data, nor what to do."""
+    from bloodcell.config import load_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = load_config("default", [f"data.root={tmp_path / 'moved-away'}"])
+    (run / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    code, err = run_cli(["train", "--resume", str(run), "--no-progress"], monkeypatch, capsys)
+    assert code == 2 and "no longer at" in err and "--data DATA" in err

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from bloodcell.cli import app
 from bloodcell.cli.evaluate import summary_tables
+from bloodcell.errors import UserError
 from bloodcell.evaluate.runner import evaluate_model, evaluated_scope
 from bloodcell.evaluate.shifts import SHIFTS
 from bloodcell.models import load_model
@@ -628,3 +629,14 @@ def test_a_refit_model_s_validation_part_is_scored_not_taken_for_a_changed_split
     result = evaluate_model(refit, split="val", robustness=False, explain=False, progress=False, n_bootstrap=20)
     assert result["n_images"] == int((split["split"] == "val").sum())
     assert "splits the data differently" not in caplog.text
+
+
+def test_a_run_whose_data_moved_is_told_to_point_at_them(run: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    for card_path in moved.glob("checkpoints/*/card.json"):  # the config evaluate reads is the card's
+        card = json.loads(card_path.read_text())
+        card["config"]["data"]["root"] = str(tmp_path / "gone")
+        card_path.write_text(json.dumps(card))
+    with pytest.raises(UserError, match=r"no longer at .*gone .*pass --data DATA"):
+        evaluate_model(moved, robustness=False, explain=False, progress=False, n_bootstrap=20)

@@ -324,3 +324,12 @@ def test_an_unreadable_parity_image_is_named_and_skipped_and_none_readable_refus
     (only_bad / "empty.jpg").write_bytes(b"")
     with pytest.raises(UserError, match="none of the images could be read .*empty.jpg"):
         parity_images(32, [only_bad])
+
+
+def test_an_out_that_is_neither_an_onnx_file_nor_a_folder_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    """model.txt became a folder holding model.onnx; an existing notes.txt gave a raw 'File exists'."""
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "model.txt", tmp_path / "notes.txt"):
+        result = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(out)])
+        assert isinstance(result.exception, UserError) and "give an .onnx file to write, or a folder" in str(result.exception)
+    assert not (tmp_path / "model.txt").exists() and (tmp_path / "notes.txt").read_text() == "mine"

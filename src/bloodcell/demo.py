@@ -298,17 +298,27 @@ def write_overlays(
 ) -> list[Path | None]:
     """Grad-CAM of each predicted class over the full-resolution image, as ``<folder>/<stem>.gradcam.png``.
 
-    Returns the overlay of every path (None where the prediction failed), in order.
+    Overlays an earlier demo left in ``folder`` for other images are removed, so the folder matches this
+    run's predictions. Returns the overlay of every path (None where the prediction failed), in order.
     """
+    overlays: list[Path | None] = [None] * len(paths)
+    done = [i for i, result in enumerate(results) if result.ok]
+    if done:
+        _write_overlay_files(predictor, paths, results, folder, done, overlays)
+    for stale in set(folder.glob("*.gradcam.png")) - set(overlays):  # only what a demo names so
+        stale.unlink(missing_ok=True)
+    return overlays
+
+
+def _write_overlay_files(predictor: TorchPredictor, paths: list[Path], results: list[PredictionResult], folder: Path,
+                         done: list[int], overlays: list[Path | None]) -> None:  # fmt: skip
+    """:func:`write_overlays`' CAMs of the images ``done``, written and entered in ``overlays``."""
     import numpy as np
 
     from bloodcell.data.decode import resize_rgb
     from bloodcell.explain.gradcam import explain_images, overlay_stems
     from bloodcell.serve.predictor import overlay_png
 
-    done = [i for i, result in enumerate(results) if result.ok]
-    if not done:
-        return [None] * len(paths)
     pictures = {i: open_rgb(paths[i]) for i in done}
     # resize_rgb(open_rgb(...)) is decode_image: the CAM sees exactly the input the prediction saw.
     batch = np.stack([resize_rgb(pictures[i], predictor.input_size) for i in done])
@@ -317,12 +327,10 @@ def write_overlays(
     # each time): on a busy 2-core CPU that is the difference between one second and ten. The demo runs
     # nothing else on the predictor's model meanwhile, so the CAM hooks cannot disturb a prediction.
     cams = explain_images(predictor.model, batch, targets=targets).cams
-    overlays: list[Path | None] = [None] * len(paths)
     stems = overlay_stems([path.stem for path in paths])  # cell.jpg in two class folders: two overlays
     for cam, i in zip(cams, done):
         png = overlay_png(np.asarray(pictures[i], dtype=np.uint8), cam)
         overlays[i] = atomic_write_bytes(folder / f"{stems[i]}.gradcam.png", png)
-    return overlays
 
 
 def write_predictions(demo: DemoResult) -> None:

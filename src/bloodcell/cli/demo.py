@@ -78,7 +78,8 @@ def _print_summary(demo: DemoResult) -> None:
     console.print(table)
     console.print(
         f"{demo.n_correct} of {len(demo.images)} predicted as their folder's class in {demo.seconds:.1f} s "
-        "(12 images say little; see the model's evaluation report). Research use only: not a medical device."
+        f"({len(demo.images)} images say little; see the model's evaluation report). Research use only: not a "
+        "medical device."
     )
     console.print(f"report:      {escape(str(demo.report))}  (open it in a browser)", highlight=False, soft_wrap=True)
     console.print(f"predictions: {escape(str(demo.predictions_csv))}, {escape(demo.predictions_json.name)}",

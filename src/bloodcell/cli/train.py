@@ -89,6 +89,10 @@ def train_command(
         if not (resume / "config.yaml").is_file():
             raise UserError(f"{resume}: not a run directory (no config.yaml); give the folder train wrote")
         run_config = load_config(str(resume / "config.yaml"), extra)
+        recorded = run_config.data.root
+        if data is None and recorded is not None and not Path(recorded).exists():
+            raise UserError(f"the run's training data are no longer at {recorded} (the folder its config.yaml "
+                            "records): pass --data DATA where they are now")  # fmt: skip
         run_dir = resume
         done = completed_epochs(run_dir)
         complete = is_complete(run_dir, run_config.train.epochs)
@@ -106,6 +110,8 @@ def train_command(
         if not data.is_dir():  # before a run folder is made or anything is announced
             raise UserError(f"dataset folder not found: {data}" if not data.exists() else f"{data}: not a folder")
         find_dataset(data, run_config.data.variant, run_config.data.class_names)  # empty, no class folders
+        if run_config.model.weights and not Path(run_config.model.weights).exists():  # before any folder is made
+            raise UserError(f"initial weights not found: {run_config.model.weights} (--weights, model.weights)")
         run_dir = out if out is not None else Path("runs") / run_config.name
     if devices is not None:
         _say_where_devices_run(run_config)

@@ -454,6 +454,9 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     classes = list(card.classes)
     if prepared is None:
         folder = data_root if data_root is not None else data_config.root
+        if data_root is None and folder is not None and not Path(folder).exists():
+            raise UserError(f"the model's training data are no longer at {folder} (the folder its config records): "
+                            "pass --data DATA where they are now")  # fmt: skip
         matched = data_config.class_names is None and folder is not None and Path(folder).is_dir() and not set(
             find_dataset(folder, data_config.variant, None).classes) <= set(classes)  # fmt: skip
         if matched:
@@ -503,7 +506,7 @@ def _without_training_images(
     """``indices`` less the images the model trained on, and how many those were (None: unknown). On other
     data the capture-order neighbours of those images (within ``embargo`` positions, as the split reckons
     them) go too: the same sessions as images it trained on."""
-    where = f"the {split} part" if split != "all" else "these images"
+    where = f"the {split} part" if split != "all" else "the data"
     # On its own data the split is rebuilt as in training, unless this bloodcell splits differently from the
     # one that trained the model (the rules changed in the eighteenth session): its record of training
     # images says which of them it learned, whatever the present split calls them.

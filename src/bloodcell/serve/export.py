@@ -227,7 +227,11 @@ def export_onnx(
     model = model.float().eval()
     weights = resolve_model_dir(model_path) / WEIGHTS_FILE
     target = Path(out) if out is not None else default_onnx_path(model_path)
-    if target.is_dir() or target.suffix.lower() != ".onnx":
+    is_onnx = target.suffix.lower() == ".onnx"
+    if not target.is_dir() and not is_onnx and (target.suffix or target.exists()):
+        # model.txt would become a folder holding model.onnx, and an existing notes.txt a raw "File exists"
+        raise UserError(f"--out {target}: give an .onnx file to write, or a folder (for {ONNX_FILE})")
+    if target.is_dir() or not is_onnx:
         target = target / ONNX_FILE
     if (target.parent / WEIGHTS_FILE).exists():
         raise UserError(
