@@ -326,10 +326,13 @@ def test_an_unreadable_parity_image_is_named_and_skipped_and_none_readable_refus
         parity_images(32, [only_bad])
 
 
-def test_an_out_that_is_neither_an_onnx_file_nor_a_folder_is_refused(tiny_model: Path, tmp_path: Path) -> None:
-    """model.txt became a folder holding model.onnx; an existing notes.txt gave a raw 'File exists'."""
+def test_an_out_that_is_an_existing_file_not_onnx_is_refused_and_a_dotted_name_is_a_folder(tiny_model: Path,
+                                                                                            tmp_path: Path) -> None:  # fmt: skip
+    """An existing notes.txt gave a raw 'File exists'; a new name without .onnx is a folder (v1.2/)."""
     (tmp_path / "notes.txt").write_text("mine")
-    for out in (tmp_path / "model.txt", tmp_path / "notes.txt"):
-        result = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(out)])
-        assert isinstance(result.exception, UserError) and "give an .onnx file to write, or a folder" in str(result.exception)
-    assert not (tmp_path / "model.txt").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    result = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "notes.txt")])
+    assert isinstance(result.exception, UserError) and "give an .onnx file to write, or a folder" in str(result.exception)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    dotted = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "v1.2")])
+    assert dotted.exit_code == 0, dotted.output
+    assert (tmp_path / "v1.2" / "model.onnx").is_file()

@@ -226,6 +226,9 @@ def test_the_interval_says_how_many_blocks_it_rests_on_per_class() -> None:
     tiny = np.array([f"{t}:{i % 15}" for i, t in enumerate(y_true)])
     text = classification_metrics(y_true, np.eye(2)[y_true], ["a", "b"], tiny, n_bootstrap=20)["ci_method"]
     assert "the blocks hold 2 images each (median), far fewer than a capture session" in text
+    joined = np.where(many == "0:1", "0:0+0:1", np.where(many == "0:0", "0:0+0:1", many))
+    text = classification_metrics(y_true, np.eye(2)[y_true], ["a", "b"], joined, n_bootstrap=20)["ci_method"]
+    assert "11 session blocks in all" in text and "counted as one" in text
 
 
 def test_metrics_are_json_ready_with_documented_keys(metrics: dict) -> None:

@@ -509,3 +509,24 @@ def test_the_bootstrap_resamples_blocks_a_re_capture_joins_as_one_unit() -> None
     # named by the blocks among the rows asked for
     only_one = np.flatnonzero((split["block"] == "Benign:07").to_numpy())
     assert set(bootstrap_blocks(split, only_one)) == {"Benign:07"}
+
+
+def test_joined_blocks_that_would_leave_a_class_one_unit_stay_apart_and_classes_are_never_joined() -> None:
+    """One unit would send the class to an image-level bootstrap, narrower than resampling its blocks
+    apart; a duplicate shared by two classes must not merge their units (each class is its own stratum)."""
+    from bloodcell.data.splits import bootstrap_blocks
+    from bloodcell.evaluate.metrics import block_bootstrap_ci
+
+    manifest = synthetic_manifest(per_class=(400, 400, 400, 400), duplicates=[(85, 285), (5, 405)])
+    split = make_split(manifest, "session", seed=0)
+    benign = np.flatnonzero(split["block"].isin(["Benign:02", "Benign:07"]).to_numpy())
+    assert sorted(set(bootstrap_blocks(split, benign))) == ["Benign:02", "Benign:07"]  # a class of two blocks
+    rows = np.arange(len(split))
+    units = bootstrap_blocks(split, rows)
+    assert "Benign:02+Benign:07" in set(units)  # with the class's other blocks beside them: joined
+    assert not any("Benign" in u and "Early" in u for u in units)  # the cross-class duplicate joined nothing
+    # The interval of two joined blocks, one read wrong: as wide as resampling the two blocks apart.
+    y_true = np.zeros(len(benign), dtype=np.int64)
+    y_pred = np.where(split["block"].to_numpy()[benign] == "Benign:02", 1, 0)
+    low, high = block_bootstrap_ci(y_true, y_pred, bootstrap_blocks(split, benign), 2, n_resamples=400)
+    assert high - low > 0.5

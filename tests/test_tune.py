@@ -637,6 +637,27 @@ def test_under_cv_each_fold_is_judged_on_its_own_epochs() -> None:
     assert diverged.should_prune()
 
 
+def test_a_fold_that_stops_early_reports_its_result_at_the_fold_s_last_step(tmp_path: Path, monkeypatch) -> None:
+    """Hyperband judges a cut at the first step reported at or after it: without this, the end of an
+    early-stopped fold was judged on the next fold's first epoch."""
+    from types import SimpleNamespace
+
+    import bloodcell.train
+    from bloodcell.tune.search import _run_fold
+
+    def stops_at_epoch_3(config, out_dir=None, *, epoch_callback=None, **kwargs):
+        for epoch in (1, 2, 3):
+            epoch_callback(epoch, {"val_balanced_accuracy": 0.5 + 0.1 * epoch})
+        return SimpleNamespace(stopped="early_stopping", best_val_balanced_accuracy=0.8, history=[])
+
+    monkeypatch.setattr(bloodcell.train, "fit", stops_at_epoch_3)
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    config = config_from_dict({**TINY, "train": {**TINY["train"], "epochs": 10}})
+    assert _run_fold(trial, config, tmp_path / "fold-1", None, step_offset=10, is_retry=False) == 0.8
+    assert study.get_trials()[0].intermediate_values == {11: 0.6, 12: 0.7, 13: 0.8, 20: 0.8}
+
+
 @pytest.mark.parametrize(("epochs", "folds"), [(10, 1), (20, 1), (10, 5), (20, 5)])
 def test_hyperband_cuts_past_the_warm_up_and_under_cv_at_the_ends_of_folds(epochs: int, folds: int) -> None:
     """Its first cut came at epoch 2 of 10, the one-cycle peak, and under --cv at the start of a fold."""

@@ -217,17 +217,25 @@ def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
 
 
 def bootstrap_blocks(split: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    """The session block of each of ``rows`` as a bootstrap over the split's blocks must resample it: blocks
-    that a duplicate group joins (a field re-captured in another session, so one slide) named as one unit,
-    e.g. ``Benign:05+Benign:06``, as the split draws them (:func:`_block_and_duplicate_groups`, over the
-    whole table). Resampled apart, two pieces of one slide would count as independent and narrow the
-    interval. The name lists the blocks among ``rows`` only."""
+    """The session block of each of ``rows`` as a bootstrap over the split's blocks must resample it.
+
+    Blocks of one class that a duplicate group joins (a field re-captured in another session, so one
+    slide) are named as one unit, e.g. ``Benign:05+Benign:06``, as the split draws them
+    (:func:`_block_and_duplicate_groups`, over the whole table): resampled apart, two pieces of one slide
+    would count as independent and narrow the interval. Except where joining would leave a class of several
+    blocks with a single unit: the bootstrap then resamples that class by image (it has no spread between
+    units), which is narrower still than resampling its blocks apart, so they stay apart. The name lists
+    the blocks among ``rows`` only.
+    """
     blocks = split["block"].to_numpy()
     if "dup_group" not in split or len(split) == 0 or (blocks == "").any():
         return blocks[rows]
-    groups = _block_and_duplicate_groups(split)[rows]
-    chosen = pd.Series(blocks[rows], dtype=object)
-    return chosen.groupby(groups).transform(lambda names: "+".join(sorted(set(names)))).to_numpy()
+    chosen = pd.DataFrame({"block": blocks[rows], "group": _block_and_duplicate_groups(split)[rows],
+                           "label": split["label"].to_numpy()[rows]})  # fmt: skip
+    joined = chosen.groupby(["label", "group"])["block"].transform(lambda names: "+".join(sorted(set(names))))
+    units, separate = joined.groupby(chosen["label"]).nunique(), chosen.groupby("label")["block"].nunique()
+    apart = chosen["label"].map((units < 2) & (separate >= 2)).to_numpy(dtype=bool)
+    return np.where(apart, chosen["block"].to_numpy(), joined.to_numpy())
 
 
 def keep_duplicate_groups_together(split: pd.DataFrame) -> pd.DataFrame:

@@ -292,6 +292,8 @@ def ci_description(y_true: np.ndarray, blocks: Sequence[Any] | np.ndarray | None
     per_class = [len(np.unique(blocks[y_true == k])) for k in np.unique(y_true)]
     spread = f"{min(per_class)}" if min(per_class) == max(per_class) else f"{min(per_class)}-{max(per_class)}"
     text = f"{method} of {len(np.unique(blocks))} session blocks in all ({spread} per class), each class's blocks resampled within it"
+    if any("+" in str(block) for block in np.unique(blocks)):
+        text += " (blocks that a re-captured field joins, one slide, counted as one)"
     if min(per_class) < FEW_BLOCKS:
         text += "; with so few blocks the interval is rough and, if anything, too narrow"
     size = float(np.median(np.unique(blocks, return_counts=True)[1]))

@@ -647,7 +647,8 @@ def describe_evaluation(card: ModelCard, config: RunConfig, model_dir: Path, dat
             "split_seed": data_config.split_seed,
             "block_size": data_config.block_size,
             "embargo": data_config.embargo,
-            "n_blocks": len(np.unique(data.blocks)) if data.blocks is not None else None,
+            # session blocks, not the bootstrap's units (bootstrap_blocks joins a re-captured slide's)
+            "n_blocks": int(prepared.split["block"].iloc[data.indices].nunique()) if data.blocks is not None else None,
             "split_summary": summary,
         },
         "evaluation": {

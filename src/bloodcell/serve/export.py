@@ -228,10 +228,10 @@ def export_onnx(
     weights = resolve_model_dir(model_path) / WEIGHTS_FILE
     target = Path(out) if out is not None else default_onnx_path(model_path)
     is_onnx = target.suffix.lower() == ".onnx"
-    if not target.is_dir() and not is_onnx and (target.suffix or target.exists()):
-        # model.txt would become a folder holding model.onnx, and an existing notes.txt a raw "File exists"
-        raise UserError(f"--out {target}: give an .onnx file to write, or a folder (for {ONNX_FILE})")
-    if target.is_dir() or not is_onnx:
+    if target.exists() and not target.is_dir() and not is_onnx:  # the folder could not be made: "File exists"
+        raise UserError(f"--out {target}: a file, not an .onnx file; give an .onnx file to write, or a folder "
+                        f"(for {ONNX_FILE})")  # fmt: skip
+    if target.is_dir() or not is_onnx:  # a name without .onnx is a folder, dots and all (v1.2/)
         target = target / ONNX_FILE
     if (target.parent / WEIGHTS_FILE).exists():
         raise UserError(

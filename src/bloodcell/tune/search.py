@@ -476,7 +476,19 @@ def _run_fold(
     if resume:
         _report_saved_epochs(trial, run_dir, step_offset)
     result = fit(config, run_dir, prepared=prepared, epoch_callback=report, resume=resume, progress=False)
+    last = step_offset + config.train.epochs
+    if result.stopped == "early_stopping" and last not in _reported_steps(trial):
+        # The fold ended early: its result stands at the fold's last step too, where the pruners judge it
+        # (Hyperband would otherwise take the next fold's first, noisy, epoch for this fold's end).
+        trial.report(float(result.best_val_balanced_accuracy), last)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after early stopping, at val balanced accuracy {result.best_val_balanced_accuracy:.4f}")
     return float(result.best_val_balanced_accuracy)
+
+
+def _reported_steps(trial: Trial) -> dict[int, float]:
+    """The steps ``trial`` has reported so far (a retry's inherited ones included)."""
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
 
 
 def _report_saved_epochs(trial: Trial, run_dir: Path, step_offset: int) -> None:
@@ -488,7 +500,7 @@ def _report_saved_epochs(trial: Trial, run_dir: Path, step_offset: int) -> None:
     """
     from bloodcell.train.checkpoint import saved_history
 
-    reported = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
+    reported = _reported_steps(trial)
     missing = [row for row in saved_history(run_dir)
                if "val_balanced_accuracy" in row and step_offset + int(row["epoch"]) not in reported]  # fmt: skip
     for row in missing:
