@@ -22,7 +22,7 @@ eosin), and in the look that a stain-separation tool gives them. This script sco
 
 Run from the repository root (the bundled model unless ``--model``)::
 
-    python benchmarks/stain_transfer.py [--model RUN_OR_MODEL] [--data DATA] [--split test|val] [--json FILE]
+    python benchmarks/stain_transfer.py [--model RUN_OR_MODEL] [--data DATA] [--split test|val] [--checkpoint best|last] [--json FILE]
 
 Prints one row a condition: balanced accuracy, the mean change of each channel (0..255) over the images,
 on their stained cells and on their bright background, how many images the transform left unchanged (a
@@ -49,6 +49,7 @@ from bloodcell.evaluate.runner import load_eval_set, predict_logits, run_dir_of,
 from bloodcell.explain.cell_masks import stained_cell_masks
 from bloodcell.io import atomic_write_json
 from bloodcell.models.card import load_model, load_trained_on, resolve_model_dir
+from bloodcell.train.checkpoint import checkpoint_dir
 
 # Haematoxylin, eosin and DAB stain vectors (Ruifrok & Johnston 2001), as bloodcell.data.augment uses.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -135,6 +136,16 @@ def conditions(templates: dict[str, np.ndarray] | None = None) -> list[tuple[str
     return rows
 
 
+def checkpoint_to_score(model_path: str | None, split: str, checkpoint: str | None = None) -> str | None:
+    """The model folder to score: for a run folder, its ``checkpoint`` (default ``last`` on ``val``, where
+    the ``best`` epoch was chosen on the very images scored and would flatter them, as robustness.py and
+    crossval.py avoid; ``best`` on ``test``, as ``bloodcell evaluate`` scores); any other path as given."""
+    which = checkpoint or ("last" if split == "val" else "best")
+    if model_path is not None and (checkpoint_dir(Path(model_path), which) / "card.json").is_file():
+        return str(checkpoint_dir(Path(model_path), which))
+    return model_path
+
+
 def score(model_path: str | None, data: Path, split: str = "test") -> dict[str, Any]:
     """Balanced accuracy of the model on its ``split`` part of ``data`` under every condition."""
     model, card = load_model(model_path)
@@ -174,10 +185,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (Aria layout)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="the part scored: test, or val to choose a recipe on (a holdout-stage model's)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default=None,
+                        help="for a run folder: the checkpoint scored (default: last with --split val, where the "
+                             "best epoch was chosen on the images scored; best with --split test)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     require_dataset(args.data)
-    result = score(args.model, args.data, args.split)
+    model = checkpoint_to_score(args.model, args.split, args.checkpoint)
+    result = score(model, args.data, args.split)
     print(f"{result['model']} on the {args.split} part of {args.data} ({result['n_images']} images)")
     print(f"{'condition':<48} {'balanced acc.':>13}  {'change R, G, B: all':>20}  {'cells':>20}  {'background':>20}  "
           "unchanged  read as")  # fmt: skip

@@ -78,8 +78,8 @@ def stage_speed(history: list[dict[str, float]]) -> dict[str, float]:
 def measure_training(config, prepared, run_dir: Path) -> dict[str, Any]:
     """Both stages of ``config`` as ``bloodcell train`` runs them: times, speeds, the test score, the GPU
     memory the stages allocated at most, and the images each augmentation call takes."""
+    t0 = time.perf_counter()  # before the reset: it initialises CUDA, which a cold first training must count
     torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
     result = train_run(config, run_dir, progress=False)
     wall = time.perf_counter() - t0
     batches = batches_augmented_together(torch.device("cuda"), config.train.batch_size, config.data.image_size)
@@ -114,7 +114,7 @@ def bare_speed(config, batch: int, graphed: bool, steps: int = 50) -> float:
     ``graphed``: forward and backward replayed as CUDA graphs, as training does with ``train.cuda_graph``.
     """
     model = (
-        Classifier(create_model(config.model.name, 4), config.normalize)
+        Classifier(create_model(config.model.name, 4, **config.model.kwargs), config.normalize)
         .cuda()
         .to(memory_format=torch.channels_last)
     )
@@ -242,6 +242,8 @@ def main() -> None:
         save("jpeg", jpeg_check(prepared.images[:64]))
         for k, overrides in enumerate(args.compare):  # side by side, on the same warm machine
             variant = load_config("default", [override("data.root", args.data.resolve()), *overrides.split()])
+            if variant.data != config.data:  # scored below on the default's test images, at its size
+                raise SystemExit(f"--compare {overrides!r}: a variant must keep the default's data.* settings")
             measured = attempt(measure_training, variant, prepared, Path(work) / f"run-{k}")
             save(f"train_run_{k}", {"overrides": overrides, **measured})
         save("bare_images_per_second", {

@@ -65,3 +65,16 @@ def test_every_condition_is_scored_on_the_models_test_part(stain_transfer, tmp_p
     assert result["rows"][0]["mean_change_rgb"] == [0.0, 0.0, 0.0] and result["n_images"] > 0
     assert all(0.0 <= row["balanced_accuracy"] <= 1.0 for row in result["rows"])
     assert json.loads((tmp_path / "out.json").read_text()) == result
+
+
+def test_a_run_is_scored_on_val_with_its_last_epoch_not_the_one_chosen_there(stain_transfer, tmp_path: Path) -> None:
+    """The best epoch was picked on validation accuracy: scoring it there flatters the recipe."""
+    run = tmp_path / "run"
+    for which in ("best", "last"):
+        (run / "checkpoints" / which).mkdir(parents=True)
+        (run / "checkpoints" / which / "card.json").write_text("{}")
+    assert stain_transfer.checkpoint_to_score(str(run), "val") == str(run / "checkpoints" / "last")
+    assert stain_transfer.checkpoint_to_score(str(run), "test") == str(run / "checkpoints" / "best")
+    assert stain_transfer.checkpoint_to_score(str(run), "val", "best") == str(run / "checkpoints" / "best")
+    assert stain_transfer.checkpoint_to_score(None, "val") is None  # the bundled model
+    assert stain_transfer.checkpoint_to_score(str(tmp_path / "model"), "val") == str(tmp_path / "model")
