@@ -47,10 +47,10 @@ MANIFEST_OUT_OPTION = typer.Option(
     None, "--out", "-o", help="Write the manifest CSV here (default: the dataset's work folder)."
 )
 SPLIT_OUT_OPTION = typer.Option(
-    None, "--out", "-o", help="Write the split CSV here (default: the dataset's work folder)."
+    None, "--out", "-o", help="Write the split CSV here (default: splits/ in the dataset's work folder, named by protocol, seed and rules)."
 )
 AUDIT_OUT_OPTION = typer.Option(
-    None, "--out", "-o", help="Folder for audit.md and audit.json (default: the dataset's work folder)."
+    None, "--out", "-o", help="Folder for audit.md and audit.json (default: audit/ in the dataset's work folder)."
 )
 
 

@@ -73,7 +73,8 @@ MAX_PNG_CHUNKS = 131_072
 #: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused; 4: a PNG
 #: of more than MAX_PNG_CHUNKS chunks refused; 5: JPEGs of more than MAX_JPEG_SEGMENTS segments, TIFFs of
 #: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused; 6: colour TIFFs of samples
-#: wider than 8 bits in separate planes, of floating-point or of more than 16-bit samples refused). The index's hash cache
+#: wider than 8 bits in separate planes (unless deflate-compressed), of floating-point or of more than 16-bit
+#: samples refused). The index's hash cache
 #: and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
 DECODER_VERSION = 6
 #: Images whose shorter side falls short of the longer by more than this share are named as squashed when

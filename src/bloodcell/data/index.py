@@ -3,8 +3,8 @@
 ``build_index`` walks a dataset (see :mod:`bloodcell.data.layouts`), opens every file once to hash it and
 check it decodes, and writes ``manifest.csv`` into the dataset's work folder. Files that cannot be used
 (empty, not an image, truncated, unreadable, decompression bombs) get a row with ``rejected=True`` and a
-reason, and never stop the run. A hash cache keyed by (path, size, modification time) makes a second run
-read only files that changed.
+reason, and never stop the run. A hash cache keyed by (path, size, modification and change times, inode) makes a
+second run read only files that changed.
 
 Duplicates: rows with the same SHA-256 form an ``exact_group``. Rows whose perceptual hashes (64-bit DCT
 ``phash``) differ in at most :data:`NEAR_DUPLICATE_MAX_DISTANCE` bits are near duplicates, and so are

@@ -315,7 +315,7 @@ def plot_lr_find(result: LRFindResult, target: str | Path) -> Path:
 
 
 def save_lr_find(result: LRFindResult, out_dir: str | Path) -> LRFindResult:
-    """Write ``lr_find.png``, ``lr_find.csv`` (lr, loss, smoothed) and ``lr_find.json`` into ``out_dir``."""
+    """Write ``lr_find.png``, ``lr_find.csv`` (step, lr, loss, smoothed_loss) and ``lr_find.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
