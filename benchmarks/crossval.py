@@ -96,7 +96,8 @@ def run_fold(fold: int, folds: int, overrides: list[str], data: Path, work: Path
         "tta_logits": ensemble_logits(member_tta_logits),
         "member_logits": member_logits,
         "blocks": prepared.split["block"].to_numpy()[held_out],
-        "units": bootstrap_blocks(prepared.split, held_out),  # the bootstrap's: blocks a re-capture joins as one
+        "rows": held_out,  # in the split table, the same for every fold (the manifest's rows, in its order)
+        "split": prepared.split,
         "paths": prepared.split["path"].to_numpy()[held_out],
         "classes": list(prepared.classes),
         "train_seconds": train_seconds,  # the fits alone (before the tenth session: with the prediction too)
@@ -114,7 +115,8 @@ def ensemble_logits(member_logits: list[np.ndarray]) -> np.ndarray:
 def summarise(runs: list[dict[str, Any]], overrides: list[str], n_bootstrap: int) -> dict[str, Any]:
     """Out-of-fold metrics over all folds together, and each fold's balanced accuracy; the same with TTA."""
     classes = runs[0]["classes"]
-    labels, blocks = _stack(runs, "labels"), _stack(runs, "units")
+    # The bootstrap's units over all folds at once: which blocks stay apart depends on the pooled rows.
+    labels, blocks = _stack(runs, "labels"), bootstrap_blocks(runs[0]["split"], _stack(runs, "rows"))
     pooled = classification_metrics(labels, softmax_with_temperature(_stack(runs, "logits")), classes, blocks, n_bootstrap=n_bootstrap)
     with_tta = classification_metrics(
         labels, softmax_with_temperature(_stack(runs, "tta_logits")), classes, blocks, n_bootstrap=n_bootstrap

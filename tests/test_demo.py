@@ -139,11 +139,13 @@ def test_demo_json_and_custom_samples(tiny_model: Path, tmp_path: Path) -> None:
     overlays = [r["overlay"] for r in payload["results"]]
     assert all(Path(o).is_file() for o in overlays) and len(set(overlays)) == 9  # a shared name: two overlays
     assert Path(payload["report"]).is_file()
-    # Again into the same folder with fewer samples: the overlays of the first run's other images go.
+    # Again into the same folder with fewer samples: the overlays of the first run's other images go, and a
+    # file `bloodcell explain` wrote there (named alike) stays.
+    (tmp_path / "o" / "overlays" / "my-smear.gradcam.png").write_bytes(b"the user's")
     shutil.rmtree(samples / "Pro")
     again = json.loads(run_cli("demo", "--model", str(tiny_model), "--samples", str(samples), "--out",
                                str(tmp_path / "o"), "--json").output)  # fmt: skip
-    assert sorted(Path(r["overlay"]).name for r in again["results"]) == sorted(
+    assert sorted([*(Path(r["overlay"]).name for r in again["results"]), "my-smear.gradcam.png"]) == sorted(
         path.name for path in (tmp_path / "o" / "overlays").iterdir())
 
 

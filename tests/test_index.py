@@ -690,6 +690,7 @@ def test_hash_like_names_are_said_to_carry_no_capture_order(caplog: pytest.LogCa
         ("contig", np.uint16, None, None),
         ("separate", np.uint8, None, None),
         ("separate", np.uint16, "zlib", None),
+        ("separate", np.uint16, "packbits", None),  # compressed: libtiff reads it, not Pillow's raw reader
     ],
 )
 def test_colour_tiffs_the_image_library_misreads_are_refused_not_read_as_stripes(
@@ -706,13 +707,55 @@ def test_colour_tiffs_the_image_library_misreads_are_refused_not_read_as_stripes
     pixels = (rgb.astype(wide) / 255 if wide.kind == "f" else rgb.astype(wide) * (257 if wide.itemsize == 2 else 1))
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, pixels.transpose(2, 0, 1) if planar == "separate" else pixels, photometric="rgb",
-                     planarconfig=planar, compression=compression)  # fmt: skip
+                     planarconfig=planar, compression=None if compression == "packbits" else compression,
+                     rowsperstrip=32)  # fmt: skip
+    data = packbits_strips(buffer.getvalue()) if compression == "packbits" else buffer.getvalue()
     if refused is None:
-        assert np.array_equal(np.asarray(open_rgb(buffer.getvalue())), rgb)
+        assert np.array_equal(np.asarray(open_rgb(data)), rgb)
     else:
         with pytest.raises(ImageError, match=refused) as raised:
-            open_rgb(buffer.getvalue())
+            open_rgb(data)
         assert "8-bit RGB" in raised.value.reason
+
+
+def packbits_strips(data: bytes) -> bytes:
+    """A little-endian, uncompressed TIFF with its strips re-coded as PackBits literal runs (tifffile needs
+    the imagecodecs package to write PackBits itself). Each strip's bytes go to the end of the file."""
+    out = bytearray(data)
+    directory = struct.unpack("<I", out[4:8])[0]
+    entries = {}
+    for k in range(struct.unpack("<H", out[directory : directory + 2])[0]):
+        at = directory + 2 + 12 * k
+        tag, kind, count = struct.unpack("<HHI", out[at : at + 8])
+        entries[tag] = (at, "<" + ("H" if kind == 3 else "I") * count)
+
+    def where(tag: int) -> int:  # a tag's values: in its entry when they fit, else at the offset it holds
+        at, fmt = entries[tag]
+        return at + 8 if struct.calcsize(fmt) <= 4 else struct.unpack("<I", out[at + 8 : at + 12])[0]
+
+    offsets_fmt, counts_fmt = entries[273][1], entries[279][1]
+    offsets = struct.unpack(offsets_fmt, out[where(273) : where(273) + struct.calcsize(offsets_fmt)])
+    counts = struct.unpack(counts_fmt, out[where(279) : where(279) + struct.calcsize(counts_fmt)])
+    new_offsets, new_counts = [], []
+    for offset, count in zip(offsets, counts):
+        raw = bytes(data[offset : offset + count])
+        coded = b"".join(bytes([len(raw[i : i + 128]) - 1]) + raw[i : i + 128] for i in range(0, len(raw), 128))
+        new_offsets.append(len(out))
+        new_counts.append(len(coded))
+        out += coded
+    out[where(273) : where(273) + struct.calcsize(offsets_fmt)] = struct.pack(offsets_fmt, *new_offsets)
+    out[where(279) : where(279) + struct.calcsize(counts_fmt)] = struct.pack(counts_fmt, *new_counts)
+    out[entries[259][0] + 8 : entries[259][0] + 10] = struct.pack("<H", 32773)  # Compression: PackBits
+    return bytes(out)
+
+
+def test_a_tiff_tag_of_no_values_reads_as_unset() -> None:
+    """A SampleFormat of count 0 (its value field unused) read as 'floating point' refused an 8-bit TIFF."""
+    from bloodcell.data.decode import _first_tiff_value
+
+    entry = struct.pack("<HHI", 339, 3, 0) + struct.pack("<HH", 3, 0)
+    assert _first_tiff_value(entry, b"", "little") == 0
+    assert _first_tiff_value(struct.pack("<HHI", 339, 3, 1) + struct.pack("<HH", 3, 0), b"", "little") == 3
 
 
 @pytest.mark.parametrize("content", [b"h", b"hi", b"BM", b"BM\x00", b"\x89P", b"II*", b"\xff\xd8\xff", b"GIF8"])

@@ -229,6 +229,9 @@ def test_the_interval_says_how_many_blocks_it_rests_on_per_class() -> None:
     joined = np.where(many == "0:1", "0:0+0:1", np.where(many == "0:0", "0:0+0:1", many))
     text = classification_metrics(y_true, np.eye(2)[y_true], ["a", "b"], joined, n_bootstrap=20)["ci_method"]
     assert "11 session blocks in all" in text and "counted as one" in text
+    plus = np.char.add(np.where(y_true == 0, "CD34+", "CD34-"), np.char.add(":", (np.arange(60) % 3).astype(str)))
+    text = classification_metrics(y_true, np.eye(2)[y_true], ["CD34+", "CD34-"], plus, n_bootstrap=20)["ci_method"]
+    assert "counted as one" not in text  # a class name may hold a "+": no block was joined
 
 
 def test_metrics_are_json_ready_with_documented_keys(metrics: dict) -> None:

@@ -530,3 +530,11 @@ def test_joined_blocks_that_would_leave_a_class_one_unit_stay_apart_and_classes_
     y_pred = np.where(split["block"].to_numpy()[benign] == "Benign:02", 1, 0)
     low, high = block_bootstrap_ci(y_true, y_pred, bootstrap_blocks(split, benign), 2, n_resamples=400)
     assert high - low > 0.5
+    # A bootstrap that pools the classes (the Grad-CAM cell-focus interval) resamples the slide whole.
+    assert set(bootstrap_blocks(split, benign, stratified=False)) == {"Benign:02+Benign:07"}
+    # A row without a duplicate group is a group of its own, not chained to every other such row.
+    no_group = split.copy()
+    no_group["dup_group"] = no_group["dup_group"].astype(float)
+    no_group.loc[no_group.index[(no_group["block"] == "Benign:00").to_numpy()][:1], "dup_group"] = np.nan
+    no_group.loc[no_group.index[(no_group["block"] == "Benign:05").to_numpy()][:1], "dup_group"] = np.nan
+    assert not any("Benign:00+" in unit for unit in bootstrap_blocks(no_group, rows))

@@ -634,7 +634,11 @@ def test_under_cv_each_fold_is_judged_on_its_own_epochs() -> None:
     assert not trial.should_prune()  # its best, 0.95, beats the median (0.9), as Optuna's rule has it
     diverged = one_fold.ask()
     diverged.report(float("nan"), 3)
-    assert diverged.should_prune()
+    assert diverged.should_prune()  # only NaN so far: no score, pruned as Optuna does
+    gap = one_fold.ask()
+    gap.report(0.95, 3)
+    gap.report(float("nan"), 4)
+    assert not gap.should_prune()  # one NaN beside a good epoch: judged on the good one, as Optuna's nanmax
 
 
 def test_a_fold_that_stops_early_reports_its_result_at_the_fold_s_last_step(tmp_path: Path, monkeypatch) -> None:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -276,7 +278,8 @@ def run_demo(
     predictor = TorchPredictor(model_dir)
     results = predictor.predict_files([path for path, _ in files])
     out = Path(out_dir)
-    overlays = write_overlays(predictor, [path for path, _ in files], results, out / OVERLAY_DIR)
+    earlier = earlier_overlays(out / PREDICTIONS_JSON)
+    overlays = write_overlays(predictor, [path for path, _ in files], results, out / OVERLAY_DIR, earlier)
     images = [
         DemoImage(path, true_class, result, overlay)
         for (path, true_class), result, overlay in zip(files, results, overlays)
@@ -293,20 +296,31 @@ def run_demo(
     return demo
 
 
+def earlier_overlays(predictions_json: Path) -> set[str]:
+    """The overlay file names an earlier demo recorded in its ``predictions.json`` (none if there is none)."""
+    try:
+        results = json.loads(predictions_json.read_text(encoding="utf-8"))["results"]
+        return {Path(result["overlay"]).name for result in results if result.get("overlay")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
 def write_overlays(
-    predictor: TorchPredictor, paths: list[Path], results: list[PredictionResult], folder: Path
+    predictor: TorchPredictor, paths: list[Path], results: list[PredictionResult], folder: Path,
+    earlier: Iterable[str] = (),
 ) -> list[Path | None]:
     """Grad-CAM of each predicted class over the full-resolution image, as ``<folder>/<stem>.gradcam.png``.
 
-    Overlays an earlier demo left in ``folder`` for other images are removed, so the folder matches this
-    run's predictions. Returns the overlay of every path (None where the prediction failed), in order.
+    The ``earlier`` overlays (an earlier demo's, by name) that this run does not write again are removed, so
+    the folder matches its predictions; any other file there (``bloodcell explain``'s overlays, named
+    alike) is left alone. Returns the overlay of every path (None where the prediction failed), in order.
     """
     overlays: list[Path | None] = [None] * len(paths)
     done = [i for i, result in enumerate(results) if result.ok]
     if done:
         _write_overlay_files(predictor, paths, results, folder, done, overlays)
-    for stale in set(folder.glob("*.gradcam.png")) - set(overlays):  # only what a demo names so
-        stale.unlink(missing_ok=True)
+    for name in set(earlier) - {overlay.name for overlay in overlays if overlay is not None}:
+        (folder / name).unlink(missing_ok=True)
     return overlays
 
 

@@ -72,8 +72,8 @@ MAX_PNG_CHUNKS = 131_072
 #: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG that ends before its
 #: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused; 4: a PNG
 #: of more than MAX_PNG_CHUNKS chunks refused; 5: JPEGs of more than MAX_JPEG_SEGMENTS segments, TIFFs of
-#: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused; 6: colour TIFFs of samples
-#: wider than 8 bits in separate planes (unless deflate-compressed), of floating-point or of more than 16-bit
+#: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused; 6: uncompressed colour TIFFs
+#: of samples wider than 8 bits in separate planes, colour TIFFs of floating-point or of more than 16-bit
 #: samples refused). The index's hash cache
 #: and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
 DECODER_VERSION = 6
@@ -358,6 +358,8 @@ def _first_tiff_value(entry: bytes, data: bytes, order: Literal["little", "big"]
     if not size:
         return 0
     count = int.from_bytes(entry[4:8], order)
+    if count == 0:  # no value: the field is unused, whatever it holds
+        return 0
     if size * count <= 4:
         raw = entry[8 : 8 + size]
     else:
@@ -366,16 +368,12 @@ def _first_tiff_value(entry: bytes, data: bytes, order: Literal["little", "big"]
     return int.from_bytes(raw, order) if len(raw) == size else 0
 
 
-#: TIFF compression codes of deflate (8, and Adobe's old 32946).
-_DEFLATE = (8, 32946)
-
-
 def _refuse_unread_tiff_samples(name: str, directory: TiffDirectory) -> None:
     """Refuse colour TIFFs whose samples Pillow misreads or cannot read, with the reason.
 
     Pillow reads an uncompressed colour TIFF of 16-bit samples stored one plane a channel as if its samples
-    were 8-bit (deflate-compressed ones it reads right, measured; other codecs were not tried, so they are
-    refused too): a striped picture, classified without a word (a review measured a Pre-B sample read as
+    were 8-bit (compressed ones go through libtiff, which reads them right: deflate, LZW and PackBits were
+    measured bit-exact): a striped picture, classified without a word (a review measured a Pre-B sample read as
     Benign, 0.78); floating-point and 32-bit colour it cannot open at all, and said only that the header
     could not be read. Greyscale is left to the mode check in :func:`open_rgb`, which names its mode.
     """
@@ -387,10 +385,10 @@ def _refuse_unread_tiff_samples(name: str, directory: TiffDirectory) -> None:
     if directory.bits > 16:
         raise ImageError(name, f"a colour TIFF of {directory.bits}-bit samples: bloodcell reads 8-bit colour "
                                "images; convert it to 8-bit RGB first")  # fmt: skip
-    if directory.planar == 2 and directory.bits > 8 and directory.compression not in _DEFLATE:
-        raise ImageError(name, f"a colour TIFF of {directory.bits}-bit samples stored one plane a channel "
-                               f"(compression {directory.compression}), which the image library misreads: save it "
-                               "with interleaved samples, or as 8-bit RGB")  # fmt: skip
+    if directory.planar == 2 and directory.bits > 8 and directory.compression == 1:
+        raise ImageError(name, f"an uncompressed colour TIFF of {directory.bits}-bit samples stored one plane a "
+                               "channel, which the image library misreads: save it with interleaved samples or "
+                               "compressed (LZW, deflate), or as 8-bit RGB")  # fmt: skip
 
 
 def _refuse_costly_tiff(name: str, directory: TiffDirectory) -> None:

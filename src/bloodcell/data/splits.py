@@ -199,6 +199,8 @@ def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
     n = len(blocked)
     block_codes = pd.factorize(blocked["block"])[0]
     dup_codes = pd.factorize(blocked["dup_group"])[0]
+    missing = dup_codes < 0  # no duplicate group recorded (NaN): a group of its own, not code -1 for all
+    dup_codes[missing] = dup_codes.max(initial=-1) + 1 + np.arange(int(missing.sum()))
     # Bipartite graph: row nodes 0..n-1, block nodes n.., duplicate-group nodes after them.
     n_blocks = block_codes.max() + 1
     rows = np.concatenate([np.arange(n), np.arange(n)])
@@ -216,23 +218,26 @@ def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
     return np.argsort(np.argsort(first))[components]
 
 
-def bootstrap_blocks(split: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+def bootstrap_blocks(split: pd.DataFrame, rows: np.ndarray, stratified: bool = True) -> np.ndarray:
     """The session block of each of ``rows`` as a bootstrap over the split's blocks must resample it.
 
     Blocks of one class that a duplicate group joins (a field re-captured in another session, so one
     slide) are named as one unit, e.g. ``Benign:05+Benign:06``, as the split draws them
     (:func:`_block_and_duplicate_groups`, over the whole table): resampled apart, two pieces of one slide
-    would count as independent and narrow the interval. Except where joining would leave a class of several
-    blocks with a single unit: the bootstrap then resamples that class by image (it has no spread between
-    units), which is narrower still than resampling its blocks apart, so they stay apart. The name lists
-    the blocks among ``rows`` only.
+    would count as independent and narrow the interval. For a bootstrap ``stratified`` by class (the
+    balanced-accuracy interval's), except where joining would leave a class of several blocks with a single
+    unit: that bootstrap resamples such a class by image (it has no spread between units), narrower still
+    than resampling its blocks apart, so they stay apart. The name lists the blocks among ``rows`` only;
+    :func:`bloodcell.evaluate.metrics.joins_blocks` tells a joined name.
     """
     blocks = split["block"].to_numpy()
     if "dup_group" not in split or len(split) == 0 or (blocks == "").any():
         return blocks[rows]
     chosen = pd.DataFrame({"block": blocks[rows], "group": _block_and_duplicate_groups(split)[rows],
                            "label": split["label"].to_numpy()[rows]})  # fmt: skip
-    joined = chosen.groupby(["label", "group"])["block"].transform(lambda names: "+".join(sorted(set(names))))
+    joined = chosen.groupby(["label", "group"])["block"].transform(lambda names: "+".join(sorted(set(map(str, names)))))
+    if not stratified:
+        return joined.to_numpy()
     units, separate = joined.groupby(chosen["label"]).nunique(), chosen.groupby("label")["block"].nunique()
     apart = chosen["label"].map((units < 2) & (separate >= 2)).to_numpy(dtype=bool)
     return np.where(apart, chosen["block"].to_numpy(), joined.to_numpy())

@@ -15,6 +15,7 @@ Everything here is pure numpy/scikit-learn (no torch), so the ONNX side can use 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypedDict
@@ -281,6 +282,12 @@ FEW_BLOCKS = 5
 FEW_IMAGES_PER_BLOCK = 5
 
 
+def joins_blocks(unit: object) -> bool:
+    """Whether a bootstrap unit (:func:`bloodcell.data.splits.bootstrap_blocks`) joins several session blocks,
+    ``<class>:<nn>+<class>:<nn>``; a class name may hold a ``+`` itself, as ``CD34+`` does."""
+    return re.fullmatch(r".+:\d+(\+.+:\d+)+", str(unit)) is not None
+
+
 def ci_description(y_true: np.ndarray, blocks: Sequence[Any] | np.ndarray | None, n_bootstrap: int,
                    single_block_classes: list[str]) -> str:  # fmt: skip
     """What the balanced-accuracy interval rests on, in words (``ci_method``): how many blocks, per class too,
@@ -292,7 +299,7 @@ def ci_description(y_true: np.ndarray, blocks: Sequence[Any] | np.ndarray | None
     per_class = [len(np.unique(blocks[y_true == k])) for k in np.unique(y_true)]
     spread = f"{min(per_class)}" if min(per_class) == max(per_class) else f"{min(per_class)}-{max(per_class)}"
     text = f"{method} of {len(np.unique(blocks))} session blocks in all ({spread} per class), each class's blocks resampled within it"
-    if any("+" in str(block) for block in np.unique(blocks)):
+    if any(joins_blocks(block) for block in np.unique(blocks)):
         text += " (blocks that a re-captured field joins, one slide, counted as one)"
     if min(per_class) < FEW_BLOCKS:
         text += "; with so few blocks the interval is rough and, if anything, too narrow"

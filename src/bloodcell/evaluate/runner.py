@@ -764,8 +764,11 @@ def evaluate_model(
     metrics["explain"] = None
     if explain:
         try:
+            # The cell-focus interval pools the classes: a slide's blocks are one unit there, whatever its class.
+            slides = (bootstrap_blocks(data.prepared.split, data.indices, stratified=False)
+                      if data.blocks is not None else None)  # fmt: skip
             metrics["explain"] = explain_examples(model, data.images, y_true, probs, classes, plots_dir, cam_method,
-                                                  target_layer, blocks=data.blocks)  # fmt: skip
+                                                  target_layer, blocks=slides)  # fmt: skip
         except NoFeatureMap as error:  # e.g. an MLP-like network: the scores stand without it
             log.warning("Grad-CAM left out: %s", error)
     history = training_history(run_dir) if run_dir is not None else None

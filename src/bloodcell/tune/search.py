@@ -326,9 +326,9 @@ class FoldMedianPruner(optuna.pruners.BasePruner):
         if len(finished) < self.startup_trials:
             return False
         fold_start = step - (step - 1) % self.epochs
-        mine = [v for s, v in trial.intermediate_values.items() if fold_start <= s <= step]
-        if any(math.isnan(v) for v in mine):
-            return True  # as Optuna: a NaN score is no score
+        mine = [v for s, v in trial.intermediate_values.items() if fold_start <= s <= step and not math.isnan(v)]
+        if not mine:
+            return True  # as Optuna: only NaN scores so far is no score
         others = [t.intermediate_values[step] for t in finished if step in t.intermediate_values]
         others = [v for v in others if not math.isnan(v)]
         return bool(others) and max(mine) < statistics.median(others)
