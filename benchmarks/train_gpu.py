@@ -214,6 +214,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="first profile a short training (profile.txt)")
     args = parser.parse_args()
     require_dataset(args.data)
+    config = load_config("default", [override("data.root", args.data.resolve())])
+    # Every variant checked before any GPU work (a GPU is lent for minutes): each is scored below on the
+    # default's test images, at its size, so it must keep the default's data.* settings.
+    variants = [load_config("default", [override("data.root", args.data.resolve()), *o.split()]) for o in args.compare]
+    for overrides, variant in zip(args.compare, variants):
+        if variant.data != config.data:
+            sys.exit(f"--compare {overrides!r}: a variant must keep the default's data.* settings")
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark measures training on a GPU")
     started = time.perf_counter()
@@ -228,7 +235,6 @@ def main() -> None:
         print(f"{key}: {value}", flush=True)
         atomic_write_json(args.out / "train_gpu.json", results)
 
-    config = load_config("default", [override("data.root", args.data.resolve())])
     t0 = time.perf_counter()
     prepared = prepare_data(config.data, progress=False)
     save("prepare_seconds_cold_cache", time.perf_counter() - t0)
@@ -240,10 +246,7 @@ def main() -> None:
         save("train_run", attempt(measure_training, config, prepared, Path(work) / "run"))
         save("device", torch.cuda.get_device_name(0))
         save("jpeg", jpeg_check(prepared.images[:64]))
-        for k, overrides in enumerate(args.compare):  # side by side, on the same warm machine
-            variant = load_config("default", [override("data.root", args.data.resolve()), *overrides.split()])
-            if variant.data != config.data:  # scored below on the default's test images, at its size
-                raise SystemExit(f"--compare {overrides!r}: a variant must keep the default's data.* settings")
+        for k, (overrides, variant) in enumerate(zip(args.compare, variants)):  # side by side, on the same warm machine
             measured = attempt(measure_training, variant, prepared, Path(work) / f"run-{k}")
             save(f"train_run_{k}", {"overrides": overrides, **measured})
         save("bare_images_per_second", {

@@ -259,3 +259,16 @@ def test_the_demo_csv_defuses_class_names_a_spreadsheet_would_run(tmp_path: Path
     write_predictions(demo)
     row = next(csv.DictReader((tmp_path / "p.csv").open()))
     assert row["true_class"] == row["predicted_class"] == "'=HYPERLINK(1)"
+
+
+@pytest.mark.parametrize("content", ['{"results": [null]}', '["a.png"]', '{"x": 1}', "not json",
+                                     '{"results": [{"overlay": "/"}, {"overlay": "x/.."}, {"overlay": "notes.txt"}, '
+                                     '{"overlay": "../../outside.gradcam.png"}]}'])  # fmt: skip
+def test_a_hand_edited_predictions_json_names_no_file_the_demo_would_delete(content: str, tmp_path: Path) -> None:
+    """Only the overlay names an earlier demo recorded are removed: nothing outside overlays/, nothing
+    not named as an overlay, and a broken file is no crash (it would crash every later run there)."""
+    from bloodcell.demo import earlier_overlays
+
+    (tmp_path / "predictions.json").write_text(content)
+    names = earlier_overlays(tmp_path / "predictions.json")
+    assert names <= {"outside.gradcam.png"} and all("/" not in name and name not in ("", "..") for name in names)

@@ -766,3 +766,26 @@ def test_a_file_of_a_few_bytes_is_refused_as_no_image_not_a_crash(content: bytes
 
     with pytest.raises(ImageError):
         open_rgb(content)
+
+
+@pytest.mark.parametrize("patch", ["count 0", "signed short"])
+def test_an_odd_compression_tag_on_a_planar_16_bit_tiff_is_refused_not_read_as_stripes(patch: str) -> None:
+    """Pillow takes a Compression tag it cannot read as none, and its raw reader then makes stripes."""
+    import tifffile
+
+    from bloodcell.data.decode import ImageError, open_rgb
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, (smear(5, size=32).astype(np.uint16) * 257).transpose(2, 0, 1), photometric="rgb",
+                     planarconfig="separate")  # fmt: skip
+    data = bytearray(buffer.getvalue())
+    directory = struct.unpack("<I", data[4:8])[0]
+    for k in range(struct.unpack("<H", data[directory : directory + 2])[0]):
+        at = directory + 2 + 12 * k
+        if struct.unpack("<H", data[at : at + 2])[0] == 259:  # Compression
+            if patch == "count 0":
+                data[at + 4 : at + 8] = struct.pack("<I", 0)
+            else:
+                data[at + 2 : at + 4] = struct.pack("<H", 8)  # SSHORT
+    with pytest.raises(ImageError, match="stored one plane a channel"):
+        open_rgb(bytes(data))

@@ -35,3 +35,13 @@ def test_without_a_gpu_it_stops_with_a_message(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(SystemExit, match="no CUDA device"):
         train_gpu_module().main()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compare_variant_that_changes_the_data_is_refused_before_any_gpu_work(tmp_path: Path, monkeypatch) -> None:
+    """Each variant is scored on the default's test images at its size; checked first, as a GPU is lent
+    for minutes (the check came after the default's training)."""
+    (tmp_path / "Original").mkdir()
+    monkeypatch.setattr(sys, "argv", ["train_gpu.py", "--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--compare", "", "data.image_size=64"])  # fmt: skip
+    with pytest.raises(SystemExit, match="'data.image_size=64': a variant must keep the default's data"):
+        train_gpu_module().main()

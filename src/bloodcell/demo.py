@@ -300,9 +300,11 @@ def earlier_overlays(predictions_json: Path) -> set[str]:
     """The overlay file names an earlier demo recorded in its ``predictions.json`` (none if there is none)."""
     try:
         results = json.loads(predictions_json.read_text(encoding="utf-8"))["results"]
-        return {Path(result["overlay"]).name for result in results if result.get("overlay")}
     except (OSError, ValueError, KeyError, TypeError):
         return set()
+    overlays = [result.get("overlay") for result in results if isinstance(result, dict)] if isinstance(results, list) else []
+    # Names only, and only of overlays: a hand-edited file cannot reach outside the folder or another file.
+    return {Path(path).name for path in overlays if isinstance(path, str) and Path(path).name.endswith(".gradcam.png")}
 
 
 def write_overlays(

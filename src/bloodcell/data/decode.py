@@ -72,11 +72,12 @@ MAX_PNG_CHUNKS = 131_072
 #: (2: EXIF orientation applied, 16-bit and float greyscale refused; 3: a JPEG that ends before its
 #: end-of-image marker, or pads its segments with more than MAX_JPEG_PADDING fill bytes, refused; 4: a PNG
 #: of more than MAX_PNG_CHUNKS chunks refused; 5: JPEGs of more than MAX_JPEG_SEGMENTS segments, TIFFs of
-#: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused; 6: uncompressed colour TIFFs
-#: of samples wider than 8 bits in separate planes, colour TIFFs of floating-point or of more than 16-bit
-#: samples refused). The index's hash cache
+#: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused; 6: colour TIFFs
+#: of samples wider than 8 bits in separate planes, of floating-point or of more than 16-bit samples refused;
+#: 7: of those in planes, only uncompressed ones refused, as libtiff reads the others right, and a TIFF tag
+#: of no values read as unset). The index's hash cache
 #: and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
-DECODER_VERSION = 6
+DECODER_VERSION = 7
 #: Images whose shorter side falls short of the longer by more than this share are named as squashed when
 #: resized to the model's square input. A crop that trims a few rows (224 x 216: 3.6 %) changes a cell's
 #: proportions less than cells differ among themselves, so it passes unnoted; a 4:3 camera frame (25 %) or a
@@ -385,7 +386,8 @@ def _refuse_unread_tiff_samples(name: str, directory: TiffDirectory) -> None:
     if directory.bits > 16:
         raise ImageError(name, f"a colour TIFF of {directory.bits}-bit samples: bloodcell reads 8-bit colour "
                                "images; convert it to 8-bit RGB first")  # fmt: skip
-    if directory.planar == 2 and directory.bits > 8 and directory.compression == 1:
+    # Compression 0 is an unset or unreadable tag, which Pillow takes as none (1): refused too.
+    if directory.planar == 2 and directory.bits > 8 and directory.compression in (0, 1):
         raise ImageError(name, f"an uncompressed colour TIFF of {directory.bits}-bit samples stored one plane a "
                                "channel, which the image library misreads: save it with interleaved samples or "
                                "compressed (LZW, deflate), or as 8-bit RGB")  # fmt: skip
