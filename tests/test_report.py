@@ -167,6 +167,9 @@ def test_a_kfold_run_is_reported_on_its_held_out_fold(runs: Path, tmp_path: Path
     assert path.is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["evaluation"]["split"] == "val" and metrics["data"]["protocol"] == "kfold"
+    # Its checkpoint was chosen on that fold: both formats say the score is optimistic.
+    for text in (path.read_text(encoding="utf-8"), (run / "report.md").read_text(encoding="utf-8")):
+        assert "scored best on these same validation images, chosen on them" in text
     # Refit on train + val (the default recipe), the model learned the held-out fold too: no report on it.
     refit = make_run(dataset, tmp_path / "kfold-refit", data={"protocol": "kfold", "folds": 3, "train_on": "train+val"})
     with pytest.raises(UserError, match="no held-out images to report on"):
@@ -178,7 +181,7 @@ def test_a_random_split_and_validation_scores_of_a_refit_model_are_flagged(runs:
     random_run = make_run(dataset, tmp_path / "random", data={"protocol": "random"})
     html = build_report(random_run, progress=False).read_text(encoding="utf-8")
     assert "Image-level random splits leak" in html
-    assert "Warning: image-level random split" in (random_run / "report.md").read_text(encoding="utf-8")
+    assert "Warning: This model was split with the random" in (random_run / "report.md").read_text(encoding="utf-8")
 
     refit = tmp_path / "refit"
     shutil.copytree(runs / "toy", refit)
@@ -193,7 +196,9 @@ def test_a_random_split_and_validation_scores_of_a_refit_model_are_flagged(runs:
                        n_bootstrap=50)  # fmt: skip
     assert "its scores there are not held-out scores" in caplog.text
     html = build_report(refit, progress=False).read_text(encoding="utf-8")
-    assert "The model learned from these validation images: these are not held-out scores." in html
+    warning = "The model learned from these validation images: these are not held-out scores."
+    assert warning in html and warning in (refit / "report.md").read_text(encoding="utf-8")  # both formats
+    assert "The test part was never trained on" not in html  # no test part was scored
 
 
 def test_a_metrics_json_of_an_older_format_is_evaluated_again(runs: Path, tmp_path: Path) -> None:
@@ -288,3 +293,29 @@ def test_the_model_card_row_names_the_training_data_not_the_data_evaluated(runs:
     row = re.search(r"<td>training data</td><td class=\"left\">([^<]*)</td>", html)
     assert row is not None and row.group(1).startswith(card["config"]["data"]["root"]), row
     assert str(other) not in row.group(1)
+
+
+def test_the_training_curves_name_the_epoch_training_kept() -> None:
+    """Training keeps the highest validation balanced accuracy and, among ties, the lower validation loss:
+    the plot named the first of the tied epochs."""
+    import pandas as pd
+
+    from bloodcell.report.plots import best_epoch_row
+
+    history = pd.DataFrame({"epoch": [1, 2, 3, 4], "val_balanced_accuracy": [0.5, 0.9, 0.8, 0.9],
+                            "val_loss": [1.0, 0.6, 0.5, 0.4]})  # fmt: skip
+    assert best_epoch_row(history) == 3  # epoch 4
+    assert best_epoch_row(history.drop(columns="val_loss")) == 1
+
+
+def test_a_shortcut_scored_on_other_images_is_not_set_beside_the_model(tmp_path: Path) -> None:
+    """With --split all the border-colour baseline scores the rebuilt test part, not the images the model
+    was scored on: no bar beside the model's."""
+    from bloodcell.report.html import _comparison
+
+    metrics = {"model": {"architecture": "bloodnet"}, "balanced_accuracy": 0.9, "balanced_accuracy_ci": [0.8, 1.0],
+               "evaluation": {"split": "all"},
+               "shortcut_baseline": {"balanced_accuracy": 1.0, "scored_on": "test"}}  # fmt: skip
+    assert [row["name"] for row in _comparison(tmp_path, metrics, None)["rows"]] == ["this model (bloodnet)"]
+    metrics["evaluation"]["split"] = "test"
+    assert len(_comparison(tmp_path, metrics, None)["rows"]) == 2

@@ -189,5 +189,7 @@ def _build_report(run_dir: Path, progress: bool) -> Path | None:
     try:
         return build_report(run_dir, progress=progress)
     except Exception as error:  # noqa: BLE001 - the trained model is safe on disk; say what failed
-        warning_line(f"report failed ({type(error).__name__}: {error}); the run is complete. Retry with: bloodcell report {run_dir}")
+        # A run whose only held-out part it trained on has a report only of its holdout stage (the error says so).
+        target = run_dir / "holdout" if "holdout stage" in str(error) and (run_dir / "holdout").is_dir() else run_dir
+        warning_line(f"report failed ({type(error).__name__}: {error}); the run is complete. Retry with: bloodcell report {target}")
         return None

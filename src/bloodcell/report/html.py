@@ -249,10 +249,36 @@ def _comparison(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | Non
          "balanced_accuracy_ci": c["metrics"]["balanced_accuracy_ci"]} for c in columns
     ]  # fmt: skip
     shortcut = metrics.get("shortcut_baseline")
-    if shortcut and shortcut.get("balanced_accuracy") is not None:
+    # Beside the model only when scored on its images (with --split all, the baseline scores the test part).
+    if shortcut and shortcut.get("balanced_accuracy") is not None and shortcut.get("scored_on",
+            metrics["evaluation"]["split"]) == metrics["evaluation"]["split"]:  # fmt: skip
         rows.append({"name": "border colour only (shortcut)", "balanced_accuracy": shortcut["balanced_accuracy"]})
     plot = plot_model_comparison(rows, run_dir / "plots" / "comparison.png")
-    return {"columns": columns, "baseline_dir": str(baseline_dir) if baseline is not None else None, "plot": plot}
+    return {"columns": columns, "baseline_dir": str(baseline_dir) if baseline is not None else None, "plot": plot,
+            "rows": rows}  # fmt: skip
+
+
+def caveats(metrics: dict[str, Any]) -> list[str]:
+    """What limits the headline numbers, in words both report formats show as warnings."""
+    data, split = metrics["data"], metrics["evaluation"]["split"]
+    said = []
+    if data.get("protocol") == "random":
+        said.append("This model was split with the random (image-level) protocol. Image-level random splits leak: "
+                    "neighbouring images of one patient and session fall on both sides, so these numbers overstate "
+                    "what the model does on new patients. Use the session protocol for honest numbers.")  # fmt: skip
+    if data.get("training_images_left_out", 0) is None:
+        said.append("These are not the data the model was trained on, and the model has no record of its training "
+                    "images (trained-on.sha256): these numbers may include images it trained on, which would "
+                    "flatter them.")  # fmt: skip
+    trained_on = data.get("trained_on", [])
+    if split == "val" and "val" in trained_on:
+        said.append("The model learned from these validation images: these are not held-out scores.")
+    elif split == "val" and data.get("same_as_training") and Path(metrics["model"]["path"]).parts[-2:] == (
+            "checkpoints", "best"):  # fmt: skip
+        said.append(f"The model is the epoch ({metrics['model'].get('epoch')}) that scored best on these same "
+                    "validation images, chosen on them: this score is the best of several on the same images, "
+                    "so it is optimistic; the held-out test part, or the run's last epoch, is the fair measure.")  # fmt: skip
+    return said
 
 
 def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | None) -> dict[str, Any]:
@@ -288,6 +314,7 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
                      else f"{card.get('name') or metrics['model']['architecture']} ({run_dir.name})"),  # fmt: skip
         "run_dir": str(run_dir),
         "scope": evaluated_scope(metrics, metrics["data"]["root"]),
+        "caveats": caveats(metrics),
         "cell_focus_margin": CELL_FOCUS_MARGIN,
         "version": __version__,
         "metrics": metrics,

@@ -41,6 +41,15 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def best_epoch_row(history: pd.DataFrame) -> int:
+    """The row of the epoch training keeps as ``best``: the highest validation balanced accuracy, ties to the
+    lower validation loss (as the loop's score (balanced accuracy, -loss) orders them)."""
+    score = history["val_balanced_accuracy"].to_numpy(dtype=float)
+    loss = history["val_loss"].to_numpy(dtype=float) if "val_loss" in history else np.zeros(len(score))
+    top = np.nanmax(score)
+    return min((i for i in range(len(score)) if score[i] == top), key=lambda i: (loss[i], i))
+
+
 def plot_training_curves(history: pd.DataFrame, path: str | Path, note: str | None = None) -> Path:
     """Loss and accuracy per epoch (train and validation) from a run's ``history.csv``.
 
@@ -70,7 +79,7 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, note: str | No
             ax_acc.plot(epoch, history[column], marker="o", ms=3, label=label, color=colour)
     title = "Accuracy per epoch"
     if "val_balanced_accuracy" in history and len(history):
-        best = int(np.nanargmax(history["val_balanced_accuracy"].to_numpy()))
+        best = best_epoch_row(history)
         title += f"\nbest validation balanced accuracy {history['val_balanced_accuracy'].iloc[best]:.3f} (epoch {epoch[best]})"
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
