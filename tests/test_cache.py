@@ -100,6 +100,9 @@ def test_a_damaged_cache_file_is_rebuilt(aria_dataset: Path, tmp_path: Path) -> 
     target.write_bytes(data[: len(data) // 2])
     images = load_images(indexed.manifest, indexed.dataset.root, 16, cache_dir=tmp_path, progress=False)
     assert images.shape == (96, 16, 16, 3) and images.any()
+    target.write_bytes(b"")  # empty: numpy raises EOFError, which the CLI showed as "Aborted."
+    images = load_images(indexed.manifest, indexed.dataset.root, 16, cache_dir=tmp_path, progress=False)
+    assert images.shape == (96, 16, 16, 3) and images.any()
 
 
 def test_prepare_data(aria_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -789,3 +789,51 @@ def test_an_odd_compression_tag_on_a_planar_16_bit_tiff_is_refused_not_read_as_s
                 data[at + 2 : at + 4] = struct.pack("<H", 8)  # SSHORT
     with pytest.raises(ImageError, match="stored one plane a channel"):
         open_rgb(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["cut mid-row", "garbage number", "carriage return"])
+def test_a_damaged_hash_cache_is_rebuilt_not_trusted(tmp_path: Path, damage: str) -> None:
+    """A cache cut inside its last row read "False" as text, cast to True: every image rejected for ever."""
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=3, size=32, segmented=False)
+    first = build_index(root, progress=False)
+    cache = next(first.manifest_path.parent.glob("hash-cache-*.csv"))
+    text = cache.read_text()
+    if damage == "cut mid-row":
+        cache.write_text(text[: text.rstrip("\n").rfind(",") + 3])  # ends "...,Fa"
+    elif damage == "garbage number":
+        lines = text.splitlines()
+        lines[1] = lines[1].replace(lines[1].split(",")[1], "x1", 1)
+        cache.write_text("\n".join(lines) + "\n")
+    else:  # a name with a carriage return, as macOS's Icon\r files have, is skipped, never written there
+        (root / "Original" / "Benign" / "odd\rname.jpg").write_bytes((root / "Original" / "Benign").iterdir().__next__().read_bytes())
+    again = build_index(root, progress=False)
+    assert (~again.manifest["rejected"]).sum() == (~first.manifest["rejected"]).sum() == 12
+    build_index(root, progress=False)  # and the cache it wrote reads back
+
+
+def test_a_macosx_folder_beside_the_data_is_no_class(tmp_path: Path) -> None:
+    """Zip archives made on macOS carry __MACOSX/ with ._name.jpg resource forks beside the data: beside a
+    wrapper folder it made a dataset of two classes, "__MACOSX" and the wrapper's name."""
+    from bloodcell.data.layouts import find_dataset
+    from bloodcell.errors import UserError
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "d" / "leukemia", per_class=3, size=32, segmented=False)
+    for top in (tmp_path / "d", root):
+        forks = top / "__MACOSX" / "leukemia" / "Original" / "Benign"
+        forks.mkdir(parents=True)
+        (forks / "._WBC-Benign-001.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    assert list(find_dataset(root).classes) == list(CLASSES)  # beside the data: ignored
+    with pytest.raises(UserError, match="no recognisable classes"):  # beside a wrapper: no merged classes
+        find_dataset(tmp_path / "d")
+
+
+def test_the_manifest_s_hash_is_of_the_text_this_index_wrote(aria_dataset: Path) -> None:
+    """Another index of the folder (another --classes selection) may rewrite manifest.csv before a command
+    reads it back: the recorded identity must be of the manifest this run used."""
+    result = build_index(aria_dataset, progress=False)
+    assert result.manifest_sha256 == sha256_file(result.manifest_path)
+    result.manifest_path.write_text("rewritten by another index\n")
+    assert result.manifest_sha256 != sha256_file(result.manifest_path)  # held, not read back

@@ -160,7 +160,7 @@ def test_a_damaged_cache_file_is_computed_again(tmp_path: Path) -> None:
     paths = save({"a.jpg": capture(scene, 0, 0), "b.jpg": capture(scene, 5, -7)}, tmp_path / "imgs")
     first = find_recaptures(paths, ["a", "b"], ["1", "2"], ["x", "x"], tmp_path / "cache")
     (cached,) = (tmp_path / "cache").glob("recaptures-*.csv")
-    for damage in ("", "x,y\n1,2\n"):  # empty; the wrong columns
+    for damage in ("", "x,y\n1,2\n", "a,b\na.jpg,"):  # empty; the wrong columns; a row cut short
         cached.write_text(damage)
         assert find_recaptures(paths, ["a", "b"], ["1", "2"], ["x", "x"], tmp_path / "cache") == first
         assert cached.read_text().startswith("a,b")

@@ -538,3 +538,10 @@ def test_joined_blocks_that_would_leave_a_class_one_unit_stay_apart_and_classes_
     no_group.loc[no_group.index[(no_group["block"] == "Benign:00").to_numpy()][:1], "dup_group"] = np.nan
     no_group.loc[no_group.index[(no_group["block"] == "Benign:05").to_numpy()][:1], "dup_group"] = np.nan
     assert not any("Benign:00+" in unit for unit in bootstrap_blocks(no_group, rows))
+
+
+def test_a_class_of_one_image_is_not_said_to_be_one_duplicate_group() -> None:
+    from bloodcell.data.splits import _why_a_part_is_empty
+
+    rows = pd.DataFrame({"dup_group": [7], "block": ["a:00"], "label": [0]})
+    assert "duplicate group" not in _why_a_part_is_empty(rows, "a")

@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from bloodcell.config import DataConfig
 from bloodcell.data.cache import load_images
-from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
+from bloodcell.data.index import build_index, dataset_workdir
 from bloodcell.data.prepare import segmented_images
 from bloodcell.data.progress import track
 from bloodcell.data.splits import SPLIT_RULES, make_split, split_counts
@@ -381,7 +381,7 @@ def run_audit(
     report: dict[str, Any] = {
         "format": AUDIT_FORMAT,
         "dataset": str(dataset.top),
-        "manifest_sha256": manifest_sha256(indexed.manifest_path),  # which state of the folder this describes
+        "manifest_sha256": indexed.manifest_sha256,  # which state of the folder this describes
         "split_rules": SPLIT_RULES,  # and which rules split it for the baselines
         "layout": dataset.layout,
         "variant": dataset.variant,

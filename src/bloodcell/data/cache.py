@@ -140,7 +140,7 @@ def load_images(
         _remove_stale_caches(target, size, variant)
     try:
         images = np.load(target, mmap_mode="r")
-    except (ValueError, OSError) as error:  # cut short or damaged after it was written (a full disk, a bad copy)
+    except (ValueError, OSError, EOFError) as error:  # cut short or damaged after it was written (a full disk, a bad copy; EOFError: empty)
         log.warning("%s: unreadable decoded cache (%s); it is rebuilt", target, error)
         images = None
     if images is None or images.shape != (len(manifest), size, size, 3):  # damaged, or a foreign file: rebuild

@@ -83,12 +83,16 @@ class IndexResult:
     manifest_path: where it was written.
     summary: the dict ``bloodcell index --json`` prints (see :func:`index_summary`).
     dataset: the dataset that was indexed.
+    manifest_sha256: the SHA-256 of the manifest as written: the identity of these data. Taken from the
+        text, not read back from the file, which another index of the folder (another class selection) may
+        rewrite meanwhile.
     """
 
     manifest: pd.DataFrame
     manifest_path: Path
     summary: dict[str, Any]
     dataset: Dataset
+    manifest_sha256: str
 
 
 def bloodcell_home() -> Path:
@@ -223,15 +227,25 @@ def _load_hash_cache(workdir: Path) -> dict[tuple[str, int, int, int, int], dict
         return {}
     try:
         table = pd.read_csv(
-            cache_path, dtype={"phash": str, "sha256": str, "reason": str}, keep_default_na=False
+            cache_path, dtype={"path": str, "phash": str, "sha256": str, "reason": str}, keep_default_na=False
         )
-    except (OSError, ValueError, pd.errors.ParserError):
+        if not {*_STAT_COLUMNS, *_FILE_FACTS} <= set(table.columns) or not _plausible_hash_cache(table):
+            return {}
+        facts = table[list(_FILE_FACTS)].to_dict("records")
+        keys = zip(table["path"], *(table[column].astype(int) for column in _STAT_COLUMNS))
+        return {key: fact for key, fact in zip(keys, facts)}
+    except (OSError, ValueError, TypeError, pd.errors.ParserError):
         return {}  # a damaged cache only costs time, never correctness
-    if not {*_STAT_COLUMNS, *_FILE_FACTS} <= set(table.columns):
-        return {}
-    facts = table[list(_FILE_FACTS)].to_dict("records")
-    keys = zip(table["path"], *(table[column].astype(int) for column in _STAT_COLUMNS))
-    return {key: fact for key, fact in zip(keys, facts)}
+
+
+def _plausible_hash_cache(table: pd.DataFrame) -> bool:
+    """Whether every row of a read hash cache holds facts of the kinds written: a file cut short (a full disk,
+    a crash mid-write by another tool) leaves a last row whose ``rejected`` reads as text, and ``"False"``
+    cast to bool is True: every image would be rejected, for ever."""
+    hexes = {"sha256": r"[0-9a-f]{64}", "phash": r"[0-9a-f]{16}"}
+    return (table["rejected"].dtype == bool
+            and all(table[c].fillna("").str.fullmatch(f"({pattern})?").all() for c, pattern in hexes.items())
+            and all(pd.api.types.is_integer_dtype(table[c]) for c in (*_STAT_COLUMNS, "width", "height")))  # fmt: skip
 
 
 def _save_hash_cache(workdir: Path, rows: list[dict[str, Any]]) -> None:
@@ -550,6 +564,7 @@ def build_index(
     manifest_path = Path(out) if out is not None else workdir / "manifest.csv"
     # One line ending on every system: the manifest's SHA-256 names the data in model cards and reports, and
     # pandas would otherwise end lines with \r\n on Windows.
-    write_text_if_changed(manifest_path, manifest.to_csv(index=False, lineterminator="\n"))
+    text = manifest.to_csv(index=False, lineterminator="\n")
+    write_text_if_changed(manifest_path, text)
     summary = {**index_summary(manifest, manifest_path, dataset.classes), "recaptured_pairs": len(recaptures)}
-    return IndexResult(manifest, manifest_path, summary, dataset)
+    return IndexResult(manifest, manifest_path, summary, dataset, hashlib.sha256(text.encode("utf-8")).hexdigest())

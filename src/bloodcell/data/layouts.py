@@ -56,7 +56,10 @@ CLASS_ALIASES: dict[str, str] = {
 }
 
 #: File names that operating systems drop into folders; never indexed.
-_JUNK_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
+_JUNK_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "icon\r"})
+#: Folders an archiver or the OS adds beside the data (macOS's zip resource forks): never a class, never a
+#: wrapper. Beside a wrapper folder, __MACOSX made the dataset look like a folder of two classes.
+_JUNK_FOLDERS = frozenset({"__macosx"})
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ def canonical_class(folder_name: str) -> str | None:
 
 
 def _subfolders(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in path.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in _JUNK_FOLDERS)  # fmt: skip
 
 
 def _canonical_folders(path: Path) -> dict[str, str]:
@@ -127,6 +131,11 @@ def _class_files(root: Path, folder: str) -> list[str]:
             continue
         if not (path.is_file() or (path.is_symlink() and not path.exists())):  # a broken link is reported
             continue
+        if "\r" in relative.as_posix():
+            # A carriage return survives no CSV round trip (the hash cache, the manifest): it would break every
+            # later command. macOS's "Icon\r" is junk and skipped above; any other such name is said.
+            log.warning("skipped %s: its name holds a carriage return (rename the file to use it)", ascii(str(path)))
+            continue
         if printable_path(relative) != relative.as_posix():
             # The manifest, caches and reports are UTF-8 text; such a name would stop the whole run there.
             log.warning("skipped %s: its name is not valid UTF-8 (rename the file to use it)", ascii(str(path)))
@@ -136,8 +145,9 @@ def _class_files(root: Path, folder: str) -> list[str]:
 
 
 def is_image_name(path: str | Path) -> bool:
-    """Whether a file name has one of the accepted image suffixes (JPEG, PNG, BMP, TIFF)."""
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+    """Whether a file name has one of the accepted image suffixes (JPEG, PNG, BMP, TIFF) and is not hidden
+    (macOS's ``._name.jpg`` resource forks end in .jpg too; hidden files are never read)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES and not Path(path).name.startswith(".")
 
 
 def _is_aria_variant(folder: Path) -> bool:

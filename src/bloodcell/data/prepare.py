@@ -15,7 +15,7 @@ import pandas as pd
 
 from bloodcell.config import DataConfig
 from bloodcell.data.cache import load_images
-from bloodcell.data.index import build_index, dataset_workdir, manifest_sha256
+from bloodcell.data.index import build_index, dataset_workdir
 from bloodcell.data.layouts import VARIANTS, Dataset
 from bloodcell.data.splits import make_split, save_split, split_file_name
 from bloodcell.errors import UserError
@@ -149,7 +149,7 @@ def prepare_data(
         labels=split["label"].to_numpy(np.int64),
         classes=dataset.classes,
         root=dataset.root,
-        manifest_sha256=manifest_sha256(indexed.manifest_path),
+        manifest_sha256=indexed.manifest_sha256,
         # Only training with data.mix_segmented reads them: decoding the other variant for every command
         # cost a second index and a cache file as large as this one.
         segmented_images=segmented_images(dataset, split, data_config, images, progress)

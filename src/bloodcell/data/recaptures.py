@@ -195,5 +195,7 @@ def _read_pairs(path: Path) -> list[tuple[str, str]] | None:
     """The pairs a cache file holds; None when it is missing or damaged (they are computed again)."""
     with contextlib.suppress(OSError, ValueError, KeyError):
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if (table[["a", "b"]] == "").to_numpy().any():  # a row cut short (a file cut mid-write): recompute
+            return None
         return list(zip(table["a"], table["b"], strict=True))
     return None

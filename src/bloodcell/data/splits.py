@@ -423,7 +423,7 @@ def _warn_of_empty_parts(split: pd.DataFrame, parts: tuple[str, ...]) -> None:
 def _why_a_part_is_empty(rows: pd.DataFrame, name: str) -> str:
     """The likely cause, in words: a duplicate group that holds most of the class, or too few images."""
     largest = int(rows.groupby("dup_group").size().max()) if "dup_group" in rows and len(rows) else 0
-    if largest > len(rows) / 2:  # a group lies in one part, and takes the class's images there with it
+    if largest > 1 and largest > len(rows) / 2:  # a group lies in one part, and takes the class's images there with it
         return (f"{largest} of its {len(rows)} images are one duplicate group (near-identical images: a blank field, "
                 "an eyepiece's surround?), which stays in one part")  # fmt: skip
     return f"too few images or blocks in {name} for this split"
