@@ -340,12 +340,12 @@ def _tiff_first_directory(data: bytes) -> TiffDirectory:
     counts, values = [0], {}
     for k in range(min(entries, MAX_TIFF_TAGS + 1, (len(data) - offset - 2) // 12)):
         entry = data[offset + 2 + 12 * k : offset + 14 + 12 * k]
-        tag, kind = int.from_bytes(entry[:2], order), int.from_bytes(entry[2:4], order)
+        tag = int.from_bytes(entry[:2], order)
         if tag in (273, 324):  # StripOffsets, TileOffsets: how many
             counts.append(int.from_bytes(entry[4:8], order))
-        elif tag in (256, 257, 322, 323):  # ImageWidth, ImageLength, TileWidth, TileLength: a SHORT or LONG
-            values[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
-        elif tag in (258, 259, 277, 284, 339):  # BitsPerSample, Compression, SamplesPerPixel, PlanarConfiguration, SampleFormat
+        # ImageWidth, ImageLength, BitsPerSample, Compression, SamplesPerPixel, PlanarConfiguration,
+        # TileWidth, TileLength, SampleFormat: each a SHORT or LONG (the first channel's, for a per-channel tag)
+        elif tag in (256, 257, 258, 259, 277, 284, 322, 323, 339):
             values[tag] = _first_tiff_value(entry, data, order)
     return TiffDirectory(entries, max(counts), (values.get(256, 0), values.get(257, 0)),
                          (values.get(322, 0), values.get(323, 0)), values.get(277, 0), values.get(258, 0),
