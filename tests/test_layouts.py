@@ -113,6 +113,30 @@ def test_an_aria_folder_of_a_single_class_is_still_the_aria_layout(tmp_path: Pat
     assert list(find_dataset(plain / "Original").classes) == ["Benign", "tumour"]
 
 
+def test_an_aria_dataset_unpacked_into_a_folder_of_its_own_is_found(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An archive unpacked into a folder (``data/archive/Original/...``, macOS's ``__MACOSX`` beside it): the
+    one folder is looked into, as for the Kaggle copy, instead of "no recognisable classes"."""
+    outer = tmp_path / "data"
+    inner = make_folders(outer / "archive", [f"{v}/{c}" for v in ("Original", "Segmented") for c in ("Benign", "Pro")])
+    (outer / "__MACOSX" / "archive").mkdir(parents=True)
+    dataset = find_dataset(outer, variant="Segmented")
+    assert (dataset.layout, dataset.top, dataset.root) == ("aria", inner.resolve(), (inner / "Segmented").resolve())
+    assert dataset.classes == ("Benign", "Pro-B") and len(dataset.files) == 6
+    assert "variant" not in caplog.text  # the wrapper is no variant folder: nothing to warn of
+    # Only one level, and only a lone folder: beside a second folder, the wrapper is not looked into.
+    (outer / "notes").mkdir()
+    with pytest.raises(UserError, match="no recognisable classes"):
+        find_dataset(outer)
+
+
+def test_a_lone_folder_of_unknown_class_folders_is_pointed_at(tmp_path: Path) -> None:
+    make_folders(tmp_path / "data" / "my lab", ["tumour", "healthy"])
+    with pytest.raises(UserError, match=r"if my lab/ holds the class folders, give .*my lab instead"):
+        find_dataset(tmp_path / "data")
+
+
 def test_aria_missing_variant_is_a_clear_error(tmp_path: Path) -> None:
     from conftest import make_aria_dataset
 

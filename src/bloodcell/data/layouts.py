@@ -5,7 +5,7 @@ Three layouts are recognised, tried in this order:
 ``aria``
     ``ROOT/Original/{Benign,Early,Pre,Pro}`` and optionally ``ROOT/Segmented/...`` (the Kaggle "Leukemia"
     dataset of Aria et al.). ``variant`` picks Original or Segmented. ``ROOT`` may also be the variant
-    folder itself.
+    folder itself, or a folder holding nothing but ``ROOT`` (the archive unpacked into a folder of its own).
 ``kaggle``
     The "Blood Cell Cancer [ALL] 4 class" copy: ``Benign``, ``[Malignant] early Pre-B``, ``[Malignant]
     Pre-B``, ``[Malignant] Pro-B``, directly under ``ROOT`` or under one wrapping folder such as ``Blood
@@ -158,19 +158,30 @@ def _is_aria_variant(folder: Path) -> bool:
     return len(known) >= 2 or (len(known) == 1 and with_images <= known)
 
 
+def _only_subfolder(root: Path) -> list[Path]:
+    """``root``'s sub-folder when it is the only one (a wrapper an archive unpacks into), else nothing."""
+    folders = _subfolders(root)
+    return folders if len(folders) == 1 else []
+
+
+def _holds_aria_variant(folder: Path) -> bool:
+    return any((folder / v).is_dir() and _is_aria_variant(folder / v) for v in VARIANTS)
+
+
 def _aria_top(root: Path) -> Path | None:
-    """The Aria top folder for ``root``: ``root`` itself, or its parent when ``root`` is a variant folder."""
+    """The Aria top folder for ``root``: ``root`` itself, its parent when ``root`` is a variant folder, or
+    the one folder inside ``root`` (an archive unpacked into a folder of its own) when that is the top."""
     if root.name in VARIANTS and _is_aria_variant(root):
         return root.parent
-    if any((root / v).is_dir() and _is_aria_variant(root / v) for v in VARIANTS):
-        return root
+    for candidate in [root, *_only_subfolder(root)]:
+        if _holds_aria_variant(candidate):
+            return candidate
     return None
 
 
 def _kaggle_root(root: Path) -> Path | None:
     """The folder holding the Kaggle class folders (``[Malignant] ...``), if ``root`` has that layout."""
-    candidates = [root] + [p for p in _subfolders(root) if len(_subfolders(root)) == 1]
-    for candidate in candidates:
+    for candidate in [root, *_only_subfolder(root)]:
         folders = [p.name for p in _subfolders(candidate)]
         if any(normalise_name(name).startswith("malignant") for name in folders) and _canonical_folders(
             candidate
@@ -287,7 +298,7 @@ def find_dataset(
 
     aria_top = _aria_top(path)
     if aria_top is not None:
-        if path != aria_top and path.name != variant:  # .../Segmented given, the Original asked for: say so
+        if path == aria_top / path.name and path.name != variant:  # .../Segmented given, Original asked for
             warn_once(log, "%s is the %s variant's folder; the %s variant (the one asked for) of %s is used. For "
                       "the %s images, pass --variant %s", path, path.name, variant, aria_top, path.name, path.name)  # fmt: skip
         variant_root = aria_top / variant
@@ -326,9 +337,10 @@ def find_dataset(
     if known and with_images and {f.name for f in with_images} <= set(known.values()):
         return _build(path, path, "folders", variant, _in_canonical_order(known))
     if len(with_images) < 2:
+        wrapper = "".join(f"; if {f.name}/ holds the class folders, give {f} instead" for f in _only_subfolder(path))
         raise UserError(
             f"no recognisable classes under {path}: expected the Aria layout (Original/{{Benign,Early,Pre,Pro}}), "
-            "the Kaggle 4-class folders, or at least two class folders holding JPEG/PNG/BMP/TIFF images"
+            f"the Kaggle 4-class folders, or at least two class folders holding JPEG/PNG/BMP/TIFF images{wrapper}"
         )
     return _build(path, path, "folders", variant, {f.name: f.name for f in with_images})
 
