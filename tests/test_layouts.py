@@ -163,6 +163,16 @@ def test_kaggle_layout_loose_names(tmp_path: Path, wrapped: bool) -> None:
     assert all(len(paths) == 3 for paths in by_class.values())
 
 
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_kaggle_layout_with_user_class_names(tmp_path: Path, wrapped: bool) -> None:
+    """--classes (a model's classes) on the Kaggle copy: matched inside its wrapper too, in the given order."""
+    holder = tmp_path / "kaggle" / "Blood cell Cancer [ALL]" if wrapped else tmp_path / "kaggle"
+    make_folders(holder, KAGGLE_FOLDERS)
+    dataset = find_dataset(tmp_path / "kaggle", class_names=["Pro-B", "Benign"])
+    assert dataset.root == holder.resolve() and dataset.classes == ("Pro-B", "Benign")
+    assert dataset.class_folders == {"Pro-B": "[Malignant] Pro-B", "Benign": "Benign"}
+
+
 def test_kaggle_exact_names(tmp_path: Path) -> None:
     make_folders(tmp_path / "Blood cell Cancer [ALL]", KAGGLE_FOLDERS)
     assert find_dataset(tmp_path).class_folders == dict(zip(CLASSES, KAGGLE_FOLDERS))

@@ -279,8 +279,8 @@ def find_dataset(
     ----------
     root: the dataset folder (for Aria, the folder holding ``Original``/``Segmented``, or one of them).
     variant: ``Original`` or ``Segmented`` (Aria layout only; other layouts accept only ``Original``).
-    class_names: for a plain class-per-folder layout, the classes in model order, matched to folder names
-        loosely; ``None`` maps known aliases to the canonical classes, else takes every folder as a class.
+    class_names: the classes in model order, matched to the class folders' names loosely (in any layout);
+        ``None`` maps known aliases to the canonical classes, else takes every folder as a class.
 
     Returns the :class:`Dataset`. Raises :class:`UserError` for a missing path, an empty folder, or a
     folder with no recognisable classes.
@@ -319,10 +319,13 @@ def find_dataset(
         )
 
     kaggle_root = _kaggle_root(path)
-    if kaggle_root is not None and not class_names:
-        return _build(
-            kaggle_root, path, "kaggle", variant, _in_canonical_order(_canonical_folders(kaggle_root))
+    if kaggle_root is not None:
+        classes = (
+            _match_user_classes(kaggle_root, class_names)
+            if class_names
+            else _in_canonical_order(_canonical_folders(kaggle_root))
         )
+        return _build(kaggle_root, path, "kaggle", variant, classes)
 
     folders = _subfolders(path)
     if not folders:
