@@ -137,6 +137,13 @@ def test_a_lone_folder_of_unknown_class_folders_is_pointed_at(tmp_path: Path) ->
         find_dataset(tmp_path / "data")
 
 
+def test_aria_variant_folders_named_in_another_case_are_refused(tmp_path: Path) -> None:
+    """Not taken for two classes, "original" and "segmented" (the same images, with and without background)."""
+    root = make_folders(tmp_path / "aria", [f"{v}/{c}" for v in ("original", "SEGMENTED") for c in ("Benign", "Pro")])
+    with pytest.raises(UserError, match="SEGMENTED, original looks like the Aria layout's .* rename them"):
+        find_dataset(root)
+
+
 def test_aria_missing_variant_is_a_clear_error(tmp_path: Path) -> None:
     from conftest import make_aria_dataset
 

@@ -339,6 +339,12 @@ def find_dataset(
     # then says it has no images).
     if known and with_images and {f.name for f in with_images} <= set(known.values()):
         return _build(path, path, "folders", variant, _in_canonical_order(known))
+    misnamed = [f.name for f in with_images if f.name.lower() in {v.lower() for v in VARIANTS}]
+    if misnamed:  # else a model would learn to tell the Original images from their Segmented copies
+        raise UserError(
+            f"{path}: {', '.join(misnamed)} looks like the Aria layout's {' and '.join(VARIANTS)} folders, but the "
+            f"names differ in case; rename {'them' if len(misnamed) > 1 else 'it'} to {' and '.join(VARIANTS)}"
+        )
     if len(with_images) < 2:
         wrapper = "".join(f"; if {f.name}/ holds the class folders, give {f} instead" for f in _only_subfolder(path))
         raise UserError(
