@@ -545,3 +545,58 @@ def test_a_class_of_one_image_is_not_said_to_be_one_duplicate_group() -> None:
 
     rows = pd.DataFrame({"dup_group": [7], "block": ["a:00"], "label": [0]})
     assert "duplicate group" not in _why_a_part_is_empty(rows, "a")
+
+
+def manifest_in_sub_folders(sizes: tuple[int, ...] = (30, 8, 22, 15, 5, 26, 12, 9), loose: int = 0) -> pd.DataFrame:
+    """Two classes whose images lie in per-patient sub-folders (``Benign/patient03/img_7.jpg``) of uneven
+    sizes, numbered from 1 in each, and ``loose`` more directly in each class folder."""
+    manifest = synthetic_manifest((sum(sizes) + loose,) * 2)
+    for label in (0, 1):
+        rows = manifest.index[manifest["label"] == label]
+        paths = [f"{CLASSES[label]}/patient{p:02d}/img_{k}.jpg" for p, n in enumerate(sizes) for k in range(1, n + 1)]
+        paths += [f"{CLASSES[label]}/loose_{k:03d}.jpg" for k in range(1, loose + 1)]
+        manifest.loc[rows, "path"] = paths
+        manifest.loc[rows, "capture"] = [int(path.rsplit("_", 1)[1].split(".")[0]) for path in paths]
+    return manifest
+
+
+def parts_of_each_sub_folder(split: pd.DataFrame) -> pd.Series:
+    used = split[split["split"].isin(["train", "val", "test"])]
+    return used.groupby(used["path"].str.rsplit("/", n=1).str[0])["split"].nunique()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_class_folder_s_sub_folders_are_kept_whole_in_one_part(protocol: str) -> None:
+    """A patient's (or slide's) sub-folder is the strongest grouping a user gives: never in two parts. Blocks
+    of a fixed size had cut across them, and the leakage check passed the split."""
+    manifest = manifest_in_sub_folders(loose=20)
+    for seed in range(6):
+        split = make_split(manifest, protocol, seed, block_size=10, embargo=2, folds=3)
+        within = parts_of_each_sub_folder(split[split["path"].str.contains("patient")])
+        assert (within == 1).all(), (protocol, seed, within[within > 1])
+        if protocol != "random":  # and a block holds whole sub-folders (or loose files)
+            nested = split[split["path"].str.contains("patient")]
+            assert (nested.groupby(nested["path"].str.rsplit("/", n=1).str[0])["block"].nunique() == 1).all()
+        assert set(split.loc[split["split"].isin(["train", "val", "test"]), "class"]) == {"Benign", "Early Pre-B"}
+
+
+def test_a_sub_folder_in_two_parts_fails_the_leakage_check() -> None:
+    split = make_split(manifest_in_sub_folders(), "session", 0, block_size=10, embargo=0)
+    patient = split["path"].str.startswith("Benign/patient00/")
+    held = split.loc[patient, "split"].iloc[0]
+    split.loc[split.index[patient][0], "split"] = "val" if held == "train" else "train"
+    with pytest.raises(LeakageError, match="sub-folder Benign/patient00/ in"):
+        check_leakage(split)
+
+
+def test_one_sub_folder_holding_a_whole_class_tells_no_one_apart() -> None:
+    """``Benign/jpg/...``: split as if its files lay loose, not as one block."""
+    flat = synthetic_manifest((60, 60))
+    nested = flat.assign(path=flat["path"].str.replace("/", "/jpg/", n=1, regex=False))
+    assert (make_split(flat, "session", 0, block_size=10)["split"].to_numpy()
+            == make_split(nested, "session", 0, block_size=10)["split"].to_numpy()).all()  # fmt: skip
+
+
+def test_too_few_sub_folders_for_the_parts_is_said_so() -> None:
+    with pytest.raises(UserError, match=r"'Benign' gives only 2 session block\(s\).*lie in 2 sub-folder\(s\)"):
+        make_split(manifest_in_sub_folders(sizes=(30, 30)), "session", 0, block_size=10)

@@ -208,6 +208,13 @@ def test_a_study_refuses_to_continue_with_a_different_search(tmp_path: Path) -> 
     open_study("s", storage, base, TINY_SPACE, None, *args)
     open_study("s", storage, base.model_copy(update={"data": base.data.model_copy(update={"root": "/elsewhere"})}),
                TINY_SPACE, None, *args)  # fmt: skip  # another machine's dataset path is fine
+    for key, value in (("train.num_threads", 1), ("train.cuda_graph", not base.train.cuda_graph)):
+        section, name = key.split(".")  # how a worker computes, not what: a GPU worker without CUDA graphs
+        changed = getattr(base, section).model_copy(update={name: value})
+        open_study("s", storage, base.model_copy(update={section: changed}), TINY_SPACE, None, *args)
+    with pytest.raises(UserError, match="different base_config"):
+        open_study("s", storage, base.model_copy(update={"train": base.train.model_copy(update={"epochs": 7})}),
+                   TINY_SPACE, None, *args)  # fmt: skip
     with pytest.raises(UserError, match="different space"):
         open_study("s", storage, base, SearchSpace(), None, *args)
 

@@ -29,6 +29,10 @@ from pydantic import (
 
 from bloodcell.io import atomic_write_text
 
+#: Keys that say where and how a run computes, not what: they may differ between a run and its resumption,
+#: and between the workers of one tuning study.
+RUNTIME_KEYS = frozenset({"data.root", "train.devices", "train.accelerator", "train.num_threads", "train.cuda_graph"})
+
 
 class Strict(BaseModel):
     """Base for config sections: unknown keys are an error, assignments are validated, and no number may be

@@ -14,6 +14,11 @@ come from one patient and one session. Protocols:
     ``folds`` stratified folds whose groups are session blocks; fold ``fold`` is validation, the rest
     training (with the same embargo); there is no test part.
 
+Under every protocol, the sub-folders of a class folder (``Benign/patient07/...``: a patient or a slide, the
+strongest grouping a user can give) stay whole in one part: session blocks are cut only between them, and
+the random split draws them whole. A class that keeps all its images in one sub-folder is split as if it
+kept them loose (that folder tells no one apart).
+
 Under every protocol, duplicate groups (``dup_group``: exact and near duplicates, and shifted re-captures of
 one field) stay in one part: a group found in two parts keeps its members in the most protected of them
 (test, then val, then train), and its members in the others are left out (``embargo``).
@@ -29,8 +34,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -47,8 +52,9 @@ log = logging.getLogger(__name__)
 
 #: Raised whenever make_split gives other parts for the same manifest and settings, so that what was cached
 #: from a split (the audit's baselines) is computed again: 2 since blocks joined by a re-capture are held out
-#: together (eighteenth session).
-SPLIT_RULES = 2
+#: together (eighteenth session), 3 since a class folder's sub-folders are kept whole (twentieth; files
+#: directly in their class folders, as in Aria and the Kaggle copy, are split as under 2).
+SPLIT_RULES = 3
 PROTOCOLS: tuple[str, ...] = ("session", "random", "kfold")
 PARTS: tuple[str, ...] = ("train", "val", "test", "embargo")
 #: Parts a model is trained or evaluated on; a duplicate group must not touch two of them.
@@ -70,6 +76,37 @@ def _capture_order(split: pd.DataFrame) -> pd.DataFrame:
                                                     kind="stable").drop(columns="_series")  # fmt: skip
 
 
+def sub_folders(rows: pd.DataFrame) -> pd.Series:
+    """The sub-folder of its class folder each row lies in (``Benign/patient07/slide2/img_3.jpg`` ->
+    ``Benign/patient07``: the outermost, the patient rather than the slide), kept whole by every split; NaN
+    for a file directly in its class folder, and for every file of a class whose files all lie in one
+    sub-folder (a folder such as ``Benign/jpg/``, which tells no patient apart)."""
+    folder = rows["path"].map(lambda path: "/".join(PurePosixPath(str(path)).parts[:2])
+                              if len(PurePosixPath(str(path)).parts) > 2 else None)  # fmt: skip
+    folder = folder.astype(object)
+    for _, members in folder.groupby(rows["class"] if "class" in rows else rows["label"], sort=False):
+        if members.notna().all() and members.nunique() == 1:
+            folder[members.index] = None
+    return folder
+
+
+def _allowed_cuts(folders: pd.Series) -> np.ndarray:
+    """Positions (1..n-1, in capture order) where a block may begin: not inside a sub-folder."""
+    values = folders.to_numpy(dtype=object)
+    inside = np.array([pd.notna(a) and a == b for a, b in zip(values[:-1], values[1:], strict=True)], dtype=bool)
+    return np.flatnonzero(~inside) + 1
+
+
+def _block_starts(n_images: int, n_blocks: int, allowed: np.ndarray) -> list[int]:
+    """Where each block begins: the equal cut of ``np.array_split``, each cut moved to the nearest allowed
+    position (the lower one on a tie), cuts that meet merged. With every position allowed, the equal cut."""
+    equal = np.cumsum([len(part) for part in np.array_split(np.arange(n_images), n_blocks)])[:-1]
+    if len(allowed) == 0:
+        return [0]
+    nearest = {int(allowed[np.argmin(np.abs(allowed - cut))]) for cut in equal}
+    return [0, *sorted(nearest)]
+
+
 def _blocks_per_class(n_images: int, block_size: int, min_blocks: int) -> int:
     """How many contiguous blocks a class of ``n_images`` is cut into (at least ``min_blocks`` if it can)."""
     return max(1, math.floor(n_images / block_size + 0.5), min(n_images, min_blocks))  # half rounds up
@@ -85,17 +122,20 @@ def session_blocks(split: pd.DataFrame, block_size: int = 40, min_blocks: int = 
     min_blocks: cut small classes into at least this many blocks (so val and test can each take one).
 
     Returns a copy with ``block`` (``"<class>:<nn>"``), ``block_index`` (int within the class) and
-    ``position`` (capture-order position within the class).
+    ``position`` (capture-order position within the class). A block never cuts a sub-folder
+    (:func:`sub_folders`): a class of few sub-folders gets fewer blocks, of whole sub-folders.
     """
     result = split.copy()
     result["block"] = ""
     result["block_index"] = -1
     result["position"] = -1
-    for _, rows in _capture_order(split).groupby("label", sort=True):
+    ordered = _capture_order(split)
+    folders = sub_folders(ordered)
+    for _, rows in ordered.groupby("label", sort=True):
         n_blocks = _blocks_per_class(len(rows), block_size, min_blocks)
-        index = np.concatenate(
-            [np.full(len(part), k) for k, part in enumerate(np.array_split(np.arange(len(rows)), n_blocks))]
-        )
+        starts = np.zeros(len(rows), dtype=np.int64)
+        starts[_block_starts(len(rows), n_blocks, _allowed_cuts(folders[rows.index]))] = 1
+        index = np.cumsum(starts) - 1
         name = rows["class"].iloc[0]
         result.loc[rows.index, "block_index"] = index
         result.loc[rows.index, "block"] = [f"{name}:{k:02d}" for k in index]
@@ -103,10 +143,20 @@ def session_blocks(split: pd.DataFrame, block_size: int = 40, min_blocks: int = 
     return result
 
 
-def _held_out_counts(n_blocks: int, n_images: int, val_fraction: float, test_fraction: float, name: str) -> tuple[int, int]:
+def _held_out_counts(rows: pd.DataFrame, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """How many of one class's blocks go to val and to test; a clear error when too few are left to train."""
+    n_blocks, n_images, name = int(rows["block_index"].max()) + 1, len(rows), rows["class"].iloc[0]
     n_test = max(1, math.floor(test_fraction * n_blocks + 0.5))
     n_val = max(1, math.floor(val_fraction * n_blocks + 0.5))
     if n_test + n_val >= n_blocks:
+        folders = sub_folders(rows).dropna()
+        if folders.size and n_blocks >= folders.nunique() + n_images - folders.size:  # no block size gives more
+            raise UserError(
+                f"class {name!r} gives only {n_blocks} session block(s), too few for val, test and training: "
+                f"{folders.size} of its {n_images} images lie in {folders.nunique()} sub-folder(s), each kept whole "
+                "in one part (a patient or a slide); add images or sub-folders, or, if its sub-folders are no "
+                "patients or slides, move the images out of them"
+            )
         if n_blocks >= n_images:  # one image a block already: no block size helps
             raise UserError(f"class {name!r} has only {n_images} image(s), too few for val, test and training (3 at "
                             "the least): add images, or leave the class out")  # fmt: skip
@@ -127,9 +177,8 @@ def _assign_session(blocked: pd.DataFrame, seed: int, val_fraction: float, test_
     split = pd.Series("train", index=blocked.index, dtype=object)
     units = pd.Series(_block_and_duplicate_groups(blocked), index=blocked.index)
     for label, rows in blocked.groupby("label", sort=True):
-        n_blocks = int(rows["block_index"].max()) + 1
-        name = rows["class"].iloc[0]
-        n_val, n_test = _held_out_counts(n_blocks, len(rows), val_fraction, test_fraction, name)
+        n_blocks, name = int(rows["block_index"].max()) + 1, rows["class"].iloc[0]
+        n_val, n_test = _held_out_counts(rows, val_fraction, test_fraction)
         blocks_of_unit = rows.groupby(units[rows.index])["block_index"].agg(lambda blocks: sorted(set(blocks)))
         unit_of_block = dict(zip(rows["block_index"], units[rows.index], strict=True))
         # One generator per (seed, class index): the classes' blocks are drawn independently (a class added
@@ -174,8 +223,9 @@ def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int
 
 
 def _assign_random(blocked: pd.DataFrame, seed: int, val_fraction: float, test_fraction: float) -> pd.Series:
-    """Stratified image-level split that keeps duplicate groups whole (group = ``dup_group``)."""
-    labels, groups = blocked["label"].to_numpy(), blocked["dup_group"].to_numpy()
+    """Stratified image-level split that keeps duplicate groups and sub-folders whole."""
+    labels = blocked["label"].to_numpy()
+    groups = _joined_groups(blocked, [blocked["dup_group"], sub_folders(blocked)])
     test = _stratified_group_fold(labels, groups, max(2, round(1 / test_fraction)), seed) == 0
     rest = np.flatnonzero(~test)
     val_splits = max(2, round((1 - test_fraction) / val_fraction))
@@ -193,26 +243,33 @@ def _assign_random(blocked: pd.DataFrame, seed: int, val_fraction: float, test_f
 
 def _block_and_duplicate_groups(blocked: pd.DataFrame) -> np.ndarray:
     """Group ids joining rows that share a session block or a duplicate group (so neither is cut)."""
+    return _joined_groups(blocked, [blocked["block"], blocked["dup_group"]])
+
+
+def _joined_groups(table: pd.DataFrame, keys: Sequence[pd.Series]) -> np.ndarray:
+    """Group ids joining rows that share a value of any of ``keys`` (NaN joins nothing), numbered by their
+    first row in the index's order."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = len(blocked)
-    block_codes = pd.factorize(blocked["block"])[0]
-    dup_codes = pd.factorize(blocked["dup_group"])[0]
-    missing = dup_codes < 0  # no duplicate group recorded (NaN): a group of its own, not code -1 for all
-    dup_codes[missing] = dup_codes.max(initial=-1) + 1 + np.arange(int(missing.sum()))
-    # Bipartite graph: row nodes 0..n-1, block nodes n.., duplicate-group nodes after them.
-    n_blocks = block_codes.max() + 1
-    rows = np.concatenate([np.arange(n), np.arange(n)])
-    cols = np.concatenate([n + block_codes, n + n_blocks + dup_codes])
-    size = n + n_blocks + dup_codes.max() + 1
-    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(size, size))
+    n = len(table)
+    # Bipartite graph: row nodes 0..n-1, then one node per value of each key.
+    rows, cols, size = [], [], n
+    for key in keys:
+        codes = pd.factorize(key)[0]
+        missing = codes < 0  # no value recorded (NaN): a node of its own, not code -1 for all
+        codes[missing] = codes.max(initial=-1) + 1 + np.arange(int(missing.sum()))
+        rows.append(np.arange(n))
+        cols.append(size + codes)
+        size += int(codes.max(initial=-1)) + 1
+    graph = coo_matrix((np.ones(n * len(keys), dtype=np.int8), (np.concatenate(rows), np.concatenate(cols))),
+                       shape=(size, size))  # fmt: skip
     components = connected_components(graph, directed=False)[1][:n]
     # Number the groups by their first row in the index's order, not the table's: scipy numbers them as it
     # meets them, and the folds (drawn over group ids) would change with the rows' order. The index writes
     # its manifest in this order, where both numberings agree.
     order = np.empty(n, dtype=np.int64)
-    order[blocked.reset_index(drop=True).sort_values(MANIFEST_ORDER, kind="stable").index] = np.arange(n)
+    order[table.reset_index(drop=True).sort_values(MANIFEST_ORDER, kind="stable").index] = np.arange(n)
     first = np.full(components.max() + 1, n, dtype=np.int64)
     np.minimum.at(first, components, order)
     return np.argsort(np.argsort(first))[components]
@@ -430,7 +487,8 @@ def _why_a_part_is_empty(rows: pd.DataFrame, name: str) -> str:
 
 
 def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
-    """Fail loudly if any file, exact duplicate or near duplicate is in two used parts.
+    """Fail loudly if any file, exact duplicate, near duplicate or sub-folder of a class folder (a patient or
+    a slide, :func:`sub_folders`) is in two used parts.
 
     Parameters
     ----------
@@ -458,6 +516,9 @@ def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
             rows = used[used[column] == key]
             where = ", ".join(f"{r.path} ({r.split})" for r in rows.itertuples())
             problems.append(f"{what} in two parts: {where}")
+    folder_parts = used.groupby(sub_folders(used))["split"].agg(lambda parts: sorted(set(parts)))
+    for folder, parts in folder_parts[folder_parts.map(len) > 1].head(max_examples).items():
+        problems.append(f"sub-folder {folder}/ in {' and '.join(parts)}")
     if problems:
         raise LeakageError(f"split leaks: {len(problems)} problem(s): " + "; ".join(problems[:max_examples]))
 

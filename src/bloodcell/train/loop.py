@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bloodcell.config import RunConfig, config_from_dict, config_to_yaml, load_config
+from bloodcell.config import RUNTIME_KEYS, RunConfig, config_from_dict, config_to_yaml, load_config
 from bloodcell.data.augment import BatchAugment
 from bloodcell.errors import UserError
 from bloodcell.evaluate.metrics import balanced_accuracy
@@ -70,8 +70,6 @@ HISTORY_COLUMNS = [
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
     "lr", "seconds", "images_per_second",
 ]
-# Keys that may differ between a run and its resumption: where and how it runs, not what it computes.
-RUNTIME_KEYS = {"data.root", "train.devices", "train.accelerator", "train.num_threads", "train.cuda_graph"}
 EVAL_BATCH = 256
 # On a CUDA GPU, augment about this many pixels in one call (1,024 images of 160 px: 300 MB as float32, about
 # 1 GB at the call's peak, 1.6 GB with the consistency loss's two views): see batches_augmented_together.

@@ -53,7 +53,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bloodcell.config import AugmentConfig, RunConfig, config_from_dict, config_to_yaml
+from bloodcell.config import RUNTIME_KEYS, AugmentConfig, RunConfig, config_from_dict, config_to_yaml
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
 
@@ -74,8 +74,6 @@ AUGMENT_MAGNITUDES = (
     "affine_degrees", "affine_scale", "affine_translate", "brightness", "contrast", "saturation",
     "hue", "gamma", "stain", "stain_vectors", "stain_clip", "blur", "noise",
 )  # fmt: skip
-#: Config keys that may differ between workers of one study (machine-specific, not part of the search).
-MACHINE_KEYS = (("data", "root"), ("train", "num_threads"), ("train", "devices"), ("train", "accelerator"))
 
 PrunerName = Literal["median", "hyperband", "none"]
 
@@ -359,9 +357,10 @@ def make_pruner(name: PrunerName, epochs: int, folds: int = 1) -> optuna.pruners
 
 
 def _comparable(config: RunConfig) -> dict[str, Any]:
-    """The config without machine-specific keys: what every worker of one study must agree on."""
+    """The config without its runtime keys: what every worker of one study must agree on."""
     raw = config.model_dump(mode="json")
-    for section, key in MACHINE_KEYS:
+    for dotted in RUNTIME_KEYS:
+        section, key = dotted.split(".")
         raw[section].pop(key, None)
     return raw
 
