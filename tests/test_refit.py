@@ -231,6 +231,17 @@ def test_a_refit_run_folder_is_not_overwritten(tmp_path: Path, data) -> None:
         train_run(refit_config(epochs=1), tmp_path / "run", prepared=data, progress=False)
 
 
+def test_a_resume_with_a_changed_config_is_refused_before_either_stage_trains(tmp_path: Path, data) -> None:
+    """Resumed as a refit, a finished train-only run trained a whole holdout stage into RUN/holdout before
+    the refit's own check refused it; the stray stage then gave the report false curves."""
+    run = tmp_path / "run"
+    only_train = refit_config(epochs=1).model_copy(update={"data": refit_config().data.model_copy(update={"train_on": "train"})})
+    train_run(only_train, run, prepared=data, progress=False)
+    with pytest.raises(UserError, match=r"cannot resume .* different config \(data.train_on\)"):
+        train_run(refit_config(epochs=1), run, prepared=data, progress=False, resume=True)
+    assert not (run / "holdout").exists()
+
+
 def test_a_start_that_failed_before_an_epoch_does_not_block_the_corrected_one(tmp_path: Path, data) -> None:
     bad = refit_config(epochs=1).model_copy(update={"data": refit_config().data.model_copy(update={"root": str(tmp_path / "typo")})})
     with pytest.raises(UserError, match="not found"):

@@ -654,6 +654,33 @@ def test_a_folder_of_hidden_files_or_a_failed_start_may_hold_a_new_run(tmp_path:
         refuse_foreign_folder(tmp_path / folder)
 
 
+def test_another_tool_s_folder_with_a_config_and_checkpoints_is_never_overwritten(tmp_path: Path, data) -> None:
+    """A config.yaml that is no run config does not make a folder ours: training there replaced the file and
+    deleted its checkpoints/ folder."""
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "config.yaml").write_text("lr: 0.1\n")
+    (other / "checkpoints" / "model_epoch50.pt").write_text("precious")
+    with pytest.raises(UserError, match=r"not a run \(its config.yaml is no bloodcell run's\)"):
+        fit(tiny_config(train={"epochs": 1}), other, prepared=data, progress=False)
+    # A failed start of ours (config.yaml, no epoch) whose checkpoints/ holds what no run writes: refused too.
+    (other / "config.yaml").write_text("name: default\n")
+    with pytest.raises(UserError, match=r"checkpoints/ holds files that are not a run's \(model_epoch50.pt\)"):
+        fit(tiny_config(train={"epochs": 1}), other, prepared=data, progress=False)
+    assert (other / "checkpoints" / "model_epoch50.pt").read_text() == "precious"
+
+
+def test_a_resume_removes_the_temporary_files_a_killed_run_left(tmp_path: Path, data) -> None:
+    run = tmp_path / "run"
+    fit(tiny_config(train={"epochs": 1}), run, prepared=data, progress=False)
+    stale = [run / ".trained-on.sha256.1p_qfx_v.sha256", run / ".history.csv.abcd_123.csv"]
+    kept = [run / ".notes.txt", run / ".gitkeep"]  # not ours: hidden files of the user's stay
+    for path in stale + kept:
+        path.write_text("x")
+    fit(tiny_config(train={"epochs": 1}), run, prepared=data, progress=False, resume=True)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+
+
 def test_cli_rejects_a_bad_key_with_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
     code, _, err = run_cli(["train", "--data", str(tmp_path), "--set", "train.epoch=3"], monkeypatch, capsys)
     assert code == 2

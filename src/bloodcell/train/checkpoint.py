@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -76,14 +77,65 @@ def is_complete(run_dir: Path, epochs: int) -> bool:
 
 def refuse_foreign_folder(run_dir: Path) -> None:
     """Refuse to start a run in a file, or in a folder that holds other files but no run of ours (a start
-    writes ``config.yaml`` first): the run's files would land among someone else's, a dataset's class
-    folders, say. Hidden files (``.DS_Store``, ``.gitkeep``) do not count."""
+    writes ``config.yaml`` first, so a run's ``config.yaml`` that loads as a run config marks it ours): the
+    run's files would land among someone else's, a dataset's class folders, or another tool's project with a
+    ``config.yaml`` and ``checkpoints/`` of its own, say. Hidden files (``.DS_Store``, ``.gitkeep``) do not
+    count."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise UserError(f"--out {run_dir}: is a file; give a folder for the run")
-    if run_dir.is_dir() and not (run_dir / "config.yaml").is_file():
-        if any(not entry.name.startswith(".") for entry in run_dir.iterdir()):
-            raise UserError(f"--out {run_dir}: a folder with other files in it, not a run; give a new or empty folder")
+    if not run_dir.is_dir() or not any(not entry.name.startswith(".") for entry in run_dir.iterdir()):
+        return
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--out {run_dir}: a folder with other files in it, not a run; give a new or empty folder")
+    from bloodcell.config import ConfigError, load_config
+
+    try:
+        load_config(str(run_dir / "config.yaml"))
+    except (ConfigError, UserError):
+        raise UserError(f"--out {run_dir}: a folder with other files in it, not a run (its config.yaml is no "
+                        "bloodcell run's); give a new or empty folder") from None  # fmt: skip
+
+
+def remove_unfinished_checkpoints(run_dir: Path) -> None:
+    """Remove what an epoch that never finished left in ``run_dir/checkpoints`` (a ``best`` without a
+    ``last``, staging folders), before a run starts there afresh; a folder holding anything else there is
+    refused, never deleted."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return
+    ours = {"best", "last", ".best.tmp", ".last.tmp", ".best.old", ".last.old"}
+    other = sorted(entry.name for entry in folder.iterdir() if entry.name not in ours)
+    if other:
+        raise UserError(f"--out {run_dir}: its checkpoints/ holds files that are not a run's ({', '.join(other[:3])}); "
+                        "give a new or empty folder")  # fmt: skip
+    shutil.rmtree(folder)
+
+
+#: A temporary file of :func:`bloodcell.io.atomic_path` (``.config.yaml.k3j_x9ab.yaml``): mkstemp's 8 random
+#: characters between the target's name and its suffix.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}(\.[^.]*)?$")
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files that a killed process left beside the files of ``run_dir`` and of its
+    ``holdout/`` stage (each named after a file the run writes there), before the run continues: nothing
+    else writes in a run's folder then, and they would otherwise stay for good."""
+    for folder in (Path(run_dir), Path(run_dir) / "holdout"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            match = _TEMPORARY.match(entry.name)
+            if match and entry.is_file() and not entry.is_symlink() and _is_run_file(match["target"]):
+                entry.unlink(missing_ok=True)
+
+
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FILES or name.startswith(("report.", "metrics.", "predictions."))
+
+
+#: The files a run writes at its top (and its holdout stage's), besides folders.
+RUN_FILES = frozenset({"config.yaml", "history.csv", "train.log", "trained-on.sha256", "trained-on.phash"})
 
 
 def save_checkpoint(

@@ -19,7 +19,6 @@ import csv
 import io
 import math
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,8 @@ from bloodcell.train.checkpoint import (
     load_optimizer_state,
     load_trainer_state,
     refuse_foreign_folder,
+    remove_stale_temporaries,
+    remove_unfinished_checkpoints,
     save_checkpoint,
 )
 from bloodcell.train.progress import RunProgress, close_log, open_log
@@ -636,21 +637,15 @@ def check_every_class_trains(classes: list[str], train_labels: np.ndarray) -> No
 def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, prepared: TrainingData | None) -> RunConfig:
     """Create (or, to resume, check) the run directory and write ``config.yaml``; returns the config to run."""
     if resume:
-        saved = load_config(str(run_dir / "config.yaml"))
-        changed = _changed_keys(saved, config)
-        if changed:
-            raise UserError(
-                f"cannot resume {run_dir} with a different config ({', '.join(changed)}); resume with the run's "
-                "own config.yaml, or start a new run with --out"
-            )
-        root = config.data.root or saved.data.root
-        return saved.model_copy(update={"data": saved.data.model_copy(update={"root": root})})
+        remove_stale_temporaries(run_dir)
+        return resumed_config(run_dir, config)
     if holds_a_run(run_dir):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     refuse_foreign_folder(run_dir)
     # Nothing resumable (a first start, or --resume of one killed before its first epoch was complete): start
     # afresh, without what an unfinished epoch may have left.
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    remove_unfinished_checkpoints(run_dir)
+    remove_stale_temporaries(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # config.yaml first, as given (lr may still be "auto"): a start interrupted in the learning-rate finder
     # then leaves a run that --resume starts afresh, not a folder of finder files that a new start refuses.
@@ -679,6 +674,20 @@ def _resolve_learning_rate(config: RunConfig, run_dir: Path, prepared: TrainingD
     raw = config.model_dump(mode="json")
     raw["optimizer"]["lr"] = lr
     return config_from_dict(raw)
+
+
+def resumed_config(run_dir: Path, config: RunConfig) -> RunConfig:
+    """The config ``run_dir`` was started with (``data.root`` from ``config`` where it gives one), refusing a
+    ``config`` that would change what the run computes: resumed so, the run would end as neither."""
+    saved = load_config(str(run_dir / "config.yaml"))
+    changed = _changed_keys(saved, config)
+    if changed:
+        raise UserError(
+            f"cannot resume {run_dir} with a different config ({', '.join(changed)}); resume with the run's "
+            "own config.yaml, or start a new run with --out"
+        )
+    root = config.data.root or saved.data.root
+    return saved.model_copy(update={"data": saved.data.model_copy(update={"root": root})})
 
 
 def _changed_keys(saved: RunConfig, given: RunConfig) -> list[str]:

@@ -31,7 +31,14 @@ from bloodcell.train.checkpoint import (
     is_complete,
     refuse_foreign_folder,
 )
-from bloodcell.train.loop import TrainingData, TrainResult, fit, prepare_training_data, recorded_threads
+from bloodcell.train.loop import (
+    TrainingData,
+    TrainResult,
+    fit,
+    prepare_training_data,
+    recorded_threads,
+    resumed_config,
+)
 
 HOLDOUT_DIR = "holdout"
 
@@ -50,6 +57,8 @@ def train_run(
     :class:`TrainResult`; for a refit its ``holdout`` field holds the holdout stage's result.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
+    if resume and (run_dir / "config.yaml").is_file():  # before either stage trains anything
+        resumed_config(run_dir, config)
     if config.data.train_on == "train":
         with _quiet_if_done(resume and is_complete(run_dir, config.train.epochs)):
             return fit(config, run_dir, resume=resume, progress=progress, prepared=prepared)
