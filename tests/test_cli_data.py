@@ -205,3 +205,37 @@ def test_the_printed_split_settings_read_back_exactly(names: list[str]) -> None:
     words = shlex.split(train_overrides({"class_names": names, "protocol": "random", "split_seed": 3}))
     data = apply_overrides({}, words[1::2])["data"]
     assert data == {"class_names": names, "protocol": "random", "split_seed": 3}
+
+
+def _write_images(folder: Path, count: int, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for number in range(1, count + 1):
+        pixels = rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{number:03d}.png")
+
+
+def test_a_class_without_usable_images_is_named_by_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An empty class folder, or one of rejected files only, showed as zeros in the table without a word."""
+    for index, name in enumerate(("Benign", "Pre")):
+        _write_images(tmp_path / "d" / name, 30, index)
+    (tmp_path / "d" / "Early").mkdir()
+    (tmp_path / "d" / "Pro").mkdir()
+    for number in range(3):
+        (tmp_path / "d" / "Pro" / f"bad_{number}.jpg").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        invoke("split", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "s.csv"))
+    assert "class Early Pre-B has no usable image (its folder holds no files" in caplog.text
+    assert "class Pro-B has no usable image (all 3 of its files were rejected" in caplog.text
+
+
+def test_an_audit_that_cannot_split_says_where_the_counts_are(tmp_path: Path) -> None:
+    _write_images(tmp_path / "d" / "Benign", 30, 0)
+    _write_images(tmp_path / "d" / "Small", 1, 1)
+    result = run_cli("audit", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "a"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "class 'Small' has only 1 image(s)" in result.stderr
+    assert f"`bloodcell index {tmp_path / 'd'}` lists the counts, rejected files and duplicate groups" in result.stderr

@@ -600,3 +600,14 @@ def test_one_sub_folder_holding_a_whole_class_tells_no_one_apart() -> None:
 def test_too_few_sub_folders_for_the_parts_is_said_so() -> None:
     with pytest.raises(UserError, match=r"'Benign' gives only 2 session block\(s\).*lie in 2 sub-folder\(s\)"):
         make_split(manifest_in_sub_folders(sizes=(30, 30)), "session", 0, block_size=10)
+
+
+def test_a_class_smaller_than_the_folds_gets_no_raw_scikit_learn_warning() -> None:
+    """scikit-learn's "The least populated class in y has only 2 members ... n_splits=7" named its own source
+    file and a fold count the user never set; the split's own warning names the class's empty part."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_split(synthetic_manifest((40, 2)), "random", 0)
+    assert not [w for w in caught if "least populated" in str(w.message)]

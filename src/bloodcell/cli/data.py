@@ -202,9 +202,16 @@ def split_command(
     --json keys: protocol, seed, counts {part: {class: n, total}}, blocks {part: n}, leakage_check ("passed" or "failed"), leakage_message, capture_gaps {class: fewest capture-order steps from a training to a held-out image}, split (the CSV's path), split_rules, split_sha256 (the CSV's hash).
     """
     from bloodcell.data.index import build_index, dataset_workdir
-    from bloodcell.data.splits import make_split, save_split, split_file_name, split_summary
+    from bloodcell.data.splits import (
+        make_split,
+        save_split,
+        split_file_name,
+        split_summary,
+        warn_of_classes_without_images,
+    )
 
     result = build_index(data, variant, _class_list(classes), progress=progress and not as_json)
+    warn_of_classes_without_images(result.manifest, result.dataset.classes)
     split = make_split(
         result.manifest,
         protocol,

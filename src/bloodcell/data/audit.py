@@ -9,7 +9,8 @@ network can score well for the wrong reasons. :func:`border_colour_baseline` is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,17 @@ def shortcut_verdict(balanced_accuracy: float, chance: float, n_test: int | None
     return "strong"
 
 
+@contextlib.contextmanager
+def _said_what_index_still_lists(root: str | Path) -> Iterator[None]:
+    """An audit that cannot split the data or fit its baselines stops; its error then says where the
+    counts, rejects and duplicate groups (what would explain the problem) can still be read."""
+    try:
+        yield
+    except UserError as error:
+        raise UserError(f"{error}. The audit's shortcut baselines need the session split; `bloodcell index "
+                        f"{root}` lists the counts, rejected files and duplicate groups without it") from None  # fmt: skip
+
+
 def fit_shortcut_baseline(
     features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray, seed: int = 0
 ) -> dict[str, Any]:
@@ -349,7 +361,8 @@ def run_audit(
     """
     indexed = build_index(root, variant, class_names, progress=progress)
     dataset, manifest = indexed.dataset, indexed.manifest
-    split = make_split(manifest, "session", seed)
+    with _said_what_index_still_lists(root):
+        split = make_split(manifest, "session", seed)
     workdir = dataset_workdir(dataset.top, dataset.variant)
     images = load_images(
         split, dataset.root, image_size, dataset.variant, cache_dir=workdir / "cache", progress=progress
@@ -363,7 +376,8 @@ def run_audit(
         "corners": lambda: corner_baselines(images, labels, train_idx, test_idx, seed),
         "stained": lambda: stained_cell_masks(images),
     }
-    done = {name: job() for name, job in track(jobs.items(), len(jobs), "Shortcut baselines, cell masks", progress)}
+    with _said_what_index_still_lists(root):
+        done = {name: job() for name, job in track(jobs.items(), len(jobs), "Shortcut baselines, cell masks", progress)}
     border, stats, corners = done["border"], done["stats"], done["corners"]
     stats = {
         "feature": "per-channel mean and standard deviation of the whole image",

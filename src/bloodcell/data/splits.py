@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -189,7 +190,7 @@ def _assign_session(blocked: pd.DataFrame, seed: int, val_fraction: float, test_
             chosen = _draw_whole_units(order, free, wanted, lambda block: blocks_of_unit[unit_of_block[block]])
             if len(chosen) < wanted:  # only groups too large for what is left: cut one, as before
                 chosen += [block for block in order if block in free and block not in chosen][: wanted - len(chosen)]
-                warn_once(log, "class %r: its session blocks are joined by re-captured fields into groups too large "
+                warn_once(log, "class %r: its session blocks are joined by duplicates (re-captured fields, copies) into groups too large "
                           "to hold out whole; blocks of a group were split, and their re-captures left out", name)  # fmt: skip
             free -= set(chosen)
             split[rows.index[rows["block_index"].isin(chosen)]] = part
@@ -214,8 +215,10 @@ def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int
     folds = np.full(len(labels), -1)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     try:
-        for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-            folds[held] = k
+        with warnings.catch_warnings():  # "the least populated class ... n_splits=7": the parts' own warning says it plainly
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+                folds[held] = k
     except ValueError as error:  # sklearn's words for "a class has fewer groups than folds"
         raise UserError(f"cannot cut {n_splits} stratified folds from these images ({error}); use fewer folds, "
                         "smaller session blocks or more images") from None  # fmt: skip
@@ -484,6 +487,17 @@ def _why_a_part_is_empty(rows: pd.DataFrame, name: str) -> str:
         return (f"{largest} of its {len(rows)} images are one duplicate group (near-identical images: a blank field, "
                 "an eyepiece's surround?), which stays in one part")  # fmt: skip
     return f"too few images or blocks in {name} for this split"
+
+
+def warn_of_classes_without_images(manifest: pd.DataFrame, classes: Sequence[str]) -> None:
+    """Name the classes with no accepted image (an empty folder, or every file rejected): they are in no
+    part of any split, and training refuses them; without a word the split's table showed them as zeros."""
+    accepted = set(manifest.loc[~manifest["rejected"].astype(bool), "class"])
+    rejected = manifest.loc[manifest["rejected"].astype(bool), "class"].value_counts()
+    for name in (name for name in classes if name not in accepted):
+        why = f"all {rejected[name]} of its files were rejected" if name in rejected else "its folder holds no files"
+        log.warning("class %s has no usable image (%s; bloodcell index lists the reasons): it is in no part, and "
+                    "train refuses it", name, why)  # fmt: skip
 
 
 def check_leakage(split: pd.DataFrame, max_examples: int = 5) -> None:
