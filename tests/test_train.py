@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from bloodcell.config import ConfigError, RunConfig, config_from_dict, load_config
+from bloodcell.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
 from bloodcell.data.augment import BatchAugment
 from bloodcell.errors import UserError
 from bloodcell.models import load_model
@@ -564,6 +564,48 @@ def test_numbers_in_exponent_form_are_numbers_even_where_the_config_is_untyped(t
     assert config.model.kwargs == {"dropout": 0.2} and config.optimizer.lr == pytest.approx(5e-4)
 
 
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [("train.seed=010", 10), ("data.split_seed=010", 10), ("train.epochs=012", 12), ("train.epochs=0o10", 8),
+     ("train.epochs=0x10", 16), ("train.epochs=1e1", 10), ("train.epochs=1_000", 1000)],
+)  # fmt: skip
+def test_integers_are_read_by_yaml_1_2_rules(override: str, value: int) -> None:
+    """YAML 1.1 read `010` as octal 8 (another split, without a word) and `1:30` as 90 in base 60."""
+    key = override.split("=")[0].split(".")
+    assert getattr(getattr(load_config("default", [override]), key[0]), key[1]) == value
+
+
+@pytest.mark.parametrize("override", ["train.epochs=1:30", "train.epochs=true", "train.devices=yes",
+                                      "data.split_seed=false", "augment.blur=true", "augment.jpeg_quality=[true, 95]"])  # fmt: skip
+def test_a_boolean_or_a_base_60_number_is_refused_where_a_number_is_taken(override: str, tmp_path: Path) -> None:
+    """pydantic reads True as 1: `train.epochs=true` trained one epoch."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("default", [override])
+    section, field = key.split(".")
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"{section}:\n  {field}: {override.split('=')[1]}\n")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(str(path))
+
+
+def test_a_key_that_takes_text_keeps_the_text_as_typed(tmp_path: Path) -> None:
+    """`--set name=2024` was refused as not a string, `description=yes` as True, and numbered class folders
+    (`[0, 1]`, `[01, 02]`) could not be named at all."""
+    config = load_config("default", ["name=2024", "description=yes", "data.class_names=[0, 01, 2024-01-01, x]",
+                                     "data.root=010"])  # fmt: skip
+    assert (config.name, config.description, config.data.root) == ("2024", "yes", "010")
+    assert config.data.class_names == ["0", "01", "2024-01-01", "x"]
+    assert load_config("default", ["data={class_names: [01, 02]}"]).data.class_names == ["01", "02"]
+    assert load_config("default", ["data.root=null"]).data.root is None  # null is still no value
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: 1.10\ndescription: off\ndata: {<<: {class_names: [01, 02]}, root: 2024}\n")
+    config = load_config(str(path))
+    assert (config.name, config.description, config.data.root, config.data.class_names) == ("1.10", "off", "2024", ["01", "02"])
+    save_config(config, tmp_path / "again.yaml")
+    assert load_config(str(tmp_path / "again.yaml")) == config
+
+
 @pytest.mark.parametrize("value", ["/lab\x7fdata", "/a\x85b", "/donn\udce9es", "/x \U0001f52c #y: z", "C:\\Users\\me"])
 def test_an_override_sets_a_path_exactly_whatever_characters_it_holds(value: str) -> None:
     """DEL and C1 controls, which YAML refuses raw; a lone surrogate (an undecodable file name); a comment
@@ -596,6 +638,15 @@ def test_a_named_config_is_not_shadowed_by_a_folder_of_its_name(tmp_path: Path, 
     monkeypatch.chdir(tmp_path)
     assert load_config("default").name == "default" and load_config("seed-replica").name == "seed-replica"
     assert load_config("./seed-replica").train.epochs == 1  # a path is still a path
+
+
+@pytest.mark.parametrize("name", ["./default", "configs/default", "default.yaml"])
+def test_a_config_path_that_is_missing_is_not_taken_for_the_shipped_config(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"config file not found: {re.escape(name)}$"):
+        load_config(name)
 
 
 def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

@@ -14,7 +14,8 @@ import re
 from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import NoneType
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -23,6 +24,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,6 +41,34 @@ class Strict(BaseModel):
     NaN or infinite (``optimizer.lr: .inf`` used to pass, and diverge at the first step)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads True as 1 in a number field, so `train.epochs=true` trained one epoch without a word.
+        types = _leaf_types(cls.model_fields[info.field_name or ""].annotation)
+        items = value if isinstance(value, list | tuple) else [value]
+        if types & {int, float} and bool not in types and any(isinstance(item, bool) for item in items):
+            raise ValueError(f"must be a number, not {json.dumps(value)}")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types a field's annotation is made of: ``{int, str}`` for ``Annotated[int, ...] | Literal["auto"]``,
+    ``{float}`` for ``tuple[PositiveFloat, ...]``, ``{str, NoneType}`` for ``list[str] | None``."""
+    origin = get_origin(annotation)
+    if origin is None:
+        return {annotation}
+    if origin is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    if origin is Literal:
+        return {type(choice) for choice in get_args(annotation)}
+    return set().union(*(_leaf_types(arg) for arg in get_args(annotation) if arg is not Ellipsis))
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field takes text only (``str``, ``list[str] | None``, a ``Literal`` of strings)."""
+    return annotation is not None and _leaf_types(annotation) - {NoneType} == {str}
 
 
 class DataConfig(Strict):
@@ -247,11 +277,13 @@ def named_configs() -> list[str]:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as a number as YAML 1.2 (and every reader) does.
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and every reader) does.
 
-    PyYAML follows YAML 1.1, where a float needs a dot, so ``1e-3`` would stay the string "1e-3": fine for
-    a typed field, which pydantic converts, but not for the untyped ``model.kwargs``. A key given twice in
-    one mapping is refused: PyYAML keeps the last silently, so a second ``train:`` section dropped the first.
+    PyYAML follows YAML 1.1, where a float needs a dot, so ``1e-3`` would stay the string "1e-3" (fine for
+    a typed field, which pydantic converts, but not for the untyped ``model.kwargs``), a leading zero means
+    octal (``split_seed: 010`` was 8: another split) and ``1:30`` is 90 in base 60. Here ``010`` is 10,
+    ``0o10`` octal, ``0x10`` hexadecimal, and ``1:30`` the text it looks like. A key given twice in one
+    mapping is refused: PyYAML keeps the last silently, so a second ``train:`` section dropped the first.
     """
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
@@ -277,22 +309,72 @@ class _YamlLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YamlLoader.yaml_implicit_resolvers = {  # YAML 1.1's numbers left out, YAML 1.2's added below
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in {_INT, _FLOAT}]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _FLOAT,
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.VERBOSE,
     ),
     list("-+0123456789."),
 )
+_YamlLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass: no Python objects
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    try:
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text.replace("_", ""), 10)  # a leading zero is decimal, as in YAML 1.2
+    except ValueError:  # an explicit `!!int 1:30`
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
+
+
+_YamlLoader.add_constructor(_INT, _construct_int)
+
+#: What a plain scalar may be read as besides text: where the config takes text, it stays the text it was.
+_NOT_TEXT = frozenset({"tag:yaml.org,2002:bool", _INT, _FLOAT, "tag:yaml.org,2002:timestamp"})
+
+
+def _load_yaml(text: str, annotation: Any = None) -> Any:
+    """Read YAML ``text`` as a value of type ``annotation`` (a config section, a field's type, or None for
+    any): a plain scalar where text is taken keeps its text, so ``name: 2024``, ``description: yes`` and
+    ``class_names: [01, 02]`` are the strings "2024", "yes", "01" and "02", not a number or True."""
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _keep_text(node, annotation)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _keep_text(node: yaml.Node, annotation: Any) -> None:
+    """Retag, in place, the scalars under ``node`` that stand for text in a config of type ``annotation``."""
+    if _is_text(annotation):
+        for scalar in node.value if isinstance(node, yaml.SequenceNode) else [node]:
+            if isinstance(scalar, yaml.ScalarNode) and scalar.tag in _NOT_TEXT:
+                scalar.tag = "tag:yaml.org,2002:str"
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": its keys are this section's
+                for merged in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                    _keep_text(merged, annotation)
+            elif isinstance(key_node, yaml.ScalarNode) and key_node.value in annotation.model_fields:
+                _keep_text(value_node, annotation.model_fields[key_node.value].annotation)
 
 
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
@@ -300,13 +382,15 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
     # A shipped config's bare name wins over a file or folder of that name in the working directory: the
     # README's `runs/default` must not turn `--config default`, run from `runs/`, into a path.
     shipped = resources.files("bloodcell") / "configs" / f"{name_or_path}.yaml"
+    # A name with a separator or a YAML suffix is a path, even where it is missing: `--config ./default`
+    # must not load the shipped `default`. A bare name is a shipped config, else a file of that name.
     bare = not any(separator in name_or_path for separator in {"/", os.sep})  # Path("./x") would drop the "./"
-    named = bare and path.suffix not in {".yaml", ".yml"} and shipped.is_file()
-    if not named and (path.suffix in {".yaml", ".yml"} or path.exists()):
+    is_path = not bare or path.suffix in {".yaml", ".yml"} or (path.exists() and not shipped.is_file())
+    if is_path:
         if path.is_dir():
             raise ConfigError(f"{path} is a folder; --config takes a YAML file or a named config")
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {name_or_path}")
         source = str(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -317,7 +401,7 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(f"unknown config {name_or_path!r}; named configs: {', '.join(named_configs())}")
         source, text = f"config {name_or_path!r}", shipped.read_text(encoding="utf-8")
     try:
-        loaded = _load_yaml(text) or {}
+        loaded = _load_yaml(text, RunConfig) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(loaded, dict):
@@ -325,12 +409,24 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
     return loaded
 
 
-def _parse_value(text: str) -> Any:
-    """Parse an override value as YAML so ``1e-3``, ``true``, ``[1,2]`` and ``auto`` all work."""
+def _parse_value(text: str, annotation: Any = None) -> Any:
+    """Parse an override value as YAML so ``1e-3``, ``true``, ``[1,2]`` and ``auto`` all work; for a key that
+    takes text (of type ``annotation``), ``name=2024`` and ``data.class_names=[0,1]`` are the text as typed."""
     try:
-        return _load_yaml(text)
+        return _load_yaml(text, annotation)
     except yaml.YAMLError:
         return text
+
+
+def _annotation_at(keys: list[str] | tuple[int | str, ...]) -> Any:
+    """The type of the config key at ``keys`` (a section's model for a section), or None where unknown."""
+    annotation: Any = RunConfig
+    for key in keys:
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        field = annotation.model_fields.get(str(key))
+        annotation = field.annotation if field is not None else None
+    return annotation
 
 
 def override(key: str, value: Any) -> str:
@@ -369,7 +465,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key!r} is not a section")
-        parsed = _parse_value(value)
+        parsed = _parse_value(value, _annotation_at(keys))
         if len(keys) == 1 and isinstance(parsed, dict) and isinstance(node.get(keys[0]), dict):
             node[keys[0]].update(parsed)
         else:
@@ -395,10 +491,7 @@ def _format_validation_error(error: ValidationError) -> str:
 
 def _did_you_mean(location: tuple[int | str, ...]) -> str:
     """`` (did you mean 'train.epochs'?)`` for a misspelt key, from the keys its section has; else ``""``."""
-    model: Any = RunConfig
-    for part in location[:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        model = field.annotation if field is not None else None
+    model = _annotation_at(location[:-1])
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return ""
     close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
