@@ -23,7 +23,6 @@ from bloodcell.data.index import (
     NEAR_DUPLICATE_MAX_DISTANCE,
     build_index,
     dataset_workdir,
-    manifest_sha256,
     parse_capture,
     phash_distances_below,
     read_manifest,
@@ -125,7 +124,7 @@ def test_the_manifest_and_its_hash_are_the_same_on_every_system(aria_dataset: Pa
     monkeypatch.setattr(os, "linesep", "\r\n")  # what pandas ends CSV lines with on Windows, unless told
     windows = build_index(aria_dataset, out=tmp_path / "windows.csv", progress=False)
     assert b"\r" not in (tmp_path / "windows.csv").read_bytes()
-    assert manifest_sha256(windows.manifest_path) == manifest_sha256(posix.manifest_path)
+    assert windows.manifest_sha256 == posix.manifest_sha256 == sha256_file(posix.manifest_path)
 
 
 def test_workdir_follows_bloodcell_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

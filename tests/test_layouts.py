@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bloodcell import CLASSES
-from bloodcell.data.layouts import canonical_class, counterpart, find_dataset, normalise_name
+from bloodcell.data.layouts import canonical_class, find_dataset, normalise_name
 from bloodcell.errors import UserError
 
 KAGGLE_FOLDERS = ["Benign", "[Malignant] early Pre-B", "[Malignant] Pre-B", "[Malignant] Pro-B"]
@@ -243,21 +243,6 @@ def test_hidden_and_system_files_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "d" / "a" / ".DS_Store").write_bytes(b"junk")
     (tmp_path / "d" / "a" / "Thumbs.db").write_bytes(b"junk")
     assert [p for p, _ in find_dataset(tmp_path / "d").files] == ["a/Snap_001.jpg", "b/Snap_001.jpg"]
-
-
-def test_counterpart(aria_dataset: Path) -> None:
-    dataset = find_dataset(aria_dataset)
-    rel = dataset.files[5][0]
-    assert counterpart(dataset, rel, "Segmented") == (aria_dataset / "Segmented" / rel).resolve()
-    assert counterpart(dataset, rel, "Original") == dataset.root / rel
-    (aria_dataset / "Segmented" / rel).unlink()
-    assert counterpart(dataset, rel, "Segmented") is None
-
-
-def test_counterpart_is_none_outside_aria(tmp_path: Path) -> None:
-    make_folders(tmp_path / "d", ["a", "b"], per_folder=1)
-    dataset = find_dataset(tmp_path / "d")
-    assert counterpart(dataset, dataset.files[0][0], "Segmented") is None
 
 
 def test_missing_path(tmp_path: Path) -> None:

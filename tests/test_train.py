@@ -732,6 +732,17 @@ def test_a_resume_removes_the_temporary_files_a_killed_run_left(tmp_path: Path, 
     assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
 
 
+def test_a_run_killed_inside_a_checkpoint_swap_is_still_seen_as_complete(tmp_path: Path, data) -> None:
+    """A kill between the swap's two renames leaves only ``.last.old``: resuming puts it back, and so must
+    the check that tells a finished run ("already complete") from one to continue."""
+    from bloodcell.train.checkpoint import completed_epochs, is_complete, saved_history
+
+    run = tmp_path / "run"
+    fit(tiny_config(train={"epochs": 1}), run, prepared=data, progress=False)
+    (run / "checkpoints" / "last").rename(run / "checkpoints" / ".last.old")
+    assert completed_epochs(run) == (1, None) and is_complete(run, 1) and len(saved_history(run)) == 1
+
+
 def test_cli_rejects_a_bad_key_with_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
     code, _, err = run_cli(["train", "--data", str(tmp_path), "--set", "train.epoch=3"], monkeypatch, capsys)
     assert code == 2

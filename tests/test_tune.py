@@ -691,3 +691,10 @@ def test_the_default_study_database_stays_in_a_folder_whose_name_holds_url_chara
     out.mkdir()
     open_storage(default_storage(out))
     assert (out / "study.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_an_unknown_lr_find_method_names_the_methods_as_the_api_spells_them() -> None:
+    from bloodcell.tune.lr_find import suggest_lr
+
+    with pytest.raises(UserError, match="unknown lr-find method 'min-loss'; choose min_loss or steepest"):
+        suggest_lr(np.geomspace(1e-5, 1, 20), np.linspace(2, 1, 20), "min-loss")  # type: ignore[arg-type]

@@ -193,7 +193,7 @@ class AugmentConfig(Strict):
 
 
 class OptimizerConfig(Strict):
-    """AdamW (or Adam for the seed replica)."""
+    """The optimiser: AdamW (the default), Adam (the seed replica's) or SGD with Nesterov momentum."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = 3e-3  # above 3e37 Adam overflowed in float

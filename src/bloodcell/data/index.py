@@ -430,11 +430,6 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def manifest_sha256(path: str | Path) -> str:
-    """The SHA-256 of a manifest file: the identity of the data a model was trained on."""
-    return sha256_file(path)
-
-
 def _original_hashes(
     dataset: Dataset, class_names: list[str] | None, progress: bool
 ) -> dict[str, str] | None:

@@ -352,22 +352,3 @@ def find_dataset(
             f"the Kaggle 4-class folders, or at least two class folders holding JPEG/PNG/BMP/TIFF images{wrapper}"
         )
     return _build(path, path, "folders", variant, {f.name: f.name for f in with_images})
-
-
-def counterpart(dataset: Dataset, rel_path: str, variant: str) -> Path | None:
-    """The same image in another Aria variant (``Segmented`` for an ``Original`` path), or ``None``.
-
-    Parameters
-    ----------
-    dataset: a dataset found by :func:`find_dataset`.
-    rel_path: a manifest path, relative to ``dataset.root``.
-    variant: the variant wanted.
-
-    Returns the counterpart's absolute path if the dataset is in the Aria layout and the file exists.
-    """
-    if dataset.layout != "aria" or variant not in VARIANTS:
-        return None
-    if variant == dataset.variant:
-        return dataset.root / rel_path
-    candidate = dataset.top / variant / rel_path
-    return candidate if candidate.is_file() else None

@@ -50,22 +50,32 @@ def holds_a_run(run_dir: Path) -> bool:
     return has_resumable_checkpoint(run_dir) or (Path(run_dir) / "history.csv").is_file()
 
 
+def _saved_loop(run_dir: Path) -> dict[str, Any] | None:
+    """The ``loop`` record of the run's ``last`` checkpoint (a swap that a kill interrupted finished first,
+    as resuming does), or None when there is none to read."""
+    try:
+        state = json.loads((recover_checkpoint(checkpoint_dir(Path(run_dir), "last")) / TRAINER_STATE).read_text(encoding="utf-8"))
+        return dict(state["loop"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def completed_epochs(run_dir: Path) -> tuple[int, str | None] | None:
     """``(epochs completed, why it stopped early or None)`` of the run's final stage, from its ``last``
     checkpoint; None when there is none to read."""
+    loop = _saved_loop(run_dir)
     try:
-        loop = json.loads((checkpoint_dir(Path(run_dir), "last") / "trainer.json").read_text(encoding="utf-8"))["loop"]
-        return int(loop["epoch"]), loop.get("stopped")
-    except (OSError, ValueError, KeyError, TypeError):
+        return (int(loop["epoch"]), loop.get("stopped")) if loop is not None else None
+    except (KeyError, TypeError, ValueError):
         return None
 
 
 def saved_history(run_dir: Path) -> list[dict[str, Any]]:
     """The history rows of the run's ``last`` checkpoint (what a resume continues from); [] when unreadable."""
+    loop = _saved_loop(run_dir)
     try:
-        loop = json.loads((checkpoint_dir(Path(run_dir), "last") / "trainer.json").read_text(encoding="utf-8"))["loop"]
-        return [dict(row) for row in loop["history"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        return [dict(row) for row in loop["history"]] if loop is not None else []
+    except (KeyError, TypeError, ValueError):
         return []
 
 

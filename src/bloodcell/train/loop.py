@@ -1,7 +1,7 @@
 """The training loop, meant to be read top to bottom in one sitting (in the manner of nanoGPT).
 
 ``fit(config)`` trains one run: it prepares the data (index, split, decoded cache), builds the model and
-AdamW, then for each epoch shuffles the training images, augments whole batches on the training device,
+the configured optimiser (AdamW, Adam or SGD), then for each epoch shuffles the training images, augments whole batches on the training device,
 takes optimiser steps at a learning rate computed from the step number, validates, appends a row to
 ``history.csv`` and writes the ``best`` and ``last`` checkpoints. Lightning Fabric supplies devices, mixed
 precision and distributed data parallel; everything else is plain PyTorch.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bloodcell.config import RUNTIME_KEYS, RunConfig, config_from_dict, config_to_yaml, load_config
+from bloodcell.config import RUNTIME_KEYS, RunConfig, config_from_dict, load_config, save_config
 from bloodcell.data.augment import BatchAugment
 from bloodcell.errors import UserError
 from bloodcell.evaluate.metrics import balanced_accuracy
@@ -649,10 +649,10 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, prepared: T
     run_dir.mkdir(parents=True, exist_ok=True)
     # config.yaml first, as given (lr may still be "auto"): a start interrupted in the learning-rate finder
     # then leaves a run that --resume starts afresh, not a folder of finder files that a new start refuses.
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    save_config(config, run_dir / "config.yaml")
     if config.optimizer.lr == "auto":
         config = _resolve_learning_rate(config, run_dir, prepared)
-        atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+        save_config(config, run_dir / "config.yaml")
     return config
 
 

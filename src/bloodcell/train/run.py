@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bloodcell.config import RunConfig, config_to_yaml, load_config
+from bloodcell.config import RunConfig, load_config, save_config
 from bloodcell.errors import UserError
-from bloodcell.io import atomic_write_text
 from bloodcell.notices import quieted
 from bloodcell.train.checkpoint import (
     checkpoint_dir,
@@ -143,7 +142,7 @@ def _claim_run_dir(run_dir: Path, config: RunConfig) -> None:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     refuse_foreign_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    save_config(config, run_dir / "config.yaml")
 
 
 def _quiet_if_done(done: bool) -> contextlib.AbstractContextManager[None]:

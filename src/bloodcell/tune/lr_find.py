@@ -26,7 +26,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -123,6 +123,12 @@ def smooth_losses(losses: list[float] | np.ndarray, beta: float = 0.98) -> np.nd
     return smoothed
 
 
+def _check_method(method: str) -> None:
+    """Refuse a method this module does not know, naming those it does (the CLI spells them with hyphens)."""
+    if method not in get_args(Method):
+        raise UserError(f"unknown lr-find method {method!r}; choose {' or '.join(get_args(Method))}")
+
+
 def suggest_lr(
     lrs: np.ndarray, smoothed: np.ndarray, method: Method = "min_loss"
 ) -> tuple[float, float, float]:
@@ -131,8 +137,7 @@ def suggest_lr(
     The suggestion is clipped into ``[lrs[0], lrs[-1]]``: when the loss never fell, the smallest swept rate
     is the honest answer (and the sweep should be widened downwards).
     """
-    if method not in ("min_loss", "steepest"):
-        raise UserError(f"unknown lr-find method {method!r}; choose min-loss or steepest")
+    _check_method(method)
     lrs, smoothed = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
     lowest = int(np.argmin(smoothed))
     min_loss_lr = float(lrs[lowest])
@@ -194,8 +199,7 @@ def lr_find(
     from bloodcell.train.loop import check_every_class_trains
     from bloodcell.train.setup import build_classifier, build_optimizer, class_weights, set_threads
 
-    if method not in ("min_loss", "steepest"):  # checked before the sweep, not after it
-        raise UserError(f"unknown lr-find method {method!r}; choose min-loss or steepest")
+    _check_method(method)  # before the sweep, not after it
     lrs = exponential_lrs(start_lr, end_lr, num_steps)
     rows = np.asarray(prepared.indices("train"))
     if len(rows) < 2:

@@ -53,7 +53,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bloodcell.config import RUNTIME_KEYS, AugmentConfig, RunConfig, config_from_dict, config_to_yaml
+from bloodcell.config import RUNTIME_KEYS, AugmentConfig, RunConfig, config_from_dict, save_config
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
 
@@ -574,7 +574,7 @@ def write_results(study: optuna.Study, base: RunConfig, out_dir: Path) -> tuple[
     if found is None:
         return None, trials_path
     config, _ = found
-    return atomic_write_text(out_dir / "best.yaml", config_to_yaml(config)), trials_path
+    return save_config(config, out_dir / "best.yaml"), trials_path
 
 
 def _retry_interrupted(study: optuna.Study, number: int | None) -> None:
