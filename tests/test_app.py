@@ -378,6 +378,10 @@ def test_wrong_field_and_wrong_encoding_are_422(client: TestClient) -> None:
     assert_error(client.post("/v1/predict", data={"file": "just text"}), 422, "file")
     assert_error(client.post("/v1/predict"), 422, "file")
     assert_error(post_file(client, cell_jpeg(1), query="?explain=maybe"), 422, "explain")
+    # A batch's text part is at ["body", "files", "0"]: it says how to send the images too.
+    how = "send the image as multipart/form-data"
+    assert_error(client.post("/v1/predict/batch", data={"files": "hello"}), 422, "files", how)
+    assert_error(client.post("/v1/predict", data={"file": "just text"}), 422, how)
 
 
 def test_other_errors_are_json(client: TestClient) -> None:
@@ -438,8 +442,12 @@ def test_onnx_backend_matches_torch(tiny_model: Path, tiny_onnx: Path) -> None:
     expected = post_file(torch_client, data).json()["probabilities"]
     got = post_file(onnx_client, data).json()["probabilities"]
     assert max(abs(expected[k] - got[k]) for k in expected) <= 1e-4
-    # A bare .onnx file carries no PyTorch weights for Grad-CAM: a clear 400, not a crash.
+    # A bare .onnx file carries no PyTorch weights for Grad-CAM: a clear 400, not a crash, before the upload is
+    # decoded (a file that is no image is refused for the explanation, not the image), and /healthz says so.
     assert_error(post_file(onnx_client, data, query="?explain=true"), 400, "pytorch weights")
+    assert_error(post_file(onnx_client, b"not an image", query="?explain=true"), 400, "pytorch weights")
+    assert "pytorch weights" in onnx_client.get("/healthz").json()["explain_unavailable"].lower()
+    assert torch_client.get("/healthz").json()["explain_unavailable"] is None
 
 
 def test_onnx_backend_from_model_dir_explains(tiny_model: Path) -> None:
@@ -461,6 +469,7 @@ def test_a_model_without_grad_cam_is_still_served(tiny_model: Path, monkeypatch:
     with TestClient(create_app(tiny_model)) as client:  # the context runs the warm-up, which explains once
         assert post_file(client, cell_jpeg(seed=7)).status_code == 200
         assert_error(post_file(client, cell_jpeg(seed=7), query="?explain=true"), 400, "not available", "feature map")
+        assert "feature map" in client.get("/healthz").json()["explain_unavailable"]
 
 
 def test_the_body_limit_stops_reading_at_the_limit() -> None:

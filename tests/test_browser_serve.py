@@ -260,6 +260,16 @@ def test_many_files_go_in_batches_of_the_server_limit_and_oversized_ones_are_fla
         expect(page.locator("#batch-summary")).to_contain_text("6 images: 5 classified")  # stays with the table
 
 
+def test_an_upload_limit_under_a_mebibyte_is_shown_in_kibibytes(tiny_model: Path, smear_image: Path) -> None:
+    """`serve --max-upload-mb 0.04`: the page said "up to 0.0 MiB"; it words sizes as the server does."""
+    from playwright.sync_api import expect
+
+    with running(create_app(tiny_model, max_upload_bytes=int(0.04 * 1024 * 1024))) as url, browser_page(url) as page:
+        expect(page.locator("#limits")).to_contain_text("up to 41 KiB and")
+        drop_files(page, smear_image, [], big=100 * 1024)
+        expect(page.locator("#error")).to_contain_text("the file is 100 KiB; images up to 41 KiB are accepted")
+
+
 def test_without_the_servers_limits_files_go_one_a_request(tiny_model: Path, smear_image: Path) -> None:
     """If /healthz does not answer, the page cannot know the batch limit: one file a request always fits."""
     from playwright.sync_api import expect
@@ -345,11 +355,27 @@ def test_bare_onnx_server_classifies_without_overlay(tiny_onnx: Path, smear_imag
     from playwright.sync_api import expect
 
     with running(create_app(tiny_onnx, backend="onnx")) as url, browser_page(url) as page:
+        expect(page.locator("#limits")).to_contain_text("up to")  # /healthz has answered
+        posts: list[str] = []
+        page.on("request", lambda request: posts.append(request.url) if "/v1/predict" in request.url else None)
         page.set_input_files("#file-input", str(smear_image))
         expect(page.locator("#predicted-class")).not_to_be_empty()
         assert page.locator("#predicted-class").inner_text() in CLASSES
         expect(page.locator("#overlay-caption")).to_contain_text("No Grad-CAM overlay")
+        expect(page.locator("#overlay-caption")).to_contain_text("PyTorch weights")
         assert not page.locator("#overlay").is_visible() and not page.locator("#error").is_visible()
+        # /healthz said this server cannot explain: the image is classified once, without asking for Grad-CAM.
+        assert [post.split("?")[1] for post in posts] == ["explain=false"]
+        # Without /healthz's word the first refusal is remembered: the next upload is sent once.
+        page.route("**/healthz", lambda route: route.fulfill(status=503, body="{}"))
+        page.reload()
+        posts.clear()
+        for expected in (["explain=true", "explain=false"], ["explain=false"]):
+            with page.expect_response(lambda response: "explain=false" in response.url):  # the last post's
+                page.set_input_files("#file-input", str(smear_image))
+            expect(page.locator("#overlay-caption")).to_contain_text("PyTorch weights")
+            assert [post.split("?")[1] for post in posts] == expected
+            posts.clear()
 
 
 def test_the_api_docs_render_without_the_internet(page, server_url: str) -> None:

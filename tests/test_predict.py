@@ -55,7 +55,7 @@ def run(*args: str):
 
 
 def test_expand_inputs_files_folders_globs(slides: Path) -> None:
-    files, missing, skipped = expand_inputs(
+    files, missing, skipped, _ = expand_inputs(
         [slides / "cell-000.jpg", slides / "day2", str(slides / "*.jpg"), slides / "nope.jpg"]
     )
     names = [p.name for p in files]
@@ -118,6 +118,41 @@ def test_a_first_input_naming_nothing_is_not_answered_by_the_bundled_model(slide
     # A missing image among images is still one failed row, the others classified.
     result = run("predict", str(slides / "gone.jpg"), str(slides / "cell-000.jpg"), "--json")
     assert result.exit_code == 1 and json.loads(result.output)["n_failed"] == 1
+
+
+def test_results_keep_the_order_of_the_inputs(tiny_model: Path, slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input that matches nothing keeps its place among the others in the table, --json and --out."""
+    found = expand_inputs(["gone.jpg", slides / "cell-000.jpg", "none-*.png", slides / "day2", "gone2.jpg"])
+    assert found.missing_at == [0, 1, 5]
+    assert found.in_input_order([p.name for p in found.files], lambda text: f"({text})") == [
+        "(gone.jpg)", "cell-000.jpg", "(none-*.png)", "cell-003.jpg", "cell-004.jpg", "cell-005.jpg", "truncated.jpg",
+        "(gone2.jpg)"]  # fmt: skip
+    monkeypatch.chdir(slides)  # short names, which the table does not wrap
+    inputs = ["nothere.jpg", "cell-000.jpg", "no-*.png", "cell-001.jpg"]
+    out = tmp_path / "results.csv"
+    result = run("predict", "-m", str(tiny_model), *inputs, "--json", "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert [row["file"] for row in json.loads(result.stdout)["results"]] == inputs
+    assert [row["file"] for row in csv.DictReader(out.open())] == inputs
+    table = run("predict", "-m", str(tiny_model), *inputs).stdout
+    assert table.index("nothere") < table.index("cell-000") < table.index("no-*") < table.index("cell-001")
+
+
+def test_a_glob_under_a_folder_named_with_brackets(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
+    """"Blood cell Cancer [ALL]/Benign/*.jpg": the folder's brackets read as a character class matched nothing;
+    leading parts that name existing folders as written are taken literally when the pattern matches nothing."""
+    folder = tmp_path / "Blood cell Cancer [ALL]" / "Benign"
+    write_images(folder, 2)
+    (tmp_path / "Blood cell Cancer A" / "Benign").mkdir(parents=True)  # what the class reading matches: no images
+    found = expand_inputs([str(folder / "cell-00*.jpg")])
+    assert [p.name for p in found.files] == ["cell-000.jpg", "cell-001.jpg"] and found.missing == []
+    escaped = tmp_path / "Blood cell Cancer [[]ALL]" / "Benign" / "*.jpg"  # glob's own escape still works
+    assert [p.name for p in expand_inputs([str(escaped)]).files] == ["cell-000.jpg", "cell-001.jpg"]
+    result = run("predict", "-m", str(tiny_model), str(folder / "cell-001*"), "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["n_files"] == 1, result.output
+    # Brackets that name no folder: the error says how to write them.
+    result = run("predict", "-m", str(tiny_model), str(tmp_path / "Blood cell Cancer [B]" / "*.jpg"), "--json")
+    assert "'[' and ']' enclose a glob class: write '[[]ALL]'" in json.loads(result.stdout)["results"][0]["error"]
 
 
 def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path: Path) -> None:

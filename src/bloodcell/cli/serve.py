@@ -230,12 +230,13 @@ def predict_command(
     model, inputs = split_model_and_inputs(model, inputs)
     if out is not None:
         check_results_path(out)
-    files, missing, skipped = expand_inputs(inputs)
+    found = expand_inputs(inputs)
+    files, skipped = found.files, found.skipped
     predictor = make_predictor(model, backend, tta)
     start = time.perf_counter()
     results = _run_with_progress(predictor, files, batch, progress and len(files) > batch and not as_json)
     seconds = time.perf_counter() - start
-    results += [PredictionResult(source=m, error=missing_input_reason(m)) for m in missing]
+    results = found.in_input_order(results, lambda text: PredictionResult(source=text, error=missing_input_reason(text)))
     failed = sum(1 for r in results if not r.ok)
     payload = {
         "model": {**predictor.model_info, "backend": predictor.backend},

@@ -76,6 +76,11 @@ PUBLIC_CARD_KEYS = (
 #: Where /docs finds Swagger UI's script and style (served from the fastapi-offline package).
 DOCS_ASSETS = "/docs-assets"
 DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
+#: Why explain=true is refused on a bare .onnx file (also /healthz's ``explain_unavailable`` there).
+EXPLAIN_NEEDS_WEIGHTS = (
+    "explain=true needs the model's PyTorch weights, which are not beside this ONNX file; "
+    "serve the model directory instead of the .onnx file"
+)
 #: What the ``warnings`` of a prediction say (the OpenAPI document shows it).
 WARNINGS_HELP = (
     f"caveats to read the answer with: an image more than {100 * MAX_QUIET_SQUASH:.0f} % off square, which "
@@ -141,6 +146,11 @@ class Health(BaseModel):
     model: ModelInfo
     version: str = Field(description="bloodcell version")
     limits: Limits = Field(description="what an upload may be (the web page shows them before a file is chosen)")
+    explain_unavailable: str | None = Field(
+        None,
+        description="why /v1/predict?explain=true is refused with a 400 (an ONNX file served without its PyTorch "
+        "weights, or a network with no feature map for Grad-CAM); null while it is offered",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -298,6 +308,8 @@ class Service:
         self._explain_source = explain_source
         self._explainer: Any = predictor if predictor.backend == "torch" else None
         self._explainer_lock = threading.Lock()
+        # Known before any upload is read, so explain=true is refused without decoding or classifying it.
+        self.explain_unavailable: str | None = EXPLAIN_NEEDS_WEIGHTS if explain_source is False else None
 
     def decode(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
         """Validate and decode an upload: ``(the image for display, the model input)``; raises ImageError."""
@@ -319,11 +331,7 @@ class Service:
         with self._explainer_lock:
             if self._explainer is None:
                 if self._explain_source is False:
-                    raise HTTPException(
-                        400,
-                        "explain=true needs the model's PyTorch weights, which are not beside this ONNX file; "
-                        "serve the model directory instead of the .onnx file",
-                    )
+                    raise HTTPException(400, EXPLAIN_NEEDS_WEIGHTS)
                 from bloodcell.serve.predictor import TorchPredictor
 
                 self._explainer = TorchPredictor(self._explain_source)
@@ -339,6 +347,7 @@ class Service:
             try:
                 self.explainer().explain(image)
             except NoFeatureMap as error:  # the service still classifies; explain=true says why it cannot
+                self.explain_unavailable = _no_feature_map(error)
                 log.warning("Grad-CAM is not available for this model: %s", error)
 
     def read_upload(self, upload: UploadFile) -> bytes | None:
@@ -382,7 +391,8 @@ class Service:
                 # A forward and backward pass: inference work, bounded by the same slots.
                 cam = self.explainer().explain(model_input, target=target, while_computing=self._inference_slots)
             except NoFeatureMap as error:
-                raise HTTPException(400, f"explain=true is not available for this model: {error}") from None
+                self.explain_unavailable = _no_feature_map(error)
+                raise HTTPException(400, self.explain_unavailable) from None
             response["explanation"] = {
                 "method": "gradcam",
                 "target_class": result.label,
@@ -417,6 +427,10 @@ class Service:
             "model": self.model_info,
             "timing_ms": round((time.perf_counter() - start) * 1000.0, 3),
         }
+
+
+def _no_feature_map(error: NoFeatureMap) -> str:
+    return f"explain=true is not available for this model: {error}"
 
 
 def _warnings(picture: np.ndarray) -> list[str] | None:
@@ -518,7 +532,9 @@ def create_app(
     @app.get("/healthz", response_model=Health, tags=["service"])
     async def healthz() -> Health:
         """Liveness and readiness: the model is loaded and answering."""
-        return Health(model=service.model_info, version=__version__, limits=limits)
+        return Health(
+            model=service.model_info, version=__version__, limits=limits, explain_unavailable=service.explain_unavailable
+        )
 
     @app.get("/v1/model", tags=["model"])
     async def model_card() -> dict[str, Any]:
@@ -548,6 +564,8 @@ def create_app(
         tta: Annotated[bool | None, Query(description="test-time augmentation (8 flips and rotations)")] = None,
     ) -> dict[str, Any]:
         """Classify one blood-smear image."""
+        if explain and service.explain_unavailable:
+            raise HTTPException(400, service.explain_unavailable)  # before the upload is read, decoded or classified
         if file.size is not None and file.size > service.max_upload_bytes:
             raise UploadTooLarge(too_large)  # at once, without waiting for a work slot
         try:
@@ -586,7 +604,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         ]
         summary = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
         hint = ""
-        if any(p["loc"][-1:] in (["file"], ["files"]) for p in problems):
+        # Anywhere in loc: a batch's text part is at ["body", "files", "0"].
+        if any({"file", "files"} & set(p["loc"]) for p in problems):
             hint = " (send the image as multipart/form-data: field 'file' for /v1/predict, 'files' for /v1/predict/batch)"
         return JSONResponse({"detail": f"invalid request: {summary}{hint}", "errors": problems}, status_code=422)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -256,8 +256,13 @@ def missing_input_reason(text: str) -> str:
     if Path(text).is_dir():
         return f"a folder with no image files in it (looked for {' '.join(sorted(IMAGE_SUFFIXES))}, in sub-folders too)"
     if glob.has_magic(text):
+        if "[" in text:  # most likely a folder named with brackets, read as a character class
+            return "a pattern that matches no image file ('[' and ']' enclose a glob class: write '[[]ALL]' for '[ALL]')"
         return "a pattern that matches no image file"
     return "no such file or folder"
+
+
+Row = TypeVar("Row")
 
 
 class InputFiles(NamedTuple):
@@ -267,6 +272,15 @@ class InputFiles(NamedTuple):
     files: list[Path]
     missing: list[str]
     skipped: list[Path]
+    missing_at: list[int]  # for each of ``missing``, how many of ``files`` the inputs before it found
+
+    def in_input_order(self, rows: Sequence[Row], missing_row: Callable[[str], Row]) -> list[Row]:
+        """``rows`` (one for each of ``files``, in order) with ``missing_row(input)`` for each input that matched
+        nothing, at its place among the inputs: results read in the order they were asked for."""
+        ordered = list(rows)
+        for inserted, (text, at) in enumerate(zip(self.missing, self.missing_at, strict=True)):
+            ordered.insert(at + inserted, missing_row(text))
+        return ordered
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
@@ -275,11 +289,14 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
     Folders are searched recursively for files with an image suffix (:data:`IMAGE_SUFFIXES`; hidden files
     and folders are left out); a file named explicitly is kept whatever its suffix (the decoder then says
     whether it is an image); glob patterns (``*``, ``?``, ``[``, ``**``) are expanded. Duplicates are
-    dropped, order is kept. The other files found in folders are returned as ``skipped``, so a caller can
-    say that they were not classified instead of dropping them silently.
+    dropped, order is kept. A pattern that matches nothing is tried again with its leading parts that name
+    existing folders taken as written (a folder named ``Cancer [ALL]``). The other files found in folders
+    are returned as ``skipped``, so a caller can say that they were not classified instead of dropping them
+    silently; :meth:`InputFiles.in_input_order` puts a row for each input that matched nothing in its place.
     """
     files: list[Path] = []
     missing: list[str] = []
+    missing_at: list[int] = []
     skipped: dict[str, Path] = {}  # by absolute path: a folder given twice is reported once
     seen: set[str] = set()
 
@@ -315,10 +332,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputFiles:
             found = []
         if not found:
             missing.append(text)
+            missing_at.append(len(files))
         for file in found:
             add(file)
     tried = {os.path.abspath(file) for file in files}
-    return InputFiles(files, missing, [path for key, path in skipped.items() if key not in tried])  # named: tried
+    skipped_files = [path for key, path in skipped.items() if key not in tried]  # named: tried
+    return InputFiles(files, missing, skipped_files, missing_at)
 
 
 def _glob(pattern: str) -> list[Path]:
@@ -332,10 +351,29 @@ def _glob(pattern: str) -> list[Path]:
     """
     parts = Path(pattern).parts
     first = next(k for k, part in enumerate(parts) if glob.has_magic(part))
+    matches = _matches_below(parts, first)
+    if not matches:
+        # A folder named with brackets ("Blood cell Cancer [ALL]") reads as a character class: when leading
+        # parts of the pattern name existing folders as written, take those literally.
+        literal = _existing_folder_parts(parts)
+        if literal > first:
+            matches = _matches_below(parts, literal)
+    return [m for m in matches if m.is_dir()] if pattern.endswith(("/", os.sep)) else matches
+
+
+def _matches_below(parts: tuple[str, ...], first: int) -> list[Path]:
+    """The sorted matches of the pattern ``parts`` whose first ``first`` parts are taken literally."""
     base = Path(*parts[:first]) if first else Path()
     rest = tuple(part if part == "**" else re.sub(r"\*\*+", "*", part) for part in parts[first:])  # a**b: a*b
-    matches = sorted(_expand(base, rest)) if base.is_dir() else []
-    return [m for m in matches if m.is_dir()] if pattern.endswith(("/", os.sep)) else matches
+    return sorted(_expand(base, rest)) if base.is_dir() else []
+
+
+def _existing_folder_parts(parts: tuple[str, ...]) -> int:
+    """How many leading ``parts`` (short of the last) name an existing folder as written."""
+    count = 0
+    while count < len(parts) - 1 and Path(*parts[: count + 1]).is_dir():
+        count += 1
+    return count
 
 
 def _expand(folder: Path, parts: tuple[str, ...]) -> Iterator[Path]:
