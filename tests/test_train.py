@@ -982,6 +982,77 @@ def test_the_step_is_recorded_at_the_batch_each_step_takes(tmp_path: Path, data,
     assert recorded == [n_train, 16]
 
 
+def test_devices_on_the_cpu_of_a_gpu_machine_are_not_said_to_lack_a_gpu(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from bloodcell.cli.train import _say_where_devices_run
+    from bloodcell.train import setup
+
+    monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: True)
+    _say_where_devices_run(tiny_config(train={"devices": 2, "accelerator": "cpu"}))
+    err = capsys.readouterr().err
+    assert "on the CPU (train.accelerator=cpu): --devices 2 trains as 2 CPU process(es)" in err and "no GPU" not in err
+
+
+def test_auto_precision_takes_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.cuda.is_bf16_supported() says yes on a V100 or a T4 unless told not to count emulation."""
+    from bloodcell.train import setup
+
+    monkeypatch.setattr(setup.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(setup.torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert setup.resolve_precision(tiny_config(train={"accelerator": "cuda"}).train) == "16-mixed"
+
+
+def test_train_log_names_the_precision_that_ran(tmp_path: Path, data) -> None:
+    """16-mixed falls back to bf16 on a CPU: the log said 16-mixed while the card said what ran."""
+    from bloodcell.models.card import load_card
+
+    fit(tiny_config(train={"epochs": 1, "precision": "16-mixed"}), tmp_path / "run", prepared=data, progress=False)
+    ran = load_card(tmp_path / "run" / "checkpoints" / "last")[0].runtime["precision"]
+    assert f"precision {ran}," in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize(("env", "devices", "said"), [
+    ({}, None, "continue with: bloodcell train --resume runs/r\n"),
+    ({}, "2", "continue with: bloodcell train --resume runs/r --devices 2\n"),
+    ({"WORLD_SIZE": "4"}, None, "--resume runs/r (launched as this run was, in 4 processes)"),
+    ({"RANK": "1", "WORLD_SIZE": "4"}, None, None),  # said by the first process only
+])  # fmt: skip
+def test_an_interrupted_run_says_how_to_resume_it_in_as_many_processes(
+    monkeypatch: pytest.MonkeyPatch, capsys, env: dict[str, str], devices: str | None, said: str | None
+) -> None:
+    from bloodcell.cli.train import _say_how_to_resume
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _say_how_to_resume(Path("runs/r"), devices)
+    err = capsys.readouterr().err
+    assert (said in err) if said else err == ""
+
+
+def test_the_data_stage_s_warnings_are_said_by_the_first_process_only(
+    tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from bloodcell.train import run as run_module
+
+    def preparing(config, progress):
+        logging.getLogger("bloodcell.data.splits").warning("the embargo is capped")
+        raise UserError("stop here")
+
+    monkeypatch.setattr(run_module, "prepare_training_data", preparing)
+    monkeypatch.setattr(run_module, "_is_first_process", lambda: False)
+    config = tiny_config(data={"train_on": "train+val"}, train={"epochs": 1})
+    with caplog.at_level("WARNING"), pytest.raises(UserError, match="stop here"):
+        run_module.train_run(config, tmp_path / "run", progress=False)
+    assert "embargo" not in caplog.text
+    monkeypatch.setattr(run_module, "_is_first_process", lambda: True)
+    with caplog.at_level("WARNING"), pytest.raises(UserError, match="stop here"):
+        run_module.train_run(config, tmp_path / "run2", progress=False)
+    assert "the embargo is capped" in caplog.text
+
+
 def test_devices_without_a_gpu_say_they_are_cpu_processes(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """`--devices 4` reads as four GPUs: on a machine without one it is four CPU processes, which is said."""
     import os

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -119,7 +120,7 @@ def train_command(
     try:
         result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
     except KeyboardInterrupt:
-        warning_line(f"interrupted; continue with: bloodcell train --resume {run_dir}")
+        _say_how_to_resume(run_dir, devices)
         raise
     if not result.is_main_process:
         return
@@ -166,9 +167,24 @@ def train_command(
         typer.echo(f"report: {report_path}")
 
 
+def _say_how_to_resume(run_dir: Path, devices: str | None) -> None:
+    """The command that continues an interrupted run, said once (by the first process): with the processes it
+    ran in, since a resume in another number of them is refused."""
+    from bloodcell.train.run import _is_first_process
+
+    if not _is_first_process():
+        return
+    launched = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    command = f"bloodcell train --resume {run_dir}" + (f" --devices {devices}" if devices is not None else "")
+    how = f" (launched as this run was, in {launched} processes)" if launched > 1 and devices is None else ""
+    warning_line(f"interrupted; continue with: {command}{how}")
+
+
 def _say_where_devices_run(run_config: RunConfig) -> None:
     """``--devices N`` reads as N GPUs; on a machine without one it means N CPU processes: say so, and say
     when they are more than the cores (each then waits for the others at every step)."""
+    import torch
+
     from bloodcell.machine import available_cores
     from bloodcell.train.run import _is_first_process
     from bloodcell.train.setup import launch_topology, resolve_accelerator
@@ -179,7 +195,8 @@ def _say_where_devices_run(run_config: RunConfig) -> None:
     count = 1 if processes == "auto" else int(processes)  # Lightning's "auto" on the CPU: one process
     cores = available_cores()
     more = f", more than this machine's {cores} cores: they will wait for each other" if count > cores else ""
-    warning_line(f"no GPU here: --devices {run_config.train.devices} trains as {count} CPU process(es){more}")
+    where = "on the CPU (train.accelerator=cpu)" if torch.cuda.is_available() else "no GPU here"
+    warning_line(f"{where}: --devices {run_config.train.devices} trains as {count} CPU process(es){more}")
 
 
 def _build_report(run_dir: Path, progress: bool) -> Path | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import re
 import time
@@ -37,6 +38,7 @@ from bloodcell.io import atomic_write_text
 from bloodcell.machine import torch_settings_restored
 from bloodcell.models import Classifier, ModelCard
 from bloodcell.models.card import save_trained_on
+from bloodcell.notices import quieted
 from bloodcell.train.checkpoint import (
     checkpoint_dir,
     has_resumable_checkpoint,
@@ -204,7 +206,7 @@ def fit(
     classifier = None
     try:
         # ------------------------------------------------------------ data
-        with fabric.rank_zero_first():
+        with fabric.rank_zero_first(), quieted(logging.getLogger("bloodcell"), when=not main):  # said by rank 0 only
             data = prepared if prepared is not None else prepare_training_data(config, progress and main)
         classes = list(data.classes)
         train_rows, val_rows = np.asarray(data.indices("train")), np.asarray(data.indices("val"))
@@ -263,6 +265,10 @@ def fit(
 
         # ------------------------------------------------------------ resume
         state = LoopState()
+        # What Fabric runs, which may differ from what was asked (16-mixed falls back to bf16 on a CPU), and
+        # whether a loss scaler skips the steps whose gradients overflow.
+        precision = str(getattr(fabric.strategy.precision, "precision", resolve_precision(config.train)))
+        scaled = getattr(fabric.strategy.precision, "scaler", None) is not None
         if resume:
             state = _restore(run_dir, classifier, optimizer, data, schedule)
             log.info("resumed from %s at epoch %d", checkpoint_dir(run_dir, "last"), state.epoch)
@@ -272,13 +278,9 @@ def fit(
             log.info(
                 "run %s: %s on %d %s / %d val images, %d classes, %d px, %s x%d, precision %s, threads %d",
                 config.name, config.model.name, len(train_rows), config.data.train_on, len(val_rows), len(classes),
-                config.data.image_size, fabric.device, fabric.world_size, resolve_precision(config.train), threads,
+                config.data.image_size, fabric.device, fabric.world_size, precision, threads,
             )
         _record_step_graph(config, fabric, classifier, log, batch=min(batch_size, per_rank))
-        # What Fabric runs, which may differ from what was asked (16-mixed falls back to bf16 on a CPU), and
-        # whether a loss scaler skips the steps whose gradients overflow.
-        precision = str(getattr(fabric.strategy.precision, "precision", resolve_precision(config.train)))
-        scaled = getattr(fabric.strategy.precision, "scaler", None) is not None
 
         # ------------------------------------------------------------ epochs
         with RunProgress(progress and main, config.train.epochs) as bar:

@@ -66,7 +66,9 @@ def train_run(
     if not resume and _is_first_process():
         _claim_run_dir(run_dir, config)
     if prepared is None:  # once for both stages and the temperature: the same data, split and cache
-        prepared = prepare_training_data(config, progress and _is_first_process())
+        # Every process prepares the data; the first says what it finds (a warning once, not once a process).
+        with quieted(logging.getLogger("bloodcell"), when=not _is_first_process()):
+            prepared = prepare_training_data(config, progress and _is_first_process())
     holdout_config = config.model_copy(update={"data": config.data.model_copy(update={"train_on": "train"})})
     # A stage a resumed run already finished trains nothing: announcing it would say otherwise.
     holdout_done = resume and is_complete(holdout_dir, config.train.epochs)

@@ -63,7 +63,9 @@ def resolve_precision(train: TrainConfig) -> str:
         return train.precision
     accelerator = resolve_accelerator(train)
     if accelerator in {"cuda", "gpu"} and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # Without including_emulation=False torch says yes on any GPU that can hold a bf16 tensor (a V100 or a
+        # T4 too), where bf16 arithmetic is emulated: such GPUs get fp16 with its loss scaler instead.
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
     return "bf16-mixed" if accelerator == "cpu" and cpu_computes_bf16() else "32-true"
 
 
