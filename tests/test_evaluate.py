@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -175,7 +176,8 @@ def test_split_all_on_another_copy_of_the_dataset(run: Path, metrics: dict, tmp_
     assert result["temperature_source"] == "model card"  # another dataset never refits the model's temperature
     assert result["temperature"] == pytest.approx(card_temperature)
     assert result["data"]["same_as_training"] is False
-    assert Path(result["out_dir"]) == run / "evaluations" / "copy-all"
+    assert Path(result["out_dir"]).parent == run / "evaluations"
+    assert re.fullmatch(r"copy-[0-9a-f]{8}-all", Path(result["out_dir"]).name)
 
 
 def test_another_labs_folders_with_one_class_the_model_lacks(run: Path, tmp_path: Path,
@@ -195,11 +197,40 @@ def test_another_labs_folders_with_one_class_the_model_lacks(run: Path, tmp_path
         result = evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
     assert result["n_images"] == 48  # normal/'s copies of proB/ images are not counted twice
     assert "Benign = hematogones/" in caplog.text and "normal/ not used" in caplog.text
-    from bloodcell.errors import UserError
+    # The folder left out is recorded and named where the scope is said, not "every image of lab".
+    assert result["data"]["folders_left_out"] == {"normal": 2}
+    assert evaluated_scope(result, "lab") == "every image of lab, not normal/ (2 images: a class the model does not know)"
 
-    shutil.rmtree(lab / "early_preB")  # a class of the model's that no folder holds is named
-    with pytest.raises(UserError, match="class 'Early Pre-B': no folder"):
-        evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
+    # Some of the model's classes beside a folder it does not know: the others are absent, as on a folder of
+    # some of the classes without one (the model's 4 classes used to be asked of the folders, and failed).
+    shutil.rmtree(lab / "early_preB")
+    shutil.rmtree(lab / "preB")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        result = evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
+    assert result["n_images"] == 24 and result["classes"] == ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+    assert [name for name, row in result["per_class"].items() if row["support"]] == ["Benign", "Pro-B"]
+    assert "no folder holds Early Pre-B, Pre-B" in caplog.text
+
+
+def test_folders_of_none_of_the_model_s_classes_are_a_clear_error(run: Path, tmp_path: Path) -> None:
+    other = make_aria_dataset(tmp_path / "copy", per_class=8, size=48, seed=5, segmented=False) / "Original"
+    for source, name in zip(("Benign", "Pro"), ("normal", "reactive")):
+        shutil.copytree(other / source, tmp_path / "lab" / name)
+    with pytest.raises(UserError, match="no folder under .*lab is one of the model's classes .*folders there: normal, reactive"):
+        evaluate_model(run, tmp_path / "lab", split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
+
+
+def test_the_scope_names_the_folders_of_classes_the_model_does_not_know() -> None:
+    metrics = {"evaluation": {"split": "all"},
+               "data": {"training_images_left_out": 3, "folders_left_out": {"PreB": 12, "early_pre_b": 12}}}  # fmt: skip
+    assert evaluated_scope(metrics, "a") == ("every image of a, not PreB/, early_pre_b/ (24 images: classes the model "
+                                             "does not know), less the 3 images the model trained on or copies or "
+                                             "capture-order neighbours of them")  # fmt: skip
+    test_part = {**metrics, "evaluation": {"split": "test"}}
+    assert "not PreB/, early_pre_b/ (24 images in all: classes" in evaluated_scope(test_part, "a")
+    older = {"evaluation": {"split": "all"}, "data": {"training_images_left_out": 0}}  # a metrics.json before it
+    assert evaluated_scope(older, "a") == "every image of a"
 
 
 def files_trained_on(root: Path, trained: list[str]) -> int:
@@ -405,6 +436,10 @@ def test_cli_explain_writes_overlays(run: Path, dataset: Path, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["images"]
     assert len(rows) == 2 and all(Path(r["overlay"]).is_file() for r in rows)
+    # An input that matches nothing keeps its place among the others, as in predict.
+    inputs = [str(images[0]), str(tmp_path / "gone.jpg"), str(images[1])]
+    result = CliRunner().invoke(app, ["explain", str(run), *inputs, "--out", str(tmp_path / "cams2"), "--json"])
+    assert [Path(row["image"]).name for row in json.loads(result.stdout)["images"]] == [Path(i).name for i in inputs]
 
 
 def test_cli_explain_reports_a_bad_image_and_explains_the_others(run: Path, dataset: Path, tmp_path: Path) -> None:
@@ -444,10 +479,24 @@ def test_results_of_a_model_outside_a_run_go_under_evaluations_once(run: Path, t
     _, card = load_model(run)
     model_dir = tmp_path / "model"  # a model folder that is not inside a run
     model_dir.mkdir()
+    digest = hashlib.sha256(str(Path("aria").resolve()).encode()).hexdigest()[:8]
     assert default_out_dir(model_dir, card, "test", True, Path("aria")) == Path("evaluations") / card.name
-    assert default_out_dir(model_dir, card, "val", True, Path("aria")) == Path("evaluations") / card.name / "aria-val"
+    assert default_out_dir(model_dir, card, "val", True, Path("aria")) == Path("evaluations") / card.name / f"aria-{digest}-val"
     best = run / "checkpoints" / "best"
-    assert default_out_dir(best, card, "val", True, Path("aria")) == run / "evaluations" / "aria-val"
+    assert default_out_dir(best, card, "test", True, Path("aria")) == run  # its own test part: the run itself
+    assert default_out_dir(best, card, "val", True, Path("aria")) == run / "evaluations" / f"aria-{digest}-val"
+
+
+def test_two_data_folders_of_one_name_get_results_folders_of_their_own(run: Path, tmp_path: Path) -> None:
+    """lab1/a and lab2/a: both used to write RUN/evaluations/a-all, the second over the first."""
+    from bloodcell.evaluate.runner import default_out_dir
+
+    _, card = load_model(run)
+    best = run / "checkpoints" / "best"
+    first, second = (default_out_dir(best, card, "all", False, tmp_path / lab / "a") for lab in ("lab1", "lab2"))
+    assert first != second and first.parent == second.parent == run / "evaluations"
+    assert re.fullmatch(r"a-[0-9a-f]{8}-all", first.name) and re.fullmatch(r"a-[0-9a-f]{8}-all", second.name)
+    assert default_out_dir(best, card, "all", False, tmp_path / "lab1" / "x" / ".." / "a") == first  # one folder, one name
 
 
 def test_an_evaluation_whose_grad_cam_cannot_run_keeps_its_scores(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -539,6 +588,23 @@ def test_the_grid_title_survives_random_maps_without_energy(run: Path, monkeypat
     monkeypatch.setattr(gradcam, "sanity_check", flat_random_maps)
     result = evaluate_model(run, split="val", robustness=False, progress=False, n_bootstrap=50, update_card=False)
     assert result["explain"]["random_energy_on_cell"] is None and result["explain"]["cam_energy_on_cell"] is not None
+
+
+def test_the_grid_rows_of_classes_without_images_say_so(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder of two of the model's four classes: the other two rows are empty for want of images, not
+    "no correct prediction" / "no mistake"."""
+    from bloodcell.report import plots
+
+    other = make_aria_dataset(tmp_path / "copy", per_class=8, size=48, seed=5, segmented=False) / "Original"
+    for source, name in zip(("Benign", "Pro"), ("benign", "pro-b")):
+        shutil.copytree(other / source, tmp_path / "two" / name)
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_gradcam_grid", lambda rows, path, title: drawn.update(rows))
+    evaluate_model(run, tmp_path / "two", split="all", robustness=False, out_dir=tmp_path / "ev", progress=False,
+                   n_bootstrap=20, update_card=False)  # fmt: skip
+    captions = {name: {e["caption"] for e in examples if e["overlay"] is None} for name, examples in drawn.items()}
+    assert captions["Early Pre-B"] == captions["Pre-B"] == {"no images of this class"}
+    assert "no images of this class" not in captions["Benign"] | captions["Pro-B"]
 
 
 def test_the_summary_names_where_the_grad_cam_maps_look() -> None:

@@ -73,12 +73,14 @@ def test_a_class_absent_from_the_images_is_left_out_of_macro_f1_as_of_balanced_a
     y_true = np.array([0, 0, 0, 2, 2, 2])
     perfect = classification_metrics(y_true, probs_for(y_true), CLASSES, blocks=None, n_bootstrap=50)
     assert perfect["balanced_accuracy"] == 1.0 and perfect["macro_f1"] == 1.0
-    assert perfect["per_class"]["Pro-B"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
+    # No image of it and never predicted: its precision is 0 / 0, none, not 0.000 in the tables.
+    assert perfect["per_class"]["Pro-B"] == {"precision": None, "recall": None, "f1": None, "support": 0}
     # Reading a present class as an absent one still costs: it is a false negative of the true class.
     y_pred = np.array([0, 0, 3, 2, 2, 2])
     wrong = classification_metrics(y_true, probs_for(y_pred), CLASSES, blocks=None, n_bootstrap=50)
     assert wrong["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=[0, 2], average="macro"))
     assert wrong["macro_f1"] < 1.0
+    assert wrong["per_class"]["Pro-B"]["precision"] == 0.0  # predicted, never right: 0 of 1
     assert headline_metrics(y_true, probs_for(y_true), len(CLASSES))["macro_f1"] == 1.0
 
 

@@ -293,6 +293,56 @@ def test_the_model_card_row_names_the_training_data_not_the_data_evaluated(runs:
     row = re.search(r"<td>training data</td><td class=\"left\">([^<]*)</td>", html)
     assert row is not None and row.group(1).startswith(card["config"]["data"]["root"]), row
     assert str(other) not in row.group(1)
+    # Trained on data in Aria's layout, evaluated on other data: not "trained and evaluated on" Taleqani's.
+    markdown = (folder / "report.md").read_text(encoding="utf-8")
+    for text in (html, markdown):
+        assert "Trained on images from one hospital laboratory (Taleqani Hospital, Tehran)" in text
+        assert "evaluated here on other data" in text and "Trained and evaluated on" not in text
+        assert "Aria M, Ghaderzadeh M" in text
+        # The split shown is the one rebuilt on these data, which the model never used.
+        assert "Split rebuilt on these data (not the model's training split)" in text
+        assert "the model card's (model card" not in text and "the temperature is the model card's" in text
+    assert "## Split and leakage check" not in markdown and "Leakage check of this rebuilt split passed" in html
+
+
+def test_a_model_trained_on_a_user_s_folders_is_not_said_to_be_trained_on_aria(tmp_path: Path) -> None:
+    """A two-class model of one's own folders: no Aria citation, no Taleqani, its own number of classes."""
+    from bloodcell.evaluate.runner import evaluate_model
+
+    aria = make_aria_dataset(tmp_path / "aria", per_class=16, size=48, seed=3, segmented=False) / "Original"
+    for source, name in zip(("Benign", "Pro"), ("benign", "pro-b")):
+        shutil.copytree(aria / source, tmp_path / "mine" / name)
+    run = make_run(tmp_path / "mine", tmp_path / "runs" / "two", steps=5)
+    evaluate_model(run, robustness=False, explain=False, progress=False, n_bootstrap=20)
+    html = build_report(run, evaluate=False, progress=False).read_text(encoding="utf-8")
+    for text in (html, (run / "report.md").read_text(encoding="utf-8")):
+        assert "Taleqani" not in text and "Aria M" not in text and "four classes" not in text
+        assert "outside its 2 classes (Benign, Pro-B;" in text
+        assert f"the images of {tmp_path / 'mine'} (no published dataset recorded)" in text
+        assert "Trained and evaluated on the images of one folder" in text  # its own test part
+
+
+def test_the_model_card_tells_a_model_trained_on_aria(tmp_path: Path) -> None:
+    from bloodcell.models.card import bundled_model_dir
+    from bloodcell.report.html import trained_on_aria
+
+    bundled = json.loads((bundled_model_dir() / "card.json").read_text())
+    other_data = {"data": {"same_as_training": False}}
+    assert trained_on_aria(bundled, other_data)  # by its manifest, wherever its training folder is now
+    moved = {"manifest_sha256": "0" * 64, "config": {"data": {"root": str(tmp_path / "gone")}}}
+    assert not trained_on_aria(moved, other_data)
+    # ... unless the evaluation found the model's own data in Aria's layout
+    assert trained_on_aria(moved, {"data": {"same_as_training": True}, "data_audit": {"layout": "aria"}})
+    aria = make_aria_dataset(tmp_path / "aria", per_class=2, size=48, segmented=False)
+    assert trained_on_aria({"config": {"data": {"root": str(aria)}}}, other_data)
+
+
+def test_the_card_temperature_is_not_called_the_model_card_s_twice() -> None:
+    from bloodcell.report.html import card_temperature
+
+    assert card_temperature("model card (never fitted: T = 1)") == " (never fitted: T = 1)"
+    assert card_temperature("model card") == ""
+    assert card_temperature("fitted on the validation part by the holdout run") == " (fitted on the validation part by the holdout run)"
 
 
 def test_the_training_curves_name_the_epoch_training_kept() -> None:

@@ -131,7 +131,7 @@ def evaluate_command(
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM grid and sanity check."),
     cam_method: str = typer.Option("gradcam", "--cam-method", help=f"CAM method of the grid and sanity check: {CAM_METHODS}."),
     target_layer: str | None = typer.Option(None, "--target-layer", help=TARGET_LAYER_HELP, show_default=False),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run directory for its own test part, else a folder under RUN/evaluations named after the data and split; for the bundled model, under ./evaluations/).", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run directory for its own test part, else RUN/evaluations/<data folder>-<8 hex of its path>-<split>; for the bundled model, under ./evaluations/).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json on stdout instead of the summary."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
 ) -> None:
@@ -163,7 +163,7 @@ def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: st
 
     found = expand_inputs(paths)
     rows = explain_files(model, found.files, out, method=method, target_layer=target_layer) if found.files else []
-    return rows + [explain_row(name, missing_input_reason(name)) for name in found.missing], list(found.skipped)
+    return found.in_input_order(rows, lambda name: explain_row(name, missing_input_reason(name))), list(found.skipped)
 
 
 def _pytorch_model_of(model: Path | None) -> Path | None:

@@ -240,16 +240,18 @@ def per_class_report(
 ) -> dict[str, dict[str, float | None]]:
     """The classification report: precision, recall, F1 and support of every class.
 
-    A class that is never predicted gets precision 0 (scikit-learn's ``zero_division=0``), not an error; a
-    class absent from the images (support 0) has no recall or F1 (None), not 0.
+    A class of the images that is never predicted gets precision 0 (scikit-learn's ``zero_division=0``), not
+    an error; a class absent from the images (support 0) has no recall or F1 (None), not 0, and no precision
+    either unless it is predicted (then 0: every such prediction is wrong).
     """
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
+    predicted = np.bincount(np.asarray(y_pred, dtype=np.int64), minlength=len(classes))
     return {
         name: {
-            "precision": float(precision[k]),
+            "precision": float(precision[k]) if support[k] or predicted[k] else None,
             "recall": float(recall[k]) if support[k] else None,
             "f1": float(f1[k]) if support[k] else None,
             "support": int(support[k]),

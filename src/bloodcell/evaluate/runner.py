@@ -290,6 +290,13 @@ def _grid_examples(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> lis
     return rows
 
 
+def _empty_slot_caption(slot: int, has_images: bool) -> str:
+    """The caption of an empty slot of the Grad-CAM grid: why its class's row has no example there."""
+    if not has_images:  # a folder of some of the classes: the row is empty, not free of mistakes
+        return "no images of this class"
+    return "no correct prediction" if slot < GRID_CORRECT else "no mistake"
+
+
 def _padded(indices: list[int], size: int) -> list[int | None]:
     """``indices`` followed by None up to ``size`` entries."""
     return [*indices, *[None] * (size - len(indices))]
@@ -331,7 +338,8 @@ def explain_examples(
         examples: list[dict[str, Any]] = []
         for slot, i in enumerate(row):
             if i is None:
-                examples.append({"overlay": None, "caption": "no correct prediction" if slot < GRID_CORRECT else "no mistake"})
+                caption = _empty_slot_caption(slot, has_images=bool((y_true == k).any()))
+                examples.append({"overlay": None, "caption": caption})
                 continue
             ok = predicted[i] == k
             caption = f"correct, p={probs[i, k]:.2f}" if ok else f"predicted {classes[predicted[i]]}, p={probs[i, predicted[i]]:.2f}"
@@ -350,13 +358,21 @@ def explain_examples(
 
 
 def default_out_dir(model_dir: Path, card: ModelCard, split: str, own_data: bool, data_root: Path) -> Path:
-    """Where results go unless told: the run directory for its own test part, else ``evaluations/<data>-<split>``
-    inside it; for a model outside a run (the bundled one), ``./evaluations/<model name>`` likewise."""
+    """Where results go unless told: the run directory for its own test part, else
+    ``evaluations/<data>-<8 hex>-<split>`` inside it; for a model outside a run (the bundled one),
+    ``./evaluations/<model name>`` likewise. The 8 hex digits of the data folder's absolute path (as its
+    work folder has) keep two folders of one name (``lab1/a``, ``lab2/a``) from overwriting each other's
+    results."""
+    import hashlib
+    import os
+
     run_dir = run_dir_of(model_dir)
     base = run_dir if run_dir is not None else Path("evaluations") / card.name
     if split == "test" and own_data:
         return base
-    return (base / "evaluations" if run_dir is not None else base) / f"{data_root.name}-{split}"
+    absolute = data_root.expanduser().resolve()
+    digest = hashlib.sha256(os.fsencode(absolute)).hexdigest()[:8]
+    return (base / "evaluations" if run_dir is not None else base) / f"{absolute.name}-{digest}-{split}"
 
 
 def _write_predictions(path: Path, prepared: PreparedData, indices: np.ndarray, label_map: np.ndarray, probs: np.ndarray,
@@ -457,22 +473,27 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
         if data_root is None and folder is not None and not Path(folder).exists():
             raise UserError(f"the model's training data are no longer at {folder} (the folder its config records): "
                             "pass --data DATA where they are now")  # fmt: skip
-        matched = data_config.class_names is None and folder is not None and Path(folder).is_dir() and not set(
-            find_dataset(folder, data_config.variant, None).classes) <= set(classes)  # fmt: skip
-        if matched:
+        looked_at = data_config.class_names is None and folder is not None and Path(folder).is_dir()
+        found = find_dataset(folder, data_config.variant, None) if looked_at and folder is not None else None
+        matched = found is not None and not set(found.classes) <= set(classes)
+        if found is not None and matched:
             # Another lab's folders, one of them no class of the model's ("normal/" beside "hematogones/"),
             # would each be taken as a class by its own name. Match the model's classes to the folders
-            # instead, by name or alias as `index --classes` does; the others are named and left out (or a
-            # class no folder matches is named in the error).
-            data_config = data_config.model_copy(update={"class_names": classes})  # the audit's too
+            # instead, by name or alias as `index --classes` does; the others are named and left out. Only
+            # the classes some folder stands for are asked for: a class the data lack is absent, as on a
+            # folder of some of the classes.
+            present = classes_with_a_folder(classes, found.root)
+            data_config = data_config.model_copy(update={"class_names": present})  # the audit's too
         # --split all scores every image: the warnings about the split rebuilt beside it (an embargo capped
         # for small blocks, a class with no image in a part) concern nothing it scores.
         with quieted(logging.getLogger("bloodcell.data.splits"), when=split == "all"):
             prepared = prepare_data(data_config, data_root, progress=progress)
         if matched:
             folders = prepared.dataset.class_folders
-            log.warning("the model's classes, matched to the folders of %s: %s", prepared.dataset.top,
-                        ", ".join(f"{name} = {folders[name]}/" for name in classes))  # fmt: skip
+            absent = [name for name in classes if name not in folders]
+            log.warning("the model's classes, matched to the folders of %s: %s%s", prepared.dataset.top,
+                        ", ".join(f"{name} = {folder}/" for name, folder in folders.items()),
+                        f"; no folder holds {', '.join(absent)}" if absent else "")  # fmt: skip
     unknown = [name for name in prepared.classes if name not in classes]
     if unknown:
         raise UserError(f"the data has classes the model does not know: {', '.join(unknown)} (model: {', '.join(classes)})")
@@ -497,6 +518,39 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
         own_data=own_data,
         training_images_left_out=left_out,
     )
+
+
+def classes_with_a_folder(classes: list[str], root: Path) -> list[str]:
+    """The model's ``classes`` that a sub-folder of ``root`` stands for, by name or alias, as ``find_dataset``
+    matches ``class_names`` to folders; raises :class:`UserError` when there are none."""
+    from bloodcell.data.layouts import canonical_class, normalise_name
+
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    keys = {normalise_name(name) for name in folders}
+    keys |= {normalise_name(alias) for name in folders if (alias := canonical_class(name)) is not None}
+    present = [name for name in classes if normalise_name(name) in keys]
+    if not present:
+        raise UserError(f"no folder under {root} is one of the model's classes ({', '.join(classes)}), by name "
+                        f"or alias; folders there: {', '.join(folders) or 'none'}")
+    return present
+
+
+def folders_left_out(root: Path, class_folders: dict[str, str]) -> dict[str, int]:
+    """The sub-folders of ``root`` beside the class folders that hold images (classes the model does not know,
+    left out when its classes were matched to the folders), with how many images each."""
+    from bloodcell.data.layouts import is_image_name
+
+    if not root.is_dir():  # data moved since they were prepared
+        return {}
+    used = set(class_folders.values())
+    counts = {}
+    others = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in used)
+    for folder in others:
+        images = [path for path in folder.rglob("*") if is_image_name(path)
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts)]  # fmt: skip
+        if images:
+            counts[folder.name] = len(images)
+    return counts
 
 
 def _without_training_images(
@@ -577,6 +631,11 @@ def evaluated_scope(metrics: dict[str, Any], data_name: str) -> str:
     where = f"every image of {data_name}" if split == "all" else f"the {split} part of {data_name}"
     if split != "all" and not metrics["data"].get("same_as_training", True):
         where += " (its split rebuilt by the model's settings; --split all scores every image)"
+    folders = metrics["data"].get("folders_left_out") or {}  # absent from a metrics.json written before it
+    if folders:
+        kind = "classes" if len(folders) > 1 else "a class"
+        where += (f", not {', '.join(f'{name}/' for name in folders)} ({sum(folders.values())} images"
+                  f"{' in all' if split != 'all' else ''}: {kind} the model does not know)")  # fmt: skip
     if left_out is None:
         return f"{where} (unchecked for training images: the model has no record of them)"
     if left_out:
@@ -642,6 +701,8 @@ def describe_evaluation(card: ModelCard, config: RunConfig, model_dir: Path, dat
             "scored_images_sha256": _digest_of(prepared.split["sha256"].to_numpy()[data.indices])
             if "sha256" in prepared.split else None,
             "training_images_left_out": data.training_images_left_out,
+            # folder -> images: folders of no class of the model's, not scored (named in the scope)
+            "folders_left_out": folders_left_out(prepared.dataset.root, prepared.dataset.class_folders),
             "trained_on": card.trained_on,
             "protocol": data_config.protocol,
             "split_seed": data_config.split_seed,

@@ -10,15 +10,17 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from bloodcell import __version__
+from bloodcell import CLASSES, __version__
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
+from bloodcell.notices import quieted
 
 log = logging.getLogger(__name__)
 
@@ -27,33 +29,86 @@ REPORT_MD = "report.md"
 #: Config name of the baseline run the report compares against when one sits beside the run.
 BASELINE_CONFIG = "seed-replica"
 
-LIMITATIONS = (
-    (
-        "Trained and evaluated on images from one hospital laboratory (Taleqani Hospital, Tehran), one camera "
-        "and one staining protocol; performance on other microscopes, stains or populations is unknown."
-    ),
-    (
-        "The images carry no patient ids: session blocks from capture order are a proxy for patients, so some "
-        "patient overlap between training and test parts cannot be ruled out."
-    ),
-    (
-        "Classes were imaged in their own sessions: colour, background and cell density differ between classes "
-        "(see the shortcut baseline), so accuracy alone does not prove the model looks at cell morphology."
-    ),
-    (
-        "Input is one microscope field centred on a white blood cell: the model does not find cells in a whole "
-        "slide and says nothing about cell types outside the four classes (it will still name one of them)."
-    ),
-    (
-        "Probabilities are calibrated by temperature on the validation part; under acquisition shift they are "
-        "less reliable."
-    ),
-)
+#: Layouts of Aria et al.'s dataset, the Taleqani Hospital images: its own, and its Kaggle 4-class copy's.
+ARIA_LAYOUTS = ("aria", "kaggle")
+#: Where Aria et al.'s images come from, as the limitations say it.
+ARIA_SOURCE = ("images from one hospital laboratory (Taleqani Hospital, Tehran), one camera and one staining "
+               "protocol")
 
 CITATION = (
     "Aria M, Ghaderzadeh M, Bashash D, Abolghasemi H, Asadi F, Hosseini A. Acute Lymphoblastic Leukemia (ALL) "
     "image dataset. Kaggle (2021). DOI 10.34740/KAGGLE/DSV/2175623"
 )
+
+
+def limitations(classes: Sequence[str], aria: bool, evaluated_on_training_data: bool) -> tuple[str, ...]:
+    """The model card's limitations for a model of ``classes``, trained on Aria et al.'s dataset (``aria``) or
+    on other images, and scored on its own training data or on other data."""
+    source = ARIA_SOURCE if aria else "the images of one folder (the data source above)"
+    trained = (f"Trained and evaluated on {source}" if evaluated_on_training_data
+               else f"Trained on {source}, and evaluated here on other data")  # fmt: skip
+    # Aria's classes were imaged in sessions of their own; of other data nothing is known
+    sessions = ("Classes were imaged in their own sessions: colour, background and cell density differ"
+                if aria else "Where classes were imaged in their own sessions, colour, background and cell "
+                "density differ")  # fmt: skip
+    return (
+        f"{trained}; performance on other microscopes, stains or populations is unknown.",
+        ("The images carry no patient ids: session blocks" if aria else "Unless each patient's images lie in a "
+         "sub-folder of their class folder (kept whole in one part), session blocks") + " from capture order are "
+        "a proxy for patients, so some patient overlap between training and test parts cannot be ruled out.",
+        f"{sessions} between classes (see the shortcut baseline), so accuracy alone does not prove the model "
+        "looks at cell morphology.",
+        "Input is one microscope field centred on a white blood cell: the model does not find cells in a "
+        f"whole slide and says nothing about cell types outside its {len(classes)} classes "
+        f"({', '.join(classes)}; it will still name one of them).",
+        "Probabilities are calibrated by temperature on the validation part; under acquisition shift they "
+        "are less reliable.",
+    )
+
+
+#: The bundled model's limitations on its own data (the demo shows it on Aria's sample images).
+LIMITATIONS = limitations(CLASSES, aria=True, evaluated_on_training_data=True)
+
+
+def trained_on_aria(card: dict[str, Any], metrics: dict[str, Any]) -> bool:
+    """Whether a model learned from Aria et al.'s dataset, as far as its card tells: the bundled model or one
+    trained on the same data (the card's manifest hash), or one whose training folder is in that dataset's
+    layout (as the evaluation found it on the model's own data, or as the folder is now)."""
+    from bloodcell.data.layouts import find_dataset
+    from bloodcell.models.card import CARD_FILE, bundled_model_dir
+
+    manifest = card.get("manifest_sha256")
+    if manifest and manifest == (_read_json(bundled_model_dir() / CARD_FILE) or {}).get("manifest_sha256"):
+        return True
+    audit = metrics.get("data_audit") or {}
+    if metrics["data"].get("same_as_training") and audit.get("layout") in ARIA_LAYOUTS:
+        return True
+    data = (card.get("config") or {}).get("data") or {}
+    if not data.get("root") or not Path(data["root"]).is_dir():  # moved, or never recorded: not known to be
+        return False
+    try:  # only looked at: what find_dataset says of the folders beside the classes is for the commands
+        with quieted(logging.getLogger("bloodcell.data.layouts")):
+            return find_dataset(data["root"], data.get("variant") or "Original").layout in ARIA_LAYOUTS
+    except (UserError, OSError):
+        return False
+
+
+def data_source(card: dict[str, Any], aria: bool) -> str:
+    """The model card's data source: the dataset's citation when the model learned from Aria et al.'s dataset,
+    else the folder its card records (no published dataset to cite)."""
+    if aria:
+        return CITATION
+    root = ((card.get("config") or {}).get("data") or {}).get("root")
+    return f"the images of {root} (no published dataset recorded)" if root else "not recorded in the card"
+
+
+def card_temperature(source: str) -> str:
+    """``temperature_source`` said after "the model card's", without "model card" twice: `` (never fitted:
+    T = 1)`` for ``model card (never fitted: T = 1)``, nothing for ``model card``."""
+    detail = source.removeprefix("model card").lstrip(", ")
+    if detail.startswith("(") and detail.endswith(")"):
+        detail = detail[1:-1]
+    return f" ({detail})" if detail else ""
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -84,7 +139,7 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update({"fmt": _fmt, "pct": _pct, "ci": _ci})
+    env.filters.update({"fmt": _fmt, "pct": _pct, "ci": _ci, "card_temperature": card_temperature})
     return env
 
 
@@ -308,6 +363,8 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
     from bloodcell.evaluate.runner import evaluated_scope
     from bloodcell.explain.gradcam import CELL_FOCUS_MARGIN
 
+    aria = trained_on_aria(card, metrics)
+
     return {
         # A run is named by its folder; an evaluation folder elsewhere (e.g. of the bundled model) by its model.
         "run_name": (run_dir.name if (run_dir / "config.yaml").is_file()
@@ -327,8 +384,9 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
         "comparison": comparison,
         "shift_table": shift_table(),
         "severity_names": SEVERITY_NAMES,
-        "limitations": LIMITATIONS,
-        "citation": CITATION,
+        "limitations": limitations(card.get("classes") or metrics["classes"], aria,
+                                   bool(metrics["data"].get("same_as_training"))),
+        "citation": data_source(card, aria),
     }
 
 
