@@ -278,3 +278,10 @@ def test_chance_and_the_statement_follow_the_images_scored() -> None:
     assert result["chance"] == 0.5
     assert "held-out validation blocks" in result["statement"] and "test blocks" not in result["statement"]
     assert "held-out test blocks" in border_colour_baseline(images, labels, train, two_classes, ring=4)["statement"]
+
+
+def test_a_file_name_holding_a_pipe_keeps_its_row_of_the_audit_table() -> None:
+    from bloodcell.io import markdown_table
+
+    table = markdown_table(["file", "reason"], [["Pro/bad|name.jpg", "not an image file\n(text)"]])
+    assert table.splitlines()[2] == "| Pro/bad\\|name.jpg | not an image file (text) |"

@@ -369,3 +369,17 @@ def test_a_shortcut_scored_on_other_images_is_not_set_beside_the_model(tmp_path:
     assert [row["name"] for row in _comparison(tmp_path, metrics, None)["rows"]] == ["this model (bloodnet)"]
     metrics["evaluation"]["split"] = "test"
     assert len(_comparison(tmp_path, metrics, None)["rows"]) == 2
+
+
+def test_drawing_the_report_s_figures_leaves_the_caller_s_matplotlib_backend_alone(tmp_path: Path) -> None:
+    """In a notebook, evaluate_model or build_report switched the process to Agg: no more inline plots."""
+    import subprocess
+    import sys
+
+    script = ("import matplotlib; from bloodcell.report import plots; import pandas as pd; "
+              "plots.plot_training_curves(pd.DataFrame({'epoch': [1, 2], 'train_loss': [1.0, 0.5], "
+              "'val_loss': [1.1, 0.6], 'train_accuracy': [0.5, 0.7], 'val_accuracy': [0.5, 0.6], "
+              f"'val_balanced_accuracy': [0.5, 0.6]}}), r'{tmp_path / 'curves.png'}'); print(matplotlib.get_backend())")  # fmt: skip
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**os.environ, "MPLBACKEND": "svg"}).stdout  # fmt: skip
+    assert shown.strip() == "svg" and (tmp_path / "curves.png").stat().st_size > 0

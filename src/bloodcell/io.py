@@ -73,6 +73,16 @@ def spreadsheet_safe(text: str) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
+def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table whose cells hold any text: a ``|`` in a file name (``bad|name.jpg``) would end its
+    cell and push the rest of the row into columns of its own, and a line break would end the table."""
+    def cell(value: object) -> str:
+        return " ".join(str(value).split("\n")).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+
+
 def probability_columns(classes: Sequence[str]) -> list[str]:
     """The column of each class's probability in every predictions table bloodcell writes: ``p_<class>``.
 

@@ -29,7 +29,7 @@ from bloodcell.data.splits import SPLIT_RULES, make_split, split_counts
 from bloodcell.errors import UserError
 from bloodcell.evaluate.metrics import balanced_accuracy, chance_level
 from bloodcell.explain.cell_masks import stained_cell_masks
-from bloodcell.io import atomic_write_json, atomic_write_text
+from bloodcell.io import atomic_write_json, atomic_write_text, markdown_table
 
 #: Written into audit.json; a stored audit of another format is run again (evaluation reads it).
 AUDIT_FORMAT = "bloodcell-audit/2"
@@ -487,12 +487,6 @@ def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: Sequence[
     return {"threshold": SEGMENTED_THRESHOLD, "classes": per_class, "statement": statement}
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
     """Render an audit report dict as Markdown (the file ``audit.md``)."""
     counts = report["split"]["counts"]
@@ -505,13 +499,13 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
             f"{report['accepted']} usable, {len(report['rejected'])} rejected. Manifest: `{report['manifest']}`."
         ),
         "## Images per class\n\n"
-        + _table(["class", "images"], [[name, n] for name, n in report["classes"].items()]),
+        + markdown_table(["class", "images"], [[name, n] for name, n in report["classes"].items()]),
         "## Image sizes\n\n"
-        + _table(["width x height", "images"], [[s, n] for s, n in report["image_sizes"].items()])
+        + markdown_table(["width x height", "images"], [[s, n] for s, n in report["image_sizes"].items()])
         + f"\n\nFile sizes: {report['bytes']['min']:,} to {report['bytes']['max']:,} bytes (median {report['bytes']['median']:,}).",
         "## Rejected files\n\n"
         + (
-            _table(["file", "reason"], [[r["path"], r["reason"]] for r in report["rejected"]])
+            markdown_table(["file", "reason"], [[r["path"], r["reason"]] for r in report["rejected"]])
             if report["rejected"]
             else "None."
         ),
@@ -521,7 +515,7 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
         f"{report['images_in_duplicate_groups']} images are in a duplicate group, "
         f"{report['cross_class_duplicate_groups']} groups span two classes. Splits keep every group on one side.\n\n"
         + (
-            _table(
+            markdown_table(
                 ["group", "kind", "classes", "files"],
                 [
                     [g["group"], g["kind"], ", ".join(g["classes"]), ", ".join(g["paths"])]
@@ -537,12 +531,12 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
             else ""
         ),
         f"## Session split (seed {report['split']['seed']})\n\n"
-        + _table(
+        + markdown_table(
             ["part", *classes, "total"],
             [[part, *[c[name] for name in classes], c["total"]] for part, c in counts.items()],
         ),
         "## Shortcut baselines\n\n"
-        + _table(
+        + markdown_table(
             ["features", "model", "balanced accuracy (test)", "chance", "verdict"],
             [
                 [
@@ -558,7 +552,7 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
         + f"\n\n{border['statement']}\n\n{stats['statement']}",
         "## Corner patches\n\n"
         f"Features: {report['corner_baselines']['feature']}, {report['corner_baselines']['model']}.\n\n"
-        + _table(
+        + markdown_table(
             ["corner", "balanced accuracy (test)", "verdict"],
             [
                 [corner, f"{100 * b['balanced_accuracy']:.1f} %", b["verdict"]]
@@ -572,7 +566,7 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
         sections.append(
             "## Segmented variant: how much of each image it keeps\n\n"
             f"A pixel is kept when a channel exceeds {coverage['threshold']} (its background is black).\n\n"
-            + _table(
+            + markdown_table(
                 ["class", "mean share of pixels kept", "images keeping under 2 %"],
                 [[name, f"{100 * c['mean']:.1f} %", f"{100 * c['under_2_percent']:.0f} %"]
                  for name, c in coverage["classes"].items()],
@@ -585,7 +579,7 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
             "## Stained cells: the masks of the Grad-CAM energy measure\n\n"
             "The pixels whose purple excess, (R + B) / 2 - G, falls in the top class of a three-class Otsu threshold "
             "(white cells and blasts under a Romanowsky stain; `bloodcell.explain.cell_masks`).\n\n"
-            + _table(
+            + markdown_table(
                 ["class", "mean share of pixels", "images under 2 %", "mask pixels inside the Segmented variant's"],
                 [[name, f"{100 * c['mean']:.1f} %", f"{100 * c['under_2_percent']:.0f} %",
                   "" if c["inside_segmented"] is None else f"{100 * c['inside_segmented']:.0f} %"]

@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib, Agg backend): readable at a glance, class names on the axes, the
+"""The report's figures (matplotlib figures made without pyplot, so the caller's backend, a notebook's
+inline one say, is left as it was): readable at a glance, class names on the axes, the
 headline number in every title.
 
 Every function takes plain data (arrays, dicts from ``metrics.json``, a history DataFrame) and a target
@@ -12,11 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: plots are files
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -29,11 +25,17 @@ DPI = 110
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 
 
+def new_figure(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes (``Figure.subplots``' arguments), drawn to files only: no pyplot, whose
+    ``matplotlib.use("Agg")`` switched the whole process's backend, and no figure left for it to close."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG atomically, close it, and return the path."""
+    """Write ``fig`` as a PNG atomically and return the path."""
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    plt.close(fig)
     return Path(path)
 
 
@@ -61,7 +63,7 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, note: str | No
     note: a line above the plots saying which run the curves are from.
     """
     history = history.dropna(axis="columns", how="all")
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_acc) = new_figure(1, 2, figsize=(10, 3.8))
     if note:
         fig.suptitle(note, fontsize=10)
     epoch = history["epoch"].to_numpy() if "epoch" in history else np.arange(1, len(history) + 1)
@@ -99,7 +101,7 @@ def plot_confusion_matrix(
     support = matrix.sum(axis=1, keepdims=True)
     # A class without images has no shares (blank, "no images"), not 0 %, which would read as 0 % recall.
     shares = np.divide(matrix, support, out=np.full(matrix.shape, np.nan), where=support > 0)
-    fig, ax = plt.subplots(figsize=(0.9 * len(classes) + 2.6, 0.9 * len(classes) + 1.4))
+    fig, ax = new_figure(figsize=(0.9 * len(classes) + 2.6, 0.9 * len(classes) + 1.4))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
@@ -121,7 +123,7 @@ def plot_roc_curves(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], aucs: Mapping[str, float | None], path: str | Path
 ) -> Path:
     """One-vs-rest ROC curve of every class, its AUC in the legend."""
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    fig, ax = new_figure(figsize=(5.2, 4.6))
     for k, (name, (fpr, tpr)) in enumerate(curves.items()):
         ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], lw=1.8, label=f"{name} (AUC {_fmt(aucs.get(name))})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
@@ -168,7 +170,7 @@ def plot_reliability(
 ) -> Path:
     """Reliability diagrams before and after temperature scaling, ECE and T in the titles."""
     panels = 2 if bins_after is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.4), squeeze=False)
+    fig, axes = new_figure(1, panels, figsize=(5 * panels, 4.4), squeeze=False)
     _reliability_panel(axes[0, 0], bins_before, f"Before temperature scaling (ECE {_fmt(ece_before)})")
     if bins_after is not None:
         _reliability_panel(axes[0, 1], bins_after, f"After, T = {temperature:.2f} (ECE {_fmt(ece_after)})")
@@ -182,7 +184,7 @@ def plot_robustness(robustness: Mapping[str, Any], path: str | Path, metric: str
     ``robustness`` is the ``robustness`` entry of ``metrics.json``: ``shifts`` maps a shift name to a list of
     per-severity dicts with ``severity`` and the metric.
     """
-    fig, ax = plt.subplots(figsize=(8.0, 4.4))
+    fig, ax = new_figure(figsize=(8.0, 4.4))
     markers = "osD^v<>p"
     scores = []
     for k, (name, rows) in enumerate(robustness["shifts"].items()):
@@ -215,7 +217,7 @@ def plot_shift_examples(image: np.ndarray, path: str | Path) -> Path:
     from bloodcell.evaluate.shifts import SEVERITIES, SEVERITY_NAMES, SHIFTS, apply_shift, describe_parameters
 
     names = list(SHIFTS)
-    fig, axes = plt.subplots(1 + len(SEVERITIES), len(names), figsize=(1.55 * len(names), 1.75 * (1 + len(SEVERITIES)) + 0.3),
+    fig, axes = new_figure(1 + len(SEVERITIES), len(names), figsize=(1.55 * len(names), 1.75 * (1 + len(SEVERITIES)) + 0.3),
                              squeeze=False)  # fmt: skip
     for c, name in enumerate(names):
         for r, severity in enumerate((0, *SEVERITIES)):
@@ -244,7 +246,7 @@ def plot_gradcam_grid(
     path: PNG to write; title: the figure title (e.g. with the sanity-check numbers).
     columns: panels per row; missing examples leave a labelled blank.
     """
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.3 * columns, 2.45 * len(rows) + 0.6), squeeze=False)
+    fig, axes = new_figure(len(rows), columns, figsize=(2.3 * columns, 2.45 * len(rows) + 0.6), squeeze=False)
     for r, (name, examples) in enumerate(rows):
         for c in range(columns):
             ax = axes[r, c]
@@ -274,7 +276,7 @@ def plot_model_comparison(rows: Sequence[Mapping[str, Any]], path: str | Path) -
 
     ``rows``: dicts with ``name``, ``balanced_accuracy`` and optionally ``balanced_accuracy_ci``.
     """
-    fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(rows) + 1.4))
+    fig, ax = new_figure(figsize=(6.5, 0.6 * len(rows) + 1.4))
     names = [r["name"] for r in rows]
     values = np.array([r["balanced_accuracy"] for r in rows], dtype=float)
     ax.barh(names, values, color=[PALETTE[k % len(PALETTE)] for k in range(len(rows))], alpha=0.85)

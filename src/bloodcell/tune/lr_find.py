@@ -32,7 +32,7 @@ import numpy as np
 
 from bloodcell.config import RunConfig
 from bloodcell.errors import UserError
-from bloodcell.io import atomic_path, atomic_write_json, atomic_write_text
+from bloodcell.io import atomic_write_json, atomic_write_text
 from bloodcell.machine import torch_settings_restored
 
 if TYPE_CHECKING:
@@ -283,12 +283,9 @@ def lr_find(
 
 def plot_lr_find(result: LRFindResult, target: str | Path) -> Path:
     """Loss against learning rate (log axis): raw batches faint, smoothed bold, the candidates marked."""
-    import matplotlib
+    from bloodcell.report.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = new_figure(figsize=(7, 4.5))
     axes.plot(result.lrs, result.losses, color="tab:blue", alpha=0.25, linewidth=1, label="batch loss")
     axes.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
     marks = [
@@ -312,10 +309,7 @@ def plot_lr_find(result: LRFindResult, target: str | Path) -> Path:
     axes.legend(loc="upper left", fontsize=8)
     axes.grid(True, which="major", alpha=0.3)
     figure.tight_layout()
-    with atomic_path(target) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
-    return Path(target)
+    return save_figure(figure, target)
 
 
 def save_lr_find(result: LRFindResult, out_dir: str | Path) -> LRFindResult:

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bloodcell.io import atomic_path, atomic_write_text
+from bloodcell.io import atomic_path, atomic_write_text, markdown_table
 from bloodcell.tune.search import trial_value
 
 
@@ -52,14 +52,13 @@ def trials_markdown(study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
     names = sorted({name for t in trials for name in t.params})
     header = ["trial", "state", "val balanced accuracy", "epochs", "minutes", *names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for t in trials:
         minutes = t.duration.total_seconds() / 60 if t.duration else float("nan")
         value = t.value if t.value is not None else float("nan")
         row = [t.number, t.state.name.lower(), value, len(t.intermediate_values), minutes]
-        row += [t.params.get(name, "") for name in names]
-        lines.append("| " + " | ".join(_format(v) for v in row) + " |")
-    return "\n".join(lines)
+        rows.append([_format(v) for v in row + [t.params.get(name, "") for name in names]])
+    return markdown_table(header, rows)
 
 
 def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
