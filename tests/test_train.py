@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -741,6 +742,30 @@ def test_a_run_killed_inside_a_checkpoint_swap_is_still_seen_as_complete(tmp_pat
     fit(tiny_config(train={"epochs": 1}), run, prepared=data, progress=False)
     (run / "checkpoints" / "last").rename(run / "checkpoints" / ".last.old")
     assert completed_epochs(run) == (1, None) and is_complete(run, 1) and len(saved_history(run)) == 1
+
+
+def test_a_resumed_run_s_card_keeps_the_command_that_started_it(tmp_path: Path, data, monkeypatch) -> None:
+    import sys
+
+    from bloodcell.models.card import load_card
+
+    def stop_at(last: int) -> Callable[[int, dict[str, float]], None]:
+        def stop(epoch: int, row: dict[str, float]) -> None:
+            if epoch == last:
+                raise KeyboardInterrupt
+        return stop
+
+    run, config = tmp_path / "run", tiny_config(train={"epochs": 3})
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "train", "--set", "train.epochs=3"])
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, run, prepared=data, progress=False, epoch_callback=stop_at(1))
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "train", "--resume", "run"])
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, run, prepared=data, progress=False, resume=True, epoch_callback=stop_at(2))
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "train", "--resume", "run", "--no-report"])
+    fit(config, run, prepared=data, progress=False, resume=True)  # twice resumed: the first command kept once
+    assert load_card(run / "checkpoints" / "last")[0].command == (
+        "bloodcell train --set train.epochs=3; resumed with: bloodcell train --resume run --no-report")
 
 
 def test_cli_rejects_a_bad_key_with_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -269,6 +269,7 @@ def fit(
         # whether a loss scaler skips the steps whose gradients overflow.
         precision = str(getattr(fabric.strategy.precision, "precision", resolve_precision(config.train)))
         scaled = getattr(fabric.strategy.precision, "scaler", None) is not None
+        command = _command_line(checkpoint_dir(run_dir, "last") if resume else None)
         if resume:
             state = _restore(run_dir, classifier, optimizer, data, schedule)
             log.info("resumed from %s at epoch %d", checkpoint_dir(run_dir, "last"), state.epoch)
@@ -382,7 +383,7 @@ def fit(
                     card = _card(config, classes, data, epoch, row, {
                         "device": str(fabric.device), "processes": fabric.world_size, "threads": threads,
                         "precision": precision,
-                    })  # fmt: skip
+                    }, command)  # fmt: skip
                     if improved:
                         save_checkpoint(checkpoint_dir(run_dir, "best"), classifier, card)
                     save_checkpoint(
@@ -765,8 +766,25 @@ def _trainer_json(state: LoopState, config: RunConfig, data: TrainingData, sched
     }
 
 
+#: Between the command that started a run and the one that last resumed it, in a card's ``command``.
+RESUMED_WITH = "; resumed with: "
+
+
+def _command_line(last: Path | None) -> str:
+    """This process's command line for the model card (passwords masked); for a resumed run, the command
+    that started it first (from the ``last`` checkpoint's card), as the resume command says little alone."""
+    import sys
+
+    from bloodcell.models.card import load_card
+
+    command = _without_passwords(" ".join(sys.argv))
+    started = load_card(last)[0].command if last is not None and (last / "card.json").is_file() else None
+    return f"{started.split(RESUMED_WITH)[0]}{RESUMED_WITH}{command}" if started else command
+
+
 def _card(
-    config: RunConfig, classes: list[str], data: TrainingData, epoch: int, row: dict[str, float], runtime: dict[str, Any]
+    config: RunConfig, classes: list[str], data: TrainingData, epoch: int, row: dict[str, float],
+    runtime: dict[str, Any], command: str,
 ) -> ModelCard:
     """The model card written beside each checkpoint's weights.
 
@@ -774,8 +792,6 @@ def _card(
     it: the same config and seed give bit-identical weights only with the same thread count, device and
     precision.
     """
-    import sys
-
     split = getattr(data, "split", None)
     counts = split["split"].value_counts().to_dict() if split is not None and "split" in split else {}
     return ModelCard(
@@ -786,7 +802,7 @@ def _card(
         input_size=int(data.images.shape[1]),
         normalize=config.normalize,
         config=config.model_dump(mode="json"),
-        command=_without_passwords(" ".join(sys.argv)),
+        command=command,
         manifest_sha256=data.manifest_sha256,
         split={
             "protocol": config.data.protocol, "seed": config.data.split_seed, "counts": counts,
