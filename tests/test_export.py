@@ -197,7 +197,7 @@ def test_an_on_the_fly_export_that_fails_its_check_is_one_line_and_exit_1(
 
 def test_the_bundled_model_exports_into_the_work_folder_not_the_package(tiny_model: Path) -> None:
     """An installed package may be read-only, and a file added to it outlives `pip uninstall`."""
-    from bloodcell.data.index import bloodcell_home
+    from bloodcell.io import bloodcell_home
     from bloodcell.models.card import bundled_model_dir
     from bloodcell.serve.export import default_onnx_path
 

@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def bloodcell_home() -> Path:
+    """The folder for work files (datasets' indexes and caches, exported ONNX files, downloads):
+    ``$BLOODCELL_HOME``, default ``~/.cache/bloodcell``."""
+    return Path(os.environ.get("BLOODCELL_HOME") or Path.home() / ".cache" / "bloodcell").expanduser()
+
+
 def _default_file_mode() -> int:
     # mkstemp creates 0600 files; results get the permissions a plain open() would give (0666 & ~umask).
     # Read once at import: os.umask can only be read by setting it, which is not thread-safe.

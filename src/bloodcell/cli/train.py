@@ -108,9 +108,8 @@ def train_command(
             run_config = load_config(config, [*extra, override("data.root", data.resolve())])
         if data is None:
             raise UserError("pass --data DATA (the dataset folder), set data.root in the config, or --resume RUN")
-        if not data.is_dir():  # before a run folder is made or anything is announced
-            raise UserError(f"dataset folder not found: {data}" if not data.exists() else f"{data}: not a folder")
-        find_dataset(data, run_config.data.variant, run_config.data.class_names)  # empty, no class folders
+        # Before a run folder is made or anything is announced: missing, not a folder, empty, no class folders.
+        find_dataset(data, run_config.data.variant, run_config.data.class_names)
         if run_config.model.weights and not Path(run_config.model.weights).exists():  # before any folder is made
             raise UserError(f"initial weights not found: {run_config.model.weights} (--weights, model.weights)")
         run_dir = out if out is not None else Path("runs") / run_config.name

@@ -35,7 +35,7 @@ def default_cache_dir() -> Path:
     """Where datasets go when no ``--cache`` is given: ``$KAGGLEHUB_CACHE`` if set, else ``$BLOODCELL_HOME/kaggle``."""
     if os.environ.get(_KAGGLEHUB_CACHE_ENV):
         return Path(os.environ[_KAGGLEHUB_CACHE_ENV]).expanduser()
-    from bloodcell.data.index import bloodcell_home
+    from bloodcell.io import bloodcell_home
 
     return bloodcell_home() / "kaggle"
 

@@ -33,7 +33,7 @@ from scipy.sparse.csgraph import connected_components
 from bloodcell.data.decode import DECODER_VERSION, MAX_FILE_BYTES, ImageError, open_rgb, squashed_note
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
-from bloodcell.io import atomic_path, sha256_file, write_text_if_changed
+from bloodcell.io import atomic_path, bloodcell_home, sha256_file, write_text_if_changed
 from bloodcell.machine import available_cores
 from bloodcell.notices import warn_once
 
@@ -93,11 +93,6 @@ class IndexResult:
     summary: dict[str, Any]
     dataset: Dataset
     manifest_sha256: str
-
-
-def bloodcell_home() -> Path:
-    """The folder for work files: ``$BLOODCELL_HOME``, default ``~/.cache/bloodcell``."""
-    return Path(os.environ.get("BLOODCELL_HOME") or Path.home() / ".cache" / "bloodcell").expanduser()
 
 
 def dataset_workdir(root: str | Path, variant: str) -> Path:

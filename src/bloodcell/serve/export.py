@@ -190,7 +190,7 @@ def default_onnx_path(model_path: str | Path | None) -> Path:
 
 def cached_onnx_path(model_dir: Path) -> Path:
     """``$BLOODCELL_HOME/onnx/<weights hash>/model.onnx``: an export kept in the work folder, by its weights."""
-    from bloodcell.data.index import bloodcell_home
+    from bloodcell.io import bloodcell_home
 
     return bloodcell_home() / "onnx" / sha256_file(model_dir / WEIGHTS_FILE)[:16] / ONNX_FILE
 
