@@ -679,6 +679,24 @@ def test_hash_like_names_are_said_to_carry_no_capture_order(caplog: pytest.LogCa
     assert "share no name stem" not in caplog.text
 
 
+def test_a_slide_number_last_in_the_names_is_said_to_be_no_capture_order(caplog: pytest.LogCaptureFixture) -> None:
+    """field7_slide3.jpg: the number the split orders by is the slide's, each "series" holds the few slides of
+    one field, and every block mixes the slides, without a word before."""
+    names = [f"Benign/field{f}_slide{s}.png" for f in range(1, 13) for s in range(1, 5)]
+    manifest = pd.DataFrame({"path": names, "rejected": False,
+                             "capture": [index_module.parse_capture(n)[0] for n in names]})  # fmt: skip
+    with caplog.at_level("WARNING"):
+        index_module._warn_of_names_without_numbers(manifest, Path("fields"))
+    assert "lie in name series of 5 files or fewer (Benign/field1_slide: 4 files)" in caplog.text
+    assert "sub-folder of their class folder" in caplog.text
+    caplog.clear()
+    sessions = [f"Benign/P{p:02d}_{k:03d}.png" for p in range(4) for k in range(20)]  # series of 20: fine
+    manifest = pd.DataFrame({"path": sessions, "rejected": False, "capture": [int(n[-7:-4]) for n in sessions]})
+    with caplog.at_level("WARNING"):
+        index_module._warn_of_names_without_numbers(manifest, Path("sessions"))
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize(
     ("planar", "dtype", "compression", "refused"),
     [

@@ -69,6 +69,8 @@ _FILE_FACTS: tuple[str, ...] = ("sha256", "phash", "width", "height", "rejected"
 _STAT_COLUMNS: tuple[str, ...] = ("bytes", "mtime_ns", "ctime_ns", "inode")
 #: The order the manifest's rows are written in (and kfold numbers its groups in).
 MANIFEST_ORDER: list[str] = ["label", "capture", "copy", "path"]
+#: Name series this short are read as a number that is no capture order (see _warn_of_names_without_numbers).
+FEW_IN_A_SERIES = 5
 _COPY_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\((?P<copy>\d+)\)$")
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
@@ -468,11 +470,24 @@ def _warn_of_names_without_numbers(manifest: pd.DataFrame, top: Path) -> None:
         return
     # Names like hashes hold digits too, but every file is then a series of its own (capture_series):
     # no numbering to follow either.
-    alone = int((accepted["path"].map(capture_series).value_counts() == 1).sum())
+    sizes = accepted["path"].map(capture_series).value_counts()
+    alone = int((sizes == 1).sum())
     if alone > len(accepted) / 2:
         warn_once(log, "%d of the %d images of %s share no name stem with another (hash-like names?): their "
                   "numbers are no capture order, so the session split's blocks need not be sessions (name files "
                   "in capture order, as cameras do, for blocks that are)", alone, len(accepted), top)  # fmt: skip
+        return
+    # A number that is no capture order comes last in names like field7_slide3.jpg: each "series" (field7_slide)
+    # then holds a few files, one a slide, and every block mixes the slides.
+    few = sizes[(sizes > 1) & (sizes <= FEW_IN_A_SERIES)]
+    if alone + int(few.sum()) > len(accepted) / 2 and len(few):
+        example = str(few.index[0])
+        warn_once(log, "most of the %d images of %s lie in name series of %d files or fewer (%s: %d files): each "
+                  "series is put in the order of the last number in its names, so where that number is no capture "
+                  "order (a slide or patient number last, as in field7_slide3.jpg) the session split's blocks need "
+                  "not be sessions; put each patient's or slide's images in a sub-folder of their class folder "
+                  "(kept whole by every split), or name files so the capture number comes last", len(accepted), top,
+                  FEW_IN_A_SERIES, example, int(few.iloc[0]))  # fmt: skip
 
 
 def _warn_of_cross_class_duplicates(manifest: pd.DataFrame, shown: int = 3, members_shown: int = 4) -> None:
