@@ -611,3 +611,53 @@ def test_a_class_smaller_than_the_folds_gets_no_raw_scikit_learn_warning() -> No
         warnings.simplefilter("always")
         make_split(synthetic_manifest((40, 2)), "random", 0)
     assert not [w for w in caught if "least populated" in str(w.message)]
+
+
+def manifest_of_folders(layout: dict[str, list[tuple[str, int]]]) -> pd.DataFrame:
+    """Classes of named sub-folders (``""``: loose files in the class folder) with given image counts."""
+    per_class = tuple(sum(n for _, n in folders) for folders in layout.values())
+    manifest = synthetic_manifest(per_class)
+    for label, folders in enumerate(layout.values()):
+        rows = manifest.index[manifest["label"] == label]
+        paths = [f"{CLASSES[label]}/{folder + '/' if folder else ''}img_{k:03d}.jpg" for folder, n in folders
+                 for k in range(1, n + 1)]  # fmt: skip
+        manifest.loc[rows, "path"] = paths
+        manifest.loc[rows, "capture"] = [int(path[-7:-4]) for path in paths]
+    return manifest
+
+
+def test_three_patients_a_class_still_leave_one_to_train_on() -> None:
+    """Another patient's images beside a held-out one are no capture-order neighbours: the embargo between
+    them emptied the training part (train 0, val 24, test 24)."""
+    manifest = manifest_of_folders({"b": [("p1", 12), ("p2", 8), ("p3", 12)], "e": [("q1", 12), ("q2", 8), ("q3", 12)]})
+    for seed in range(4):
+        split = make_split(manifest, "session", seed)
+        assert (split.groupby("class")["split"].apply(lambda parts: (parts == "train").sum()) > 0).all(), seed
+        assert (parts_of_each_sub_folder(split) == 1).all()
+
+
+def test_loose_files_beside_a_large_sub_folder_still_make_blocks_of_their_own() -> None:
+    """One patient of 100 images and 40 loose files: the loose ones share the blocks left, and a held-out
+    patient leaves them to train on."""
+    manifest = manifest_of_folders({"b": [("p1", 100), ("", 40)], "e": [("", 140)]})
+    for seed in range(5):
+        split = make_split(manifest, "session", seed)
+        benign = split[split["class"] == CLASSES[0]]
+        assert benign["block"].nunique() == 7 and (benign["split"] == "train").sum() > 0, seed
+        assert benign.loc[benign["path"].str.contains("/p1/"), "split"].nunique() == 1
+
+
+def test_patients_inside_one_folder_that_holds_the_whole_class_are_kept_whole() -> None:
+    """Benign/all/p1/...: the folder shared by every file tells no one apart, its sub-folders do."""
+    manifest = manifest_of_folders({"b": [(f"all/p{k}", 15) for k in range(1, 6)], "e": [(f"q{k}", 15) for k in range(1, 6)]})
+    for protocol in PROTOCOLS:
+        split = make_split(manifest, protocol, 0, folds=3, embargo=2)
+        assert (parts_of_each_sub_folder(split) == 1).all(), protocol
+
+
+def test_too_few_sub_folders_for_the_folds_say_what_helps() -> None:
+    manifest = manifest_of_folders({"b": [("p1", 30), ("p2", 30)], "e": [("q1", 30), ("q2", 30)]})
+    with pytest.raises(UserError, match=r"sub-folders \(4, each kept whole in one block\) bound the blocks"):
+        make_split(manifest, "kfold", 0, block_size=5)
+    with pytest.raises(UserError, match=r"the sub-folders \(4, each kept whole\) are too few.*--test-fraction"):
+        make_split(manifest, "random", 0)

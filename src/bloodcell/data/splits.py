@@ -78,34 +78,53 @@ def _capture_order(split: pd.DataFrame) -> pd.DataFrame:
 
 
 def sub_folders(rows: pd.DataFrame) -> pd.Series:
-    """The sub-folder of its class folder each row lies in (``Benign/patient07/slide2/img_3.jpg`` ->
-    ``Benign/patient07``: the outermost, the patient rather than the slide), kept whole by every split; NaN
-    for a file directly in its class folder, and for every file of a class whose files all lie in one
-    sub-folder (a folder such as ``Benign/jpg/``, which tells no patient apart)."""
-    folder = rows["path"].map(lambda path: "/".join(PurePosixPath(str(path)).parts[:2])
-                              if len(PurePosixPath(str(path)).parts) > 2 else None)  # fmt: skip
-    folder = folder.astype(object)
-    for _, members in folder.groupby(rows["class"] if "class" in rows else rows["label"], sort=False):
-        if members.notna().all() and members.nunique() == 1:
-            folder[members.index] = None
-    return folder
+    """The sub-folder each row lies in below what all the files of its class share (``Benign/patient07/
+    slide2/img_3.jpg`` -> ``Benign/patient07``: the outermost, the patient rather than the slide; under
+    ``Benign/all/patient07/...``, ``Benign/all/patient07``), kept whole by every split. NaN for a file
+    directly in that shared folder, so for every file of a class kept all in one folder of files (one such
+    folder tells no patient apart: its files are split as if they lay loose in the class folder)."""
+    parts = [PurePosixPath(str(path)).parts for path in rows["path"]]
+    classes = (rows["class"] if "class" in rows else rows["label"]).to_numpy()
+    folder = np.full(len(rows), None, dtype=object)
+    for name in pd.unique(classes):
+        at = np.flatnonzero(classes == name)
+        members = [parts[k] for k in at]
+        depth = 1  # a path's first part is its class folder
+        while all(len(p) > depth + 1 for p in members) and len({p[: depth + 1] for p in members}) == 1:
+            depth += 1  # every file lies deeper in one and the same folder (Benign/all/): look inside it
+        folder[at] = ["/".join(p[: depth + 1]) if len(p) > depth + 1 else None for p in members]
+    return pd.Series(folder, index=rows.index, dtype=object)
 
 
-def _allowed_cuts(folders: pd.Series) -> np.ndarray:
-    """Positions (1..n-1, in capture order) where a block may begin: not inside a sub-folder."""
-    values = folders.to_numpy(dtype=object)
-    inside = np.array([pd.notna(a) and a == b for a, b in zip(values[:-1], values[1:], strict=True)], dtype=bool)
-    return np.flatnonzero(~inside) + 1
+def _unit_sizes(folders: pd.Series) -> list[int]:
+    """The sizes of the runs (in capture order) that a block may not cut: a sub-folder's files, or one loose
+    file."""
+    sizes: list[int] = []
+    previous: object = None
+    for folder in folders.to_numpy(dtype=object):
+        if sizes and pd.notna(folder) and folder == previous:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+        previous = folder
+    return sizes
 
 
-def _block_starts(n_images: int, n_blocks: int, allowed: np.ndarray) -> list[int]:
-    """Where each block begins: the equal cut of ``np.array_split``, each cut moved to the nearest allowed
-    position (the lower one on a tie), cuts that meet merged. With every position allowed, the equal cut."""
-    equal = np.cumsum([len(part) for part in np.array_split(np.arange(n_images), n_blocks)])[:-1]
-    if len(allowed) == 0:
-        return [0]
-    nearest = {int(allowed[np.argmin(np.abs(allowed - cut))]) for cut in equal}
-    return [0, *sorted(nearest)]
+def _block_starts(units: list[int], n_blocks: int) -> list[int]:
+    """Where each of ``n_blocks`` blocks begins, the ``units`` (sizes, in capture order) kept whole: each
+    block takes units until it holds its share of what is left (the images left over the blocks left, so a
+    unit larger than a share is a block of its own and the rest share the blocks left), leaving a unit for
+    each block to come. With units of one image, ``np.array_split``'s equal cut."""
+    starts, position, index, blocks_left = [], 0, 0, n_blocks
+    while index < len(units):
+        starts.append(position)
+        share, size = sum(units[index:]) / blocks_left, 0
+        while index < len(units) and (size == 0 or (size < share and len(units) - index > blocks_left - 1)):
+            size += units[index]
+            position += units[index]
+            index += 1
+        blocks_left = max(1, blocks_left - 1)
+    return starts
 
 
 def _blocks_per_class(n_images: int, block_size: int, min_blocks: int) -> int:
@@ -135,7 +154,7 @@ def session_blocks(split: pd.DataFrame, block_size: int = 40, min_blocks: int = 
     for _, rows in ordered.groupby("label", sort=True):
         n_blocks = _blocks_per_class(len(rows), block_size, min_blocks)
         starts = np.zeros(len(rows), dtype=np.int64)
-        starts[_block_starts(len(rows), n_blocks, _allowed_cuts(folders[rows.index]))] = 1
+        starts[_block_starts(_unit_sizes(folders[rows.index]), n_blocks)] = 1
         index = np.cumsum(starts) - 1
         name = rows["class"].iloc[0]
         result.loc[rows.index, "block_index"] = index
@@ -210,8 +229,9 @@ def _draw_whole_units(order: list[int], free: set[int], wanted: int, unit: Calla
     return chosen
 
 
-def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
-    """Fold number of each row from sklearn's StratifiedGroupKFold (shuffled with ``seed``)."""
+def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, advice: str) -> np.ndarray:
+    """Fold number of each row from sklearn's StratifiedGroupKFold (shuffled with ``seed``); ``advice`` says
+    what helps when the groups are too few for the folds."""
     folds = np.full(len(labels), -1)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     try:
@@ -220,20 +240,32 @@ def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int
             for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
                 folds[held] = k
     except ValueError as error:  # sklearn's words for "a class has fewer groups than folds"
-        raise UserError(f"cannot cut {n_splits} stratified folds from these images ({error}); use fewer folds, "
-                        "smaller session blocks or more images") from None  # fmt: skip
+        raise UserError(f"cannot cut {n_splits} stratified folds from these images ({error}); {advice}") from None
     return folds
+
+
+def _kfold_advice(blocked: pd.DataFrame) -> str:
+    """What gives kfold more groups: smaller blocks, unless the sub-folders (kept whole) bound them."""
+    folders = sub_folders(blocked)
+    if folders.notna().any():
+        return (f"the class folders' sub-folders ({folders.nunique()}, each kept whole in one block) bound the blocks: "
+                "use fewer folds (--folds) or add images or sub-folders")  # fmt: skip
+    return "use fewer folds (--folds), smaller session blocks (--block-size) or more images"
 
 
 def _assign_random(blocked: pd.DataFrame, seed: int, val_fraction: float, test_fraction: float) -> pd.Series:
     """Stratified image-level split that keeps duplicate groups and sub-folders whole."""
     labels = blocked["label"].to_numpy()
-    groups = _joined_groups(blocked, [blocked["dup_group"], sub_folders(blocked)])
-    test = _stratified_group_fold(labels, groups, max(2, round(1 / test_fraction)), seed) == 0
+    folders = sub_folders(blocked)
+    groups = _joined_groups(blocked, [blocked["dup_group"], folders])
+    # The fold counts follow the fractions (1/k each); whole sub-folders or duplicate groups may be too few.
+    advice = (f"the sub-folders ({folders.nunique()}, each kept whole) are too few: " if folders.notna().any() else
+              "") + "hold out larger shares (--test-fraction, --val-fraction) or add images"  # fmt: skip
+    test = _stratified_group_fold(labels, groups, max(2, round(1 / test_fraction)), seed, advice) == 0
     rest = np.flatnonzero(~test)
     val_splits = max(2, round((1 - test_fraction) / val_fraction))
     val = np.zeros(len(labels), dtype=bool)
-    val[rest[_stratified_group_fold(labels[rest], groups[rest], val_splits, seed + 1) == 0]] = True
+    val[rest[_stratified_group_fold(labels[rest], groups[rest], val_splits, seed + 1, advice) == 0]] = True
     # Whole folds of 1/k each: a fraction that is no such share is rounded to the nearest one (0.4 -> 1/2).
     shares = {"test": float(test.mean()), "validation": float(val.mean())}
     asked = {"test": test_fraction, "validation": val_fraction}
@@ -341,16 +373,26 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
     if embargo <= 0:
         return result
     capped = []
-    for label, rows in result.groupby("label", sort=True):
-        held = np.sort(rows.loc[rows["split"].isin(("val", "test")), "position"].to_numpy())
-        train = rows[rows["split"] == "train"]
-        if len(held) == 0 or len(train) == 0:
+    # Capture order joins files of one sub-folder (a patient, a slide) only, and loose files among
+    # themselves: another patient's images beside a held-out one are no neighbours of it.
+    segments = sub_folders(result).fillna("").to_numpy()
+    labels, parts, positions = result["label"].to_numpy(), result["split"].to_numpy(), result["position"].to_numpy()
+    marked = parts.copy()
+    for label in np.unique(labels):
+        in_class = labels == label
+        held_out, train = in_class & np.isin(parts, ("val", "test")), in_class & (parts == "train")
+        if not held_out.any() or not train.any():
             continue
+        rows = result[in_class]
         own = effective_embargo(embargo, rows)
         if own < embargo:
             capped.append(f"{rows['class'].iloc[0] if 'class' in rows else label} {own}")
-        distance = _distance_to_nearest(train["position"].to_numpy(), held)
-        result.loc[train.index[distance <= own], "split"] = "embargo"
+        for segment in np.unique(segments[train]):
+            held = np.sort(positions[held_out & (segments == segment)])
+            members = np.flatnonzero(train & (segments == segment))
+            if len(held):
+                marked[members[_distance_to_nearest(positions[members], held) <= own]] = "embargo"
+    result["split"] = marked
     if capped:
         warn_once(log, "the embargo beside held-out blocks is less than %d images where a class's blocks are small "
                   "(half its smallest block): %s", embargo, ", ".join(capped))  # fmt: skip
@@ -456,8 +498,8 @@ def make_split(
     else:
         groups = _block_and_duplicate_groups(blocked)
         if len(np.unique(groups)) < folds:
-            raise UserError(f"only {len(np.unique(groups))} session blocks: too few for {folds} folds")
-        blocked["fold"] = _stratified_group_fold(blocked["label"].to_numpy(), groups, folds, seed)
+            raise UserError(f"only {len(np.unique(groups))} session blocks: too few for {folds} folds; {_kfold_advice(blocked)}")
+        blocked["fold"] = _stratified_group_fold(blocked["label"].to_numpy(), groups, folds, seed, _kfold_advice(blocked))
         blocked["split"] = np.where(blocked["fold"] == fold, "val", "train")
     blocked = keep_duplicate_groups_together(blocked)
     if protocol != "random":  # an image-level random split is leaky by design; no embargo pretends otherwise
