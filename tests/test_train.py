@@ -720,13 +720,19 @@ def test_another_tool_s_folder_with_a_config_and_checkpoints_is_never_overwritte
     with pytest.raises(UserError, match=r"checkpoints/ holds files that are not a run's \(model_epoch50.pt\)"):
         fit(tiny_config(train={"epochs": 1}), other, prepared=data, progress=False)
     assert (other / "checkpoints" / "model_epoch50.pt").read_text() == "precious"
+    # Hidden files beside an unfinished epoch's checkpoints (Finder's, NFS's) do not make them someone else's.
+    (other / "checkpoints" / "model_epoch50.pt").unlink()
+    (other / "checkpoints" / ".DS_Store").write_text("")
+    (other / "checkpoints" / "best").mkdir()
+    fit(tiny_config(train={"epochs": 1}), other, prepared=data, progress=False)
 
 
 def test_a_resume_removes_the_temporary_files_a_killed_run_left(tmp_path: Path, data) -> None:
     run = tmp_path / "run"
     fit(tiny_config(train={"epochs": 1}), run, prepared=data, progress=False)
     stale = [run / ".trained-on.sha256.1p_qfx_v.sha256", run / ".history.csv.abcd_123.csv"]
-    kept = [run / ".notes.txt", run / ".gitkeep"]  # not ours: hidden files of the user's stay
+    kept = [run / ".notes.txt", run / ".gitkeep",  # not ours: hidden files of the user's stay, backups too
+            run / ".config.yaml.original", run / ".history.csv.20240612", run / ".train.log.backup_1"]  # fmt: skip
     for path in stale + kept:
         path.write_text("x")
     fit(tiny_config(train={"epochs": 1}), run, prepared=data, progress=False, resume=True)
@@ -1035,22 +1041,27 @@ def test_train_log_names_the_precision_that_ran(tmp_path: Path, data) -> None:
     assert f"precision {ran}," in (tmp_path / "run" / "train.log").read_text()
 
 
+TORCHRUN_4 = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"}
+
+
 @pytest.mark.parametrize(("env", "devices", "said"), [
     ({}, None, "continue with: bloodcell train --resume runs/r\n"),
     ({}, "2", "continue with: bloodcell train --resume runs/r --devices 2\n"),
-    ({"WORLD_SIZE": "4"}, None, "--resume runs/r (launched as this run was, in 4 processes)"),
-    ({"RANK": "1", "WORLD_SIZE": "4"}, None, None),  # said by the first process only
+    (TORCHRUN_4, None, "--resume runs/r (launched as this run was, in 4 processes)"),
+    ({"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "bash"}, None, "--resume runs/r\n"),  # salloc's shell: one process
+    ({**TORCHRUN_4, "RANK": "1"}, None, None),  # said by the first process only
 ])  # fmt: skip
 def test_an_interrupted_run_says_how_to_resume_it_in_as_many_processes(
     monkeypatch: pytest.MonkeyPatch, capsys, env: dict[str, str], devices: str | None, said: str | None
 ) -> None:
     from bloodcell.cli.train import _say_how_to_resume
 
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS"):
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME",
+                 "TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    _say_how_to_resume(Path("runs/r"), devices)
+    _say_how_to_resume(Path("runs/r"), tiny_config(), devices)
     err = capsys.readouterr().err
     assert (said in err) if said else err == ""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -119,7 +118,7 @@ def train_command(
     try:
         result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
     except KeyboardInterrupt:
-        _say_how_to_resume(run_dir, devices)
+        _say_how_to_resume(run_dir, run_config, devices)
         raise
     if not result.is_main_process:
         return
@@ -166,16 +165,19 @@ def train_command(
         typer.echo(f"report: {report_path}")
 
 
-def _say_how_to_resume(run_dir: Path, devices: str | None) -> None:
+def _say_how_to_resume(run_dir: Path, run_config: RunConfig, devices: str | None) -> None:
     """The command that continues an interrupted run, said once (by the first process): with the processes it
     ran in, since a resume in another number of them is refused."""
     from bloodcell.train.run import _is_first_process
+    from bloodcell.train.setup import launch_topology
 
     if not _is_first_process():
         return
-    launched = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    per_node, nodes = launch_topology(run_config.train)  # torchrun's or srun's processes, else the config's
+    by_launcher = (per_node, nodes) != (run_config.train.devices, 1)
+    launched = (per_node if isinstance(per_node, int) else 1) * nodes
     command = f"bloodcell train --resume {run_dir}" + (f" --devices {devices}" if devices is not None else "")
-    how = f" (launched as this run was, in {launched} processes)" if launched > 1 and devices is None else ""
+    how = f" (launched as this run was, in {launched} processes)" if by_launcher and launched > 1 else ""
     warning_line(f"interrupted; continue with: {command}{how}")
 
 

@@ -114,8 +114,8 @@ def remove_unfinished_checkpoints(run_dir: Path) -> None:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return
-    ours = {"best", "last", ".best.tmp", ".last.tmp", ".best.old", ".last.old"}
-    other = sorted(entry.name for entry in folder.iterdir() if entry.name not in ours)
+    ours = {"best", "last"}  # and hidden entries: the swap's staging folders, .DS_Store, NFS's .nfs files
+    other = sorted(entry.name for entry in folder.iterdir() if entry.name not in ours and not entry.name.startswith("."))
     if other:
         raise UserError(f"--out {run_dir}: its checkpoints/ holds files that are not a run's ({', '.join(other[:3])}); "
                         "give a new or empty folder")  # fmt: skip
@@ -123,8 +123,8 @@ def remove_unfinished_checkpoints(run_dir: Path) -> None:
 
 
 #: A temporary file of :func:`bloodcell.io.atomic_path` (``.config.yaml.k3j_x9ab.yaml``): mkstemp's 8 random
-#: characters between the target's name and its suffix.
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}(\.[^.]*)?$")
+#: characters between the target's name and its suffix (the target's own).
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]+)$")
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -136,7 +136,8 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             continue
         for entry in folder.iterdir():
             match = _TEMPORARY.match(entry.name)
-            if match and entry.is_file() and not entry.is_symlink() and _is_run_file(match["target"]):
+            if (match and match["suffix"] == Path(match["target"]).suffix and entry.is_file() and not entry.is_symlink()
+                    and _is_run_file(match["target"])):  # fmt: skip
                 entry.unlink(missing_ok=True)
 
 
