@@ -138,7 +138,10 @@ def test_demo_json_and_custom_samples(tiny_model: Path, tmp_path: Path) -> None:
     assert sorted(r["true_class"] for r in payload["results"]) == sorted([*CLASSES, *CLASSES, "Pro-B"])
     overlays = [r["overlay"] for r in payload["results"]]
     assert all(Path(o).is_file() for o in overlays) and len(set(overlays)) == 9  # a shared name: two overlays
-    assert Path(payload["report"]).is_file()
+    # Another model and one's own images: neither the bundled model's limitations nor Aria's citation.
+    html = Path(payload["report"]).read_text(encoding="utf-8")
+    assert "Images: the class folders given with" in html and "Taleqani" not in html and "DOI" not in html
+    assert "Trained on the images of one folder" in html  # the tiny model's card records no Aria data
     # Again into the same folder with fewer samples: the overlays of the first run's other images go, and a
     # file `bloodcell explain` wrote there (named alike) stays.
     (tmp_path / "o" / "overlays" / "my-smear.gradcam.png").write_bytes(b"the user's")

@@ -180,6 +180,27 @@ def test_split_all_on_another_copy_of_the_dataset(run: Path, metrics: dict, tmp_
     assert re.fullmatch(r"copy-[0-9a-f]{8}-all", Path(result["out_dir"]).name)
 
 
+def test_a_model_trained_with_class_names_on_a_folder_of_some_of_them(run: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A model trained with --classes asked every one of its names of the folders: a folder of some of them
+    (and one it does not know) failed, as a model without names no longer does."""
+    import shutil
+
+    named = tmp_path / "named"
+    shutil.copytree(run / "checkpoints" / "best", named)
+    card = json.loads((named / "card.json").read_text())
+    card["config"]["data"]["class_names"] = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+    (named / "card.json").write_text(json.dumps(card))
+    other = make_aria_dataset(tmp_path / "copy", per_class=12, size=48, seed=6, segmented=False) / "Original"
+    lab = tmp_path / "lab"
+    for source, name in (("Benign", "Benign"), ("Pro", "Pro-B"), ("Pre", "other")):
+        shutil.copytree(other / source, lab / name)
+    with caplog.at_level("WARNING"):
+        result = evaluate_model(named, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
+    assert [name for name, row in result["per_class"].items() if row["support"]] == ["Benign", "Pro-B"]
+    assert result["data"]["folders_left_out"] == {"other": 12} and "no folder holds Early Pre-B, Pre-B" in caplog.text
+
+
 def test_another_labs_folders_with_one_class_the_model_lacks(run: Path, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """Folders named the lab's way, and a "normal/" class the model does not know: the model's classes are
@@ -475,13 +496,19 @@ def test_cli_explain_with_only_a_model_is_a_user_error(run: Path) -> None:
 
 def test_results_of_a_model_outside_a_run_go_under_evaluations_once(run: Path, tmp_path: Path) -> None:
     from bloodcell.evaluate.runner import default_out_dir
+    from bloodcell.models.card import bundled_model_dir
 
     _, card = load_model(run)
     model_dir = tmp_path / "model"  # a model folder that is not inside a run
     model_dir.mkdir()
     digest = hashlib.sha256(str(Path("aria").resolve()).encode()).hexdigest()[:8]
-    assert default_out_dir(model_dir, card, "test", True, Path("aria")) == Path("evaluations") / card.name
-    assert default_out_dir(model_dir, card, "val", True, Path("aria")) == Path("evaluations") / card.name / f"aria-{digest}-val"
+    # Named with a hash of the model folder's path: a model of one's own named "default", as every model of
+    # the default config is, wrote over the bundled model's results.
+    own = Path("evaluations") / f"{card.name}-{hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:8]}"
+    assert default_out_dir(model_dir, card, "test", True, Path("aria")) == own
+    assert default_out_dir(model_dir, card, "val", True, Path("aria")) == own / f"aria-{digest}-val"
+    bundled = bundled_model_dir()
+    assert default_out_dir(bundled, card, "val", False, Path("aria")) == Path("evaluations") / card.name / f"aria-{digest}-val"
     best = run / "checkpoints" / "best"
     assert default_out_dir(best, card, "test", True, Path("aria")) == run  # its own test part: the run itself
     assert default_out_dir(best, card, "val", True, Path("aria")) == run / "evaluations" / f"aria-{digest}-val"

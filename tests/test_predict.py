@@ -19,7 +19,7 @@ from bloodcell.errors import UserError
 from bloodcell.evaluate.tta import tta_views
 from bloodcell.models import load_model
 from bloodcell.probabilities import softmax_with_temperature
-from bloodcell.serve.common import expand_inputs
+from bloodcell.serve.common import _glob, expand_inputs
 from bloodcell.serve.predictor import TorchPredictor
 from conftest import child_env
 from serve_support import TINY_SIZE, TINY_TEMPERATURE, cell_jpeg, write_images
@@ -150,9 +150,17 @@ def test_a_glob_under_a_folder_named_with_brackets(tiny_model: Path, slides: Pat
     assert [p.name for p in expand_inputs([str(escaped)]).files] == ["cell-000.jpg", "cell-001.jpg"]
     result = run("predict", "-m", str(tiny_model), str(folder / "cell-001*"), "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["n_files"] == 1, result.output
-    # Brackets that name no folder: the error says how to write them.
+    # Brackets that name no folder: the error says how to write them, with the user's own brackets.
     result = run("predict", "-m", str(tiny_model), str(tmp_path / "Blood cell Cancer [B]" / "*.jpg"), "--json")
-    assert "'[' and ']' enclose a glob class: write '[[]ALL]'" in json.loads(result.stdout)["results"][0]["error"]
+    assert ("for a folder named 'Blood cell Cancer [B]', write '[[]B]' for '[B]'"
+            in json.loads(result.stdout)["results"][0]["error"])  # fmt: skip
+    # ... but not when the folder exists as written (it was tried so) and holds no match, nor for a file class.
+    for pattern in (folder / "*.png", slides / "cell-00[7-9].jpg"):
+        error = json.loads(run("predict", "-m", str(tiny_model), str(pattern), "--json").stdout)["results"][0]["error"]
+        assert error == "a pattern that matches no image file", pattern
+    # A pattern for folders only: the class reading's match of a file does not stop the literal retry.
+    (tmp_path / "Blood cell Cancer A" / "z.jpg").write_bytes(b"")
+    assert [p.name for p in _glob(str(tmp_path / "Blood cell Cancer [ALL]" / "*") + "/")] == ["Benign"]
 
 
 def test_predict_csv_with_corrupt_file(tiny_model: Path, slides: Path, tmp_path: Path) -> None:

@@ -335,6 +335,10 @@ def test_the_model_card_tells_a_model_trained_on_aria(tmp_path: Path) -> None:
     assert trained_on_aria(moved, {"data": {"same_as_training": True}, "data_audit": {"layout": "aria"}})
     aria = make_aria_dataset(tmp_path / "aria", per_class=2, size=48, segmented=False)
     assert trained_on_aria({"config": {"data": {"root": str(aria)}}}, other_data)
+    # A card that records the layout is read by it, wherever the folder is now (moved, another machine).
+    assert trained_on_aria({**moved, "data_layout": "kaggle"}, other_data)
+    assert not trained_on_aria({"data_layout": "folders", "config": {"data": {"root": str(aria)}}}, other_data)
+
 
 
 def test_the_card_temperature_is_not_called_the_model_card_s_twice() -> None:

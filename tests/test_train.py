@@ -774,6 +774,16 @@ def test_a_resumed_run_s_card_keeps_the_command_that_started_it(tmp_path: Path, 
         "bloodcell train --set train.epochs=3; resumed with: bloodcell train --resume run --no-report")
 
 
+def test_the_card_records_the_layout_the_training_images_were_found_in(tmp_path: Path, aria_dataset: Path) -> None:
+    """The report cites Aria et al.'s dataset by it, wherever the training folder is later."""
+    from bloodcell.data.prepare import prepare_data
+    from bloodcell.models.card import load_card
+
+    config = tiny_config(data={"root": str(aria_dataset), "block_size": 6, "embargo": 1}, train={"epochs": 1})
+    fit(config, tmp_path / "run", prepared=prepare_data(config.data, progress=False), progress=False)
+    assert load_card(tmp_path / "run" / "checkpoints" / "last")[0].data_layout == "aria"
+
+
 def test_cli_rejects_a_bad_key_with_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
     code, _, err = run_cli(["train", "--data", str(tmp_path), "--set", "train.epoch=3"], monkeypatch, capsys)
     assert code == 2

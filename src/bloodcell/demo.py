@@ -103,6 +103,7 @@ class DemoResult:
     report: Path
     seconds: float
     card: dict[str, Any] = field(default_factory=dict)
+    bundled_samples: bool = True  # the shipped sample images (Aria et al.'s), not a folder given by --samples
 
     @property
     def n_correct(self) -> int:
@@ -288,7 +289,7 @@ def run_demo(
         out_dir=out, model_dir=model_dir, bundled_model=bundled, model_info=predictor.model_info,
         classes=list(predictor.classes), temperature=predictor.temperature, images=images,
         predictions_csv=out / PREDICTIONS_CSV, predictions_json=out / PREDICTIONS_JSON, report=out / REPORT_HTML,
-        seconds=0.0, card=predictor.card,
+        seconds=0.0, card=predictor.card, bundled_samples=samples is None,
     )  # fmt: skip
     write_predictions(demo)
     demo.seconds = time.perf_counter() - start
@@ -427,7 +428,7 @@ def write_report(demo: DemoResult) -> Path:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     from bloodcell import __version__
-    from bloodcell.report.html import CITATION, LIMITATIONS
+    from bloodcell.report.html import CITATION, LIMITATIONS, limitations, trained_on_aria
 
     env = Environment(loader=PackageLoader("bloodcell", "report/templates"), autoescape=True, undefined=StrictUndefined)
     rows = [
@@ -439,8 +440,11 @@ def write_report(demo: DemoResult) -> Path:
         }
         for image in demo.images
     ]  # fmt: skip
+    # Another model (--model) has limitations of its own: its classes, and the data it learned from.
+    own = LIMITATIONS if demo.bundled_model else limitations(demo.classes, trained_on_aria(demo.card, {"data": {}}),
+                                                             evaluated_on_training_data=False)  # fmt: skip
     html = env.get_template("demo.html.j2").render(
         demo=demo, rows=rows, headline=headline_metric(demo.card), version=__version__, citation=CITATION,
-        paper_citation=PAPER_CITATION, limitations=LIMITATIONS, seconds=f"{demo.seconds:.1f}",
+        paper_citation=PAPER_CITATION, limitations=own, seconds=f"{demo.seconds:.1f}",
     )  # fmt: skip
     return atomic_write_text(demo.report, html)

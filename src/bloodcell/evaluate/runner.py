@@ -46,6 +46,7 @@ from bloodcell.probabilities import softmax_with_temperature
 if TYPE_CHECKING:  # for annotations only: importing them at run time would load torch for every caller
     from torch import nn
 
+    from bloodcell.data.layouts import Dataset
     from bloodcell.data.prepare import PreparedData
     from bloodcell.models.card import ModelCard, TrainedOn
     from bloodcell.models.classifier import Classifier
@@ -359,20 +360,32 @@ def explain_examples(
 
 def default_out_dir(model_dir: Path, card: ModelCard, split: str, own_data: bool, data_root: Path) -> Path:
     """Where results go unless told: the run directory for its own test part, else
-    ``evaluations/<data>-<8 hex>-<split>`` inside it; for a model outside a run (the bundled one),
-    ``./evaluations/<model name>`` likewise. The 8 hex digits of the data folder's absolute path (as its
-    work folder has) keep two folders of one name (``lab1/a``, ``lab2/a``) from overwriting each other's
+    ``evaluations/<data>-<8 hex>-<split>`` inside it; for the bundled model, ``./evaluations/<model name>``
+    likewise, and for another model folder outside a run ``./evaluations/<model name>-<8 hex>``. The 8 hex
+    digits of a folder's absolute path (as a dataset's work folder has) keep two folders of one name
+    (``lab1/a``, ``lab2/a``; a model of one's own also named ``default``) from overwriting each other's
     results."""
+    from bloodcell.models.card import bundled_model_dir
+
+    run_dir = run_dir_of(model_dir)
+    if run_dir is not None:
+        base = run_dir
+    elif model_dir.resolve() == bundled_model_dir().resolve():
+        base = Path("evaluations") / card.name
+    else:
+        base = Path("evaluations") / f"{card.name}-{_path_digest(model_dir)}"
+    if split == "test" and own_data:
+        return base
+    named = f"{data_root.expanduser().resolve().name}-{_path_digest(data_root)}-{split}"
+    return (base / "evaluations" if run_dir is not None else base) / named
+
+
+def _path_digest(folder: Path) -> str:
+    """8 hex digits of the SHA-256 of a folder's absolute path (its bytes on disk: any file name)."""
     import hashlib
     import os
 
-    run_dir = run_dir_of(model_dir)
-    base = run_dir if run_dir is not None else Path("evaluations") / card.name
-    if split == "test" and own_data:
-        return base
-    absolute = data_root.expanduser().resolve()
-    digest = hashlib.sha256(os.fsencode(absolute)).hexdigest()[:8]
-    return (base / "evaluations" if run_dir is not None else base) / f"{absolute.name}-{digest}-{split}"
+    return hashlib.sha256(os.fsencode(folder.expanduser().resolve())).hexdigest()[:8]
 
 
 def _write_predictions(path: Path, prepared: PreparedData, indices: np.ndarray, label_map: np.ndarray, probs: np.ndarray,
@@ -462,7 +475,6 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     cannot be checked for them. Raises :class:`UserError` when the data has classes the model does not
     know, lacks that part, or holds nothing the model has not trained on.
     """
-    from bloodcell.data.layouts import find_dataset
     from bloodcell.data.prepare import prepare_data
 
     # mix_segmented 0: evaluation never reads the Segmented variant, whatever the training mixed in
@@ -473,16 +485,20 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
         if data_root is None and folder is not None and not Path(folder).exists():
             raise UserError(f"the model's training data are no longer at {folder} (the folder its config records): "
                             "pass --data DATA where they are now")  # fmt: skip
-        looked_at = data_config.class_names is None and folder is not None and Path(folder).is_dir()
-        found = find_dataset(folder, data_config.variant, None) if looked_at and folder is not None else None
-        matched = found is not None and not set(found.classes) <= set(classes)
-        if found is not None and matched:
+        found = _found_or_none(folder, data_config.variant)
+        names = data_config.class_names  # a model trained with --classes: its folders' names
+        if found is not None and names is None:
             # Another lab's folders, one of them no class of the model's ("normal/" beside "hematogones/"),
             # would each be taken as a class by its own name. Match the model's classes to the folders
-            # instead, by name or alias as `index --classes` does; the others are named and left out. Only
-            # the classes some folder stands for are asked for: a class the data lack is absent, as on a
+            # instead, by name or alias as `index --classes` does; the others are named and left out.
+            matched = not set(found.classes) <= set(classes)
+            present = classes_with_a_folder(classes, found.root) if matched else classes
+        else:  # the names must each find a folder: only those that do are asked for
+            present = classes_with_a_folder(names, found.root) if found is not None and names else names or classes
+            matched = names is not None and len(present) < len(names)
+        if matched:
+            # Only the classes some folder stands for are asked for: a class the data lack is absent, as on a
             # folder of some of the classes.
-            present = classes_with_a_folder(classes, found.root)
             data_config = data_config.model_copy(update={"class_names": present})  # the audit's too
         # --split all scores every image: the warnings about the split rebuilt beside it (an embargo capped
         # for small blocks, a class with no image in a part) concern nothing it scores.
@@ -518,6 +534,20 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
         own_data=own_data,
         training_images_left_out=left_out,
     )
+
+
+def _found_or_none(folder: str | Path | None, variant: str) -> Dataset | None:
+    """The dataset at ``folder`` with every class folder taken by its own name, or None where there is none
+    to look at (not a folder, or no layout: preparing the data then says why)."""
+    from bloodcell.data.layouts import find_dataset
+
+    if folder is None or not Path(folder).is_dir():
+        return None
+    try:
+        with quieted(logging.getLogger("bloodcell.data.layouts")):  # said again when the data are prepared
+            return find_dataset(folder, variant, None)
+    except UserError:
+        return None
 
 
 def classes_with_a_folder(classes: list[str], root: Path) -> list[str]:

@@ -63,6 +63,9 @@ class ModelCard(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved training config
     command: str | None = None  # the command line that produced the model
     manifest_sha256: str | None = None  # hash of the data manifest it was trained on
+    # The layout its images were found in (aria, kaggle, folders): the report cites Aria et al.'s dataset for
+    # the first two, whether or not the folder is still where it was.
+    data_layout: str | None = None
     split: dict[str, Any] = Field(default_factory=dict)  # protocol, seed and counts
     metrics: dict[str, Any] = Field(default_factory=dict)
     epoch: int | None = None

@@ -72,14 +72,17 @@ LIMITATIONS = limitations(CLASSES, aria=True, evaluated_on_training_data=True)
 
 def trained_on_aria(card: dict[str, Any], metrics: dict[str, Any]) -> bool:
     """Whether a model learned from Aria et al.'s dataset, as far as its card tells: the bundled model or one
-    trained on the same data (the card's manifest hash), or one whose training folder is in that dataset's
-    layout (as the evaluation found it on the model's own data, or as the folder is now)."""
+    trained on the same data (the card's manifest hash), or one whose training folder was in that dataset's
+    layout (as its card records, or, for a card from before that record, as the evaluation found it on the
+    model's own data, or as the folder is now)."""
     from bloodcell.data.layouts import find_dataset
     from bloodcell.models.card import CARD_FILE, bundled_model_dir
 
     manifest = card.get("manifest_sha256")
     if manifest and manifest == (_read_json(bundled_model_dir() / CARD_FILE) or {}).get("manifest_sha256"):
         return True
+    if card.get("data_layout"):  # recorded at training: cards written before it say nothing, and are looked into
+        return card["data_layout"] in ARIA_LAYOUTS
     audit = metrics.get("data_audit") or {}
     if metrics["data"].get("same_as_training") and audit.get("layout") in ARIA_LAYOUTS:
         return True

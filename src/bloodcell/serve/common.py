@@ -256,8 +256,14 @@ def missing_input_reason(text: str) -> str:
     if Path(text).is_dir():
         return f"a folder with no image files in it (looked for {' '.join(sorted(IMAGE_SUFFIXES))}, in sub-folders too)"
     if glob.has_magic(text):
-        if "[" in text:  # most likely a folder named with brackets, read as a character class
-            return "a pattern that matches no image file ('[' and ']' enclose a glob class: write '[[]ALL]' for '[ALL]')"
+        # A folder named with brackets that does not exist as written was most likely mistyped; one that does
+        # was tried as written already (see _glob), and a class such as [0-9] is meant as one.
+        named = [part for part in Path(text).parts[:-1] if "[" in part and "]" in part and not glob.has_magic(
+            part.replace("[", "").replace("]", ""))]  # fmt: skip
+        if named and not _existing_folder_parts(Path(text).parts) >= Path(text).parts.index(named[0]) + 1:
+            bracket = named[0][named[0].index("["):named[0].index("]") + 1]
+            return (f"a pattern that matches no image file ('[' and ']' enclose a glob class: for a folder named "
+                    f"{named[0]!r}, write {bracket.replace('[', '[[]', 1)!r} for {bracket!r})")  # fmt: skip
         return "a pattern that matches no image file"
     return "no such file or folder"
 
@@ -351,21 +357,24 @@ def _glob(pattern: str) -> list[Path]:
     """
     parts = Path(pattern).parts
     first = next(k for k, part in enumerate(parts) if glob.has_magic(part))
-    matches = _matches_below(parts, first)
+    folders_only = pattern.endswith(("/", os.sep))
+    matches = _matches_below(parts, first, folders_only)
     if not matches:
         # A folder named with brackets ("Blood cell Cancer [ALL]") reads as a character class: when leading
         # parts of the pattern name existing folders as written, take those literally.
         literal = _existing_folder_parts(parts)
         if literal > first:
-            matches = _matches_below(parts, literal)
-    return [m for m in matches if m.is_dir()] if pattern.endswith(("/", os.sep)) else matches
+            matches = _matches_below(parts, literal, folders_only)
+    return matches
 
 
-def _matches_below(parts: tuple[str, ...], first: int) -> list[Path]:
-    """The sorted matches of the pattern ``parts`` whose first ``first`` parts are taken literally."""
+def _matches_below(parts: tuple[str, ...], first: int, folders_only: bool) -> list[Path]:
+    """The sorted matches of the pattern ``parts`` whose first ``first`` parts are taken literally (folders
+    only, for a pattern that ends with a separator)."""
     base = Path(*parts[:first]) if first else Path()
     rest = tuple(part if part == "**" else re.sub(r"\*\*+", "*", part) for part in parts[first:])  # a**b: a*b
-    return sorted(_expand(base, rest)) if base.is_dir() else []
+    matches = sorted(_expand(base, rest)) if base.is_dir() else []
+    return [match for match in matches if match.is_dir()] if folders_only else matches
 
 
 def _existing_folder_parts(parts: tuple[str, ...]) -> int:

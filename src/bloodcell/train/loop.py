@@ -804,6 +804,7 @@ def _card(
         config=config.model_dump(mode="json"),
         command=command,
         manifest_sha256=data.manifest_sha256,
+        data_layout=getattr(getattr(data, "dataset", None), "layout", None),
         split={
             "protocol": config.data.protocol, "seed": config.data.split_seed, "counts": counts,
             "trained_on": config.data.train_on.split("+"),
