@@ -140,8 +140,10 @@ def test_demo_json_and_custom_samples(tiny_model: Path, tmp_path: Path) -> None:
     assert all(Path(o).is_file() for o in overlays) and len(set(overlays)) == 9  # a shared name: two overlays
     # Another model and one's own images: neither the bundled model's limitations nor Aria's citation.
     html = Path(payload["report"]).read_text(encoding="utf-8")
-    assert "Images: the class folders given with" in html and "Taleqani" not in html and "DOI" not in html
-    assert "Trained on the images of one folder" in html  # the tiny model's card records no Aria data
+    # (strings no base64 image data can hold: a "." is none of its characters)
+    assert "Images: the class folders given with" in html and "Taleqani Hospital, Tehran" not in html
+    assert "10.34740/KAGGLE" not in html
+    assert "Trained on images its model card does not name, and evaluated here on other data" in html
     # Again into the same folder with fewer samples: the overlays of the first run's other images go, and a
     # file `bloodcell explain` wrote there (named alike) stays.
     (tmp_path / "o" / "overlays" / "my-smear.gradcam.png").write_bytes(b"the user's")

@@ -201,6 +201,38 @@ def test_a_model_trained_with_class_names_on_a_folder_of_some_of_them(run: Path,
     assert result["data"]["folders_left_out"] == {"other": 12} and "no folder holds Early Pre-B, Pre-B" in caplog.text
 
 
+def test_a_quiet_look_at_the_data_leaves_their_warnings_to_the_evaluation(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """The look that matches a model's classes to the folders is quieted; the warnings it would give were
+    counted as given, and the evaluation's own look then said nothing of a stray image."""
+    from bloodcell.data.layouts import find_dataset
+    from bloodcell.evaluate.runner import _found_or_none
+
+    lab = make_aria_dataset(tmp_path / "copy", per_class=3, size=32, segmented=False) / "Original"
+    (lab / "stray.jpg").write_bytes((lab / "Pro" / "WBC-Malignant-Pro-001.jpg").read_bytes())
+    assert _found_or_none(lab, "Original") is not None
+    with caplog.at_level("WARNING"):
+        find_dataset(lab)
+    assert "stray.jpg not used" in caplog.text
+
+
+def test_a_model_trained_with_class_names_on_a_folder_of_one_of_them(run: Path, tmp_path: Path) -> None:
+    """Names that are no canonical classes, and one folder: no layout without the names, so its folders are
+    matched to them directly (every name was asked of the folders, and the others failed)."""
+    import shutil
+
+    named = tmp_path / "named"
+    shutil.copytree(run / "checkpoints" / "best", named)
+    card = json.loads((named / "card.json").read_text())
+    card["classes"] = card["config"]["data"]["class_names"] = ["normal", "hematogones", "x", "y"]
+    (named / "card.json").write_text(json.dumps(card))
+    other = make_aria_dataset(tmp_path / "copy", per_class=8, size=48, seed=7, segmented=False) / "Original"
+    shutil.copytree(other / "Benign", tmp_path / "lab" / "normal")
+    result = evaluate_model(named, tmp_path / "lab", split="all", robustness=False, explain=False, progress=False,
+                            n_bootstrap=20)  # fmt: skip
+    assert [name for name, row in result["per_class"].items() if row["support"]] == ["normal"]
+
+
 def test_another_labs_folders_with_one_class_the_model_lacks(run: Path, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """Folders named the lab's way, and a "normal/" class the model does not know: the model's classes are

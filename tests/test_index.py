@@ -843,7 +843,11 @@ def test_a_macosx_folder_beside_the_data_is_no_class(tmp_path: Path) -> None:
         forks.mkdir(parents=True)
         (forks / "._WBC-Benign-001.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
     assert list(find_dataset(root).classes) == list(CLASSES)  # beside the data: ignored
-    with pytest.raises(UserError, match="no recognisable classes"):  # beside a wrapper: no merged classes
+    # Beside a wrapper: no merged classes; the one folder beside __MACOSX is looked into
+    assert find_dataset(tmp_path / "d").top == root.resolve()
+    (tmp_path / "d" / "notes").mkdir()
+    (tmp_path / "d" / "notes" / "figure.png").write_bytes((root / "Original" / "Pro" / "WBC-Malignant-Pro-001.jpg").read_bytes())
+    with pytest.raises(UserError, match=r"leukemia holds a dataset of its own .* give .*leukemia as the dataset"):
         find_dataset(tmp_path / "d")
 
 

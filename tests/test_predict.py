@@ -19,7 +19,7 @@ from bloodcell.errors import UserError
 from bloodcell.evaluate.tta import tta_views
 from bloodcell.models import load_model
 from bloodcell.probabilities import softmax_with_temperature
-from bloodcell.serve.common import _glob, expand_inputs
+from bloodcell.serve.common import _glob, expand_inputs, missing_input_reason
 from bloodcell.serve.predictor import TorchPredictor
 from conftest import child_env
 from serve_support import TINY_SIZE, TINY_TEMPERATURE, cell_jpeg, write_images
@@ -158,6 +158,11 @@ def test_a_glob_under_a_folder_named_with_brackets(tiny_model: Path, slides: Pat
     for pattern in (folder / "*.png", slides / "cell-00[7-9].jpg"):
         error = json.loads(run("predict", "-m", str(tiny_model), str(pattern), "--json").stdout)["results"][0]["error"]
         assert error == "a pattern that matches no image file", pattern
+    # No hint where it cannot help: a class meant as one (it matches folders), brackets the wrong way round,
+    # a missing parent folder.
+    (tmp_path / "patient1").mkdir()
+    for pattern in ("patient[12]/*.jpg", "x]y[z/*.jpg", "nosuch/Cancer [ALL]/*.jpg"):
+        assert missing_input_reason(str(tmp_path / pattern)) == "a pattern that matches no image file", pattern
     # A pattern for folders only: the class reading's match of a file does not stop the literal retry.
     (tmp_path / "Blood cell Cancer A" / "z.jpg").write_bytes(b"")
     assert [p.name for p in _glob(str(tmp_path / "Blood cell Cancer [ALL]" / "*") + "/")] == ["Benign"]

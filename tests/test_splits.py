@@ -661,3 +661,28 @@ def test_too_few_sub_folders_for_the_folds_say_what_helps() -> None:
         make_split(manifest, "kfold", 0, block_size=5)
     with pytest.raises(UserError, match=r"the sub-folders \(4, each kept whole\) are too few.*--test-fraction"):
         make_split(manifest, "random", 0)
+
+
+def test_loose_files_before_large_sub_folders_keep_even_blocks_and_their_embargo() -> None:
+    """Each block took its share of what was left, large sub-folders still to come included: the last loose
+    files became blocks of one image, and the class's embargo (half its smallest block) fell to 0."""
+    from bloodcell.data.splits import capture_gaps
+
+    manifest = manifest_of_folders({"b": [("", 300), ("p1", 100), ("p2", 100), ("p3", 100)], "e": [("", 600)]})
+    split = make_split(manifest, "session", 0)
+    benign = split[split["class"] == CLASSES[0]]
+    loose = benign[~benign["path"].str.contains("/p")]
+    assert loose.groupby("block").size().between(20, 30).all()  # 300 loose files in 12 blocks of 25
+    assert capture_gaps(split)[CLASSES[0]] > 12  # the embargo of 12 kept between training and held-out images
+
+
+def test_capture_neighbours_are_another_patient_s_images_no_more_than_the_embargo_s() -> None:
+    from bloodcell.data.splits import capture_neighbours
+
+    manifest = manifest_of_folders({"b": [(f"p{k}", 40) for k in range(1, 5)], "e": [("", 160)]})
+    marked = manifest["path"].str.startswith(f"{CLASSES[0]}/p1/").to_numpy()
+    near = capture_neighbours(manifest, marked, 12)
+    assert not near[manifest["path"].str.startswith(f"{CLASSES[0]}/p2/").to_numpy()].any()
+    loose = manifest_of_folders({"b": [("", 160)], "e": [("", 160)]})
+    first = (loose["label"] == 0).to_numpy() & (loose["capture"] <= 40).to_numpy()
+    assert capture_neighbours(loose, first, 12).sum() == 12  # loose files: the 12 after the marked run

@@ -440,9 +440,12 @@ def write_report(demo: DemoResult) -> Path:
         }
         for image in demo.images
     ]  # fmt: skip
-    # Another model (--model) has limitations of its own: its classes, and the data it learned from.
-    own = LIMITATIONS if demo.bundled_model else limitations(demo.classes, trained_on_aria(demo.card, {"data": {}}),
-                                                             evaluated_on_training_data=False)  # fmt: skip
+    # Another model (--model) has limitations of its own: its classes, and the data it learned from (the
+    # shipped samples are Aria et al.'s images: a model of that dataset is shown on its own kind of data).
+    aria = trained_on_aria(demo.card, {"data": {}})
+    root = ((demo.card.get("config") or {}).get("data") or {}).get("root")
+    other = f"the images of {root}" if root else "images its model card does not name"
+    own = LIMITATIONS if demo.bundled_model else limitations(demo.classes, aria, demo.bundled_samples and aria, other)
     html = env.get_template("demo.html.j2").render(
         demo=demo, rows=rows, headline=headline_metric(demo.card), version=__version__, citation=CITATION,
         paper_citation=PAPER_CITATION, limitations=own, seconds=f"{demo.seconds:.1f}",

@@ -245,13 +245,8 @@ def _warn_about_unused_images(root: Path, class_folders: dict[str, str]) -> None
     if unread:
         messages.append(f"{root}: {', '.join(unread)} not used: bloodcell reads JPEG, PNG, BMP and TIFF; convert "
                         "the images to one of them (a class folder holding none is no class)")  # fmt: skip
-    for message in messages:
-        if message not in _SAID:  # a command indexes a dataset several times: say it once
-            _SAID.add(message)
-            log.warning(message)
-
-
-_SAID: set[str] = set()
+    for message in messages:  # a command indexes a dataset several times: said once, when not quieted
+        warn_once(log, message)
 
 
 def _build(root: Path, top: Path, layout: str, variant: str, class_folders: dict[str, str]) -> Dataset:
@@ -339,6 +334,10 @@ def find_dataset(
     # then says it has no images).
     if known and with_images and {f.name for f in with_images} <= set(known.values()):
         return _build(path, path, "folders", variant, _in_canonical_order(known))
+    nested = [f for f in with_images if _holds_aria_variant(f) or _kaggle_root(f) == f]
+    if nested:  # a dataset beside other folders of images (a wrapper beside notes/): no class of its own
+        raise UserError(f"{nested[0]} holds a dataset of its own (Aria's or the Kaggle copy's layout), beside "
+                        f"other folders of images under {path}: give {nested[0]} as the dataset folder")  # fmt: skip
     misnamed = [f.name for f in with_images if f.name.lower() in {v.lower() for v in VARIANTS}]
     if misnamed:  # else a model would learn to tell the Original images from their Segmented copies
         raise UserError(

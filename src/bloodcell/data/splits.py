@@ -111,20 +111,62 @@ def _unit_sizes(folders: pd.Series) -> list[int]:
 
 
 def _block_starts(units: list[int], n_blocks: int) -> list[int]:
-    """Where each of ``n_blocks`` blocks begins, the ``units`` (sizes, in capture order) kept whole: each
-    block takes units until it holds its share of what is left (the images left over the blocks left, so a
-    unit larger than a share is a block of its own and the rest share the blocks left), leaving a unit for
-    each block to come. With units of one image, ``np.array_split``'s equal cut."""
-    starts, position, index, blocks_left = [], 0, 0, n_blocks
+    """Where each of about ``n_blocks`` blocks begins, the ``units`` (sizes, in capture order) kept whole.
+
+    A unit larger than a block's share (the images over the blocks, both less those of such units) is a
+    block of its own; the runs of smaller units between them share the other blocks in proportion to their
+    images (one at least each), and each run is cut as evenly as its units allow. With units of one image
+    only, ``np.array_split``'s equal cut.
+    """
+    alone: set[int] = set()  # indices of the units that are blocks of their own
+    while True:
+        rest = [k for k in range(len(units)) if k not in alone]
+        blocks_left = n_blocks - len(alone)
+        share = sum(units[k] for k in rest) / blocks_left if blocks_left > 0 else math.inf
+        larger = {k for k in rest if units[k] > share}
+        if not larger or blocks_left <= len(larger):
+            break
+        alone |= larger
+    runs: list[list[int]] = [[]]  # the runs of smaller units, by index, between the blocks of their own
+    for k in range(len(units)):
+        if k in alone:
+            runs.append([])
+        else:
+            runs[-1].append(k)
+    runs = [run for run in runs if run]
+    shares = _apportion([sum(units[k] for k in run) for run in runs], max(n_blocks - len(alone), len(runs)))
+    starts_at = {k: [k] for k in alone}
+    for run, blocks in zip(runs, shares, strict=True):
+        starts_at[run[0]] = [run[first] for first in _even_cut([units[k] for k in run], blocks)]
+    offsets = np.concatenate([[0], np.cumsum(units)])
+    return [int(offsets[k]) for first in sorted(starts_at) for k in starts_at[first]]
+
+
+def _apportion(sizes: list[int], blocks: int) -> list[int]:
+    """Blocks for each run of ``sizes``: one each, the rest in proportion to the sizes (largest remainders)."""
+    extra = blocks - len(sizes)
+    if extra <= 0:
+        return [1] * len(sizes)
+    exact = [extra * size / sum(sizes) for size in sizes]
+    given = [math.floor(value) for value in exact]
+    for k in sorted(range(len(sizes)), key=lambda k: given[k] - exact[k])[: extra - sum(given)]:
+        given[k] += 1
+    return [1 + g for g in given]
+
+
+def _even_cut(units: list[int], n_blocks: int) -> list[int]:
+    """The indices of the units that begin each of ``n_blocks`` blocks of one run: each block takes units
+    until it holds its share of what is left, leaving a unit for each block to come (``np.array_split``'s
+    cut for units of one image)."""
+    firsts, index, blocks_left = [], 0, n_blocks
     while index < len(units):
-        starts.append(position)
+        firsts.append(index)
         share, size = sum(units[index:]) / blocks_left, 0
         while index < len(units) and (size == 0 or (size < share and len(units) - index > blocks_left - 1)):
             size += units[index]
-            position += units[index]
             index += 1
         blocks_left = max(1, blocks_left - 1)
-    return starts
+    return firsts
 
 
 def _blocks_per_class(n_images: int, block_size: int, min_blocks: int) -> int:
@@ -404,21 +446,26 @@ def capture_neighbours(split: pd.DataFrame, marked: np.ndarray, distance: int) -
     excluded): the same sessions, as the embargo reckons them (capped per class as it is, when the rows
     carry their ``block``). ``split`` holds manifest rows (``path``, ``label``, ``capture``, ``copy``);
     ``marked`` is a boolean array over them. A class whose file names carry no capture order (most without a
-    number, or each a series of its own: hash-like names) has no neighbours: its order says nothing."""
+    number, or each a series of its own: hash-like names) has no neighbours: its order says nothing. As for
+    the embargo, neighbours lie in one sub-folder of the class folder (or are both loose files): another
+    patient's images are none."""
     near = np.zeros(len(split), dtype=bool)
     if distance <= 0 or not marked.any():
         return near
     ordered = _capture_order(split.reset_index(drop=True).assign(_marked=marked))
+    segments = sub_folders(ordered).fillna("").to_numpy()
     for _, rows in ordered.groupby("label", sort=False):
         if not _in_capture_order(rows):
             continue
-        positions = np.arange(len(rows))
-        seen = positions[rows["_marked"].to_numpy()]
-        if len(seen) == 0:
-            continue
-        gap = _distance_to_nearest(positions, seen)
         own = effective_embargo(distance, rows) if "block" in rows else distance
-        near[rows.index[(gap <= own) & (gap > 0)]] = True
+        at = ordered.index.get_indexer(rows.index)
+        for segment in np.unique(segments[at]):
+            inside = segments[at] == segment
+            positions = np.flatnonzero(inside)  # capture-order positions within the class
+            seen = positions[rows["_marked"].to_numpy()[inside]]
+            if len(seen):
+                gap = _distance_to_nearest(positions, seen)
+                near[rows.index[positions[(gap <= own) & (gap > 0)]]] = True
     return near
 
 
@@ -440,8 +487,12 @@ def _in_capture_order(rows: pd.DataFrame) -> bool:
 def effective_embargo(embargo: int, rows: pd.DataFrame) -> int:
     """The embargo applied to one class's rows: at most half its smallest block, so a class of few images
     keeps training rows. Per class, not over the dataset: one class of 3 images would otherwise take every
-    other class's embargo down to nothing."""
-    smallest_block = int(rows.groupby("block").size().min())
+    other class's embargo down to nothing. Only the loose files' part of each block counts where the class
+    has loose files: the embargo acts among them alone (a small patient's sub-folder is no reason to shrink
+    it)."""
+    loose = sub_folders(rows).isna().to_numpy() if "path" in rows else np.ones(len(rows), dtype=bool)
+    counted = rows[loose] if loose.any() else rows
+    smallest_block = int(counted.groupby("block").size().min())
     return min(embargo, smallest_block // 2)
 
 
@@ -654,20 +705,30 @@ def split_summary(
 
 
 def capture_gaps(split: pd.DataFrame) -> dict[str, int | None]:
-    """Per class, the fewest capture-order steps between a training image and a held-out (val/test) one: 1
-    means neighbours, as in a random split (the leakage check looks at duplicates, not at this); None when
-    the class has no training or no held-out images. The embargo of a session split makes it larger."""
+    """Per class, the fewest capture-order steps between a training image and a held-out (val/test) one
+    within one sub-folder of its class folder, or among its loose files (another patient's images are no
+    neighbours, as for the embargo): 1 means neighbours, as in a random split (the leakage check looks at
+    duplicates, not at this); None when no training image shares a sub-folder (or looseness) with a held-out
+    one. The embargo of a session split makes it larger."""
     gaps: dict[str, int | None] = {}
-    for name, rows in _capture_order(split).groupby("class", sort=False):
-        position = np.arange(len(rows))
-        trained = position[(rows["split"] == "train").to_numpy()]
-        held = position[rows["split"].isin(["val", "test"]).to_numpy()]
-        if not len(trained) or not len(held):
-            gaps[str(name)] = None
-            continue
-        # Both are sorted: for each held-out position, the nearest training positions on either side.
-        index = np.searchsorted(trained, held)
-        before = np.abs(held - trained[np.clip(index - 1, 0, len(trained) - 1)])
-        after = np.abs(trained[np.clip(index, 0, len(trained) - 1)] - held)
-        gaps[str(name)] = int(np.minimum(before, after).min())
+    ordered = _capture_order(split)
+    segments = sub_folders(ordered).fillna("").to_numpy()
+    for name, rows in ordered.groupby("class", sort=False):
+        at = ordered.index.get_indexer(rows.index)
+        found = [_fewest_steps(rows["split"].to_numpy()[segments[at] == segment]) for segment in np.unique(segments[at])]
+        steps = [gap for gap in found if gap is not None]
+        gaps[str(name)] = min(steps) if steps else None
     return gaps
+
+
+def _fewest_steps(parts: np.ndarray) -> int | None:
+    """The fewest steps between a ``train`` and a ``val``/``test`` entry of ``parts`` (in capture order)."""
+    position = np.arange(len(parts))
+    trained, held = position[parts == "train"], position[np.isin(parts, ["val", "test"])]
+    if not len(trained) or not len(held):
+        return None
+    # Both are sorted: for each held-out position, the nearest training positions on either side.
+    index = np.searchsorted(trained, held)
+    before = np.abs(held - trained[np.clip(index - 1, 0, len(trained) - 1)])
+    after = np.abs(trained[np.clip(index, 0, len(trained) - 1)] - held)
+    return int(np.minimum(before, after).min())

@@ -494,7 +494,9 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
             matched = not set(found.classes) <= set(classes)
             present = classes_with_a_folder(classes, found.root) if matched else classes
         else:  # the names must each find a folder: only those that do are asked for
-            present = classes_with_a_folder(names, found.root) if found is not None and names else names or classes
+            # (a folder of one class of unknown name is no layout without the names: its folders are looked at)
+            root = found.root if found is not None else Path(folder) if folder is not None and Path(folder).is_dir() else None
+            present = classes_with_a_folder(names, root) if root is not None and names else names or classes
             matched = names is not None and len(present) < len(names)
         if matched:
             # Only the classes some folder stands for are asked for: a class the data lack is absent, as on a

@@ -41,10 +41,12 @@ CITATION = (
 )
 
 
-def limitations(classes: Sequence[str], aria: bool, evaluated_on_training_data: bool) -> tuple[str, ...]:
+def limitations(
+    classes: Sequence[str], aria: bool, evaluated_on_training_data: bool, other: str = "the images of one folder (the data source above)"
+) -> tuple[str, ...]:
     """The model card's limitations for a model of ``classes``, trained on Aria et al.'s dataset (``aria``) or
-    on other images, and scored on its own training data or on other data."""
-    source = ARIA_SOURCE if aria else "the images of one folder (the data source above)"
+    on ``other`` images, and scored on its own training data or on other data."""
+    source = ARIA_SOURCE if aria else other
     trained = (f"Trained and evaluated on {source}" if evaluated_on_training_data
                else f"Trained on {source}, and evaluated here on other data")  # fmt: skip
     # Aria's classes were imaged in sessions of their own; of other data nothing is known

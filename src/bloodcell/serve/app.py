@@ -70,8 +70,8 @@ MAX_CONNECTIONS = 256
 #: is not published by default.
 PUBLIC_CARD_KEYS = (
     "format", "name", "version", "architecture", "arch_kwargs", "classes", "input_size", "normalize",
-    "temperature", "temperature_source", "manifest_sha256", "split", "metrics", "epoch", "versions", "created",
-    "intended_use", "onnx",
+    "temperature", "temperature_source", "manifest_sha256", "data_layout", "split", "metrics", "epoch", "versions",
+    "created", "intended_use", "onnx",
 )  # fmt: skip
 #: Where /docs finds Swagger UI's script and style (served from the fastapi-offline package).
 DOCS_ASSETS = "/docs-assets"

@@ -256,16 +256,25 @@ def missing_input_reason(text: str) -> str:
     if Path(text).is_dir():
         return f"a folder with no image files in it (looked for {' '.join(sorted(IMAGE_SUFFIXES))}, in sub-folders too)"
     if glob.has_magic(text):
-        # A folder named with brackets that does not exist as written was most likely mistyped; one that does
-        # was tried as written already (see _glob), and a class such as [0-9] is meant as one.
-        named = [part for part in Path(text).parts[:-1] if "[" in part and "]" in part and not glob.has_magic(
-            part.replace("[", "").replace("]", ""))]  # fmt: skip
-        if named and not _existing_folder_parts(Path(text).parts) >= Path(text).parts.index(named[0]) + 1:
-            bracket = named[0][named[0].index("["):named[0].index("]") + 1]
-            return (f"a pattern that matches no image file ('[' and ']' enclose a glob class: for a folder named "
-                    f"{named[0]!r}, write {bracket.replace('[', '[[]', 1)!r} for {bracket!r})")  # fmt: skip
-        return "a pattern that matches no image file"
+        return "a pattern that matches no image file" + _bracket_hint(Path(text).parts)
     return "no such file or folder"
+
+
+def _bracket_hint(parts: tuple[str, ...]) -> str:
+    """How to write a folder named with brackets, for the first folder part of a pattern that holds a
+    bracket pair, whose parent exists, and that neither exists as written (it was tried so, see
+    :func:`_glob`) nor, read as a glob class, matches a folder there (then it is meant as one); else ""."""
+    for k, part in enumerate(parts[:-1]):
+        opening, closing = part.find("["), part.find("]", part.find("[") + 1)
+        parent = Path(*parts[:k]) if k else Path()
+        if opening < 0 or closing < 0 or not parent.is_dir():
+            continue
+        if (parent / part).is_dir() or any(match.is_dir() for match in parent.glob(part)):
+            return ""
+        bracket = part[opening : closing + 1]
+        return (f" ('[' and ']' enclose a glob class: for a folder named {part!r}, write "
+                f"{'[[]' + bracket[1:]!r} for {bracket!r})")  # fmt: skip
+    return ""
 
 
 Row = TypeVar("Row")
