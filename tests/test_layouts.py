@@ -125,9 +125,9 @@ def test_an_aria_dataset_unpacked_into_a_folder_of_its_own_is_found(
     assert (dataset.layout, dataset.top, dataset.root) == ("aria", inner.resolve(), (inner / "Segmented").resolve())
     assert dataset.classes == ("Benign", "Pro-B") and len(dataset.files) == 6
     assert "variant" not in caplog.text  # the wrapper is no variant folder: nothing to warn of
-    # Only one level, and only a lone folder: beside a second folder, the wrapper is not looked into.
+    # Only one level, and only a lone folder: beside a second folder, the wrapper is pointed at, not looked into.
     (outer / "notes").mkdir()
-    with pytest.raises(UserError, match="no recognisable classes"):
+    with pytest.raises(UserError, match=r"archive holds a dataset of its own .*: give .*archive as the dataset folder"):
         find_dataset(outer)
 
 
