@@ -1042,6 +1042,7 @@ def test_auto_precision_takes_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch:
     assert setup.resolve_precision(tiny_config(train={"accelerator": "cuda"}).train) == "16-mixed"
 
 
+@pytest.mark.filterwarnings("ignore:You passed `Fabric:UserWarning")  # Lightning's own words for the fallback
 def test_train_log_names_the_precision_that_ran(tmp_path: Path, data) -> None:
     """16-mixed falls back to bf16 on a CPU: the log said 16-mixed while the card said what ran."""
     from bloodcell.models.card import load_card
