@@ -244,7 +244,19 @@ def test_demo_with_the_bundled_model(tmp_path: Path) -> None:
     payload = json.loads((tmp_path / "demo-output" / "predictions.json").read_text(encoding="utf-8"))
     assert payload["model"]["bundled"] is True and payload["n_images"] == len(sample_images())
     assert all(r["error"] is None for r in payload["results"])
-    assert (tmp_path / "demo-output" / "report.html").is_file()
+    html = (tmp_path / "demo-output" / "report.html").read_text(encoding="utf-8")
+    assert "Trained and evaluated on images from one hospital laboratory (Taleqani Hospital, Tehran)" in html
+
+
+def test_the_bundled_model_on_one_s_own_samples_is_said_to_be_evaluated_on_other_data(tmp_path: Path) -> None:
+    from bloodcell.demo import run_demo
+
+    if not (bundled_model_dir() / "card.json").is_file():
+        pytest.skip("no bundled default model")  # the test above fails for it under CI
+    samples = make_aria_dataset(tmp_path / "mine", per_class=1, size=48, segmented=False) / "Original"
+    html = run_demo(tmp_path / "out", samples=samples).report.read_text(encoding="utf-8")
+    assert "Trained and evaluated on images from one hospital laboratory" not in html
+    assert "and evaluated here on other data" in html and "Images: the class folders given with" in html
 
 
 def test_the_demo_csv_defuses_class_names_a_spreadsheet_would_run(tmp_path: Path) -> None:

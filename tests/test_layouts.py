@@ -131,6 +131,12 @@ def test_an_aria_dataset_unpacked_into_a_folder_of_its_own_is_found(
         find_dataset(outer)
 
 
+def test_a_class_of_the_kaggle_copy_s_folders_beside_a_class_folder_is_a_class(tmp_path: Path) -> None:
+    """Benign/ beside ALL/{[Malignant] ...}: a two-class dataset, not a dataset beside another folder."""
+    make_folders(tmp_path / "binary", ["Benign", *[f"ALL/{name}" for name in KAGGLE_FOLDERS[1:]]])
+    assert find_dataset(tmp_path / "binary").classes == ("ALL", "Benign")  # folder names, sorted
+
+
 def test_a_lone_folder_of_unknown_class_folders_is_pointed_at(tmp_path: Path) -> None:
     make_folders(tmp_path / "data" / "my lab", ["tumour", "healthy"])
     with pytest.raises(UserError, match=r"if my lab/ holds the class folders, give .*my lab instead"):

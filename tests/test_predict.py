@@ -150,10 +150,9 @@ def test_a_glob_under_a_folder_named_with_brackets(tiny_model: Path, slides: Pat
     assert [p.name for p in expand_inputs([str(escaped)]).files] == ["cell-000.jpg", "cell-001.jpg"]
     result = run("predict", "-m", str(tiny_model), str(folder / "cell-001*"), "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["n_files"] == 1, result.output
-    # Brackets that name no folder: the error says how to write them, with the user's own brackets.
+    # Brackets that name no folder either way: no hint (escaping them would match nothing either).
     result = run("predict", "-m", str(tiny_model), str(tmp_path / "Blood cell Cancer [B]" / "*.jpg"), "--json")
-    assert ("for a folder named 'Blood cell Cancer [B]', write '[[]B]' for '[B]'"
-            in json.loads(result.stdout)["results"][0]["error"])  # fmt: skip
+    assert json.loads(result.stdout)["results"][0]["error"] == "a pattern that matches no image file"
     # ... but not when the folder exists as written (it was tried so) and holds no match, nor for a file class.
     for pattern in (folder / "*.png", slides / "cell-00[7-9].jpg"):
         error = json.loads(run("predict", "-m", str(tiny_model), str(pattern), "--json").stdout)["results"][0]["error"]
@@ -161,8 +160,13 @@ def test_a_glob_under_a_folder_named_with_brackets(tiny_model: Path, slides: Pat
     # No hint where it cannot help: a class meant as one (it matches folders), brackets the wrong way round,
     # a missing parent folder.
     (tmp_path / "patient1").mkdir()
-    for pattern in ("patient[12]/*.jpg", "x]y[z/*.jpg", "nosuch/Cancer [ALL]/*.jpg"):
+    for pattern in ("patient[12]/*.jpg", "x]y[z/*.jpg", "nosuch/Cancer [ALL]/*.jpg", "x**[ALL]/a.jpg",
+                    "Blood cell Cancer [ALL] v2/*.jpg"):  # fmt: skip
         assert missing_input_reason(str(tmp_path / pattern)) == "a pattern that matches no image file", pattern
+    # ... and a hint where the brackets written as such make the pattern match: a wildcard before them kept
+    # the literal retry from trying it.
+    hinted = missing_input_reason(str(tmp_path / "Blood cell *[ALL]" / "Benign" / "*.jpg"))
+    assert "for a folder named 'Blood cell *[ALL]', write '[[]ALL]' for '[ALL]'" in hinted
     # A pattern for folders only: the class reading's match of a file does not stop the literal retry.
     (tmp_path / "Blood cell Cancer A" / "z.jpg").write_bytes(b"")
     assert [p.name for p in _glob(str(tmp_path / "Blood cell Cancer [ALL]" / "*") + "/")] == ["Benign"]

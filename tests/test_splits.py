@@ -686,3 +686,30 @@ def test_capture_neighbours_are_another_patient_s_images_no_more_than_the_embarg
     loose = manifest_of_folders({"b": [("", 160)], "e": [("", 160)]})
     first = (loose["label"] == 0).to_numpy() & (loose["capture"] <= 40).to_numpy()
     assert capture_neighbours(loose, first, 12).sum() == 12  # loose files: the 12 after the marked run
+
+
+def test_a_stray_loose_file_beside_sub_folders_keeps_the_class_s_embargo() -> None:
+    """One loose file sorted after the sub-folders (scan_001.png) became a block of one image, and the class's
+    embargo (half its smallest loose block) fell to 0 for its 300 other loose files."""
+    from bloodcell.data.splits import capture_gaps
+
+    manifest = manifest_of_folders({"b": [("", 300), *[(f"p{k}", 40) for k in range(1, 5)]], "e": [("", 460)]})
+    stray = manifest.index[manifest["label"] == 0][-1]
+    manifest.loc[stray, "path"] = f"{CLASSES[0]}/scan_001.jpg"  # loose, sorted after the sub-folders
+    split = make_split(manifest, "session", 0)
+    assert split[split["class"] == CLASSES[0]].groupby("block").size().min() > 1
+    assert capture_gaps(split)[CLASSES[0]] > 12
+
+
+def test_capture_gaps_count_the_steps_the_embargo_counts() -> None:
+    """Loose files on either side of the sub-folders are a whole sub-folder apart, not neighbours."""
+    from bloodcell.data.splits import capture_gaps
+
+    manifest = manifest_of_folders({"b": [("", 10), *[(f"p{k}", 40) for k in range(1, 5)], ("", 0)], "e": [("", 170)]})
+    first, last = manifest.index[manifest["label"] == 0][[9, 10]]
+    split = manifest.assign(split="train", block="b")
+    split.loc[[first], "split"] = "train"
+    split.loc[split["path"].str.startswith(f"{CLASSES[0]}/p"), "split"] = "test"
+    split.loc[last, "path"] = f"{CLASSES[0]}/z_001.jpg"  # loose, after the sub-folders: 160 images on
+    split.loc[last, "split"] = "val"
+    assert capture_gaps(split)[CLASSES[0]] == 160

@@ -428,7 +428,7 @@ def write_report(demo: DemoResult) -> Path:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     from bloodcell import __version__
-    from bloodcell.report.html import CITATION, LIMITATIONS, limitations, trained_on_aria
+    from bloodcell.report.html import CITATION, limitations, trained_on_aria
 
     env = Environment(loader=PackageLoader("bloodcell", "report/templates"), autoescape=True, undefined=StrictUndefined)
     rows = [
@@ -445,7 +445,8 @@ def write_report(demo: DemoResult) -> Path:
     aria = trained_on_aria(demo.card, {"data": {}})
     root = ((demo.card.get("config") or {}).get("data") or {}).get("root")
     other = f"the images of {root}" if root else "images its model card does not name"
-    own = LIMITATIONS if demo.bundled_model else limitations(demo.classes, aria, demo.bundled_samples and aria, other)
+    own = (limitations(demo.classes, True, demo.bundled_samples) if demo.bundled_model
+           else limitations(demo.classes, aria, demo.bundled_samples and aria, other))  # fmt: skip
     html = env.get_template("demo.html.j2").render(
         demo=demo, rows=rows, headline=headline_metric(demo.card), version=__version__, citation=CITATION,
         paper_citation=PAPER_CITATION, limitations=own, seconds=f"{demo.seconds:.1f}",

@@ -335,7 +335,8 @@ def find_dataset(
     if known and with_images and {f.name for f in with_images} <= set(known.values()):
         return _build(path, path, "folders", variant, _in_canonical_order(known))
     nested = [f for f in with_images if _holds_aria_variant(f) or _kaggle_root(f) == f]
-    if nested:  # a dataset beside other folders (a wrapper beside notes/): no class of its own
+    if nested and not known:  # a dataset beside other folders (a wrapper beside notes/): no class of its own;
+        # beside a class folder (Benign/ beside ALL/{[Malignant] ...}) it is a class of its own folders
         raise UserError(f"{nested[0]} holds a dataset of its own (Aria's or the Kaggle copy's layout), beside other "
                         f"folders under {path}: give {nested[0]} as the dataset folder")  # fmt: skip
     misnamed = [f.name for f in with_images if f.name.lower() in {v.lower() for v in VARIANTS}]

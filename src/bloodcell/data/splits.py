@@ -134,10 +134,18 @@ def _block_starts(units: list[int], n_blocks: int) -> list[int]:
         else:
             runs[-1].append(k)
     runs = [run for run in runs if run]
+    # A run of a few loose files between sub-folders (a stray scan_001.png sorted after them) joins the block
+    # beside it rather than making a block of its own: a one-image block would take the class's embargo
+    # (half its smallest loose block) to nothing.
+    stray = [run for run in runs if alone and sum(units[k] for k in run) < share / 2]
+    runs = [run for run in runs if run not in stray]
     shares = _apportion([sum(units[k] for k in run) for run in runs], max(n_blocks - len(alone), len(runs)))
     starts_at = {k: [k] for k in alone}
     for run, blocks in zip(runs, shares, strict=True):
         starts_at[run[0]] = [run[first] for first in _even_cut([units[k] for k in run], blocks)]
+    if stray and stray[0][0] == 0:  # a stray run first: the block after it begins with it instead
+        after = min(starts_at)
+        starts_at[0] = [0, *starts_at.pop(after)[1:]]
     offsets = np.concatenate([[0], np.cumsum(units)])
     return [int(offsets[k]) for first in sorted(starts_at) for k in starts_at[first]]
 
@@ -487,12 +495,14 @@ def _in_capture_order(rows: pd.DataFrame) -> bool:
 def effective_embargo(embargo: int, rows: pd.DataFrame) -> int:
     """The embargo applied to one class's rows: at most half its smallest block, so a class of few images
     keeps training rows. Per class, not over the dataset: one class of 3 images would otherwise take every
-    other class's embargo down to nothing. Only the loose files' part of each block counts where the class
-    has loose files: the embargo acts among them alone (a small patient's sub-folder is no reason to shrink
-    it)."""
+    other class's embargo down to nothing. Where the class has blocks mostly of loose files, only those
+    count: the embargo acts among loose files alone (a small patient's sub-folder, or a stray loose file in
+    a sub-folder's block, is no reason to shrink it)."""
     loose = sub_folders(rows).isna().to_numpy() if "path" in rows else np.ones(len(rows), dtype=bool)
-    counted = rows[loose] if loose.any() else rows
-    smallest_block = int(counted.groupby("block").size().min())
+    blocks = pd.DataFrame({"block": rows["block"].to_numpy(), "loose": loose}).groupby("block")["loose"]
+    sizes, loose_sizes = blocks.size(), blocks.sum()
+    mostly_loose = loose_sizes[loose_sizes * 2 > sizes]
+    smallest_block = int(mostly_loose.min() if len(mostly_loose) else sizes.min())
     return min(embargo, smallest_block // 2)
 
 
@@ -714,17 +724,19 @@ def capture_gaps(split: pd.DataFrame) -> dict[str, int | None]:
     ordered = _capture_order(split)
     segments = sub_folders(ordered).fillna("").to_numpy()
     for name, rows in ordered.groupby("class", sort=False):
-        at = ordered.index.get_indexer(rows.index)
-        found = [_fewest_steps(rows["split"].to_numpy()[segments[at] == segment]) for segment in np.unique(segments[at])]
+        at, parts = ordered.index.get_indexer(rows.index), rows["split"].to_numpy()
+        found = [_fewest_steps(parts, segments[at] == segment) for segment in np.unique(segments[at])]
         steps = [gap for gap in found if gap is not None]
         gaps[str(name)] = min(steps) if steps else None
     return gaps
 
 
-def _fewest_steps(parts: np.ndarray) -> int | None:
-    """The fewest steps between a ``train`` and a ``val``/``test`` entry of ``parts`` (in capture order)."""
+def _fewest_steps(parts: np.ndarray, inside: np.ndarray) -> int | None:
+    """The fewest capture-order steps (positions in the class) between a ``train`` and a ``val``/``test``
+    entry of ``parts`` among those ``inside`` one segment."""
     position = np.arange(len(parts))
-    trained, held = position[parts == "train"], position[np.isin(parts, ["val", "test"])]
+    trained = position[inside & (parts == "train")]
+    held = position[inside & np.isin(parts, ["val", "test"])]
     if not len(trained) or not len(held):
         return None
     # Both are sorted: for each held-out position, the nearest training positions on either side.

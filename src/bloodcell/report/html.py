@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from bloodcell import CLASSES, __version__
+from bloodcell import __version__
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
 from bloodcell.notices import quieted
@@ -66,10 +66,6 @@ def limitations(
         "Probabilities are calibrated by temperature on the validation part; under acquisition shift they "
         "are less reliable.",
     )
-
-
-#: The bundled model's limitations on its own data (the demo shows it on Aria's sample images).
-LIMITATIONS = limitations(CLASSES, aria=True, evaluated_on_training_data=True)
 
 
 def trained_on_aria(card: dict[str, Any], metrics: dict[str, Any]) -> bool:

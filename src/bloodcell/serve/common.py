@@ -261,19 +261,23 @@ def missing_input_reason(text: str) -> str:
 
 
 def _bracket_hint(parts: tuple[str, ...]) -> str:
-    """How to write a folder named with brackets, for the first folder part of a pattern that holds a
-    bracket pair, whose parent exists, and that neither exists as written (it was tried so, see
-    :func:`_glob`) nor, read as a glob class, matches a folder there (then it is meant as one); else ""."""
+    """How to write a folder named with brackets, for the first folder part of a pattern whose brackets,
+    taken as written, make the pattern match (a wildcard before it kept :func:`_glob`'s own retry from
+    trying so); else "" (a class meant as one, or a folder that is not there either way)."""
     for k, part in enumerate(parts[:-1]):
-        opening, closing = part.find("["), part.find("]", part.find("[") + 1)
-        parent = Path(*parts[:k]) if k else Path()
-        if opening < 0 or closing < 0 or not parent.is_dir():
+        opening = part.find("[")
+        closing = part.find("]", opening + 1)
+        if opening < 0 or closing < 0:
             continue
-        if (parent / part).is_dir() or any(match.is_dir() for match in parent.glob(part)):
-            return ""
-        bracket = part[opening : closing + 1]
-        return (f" ('[' and ']' enclose a glob class: for a folder named {part!r}, write "
-                f"{'[[]' + bracket[1:]!r} for {bracket!r})")  # fmt: skip
+        escaped = str(Path(*parts[:k], part.replace("[", "[[]"), *parts[k + 1 :]))  # its wildcards stay
+        try:
+            found = _glob(escaped) if glob.has_magic(escaped) else [Path(escaped)] if Path(escaped).exists() else []
+        except (OSError, ValueError):
+            found = []
+        if found:
+            bracket = part[opening : closing + 1]
+            return (f" ('[' and ']' enclose a glob class: for a folder named {part!r}, write "
+                    f"{'[[]' + bracket[1:]!r} for {bracket!r})")  # fmt: skip
     return ""
 
 
