@@ -109,6 +109,20 @@ def test_recaptures_join_one_duplicate_group(tmp_path: Path) -> None:
     assert result.summary["recaptured_pairs"] >= 1
 
 
+def test_an_identical_copy_is_no_re_captured_pair(tmp_path: Path) -> None:
+    """The screen links byte-identical copies too; counted as re-captures, the index said "1 pairs of
+    re-captures linked" beside "0 groups with near duplicates or shifted re-captures"."""
+    from bloodcell.data.index import build_index
+    from conftest import make_aria_dataset
+
+    root = make_aria_dataset(tmp_path / "aria", per_class=12, size=32, segmented=False)
+    before = build_index(root, progress=False).summary["recaptured_pairs"]  # the synthetic cells' own look-alikes
+    folder = root / "Original" / "Benign"
+    (folder / "WBC-Benign-012.jpg").write_bytes((folder / "WBC-Benign-001.jpg").read_bytes())
+    summary = build_index(root, progress=False).summary
+    assert summary["exact_duplicate_groups"] == 1 and summary["recaptured_pairs"] == before
+
+
 def test_no_images_no_pairs_and_an_index_of_rejected_files_still_written(tmp_path: Path) -> None:
     from bloodcell.data.index import build_index
 

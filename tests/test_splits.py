@@ -713,3 +713,25 @@ def test_capture_gaps_count_the_steps_the_embargo_counts() -> None:
     split.loc[last, "path"] = f"{CLASSES[0]}/z_001.jpg"  # loose, after the sub-folders: 160 images on
     split.loc[last, "split"] = "val"
     assert capture_gaps(split)[CLASSES[0]] == 160
+
+
+def test_no_embargo_warning_where_the_embargo_acts_on_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """Every image in a patient's sub-folder: whole patients are held out, the embargo (within a sub-folder)
+    leaves nothing out, and a warning that it was capped said otherwise."""
+    manifest = manifest_of_folders({"b": [(f"p{k}", 15) for k in range(1, 7)], "e": [(f"q{k}", 15) for k in range(1, 7)]})
+    with caplog.at_level("WARNING"):
+        split = make_split(manifest, "session", 0)
+    assert "embargo" not in caplog.text and (split["split"] == "embargo").sum() == 0
+
+
+def test_a_copy_filed_under_two_patients_is_said_to_join_them(caplog: pytest.LogCaptureFixture) -> None:
+    manifest = manifest_of_folders({"b": [(f"p{k}", 15) for k in range(1, 7)], "e": [(f"q{k}", 15) for k in range(1, 7)]})
+    first = manifest.index[manifest["path"] == f"{CLASSES[0]}/p1/img_003.jpg"][0]
+    copy = manifest.index[manifest["path"] == f"{CLASSES[0]}/p3/img_007.jpg"][0]
+    manifest.loc[copy, "dup_group"] = manifest.at[first, "dup_group"]
+    with caplog.at_level("WARNING"):
+        split = make_split(manifest, "session", 0)
+    assert f"1 duplicate group(s) hold images of two sub-folders (a copy filed under two patients or slides?): " \
+           f"{CLASSES[0]}/p1/ and {CLASSES[0]}/p3/" in caplog.text
+    together = split[split["path"].str.startswith((f"{CLASSES[0]}/p1/", f"{CLASSES[0]}/p3/"))]
+    assert together.loc[together["split"] != "embargo", "split"].nunique() == 1

@@ -82,8 +82,8 @@ def _print_json(obj: dict[str, Any]) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _groups(n: int) -> str:
-    return f"{n} group" if n == 1 else f"{n} groups"
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _counts_table(title: str, header: list[str], rows: list[list[Any]]) -> Table:
@@ -150,9 +150,9 @@ def index_command(
     for item in summary["rejected"]:
         _console.print(f"  rejected {item['path']}: {item['reason']}", markup=False)
     _console.print(
-        f"Duplicates: {_groups(summary['exact_duplicate_groups'])} of identical files, "
-        f"{_groups(summary['near_duplicate_groups'])} with near duplicates or shifted re-captures "
-        f"({summary.get('recaptured_pairs', 0)} pairs of re-captures linked)."
+        f"Duplicates: {_plural(summary['exact_duplicate_groups'], 'group')} of identical files, "
+        f"{_plural(summary['near_duplicate_groups'], 'group')} with near duplicates or shifted re-captures "
+        f"({_plural(summary.get('recaptured_pairs', 0), 'pair')} of distinct files linked as re-captures)."
     )
     typer.echo(f"Manifest: {summary['manifest']}")
 

@@ -571,5 +571,9 @@ def build_index(
     # pandas would otherwise end lines with \r\n on Windows.
     text = manifest.to_csv(index=False, lineterminator="\n")
     write_text_if_changed(manifest_path, text)
-    summary = {**index_summary(manifest, manifest_path, dataset.classes), "recaptured_pairs": len(recaptures)}
+    # Pairs of distinct files only: the screen links byte-identical copies too, which are counted (and said) as
+    # identical files, and "1 pair of re-captures" beside "0 groups with re-captures" contradicted itself.
+    sha256 = dict(zip(manifest["path"], manifest["sha256"]))
+    distinct = sum(sha256[a] != sha256[b] for a, b in recaptures)
+    summary = {**index_summary(manifest, manifest_path, dataset.classes), "recaptured_pairs": distinct}
     return IndexResult(manifest, manifest_path, summary, dataset, hashlib.sha256(text.encode("utf-8")).hexdigest())

@@ -435,7 +435,7 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
             continue
         rows = result[in_class]
         own = effective_embargo(embargo, rows)
-        if own < embargo:
+        if own < embargo and (segments[in_class] == "").any():  # of sub-folders only, it acts on nothing
             capped.append(f"{rows['class'].iloc[0] if 'class' in rows else label} {own}")
         for segment in np.unique(segments[train]):
             held = np.sort(positions[held_out & (segments == segment)])
@@ -562,6 +562,7 @@ def make_split(
             raise UserError(f"only {len(np.unique(groups))} session blocks: too few for {folds} folds; {_kfold_advice(blocked)}")
         blocked["fold"] = _stratified_group_fold(blocked["label"].to_numpy(), groups, folds, seed, _kfold_advice(blocked))
         blocked["split"] = np.where(blocked["fold"] == fold, "val", "train")
+    _warn_of_duplicates_across_sub_folders(blocked)
     blocked = keep_duplicate_groups_together(blocked)
     if protocol != "random":  # an image-level random split is leaky by design; no embargo pretends otherwise
         blocked = apply_embargo(blocked, embargo)
@@ -570,6 +571,21 @@ def make_split(
     if check:
         check_leakage(result)
     return result
+
+
+def _warn_of_duplicates_across_sub_folders(rows: pd.DataFrame, shown: int = 3) -> None:
+    """Name the duplicate groups whose images lie in two sub-folders of one class (a copy filed under two
+    patients?): the split keeps them in one part, and with them both sub-folders whole, silently joining two
+    patients that then may be too large to hold out."""
+    folders = sub_folders(rows)
+    keyed = rows.assign(_folder=folders)[folders.notna()]
+    spans = keyed.groupby("dup_group")["_folder"].agg(lambda names: sorted(set(names)))
+    spans = spans[spans.map(len) > 1]
+    if len(spans):
+        examples = "; ".join(" and ".join(f"{name}/" for name in names) for names in spans.iloc[:shown])
+        warn_once(log, "%d duplicate group(s) hold images of two sub-folders (a copy filed under two patients or "
+                  "slides?): %s; each such pair of sub-folders is kept in one part, together (bloodcell audit "
+                  "lists the groups)", len(spans), examples)  # fmt: skip
 
 
 def _warn_of_empty_parts(split: pd.DataFrame, parts: tuple[str, ...]) -> None:
