@@ -289,3 +289,23 @@ def test_a_hand_edited_predictions_json_names_no_file_the_demo_would_delete(cont
     (tmp_path / "predictions.json").write_text(content)
     names = earlier_overlays(tmp_path / "predictions.json")
     assert names <= {"outside.gradcam.png"} and all("/" not in name and name not in ("", "..") for name in names)
+
+
+def test_a_model_of_other_classes_gets_no_verdict_on_the_shipped_samples(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Another lab's model (normal, ALL-L1, ...) shown the shipped samples: every image was "wrong", and
+    "0 of 12 predicted as their folder's class", for folders of classes the model does not have."""
+    import shutil
+
+    model = tmp_path / "lab-model"
+    shutil.copytree(tiny_model, model)
+    card = json.loads((model / "card.json").read_text())
+    card["classes"] = ["normal", "ALL-L1", "ALL-L2", "ALL-L3"]
+    (model / "card.json").write_text(json.dumps(card))
+    result = run_cli("demo", "--model", str(model), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert "0 of 0 predicted as their folder's class" in result.output
+    assert "are no classes of this model (normal, ALL-L1, ALL-L2, ALL-L3): no verdict" in result.output
+    payload = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert payload["n_judged"] == 0 and all(row["correct"] is None for row in payload["results"])
+    html = (tmp_path / "o" / "report.html").read_text(encoding="utf-8")
+    assert " - wrong" not in html and "in folders of no class of this model's: no verdict" in html

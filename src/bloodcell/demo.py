@@ -72,10 +72,13 @@ class DemoImage:
     true_class: str
     result: PredictionResult
     overlay: Path | None = None
+    judged: bool = True  # its folder's class is one of the model's (else no verdict: None)
 
     @property
-    def correct(self) -> bool:
-        return self.result.ok and self.result.label == self.true_class
+    def correct(self) -> bool | None:
+        """Whether the model named its folder's class; None for a folder of no class the model knows (the
+        shipped samples' classes shown to a model of another lab's classes)."""
+        return self.result.ok and self.result.label == self.true_class if self.judged else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the predictor's fields (``file``, ``class``, ...) plus ``true_class``, ``correct``, ``overlay``."""
@@ -107,7 +110,12 @@ class DemoResult:
 
     @property
     def n_correct(self) -> int:
-        return sum(image.correct for image in self.images)
+        return sum(image.correct is True for image in self.images)
+
+    @property
+    def n_judged(self) -> int:
+        """The images whose folder's class the model knows: those a verdict is given for."""
+        return sum(image.judged for image in self.images)
 
 
 def samples_dir() -> Path:
@@ -282,7 +290,7 @@ def run_demo(
     earlier = earlier_overlays(out / PREDICTIONS_JSON)
     overlays = write_overlays(predictor, [path for path, _ in files], results, out / OVERLAY_DIR, earlier)
     images = [
-        DemoImage(path, true_class, result, overlay)
+        DemoImage(path, true_class, result, overlay, judged=true_class in predictor.classes)
         for (path, true_class), result, overlay in zip(files, results, overlays)
     ]
     demo = DemoResult(
@@ -360,6 +368,7 @@ def write_predictions(demo: DemoResult) -> None:
             "temperature": demo.temperature,
             "n_images": len(demo.images),
             "n_correct": demo.n_correct,
+            "n_judged": demo.n_judged,
             "results": [image.to_dict() for image in demo.images],
         },
     )
@@ -374,7 +383,7 @@ def write_predictions(demo: DemoResult) -> None:
             {
                 "file": spreadsheet_safe(str(image.path)), "true_class": spreadsheet_safe(image.true_class),
                 "predicted_class": spreadsheet_safe(result.label or ""),
-                "correct": image.correct, "confidence": _decimal(result.confidence),
+                "correct": "" if image.correct is None else image.correct, "confidence": _decimal(result.confidence),
                 **{column: _decimal(result.probabilities.get(name)) for name, column in zip(demo.classes, columns)},
                 "overlay": "" if image.overlay is None else spreadsheet_safe(str(image.overlay)),
                 "error": spreadsheet_safe(result.error or ""),

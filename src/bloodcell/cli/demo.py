@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from bloodcell.cli import app
+from bloodcell.cli.messages import warning_line
 
 if TYPE_CHECKING:
     from bloodcell.demo import DemoResult
@@ -71,16 +72,21 @@ def _print_summary(demo: DemoResult) -> None:
             table.add_row(escape(image.path.name), escape(image.true_class), f"[red]error: {escape(result.error or '')}[/red]",
                           *[""] * (len(classes) + 2))  # fmt: skip
             continue
-        verdict = "[green]right[/green]" if image.correct else "[red]wrong[/red]"
+        verdict = ("n/a" if image.correct is None else "[green]right[/green]" if image.correct
+                   else "[red]wrong[/red]")  # fmt: skip
         cells = [f"{result.probabilities[name]:.3f}" for name in classes]
         table.add_row(escape(image.path.name), escape(image.true_class), f"[bold]{escape(result.label or '')}[/bold]",
                       f"{result.confidence:.3f}", *cells, verdict)  # fmt: skip
     console.print(table)
     console.print(
-        f"{demo.n_correct} of {len(demo.images)} predicted as their folder's class in {demo.seconds:.1f} s "
+        f"{demo.n_correct} of {demo.n_judged} predicted as their folder's class in {demo.seconds:.1f} s "
         f"({len(demo.images)} images say little; see the model's evaluation report). Research use only: not a "
         "medical device."
     )
+    unknown = sorted({image.true_class for image in demo.images if not image.judged})
+    if unknown:
+        warning_line(f"the samples' folders {', '.join(unknown)} are no classes of this model ({', '.join(demo.classes)}): "
+                     "no verdict for them; give --samples a folder of its classes' folders")  # fmt: skip
     console.print(f"report:      {escape(str(demo.report))}  (open it in a browser)", highlight=False, soft_wrap=True)
     console.print(f"predictions: {escape(str(demo.predictions_csv))}, {escape(demo.predictions_json.name)}",
                   highlight=False, soft_wrap=True)  # fmt: skip
