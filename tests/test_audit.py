@@ -285,3 +285,12 @@ def test_a_file_name_holding_a_pipe_keeps_its_row_of_the_audit_table() -> None:
 
     table = markdown_table(["file", "reason"], [["Pro/bad|name.jpg", "not an image file\n(text)"]])
     assert table.splitlines()[2] == "| Pro/bad\\|name.jpg | not an image file (text) |"
+
+
+def test_the_stained_cell_table_has_a_segmented_column_only_where_there_is_a_segmented_variant() -> None:
+    from bloodcell.data.audit import _stained_table
+
+    plain = {"normal": {"mean": 0.1, "under_2_percent": 0.0, "inside_segmented": None}}
+    assert "Segmented" not in _stained_table(plain)
+    aria = {"Benign": {"mean": 0.1, "under_2_percent": 0.0, "inside_segmented": 0.93}}
+    assert _stained_table(aria).splitlines()[2] == "| Benign | 10.0 % | 0 % | 93 % |"

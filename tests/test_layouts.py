@@ -146,7 +146,11 @@ def test_a_lone_folder_of_unknown_class_folders_is_pointed_at(tmp_path: Path) ->
 def test_aria_variant_folders_named_in_another_case_are_refused(tmp_path: Path) -> None:
     """Not taken for two classes, "original" and "segmented" (the same images, with and without background)."""
     root = make_folders(tmp_path / "aria", [f"{v}/{c}" for v in ("original", "SEGMENTED") for c in ("Benign", "Pro")])
-    with pytest.raises(UserError, match="SEGMENTED, original looks like the Aria layout's .* rename them"):
+    with pytest.raises(UserError, match="SEGMENTED, original looks like the Aria layout's variant folders, named in "
+                       "another case; rename SEGMENTED/ to Segmented/, original/ to Original/"):
+        find_dataset(root)
+    (root / "SEGMENTED").rename(root / "Segmented")  # beside a right one: the variant asked for is said to rename
+    with pytest.raises(UserError, match=r"has no 'Original' folder \(rename original/ to Original/\)"):
         find_dataset(root)
 
 

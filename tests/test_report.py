@@ -387,3 +387,17 @@ def test_drawing_the_report_s_figures_leaves_the_caller_s_matplotlib_backend_alo
     shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                            env={**os.environ, "MPLBACKEND": "svg"}).stdout  # fmt: skip
     assert shown.strip() == "svg" and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_an_evaluation_inside_a_run_is_named_after_the_run(tmp_path: Path) -> None:
+    """Every run of the default config is named "default": the report of runs/lab/evaluations/x-...-all was
+    titled "default (x-...-all)", like any other run's."""
+    from bloodcell.report.html import _report_name
+
+    run = tmp_path / "runs" / "lab"
+    (run / "evaluations" / "site-1a2b3c4d-all").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: default\n")
+    card, metrics = {"name": "default"}, {"model": {"architecture": "bloodnet"}}
+    assert _report_name(run / "evaluations" / "site-1a2b3c4d-all", card, metrics) == "lab (site-1a2b3c4d-all)"
+    assert _report_name(run, card, metrics) == "lab"
+    assert _report_name(tmp_path / "evaluations" / "default", card, metrics) == "default (default)"

@@ -37,8 +37,8 @@ VARIANT_OPTION = typer.Option(
 CLASSES_OPTION = typer.Option(
     None,
     "--classes",
-    help="Comma-separated class names in model order, matched loosely to folder names "
-    "(plain class-per-folder layouts; default: the canonical classes, else the folder names).",
+    help="Comma-separated class names in model order, matched loosely to the class folders' names "
+    "(any layout; default: the canonical classes, else the folder names).",
     show_default=False,
 )
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a summary.")
@@ -182,7 +182,8 @@ def split_command(
         _DEFAULTS.embargo,
         "--embargo",
         min=0,
-        help="Images left out of training on each side of a held-out block.",
+        help="Images left out of training on each side of a held-out block (counted within a patient's "
+        "sub-folder, or among the files directly in the class folder).",
     ),
     folds: int = typer.Option(_DEFAULTS.folds, "--folds", min=2, help="kfold: number of folds."),
     fold: int = typer.Option(_DEFAULTS.fold, "--fold", min=0, help="kfold: which fold is validation."),
@@ -194,8 +195,9 @@ def split_command(
 ) -> None:
     """Split the indexed images into train / val / test (and embargo), keeping duplicate groups together.
 
-    The "embargo" part holds what no part uses: the images beside each held-out block, and the members of
-    a duplicate group outside the one part it is kept in.
+    Sub-folders inside a class folder (one a patient or a slide: Benign/patient07/...) are kept whole in one
+    part by every protocol. The "embargo" part holds what no part uses: the images beside each held-out
+    block, and the members of a duplicate group outside the one part it is kept in.
 
     The leakage check runs on every split; if it fails the command exits with status 1.
 

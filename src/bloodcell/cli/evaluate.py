@@ -131,7 +131,7 @@ def evaluate_command(
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM grid and sanity check."),
     cam_method: str = typer.Option("gradcam", "--cam-method", help=f"CAM method of the grid and sanity check: {CAM_METHODS}."),
     target_layer: str | None = typer.Option(None, "--target-layer", help=TARGET_LAYER_HELP, show_default=False),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run directory for its own test part, else RUN/evaluations/<data folder>-<8 hex of its path>-<split>; for a model outside a run, under ./evaluations/).", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run directory for its own test part, else RUN/evaluations/DATA-HASH-SPLIT, HASH 8 hex digits of the data folder's path; for a model outside a run, under ./evaluations/).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json on stdout instead of the summary."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw progress bars on stderr."),
 ) -> None:

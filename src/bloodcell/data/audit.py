@@ -487,6 +487,18 @@ def segmented_coverage(masks: np.ndarray, labels: np.ndarray, classes: Sequence[
     return {"threshold": SEGMENTED_THRESHOLD, "classes": per_class, "statement": statement}
 
 
+def _stained_table(stained: dict[str, dict[str, Any]]) -> str:
+    """The stained-cell masks' table, with the column of the Segmented variant's masks only where there is
+    one (the Aria layout)."""
+    segmented = any(c["inside_segmented"] is not None for c in stained.values())
+    header = ["class", "mean share of pixels", "images under 2 %"] + (["mask pixels inside the Segmented variant's"]
+                                                                      if segmented else [])  # fmt: skip
+    rows = [[name, f"{100 * c['mean']:.1f} %", f"{100 * c['under_2_percent']:.0f} %"]
+            + ([f"{100 * c['inside_segmented']:.0f} %" if c["inside_segmented"] is not None else ""] if segmented else [])
+            for name, c in stained.items()]  # fmt: skip
+    return markdown_table(header, rows)
+
+
 def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
     """Render an audit report dict as Markdown (the file ``audit.md``)."""
     counts = report["split"]["counts"]
@@ -495,7 +507,8 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
     sections = [
         f"# Dataset audit: {report['dataset']}",
         (
-            f"Layout `{report['layout']}`, variant `{report['variant']}`: {report['images']} files, "
+            f"Layout `{report['layout']}`" + (f", variant `{report['variant']}`" if report["layout"] == "aria" else "")
+            + f": {report['images']} files, "
             f"{report['accepted']} usable, {len(report['rejected'])} rejected. Manifest: `{report['manifest']}`."
         ),
         "## Images per class\n\n"
@@ -579,11 +592,6 @@ def audit_markdown(report: dict[str, Any], max_groups: int = 50) -> str:
             "## Stained cells: the masks of the Grad-CAM energy measure\n\n"
             "The pixels whose purple excess, (R + B) / 2 - G, falls in the top class of a three-class Otsu threshold "
             "(white cells and blasts under a Romanowsky stain; `bloodcell.explain.cell_masks`).\n\n"
-            + markdown_table(
-                ["class", "mean share of pixels", "images under 2 %", "mask pixels inside the Segmented variant's"],
-                [[name, f"{100 * c['mean']:.1f} %", f"{100 * c['under_2_percent']:.0f} %",
-                  "" if c["inside_segmented"] is None else f"{100 * c['inside_segmented']:.0f} %"]
-                 for name, c in stained.items()],
-            )  # fmt: skip
+            + _stained_table(stained)
         )
     return "\n\n".join(sections) + "\n"

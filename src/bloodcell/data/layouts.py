@@ -299,7 +299,9 @@ def find_dataset(
         variant_root = aria_top / variant
         if not variant_root.is_dir():
             present = [v for v in VARIANTS if (aria_top / v).is_dir()]
-            raise UserError(f"{aria_top} has no {variant!r} folder; use --variant {' or '.join(present)}")
+            cased = [f.name for f in _subfolders(aria_top) if f.name.lower() == variant.lower()]
+            rename = f" (rename {cased[0]}/ to {variant}/)" if cased else ""
+            raise UserError(f"{aria_top} has no {variant!r} folder{rename}; use --variant {' or '.join(present)}")
         found = (
             _match_user_classes(variant_root, class_names)
             if class_names
@@ -339,12 +341,12 @@ def find_dataset(
         # beside a class folder (Benign/ beside ALL/{[Malignant] ...}) it is a class of its own folders
         raise UserError(f"{nested[0]} holds a dataset of its own (Aria's or the Kaggle copy's layout), beside other "
                         f"folders under {path}: give {nested[0]} as the dataset folder")  # fmt: skip
-    misnamed = [f.name for f in with_images if f.name.lower() in {v.lower() for v in VARIANTS}]
+    variant_of = {v.lower(): v for v in VARIANTS}
+    misnamed = {f.name: variant_of[f.name.lower()] for f in with_images if f.name.lower() in variant_of}
     if misnamed:  # else a model would learn to tell the Original images from their Segmented copies
-        raise UserError(
-            f"{path}: {', '.join(misnamed)} looks like the Aria layout's {' and '.join(VARIANTS)} folders, but the "
-            f"names differ in case; rename {'them' if len(misnamed) > 1 else 'it'} to {' and '.join(VARIANTS)}"
-        )
+        renames = ", ".join(f"{name}/ to {right}/" for name, right in misnamed.items())
+        raise UserError(f"{path}: {', '.join(misnamed)} looks like the Aria layout's variant folders, named in "
+                        f"another case; rename {renames}")  # fmt: skip
     if len(with_images) < 2:
         wrapper = "".join(f"; if {f.name}/ holds the class folders, give {f} instead" for f in _only_subfolder(path))
         raise UserError(

@@ -663,7 +663,7 @@ _DEFAULT_SETTINGS = {
 
 
 def split_file_name(protocol: str, seed: int, fold: int | None = None, **settings: Any) -> str:
-    """File name of a saved split, e.g. ``session-seed0-rules2.csv`` or ``kfold-seed0-fold2-rules2.csv``.
+    """File name of a saved split, e.g. ``session-seed0-rules3.csv`` or ``kfold-seed0-fold2-rules3.csv``.
 
     Settings that differ from the defaults (``val_fraction``, ``test_fraction``, ``block_size``, ``embargo``,
     ``folds``, ``class_names``) add a short hash of them, and :data:`SPLIT_RULES` is in every name, so

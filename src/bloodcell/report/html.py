@@ -103,6 +103,17 @@ def data_source(card: dict[str, Any], aria: bool) -> str:
     return f"the images of {root} (no published dataset recorded)" if root else "not recorded in the card"
 
 
+def _report_name(run_dir: Path, card: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """What the report is called: its run's folder, and for an evaluation folder of a run
+    (``RUN/evaluations/<data>-<hash>-<split>``) that run's folder too; else the model's name. Every run of
+    the default config is named ``default``: the run's folder tells two of them apart."""
+    if (run_dir / "config.yaml").is_file():
+        return run_dir.name
+    if run_dir.parent.name == "evaluations" and (run_dir.parent.parent / "config.yaml").is_file():
+        return f"{run_dir.parent.parent.name} ({run_dir.name})"
+    return f"{card.get('name') or metrics['model']['architecture']} ({run_dir.name})"
+
+
 def card_temperature(source: str) -> str:
     """``temperature_source`` said after "the model card's", without "model card" twice: `` (never fitted:
     T = 1)`` for ``model card (never fitted: T = 1)``, nothing for ``model card``."""
@@ -368,8 +379,7 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
 
     return {
         # A run is named by its folder; an evaluation folder elsewhere (e.g. of the bundled model) by its model.
-        "run_name": (run_dir.name if (run_dir / "config.yaml").is_file()
-                     else f"{card.get('name') or metrics['model']['architecture']} ({run_dir.name})"),  # fmt: skip
+        "run_name": _report_name(run_dir, card, metrics),
         "run_dir": str(run_dir),
         "scope": evaluated_scope(metrics, metrics["data"]["root"]),
         "caveats": caveats(metrics),
