@@ -309,3 +309,21 @@ def test_a_model_of_other_classes_gets_no_verdict_on_the_shipped_samples(tiny_mo
     assert payload["n_judged"] == 0 and all(row["correct"] is None for row in payload["results"])
     html = (tmp_path / "o" / "report.html").read_text(encoding="utf-8")
     assert " - wrong" not in html and "in folders of no class of this model's: no verdict" in html
+
+
+def test_sample_folders_named_another_way_are_judged_as_the_model_s_classes(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """normal/ for a model class "Normal": matched loosely, as --classes and evaluate match folders."""
+    import shutil
+
+    model = tmp_path / "lab-model"
+    shutil.copytree(tiny_model, model)
+    card = json.loads((model / "card.json").read_text())
+    card["classes"] = ["Normal", "L1", "L2", "L3"]
+    (model / "card.json").write_text(json.dumps(card))
+    samples = tmp_path / "samples"
+    for folder, source in (("normal", "Benign"), ("l1", "Pro")):
+        shutil.copytree(samples_dir() / source, samples / folder)
+    payload = json.loads(run_cli("demo", "--model", str(model), "--samples", str(samples), "--out",
+                                 str(tmp_path / "o"), "--json").output)  # fmt: skip
+    assert payload["n_judged"] == payload["n_images"] > 0
+    assert {row["true_class"] for row in payload["results"]} == {"Normal", "L1"}

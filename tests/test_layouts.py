@@ -137,6 +137,14 @@ def test_a_class_of_the_kaggle_copy_s_folders_beside_a_class_folder_is_a_class(t
     assert find_dataset(tmp_path / "binary").classes == ("ALL", "Benign")  # folder names, sorted
 
 
+def test_an_aria_dataset_beside_a_class_folder_is_no_class(tmp_path: Path) -> None:
+    """Benign/ beside leukemia-aria/{Original,Segmented}/...: the Aria copy was taken for a class mixing all
+    four classes and both variants."""
+    make_folders(tmp_path / "d", ["Benign", *[f"leukemia-aria/{v}/{c}" for v in ("Original", "Segmented") for c in ("Benign", "Pro")]])
+    with pytest.raises(UserError, match="leukemia-aria holds a dataset of its own"):
+        find_dataset(tmp_path / "d")
+
+
 def test_a_lone_folder_of_unknown_class_folders_is_pointed_at(tmp_path: Path) -> None:
     make_folders(tmp_path / "data" / "my lab", ["tumour", "healthy"])
     with pytest.raises(UserError, match=r"if my lab/ holds the class folders, give .*my lab instead"):
@@ -146,7 +154,7 @@ def test_a_lone_folder_of_unknown_class_folders_is_pointed_at(tmp_path: Path) ->
 def test_aria_variant_folders_named_in_another_case_are_refused(tmp_path: Path) -> None:
     """Not taken for two classes, "original" and "segmented" (the same images, with and without background)."""
     root = make_folders(tmp_path / "aria", [f"{v}/{c}" for v in ("original", "SEGMENTED") for c in ("Benign", "Pro")])
-    with pytest.raises(UserError, match="SEGMENTED, original looks like the Aria layout's variant folders, named in "
+    with pytest.raises(UserError, match="SEGMENTED, original look like the Aria layout's variant folders, named in "
                        "another case; rename SEGMENTED/ to Segmented/, original/ to Original/"):
         find_dataset(root)
     (root / "SEGMENTED").rename(root / "Segmented")  # beside a right one: the variant asked for is said to rename

@@ -397,7 +397,12 @@ def test_an_evaluation_inside_a_run_is_named_after_the_run(tmp_path: Path) -> No
     run = tmp_path / "runs" / "lab"
     (run / "evaluations" / "site-1a2b3c4d-all").mkdir(parents=True)
     (run / "config.yaml").write_text("name: default\n")
+    (run / "history.csv").write_text("epoch\n1\n")
+    own = tmp_path / "project"  # a folder of one's own config beside the bundled model's ./evaluations/default
+    (own / "evaluations" / "default").mkdir(parents=True)
+    (own / "config.yaml").write_text("lr: 0.1\n")
     card, metrics = {"name": "default"}, {"model": {"architecture": "bloodnet"}}
     assert _report_name(run / "evaluations" / "site-1a2b3c4d-all", card, metrics) == "lab (site-1a2b3c4d-all)"
     assert _report_name(run, card, metrics) == "lab"
     assert _report_name(tmp_path / "evaluations" / "default", card, metrics) == "default (default)"
+    assert _report_name(own / "evaluations" / "default", card, metrics) == "default (default)"

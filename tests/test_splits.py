@@ -735,3 +735,28 @@ def test_a_copy_filed_under_two_patients_is_said_to_join_them(caplog: pytest.Log
            f"{CLASSES[0]}/p1/ and {CLASSES[0]}/p3/" in caplog.text
     together = split[split["path"].str.startswith((f"{CLASSES[0]}/p1/", f"{CLASSES[0]}/p3/"))]
     assert together.loc[together["split"] != "embargo", "split"].nunique() == 1
+
+
+@pytest.mark.parametrize(("units", "n_blocks", "starts"), [
+    ([1, 200, 100, 100], 4, [0, 201, 301]),  # a stray file first joins the sub-folder after it
+    ([30, 30, 30, 1], 7, [0, 30, 60]),  # ... and one last the sub-folder before it
+    ([1, 60, 60, 1], 7, [0, 61]),
+])  # fmt: skip
+def test_a_stray_loose_file_among_few_sub_folders_is_never_a_block_of_one_image(
+    units: list[int], n_blocks: int, starts: list[int]
+) -> None:
+    """Once the large sub-folders were set apart, the share of what was left fell to the stray file's size,
+    and it became a block (and could be a class's whole test part)."""
+    from bloodcell.data.splits import _block_starts
+
+    assert _block_starts(units, n_blocks) == starts
+
+
+def test_a_duplicate_across_classes_is_no_copy_filed_under_two_patients(caplog: pytest.LogCaptureFixture) -> None:
+    manifest = manifest_of_folders({"b": [(f"p{k}", 15) for k in range(1, 7)], "e": [(f"q{k}", 15) for k in range(1, 7)]})
+    first = manifest.index[manifest["path"] == f"{CLASSES[0]}/p1/img_003.jpg"][0]
+    other = manifest.index[manifest["path"] == f"{CLASSES[1]}/q3/img_007.jpg"][0]
+    manifest.loc[other, "dup_group"] = manifest.at[first, "dup_group"]
+    with caplog.at_level("WARNING"):
+        make_split(manifest, "session", 0)
+    assert "two sub-folders" not in caplog.text

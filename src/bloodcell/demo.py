@@ -22,7 +22,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -290,7 +290,8 @@ def run_demo(
     earlier = earlier_overlays(out / PREDICTIONS_JSON)
     overlays = write_overlays(predictor, [path for path, _ in files], results, out / OVERLAY_DIR, earlier)
     images = [
-        DemoImage(path, true_class, result, overlay, judged=true_class in predictor.classes)
+        DemoImage(path, model_class(true_class, predictor.classes) or true_class, result, overlay,
+                  judged=model_class(true_class, predictor.classes) is not None)
         for (path, true_class), result, overlay in zip(files, results, overlays)
     ]
     demo = DemoResult(
@@ -303,6 +304,18 @@ def run_demo(
     demo.seconds = time.perf_counter() - start
     write_report(demo)
     return demo
+
+
+def model_class(folder_class: str, classes: Sequence[str]) -> str | None:
+    """The model's class a sample folder's class stands for, matched loosely as ``--classes`` matches folders
+    (``normal`` for ``Normal``, ``early`` for ``Early Pre-B``), or None."""
+    from bloodcell.data.layouts import canonical_class, normalise_name
+
+    def keys(name: str) -> set[str]:
+        alias = canonical_class(name)
+        return {normalise_name(name)} | ({normalise_name(alias)} if alias else set())
+
+    return next((name for name in classes if keys(name) & keys(folder_class)), None)
 
 
 def earlier_overlays(predictions_json: Path) -> set[str]:

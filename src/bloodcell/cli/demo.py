@@ -85,8 +85,9 @@ def _print_summary(demo: DemoResult) -> None:
     )
     unknown = sorted({image.true_class for image in demo.images if not image.judged})
     if unknown:
-        warning_line(f"the samples' folders {', '.join(unknown)} are no classes of this model ({', '.join(demo.classes)}): "
-                     "no verdict for them; give --samples a folder of its classes' folders")  # fmt: skip
+        which = f"folders {', '.join(unknown)} are no classes" if len(unknown) > 1 else f"folder {unknown[0]} is no class"
+        warning_line(f"the samples' {which} of this model ({', '.join(demo.classes)}): no verdict for them; give "
+                     "--samples a folder of its classes' folders")  # fmt: skip
     console.print(f"report:      {escape(str(demo.report))}  (open it in a browser)", highlight=False, soft_wrap=True)
     console.print(f"predictions: {escape(str(demo.predictions_csv))}, {escape(demo.predictions_json.name)}",
                   highlight=False, soft_wrap=True)  # fmt: skip

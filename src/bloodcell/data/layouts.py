@@ -336,17 +336,19 @@ def find_dataset(
     # then says it has no images).
     if known and with_images and {f.name for f in with_images} <= set(known.values()):
         return _build(path, path, "folders", variant, _in_canonical_order(known))
-    nested = [f for f in with_images if _holds_aria_variant(f) or _kaggle_root(f) == f]
-    if nested and not known:  # a dataset beside other folders (a wrapper beside notes/): no class of its own;
-        # beside a class folder (Benign/ beside ALL/{[Malignant] ...}) it is a class of its own folders
+    # A dataset beside other folders (a wrapper beside notes/) is no class; the Kaggle copy's folders beside
+    # a class folder (Benign/ beside ALL/{[Malignant] ...}) are one class, ALL, of its own folders.
+    nested = [f for f in with_images if _holds_aria_variant(f) or (_kaggle_root(f) == f and not known)]
+    if nested:
         raise UserError(f"{nested[0]} holds a dataset of its own (Aria's or the Kaggle copy's layout), beside other "
                         f"folders under {path}: give {nested[0]} as the dataset folder")  # fmt: skip
     variant_of = {v.lower(): v for v in VARIANTS}
     misnamed = {f.name: variant_of[f.name.lower()] for f in with_images if f.name.lower() in variant_of}
     if misnamed:  # else a model would learn to tell the Original images from their Segmented copies
         renames = ", ".join(f"{name}/ to {right}/" for name, right in misnamed.items())
-        raise UserError(f"{path}: {', '.join(misnamed)} looks like the Aria layout's variant folders, named in "
-                        f"another case; rename {renames}")  # fmt: skip
+        looks = "looks like one of the Aria layout's variant folders" if len(misnamed) == 1 else \
+            "look like the Aria layout's variant folders"
+        raise UserError(f"{path}: {', '.join(misnamed)} {looks}, named in another case; rename {renames}")
     if len(with_images) < 2:
         wrapper = "".join(f"; if {f.name}/ holds the class folders, give {f} instead" for f in _only_subfolder(path))
         raise UserError(

@@ -119,11 +119,14 @@ def _block_starts(units: list[int], n_blocks: int) -> list[int]:
     only, ``np.array_split``'s equal cut.
     """
     alone: set[int] = set()  # indices of the units that are blocks of their own
+    base = sum(units) / n_blocks  # a block's share of the whole class
     while True:
         rest = [k for k in range(len(units)) if k not in alone]
         blocks_left = n_blocks - len(alone)
         share = sum(units[k] for k in rest) / blocks_left if blocks_left > 0 else math.inf
-        larger = {k for k in rest if units[k] > share}
+        # (never a unit of under half the whole's share: once the large sub-folders are set apart, the
+        # share of what is left can fall to a stray file's size)
+        larger = {k for k in rest if units[k] > share and units[k] >= base / 2}
         if not larger or blocks_left <= len(larger):
             break
         alone |= larger
@@ -137,7 +140,7 @@ def _block_starts(units: list[int], n_blocks: int) -> list[int]:
     # A run of a few loose files between sub-folders (a stray scan_001.png sorted after them) joins the block
     # beside it rather than making a block of its own: a one-image block would take the class's embargo
     # (half its smallest loose block) to nothing.
-    stray = [run for run in runs if alone and sum(units[k] for k in run) < share / 2]
+    stray = [run for run in runs if alone and sum(units[k] for k in run) < base / 2]
     runs = [run for run in runs if run not in stray]
     shares = _apportion([sum(units[k] for k in run) for run in runs], max(n_blocks - len(alone), len(runs)))
     starts_at = {k: [k] for k in alone}
@@ -220,7 +223,9 @@ def _held_out_counts(rows: pd.DataFrame, val_fraction: float, test_fraction: flo
     n_val = max(1, math.floor(val_fraction * n_blocks + 0.5))
     if n_test + n_val >= n_blocks:
         folders = sub_folders(rows).dropna()
-        if folders.size and n_blocks >= folders.nunique() + n_images - folders.size:  # no block size gives more
+        # Mostly in sub-folders, and no more blocks than units: no block size gives more (a stray loose file
+        # joins a sub-folder's block)
+        if folders.size * 2 >= n_images and n_blocks <= folders.nunique() + n_images - folders.size:
             raise UserError(
                 f"class {name!r} gives only {n_blocks} session block(s), too few for val, test and training: "
                 f"{folders.size} of its {n_images} images lie in {folders.nunique()} sub-folder(s), each kept whole "
@@ -579,7 +584,9 @@ def _warn_of_duplicates_across_sub_folders(rows: pd.DataFrame, shown: int = 3) -
     patients that then may be too large to hold out."""
     folders = sub_folders(rows)
     keyed = rows.assign(_folder=folders)[folders.notna()]
-    spans = keyed.groupby("dup_group")["_folder"].agg(lambda names: sorted(set(names)))
+    # within one class: a duplicate across classes is the index's warning (a labelling error), and each class
+    # is split on its own
+    spans = keyed.groupby(["class", "dup_group"])["_folder"].agg(lambda names: sorted(set(names)))
     spans = spans[spans.map(len) > 1]
     if len(spans):
         examples = "; ".join(" and ".join(f"{name}/" for name in names) for names in spans.iloc[:shown])

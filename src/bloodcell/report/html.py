@@ -109,8 +109,10 @@ def _report_name(run_dir: Path, card: dict[str, Any], metrics: dict[str, Any]) -
     the default config is named ``default``: the run's folder tells two of them apart."""
     if (run_dir / "config.yaml").is_file():
         return run_dir.name
-    if run_dir.parent.name == "evaluations" and (run_dir.parent.parent / "config.yaml").is_file():
-        return f"{run_dir.parent.parent.name} ({run_dir.name})"
+    run = run_dir.parent.parent  # a run holds its config and its history or checkpoints, not a config alone
+    if run_dir.parent.name == "evaluations" and (run / "config.yaml").is_file() and (
+            (run / "history.csv").is_file() or (run / "checkpoints").is_dir()):  # fmt: skip
+        return f"{run.name} ({run_dir.name})"
     return f"{card.get('name') or metrics['model']['architecture']} ({run_dir.name})"
 
 
