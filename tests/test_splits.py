@@ -760,3 +760,10 @@ def test_a_duplicate_across_classes_is_no_copy_filed_under_two_patients(caplog: 
     with caplog.at_level("WARNING"):
         make_split(manifest, "session", 0)
     assert "two sub-folders" not in caplog.text
+
+
+def test_too_few_sub_folders_beside_a_stray_file_still_name_the_sub_folders() -> None:
+    """Not "lower the block size": the stray file joins a sub-folder's block, and no size gives more."""
+    manifest = manifest_of_folders({"b": [("", 1), ("p1", 30), ("p2", 30)], "e": [("", 61)]})
+    with pytest.raises(UserError, match=r"lie in 2 sub-folder\(s\), each kept whole"):
+        make_split(manifest, "session", 0)
