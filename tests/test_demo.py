@@ -327,3 +327,12 @@ def test_sample_folders_named_another_way_are_judged_as_the_model_s_classes(tiny
                                  str(tmp_path / "o"), "--json").output)  # fmt: skip
     assert payload["n_judged"] == payload["n_images"] > 0
     assert {row["true_class"] for row in payload["results"]} == {"Normal", "L1"}
+
+
+def test_a_model_class_named_like_a_canonical_alias_is_matched_by_its_own_name_first() -> None:
+    """A model of Benign and Hematogone (both aliases of Benign) shown a Hematogone/ folder: its own class."""
+    from bloodcell.demo import model_class
+
+    assert model_class(["Hematogone", "Benign"], ["Benign", "Hematogone", "ALL"]) == "Hematogone"
+    assert model_class(["Early", "Early Pre-B"], ["Benign", "early", "pre"]) == "early"
+    assert model_class(["Pro", "Pro-B"], ["x", "y"]) is None

@@ -131,10 +131,15 @@ def test_an_aria_dataset_unpacked_into_a_folder_of_its_own_is_found(
         find_dataset(outer)
 
 
-def test_a_class_of_the_kaggle_copy_s_folders_beside_a_class_folder_is_a_class(tmp_path: Path) -> None:
-    """Benign/ beside ALL/{[Malignant] ...}: a two-class dataset, not a dataset beside another folder."""
-    make_folders(tmp_path / "binary", ["Benign", *[f"ALL/{name}" for name in KAGGLE_FOLDERS[1:]]])
-    assert find_dataset(tmp_path / "binary").classes == ("ALL", "Benign")  # folder names, sorted
+@pytest.mark.parametrize("healthy", ["Benign", "Healthy"])
+def test_a_class_of_the_kaggle_copy_s_folders_beside_a_class_folder_is_a_class(tmp_path: Path, healthy: str) -> None:
+    """Benign/ (or Healthy/) beside ALL/{[Malignant] ...}: a two-class dataset, not a dataset beside another
+    folder; but a whole Kaggle copy, its Benign included, beside Benign/ is refused, not taken for a class."""
+    make_folders(tmp_path / "binary", [healthy, *[f"ALL/{name}" for name in KAGGLE_FOLDERS[1:]]])
+    assert set(find_dataset(tmp_path / "binary").classes) == {"ALL", healthy}
+    make_folders(tmp_path / "whole", [healthy, *[f"Blood cell Cancer [ALL]/{name}" for name in KAGGLE_FOLDERS]])
+    with pytest.raises(UserError, match=r"Blood cell Cancer \[ALL\] holds a dataset of its own"):
+        find_dataset(tmp_path / "whole")
 
 
 def test_an_aria_dataset_beside_a_class_folder_is_no_class(tmp_path: Path) -> None:

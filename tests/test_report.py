@@ -397,12 +397,19 @@ def test_an_evaluation_inside_a_run_is_named_after_the_run(tmp_path: Path) -> No
     run = tmp_path / "runs" / "lab"
     (run / "evaluations" / "site-1a2b3c4d-all").mkdir(parents=True)
     (run / "config.yaml").write_text("name: default\n")
-    (run / "history.csv").write_text("epoch\n1\n")
     own = tmp_path / "project"  # a folder of one's own config beside the bundled model's ./evaluations/default
     (own / "evaluations" / "default").mkdir(parents=True)
     (own / "config.yaml").write_text("lr: 0.1\n")
-    card, metrics = {"name": "default"}, {"model": {"architecture": "bloodnet"}}
+    card = {"name": "default"}
+    metrics = {"model": {"architecture": "bloodnet", "path": str((run / "checkpoints" / "best").resolve())}}
     assert _report_name(run / "evaluations" / "site-1a2b3c4d-all", card, metrics) == "lab (site-1a2b3c4d-all)"
     assert _report_name(run, card, metrics) == "lab"
     assert _report_name(tmp_path / "evaluations" / "default", card, metrics) == "default (default)"
-    assert _report_name(own / "evaluations" / "default", card, metrics) == "default (default)"
+    # A folder holding a config of its own, or a run whose model is not the one scored (the bundled model
+    # evaluated from inside runs/lab writes ./evaluations/default there): not named after it.
+    bundled = {"model": {"architecture": "bloodnet", "path": str(tmp_path / "site-packages" / "default_model")}}
+    assert _report_name(own / "evaluations" / "default", card, bundled) == "default (default)"
+    assert _report_name(run / "evaluations" / "default", card, bundled) == "default (default)"
+    (run / "holdout").mkdir()
+    (run / "holdout" / "config.yaml").write_text("name: default\n")
+    assert _report_name(run / "holdout", card, metrics) == "lab/holdout"

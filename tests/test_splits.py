@@ -737,19 +737,21 @@ def test_a_copy_filed_under_two_patients_is_said_to_join_them(caplog: pytest.Log
     assert together.loc[together["split"] != "embargo", "split"].nunique() == 1
 
 
-@pytest.mark.parametrize(("units", "n_blocks", "starts"), [
-    ([1, 200, 100, 100], 4, [0, 201, 301]),  # a stray file first joins the sub-folder after it
-    ([30, 30, 30, 1], 7, [0, 30, 60]),  # ... and one last the sub-folder before it
-    ([1, 60, 60, 1], 7, [0, 61]),
+@pytest.mark.parametrize(("units", "loose", "n_blocks", "starts"), [
+    ([1, 200, 100, 100], [True, False, False, False], 4, [0, 201, 301]),  # a stray file first joins the next
+    ([30, 30, 30, 1], [False, False, False, True], 7, [0, 30, 60]),  # ... and one last the sub-folder before it
+    ([1, 60, 60, 1], [True, False, False, True], 7, [0, 61]),
+    ([50, 4, 45], [False, False, False], 7, [0, 50, 54]),  # a small patient is no stray: a block of its own
 ])  # fmt: skip
 def test_a_stray_loose_file_among_few_sub_folders_is_never_a_block_of_one_image(
-    units: list[int], n_blocks: int, starts: list[int]
+    units: list[int], loose: list[bool], n_blocks: int, starts: list[int]
 ) -> None:
     """Once the large sub-folders were set apart, the share of what was left fell to the stray file's size,
-    and it became a block (and could be a class's whole test part)."""
+    and it became a block (and could be a class's whole test part); a small patient's sub-folder beside
+    large ones is whole patient all the same, never joined to another."""
     from bloodcell.data.splits import _block_starts
 
-    assert _block_starts(units, n_blocks) == starts
+    assert _block_starts(units, n_blocks, loose) == starts
 
 
 def test_a_duplicate_across_classes_is_no_copy_filed_under_two_patients(caplog: pytest.LogCaptureFixture) -> None:
@@ -762,8 +764,10 @@ def test_a_duplicate_across_classes_is_no_copy_filed_under_two_patients(caplog: 
     assert "two sub-folders" not in caplog.text
 
 
-def test_too_few_sub_folders_beside_a_stray_file_still_name_the_sub_folders() -> None:
-    """Not "lower the block size": the stray file joins a sub-folder's block, and no size gives more."""
-    manifest = manifest_of_folders({"b": [("", 1), ("p1", 30), ("p2", 30)], "e": [("", 61)]})
-    with pytest.raises(UserError, match=r"lie in 2 sub-folder\(s\), each kept whole"):
-        make_split(manifest, "session", 0)
+def test_three_patients_of_uneven_size_are_three_blocks() -> None:
+    """A patient of 4 images between patients of 50 and 45 was joined to a neighbour's block as if a stray
+    file, and the class refused for too few sub-folders."""
+    manifest = manifest_of_folders({"b": [("p1", 50), ("p2", 4), ("p3", 45)], "e": [("", 99)]})
+    split = make_split(manifest, "session", 0)
+    assert split.loc[split["class"] == CLASSES[0], "block"].nunique() == 3
+    assert (parts_of_each_sub_folder(split[split["class"] == CLASSES[0]]) == 1).all()

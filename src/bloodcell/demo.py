@@ -290,8 +290,8 @@ def run_demo(
     earlier = earlier_overlays(out / PREDICTIONS_JSON)
     overlays = write_overlays(predictor, [path for path, _ in files], results, out / OVERLAY_DIR, earlier)
     images = [
-        DemoImage(path, model_class(true_class, predictor.classes) or true_class, result, overlay,
-                  judged=model_class(true_class, predictor.classes) is not None)
+        DemoImage(path, model_class([path.parent.name, true_class], predictor.classes) or true_class, result,
+                  overlay, judged=model_class([path.parent.name, true_class], predictor.classes) is not None)
         for (path, true_class), result, overlay in zip(files, results, overlays)
     ]
     demo = DemoResult(
@@ -306,16 +306,20 @@ def run_demo(
     return demo
 
 
-def model_class(folder_class: str, classes: Sequence[str]) -> str | None:
-    """The model's class a sample folder's class stands for, matched loosely as ``--classes`` matches folders
-    (``normal`` for ``Normal``, ``early`` for ``Early Pre-B``), or None."""
+def model_class(names: Sequence[str], classes: Sequence[str]) -> str | None:
+    """The model's class that a sample's ``names`` (its folder's name, then the class it stands for) name,
+    matched loosely as ``--classes`` matches folders: the same name first (``normal`` for ``Normal``, a
+    model's ``Hematogone`` for a ``Hematogone/`` folder), else the one class whose alias it shares
+    (``early`` for ``Early Pre-B``); None when none or several do."""
     from bloodcell.data.layouts import canonical_class, normalise_name
 
-    def keys(name: str) -> set[str]:
-        alias = canonical_class(name)
-        return {normalise_name(name)} | ({normalise_name(alias)} if alias else set())
-
-    return next((name for name in classes if keys(name) & keys(folder_class)), None)
+    for name in names:
+        same = [model for model in classes if normalise_name(model) == normalise_name(name)]
+        if same:
+            return same[0]
+    aliases = {canonical_class(name) for name in names} - {None}
+    shared = [model for model in classes if canonical_class(model) in aliases]
+    return shared[0] if len(shared) == 1 else None
 
 
 def earlier_overlays(predictions_json: Path) -> set[str]:

@@ -179,6 +179,13 @@ def _aria_top(root: Path) -> Path | None:
     return None
 
 
+def _is_whole_dataset(folder: Path) -> bool:
+    """Whether ``folder`` (or the one folder in it) holds a whole dataset: Aria's layout, or the Kaggle copy's
+    with its Benign folder."""
+    kaggle = _kaggle_root(folder)
+    return _aria_top(folder) is not None or (kaggle is not None and "Benign" in _canonical_folders(kaggle))
+
+
 def _kaggle_root(root: Path) -> Path | None:
     """The folder holding the Kaggle class folders (``[Malignant] ...``), if ``root`` has that layout."""
     for candidate in [root, *_only_subfolder(root)]:
@@ -336,9 +343,9 @@ def find_dataset(
     # then says it has no images).
     if known and with_images and {f.name for f in with_images} <= set(known.values()):
         return _build(path, path, "folders", variant, _in_canonical_order(known))
-    # A dataset beside other folders (a wrapper beside notes/) is no class; the Kaggle copy's folders beside
-    # a class folder (Benign/ beside ALL/{[Malignant] ...}) are one class, ALL, of its own folders.
-    nested = [f for f in with_images if _holds_aria_variant(f) or (_kaggle_root(f) == f and not known)]
+    # A whole dataset beside other folders (a wrapper beside notes/) is no class; the Kaggle copy's malignant
+    # folders without its Benign (ALL/{[Malignant] ...} beside Healthy/) are one class, ALL.
+    nested = [f for f in with_images if _is_whole_dataset(f)]
     if nested:
         raise UserError(f"{nested[0]} holds a dataset of its own (Aria's or the Kaggle copy's layout), beside other "
                         f"folders under {path}: give {nested[0]} as the dataset folder")  # fmt: skip

@@ -96,28 +96,32 @@ def sub_folders(rows: pd.DataFrame) -> pd.Series:
     return pd.Series(folder, index=rows.index, dtype=object)
 
 
-def _unit_sizes(folders: pd.Series) -> list[int]:
-    """The sizes of the runs (in capture order) that a block may not cut: a sub-folder's files, or one loose
-    file."""
+def _unit_sizes(folders: pd.Series) -> tuple[list[int], list[bool]]:
+    """The sizes of the runs (in capture order) that a block may not cut, a sub-folder's files or one loose
+    file, and whether each is a loose file."""
     sizes: list[int] = []
+    loose: list[bool] = []
     previous: object = None
     for folder in folders.to_numpy(dtype=object):
         if sizes and pd.notna(folder) and folder == previous:
             sizes[-1] += 1
         else:
             sizes.append(1)
+            loose.append(not pd.notna(folder))
         previous = folder
-    return sizes
+    return sizes, loose
 
 
-def _block_starts(units: list[int], n_blocks: int) -> list[int]:
+def _block_starts(units: list[int], n_blocks: int, loose: Sequence[bool] | None = None) -> list[int]:
     """Where each of about ``n_blocks`` blocks begins, the ``units`` (sizes, in capture order) kept whole.
 
     A unit larger than a block's share (the images over the blocks, both less those of such units) is a
     block of its own; the runs of smaller units between them share the other blocks in proportion to their
     images (one at least each), and each run is cut as evenly as its units allow. With units of one image
-    only, ``np.array_split``'s equal cut.
+    only, ``np.array_split``'s equal cut. ``loose`` says which units are loose files (default: all): a run of
+    loose files only, under half a block's share, joins the block beside it.
     """
+    loose = [True] * len(units) if loose is None else list(loose)
     alone: set[int] = set()  # indices of the units that are blocks of their own
     base = sum(units) / n_blocks  # a block's share of the whole class
     while True:
@@ -140,7 +144,7 @@ def _block_starts(units: list[int], n_blocks: int) -> list[int]:
     # A run of a few loose files between sub-folders (a stray scan_001.png sorted after them) joins the block
     # beside it rather than making a block of its own: a one-image block would take the class's embargo
     # (half its smallest loose block) to nothing.
-    stray = [run for run in runs if alone and sum(units[k] for k in run) < base / 2]
+    stray = [run for run in runs if alone and all(loose[k] for k in run) and sum(units[k] for k in run) < base / 2]
     runs = [run for run in runs if run not in stray]
     shares = _apportion([sum(units[k] for k in run) for run in runs], max(n_blocks - len(alone), len(runs)))
     starts_at = {k: [k] for k in alone}
@@ -207,7 +211,8 @@ def session_blocks(split: pd.DataFrame, block_size: int = 40, min_blocks: int = 
     for _, rows in ordered.groupby("label", sort=True):
         n_blocks = _blocks_per_class(len(rows), block_size, min_blocks)
         starts = np.zeros(len(rows), dtype=np.int64)
-        starts[_block_starts(_unit_sizes(folders[rows.index]), n_blocks)] = 1
+        sizes, loose = _unit_sizes(folders[rows.index])
+        starts[_block_starts(sizes, n_blocks, loose)] = 1
         index = np.cumsum(starts) - 1
         name = rows["class"].iloc[0]
         result.loc[rows.index, "block_index"] = index
@@ -223,9 +228,8 @@ def _held_out_counts(rows: pd.DataFrame, val_fraction: float, test_fraction: flo
     n_val = max(1, math.floor(val_fraction * n_blocks + 0.5))
     if n_test + n_val >= n_blocks:
         folders = sub_folders(rows).dropna()
-        # Mostly in sub-folders, and no more blocks than units: no block size gives more (a stray loose file
-        # joins a sub-folder's block)
-        if folders.size * 2 >= n_images and n_blocks <= folders.nunique() + n_images - folders.size:
+        # Every unit (a sub-folder, a loose file) already a block of its own: no block size gives more
+        if folders.size and n_blocks >= folders.nunique() + n_images - folders.size:
             raise UserError(
                 f"class {name!r} gives only {n_blocks} session block(s), too few for val, test and training: "
                 f"{folders.size} of its {n_images} images lie in {folders.nunique()} sub-folder(s), each kept whole "

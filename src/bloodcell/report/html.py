@@ -104,15 +104,18 @@ def data_source(card: dict[str, Any], aria: bool) -> str:
 
 
 def _report_name(run_dir: Path, card: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """What the report is called: its run's folder, and for an evaluation folder of a run
-    (``RUN/evaluations/<data>-<hash>-<split>``) that run's folder too; else the model's name. Every run of
-    the default config is named ``default``: the run's folder tells two of them apart."""
+    """What the report is called: its run's folder (``lab/holdout`` for a refit's holdout stage), and for an
+    evaluation folder of a run (``RUN/evaluations/<data>-<hash>-<split>``) whose model it scored that run's
+    too; else the model's name. Every run of the default config is named ``default``: the run's folder tells
+    two of them apart."""
+    def named(run: Path) -> str:
+        return f"{run.parent.name}/{run.name}" if run.name == "holdout" else run.name
+
     if (run_dir / "config.yaml").is_file():
-        return run_dir.name
-    run = run_dir.parent.parent  # a run holds its config and its history or checkpoints, not a config alone
-    if run_dir.parent.name == "evaluations" and (run / "config.yaml").is_file() and (
-            (run / "history.csv").is_file() or (run / "checkpoints").is_dir()):  # fmt: skip
-        return f"{run.name} ({run_dir.name})"
+        return named(run_dir)
+    run, model = run_dir.parent.parent, Path(str((metrics.get("model") or {}).get("path") or ""))
+    if run_dir.parent.name == "evaluations" and (run / "config.yaml").is_file() and model.is_relative_to(run.resolve()):
+        return f"{named(run)} ({run_dir.name})"
     return f"{card.get('name') or metrics['model']['architecture']} ({run_dir.name})"
 
 
