@@ -724,13 +724,17 @@ def test_no_embargo_warning_where_the_embargo_acts_on_nothing(caplog: pytest.Log
     assert "embargo" not in caplog.text and (split["split"] == "embargo").sum() == 0
 
 
-def test_a_copy_filed_under_two_patients_is_said_to_join_them(caplog: pytest.LogCaptureFixture) -> None:
+def split_with_a_copy(original: str, copy: str, caplog: pytest.LogCaptureFixture) -> pd.DataFrame:
+    """The session split of six patients a class, with ``copy`` a duplicate of ``original`` (paths)."""
     manifest = manifest_of_folders({"b": [(f"p{k}", 15) for k in range(1, 7)], "e": [(f"q{k}", 15) for k in range(1, 7)]})
-    first = manifest.index[manifest["path"] == f"{CLASSES[0]}/p1/img_003.jpg"][0]
-    copy = manifest.index[manifest["path"] == f"{CLASSES[0]}/p3/img_007.jpg"][0]
-    manifest.loc[copy, "dup_group"] = manifest.at[first, "dup_group"]
+    first = manifest.index[manifest["path"] == original][0]
+    manifest.loc[manifest.index[manifest["path"] == copy][0], "dup_group"] = manifest.at[first, "dup_group"]
     with caplog.at_level("WARNING"):
-        split = make_split(manifest, "session", 0)
+        return make_split(manifest, "session", 0)
+
+
+def test_a_copy_filed_under_two_patients_is_said_to_join_them(caplog: pytest.LogCaptureFixture) -> None:
+    split = split_with_a_copy(f"{CLASSES[0]}/p1/img_003.jpg", f"{CLASSES[0]}/p3/img_007.jpg", caplog)
     assert f"1 duplicate group(s) hold images of two sub-folders (a copy filed under two patients or slides?): " \
            f"{CLASSES[0]}/p1/ and {CLASSES[0]}/p3/" in caplog.text
     together = split[split["path"].str.startswith((f"{CLASSES[0]}/p1/", f"{CLASSES[0]}/p3/"))]
@@ -748,19 +752,14 @@ def test_a_stray_loose_file_among_few_sub_folders_is_never_a_block_of_one_image(
 ) -> None:
     """Once the large sub-folders were set apart, the share of what was left fell to the stray file's size,
     and it became a block (and could be a class's whole test part); a small patient's sub-folder beside
-    large ones is whole patient all the same, never joined to another."""
+    large ones is a whole patient all the same, never joined to another."""
     from bloodcell.data.splits import _block_starts
 
     assert _block_starts(units, n_blocks, loose) == starts
 
 
 def test_a_duplicate_across_classes_is_no_copy_filed_under_two_patients(caplog: pytest.LogCaptureFixture) -> None:
-    manifest = manifest_of_folders({"b": [(f"p{k}", 15) for k in range(1, 7)], "e": [(f"q{k}", 15) for k in range(1, 7)]})
-    first = manifest.index[manifest["path"] == f"{CLASSES[0]}/p1/img_003.jpg"][0]
-    other = manifest.index[manifest["path"] == f"{CLASSES[1]}/q3/img_007.jpg"][0]
-    manifest.loc[other, "dup_group"] = manifest.at[first, "dup_group"]
-    with caplog.at_level("WARNING"):
-        make_split(manifest, "session", 0)
+    split_with_a_copy(f"{CLASSES[0]}/p1/img_003.jpg", f"{CLASSES[1]}/q3/img_007.jpg", caplog)
     assert "two sub-folders" not in caplog.text
 
 
