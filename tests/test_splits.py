@@ -770,3 +770,25 @@ def test_three_patients_of_uneven_size_are_three_blocks() -> None:
     split = make_split(manifest, "session", 0)
     assert split.loc[split["class"] == CLASSES[0], "block"].nunique() == 3
     assert (parts_of_each_sub_folder(split[split["class"] == CLASSES[0]]) == 1).all()
+
+
+def test_held_out_parts_far_from_the_shares_asked_are_said_so(caplog: pytest.LogCaptureFixture) -> None:
+    """Patients of 100 and of 5 images: whole blocks made test parts of 2 % where 15 % was asked, without a
+    word (the random split already said so of its shares)."""
+    manifest = manifest_of_folders({"b": [("p1", 100), ("p2", 100), *[(f"p{k}", 5) for k in range(3, 6)]],
+                                    "e": [("", 215)]})  # fmt: skip
+    from bloodcell import notices
+
+    messages = []
+    for seed in range(4):
+        caplog.clear()
+        notices.GIVEN.clear()  # a warning is said once a process: each seed's own
+        with caplog.at_level("WARNING"):
+            split = make_split(manifest, "session", seed, block_size=20)
+        benign = split[split["class"] == CLASSES[0]]
+        share = (benign["split"] == "test").mean()
+        said = "whole sub-folders make held-out parts far from the shares asked for" in caplog.text
+        assert said == any(not 0.075 <= (benign["split"] == part).mean() <= 0.30 for part in ("test", "val")), seed
+        messages.append(said)
+        assert share > 0
+    assert any(messages)

@@ -563,6 +563,7 @@ def make_split(
     blocked = session_blocks(accepted, block_size, min_blocks if protocol == "session" else folds)
     if protocol == "session":
         blocked["split"] = _assign_session(blocked, seed, val_fraction, test_fraction)
+        _warn_of_uneven_shares(blocked, {"test": test_fraction, "val": val_fraction})
     elif protocol == "random":
         blocked["split"] = _assign_random(blocked, seed, val_fraction, test_fraction)
     else:
@@ -580,6 +581,23 @@ def make_split(
     if check:
         check_leakage(result)
     return result
+
+
+def _warn_of_uneven_shares(blocked: pd.DataFrame, asked: dict[str, float]) -> None:
+    """Name the classes whose held-out parts hold under half or over twice the share of images asked for: the
+    session split draws whole blocks, and blocks of whole sub-folders (patients of 100 and of 5 images) can
+    make a test part of 2 % where 15 % was asked, without a word."""
+    if not sub_folders(blocked).notna().any():  # blocks of loose files are of one size, give or take one
+        return
+    off = []
+    for name, rows in blocked.groupby("class", sort=False):
+        for part, fraction in asked.items():
+            share = float((rows["split"] == part).mean())
+            if not fraction / 2 <= share <= 2 * fraction:
+                off.append(f"{name} {part} {share:.0%} of {len(rows)} images")
+    if off:
+        warn_once(log, "whole sub-folders make held-out parts far from the shares asked for (test %.0f%%, val %.0f%%): "
+                  "%s; another --seed draws other sub-folders", 100 * asked["test"], 100 * asked["val"], "; ".join(off))  # fmt: skip
 
 
 def _warn_of_duplicates_across_sub_folders(rows: pd.DataFrame, shown: int = 3) -> None:
