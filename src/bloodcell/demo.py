@@ -289,10 +289,10 @@ def run_demo(
     out = Path(out_dir)
     earlier = earlier_overlays(out / PREDICTIONS_JSON)
     overlays = write_overlays(predictor, [path for path, _ in files], results, out / OVERLAY_DIR, earlier)
+    matched = [model_class([path.parent.name, true_class], predictor.classes) for path, true_class in files]
     images = [
-        DemoImage(path, model_class([path.parent.name, true_class], predictor.classes) or true_class, result,
-                  overlay, judged=model_class([path.parent.name, true_class], predictor.classes) is not None)
-        for (path, true_class), result, overlay in zip(files, results, overlays)
+        DemoImage(path, known or true_class, result, overlay, judged=known is not None)
+        for (path, true_class), known, result, overlay in zip(files, matched, results, overlays, strict=True)
     ]
     demo = DemoResult(
         out_dir=out, model_dir=model_dir, bundled_model=bundled, model_info=predictor.model_info,
@@ -449,12 +449,26 @@ def headline_metric(card: dict[str, Any]) -> dict[str, Any] | None:
     return {"value": float(value), "ci": ci}
 
 
+def _limitations(demo: DemoResult) -> tuple[str, ...]:
+    """The model card's limitations for the demo's model: the bundled one's, or another model's (--model)
+    own: its classes, and the data it learned from (the shipped samples are Aria et al.'s images, so a model
+    of that dataset is shown on its own kind of data)."""
+    from bloodcell.report.html import limitations, trained_on_aria, training_folder
+
+    if demo.bundled_model:
+        return limitations(demo.classes, True, demo.bundled_samples)
+    aria = trained_on_aria(demo.card, {"data": {}})
+    root = training_folder(demo.card)
+    other = f"the images of {root}" if root else "images its model card does not name"
+    return limitations(demo.classes, aria, demo.bundled_samples and aria, other)
+
+
 def write_report(demo: DemoResult) -> Path:
     """Render ``report.html`` (the report stage's template ``demo.html.j2``; images embedded) atomically."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     from bloodcell import __version__
-    from bloodcell.report.html import CITATION, limitations, trained_on_aria
+    from bloodcell.report.html import CITATION
 
     env = Environment(loader=PackageLoader("bloodcell", "report/templates"), autoescape=True, undefined=StrictUndefined)
     rows = [
@@ -466,15 +480,8 @@ def write_report(demo: DemoResult) -> Path:
         }
         for image in demo.images
     ]  # fmt: skip
-    # Another model (--model) has limitations of its own: its classes, and the data it learned from (the
-    # shipped samples are Aria et al.'s images: a model of that dataset is shown on its own kind of data).
-    aria = trained_on_aria(demo.card, {"data": {}})
-    root = ((demo.card.get("config") or {}).get("data") or {}).get("root")
-    other = f"the images of {root}" if root else "images its model card does not name"
-    own = (limitations(demo.classes, True, demo.bundled_samples) if demo.bundled_model
-           else limitations(demo.classes, aria, demo.bundled_samples and aria, other))  # fmt: skip
     html = env.get_template("demo.html.j2").render(
         demo=demo, rows=rows, headline=headline_metric(demo.card), version=__version__, citation=CITATION,
-        paper_citation=PAPER_CITATION, limitations=own, seconds=f"{demo.seconds:.1f}",
+        paper_citation=PAPER_CITATION, limitations=_limitations(demo), seconds=f"{demo.seconds:.1f}",
     )  # fmt: skip
     return atomic_write_text(demo.report, html)

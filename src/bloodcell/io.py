@@ -22,6 +22,12 @@ def bloodcell_home() -> Path:
     return Path(os.environ.get("BLOODCELL_HOME") or Path.home() / ".cache" / "bloodcell").expanduser()
 
 
+def path_digest(folder: str | os.PathLike[str]) -> str:
+    """8 hex digits of the SHA-256 of a folder's absolute path (its bytes on disk: any file name), which tell
+    two folders of one name apart in the names of work and result folders."""
+    return hashlib.sha256(os.fsencode(Path(folder).expanduser().resolve())).hexdigest()[:8]
+
+
 def _default_file_mode() -> int:
     # mkstemp creates 0600 files; results get the permissions a plain open() would give (0666 & ~umask).
     # Read once at import: os.umask can only be read by setting it, which is not thread-safe.

@@ -33,7 +33,7 @@ from scipy.sparse.csgraph import connected_components
 from bloodcell.data.decode import DECODER_VERSION, MAX_FILE_BYTES, ImageError, open_rgb, squashed_note
 from bloodcell.data.layouts import Dataset, find_dataset, is_image_name
 from bloodcell.data.progress import track
-from bloodcell.io import atomic_path, bloodcell_home, sha256_file, write_text_if_changed
+from bloodcell.io import atomic_path, bloodcell_home, path_digest, sha256_file, write_text_if_changed
 from bloodcell.machine import available_cores
 from bloodcell.notices import warn_once
 
@@ -108,8 +108,7 @@ def dataset_workdir(root: str | Path, variant: str) -> Path:
     Returns the folder path (not created).
     """
     absolute = Path(root).expanduser().resolve()
-    digest = hashlib.sha256(os.fsencode(absolute)).hexdigest()[:8]  # the bytes on disk: any file name
-    return bloodcell_home() / "datasets" / f"{absolute.name}-{digest}" / variant
+    return bloodcell_home() / "datasets" / f"{absolute.name}-{path_digest(absolute)}" / variant
 
 
 def parse_capture(file_name: str) -> tuple[int, int]:

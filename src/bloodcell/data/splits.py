@@ -96,6 +96,13 @@ def sub_folders(rows: pd.DataFrame) -> pd.Series:
     return pd.Series(folder, index=rows.index, dtype=object)
 
 
+def _capture_segments(rows: pd.DataFrame) -> np.ndarray:
+    """The stretch of capture order each row counts in: its sub-folder (:func:`sub_folders`), or "" for the
+    files loose in a class folder. Capture-order neighbours (the embargo's, the capture gaps') share one:
+    another patient's images are no neighbours."""
+    return sub_folders(rows).fillna("").to_numpy()
+
+
 def _unit_sizes(folders: pd.Series) -> tuple[list[int], list[bool]]:
     """The sizes of the runs (in capture order) that a block may not cut, a sub-folder's files or one loose
     file, and whether each is a loose file."""
@@ -434,7 +441,7 @@ def apply_embargo(split: pd.DataFrame, embargo: int) -> pd.DataFrame:
     capped = []
     # Capture order joins files of one sub-folder (a patient, a slide) only, and loose files among
     # themselves: another patient's images beside a held-out one are no neighbours of it.
-    segments = sub_folders(result).fillna("").to_numpy()
+    segments = _capture_segments(result)
     labels, parts, positions = result["label"].to_numpy(), result["split"].to_numpy(), result["position"].to_numpy()
     marked = parts.copy()
     for label in np.unique(labels):
@@ -470,7 +477,7 @@ def capture_neighbours(split: pd.DataFrame, marked: np.ndarray, distance: int) -
     if distance <= 0 or not marked.any():
         return near
     ordered = _capture_order(split.reset_index(drop=True).assign(_marked=marked))
-    segments = sub_folders(ordered).fillna("").to_numpy()
+    segments = _capture_segments(ordered)
     for _, rows in ordered.groupby("label", sort=False):
         if not _in_capture_order(rows):
             continue
@@ -767,7 +774,7 @@ def capture_gaps(split: pd.DataFrame) -> dict[str, int | None]:
     one. The embargo of a session split makes it larger."""
     gaps: dict[str, int | None] = {}
     ordered = _capture_order(split)
-    segments = sub_folders(ordered).fillna("").to_numpy()
+    segments = _capture_segments(ordered)
     for name, rows in ordered.groupby("class", sort=False):
         at, parts = ordered.index.get_indexer(rows.index), rows["split"].to_numpy()
         found = [_fewest_steps(parts, segments[at] == segment) for segment in np.unique(segments[at])]
@@ -782,10 +789,4 @@ def _fewest_steps(parts: np.ndarray, inside: np.ndarray) -> int | None:
     position = np.arange(len(parts))
     trained = position[inside & (parts == "train")]
     held = position[inside & np.isin(parts, ["val", "test"])]
-    if not len(trained) or not len(held):
-        return None
-    # Both are sorted: for each held-out position, the nearest training positions on either side.
-    index = np.searchsorted(trained, held)
-    before = np.abs(held - trained[np.clip(index - 1, 0, len(trained) - 1)])
-    after = np.abs(trained[np.clip(index, 0, len(trained) - 1)] - held)
-    return int(np.minimum(before, after).min())
+    return int(_distance_to_nearest(held, trained).min()) if len(trained) and len(held) else None

@@ -39,7 +39,7 @@ from bloodcell.evaluate.metrics import (
 )
 from bloodcell.evaluate.shifts import SEVERITIES, SHIFTS, apply_shift, describe_parameters
 from bloodcell.evaluate.tta import VIEW_SETS, tta_logits
-from bloodcell.io import atomic_path, atomic_write_json, probability_columns, spreadsheet_safe
+from bloodcell.io import atomic_path, atomic_write_json, path_digest, probability_columns, spreadsheet_safe
 from bloodcell.notices import quieted
 from bloodcell.probabilities import softmax_with_temperature
 
@@ -373,19 +373,11 @@ def default_out_dir(model_dir: Path, card: ModelCard, split: str, own_data: bool
     elif model_dir.resolve() == bundled_model_dir().resolve():
         base = Path("evaluations") / card.name
     else:
-        base = Path("evaluations") / f"{card.name}-{_path_digest(model_dir)}"
+        base = Path("evaluations") / f"{card.name}-{path_digest(model_dir)}"
     if split == "test" and own_data:
         return base
-    named = f"{data_root.expanduser().resolve().name}-{_path_digest(data_root)}-{split}"
+    named = f"{data_root.expanduser().resolve().name}-{path_digest(data_root)}-{split}"
     return (base / "evaluations" if run_dir is not None else base) / named
-
-
-def _path_digest(folder: Path) -> str:
-    """8 hex digits of the SHA-256 of a folder's absolute path (its bytes on disk: any file name)."""
-    import hashlib
-    import os
-
-    return hashlib.sha256(os.fsencode(folder.expanduser().resolve())).hexdigest()[:8]
 
 
 def _write_predictions(path: Path, prepared: PreparedData, indices: np.ndarray, label_map: np.ndarray, probs: np.ndarray,

@@ -84,12 +84,13 @@ def trained_on_aria(card: dict[str, Any], metrics: dict[str, Any]) -> bool:
     audit = metrics.get("data_audit") or {}
     if metrics["data"].get("same_as_training") and audit.get("layout") in ARIA_LAYOUTS:
         return True
-    data = (card.get("config") or {}).get("data") or {}
-    if not data.get("root") or not Path(data["root"]).is_dir():  # moved, or never recorded: not known to be
+    root = training_folder(card)
+    if not root or not Path(root).is_dir():  # moved, or never recorded: not known to be
         return False
+    variant = ((card.get("config") or {}).get("data") or {}).get("variant") or "Original"
     try:  # only looked at: what find_dataset says of the folders beside the classes is for the commands
         with quieted(logging.getLogger("bloodcell.data.layouts")):
-            return find_dataset(data["root"], data.get("variant") or "Original").layout in ARIA_LAYOUTS
+            return find_dataset(root, variant).layout in ARIA_LAYOUTS
     except (UserError, OSError):
         return False
 
@@ -99,8 +100,13 @@ def data_source(card: dict[str, Any], aria: bool) -> str:
     else the folder its card records (no published dataset to cite)."""
     if aria:
         return CITATION
-    root = ((card.get("config") or {}).get("data") or {}).get("root")
+    root = training_folder(card)
     return f"the images of {root} (no published dataset recorded)" if root else "not recorded in the card"
+
+
+def training_folder(card: dict[str, Any]) -> str | None:
+    """The dataset folder a model card's training config names, or None."""
+    return ((card.get("config") or {}).get("data") or {}).get("root")
 
 
 def _report_name(run_dir: Path, card: dict[str, Any], metrics: dict[str, Any]) -> str:
