@@ -112,7 +112,9 @@ def aria_dataset(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every test's work folders (manifests, caches) out of the user's home."""
+    """Keep every test's work folders (manifests, caches) out of the user's home, and what it writes
+    relative to the working folder (``runs/``, ``evaluations/``: the defaults) out of the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     if "BLOODCELL_HOME" not in os.environ or os.environ.get("BLOODCELL_TEST_SHARED_HOME") != "1":
         monkeypatch.setenv("BLOODCELL_HOME", str(tmp_path_factory.getbasetemp() / "bloodcell-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -88,6 +88,13 @@ def bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
         ("scan2_0042.tif", (42, 0)),
         ("no-number.png", (-1, 0)),
         ("photo (3).jpg", (-1, 3)),
+        # A year-first date and time is one capture number, not its seconds alone
+        ("IMG_20240312_101530.jpg", (20240312101530, 0)),
+        ("PXL_20240312_101530123.jpg", (20240312101530123, 0)),
+        ("2024-03-12_10-15-30 (2).tif", (20240312101530, 2)),
+        ("scan_2024-03-12T10:15.png", (202403121015, 0)),
+        ("2024-03-12_001.jpg", (1, 0)),  # a number counted within the day
+        ("img 12-03-2024 10.15.30.jpg", (30, 0)),  # day first: no time order in its digits
     ],
 )
 def test_parse_capture(name: str, expected: tuple[int, int]) -> None:
@@ -677,6 +684,24 @@ def test_hash_like_names_are_said_to_carry_no_capture_order(caplog: pytest.LogCa
     with caplog.at_level("WARNING"):
         index_module._warn_of_names_without_numbers(numbered, Path("aria"))
     assert "share no name stem" not in caplog.text
+
+
+def test_date_and_time_names_are_one_capture_series_not_each_a_series_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """2024-03-12_10-15-30.tif: read by its seconds, every minute was a series of one file, so a microscope
+    camera's names were said to be hash-like and the class was taken to have no capture order."""
+    from bloodcell.data.splits import _in_capture_order
+
+    names = [f"Benign/2024-03-{12 + k // 30:02d}_10-{k % 30 + 10:02d}-{(7 * k) % 60:02d}.tif" for k in range(60)]
+    manifest = pd.DataFrame({"path": names, "rejected": False, "label": 0,
+                             "capture": [index_module.parse_capture(n)[0] for n in names]})  # fmt: skip
+    assert {index_module.capture_series(n) for n in names} == {"Benign/"}
+    assert manifest["capture"].is_monotonic_increasing  # the names' time order
+    with caplog.at_level("WARNING"):
+        index_module._warn_of_names_without_numbers(manifest, Path("camera"))
+    assert caplog.text == ""
+    assert _in_capture_order(manifest)
 
 
 def test_a_slide_number_last_in_the_names_is_said_to_be_no_capture_order(caplog: pytest.LogCaptureFixture) -> None:

@@ -73,6 +73,14 @@ MANIFEST_ORDER: list[str] = ["label", "capture", "copy", "path"]
 FEW_IN_A_SERIES = 5
 _COPY_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\((?P<copy>\d+)\)$")
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+# A date and time that ends a name's digits, year first (cameras' and phones' 2024-03-12_10-15-30,
+# IMG_20240312_101530, PXL_20240312_101530123): its fields together are the capture number. Its last field
+# alone (the seconds) would make every minute a series of its own, one file each, and the names look like
+# hashes (no capture order). Day-first dates are left alone: their digits run in no time order.
+_TIMESTAMP = re.compile(
+    r"(?<!\d)(?P<date>(?:19|20)\d\d[-_.]?(?:0[1-9]|1[0-2])[-_.]?(?:0[1-9]|[12]\d|3[01]))"
+    r"(?:[-_.T ]?(?P<time>(?:[01]\d|2[0-3])[-_.:h]?[0-5]\d(?:[-_.:m]?[0-5]\d(?:[-_.,]?\d{1,6})?)?))?(?!.*\d)"
+)
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,9 @@ def parse_capture(file_name: str) -> tuple[int, int]:
     """Parse the capture number and copy number from a file name.
 
     ``WBC-Malignant-Pro-011.jpg`` -> ``(11, 0)``; ``Snap_001.jpg`` -> ``(1, 0)``; ``Sap_013 (1).jpg`` ->
-    ``(13, 1)``. The capture number is the last run of digits in the stem after a ``(n)`` copy suffix is
-    taken off; the copy number breaks ties between copies of one capture.
+    ``(13, 1)``; ``IMG_20240312_101530.jpg`` -> ``(20240312101530, 0)``. The capture number is the last run
+    of digits in the stem after a ``(n)`` copy suffix is taken off, or a year-first date and time that ends
+    the stem's digits, read as one number; the copy number breaks ties between copies of one capture.
 
     Parameters
     ----------
@@ -129,15 +138,25 @@ def parse_capture(file_name: str) -> tuple[int, int]:
     suffix = _COPY_SUFFIX.match(stem)
     if suffix:
         stem, copy = suffix.group("stem"), int(suffix.group("copy"))
+    start, number = _capture_number(stem)
+    return (int(number) if start >= 0 else -1), copy
+
+
+def _capture_number(stem: str) -> tuple[int, str]:
+    """Where a name's capture number starts in ``stem`` (-1 without one) and its digits: a year-first date
+    and time that ends the name's digits, else its last run of digits."""
+    stamp = _TIMESTAMP.search(stem)
+    if stamp:
+        return stamp.start(), re.sub(r"\D", "", stamp.group(0))
     number = _LAST_NUMBER.search(stem)
-    return (int(number.group(1)) if number else -1), copy
+    return (number.start(), number.group(1)) if number else (-1, "")
 
 
 def capture_series(path: str) -> str:
     """The series a file's capture number counts in: its folder and the name before that number.
 
     ``Benign/WBC-Benign-011.jpg`` -> ``Benign/WBC-Benign-``; ``P02_011.png`` -> ``P02_``; ``pA/011.png`` ->
-    ``pA/``. Numbers restart in each series (one per patient, slide or camera session), so capture order
+    ``pA/``; ``IMG_20240312_101530.jpg`` -> ``IMG_`` (the date and time are the number). Numbers restart in each series (one per patient, slide or camera session), so capture order
     is the order within a series, and series follow one another: sorting all files by number alone would
     interleave ``P01_011`` and ``P02_011`` and cut blocks across patients. A name without a number is a
     series of its own.
@@ -147,8 +166,8 @@ def capture_series(path: str) -> str:
     suffix = _COPY_SUFFIX.match(stem)
     if suffix:
         stem = suffix.group("stem")
-    number = _LAST_NUMBER.search(stem)
-    prefix = stem[: number.start()] if number else stem
+    start, _ = _capture_number(stem)
+    prefix = stem[:start] if start >= 0 else stem
     folder = relative.parent.as_posix()
     return prefix if folder in ("", ".") else f"{folder}/{prefix}"
 

@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 #: Raised whenever make_split gives other parts for the same manifest and settings, so that what was cached
 #: from a split (the audit's baselines) is computed again: 2 since blocks joined by a re-capture are held out
 #: together (eighteenth session), 3 since a class folder's sub-folders are kept whole (twentieth; files
-#: directly in their class folders, as in Aria and the Kaggle copy, are split as under 2).
-SPLIT_RULES = 3
+#: directly in their class folders, as in Aria and the Kaggle copy, are split as under 2), 4 since a
+#: year-first date and time in a file name is read as one capture number (names numbered otherwise, Aria's
+#: among them, are split as under 3).
+SPLIT_RULES = 4
 PROTOCOLS: tuple[str, ...] = ("session", "random", "kfold")
 PARTS: tuple[str, ...] = ("train", "val", "test", "embargo")
 #: Parts a model is trained or evaluated on; a duplicate group must not touch two of them.
@@ -699,7 +701,7 @@ _DEFAULT_SETTINGS = {
 
 
 def split_file_name(protocol: str, seed: int, fold: int | None = None, **settings: Any) -> str:
-    """File name of a saved split, e.g. ``session-seed0-rules3.csv`` or ``kfold-seed0-fold2-rules3.csv``.
+    """File name of a saved split, e.g. ``session-seed0-rules4.csv`` or ``kfold-seed0-fold2-rules4.csv``.
 
     Settings that differ from the defaults (``val_fraction``, ``test_fraction``, ``block_size``, ``embargo``,
     ``folds``, ``class_names``) add a short hash of them, and :data:`SPLIT_RULES` is in every name, so
