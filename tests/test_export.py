@@ -165,6 +165,20 @@ def test_export_refuses_a_model_folder_and_images_that_match_nothing(tiny_model:
     assert not (tmp_path / "x").exists()
 
 
+def test_a_second_export_into_a_folder_is_refused_where_it_would_orphan_the_first(tiny_model: Path,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    """One card.json serves the folder's export: a second export under another name replaced it, and the
+    first graph then failed as "an interrupted export"."""
+    first = export_onnx(tiny_model, tmp_path / "exports" / "first.onnx")
+    card_before = (first.parent / "card.json").read_bytes()
+    with pytest.raises(UserError, match="holds another export, first.onnx"):
+        export_onnx(tiny_model, tmp_path / "exports" / "second.onnx")
+    assert (first.parent / "card.json").read_bytes() == card_before and not (first.parent / "second.onnx").exists()
+    assert export_onnx(tiny_model, first) == first  # the same export again replaces its own card
+    first.unlink()  # a card whose graph is gone describes nothing to keep
+    assert export_onnx(tiny_model, tmp_path / "exports" / "second.onnx").is_file()
+
+
 def test_export_parity_failure_is_one_line_and_exit_1(tiny_model: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "o"), "--tolerance", "0"])
     assert result.exit_code == 1 and not isinstance(result.exception, ParityError)

@@ -233,6 +233,30 @@ def test_modes_are_converted_to_rgb(tmp_path: Path, mode: str) -> None:
     assert decode_image(root / "a" / name, 16).shape == (16, 16, 3)
 
 
+def test_a_greyscale_tiff_with_premultiplied_alpha_is_refused_by_name_not_a_crash_of_the_index(tmp_path: Path) -> None:
+    """Pillow opens it as mode La, which it cannot convert to RGB: the ValueError escaped the decoder's
+    checks, and one such file stopped ``bloodcell index`` (and split, train, evaluate) with a traceback."""
+    import struct
+
+    root = two_class_dataset(tmp_path / "d", per_class=2)
+    grey = Image.fromarray(smear(43, size=40)).convert("L")
+    buffer = io.BytesIO()
+    Image.merge("LA", [grey, Image.new("L", grey.size, 255)]).save(buffer, format="TIFF")
+    data = bytearray(buffer.getvalue())
+    directory = struct.unpack("<I", data[4:8])[0]
+    for entry in range(struct.unpack("<H", data[directory:directory + 2])[0]):
+        at = directory + 2 + 12 * entry
+        if struct.unpack("<H", data[at:at + 2])[0] == 338:  # ExtraSamples: 1 = associated (premultiplied) alpha
+            data[at + 8] = 1
+    (root / "a" / "la_009.tif").write_bytes(bytes(data))
+    row = build_index(root, progress=False).manifest.set_index("path").loc["a/la_009.tif"]
+    assert row["rejected"] and row["reason"].startswith("unsupported image mode La")
+    from bloodcell.data.decode import ImageError, decode_image
+
+    with pytest.raises(ImageError, match="la_009.tif: unsupported image mode La"):
+        decode_image(root / "a" / "la_009.tif", 16)
+
+
 @pytest.mark.parametrize(
     ("pixels", "suffix", "described"),
     [

@@ -140,6 +140,7 @@ def open_rgb(
                                    "colour images; convert it to 8-bit RGB first")  # fmt: skip
         # A camera's orientation tag: show the model the picture as a viewer (and the web page) shows it.
         ImageOps.exif_transpose(image, in_place=True)
+        image = _as_rgb(name, image)
     except ImageError:
         raise
     except UnidentifiedImageError as error:
@@ -159,10 +160,18 @@ def open_rgb(
         if "truncated" in message.lower() or "broken data stream" in message.lower():
             raise ImageError(name, f"truncated or corrupt image data ({message})") from error
         raise ImageError(name, f"cannot decode image ({message})") from error
-    if image.mode != "RGB":
-        # Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit RGB all become 8-bit RGB.
-        image = image.convert("RGB")
     return image
+
+
+def _as_rgb(name: str, image: Image.Image) -> Image.Image:
+    """Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit RGB as 8-bit RGB; a mode Pillow cannot
+    convert (``La``, greyscale with premultiplied alpha, from a TIFF) is named in an :class:`ImageError`."""
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ImageError(name, f"unsupported image mode {image.mode} ({error}): convert it to 8-bit RGB first") from error
 
 
 def _open_header(data: bytes, largest_limit: int) -> Image.Image:

@@ -212,6 +212,9 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     except ImageError as error:
         facts["reason"] = error.reason
         return facts
+    except Exception as error:  # noqa: BLE001 - one odd file must not stop the index of thousands
+        facts["reason"] = f"cannot read image ({type(error).__name__}: {error})"
+        return facts
     facts.update(
         phash=str(imagehash.phash(image)), width=image.width, height=image.height, rejected=False, reason=""
     )

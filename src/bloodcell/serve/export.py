@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
@@ -220,8 +221,8 @@ def export_onnx(
 
     Returns the path of the ``.onnx`` file. Raises :class:`ParityError` (and writes no file; the target folder may be made) if ONNX Runtime
     disagrees with PyTorch by more than ``tolerance``, and :class:`~bloodcell.errors.UserError` for an
-    ``out`` in a model's own folder (its card would be replaced by the export's) or ``images`` that match
-    no image files.
+    ``out`` in a model's own folder (its card would be replaced by the export's), in a folder holding
+    another export (the same), or ``images`` that match no image files.
     """
     model, card = load_model(model_path)
     model = model.float().eval()
@@ -237,6 +238,13 @@ def export_onnx(
         raise UserError(
             f"{target.parent} holds a model ({WEIGHTS_FILE}); the export's {CARD_FILE} would replace that model's "
             f"card: write the export into another folder, such as {target.parent / 'onnx'}"
+        )
+    other = _other_export(target)
+    if other is not None:
+        raise UserError(
+            f"{target.parent} holds another export, {other.name}, which its {CARD_FILE} describes; this export's "
+            f"{CARD_FILE} would replace it and leave {other.name} without its card: write the export into another "
+            f"folder, such as {target.parent / target.stem}"
         )
     size = card.input_size
     real, synthetic, what = parity_images(size, images)
@@ -275,6 +283,18 @@ def export_onnx(
     }
     save_card(ModelCard.model_validate({**card.model_dump(mode="json"), "onnx": onnx_info}), target.parent)
     return target
+
+
+def _other_export(target: Path) -> Path | None:
+    """The ``.onnx`` file other than ``target`` that the card in ``target``'s folder describes, if it is
+    there: one folder holds one export, as the card beside the graph is named ``card.json`` whatever the
+    graph's name. An unreadable card, or one of no export, is replaced as before."""
+    try:
+        described = json.loads((target.parent / CARD_FILE).read_text(encoding="utf-8"))["onnx"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    other = target.parent / str(described)
+    return other if other.name != target.name and other.is_file() else None
 
 
 def _opset_of(path: Path) -> int | None:
