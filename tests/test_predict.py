@@ -207,6 +207,19 @@ def test_predict_names_the_files_a_folder_holds_that_are_not_images(tiny_model: 
     assert "skipped 1 file(s)" in table.stderr and "notes.txt" in table.stderr
 
 
+def test_a_pipe_with_an_image_suffix_is_said_to_be_no_regular_file(tiny_model: Path, slides: Path,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """It was said to be "not an image by its suffix", which its .jpg plainly is."""
+    import shutil
+
+    folder = tmp_path / "with-a-pipe"
+    shutil.copytree(slides, folder)
+    os.mkfifo(folder / "camera.jpg")
+    table = run("predict", "-m", str(tiny_model), str(folder))
+    assert ("skipped 2 file(s) in the folders given: 1 not images by their suffix" in table.stderr
+            and "1 not regular files (pipes, devices): camera.jpg" in table.stderr)  # fmt: skip
+
+
 def test_predict_json_all_good_exit_zero(tiny_model: Path, slides: Path, tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     result = run("predict", "-m", str(tiny_model), str(slides / "*.jpg"), "--out", str(out), "--batch", "2", "--json")

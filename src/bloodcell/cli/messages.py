@@ -38,9 +38,18 @@ def warn_of_squashed(sizes: Iterable[tuple[str, tuple[int, int] | None]]) -> Non
 
 
 def skipped_note(skipped: list[Path], shown: int = 5) -> str:
-    """One line naming the files passed over in the given folders (not images by their suffix)."""
+    """One line naming the files passed over in the given folders: not images by their suffix, or, with an
+    image's suffix, no regular files (pipes, devices: never opened, as a read could block)."""
     from bloodcell.data.decode import IMAGE_SUFFIXES
 
-    names = ", ".join(path.name for path in skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
-    suffixes = " ".join(sorted(IMAGE_SUFFIXES))
-    return f"skipped {len(skipped)} file(s) in the folders given, not images by their suffix ({suffixes}): {names}"
+    def named(paths: list[Path]) -> str:
+        return ", ".join(path.name for path in paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+    special = [path for path in skipped if path.suffix.lower() in IMAGE_SUFFIXES]
+    others = [path for path in skipped if path.suffix.lower() not in IMAGE_SUFFIXES]
+    reasons = []
+    if others:
+        reasons.append(f"{len(others)} not images by their suffix ({' '.join(sorted(IMAGE_SUFFIXES))}): {named(others)}")
+    if special:
+        reasons.append(f"{len(special)} not regular files (pipes, devices): {named(special)}")
+    return f"skipped {len(skipped)} file(s) in the folders given: " + "; ".join(reasons)
