@@ -201,6 +201,30 @@ def test_a_random_split_and_validation_scores_of_a_refit_model_are_flagged(runs:
     assert "The test part was never trained on" not in html  # no test part was scored
 
 
+def test_the_markdown_report_names_every_corner_that_ties_for_the_most_changed_predictions(runs: Path,
+                                                                                        tmp_path: Path) -> None:  # fmt: skip
+    """It named the last of the tied corners, as if that corner (the scale bar's, say) stood out."""
+    run = tmp_path / "toy"
+    shutil.copytree(runs / "toy", run)
+    if not (run / "metrics.json").is_file():
+        build_report(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    corners = metrics["corner_occlusion"]["corners"]
+    n = metrics["corner_occlusion"]["n_images"]
+    for name, changed in zip(corners, (2, 1, 2, 2)):
+        corners[name]["changed_predictions"] = changed
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    build_report(run, evaluate=False)
+    names = [name for name, changed in zip(corners, (2, 1, 2, 2)) if changed == 2]
+    line = f"| most predictions one masked corner changes | 2 of {n} ({', '.join(names)}) |"
+    assert line in (run / "report.md").read_text(encoding="utf-8")
+    for name in corners:
+        corners[name]["changed_predictions"] = 0
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    build_report(run, evaluate=False)
+    assert f"| 0 of {n} (none changes any) |" in (run / "report.md").read_text(encoding="utf-8")
+
+
 def test_a_metrics_json_of_an_older_format_is_evaluated_again(runs: Path, tmp_path: Path) -> None:
     """An older bloodcell's metrics.json lacks keys the templates read: evaluate again, or say so."""
     run = tmp_path / "toy"
