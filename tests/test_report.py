@@ -201,6 +201,24 @@ def test_a_random_split_and_validation_scores_of_a_refit_model_are_flagged(runs:
     assert "The test part was never trained on" not in html  # no test part was scored
 
 
+def test_the_report_says_a_per_image_standardised_model_undoes_the_brightness_shift(report: Path, runs: Path,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    """Its brightness_contrast row equals the clean score by construction: shown as robustness to a dimmer
+    lamp without a word, it was evidence that cannot fail."""
+    note = "undoes the brightness_contrast shift"
+    assert note not in report.read_text(encoding="utf-8")  # the toy model standardises with fixed statistics
+    run = tmp_path / "toy"
+    shutil.copytree(runs / "toy", run)
+    card_path = run / "checkpoints" / "best" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["config"]["normalize"]["per_image"] = True
+    card_path.write_text(json.dumps(card))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["model"]["path"] = str(card_path.parent)  # this copy's model, not the fixture's
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert note in build_report(run, evaluate=False).read_text(encoding="utf-8")
+
+
 def test_the_markdown_report_names_every_corner_that_ties_for_the_most_changed_predictions(runs: Path,
                                                                                         tmp_path: Path) -> None:  # fmt: skip
     """It named the last of the tied corners, as if that corner (the scale bar's, say) stood out."""
