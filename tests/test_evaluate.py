@@ -266,6 +266,37 @@ def test_another_labs_folders_with_one_class_the_model_lacks(run: Path, tmp_path
     assert "no folder holds Early Pre-B, Pre-B" in caplog.text
 
 
+def test_every_image_of_data_too_few_to_split_is_scored_in_its_blocks(run: Path, tmp_path: Path) -> None:
+    """Another lab's two patients of a class: `--split all` needs no parts, yet rebuilding the split refused
+    the data ("gives only 2 session block(s)"), while one patient a class, or three, was scored."""
+    from bloodcell.report import build_report
+
+    other = make_aria_dataset(tmp_path / "copy", per_class=12, size=48, seed=8, segmented=False) / "Original"
+    lab = tmp_path / "lab"
+    for source, patients in (("Benign", ("p1",)), ("Pro", ("p2", "p3"))):
+        images = sorted((other / source).glob("*.jpg"))
+        for k, patient in enumerate(patients):
+            (lab / source / patient).mkdir(parents=True)
+            for image in images[k::len(patients)]:
+                shutil.copy(image, lab / source / patient / image.name)
+    with pytest.raises(UserError, match="gives only 2 session block"):
+        evaluate_model(run, lab, split="test", robustness=False, explain=False, progress=False, n_bootstrap=20)
+    folder = tmp_path / "ev"
+    result = evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20,
+                            out_dir=folder)  # fmt: skip
+    assert result["n_images"] == 24 and result["shortcut_baseline"] is None
+    assert result["data"]["protocol"] == "none" and "2 sub-folder(s)" in result["data"]["not_split"]
+    # the interval's units: Pro-B's two patients a block each, Benign's one folder (no patient told apart)
+    # in blocks of the run's size, 4
+    split = pd.read_csv(result["data"]["split_summary"]["split"])
+    assert split.groupby("block")["path"].agg(lambda paths: {p.split("/")[1] for p in paths}).map(len).eq(1).all()
+    assert result["data"]["n_blocks"] == 2 + 12 // 4
+    assert "move the images out" not in result["data"]["not_split"]  # the advice for a split is no reason
+    assert Path(result["data"]["split_summary"]["split"]).name.startswith("unsplit-")
+    html = build_report(folder).read_text(encoding="utf-8")
+    assert "Not split: the model's protocol cannot cut these data (class &#39;Pro-B&#39; gives only 2" in html
+
+
 def test_folders_of_none_of_the_model_s_classes_are_a_clear_error(run: Path, tmp_path: Path) -> None:
     other = make_aria_dataset(tmp_path / "copy", per_class=8, size=48, seed=5, segmented=False) / "Original"
     for source, name in zip(("Benign", "Pro"), ("normal", "reactive")):

@@ -17,7 +17,7 @@ from bloodcell.config import DataConfig
 from bloodcell.data.cache import load_images
 from bloodcell.data.index import build_index, dataset_workdir
 from bloodcell.data.layouts import VARIANTS, Dataset
-from bloodcell.data.splits import make_split, save_split, split_file_name
+from bloodcell.data.splits import TooFewToSplit, make_split, save_split, split_file_name, unsplit
 from bloodcell.errors import UserError
 from bloodcell.notices import warn_once
 
@@ -40,6 +40,8 @@ class PreparedData:
         and the dataset has them, else None.
     dataset: the dataset found on disk.
     manifest_path, split_path: where the manifest and the split were written.
+    not_split: why the data could not be split, when ``unsplit_if_too_few`` let every image be one held-out
+        part instead (:func:`~bloodcell.data.splits.unsplit`); None for a split cut by its protocol.
     """
 
     manifest: pd.DataFrame
@@ -53,6 +55,7 @@ class PreparedData:
     dataset: Dataset
     manifest_path: Path
     split_path: Path
+    not_split: str | None = None
 
     def indices(self, part: str) -> np.ndarray:
         """Row indices (into ``split``, ``images`` and ``labels``) of ``train``, ``val``, ``test`` or ``embargo``."""
@@ -93,7 +96,7 @@ def segmented_images(
 
 
 def prepare_data(
-    data_config: DataConfig, root: str | Path | None = None, progress: bool = True
+    data_config: DataConfig, root: str | Path | None = None, progress: bool = True, unsplit_if_too_few: bool = False
 ) -> PreparedData:
     """Index, split and decode a dataset as ``data_config`` says; reuse every cache that is still valid.
 
@@ -102,6 +105,9 @@ def prepare_data(
     data_config: the ``data`` section of a run config (variant, class names, image size, split protocol ...).
     root: the dataset folder; overrides ``data_config.root``.
     progress: draw progress bars on stderr for the slow steps (first run only).
+    unsplit_if_too_few: where the protocol cannot cut the data (too few images or sub-folders for its parts),
+        keep every image as one held-out part in its session blocks, with a warning, instead of the error:
+        for scoring every image (``evaluate --split all``), which needs no parts.
 
     Returns a :class:`PreparedData`. Raises :class:`UserError` when no dataset is given or it cannot be
     used, and :class:`~bloodcell.data.splits.LeakageError` if the split leaks.
@@ -114,26 +120,36 @@ def prepare_data(
     note = skipped_files_note(indexed.manifest, folder)
     if note:
         warn_once(log, note)
-    split = make_split(
-        indexed.manifest,
-        data_config.protocol,
-        data_config.split_seed,
-        val_fraction=data_config.val_fraction,
-        test_fraction=data_config.test_fraction,
-        block_size=data_config.block_size,
-        embargo=data_config.embargo,
-        folds=data_config.folds,
-        fold=data_config.fold,
-    )
     workdir = dataset_workdir(dataset.top, dataset.variant)
     fold = data_config.fold if data_config.protocol == "kfold" else None
-    split_path = save_split(
-        split, workdir / "splits" / split_file_name(
-            data_config.protocol, data_config.split_seed, fold, val_fraction=data_config.val_fraction,
-            test_fraction=data_config.test_fraction, block_size=data_config.block_size, embargo=data_config.embargo,
-            folds=data_config.folds if fold is not None else None, class_names=data_config.class_names,
+    file_name = split_file_name(
+        data_config.protocol, data_config.split_seed, fold, val_fraction=data_config.val_fraction,
+        test_fraction=data_config.test_fraction, block_size=data_config.block_size, embargo=data_config.embargo,
+        folds=data_config.folds if fold is not None else None, class_names=data_config.class_names,
+    )  # fmt: skip
+    not_split = None
+    try:
+        split = make_split(
+            indexed.manifest,
+            data_config.protocol,
+            data_config.split_seed,
+            val_fraction=data_config.val_fraction,
+            test_fraction=data_config.test_fraction,
+            block_size=data_config.block_size,
+            embargo=data_config.embargo,
+            folds=data_config.folds,
+            fold=data_config.fold,
         )
-    )
+    except TooFewToSplit as error:
+        if not unsplit_if_too_few:
+            raise
+        not_split = error.reason
+        log.warning("the %s split cannot be cut from %s (%s): every image is scored, as one held-out part in its "
+                    "session blocks", data_config.protocol, dataset.top, not_split)  # fmt: skip
+        split = unsplit(indexed.manifest, data_config.block_size)
+        # Named apart from the protocol's splits: it is none of them, and must not stand in for one.
+        file_name = f"unsplit-{file_name}"
+    split_path = save_split(split, workdir / "splits" / file_name)
     images = load_images(
         split,
         dataset.root,
@@ -158,6 +174,7 @@ def prepare_data(
         dataset=dataset,
         manifest_path=indexed.manifest_path,
         split_path=split_path,
+        not_split=not_split,
     )
 
 

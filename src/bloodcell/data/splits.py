@@ -70,6 +70,16 @@ class LeakageError(RuntimeError):
     """A split in which the same (or nearly the same) image is in two parts; the message lists examples."""
 
 
+class TooFewToSplit(UserError):
+    """A class (or the data) gives too few session blocks for the parts a protocol needs. Scoring every image
+    (``evaluate --split all``) needs no parts: it falls back to :func:`unsplit`, and says the ``reason``
+    without the ``advice`` on how to get a split."""
+
+    def __init__(self, reason: str, advice: str, joiner: str = "; ") -> None:
+        super().__init__(f"{reason}{joiner}{advice}")
+        self.reason = reason
+
+
 def _capture_order(split: pd.DataFrame) -> pd.DataFrame:
     """Rows sorted by class, then capture series, capture number, copy number and path (the order blocks
     are cut in): each series (patient, slide, session; see :func:`capture_series`) in its own stretch. Aria's
@@ -239,18 +249,18 @@ def _held_out_counts(rows: pd.DataFrame, val_fraction: float, test_fraction: flo
         folders = sub_folders(rows).dropna()
         # Every unit (a sub-folder, a loose file) already a block of its own: no block size gives more
         if folders.size and n_blocks >= folders.nunique() + n_images - folders.size:
-            raise UserError(
+            raise TooFewToSplit(
                 f"class {name!r} gives only {n_blocks} session block(s), too few for val, test and training: "
                 f"{folders.size} of its {n_images} images lie in {folders.nunique()} sub-folder(s), each kept whole "
-                "in one part (a patient or a slide); add images or sub-folders, or, if its sub-folders are no "
-                "patients or slides, move the images out of them"
+                "in one part (a patient or a slide)",
+                "add images or sub-folders, or, if its sub-folders are no patients or slides, move the images out of them",
             )
         if n_blocks >= n_images:  # one image a block already: no block size helps
-            raise UserError(f"class {name!r} has only {n_images} image(s), too few for val, test and training (3 at "
-                            "the least): add images, or leave the class out")  # fmt: skip
-        raise UserError(
-            f"class {name!r} has only {n_blocks} session block(s), too few for val, test and training; "
-            "lower the block size (--block-size; for train, --set data.block_size=N) or add images"
+            raise TooFewToSplit(f"class {name!r} has only {n_images} image(s), too few for val, test and training (3 at "
+                                "the least)", "add images, or leave the class out", ": ")  # fmt: skip
+        raise TooFewToSplit(
+            f"class {name!r} has only {n_blocks} session block(s), too few for val, test and training",
+            "lower the block size (--block-size; for train, --set data.block_size=N) or add images",
         )
     return n_val, n_test
 
@@ -308,7 +318,7 @@ def _stratified_group_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int
             for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
                 folds[held] = k
     except ValueError as error:  # sklearn's words for "a class has fewer groups than folds"
-        raise UserError(f"cannot cut {n_splits} stratified folds from these images ({error}); {advice}") from None
+        raise TooFewToSplit(f"cannot cut {n_splits} stratified folds from these images ({error})", advice) from None
     return folds
 
 
@@ -578,7 +588,7 @@ def make_split(
     else:
         groups = _block_and_duplicate_groups(blocked)
         if len(np.unique(groups)) < folds:
-            raise UserError(f"only {len(np.unique(groups))} session blocks: too few for {folds} folds; {_kfold_advice(blocked)}")
+            raise TooFewToSplit(f"only {len(np.unique(groups))} session blocks: too few for {folds} folds", _kfold_advice(blocked))
         blocked["fold"] = _stratified_group_fold(blocked["label"].to_numpy(), groups, folds, seed, _kfold_advice(blocked))
         blocked["split"] = np.where(blocked["fold"] == fold, "val", "train")
     _warn_of_duplicates_across_sub_folders(blocked)
@@ -590,6 +600,18 @@ def make_split(
     if check:
         check_leakage(result)
     return result
+
+
+def unsplit(manifest: pd.DataFrame, block_size: int = 40) -> pd.DataFrame:
+    """Every accepted row of ``manifest`` as one held-out part (``split`` is ``test``) in its session blocks:
+    for scoring every image of data too few to split (another lab's two patients a class), where the blocks
+    still give the bootstrap its units. No training part, so no shortcut baseline is fitted on them."""
+    accepted = manifest[~manifest["rejected"].astype(bool)].reset_index(drop=True)
+    if accepted.empty:
+        raise UserError("the manifest has no accepted images to split")
+    blocked = session_blocks(accepted, block_size)
+    blocked["split"] = "test"
+    return blocked.drop(columns=["block_index", "position"])
 
 
 def _warn_of_uneven_shares(blocked: pd.DataFrame, asked: dict[str, float]) -> None:

@@ -496,8 +496,9 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
             data_config = data_config.model_copy(update={"class_names": present})  # the audit's too
         # --split all scores every image: the warnings about the split rebuilt beside it (an embargo capped
         # for small blocks, a class with no image in a part) concern nothing it scores.
+        # It needs no parts either: data too few to split (two patients a class) are scored whole.
         with quieted(logging.getLogger("bloodcell.data.splits"), when=split == "all"):
-            prepared = prepare_data(data_config, data_root, progress=progress)
+            prepared = prepare_data(data_config, data_root, progress=progress, unsplit_if_too_few=split == "all")
         if matched:
             folders = prepared.dataset.class_folders
             absent = [name for name in classes if name not in folders]
@@ -705,7 +706,8 @@ def describe_evaluation(card: ModelCard, config: RunConfig, model_dir: Path, dat
     from bloodcell.data.splits import split_summary
 
     prepared, data_config = data.prepared, data.data_config
-    summary = split_summary(prepared.split, data_config.protocol, data_config.split_seed, list(prepared.classes),
+    protocol = "none" if prepared.not_split else data_config.protocol  # every image one held-out part
+    summary = split_summary(prepared.split, protocol, data_config.split_seed, list(prepared.classes),
                             prepared.split_path)  # fmt: skip
     return {
         "model": {
@@ -728,7 +730,8 @@ def describe_evaluation(card: ModelCard, config: RunConfig, model_dir: Path, dat
             # folder -> images: folders of no class of the model's, not scored (named in the scope)
             "folders_left_out": folders_left_out(prepared.dataset.root, prepared.dataset.class_folders),
             "trained_on": card.trained_on,
-            "protocol": data_config.protocol,
+            "protocol": protocol,
+            "not_split": prepared.not_split,  # why the protocol could not cut these data, if it could not
             "split_seed": data_config.split_seed,
             "block_size": data_config.block_size,
             "embargo": data_config.embargo,
