@@ -441,6 +441,22 @@ def test_rows_sharing_a_hash_are_grouped_without_comparing_every_pair(monkeypatc
     assert groups[100] not in groups[:100]  # 16 bits from the zeros: not a near duplicate (10 at most)
 
 
+def test_an_index_of_some_classes_keeps_the_others_in_the_hash_cache(aria_dataset: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """`index --classes` (a model's classes) shares the folder's hash cache: it emptied the cache of the other
+    classes' files, and the next full index hashed them all again."""
+    build_index(aria_dataset, progress=False)
+    (aria_dataset / "Original" / "Pro" / "WBC-Malignant-Pro-003.jpg").unlink()  # gone: no entry kept for it
+    build_index(aria_dataset, class_names=["Benign", "Early Pre-B"], progress=False)
+    calls: list[Path] = []
+    real_inspect = index_module.inspect_file
+    monkeypatch.setattr(index_module, "inspect_file", lambda path: calls.append(Path(path)) or real_inspect(path))
+    build_index(aria_dataset, progress=False)
+    assert calls == []
+    cache = pd.read_csv(next(build_index(aria_dataset, progress=False).manifest_path.parent.glob("hash-cache-*.csv")))
+    assert len(cache) == 4 * 24 - 1 and "Pro/WBC-Malignant-Pro-003.jpg" not in set(cache["path"])
+
+
 def test_second_run_reuses_the_hash_cache(aria_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = build_index(aria_dataset, progress=False)
     calls: list[Path] = []

@@ -575,10 +575,13 @@ def build_index(
     fresh = _inspect_all([paths[k] for k in missing], workers, progress)
     inspected = dict(zip(missing, fresh))
     facts = [inspected[k] if k in inspected else cache[key] for k, key in enumerate(keys)]
-    if missing or len(cache) != len(keys):
-        _save_hash_cache(
-            workdir, [{"path": k[0], **dict(zip(_STAT_COLUMNS, k[1:])), **f} for k, f in zip(keys, facts)]
-        )
+    # Files of the folder this listing left out (other classes than --classes asks for) keep their entries
+    # while they are unchanged: each such index emptied the cache of them, and the next full one hashed them again.
+    listed = {key[0] for key in keys}
+    kept = {key: fact for key, fact in cache.items() if key[0] not in listed and _stat_key(dataset.root / key[0]) == key[1:]}
+    if missing or len(cache) != len(keys) + len(kept):
+        rows = [*zip(keys, facts), *kept.items()]
+        _save_hash_cache(workdir, [{"path": k[0], **dict(zip(_STAT_COLUMNS, k[1:])), **f} for k, f in rows])
     rows = _manifest_rows(dataset, facts, [k[1] for k in keys])
     near_hashes = _original_hashes(dataset, class_names, progress)
     recaptures = _recaptures(dataset, rows, workdir, progress, near_hashes)
