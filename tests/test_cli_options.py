@@ -52,3 +52,33 @@ def test_help_gives_flags_no_value_type() -> None:
         assert "<bool>" not in result.output, name
     predict = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"}).output
     assert "<int range>" in predict and "--tta" in predict  # other types are still shown
+
+
+def _rendered(tables: list[Any]) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=200)
+    for table in tables:
+        console.print(table)
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_evaluate_names_the_part_the_shortcut_baseline_was_scored_on_when_it_is_another() -> None:
+    """With --split all the border-colour baseline scores the test part only: its number stood beside the
+    model's, on every image, as if of the same images."""
+    from bloodcell.cli.evaluate import summary_tables
+
+    metrics: dict[str, Any] = {
+        "model": {"architecture": "bloodnet"}, "data": {"root": "/data/aria", "n_blocks": 8}, "n_images": 80,
+        "evaluation": {"split": "all"}, "balanced_accuracy": 0.9, "balanced_accuracy_ci": [0.8, 1.0],
+        "accuracy": 0.9, "macro_f1": 0.9, "roc_auc_macro": 0.95, "ece": 0.05, "ece_after_temperature": 0.04,
+        "temperature": 1.2, "temperature_source": "model card", "per_class": {}, "roc_auc": {},
+        "shortcut_baseline": {"balanced_accuracy": 0.7, "verdict": "moderate", "scored_on": "test",
+                              "n_test": 23},
+    }  # fmt: skip
+    assert "border-colour shortcut (test part, 23 images)" in _rendered(summary_tables(metrics))
+    metrics["evaluation"]["split"] = "test"
+    shown = _rendered(summary_tables(metrics))
+    assert "border-colour shortcut " in shown and "(test part" not in shown  # scored on the evaluated images

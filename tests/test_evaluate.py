@@ -295,6 +295,7 @@ def test_every_image_of_data_too_few_to_split_is_scored_in_its_blocks(run: Path,
     assert Path(result["data"]["split_summary"]["split"]).name.startswith("unsplit-")
     html = build_report(folder).read_text(encoding="utf-8")
     assert "Not split: the model's protocol cannot cut these data (class &#39;Pro-B&#39; gives only 2" in html
+    assert "The model's protocol cannot cut these data (class 'Pro-B' gives only 2" in (folder / "report.md").read_text()
 
 
 def test_folders_of_none_of_the_model_s_classes_are_a_clear_error(run: Path, tmp_path: Path) -> None:

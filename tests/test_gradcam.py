@@ -82,6 +82,19 @@ def test_other_methods_and_an_explicit_target_layer(bloodnet: Classifier, method
     assert result.cams.shape == (4, 48, 48) and np.isfinite(result.cams).all()
 
 
+def test_scorecam_draws_no_progress_bars(bloodnet: Classifier, capfd: pytest.CaptureFixture[str]) -> None:
+    """The CAM library's ScoreCAM drew a tqdm bar per image on stderr, through --json and into the server's
+    log; the library's own module is left as it was (not patched for the process)."""
+    import pytorch_grad_cam.score_cam
+
+    library_tqdm = pytorch_grad_cam.score_cam.tqdm
+    images, _ = toy_images(2, 48, seed=1)
+    result = explain_images(bloodnet, images, "scorecam")
+    assert result.cams.shape == (2, 48, 48) and np.isfinite(result.cams).all()
+    assert capfd.readouterr().err == ""
+    assert pytorch_grad_cam.score_cam.tqdm is library_tqdm
+
+
 def test_unknown_layer_or_method_is_a_user_error(bloodnet: Classifier) -> None:
     images, _ = toy_images(2, 48)
     with pytest.raises(UserError, match="no layer"):

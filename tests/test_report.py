@@ -243,6 +243,51 @@ def test_the_markdown_report_names_every_corner_that_ties_for_the_most_changed_p
     assert f"| 0 of {n} (none changes any) |" in (run / "report.md").read_text(encoding="utf-8")
 
 
+def _rename_classes(path: Path, names: dict[str, str]) -> None:
+    """Every class name in a JSON file (metrics.json, card.json) renamed, wherever it is a key or a value."""
+    text = path.read_text(encoding="utf-8")
+    for old, new in names.items():
+        text = text.replace(json.dumps(old), json.dumps(new))
+    path.write_text(text, encoding="utf-8")
+
+
+def _markdown_tables(markdown: str) -> list[list[int]]:
+    """The cell count of each row of each table in a Markdown text (an escaped ``\\|`` is no border)."""
+    tables: list[list[int]] = []
+    previous = ""
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(len(re.split(r"(?<!\\)\|", line)) - 2)
+        previous = line
+    return tables
+
+
+def test_the_markdown_report_escapes_class_and_run_names(runs: Path, tmp_path: Path) -> None:
+    """report.md wrote names as they were: a class folder ``Pre|B`` added a cell to every table it headed,
+    and one named ``<img src=x onerror=...>`` was raw HTML that a Markdown viewer passes through and runs."""
+    hostile = "<img src=x onerror=alert(1)>"
+    run = tmp_path / "a|run"
+    shutil.copytree(runs / "toy", run)
+    if not (run / "metrics.json").is_file():
+        build_report(run)
+    card_path = run / "checkpoints" / "best" / "card.json"
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["model"]["path"] = str(card_path.parent)  # this copy's model, not the fixture's
+    metrics["ci_method"] += f"; single-block classes: {hostile}"  # names in prose too
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for path in (run / "metrics.json", card_path):
+        _rename_classes(path, {"Pre-B": "Pre|B", "Pro-B": hostile})
+    build_report(run, evaluate=False)
+    markdown = (run / "report.md").read_text(encoding="utf-8")
+    tables = _markdown_tables(markdown)
+    assert len(tables) >= 4 and all(len(set(rows)) == 1 for rows in tables), tables
+    header = ["part", "Benign", "Early Pre-B", "Pre\\|B", "&lt;img src=x onerror=alert(1)&gt;", "total"]
+    assert "| " + " | ".join(header) + " |" in markdown
+    assert "<img" not in markdown and "# bloodcell evaluation report: a\\|run" in markdown
+
+
 def test_a_metrics_json_of_an_older_format_is_evaluated_again(runs: Path, tmp_path: Path) -> None:
     """An older bloodcell's metrics.json lacks keys the templates read: evaluate again, or say so."""
     run = tmp_path / "toy"

@@ -85,14 +85,19 @@ def spreadsheet_safe(text: str) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
-def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table whose cells hold any text: a ``|`` in a file name (``bad|name.jpg``) would end its
-    cell and push the rest of the row into columns of its own, and a line break would end the table."""
-    def cell(value: object) -> str:
-        return " ".join(str(value).split("\n")).replace("|", "\\|")
+def markdown_text(value: object) -> str:
+    """``value`` as text for a Markdown table cell or line: a ``|`` (a file or class folder named ``bad|name``)
+    escaped, which would end its cell and push the rest of the row into columns of its own; line breaks as
+    spaces, which would end the table; and ``&``, ``<`` and ``>`` as HTML entities, which Markdown shows as the
+    characters, so that a name such as ``<img src=x onerror=...>`` is no raw HTML for a viewer to run."""
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return " ".join(text.splitlines()).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+
+def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table whose cells hold any text (see :func:`markdown_text`)."""
+    lines = ["| " + " | ".join(map(markdown_text, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(markdown_text, row)) + " |" for row in rows])
 
 
 def probability_columns(classes: Sequence[str]) -> list[str]:

@@ -48,6 +48,22 @@ def _confident_row(metrics: dict[str, Any], tta: dict[str, Any] | None) -> list[
     return [(name, f"{confident['count']} of {confident['errors']}", "after temperature", "" if tta else None)]
 
 
+def _shortcut_row(
+    metrics: dict[str, Any], tta: dict[str, Any] | None
+) -> list[tuple[str, Any, str, str | None]]:
+    """The border-colour shortcut baseline's row, named by the part it was scored on where that is not the
+    evaluated one: with ``--split all`` it scores the test part only, and its number beside the model's would
+    read as a score of the same images."""
+    shortcut = metrics.get("shortcut_baseline")
+    if not shortcut or shortcut.get("balanced_accuracy") is None:
+        return []
+    name, scored_on = "border-colour shortcut", shortcut.get("scored_on", metrics["evaluation"]["split"])
+    if scored_on != metrics["evaluation"]["split"]:
+        count = f", {shortcut['n_test']} images" if shortcut.get("n_test") is not None else ""
+        name += f" ({scored_on} part{count})"
+    return [(name, shortcut["balanced_accuracy"], shortcut["verdict"], "" if tta else None)]
+
+
 def summary_tables(metrics: dict[str, Any]) -> list[Table]:
     """The rich tables ``bloodcell evaluate`` prints: headline (with TTA), per class, robustness."""
     from bloodcell.evaluate.runner import evaluated_scope
@@ -75,9 +91,7 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
          if metrics["temperature_source"].startswith("fitted on the validation part")
          else metrics["temperature_source"], "" if tta else None),
     ]  # fmt: skip
-    shortcut = metrics.get("shortcut_baseline")
-    if shortcut and shortcut.get("balanced_accuracy") is not None:
-        rows.append(("border-colour shortcut", shortcut["balanced_accuracy"], shortcut["verdict"], "" if tta else None))
+    rows += _shortcut_row(metrics, tta)
     explained = metrics.get("explain") or {}
     if explained.get("energy_to_area_ratio") is not None:  # where the Grad-CAM maps look, against chance (1)
         verdict = _cell_focus_words(explained)

@@ -20,9 +20,11 @@ image resize would put them: a stride-32 network of padded convolutions centres 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import types
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,28 @@ class SignedEigenGradCAM(EigenGradCAM):
         return oriented_projection(grads * activations)
 
 
+def _without_progress_bars(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A function of the CAM library whose ``tqdm`` progress bars draw nothing: the same code over a copy of
+    its module's globals in which ``tqdm`` (the module, as pytorch-grad-cam imports it) is a disabled one.
+
+    Why: ScoreCAM draws a bar per image on stderr, through ``--json`` and into the server's log; and why a
+    copy: patching the library's module, even for the length of a call, would silence or unsilence another
+    thread's ScoreCAM (the server explains in several) and every other user of that module in the process.
+    """
+    bars: Any = method.__globals__.get("tqdm")
+    if not hasattr(bars, "tqdm"):  # a version of the library that draws none: nothing to quiet
+        return method
+    quiet = types.SimpleNamespace(tqdm=functools.partial(bars.tqdm, disable=True))
+    return types.FunctionType(method.__code__, {**method.__globals__, "tqdm": quiet}, method.__name__,
+                              method.__defaults__, method.__closure__)  # fmt: skip
+
+
+class QuietScoreCAM(ScoreCAM):
+    """ScoreCAM without its progress bars on stderr."""
+
+    get_cam_weights = _without_progress_bars(ScoreCAM.get_cam_weights)
+
+
 #: CAM methods by CLI name.
 METHODS: dict[str, type[BaseCAM]] = {
     "gradcam": GradCAM,
@@ -94,7 +118,7 @@ METHODS: dict[str, type[BaseCAM]] = {
     "layercam": LayerCAM,
     "eigencam": SignedEigenCAM,
     "eigengradcam": SignedEigenGradCAM,
-    "scorecam": ScoreCAM,
+    "scorecam": QuietScoreCAM,
 }
 
 #: Randomised-weights CAMs more similar than this (mean Spearman) fail the sanity check.

@@ -19,7 +19,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from bloodcell import __version__
 from bloodcell.errors import UserError
-from bloodcell.io import atomic_write_text
+from bloodcell.io import atomic_write_text, markdown_text
 from bloodcell.notices import quieted
 
 log = logging.getLogger(__name__)
@@ -156,13 +156,15 @@ def _ci(interval: Any, digits: int = 3) -> str:
 def _environment() -> Environment:
     env = Environment(
         loader=PackageLoader("bloodcell", "report/templates"),
-        # HTML templates escape every value; the Markdown one must not (it would print &amp; and &lt;).
+        # HTML templates escape every value; the Markdown one must not (it would print &amp; and &lt; in its
+        # prose): it escapes the names and paths it shows with its own filter, md (io.markdown_text).
         autoescape=lambda name: name is None or name.endswith(".html.j2"),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update({"fmt": _fmt, "pct": _pct, "ci": _ci, "card_temperature": card_temperature})
+    env.filters.update({"fmt": _fmt, "pct": _pct, "ci": _ci, "card_temperature": card_temperature,
+                        "md": markdown_text})  # fmt: skip
     return env
 
 
