@@ -191,3 +191,60 @@ def test_a_run_whose_data_moved_says_so_and_how_to_point_at_them(aria_dataset: P
     (run / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     code, err = run_cli(["train", "--resume", str(run), "--no-progress"], monkeypatch, capsys)
     assert code == 2 and "no longer at" in err and "--data DATA" in err
+
+
+def _printed(*renderables: object) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=200)
+    for renderable in renderables:
+        console.print(renderable)
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_evaluate_prints_class_and_folder_names_as_they_are_not_as_markup() -> None:
+    """rich reads "[...]" as markup: a class named "[/x]" raised after the whole evaluation had run, and one
+    named "[b]" was shown as nothing (in bold). Also: one block is "1 block"."""
+    from bloodcell.cli.evaluate import summary_tables
+
+    scores = {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 10}
+    metrics = {
+        "model": {"architecture": "bloodnet"}, "data": {"root": "/data/[b]cells", "n_blocks": 1}, "n_images": 20,
+        "evaluation": {"split": "test"}, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.4, 0.6],
+        "accuracy": 0.5, "macro_f1": 0.5, "roc_auc_macro": 0.5, "ece": 0.05, "ece_after_temperature": 0.04,
+        "temperature": 1.0, "temperature_source": "model card", "per_class": {"[/x]": scores, "[b]": scores},
+        "roc_auc": {"[/x]": 0.5, "[b]": 0.5},
+        "robustness": {"clean": {"balanced_accuracy": 0.5},
+                       "shifts": {"[/blur]": {s: {"balanced_accuracy": 0.4} for s in (1, 2, 3)}},
+                       "worst": {s: {"balanced_accuracy": 0.4, "shift": "[/blur]"} for s in ("1", "2", "3")}},
+    }  # fmt: skip
+    shown = _printed(*summary_tables(metrics))
+    assert "the test part of [b]cells (20 images, 1 block)" in " ".join(shown.split())  # the title wraps
+    assert "[/x]" in shown and "[b] " in shown and shown.count("[/blur]") == 4
+    assert "worst" in shown and "[bold]" not in shown  # the code's own markup still works
+
+
+def test_index_prints_class_and_data_folder_names_as_they_are(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A plain class-per-folder layout takes its class names from the folders: "[b]" vanished from the table,
+    and "[red]" from the data folder's name in the summary line (Kaggle's "[Malignant] Pre-B" survived only
+    because "Malignant" is no style rich knows)."""
+    import numpy as np
+    from PIL import Image
+
+    from bloodcell.cli import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "[red]slides"
+    for name in ("[b]", "mono"):
+        (data / name).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / name / f"[i]{k}.png")
+    monkeypatch.setenv("COLUMNS", "500")  # the path on one line
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "index", str(data), "--out", str(tmp_path / "m.csv"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr().out
+    assert not exit_info.value.code, out
+    assert f"under {data} " in out and "│ [b]   │      3 │" in out and "│ mono  │      3 │" in out

@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bloodcell.cli import app
-from bloodcell.cli.messages import error_line
+from bloodcell.cli.messages import error_line, plural
 from bloodcell.config import DataConfig
 
 _DEFAULTS = DataConfig()
@@ -82,16 +83,13 @@ def _print_json(obj: dict[str, Any]) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _counts_table(title: str, header: list[str], rows: list[list[Any]]) -> Table:
-    table = Table(title=title, title_justify="left")
-    for name in header:
-        table.add_column(name, justify="right" if name != header[0] else "left")
+    """Every text in it is data (class and folder names), not markup: "[/x]" would raise, "[b]" vanish."""
+    table = Table(title=escape(title), title_justify="left")
+    for k, name in enumerate(header):
+        table.add_column(escape(name), justify="left" if k == 0 else "right")
     for row in rows:
-        table.add_row(*(str(cell) for cell in row))
+        table.add_row(*(escape(str(cell)) for cell in row))
     return table
 
 
@@ -140,7 +138,8 @@ def index_command(
     dataset = result.dataset
     _console.print(
         f"Indexed {summary['images']} files under {dataset.root} (layout {dataset.layout}): "
-        f"{summary['accepted']} accepted, {len(summary['rejected'])} rejected."
+        f"{summary['accepted']} accepted, {len(summary['rejected'])} rejected.",
+        markup=False,
     )
     _console.print(
         _counts_table(
@@ -150,9 +149,9 @@ def index_command(
     for item in summary["rejected"]:
         _console.print(f"  rejected {item['path']}: {item['reason']}", markup=False)
     _console.print(
-        f"Duplicates: {_plural(summary['exact_duplicate_groups'], 'group')} of identical files, "
-        f"{_plural(summary['near_duplicate_groups'], 'group')} with near duplicates or shifted re-captures "
-        f"({_plural(summary.get('recaptured_pairs', 0), 'pair')} of distinct files linked as re-captures)."
+        f"Duplicates: {plural(summary['exact_duplicate_groups'], 'group')} of identical files, "
+        f"{plural(summary['near_duplicate_groups'], 'group')} with near duplicates or shifted re-captures "
+        f"({plural(summary.get('recaptured_pairs', 0), 'pair')} of distinct files linked as re-captures)."
     )
     typer.echo(f"Manifest: {summary['manifest']}")
 

@@ -57,9 +57,9 @@ def _print_summary(demo: DemoResult) -> None:
     console = Console()
     # Every class's probability when the terminal has room (they are all in predictions.csv and the report).
     classes = demo.classes if console.width >= 100 else []
-    table = Table(
-        title=f"model {demo.model_info['name']}, version {demo.model_info['version']} ({demo.model_info['architecture']}) on "
-        f"{len(demo.images)} sample images",
+    table = Table(  # the model's name is data, not markup
+        title=escape(f"model {demo.model_info['name']}, version {demo.model_info['version']} "
+                     f"({demo.model_info['architecture']}) on {len(demo.images)} sample images"),
         title_justify="left", header_style="bold",
     )  # fmt: skip
     for column in ("image", "true class", "predicted", "p", *classes, "verdict"):

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bloodcell.cli import app
+from bloodcell.cli.messages import plural
 from bloodcell.errors import UserError
 
 _console = Console()
@@ -64,14 +65,23 @@ def _shortcut_row(
     return [(name, shortcut["balanced_accuracy"], shortcut["verdict"], "" if tta else None)]
 
 
-def summary_tables(metrics: dict[str, Any]) -> list[Table]:
-    """The rich tables ``bloodcell evaluate`` prints: headline (with TTA), per class, robustness."""
+def _head_title(metrics: dict[str, Any]) -> str:
+    """What was evaluated on which images, in words (names of folders and classes as they are, not markup)."""
     from bloodcell.evaluate.runner import evaluated_scope
 
-    tta = metrics.get("tta")
     where = evaluated_scope(metrics, Path(metrics["data"]["root"]).name)
-    head = Table(title=f"{metrics['model']['architecture']} on {where} ({metrics['n_images']} images, "
-                       f"{metrics['data']['n_blocks']} blocks)", title_justify="left")  # fmt: skip
+    blocks = metrics["data"].get("n_blocks")  # None where the images have no session blocks
+    counts = plural(metrics["n_images"], "image") + ("" if blocks is None else f", {plural(blocks, 'block')}")
+    return f"{metrics['model']['architecture']} on {where} ({counts})"
+
+
+def summary_tables(metrics: dict[str, Any]) -> list[Table]:
+    """The rich tables ``bloodcell evaluate`` prints: headline (with TTA), per class, robustness.
+
+    Names from the data (classes, folders, the target layer) are escaped: rich reads "[/x]" as markup.
+    """
+    tta = metrics.get("tta")
+    head = Table(title=escape(_head_title(metrics)), title_justify="left")
     head.add_column("metric")
     head.add_column("value", justify="right")
     head.add_column("95% CI", justify="right")
@@ -99,14 +109,14 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         rows.append((f"Grad-CAM energy on stained cells / their area (layer {explained['target_layer']})",
                      explained["energy_to_area_ratio"], f"{verdict}; {sanity}", "" if tta else None))  # fmt: skip
     for name, value, extra, tta_value in rows:
-        head.add_row(name, _f(value), extra, *([tta_value] if tta else []))
+        head.add_row(escape(name), _f(value), escape(extra), *([tta_value] if tta else []))
 
     per_class = Table(title="Classification report", title_justify="left")
     for column in ("class", "precision", "recall", "F1", "support", "ROC AUC"):
         per_class.add_column(column, justify="left" if column == "class" else "right")
     for name, row in metrics["per_class"].items():
-        per_class.add_row(name, _f(row["precision"]), _f(row["recall"]), _f(row["f1"]), str(row["support"]),
-                          _f(metrics["roc_auc"].get(name)))  # fmt: skip
+        per_class.add_row(escape(name), _f(row["precision"]), _f(row["recall"]), _f(row["f1"]),
+                          str(row["support"]), _f(metrics["roc_auc"].get(name)))  # fmt: skip
     tables = [head, per_class]
 
     robustness = metrics.get("robustness")
@@ -116,9 +126,11 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         for column in ("shift", "low", "medium", "high"):
             shifts.add_column(column, justify="left" if column == "shift" else "right")
         for name, values in robustness["shifts"].items():
-            shifts.add_row(name, *(_f(values[s]["balanced_accuracy"]) for s in (1, 2, 3)))
+            shifts.add_row(escape(name), *(_f(values[s]["balanced_accuracy"]) for s in (1, 2, 3)))
         worst = robustness["worst"]
-        shifts.add_row("[bold]worst[/bold]", *(f"[bold]{_f(worst[s]['balanced_accuracy'])}[/bold] {worst[s]['shift']}" for s in ("1", "2", "3")))
+        worst_cells = (f"[bold]{_f(worst[s]['balanced_accuracy'])}[/bold] {escape(worst[s]['shift'])}"
+                       for s in ("1", "2", "3"))  # fmt: skip
+        shifts.add_row("[bold]worst[/bold]", *worst_cells)
         tables.append(shifts)
     occlusion = metrics.get("corner_occlusion")
     if occlusion:
@@ -127,7 +139,8 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         for column in ("corner", "balanced accuracy", "predictions changed"):
             corners.add_column(column, justify="left" if column == "corner" else "right")
         for name, row in occlusion["corners"].items():
-            corners.add_row(name, _f(row["balanced_accuracy"]), f"{row['changed_predictions']} of {occlusion['n_images']}")
+            corners.add_row(escape(name), _f(row["balanced_accuracy"]),
+                            f"{row['changed_predictions']} of {occlusion['n_images']}")  # fmt: skip
         tables.append(corners)
     return tables
 
@@ -164,7 +177,8 @@ def evaluate_command(
         return
     for table in summary_tables(metrics):
         _console.print(table)
-    _console.print(f"written: {Path(metrics['out_dir']) / 'metrics.json'}, predictions.csv, plots/")
+    written = Path(metrics["out_dir"]) / "metrics.json"
+    _console.print(f"written: {written}, predictions.csv, plots/", markup=False)  # a path is data, not markup
 
 
 def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: str,
@@ -218,7 +232,7 @@ def explain_command(
                                "skipped": [str(path) for path in skipped]}, indent=2))  # fmt: skip
     else:
         layer = next((row["target_layer"] for row in rows if row["error"] is None), None)
-        table = Table(title=f"{method} on layer '{layer}'" if layer else method, title_justify="left")
+        table = Table(title=escape(f"{method} on layer '{layer}'" if layer else method), title_justify="left")
         for column in ("image", "predicted", "p", "overlay"):  # paths wrap rather than lose their ends
             table.add_column(column, justify="right" if column == "p" else "left", overflow="fold")
         for row in rows:  # names are data, not markup

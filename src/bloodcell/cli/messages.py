@@ -37,6 +37,11 @@ def warn_of_squashed(sizes: Iterable[tuple[str, tuple[int, int] | None]]) -> Non
         warning_line(note)
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 block``, ``2 blocks``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def skipped_note(skipped: list[Path], shown: int = 5) -> str:
     """One line naming the files passed over in the given folders: not images by their suffix, or, with an
     image's suffix, no regular files (pipes, devices: never opened, as a read could block)."""

@@ -157,8 +157,9 @@ def _announce(enabled: bool, message: str) -> None:
     """One line on stderr above a stage's progress bars, so the two sets of epochs are told apart."""
     if enabled and _is_first_process():
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold]{message}[/bold]")
+        Console(stderr=True).print(f"[bold]{escape(message)}[/bold]")  # a run folder's name is no markup
 
 
 def _is_first_process() -> bool:
