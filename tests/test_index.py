@@ -88,12 +88,15 @@ def bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
         ("scan2_0042.tif", (42, 0)),
         ("no-number.png", (-1, 0)),
         ("photo (3).jpg", (-1, 3)),
-        # A year-first date and time is one capture number, not its seconds alone
-        ("IMG_20240312_101530.jpg", (20240312101530, 0)),
-        ("PXL_20240312_101530123.jpg", (20240312101530123, 0)),
-        ("2024-03-12_10-15-30 (2).tif", (20240312101530, 2)),
-        ("scan_2024-03-12T10:15.png", (202403121015, 0)),
+        # A time of day in two-digit fields after a year-first date is one capture number, not its seconds
+        ("2024-03-12_10-15-30 (2).tif", (101530, 2)),
+        ("scan_2024-03-12T10:15.png", (1015, 0)),
+        ("IMG_20240312_101530.jpg", (101530, 0)),  # one field: the last number already
         ("2024-03-12_001.jpg", (1, 0)),  # a number counted within the day
+        # a counter after a date stays the last number whether or not its digits could be a time
+        ("20210315_0059.jpg", (59, 0)),
+        ("20210315_0060.jpg", (60, 0)),
+        ("20210315_000060.jpg", (60, 0)),
         ("img 12-03-2024 10.15.30.jpg", (30, 0)),  # day first: no time order in its digits
     ],
 )
@@ -730,18 +733,29 @@ def test_date_and_time_names_are_one_capture_series_not_each_a_series_of_its_own
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """2024-03-12_10-15-30.tif: read by its seconds, every minute was a series of one file, so a microscope
-    camera's names were said to be hash-like and the class was taken to have no capture order."""
+    camera's names were said to be hash-like and the class was taken to have no capture order (no capture
+    neighbours left out beside training images when another copy of the data was evaluated)."""
     from bloodcell.data.splits import _in_capture_order
 
     names = [f"Benign/2024-03-{12 + k // 30:02d}_10-{k % 30 + 10:02d}-{(7 * k) % 60:02d}.tif" for k in range(60)]
     manifest = pd.DataFrame({"path": names, "rejected": False, "label": 0,
                              "capture": [index_module.parse_capture(n)[0] for n in names]})  # fmt: skip
-    assert {index_module.capture_series(n) for n in names} == {"Benign/"}
-    assert manifest["capture"].is_monotonic_increasing  # the names' time order
+    assert {index_module.capture_series(n) for n in names} == {"Benign/2024-03-12_", "Benign/2024-03-13_"}
+    capture_order = sorted(names, key=lambda n: (index_module.capture_series(n), index_module.parse_capture(n)))
+    assert capture_order == names  # the names' time order
     with caplog.at_level("WARNING"):
         index_module._warn_of_names_without_numbers(manifest, Path("camera"))
     assert caplog.text == ""
     assert _in_capture_order(manifest)
+
+
+def test_a_counter_after_a_date_keeps_one_series_in_counter_order() -> None:
+    """20210315_0059 and 20210315_0060: read as a time of day where the digits could be one (0059) and as a
+    counter where not (0060), one session became two series, and images next to each other in capture order
+    landed in training and in a held-out part with no embargo between them."""
+    names = [f"Benign/20210315_{k:04d}.jpg" for k in range(1, 201)]
+    assert {index_module.capture_series(n) for n in names} == {"Benign/20210315_"}
+    assert [index_module.parse_capture(n)[0] for n in names] == list(range(1, 201))
 
 
 def test_a_slide_number_last_in_the_names_is_said_to_be_no_capture_order(caplog: pytest.LogCaptureFixture) -> None:

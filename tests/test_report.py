@@ -276,16 +276,18 @@ def test_the_markdown_report_escapes_class_and_run_names(runs: Path, tmp_path: P
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["model"]["path"] = str(card_path.parent)  # this copy's model, not the fixture's
     metrics["ci_method"] += f"; single-block classes: {hostile}"  # names in prose too
+    metrics["model"]["config_name"] = "stain&blur`x"  # in a code span, where entities would show as typed
     (run / "metrics.json").write_text(json.dumps(metrics))
     for path in (run / "metrics.json", card_path):
-        _rename_classes(path, {"Pre-B": "Pre|B", "Pro-B": hostile})
+        _rename_classes(path, {"Early Pre-B": "![t](http://x.png)", "Pre-B": "Pre|B", "Pro-B": hostile})
     build_report(run, evaluate=False)
     markdown = (run / "report.md").read_text(encoding="utf-8")
     tables = _markdown_tables(markdown)
     assert len(tables) >= 4 and all(len(set(rows)) == 1 for rows in tables), tables
-    header = ["part", "Benign", "Early Pre-B", "Pre\\|B", "&lt;img src=x onerror=alert(1)&gt;", "total"]
+    header = ["part", "Benign", "!\\[t\\](http://x.png)", "Pre\\|B", "&lt;img src=x onerror=alert(1)&gt;", "total"]
     assert "| " + " | ".join(header) + " |" in markdown
     assert "<img" not in markdown and "# bloodcell evaluation report: a\\|run" in markdown
+    assert "![t](" not in markdown and "config `stain&blur'x`" in markdown
 
 
 def test_a_metrics_json_of_an_older_format_is_evaluated_again(runs: Path, tmp_path: Path) -> None:

@@ -88,10 +88,18 @@ def spreadsheet_safe(text: str) -> str:
 def markdown_text(value: object) -> str:
     """``value`` as text for a Markdown table cell or line: a ``|`` (a file or class folder named ``bad|name``)
     escaped, which would end its cell and push the rest of the row into columns of its own; line breaks as
-    spaces, which would end the table; and ``&``, ``<`` and ``>`` as HTML entities, which Markdown shows as the
-    characters, so that a name such as ``<img src=x onerror=...>`` is no raw HTML for a viewer to run."""
+    spaces, which would end the table; ``&``, ``<`` and ``>`` as HTML entities, which Markdown shows as the
+    characters, so that a name such as ``<img src=x onerror=...>`` is no raw HTML for a viewer to run; and
+    ``[``, ``]`` (and the backslash) escaped, so that a name such as ``![t](http://x)`` is no link or image."""
     text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return " ".join(text.splitlines()).replace("|", "\\|")
+    text = " ".join(text.splitlines()).replace("\\", "\\\\")
+    return text.replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
+
+
+def markdown_code(value: object) -> str:
+    """``value`` as the text of a Markdown code span (between backticks), where entities and backslash
+    escapes show as typed: a backtick, which would end the span, as ``'``, and line breaks as spaces."""
+    return " ".join(str(value).splitlines()).replace("`", "'")
 
 
 def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:

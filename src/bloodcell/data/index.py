@@ -73,13 +73,15 @@ MANIFEST_ORDER: list[str] = ["label", "capture", "copy", "path"]
 FEW_IN_A_SERIES = 5
 _COPY_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\((?P<copy>\d+)\)$")
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
-# A date and time that ends a name's digits, year first (cameras' and phones' 2024-03-12_10-15-30,
-# IMG_20240312_101530, PXL_20240312_101530123): its fields together are the capture number. Its last field
-# alone (the seconds) would make every minute a series of its own, one file each, and the names look like
-# hashes (no capture order). Day-first dates are left alone: their digits run in no time order.
-_TIMESTAMP = re.compile(
-    r"(?<!\d)(?P<date>(?:19|20)\d\d[-_.]?(?:0[1-9]|1[0-2])[-_.]?(?:0[1-9]|[12]\d|3[01]))"
-    r"(?:[-_.T ]?(?P<time>(?:[01]\d|2[0-3])[-_.:h]?[0-5]\d(?:[-_.:m]?[0-5]\d(?:[-_.,]?\d{1,6})?)?))?(?!.*\d)"
+# A time of day in fields of two digits after a year-first date, ending the name's digits (a camera's
+# 2024-03-12_10-15-30, 2024-03-12 10.15.30): its fields together are the capture number, counted within the
+# date. Its last field alone (the seconds) would make every minute a series of its own, one file each, and the
+# names look like hashes (no capture order); the order is the same either way. Only two-digit fields count:
+# a counter after a date (20210315_0060), or one six-digit time (IMG_20240312_101530), is already the last
+# number, and reading some counters as times (0059) and others not (0060) would cut one session in two.
+_TIME_AFTER_DATE = re.compile(
+    r"(?<!\d)(?:19|20)\d\d[-_.]?(?:0[1-9]|1[0-2])[-_.]?(?:0[1-9]|[12]\d|3[01])[-_.T ]"
+    r"(?P<time>\d\d[-_.:]\d\d(?:[-_.:]\d\d)?)(?!.*\d)"
 )
 
 
@@ -123,9 +125,10 @@ def parse_capture(file_name: str) -> tuple[int, int]:
     """Parse the capture number and copy number from a file name.
 
     ``WBC-Malignant-Pro-011.jpg`` -> ``(11, 0)``; ``Snap_001.jpg`` -> ``(1, 0)``; ``Sap_013 (1).jpg`` ->
-    ``(13, 1)``; ``IMG_20240312_101530.jpg`` -> ``(20240312101530, 0)``. The capture number is the last run
-    of digits in the stem after a ``(n)`` copy suffix is taken off, or a year-first date and time that ends
-    the stem's digits, read as one number; the copy number breaks ties between copies of one capture.
+    ``(13, 1)``; ``2024-03-12_10-15-30.jpg`` -> ``(101530, 0)``. The capture number is the last run of
+    digits in the stem after a ``(n)`` copy suffix is taken off, or a time of day in two-digit fields after a
+    year-first date, ending the stem's digits, read as one number; the copy number breaks ties between copies
+    of one capture.
 
     Parameters
     ----------
@@ -143,11 +146,11 @@ def parse_capture(file_name: str) -> tuple[int, int]:
 
 
 def _capture_number(stem: str) -> tuple[int, str]:
-    """Where a name's capture number starts in ``stem`` (-1 without one) and its digits: a year-first date
-    and time that ends the name's digits, else its last run of digits."""
-    stamp = _TIMESTAMP.search(stem)
+    """Where a name's capture number starts in ``stem`` (-1 without one) and its digits: a time of day in
+    two-digit fields after a year-first date (see ``_TIME_AFTER_DATE``), else its last run of digits."""
+    stamp = _TIME_AFTER_DATE.search(stem)
     if stamp:
-        return stamp.start(), re.sub(r"\D", "", stamp.group(0))
+        return stamp.start("time"), re.sub(r"\D", "", stamp.group("time"))
     number = _LAST_NUMBER.search(stem)
     return (number.start(), number.group(1)) if number else (-1, "")
 
@@ -156,8 +159,8 @@ def capture_series(path: str) -> str:
     """The series a file's capture number counts in: its folder and the name before that number.
 
     ``Benign/WBC-Benign-011.jpg`` -> ``Benign/WBC-Benign-``; ``P02_011.png`` -> ``P02_``; ``pA/011.png`` ->
-    ``pA/``; ``IMG_20240312_101530.jpg`` -> ``IMG_`` (the date and time are the number). Numbers restart in each series (one per patient, slide or camera session), so capture order
-    is the order within a series, and series follow one another: sorting all files by number alone would
+    ``pA/``; ``2024-03-12_10-15-30.jpg`` -> ``2024-03-12_`` (the time of day is the number). Numbers restart
+    in each series (one per patient, slide or camera session), so capture order is the order within a series, and series follow one another: sorting all files by number alone would
     interleave ``P01_011`` and ``P02_011`` and cut blocks across patients. A name without a number is a
     series of its own.
     """

@@ -54,9 +54,9 @@ log = logging.getLogger(__name__)
 #: Raised whenever make_split gives other parts for the same manifest and settings, so that what was cached
 #: from a split (the audit's baselines) is computed again: 2 since blocks joined by a re-capture are held out
 #: together (eighteenth session), 3 since a class folder's sub-folders are kept whole (twentieth; files
-#: directly in their class folders, as in Aria and the Kaggle copy, are split as under 2), 4 since a
-#: year-first date and time in a file name is read as one capture number (names numbered otherwise, Aria's
-#: among them, are split as under 3).
+#: directly in their class folders, as in Aria and the Kaggle copy, are split as under 2), 4 since a time of
+#: day in two-digit fields after a year-first date in a file name is read as one capture number (the order
+#: is that of rules 3 but for corner cases; names numbered otherwise, Aria's among them, are split as under 3).
 SPLIT_RULES = 4
 PROTOCOLS: tuple[str, ...] = ("session", "random", "kfold")
 PARTS: tuple[str, ...] = ("train", "val", "test", "embargo")

@@ -468,6 +468,7 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     know, lacks that part, or holds nothing the model has not trained on.
     """
     from bloodcell.data.prepare import prepare_data
+    from bloodcell.data.splits import TooFewToSplit
 
     # mix_segmented 0: evaluation never reads the Segmented variant, whatever the training mixed in
     data_config = config.data.model_copy(update={"image_size": card.input_size, "mix_segmented": 0.0})
@@ -498,7 +499,10 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
         # for small blocks, a class with no image in a part) concern nothing it scores.
         # It needs no parts either: data too few to split (two patients a class) are scored whole.
         with quieted(logging.getLogger("bloodcell.data.splits"), when=split == "all"):
-            prepared = prepare_data(data_config, data_root, progress=progress, unsplit_if_too_few=split == "all")
+            try:
+                prepared = prepare_data(data_config, data_root, progress=progress, unsplit_if_too_few=split == "all")
+            except TooFewToSplit as error:
+                raise UserError(f"{error}; or score every image, which needs no split: --split all") from error
         if matched:
             folders = prepared.dataset.class_folders
             absent = [name for name in classes if name not in folders]
@@ -515,6 +519,10 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     # A card that records no manifest cannot prove these are its data: treat them as other data, so its
     # record of training images is applied and its temperature is never refitted here.
     own_data = card.manifest_sha256 is not None and card.manifest_sha256 == prepared.manifest_sha256
+    if own_data and prepared.not_split:  # cut when it trained, by older rules: its held-out images are unknown
+        raise UserError(f"the model was trained on these data, but this version of bloodcell cannot split them "
+                        f"({prepared.not_split}), so which of them it held out is unknown: evaluate it on other "
+                        "data, or train it again")  # fmt: skip
     indices, left_out = _without_training_images(indices, prepared, trained_on, own_data, split, list(card.trained_on),
                                                  data_config.embargo)  # fmt: skip
     return EvalSet(

@@ -19,7 +19,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from bloodcell import __version__
 from bloodcell.errors import UserError
-from bloodcell.io import atomic_write_text, markdown_text
+from bloodcell.io import atomic_write_text, markdown_code, markdown_text
 from bloodcell.notices import quieted
 
 log = logging.getLogger(__name__)
@@ -157,14 +157,14 @@ def _environment() -> Environment:
     env = Environment(
         loader=PackageLoader("bloodcell", "report/templates"),
         # HTML templates escape every value; the Markdown one must not (it would print &amp; and &lt; in its
-        # prose): it escapes the names and paths it shows with its own filter, md (io.markdown_text).
+        # prose): it escapes the names and paths it shows with its own filters, md and, in code spans, code (io).
         autoescape=lambda name: name is None or name.endswith(".html.j2"),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
     env.filters.update({"fmt": _fmt, "pct": _pct, "ci": _ci, "card_temperature": card_temperature,
-                        "md": markdown_text})  # fmt: skip
+                        "md": markdown_text, "code": markdown_code})  # fmt: skip
     return env
 
 
