@@ -6,7 +6,8 @@ Usage::
 
 Prints a table of images per second for (1) decoding all accepted images with the same decoder the cache
 uses, (2) building the cache (first run), and (3) loading the cache and touching every pixel, as training
-does each epoch. The cache lives in a temporary folder so the user's cache is left alone.
+does each epoch. The cache lives in a temporary folder so the user's cache is left alone. DATA defaults to
+the team's dataset beside the checkout, or to ``BLOODCELL_DATA`` where that is set.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchmark_common import DEFAULT_DATA, require_dataset
 from rich.console import Console
 from rich.table import Table
 
 from bloodcell.data.cache import load_images
 from bloodcell.data.decode import decode_image
 from bloodcell.data.index import build_index
-
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "leukemia-aria"
 
 
 def timed(label: str, count: int, work) -> tuple[str, int, float]:
@@ -34,12 +34,13 @@ def timed(label: str, count: int, work) -> tuple[str, int, float]:
     return label, count, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA), help="dataset folder")
+    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help="dataset folder (Aria layout)")
     parser.add_argument("--size", type=int, default=128, help="decode size in pixels")
     parser.add_argument("--variant", default="Original", choices=["Original", "Segmented"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require_dataset(args.data)
 
     indexed = build_index(args.data, args.variant, progress=False)
     rows = indexed.manifest[~indexed.manifest["rejected"]].reset_index(drop=True)

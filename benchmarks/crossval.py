@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--bootstrap", type=int, default=1000, help="block-bootstrap resamples")
     args = parser.parse_args(argv)
+    if args.folds < 2:  # each fold's model trains on the other folds: one fold leaves it nothing
+        parser.error(f"--folds must be at least 2, got {args.folds}")
     if args.members < 1:
         parser.error(f"--members must be at least 1, got {args.members}")
     require_dataset(args.data)

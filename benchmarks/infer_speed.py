@@ -18,7 +18,8 @@ Sections (each bounded in time and in count):
 
 MODEL defaults to the bundled default model; without one, the default config's architecture (bloodnet at
 160 px) with untrained weights is measured (speed does not depend on the weight values). The images default
-to the team dataset's Original variant, else synthetic 224 px JPEGs. Only loopback traffic, nothing else.
+to the team dataset's Original variant, else synthetic 224 px JPEGs; a FOLDER given must hold JPEGs. Only
+loopback traffic, nothing else.
 """
 
 from __future__ import annotations
@@ -67,12 +68,19 @@ def default_model_dir(work: Path) -> tuple[Path, str]:
     return save_model(model, card, work / "model"), f"untrained {config.model.name} at {config.data.image_size} px (no bundled model)"
 
 
-def image_files(folder: Path | None, count: int, work: Path) -> tuple[list[Path], str]:
-    """Up to ``count`` JPEGs from ``folder`` (recursive), else synthetic 224 px smears written to ``work``."""
+def jpeg_files(folder: Path) -> list[Path]:
+    """The JPEGs under ``folder`` (recursive); none where it is not a folder."""
     from bloodcell.serve.common import expand_inputs
 
-    if folder is not None and folder.is_dir():
-        files = [p for p in expand_inputs([folder]).files if p.suffix.lower() in {".jpg", ".jpeg"}]
+    if not folder.is_dir():
+        return []
+    return [p for p in expand_inputs([folder]).files if p.suffix.lower() in {".jpg", ".jpeg"}]
+
+
+def image_files(folder: Path | None, count: int, work: Path) -> tuple[list[Path], str]:
+    """Up to ``count`` JPEGs from ``folder`` (recursive), else synthetic 224 px smears written to ``work``."""
+    if folder is not None:
+        files = jpeg_files(folder)
         if files:
             return files[:count], f"{min(count, len(files))} JPEGs from {folder}"
     from PIL import Image
@@ -282,7 +290,10 @@ def _load_average() -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="run or model directory (default: bundled default model)")
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs (recursive)")
+    parser.add_argument(
+        "--images", type=Path,
+        help="folder of JPEGs (recursive; default: the team dataset's Original variant, else synthetic JPEGs)",
+    )
     parser.add_argument("--n-images", type=int, default=512, help="files for the decode and predict measurements")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per speed measurement")
     parser.add_argument("--load-duration", type=float, default=30.0, help="seconds of the load test")
@@ -293,6 +304,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip", action="append", default=[], choices=["torch", "onnx", "predict", "load"], help="skip a section")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.n_images < 1:
+        parser.error(f"--n-images must be at least 1, got {args.n_images}")
+    # Only the default folder may be missing: a folder named by hand that holds no JPEGs is a typo, and
+    # measuring synthetic images instead would pass for a measurement of the named ones.
+    if args.images is not None and not jpeg_files(args.images):
+        what = "holds no JPEGs" if args.images.is_dir() else "is not a folder"
+        parser.error(f"--images {args.images} {what}")
 
     from rich.console import Console
 
@@ -307,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, model_what = (Path(args.model), args.model) if args.model else default_model_dir(work)
-        files, files_what = image_files(args.images, args.n_images, work)
+        files, files_what = image_files(args.images or DEFAULT_IMAGES, args.n_images, work)
         results.update({"model": model_what, "images": files_what})
         console.print(f"model: {model_what}; images: {files_what}; load average {results['machine']['load_average_1m']:.2f}")
         torch_predictor = TorchPredictor(model, threads=args.threads)

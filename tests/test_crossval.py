@@ -125,3 +125,13 @@ def test_members_train_each_fold_with_successive_seeds(tmp_path: Path, monkeypat
     # The error line, not argparse's usage line above it (which lists every option).
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert refused.value.code == 2 and "error: --members must be at least 1" in error, error
+
+
+@pytest.mark.parametrize("folds", ["1", "0"])
+def test_fewer_than_two_folds_is_a_usage_error(tmp_path: Path, capsys, folds: str) -> None:
+    """One fold leaves its model nothing to train on (a config traceback before), none nothing to score."""
+    crossval = crossval_module()
+    with pytest.raises(SystemExit) as refused:
+        crossval.main(["--data", str(tmp_path / "absent"), "--folds", folds])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.value.code == 2 and f"error: --folds must be at least 2, got {folds}" in error, error

@@ -1,0 +1,56 @@
+"""The benchmark scripts refuse bad input with one line, before measuring anything (not a traceback, and not
+a measurement of something other than what was asked for)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmark_support import BENCHMARKS, benchmark_module
+
+
+def last_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The error line, not argparse's usage line above it."""
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_cache_speed_names_a_missing_dataset_in_one_line(tmp_path: Path) -> None:
+    cache_speed = benchmark_module("cache_speed")
+    with pytest.raises(SystemExit) as refused:
+        cache_speed.main([str(tmp_path / "absent")])
+    assert refused.value.code == f"dataset not found at {tmp_path / 'absent'} (pass --data or set BLOODCELL_DATA)"
+
+
+def test_cache_speed_takes_its_default_dataset_from_bloodcell_data(tmp_path: Path) -> None:
+    """As the other scripts do: run as a script, so its default is read from this environment."""
+    absent = tmp_path / "elsewhere"
+    finished = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "cache_speed.py")], env={**os.environ, "BLOODCELL_DATA": str(absent)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    expected = f"dataset not found at {absent} (pass --data or set BLOODCELL_DATA)"
+    assert finished.returncode == 1 and finished.stderr.strip() == expected, finished.stderr
+
+
+def test_infer_speed_refuses_no_images(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        benchmark_module("infer_speed").main(["--n-images", "0"])
+    error = last_error_line(capsys)
+    assert refused.value.code == 2 and "error: --n-images must be at least 1, got 0" in error, error
+
+
+@pytest.mark.parametrize(("folder", "what"), [("typo", "is not a folder"), ("pngs", "holds no JPEGs")])
+def test_infer_speed_refuses_an_images_folder_without_jpegs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], folder: str, what: str
+) -> None:
+    """Only the default folder falls back to synthetic JPEGs: a folder named by hand is what must be measured."""
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "cell.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as refused:
+        benchmark_module("infer_speed").main(["--images", str(tmp_path / folder), "--skip", "load"])
+    error = last_error_line(capsys)
+    assert refused.value.code == 2 and f"error: --images {tmp_path / folder} {what}" in error, error
