@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +93,11 @@ def test_a_sweep_whose_loss_never_falls_says_to_widen_it(aria_dataset: Path, tin
     result = CliRunner().invoke(app, [*args, "--set", "train.label_smoothing=0.05"])
     assert result.exit_code == 0, result.output
     assert "the loss never fell" in result.output and "--start-lr 0.03" in result.output
-    # The command it offers trains what was swept: the same config and overrides, with the rate.
-    assert f"--config {tiny_config_file} --set train.label_smoothing=0.05 --set optimizer.lr=" in result.output
+    # The floor of the sweep is no rate to train with: no train command, but the same sweep, widened downwards.
+    assert "bloodcell train" not in result.output and "optimizer.lr=" not in result.output, result.output
+    assert (f"sweep again: bloodcell lr-find --data {aria_dataset} --config {tiny_config_file} --set "
+            "train.label_smoothing=0.05 --steps 12 --end-lr 1e+03 --method min-loss --out "
+            f"{tmp_path / 'lr'} --start-lr 0.03") in result.output  # fmt: skip
 
 
 def test_a_suggestion_below_the_sweep_is_said_to_be_its_floor() -> None:
@@ -286,6 +291,7 @@ def test_tune_prunes_writes_best_config_and_resumes_after_an_interrupt(
         data={**expected["data"], "root": str(aria_dataset.resolve())},
     )
     assert best.model_dump(mode="json") == expected and resumed.best_trial == 0
+    assert resumed.best_run_dir == (out / "trials" / "trial-0000").resolve()
     assert best.optimizer.lr == trials[0].params["lr"] and "trial 0" in best.description
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + 4
     report = (out / "report.md").read_text()
@@ -325,6 +331,8 @@ def test_an_epoch_saved_but_not_reported_before_ctrl_c_is_reported_on_resuming(
     retry = optuna.load_study(study_name="tiny", storage=resumed.storage).get_trials()[-1]
     assert retry.state == TrialState.COMPLETE and sorted(retry.intermediate_values) == [1, 2]
     assert "resumed from" in (out / "trials" / "trial-0000" / "train.log").read_text()
+    # The best trial is number 1, but it trained in trial 0's folder: that is the folder named.
+    assert resumed.best_trial == 1 and resumed.best_run_dir == (out / "trials" / "trial-0000").resolve()
 
 
 #: Runs ``bloodcell`` with training held at a barrier until both workers are inside a trial, so that both
@@ -698,3 +706,131 @@ def test_an_unknown_lr_find_method_names_the_methods_as_the_api_spells_them() ->
 
     with pytest.raises(UserError, match="unknown lr-find method 'min-loss'; choose min_loss or steepest"):
         suggest_lr(np.geomspace(1e-5, 1, 20), np.linspace(2, 1, 20), "min-loss")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ what the user is shown
+
+
+@pytest.fixture
+def optuna_warnings() -> Iterator[list[logging.LogRecord]]:
+    """Optuna's log records of WARNING and above, as its console handler would print them (Optuna's
+    loggers do not propagate, so pytest's caplog never sees them)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("optuna").addHandler(handler)
+    yield records
+    logging.getLogger("optuna").removeHandler(handler)
+
+
+def _finished_trial(number_of_epochs: int, lr: float, value: float, run_dir: Path | None = None) -> optuna.trial.FrozenTrial:
+    from optuna.trial import create_trial
+
+    return create_trial(value=value, params={"lr": lr},
+                        distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)},
+                        intermediate_values={e: value for e in range(1, number_of_epochs + 1)},
+                        user_attrs={"run_dir": str(run_dir)} if run_dir else {})  # fmt: skip
+
+
+def test_a_report_of_too_few_trials_says_which_plots_it_could_not_draw(
+    tmp_path: Path, optuna_warnings: list[logging.LogRecord]
+) -> None:
+    """Optuna draws empty axes (and logs a warning) for a study too small: the report must not link them."""
+    from bloodcell.tune.report import write_report
+
+    study = optuna.create_study(direction="maximize")
+    write_report(study, tmp_path / "none")
+    assert (tmp_path / "none" / "report.md").read_text().count("_Not drawn: ") == 3
+    study.add_trial(_finished_trial(0, 0.01, 0.5))  # one complete trial that reported no epoch
+    report = write_report(study, tmp_path / "one").read_text()
+    assert "![Optimisation history](plots/history.png)" in report, report
+    assert "_Not drawn: needs two complete trials; the study has 1_" in report
+    assert "_Not drawn: no trial has reported an epoch yet_" in report
+    assert not (tmp_path / "one" / "plots" / "importance.png").exists()
+    study.add_trial(_finished_trial(2, 0.05, 0.7))
+    report = write_report(study, tmp_path / "two").read_text()
+    assert "_Not drawn" not in report and (tmp_path / "two" / "plots" / "importance.png").is_file(), report
+    assert optuna_warnings == []  # Optuna's own complaints stay off the console
+
+
+def test_the_report_names_the_run_folder_a_retried_trial_trained_in(tmp_path: Path) -> None:
+    from bloodcell.tune.report import write_report
+
+    out = tmp_path / "tune"
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_finished_trial(2, 0.01, 0.5, out / "trials" / "trial-0000"))
+    study.add_trial(_finished_trial(2, 0.05, 0.9, out.resolve() / "trials" / "trial-0000"))  # retried trial 0
+    study.add_trial(_finished_trial(2, 0.02, 0.6, Path("/elsewhere/trials/trial-0002")))  # another machine's
+    report = write_report(study, out).read_text()
+    assert "**Best: trial 1, validation balanced accuracy 0.9000** (`lr` = 0.05); its run folder is " \
+           "`trials/trial-0000`." in report, report
+    assert "| run folder |" in report and re.search(r"^\| 1 \| complete \| 0.9 \| 2 \| [^|]* \| trials/trial-0000 \|",
+                                                      report, flags=re.M), report  # fmt: skip
+    assert "| /elsewhere/trials/trial-0002 |" in report and "trial-0001" not in report
+
+
+def test_an_interrupted_trial_leaves_no_optuna_traceback_or_plot_warning(
+    aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optuna_warnings: list[logging.LogRecord]
+) -> None:
+    """Ctrl-C or SIGTERM: the CLI says "interrupted; run the same command again", and that is all."""
+    import bloodcell.train
+    from bloodcell.cli import Interrupted
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(bloodcell.train, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune(config_from_dict(TINY), aria_dataset, 1, out_dir=tmp_path / "t", space=TINY_SPACE, pruner="none")
+    assert [record.getMessage() for record in optuna_warnings] == []
+    assert (tmp_path / "t" / "report.md").read_text().count("_Not drawn: ") == 3
+
+
+def test_a_storage_password_is_never_shown(aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: a start that fails on its storage leaves no empty --out folder behind."""
+    from bloodcell.tune import search
+    from bloodcell.tune.search import TuneResult, shown_storage
+
+    assert shown_storage("postgresql+psycopg://u:secret@host:5432/db") == "postgresql+psycopg://u:***@host:5432/db"
+    assert shown_storage("postgresql://u:secret@host:port/db") == "postgresql://u:***@host:port/db"  # no valid URL
+    assert shown_storage("runs/my study.db") == "runs/my study.db"
+    url = "postgresql://u:secret@127.0.0.1:1/db"
+    result = CliRunner().invoke(app, ["tune", "--data", str(aria_dataset), "--trials", "1", "--storage", url,
+                                      "--out", str(tmp_path / "t")])  # fmt: skip
+    assert isinstance(result.exception, UserError), result.output
+    assert "secret" not in str(result.exception) and "u:***@127.0.0.1:1/db" in str(result.exception)
+    assert not (tmp_path / "t").exists()
+
+    run = tmp_path / "t" / "trials" / "trial-0000"
+    finished = TuneResult(study_name="s", storage=url, out_dir=tmp_path / "t", n_complete=2, n_pruned=0, n_failed=1,
+                          best_value=0.9, best_params={"lr": 0.01}, best_trial=1, best_run_dir=run,
+                          best_config_path=tmp_path / "t" / "best.yaml", trials_path=tmp_path / "t" / "trials.csv",
+                          report_path=tmp_path / "t" / "report.md")  # fmt: skip
+    monkeypatch.setattr(search, "tune", lambda *args, **kwargs: finished)
+    args = ["tune", "--data", str(aria_dataset), "--trials", "1", "--storage", url]
+    summary = json.loads(CliRunner().invoke(app, [*args, "--json"]).output.strip().splitlines()[-1])
+    assert summary["storage"] == "postgresql://u:***@127.0.0.1:1/db" and summary["best_run_dir"] == str(run)
+    text = CliRunner().invoke(app, args).output
+    assert "secret" not in text and f"best: trial 1, val balanced accuracy 0.9000 (lr=0.01); run folder {run}" in text
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("lr: 0.01\n", "key 'lr': Input should be a valid tuple (got 0.01); lr takes a [low, high] list, or null"),
+        ("weight_decay: [1, 2, 3]\n", "weight_decay takes a [low, high] list"),
+        ("image_size: 96\n", "key 'image_size': Input should be a valid list (got 96); image_size takes a list of values"),
+        ("lrr: [0.001, 0.01]\n", "unknown key 'lrr' (did you mean 'lr'?); the keys are lr, weight_decay,"),
+        ("- 0.01\n", "expected a mapping of some of lr, weight_decay"),
+    ],
+)
+def test_a_bad_search_space_file_is_one_line_naming_the_key(tmp_path: Path, content: str, words: str) -> None:
+    from bloodcell.tune.search import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(content)
+    with pytest.raises(UserError) as raised:
+        load_space(path)
+    message = str(raised.value)
+    assert message.startswith(f"search space {path}: ") and words in message, message
+    assert "pydantic" not in message and "\n" not in message and "validation error" not in message

@@ -473,7 +473,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def _format_validation_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError) -> str:
     parts: dict[str, list[str]] = {}  # by key: the alternatives of a union field are said in one sentence
     for problem in error.errors():
         where = ".".join(str(p) for p in problem["loc"] if not _is_union_member(p))
@@ -519,7 +519,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error)) from None
 
 
 def load_config(name_or_path: str = "default", overrides: list[str] | None = None) -> RunConfig:

@@ -65,14 +65,22 @@ def lr_find_command(
     )
     if result.plot_path:
         typer.echo(f"plot: {result.plot_path}")
+    wider_start = f"{result.lrs[0] / 100:.3g}"
     if result.loss_never_fell:
         warning_line(f"the loss never fell: {result.suggested_lr:.3g} is only the lowest rate swept; widen the sweep "
-                     f"downwards (--start-lr {result.lrs[0] / 100:.3g})")
+                     f"downwards (--start-lr {wider_start})")
     elif result.clipped_to_the_floor:
         warning_line(f"the rule's rate lies below the sweep: {result.suggested_lr:.3g} is only the lowest rate swept; "
-                     f"widen the sweep downwards (--start-lr {result.lrs[0] / 100:.3g})")
-    # The command that trains what was swept: the same config and overrides, with the suggested rate.
+                     f"widen the sweep downwards (--start-lr {wider_start})")
     settings = ([] if config == "default" else ["--config", config]) + [a for o in overrides for a in ("--set", o)]
+    if result.loss_never_fell or result.clipped_to_the_floor:
+        # The floor of the sweep is no rate to train with: offer the same sweep, widened downwards, instead.
+        sweep = ["--steps", str(steps), "--end-lr", f"{end_lr:.3g}", "--method", method,
+                 *(["--out", str(out)] if out else [])]  # fmt: skip
+        command = ["bloodcell", "lr-find", "--data", str(data), *settings, *sweep, "--start-lr", wider_start]
+        typer.echo("sweep again: " + shlex.join(command))
+        return
+    # The command that trains what was swept: the same config and overrides, with the suggested rate.
     command = ["bloodcell", "train", "--data", str(data), *settings, "--set", f"optimizer.lr={result.suggested_lr:.3g}"]
     typer.echo("use it: " + shlex.join(command))
 
@@ -104,7 +112,7 @@ def tune_command(
     """Search hyperparameters with Optuna; rerun with the same storage to continue an interrupted study."""
     from bloodcell.config import load_config
     from bloodcell.data.layouts import find_dataset
-    from bloodcell.tune.search import load_space, overrides_the_search_replaces, tune
+    from bloodcell.tune.search import load_space, overrides_the_search_replaces, shown_storage, tune
 
     run_config = load_config(config, list(overrides))
     search_space = load_space(space)
@@ -125,12 +133,13 @@ def tune_command(
         raise
     summary = {
         "study": result.study_name,
-        "storage": result.storage,
+        "storage": shown_storage(result.storage),  # a database password is never printed
         "out": str(result.out_dir),
         "complete": result.n_complete,
         "pruned": result.n_pruned,
         "failed": result.n_failed,
         "best_trial": result.best_trial,
+        "best_run_dir": str(result.best_run_dir) if result.best_run_dir else None,
         "best_val_balanced_accuracy": result.best_value,
         "best_params": result.best_params,
         "best_config": str(result.best_config_path) if result.best_config_path else None,
@@ -149,7 +158,9 @@ def tune_command(
     params = ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items()
     )
-    typer.echo(f"best: trial {result.best_trial}, val balanced accuracy {result.best_value:.4f} ({params})")
+    # The run folder is named too: a retried trial trains in the folder of the trial it retries.
+    typer.echo(f"best: trial {result.best_trial}, val balanced accuracy {result.best_value:.4f} ({params}); "
+               f"run folder {result.best_run_dir}")  # fmt: skip
     typer.echo(
         f"best config: {result.best_config_path}  ->  bloodcell train --data {data} --config {result.best_config_path}"
     )

@@ -1,22 +1,67 @@
 """The tuning report: a Markdown page with the trials table and Optuna's own plots as PNG files.
 
 Plots come from ``optuna.visualization.matplotlib`` (no plotly needed): the optimisation history, the
-parameter importances (fANOVA, Optuna's default) and the per-epoch learning curves that the pruner saw.
+parameter importances (fANOVA, asked for by name: Optuna 5 defaults to PED-ANOVA) and the per-epoch learning
+curves that the pruner saw.
+
+Whether a plot can be drawn is decided from the study's trials before drawing it (:func:`why_not_drawn`),
+because Optuna does not fail on too few trials: it logs a warning and returns empty axes, which would be
+linked as a blank picture. The rule: the history needs a complete trial; the importances need two complete
+trials and a parameter that takes more than one value; the per-epoch curves need a trial that reported an
+epoch (complete, pruned or running). A plot that cannot be drawn is "_Not drawn: <reason>_" in the report.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell.io import atomic_path, atomic_write_text, markdown_table
-from bloodcell.tune.search import trial_value
+from bloodcell.tune.search import run_folder, trial_value
+
+#: Trials whose reported epochs the per-epoch plot draws (as Optuna's ``plot_intermediate_values`` does).
+CURVE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def why_not_drawn(name: str, study: optuna.Study) -> str | None:
+    """Why plot ``name`` (history, importance, intermediate) would be empty for this study; None if it can be drawn."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if name == "history":
+        return None if complete else "no trial has completed yet"
+    if name == "importance":
+        if len(complete) < 2:
+            return f"needs two complete trials; the study has {len(complete)}"
+        varied = {n for t in complete for n, d in t.distributions.items() if not d.single()}
+        return None if varied else "no searched parameter takes more than one value"
+    if name == "intermediate":
+        curves = study.get_trials(deepcopy=False, states=CURVE_STATES)
+        return None if any(t.intermediate_values for t in curves) else "no trial has reported an epoch yet"
+    raise ValueError(f"unknown plot {name!r}")
+
+
+@contextlib.contextmanager
+def _quiet_optuna_plots() -> Iterator[None]:
+    """Keep Optuna's plotting and importance warnings (a study too small, experimental features) off the
+    console: the report says in words what was not drawn."""
+    loggers = [logging.getLogger(name) for name in ("optuna.visualization", "optuna.importance")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def _save_plot(plot: Callable[[optuna.Study], Any], study: optuna.Study, target: Path) -> str | None:
@@ -26,11 +71,10 @@ def _save_plot(plot: Callable[[optuna.Study], Any], study: optuna.Study, target:
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
+    with _quiet_optuna_plots():
         try:
             axes = plot(study)
-        except (ValueError, RuntimeError) as error:  # e.g. importance with fewer than two complete trials
+        except (ValueError, RuntimeError) as error:  # a study why_not_drawn did not foresee: said, not raised
             return str(error)
     figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
     figure.set_size_inches(8, 5)
@@ -47,28 +91,49 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def trials_markdown(study: optuna.Study) -> str:
-    """One row per trial: number, state, value, epochs reported, duration and the parameters."""
+def shown_run_folder(trial: FrozenTrial, out_dir: Path) -> str:
+    """The trial's run folder as the report shows it: relative to the tuning folder when inside it (the
+    report's links work wherever the folder is moved), else as recorded (another worker's machine)."""
+    folder = run_folder(trial)
+    if folder is None:
+        return ""
+    try:
+        return folder.relative_to(out_dir.resolve()).as_posix()
+    except ValueError:
+        return str(folder)
+
+
+def trials_markdown(study: optuna.Study, out_dir: str | Path = ".") -> str:
+    """One row per trial: number, state, value, epochs reported, duration, run folder and the parameters.
+
+    The run folder is named apart from the trial number because a retried trial trains in the folder of the
+    trial it retries."""
     trials = study.get_trials(deepcopy=False)
     names = sorted({name for t in trials for name in t.params})
-    header = ["trial", "state", "val balanced accuracy", "epochs", "minutes", *names]
+    header = ["trial", "state", "val balanced accuracy", "epochs", "minutes", "run folder", *names]
     rows = []
     for t in trials:
         minutes = t.duration.total_seconds() / 60 if t.duration else float("nan")
         value = t.value if t.value is not None else float("nan")
-        row = [t.number, t.state.name.lower(), value, len(t.intermediate_values), minutes]
+        row = [t.number, t.state.name.lower(), value, len(t.intermediate_values), minutes,
+               shown_run_folder(t, Path(out_dir))]  # fmt: skip
         rows.append([_format(v) for v in row + [t.params.get(name, "") for name in names]])
     return markdown_table(header, rows)
 
 
 def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` into ``out_dir``; returns the report's path."""
+    from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as optuna_plots
 
     out_dir = Path(out_dir)
+
+    def fanova_importances(study: optuna.Study) -> Any:
+        return optuna_plots.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+
     plots: dict[str, tuple[str, Callable[[optuna.Study], Any]]] = {
         "history": ("Optimisation history", optuna_plots.plot_optimization_history),
-        "importance": ("Parameter importance (fANOVA)", optuna_plots.plot_param_importances),
+        "importance": ("Parameter importance (fANOVA)", fanova_importances),
         "intermediate": (
             "Validation balanced accuracy per epoch (what the pruner saw)",
             optuna_plots.plot_intermediate_values,
@@ -76,7 +141,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
     }
     sections = []
     for name, (title, plot) in plots.items():
-        problem = _save_plot(plot, study, out_dir / "plots" / f"{name}.png")
+        problem = why_not_drawn(name, study) or _save_plot(plot, study, out_dir / "plots" / f"{name}.png")
         body = f"![{title}](plots/{name}.png)" if problem is None else f"_Not drawn: {problem}_"
         sections.append(f"### {title}\n\n{body}\n")
 
@@ -105,8 +170,10 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
     if complete:
         best = max(complete, key=trial_value)
         params = ", ".join(f"`{k}` = {_format(v)}" for k, v in best.params.items())
+        folder = shown_run_folder(best, out_dir)
         summary += [
-            f"**Best: trial {best.number}, validation balanced accuracy {best.value:.4f}** ({params}).",
+            f"**Best: trial {best.number}, validation balanced accuracy {best.value:.4f}** ({params})"
+            + (f"; its run folder is `{folder}`." if folder else "."),
             "",
             f"Its full config is `best.yaml`: `bloodcell train --data DATA --config {out_dir.resolve() / 'best.yaml'}`.",
             "",
@@ -114,7 +181,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> Path:
     text = (
         "\n".join(summary)
         + "\n## Trials\n\n"
-        + trials_markdown(study)
+        + trials_markdown(study, out_dir)
         + "\n\n## Plots\n\n"
         + "\n".join(sections)
     )

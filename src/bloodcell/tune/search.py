@@ -38,6 +38,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -51,9 +52,16 @@ from typing import Any, Literal
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bloodcell.config import RUNTIME_KEYS, AugmentConfig, RunConfig, config_from_dict, save_config
+from bloodcell.config import (
+    RUNTIME_KEYS,
+    AugmentConfig,
+    RunConfig,
+    config_from_dict,
+    format_validation_error,
+    save_config,
+)
 from bloodcell.errors import UserError
 from bloodcell.io import atomic_write_text
 
@@ -76,6 +84,8 @@ AUGMENT_MAGNITUDES = (
 )  # fmt: skip
 
 PrunerName = Literal["median", "hyperband", "none"]
+#: Search-space entries that are a [low, high] range; the others are lists of values to choose from.
+RANGE_KEYS = ("lr", "weight_decay", "label_smoothing", "augment_strength")
 
 
 class SearchSpace(BaseModel):
@@ -92,7 +102,7 @@ class SearchSpace(BaseModel):
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SearchSpace:
-        for name in ("lr", "weight_decay", "label_smoothing", "augment_strength"):
+        for name in RANGE_KEYS:
             bounds = getattr(self, name)
             if bounds is not None and not bounds[0] <= bounds[1]:
                 raise ValueError(f"search space {name}: low {bounds[0]} is above high {bounds[1]}")
@@ -121,6 +131,8 @@ class TuneResult:
     best_value: float | None
     best_params: dict[str, Any]
     best_trial: int | None
+    #: The best trial's run folder: a retried trial trains in the folder of the trial it retries.
+    best_run_dir: Path | None
     best_config_path: Path | None
     trials_path: Path
     report_path: Path | None
@@ -137,11 +149,40 @@ def load_space(path: str | Path | None) -> SearchSpace:
         return SearchSpace()
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        return SearchSpace.model_validate(raw)
     except FileNotFoundError:
         raise UserError(f"search space file not found: {path}") from None
-    except (ValueError, yaml.YAMLError) as error:  # a pydantic ValidationError is a ValueError
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise UserError(f"search space {path}: {error}") from None
+    keys = ", ".join(SearchSpace.model_fields)
+    if not isinstance(raw, dict):
+        raise UserError(f"search space {path}: expected a mapping of some of {keys}, got {raw!r}")
+    for name in raw:
+        if name not in SearchSpace.model_fields:
+            # Checked here, not by the config's formatter: its suggestions are the run config's keys.
+            raise UserError(f"search space {path}: unknown key {name!r}{_did_you_mean(str(name))}; the keys are {keys}")
+    try:
+        return SearchSpace.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"search space {path}: {_space_problem(error)}") from None
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(SearchSpace.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _space_problem(error: ValidationError) -> str:
+    """The config's wording of a validation error, for the space's keys, with the shape a wrong entry takes."""
+    # The shared formatter speaks of "config key"s; a search-space key is not one (lr is not optimizer.lr).
+    text = format_validation_error(error).replace("config key ", "key ")
+    misshapen = {str(problem["loc"][0]) for problem in error.errors() if problem["loc"] and problem["type"] != "value_error"}
+    for name in SearchSpace.model_fields:
+        if name in misshapen:
+            shape = "a [low, high] list" if name in RANGE_KEYS else "a list of values"
+            text += f"; {name} takes {shape}, or null to keep the base config's value"
+    return text
 
 
 def _field_upper_bound(model: type[BaseModel], name: str) -> float:
@@ -289,15 +330,37 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
                 )
             except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as error:
                 if attempt + 1 == attempts:
-                    raise UserError(f"cannot connect to Optuna storage {url!r}: {error.orig}") from None
+                    raise UserError(f"cannot connect to Optuna storage {shown_storage(url)!r}: "
+                                    f"{_without_url(str(error.orig), url)}") from None  # fmt: skip
                 time.sleep(0.5 * (attempt + 1))
             except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as error:
                 hint = ""
                 if url.startswith("postgresql") and "Failed to import DB access module" in str(error):
                     hint = ("; for PostgreSQL install the driver (pip install -e '.[postgres]') and write the URL "
                             "as postgresql+psycopg://user:pw@host/db")  # fmt: skip
-                raise UserError(f"cannot open Optuna storage {url!r}: {error}{hint}") from None
+                raise UserError(f"cannot open Optuna storage {shown_storage(url)!r}: "
+                                f"{_without_url(str(error), url)}{hint}") from None  # fmt: skip
     raise AssertionError("unreachable")
+
+
+def shown_storage(url: str) -> str:
+    """A storage URL as it may be printed: its password hidden (``postgresql://user:***@host/db``).
+
+    Text that is no URL (a plain file path) is shown as given, but for anything that looks like a
+    ``user:password@`` part, hidden the same way.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # no URL, or a malformed one (a port that is no number)
+        return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _without_url(message: str, url: str) -> str:
+    """A driver's error message with the storage URL, if it quotes it, shown as :func:`shown_storage` does."""
+    return message.replace(url, shown_storage(url))
 
 
 class FoldMedianPruner(optuna.pruners.BasePruner):
@@ -391,7 +454,7 @@ def open_study(
     elif stored != setup:
         differing = ", ".join(key for key in setup if stored[key] != setup[key])
         raise UserError(
-            f"study {study_name!r} in {storage} was started with a different {differing}; rerun with the "
+            f"study {study_name!r} in {shown_storage(storage)} was started with a different {differing}; rerun with the "
             "same --config/--set/--space/--cv to continue it, or start a new study (a new --study name and "
             "another --out)"
         )
@@ -549,6 +612,13 @@ def trial_value(trial: FrozenTrial) -> float:
     return trial.value
 
 
+def run_folder(trial: FrozenTrial) -> Path | None:
+    """Where ``trial`` trained (its ``run_dir``); a retried trial trains in the folder of the trial it retries,
+    so the folder's number is that trial's, not this one's. None for a trial that never started training."""
+    run_dir = trial.user_attrs.get("run_dir")
+    return Path(run_dir) if run_dir else None
+
+
 def best_config(study: optuna.Study, base: RunConfig) -> tuple[RunConfig, FrozenTrial] | None:
     """The base config with the best complete trial's parameters, named after the study; None before any."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -674,7 +744,6 @@ def tune(
     space = space or SearchSpace()
     study_name = study_name or config.name
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"tune-{study_name}"
-    out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or default_storage(out_dir)
     # Absolute, as train records it, so best.yaml works from any folder on this machine.
     root = str(Path(data_root).expanduser().resolve())
@@ -683,7 +752,8 @@ def tune(
     if isinstance(pruner, str):
         pruner = make_pruner(pruner, base.train.epochs, cv or 1)
     _refuse_another_study(out_dir, study_name)
-    study = open_study(study_name, storage, base, space, cv, pruner, sampler)
+    with _no_empty_folder_left(out_dir):  # the default SQLite file needs the folder; a failed start leaves none
+        study = open_study(study_name, storage, base, space, cv, pruner, sampler)
     _claim_out_dir(out_dir, study_name)  # once the study opened: a start that failed claims nothing
     if sampler is None:
         # Offset the seed by the trials already run, so that a rerun continues the random sequence
@@ -714,7 +784,7 @@ def tune(
             break
         current["last"] = None
         try:
-            with _no_traceback_for_user_errors():
+            with _no_log_of_trials_the_user_hears_of():
                 study.optimize(tracked, n_trials=1, timeout=left, callbacks=[after_trial], catch=_trial_errors(),
                                gc_after_trial=True)  # fmt: skip
         except KeyboardInterrupt:
@@ -729,23 +799,47 @@ def tune(
     return _finish(study, base, out_dir, storage, report)
 
 
-class _DropUserErrors(logging.Filter):
-    """Drop Optuna's record of a trial that failed on a :class:`UserError`: it carries a traceback, and the
-    error reaches the user anyway, as one line."""
+class _DropTrialsTheUserHearsOf(logging.Filter):
+    """Drop Optuna's records of a trial that failed on a :class:`UserError` or was interrupted (Ctrl-C,
+    SIGTERM: ``bloodcell.cli.Interrupted`` is a ``KeyboardInterrupt``): the first carries a traceback, the
+    second ("Trial N failed with value None.") follows it, and the user hears of both anyway, in one line
+    (the error, or "interrupted; run the same command again")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: set[str] = set()  # "Trial N" of each trial whose first record was dropped
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, UserError)
+        trial = record.getMessage().split(" failed with ", 1)[0]
+        if isinstance(error, (UserError, KeyboardInterrupt)):
+            self.dropped.add(trial)
+            return False
+        return trial not in self.dropped
 
 
 @contextlib.contextmanager
-def _no_traceback_for_user_errors() -> Iterator[None]:
-    logger, dropper = logging.getLogger("optuna.study._optimize"), _DropUserErrors()
+def _no_log_of_trials_the_user_hears_of() -> Iterator[None]:
+    logger, dropper = logging.getLogger("optuna.study._optimize"), _DropTrialsTheUserHearsOf()
     logger.addFilter(dropper)
     try:
         yield
     finally:
         logger.removeFilter(dropper)
+
+
+@contextlib.contextmanager
+def _no_empty_folder_left(out_dir: Path) -> Iterator[None]:
+    """Make the tuning folder; remove it again if what runs inside fails and it is still empty (a bad
+    ``--storage`` must not leave an empty ``--out`` behind)."""
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def _refuse_another_study(out_dir: Path, study_name: str) -> None:
@@ -820,6 +914,7 @@ def _finish(study: optuna.Study, base: RunConfig, out_dir: Path, storage: str, r
         best_value=best.value if best else None,
         best_params=dict(best.params) if best else {},
         best_trial=best.number if best else None,
+        best_run_dir=run_folder(best) if best else None,
         best_config_path=best_path,
         trials_path=trials_path,
         report_path=report_path,
