@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchmark_common import DEFAULT_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "leukemia-aria" / "Original"
+DEFAULT_IMAGES = DEFAULT_DATA / "Original"  # BLOODCELL_DATA's, as every benchmark's
 
 
 # -- models and images ---------------------------------------------------------------------------------
