@@ -10,6 +10,7 @@ import pytest
 
 from bloodcell.data.audit import (
     _statement,
+    audit_markdown,
     border_colour_baseline,
     border_colour_features,
     colour_statistics_features,
@@ -133,6 +134,25 @@ def test_corner_baseline_finds_a_mark_drawn_in_one_corner() -> None:
     assert "bottom-right corner alone" in marked["statement"]
 
 
+def test_a_corner_is_not_flagged_on_too_few_test_images_to_tell() -> None:
+    """A mark that splits the classes perfectly, but scored on 8 test images (4 a class): one image moves a
+    corner's score by 25 points, so the margin is noise and the corners are not flagged, as the border baseline
+    is not graded (``uncertain``), and the statement claims neither a shortcut nor its absence."""
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(2), 50)
+    images = rng.integers(150, 250, size=(100, 40, 40, 3), dtype=np.uint8)
+    images[labels == 1, 37:39, 29:37] = 20  # a dark bar in the bottom-right corner of class 1 only
+    train, test = np.r_[0:46, 50:96], np.r_[46:50, 96:100]
+    few = corner_baselines(images, labels, train, test)
+    assert few["strongest"] == "bottom-right" and few["margin"] >= 0.1  # what used to be flagged
+    assert all(result["verdict"] == "uncertain" for result in few["corners"].values())
+    assert few["flagged"] is False
+    assert "8 images only" in few["statement"] and "too few to tell" in few["statement"]
+    assert "No corner stands out" not in few["statement"] and "bottom-right corner alone" not in few["statement"]
+    enough = corner_baselines(images, labels, np.arange(0, 100, 2), np.arange(1, 100, 2))  # 25 test images a class
+    assert enough["flagged"] is True and "bottom-right corner alone" in enough["statement"]
+
+
 @pytest.mark.parametrize(
     "score,verdict", [(0.26, "none"), (0.35, "weak"), (0.5, "moderate"), (0.7, "strong")]
 )
@@ -171,8 +191,23 @@ def test_audit_writes_markdown_and_json(aria_dataset: Path, tmp_path: Path) -> N
     assert set(report["segmented_coverage"]["classes"]) == set(report["classes"])
     assert report["segmented_coverage"]["statement"] in markdown
     assert set(report["stained_cell_coverage"]) == set(report["classes"])
-    assert "## Stained cells" in markdown and report["format"] == "bloodcell-audit/2"
+    assert "## Stained cells" in markdown and report["format"] == "bloodcell-audit/3"
     assert 0 <= report["shortcut_baseline"]["balanced_accuracy"] <= 1
+    # A folder's name is text, not raw HTML, as in report.md; a path in a code span is shown as typed.
+    odd = audit_markdown({**report, "dataset": "/data/<img src=x onerror=alert(1)>", "manifest": "/m/a`b&c.csv"})
+    assert "<img" not in odd and "# Dataset audit: /data/&lt;img src=x onerror=alert(1)&gt;" in odd
+    assert "Manifest: `/m/a'b&c.csv`." in odd
+
+
+def test_the_audit_file_sizes_describe_the_usable_images_only(aria_dataset: Path, tmp_path: Path) -> None:
+    """A rejected 3-byte notes.txt is no image: it must not become the smallest "image" file size."""
+    (aria_dataset / "Original" / "Pro" / "notes.txt").write_text("hi\n")
+    report = run_audit(aria_dataset, out_dir=tmp_path / "audit", image_size=32, ring=4, progress=False)
+    assert [Path(r["path"]).name for r in report["rejected"]] == ["notes.txt"]
+    sizes = sorted(f.stat().st_size for f in (aria_dataset / "Original").rglob("*.jpg"))
+    assert report["bytes"]["min"] == sizes[0] > 3 and report["bytes"]["max"] == sizes[-1]
+    markdown = (tmp_path / "audit" / "audit.md").read_text()
+    assert f"File sizes of the usable images: {sizes[0]:,} to {sizes[-1]:,} bytes" in markdown
 
 
 def test_segmented_coverage_names_a_class_whose_masks_keep_almost_nothing() -> None:

@@ -279,7 +279,7 @@ def test_every_image_of_data_too_few_to_split_is_scored_in_its_blocks(run: Path,
             (lab / source / patient).mkdir(parents=True)
             for image in images[k::len(patients)]:
                 shutil.copy(image, lab / source / patient / image.name)
-    with pytest.raises(UserError, match="gives only 2 session block.*; or score every image, which needs no split: --split all"):
+    with pytest.raises(UserError, match="gives only 2 session block.*; or score every image, which needs no split: bloodcell evaluate --split all"):
         evaluate_model(run, lab, split="test", robustness=False, explain=False, progress=False, n_bootstrap=20)
     folder = tmp_path / "ev"
     result = evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20,
@@ -295,6 +295,7 @@ def test_every_image_of_data_too_few_to_split_is_scored_in_its_blocks(run: Path,
     assert Path(result["data"]["split_summary"]["split"]).name.startswith("unsplit-")
     html = build_report(folder).read_text(encoding="utf-8")
     assert "Not split: the model's protocol cannot cut these data (class &#39;Pro-B&#39; gives only 2" in html
+    assert "Leakage check" not in html  # of no split
     assert "The model's protocol cannot cut these data (class 'Pro-B' gives only 2" in (folder / "report.md").read_text()
 
 
@@ -309,8 +310,10 @@ def test_the_model_s_own_data_that_this_version_cannot_split_are_refused_not_sco
         raise splits.TooFewToSplit("class 'Benign' gives only 2 session block(s)", "add images")
 
     monkeypatch.setattr(prepare, "make_split", too_few)
-    with pytest.raises(UserError, match="trained on these data, but this version of bloodcell cannot split them"):
-        evaluate_model(run, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20)
+    # --split test says so too, rather than pointing at --split all, which would refuse them
+    for split in ("all", "test"):
+        with pytest.raises(UserError, match="trained on these data, but this version of bloodcell cannot split them"):
+            evaluate_model(run, split=split, robustness=False, explain=False, progress=False, n_bootstrap=20)
 
 
 def test_folders_of_none_of_the_model_s_classes_are_a_clear_error(run: Path, tmp_path: Path) -> None:

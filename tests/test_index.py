@@ -89,8 +89,11 @@ def bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
         ("no-number.png", (-1, 0)),
         ("photo (3).jpg", (-1, 3)),
         # A time of day in two-digit fields after a year-first date is one capture number, not its seconds
-        ("2024-03-12_10-15-30 (2).tif", (101530, 2)),
-        ("scan_2024-03-12T10:15.png", (1015, 0)),
+        ("2024-03-12_10-15-30 (2).tif", (101530_000000, 2)),
+        ("scan_2024-03-12T10:15.png", (1015_000000, 0)),
+        # and one more field orders names within the time: milliseconds, a second shot in the same second
+        ("2024-03-12 10.15.30.123.jpg", (101530_000123, 0)),
+        ("2024-03-12_09-30-00_1.jpg", (93000_000001, 0)),
         ("IMG_20240312_101530.jpg", (101530, 0)),  # one field: the last number already
         ("2024-03-12_001.jpg", (1, 0)),  # a number counted within the day
         # a counter after a date stays the last number whether or not its digits could be a time
@@ -729,7 +732,7 @@ def test_hash_like_names_are_said_to_carry_no_capture_order(caplog: pytest.LogCa
     assert "share no name stem" not in caplog.text
 
 
-def test_date_and_time_names_are_one_capture_series_not_each_a_series_of_its_own(
+def test_date_and_time_names_are_a_capture_series_a_day_not_each_a_series_of_its_own(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """2024-03-12_10-15-30.tif: read by its seconds, every minute was a series of one file, so a microscope
@@ -747,6 +750,15 @@ def test_date_and_time_names_are_one_capture_series_not_each_a_series_of_its_own
         index_module._warn_of_names_without_numbers(manifest, Path("camera"))
     assert caplog.text == ""
     assert _in_capture_order(manifest)
+
+
+def test_a_second_shot_in_the_same_second_stays_beside_the_first() -> None:
+    """2024-03-12_09-30-00_1.jpg: with a digit after the time, the name fell back to its last number, a series
+    of its own that sorted after the whole day's, far from the shot beside it."""
+    names = [f"Benign/2024-03-12_{h:02d}-{m:02d}-00.jpg" for h in (9, 10, 11) for m in range(0, 60, 10)]
+    names.insert(4, "Benign/2024-03-12_09-30-00_1.jpg")
+    capture_order = sorted(names, key=lambda n: (index_module.capture_series(n), index_module.parse_capture(n)))
+    assert capture_order == names
 
 
 def test_a_counter_after_a_date_keeps_one_series_in_counter_order() -> None:

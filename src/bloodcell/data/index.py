@@ -73,16 +73,20 @@ MANIFEST_ORDER: list[str] = ["label", "capture", "copy", "path"]
 FEW_IN_A_SERIES = 5
 _COPY_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\((?P<copy>\d+)\)$")
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
-# A time of day in fields of two digits after a year-first date, ending the name's digits (a camera's
-# 2024-03-12_10-15-30, 2024-03-12 10.15.30): its fields together are the capture number, counted within the
-# date. Its last field alone (the seconds) would make every minute a series of its own, one file each, and the
-# names look like hashes (no capture order); the order is the same either way. Only two-digit fields count:
-# a counter after a date (20210315_0060), or one six-digit time (IMG_20240312_101530), is already the last
-# number, and reading some counters as times (0059) and others not (0060) would cut one session in two.
+# A time of day in fields of two digits after a year-first date, ending the name's digits but for one more
+# field (a camera's 2024-03-12_10-15-30, 2024-03-12 10.15.30, with milliseconds or a second shot in the same
+# second: 10-15-30-123, 10-15-30_1): the time's fields together are the capture number, counted within the
+# date, and the last field orders names within the time. Read by its last field alone (the seconds, or the
+# shot), every minute or second would be a series of its own, one file each, and the names would look like
+# hashes (no capture order). Only two-digit time fields count: a counter after a date (20210315_0060), or one
+# six-digit time (IMG_20240312_101530), is already the last number, and reading some counters as times (0059)
+# and others not (0060) would cut one session in two.
 _TIME_AFTER_DATE = re.compile(
     r"(?<!\d)(?:19|20)\d\d[-_.]?(?:0[1-9]|1[0-2])[-_.]?(?:0[1-9]|[12]\d|3[01])[-_.T ]"
-    r"(?P<time>\d\d[-_.:]\d\d(?:[-_.:]\d\d)?)(?!.*\d)"
+    r"(?P<time>\d\d[-_.:]\d\d(?:[-_.:]\d\d)?)(?:[-_.,](?P<within>\d{1,6}))?(?!.*\d)"
 )
+#: Room for the field after the time (up to six digits) in a capture number: time * WITHIN_TIME + field.
+WITHIN_TIME = 10**6
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,10 @@ def parse_capture(file_name: str) -> tuple[int, int]:
     """Parse the capture number and copy number from a file name.
 
     ``WBC-Malignant-Pro-011.jpg`` -> ``(11, 0)``; ``Snap_001.jpg`` -> ``(1, 0)``; ``Sap_013 (1).jpg`` ->
-    ``(13, 1)``; ``2024-03-12_10-15-30.jpg`` -> ``(101530, 0)``. The capture number is the last run of
-    digits in the stem after a ``(n)`` copy suffix is taken off, or a time of day in two-digit fields after a
-    year-first date, ending the stem's digits, read as one number; the copy number breaks ties between copies
-    of one capture.
+    ``(13, 1)``; ``2024-03-12_10-15-30_2.jpg`` -> ``(101530000002, 0)``. The capture number is the last run
+    of digits in the stem after a ``(n)`` copy suffix is taken off, or a time of day in two-digit fields after
+    a year-first date, ending the stem's digits but for one more field, read as one number (times
+    :data:`WITHIN_TIME`, plus that field); the copy number breaks ties between copies of one capture.
 
     Parameters
     ----------
@@ -150,7 +154,8 @@ def _capture_number(stem: str) -> tuple[int, str]:
     two-digit fields after a year-first date (see ``_TIME_AFTER_DATE``), else its last run of digits."""
     stamp = _TIME_AFTER_DATE.search(stem)
     if stamp:
-        return stamp.start("time"), re.sub(r"\D", "", stamp.group("time"))
+        time = int(re.sub(r"\D", "", stamp.group("time")))
+        return stamp.start("time"), str(time * WITHIN_TIME + int(stamp.group("within") or 0))
     number = _LAST_NUMBER.search(stem)
     return (number.start(), number.group(1)) if number else (-1, "")
 

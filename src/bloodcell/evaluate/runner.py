@@ -502,7 +502,11 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
             try:
                 prepared = prepare_data(data_config, data_root, progress=progress, unsplit_if_too_few=split == "all")
             except TooFewToSplit as error:
-                raise UserError(f"{error}; or score every image, which needs no split: --split all") from error
+                if card.manifest_sha256 and _manifest_sha256(data_config, data_root) == card.manifest_sha256:
+                    # its own data: --split all would refuse them too
+                    raise _unsplittable_own_data(error.reason) from error
+                raise UserError(f"{error}; or score every image, which needs no split: bloodcell evaluate "
+                                "--split all") from error  # fmt: skip
         if matched:
             folders = prepared.dataset.class_folders
             absent = [name for name in classes if name not in folders]
@@ -520,9 +524,7 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
     # record of training images is applied and its temperature is never refitted here.
     own_data = card.manifest_sha256 is not None and card.manifest_sha256 == prepared.manifest_sha256
     if own_data and prepared.not_split:  # cut when it trained, by older rules: its held-out images are unknown
-        raise UserError(f"the model was trained on these data, but this version of bloodcell cannot split them "
-                        f"({prepared.not_split}), so which of them it held out is unknown: evaluate it on other "
-                        "data, or train it again")  # fmt: skip
+        raise _unsplittable_own_data(prepared.not_split)
     indices, left_out = _without_training_images(indices, prepared, trained_on, own_data, split, list(card.trained_on),
                                                  data_config.embargo)  # fmt: skip
     return EvalSet(
@@ -537,6 +539,24 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
         own_data=own_data,
         training_images_left_out=left_out,
     )
+
+
+def _manifest_sha256(data_config: DataConfig, data_root: str | Path | None) -> str | None:
+    """The hash of the manifest of the data ``prepare_data`` was asked for (the index is cached: cheap)."""
+    from bloodcell.data.index import build_index
+
+    folder = data_root if data_root is not None else data_config.root
+    if folder is None:
+        return None
+    return build_index(folder, data_config.variant, data_config.class_names, progress=False).manifest_sha256
+
+
+def _unsplittable_own_data(reason: str) -> UserError:
+    """The refusal to score a model's own data that this version cannot split: which of them it held out,
+    when an older version cut them, is unknown (scored whole, its training images would pass as held out)."""
+    return UserError(f"the model was trained on these data, but this version of bloodcell cannot split them "
+                     f"({reason}), so which of them it held out is unknown: evaluate it on other data, or train it "
+                     "again")  # fmt: skip
 
 
 def _found_or_none(folder: str | Path | None, variant: str) -> Dataset | None:
