@@ -143,7 +143,8 @@ def test_demo_json_and_custom_samples(tiny_model: Path, tmp_path: Path) -> None:
     # (strings no base64 image data can hold: a "." is none of its characters)
     assert "Images: the class folders given with" in html and "Taleqani Hospital, Tehran" not in html
     assert "10.34740/KAGGLE" not in html
-    assert "Trained on images its model card does not name, and evaluated here on other data" in html
+    # (the tiny model keeps no record of its training images: whether these are other data cannot be told)
+    assert "Trained on images its model card does not name; whether the images shown here include its training images cannot be checked" in html
     # Again into the same folder with fewer samples: the overlays of the first run's other images go, and a
     # file `bloodcell explain` wrote there (named alike) stays.
     (tmp_path / "o" / "overlays" / "my-smear.gradcam.png").write_bytes(b"the user's")
@@ -246,6 +247,10 @@ def test_demo_with_the_bundled_model(tmp_path: Path) -> None:
     assert all(r["error"] is None for r in payload["results"])
     html = (tmp_path / "demo-output" / "report.html").read_text(encoding="utf-8")
     assert "Trained and evaluated on images from one hospital laboratory (Taleqani Hospital, Tehran)" in html
+    assert "held-out test part of the session split" in html
+    card = json.loads((bundled_model_dir() / "card.json").read_text(encoding="utf-8"))
+    headline = card["metrics"]["test"]["balanced_accuracy"]
+    assert f"balanced accuracy on its test part of <b>{headline:.3f}</b>" in html
 
 
 def test_the_bundled_model_on_one_s_own_samples_is_said_to_be_evaluated_on_other_data(tmp_path: Path) -> None:
@@ -257,6 +262,8 @@ def test_the_bundled_model_on_one_s_own_samples_is_said_to_be_evaluated_on_other
     html = run_demo(tmp_path / "out", samples=samples).report.read_text(encoding="utf-8")
     assert "Trained and evaluated on images from one hospital laboratory" not in html
     assert "and evaluated here on other data" in html and "Images: the class folders given with" in html
+    # with a folder of one's own, the bundled model's samples are not said to be held out: they are counted
+    assert "held-out" not in html and "0 of 4 samples are images the model was trained on." in html
 
 
 def test_the_demo_csv_defuses_class_names_a_spreadsheet_would_run(tmp_path: Path) -> None:
@@ -336,3 +343,112 @@ def test_a_model_class_named_like_a_canonical_alias_is_matched_by_its_own_name_f
     assert model_class(["Hematogone", "Benign"], ["Benign", "Hematogone", "ALL"]) == "Hematogone"
     assert model_class(["Early", "Early Pre-B"], ["Benign", "early", "pre"]) == "early"
     assert model_class(["Pro", "Pro-B"], ["x", "y"]) is None
+
+
+# -- what the demo says of its samples ---------------------------------------------------------------------
+
+
+def _said(text: str) -> str:
+    """Text with its line breaks and runs of spaces as single spaces (the CLI wraps to the terminal)."""
+    return " ".join(text.split())
+
+
+def test_samples_the_model_trained_on_are_counted_from_its_run_s_record(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A run shown its own training images was said to be "evaluated here on other data": the record of its
+    training images (trained-on.sha256 / .phash, in the run) now counts them, by bytes and re-encoded too."""
+    import hashlib
+    import shutil
+
+    import imagehash
+
+    from bloodcell.models.card import save_trained_on
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model, run / "checkpoints" / "best")
+    (run / "config.yaml").write_text("{}\n")
+    samples = make_aria_dataset(tmp_path / "mine", per_class=1, size=48, segmented=False) / "Original"
+    same_bytes = samples / "Benign" / "WBC-Benign-001.jpg"
+    re_encoded = samples / "Pro" / "WBC-Malignant-Pro-001.jpg"
+    with Image.open(re_encoded) as image:
+        phash = str(imagehash.phash(image.convert("RGB")))
+        image.save(re_encoded, quality=60)  # other bytes, the same picture
+    save_trained_on(run, [hashlib.sha256(same_bytes.read_bytes()).hexdigest(), "0" * 64], [phash])
+    result = run_cli("demo", "--model", str(run), "--samples", str(samples), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert "2 of 4 samples are images the model was trained on." in _said(result.output)
+    payload = json.loads((tmp_path / "o" / "predictions.json").read_text(encoding="utf-8"))
+    assert payload["n_trained_on"] == 2
+    html = _said((tmp_path / "o" / "report.html").read_text(encoding="utf-8"))
+    assert "2 of 4 samples are images the model was trained on." in html and "held-out" not in html
+    assert "Trained and evaluated on images its model card does not name" in html
+    assert "evaluated here on other data" not in html
+    (run / "trained-on.phash").write_text("")  # a model recorded before perceptual hashes: bytes only
+    payload = json.loads(run_cli("demo", "--model", str(run), "--samples", str(samples), "--out",
+                                 str(tmp_path / "o"), "--json").output)  # fmt: skip
+    assert payload["n_trained_on"] == 1 and "by their bytes only" in payload["training_note"]
+
+
+def test_a_model_without_a_record_of_its_training_images_says_it_cannot_be_checked(
+    tiny_model: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    samples = make_aria_dataset(tmp_path / "mine", per_class=1, size=48, segmented=False) / "Original"
+    payload = json.loads(run_cli("demo", "--model", str(tiny_model), "--samples", str(samples), "--out",
+                                 str(tmp_path / "o"), "--json").output)  # fmt: skip
+    assert payload["n_trained_on"] is None and "cannot be checked" in payload["training_note"]
+    html = _said((tmp_path / "o" / "report.html").read_text(encoding="utf-8"))
+    assert "Whether the samples are images the model was trained on cannot be checked" in html
+    assert "evaluated here on other data" not in html  # not claimed where it cannot be known
+    assert "Trained and evaluated on" not in html  # nor the contrary
+
+
+def test_unreadable_samples_are_no_wrong_predictions(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A file that could not be read counted as a wrong prediction: "0 of 5" where one of 5 was unreadable."""
+    samples = make_aria_dataset(tmp_path / "mine", per_class=1, size=48, segmented=False) / "Original"
+    (samples / "Benign" / "WBC-Benign-broken.jpg").write_bytes(b"not a JPEG")
+    result = run_cli("demo", "--model", str(tiny_model), "--samples", str(samples), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "o" / "predictions.json").read_text(encoding="utf-8"))
+    n_correct = payload["n_correct"]
+    assert payload["n_images"] == 5 and payload["n_judged"] == 4 and payload["n_unreadable"] == 1
+    broken = [row for row in payload["results"] if row["error"]]
+    assert len(broken) == 1 and broken[0]["correct"] is None
+    with open(tmp_path / "o" / "predictions.csv", newline="", encoding="utf-8") as handle:
+        rows = {Path(row["file"]).name: row for row in csv.DictReader(handle)}
+    assert rows["WBC-Benign-broken.jpg"]["correct"] == ""
+    assert f"{n_correct} of 4 predicted as their folder's class (1 could not be read)" in _said(result.output)
+    html = _said((tmp_path / "o" / "report.html").read_text(encoding="utf-8"))
+    said = f"<b>{n_correct} of 4</b> sample images predicted as the class of their folder (1 could not be read)."
+    assert said in html
+
+
+def test_the_page_counts_the_real_samples_and_quotes_the_serve_command(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The page said "Twelve images" whatever their number, and `bloodcell serve my run/...` split the path."""
+    import shlex
+    import shutil
+
+    model = tmp_path / "my run"
+    shutil.copytree(tiny_model, model)
+    samples = make_aria_dataset(tmp_path / "mine", per_class=1, size=48, segmented=False) / "Original"
+    result = run_cli("demo", "--model", str(model), "--samples", str(samples), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    serve = f"bloodcell serve {shlex.quote(str(model))}"
+    assert serve != f"bloodcell serve {model}" and serve in _said(result.output)
+    assert shlex.split(serve)[2] == str(model)
+    html = _said((tmp_path / "o" / "report.html").read_text(encoding="utf-8"))
+    assert f"<code>{serve.replace(chr(39), '&#39;')}</code>" in html
+    assert "4 images say nothing reliable about a model" in html and "Twelve" not in html
+
+
+def test_the_headline_is_the_test_balanced_accuracy_the_card_records() -> None:
+    """Cards record evaluate's numbers under metrics.test: the page read metrics.balanced_accuracy, and never
+    showed one."""
+    from bloodcell.demo import headline_metric
+
+    test = {"balanced_accuracy": 0.9, "balanced_accuracy_ci": [0.85, 0.95]}
+    assert headline_metric({"metrics": {"test": test}}) == {"value": 0.9, "ci": [0.85, 0.95]}
+    assert headline_metric({"metrics": test}) == {"value": 0.9, "ci": [0.85, 0.95]}  # written the older way
+    assert headline_metric({"metrics": {"val_balanced_accuracy": 0.9}}) is None
+    if (bundled_model_dir() / "card.json").is_file():
+        card = json.loads((bundled_model_dir() / "card.json").read_text(encoding="utf-8"))
+        headline = headline_metric(card)
+        assert headline is not None and headline["value"] == card["metrics"]["test"]["balanced_accuracy"]

@@ -21,6 +21,7 @@ import base64
 import csv
 import io
 import json
+import shlex
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -77,8 +78,9 @@ class DemoImage:
     @property
     def correct(self) -> bool | None:
         """Whether the model named its folder's class; None for a folder of no class the model knows (the
-        shipped samples' classes shown to a model of another lab's classes)."""
-        return self.result.ok and self.result.label == self.true_class if self.judged else None
+        shipped samples' classes shown to a model of another lab's classes) and for a file that could not be
+        read (no prediction to judge: counting it wrong would blame the model for a broken file)."""
+        return self.result.label == self.true_class if self.judged and self.result.ok else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the predictor's fields (``file``, ``class``, ...) plus ``true_class``, ``correct``, ``overlay``."""
@@ -107,6 +109,11 @@ class DemoResult:
     seconds: float
     card: dict[str, Any] = field(default_factory=dict)
     bundled_samples: bool = True  # the shipped sample images (Aria et al.'s), not a folder given by --samples
+    #: How many samples are images the model was trained on (see :func:`count_training_images`); None: the
+    #: model keeps no record of its training images, so it cannot be checked.
+    n_trained_on: int | None = None
+    #: Whether that count knows re-encoded copies too (the record holds perceptual hashes), not only bytes.
+    trained_on_by_picture: bool = False
 
     @property
     def n_correct(self) -> int:
@@ -114,8 +121,38 @@ class DemoResult:
 
     @property
     def n_judged(self) -> int:
-        """The images whose folder's class the model knows: those a verdict is given for."""
-        return sum(image.judged for image in self.images)
+        """The images a verdict is given for: read, and in a folder of a class the model knows."""
+        return sum(image.correct is not None for image in self.images)
+
+    @property
+    def n_unreadable(self) -> int:
+        """The images that could not be read (no prediction, no verdict)."""
+        return sum(not image.result.ok for image in self.images)
+
+    @property
+    def n_unknown_class(self) -> int:
+        """The images read but in a folder of no class the model knows (no verdict)."""
+        return sum(image.result.ok and not image.judged for image in self.images)
+
+    @property
+    def training_note(self) -> str:
+        """One sentence on whether the samples are images the model learned from: a verdict on those says
+        nothing of how it does on new images."""
+        if self.bundled_model and self.bundled_samples and self.n_trained_on == 0:
+            return ("The samples come from the held-out test part of the session split (seed 0); the bundled "
+                    "model was trained without them.")  # fmt: skip
+        if self.n_trained_on is None:
+            return ("Whether the samples are images the model was trained on cannot be checked: it keeps no "
+                    "record of its training images (trained-on.sha256).")  # fmt: skip
+        how = "" if self.trained_on_by_picture else " (by their bytes only: it recorded no perceptual hashes)"
+        return f"{self.n_trained_on} of {len(self.images)} samples are images the model was trained on{how}."
+
+    @property
+    def serve_command(self) -> str:
+        """The command that serves this model on the web page, quoted for a POSIX shell."""
+        if self.bundled_model:
+            return "bloodcell serve"
+        return f"bloodcell serve {shlex.quote(str(self.model_dir))}"
 
 
 def samples_dir() -> Path:
@@ -294,16 +331,43 @@ def run_demo(
         DemoImage(path, known or true_class, result, overlay, judged=known is not None)
         for (path, true_class), known, result, overlay in zip(files, matched, results, overlays, strict=True)
     ]
+    n_trained_on, by_picture = count_training_images(model_dir, [path for path, _ in files])
     demo = DemoResult(
         out_dir=out, model_dir=model_dir, bundled_model=bundled, model_info=predictor.model_info,
         classes=list(predictor.classes), temperature=predictor.temperature, images=images,
         predictions_csv=out / PREDICTIONS_CSV, predictions_json=out / PREDICTIONS_JSON, report=out / REPORT_HTML,
-        seconds=0.0, card=predictor.card, bundled_samples=samples is None,
+        seconds=0.0, card=predictor.card, bundled_samples=samples is None, n_trained_on=n_trained_on,
+        trained_on_by_picture=by_picture,
     )  # fmt: skip
     write_predictions(demo)
     demo.seconds = time.perf_counter() - start
     write_report(demo)
     return demo
+
+
+def count_training_images(model_dir: Path, paths: Sequence[Path]) -> tuple[int | None, bool]:
+    """How many of ``paths`` are images the model in ``model_dir`` was trained on, told by content as
+    ``bloodcell evaluate`` tells them: the same bytes (its ``trained-on.sha256``) or, where the record holds
+    perceptual hashes (``trained-on.phash``), a re-encoded or resized copy (within
+    :data:`~bloodcell.data.index.NEAR_DUPLICATE_MAX_DISTANCE` bits). Returns the count (None when neither the
+    model's folder nor its run keeps a record) and whether perceptual hashes were compared."""
+    import numpy as np
+
+    from bloodcell.data.index import NEAR_DUPLICATE_MAX_DISTANCE, inspect_file, near_any
+    from bloodcell.evaluate.runner import run_dir_of
+    from bloodcell.models.card import load_trained_on
+
+    run_dir = run_dir_of(model_dir)
+    record = load_trained_on([model_dir, *([run_dir] if run_dir is not None else [])])
+    if record is None:
+        return None, False
+    facts = [inspect_file(path) for path in paths]
+    seen = np.array([fact["sha256"] in record.sha256 for fact in facts], dtype=bool)
+    pictured = [i for i, fact in enumerate(facts) if fact["phash"]]  # an unreadable file has no phash
+    if record.phash and pictured:
+        hashes = [facts[i]["phash"] for i in pictured]
+        seen[pictured] |= near_any(hashes, list(record.phash), NEAR_DUPLICATE_MAX_DISTANCE)
+    return int(seen.sum()), bool(record.phash)
 
 
 def model_class(names: Sequence[str], classes: Sequence[str]) -> str | None:
@@ -386,6 +450,9 @@ def write_predictions(demo: DemoResult) -> None:
             "n_images": len(demo.images),
             "n_correct": demo.n_correct,
             "n_judged": demo.n_judged,
+            "n_unreadable": demo.n_unreadable,
+            "n_trained_on": demo.n_trained_on,  # null: the model keeps no record of its training images
+            "training_note": demo.training_note,
             "results": [image.to_dict() for image in demo.images],
         },
     )
@@ -435,10 +502,15 @@ def _picture_uri(path: Path, side: int = REPORT_PICTURE_SIDE) -> str | None:
 def headline_metric(card: dict[str, Any]) -> dict[str, Any] | None:
     """``{"value", "ci"}`` of the balanced accuracy a model card records (test part), or None if it has none.
 
-    Training-time cards record only validation numbers (``val_balanced_accuracy``); those are not shown, as
-    the demo's page would present them as the model's performance.
+    ``bloodcell evaluate`` records the test part's numbers under ``metrics["test"]``; a card that holds
+    them at the top of ``metrics`` is read too. Training-time cards record only validation numbers
+    (``val_balanced_accuracy``); those are not shown, as the demo's page would present them as the model's
+    performance.
     """
     metrics = card.get("metrics") or {}
+    test = metrics.get("test")
+    if isinstance(test, dict) and "balanced_accuracy" in test:
+        metrics = test
     value = metrics.get("balanced_accuracy")
     if not isinstance(value, (int, float)):
         return None
@@ -451,16 +523,27 @@ def headline_metric(card: dict[str, Any]) -> dict[str, Any] | None:
 
 def _limitations(demo: DemoResult) -> tuple[str, ...]:
     """The model card's limitations for the demo's model: the bundled one's, or another model's (--model)
-    own: its classes, and the data it learned from (the shipped samples are Aria et al.'s images, so a model
-    of that dataset is shown on its own kind of data)."""
+    own: its classes, and the data it learned from."""
     from bloodcell.report.html import limitations, trained_on_aria, training_folder
 
     if demo.bundled_model:
-        return limitations(demo.classes, True, demo.bundled_samples)
+        return limitations(demo.classes, True, _shown_its_own_data(demo, aria=True))
     aria = trained_on_aria(demo.card, {"data": {}})
     root = training_folder(demo.card)
     other = f"the images of {root}" if root else "images its model card does not name"
-    return limitations(demo.classes, aria, demo.bundled_samples and aria, other)
+    return limitations(demo.classes, aria, _shown_its_own_data(demo, aria), other)
+
+
+def _shown_its_own_data(demo: DemoResult, aria: bool) -> bool | None:
+    """Whether the samples are of the data the model learned from: some are images it trained on; or they
+    are the shipped ones (Aria et al.'s) and so was its data (the bundled model's held-out test images).
+    None for a folder of samples shown to a model that keeps no record of its training images: that cannot
+    be checked either way."""
+    if demo.n_trained_on:
+        return True
+    if demo.bundled_samples:
+        return aria
+    return None if demo.n_trained_on is None else False
 
 
 def write_report(demo: DemoResult) -> Path:

@@ -78,10 +78,12 @@ def _print_summary(demo: DemoResult) -> None:
         table.add_row(escape(image.path.name), escape(image.true_class), f"[bold]{escape(result.label or '')}[/bold]",
                       f"{result.confidence:.3f}", *cells, verdict)  # fmt: skip
     console.print(table)
+    unreadable = f" ({demo.n_unreadable} could not be read)" if demo.n_unreadable else ""
+    few = f"{len(demo.images)} images say" if len(demo.images) != 1 else "1 image says"
     console.print(
-        f"{demo.n_correct} of {demo.n_judged} predicted as their folder's class in {demo.seconds:.1f} s "
-        f"({len(demo.images)} images say little; see the model's evaluation report). Research use only: not a "
-        "medical device."
+        f"{demo.n_correct} of {demo.n_judged} predicted as their folder's class{unreadable} in "
+        f"{demo.seconds:.1f} s ({few} little; see the model's evaluation report). {demo.training_note} "
+        "Research use only: not a medical device."
     )
     unknown = sorted({image.true_class for image in demo.images if not image.judged})
     if unknown:
@@ -92,5 +94,5 @@ def _print_summary(demo: DemoResult) -> None:
     console.print(f"predictions: {escape(str(demo.predictions_csv))}, {escape(demo.predictions_json.name)}",
                   highlight=False, soft_wrap=True)  # fmt: skip
     console.print(f"Grad-CAM:    {escape(str(demo.out_dir / OVERLAY_DIR))}/", highlight=False, soft_wrap=True)
-    serve = "bloodcell serve" if demo.bundled_model else f"bloodcell serve {demo.model_dir}"
-    console.print(f"web page:    {escape(serve)}   then open http://127.0.0.1:8000/", highlight=False, soft_wrap=True)
+    console.print(f"web page:    {escape(demo.serve_command)}   then open http://127.0.0.1:8000/",
+                  highlight=False, soft_wrap=True)  # fmt: skip

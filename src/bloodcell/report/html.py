@@ -42,12 +42,16 @@ CITATION = (
 
 
 def limitations(
-    classes: Sequence[str], aria: bool, evaluated_on_training_data: bool, other: str = "the images of one folder (the data source above)"
+    classes: Sequence[str], aria: bool, evaluated_on_training_data: bool | None,
+    other: str = "the images of one folder (the data source above)",
 ) -> tuple[str, ...]:
     """The model card's limitations for a model of ``classes``, trained on Aria et al.'s dataset (``aria``) or
-    on ``other`` images, and scored on its own training data or on other data."""
+    on ``other`` images, and scored on its own training data, on other data, or (None) on images that may be
+    either: the model keeps no record of its training images to check them against."""
     source = ARIA_SOURCE if aria else other
-    trained = (f"Trained and evaluated on {source}" if evaluated_on_training_data
+    trained = (f"Trained on {source}; whether the images shown here include its training images cannot be checked "
+               "(it keeps no record of them)" if evaluated_on_training_data is None
+               else f"Trained and evaluated on {source}" if evaluated_on_training_data
                else f"Trained on {source}, and evaluated here on other data")  # fmt: skip
     # Aria's classes were imaged in sessions of their own; of other data nothing is known
     sessions = ("Classes were imaged in their own sessions: colour, background and cell density differ"
