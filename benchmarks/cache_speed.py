@@ -6,25 +6,28 @@ Usage::
 
 Prints a table of images per second for (1) decoding all accepted images with the same decoder the cache
 uses, (2) building the cache (first run), and (3) loading the cache and touching every pixel, as training
-does each epoch. The cache lives in a temporary folder so the user's cache is left alone. DATA defaults to
-the team's dataset beside the checkout, or to ``BLOODCELL_DATA`` where that is set.
+does each epoch. The cache lives in a temporary folder so the user's cache is left alone. DATA is any layout
+``bloodcell index`` reads (Aria, the Kaggle copy, one folder per class); it defaults to the team's dataset
+beside the checkout, or to ``BLOODCELL_DATA`` where that is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from benchmark_common import DEFAULT_DATA, require_dataset
+from benchmark_common import DEFAULT_DATA
 from rich.console import Console
 from rich.table import Table
 
 from bloodcell.data.cache import load_images
 from bloodcell.data.decode import decode_image
 from bloodcell.data.index import build_index
+from bloodcell.errors import UserError
 
 
 def timed(label: str, count: int, work) -> tuple[str, int, float]:
@@ -36,13 +39,16 @@ def timed(label: str, count: int, work) -> tuple[str, int, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help="dataset folder (Aria layout)")
+    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help="dataset folder (any layout bloodcell index reads)")
     parser.add_argument("--size", type=int, default=128, help="decode size in pixels")
     parser.add_argument("--variant", default="Original", choices=["Original", "Segmented"])
     args = parser.parse_args(argv)
-    require_dataset(args.data)
-
-    indexed = build_index(args.data, args.variant, progress=False)
+    if args.size < 1:
+        parser.error(f"--size must be at least 1, got {args.size}")
+    try:
+        indexed = build_index(args.data, args.variant, progress=False)
+    except UserError as error:  # a missing, empty or unrecognisable folder: one line, as every benchmark says it
+        sys.exit(f"{error} (pass DATA or set BLOODCELL_DATA)")
     rows = indexed.manifest[~indexed.manifest["rejected"]].reset_index(drop=True)
     paths = [indexed.dataset.root / p for p in rows["path"]]
     n = len(rows)

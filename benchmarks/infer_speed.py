@@ -18,8 +18,8 @@ Sections (each bounded in time and in count):
 
 MODEL defaults to the bundled default model; without one, the default config's architecture (bloodnet at
 160 px) with untrained weights is measured (speed does not depend on the weight values). The images default
-to the team dataset's Original variant, else synthetic 224 px JPEGs; a FOLDER given must hold JPEGs. Only
-loopback traffic, nothing else.
+to the JPEGs of the team dataset beside the checkout (its Original variant), else synthetic 224 px JPEGs; a
+FOLDER given, or a dataset that ``BLOODCELL_DATA`` names, must hold JPEGs. Only loopback traffic, nothing else.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ import numpy as np
 from benchmark_common import DEFAULT_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = DEFAULT_DATA / "Original"  # BLOODCELL_DATA's, as every benchmark's
+#: BLOODCELL_DATA's images, as every benchmark's: the Aria layout's Original variant, or any layout's JPEGs.
+DEFAULT_IMAGES = DEFAULT_DATA / "Original" if (DEFAULT_DATA / "Original").is_dir() else DEFAULT_DATA
 
 
 # -- models and images ---------------------------------------------------------------------------------
@@ -76,6 +77,11 @@ def jpeg_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return [p for p in expand_inputs([folder]).files if p.suffix.lower() in {".jpg", ".jpeg"}]
+
+
+def _no_jpegs(folder: Path) -> str:
+    """Why a folder named by hand gives no images."""
+    return "holds no JPEGs" if folder.is_dir() else "is not a folder"
 
 
 def image_files(folder: Path | None, count: int, work: Path) -> tuple[list[Path], str]:
@@ -293,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", help="run or model directory (default: bundled default model)")
     parser.add_argument(
         "--images", type=Path,
-        help="folder of JPEGs (recursive; default: the team dataset's Original variant, else synthetic JPEGs)",
+        help="folder of JPEGs (recursive; default: BLOODCELL_DATA's or the team dataset's Original variant, "
+             "else synthetic JPEGs)",
     )
     parser.add_argument("--n-images", type=int, default=512, help="files for the decode and predict measurements")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per speed measurement")
@@ -307,11 +314,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.n_images < 1:
         parser.error(f"--n-images must be at least 1, got {args.n_images}")
-    # Only the default folder may be missing: a folder named by hand that holds no JPEGs is a typo, and
-    # measuring synthetic images instead would pass for a measurement of the named ones.
+    # Only the team's default folder may be missing: a folder named by hand (--images, or BLOODCELL_DATA, which
+    # every benchmark reads) that holds no JPEGs is a typo, and measuring synthetic images instead would pass
+    # for a measurement of the named ones.
     if args.images is not None and not jpeg_files(args.images):
-        what = "holds no JPEGs" if args.images.is_dir() else "is not a folder"
-        parser.error(f"--images {args.images} {what}")
+        parser.error(f"--images {args.images} {_no_jpegs(args.images)}")
+    if args.images is None and "BLOODCELL_DATA" in os.environ and not jpeg_files(DEFAULT_IMAGES):
+        parser.error(f"BLOODCELL_DATA {DEFAULT_DATA} {_no_jpegs(DEFAULT_DATA)} (pass --images FOLDER, or unset "
+                     "BLOODCELL_DATA for synthetic JPEGs)")  # fmt: skip
 
     from rich.console import Console
 

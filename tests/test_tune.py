@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -786,6 +787,29 @@ def test_an_interrupted_trial_leaves_no_optuna_traceback_or_plot_warning(
     assert (tmp_path / "t" / "report.md").read_text().count("_Not drawn: ") == 3
 
 
+@pytest.mark.parametrize(("signal_number", "status", "word"), [("SIGINT", 130, "interrupted"),
+                                                              ("SIGTERM", 143, "terminated")])
+def test_an_interrupted_tune_says_so_in_one_line_with_the_signals_status(
+    aria_dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signal_number: str,
+    status: int, word: str,
+) -> None:  # fmt: skip
+    """The command's line says how to continue; main() adds no second "interrupted" of its own."""
+    import signal
+
+    from bloodcell import cli
+    from bloodcell.tune import search
+
+    def interrupted(*args, **kwargs):
+        cli._interrupt(getattr(signal, signal_number), None)  # as the signal handler main() installs does
+
+    monkeypatch.setattr(search, "tune", interrupted)
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "tune", "--data", str(aria_dataset), "--trials", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == status
+    assert capsys.readouterr().err == f"{word}; run the same command again to continue the study\n"
+
+
 def test_a_storage_password_is_never_shown(aria_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Also: a start that fails on its storage leaves no empty --out folder behind."""
     from bloodcell.tune import search
@@ -794,12 +818,31 @@ def test_a_storage_password_is_never_shown(aria_dataset: Path, tmp_path: Path, m
     assert shown_storage("postgresql+psycopg://u:secret@host:5432/db") == "postgresql+psycopg://u:***@host:5432/db"
     assert shown_storage("postgresql://u:secret@host:port/db") == "postgresql://u:***@host:port/db"  # no valid URL
     assert shown_storage("runs/my study.db") == "runs/my study.db"
+    assert shown_storage("sqlite:////data/me@lab/study.db") == "sqlite:////data/me@lab/study.db"  # no user part
+    # libpq reads a password from the query too; one may hold an unencoded "@" or "/" (with a port that is no
+    # number, the URL cannot even be parsed).
+    assert shown_storage("postgresql://u@h:1/db?sslmode=require&password=secret&x=1") == \
+        "postgresql://u@h:1/db?sslmode=require&password=***&x=1"
+    assert shown_storage("postgresql://optuna:p@ss@host/db") == "postgresql://optuna:***@host/db"
+    assert shown_storage("postgresql://optuna:se/cret@host:abc/db") == "postgresql://optuna:***@host:abc/db"
+    assert "secret" not in shown_storage("postgresql://u@h:1/db?password=se@cret")
+    assert search._without_url("no password p%40ssword for u", "postgresql://u:p%40ssword@h/db") == \
+        "no password *** for u"  # the password quoted alone, as the driver decoded it
     url = "postgresql://u:secret@127.0.0.1:1/db"
     result = CliRunner().invoke(app, ["tune", "--data", str(aria_dataset), "--trials", "1", "--storage", url,
                                       "--out", str(tmp_path / "t")])  # fmt: skip
     assert isinstance(result.exception, UserError), result.output
     assert "secret" not in str(result.exception) and "u:***@127.0.0.1:1/db" in str(result.exception)
     assert not (tmp_path / "t").exists()
+    for typed in ("postgresql://u@127.0.0.1:1/db?password=secret", "postgresql://optuna:se/cret@host:abc/db"):
+        result = CliRunner().invoke(app, ["tune", "--data", str(aria_dataset), "--trials", "1", "--storage", typed,
+                                          "--out", str(tmp_path / "t")])  # fmt: skip
+        assert isinstance(result.exception, UserError) and "cret" not in str(result.exception), result.exception
+    # Nor empty parent folders that --out needed, while one that was there before stays.
+    (tmp_path / "there").mkdir()
+    result = CliRunner().invoke(app, ["tune", "--data", str(aria_dataset), "--trials", "1", "--storage", url,
+                                      "--out", str(tmp_path / "there" / "a" / "b" / "c")])  # fmt: skip
+    assert isinstance(result.exception, UserError) and os.listdir(tmp_path / "there") == []
 
     run = tmp_path / "t" / "trials" / "trial-0000"
     finished = TuneResult(study_name="s", storage=url, out_dir=tmp_path / "t", n_complete=2, n_pruned=0, n_failed=1,
@@ -822,6 +865,9 @@ def test_a_storage_password_is_never_shown(aria_dataset: Path, tmp_path: Path, m
         ("image_size: 96\n", "key 'image_size': Input should be a valid list (got 96); image_size takes a list of values"),
         ("lrr: [0.001, 0.01]\n", "unknown key 'lrr' (did you mean 'lr'?); the keys are lr, weight_decay,"),
         ("- 0.01\n", "expected a mapping of some of lr, weight_decay"),
+        ("lr: [0.1, 0.01]\n", "lr: low 0.1 is above high 0.01"),
+        ("weight_decay: [0, 0.1]\n", "weight_decay is searched on a log scale; its low end must be > 0"),
+        ("width: []\n", "width: give at least one value, or null to keep the config's"),
     ],
 )
 def test_a_bad_search_space_file_is_one_line_naming_the_key(tmp_path: Path, content: str, words: str) -> None:
@@ -833,4 +879,5 @@ def test_a_bad_search_space_file_is_one_line_naming_the_key(tmp_path: Path, cont
         load_space(path)
     message = str(raised.value)
     assert message.startswith(f"search space {path}: ") and words in message, message
+    assert message.count("search space") == 1, message  # said once, by the line's prefix
     assert "pydantic" not in message and "\n" not in message and "validation error" not in message

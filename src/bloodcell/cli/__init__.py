@@ -82,7 +82,7 @@ def main() -> None:
     # no temporary file is left behind, and training stops as after an interrupt, ready to resume. Both
     # handlers also remember the signal, for the exit status.
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
-    Interrupted.by = None
+    Interrupted.by, Interrupted.reported = None, False
     try:
         app()
     except (UserError, ConfigError, ImageError, LeakageError, FileNotFoundError, NotADirectoryError) as error:
@@ -102,7 +102,8 @@ def main() -> None:
         if exit_.code != 130 and not (Interrupted.by is not None and exit_.code in (0, None)):
             raise
         terminated = Interrupted.by == signal.SIGTERM
-        warning_line("terminated" if terminated else "interrupted")
+        if not Interrupted.reported:  # a command that said how to continue said it in this one line
+            warning_line("terminated" if terminated else "interrupted")
         sys.exit(143 if terminated else 130)
     finally:
         for number, handler in previous.items():  # main() called in-process (tests) leaves the caller as it was
@@ -130,9 +131,18 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, raised where the program is, as Python's own KeyboardInterrupt; ``by`` keeps the
-    last signal received (the exception itself may be caught and replaced on its way out)."""
+    last signal received (the exception itself may be caught and replaced on its way out), ``reported``
+    whether a command has already said so (:func:`say_interrupted`)."""
 
     by: int | None = None
+    reported: bool = False
+
+
+def say_interrupted(advice: str) -> None:
+    """Say how to continue after Ctrl-C or SIGTERM, in the one line :func:`main` prints for them:
+    "interrupted; ADVICE" (or "terminated; ADVICE"); :func:`main` then adds none of its own."""
+    warning_line(f"{'terminated' if Interrupted.by == signal.SIGTERM else 'interrupted'}; {advice}")
+    Interrupted.reported = True
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -178,7 +178,9 @@ def _say_how_to_resume(run_dir: Path, run_config: RunConfig, devices: str | None
     launched = (per_node if isinstance(per_node, int) else 1) * nodes
     command = f"bloodcell train --resume {run_dir}" + (f" --devices {devices}" if devices is not None else "")
     how = f" (launched as this run was, in {launched} processes)" if by_launcher and launched > 1 else ""
-    warning_line(f"interrupted; continue with: {command}{how}")
+    from bloodcell.cli import say_interrupted
+
+    say_interrupted(f"continue with: {command}{how}")
 
 
 def _say_where_devices_run(run_config: RunConfig) -> None:

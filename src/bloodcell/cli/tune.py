@@ -110,6 +110,7 @@ def tune_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Search hyperparameters with Optuna; rerun with the same storage to continue an interrupted study."""
+    from bloodcell.cli import say_interrupted  # defined after the commands are registered
     from bloodcell.config import load_config
     from bloodcell.data.layouts import find_dataset
     from bloodcell.tune.search import load_space, overrides_the_search_replaces, shown_storage, tune
@@ -129,7 +130,7 @@ def tune_command(
         result = tune(run_config, data, trials, out_dir=out, storage=storage, study_name=study, timeout=timeout,
                       cv=cv, space=search_space, pruner=pruner, seed=seed)  # fmt: skip
     except KeyboardInterrupt:
-        warning_line("interrupted; run the same command again to continue the study")
+        say_interrupted("run the same command again to continue the study")
         raise
     summary = {
         "study": result.study_name,

@@ -35,6 +35,7 @@ left a checkpoint, resumed from it); a trial stopped by Ctrl-C is queued again t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -105,15 +106,15 @@ class SearchSpace(BaseModel):
         for name in RANGE_KEYS:
             bounds = getattr(self, name)
             if bounds is not None and not bounds[0] <= bounds[1]:
-                raise ValueError(f"search space {name}: low {bounds[0]} is above high {bounds[1]}")
+                raise ValueError(f"{name}: low {bounds[0]} is above high {bounds[1]}")
         for name in ("lr", "weight_decay"):
             bounds = getattr(self, name)
             if bounds is not None and bounds[0] <= 0:
-                raise ValueError(f"search space {name} is searched on a log scale; its low end must be > 0")
+                raise ValueError(f"{name} is searched on a log scale; its low end must be > 0")
         for name in ("image_size", "width"):
             if getattr(self, name) == []:
                 raise ValueError(
-                    f"search space {name}: give at least one value, or null to keep the config's"
+                    f"{name}: give at least one value, or null to keep the config's"
                 )
         return self
 
@@ -344,23 +345,55 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
 
 
 def shown_storage(url: str) -> str:
-    """A storage URL as it may be printed: its password hidden (``postgresql://user:***@host/db``).
+    """A storage URL as it may be printed: its passwords hidden, the one before the host and a ``password``
+    query parameter, which libpq reads too (``postgresql://user:***@host/db?password=***``).
 
-    Text that is no URL (a plain file path) is shown as given, but for anything that looks like a
-    ``user:password@`` part, hidden the same way.
+    Read as text, not parsed: a password may hold an unencoded ``@``, ``/`` or ``?``, which a URL parser
+    splits wrongly (SQLAlchemy reads ``p@ss@host`` as the password ``p`` on the host ``ss@host``), and a URL
+    that no parser accepts (a port that is no number) must be hidden all the same. Text that is no URL (a
+    plain file path) is shown as given.
     """
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    shown, end = [], 0
+    for start, stop in _password_spans(url):
+        shown += [url[end:start], "***"]
+        end = stop
+    return "".join(shown) + url[end:]
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # no URL, or a malformed one (a port that is no number)
-        return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+def _password_spans(url: str) -> list[tuple[int, int]]:
+    """Where a storage URL's passwords lie: (start, end) spans, in order, overlapping ones merged.
+
+    The user part ends at the *last* ``@``, since a password may hold ``@`` and a host never does; an ``@``
+    in the path or query then hides more than the password, never less.
+    """
+    scheme = re.match(r"[A-Za-z][\w+.-]*://", url)
+    if scheme is None or url.startswith("/", scheme.end()):  # no URL, or no user part (sqlite:////path)
+        return []
+    spans = [match.span(1) for match in re.finditer(r"[?&]password=([^&#]*)", url, flags=re.IGNORECASE)]
+    at = url.rfind("@", scheme.end())
+    colon = url.find(":", scheme.end(), max(at, 0))  # a user name holds no ":"; the password follows it
+    if colon >= 0:
+        spans.append((colon + 1, at))
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _without_url(message: str, url: str) -> str:
-    """A driver's error message with the storage URL, if it quotes it, shown as :func:`shown_storage` does."""
-    return message.replace(url, shown_storage(url))
+    """A driver's error message with the storage URL, if it quotes it, shown as :func:`shown_storage` does,
+    and a password it quotes alone (as typed, or percent-decoded) hidden too."""
+    from urllib.parse import unquote
+
+    message = message.replace(url, shown_storage(url))
+    for start, end in _password_spans(url):
+        for secret in {url[start:end], unquote(url[start:end])}:
+            if len(secret) >= 4:  # a shorter one would hide letters of ordinary words, not a quoted password
+                message = message.replace(secret, "***")
+    return message
 
 
 class FoldMedianPruner(optuna.pruners.BasePruner):
@@ -830,15 +863,18 @@ def _no_log_of_trials_the_user_hears_of() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _no_empty_folder_left(out_dir: Path) -> Iterator[None]:
-    """Make the tuning folder; remove it again if what runs inside fails and it is still empty (a bad
-    ``--storage`` must not leave an empty ``--out`` behind)."""
-    made = not out_dir.exists()
+    """Make the tuning folder; if what runs inside fails, remove again every folder this made, from the
+    deepest up, while each is empty (a bad ``--storage`` must leave no empty ``--out``, nor its parents)."""
+    made = list(itertools.takewhile(lambda folder: not folder.exists(), (out_dir, *out_dir.parents)))
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:
-        if made and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        for folder in made:
+            if any(folder.iterdir()):
+                break
+            with contextlib.suppress(OSError):  # another worker may have just written into it: keep it
+                folder.rmdir()
         raise
 
 
