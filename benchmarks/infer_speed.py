@@ -314,6 +314,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.n_images < 1:
         parser.error(f"--n-images must be at least 1, got {args.n_images}")
+    for option, value in (("--duration", args.duration), ("--load-duration", args.load_duration)):
+        if not value > 0:  # a rate over no time divides by zero
+            parser.error(f"{option} must be more than 0 seconds, got {value}")
+    for option, count in (("--clients", args.clients), ("--threads", args.threads), ("--serve-threads", args.serve_threads)):
+        if count is not None and count < 1:
+            parser.error(f"{option} must be at least 1, got {count}")
     # Only the team's default folder may be missing: a folder named by hand (--images, or BLOODCELL_DATA, which
     # every benchmark reads) that holds no JPEGs is a typo, and measuring synthetic images instead would pass
     # for a measurement of the named ones.

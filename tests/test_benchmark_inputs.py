@@ -36,11 +36,18 @@ def test_cache_speed_takes_its_default_dataset_from_bloodcell_data(tmp_path: Pat
     assert finished.returncode == 1 and finished.stderr.strip() == expected, finished.stderr
 
 
-def test_infer_speed_refuses_no_images(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--n-images", "0"], "--n-images must be at least 1, got 0"),
+    (["--duration", "0"], "--duration must be more than 0 seconds, got 0.0"),  # was a ZeroDivisionError
+    (["--load-duration", "-1"], "--load-duration must be more than 0 seconds, got -1.0"),
+    (["--clients", "0"], "--clients must be at least 1, got 0"),
+])  # fmt: skip
+def test_infer_speed_refuses_settings_that_measure_nothing(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                            said: str) -> None:  # fmt: skip
     with pytest.raises(SystemExit) as refused:
-        benchmark_module("infer_speed").main(["--n-images", "0"])
+        benchmark_module("infer_speed").main(argv)
     error = last_error_line(capsys)
-    assert refused.value.code == 2 and "error: --n-images must be at least 1, got 0" in error, error
+    assert refused.value.code == 2 and f"error: {said}" in error, error
 
 
 @pytest.mark.parametrize(("folder", "what"), [("typo", "is not a folder"), ("pngs", "holds no JPEGs")])

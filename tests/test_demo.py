@@ -264,6 +264,10 @@ def test_the_bundled_model_on_one_s_own_samples_is_said_to_be_evaluated_on_other
     assert "and evaluated here on other data" in html and "Images: the class folders given with" in html
     # with a folder of one's own, the bundled model's samples are not said to be held out: they are counted
     assert "held-out" not in html and "0 of 4 samples are images the model was trained on." in html
+    # the shipped samples named by their folder are the shipped samples: said of as by default
+    html = run_demo(tmp_path / "named", samples=samples_dir()).report.read_text(encoding="utf-8")
+    assert "Trained and evaluated on images from one hospital laboratory (Taleqani Hospital, Tehran)" in html
+    assert "held-out test part of the session split" in html
 
 
 def test_the_demo_csv_defuses_class_names_a_spreadsheet_would_run(tmp_path: Path) -> None:
@@ -399,6 +403,11 @@ def test_a_model_without_a_record_of_its_training_images_says_it_cannot_be_check
     assert "Whether the samples are images the model was trained on cannot be checked" in html
     assert "evaluated here on other data" not in html  # not claimed where it cannot be known
     assert "Trained and evaluated on" not in html  # nor the contrary
+    # the shipped samples too: a model that keeps no record may have trained on them
+    run_cli("demo", "--model", str(tiny_model), "--out", str(tmp_path / "shipped"))
+    html = _said((tmp_path / "shipped" / "report.html").read_text(encoding="utf-8"))
+    assert "cannot be checked" in html and "Trained and evaluated on" not in html
+    assert "evaluated here on other data" not in html
 
 
 def test_unreadable_samples_are_no_wrong_predictions(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811

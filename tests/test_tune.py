@@ -828,6 +828,15 @@ def test_a_storage_password_is_never_shown(aria_dataset: Path, tmp_path: Path, m
     assert "secret" not in shown_storage("postgresql://u@h:1/db?password=se@cret")
     assert search._without_url("no password p%40ssword for u", "postgresql://u:p%40ssword@h/db") == \
         "no password *** for u"  # the password quoted alone, as the driver decoded it
+    # a socket's URL has no host, and libpq's key passphrase is a password too
+    assert shown_storage("postgresql:///optuna?host=/tmp/s&password=hunter22") == \
+        "postgresql:///optuna?host=/tmp/s&password=***"
+    assert shown_storage("postgresql://u@h/db?sslpassword=topsecret") == "postgresql://u@h/db?sslpassword=***"
+    # a password that is also the user's or the database's name: the message keeps the URL's shape, and the
+    # masked URL does not give the password away ("***ql+psycopg://" of "postgresql+psycopg://")
+    same = "postgresql+psycopg://postgres:postgres@localhost:5999/postgres"
+    assert search._without_url(f'failed for user "postgres" {same}', same) == \
+        'failed for user "***" postgresql+psycopg://postgres:***@localhost:5999/postgres'
     url = "postgresql://u:secret@127.0.0.1:1/db"
     result = CliRunner().invoke(app, ["tune", "--data", str(aria_dataset), "--trials", "1", "--storage", url,
                                       "--out", str(tmp_path / "t")])  # fmt: skip

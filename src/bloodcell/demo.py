@@ -336,7 +336,9 @@ def run_demo(
         out_dir=out, model_dir=model_dir, bundled_model=bundled, model_info=predictor.model_info,
         classes=list(predictor.classes), temperature=predictor.temperature, images=images,
         predictions_csv=out / PREDICTIONS_CSV, predictions_json=out / PREDICTIONS_JSON, report=out / REPORT_HTML,
-        seconds=0.0, card=predictor.card, bundled_samples=samples is None, n_trained_on=n_trained_on,
+        seconds=0.0, card=predictor.card, n_trained_on=n_trained_on,
+        # the shipped samples, by default or named by their folder: the same images say the same things
+        bundled_samples=samples is None or Path(samples).resolve() == samples_dir().resolve(),
         trained_on_by_picture=by_picture,
     )  # fmt: skip
     write_predictions(demo)
@@ -537,13 +539,13 @@ def _limitations(demo: DemoResult) -> tuple[str, ...]:
 def _shown_its_own_data(demo: DemoResult, aria: bool) -> bool | None:
     """Whether the samples are of the data the model learned from: some are images it trained on; or they
     are the shipped ones (Aria et al.'s) and so was its data (the bundled model's held-out test images).
-    None for a folder of samples shown to a model that keeps no record of its training images: that cannot
-    be checked either way."""
+    None where the model keeps no record of its training images, whatever the samples: that cannot be
+    checked either way."""
+    if demo.n_trained_on is None:
+        return None
     if demo.n_trained_on:
         return True
-    if demo.bundled_samples:
-        return aria
-    return None if demo.n_trained_on is None else False
+    return aria if demo.bundled_samples else False
 
 
 def write_report(demo: DemoResult) -> Path:

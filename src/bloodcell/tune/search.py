@@ -367,13 +367,15 @@ def _password_spans(url: str) -> list[tuple[int, int]]:
     in the path or query then hides more than the password, never less.
     """
     scheme = re.match(r"[A-Za-z][\w+.-]*://", url)
-    if scheme is None or url.startswith("/", scheme.end()):  # no URL, or no user part (sqlite:////path)
+    if scheme is None:  # no URL: a plain file path
         return []
-    spans = [match.span(1) for match in re.finditer(r"[?&]password=([^&#]*)", url, flags=re.IGNORECASE)]
-    at = url.rfind("@", scheme.end())
-    colon = url.find(":", scheme.end(), max(at, 0))  # a user name holds no ":"; the password follows it
-    if colon >= 0:
-        spans.append((colon + 1, at))
+    # libpq's password and the passphrase of its key, in the query (also of a URL with no host, a socket's)
+    spans = [match.span(1) for match in re.finditer(r"[?&](?:ssl)?password=([^&#]*)", url, flags=re.IGNORECASE)]
+    if not url.startswith("/", scheme.end()):  # a user part (sqlite:////path has none)
+        at = url.rfind("@", scheme.end())
+        colon = url.find(":", scheme.end(), max(at, 0))  # a user name holds no ":"; the password follows it
+        if colon >= 0:
+            spans.append((colon + 1, at))
     merged: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if merged and start <= merged[-1][1]:
@@ -388,12 +390,14 @@ def _without_url(message: str, url: str) -> str:
     and a password it quotes alone (as typed, or percent-decoded) hidden too."""
     from urllib.parse import unquote
 
-    message = message.replace(url, shown_storage(url))
-    for start, end in _password_spans(url):
-        for secret in {url[start:end], unquote(url[start:end])}:
-            if len(secret) >= 4:  # a shorter one would hide letters of ordinary words, not a quoted password
-                message = message.replace(secret, "***")
-    return message
+    pieces = message.split(url)  # the URL itself is shown masked; a lone password is looked for around it
+    secrets = {secret for start, end in _password_spans(url) for secret in (url[start:end], unquote(url[start:end]))}
+    for secret in secrets:
+        if len(secret) >= 4:  # a shorter one would hide letters of ordinary words, not a quoted password
+            # only as a whole word: the password "postgres" must not take the user, database and scheme with it
+            lone = re.compile(rf"(?<![\w]){re.escape(secret)}(?![\w])")
+            pieces = [lone.sub("***", piece) for piece in pieces]
+    return shown_storage(url).join(pieces)
 
 
 class FoldMedianPruner(optuna.pruners.BasePruner):
@@ -871,10 +875,10 @@ def _no_empty_folder_left(out_dir: Path) -> Iterator[None]:
         yield
     except BaseException:
         for folder in made:
-            if any(folder.iterdir()):
-                break
-            with contextlib.suppress(OSError):  # another worker may have just written into it: keep it
+            try:  # rmdir refuses a folder another worker has just written into: it is kept
                 folder.rmdir()
+            except OSError:  # not empty, or already removed by another worker that failed alike
+                break
         raise
 
 
