@@ -279,7 +279,7 @@ def test_every_image_of_data_too_few_to_split_is_scored_in_its_blocks(run: Path,
             (lab / source / patient).mkdir(parents=True)
             for image in images[k::len(patients)]:
                 shutil.copy(image, lab / source / patient / image.name)
-    with pytest.raises(UserError, match="gives only 2 session block.*; or score every image, which needs no split: bloodcell evaluate --split all"):
+    with pytest.raises(UserError, match="gives only 2 session block.*; or score every image, which needs no split: add --split all to this command"):
         evaluate_model(run, lab, split="test", robustness=False, explain=False, progress=False, n_bootstrap=20)
     folder = tmp_path / "ev"
     result = evaluate_model(run, lab, split="all", robustness=False, explain=False, progress=False, n_bootstrap=20,
@@ -296,6 +296,7 @@ def test_every_image_of_data_too_few_to_split_is_scored_in_its_blocks(run: Path,
     html = build_report(folder).read_text(encoding="utf-8")
     assert "Not split: the model's protocol cannot cut these data (class &#39;Pro-B&#39; gives only 2" in html
     assert "Leakage check" not in html  # of no split
+    assert result["data"]["split_summary"]["leakage_check"] is None
     assert "The model's protocol cannot cut these data (class 'Pro-B' gives only 2" in (folder / "report.md").read_text()
 
 

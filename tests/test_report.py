@@ -217,6 +217,7 @@ def test_the_report_says_a_per_image_standardised_model_undoes_the_brightness_sh
     metrics["model"]["path"] = str(card_path.parent)  # this copy's model, not the fixture's
     (run / "metrics.json").write_text(json.dumps(metrics))
     assert note in build_report(run, evaluate=False).read_text(encoding="utf-8")
+    assert note in (run / "report.md").read_text(encoding="utf-8")  # both formats
 
 
 def test_the_markdown_report_names_every_corner_that_ties_for_the_most_changed_predictions(runs: Path,

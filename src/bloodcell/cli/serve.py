@@ -222,7 +222,8 @@ def predict_command(
     ```
 
     A file that cannot be read is reported with its reason and the others still run.
-    Files in a folder given that are not images by their suffix are named ("skipped" with --json).
+    Files in a folder given that are not images by their suffix, or no regular files (pipes, devices), are
+    named ("skipped" with --json).
     Exit code: 0 when every file was classified, 1 when any failed, 2 on a usage error.
     """
     from bloodcell.serve.common import PredictionResult, expand_inputs, missing_input_reason

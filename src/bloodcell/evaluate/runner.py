@@ -505,8 +505,8 @@ def load_eval_set(card: ModelCard, config: RunConfig, data_root: str | Path | No
                 if card.manifest_sha256 and _manifest_sha256(data_config, data_root) == card.manifest_sha256:
                     # its own data: --split all would refuse them too
                     raise _unsplittable_own_data(error.reason) from error
-                raise UserError(f"{error}; or score every image, which needs no split: bloodcell evaluate "
-                                "--split all") from error  # fmt: skip
+                raise UserError(f"{error}; or score every image, which needs no split: add --split all to "
+                                "this command") from error  # fmt: skip
         if matched:
             folders = prepared.dataset.class_folders
             absent = [name for name in classes if name not in folders]
@@ -737,6 +737,8 @@ def describe_evaluation(card: ModelCard, config: RunConfig, model_dir: Path, dat
     protocol = "none" if prepared.not_split else data_config.protocol  # every image one held-out part
     summary = split_summary(prepared.split, protocol, data_config.split_seed, list(prepared.classes),
                             prepared.split_path)  # fmt: skip
+    if prepared.not_split:  # one held-out part: no parts to leak between, so no verdict
+        summary = {**summary, "leakage_check": None, "leakage_message": ""}
     return {
         "model": {
             "path": str(model_dir.resolve()),  # absolute: the report reads the card from wherever it runs

@@ -411,7 +411,7 @@ def report_context(run_dir: Path, metrics: dict[str, Any], baseline_dir: Path | 
         "plots": plots,
         "comparison": comparison,
         "shift_table": shift_table(),
-        # Standardising each image undoes the brightness_contrast shift exactly: the report says so.
+        # Standardising each image undoes the brightness_contrast shift (but for 8-bit rounding): the report says so.
         "per_image_standardised": bool(((card.get("config") or {}).get("normalize") or {}).get("per_image")),
         "severity_names": SEVERITY_NAMES,
         "limitations": limitations(card.get("classes") or metrics["classes"], aria,
