@@ -231,6 +231,20 @@ def test_a_refit_run_folder_is_not_overwritten(tmp_path: Path, data) -> None:
         train_run(refit_config(epochs=1), tmp_path / "run", prepared=data, progress=False)
 
 
+def test_a_run_folder_being_trained_is_refused_to_a_second_training_or_resume(tmp_path: Path, data) -> None:
+    """Two trainings into one folder mixed their stages' models, configs and temperature, or one deleted the
+    other's checkpoint in the middle of its write: the second is refused at once, touching nothing."""
+    from bloodcell.train import run as run_module
+
+    run = tmp_path / "run"
+    with run_module._only_training_of(run):  # as another process training it holds it
+        for resume in (False, True):
+            with pytest.raises(UserError, match=f"{re.escape(str(run))} is being trained by another process"):
+                train_run(refit_config(epochs=1), run, prepared=data, progress=False, resume=resume)
+        assert not run.exists()
+    assert train_run(refit_config(epochs=1), run, prepared=data, progress=False).holdout is not None  # released
+
+
 def test_a_resume_with_a_changed_config_is_refused_before_either_stage_trains(tmp_path: Path, data) -> None:
     """Resumed as a refit, a finished train-only run trained a whole holdout stage into RUN/holdout before
     the refit's own check refused it; the stray stage then gave the report false curves."""

@@ -16,12 +16,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from bloodcell.config import RunConfig, load_config, save_config
 from bloodcell.errors import UserError
+from bloodcell.io import bloodcell_home, path_digest
 from bloodcell.notices import quieted
 from bloodcell.train.checkpoint import (
     checkpoint_dir,
@@ -56,6 +58,39 @@ def train_run(
     :class:`TrainResult`; for a refit its ``holdout`` field holds the holdout stage's result.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
+    with _only_training_of(run_dir):
+        return _train_run(config, run_dir, resume, progress, prepared)
+
+
+@contextlib.contextmanager
+def _only_training_of(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock while this process trains it (the first process of a distributed launch;
+    the others are its workers): a second ``train`` or ``--resume`` into the folder meanwhile is refused at
+    once. Without it the two mixed their stages' models, configs and temperature, or one deleted the other's
+    checkpoint in the middle of its write. The lock file lies in ``$BLOODCELL_HOME/locks/`` (named by the
+    folder's path), not in the run folder, which a start that fails before its first epoch must not leave
+    behind; the OS releases it when the process dies, so a killed run never leaves its folder locked."""
+    if not _is_first_process():
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    locks = bloodcell_home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(locks / f"run-{path_digest(run_dir.expanduser().resolve())}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"{run_dir} is being trained by another process: wait for it to finish, or stop it "
+                        f"(to continue it then: bloodcell train --resume {run_dir})") from None  # fmt: skip
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train_run(config: RunConfig, run_dir: Path, resume: bool, progress: bool,
+               prepared: TrainingData | None) -> TrainResult:  # fmt: skip
     if resume and (run_dir / "config.yaml").is_file():  # before either stage trains anything
         resumed_config(run_dir, config)
     if config.data.train_on == "train":
