@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ from bloodcell.models.card import load_card
 from bloodcell.train import loop as loop_module
 from bloodcell.train import train_run
 from bloodcell.train.checkpoint import checkpoint_dir
-from conftest import make_aria_dataset
+from conftest import child_env, make_aria_dataset
 from synthetic_data import make_synthetic_data
 
 REFIT = {
@@ -231,18 +235,48 @@ def test_a_refit_run_folder_is_not_overwritten(tmp_path: Path, data) -> None:
         train_run(refit_config(epochs=1), tmp_path / "run", prepared=data, progress=False)
 
 
+@contextlib.contextmanager
+def _held_by_another_process(run: Path) -> Iterator[None]:
+    """The run folder's training lock, held by a child process as a training would hold it."""
+    code = ("import sys, time\nfrom pathlib import Path\nfrom bloodcell.train.run import training_lock\n"
+            "with training_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(120)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=child_env())  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()  # the OS releases its lock, as for a killed training
+        holder.wait()
+
+
 def test_a_run_folder_being_trained_is_refused_to_a_second_training_or_resume(tmp_path: Path, data) -> None:
     """Two trainings into one folder mixed their stages' models, configs and temperature, or one deleted the
     other's checkpoint in the middle of its write: the second is refused at once, touching nothing."""
-    from bloodcell.train import run as run_module
-
     run = tmp_path / "run"
-    with run_module._only_training_of(run):  # as another process training it holds it
+    with _held_by_another_process(run):
         for resume in (False, True):
             with pytest.raises(UserError, match=f"{re.escape(str(run))} is being trained by another process"):
                 train_run(refit_config(epochs=1), run, prepared=data, progress=False, resume=resume)
         assert not run.exists()
     assert train_run(refit_config(epochs=1), run, prepared=data, progress=False).holdout is not None  # released
+
+
+def test_a_refused_resume_leaves_the_checkpoint_being_written_alone(tmp_path: Path, data, monkeypatch, capsys) -> None:
+    """`train --resume RUN` looked at RUN's checkpoints before the lock refused it, and the look removed the
+    staging folder of the checkpoint the running training was writing, which then crashed."""
+    from bloodcell.cli import main
+
+    run = tmp_path / "run"
+    train_run(refit_config(epochs=1), run, prepared=data, progress=False)
+    staging = run / "checkpoints" / ".last.tmp"  # the other process's checkpoint, half written
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "train", "--resume", str(run), "--no-report", "--no-progress"])
+    with _held_by_another_process(run), pytest.raises(SystemExit) as refused:
+        main()
+    assert refused.value.code == 2 and "is being trained by another process" in capsys.readouterr().err
+    assert (staging / "model.safetensors").read_bytes() == b"half"
 
 
 def test_a_resume_with_a_changed_config_is_refused_before_either_stage_trains(tmp_path: Path, data) -> None:

@@ -69,6 +69,7 @@ def train_command(
     from bloodcell.errors import UserError
     from bloodcell.train import train_run
     from bloodcell.train.checkpoint import completed_epochs, is_complete
+    from bloodcell.train.run import training_lock
 
     extra = list(overrides)
     if data is not None:
@@ -94,12 +95,6 @@ def train_command(
             raise UserError(f"the run's training data are no longer at {recorded} (the folder its config.yaml "
                             "records): pass --data DATA where they are now")  # fmt: skip
         run_dir = resume
-        done = completed_epochs(run_dir)
-        complete = is_complete(run_dir, run_config.train.epochs)
-        if done is not None and complete:  # (done is known then; said for the type checker)
-            warning_line(f"{run_dir} is already complete ({done[0]} of {run_config.train.epochs} epochs"
-                         + (f", stopped by {done[1].replace('_', ' ')}" if done[1] else "")
-                         + "): nothing is trained again" + ("; its report is rebuilt" if report else ""))  # fmt: skip
     else:
         run_config = load_config(config, extra)
         if data is None and run_config.data.root is not None:  # the config's dataset, relative to here
@@ -115,14 +110,24 @@ def train_command(
     if devices is not None:
         _say_where_devices_run(run_config)
 
-    try:
-        result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
-    except KeyboardInterrupt:
-        _say_how_to_resume(run_dir, run_config, devices)
-        raise
-    if not result.is_main_process:
-        return
-    report_path = _build_report(result.run_dir, progress and not as_json) if report else None
+    # The folder's lock before its checkpoints are even looked at (another process may be writing them; the
+    # look completes an interrupted checkpoint swap), held until the report is built from them.
+    with training_lock(run_dir):
+        if resume is not None:
+            done = completed_epochs(run_dir)
+            complete = is_complete(run_dir, run_config.train.epochs)
+            if done is not None and complete:  # (done is known then; said for the type checker)
+                warning_line(f"{run_dir} is already complete ({done[0]} of {run_config.train.epochs} epochs"
+                             + (f", stopped by {done[1].replace('_', ' ')}" if done[1] else "")
+                             + "): nothing is trained again" + ("; its report is rebuilt" if report else ""))  # fmt: skip
+        try:
+            result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
+        except KeyboardInterrupt:
+            _say_how_to_resume(run_dir, run_config, devices)
+            raise
+        if not result.is_main_process:
+            return
+        report_path = _build_report(result.run_dir, progress and not as_json) if report else None
     validated = result.holdout or result  # a refit has no validation part of its own
     summary = {
         "run_dir": str(result.run_dir),

@@ -58,34 +58,46 @@ def train_run(
     :class:`TrainResult`; for a refit its ``holdout`` field holds the holdout stage's result.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
-    with _only_training_of(run_dir):
+    with training_lock(run_dir):
         return _train_run(config, run_dir, resume, progress, prepared)
 
 
+#: Run folders whose lock this process holds (by the digest of their path): taken again, it is already held.
+_LOCKED: set[str] = set()
+
+
 @contextlib.contextmanager
-def _only_training_of(run_dir: Path) -> Iterator[None]:
+def training_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock while this process trains it (the first process of a distributed launch;
     the others are its workers): a second ``train`` or ``--resume`` into the folder meanwhile is refused at
     once. Without it the two mixed their stages' models, configs and temperature, or one deleted the other's
-    checkpoint in the middle of its write. The lock file lies in ``$BLOODCELL_HOME/locks/`` (named by the
-    folder's path), not in the run folder, which a start that fails before its first epoch must not leave
-    behind; the OS releases it when the process dies, so a killed run never leaves its folder locked."""
-    if not _is_first_process():
+    checkpoint in the middle of its write. The CLI takes it before it looks at a run's checkpoints, and
+    :func:`train_run` takes it again (held already: nothing to do).
+
+    The lock file lies in ``$BLOODCELL_HOME/locks/`` (named by the folder's path), not in the run folder,
+    which a start that fails before its first epoch must not leave behind: so it guards a folder against
+    processes that share that ``$BLOODCELL_HOME``. The OS releases it when the process dies, so a killed run
+    never leaves its folder locked.
+    """
+    key = path_digest(run_dir.expanduser().resolve())
+    if not _is_first_process() or key in _LOCKED:
         yield
         return
     from filelock import FileLock, Timeout
 
     locks = bloodcell_home() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(locks / f"run-{path_digest(run_dir.expanduser().resolve())}.lock")
+    lock = FileLock(locks / f"run-{key}.lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise UserError(f"{run_dir} is being trained by another process: wait for it to finish, or stop it "
-                        f"(to continue it then: bloodcell train --resume {run_dir})") from None  # fmt: skip
+                        "(it then says how to continue it)") from None  # fmt: skip
+    _LOCKED.add(key)
     try:
         yield
     finally:
+        _LOCKED.discard(key)
         lock.release()
 
 
