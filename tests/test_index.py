@@ -718,14 +718,14 @@ def test_hash_like_names_are_said_to_carry_no_capture_order(caplog: pytest.LogCa
     import hashlib
 
     names = [f"Benign/{hashlib.md5(bytes([k])).hexdigest()}.png" for k in range(40)]
-    manifest = pd.DataFrame({"path": names, "rejected": False,
+    manifest = pd.DataFrame({"path": names, "rejected": False, "class": "Benign",
                              "capture": [index_module.parse_capture(n)[0] for n in names]})  # fmt: skip
     assert (manifest["capture"] >= 0).all()  # digits in every name: the older check said nothing
     with caplog.at_level("WARNING"):
         index_module._warn_of_names_without_numbers(manifest, Path("hashes"))
     assert "share no name stem with another" in caplog.text
     caplog.clear()
-    numbered = pd.DataFrame({"path": [f"Benign/WBC-Benign-{k:03d}.jpg" for k in range(40)], "rejected": False,
+    numbered = pd.DataFrame({"path": [f"Benign/WBC-Benign-{k:03d}.jpg" for k in range(40)], "rejected": False, "class": "Benign",
                              "capture": range(40)})  # fmt: skip
     with caplog.at_level("WARNING"):
         index_module._warn_of_names_without_numbers(numbered, Path("aria"))
@@ -741,7 +741,7 @@ def test_date_and_time_names_are_a_capture_series_a_day_not_each_a_series_of_its
     from bloodcell.data.splits import _in_capture_order
 
     names = [f"Benign/2024-03-{12 + k // 30:02d}_10-{k % 30 + 10:02d}-{(7 * k) % 60:02d}.tif" for k in range(60)]
-    manifest = pd.DataFrame({"path": names, "rejected": False, "label": 0,
+    manifest = pd.DataFrame({"path": names, "rejected": False, "class": "Benign", "label": 0,
                              "capture": [index_module.parse_capture(n)[0] for n in names]})  # fmt: skip
     assert {index_module.capture_series(n) for n in names} == {"Benign/2024-03-12_", "Benign/2024-03-13_"}
     capture_order = sorted(names, key=lambda n: (index_module.capture_series(n), index_module.parse_capture(n)))
@@ -774,15 +774,22 @@ def test_a_slide_number_last_in_the_names_is_said_to_be_no_capture_order(caplog:
     """field7_slide3.jpg: the number the split orders by is the slide's, each "series" holds the few slides of
     one field, and every block mixes the slides, without a word before."""
     names = [f"Benign/field{f}_slide{s}.png" for f in range(1, 13) for s in range(1, 5)]
-    manifest = pd.DataFrame({"path": names, "rejected": False,
+    manifest = pd.DataFrame({"path": names, "rejected": False, "class": "Benign",
                              "capture": [index_module.parse_capture(n)[0] for n in names]})  # fmt: skip
     with caplog.at_level("WARNING"):
         index_module._warn_of_names_without_numbers(manifest, Path("fields"))
     assert "lie in name series of 5 files or fewer (Benign/field1_slide: 4 files)" in caplog.text
     assert "sub-folder of their class folder" in caplog.text
     caplog.clear()
+    # a few images a patient, in the patients' sub-folders: the advice is followed already
+    patients = [f"{c}/p{p:02d}/img_{k:03d}.png" for c in ("Benign", "Pro-B") for p in range(6) for k in range(4)]
+    manifest = pd.DataFrame({"path": patients, "rejected": False, "class": [n.split("/")[0] for n in patients],
+                             "capture": [index_module.parse_capture(n)[0] for n in patients]})  # fmt: skip
+    with caplog.at_level("WARNING"):
+        index_module._warn_of_names_without_numbers(manifest, Path("patients"))
+    assert caplog.text == ""
     sessions = [f"Benign/P{p:02d}_{k:03d}.png" for p in range(4) for k in range(20)]  # series of 20: fine
-    manifest = pd.DataFrame({"path": sessions, "rejected": False, "capture": [int(n[-7:-4]) for n in sessions]})
+    manifest = pd.DataFrame({"path": sessions, "rejected": False, "class": "Benign", "capture": [int(n[-7:-4]) for n in sessions]})
     with caplog.at_level("WARNING"):
         index_module._warn_of_names_without_numbers(manifest, Path("sessions"))
     assert caplog.text == ""

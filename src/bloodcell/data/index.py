@@ -509,6 +509,12 @@ def _warn_of_names_without_numbers(manifest: pd.DataFrame, top: Path) -> None:
     # A number that is no capture order comes last in names like field7_slide3.jpg: each "series" (field7_slide)
     # then holds a few files, one a slide, and every block mixes the slides.
     few = sizes[(sizes > 1) & (sizes <= FEW_IN_A_SERIES)]
+    # A series inside a sub-folder of its class folder (Benign/p07/img_003.png) is a patient's or a slide's,
+    # kept whole by every split: the advice below (sub-folders) is followed already.
+    from bloodcell.data.splits import sub_folders  # splits imports this module
+
+    kept_whole = set(accepted["path"][sub_folders(accepted).notna().to_numpy()].map(capture_series))
+    few = few[~few.index.isin(kept_whole)]
     if alone + int(few.sum()) > len(accepted) / 2 and len(few):
         example = str(few.index[0])
         warn_once(log, "most of the %d images of %s lie in name series of %d files or fewer (%s: %d files): each "
