@@ -353,9 +353,7 @@ def count_training_images(model_dir: Path, paths: Sequence[Path]) -> tuple[int |
     perceptual hashes (``trained-on.phash``), a re-encoded or resized copy (within
     :data:`~bloodcell.data.index.NEAR_DUPLICATE_MAX_DISTANCE` bits). Returns the count (None when neither the
     model's folder nor its run keeps a record) and whether perceptual hashes were compared."""
-    import numpy as np
-
-    from bloodcell.data.index import NEAR_DUPLICATE_MAX_DISTANCE, inspect_file, near_any
+    from bloodcell.data.index import inspect_file
     from bloodcell.evaluate.runner import run_dir_of
     from bloodcell.models.card import load_trained_on
 
@@ -364,11 +362,7 @@ def count_training_images(model_dir: Path, paths: Sequence[Path]) -> tuple[int |
     if record is None:
         return None, False
     facts = [inspect_file(path) for path in paths]
-    seen = np.array([fact["sha256"] in record.sha256 for fact in facts], dtype=bool)
-    pictured = [i for i, fact in enumerate(facts) if fact["phash"]]  # an unreadable file has no phash
-    if record.phash and pictured:
-        hashes = [facts[i]["phash"] for i in pictured]
-        seen[pictured] |= near_any(hashes, list(record.phash), NEAR_DUPLICATE_MAX_DISTANCE)
+    seen = record.holds([fact["sha256"] for fact in facts], [fact["phash"] for fact in facts])
     return int(seen.sum()), bool(record.phash)
 
 

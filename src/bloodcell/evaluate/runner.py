@@ -642,15 +642,12 @@ def _without_training_images(
                     "(trained-on.sha256): %s may hold images it trained on, which would flatter its scores", where)  # fmt: skip
         return indices, None
     else:
-        from bloodcell.data.index import NEAR_DUPLICATE_MAX_DISTANCE, near_any
-
         if not trained_on.phash:  # a model trained before they were recorded, or on the Segmented variant
             log.warning("the model has no record of its training images' perceptual hashes (trained-on.phash): "
                         "re-encoded copies of them in %s are not recognised, only byte-identical ones and the "
                         "duplicates these data's index groups with those", where)  # fmt: skip
         table = prepared.split
-        seen = np.isin(table["sha256"].to_numpy(), list(trained_on.sha256))
-        seen |= near_any(table["phash"].tolist(), list(trained_on.phash), NEAR_DUPLICATE_MAX_DISTANCE)
+        seen = trained_on.holds(table["sha256"].tolist(), table["phash"].tolist())
         # and what these data's own index groups with them: shifted re-captures of a field the model saw
         copies = table["dup_group"].isin(table["dup_group"][seen & (table["dup_group"] >= 0).to_numpy()]).to_numpy()
         # and the capture-order neighbours of the images it trained on, as the split's embargo keeps them from

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata, resources
@@ -23,6 +24,8 @@ from bloodcell.errors import ModelFileError
 from bloodcell.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:  # for annotations; at run time the classifier is imported where a model is built
+    import numpy as np
+
     from bloodcell.models.classifier import Classifier
 
 CARD_FILE = "card.json"
@@ -42,6 +45,20 @@ class TrainedOn:
 
     sha256: frozenset[str]
     phash: tuple[str, ...] = ()
+
+    def holds(self, sha256s: Sequence[str], phashes: Sequence[str]) -> np.ndarray:
+        """Which images (given by their SHA-256s and perceptual hashes, ``""`` for none) the model trained on:
+        the same bytes, or, where perceptual hashes are recorded, a re-encoded or resized copy (within
+        :data:`~bloodcell.data.index.NEAR_DUPLICATE_MAX_DISTANCE` bits). A boolean mask."""
+        import numpy as np
+
+        from bloodcell.data.index import NEAR_DUPLICATE_MAX_DISTANCE, near_any
+
+        seen = np.isin(np.asarray(sha256s, dtype=object), list(self.sha256))
+        pictured = [i for i, h in enumerate(phashes) if h]  # an unreadable file has no perceptual hash
+        if self.phash and pictured:
+            seen[pictured] |= near_any([phashes[i] for i in pictured], list(self.phash), NEAR_DUPLICATE_MAX_DISTANCE)
+        return seen
 
 
 class ModelCard(BaseModel):
