@@ -418,9 +418,10 @@ def _parse_value(text: str, annotation: Any = None) -> Any:
         return text
 
 
-def _annotation_at(keys: list[str] | tuple[int | str, ...]) -> Any:
-    """The type of the config key at ``keys`` (a section's model for a section), or None where unknown."""
-    annotation: Any = RunConfig
+def _annotation_at(keys: list[str] | tuple[int | str, ...], root: type[BaseModel] | None = None) -> Any:
+    """The type of the config key at ``keys`` (a section's model for a section), or None where unknown;
+    ``root`` is the model the keys start from (default :class:`RunConfig`)."""
+    annotation: Any = root or RunConfig
     for key in keys:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
@@ -473,25 +474,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def format_validation_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError, root: type[BaseModel] | None = None, noun: str = "config key") -> str:
+    """One line naming each bad key of ``root`` (default :class:`RunConfig`; the search space's model for
+    ``bloodcell tune --space``), each called a ``noun``, with a close key for a misspelt one."""
     parts: dict[str, list[str]] = {}  # by key: the alternatives of a union field are said in one sentence
     for problem in error.errors():
         where = ".".join(str(p) for p in problem["loc"] if not _is_union_member(p))
         message = str(problem["msg"]).removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            parts.setdefault(where, []).append(f"unknown config key {where!r}{_did_you_mean(problem['loc'])}")
+            parts.setdefault(where, []).append(f"unknown {noun} {where!r}{did_you_mean(problem['loc'], root)}")
         elif problem["type"] == "value_error" and (not where or where in message):  # a rule of ours, naming its keys
             parts.setdefault(where, []).append(message)
         elif problem["type"] == "value_error":
-            parts.setdefault(where, []).append(f"config key {where!r}: {message}")
+            parts.setdefault(where, []).append(f"{noun} {where!r}: {message}")
         else:
-            parts.setdefault(where, []).append(f"config key {where!r}: {message} (got {problem.get('input')!r})")
+            parts.setdefault(where, []).append(f"{noun} {where!r}: {message} (got {problem.get('input')!r})")
     return "; ".join(" or ".join(_merge_union_messages(messages)) for messages in parts.values())
 
 
-def _did_you_mean(location: tuple[int | str, ...]) -> str:
+def did_you_mean(location: tuple[int | str, ...], root: type[BaseModel] | None = None) -> str:
     """`` (did you mean 'train.epochs'?)`` for a misspelt key, from the keys its section has; else ``""``."""
-    model = _annotation_at(location[:-1])
+    model = _annotation_at(location[:-1], root)
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return ""
     close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)

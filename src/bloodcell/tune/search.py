@@ -60,6 +60,7 @@ from bloodcell.config import (
     AugmentConfig,
     RunConfig,
     config_from_dict,
+    did_you_mean,
     format_validation_error,
     save_config,
 )
@@ -158,26 +159,19 @@ def load_space(path: str | Path | None) -> SearchSpace:
     if not isinstance(raw, dict):
         raise UserError(f"search space {path}: expected a mapping of some of {keys}, got {raw!r}")
     for name in raw:
-        if name not in SearchSpace.model_fields:
-            # Checked here, not by the config's formatter: its suggestions are the run config's keys.
-            raise UserError(f"search space {path}: unknown key {name!r}{_did_you_mean(str(name))}; the keys are {keys}")
+        if name not in SearchSpace.model_fields:  # named with all the keys there are: a few, unlike a config's
+            raise UserError(f"search space {path}: unknown key {name!r}{did_you_mean((str(name),), SearchSpace)}; "
+                            f"the keys are {keys}")  # fmt: skip
     try:
         return SearchSpace.model_validate(raw)
     except ValidationError as error:
         raise UserError(f"search space {path}: {_space_problem(error)}") from None
 
 
-def _did_you_mean(name: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(SearchSpace.model_fields), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _space_problem(error: ValidationError) -> str:
     """The config's wording of a validation error, for the space's keys, with the shape a wrong entry takes."""
-    # The shared formatter speaks of "config key"s; a search-space key is not one (lr is not optimizer.lr).
-    text = format_validation_error(error).replace("config key ", "key ")
+    # a search-space key is no config key (lr is not optimizer.lr)
+    text = format_validation_error(error, SearchSpace, noun="key")
     misshapen = {str(problem["loc"][0]) for problem in error.errors() if problem["loc"] and problem["type"] != "value_error"}
     for name in SearchSpace.model_fields:
         if name in misshapen:
