@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell.io import atomic_path, atomic_write_text, markdown_table
+from bloodcell.notices import quieted
 from bloodcell.tune.search import run_folder, trial_value
 
 #: Trials whose reported epochs the per-epoch plot draws (as Optuna's ``plot_intermediate_values`` does).
@@ -51,17 +52,10 @@ def why_not_drawn(name: str, study: optuna.Study) -> str | None:
 def _quiet_optuna_plots() -> Iterator[None]:
     """Keep Optuna's plotting and importance warnings (a study too small, experimental features) off the
     console: the report says in words what was not drawn."""
-    loggers = [logging.getLogger(name) for name in ("optuna.visualization", "optuna.importance")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
+    with (warnings.catch_warnings(), quieted(logging.getLogger("optuna.visualization")),
+          quieted(logging.getLogger("optuna.importance"))):  # fmt: skip
         warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
+        yield
 
 
 def _save_plot(plot: Callable[[optuna.Study], Any], study: optuna.Study, target: Path) -> str | None:
