@@ -340,6 +340,32 @@ def test_an_unreadable_parity_image_is_named_and_skipped_and_none_readable_refus
         parity_images(32, [only_bad])
 
 
+def test_a_parity_image_the_decoder_trips_on_is_named_and_skipped_not_a_crash(
+    realish_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a refusal (ImageError) was caught: a decoder plugin's TypeError on one odd file (a turned photo
+    whose EXIF block Pillow could not write back did so) stopped `bloodcell export --images` with a traceback."""
+    from bloodcell.data import decode as decode_module
+    from bloodcell.serve.export import parity_images
+
+    good = realish_files[:3]
+    for path in good:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "odd.jpg").write_bytes(good[0].read_bytes())
+    real_open = decode_module.open_rgb
+
+    def tripping_open(source: Path, **kwargs: int):
+        if source.name == "odd.jpg":
+            raise TypeError("bad operand type for abs(): 'str'")
+        return real_open(source, **kwargs)
+
+    monkeypatch.setattr(decode_module, "open_rgb", tripping_open)
+    with caplog.at_level(logging.WARNING, logger="bloodcell.serve.export"):
+        real, _, what = parity_images(32, [tmp_path])
+    assert len(real) == len(good) and f"{len(good)} real images" in what
+    assert "odd.jpg" in caplog.text and "TypeError" in caplog.text
+
+
 def test_an_out_that_is_an_existing_file_not_onnx_is_refused_and_a_dotted_name_is_a_folder(tiny_model: Path,
                                                                                             tmp_path: Path) -> None:  # fmt: skip
     """An existing notes.txt gave a raw 'File exists'; a new name without .onnx is a folder (v1.2/)."""

@@ -408,6 +408,154 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(open_rgb(path)), upright)
 
 
+#: An XMP packet carrying an orientation, as photo editors write it (Pillow reads it where EXIF has none).
+XMP_ORIENTATION = ('<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+                   '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                   '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{}"/>'
+                   "</rdf:RDF></x:xmpmeta>")  # fmt: skip
+
+
+def with_orientation(image: Image.Image, where: str, orientation: int) -> bytes:
+    """``image`` saved with an orientation tag: in EXIF (JPEG, PNG), a TIFF tag, or XMP (PNG, JPEG)."""
+    from PIL import PngImagePlugin
+
+    buffer = io.BytesIO()
+    xmp = XMP_ORIENTATION.format(orientation)
+    if where == "tiff":
+        image.save(buffer, "TIFF", tiffinfo={0x0112: orientation})
+    elif where == "png xmp":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp)
+        image.save(buffer, "PNG", pnginfo=info)
+    elif where == "jpeg xmp":
+        image.save(buffer, "JPEG", xmp=xmp.encode())
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(buffer, where.split()[0].upper(), exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("where", ["jpeg exif", "png exif", "tiff", "png xmp", "jpeg xmp"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_reads_as_pillows_exif_transpose_reads_it(where: str, orientation: int) -> None:
+    """The orientation is read by hand (see the next test): on well-formed files it must turn the picture
+    exactly as ImageOps.exif_transpose does, EXIF and XMP alike."""
+    from PIL import ImageOps
+
+    from bloodcell.data.decode import open_rgb
+
+    data = with_orientation(Image.fromarray(smear(5, size=40)[:, :24]), where, orientation)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert expected.shape[:2] == ((24, 40) if orientation >= 5 else (40, 24))  # the tag was read
+    np.testing.assert_array_equal(np.asarray(open_rgb(data)), expected)
+
+
+def mistyped_exif(damage: str) -> bytes:
+    """An EXIF block with Orientation 6 and one tag of an unexpected type, as some cameras and editors
+    write: WhitePoint (RATIONAL by the standard) as the text "Olympus" (Pillow's write back raises
+    TypeError), or Make (text) as a RATIONAL (AttributeError). Pillow reads both."""
+    entries = 2
+    data_at = 8 + 2 + 12 * entries + 4
+    if damage == "text WhitePoint":
+        odd, extra = struct.pack("<HHII", 0x013E, 2, 8, data_at), b"Olympus\x00"
+    else:
+        odd, extra = struct.pack("<HHII", 0x010F, 5, 1, data_at), struct.pack("<II", 1, 2)
+    directory = struct.pack("<H", entries) + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0) + odd + b"\0\0\0\0"
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + directory + extra
+
+
+@pytest.mark.parametrize("damage", ["text WhitePoint", "rational Make"])
+def test_a_turned_photo_with_a_mistyped_exif_tag_is_read_upright(tmp_path: Path, damage: str) -> None:
+    """ImageOps.exif_transpose rewrote the EXIF block after turning, and that write raised TypeError or
+    AttributeError on tags Pillow had read: predict said 'cannot read image', serve 422, export crashed."""
+
+    from bloodcell.data.decode import Decoded, decode_or_reason, open_rgb
+
+    stored = smear(5, size=40)[:, :24]
+    path = save(tmp_path / "turned.jpg", Image.fromarray(stored), quality=95, exif=mistyped_exif(damage))
+    as_stored = np.asarray(Image.open(path).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(open_rgb(path)), np.rot90(as_stored, k=-1))  # 6: turn clockwise
+    assert isinstance(decode_or_reason(path, 32), Decoded)
+
+
+def test_an_orientation_tag_that_cannot_be_read_leaves_the_picture_as_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any failure while reading the tag: the picture as stored, rather than refused."""
+    from bloodcell.data.decode import open_rgb
+
+    data = with_orientation(Image.fromarray(smear(5, size=40)[:, :24]), "png exif", 6)
+
+    def unreadable(self: Image.Image) -> Image.Exif:
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(Image.Image, "getexif", unreadable)
+    np.testing.assert_array_equal(np.asarray(open_rgb(data)), smear(5, size=40)[:, :24])
+
+
+def png_16_bit(samples: np.ndarray) -> bytes:
+    """A 16-bit RGB (or RGBA) PNG of ``samples`` (uint16, H x W x 3 or 4); Pillow cannot write one."""
+    from bloodcell.data.decode import PNG_SIGNATURE
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, channels = samples.shape
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if channels == 3 else 6, 0, 0, 0)
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)  # filter 0 before each row
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("kind", ["tiff", "png", "rgba png"])
+@pytest.mark.parametrize("scale", [257, 16, 4096 / 255])
+def test_12_bit_data_in_16_bit_colour_is_refused_and_full_range_read(
+    tmp_path: Path, kind: str, scale: float
+) -> None:
+    """Pillow keeps a 16-bit sample's top byte: 12-bit data read as 0-15, a near-black smear classified
+    without a word. Below 4,096 everywhere is refused, as 16-bit greyscale is; 4,096 and up is read."""
+    import tifffile
+
+    from bloodcell.data.decode import ImageError, open_rgb
+
+    rgb = smear(5, size=32).copy()
+    rgb[0, 0] = 255  # the brightest sample: 65,535 (full range), 4,080 (12-bit) or 4,096 (the least accepted)
+    samples = np.round(rgb.astype(np.float64) * scale).astype(np.uint16)
+    if kind == "rgba png":  # an opaque alpha channel must not count as a bright sample
+        samples = np.concatenate([samples, np.full((32, 32, 1), 65_535, np.uint16)], axis=2)
+    path = tmp_path / ("smear.tif" if kind == "tiff" else "smear.png")
+    if kind == "tiff":
+        tifffile.imwrite(path, samples, photometric="rgb")
+    else:
+        path.write_bytes(png_16_bit(samples))
+    if scale == 16:
+        with pytest.raises(ImageError, match="16-bit colour image whose samples all fall below 4,096") as err:
+            open_rgb(path)
+        assert str(path) in str(err.value) and "8-bit RGB" in err.value.reason
+    else:
+        np.testing.assert_array_equal(np.asarray(open_rgb(path)), samples[..., :3] >> 8)
+
+
+def test_upright_rgb_gives_an_open_image_what_the_file_path_gives(tmp_path: Path) -> None:
+    """The one way to prepare a PIL image of one's own (docs/SERVING.md): the same refusals, orientation
+    and RGB conversion as decoding the file."""
+    import tifffile
+
+    from bloodcell.data.decode import ImageError, decode_image, open_rgb, resize_rgb, upright_rgb
+
+    stored = Image.fromarray(smear(5, size=40)[:, :24])
+    turned = save(tmp_path / "turned.jpg", stored, exif=mistyped_exif("text WhitePoint"))
+    np.testing.assert_array_equal(np.asarray(upright_rgb(Image.open(turned))), np.asarray(open_rgb(turned)))
+    np.testing.assert_array_equal(resize_rgb(upright_rgb(Image.open(turned)), 32), decode_image(turned, 32))
+    grey = save(tmp_path / "grey.png", Image.fromarray((smear(5)[..., 0].astype(np.uint16) * 257)))
+    with pytest.raises(ImageError, match="16-bit greyscale"):
+        upright_rgb(Image.open(grey), str(grey))
+    twelve = tmp_path / "twelve.tif"
+    tifffile.imwrite(twelve, smear(5).astype(np.uint16) * 16, photometric="rgb")
+    with pytest.raises(ImageError, match="twelve.tif: 16-bit colour"):
+        upright_rgb(Image.open(twelve), str(twelve))
+
+
 def test_exact_and_near_duplicates_form_groups(tmp_path: Path) -> None:
     root = two_class_dataset(tmp_path / "d", per_class=4)
     shutil.copy(root / "a" / "img_001.png", root / "a" / "img_010.png")  # exact copy

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 #: File suffixes accepted as images (lower case).
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
@@ -75,9 +75,11 @@ MAX_PNG_CHUNKS = 131_072
 #: more than MAX_TIFF_TAGS tags or tiles larger than MAX_TIFF_TILE_PIXELS refused; 6: colour TIFFs
 #: of samples wider than 8 bits in separate planes, of floating-point or of more than 16-bit samples refused;
 #: 7: of those in planes, only uncompressed ones refused, as libtiff reads the others right, and a TIFF tag
-#: of no values read as unset). The index's hash cache
-#: and the decoded cache are keyed by it, so a new rule never meets a verdict or pixels from the old one.
-DECODER_VERSION = 7
+#: of no values read as unset; 8: 16-bit colour of no sample of 4,096 or more refused as 12-bit data, and an
+#: orientation tag read tolerantly, so a photo whose EXIF block Pillow could not write back is accepted).
+#: The index's hash cache and the decoded cache are keyed by it, so a new rule never meets a verdict or
+#: pixels from the old one.
+DECODER_VERSION = 8
 #: Images whose shorter side falls short of the longer by more than this share are named as squashed when
 #: resized to the model's square input. A crop that trims a few rows (224 x 216: 3.6 %) changes a cell's
 #: proportions less than cells differ among themselves, so it passes unnoted; a 4:3 camera frame (25 %) or a
@@ -134,13 +136,7 @@ def open_rgb(
             raise ImageError(name, f"image dimensions {width}x{height} exceed the limit of {max_side}x{max_side}")
         if width < 8 or height < 8:
             raise ImageError(name, f"image too small: {width}x{height} pixels")
-        image.load()  # decode now so truncation is caught here, not later
-        if image.mode in _WIDE_MODES:
-            raise ImageError(name, f"{_WIDE_MODES[image.mode]} image (mode {image.mode}): bloodcell reads 8-bit "
-                                   "colour images; convert it to 8-bit RGB first")  # fmt: skip
-        # A camera's orientation tag: show the model the picture as a viewer (and the web page) shows it.
-        ImageOps.exif_transpose(image, in_place=True)
-        image = _as_rgb(name, image)
+        image = upright_rgb(image, name)  # decodes it now, so truncation is caught here, not later
     except ImageError:
         raise
     except UnidentifiedImageError as error:
@@ -163,8 +159,89 @@ def open_rgb(
     return image
 
 
+def upright_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
+    """An open image as every stage sees it: decoded, turned upright by its orientation tag and converted to
+    8-bit RGB, or refused in an :class:`ImageError` naming ``name`` where its samples cannot be read right.
+
+    :func:`open_rgb` reads files through it; call it on a PIL image of your own (``Image.open(...)`` as it
+    returns it, before ``load()``, so that 12-bit data stored in 16-bit colour can be told apart) to give a
+    model what :func:`decode_image` would. Refused: greyscale wider than 8 bits, and 16-bit colour of no
+    sample of 4,096 or more (12-bit data, read as near black), neither of whose range can be told from the
+    file; a mode Pillow cannot convert.
+    """
+    stored = _stored_rawmode(image)  # read before load(), which forgets it
+    image.load()
+    if image.mode in _WIDE_MODES:
+        raise ImageError(name, f"{_WIDE_MODES[image.mode]} image (mode {image.mode}): bloodcell reads 8-bit "
+                               "colour images; convert it to 8-bit RGB first")  # fmt: skip
+    # A camera's orientation tag: show the model the picture as a viewer (and the web page) shows it.
+    turn = _orientation_transpose(image)
+    if turn is not None:
+        image = image.transpose(turn)
+        for key in _ORIENTATION_METADATA:  # applied: a copy saved with them must not be turned again
+            image.info.pop(key, None)
+    rgb = _as_rgb(name, image)
+    _refuse_12_bit_in_16(name, stored, rgb)
+    return rgb
+
+
+#: EXIF orientation (tag 0x0112) to the transpose that shows the picture upright: ImageOps.exif_transpose's
+#: table (1 and anything else: as stored).
+_ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # fmt: skip
+#: The metadata an orientation tag is read from (EXIF, and XMP where EXIF has none).
+_ORIENTATION_METADATA = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+#: The image modes whose 16-bit samples Pillow keeps only the top byte of, and that are light intensities
+#: (CMYK's are ink): 12-bit data stored in them reads as near black.
+_TOP_BYTE_MODES = frozenset({"RGB", "RGBA", "RGBX", "LA"})
+
+
+def _orientation_transpose(image: Image.Image) -> Image.Transpose | None:
+    """The transpose for ``image``'s orientation tag, found as ImageOps.exif_transpose finds it (EXIF, else
+    XMP); None for none, and for a tag that cannot be read: a picture is better read as stored than refused.
+
+    Not exif_transpose itself: after turning, it rewrites the EXIF block, and that write raised (TypeError,
+    AttributeError, struct.error) on blocks Pillow reads fine, such as a tag stored with an unexpected type
+    (63 of 4,000 EXIF blocks with 1-3 bytes changed), which refused the photo everywhere.
+    """
+    try:
+        return _ORIENTATION_TRANSPOSE.get(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - any odd EXIF block: as stored
+        return None
+
+
+def _stored_rawmode(image: Image.Image) -> str:
+    """How the file stores ``image``'s samples (Pillow's raw mode: ``RGB;16B`` for 16-bit big-endian RGB),
+    read from its first tile before it is loaded; "" once loaded, or for an image not read from a file."""
+    tiles = getattr(image, "tile", None) or []
+    args = tiles[0].args if tiles else None
+    stored = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+    return stored if isinstance(stored, str) else ""
+
+
+def _refuse_12_bit_in_16(name: str, stored: str, rgb: Image.Image) -> None:
+    """Refuse 16-bit colour whose every sample is below 4,096: 12-bit data stored in 16 bits.
+
+    Pillow reads 16-bit colour as its top byte, right for a full 16-bit range; 12-bit data comes out at
+    0-15, a near-black picture a model classified without a word. A smear's bright background cannot sit
+    below 4,096 of a 16-bit range, and 12 or 16 bits cannot be told from the file (as for greyscale), so
+    it is refused. Below 4,096 is a top byte below 16, so the 8-bit ``rgb`` tells.
+    """
+    mode, _, depth = stored.partition(";")
+    if mode not in _TOP_BYTE_MODES or not depth.startswith("16"):
+        return
+    if int(np.asarray(rgb).max()) < 16:
+        kind = "greyscale" if mode == "LA" else "colour"
+        raise ImageError(name, f"16-bit {kind} image whose samples all fall below 4,096, as 12-bit data "
+                               "stored in 16 bits would: read as 16-bit it is near black, and 12 or 16 bits "
+                               "cannot be told from the file; convert it to 8-bit RGB first")  # fmt: skip
+
+
 def _as_rgb(name: str, image: Image.Image) -> Image.Image:
-    """Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit RGB as 8-bit RGB; a mode Pillow cannot
+    """Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit RGB (its top byte) as 8-bit RGB; a mode Pillow cannot
     convert (``La``, greyscale with premultiplied alpha, from a TIFF) is named in an :class:`ImageError`."""
     if image.mode == "RGB":
         return image
@@ -442,7 +519,7 @@ class Decoded(NamedTuple):
 
 def decode_or_reason(source: str | os.PathLike[str], size: int) -> Decoded | str:
     """:func:`decode_image` with the size the image had, or the reason the file cannot be used: for the
-    tools that report a bad file and go on with the rest (``predict``, ``explain``)."""
+    tools that report a bad file and go on with the rest (``predict``, ``explain``, ``export --images``)."""
     try:
         image = open_rgb(source)
         return Decoded(resize_rgb(image, size), image.width, image.height)

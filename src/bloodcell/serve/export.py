@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bloodcell.data.decode import ImageError, decode_image
+from bloodcell.data.decode import decode_or_reason
 from bloodcell.errors import ParityError, UserError
 from bloodcell.io import atomic_path, sha256_file
 from bloodcell.models.card import (
@@ -121,11 +121,12 @@ def parity_images(
     for path in files:
         if len(real) == limit:
             break
-        try:
-            real.append(decode_image(path, size))
-        except ImageError as error:
-            unreadable.append(str(error))
-            log.warning("parity check: skipped %s", error)
+        decoded = decode_or_reason(path, size)  # any failure, not only a refusal: one odd file must not stop it
+        if isinstance(decoded, str):
+            unreadable.append(f"{path}: {decoded}")
+            log.warning("parity check: skipped %s: %s", path, decoded)
+        else:
+            real.append(decoded.pixels)
     if sources and not real:
         raise UserError(f"--images: none of the images could be read ({'; '.join(unreadable[:3])})")
     what = f"{len(real)} real images + 8 synthetic" if real else "8 synthetic images (no real images given)"
