@@ -506,12 +506,43 @@ def test_the_body_limit_stops_reading_at_the_limit() -> None:
 
 def test_a_loopback_service_answers_only_requests_addressed_to_this_machine(tiny_model: Path) -> None:
     """DNS rebinding: a page elsewhere pointing its own name at 127.0.0.1 sends its name as the Host."""
-    client = TestClient(create_app(tiny_model, loopback_only=True))
-    for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:8000", "[::1]:8000", "127.0.0.1"):
+    client = TestClient(create_app(tiny_model, listen_host="127.0.0.1"))
+    for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:8000", "[::1]:8000", "127.0.0.1", "[0:0::1]"):
         assert client.get("/healthz", headers={"host": host}).status_code == 200, host
     assert post_file(client, cell_jpeg(1)).status_code == 400  # TestClient's own Host, "testserver"
-    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::2]:8000", ""):
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::2]:8000", "127.0.0.2", ""):
         assert_error(client.get("/healthz", headers={"host": host}), 400, "refused", "127.0.0.1 or localhost")
-    open_client = TestClient(create_app(tiny_model))  # listening on the network: any name may reach it
+    open_client = TestClient(create_app(tiny_model, listen_host="0.0.0.0"))  # on the network: any name reaches it
     assert open_client.get("/healthz", headers={"host": "bloodcell.lab.example"}).status_code == 200
+
+
+@pytest.mark.parametrize("listen_host", ["127.0.0.2", "127.255.0.9", "::ffff:127.0.0.1", "[::1]", "LocalHost"])
+def test_every_loopback_address_is_guarded_and_answers_to_its_own_name(tiny_model: Path, listen_host: str) -> None:
+    """Not only 127.0.0.1, localhost and ::1: any of 127.0.0.0/8 and its IPv4-mapped form are this machine."""
+    client = TestClient(create_app(tiny_model, listen_host=listen_host))
+    assert_error(client.get("/healthz", headers={"host": "rebound.example:8000"}), 400, "refused")
+    bare = listen_host.strip("[]")
+    own = f"[{bare}]:8000" if ":" in bare else f"{bare}:8000"
+    for host in (own, "127.0.0.1:8000", "localhost"):
+        assert client.get("/healthz", headers={"host": host}).status_code == 200, host
+
+
+def test_is_loopback_knows_the_whole_loopback_range() -> None:
+    from bloodcell.serve.app import is_loopback
+
+    for host in ("127.0.0.1", "127.0.0.2", "127.1.2.3", "::1", "[::1]", "::ffff:127.0.0.5", "localhost", "LOCALHOST"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "10.0.0.1", "128.0.0.1", "::ffff:10.0.0.1", "localhost.example", "", "my-laptop"):
+        assert not is_loopback(host), host
+
+
+def test_the_page_and_healthz_answer_head_as_uptime_checkers_ask(client: TestClient) -> None:
+    """``curl -I`` and uptime checkers send HEAD: the headers of a GET, no body, not 405."""
+    for path in ("/", "/healthz"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == 200, (path, head.text)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+    assert "Content-Security-Policy" in client.head("/").headers
+    schema = client.get("/openapi.json").json()
+    assert list(schema["paths"]["/healthz"]) == ["get"]  # one operation in the document, as before
 

@@ -226,6 +226,23 @@ def test_evaluate_prints_class_and_folder_names_as_they_are_not_as_markup() -> N
     assert "worst" in shown and "[bold]" not in shown  # the code's own markup still works
 
 
+def test_evaluate_shows_control_characters_in_class_and_folder_names_as_escapes() -> None:
+    """A class or data folder named with ESC sequences would move the cursor and erase lines on a terminal."""
+    from bloodcell.cli.evaluate import summary_tables
+
+    scores = {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 10}
+    metrics = {
+        "model": {"architecture": "bloodnet"}, "data": {"root": "/data/cells\x1b[2J", "n_blocks": 1}, "n_images": 20,
+        "evaluation": {"split": "test"}, "balanced_accuracy": 0.5, "balanced_accuracy_ci": [0.4, 0.6],
+        "accuracy": 0.5, "macro_f1": 0.5, "roc_auc_macro": 0.5, "ece": 0.05, "ece_after_temperature": 0.04,
+        "temperature": 1.0, "temperature_source": "model card", "per_class": {"up\x1b[1A\x9b2K": scores},
+        "roc_auc": {"up\x1b[1A\x9b2K": 0.5},
+    }  # fmt: skip
+    shown = _printed(*summary_tables(metrics))
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", shown), repr(shown)
+    assert "cells\\x1b[2J" in shown and "up\\x1b[1A\\x9b2K" in shown
+
+
 def test_index_prints_class_and_data_folder_names_as_they_are(tmp_path: Path, monkeypatch, capsys) -> None:
     """A plain class-per-folder layout takes its class names from the folders: "[b]" vanished from the table,
     and "[red]" from the data folder's name in the summary line (Kaggle's "[Malignant] Pre-B" survived only
@@ -248,3 +265,30 @@ def test_index_prints_class_and_data_folder_names_as_they_are(tmp_path: Path, mo
     out = capsys.readouterr().out
     assert not exit_info.value.code, out
     assert f"under {data} " in out and "│ [b]   │      3 │" in out and "│ mono  │      3 │" in out
+
+
+def test_index_shows_control_characters_in_class_and_rejected_file_names_as_escapes(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The index's table and its list of rejected files printed names as they were: a class folder or file
+    named with ESC sequences moved the cursor and erased lines on a terminal."""
+    import numpy as np
+    from PIL import Image
+
+    from bloodcell.cli import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "slides"
+    for name in ("up\x1b[1A", "mono"):
+        (data / name).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / name / f"{k}.png")
+    (data / "mono" / "x\x1b[2K.png").write_bytes(b"")
+    monkeypatch.setenv("COLUMNS", "500")
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "index", str(data), "--out", str(tmp_path / "m.csv"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr().out
+    assert not exit_info.value.code, out
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), repr(out)
+    assert "up\\x1b[1A" in out and "rejected mono/x\\x1b[2K.png: empty file" in out

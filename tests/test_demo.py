@@ -196,6 +196,28 @@ def test_demo_names_the_samples_that_are_not_square(tiny_model: Path, tmp_path: 
     assert json.loads(result.stdout)["n_images"] == 4
 
 
+def test_demo_shows_control_characters_in_names_instead_of_sending_them(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A name with ESC sequences ("move up, erase the line") rewrote the lines above it on a terminal: in the
+    table, the not-square warning and the warning naming the model's classes, they show as escapes."""
+    import shutil
+
+    model = tmp_path / "odd-model"
+    shutil.copytree(tiny_model, model)
+    card = json.loads((model / "card.json").read_text())
+    card["classes"] = ["Benign", "Early\x1b]0;title\x07", "Pre-B", "Pro\x9b2J"]  # Early/ and Pro/: no verdict
+    (model / "card.json").write_text(json.dumps(card))
+    samples = make_aria_dataset(tmp_path / "mine", per_class=1, size=48, segmented=False) / "Original"
+    with Image.open(samples / "Pro" / "WBC-Malignant-Pro-001.jpg") as image:
+        image.resize((200, 120)).save(samples / "Pro" / "x\x1b[1A\x1b[2Kfake.jpg")
+    demo = ["demo", "--model", str(model), "--samples", str(samples), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, demo, env={"COLUMNS": "200"})  # room for a column of each class
+    assert result.exit_code == 0, result.output
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", result.output), repr(result.output)
+    assert "│ x\\x1b[1A\\x1b[2Kfake.jpg " in result.stdout and "x\\x1b[1A\\x1b[2Kfake.jpg: 200x120" in result.stderr
+    assert "Early\\x1b]0;title\\x07" in result.stdout and "Pro\\x9b2J" in result.stdout  # the class columns
+    assert "Early\\x1b]0;title\\x07, Pre-B, Pro\\x9b2J): no verdict" in result.stderr
+
+
 def test_demo_without_a_bundled_model_says_so_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

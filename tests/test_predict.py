@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,13 @@ from bloodcell.cli import app
 from bloodcell.data.decode import ImageError, decode_image
 from bloodcell.errors import UserError
 from bloodcell.evaluate.tta import tta_views
+from bloodcell.io import terminal_text
 from bloodcell.models import load_model
 from bloodcell.probabilities import softmax_with_temperature
 from bloodcell.serve.common import _glob, expand_inputs, missing_input_reason
 from bloodcell.serve.predictor import TorchPredictor
 from conftest import child_env
-from serve_support import TINY_SIZE, TINY_TEMPERATURE, cell_jpeg, write_images
+from serve_support import TINY_SIZE, TINY_TEMPERATURE, cell_jpeg, png_bytes, write_images
 
 CLASSES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
 PROBABILITY_COLUMNS = [f"p_{name}" for name in CLASSES]
@@ -327,16 +329,53 @@ def test_serve_refuses_an_unknown_log_level_and_export_a_negative_tolerance(tiny
     assert run("export", str(tiny_model), "--tolerance", "-1").exit_code == 2
 
 
-@pytest.mark.parametrize(("host", "refused"), [("127.0.0.1", True), ("localhost", True), ("0.0.0.0", False)])
+@pytest.mark.parametrize(
+    ("host", "refused"),
+    [("127.0.0.1", True), ("localhost", True), ("127.0.0.2", True), ("[::ffff:127.0.0.1]", True), ("0.0.0.0", False)],
+)
 def test_serve_on_the_loopback_address_refuses_other_host_names(tiny_model: Path, monkeypatch, host, refused) -> None:
+    """Any loopback address, not only the three usual names, and the address listened on is a name it answers."""
     import uvicorn
     from fastapi.testclient import TestClient
 
     given: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: given.update(app=app))
+    monkeypatch.setattr("bloodcell.cli.serve._refuse_a_port_in_use", lambda host, port: None)  # 8000 may be taken
     assert run("serve", str(tiny_model), "--host", host).exit_code == 0
-    status = TestClient(given["app"]).get("/healthz", headers={"host": "rebound.example"}).status_code
+    client = TestClient(given["app"])
+    status = client.get("/healthz", headers={"host": "rebound.example"}).status_code
     assert status == (400 if refused else 200)
+    assert client.get("/healthz", headers={"host": f"{host}:8000"}).status_code == 200
+
+
+def test_serve_gives_requests_in_progress_a_bounded_time_when_told_to_stop(tiny_model: Path) -> None:
+    """uvicorn waits for the requests in progress on SIGTERM; unbounded, a client that sent the headers and a part
+    of its upload kept the server running for as long as it stayed connected (41 s measured)."""
+    import signal
+    import socket
+
+    from bloodcell.cli.serve import GRACEFUL_SHUTDOWN_SECONDS
+    from serve_support import infer_speed_module
+
+    bench = infer_speed_module()
+    port = bench.free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bloodcell", "serve", str(tiny_model), "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        bench.wait_until_healthy(port, 120, process)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+            stalled.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                            b"boundary=x\r\nContent-Length: 1000000\r\n\r\n--x\r\n" + b"y" * 1000)  # fmt: skip
+            bench.wait_until_healthy(port, 30)  # a request after it answered: the server has read the upload's start
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=GRACEFUL_SHUTDOWN_SECONDS + 60)  # raises if it keeps running
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, err
 
 
 def test_an_onnx_file_runs_on_onnx_runtime_without_being_told(tiny_onnx: Path, slides: Path) -> None:
@@ -375,6 +414,47 @@ def test_file_names_are_printed_as_they_are_not_as_markup(tiny_model: Path, slid
     result = run("predict", "-m", str(tiny_model), str(folder))
     assert result.exit_code == 0, result.output
     assert "[reverse]shown.jpg" in result.stdout.replace("\n", "").replace("│", "").replace(" ", "")
+
+
+CONTROL_CHARACTER = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # any but the line break
+
+
+@pytest.fixture
+def control_names(tmp_path: Path) -> Path:
+    """Files whose names carry terminal control sequences: up a line and erase it, clear the screen, a C1 CSI."""
+    folder = tmp_path / "controls"
+    folder.mkdir()
+    (folder / "x\x1b[1A\x1b[2Kfake.png").write_bytes(png_bytes(200, 100))  # not square: named in a warning
+    (folder / "bad\x9b2J.jpg").write_bytes(b"not an image")  # a row of its own, with the error
+    (folder / "notes\x1b[2J.txt").write_text("skipped")
+    return folder
+
+
+def test_terminal_text_shows_control_characters_as_escapes() -> None:
+    assert terminal_text("x\x1b[1A\x1b[2Kfake.png") == "x\\x1b[1A\\x1b[2Kfake.png"
+    assert terminal_text("a\x00b\tc\nd\x7fe\x85f\x9b") == "a\\x00b\\x09c\\x0ad\\x7fe\\x85f\\x9b"
+    assert terminal_text(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"  # not UTF-8, as printable_path shows it
+    assert terminal_text(Path("Früh [b].jpg")) == "Früh [b].jpg" and terminal_text(3) == "3"
+
+
+def test_predict_shows_control_characters_in_file_names_instead_of_sending_them(tiny_model: Path, control_names: Path) -> None:
+    """A crafted name such as "x ESC[1A ESC[2K fake.png" erased the row above it on a terminal."""
+    result = CliRunner().invoke(app, ["predict", "-m", str(tiny_model), str(control_names)], env={"COLUMNS": "250"})
+    assert result.exit_code == 1, result.output  # the file that is no image
+    assert not CONTROL_CHARACTER.search(result.output), repr(result.output)
+    assert "x\\x1b[1A\\x1b[2Kfake.png " in result.stdout and "bad\\x9b2J.jpg " in result.stdout
+    assert "notes\\x1b[2J.txt" in result.stderr and "x\\x1b[1A\\x1b[2Kfake.png: 200x100" in result.stderr
+
+
+def test_explain_shows_control_characters_in_file_names_instead_of_sending_them(
+    tiny_model: Path, control_names: Path, tmp_path: Path
+) -> None:
+    command = ["explain", str(tiny_model), str(control_names), "--out", str(tmp_path / "maps")]
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "400"})
+    assert result.exit_code == 1, result.output
+    assert not CONTROL_CHARACTER.search(result.output), repr(result.output)
+    assert "x\\x1b[1A\\x1b[2Kfake.png " in result.stdout and "bad\\x9b2J.jpg " in result.stdout
+    assert "x\\x1b[1A\\x1b[2Kfake.png: 200x100" in result.stderr
 
 
 def test_onnx_backend_and_tta(tiny_model: Path, tiny_onnx: Path, slides: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -163,3 +164,17 @@ def printable_path(name: str | os.PathLike[str]) -> str:
     """A file name as valid text: bytes that are not UTF-8 (kept by Python as surrogates) become ``\\xff``
     escapes, so a table, CSV or page that shows the name cannot fail on it."""
     return os.fspath(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+#: C0 control characters, DEL and the C1 controls: a terminal acts on them (ESC starts a sequence that moves
+#: the cursor or erases a line, CSI 0x9b does the same on some), so a file named ``x\x1b[1A\x1b[2Kfake.png``
+#: would rewrite the lines printed above it.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def terminal_text(name: object) -> str:
+    """A name from the data (a file, folder or class) to print on a terminal: :func:`printable_path`, and
+    every control character shown as a ``\\x1b`` escape, so the name prints as what it is and cannot move
+    the cursor, erase lines or retitle the window."""
+    text = printable_path(name) if isinstance(name, (str, os.PathLike)) else str(name)
+    return _CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)

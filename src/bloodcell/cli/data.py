@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from bloodcell.cli import app
-from bloodcell.cli.messages import error_line, plural
+from bloodcell.cli.messages import error_line, markup_text, plural
 from bloodcell.config import DataConfig
+from bloodcell.io import terminal_text
 
 _DEFAULTS = DataConfig()
 _console = Console()
@@ -84,12 +84,13 @@ def _print_json(obj: dict[str, Any]) -> None:
 
 
 def _counts_table(title: str, header: list[str], rows: list[list[Any]]) -> Table:
-    """Every text in it is data (class and folder names), not markup: "[/x]" would raise, "[b]" vanish."""
-    table = Table(title=escape(title), title_justify="left")
+    """Every text in it is data (class and folder names), not markup: "[/x]" would raise, "[b]" vanish, and
+    a control character would reach the terminal."""
+    table = Table(title=markup_text(title), title_justify="left")
     for k, name in enumerate(header):
-        table.add_column(escape(name), justify="left" if k == 0 else "right")
+        table.add_column(markup_text(name), justify="left" if k == 0 else "right")
     for row in rows:
-        table.add_row(*(escape(str(cell)) for cell in row))
+        table.add_row(*(markup_text(cell) for cell in row))
     return table
 
 
@@ -147,7 +148,7 @@ def index_command(
         )
     )
     for item in summary["rejected"]:
-        _console.print(f"  rejected {item['path']}: {item['reason']}", markup=False)
+        _console.print(f"  rejected {terminal_text(item['path'])}: {terminal_text(item['reason'])}", markup=False)
     _console.print(
         f"Duplicates: {plural(summary['exact_duplicate_groups'], 'group')} of identical files, "
         f"{plural(summary['near_duplicate_groups'], 'group')} with near duplicates or shifted re-captures "

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import typer
 
 from bloodcell.cli import app
-from bloodcell.cli.messages import warning_line
+from bloodcell.cli.messages import markup_text, warning_line
+from bloodcell.io import terminal_text
 
 if TYPE_CHECKING:
     from bloodcell.demo import DemoResult
@@ -49,7 +50,6 @@ def demo_command(
 def _print_summary(demo: DemoResult) -> None:
     """The predictions as a rich table, then where the files are and how to go on."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     from bloodcell.demo import OVERLAY_DIR
@@ -58,24 +58,24 @@ def _print_summary(demo: DemoResult) -> None:
     # Every class's probability when the terminal has room (they are all in predictions.csv and the report).
     classes = demo.classes if console.width >= 100 else []
     table = Table(  # the model's name is data, not markup
-        title=escape(f"model {demo.model_info['name']}, version {demo.model_info['version']} "
-                     f"({demo.model_info['architecture']}) on {len(demo.images)} sample images"),
+        title=markup_text(f"model {demo.model_info['name']}, version {demo.model_info['version']} "
+                          f"({demo.model_info['architecture']}) on {len(demo.images)} sample images"),
         title_justify="left", header_style="bold",
     )  # fmt: skip
     for column in ("image", "true class", "predicted", "p", *classes, "verdict"):
         # Class names are data, not markup (escaped as predict's table does).
-        table.add_column(escape(column), justify="right" if column == "p" or column in classes else "left",
+        table.add_column(markup_text(column), justify="right" if column == "p" or column in classes else "left",
                          overflow="fold")  # fmt: skip
     for image in demo.images:
         result = image.result
         if not result.ok:
-            table.add_row(escape(image.path.name), escape(image.true_class), f"[red]error: {escape(result.error or '')}[/red]",
-                          *[""] * (len(classes) + 2))  # fmt: skip
+            error = f"[red]error: {markup_text(result.error or '')}[/red]"
+            table.add_row(markup_text(image.path.name), markup_text(image.true_class), error, *[""] * (len(classes) + 2))
             continue
         verdict = ("n/a" if image.correct is None else "[green]right[/green]" if image.correct
                    else "[red]wrong[/red]")  # fmt: skip
         cells = [f"{result.probabilities[name]:.3f}" for name in classes]
-        table.add_row(escape(image.path.name), escape(image.true_class), f"[bold]{escape(result.label or '')}[/bold]",
+        table.add_row(markup_text(image.path.name), markup_text(image.true_class), f"[bold]{markup_text(result.label or '')}[/bold]",
                       f"{result.confidence:.3f}", *cells, verdict)  # fmt: skip
     console.print(table)
     unreadable = f" ({demo.n_unreadable} could not be read)" if demo.n_unreadable else ""
@@ -85,14 +85,15 @@ def _print_summary(demo: DemoResult) -> None:
         f"{demo.seconds:.1f} s ({few} little; see the model's evaluation report). {demo.training_note} "
         "Research use only: not a medical device."
     )
-    unknown = sorted({image.true_class for image in demo.images if not image.judged})
+    unknown = [terminal_text(name) for name in sorted({image.true_class for image in demo.images if not image.judged})]
     if unknown:
         which = f"folders {', '.join(unknown)} are no classes" if len(unknown) > 1 else f"folder {unknown[0]} is no class"
-        warning_line(f"the samples' {which} of this model ({', '.join(demo.classes)}): no verdict for them; give "
+        classes_named = ", ".join(map(terminal_text, demo.classes))
+        warning_line(f"the samples' {which} of this model ({classes_named}): no verdict for them; give "
                      "--samples a folder of its classes' folders")  # fmt: skip
-    console.print(f"report:      {escape(str(demo.report))}  (open it in a browser)", highlight=False, soft_wrap=True)
-    console.print(f"predictions: {escape(str(demo.predictions_csv))}, {escape(demo.predictions_json.name)}",
+    console.print(f"report:      {markup_text(demo.report)}  (open it in a browser)", highlight=False, soft_wrap=True)
+    console.print(f"predictions: {markup_text(demo.predictions_csv)}, {markup_text(demo.predictions_json.name)}",
                   highlight=False, soft_wrap=True)  # fmt: skip
-    console.print(f"Grad-CAM:    {escape(str(demo.out_dir / OVERLAY_DIR))}/", highlight=False, soft_wrap=True)
-    console.print(f"web page:    {escape(demo.serve_command)}   then open http://127.0.0.1:8000/",
+    console.print(f"Grad-CAM:    {markup_text(demo.out_dir / OVERLAY_DIR)}/", highlight=False, soft_wrap=True)
+    console.print(f"web page:    {markup_text(demo.serve_command)}   then open http://127.0.0.1:8000/",
                   highlight=False, soft_wrap=True)  # fmt: skip

@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from bloodcell.cli import app
-from bloodcell.cli.messages import plural
+from bloodcell.cli.messages import markup_text, plural
 from bloodcell.errors import UserError
+from bloodcell.io import terminal_text
 
 _console = Console()
 
@@ -81,7 +81,7 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
     Names from the data (classes, folders, the target layer) are escaped: rich reads "[/x]" as markup.
     """
     tta = metrics.get("tta")
-    head = Table(title=escape(_head_title(metrics)), title_justify="left")
+    head = Table(title=markup_text(_head_title(metrics)), title_justify="left")
     head.add_column("metric")
     head.add_column("value", justify="right")
     head.add_column("95% CI", justify="right")
@@ -109,13 +109,13 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         rows.append((f"Grad-CAM energy on stained cells / their area (layer {explained['target_layer']})",
                      explained["energy_to_area_ratio"], f"{verdict}; {sanity}", "" if tta else None))  # fmt: skip
     for name, value, extra, tta_value in rows:
-        head.add_row(escape(name), _f(value), escape(extra), *([tta_value] if tta else []))
+        head.add_row(markup_text(name), _f(value), markup_text(extra), *([tta_value] if tta else []))
 
     per_class = Table(title="Classification report", title_justify="left")
     for column in ("class", "precision", "recall", "F1", "support", "ROC AUC"):
         per_class.add_column(column, justify="left" if column == "class" else "right")
     for name, row in metrics["per_class"].items():
-        per_class.add_row(escape(name), _f(row["precision"]), _f(row["recall"]), _f(row["f1"]),
+        per_class.add_row(markup_text(name), _f(row["precision"]), _f(row["recall"]), _f(row["f1"]),
                           str(row["support"]), _f(metrics["roc_auc"].get(name)))  # fmt: skip
     tables = [head, per_class]
 
@@ -126,9 +126,9 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         for column in ("shift", "low", "medium", "high"):
             shifts.add_column(column, justify="left" if column == "shift" else "right")
         for name, values in robustness["shifts"].items():
-            shifts.add_row(escape(name), *(_f(values[s]["balanced_accuracy"]) for s in (1, 2, 3)))
+            shifts.add_row(markup_text(name), *(_f(values[s]["balanced_accuracy"]) for s in (1, 2, 3)))
         worst = robustness["worst"]
-        worst_cells = (f"[bold]{_f(worst[s]['balanced_accuracy'])}[/bold] {escape(worst[s]['shift'])}"
+        worst_cells = (f"[bold]{_f(worst[s]['balanced_accuracy'])}[/bold] {markup_text(worst[s]['shift'])}"
                        for s in ("1", "2", "3"))  # fmt: skip
         shifts.add_row("[bold]worst[/bold]", *worst_cells)
         tables.append(shifts)
@@ -139,7 +139,7 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
         for column in ("corner", "balanced accuracy", "predictions changed"):
             corners.add_column(column, justify="left" if column == "corner" else "right")
         for name, row in occlusion["corners"].items():
-            corners.add_row(escape(name), _f(row["balanced_accuracy"]),
+            corners.add_row(markup_text(name), _f(row["balanced_accuracy"]),
                             f"{row['changed_predictions']} of {occlusion['n_images']}")  # fmt: skip
         tables.append(corners)
     return tables
@@ -178,7 +178,7 @@ def evaluate_command(
     for table in summary_tables(metrics):
         _console.print(table)
     written = Path(metrics["out_dir"]) / "metrics.json"
-    _console.print(f"written: {written}, predictions.csv, plots/", markup=False)  # a path is data, not markup
+    _console.print(f"written: {terminal_text(written)}, predictions.csv, plots/", markup=False)  # data, not markup
 
 
 def _explain_inputs(model: Path | None, paths: list[Path], out: Path, method: str,
@@ -232,15 +232,15 @@ def explain_command(
                                "skipped": [str(path) for path in skipped]}, indent=2))  # fmt: skip
     else:
         layer = next((row["target_layer"] for row in rows if row["error"] is None), None)
-        table = Table(title=escape(f"{method} on layer '{layer}'" if layer else method), title_justify="left")
+        table = Table(title=markup_text(f"{method} on layer '{layer}'" if layer else method), title_justify="left")
         for column in ("image", "predicted", "p", "overlay"):  # paths wrap rather than lose their ends
             table.add_column(column, justify="right" if column == "p" else "left", overflow="fold")
         for row in rows:  # names are data, not markup
             if row["error"] is not None:
-                table.add_row(escape(row["image"]), f"[red]error: {escape(row['error'])}[/red]", "", "")
+                table.add_row(markup_text(row["image"]), f"[red]error: {markup_text(row['error'])}[/red]", "", "")
             else:
-                table.add_row(escape(row["image"]), escape(row["predicted"]), f"{row['probability']:.3f}",
-                              escape(row["overlay"]))  # fmt: skip
+                table.add_row(markup_text(row["image"]), markup_text(row["predicted"]), f"{row['probability']:.3f}",
+                              markup_text(row["overlay"]))  # fmt: skip
         _console.print(table)
         written = len(rows) - failed
         typer.echo(f"{written} overlay(s) written to {out}/" + (f"; {failed} image(s) failed" if failed else ""))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from bloodcell.io import terminal_text
+
 
 def _say(text: str, colour: str) -> None:
     # click already drops colour when stderr is not a terminal; NO_COLOR asks for none on a terminal too.
@@ -23,6 +25,14 @@ def warning_line(text: str) -> None:
     _say(text, typer.colors.YELLOW)
 
 
+def markup_text(name: object) -> str:
+    """A name from the data (a file, folder or class) for rich's markup: as :func:`~bloodcell.io.terminal_text`
+    shows it, with its brackets escaped (rich would read "[/bold]x.jpg" as markup)."""
+    from rich.markup import escape
+
+    return escape(terminal_text(name))
+
+
 def warn_of_squashed(sizes: Iterable[tuple[str, tuple[int, int] | None]]) -> None:
     """Name on stderr, in one line, the images that resizing to the model's square input squashed (see
     :func:`~bloodcell.data.decode.squashed_note`); nothing when there are none.
@@ -32,7 +42,7 @@ def warn_of_squashed(sizes: Iterable[tuple[str, tuple[int, int] | None]]) -> Non
     """
     from bloodcell.data.decode import squashed_note
 
-    note = squashed_note([(name, *size) for name, size in sizes if size is not None])
+    note = squashed_note([(terminal_text(name), *size) for name, size in sizes if size is not None])
     if note:
         warning_line(note)
 
@@ -48,7 +58,8 @@ def skipped_note(skipped: list[Path], shown: int = 5) -> str:
     from bloodcell.data.decode import IMAGE_SUFFIXES
 
     def named(paths: list[Path]) -> str:
-        return ", ".join(path.name for path in paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+        more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+        return ", ".join(terminal_text(path.name) for path in paths[:shown]) + more
 
     special = [path for path in skipped if path.suffix.lower() in IMAGE_SUFFIXES]
     others = [path for path in skipped if path.suffix.lower() not in IMAGE_SUFFIXES]

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from bloodcell.cli import app
-from bloodcell.cli.messages import error_line, skipped_note, warn_of_squashed
+from bloodcell.cli.messages import error_line, markup_text, skipped_note, warn_of_squashed
 from bloodcell.errors import ParityError, UserError
 
 
@@ -154,7 +154,6 @@ def print_table(results: list[Any], classes: list[str], limit: int, written_to: 
     """A rich table of the first ``limit`` results (failed files are always shown); ``written_to``: the file
     that holds them all, if ``--out`` gave one."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     # File names, class names and error texts are data, not markup: "[/bold]x.jpg" must print as itself.
@@ -162,22 +161,22 @@ def print_table(results: list[Any], classes: list[str], limit: int, written_to: 
     table.add_column("file", overflow="fold")
     table.add_column("predicted class")
     for name in classes:
-        table.add_column(escape(name), justify="right")
+        table.add_column(markup_text(name), justify="right")
     shown = [r for i, r in enumerate(results) if i < limit or not r.ok]
     for result in shown:
         if not result.ok:
-            table.add_row(escape(result.source), f"[red]error: {escape(result.error)}[/red]", *[""] * len(classes))
+            table.add_row(markup_text(result.source), f"[red]error: {markup_text(result.error)}[/red]", *[""] * len(classes))
             continue
         cells = [
             f"[bold]{result.probabilities[name]:.3f}[/bold]" if name == result.label else f"{result.probabilities[name]:.3f}"
             for name in classes
         ]
-        table.add_row(escape(result.source), f"[bold]{escape(result.label)}[/bold]", *cells)
+        table.add_row(markup_text(result.source), f"[bold]{markup_text(result.label)}[/bold]", *cells)
     console = Console()
     console.print(table)
     if len(shown) < len(results):
         where = f"all of them in {written_to}" if written_to is not None else "write them all with --out FILE.csv"
-        console.print(f"... {len(results) - len(shown)} more rows ({escape(where)})")
+        console.print(f"... {len(results) - len(shown)} more rows ({markup_text(where)})")
 
 
 @app.command("predict")
@@ -338,6 +337,11 @@ def export_command(
         )
 
 
+#: How long SIGTERM or Ctrl-C waits for requests in progress before the server cancels them and exits.
+#: Without a limit uvicorn waits for every open connection, so a client that stops partway through an
+#: upload (headers and a part of the body sent) kept the server running for as long as it stayed connected.
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
 MAX_SIDE_HELP = (
     "Largest accepted image width or height, in pixels (and at most 64 megapixels, or the square of this when "
     "that is more)."
@@ -365,7 +369,7 @@ def _refuse_a_port_in_use(host: str, port: int) -> None:
 @app.command("serve")
 def serve_command(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network). On 127.0.0.1, localhost or ::1 only requests addressed to this machine are answered.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network). On a loopback address (127.0.0.1, any of 127.0.0.0/8, ::1, localhost) only requests addressed to this machine are answered.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
     backend: Annotated[
         Backend | None,
@@ -395,7 +399,7 @@ def serve_command(
     """
     import uvicorn
 
-    from bloodcell.serve.app import LOOPBACK_HOSTS, MAX_CONNECTIONS, create_app
+    from bloodcell.serve.app import MAX_CONNECTIONS, create_app
 
     backend = choose_backend(model, backend)
     host = host.strip("[]")  # [::1], as in a URL: uvicorn and the socket take the bare address
@@ -404,7 +408,7 @@ def serve_command(
         web_app = create_app(
             model, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_side=max_side,
             backend=backend.value, tta=tta, warm_up=True, inference_threads=threads or None,
-            loopback_only=host.lower() in LOOPBACK_HOSTS,
+            listen_host=host,
         )
     except FileNotFoundError as error:
         raise UserError(str(error) if model else "no model given and no bundled default model is installed") from None
@@ -413,4 +417,5 @@ def serve_command(
         raise typer.Exit(code=1) from None
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address is bracketed in a URL
     typer.echo(f"bloodcell serving on http://{shown}:{port}/  (research use only; Ctrl-C stops)", err=True)
-    uvicorn.run(web_app, host=host, port=port, log_level=log_level.lower(), workers=1, limit_concurrency=MAX_CONNECTIONS)
+    uvicorn.run(web_app, host=host, port=port, log_level=log_level.lower(), workers=1, limit_concurrency=MAX_CONNECTIONS,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip

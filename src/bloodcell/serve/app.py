@@ -15,6 +15,7 @@ CPU is never oversubscribed, which on a small machine makes every call slower.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import threading
 import time
@@ -232,26 +233,50 @@ class NoSniff:
         await self.app(scope, receive, send_with_header)
 
 
-#: The names a request to this machine's loopback address carries in its Host header.
+#: The names a request to this machine's loopback address carries in its Host header (besides the address
+#: the service listens on).
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address, an IPv6 one with or without brackets, or a name) is this machine's
+    loopback: any of 127.0.0.0/8, ``::1``, an IPv4-mapped 127 address (``::ffff:127.0.0.1``, which Python
+    before 3.13 does not count), or the name ``localhost``."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host.lower() == "localhost"
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _canonical_host(name: str) -> str:
+    """An address in one spelling (``0:0::1`` and ``::1`` alike), any other name in lower case."""
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        return name.lower()
 
 
 class LoopbackHostsOnly:
     """ASGI middleware: answer 400 to a request whose Host header names anything but this machine.
 
-    For a service listening on the loopback address only: a web page elsewhere can point a name of its own
+    For a service listening on a loopback address only: a web page elsewhere can point a name of its own
     at 127.0.0.1 (DNS rebinding) and then read this service's answers as its own origin's; the Host header
     its requests must carry gives them away. Starlette's TrustedHostMiddleware makes the same check, but
     answers in plain text (every error of this service is JSON) and cuts IPv6 hosts at their first colon.
+    ``listen_host``, the address listened on (127.0.0.2, say), is accepted besides :data:`LOOPBACK_HOSTS`.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, listen_host: str | None = None) -> None:
         self.app = app
+        self.names = {_canonical_host(name) for name in LOOPBACK_HOSTS | ({listen_host} if listen_host else set())}
+        self.named = ", ".join(sorted(self.names - {"localhost", "::1"})) + " or localhost"  # for the error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (host := _host_name(scope)) not in LOOPBACK_HOSTS:
+        if scope["type"] == "http" and _canonical_host(host := _host_name(scope)) not in self.names:
             detail = (f"Host {host!r} refused: this service listens on this machine's loopback address and "
-                      "answers only requests addressed to 127.0.0.1 or localhost")  # fmt: skip
+                      f"answers only requests addressed to {self.named}")  # fmt: skip
             await JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -460,7 +485,7 @@ def create_app(
     predictor: BasePredictor | None = None,
     warm_up: bool = False,
     inference_threads: int | None = None,
-    loopback_only: bool = False,
+    listen_host: str | None = None,
 ) -> FastAPI:
     """Build the web app for a saved model.
 
@@ -477,9 +502,9 @@ def create_app(
     inference_threads: threads per inference call (None: the backend's default, all cores, and one
         call at a time). With 1, up to one call per core runs at once: the better choice for many
         small requests on a small CPU. For the torch backend this sets torch's process-wide thread count.
-    loopback_only: answer only requests whose Host header names this machine (127.0.0.1, localhost, ::1):
-        for a service listening on the loopback address, against DNS rebinding (``bloodcell serve`` sets it
-        when ``--host`` is one of those).
+    listen_host: the address the server listens on (``bloodcell serve`` passes its ``--host``). When it is a
+        loopback address (:func:`is_loopback`), only requests whose Host header names this machine (that
+        address, 127.0.0.1, localhost, ::1) are answered, against DNS rebinding.
 
     Returns the FastAPI application (run it with uvicorn, see ``bloodcell serve``).
     """
@@ -515,8 +540,8 @@ def create_app(
         },
         default=(OTHER_BODY_LIMIT, f"request body too large (limit {_human_bytes(OTHER_BODY_LIMIT)})"),
     )
-    if loopback_only:
-        app.add_middleware(LoopbackHostsOnly)
+    if listen_host is not None and is_loopback(listen_host):
+        app.add_middleware(LoopbackHostsOnly, listen_host=listen_host)
     app.add_middleware(NoSniff)  # added last, so outermost: the 413s of the body limit get it too
     _add_error_handlers(app)
     page = _index_page()
@@ -524,7 +549,9 @@ def create_app(
 
     # The routes that do no work are coroutines: they answer at once, never queued behind predictions for
     # the thread pool (a health check must not time out while the service is busy).
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    # HEAD as well as GET on the page and /healthz: uptime checkers and `curl -I` ask with HEAD (the server
+    # sends the headers alone).
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         # The page loads nothing from elsewhere; the policy makes sure of it.
         return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff"})
@@ -535,6 +562,9 @@ def create_app(
         return Health(
             model=service.model_info, version=__version__, limits=limits, explain_unavailable=service.explain_unavailable
         )
+
+    # Not in the OpenAPI document: there it would be a second operation with GET's operation id.
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], response_model=Health, include_in_schema=False)
 
     @app.get("/v1/model", tags=["model"])
     async def model_card() -> dict[str, Any]:
