@@ -88,6 +88,23 @@ def test_a_class_folder_of_images_in_an_unread_format_is_named(tmp_path: Path, c
     assert "C/ (3 .webp files) not used" in message and "convert" in message and "notes" not in message
 
 
+def test_an_empty_folder_beside_the_class_folders_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An empty C/ beside A/ and B/ (a class whose images were never copied in) was dropped without a word,
+    and a 2-class model trained; a folder of notes, or one holding only the OS's junk files, is a folder too."""
+    make_folders(tmp_path, ["A", "B"])
+    (tmp_path / "C" / "sub").mkdir(parents=True)
+    (tmp_path / "D").mkdir()
+    (tmp_path / "D" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    (tmp_path / "__MACOSX").mkdir()
+    with caplog.at_level("WARNING", logger="bloodcell.data.layouts"):
+        dataset = find_dataset(tmp_path)
+    assert dataset.classes == ("A", "B")
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message == f"{tmp_path}: C/, D/ hold no images: not used as a class"
+
+
 def test_aria_variant_folder_given_directly(aria_dataset: Path, caplog: pytest.LogCaptureFixture) -> None:
     dataset = find_dataset(aria_dataset / "Original")
     assert dataset.layout == "aria"

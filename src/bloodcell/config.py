@@ -71,13 +71,17 @@ def _is_text(annotation: Any) -> bool:
     return annotation is not None and _leaf_types(annotation) - {NoneType} == {str}
 
 
+#: The largest ``data.image_size``.
+LARGEST_IMAGE_SIZE = 512
+
+
 class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
     root: str | None = None  # dataset folder (relative to the working directory); train's --data overrides it
     variant: Literal["Original", "Segmented"] = "Original"
     class_names: list[str] | None = None  # for plain class-per-folder layouts; None takes folder names
-    image_size: int = Field(128, ge=32, le=512)
+    image_size: int = Field(128, ge=32, le=LARGEST_IMAGE_SIZE)
     protocol: Literal["session", "random", "kfold"] = "session"
     split_seed: int = Field(0, ge=0)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
@@ -264,6 +268,100 @@ class RunConfig(Strict):
                 f"augment.crop ({self.augment.crop}) must be at most data.image_size ({self.data.image_size})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _network_runs_at_the_image_size(self) -> RunConfig:
+        """Run the network on two images of each size it will see (a forward on the meta device: shapes only,
+        a few ms), so that a size it cannot take is refused with the config, not by a traceback once the data
+        are prepared and the run folder made (seed-cnn's unpadded convolutions need 46 px, a ViT its own)."""
+        name, kwargs = self.model.name, self.model.kwargs
+        training_key = "augment.crop" if self.augment.crop else "data.image_size"
+        sizes = {"data.image_size": self.data.image_size, training_key: self.augment.crop or self.data.image_size}
+        areas: dict[str, list[int]] = {}
+        for key, size in sizes.items():
+            try:
+                areas[key] = _batch_norm_areas(name, kwargs, size)
+            except _NetworkNotBuilt:  # judged by ModelConfig: a timm network built only when the run starts
+                return self
+            except Exception as error:  # noqa: BLE001 - whatever the network raises for a size it cannot take
+                reason = " ".join(str(error).split()) or type(error).__name__
+                smallest = _smallest_size_above(name, kwargs, size)
+                hint = f"; {name} needs {key} >= {smallest}" if smallest else ""
+                raise ValueError(f"model {name} cannot run at {key}={size} ({reason}){hint}") from None
+        # BatchNorm in training needs two values per channel: a batch of one image fails where a layer's
+        # feature map is 1x1 (bloodnet at 32 px). The consistency loss trains on two views of each image.
+        batch = self.train.batch_size * (2 if self.augment.consistency > 0 else 1)
+        if batch * min(areas[training_key], default=2) < 2:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} cannot train {name} at {training_key}="
+                f"{sizes[training_key]}: a BatchNorm layer there gets a 1x1 feature map, one value per channel "
+                f"from a batch of one image; use train.batch_size >= 2 or a larger {training_key}"
+            )
+        return self
+
+
+class _NetworkNotBuilt(Exception):
+    """The network could not be built at all (not a matter of the image size)."""
+
+
+def _batch_norm_areas(name: str, kwargs: dict[str, Any], size: int) -> list[int]:
+    """Run network ``name`` (built with ``kwargs``) in evaluation mode on two ``size`` px images; return the
+    area of the feature map each of its BatchNorm layers is given (1 for a flattened one).
+
+    On the meta device (shapes only: milliseconds, no memory); a network that fails there runs on the CPU,
+    which decides, as a layer may have no meta kernel. Raises :class:`_NetworkNotBuilt` where the network
+    cannot be built on the meta device (ModelConfig lets some timm networks pass so), else what the network
+    raises for the size."""
+    import torch
+
+    try:
+        return _batch_norm_areas_on("meta", name, kwargs, size)
+    except _NetworkNotBuilt:
+        raise
+    except Exception:  # noqa: BLE001 - the CPU run says whether the size or the meta device was at fault
+        with torch.random.fork_rng(devices=[]):  # its initialisation must not move a seeded run's draws
+            return _batch_norm_areas_on("cpu", name, kwargs, size)
+
+
+def _batch_norm_areas_on(device: str, name: str, kwargs: dict[str, Any], size: int) -> list[int]:
+    import torch
+    from torch import nn
+
+    from bloodcell.models.registry import create_model
+
+    areas: list[int] = []
+    with torch.device(device), torch.no_grad():
+        try:
+            net = create_model(name, 2, **kwargs).eval()
+        except Exception as error:  # noqa: BLE001 - any failure to build is ModelConfig's to judge
+            raise _NetworkNotBuilt from error
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm):
+                module.register_forward_pre_hook(lambda _, inputs: areas.append(inputs[0][0, 0].numel()))
+        net(torch.zeros(2, 3, size, size))
+    return areas
+
+
+def _smallest_size_above(name: str, kwargs: dict[str, Any], size: int) -> int | None:
+    """The smallest image size above ``size`` (which the network cannot take) that it runs at on the meta
+    device, found by bisection up to the largest ``data.image_size``; None where that fails too (a ViT takes
+    one size). Bisection assumes that a size that runs keeps running when larger, as for stacks of
+    convolutions and pools."""
+
+    def runs(side: int) -> bool:
+        try:
+            _batch_norm_areas_on("meta", name, kwargs, side)
+        except Exception:  # noqa: BLE001 - any failure is "does not run"
+            return False
+        return True
+
+    low, high = size, LARGEST_IMAGE_SIZE
+    if not runs(high):
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if runs(middle) else (middle, high)
+    return high
 
 
 class ConfigError(ValueError):
@@ -493,12 +591,29 @@ def format_validation_error(error: ValidationError, root: type[BaseModel] | None
 
 
 def did_you_mean(location: tuple[int | str, ...], root: type[BaseModel] | None = None) -> str:
-    """`` (did you mean 'train.epochs'?)`` for a misspelt key, from the keys its section has; else ``""``."""
-    model = _annotation_at(location[:-1], root)
+    """`` (did you mean 'train.epochs'?)`` for an unknown key: the key of that name in the other sections
+    (``epochs`` and ``optimizer.epochs`` mean ``train.epochs``, ``train.lr`` means ``optimizer.lr``), else a
+    close spelling among the keys its section has (``train.epoch``); else ``""``."""
+    section, leaf = tuple(map(str, location[:-1])), str(location[-1])
+    model = _annotation_at(section, root)
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return ""
-    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
-    return f" (did you mean {'.'.join([*map(str, location[:-1]), close[0]])!r}?)" if close else ""
+    elsewhere = [".".join(key) for key in _all_keys(root or RunConfig) if key[-1] == leaf and key[:-1] != section]
+    # A close spelling only: at difflib's default cutoff of 0.6, augment.colour was taken for augment.blur.
+    close = difflib.get_close_matches(leaf, list(model.model_fields), n=1, cutoff=0.75)
+    guesses = [repr(key) for key in elsewhere or [".".join([*section, match]) for match in close]]
+    said = f"{', '.join(guesses[:-1])} or {guesses[-1]}" if len(guesses) > 1 else "".join(guesses)
+    return f" (did you mean {said}?)" if said else ""
+
+
+def _all_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key of ``model`` and of its sections, as paths: ``("name",)``, ``("train", "epochs")`` ..."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append((*prefix, name))
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _all_keys(field.annotation, (*prefix, name))
+    return keys
 
 
 def _is_union_member(part: object) -> bool:

@@ -144,6 +144,11 @@ def _class_files(root: Path, folder: str) -> list[str]:
     return sorted(paths)
 
 
+def _is_a_data_file(path: Path) -> bool:
+    """Whether ``path`` is a file someone put there: not a folder, a hidden file or one the OS drops in."""
+    return path.is_file() and not path.name.startswith(".") and path.name.lower() not in _JUNK_FILES
+
+
 def is_image_name(path: str | Path) -> bool:
     """Whether a file name has one of the accepted image suffixes (JPEG, PNG, BMP, TIFF) and is not hidden
     (macOS's ``._name.jpg`` resource forks end in .jpg too; hidden files are never read)."""
@@ -231,11 +236,11 @@ UNREAD_IMAGE_SUFFIXES: frozenset[str] = frozenset(
 
 
 def _warn_about_unused_images(root: Path, class_folders: dict[str, str]) -> None:
-    """Name the images beside the class folders (loose files, or folders that are not classes), and the
-    folders of images in formats bloodcell does not read, so that a forgotten class or a misplaced file is
-    not left out without a word."""
+    """Name the images beside the class folders (loose files, or folders that are not classes), the folders
+    of images in formats bloodcell does not read, and the folders holding no file at all, so that a forgotten
+    class or a misplaced file is not left out without a word."""
     used = set(class_folders.values())
-    unused, unread = [], []
+    unused, unread, empty = [], [], []
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(".") or entry.name in used:
             continue
@@ -243,6 +248,9 @@ def _warn_about_unused_images(root: Path, class_folders: dict[str, str]) -> None
         name = entry.name + ("/" if entry.is_dir() else "")
         if any(map(is_image_name, files)):
             unused.append(name)
+            continue
+        if entry.is_dir() and entry.name.lower() not in _JUNK_FOLDERS and not any(map(_is_a_data_file, files)):
+            empty.append(name)  # a class whose images were never copied in, most likely; notes/ holds files
             continue
         other = sorted(f.suffix.lower() for f in files if f.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
         if other:
@@ -252,6 +260,8 @@ def _warn_about_unused_images(root: Path, class_folders: dict[str, str]) -> None
     if unread:
         messages.append(f"{root}: {', '.join(unread)} not used: bloodcell reads JPEG, PNG, BMP and TIFF; convert "
                         "the images to one of them (a class folder holding none is no class)")  # fmt: skip
+    if empty:
+        messages.append(f"{root}: {', '.join(empty)} hold{'s' * (len(empty) == 1)} no images: not used as a class")
     for message in messages:  # a command indexes a dataset several times: said once, when not quieted
         warn_once(log, message)
 
