@@ -127,3 +127,46 @@ def test_a_folder_rank_0_refuses_ends_every_rank_quietly(tmp_path: Path) -> None
     assert again.returncode != 0
     assert again.stderr.count("already holds a run") >= 1
     assert "Connection closed" not in again.stderr and "connection closed" not in again.stderr.lower()
+
+
+RESUME_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from bloodcell.config import config_from_dict
+from bloodcell.train import fit
+from synthetic_data import make_synthetic_data
+
+config = config_from_dict({{
+    "name": "ddp",
+    "data": {{"image_size": 32, "train_on": "train"}},
+    "model": {{"name": "bloodnet", "kwargs": {{"width": 0.5}}}},
+    "train": {{"epochs": 2, "batch_size": 4, "accelerator": "cpu", "seed": 5, "num_threads": 1}},
+}})
+fit(config, {run!r}, prepared=make_synthetic_data(per_class=16, size=32), progress=False, resume=True)
+"""
+
+
+def test_a_resume_in_another_number_of_processes_is_refused_once(tmp_path: Path) -> None:
+    """Every rank reads the checkpoint and refuses it; only rank 0 says so (the error was printed once a rank)."""
+    from bloodcell.config import config_from_dict
+    from bloodcell.train import fit
+
+    config = config_from_dict({
+        "name": "ddp", "data": {"image_size": 32, "train_on": "train"},
+        "model": {"name": "bloodnet", "kwargs": {"width": 0.5}},
+        "train": {"epochs": 2, "batch_size": 4, "accelerator": "cpu", "seed": 5, "num_threads": 1},
+    })  # fmt: skip
+
+    def stop(epoch: int, row: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, tmp_path / "run", prepared=make_synthetic_data(per_class=16, size=32), progress=False,
+            epoch_callback=stop)  # fmt: skip
+    script = tmp_path / "resume.py"
+    script.write_text(textwrap.dedent(RESUME_SCRIPT.format(tests=str(TESTS_DIR), run=str(tmp_path / "run"))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+    assert resumed.returncode != 0
+    assert resumed.stderr.count("was trained by 1 process(es)") == 1, resumed.stderr[-3000:]

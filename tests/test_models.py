@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -333,3 +334,31 @@ def test_the_torch_free_card_reader_refuses_a_negative_temperature(tmp_path: Pat
     _edit_card(temperature=-0.05)(directory)
     with pytest.raises(ModelFileError, match="temperature must be a number from 0.001 to 1000, got -0.05"):
         read_card_json(directory)
+
+
+def test_a_run_without_its_model_or_a_dataset_named_as_a_model_says_what_to_do(tmp_path: Path) -> None:
+    """Both said only "no model found": a run stopped in its holdout stage, and a dataset folder given where
+    evaluate takes a model."""
+    from bloodcell.config import save_config
+    from bloodcell.models.card import resolve_model_dir
+    from conftest import draw_cell
+
+    run = tmp_path / "int2"
+    (run / "holdout").mkdir(parents=True)
+    save_config(RunConfig(), run / "config.yaml")
+    with pytest.raises(FileNotFoundError, match=f"finish it with: bloodcell train --resume {run}"):
+        resolve_model_dir(run)
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(["alpha", "beta"]):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        draw_cell(rng, index, 32).save(tmp_path / "data" / name / "img_001.png")
+    with pytest.raises(FileNotFoundError, match="to evaluate on a dataset, pass it as --data"):
+        resolve_model_dir(tmp_path / "data")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no model found \(expected card.json") as error:
+        resolve_model_dir(tmp_path / "empty")
+    assert "--data" not in str(error.value) and "--resume" not in str(error.value)
+    image = tmp_path / "data" / "alpha" / "img_001.png"  # a file named as a model: no folder to look into
+    with pytest.raises(FileNotFoundError, match=r"no model found \(expected card.json") as error:
+        resolve_model_dir(image)
+    assert "--data" not in str(error.value)

@@ -669,11 +669,32 @@ def test_cli_refuses_a_missing_dataset_or_a_foreign_out_folder_before_any_work(t
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(["train", "--data", "empty", "--out", "r"], monkeypatch, capsys)
     assert code == 2 and "dataset folder is empty" in err and not (tmp_path / "r").exists()
-    # --out naming a folder of other files (here the dataset itself) would scatter the run among them.
+    # --out naming a folder of other files would scatter the run among them.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
     for stages in ([], ["--set", "data.train_on=train"]):  # with the refit's holdout stage, and without
-        code, _, err = run_cli(["train", "--data", str(aria_dataset), "--out", str(aria_dataset), *stages], monkeypatch, capsys)
+        code, _, err = run_cli(["train", "--data", str(aria_dataset), "--out", "notes", *stages], monkeypatch, capsys)
         assert code == 2 and "not a run; give a new or empty folder" in err
-        assert not (aria_dataset / "config.yaml").exists()
+        assert not (tmp_path / "notes" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("out", ["aria", "aria/Original/myrun", "."], ids=["the-dataset", "inside-it", "around-it"])
+def test_a_run_folder_inside_the_dataset_or_around_it_is_refused(tmp_path: Path, aria_dataset: Path, out: str,
+                                                                 monkeypatch, capsys) -> None:  # fmt: skip
+    """Its files (report images) became a class of the next run on the dataset."""
+    monkeypatch.chdir(aria_dataset.parent)
+    code, _, err = run_cli(["train", "--data", "aria", "--out", out], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "give a run folder outside it" in err
+    assert not (aria_dataset / "Original" / "myrun").exists() and not (aria_dataset.parent / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("command", [["train"], ["lr-find"], ["tune", "--trials", "2"]])
+def test_a_dataset_given_without_data_is_answered_with_the_option(command: list[str], tmp_path: Path,
+                                                                   monkeypatch, capsys) -> None:  # fmt: skip
+    code, _, err = run_cli([*command, "mydata"], monkeypatch, capsys)
+    assert code == 2 and "pass the dataset as --data mydata" in err
+    code, out, _ = run_cli([*command[:1], "--help"], monkeypatch, capsys)
+    assert code == 0 and "DATA]" not in out.split("\n", 3)[1]  # no positional argument in the usage line
 
 
 def test_a_config_that_names_its_dataset_needs_no_data_option(tmp_path: Path, aria_dataset: Path, monkeypatch,
@@ -845,6 +866,7 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
         monkeypatch, capsys,
     )  # fmt: skip
     assert code == 0, err
+    assert err.count("4 classes in ") == 1 and ": Benign, Early Pre-B, Pre-B, Pro-B\n" in err  # at the start
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["epochs"] == 2 and Path(summary["run_dir"]) == tmp_path / "run"
     assert (tmp_path / "run" / "checkpoints" / "best" / "card.json").is_file()
@@ -861,6 +883,26 @@ def test_cli_trains_on_a_dataset_folder(tmp_path: Path, aria_dataset: Path, monk
     assert code == 0 and "already complete" in err
     assert "stage 1 of 2" not in err + out and "stage 2 of 2" not in err + out  # no stage announced as training
     assert "2 epochs (trained before)" in out
+    # A changed config is refused before the run is said to be complete (which would say it is resumed).
+    code, _, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--set", "data.image_size=48"], monkeypatch,
+                           capsys)  # fmt: skip
+    assert code == 2 and "(data.image_size)" in err and "already complete" not in err
+    # Only the refit left to train: the holdout stage was trained before, by another process. Another thread
+    # count is taken, and said to change the result.
+    for entry in (tmp_path / "run").iterdir():  # as a kill just after the holdout stage leaves the run
+        if entry.name not in ("config.yaml", "holdout"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    card = json.loads((tmp_path / "run" / "holdout" / "checkpoints" / "last" / "card.json").read_text())
+    other = 2 if card["runtime"]["threads"] == 1 else 1
+    code, out, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--no-report", "--no-progress", "--set",
+                              f"train.num_threads={other}"], monkeypatch, capsys)  # fmt: skip
+    assert code == 0, err
+    assert re.search(r"holdout \(train only\): .*\(trained before\)", out) and "refit on train + val: 2 epochs (" in out
+    assert "refit on train + val: 2 epochs (trained before)" not in out
+    from bloodcell.machine import available_cores
+
+    if available_cores() > 1:  # a count above the cores is taken as the cores: no change on one
+        assert f"trained with {card['runtime']['threads']} thread(s); resumed with {other}" in err
 
 
 @pytest.mark.parametrize(
@@ -1055,6 +1097,47 @@ def test_train_log_names_the_precision_that_ran(tmp_path: Path, data) -> None:
 TORCHRUN_4 = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"}
 
 
+def test_an_interrupted_run_s_log_says_so(tmp_path: Path, data) -> None:
+    """train.log records how a run ended: without this line it just stopped at an epoch."""
+
+    def interrupt(epoch: int, row: dict) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt  # what the CLI raises for Ctrl-C and SIGTERM
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(), tmp_path / "run", prepared=data, progress=False, epoch_callback=interrupt)
+    last = (tmp_path / "run" / "train.log").read_text().splitlines()[-1]
+    assert "interrupted (Ctrl-C or SIGTERM) after epoch 2 of 3" in last
+
+
+def test_an_interrupted_report_says_the_model_is_complete_and_how_to_build_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import bloodcell.report
+    from bloodcell.cli import Interrupted
+    from bloodcell.cli.train import _build_report
+
+    def interrupted(run_dir: Path, progress: bool) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bloodcell.report, "build_report", interrupted)
+    monkeypatch.setattr(Interrupted, "reported", False)
+    with pytest.raises(KeyboardInterrupt):
+        _build_report(tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert "the model is complete" in err and f"build its report with: bloodcell report {tmp_path / 'run'}" in err
+    assert Interrupted.reported  # the CLI adds no bare "interrupted" line of its own
+
+
+def test_a_stage_announcement_is_one_line_without_a_terminal(capsys) -> None:
+    """rich wraps at 80 columns where stderr is no terminal: the run folder's path was split in two."""
+    from bloodcell.train.run import _announce
+
+    message = "stage 2 of 2: refit on train + val -> " + "/very/long/path" * 8
+    _announce(True, message)
+    assert capsys.readouterr().err == message + "\n"
+
+
 @pytest.mark.parametrize(("env", "devices", "said"), [
     ({}, None, "continue with: bloodcell train --resume runs/r\n"),
     ({}, "2", "continue with: bloodcell train --resume runs/r --devices 2\n"),
@@ -1089,12 +1172,12 @@ def test_the_data_stage_s_warnings_are_said_by_the_first_process_only(
         raise UserError("stop here")
 
     monkeypatch.setattr(run_module, "prepare_training_data", preparing)
-    monkeypatch.setattr(run_module, "_is_first_process", lambda: False)
+    monkeypatch.setattr(run_module, "is_first_process", lambda: False)
     config = tiny_config(data={"train_on": "train+val"}, train={"epochs": 1})
     with caplog.at_level("WARNING"), pytest.raises(UserError, match="stop here"):
         run_module.train_run(config, tmp_path / "run", progress=False)
     assert "embargo" not in caplog.text
-    monkeypatch.setattr(run_module, "_is_first_process", lambda: True)
+    monkeypatch.setattr(run_module, "is_first_process", lambda: True)
     with caplog.at_level("WARNING"), pytest.raises(UserError, match="stop here"):
         run_module.train_run(config, tmp_path / "run2", progress=False)
     assert "the embargo is capped" in caplog.text
@@ -1157,6 +1240,7 @@ def test_more_devices_than_slurm_started_tasks_is_said(monkeypatch: pytest.Monke
     assert "--devices 2 is not used: SLURM started 1 task(s)" in caplog.text and "srun --ntasks-per-node 2" in caplog.text
     caplog.clear()
     monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # srun's tasks (without srun, 4 tasks are refused: test_distributed.py)
     with caplog.at_level("WARNING"):
         assert launch_topology(tiny_config().train) == (4, 1)  # srun's tasks, the default --devices: nothing to say
     assert "not used" not in caplog.text
@@ -1173,3 +1257,27 @@ def test_resume_refuses_a_config_or_another_out_folder_it_would_not_use(
     assert code == 2 and "a resumed run continues in its own folder" in err
     code, _, err = run_cli(["train", "--resume", str(run), "--config", "seed-replica"], monkeypatch, capsys)
     assert code == 2 and "keeps the config.yaml it started with" in err
+
+
+def test_evaluating_an_unfinished_run_says_its_model_is_still_in_training(tmp_path: Path, data, caplog) -> None:
+    """A run stopped mid-training keeps a best checkpoint, which evaluate scored as the run's without a word."""
+    from bloodcell.evaluate.runner import warn_if_unfinished
+
+    config = tiny_config(train={"epochs": 3})
+
+    def stop(epoch: int, row: dict) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(config, tmp_path / "run", prepared=data, progress=False, epoch_callback=stop)
+    assert (tmp_path / "run" / "checkpoints" / "best" / "card.json").is_file()
+    with caplog.at_level("WARNING", logger="bloodcell"):
+        warn_if_unfinished(tmp_path / "run", 3)
+    assert "is an unfinished run (1 of 3 epochs trained)" in caplog.text
+    assert f"bloodcell train --resume {tmp_path / 'run'}" in caplog.text
+    caplog.clear()
+    fit(config, tmp_path / "run", prepared=data, progress=False, resume=True)
+    with caplog.at_level("WARNING", logger="bloodcell"):
+        warn_if_unfinished(tmp_path / "run", 3)
+    assert "unfinished" not in caplog.text

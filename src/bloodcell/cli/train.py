@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from bloodcell.cli import app
 from bloodcell.cli.messages import warning_line
 from bloodcell.config import RunConfig, named_configs
+from bloodcell.errors import UserError
+
+
+class DataByOption(TyperCommand):
+    """A command that takes its dataset as ``--data DATA`` only: ``bloodcell train DATA`` (as index, split and
+    audit take it) is answered with how to give it, not with Click's bare "unexpected extra argument"."""
+
+    # ctx is click's Context, which typer >= 0.2x keeps in a private copy of click (typer._click): Any, not
+    # an import of either, for every typer this project allows.
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # Looked at before Click checks the options: a required --data would be said missing first.
+        _, positional, _ = self.make_parser(ctx).parse_args(args=list(args))
+        if positional:
+            given = " ".join(positional)
+            raise UserError(f"unexpected argument {given!r}: pass the dataset as --data {given}")
+        return super().parse_args(ctx, args)
+
 
 DATA_OPTION = typer.Option(
     None, "--data", help="Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class). "
@@ -45,7 +64,7 @@ PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Draw the 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object (the run's summary) instead of text.")
 
 
-@app.command("train")
+@app.command("train", cls=DataByOption)
 def train_command(
     data: Path | None = DATA_OPTION,
     config: str = CONFIG_OPTION,
@@ -66,10 +85,11 @@ def train_command(
     """
     from bloodcell.config import load_config, override
     from bloodcell.data.layouts import find_dataset
-    from bloodcell.errors import UserError
     from bloodcell.train import train_run
     from bloodcell.train.checkpoint import completed_epochs, is_complete
-    from bloodcell.train.run import training_lock
+    from bloodcell.train.loop import resumed_config
+    from bloodcell.train.run import HOLDOUT_DIR, training_lock
+    from bloodcell.train.setup import launch_topology
 
     extra = list(overrides)
     if data is not None:
@@ -103,23 +123,35 @@ def train_command(
         if data is None:
             raise UserError("pass --data DATA (the dataset folder), set data.root in the config, or --resume RUN")
         # Before a run folder is made or anything is announced: missing, not a folder, empty, no class folders.
-        find_dataset(data, run_config.data.variant, run_config.data.class_names)
+        classes = find_dataset(data, run_config.data.variant, run_config.data.class_names).classes
         if run_config.model.weights and not Path(run_config.model.weights).exists():  # before any folder is made
             raise UserError(f"initial weights not found: {run_config.model.weights} (--weights, model.weights)")
         run_dir = out if out is not None else Path("runs") / run_config.name
+        _refuse_nested(run_dir, data)
+        _say_classes(classes, data)
     if devices is not None:
         _say_where_devices_run(run_config)
+    launch_topology(run_config.train)  # a SLURM job script run without srun is refused before any work
 
     # The folder's lock before its checkpoints are even looked at (another process may be writing them; the
     # look completes an interrupted checkpoint swap), held until the report is built from them.
+    holdout_complete = False  # the same for a resumed run's holdout stage
     with training_lock(run_dir):
         if resume is not None:
+            resumed_config(run_dir, run_config)  # a changed config is refused before anything is said of the run
             done = completed_epochs(run_dir)
             complete = is_complete(run_dir, run_config.train.epochs)
+            holdout_complete = complete or is_complete(run_dir / HOLDOUT_DIR, run_config.train.epochs)
             if done is not None and complete:  # (done is known then; said for the type checker)
                 warning_line(f"{run_dir} is already complete ({done[0]} of {run_config.train.epochs} epochs"
                              + (f", stopped by {done[1].replace('_', ' ')}" if done[1] else "")
                              + "): nothing is trained again" + ("; its report is rebuilt" if report else ""))  # fmt: skip
+            else:
+                _warn_of_other_threads(run_dir, run_config)
+                if run_config.data.root is not None:
+                    data_root = Path(run_config.data.root)
+                    _say_classes(find_dataset(data_root, run_config.data.variant, run_config.data.class_names).classes,
+                                 data_root)  # fmt: skip
         try:
             result = train_run(run_config, run_dir, resume=resume is not None, progress=progress and not as_json)
         except KeyboardInterrupt:
@@ -144,20 +176,20 @@ def train_command(
     if as_json:
         typer.echo(json.dumps(summary))
         return
-    def took(seconds: float) -> str:  # this command's seconds: none were spent training a complete run
-        return "trained before" if complete else f"{seconds:.0f} s"
+    def took(seconds: float, trained_before: bool) -> str:  # this command's seconds: none for a stage done before
+        return "trained before" if trained_before else f"{seconds:.0f} s"
 
     if result.holdout:
         typer.echo(
             f"holdout (train only): val balanced accuracy {summary['last_val_balanced_accuracy']:.4f} at the last "
             f"epoch, best {validated.best_val_balanced_accuracy:.4f} at epoch {validated.best_epoch} "
-            f"({took(result.holdout.seconds)})"
+            f"({took(result.holdout.seconds, holdout_complete)})"
         )
-        typer.echo(f"refit on train + val: {len(result.history)} epochs ({took(result.seconds)})")
+        typer.echo(f"refit on train + val: {len(result.history)} epochs ({took(result.seconds, complete)})")
     else:
         typer.echo(
             f"best val balanced accuracy {result.best_val_balanced_accuracy:.4f} at epoch {result.best_epoch} "
-            f"({len(result.history)} epochs, {result.stopped}, {took(result.seconds)})"
+            f"({len(result.history)} epochs, {result.stopped}, {took(result.seconds, complete)})"
         )
     typer.echo(f"run: {result.run_dir}  (best model: {result.run_dir / 'checkpoints' / 'best'})")
     evaluated = result.run_dir / "metrics.json"  # the report's evaluation of the held-out part
@@ -173,10 +205,10 @@ def train_command(
 def _say_how_to_resume(run_dir: Path, run_config: RunConfig, devices: str | None) -> None:
     """The command that continues an interrupted run, said once (by the first process): with the processes it
     ran in, since a resume in another number of them is refused."""
-    from bloodcell.train.run import _is_first_process
+    from bloodcell.train.run import is_first_process
     from bloodcell.train.setup import launch_topology
 
-    if not _is_first_process():
+    if not is_first_process():
         return
     per_node, nodes = launch_topology(run_config.train)  # torchrun's or srun's processes, else the config's
     by_launcher = (per_node, nodes) != (run_config.train.devices, 1)
@@ -188,16 +220,55 @@ def _say_how_to_resume(run_dir: Path, run_config: RunConfig, devices: str | None
     say_interrupted(f"continue with: {command}{how}")
 
 
+def _refuse_nested(run_dir: Path, data: Path) -> None:
+    """Refuse a run folder inside the dataset (its report's images would become a class of the next run on
+    it, and its files images of the dataset), or a dataset inside the run folder."""
+    run, dataset = run_dir.expanduser().resolve(), data.expanduser().resolve()
+    if run.is_relative_to(dataset):
+        raise UserError(f"--out {run_dir} lies inside the dataset folder {data}: its files would join the dataset; "
+                        "give a run folder outside it")  # fmt: skip
+    if dataset.is_relative_to(run):
+        raise UserError(f"--out {run_dir} holds the dataset folder {data}; give a run folder outside it")
+
+
+def _say_classes(classes: tuple[str, ...], data: Path) -> None:
+    """Name the classes the run trains on, once (by the first process): a class folder lost in a failed
+    copy shows here, not only in train.log's count."""
+    from bloodcell.io import terminal_text
+    from bloodcell.train.run import is_first_process
+
+    if is_first_process():  # names as text a terminal shows, never acts on
+        typer.echo(f"{len(classes)} classes in {terminal_text(data)}: {', '.join(map(terminal_text, classes))}", err=True)
+
+
+def _warn_of_other_threads(run_dir: Path, run_config: RunConfig) -> None:
+    """A resume may take another thread count (a runtime choice, never refused), but the floating-point sums,
+    and so the weights, then differ from the uninterrupted run's: say so. The count that trained is the one
+    recorded in the ``last`` checkpoint of the stage that continues (the refit's, else the holdout's)."""
+    from bloodcell.machine import available_cores
+    from bloodcell.train.loop import recorded_threads
+    from bloodcell.train.run import HOLDOUT_DIR, is_first_process
+
+    requested = run_config.train.num_threads
+    trained = recorded_threads(run_dir, 0) or recorded_threads(run_dir / HOLDOUT_DIR, 0)
+    if not requested or not trained or not is_first_process():  # automatic: the recorded count is taken again
+        return
+    threads = min(requested, available_cores())  # what set_threads will take
+    if threads != trained:
+        warning_line(f"{run_dir} trained with {trained} thread(s); resumed with {threads} (train.num_threads), its "
+                     "weights will differ from an uninterrupted run's (config.yaml keeps the count it started with)")  # fmt: skip
+
+
 def _say_where_devices_run(run_config: RunConfig) -> None:
     """``--devices N`` reads as N GPUs; on a machine without one it means N CPU processes: say so, and say
     when they are more than the cores (each then waits for the others at every step)."""
     import torch
 
     from bloodcell.machine import available_cores
-    from bloodcell.train.run import _is_first_process
+    from bloodcell.train.run import is_first_process
     from bloodcell.train.setup import launch_topology, resolve_accelerator
 
-    if resolve_accelerator(run_config.train) != "cpu" or not _is_first_process():  # said once
+    if resolve_accelerator(run_config.train) != "cpu" or not is_first_process():  # said once
         return
     processes, _ = launch_topology(run_config.train)
     count = 1 if processes == "auto" else int(processes)  # Lightning's "auto" on the CPU: one process
@@ -208,11 +279,18 @@ def _say_where_devices_run(run_config: RunConfig) -> None:
 
 
 def _build_report(run_dir: Path, progress: bool) -> Path | None:
-    """Build the HTML report; training never fails because of it (the model is already on disk)."""
+    """Build the HTML report; training never fails because of it (the model is already on disk), and an
+    interrupt says how to build it later."""
     from bloodcell.report import build_report
 
     try:
         return build_report(run_dir, progress=progress)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: only the report is missing
+        from bloodcell.cli import say_interrupted
+
+        say_interrupted(f"the model is complete ({run_dir / 'checkpoints' / 'best'}); build its report with: "
+                        f"bloodcell report {run_dir}")  # fmt: skip
+        raise
     except Exception as error:  # noqa: BLE001 - the trained model is safe on disk; say what failed
         # A run whose only held-out part it trained on has a report only of its holdout stage (the error says so).
         target = run_dir / "holdout" if "holdout stage" in str(error) and (run_dir / "holdout").is_dir() else run_dir

@@ -11,6 +11,7 @@ import typer
 
 from bloodcell.cli import app
 from bloodcell.cli.messages import warning_line
+from bloodcell.cli.train import DataByOption
 from bloodcell.errors import UserError
 
 _DATA_HELP = "Dataset folder (Aria layout, the Kaggle 4-class copy, or one folder per class)."
@@ -18,7 +19,7 @@ _CONFIG_HELP = "Base config: a shipped name (default, ...) or a YAML file."
 _SET_HELP = "Override a config key, e.g. --set train.epochs=5 (repeatable)."
 
 
-@app.command("lr-find")
+@app.command("lr-find", cls=DataByOption)
 def lr_find_command(
     data: Path = typer.Option(..., "--data", help=_DATA_HELP),
     config: str = typer.Option("default", "--config", "-c", help=_CONFIG_HELP),
@@ -85,7 +86,7 @@ def lr_find_command(
     typer.echo("use it: " + shlex.join(command))
 
 
-@app.command("tune")
+@app.command("tune", cls=DataByOption)
 def tune_command(
     data: Path = typer.Option(..., "--data", help=_DATA_HELP),
     trials: int = typer.Option(

@@ -93,6 +93,18 @@ def run_dir_of(model_dir: Path) -> Path | None:
     return None
 
 
+def warn_if_unfinished(run_dir: Path, epochs: int) -> None:
+    """Say so when the run a model belongs to stopped before its last epoch (Ctrl-C, a kill, a time limit):
+    its ``checkpoints/best`` is a model still in training, which ``evaluate`` would otherwise score as the
+    run's. Nothing when the run has no ``last`` checkpoint to tell (deleted to save room, say)."""
+    from bloodcell.train.checkpoint import completed_epochs, is_complete
+
+    done = completed_epochs(run_dir)
+    if done is not None and not is_complete(run_dir, epochs):
+        log.warning("%s is an unfinished run (%d of %d epochs trained): these are the scores of a model still in "
+                    "training; finish it with: bloodcell train --resume %s", run_dir, done[0], epochs, run_dir)
+
+
 def training_config(card: ModelCard, run_dir: Path | None) -> RunConfig:
     """The config a model was trained with: from its card, else its run's ``config.yaml``, else defaults."""
     if card.config:
@@ -831,6 +843,8 @@ def evaluate_model(
         resolve_target_layer(model.net, target_layer, card.input_size)
     run_dir = run_dir_of(model_dir)
     config = training_config(card, run_dir)
+    if run_dir is not None:
+        warn_if_unfinished(run_dir, config.train.epochs)
     trained_on = load_trained_on([model_dir, *([run_dir] if run_dir is not None else [])])
     data = load_eval_set(card, config, data_root, split, prepared, progress, trained_on)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_dir, card, split, data.own_data,

@@ -175,9 +175,41 @@ def resolve_model_dir(path: str | Path | None) -> Path:
             return directory
     if not candidate.exists():
         raise FileNotFoundError(f"{candidate}: no such model, run or directory")
+    if _is_a_run(candidate):  # most often one stopped before its model was saved (in the holdout stage, say)
+        raise FileNotFoundError(f"{candidate}: no model found in this training run (no checkpoints/best/ yet); if "
+                                f"it was interrupted, finish it with: bloodcell train --resume {candidate}")  # fmt: skip
+    dataset = "; to evaluate on a dataset, pass it as --data" if _looks_like_a_dataset(candidate) else ""
     raise FileNotFoundError(
-        f"{candidate}: no model found (expected {CARD_FILE} and {WEIGHTS_FILE} here, in checkpoints/best/ or in model/)"
+        f"{candidate}: no model found (expected {CARD_FILE} and {WEIGHTS_FILE} here, in checkpoints/best/ or in "
+        f"model/){dataset}"
     )
+
+
+def _is_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a training run's ``config.yaml`` (one that loads as a run config)."""
+    from bloodcell.config import ConfigError, load_config
+
+    if not (folder / "config.yaml").is_file():
+        return False
+    try:
+        load_config(str(folder / "config.yaml"))
+    except ConfigError:  # another tool's config
+        return False
+    return True
+
+
+def _looks_like_a_dataset(folder: Path) -> bool:
+    """Whether ``folder`` holds two or more folders of images (for Aria, in its ``Original/``): a dataset given
+    where a model is asked for. Cheap: a folder's own files only, nothing indexed; a run's folders are none."""
+    from bloodcell.data.layouts import is_image_name
+
+    top = folder / "Original" if (folder / "Original").is_dir() else folder
+    try:
+        with_images = [sub for sub in top.iterdir() if sub.is_dir() and not sub.name.startswith(".")
+                       and not (sub / "config.yaml").exists() and any(is_image_name(p) for p in sub.iterdir())]  # fmt: skip
+    except OSError:  # a file, or a folder it may not read: no dataset to point at
+        return False
+    return len(with_images) >= 2
 
 
 def save_model(model: Classifier, card: ModelCard, directory: str | Path) -> Path:

@@ -204,6 +204,7 @@ def fit(
     resume = fabric.broadcast(resume, src=0)
     log = open_log(run_dir, main)
     classifier = None
+    state = LoopState()
     try:
         # ------------------------------------------------------------ data
         with fabric.rank_zero_first(), quieted(logging.getLogger("bloodcell"), when=not main):  # said by rank 0 only
@@ -264,14 +265,18 @@ def fit(
         schedule = {"world_size": fabric.world_size, "steps_per_epoch": steps_per_epoch}
 
         # ------------------------------------------------------------ resume
-        state = LoopState()
         # What Fabric runs, which may differ from what was asked (16-mixed falls back to bf16 on a CPU), and
         # whether a loss scaler skips the steps whose gradients overflow.
         precision = str(getattr(fabric.strategy.precision, "precision", resolve_precision(config.train)))
         scaled = getattr(fabric.strategy.precision, "scaler", None) is not None
         command = _command_line(checkpoint_dir(run_dir, "last") if resume else None)
         if resume:
-            state = _restore(run_dir, classifier, optimizer, data, schedule)
+            try:
+                state = _restore(run_dir, classifier, optimizer, data, schedule)
+            except UserError:
+                if not main:  # every process reads the same checkpoint and refuses it: rank 0 alone says why
+                    raise SystemExit(1) from None
+                raise
             log.info("resumed from %s at epoch %d", checkpoint_dir(run_dir, "last"), state.epoch)
             if main:  # a kill after the checkpoint and before the history was written: history follows last again
                 _write_history(run_dir, state.history)
@@ -418,6 +423,9 @@ def fit(
             is_main_process=main,
             model=classifier,
         )
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM, which the CLI raises as one: the log says why it ends here
+        log.warning("interrupted (Ctrl-C or SIGTERM) after epoch %d of %d", state.epoch, config.train.epochs)
+        raise
     finally:
         close_log(log)
         if classifier is not None:

@@ -80,7 +80,7 @@ def training_lock(run_dir: Path) -> Iterator[None]:
     never leaves its folder locked.
     """
     key = path_digest(run_dir.expanduser().resolve())
-    if not _is_first_process() or key in _LOCKED:
+    if not is_first_process() or key in _LOCKED:
         yield
         return
     from filelock import FileLock, Timeout
@@ -110,12 +110,12 @@ def _train_run(config: RunConfig, run_dir: Path, resume: bool, progress: bool,
             return fit(config, run_dir, resume=resume, progress=progress, prepared=prepared)
 
     holdout_dir = run_dir / HOLDOUT_DIR
-    if not resume and _is_first_process():
+    if not resume and is_first_process():
         _claim_run_dir(run_dir, config)
     if prepared is None:  # once for both stages and the temperature: the same data, split and cache
         # Every process prepares the data; the first says what it finds (a warning once, not once a process).
-        with quieted(logging.getLogger("bloodcell"), when=not _is_first_process()):
-            prepared = prepare_training_data(config, progress and _is_first_process())
+        with quieted(logging.getLogger("bloodcell"), when=not is_first_process()):
+            prepared = prepare_training_data(config, progress and is_first_process())
     holdout_config = config.model_copy(update={"data": config.data.model_copy(update={"train_on": "train"})})
     # A stage a resumed run already finished trains nothing: announcing it would say otherwise.
     holdout_done = resume and is_complete(holdout_dir, config.train.epochs)
@@ -202,14 +202,15 @@ def _quiet_if_done(done: bool) -> contextlib.AbstractContextManager[None]:
 
 def _announce(enabled: bool, message: str) -> None:
     """One line on stderr above a stage's progress bars, so the two sets of epochs are told apart."""
-    if enabled and _is_first_process():
+    if enabled and is_first_process():
         from rich.console import Console
         from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold]{escape(message)}[/bold]")  # a run folder's name is no markup
+        # soft_wrap: without a terminal rich wraps at 80 columns, which split the run folder's path.
+        Console(stderr=True).print(f"[bold]{escape(message)}[/bold]", soft_wrap=True)  # a folder's name is no markup
 
 
-def _is_first_process() -> bool:
+def is_first_process() -> bool:
     """False in the other processes of a distributed launch (torchrun, SLURM, Fabric's own launcher).
 
     Read from the launchers' environment because no process group exists yet at this point; every
