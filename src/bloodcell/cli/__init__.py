@@ -88,8 +88,14 @@ def main() -> None:
     except (UserError, ConfigError, ImageError, LeakageError, FileNotFoundError, NotADirectoryError) as error:
         error_line(f"error: {_path_error(error) if isinstance(error, OSError) and error.errno else error}")
         sys.exit(2)
+    except RuntimeError as error:
+        if _debugging() or _is_first_process() or not _lost_its_peer(error):
+            raise
+        # A training process whose first process ended (interrupted, refused, failed) learns of it at its next
+        # collective; the first process has said why, in one line, so this one leaves without a traceback.
+        sys.exit(1)
     except OSError as error:
-        if error.errno not in ENVIRONMENT_ERRNOS or os.environ.get("BLOODCELL_DEBUG", "") not in ("", "0"):
+        if error.errno not in ENVIRONMENT_ERRNOS or _debugging():
             raise  # BLOODCELL_DEBUG=1 keeps the traceback, for a bug report
         # The machine's state, not a bug: a full disk, a read-only or forbidden folder, a file where a
         # folder should be. One line naming the path says what to fix.
@@ -102,7 +108,9 @@ def main() -> None:
         if exit_.code != 130 and not (Interrupted.by is not None and exit_.code in (0, None)):
             raise
         terminated = Interrupted.by == signal.SIGTERM
-        if not Interrupted.reported:  # a command that said how to continue said it in this one line
+        # A command that said how to continue said it in this one line; the other processes of a distributed
+        # training run (a terminal's Ctrl-C reaches them all) leave it to the first.
+        if not Interrupted.reported and _is_first_process():
             warning_line("terminated" if terminated else "interrupted")
         sys.exit(143 if terminated else 130)
     finally:
@@ -116,6 +124,28 @@ _PATH_KIND = {
     errno.ENOTDIR: "a file stands in this path where a folder is needed",
     errno.EEXIST: "already exists as a file, where a folder is needed",
 }
+
+
+def _debugging() -> bool:
+    """``BLOODCELL_DEBUG=1``: keep the tracebacks that are otherwise turned into one line (for a bug report)."""
+    return os.environ.get("BLOODCELL_DEBUG", "") not in ("", "0")
+
+
+def _is_first_process() -> bool:
+    """False in the other processes of a distributed training run (only training starts them)."""
+    if "bloodcell.train.run" not in sys.modules:  # no training here: spare a command torch's import
+        return True
+    from bloodcell.train.run import is_first_process
+
+    return is_first_process()
+
+
+def _lost_its_peer(error: RuntimeError) -> bool:
+    """A collective that failed because another process of the run ended: gloo's "Connection closed (reset)
+    by peer", or torch's own network error (the rendezvous store went with the first process)."""
+    distributed = sys.modules.get("torch.distributed")
+    network_error = getattr(distributed, "DistNetworkError", ())
+    return isinstance(error, network_error) or "by peer" in str(error)
 
 
 def _path_error(error: OSError) -> str:
@@ -146,5 +176,10 @@ def say_interrupted(advice: str) -> None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    if signum == signal.SIGTERM and Interrupted.by == signal.SIGTERM:
+        # Already stopping. A training process of `--devices N` can get SIGTERM twice: from `timeout` (which
+        # signals the whole process group) and as passed on by the first process; raised again, it would
+        # break off the first one's cleanup with a traceback. A second Ctrl-C still stops at once.
+        return
     Interrupted.by = signum
     raise Interrupted()

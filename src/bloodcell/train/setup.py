@@ -6,16 +6,26 @@ other stages (the learning-rate finder, tuning) can build exactly the same model
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 import psutil
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning_fabric.strategies import DDPStrategy
 
 from bloodcell.config import OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig
 from bloodcell.errors import UserError
@@ -28,28 +38,81 @@ log = logging.getLogger(__name__)
 # How long set_threads watches the cores to count the idle ones (a short, one-off cost per run).
 IDLE_SAMPLE_SECONDS = 0.3
 
+#: How long the processes of a distributed run wait for each other to start (the process group's rendezvous).
+#: Torch's default, 30 minutes, left a process whose peers never come (a launcher's variables without the
+#: launcher) hanging silently for that long; the processes of one run start together, so a few minutes is ample
+#: even when one of them decodes the dataset first. Later collectives keep Lightning's 30 minutes.
+RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
+
+#: The environment variables each launcher starts its processes with, named when they do not meet.
+LAUNCHER_VARIABLES = {
+    "torchrun": ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"),
+    "SLURM": ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_PROCID", "SLURM_STEP_ID"),
+}
+
 
 # ------------------------------------------------------------------ devices, processes, threads
 def launch_topology(train: TrainConfig) -> tuple[int | str, int]:
     """``(devices per node, nodes)`` for Fabric: from torchrun or SLURM when launched by them, else the config.
 
     Under ``torchrun`` or ``srun`` the launcher has already started one process per device, so the numbers
-    must come from its environment; ``--devices`` then only matters for a plain single-process start.
+    must come from its environment; ``--devices`` then only matters for a plain single-process start. A SLURM
+    job of several tasks whose script runs bloodcell without ``srun`` is refused: that one process would wait
+    for the others, which nothing starts.
     """
     env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env:
+    launcher = launched_by(env)
+    if launcher == "torchrun":
         local = int(env["LOCAL_WORLD_SIZE"])
         return local, max(1, int(env.get("WORLD_SIZE", local)) // local)
-    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in {"bash", "interactive"}:
+    if launcher == "SLURM":
+        if started_without_srun(env):
+            raise UserError(
+                f"SLURM_NTASKS={env['SLURM_NTASKS']}, but srun did not start this process (no SLURM_STEP_ID): alone, "
+                f"it would wait for the other {int(env['SLURM_NTASKS']) - 1} forever; start it with srun in the job "
+                "script (srun bloodcell ...: one process a task), or ask SLURM for one task"
+            )
         nodes = int(env.get("SLURM_NNODES", "1"))
         per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
         tasks = int(per_node) if per_node.isdigit() else int(env["SLURM_NTASKS"]) // nodes
-        if isinstance(train.devices, int) and train.devices > tasks:  # a batch script run without srun, say
+        if isinstance(train.devices, int) and train.devices > tasks:  # a one-task job script, say
             warn_once(log, "--devices %d is not used: SLURM started %d task(s) a node, and each trains on one device; "
                       "launch with srun --ntasks-per-node %d for %d devices", train.devices, tasks, train.devices,
                       train.devices)  # fmt: skip
         return tasks, nodes
     return train.devices, 1
+
+
+def launched_by(env: Mapping[str, str]) -> str | None:
+    """``torchrun`` or ``SLURM`` when their variables say they started this process, else None.
+
+    SLURM as Lightning's ``SLURMEnvironment.detect`` sees it (``SLURM_NTASKS`` set, and the job not an
+    interactive ``bash``/``interactive`` shell of ``salloc``), so that Fabric and this agree on the processes.
+    """
+    if "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env:
+        return "torchrun"
+    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in {"bash", "interactive"}:
+        return "SLURM"
+    return None
+
+
+def started_without_srun(env: Mapping[str, str]) -> bool:
+    """Whether this is the one process of a SLURM job script (or ``salloc`` shell) that asked for several tasks.
+
+    A job script runs once, not once a task: only ``srun`` starts the tasks, and it sets ``SLURM_STEP_ID`` for
+    them (``SLURM_STEPID`` in old releases), which the script's own process lacks. Lightning 2.6 tells the two
+    apart only by whether an ``srun`` command exists, and then merely warns (its pull request 21712 proposes
+    this very check).
+    """
+    tasks = env.get("SLURM_NTASKS", "1")
+    return tasks.isdigit() and int(tasks) > 1 and not ({"SLURM_STEP_ID", "SLURM_STEPID"} & env.keys())
+
+
+def launcher_variables(env: Mapping[str, str]) -> str:
+    """``NAME=value, ...`` of the variables the process count came from (torchrun's, SLURM's or Fabric's own)."""
+    launcher = launched_by(env)
+    names = LAUNCHER_VARIABLES[launcher] if launcher else ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return ", ".join(f"{name}={env[name]}" for name in names if name in env)
 
 
 def resolve_precision(train: TrainConfig) -> str:
@@ -100,10 +163,105 @@ def make_fabric(train: TrainConfig) -> Fabric:
             devices=devices,
             num_nodes=nodes,
             precision=resolve_precision(train),  # type: ignore[arg-type]
-            strategy="ddp" if many else "auto",
+            strategy=BoundedRendezvousDDP(timeout=RENDEZVOUS_TIMEOUT) if many else "auto",
         )
     except (RuntimeError, ValueError) as error:  # e.g. cuda asked for on a machine without a GPU
         raise UserError(f"train.accelerator={train.accelerator}, train.devices={train.devices}: {error}") from None
+
+
+class BoundedRendezvousDDP(DDPStrategy):
+    """Lightning's DDP (``strategy="ddp"``), whose processes wait for each other to start no longer than the
+    timeout it is given, and can be stopped by Ctrl-C or SIGTERM while they wait.
+
+    On the first process of ``--devices N`` it also passes SIGTERM on to the N - 1 processes that Fabric's
+    launcher started: they would otherwise learn of its end at their next collective, and fail there with a
+    traceback ("Connection closed by peer"). Ctrl-C on a terminal reaches all of them already.
+    """
+
+    def setup_environment(self) -> None:
+        children: Sequence[subprocess.Popen] = getattr(self.launcher, "procs", [])
+        if children:
+            forward_sigterm(children)
+        group_existed = torch.distributed.is_initialized()  # the second stage of a refit reuses the first's
+        try:
+            with signals_end_a_blocking_wait(children):
+                super().setup_environment()
+        except torch.distributed.DistError as error:  # DistStoreError, DistNetworkError: the peers did not come
+            words = " ".join(str(error).split())[:200]
+            waited = (self._timeout or default_pg_timeout).total_seconds()
+            raise UserError(
+                f"the {self.world_size} training processes did not all start within {waited:.0f} s ({words}); "
+                f"their count came from {launcher_variables(os.environ)}: start every one (srun, torchrun), or "
+                "run one process without these variables"
+            ) from None
+        if not group_existed:  # the collectives that follow keep Lightning's timeout
+            if hasattr(torch.distributed, "set_timeout"):
+                torch.distributed.set_timeout(default_pg_timeout)
+            else:  # older torch has only the private name (deprecated in favour of the public one)
+                from torch.distributed.distributed_c10d import _set_pg_timeout
+
+                _set_pg_timeout(default_pg_timeout)
+
+
+def forward_sigterm(children: Sequence[subprocess.Popen]) -> None:
+    """Send each child the SIGTERM this process gets, then handle it as before (the CLI: stop and say so)."""
+    previous = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL  # None: a handler set outside Python
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for child in children:
+            child.send_signal(signum)  # a no-op for one that has ended
+        if callable(previous):
+            previous(signum, frame)
+        else:  # SIG_DFL: end as without this handler (SIG_IGN: carry on)
+            signal.signal(signum, previous)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+@contextlib.contextmanager
+def signals_end_a_blocking_wait(children: Sequence[subprocess.Popen] = ()) -> Iterator[None]:
+    """Let Ctrl-C and SIGTERM end this process while it waits inside a blocking C++ call (the rendezvous).
+
+    Why: Python runs a signal's handler only when control comes back to the interpreter, so a process waiting
+    for peers that never came ignored both, and only SIGKILL ended it. Python's own C-level handler still
+    writes the signal's number to the "wakeup fd" the moment it arrives: a thread reading that ends the process
+    at once, with main()'s status (130, 143) and its one line (from the first process only), after passing
+    SIGTERM on to ``children``. Nothing is lost by ending so abruptly here: no file is being written. A signal
+    whose handler is the default (or ignored) acts as it would without this.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set the fd
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # as Python requires of a wakeup fd
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_end_on_signal, args=(read, children), name="signals-end-the-wait", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        os.write(write, b"\0")  # no signal has number 0: the watcher's cue to return
+        watcher.join()
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+
+
+def _end_on_signal(read: int, children: Sequence[subprocess.Popen]) -> None:
+    from bloodcell.train.run import is_first_process
+
+    while (signum := os.read(read, 1)[0]) != 0:
+        if signum not in (signal.SIGINT, signal.SIGTERM):
+            continue  # another signal a handler was set for: that handler runs once the wait is over
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        if is_first_process():
+            how = "terminated" if signum == signal.SIGTERM else "interrupted"
+            sys.stderr.write(f"{how} while the training processes waited for each other to start "
+                             f"({launcher_variables(os.environ)})\n")  # fmt: skip
+            sys.stderr.flush()
+        os._exit(128 + signum)
 
 
 def set_threads(requested: int, local_processes: int) -> int:
