@@ -243,27 +243,33 @@ def test_evaluate_shows_control_characters_in_class_and_folder_names_as_escapes(
     assert "cells\\x1b[2J" in shown and "up\\x1b[1A\\x9b2K" in shown
 
 
-def test_index_prints_class_and_data_folder_names_as_they_are(tmp_path: Path, monkeypatch, capsys) -> None:
-    """A plain class-per-folder layout takes its class names from the folders: "[b]" vanished from the table,
-    and "[red]" from the data folder's name in the summary line (Kaggle's "[Malignant] Pre-B" survived only
-    because "Malignant" is no style rich knows)."""
+def _index_printed(data: Path, classes: tuple[str, str], file_name: str, out_csv: Path, monkeypatch, capsys) -> str:
+    """What ``bloodcell index`` prints for ``data`` made of two class folders of three small images each."""
     import numpy as np
     from PIL import Image
 
     from bloodcell.cli import main
 
     rng = np.random.default_rng(0)
-    data = tmp_path / "[red]slides"
-    for name in ("[b]", "mono"):
-        (data / name).mkdir(parents=True)
+    for name in classes:
+        (data / name).mkdir(parents=True, exist_ok=True)
         for k in range(3):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / name / f"[i]{k}.png")
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / name / file_name.format(k))
     monkeypatch.setenv("COLUMNS", "500")  # the path on one line
-    monkeypatch.setattr(sys, "argv", ["bloodcell", "index", str(data), "--out", str(tmp_path / "m.csv"), "--no-progress"])
+    monkeypatch.setattr(sys, "argv", ["bloodcell", "index", str(data), "--out", str(out_csv), "--no-progress"])
     with pytest.raises(SystemExit) as exit_info:
         main()
     out = capsys.readouterr().out
     assert not exit_info.value.code, out
+    return out
+
+
+def test_index_prints_class_and_data_folder_names_as_they_are(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A plain class-per-folder layout takes its class names from the folders: "[b]" vanished from the table,
+    and "[red]" from the data folder's name in the summary line (Kaggle's "[Malignant] Pre-B" survived only
+    because "Malignant" is no style rich knows)."""
+    data = tmp_path / "[red]slides"
+    out = _index_printed(data, ("[b]", "mono"), "[i]{}.png", tmp_path / "m.csv", monkeypatch, capsys)
     assert f"under {data} " in out and "│ [b]   │      3 │" in out and "│ mono  │      3 │" in out
 
 
@@ -272,23 +278,9 @@ def test_index_shows_control_characters_in_class_and_rejected_file_names_as_esca
 ) -> None:
     """The index's table and its list of rejected files printed names as they were: a class folder or file
     named with ESC sequences moved the cursor and erased lines on a terminal."""
-    import numpy as np
-    from PIL import Image
-
-    from bloodcell.cli import main
-
-    rng = np.random.default_rng(0)
     data = tmp_path / "slides"
-    for name in ("up\x1b[1A", "mono"):
-        (data / name).mkdir(parents=True)
-        for k in range(3):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / name / f"{k}.png")
+    (data / "mono").mkdir(parents=True)
     (data / "mono" / "x\x1b[2K.png").write_bytes(b"")
-    monkeypatch.setenv("COLUMNS", "500")
-    monkeypatch.setattr(sys, "argv", ["bloodcell", "index", str(data), "--out", str(tmp_path / "m.csv"), "--no-progress"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr().out
-    assert not exit_info.value.code, out
+    out = _index_printed(data, ("up\x1b[1A", "mono"), "{}.png", tmp_path / "m.csv", monkeypatch, capsys)
     assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), repr(out)
     assert "up\\x1b[1A" in out and "rejected mono/x\\x1b[2K.png: empty file" in out
