@@ -536,6 +536,18 @@ def test_12_bit_data_in_16_bit_colour_is_refused_and_full_range_read(
         np.testing.assert_array_equal(np.asarray(open_rgb(path)), samples[..., :3] >> 8)
 
 
+def test_the_stored_sample_format_is_read_from_tiles_of_every_pillow_this_project_allows(tmp_path: Path) -> None:
+    """Pillow 11 keeps an image's tiles as named tuples, Pillow 10 (which pyproject allows) as plain ones:
+    reading ``.args`` failed on every image there, with a traceback from every command."""
+    from bloodcell.data.decode import _stored_rawmode
+
+    image = Image.open(save(tmp_path / "smear.png", Image.fromarray(smear(5, size=16))))
+    named = _stored_rawmode(image)
+    assert named == "RGB"
+    image.tile = [tuple(tile) for tile in image.tile]  # as Pillow 10 holds them
+    assert _stored_rawmode(image) == named
+
+
 def test_upright_rgb_gives_an_open_image_what_the_file_path_gives(tmp_path: Path) -> None:
     """The one way to prepare a PIL image of one's own (docs/SERVING.md): the same refusals, orientation
     and RGB conversion as decoding the file."""

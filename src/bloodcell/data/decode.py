@@ -217,7 +217,8 @@ def _stored_rawmode(image: Image.Image) -> str:
     """How the file stores ``image``'s samples (Pillow's raw mode: ``RGB;16B`` for 16-bit big-endian RGB),
     read from its first tile before it is loaded; "" once loaded, or for an image not read from a file."""
     tiles = getattr(image, "tile", None) or []
-    args = tiles[0].args if tiles else None
+    # (decoder, extents, offset, args) by position: Pillow 10 keeps plain tuples, 11 on a named tuple.
+    args = tiles[0][3] if tiles and len(tiles[0]) > 3 else None
     stored = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
     return stored if isinstance(stored, str) else ""
 
