@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import sys
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Self
@@ -106,15 +108,53 @@ def kaggle_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
     yield point_at
 
 
+class _CurrentStdout:
+    """Whatever ``sys.stdout`` is when written to: what kagglehub's console handler holds in a real run (the
+    process's stdout), while CliRunner swaps ``sys.stdout`` per invocation."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture
+def kagglehub_logs_to_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point kagglehub's console log handler at stdout, as kagglehub/logger.py does when it is imported."""
+    import kagglehub  # noqa: F401 - configures its logger
+
+    for handler in logging.getLogger("kagglehub").handlers:
+        if type(handler) is logging.StreamHandler:
+            monkeypatch.setattr(handler, "stream", _CurrentStdout())
+
+
+@pytest.fixture
+def resumable_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make kagglehub treat FakeKaggle like Kaggle's storage, which sends ``Accept-Ranges: bytes``: an archive
+    already in the cache is then resumed, or counted as 'already complete' when it has the full size."""
+    import kagglehub.clients
+
+    monkeypatch.setattr(kagglehub.clients, "_is_resumable", lambda response: True)
+
+
+def _damaged(archive: bytes) -> bytes:
+    """The same archive, the same size, with one byte of file data changed (a 'Bad CRC-32' on unpacking)."""
+    middle = len(archive) // 2
+    return archive[:middle] + bytes([archive[middle] ^ 0xFF]) + archive[middle + 1 :]
+
+
 def test_download_unpacks_caches_and_prints_data_root(
-    aria_dataset: Path, tmp_path: Path, kaggle_endpoint
+    aria_dataset: Path, tmp_path: Path, kaggle_endpoint, kagglehub_logs_to_stdout
 ) -> None:
     cache = tmp_path / "cache"
     with FakeKaggle(_archive(aria_dataset)) as fake:
         kaggle_endpoint(fake.url)
         result = CliRunner().invoke(app, ["data", "download", "--cache", str(cache), "--json"])
         assert result.exit_code == 0, result.output
-        path = Path(json.loads(result.output.strip().splitlines()[-1])["path"])
+        # stdout holds the one JSON object and nothing else; kagglehub's progress goes to stderr.
+        path = Path(json.loads(result.stdout)["path"])
+        assert "Extracting files" in result.stderr
         downloads = sum(1 for p, _ in fake.calls if p == "/blobs/leukemia.zip")
 
         # The printed folder is a dataset the rest of the tool reads, inside the chosen cache and version.
@@ -130,6 +170,59 @@ def test_download_unpacks_caches_and_prints_data_root(
         assert download_dataset(cache=cache) == path
         assert sum(1 for p, _ in fake.calls if p == "/blobs/leukemia.zip") == downloads == 1
 
+        # Without --json, stdout is the path alone: what `--data "$(bloodcell data download)"` needs.
+        text = CliRunner().invoke(app, ["data", "download", "--cache", str(cache), "--force"])
+        assert text.exit_code == 0, text.output
+        assert text.stdout == f"{path}\n"
+        assert "Downloading to" in text.stderr
+
+
+@pytest.mark.parametrize("damage", [_damaged, lambda archive: b"<html>an error page</html>"],
+                         ids=["bad-crc", "not-an-archive"])  # fmt: skip
+def test_a_damaged_archive_is_removed_so_the_next_run_downloads_it_again(
+    aria_dataset: Path, tmp_path: Path, kaggle_endpoint, resumable_host, damage: Callable[[bytes], bytes]
+) -> None:
+    """kagglehub leaves an archive it failed to unpack in its cache, and from a resumable host counts it as
+    'already complete' on every later run: the failure would repeat forever unless the archive goes."""
+    cache, good = tmp_path / "cache", _archive(aria_dataset)
+    folder = cache / "datasets" / "mehradaria" / "leukemia"
+    with FakeKaggle(damage(good)) as fake:
+        kaggle_endpoint(fake.url)
+        with pytest.raises(UserError, match=r"is damaged \((BadZipFile|ValueError).*removed the damaged download.*"
+                                            r"a new run downloads it again"):  # fmt: skip
+            download_dataset(cache=cache)
+        assert not list(folder.glob("*.archive")) and not (folder / "versions" / "3").exists()
+
+        fake.archive = good  # the next download arrives intact
+        path = download_dataset(cache=cache)
+        assert sum(1 for p, _ in fake.calls if p == "/blobs/leukemia.zip") == 2
+    assert "versions/3" in path.as_posix() and (folder / "3.complete").exists()
+
+
+def test_force_downloads_again_over_a_damaged_archive_left_in_the_cache(
+    aria_dataset: Path, tmp_path: Path, kaggle_endpoint, resumable_host
+) -> None:
+    """kagglehub's own force_download clears only a complete version; --force also clears what a failed run
+    left (an archive of the full size, a half-unpacked version folder), and nothing complete besides."""
+    cache, good = tmp_path / "cache", _archive(aria_dataset)
+    folder = cache / "datasets" / "mehradaria" / "leukemia"
+    (folder / "versions" / "3").mkdir(parents=True)
+    (folder / "versions" / "3" / "half-unpacked.jpg").write_bytes(b"")
+    (folder / "3.archive").write_bytes(_damaged(good))
+    (folder / "versions" / "2" / "kept.txt").parent.mkdir(parents=True)
+    (folder / "versions" / "2" / "kept.txt").write_text("a complete older version")
+    (folder / "2.complete").write_text("")
+    with FakeKaggle(good) as fake:
+        kaggle_endpoint(fake.url)
+        result = CliRunner().invoke(app, ["data", "download", "--cache", str(cache), "--force"])
+        assert result.exit_code == 0, result.output
+        assert sum(1 for p, _ in fake.calls if p == "/blobs/leukemia.zip") == 1
+    assert Path(result.stdout.strip()).is_dir() and (folder / "3.complete").exists()
+    assert (
+        not (folder / "versions" / "3" / "half-unpacked.jpg").exists() and not (folder / "3.archive").exists()
+    )
+    assert (folder / "versions" / "2" / "kept.txt").exists()
+
 
 def test_offline_a_copy_downloaded_before_is_used(aria_dataset: Path, tmp_path: Path, kaggle_endpoint,
                                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
@@ -142,7 +235,9 @@ def test_offline_a_copy_downloaded_before_is_used(aria_dataset: Path, tmp_path: 
     with caplog.at_level("WARNING", logger="bloodcell.data.download"):
         assert download_dataset(cache=cache) == online
     assert "could not reach Kaggle; using the copy of mehradaria/leukemia downloaded before" in caplog.text
-    with pytest.raises(UserError, match="could not reach Kaggle"):  # a version never downloaded: no copy to use
+    with pytest.raises(
+        UserError, match="could not reach Kaggle"
+    ):  # a version never downloaded: no copy to use
         download_dataset("mehradaria/leukemia/versions/2", cache=cache)
 
 
@@ -162,6 +257,8 @@ def test_download_offline_says_so(tmp_path: Path, kaggle_endpoint) -> None:
 def test_download_rejects_a_malformed_handle(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected owner/name"):
         download_dataset("not-a-handle", cache=tmp_path / "cache")
+    with pytest.raises(UserError, match="'..' are not names"):  # would reach outside the cache's folder
+        download_dataset("../leukemia", cache=tmp_path / "cache")
 
 
 def test_a_download_that_holds_no_dataset_is_an_error_not_a_path(tmp_path: Path) -> None:

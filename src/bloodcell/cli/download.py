@@ -29,7 +29,11 @@ def download(
     cache: Path | None = typer.Option(
         None, "--cache", help="Download folder (default: $KAGGLEHUB_CACHE, else $BLOODCELL_HOME/kaggle)."
     ),
-    force: bool = typer.Option(False, "--force", help="Download again even if a complete copy is cached."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Download again even if a complete copy is cached; an unfinished or damaged download is removed first.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Download the Kaggle dataset with kagglehub (cached) and print the folder to pass as --data.

@@ -2,20 +2,31 @@
 
 The download itself is kagglehub's: it asks Kaggle for the dataset's current version, downloads the
 archive (resuming a broken download), unpacks it and marks it complete, so a second call costs one small
-request and returns the cached copy. We choose the cache folder, use the newest complete cached copy when
-Kaggle cannot be reached (kagglehub would fail on its version request), translate kagglehub's failures into
-one-line errors that say what to do, and locate the dataset root inside the unpacked archive.
+request and returns the cached copy. We choose the cache folder, keep kagglehub's progress messages off
+stdout (which carries only our result), use the newest complete cached copy when Kaggle cannot be reached
+(kagglehub would fail on its version request), remove a damaged download (kagglehub would resume and unpack
+the same bad file on every later run), translate kagglehub's failures into one-line errors that say what to
+do, and locate the dataset root inside the unpacked archive.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
+import tarfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bloodcell.errors import UserError
+
+if TYPE_CHECKING:
+    from kagglehub.handle import DatasetHandle
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,92 @@ def _kagglehub_cache(cache: Path) -> Iterator[None]:
             os.environ.pop(_KAGGLEHUB_CACHE_ENV, None)
         else:
             os.environ[_KAGGLEHUB_CACHE_ENV] = previous
+
+
+@contextmanager
+def _kagglehub_logs_on_stderr() -> Iterator[None]:
+    """Send kagglehub's console log ("Downloading to ...", "Extracting files...") to stderr for one call.
+
+    kagglehub's logger writes to a StreamHandler it built on stdout (kagglehub/logger.py), and stdout must
+    hold only our result (the path, or one JSON object) for ``--data "$(bloodcell data download)"``.
+    ``redirect_stdout`` cannot help: the handler keeps the stream object it was given.
+    """
+    # Exactly the plain StreamHandler kagglehub builds: file handlers and other tools' handlers (pytest's log
+    # capture, say) are subclasses, and their streams are not ours to move.
+    consoles = [
+        handler
+        for handler in logging.getLogger("kagglehub").handlers
+        if type(handler) is logging.StreamHandler
+    ]
+    previous = [handler.setStream(sys.stderr) for handler in consoles]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(consoles, previous, strict=True):
+            if stream is not None:  # setStream returns None when the stream was stderr already
+                handler.setStream(stream)
+
+
+def _is_damaged_archive(error: Exception) -> bool:
+    """Whether kagglehub failed to unpack the archive it downloaded (truncated, corrupt, or not an archive)."""
+    if isinstance(error, ValueError) and str(error) == "Unsupported archive type.":  # kagglehub's own
+        return True
+    return isinstance(error, (zipfile.BadZipFile, zlib.error, EOFError, tarfile.TarError))
+
+
+def _parse_handle(dataset: str) -> DatasetHandle:
+    """kagglehub's handle for ``dataset``, or a :class:`UserError` that says what is wrong with it."""
+    from kagglehub.handle import parse_dataset_handle
+
+    try:
+        handle = parse_dataset_handle(dataset)
+    except ValueError as error:
+        raise UserError(f"bad Kaggle dataset handle {dataset!r}: {error} (expected owner/name)") from None
+    if {handle.owner, handle.dataset} & {".", ".."}:  # kagglehub would write outside its datasets folder
+        raise UserError(
+            f"bad Kaggle dataset handle {dataset!r}: '.' and '..' are not names (expected owner/name)"
+        )
+    return handle
+
+
+def _dataset_cache_folder(cache_dir: Path, handle: DatasetHandle) -> Path:
+    """kagglehub's folder for the dataset in ``cache_dir``: ``<cache>/datasets/<owner>/<name>``."""
+    return Path(cache_dir) / "datasets" / handle.owner / handle.dataset
+
+
+def remove_unfinished_downloads(cache_dir: Path, dataset: str) -> list[Path]:
+    """Delete what kagglehub left of downloads of ``dataset`` that never completed, and return the paths.
+
+    kagglehub downloads version N to ``<folder>/<N>.archive``, unpacks it into ``<folder>/versions/<N>/``,
+    deletes the archive and writes ``<folder>/<N>.complete``. An archive left behind (a failed unpack, an
+    interrupted download) is resumed next time, and from a host that accepts ranges a complete but damaged
+    one counts as "already complete" and is unpacked again; its own ``force_download`` clears only complete
+    versions. So both the archives and the ``versions/<N>`` folders without their marker go. A handle
+    naming a version touches only that version; complete copies are never touched.
+    """
+    handle = _parse_handle(dataset)
+    folder = _dataset_cache_folder(cache_dir, handle)
+    pattern = "*" if handle.version is None else str(handle.version)
+    archives = [path for path in folder.glob(f"{pattern}.archive") if path.is_file()]
+    unpacked = [path for path in (folder / "versions").glob(pattern)
+                if path.is_dir() and not (folder / f"{path.name}.complete").exists()]  # fmt: skip
+    for archive in archives:
+        archive.unlink()
+    for partial in unpacked:
+        if partial.is_symlink():  # never follow a link out of the cache
+            partial.unlink()
+        else:
+            shutil.rmtree(partial)
+    return archives + unpacked
+
+
+def _damaged_download_error(error: Exception, dataset: str, removed: list[Path]) -> UserError:
+    """Say that the archive could not be unpacked, and that a new run downloads it again (it is removed)."""
+    detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return UserError(
+        f"the archive of {dataset!r} downloaded from Kaggle is damaged ({detail}); removed the damaged "
+        f"download ({', '.join(map(str, removed))}), so a new run downloads it again"
+    )
 
 
 def _explain_failure(error: Exception, dataset: str) -> UserError:
@@ -115,28 +212,31 @@ def download_dataset(
     dataset: Kaggle handle ``owner/name`` (optionally ``owner/name/versions/N``).
     cache: folder for downloads; default :func:`default_cache_dir`. kagglehub keeps each version under
         ``<cache>/datasets/<owner>/<name>/versions/<N>/``.
-    force: download again even when a complete copy is cached.
+    force: download again even when a complete copy is cached; any unfinished or damaged download of the
+        dataset is removed first (see :func:`remove_unfinished_downloads`).
 
     Returns the dataset root inside the cache. Raises :class:`UserError` when Kaggle cannot be reached,
-    refuses the credentials, or does not know the dataset.
+    refuses the credentials, or does not know the dataset, or when the downloaded archive cannot be
+    unpacked (the damaged download is then removed, so that the next run downloads it again).
     """
     try:
         import kagglehub
     except ImportError as error:  # pragma: no cover - a dependency of the package
         raise UserError("the dataset download needs kagglehub: pip install kagglehub") from error
 
-    from kagglehub.handle import parse_dataset_handle
-
-    try:
-        parse_dataset_handle(dataset)
-    except ValueError as error:
-        raise UserError(f"bad Kaggle dataset handle {dataset!r}: {error} (expected owner/name)") from None
+    _parse_handle(dataset)
     cache_dir = Path(cache).expanduser() if cache is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _kagglehub_cache(cache_dir.resolve()):
+    if force:
+        for leftover in remove_unfinished_downloads(cache_dir, dataset):
+            log.info("removed the unfinished download %s", leftover)
+    with _kagglehub_cache(cache_dir.resolve()), _kagglehub_logs_on_stderr():
         try:
             path = kagglehub.dataset_download(dataset, force_download=force)
-        except Exception as error:  # every transport failure gets the same treatment
+        except Exception as error:  # kagglehub raises whatever its transport or unpacking raised
+            if _is_damaged_archive(error):
+                removed = remove_unfinished_downloads(cache_dir, dataset)
+                raise _damaged_download_error(error, dataset, removed) from error
             # kagglehub asks Kaggle for the current version before it looks in its cache: offline, a
             # complete copy already downloaded is what the user needs.
             cached = None if force or not _is_offline(error) else newest_cached_copy(cache_dir, dataset)
@@ -157,10 +257,8 @@ def newest_cached_copy(cache_dir: Path, dataset: str) -> Path | None:
     """The newest complete copy of ``dataset`` in kagglehub's cache (``<cache>/datasets/<owner>/<name>/
     versions/<N>/``, complete when kagglehub has written ``<N>.complete`` beside ``versions``), or None.
     A handle naming a version accepts only that version."""
-    from kagglehub.handle import parse_dataset_handle
-
-    handle = parse_dataset_handle(dataset)
-    folder = Path(cache_dir) / "datasets" / handle.owner / handle.dataset
+    handle = _parse_handle(dataset)
+    folder = _dataset_cache_folder(cache_dir, handle)
     versions = [int(marker.stem) for marker in folder.glob("*.complete") if marker.stem.isdigit()]
     if handle.version is not None:
         versions = [v for v in versions if v == handle.version]
