@@ -376,3 +376,20 @@ def test_an_out_that_is_an_existing_file_not_onnx_is_refused_and_a_dotted_name_i
     dotted = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "v1.2")])
     assert dotted.exit_code == 0, dotted.output
     assert (tmp_path / "v1.2" / "model.onnx").is_file()
+
+
+def test_export_s_summary_names_the_difference_on_real_and_on_synthetic_images(tiny_model: Path, tmp_path: Path) -> None:
+    """It gave the real images' figure under "12 real images + 8 synthetic", leaving the synthetic ones' out."""
+    from bloodcell.cli.serve import parity_summary
+
+    result = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    parity = json.loads((tmp_path / "o" / "card.json").read_text())["onnx"]["parity"]
+    real, synthetic = parity["max_abs_diff_probabilities"], parity["synthetic"]
+    assert (f"parity vs PyTorch, max |dp| = {real:.1e} on {parity['n_images']} real images, "
+            f"{synthetic['max_abs_diff_probabilities']:.1e} on 8 synthetic (logits within "
+            f"{synthetic['max_abs_diff_logits']:.1e})") in " ".join(result.stdout.split())  # fmt: skip
+    assert parity["n_real_images"] == parity["n_images"] > 0
+    alone = {**parity, "images": "8 synthetic images (no real images given)", "n_real_images": 0}
+    assert parity_summary(alone).endswith("on 8 synthetic (logits within "
+                                          f"{synthetic['max_abs_diff_logits']:.1e}) (no real images given)")  # fmt: skip

@@ -582,3 +582,92 @@ def test_explain_names_the_images_that_are_not_square(tiny_model: Path, slides: 
         assert (f"1 of the 2 images is not square; resizing to a square squashes the cells along the longer side by up "
                 f"to 40 % ({wide}: 200x120)") in result.stderr  # fmt: skip
     assert [row["size"] for row in json.loads(result.stdout)["images"]] == [[96, 96], [200, 120]]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be made")
+def test_an_out_that_cannot_be_written_is_refused_before_any_image_is_read(
+    tiny_model: Path, slides: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its folder exists and the suffix is right, but no file can be made there (root included): found
+    only after every image was classified, it lost them all."""
+    import bloodcell.cli.serve as serve_cli
+
+    def no_model_yet(*args: object) -> None:
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(serve_cli, "make_predictor", no_model_yet)
+    result = run("predict", "-m", str(tiny_model), str(slides), "--out", "/proc/results.csv", "--json")
+    assert isinstance(result.exception, UserError) and "--out /proc/results.csv: cannot write in /proc" in str(result.exception)
+    assert not [name for name in os.listdir("/proc") if name.startswith(".results.csv.")]
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_results_that_cannot_be_written_at_the_end_are_printed_before_the_error(
+    tiny_model: Path, slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
+    """The folder became read-only (or full) while the images were classified: nothing computed is lost."""
+    import errno
+
+    import bloodcell.cli.serve as serve_cli
+
+    def full_disk(path: Path, *args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(serve_cli, "write_results", full_disk)
+    out = tmp_path / "results.csv"
+    result = run("predict", "-m", str(tiny_model), str(slides / "*.jpg"), "--out", str(out), *(["--json"] if as_json else []))
+    assert isinstance(result.exception, UserError) and f"--out {out}: cannot write the results" in str(result.exception)
+    if as_json:
+        assert json.loads(result.stdout)["n_files"] == 3
+    else:
+        assert len(re.findall(r"\b[01]\.\d{3}\b", result.stdout)) == 3 * len(CLASSES)  # the table's rows
+        assert "3 of 3 classified" in result.stderr and "written to" not in result.stderr
+
+
+def test_names_that_are_not_utf8_are_escaped_in_missing_rows_and_skipped_files(
+    tiny_model: Path, slides: Path, tmp_path: Path
+) -> None:
+    """An input that matched nothing and a file passed over in a folder: the CSV crashed on the first, and
+    --json showed the second as a lone surrogate."""
+    missing = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"nope\xe9.jpg"))
+    (slides / os.fsdecode(b"not\xe9s.txt")).write_text("not an image")
+    out = tmp_path / "results.csv"
+    result = run("predict", "-m", str(tiny_model), str(slides / "cell-000.jpg"), missing, "--out", str(out))
+    assert result.exit_code == 1 and not isinstance(result.exception, UnicodeError), result.output
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert rows[1]["file"] == f"{tmp_path}/nope\\xe9.jpg" and rows[1]["error"] == "no such file or folder"
+    skipped = json.loads(run("predict", "-m", str(tiny_model), str(slides), "--json").stdout)["skipped"]
+    assert sorted(skipped) == [str(slides / "not\\xe9s.txt"), str(slides / "notes.txt")]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_both_backends_send_at_most_the_largest_forward_batch_through_the_network(
+    tiny_model: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """ONNX Runtime took a --batch 3000 whole (4.6 GB at its peak); the answers stay the same."""
+    import bloodcell.serve.common as common
+
+    predictor = common.load_predictor(tiny_model if backend == "torch" else tiny_onnx, backend)[0]
+    images = np.random.default_rng(0).integers(0, 256, (5, TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
+    whole = predictor.predict(images)
+    network = predictor.logits
+    sizes: list[int] = []
+
+    def counted(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        return network(batch)
+
+    monkeypatch.setattr(predictor, "logits", counted)
+    monkeypatch.setattr(common, "MAX_FORWARD_BATCH", 2)
+    assert np.allclose(predictor.predict(images), whole, atol=1e-6)
+    assert sizes == [2, 2, 1]
+    sizes.clear()
+    predictor.predict(images, tta="flips")
+    assert sizes == [2, 2, 1] * 4
+
+
+def test_an_onnx_export_s_card_points_at_its_onnx_file(tiny_onnx: Path, slides: Path) -> None:
+    """`predict onnx/card.json`: "no model found (expected card.json and model.safetensors ...)" named no way out."""
+    result = run("predict", str(tiny_onnx.parent / "card.json"), str(slides / "cell-000.jpg"))
+    assert isinstance(result.exception, UserError), result.output
+    assert f"an ONNX export, not a PyTorch model (no model.safetensors): pass {tiny_onnx}" in str(result.exception)

@@ -12,6 +12,8 @@ import errno
 import glob
 import io
 import json
+import os
+import tempfile
 import time
 from enum import Enum
 from pathlib import Path
@@ -148,6 +150,22 @@ def check_results_path(path: Path) -> None:
     existing = next(parent for parent in path.absolute().parents if parent.exists())
     if not existing.is_dir():
         raise UserError(f"--out {path}: {existing} is a file, not a folder")
+    _refuse_a_folder_that_cannot_be_written(path, existing)
+
+
+def _refuse_a_folder_that_cannot_be_written(path: Path, folder: Path) -> None:
+    """Create and remove a temporary file in ``folder`` (where the results, or their missing folders, go).
+
+    Trying is the one test that holds: ``os.access`` answers yes to root on a read-only mount or in
+    ``/proc``. The file is named as :func:`bloodcell.io.atomic_path` names its own (``.NAME.RANDOM.csv``).
+    """
+    start = os.fsdecode(os.fsencode(path.name)[:64])  # as atomic_path: the whole name stays under 255 bytes
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{start}.", suffix=path.suffix, dir=folder)
+    except OSError as error:
+        raise UserError(f"--out {path}: cannot write in {folder} ({error.strerror or error})") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def print_table(results: list[Any], classes: list[str], limit: int, written_to: Path | None = None) -> None:
@@ -225,6 +243,7 @@ def predict_command(
     named ("skipped" with --json).
     Exit code: 0 when every file was classified, 1 when any failed, 2 on a usage error.
     """
+    from bloodcell.io import printable_path
     from bloodcell.serve.common import PredictionResult, expand_inputs, missing_input_reason
 
     model, inputs = split_model_and_inputs(model, inputs)
@@ -236,7 +255,9 @@ def predict_command(
     start = time.perf_counter()
     results = _run_with_progress(predictor, files, batch, progress and len(files) > batch and not as_json)
     seconds = time.perf_counter() - start
-    results = found.in_input_order(results, lambda text: PredictionResult(source=text, error=missing_input_reason(text)))
+    results = found.in_input_order(
+        results, lambda text: PredictionResult(source=printable_path(text), error=missing_input_reason(text))
+    )
     failed = sum(1 for r in results if not r.ok)
     payload = {
         "model": {**predictor.model_info, "backend": predictor.backend},
@@ -245,19 +266,21 @@ def predict_command(
         "tta": predictor.tta,
         "n_files": len(results),
         "n_failed": failed,
-        "skipped": [str(path) for path in skipped],  # files in the folders given whose suffix is not an image's
+        "skipped": [printable_path(path) for path in skipped],  # files in the folders given that were not read
         "seconds": round(seconds, 3),
         "results": [r.to_dict() for r in results],
     }
+    written_to, write_error = out, None
     if out is not None:
         try:
             write_results(out, payload, results, predictor.classes)
         except OSError as error:  # e.g. the folder became read-only while the images were classified
-            raise UserError(f"--out {out}: cannot write the results ({error})") from None
+            written_to, write_error = None, f"--out {out}: cannot write the results ({error})"
+    # Printed even when --out failed: what was computed is shown before the error, not lost with it.
     if as_json:
         typer.echo(json.dumps(payload))
     else:
-        print_table(results, predictor.classes, show, out)
+        print_table(results, predictor.classes, show, written_to)
         if skipped:
             typer.echo(skipped_note(skipped), err=True)
     warn_of_squashed((r.source, r.size) for r in results)
@@ -266,9 +289,11 @@ def predict_command(
         typer.echo(
             f"{len(results) - failed} of {len(results)} classified in {seconds:.2f} s{rate}"
             + (f"; {failed} failed" if failed else "")
-            + (f"; written to {out}" if out else ""),
+            + (f"; written to {written_to}" if written_to else ""),
             err=True,
         )
+    if write_error is not None:
+        raise UserError(write_error)
     if failed:
         raise typer.Exit(code=1)
 
@@ -331,10 +356,20 @@ def export_command(
     if as_json:
         typer.echo(json.dumps(summary))
     else:
-        typer.echo(
-            f"wrote {path} ({summary['bytes'] / 1e6:.1f} MB) and its card {summary['card']}; parity vs PyTorch on "
-            f"{info['parity']['images']}: max |dp| = {info['parity']['max_abs_diff_probabilities']:.1e}"
-        )
+        typer.echo(f"wrote {path} ({summary['bytes'] / 1e6:.1f} MB) and its card {summary['card']}; "
+                   f"{parity_summary(info['parity'])}")  # fmt: skip
+
+
+def parity_summary(parity: dict[str, Any]) -> str:
+    """The export's parity check in words: the largest difference of probabilities on the real images and
+    on the synthetic ones (held to their logits), each named with its own figure."""
+    synthetic = parity["synthetic"]
+    on_synthetic = (f"{synthetic['max_abs_diff_probabilities']:.1e} on {synthetic['n_images']} synthetic "
+                    f"(logits within {synthetic['max_abs_diff_logits']:.1e})")  # fmt: skip
+    if not parity.get("n_real_images"):  # no real images given: the synthetic ones were the whole check
+        return f"parity vs PyTorch, max |dp| = {on_synthetic} (no real images given)"
+    on_real = f"{parity['max_abs_diff_probabilities']:.1e} on {parity['n_real_images']} real images"
+    return f"parity vs PyTorch, max |dp| = {on_real}, {on_synthetic}"
 
 
 #: How long SIGTERM or Ctrl-C waits for requests in progress before the server cancels them and exits.

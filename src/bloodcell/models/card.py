@@ -178,11 +178,22 @@ def resolve_model_dir(path: str | Path | None) -> Path:
     if _is_a_run(candidate):  # most often one stopped before its model was saved (in the holdout stage, say)
         raise FileNotFoundError(f"{candidate}: no model found in this training run (no checkpoints/best/ yet); if "
                                 f"it was interrupted, finish it with: bloodcell train --resume {candidate}")  # fmt: skip
+    export = _onnx_export_in(candidate)
+    if export is not None:  # an export's folder (its card beside the graph): the weights are inside the .onnx
+        raise FileNotFoundError(f"{candidate}: an ONNX export, not a PyTorch model (no {WEIGHTS_FILE}): pass {export} "
+                                "to run it on ONNX Runtime, or the model directory it was exported from")  # fmt: skip
     dataset = "; to evaluate on a dataset, pass it as --data" if _looks_like_a_dataset(candidate) else ""
     raise FileNotFoundError(
         f"{candidate}: no model found (expected {CARD_FILE} and {WEIGHTS_FILE} here, in checkpoints/best/ or in "
         f"model/){dataset}"
     )
+
+
+def _onnx_export_in(folder: Path) -> Path | None:
+    """The ``.onnx`` file beside a ``card.json`` in ``folder`` (what ``bloodcell export`` writes), if any."""
+    if not (folder / CARD_FILE).is_file():
+        return None
+    return next((path for path in sorted(folder.iterdir()) if path.suffix.lower() == ".onnx" and path.is_file()), None)
 
 
 def _is_a_run(folder: Path) -> bool:

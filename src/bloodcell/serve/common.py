@@ -38,6 +38,9 @@ CARD_FILE = "card.json"
 DEFAULT_BATCH = 64
 #: Batches decoded ahead of the network in ``predict_files`` (bounds memory: 2 x 64 images).
 PREFETCH_BATCHES = 2
+#: Largest batch sent through the network at once, whatever batch a caller asks for, so a huge ``predict``
+#: call cannot exhaust memory (the network's activations grow with the batch; ONNX Runtime's too).
+MAX_FORWARD_BATCH = 256
 
 
 @dataclass
@@ -136,7 +139,8 @@ class BasePredictor:
 
     # -- to implement ---------------------------------------------------------------------------------
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """Logits ``(N, K)`` of a uint8 ``(N, input_size, input_size, 3)`` RGB batch."""
+        """Logits ``(N, K)`` of a uint8 ``(N, input_size, input_size, 3)`` RGB batch of at most
+        :data:`MAX_FORWARD_BATCH` images (:meth:`predict_logits` splits larger ones)."""
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------------
@@ -157,10 +161,18 @@ class BasePredictor:
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         if views is None:
-            return self.logits(images)
+            return self._logits_in_chunks(images)
         from bloodcell.evaluate.tta import tta_logits  # numpy only, like this module
 
-        return tta_logits(self.logits, images, views)
+        return tta_logits(self._logits_in_chunks, images, views)
+
+    def _logits_in_chunks(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`logits` of any batch, run :data:`MAX_FORWARD_BATCH` images at a time (each image's logits
+        do not depend on the others in its batch)."""
+        if len(images) <= MAX_FORWARD_BATCH:
+            return self.logits(images)
+        return np.concatenate([self.logits(images[start : start + MAX_FORWARD_BATCH])
+                               for start in range(0, len(images), MAX_FORWARD_BATCH)])  # fmt: skip
 
     def predict(self, images: np.ndarray, tta: bool | str | None = None) -> np.ndarray:
         """Class probabilities ``(N, K)`` float32 of a uint8 NHWC batch, with the card's temperature.

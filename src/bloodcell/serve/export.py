@@ -280,7 +280,7 @@ def export_onnx(
         "output": {"name": OUTPUT_NAME, "meaning": "logits; probabilities = softmax(logits / temperature)"},
         "weights_sha256": sha256_file(weights),
         "card_sha256": sha256_file(weights.parent / CARD_FILE),
-        "parity": {**parity, "tolerance": tolerance, "images": what},
+        "parity": {**parity, "tolerance": tolerance, "images": what, "n_real_images": len(real)},
     }
     save_card(ModelCard.model_validate({**card.model_dump(mode="json"), "onnx": onnx_info}), target.parent)
     return target

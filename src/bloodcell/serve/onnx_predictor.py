@@ -102,5 +102,5 @@ class OnnxPredictor(BasePredictor):
                                  f"{'x'.join(map(str, sides))} images")  # fmt: skip
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """Logits ``(N, K)`` float32 of a uint8 NHWC batch."""
+        """Logits ``(N, K)`` float32 of a uint8 NHWC batch (``predict`` sends at most ``MAX_FORWARD_BATCH``)."""
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})[0]

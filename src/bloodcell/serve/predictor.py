@@ -22,9 +22,6 @@ from bloodcell.models.card import load_model
 from bloodcell.models.classifier import Classifier, as_batch_tensor
 from bloodcell.serve.common import BasePredictor
 
-#: Largest batch sent through the network at once, so a huge ``predict`` call cannot exhaust memory.
-MAX_FORWARD_BATCH = 256
-
 
 class TorchPredictor(BasePredictor):
     """Predict with a saved :class:`~bloodcell.models.Classifier` in PyTorch eager mode.
@@ -61,15 +58,11 @@ class TorchPredictor(BasePredictor):
         self._explain_lock = threading.Lock()
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """Logits ``(N, K)`` float32 of a uint8 NHWC batch."""
-        outputs = []
+        """Logits ``(N, K)`` float32 of a uint8 NHWC batch (``predict`` sends at most ``MAX_FORWARD_BATCH``)."""
         with torch.inference_mode():
-            for start in range(0, len(images), MAX_FORWARD_BATCH):
-                batch = as_batch_tensor(images[start : start + MAX_FORWARD_BATCH])
-                # NHWC -> NCHW as a view: the memory stays channels-last, which CPU convolutions prefer.
-                batch = batch.to(self.device).permute(0, 3, 1, 2)
-                outputs.append(self.model(batch).float().cpu())
-        return torch.cat(outputs).numpy()
+            # NHWC -> NCHW as a view: the memory stays channels-last, which CPU convolutions prefer.
+            batch = as_batch_tensor(images).to(self.device).permute(0, 3, 1, 2)
+            return self.model(batch).float().cpu().numpy()
 
     def explain(
         self, image: np.ndarray, target: int | None = None, method: str = "gradcam",
