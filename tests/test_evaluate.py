@@ -571,6 +571,51 @@ def test_cli_explain_reports_a_bad_image_and_explains_the_others(run: Path, data
     assert "skipped 1 file(s)" in result.stderr and "notes.txt" in result.stderr
 
 
+def test_cli_explain_into_the_images_folder_again_skips_the_earlier_overlays(run: Path, dataset: Path,
+                                                                            tmp_path: Path) -> None:
+    folder = tmp_path / "exu"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(sorted((dataset / "Original" / "Pro").glob("*.jpg"))[0].read_bytes())
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["explain", str(run), str(folder), "--out", str(folder)])
+        assert result.exit_code == 0, result.output
+    assert f"1 overlay(s) written to {folder}/; 1 earlier overlay(s) skipped" in result.stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["a.gradcam.png", "a.jpg"]
+
+
+def _another_run(run: Path, folder: Path) -> Path:
+    """A copy of ``run`` whose model is another (its weights changed: only hashed, never loaded here)."""
+    shutil.copytree(run, folder)
+    with (folder / "checkpoints" / "best" / "model.safetensors").open("ab") as weights:
+        weights.write(b"\0")
+    return folder
+
+
+def test_evaluate_out_refuses_another_model_s_run_or_evaluation(run: Path, tmp_path: Path) -> None:
+    other = _another_run(run, tmp_path / "m2")
+    with pytest.raises(UserError, match=r"m2 is the folder of another training run .*choose another --out"):
+        evaluate_model(run, out_dir=other, robustness=False, explain=False, progress=False)
+    folder = tmp_path / "ev"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"model": {"path": str(other / "checkpoints" / "best")}}))
+    with pytest.raises(UserError, match=r"ev/metrics.json is the evaluation of another model .*m2"):
+        evaluate_model(run, out_dir=folder, robustness=False, explain=False, progress=False)
+    assert json.loads((folder / "metrics.json").read_text())["model"]["path"].endswith("best")  # left as it was
+    assert not (folder / "plots").exists()
+
+
+def test_evaluate_into_a_copy_of_its_run_says_its_reports_are_stale(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "m1c"
+    shutil.copytree(run, copy)  # the same model's run: allowed
+    (copy / "report.html").write_text("<html>the previous evaluation</html>")
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--out", str(copy), "--no-robustness", "--no-explain",
+                                      "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (f"report.html in {copy} describe the previous evaluation; rebuild them with: bloodcell report {copy}"
+            in result.stderr)  # fmt: skip
+    assert json.loads((copy / "metrics.json").read_text())["model"]["weights_sha256"]
+
+
 def test_cli_explain_with_only_a_model_is_a_user_error(run: Path) -> None:
     result = CliRunner().invoke(app, ["explain", str(run)])
     assert result.exit_code != 0

@@ -275,7 +275,27 @@ def test_explain_files_writes_overlays(tmp_path: Path, bloodnet: Classifier) -> 
     assert (tmp_path / "cell0.gradcam.png").read_bytes() == original
     second = explain_files(model_dir, sorted(tmp_path.glob("*.png")), tmp_path)
     overlays = {Path(r["image"]).name: r for r in second}
-    assert "earlier explain wrote" in overlays["cell1.gradcam.png"]["error"]
+    assert "earlier explain wrote" in overlays["cell1.gradcam.png"]["skipped"]
+    assert overlays["cell1.gradcam.png"]["error"] is None  # left out, not failed
+    assert overlays["cell0.gradcam.png"]["skipped"] is None  # the image of one's own so named is still an input
+
+
+def test_explaining_into_the_images_folder_again_replaces_the_overlays(tmp_path: Path, bloodnet: Classifier) -> None:
+    from PIL import Image
+
+    model_dir = save_model(bloodnet, ModelCard(architecture="bloodnet", arch_kwargs={"width": 0.5}, input_size=48), tmp_path / "m")
+    images, _ = toy_images(2, 80)
+    folder = tmp_path / "exu"
+    folder.mkdir()
+    Image.fromarray(images[0]).save(folder / "a.jpg")
+    Image.fromarray(images[1]).save(folder / "a.png")  # two images of one stem: numbered overlays
+    for _ in range(3):
+        rows = explain_files(model_dir, sorted(folder.iterdir()), folder)
+        written = sorted(Path(r["overlay"]).name for r in rows if r["overlay"] is not None)
+        assert written == ["000-a.gradcam.png", "001-a.gradcam.png"]  # the same names each time: replaced
+        assert all(r["error"] is None for r in rows)
+    assert sorted(p.name for p in folder.iterdir()) == ["000-a.gradcam.png", "001-a.gradcam.png", "a.jpg", "a.png"]
+    assert sum(r["skipped"] is not None for r in rows) == 2
 
 
 class _SpotFinder(torch.nn.Module):

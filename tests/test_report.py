@@ -325,6 +325,22 @@ def test_an_older_evaluation_folder_outside_a_run_is_evaluated_again(runs: Path,
     assert again["robustness"] is None and again["explain"] is not None  # the sections it had, no others
 
 
+def test_a_run_whose_metrics_scored_another_model_is_refused(runs: Path, tmp_path: Path) -> None:
+    """`evaluate other --out RUN` before that was refused: the report would describe one model with another's
+    scores. A copy of the run, whose metrics.json names the original's model, is still its own."""
+    build_report(runs / "seed")  # its metrics.json
+    run = tmp_path / "toy"
+    shutil.copytree(runs / "toy", run)
+    if not (run / "metrics.json").is_file():
+        build_report(run)
+    assert build_report(run, evaluate=False).is_file()  # a copy: its metrics.json names runs/toy's model
+    metrics = json.loads((run / "metrics.json").read_text())
+    scored = json.loads((runs / "seed" / "metrics.json").read_text())["model"]
+    (run / "metrics.json").write_text(json.dumps({**metrics, "model": scored}))
+    with pytest.raises(UserError, match=r"scored another model .*seed.*evaluate this run again"):
+        build_report(run, evaluate=False)
+
+
 def test_report_of_a_missing_run_is_a_user_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert result.exit_code != 0

@@ -145,6 +145,18 @@ def summary_tables(metrics: dict[str, Any]) -> list[Table]:
     return tables
 
 
+def _warn_of_stale_reports(folder: Path) -> None:
+    """Say so when the folder just evaluated into holds reports: their text describes the previous evaluation
+    while the plots they link are the new ones. Not rebuilt here: a report may evaluate a baseline run too."""
+    from bloodcell.report.html import REPORT_HTML, REPORT_MD
+
+    stale = [name for name in (REPORT_HTML, REPORT_MD) if (folder / name).is_file()]
+    if stale:
+        name = terminal_text(folder)
+        typer.echo(f"warning: {' and '.join(stale)} in {name} describe the previous evaluation; rebuild them "
+                   f"with: bloodcell report {name}", err=True)  # fmt: skip
+
+
 @app.command("evaluate")
 def evaluate_command(
     model: Path | None = typer.Argument(None, help=MODEL_HELP, show_default=False, metavar="RUN_OR_MODEL"),
@@ -172,6 +184,7 @@ def evaluate_command(
 
     metrics = evaluate_model(model, data, split=split, tta=tta, robustness=robustness, out_dir=out, explain=explain,
                              cam_method=cam_method, target_layer=target_layer, progress=progress and not as_json)  # fmt: skip
+    _warn_of_stale_reports(Path(metrics["out_dir"]))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "out_dir"}, indent=2))
         return
@@ -217,7 +230,8 @@ def explain_command(
 ) -> None:
     """Write Grad-CAM overlays (image | heat map) for images, with the model's prediction.
 
-    A file that cannot be read is reported with its reason and the others are still explained.
+    A file that cannot be read is reported with its reason and the others are still explained; overlays an
+    earlier run wrote into --out (explaining into the images' own folder again) are skipped, not failed.
     Exit code: 0 when every image was explained, 1 when any failed, 2 on a usage error.
     """
     from bloodcell.cli.messages import skipped_note, warn_of_squashed
@@ -227,6 +241,7 @@ def explain_command(
     model_path, images = (Path(model) if model else None), [Path(name) for name in names]
     rows, skipped = _explain_inputs(_pytorch_model_of(model_path), images, out, method, target_layer)
     failed = sum(row["error"] is not None for row in rows)
+    earlier = sum(row["skipped"] is not None for row in rows)  # earlier overlays: left out, not failed
     if as_json:
         typer.echo(json.dumps({"method": method, "out": str(out), "n_failed": failed, "images": rows,
                                "skipped": [str(path) for path in skipped]}, indent=2))  # fmt: skip
@@ -236,14 +251,17 @@ def explain_command(
         for column in ("image", "predicted", "p", "overlay"):  # paths wrap rather than lose their ends
             table.add_column(column, justify="right" if column == "p" else "left", overflow="fold")
         for row in rows:  # names are data, not markup
-            if row["error"] is not None:
+            if row["skipped"] is not None:
+                table.add_row(markup_text(row["image"]), f"skipped: {markup_text(row['skipped'])}", "", "")
+            elif row["error"] is not None:
                 table.add_row(markup_text(row["image"]), f"[red]error: {markup_text(row['error'])}[/red]", "", "")
             else:
                 table.add_row(markup_text(row["image"]), markup_text(row["predicted"]), f"{row['probability']:.3f}",
                               markup_text(row["overlay"]))  # fmt: skip
         _console.print(table)
-        written = len(rows) - failed
-        typer.echo(f"{written} overlay(s) written to {out}/" + (f"; {failed} image(s) failed" if failed else ""))
+        written = len(rows) - failed - earlier
+        typer.echo(f"{written} overlay(s) written to {out}/" + (f"; {failed} image(s) failed" if failed else "")
+                   + (f"; {earlier} earlier overlay(s) skipped" if earlier else ""))  # fmt: skip
         if skipped:
             typer.echo(skipped_note(skipped), err=True)
     warn_of_squashed((row["image"], row["size"]) for row in rows)

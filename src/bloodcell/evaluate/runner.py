@@ -11,6 +11,7 @@ acquisition-shift suite -> shortcut baseline -> Grad-CAM examples and sanity che
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -91,6 +92,49 @@ def run_dir_of(model_dir: Path) -> Path | None:
     if model_dir.parent.name == "checkpoints" and (model_dir.parent.parent / "config.yaml").is_file():
         return model_dir.parent.parent
     return None
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """The SHA-256 of a model's weights file: what identifies a model wherever its folder is copied."""
+    from bloodcell.io import sha256_file
+    from bloodcell.models.card import WEIGHTS_FILE
+
+    return sha256_file(model_dir / WEIGHTS_FILE)
+
+
+def is_same_model(recorded: dict[str, Any], model_dir: Path) -> bool | None:
+    """Whether the model a ``metrics.json`` records (its ``model`` section) is the one in ``model_dir``: the
+    same folder (retrained since or not), or the same weights (a copied run). None when it cannot be told: an
+    older evaluation, of no weights hash, whose model folder is gone."""
+    from bloodcell.models.card import WEIGHTS_FILE
+
+    path = recorded.get("path")
+    if isinstance(path, str) and Path(path).resolve() == model_dir.resolve():
+        return True
+    digest = recorded.get("weights_sha256")
+    if digest is None and isinstance(path, str) and (Path(path) / WEIGHTS_FILE).is_file():
+        digest = weights_sha256(Path(path))
+    return None if digest is None else digest == weights_sha256(model_dir)
+
+
+def refuse_another_models_folder(out: Path, model_dir: Path) -> None:
+    """Refuse to write an evaluation of ``model_dir`` into ``out`` where it would replace another model's: a
+    training run's folder that is not this model's own run (nor a copy of it), or a folder whose
+    ``metrics.json`` scored another model. Its report would then describe one model with another's scores."""
+    if (out / "config.yaml").is_file():  # a training run's folder: only its own model's evaluation goes there
+        own_run = run_dir_of(model_dir)
+        best = out / "checkpoints" / "best"
+        if (own_run is not None and own_run.resolve() == out.resolve()) or is_same_model({"path": str(best)}, model_dir):
+            return
+        raise UserError(f"{out} is the folder of another training run (its model: {best}); evaluating {model_dir} "
+                        "there would replace that run's evaluation: choose another --out")  # fmt: skip
+    try:
+        recorded = json.loads((out / METRICS_FILE).read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):  # none yet, or not an evaluation's: nothing to replace
+        return
+    if isinstance(recorded, dict) and is_same_model(recorded, model_dir) is False:
+        raise UserError(f"{out / METRICS_FILE} is the evaluation of another model ({recorded.get('path')}); "
+                        f"evaluating {model_dir} there would replace it: choose another --out")  # fmt: skip
 
 
 def warn_if_unfinished(run_dir: Path, epochs: int) -> None:
@@ -262,8 +306,6 @@ def data_audit_summary(prepared: PreparedData, class_names: list[str] | None = N
     Returns counts, rejected files, duplicate groups and both shortcut baselines (the full duplicate list
     stays in the audit's own files), or None when the audit cannot run on this data.
     """
-    import json
-
     from bloodcell.data.audit import AUDIT_FORMAT, run_audit
     from bloodcell.data.index import dataset_workdir
     from bloodcell.data.splits import SPLIT_RULES
@@ -751,6 +793,7 @@ def describe_evaluation(card: ModelCard, config: RunConfig, model_dir: Path, dat
     return {
         "model": {
             "path": str(model_dir.resolve()),  # absolute: the report reads the card from wherever it runs
+            "weights_sha256": weights_sha256(model_dir),  # the model, wherever its run folder is copied
             "name": card.name,
             "architecture": card.architecture,
             "input_size": card.input_size,
@@ -841,6 +884,8 @@ def evaluate_model(
         from bloodcell.explain.gradcam import resolve_target_layer
 
         resolve_target_layer(model.net, target_layer, card.input_size)
+    if out_dir is not None:  # before any work; a default folder is this model's own (its run, or named by its path)
+        refuse_another_models_folder(Path(out_dir), model_dir)
     run_dir = run_dir_of(model_dir)
     config = training_config(card, run_dir)
     if run_dir is not None:

@@ -121,6 +121,9 @@ METHODS: dict[str, type[BaseCAM]] = {
     "scorecam": QuietScoreCAM,
 }
 
+#: PNG text chunk (key, value) that marks an overlay as :func:`save_overlay`'s: a later ``explain`` into the
+#: same folder leaves such files out as earlier overlays, and treats an image merely named like one as an input.
+OVERLAY_MARK = ("Software", "bloodcell explain")
 #: Randomised-weights CAMs more similar than this (mean Spearman) fail the sanity check.
 SANITY_MAX_SIMILARITY = 0.5
 #: The maps "favour the cell" only when their energy-to-area ratio beats both a uniform map (1) and the
@@ -609,13 +612,27 @@ def cell_focus_verdict(low: float, high: float) -> str:
 def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray) -> Path:
     """Write the image and its CAM overlay side by side as a PNG (atomically); returns the path."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     from bloodcell.io import atomic_path
 
     panel = np.concatenate([image, overlay(image, cam)], axis=1)
+    mark = PngInfo()
+    mark.add_text(*OVERLAY_MARK)
     with atomic_path(path) as tmp:
-        Image.fromarray(panel).save(tmp, format="PNG")
+        Image.fromarray(panel).save(tmp, format="PNG", pnginfo=mark)
     return Path(path)
+
+
+def _is_marked_overlay(path: Path) -> bool:
+    """Whether ``path`` is a PNG that :func:`save_overlay` wrote (it carries :data:`OVERLAY_MARK`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return bool(image.info.get(OVERLAY_MARK[0]) == OVERLAY_MARK[1])
+    except (OSError, ValueError):  # unreadable: not an overlay of ours, and decoding will say why
+        return False
 
 
 def overlay_stems(stems: list[str]) -> list[str]:
@@ -651,15 +668,16 @@ def _overlay_suffix(method: str) -> str:
 
 
 def _is_an_overlay(path: Path, out_dir: Path) -> bool:
-    """Whether ``path`` is named as :func:`explain_files` names overlays and lies in ``out_dir``."""
+    """Whether ``path`` is an overlay an earlier :func:`explain_files` wrote into ``out_dir``: named as it names
+    overlays, there, and marked as its PNGs are (an image of one's own named ``x.gradcam.png`` is an input)."""
     named = any(path.name.endswith(f".{_overlay_suffix(method)}") for method in METHODS)
-    return named and path.resolve().parent == out_dir
+    return named and path.resolve().parent == out_dir and _is_marked_overlay(path)
 
 
 def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:
     """One row of :func:`explain_files`, before the image is explained (or with why it cannot be)."""
     return {"image": str(image), "overlay": None, "predicted": None, "probability": None, "target_layer": None,
-            "size": None, "error": error}  # fmt: skip
+            "size": None, "error": error, "skipped": None}  # fmt: skip
 
 
 def explain_files(
@@ -680,8 +698,10 @@ def explain_files(
 
     Returns one dict per image, in order: ``image``, ``overlay``, ``predicted``, ``probability`` (with the
     card's temperature), ``target_layer``, ``size`` (the image's ``(width, height)`` before it was resized:
-    ``explain`` names the images that resizing squashed) and ``error``. A file that cannot be decoded gets its
-    reason in ``error`` (the other keys None) and the others are still explained, as ``predict`` does.
+    ``explain`` names the images that resizing squashed), ``error`` and ``skipped``. A file that cannot be decoded
+    gets its reason in ``error`` (the other keys None) and the others are still explained, as ``predict`` does.
+    An overlay an earlier run wrote into ``out_dir`` (explaining into the images' own folder again) gets its
+    reason in ``skipped``, not ``error``: it is no smear, and leaving it out is no failure.
     """
     from bloodcell.data.decode import decode_or_reason
     from bloodcell.models.card import load_model
@@ -692,10 +712,14 @@ def explain_files(
     rows: list[dict[str, Any]] = []
     decoded: dict[int, np.ndarray] = {}
     out = Path(out_dir).resolve()
+    # Explaining into the images' own folder again: the earlier overlays are no smears. They are left out
+    # before the overlays are named, so the images keep the names they had (and replace their old overlays).
+    overlays = {i for i, path in enumerate(image_paths) if _is_an_overlay(Path(path), out)}
+    smears = [i for i in range(len(image_paths)) if i not in overlays]
     for i, path in enumerate(image_paths):
         rows.append(explain_row(path))
-        if _is_an_overlay(Path(path), out):  # explaining into its own input folder again: not a smear
-            rows[i]["error"] = "an overlay an earlier explain wrote into this output folder, not a smear: skipped"
+        if i in overlays:
+            rows[i]["skipped"] = "an overlay an earlier explain wrote into this output folder, not a smear"
             continue
         image = decode_or_reason(path, card.input_size)
         if isinstance(image, str):
@@ -708,8 +732,8 @@ def explain_files(
     images = np.stack(list(decoded.values()))
     result = explain_images(model, images, method, target_layer)
     probs = softmax_with_temperature(result.logits, card.temperature)
-    names = overlay_stems([Path(path).stem for path in image_paths])
-    inputs = {Path(path).resolve() for path in image_paths}
+    names = dict(zip(smears, overlay_stems([Path(image_paths[i]).stem for i in smears]), strict=True))
+    inputs = {Path(image_paths[i]).resolve() for i in smears}
     for k, i in enumerate(decoded):
         target = Path(out_dir) / f"{names[i]}.{_overlay_suffix(method)}"
         if target.resolve() in inputs:  # x.png beside an image named x.gradcam.png: never write over an input

@@ -239,6 +239,26 @@ def ensure_metrics(run_dir: Path, evaluate: bool = True, progress: bool = False)
     return evaluate_model(run_dir, split=split, out_dir=run_dir, progress=progress)
 
 
+def refuse_another_models_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Refuse a training run whose ``metrics.json`` scored a model other than the run's ``checkpoints/best``
+    (``evaluate --out`` into it, before that was refused): its report would describe one model with another's
+    scores. Warn when it cannot be told (an older evaluation, of no weights hash, whose model folder is gone)."""
+    from bloodcell.evaluate.runner import is_same_model
+    from bloodcell.models.card import WEIGHTS_FILE
+
+    best = run_dir / "checkpoints" / "best"
+    if not (run_dir / "config.yaml").is_file() or not (best / WEIGHTS_FILE).is_file():
+        return  # an evaluation folder, not a run: the model it records is the one it describes
+    scored = is_same_model(metrics.get("model") or {}, best)
+    scored_path = (metrics.get("model") or {}).get("path")
+    if scored is False:
+        raise UserError(f"{run_dir / 'metrics.json'} scored another model ({scored_path}), not this run's {best}: "
+                        f"evaluate this run again (bloodcell evaluate {run_dir}), then build its report")  # fmt: skip
+    if scored is None:
+        log.warning("%s: cannot tell whether it scored this run's model %s (it records %s, which is gone); if not, "
+                    "evaluate this run again: bloodcell evaluate %s", run_dir / "metrics.json", best, scored_path, run_dir)  # fmt: skip
+
+
 def _evaluated_before(metrics: dict[str, Any]) -> tuple[str, str, str] | None:
     """``(model, data, split)`` that an earlier ``metrics.json`` records, when it records all three."""
     try:
@@ -439,6 +459,7 @@ def build_report(
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     metrics = ensure_metrics(run_dir, evaluate, progress)
+    refuse_another_models_metrics(run_dir, metrics)
     baseline_dir = Path(baseline) if baseline is not None else find_baseline_run(run_dir)
     if baseline_dir is not None and not _is_evaluation(_read_json(baseline_dir / "metrics.json")):
         try:  # none yet, or of an older format: evaluated now, as this run's own
