@@ -296,6 +296,16 @@ def test_explaining_into_the_images_folder_again_replaces_the_overlays(tmp_path:
         assert all(r["error"] is None for r in rows)
     assert sorted(p.name for p in folder.iterdir()) == ["000-a.gradcam.png", "001-a.gradcam.png", "a.jpg", "a.png"]
     assert sum(r["skipped"] is not None for r in rows) == 2
+    # Overlays written before they were marked (a panel of two squares, no mark) are earlier overlays too: taken
+    # for inputs, they made every image's overlay "replace an input" (exit 1, nothing written).
+    for overlay in ("000-a.gradcam.png", "001-a.gradcam.png"):
+        Image.open(folder / overlay).convert("RGB").save(folder / overlay)  # the same pixels, unmarked
+    rows = explain_files(model_dir, sorted(folder.iterdir()), folder)
+    assert all(r["error"] is None for r in rows) and sum(r["skipped"] is not None for r in rows) == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["000-a.gradcam.png", "001-a.gradcam.png", "a.jpg", "a.png"]
+    Image.fromarray(images[0]).save(folder / "b.gradcam.png")  # an image of one's own so named is an input
+    rows = explain_files(model_dir, [folder / "b.gradcam.png"], folder)
+    assert rows[0]["skipped"] is None and rows[0]["overlay"] is not None
 
 
 class _SpotFinder(torch.nn.Module):

@@ -624,13 +624,15 @@ def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray) -> Path:
     return Path(path)
 
 
-def _is_marked_overlay(path: Path) -> bool:
-    """Whether ``path`` is a PNG that :func:`save_overlay` wrote (it carries :data:`OVERLAY_MARK`)."""
+def _is_overlay_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG that :func:`save_overlay` wrote: it carries :data:`OVERLAY_MARK`, or, written
+    before overlays were marked, it is a panel of two squares side by side (the image and its overlay)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return bool(image.info.get(OVERLAY_MARK[0]) == OVERLAY_MARK[1])
+            marked = image.info.get(OVERLAY_MARK[0]) == OVERLAY_MARK[1]
+            return bool(image.format == "PNG" and (marked or image.width == 2 * image.height))
     except (OSError, ValueError):  # unreadable: not an overlay of ours, and decoding will say why
         return False
 
@@ -669,9 +671,9 @@ def _overlay_suffix(method: str) -> str:
 
 def _is_an_overlay(path: Path, out_dir: Path) -> bool:
     """Whether ``path`` is an overlay an earlier :func:`explain_files` wrote into ``out_dir``: named as it names
-    overlays, there, and marked as its PNGs are (an image of one's own named ``x.gradcam.png`` is an input)."""
+    overlays, there, and a PNG of its making (an image of one's own named ``x.gradcam.png`` is an input)."""
     named = any(path.name.endswith(f".{_overlay_suffix(method)}") for method in METHODS)
-    return named and path.resolve().parent == out_dir and _is_marked_overlay(path)
+    return named and path.resolve().parent == out_dir and _is_overlay_png(path)
 
 
 def explain_row(image: str | Path, error: str | None = None) -> dict[str, Any]:
