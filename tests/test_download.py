@@ -212,6 +212,12 @@ def test_force_downloads_again_over_a_damaged_archive_left_in_the_cache(
     (folder / "versions" / "2" / "kept.txt").parent.mkdir(parents=True)
     (folder / "versions" / "2" / "kept.txt").write_text("a complete older version")
     (folder / "2.complete").write_text("")
+    # A file of version 1 that another user of a shared cache downloaded alone (dataset_download(h, path=...)):
+    # kagglehub marks it in .complete/1/, never with 1.complete.
+    (folder / "versions" / "1" / "Original").mkdir(parents=True)
+    (folder / "versions" / "1" / "Original" / "x.jpg").write_bytes(b"a file")
+    (folder / ".complete" / "1" / "Original").mkdir(parents=True)
+    (folder / ".complete" / "1" / "Original" / "x.jpg.complete").write_text("")
     with FakeKaggle(good) as fake:
         kaggle_endpoint(fake.url)
         result = CliRunner().invoke(app, ["data", "download", "--cache", str(cache), "--force"])
@@ -221,7 +227,7 @@ def test_force_downloads_again_over_a_damaged_archive_left_in_the_cache(
     assert (
         not (folder / "versions" / "3" / "half-unpacked.jpg").exists() and not (folder / "3.archive").exists()
     )
-    assert (folder / "versions" / "2" / "kept.txt").exists()
+    assert (folder / "versions" / "2" / "kept.txt").exists() and (folder / "versions" / "1" / "Original" / "x.jpg").exists()
 
 
 def test_offline_a_copy_downloaded_before_is_used(aria_dataset: Path, tmp_path: Path, kaggle_endpoint,

@@ -116,6 +116,10 @@ def _dataset_cache_folder(cache_dir: Path, handle: DatasetHandle) -> Path:
     return Path(cache_dir) / "datasets" / handle.owner / handle.dataset
 
 
+#: kagglehub's folder of completion markers for files downloaded one by one (kagglehub.cache).
+_FILE_MARKERS = ".complete"
+
+
 def remove_unfinished_downloads(cache_dir: Path, dataset: str) -> list[Path]:
     """Delete what kagglehub left of downloads of ``dataset`` that never completed, and return the paths.
 
@@ -124,14 +128,17 @@ def remove_unfinished_downloads(cache_dir: Path, dataset: str) -> list[Path]:
     interrupted download) is resumed next time, and from a host that accepts ranges a complete but damaged
     one counts as "already complete" and is unpacked again; its own ``force_download`` clears only complete
     versions. So both the archives and the ``versions/<N>`` folders without their marker go. A handle
-    naming a version touches only that version; complete copies are never touched.
+    naming a version touches only that version; complete copies are never touched, nor files another user
+    of a shared cache downloaded one by one (``dataset_download(handle, path=...)``, marked in
+    ``<folder>/.complete/<N>/``).
     """
     handle = _parse_handle(dataset)
     folder = _dataset_cache_folder(cache_dir, handle)
     pattern = "*" if handle.version is None else str(handle.version)
     archives = [path for path in folder.glob(f"{pattern}.archive") if path.is_file()]
     unpacked = [path for path in (folder / "versions").glob(pattern)
-                if path.is_dir() and not (folder / f"{path.name}.complete").exists()]  # fmt: skip
+                if path.is_dir() and not (folder / f"{path.name}.complete").exists()
+                and not (folder / _FILE_MARKERS / path.name).exists()]  # fmt: skip
     for archive in archives:
         archive.unlink()
     for partial in unpacked:
