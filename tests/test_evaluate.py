@@ -611,7 +611,7 @@ def test_evaluate_into_a_copy_of_its_run_says_its_reports_are_stale(run: Path, t
     result = CliRunner().invoke(app, ["evaluate", str(run), "--out", str(copy), "--no-robustness", "--no-explain",
                                       "--no-progress"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert (f"report.html in {copy} describe the previous evaluation; rebuild them with: bloodcell report {copy}"
+    assert (f"report.html in {copy} describes the previous evaluation; rebuild it with: bloodcell report {copy}"
             in result.stderr)  # fmt: skip
     assert json.loads((copy / "metrics.json").read_text())["model"]["weights_sha256"]
 

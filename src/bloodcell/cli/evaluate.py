@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bloodcell.cli import app
-from bloodcell.cli.messages import markup_text, plural
+from bloodcell.cli.messages import markup_text, plural, warning_line
 from bloodcell.errors import UserError
 from bloodcell.io import terminal_text
 
@@ -153,8 +153,9 @@ def _warn_of_stale_reports(folder: Path) -> None:
     stale = [name for name in (REPORT_HTML, REPORT_MD) if (folder / name).is_file()]
     if stale:
         name = terminal_text(folder)
-        typer.echo(f"warning: {' and '.join(stale)} in {name} describe the previous evaluation; rebuild them "
-                   f"with: bloodcell report {name}", err=True)  # fmt: skip
+        verb, them = ("describes", "it") if len(stale) == 1 else ("describe", "them")
+        warning_line(f"{' and '.join(stale)} in {name} {verb} the previous evaluation; rebuild {them} with: "
+                     f"bloodcell report {name}")  # fmt: skip
 
 
 @app.command("evaluate")
