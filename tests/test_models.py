@@ -362,3 +362,152 @@ def test_a_run_without_its_model_or_a_dataset_named_as_a_model_says_what_to_do(t
     with pytest.raises(FileNotFoundError, match=r"no model found \(expected card.json") as error:
         resolve_model_dir(image)
     assert "--data" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("classes", "words"),
+    [(["a", "a", "b", "c"], "must be distinct"), ("abcd", "must be a list of class names"),
+     (4, "must be a list of class names"), ([1, 2, 3, None], "must be a list of class names"),
+     ([], "must name 2 to 1000 classes"), (["a", "", "b", "c"], "not blank"),
+     (["x" * 256, "b", "c", "d"], "names of 1 to 255 characters")],
+    ids=["duplicate", "string", "number", "not-strings", "none", "empty-name", "long-name"],
+)
+def test_both_card_readers_refuse_class_names_that_are_not_distinct_strings(tmp_path: Path, classes, words: str) -> None:
+    """A repeated name let the second class's probability overwrite the first's (confidence 2.8e-06, the
+    probabilities summing to 0.084); the torch-free reader took "abcd" for four classes and 4 for a traceback."""
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import load_model
+    from bloodcell.serve.common import read_card_json
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(classes=classes)(directory)
+    for reader in (read_card_json, load_model):
+        with pytest.raises(ModelFileError, match=words) as raised:
+            reader(directory)
+        assert str(directory / "card.json") in str(raised.value)
+
+
+def test_class_names_any_folder_may_have_are_a_card_s(tmp_path: Path) -> None:
+    """Class names come from folder names: a rule stricter than training's (control characters, 255 bytes)
+    would refuse, after the work, the card of a model trained on such folders."""
+    from bloodcell.models.card import load_model
+    from bloodcell.serve.common import read_card_json
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    classes = ["up\x1b[1A", "x" * 255, "Pré-B", "c"]
+    _edit_card(classes=classes)(directory)
+    assert list(load_model(directory)[1].classes) == classes
+    assert list(read_card_json(directory)["classes"]) == classes
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [('["classes", "input_size"]', "expected a JSON object, got a list"), ('"classes"', "expected a JSON object, got a str"),
+     ("[" * 100_000 + "]" * 100_000, "not a valid model card"), (" " * 4_000_001, "too large for a model card")],
+    ids=["list", "string", "nested-100000-deep", "over-4-MB"],
+)
+def test_the_torch_free_card_reader_refuses_a_card_that_is_no_json_object_in_one_line(tmp_path: Path, text: str,
+                                                                                       words: str) -> None:  # fmt: skip
+    from bloodcell.errors import ModelFileError
+    from bloodcell.serve.common import read_card_json
+
+    (tmp_path / "card.json").write_text(text)
+    with pytest.raises(ModelFileError, match=words):
+        read_card_json(tmp_path)
+
+
+def test_the_pytorch_card_reader_refuses_a_card_over_its_size_limit(tmp_path: Path) -> None:
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import load_card
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(padding="x" * 4_000_000)(directory)
+    with pytest.raises(ModelFileError, match="too large for a model card"):
+        load_card(directory)
+
+
+@pytest.mark.parametrize(("onnx", "words"), [("x", "onnx must be an object"), ({"graph_version": "2"}, "graph_version must be a whole number")])
+def test_the_torch_free_card_reader_refuses_a_malformed_onnx_section(tmp_path: Path, onnx, words: str) -> None:
+    from bloodcell.errors import ModelFileError
+    from bloodcell.serve.common import read_card_json
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(onnx=onnx)(directory)
+    with pytest.raises(ModelFileError, match=words):
+        read_card_json(directory)
+
+
+def test_both_card_readers_refuse_another_card_format(tmp_path: Path) -> None:
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import load_card
+    from bloodcell.serve.common import read_card_json
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(format="bloodcell-model/2")(directory)
+    for reader in (read_card_json, load_card):
+        with pytest.raises(ModelFileError, match="format .*must be 'bloodcell-model/1'"):
+            reader(directory)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0])
+def test_the_pytorch_card_reader_says_what_temperature_it_takes(tmp_path: Path, temperature: float) -> None:
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import load_card
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(temperature=temperature)(directory)
+    with pytest.raises(ModelFileError, match="temperature .*must be a number from 0.001 to 1000"):
+        load_card(directory)
+
+
+def test_a_non_finite_arch_kwarg_is_refused_when_the_card_is_read(tmp_path: Path) -> None:
+    """A NaN dropout loaded and then failed the first prediction (F.dropout raises on NaN even in eval)."""
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import load_model
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(arch_kwargs={"width": 0.25, "dropout": float("nan")})(directory)
+    with pytest.raises(ModelFileError, match="arch_kwargs.dropout must be a finite number"):
+        load_model(directory)
+
+
+def test_weights_relabelled_as_integers_are_refused(tmp_path: Path) -> None:
+    """The same bytes under an I32 header loaded, cast to nonsense, and predicted without a word."""
+    import json
+    import struct
+
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models.card import load_model
+
+    directory = _saved_tiny_model(tmp_path / "m")
+    raw = (directory / "model.safetensors").read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + length])
+    name = next(key for key, entry in header.items() if key != "__metadata__" and entry["dtype"] == "F32")
+    header[name]["dtype"] = "I32"
+    encoded = json.dumps(header).encode()
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
+    with pytest.raises(ModelFileError, match=f"{name} holds I32 numbers where the model takes float32 ones"):
+        load_model(directory)
+
+
+@pytest.mark.parametrize(("arch_kwargs", "words"), [({"width": 50}, "shape .* in the file"),
+                                                    ({"width": 0.25, "depth": 1e4}, "far more parameters")])
+def test_a_card_describing_a_huge_network_is_refused_before_it_is_built(tmp_path: Path, monkeypatch, arch_kwargs,
+                                                                       words: str) -> None:  # fmt: skip
+    """width 50 built a 3.7 GB network (11.7 s) and depth 1e4 a 5 GB one (32 s, 40 s even on the meta device)
+    before the weights were read: the weights file's header is compared with a meta-device build first."""
+    import time
+
+    from bloodcell.errors import ModelFileError
+    from bloodcell.models import card as card_module
+
+    built_on: list[str | None] = []
+    real_build = card_module.build_model
+    monkeypatch.setattr(card_module, "build_model", lambda card, device=None: built_on.append(device) or real_build(card, device))
+    directory = _saved_tiny_model(tmp_path / "m")
+    _edit_card(arch_kwargs=arch_kwargs)(directory)
+    start = time.perf_counter()
+    with pytest.raises(ModelFileError, match=words):
+        card_module.load_model(directory)
+    assert built_on == ["meta"] and time.perf_counter() - start < 10

@@ -671,3 +671,18 @@ def test_an_onnx_export_s_card_points_at_its_onnx_file(tiny_onnx: Path, slides: 
     result = run("predict", str(tiny_onnx.parent / "card.json"), str(slides / "cell-000.jpg"))
     assert isinstance(result.exception, UserError), result.output
     assert f"an ONNX export, not a PyTorch model (no model.safetensors): pass {tiny_onnx}" in str(result.exception)
+
+
+@pytest.mark.parametrize("part", ["model.safetensors", "exported.onnx", "checkpoints/"])
+def test_a_model_folder_without_its_card_given_first_is_no_image_folder(tiny_model: Path, slides: Path, tmp_path: Path,
+                                                                        part: str) -> None:  # fmt: skip
+    """A model folder that lost its card.json was searched for images ("a folder with no image files") and
+    the bundled model answered the other inputs."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    if part.endswith("/"):
+        (broken / part).mkdir()
+    else:
+        (broken / part).write_bytes(b"weights")
+    result = run("predict", str(broken), str(slides / "cell-001.jpg"))
+    assert result.exit_code != 0 and "no model found" in str(result.exception) + result.output

@@ -50,7 +50,20 @@ def looks_like_model(text: str) -> bool:
         return path.suffix.lower() == ".onnx" or path.name in {"card.json", "model.safetensors"}
     if not path.is_dir():
         return False
-    return any((folder / "card.json").is_file() for folder in (path, path / "checkpoints" / "best", path / "model"))
+    # Any part of a model, not only a whole one: a model folder that lost its card.json was searched for images
+    # and the bundled model answered; taken for a model, it gets resolve_model_dir's "no model found".
+    if (path / "checkpoints").is_dir() or _holds_an_onnx_file(path):
+        return True
+    return any((folder / name).is_file() for folder in (path, path / "checkpoints" / "best", path / "model")
+               for name in ("card.json", "model.safetensors"))  # fmt: skip
+
+
+def _holds_an_onnx_file(folder: Path) -> bool:
+    """Whether ``folder`` itself (not a sub-folder) holds a ``.onnx`` file; False when it cannot be listed."""
+    try:
+        return any(child.suffix.lower() == ".onnx" and child.is_file() for child in folder.iterdir())
+    except OSError:
+        return False
 
 
 def split_model_and_inputs(

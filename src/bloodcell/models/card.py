@@ -8,17 +8,29 @@ directory, a ``card.json`` path, or nothing at all (the default model bundled wi
 from __future__ import annotations
 
 import functools
+import math
 import platform
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bloodcell import CARD_INPUT_SIZES, CARD_TEMPERATURES, CLASSES, __version__
+from bloodcell import (
+    CARD_FORMAT,
+    CARD_INPUT_SIZES,
+    CARD_MAX_BYTES,
+    CARD_TEMPERATURES,
+    CLASSES,
+    __version__,
+    card_classes_problem,
+    card_temperature_problem,
+)
 from bloodcell.config import NormalizeConfig
 from bloodcell.errors import ModelFileError
 from bloodcell.io import atomic_path, atomic_write_text
@@ -30,7 +42,6 @@ if TYPE_CHECKING:  # for annotations; at run time the classifier is imported whe
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
-CARD_FORMAT = "bloodcell-model/1"
 #: The SHA-256 of every image a model was trained on, sorted, one a line. With it an evaluation on other
 #: or changed data leaves out, by content whatever their names are now, the images the model has seen.
 TRAINED_ON_FILE = "trained-on.sha256"
@@ -91,10 +102,56 @@ class ModelCard(BaseModel):
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     intended_use: str = "Research only. Not a medical device; not for diagnosis or treatment decisions."
 
+    @field_validator("format")
+    @classmethod
+    def _this_format(cls, value: str) -> str:
+        if value != CARD_FORMAT:
+            raise ValueError(f"must be {CARD_FORMAT!r} (the one this version reads), got {value[:80]!r}: written by "
+                             "another version of bloodcell?")  # fmt: skip
+        return value
+
+    # The shared rules (bloodcell/__init__.py), so that the torch-free reader of the ONNX backend agrees.
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _usable_classes(cls, value: Any) -> Any:
+        problem = card_classes_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _usable_temperature(cls, value: Any) -> Any:
+        problem = card_temperature_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("arch_kwargs")
+    @classmethod
+    def _finite_arch_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # JSON's NaN and Infinity load as floats: a NaN dropout passed loading and failed the first prediction.
+        bad = next((key for key, number in _numbers_in(value) if not math.isfinite(number)), None)
+        if bad is not None:
+            raise ValueError(f"{bad} must be a finite number")
+        return value
+
     @property
     def trained_on(self) -> list[str]:
         """The split parts the model learned from (cards written before refits existed: the train part)."""
         return list(self.split.get("trained_on", ["train"]))
+
+
+def _numbers_in(value: Any, where: str = "arch_kwargs") -> Iterator[tuple[str, float]]:
+    """Every float in nested dicts and lists, with where it sits (``arch_kwargs.widths[2]``)."""
+    if isinstance(value, float):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers_in(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _numbers_in(item, f"{where}[{index}]")
 
 
 def library_versions() -> dict[str, str]:
@@ -125,7 +182,13 @@ def load_card(path: str | Path | None = None) -> tuple[ModelCard, Path]:
     directory = resolve_model_dir(path)
     card_path = directory / CARD_FILE
     try:
-        return ModelCard.model_validate_json(card_path.read_text(encoding="utf-8")), directory
+        with card_path.open("rb") as file:
+            raw = file.read(CARD_MAX_BYTES + 1)
+        if len(raw) > CARD_MAX_BYTES:  # parsing a 60 MB card took 3.8 GB
+            raise ModelFileError(f"{card_path}: over {CARD_MAX_BYTES // 1_000_000} MB, too large for a model card")
+        return ModelCard.model_validate_json(raw), directory
+    except ModelFileError:
+        raise
     except (ValueError, OSError) as error:
         reason = " ".join(str(error).split())
         raise ModelFileError(f"{card_path}: not a valid model card ({reason})") from None
@@ -244,8 +307,9 @@ def save_model(model: Classifier, card: ModelCard, directory: str | Path) -> Pat
     return directory
 
 
-def build_model(card: ModelCard) -> Classifier:
-    """Rebuild the (untrained) :class:`Classifier` that a card describes.
+def build_model(card: ModelCard, device: str | None = None) -> Classifier:
+    """Rebuild the (untrained) :class:`Classifier` that a card describes (on ``device``: ``"meta"`` gives its
+    names, shapes and dtypes without allocating a byte).
 
     Its initial weights are drawn with torch's CPU generator forked: loading a model for inference must not
     move the random numbers of the program that loads it.
@@ -257,14 +321,85 @@ def build_model(card: ModelCard) -> Classifier:
 
     if "pretrained" in card.arch_kwargs:  # the weights are the card's own safetensors, never downloaded ones
         raise ValueError(f"model card {card.name!r}: arch_kwargs may not set 'pretrained'")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         net = create_model(card.architecture, num_classes=len(card.classes), **card.arch_kwargs)
-    return Classifier(net, card.normalize)
+        return Classifier(net, card.normalize)
+
+
+class _TooManyParameters(Exception):
+    """Raised from inside a network's construction (not a ValueError, which a builder might catch)."""
+
+
+@contextmanager
+def _parameters_at_most(limit: int) -> Iterator[None]:
+    """Stop building a network (:class:`_TooManyParameters`) once it registers more than ``limit`` parameters
+    in this thread: a card's ``depth: 1e4`` took 40 s to build even on the meta device."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    builder, count = threading.get_ident(), 0
+
+    def counted(*_: Any) -> None:
+        nonlocal count
+        if threading.get_ident() == builder:  # a server may load another model in another thread meanwhile
+            count += 1
+            if count > limit:
+                raise _TooManyParameters
+
+    handle = register_module_parameter_registration_hook(counted)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _weights_header(weights: Path) -> dict[str, tuple[list[int], str]]:
+    """``{name: (shape, dtype code such as "F32")}`` of a safetensors file, from its header only."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            return {name: (file.get_slice(name).get_shape(), file.get_slice(name).get_dtype()) for name in file.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(f"{weights}: not readable as safetensors, damaged or cut short? ({error})") from None
+
+
+def _header_kind(code: str) -> str:
+    """The kind of number a safetensors dtype code (F32, BF16, F8_E4M3, I64, U8, BOOL, C64) stands for."""
+    if code == "BOOL":
+        return "bool"
+    return "complex" if code.startswith("C") else "float" if "F" in code else "integer"
+
+
+def _tensor_kind(tensor: Any) -> str:
+    """The kind of number a torch tensor holds, as :func:`_header_kind` names them."""
+    if tensor.dtype.is_complex:
+        return "complex"
+    return "float" if tensor.is_floating_point() else "bool" if str(tensor.dtype) == "torch.bool" else "integer"
+
+
+def _fit_problem(card: ModelCard, model: dict[str, Any], header: dict[str, tuple[list[int], str]]) -> str | None:
+    """How the tensors a weights file holds (its ``header``) do not fit the ``model``'s state (names to
+    tensors, on the meta device), or None. Refused before the model is built for real: a card's arch_kwargs
+    (``width: 50``) made a 3.7 GB network that no weights file of the model's could fill."""
+    missing, unexpected = sorted(set(model) - set(header)), sorted(set(header) - set(model))
+    if missing or unexpected:
+        return f"weights do not match architecture {card.architecture!r} (missing {missing[:5]}, unexpected {unexpected[:5]})"
+    for name, tensor in model.items():
+        shape, code = header[name]
+        if list(shape) != list(tensor.shape):
+            return (f"weights do not fit the card's {card.architecture!r} with {len(card.classes)} classes ({name}: "
+                    f"shape {list(shape)} in the file, {list(tensor.shape)} in the model)")  # fmt: skip
+        # The same bytes relabelled (F32 as I32) load without a word, cast to nonsense; F64 for F32 is fine.
+        if _header_kind(code) != _tensor_kind(tensor):
+            return f"{name} holds {code} numbers where the model takes {str(tensor.dtype).removeprefix('torch.')} ones"
+    return None
 
 
 def load_model(path: str | Path | None = None, device: str = "cpu") -> tuple[Classifier, ModelCard]:
     """Load a model for inference: rebuild it from its card and load its safetensors weights.
 
+    The weights file's header is compared with the network built on the meta device first, so a card that
+    describes another (or a huge) network is refused before any memory is allocated for it.
     Returns ``(model in eval mode, card)``. Never unpickles.
     """
     import torch
@@ -273,18 +408,34 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> tuple[Cla
 
     card, directory = load_card(path)
     weights = directory / WEIGHTS_FILE
+    header = _weights_header(weights)
+
+    def cannot_build(error: object) -> ModelFileError:
+        return ModelFileError(f"{directory / CARD_FILE}: cannot build {card.architecture!r} from it ({error})")
+
+    try:
+        with _parameters_at_most(2 * len(header) + 64):  # slack: a builder may replace a few it registered
+            shapes = build_model(card, device="meta").state_dict()
+    except _TooManyParameters:
+        raise cannot_build(f"it has far more parameters than the {len(header)} tensors of {weights.name}") from None
+    # An unknown architecture (timm says so with a RuntimeError), or arguments it does not take.
+    except (TypeError, ValueError, KeyError, RuntimeError, NotImplementedError) as error:
+        raise cannot_build(error) from None
+    problem = _fit_problem(card, shapes, header)
+    if problem:
+        raise ModelFileError(f"{weights}: {problem}")
     try:
         model = build_model(card)
-    # An unknown architecture (timm says so with a RuntimeError), or arguments it does not take.
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelFileError(f"{directory / CARD_FILE}: cannot build {card.architecture!r} from it ({error})") from None
+        raise cannot_build(error) from None
     try:
         state = load_file(str(weights), device=device)
     except (SafetensorError, OSError) as error:
         raise ModelFileError(f"{weights}: not readable as safetensors, damaged or cut short? ({error})") from None
+    # The header fits, so the rest are backstops: a name or shape the header check let through.
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # the same names in other shapes, e.g. a card with another number of classes
+    except RuntimeError as error:
         first = str(error).strip().splitlines()[-1].strip()
         raise ModelFileError(f"{weights}: weights do not fit the card's {card.architecture!r} with "
                              f"{len(card.classes)} classes ({first})") from None  # fmt: skip

@@ -23,7 +23,13 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 
-from bloodcell import CARD_INPUT_SIZES, CARD_TEMPERATURES
+from bloodcell import (
+    CARD_FORMAT,
+    CARD_INPUT_SIZES,
+    CARD_MAX_BYTES,
+    card_classes_problem,
+    card_temperature_problem,
+)
 from bloodcell.data.decode import IMAGE_SUFFIXES, Decoded, decode_or_reason
 from bloodcell.errors import ModelFileError
 from bloodcell.io import printable_path, sha256_file
@@ -92,23 +98,52 @@ def read_card_json(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no model card beside the model (expected {CARD_FILE})")
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFileError(f"{path}: not a valid model card ({error})") from None
+        with path.open("rb") as file:
+            raw = file.read(CARD_MAX_BYTES + 1)
+        if len(raw) > CARD_MAX_BYTES:
+            raise ModelFileError(f"{path}: over {CARD_MAX_BYTES // 1_000_000} MB, too large for a model card")
+        card = json.loads(raw)
+    # A RecursionError: arrays nested 100,000 deep, which no card holds.
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ModelFileError(f"{path}: not a valid model card ({' '.join(str(error).split())[:200]})") from None
+    problem = _card_problem(card)
+    if problem:
+        raise ModelFileError(f"{path}: {problem}")
+    return card  # a dict: _card_problem checked
+
+
+def _card_problem(card: Any) -> str | None:
+    """What in a parsed ``card.json`` a predictor cannot use (None when nothing): the same rules as the
+    PyTorch reader's :class:`~bloodcell.models.card.ModelCard` for the fields both read, so that a model
+    loads with both backends or with neither, and a hand-edited card is one line of error, not a traceback."""
+    if not isinstance(card, dict):
+        return f"not a valid model card (expected a JSON object, got a {type(card).__name__})"
+    if card.get("format", CARD_FORMAT) != CARD_FORMAT:
+        return (f"format must be {CARD_FORMAT!r} (the one this version reads), got {str(card['format'])[:80]!r}: "
+                "written by another version of bloodcell?")  # fmt: skip
     missing = [key for key in ("classes", "input_size") if key not in card]
     if missing:
-        raise ModelFileError(f"{path}: model card lacks {', '.join(missing)}")
+        return f"model card lacks {', '.join(missing)}"
     size = card["input_size"]
     if not (isinstance(size, int) and not isinstance(size, bool) and size in CARD_INPUT_SIZES):
-        raise ModelFileError(f"{path}: input_size must be a whole number of pixels from {CARD_INPUT_SIZES.start} to "
-                             f"{CARD_INPUT_SIZES.stop - 1}, got {size!r}")  # fmt: skip
-    temperature = card.get("temperature", 1.0)
-    low, high = CARD_TEMPERATURES
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and low <= temperature <= high):
-        # A negative temperature would turn the ranking of the classes upside down, an infinite one make
-        # every probability 1/K, a tiny one overflow the softmax; null is refused as the torch reader does.
-        raise ModelFileError(f"{path}: temperature must be a number from {low:g} to {high:g}, got {temperature!r}")
-    return card
+        return (f"input_size must be a whole number of pixels from {CARD_INPUT_SIZES.start} to "
+                f"{CARD_INPUT_SIZES.stop - 1}, got {size!r}")  # fmt: skip
+    for field_name, problem in (("classes", card_classes_problem(card["classes"])),
+                                ("temperature", card_temperature_problem(card.get("temperature", 1.0)))):  # fmt: skip
+        if problem:
+            return f"{field_name} {problem}"
+    return _onnx_section_problem(card.get("onnx", {}))
+
+
+def _onnx_section_problem(section: Any) -> str | None:
+    """What is wrong with a card's ``onnx`` section (what ``bloodcell export`` records of the graph), if any:
+    the predictor compares its graph version and digests."""
+    if not isinstance(section, dict):
+        return f"onnx must be an object (what bloodcell export records), got {str(section)[:80]!r}"
+    version = section.get("graph_version", 1)
+    if not (isinstance(version, int) and not isinstance(version, bool)):
+        return f"onnx.graph_version must be a whole number, got {str(version)[:80]!r}"
+    return None
 
 
 class BasePredictor:
