@@ -19,7 +19,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from bloodcell import (
     CARD_FORMAT,
@@ -111,18 +111,10 @@ class ModelCard(BaseModel):
         return value
 
     # The shared rules (bloodcell/__init__.py), so that the torch-free reader of the ONNX backend agrees.
-    @field_validator("classes", mode="before")
+    @field_validator("classes", "temperature", mode="before")
     @classmethod
-    def _usable_classes(cls, value: Any) -> Any:
-        problem = card_classes_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("temperature", mode="before")
-    @classmethod
-    def _usable_temperature(cls, value: Any) -> Any:
-        problem = card_temperature_problem(value)
+    def _shared_rules(cls, value: Any, info: ValidationInfo) -> Any:
+        problem = (card_classes_problem if info.field_name == "classes" else card_temperature_problem)(value)
         if problem:
             raise ValueError(problem)
         return value
