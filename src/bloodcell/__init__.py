@@ -3,6 +3,8 @@
 Research tool only; not a medical device.
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
 
 #: Canonical class names, in the order every model, manifest and report uses.
@@ -23,6 +25,26 @@ CARD_MAX_BYTES = 4_000_000
 #: Bounds on a card's class names: every prediction reports a probability under each of them.
 CARD_MAX_CLASSES = 1000
 CARD_MAX_CLASS_NAME = 255  # a folder name's limit (class names come from folders): no trained model refused
+
+
+def card_bytes(path: Path) -> bytes:
+    """The bytes of a ``card.json``, read only up to :data:`CARD_MAX_BYTES` (both card readers; OSError as
+    ``open`` raises it)."""
+    from bloodcell.errors import ModelFileError
+
+    with path.open("rb") as file:
+        raw = file.read(CARD_MAX_BYTES + 1)
+    if len(raw) > CARD_MAX_BYTES:  # parsing a 60 MB card took 3.8 GB
+        raise ModelFileError(f"{path}: over {CARD_MAX_BYTES // 1_000_000} MB, too large for a model card")
+    return raw
+
+
+def card_format_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a model card's ``format`` (None when it is :data:`CARD_FORMAT`)."""
+    if value == CARD_FORMAT:
+        return None
+    return (f"must be {CARD_FORMAT!r} (the one this version reads), got {str(value)[:80]!r}: written by another "
+            "version of bloodcell?")
 
 
 def card_classes_problem(classes: object) -> str | None:

@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from bloodcell import (
     CARD_FORMAT,
     CARD_INPUT_SIZES,
-    CARD_MAX_BYTES,
     CARD_TEMPERATURES,
     CLASSES,
     __version__,
+    card_bytes,
     card_classes_problem,
+    card_format_problem,
     card_temperature_problem,
 )
 from bloodcell.config import NormalizeConfig
@@ -102,19 +103,11 @@ class ModelCard(BaseModel):
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     intended_use: str = "Research only. Not a medical device; not for diagnosis or treatment decisions."
 
-    @field_validator("format")
-    @classmethod
-    def _this_format(cls, value: str) -> str:
-        if value != CARD_FORMAT:
-            raise ValueError(f"must be {CARD_FORMAT!r} (the one this version reads), got {value[:80]!r}: written by "
-                             "another version of bloodcell?")  # fmt: skip
-        return value
-
     # The shared rules (bloodcell/__init__.py), so that the torch-free reader of the ONNX backend agrees.
-    @field_validator("classes", "temperature", mode="before")
+    @field_validator("format", "classes", "temperature", mode="before")
     @classmethod
     def _shared_rules(cls, value: Any, info: ValidationInfo) -> Any:
-        problem = (card_classes_problem if info.field_name == "classes" else card_temperature_problem)(value)
+        problem = _SHARED_RULES[str(info.field_name)](value)
         if problem:
             raise ValueError(problem)
         return value
@@ -132,6 +125,9 @@ class ModelCard(BaseModel):
     def trained_on(self) -> list[str]:
         """The split parts the model learned from (cards written before refits existed: the train part)."""
         return list(self.split.get("trained_on", ["train"]))
+
+
+_SHARED_RULES = {"format": card_format_problem, "classes": card_classes_problem, "temperature": card_temperature_problem}
 
 
 def _numbers_in(value: Any, where: str = "arch_kwargs") -> Iterator[tuple[str, float]]:
@@ -174,11 +170,7 @@ def load_card(path: str | Path | None = None) -> tuple[ModelCard, Path]:
     directory = resolve_model_dir(path)
     card_path = directory / CARD_FILE
     try:
-        with card_path.open("rb") as file:
-            raw = file.read(CARD_MAX_BYTES + 1)
-        if len(raw) > CARD_MAX_BYTES:  # parsing a 60 MB card took 3.8 GB
-            raise ModelFileError(f"{card_path}: over {CARD_MAX_BYTES // 1_000_000} MB, too large for a model card")
-        return ModelCard.model_validate_json(raw), directory
+        return ModelCard.model_validate_json(card_bytes(card_path)), directory
     except ModelFileError:
         raise
     except (ValueError, OSError) as error:

@@ -26,8 +26,9 @@ import numpy as np
 from bloodcell import (
     CARD_FORMAT,
     CARD_INPUT_SIZES,
-    CARD_MAX_BYTES,
+    card_bytes,
     card_classes_problem,
+    card_format_problem,
     card_temperature_problem,
 )
 from bloodcell.data.decode import IMAGE_SUFFIXES, Decoded, decode_or_reason
@@ -98,11 +99,7 @@ def read_card_json(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no model card beside the model (expected {CARD_FILE})")
     try:
-        with path.open("rb") as file:
-            raw = file.read(CARD_MAX_BYTES + 1)
-        if len(raw) > CARD_MAX_BYTES:
-            raise ModelFileError(f"{path}: over {CARD_MAX_BYTES // 1_000_000} MB, too large for a model card")
-        card = json.loads(raw)
+        card = json.loads(card_bytes(path))
     # A RecursionError: arrays nested 100,000 deep, which no card holds.
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ModelFileError(f"{path}: not a valid model card ({' '.join(str(error).split())[:200]})") from None
@@ -118,9 +115,8 @@ def _card_problem(card: Any) -> str | None:
     loads with both backends or with neither, and a hand-edited card is one line of error, not a traceback."""
     if not isinstance(card, dict):
         return f"not a valid model card (expected a JSON object, got a {type(card).__name__})"
-    if card.get("format", CARD_FORMAT) != CARD_FORMAT:
-        return (f"format must be {CARD_FORMAT!r} (the one this version reads), got {str(card['format'])[:80]!r}: "
-                "written by another version of bloodcell?")  # fmt: skip
+    if problem := card_format_problem(card.get("format", CARD_FORMAT)):
+        return f"format {problem}"
     missing = [key for key in ("classes", "input_size") if key not in card]
     if missing:
         return f"model card lacks {', '.join(missing)}"
